@@ -1,0 +1,274 @@
+"""Read a proxy_llm data dir back: records and stream lines, one line at a time.
+
+Layout (see the README's "On-disk layout")::
+
+    <data_dir>/session_<sid>/session_<sid>_<YYYYMMDD_HHMMSS>[-N][_w<K>].jsonl[.gz]
+    <data_dir>/streams/session_<sid>_<YYYYMMDD>[-N][_w<K>].jsonl[.gz]
+
+Contracts:
+
+* Files are read in time order: session directories by name, and inside a
+  directory by the time stamp in the file name, then ``-N``, then ``_w<K>``
+  (plain string order would put ``..._164815-2`` before ``..._164815``).
+* Memory is bounded by the longest line: files are streamed, never loaded.
+* A final line without a trailing newline that does not parse is a *torn*
+  line (a crash mid-append, or the writer is appending right now): it is
+  skipped and counted in ``ReadStats.torn``.  A final line without a newline
+  that does parse is a record (the writer may simply not have flushed "\\n").
+* Any other line that does not parse as a JSON object is a *bad line*: skipped
+  and listed in ``ReadStats.bad_lines`` as ``(path, line_number)``.
+* A gzip file that cannot be decompressed to its end (truncated, corrupt) is a
+  *problem*: the lines read before the damage are yielded, the file is listed in
+  ``ReadStats.problems`` as ``(path, message)``; no exception escapes.
+* If both ``X.jsonl`` and ``X.jsonl.gz`` exist (a crash between compressing and
+  deleting the original), only ``X.jsonl`` is read and the pair is listed in
+  ``ReadStats.twins``; ``verify`` reports it.
+* A file that vanishes between listing and opening (compressed meanwhile by a
+  running proxy) is read under its ``.gz`` name if that exists.
+
+Only a missing or unreadable *data dir* raises: ``DataDirError``.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import re
+import zlib
+
+__all__ = [
+    "DataDirError",
+    "ReadStats",
+    "iter_records",
+    "iter_record_lines",
+    "iter_stream_lines",
+    "iter_stream_line_entries",
+    "record_files",
+    "stream_files",
+    "session_dirs",
+]
+
+RECORD_SUFFIXES = (".jsonl", ".jsonl.gz")
+
+# <base stamp>[-N][_w<K>]; the stamp is YYYYMMDD or YYYYMMDD_HHMMSS.
+_NAME_RE = re.compile(r"^(?P<base>.*_\d{8}(?:_\d{6})?)(?:-(?P<n>\d+))?(?:_w(?P<w>\d+))?$")
+
+
+class DataDirError(Exception):
+    """The data dir is missing or unreadable; ``str(exc)`` is a one-line message."""
+
+
+class ReadStats(object):
+    """Counters filled while reading.
+
+    files      files opened
+    lines      non-empty lines seen (torn and bad lines included)
+    records    JSON objects yielded
+    torn       torn final lines skipped (``torn_lines`` lists them)
+    bad_lines  [(path, line_number)] lines that did not parse (not torn)
+    problems   [(path, message)] files that could not be read to their end
+    twins      [path] ``X.jsonl.gz`` files skipped because ``X.jsonl`` exists
+    bytes_done compressed/on-disk bytes consumed so far (for progress bars)
+    """
+
+    def __init__(self) -> None:
+        self.files = 0
+        self.lines = 0
+        self.records = 0
+        self.torn = 0
+        self.torn_lines = []  # type: list
+        self.bad_lines = []  # type: list
+        self.problems = []  # type: list
+        self.twins = []  # type: list
+        self.bytes_done = 0
+
+    @property
+    def ok(self) -> bool:
+        """True when nothing was skipped or damaged."""
+        return not (self.torn or self.bad_lines or self.problems)
+
+    def summary(self) -> str:
+        """One human line, e.g. ``"3 files, 120 records, 1 torn line skipped"``."""
+        parts = ["%d files" % self.files, "%d records" % self.records]
+        if self.torn:
+            parts.append("%d torn line%s skipped" % (self.torn, "" if self.torn == 1 else "s"))
+        if self.bad_lines:
+            parts.append("%d bad line%s skipped" % (len(self.bad_lines), "" if len(self.bad_lines) == 1 else "s"))
+        if self.problems:
+            parts.append("%d unreadable file%s" % (len(self.problems), "" if len(self.problems) == 1 else "s"))
+        return ", ".join(parts)
+
+    def to_json(self) -> dict:
+        """A JSON-ready dict of the counters (paths as strings)."""
+        return {
+            "files": self.files,
+            "lines": self.lines,
+            "records": self.records,
+            "torn": self.torn,
+            "bad_lines": len(self.bad_lines),
+            "problems": len(self.problems),
+        }
+
+
+def _check_dir(data_dir: str) -> None:
+    if not os.path.isdir(data_dir):
+        raise DataDirError("%s: not a directory" % data_dir)
+    try:
+        os.listdir(data_dir)
+    except OSError as exc:
+        raise DataDirError("%s: cannot read: %s" % (data_dir, exc.strerror or exc))
+
+
+def file_sort_key(name: str) -> tuple:
+    """Time-order key for a record or stream file name (see module docstring)."""
+    stem = name
+    for suffix in (".jsonl.gz", ".jsonl"):
+        if stem.endswith(suffix):
+            stem = stem[: -len(suffix)]
+            break
+    match = _NAME_RE.match(stem)
+    if not match:
+        return (stem, 0, 0, name)
+    return (match.group("base"), int(match.group("n") or 0), int(match.group("w") or 0), name)
+
+
+def _data_files(directory: str, stats: ReadStats | None) -> list:
+    """The ``*.jsonl``/``*.jsonl.gz`` files of one directory, time ordered, twins removed."""
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return []
+    present = set(names)
+    chosen = []
+    for name in names:
+        if name.endswith(".jsonl"):
+            chosen.append(name)
+        elif name.endswith(".jsonl.gz"):
+            if name[: -len(".gz")] in present:
+                if stats is not None:
+                    stats.twins.append(os.path.join(directory, name))
+                continue
+            chosen.append(name)
+    chosen.sort(key=file_sort_key)
+    return [os.path.join(directory, name) for name in chosen if os.path.isfile(os.path.join(directory, name))]
+
+
+def session_dirs(data_dir: str) -> list:
+    """The ``session_*`` directories of a data dir, sorted by name.
+
+    Raises DataDirError when ``data_dir`` is not a readable directory.
+    """
+    _check_dir(data_dir)
+    out = []
+    for name in sorted(os.listdir(data_dir)):
+        path = os.path.join(data_dir, name)
+        if name.startswith("session_") and os.path.isdir(path):
+            out.append(path)
+    return out
+
+
+def record_files(data_dir: str, stats: ReadStats | None = None) -> list:
+    """Every record file of a data dir, in reading order (DataDirError if unreadable)."""
+    out = []
+    for directory in session_dirs(data_dir):
+        out.extend(_data_files(directory, stats))
+    return out
+
+
+def stream_files(data_dir: str, stats: ReadStats | None = None) -> list:
+    """Every file under ``streams/``, in reading order (DataDirError if unreadable)."""
+    _check_dir(data_dir)
+    return _data_files(os.path.join(data_dir, "streams"), stats)
+
+
+def _open(path: str):
+    """Open a data file for binary line reading; returns (file, raw file or None)."""
+    if path.endswith(".gz"):
+        raw = open(path, "rb")
+        return gzip.GzipFile(fileobj=raw, mode="rb"), raw
+    return open(path, "rb"), None
+
+
+def _iter_file(path: str, stats: ReadStats):
+    """Yield (line_number, obj) for each JSON object line of one file; see module docstring."""
+    try:
+        fh, raw = _open(path)
+    except FileNotFoundError:
+        if not path.endswith(".gz") and os.path.exists(path + ".gz"):
+            path = path + ".gz"
+            fh, raw = _open(path)
+        else:
+            return
+    except OSError as exc:
+        stats.problems.append((path, "cannot open: %s" % (exc.strerror or exc)))
+        return
+    stats.files += 1
+    base_done = stats.bytes_done
+    lineno = 0
+    try:
+        with fh:
+            for line in fh:
+                lineno += 1
+                if raw is not None:
+                    stats.bytes_done = base_done + raw.tell()
+                else:
+                    stats.bytes_done += len(line)
+                if not line.strip():
+                    continue
+                stats.lines += 1
+                try:
+                    obj = json.loads(line)
+                except (ValueError, RecursionError):
+                    obj = None
+                if not isinstance(obj, dict):
+                    if not line.endswith(b"\n"):
+                        stats.torn += 1
+                        stats.torn_lines.append((path, lineno))
+                    else:
+                        stats.bad_lines.append((path, lineno))
+                    continue
+                stats.records += 1
+                yield lineno, obj
+    except (EOFError, OSError, zlib.error) as exc:
+        stats.problems.append((path, "unreadable after line %d: %s" % (lineno, exc)))
+    finally:
+        if raw is not None:
+            raw.close()
+            try:
+                stats.bytes_done = base_done + os.path.getsize(path)
+            except OSError:
+                pass
+
+
+def _iter_paths(paths: list, stats: ReadStats | None):
+    if stats is None:
+        stats = ReadStats()
+    for path in paths:
+        for lineno, obj in _iter_file(path, stats):
+            yield path, lineno, obj
+
+
+def iter_record_lines(data_dir: str, stats: ReadStats | None = None):
+    """Yield ``(path, line_number, record)`` for every record of a data dir, in time order.
+
+    Raises DataDirError (before yielding) when ``data_dir`` is unreadable.
+    """
+    return _iter_paths(record_files(data_dir, stats), stats)
+
+
+def iter_records(data_dir: str, stats: ReadStats | None = None):
+    """Yield every record dict of a data dir (see module docstring for skips and counts)."""
+    for _path, _lineno, record in iter_record_lines(data_dir, stats):
+        yield record
+
+
+def iter_stream_line_entries(data_dir: str, stats: ReadStats | None = None):
+    """Yield ``(path, line_number, stream_line)`` for every line under ``streams/``."""
+    return _iter_paths(stream_files(data_dir, stats), stats)
+
+
+def iter_stream_lines(data_dir: str, stats: ReadStats | None = None):
+    """Yield every stream-line dict under ``<data_dir>/streams/`` (same rules as records)."""
+    for _path, _lineno, line in iter_stream_line_entries(data_dir, stats):
+        yield line

@@ -1,0 +1,496 @@
+"""Generate realistic proxy_llm data dirs for tests (records as the recorder writes them).
+
+Every builder returns a plain record dict following the record schema
+(schema_version 1).  ``DataDirWriter`` lays records out on disk the way the
+recorder does: ``session_<sid>/session_<sid>_<stamp>.jsonl`` files, rotated and
+gzip'd files, ``streams/`` lines, and the damage a crash leaves (torn last line,
+leftover ``*.tmp``).  ``build_mixed(root)`` writes a data dir with every dialect
+and every ending and returns a ``Manifest`` of what a reader must find.
+"""
+
+from __future__ import annotations
+
+import copy
+import gzip
+import json
+import os
+import random
+from datetime import datetime, timedelta, timezone
+
+_CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
+T0 = datetime(2026, 11, 27, 16, 48, 15, 123456, tzinfo=timezone.utc)
+REDACTED = "[REDACTED:3f9a1c0e]"
+ENDINGS = ("completed", "client_aborted", "upstream_error", "upstream_eof", "timeout", "shutdown")
+
+
+def ulid(when: datetime, rng: random.Random) -> str:
+    """A 26-char ULID: 48-bit ms time + 80 random bits, Crockford base32."""
+    value = (int(when.timestamp() * 1000) << 80) | rng.getrandbits(80)
+    out = []
+    for _ in range(26):
+        out.append(_CROCKFORD[value & 31])
+        value >>= 5
+    return "".join(reversed(out))
+
+
+def rfc3339(when: datetime) -> str:
+    return when.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+class Clock(object):
+    """Deterministic time and ids: each ``tick()`` advances ``step`` seconds."""
+
+    def __init__(self, start: datetime = T0, seed: int = 7, step: float = 3.0) -> None:
+        self.now = start
+        self.rng = random.Random(seed)
+        self.step = step
+
+    def tick(self) -> datetime:
+        self.now = self.now + timedelta(seconds=self.step)
+        return self.now
+
+
+PROVIDERS = {
+    "openai": ("openai", {"authorization": "Bearer " + REDACTED}),
+    "anthropic": ("anthropic", {"x-api-key": REDACTED, "anthropic-version": "2023-06-01"}),
+    "gemini": ("gemini", {"x-goog-api-key": REDACTED}),
+}
+
+
+def record(clock: Clock, *, session_id: str, provider_type: str, dialect: str, endpoint: str,
+           model, request_body, response_body, stream: bool = False, status_code=200,
+           ended: str = "completed", tokens=None, error=None, session_source: str = "header",
+           method: str = "POST", query: str = "", duration: float = None, ttft_ms: float = None,
+           truncated=None, stream_truncated: bool = False, provider=None) -> dict:
+    """One record as the recorder writes it; optional fields only when they apply."""
+    when = clock.tick()
+    name, auth = PROVIDERS[provider_type]
+    req_headers = {"content-type": "application/json", "user-agent": "factory/1.0",
+                   "x-session-id": session_id}
+    req_headers.update(auth)
+    resp_headers = {"content-type": "text/event-stream" if stream and status_code == 200
+                    else "application/json", "x-request-id": "req_%d" % clock.rng.getrandbits(32)}
+    req_bytes = len(json.dumps(request_body)) if request_body is not None else 0
+    resp_bytes = len(json.dumps(response_body)) if response_body is not None else 0
+    rec = {
+        "schema_version": 1,
+        "id": ulid(when, clock.rng),
+        "timestamp": rfc3339(when),
+        "session_id": session_id,
+        "session_source": session_source,
+        "provider": provider if provider is not None else name,
+        "provider_type": provider_type,
+        "dialect": dialect,
+        "endpoint": endpoint,
+        "method": method,
+        "query": query,
+        "model": model,
+        "stream": stream,
+        "request_headers": req_headers,
+        "request_body": request_body,
+        "status_code": status_code,
+        "response_headers": resp_headers if status_code is not None else {},
+        "response_body": response_body,
+        "ended": ended,
+    }
+    if error is not None:
+        rec["error"] = error
+    if tokens is not None:
+        rec["tokens_used"] = tokens
+    rec["duration"] = duration if duration is not None else round(200 + clock.rng.random() * 3000, 3)
+    if stream and status_code is not None:
+        rec["ttft_ms"] = ttft_ms if ttft_ms is not None else round(50 + clock.rng.random() * 400, 3)
+    rec["request_bytes"] = req_bytes
+    rec["response_bytes"] = resp_bytes
+    if truncated:
+        rec["truncated"] = truncated
+    if stream_truncated:
+        rec["stream_truncated"] = True
+    return rec
+
+
+def usage(prompt: int, completion: int, **extra) -> dict:
+    out = {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+    out.update(extra)
+    return out
+
+
+# ---------------------------------------------------------------- OpenAI chat
+
+WEATHER_TOOL = {"type": "function", "function": {
+    "name": "get_weather", "description": "Current weather for a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"},
+                                                    "unit": {"type": "string", "enum": ["c", "f"]}},
+                   "required": ["city"]}}}
+SEARCH_TOOL = {"type": "function", "function": {
+    "name": "search", "description": "Search the web",
+    "parameters": {"type": "object", "properties": {"q": {"type": "string"},
+                                                    "limit": {"type": "integer", "default": 5}}}}}
+
+
+def openai_chat(clock: Clock, session_id: str, messages: list, reply: dict, *, tools=None,
+                model: str = "gpt-4o-mini", stream: bool = False, **kw) -> dict:
+    """An OpenAI chat completion; ``reply`` is the assistant message of choice 0."""
+    req = {"model": model, "messages": messages}
+    if tools:
+        req["tools"] = tools
+    if stream:
+        req["stream"] = True
+        req["stream_options"] = {"include_usage": True}
+    message = {"role": "assistant", "content": None, "refusal": None, "annotations": []}
+    message.update(reply)
+    resp = {"id": "chatcmpl-%d" % clock.rng.getrandbits(40), "object": "chat.completion",
+            "created": 1795000000, "model": model + "-2024-07-18",
+            "choices": [{"index": 0, "message": message, "logprobs": None,
+                         "finish_reason": "tool_calls" if reply.get("tool_calls") else "stop"}],
+            "usage": {"prompt_tokens": 30, "completion_tokens": 12, "total_tokens": 42}}
+    kw.setdefault("tokens", usage(30, 12))
+    return record(clock, session_id=session_id, provider_type="openai", dialect="openai_chat",
+                  endpoint="/v1/chat/completions", model=model, request_body=req,
+                  response_body=resp, stream=stream, **kw)
+
+
+def openai_tool_session(clock: Clock, session_id: str = "oa-tools") -> list:
+    """Two calls of a tool loop: string and multi-part content, an image, tools, a tool result."""
+    system = {"role": "system", "content": "You are a helpful assistant."}
+    user = {"role": "user", "content": [
+        {"type": "text", "text": "What's the weather in Paris? Here is a photo."},
+        {"type": "image_url", "image_url": {"url": "https://example.com/paris.jpg", "detail": "low"}}]}
+    call = {"id": "call_abc123", "type": "function",
+            "function": {"name": "get_weather", "arguments": "{\"city\": \"Paris\"}"}}
+    first = openai_chat(clock, session_id, [system, user], {"content": None, "tool_calls": [call]},
+                        tools=[WEATHER_TOOL, SEARCH_TOOL])
+    history = [system, user, {"role": "assistant", "content": None, "tool_calls": [call]},
+               {"role": "tool", "tool_call_id": "call_abc123", "content": "{\"temp\": 18, \"sky\": \"clear\"}"}]
+    second = openai_chat(clock, session_id, history, {"content": "It is 18 C and clear in Paris."},
+                         tools=[WEATHER_TOOL, SEARCH_TOOL], stream=True)
+    return [first, second]
+
+
+# ---------------------------------------------------------------- OpenAI Responses
+
+def openai_responses(clock: Clock, session_id: str, input_, output: list, *, instructions=None,
+                     tools=None, model: str = "gpt-4.1", stream: bool = False, **kw) -> dict:
+    req = {"model": model, "input": input_}
+    if instructions:
+        req["instructions"] = instructions
+    if tools:
+        req["tools"] = tools
+    if stream:
+        req["stream"] = True
+    resp = {"id": "resp_%d" % clock.rng.getrandbits(40), "object": "response", "status": "completed",
+            "model": model, "output": output,
+            "usage": {"input_tokens": 50, "output_tokens": 20, "total_tokens": 70,
+                      "output_tokens_details": {"reasoning_tokens": 8}}}
+    kw.setdefault("tokens", usage(50, 20, reasoning_tokens=8))
+    return record(clock, session_id=session_id, provider_type="openai", dialect="openai_responses",
+                  endpoint="/v1/responses", model=model, request_body=req, response_body=resp,
+                  stream=stream, **kw)
+
+
+def responses_session(clock: Clock, session_id: str = "resp-1") -> list:
+    tools = [{"type": "function", "name": "lookup", "description": "Look up an order",
+              "parameters": {"type": "object", "properties": {"order": {"type": "string"}}}},
+             {"type": "web_search_preview"}]
+    first = openai_responses(clock, session_id, "Where is my order 42?", [
+        {"type": "reasoning", "id": "rs_1", "summary": [{"type": "summary_text", "text": "Need the order."}]},
+        {"type": "function_call", "id": "fc_1", "call_id": "call_r1", "name": "lookup",
+         "arguments": "{\"order\": \"42\"}", "status": "completed"}],
+        instructions="You are a support agent.", tools=tools)
+    second = openai_responses(clock, session_id, [
+        {"role": "user", "content": [{"type": "input_text", "text": "Where is my order 42?"}]},
+        {"type": "function_call", "call_id": "call_r1", "name": "lookup", "arguments": "{\"order\": \"42\"}"},
+        {"type": "function_call_output", "call_id": "call_r1", "output": "shipped"}], [
+        {"type": "message", "id": "msg_1", "role": "assistant", "status": "completed",
+         "content": [{"type": "output_text", "text": "Your order has shipped.", "annotations": []}]}],
+        instructions="You are a support agent.", tools=tools, stream=True)
+    return [first, second]
+
+
+# ---------------------------------------------------------------- Anthropic
+
+READ_TOOL = {"name": "read_file", "description": "Read a file",
+             "input_schema": {"type": "object", "properties": {"path": {"type": "string"}},
+                              "required": ["path"]}}
+EDIT_TOOL = {"name": "edit_file", "description": "Replace text in a file",
+             "input_schema": {"type": "object", "properties": {
+                 "path": {"type": "string"}, "old": {"type": "string"}, "new": {"type": "string"}}}}
+
+
+def anthropic(clock: Clock, session_id: str, messages: list, content: list, *, system=None,
+              tools=None, model: str = "claude-sonnet-4-5", stream: bool = True, **kw) -> dict:
+    """An Anthropic /v1/messages call; ``content`` is the response's content blocks."""
+    req = {"model": model, "max_tokens": 4096, "messages": messages}
+    if system is not None:
+        req["system"] = system
+    if tools:
+        req["tools"] = tools
+    if stream:
+        req["stream"] = True
+    stop = "tool_use" if any(b.get("type") == "tool_use" for b in content) else "end_turn"
+    resp = {"id": "msg_%d" % clock.rng.getrandbits(40), "type": "message", "role": "assistant",
+            "model": model, "content": content, "stop_reason": stop, "stop_sequence": None,
+            "usage": {"input_tokens": 900, "output_tokens": 60, "cache_read_input_tokens": 800}}
+    kw.setdefault("tokens", usage(900, 60, cached_tokens=800))
+    kw.setdefault("session_source", "claude_code")
+    return record(clock, session_id=session_id, provider_type="anthropic",
+                  dialect="anthropic_messages", endpoint="/v1/messages", model=model,
+                  request_body=req, response_body=resp, stream=stream, **kw)
+
+
+AGENT_SYSTEM = [{"type": "text", "text": "You are a coding agent.", "cache_control": {"type": "ephemeral"}}]
+
+
+def agent_session_with_fork(clock: Clock, session_id: str = "agent-1") -> dict:
+    """A recorded multi-turn Anthropic agent session with a fork, a retry and a side call.
+
+    Returns {"records": [...], "chat": n, "branches": 3}: after --dedupe exactly the
+    main branch's last call, the fork's last call and the side call remain.
+    """
+    tools = [READ_TOOL, EDIT_TOOL]
+    u1 = {"role": "user", "content": [
+        {"type": "text", "text": "<system-reminder>cwd /repo</system-reminder>"},
+        {"type": "text", "text": "Fix the bug in app.py", "cache_control": {"type": "ephemeral"}}]}
+    r1 = [{"type": "thinking", "thinking": "I should read app.py first.", "signature": "sig1"},
+          {"type": "text", "text": "Let me read it."},
+          {"type": "tool_use", "id": "toolu_01", "name": "read_file", "input": {"path": "app.py"}}]
+    t1 = anthropic(clock, session_id, [u1], r1, system=AGENT_SYSTEM, tools=tools)
+    a1 = {"role": "assistant", "content": copy.deepcopy(r1)}
+    res1 = {"role": "user", "content": [
+        {"type": "tool_result", "tool_use_id": "toolu_01", "content": "def f():\n    retrun 1\n"}]}
+    r2 = [{"type": "text", "text": "Found a typo."},
+          {"type": "tool_use", "id": "toolu_02", "name": "edit_file",
+           "input": {"path": "app.py", "old": "retrun", "new": "return"}}]
+    t2 = anthropic(clock, session_id, [u1, a1, res1], r2, system=AGENT_SYSTEM, tools=tools)
+    title = anthropic(clock, session_id, [{"role": "user", "content": "Fix the bug in app.py"}],
+                      [{"type": "text", "text": "Fixing a typo in app.py"}],
+                      system="Summarize the task as a title.", model="claude-haiku-4-5", stream=False)
+    a2 = {"role": "assistant", "content": copy.deepcopy(r2)}
+    res2 = {"role": "user", "content": [
+        {"type": "tool_result", "tool_use_id": "toolu_02", "content": [{"type": "text", "text": "ok"}]}]}
+    r3 = [{"type": "text", "text": "Fixed: `retrun` is now `return`."}]
+    t3 = anthropic(clock, session_id, [u1, a1, res1, a2, res2], r3, system=AGENT_SYSTEM, tools=tools)
+    retry = copy.deepcopy(t3)  # the client retried the very same call
+    retry_rec = anthropic(clock, session_id, retry["request_body"]["messages"], r3,
+                          system=AGENT_SYSTEM, tools=tools)
+    # The fork: the user rewound to after the first tool call and the file read differently.
+    res1b = {"role": "user", "content": [
+        {"type": "tool_result", "tool_use_id": "toolu_01", "content": "def f():\n    return 2\n",
+         "is_error": False},
+        {"type": "text", "text": "Actually the file changed, look again."}]}
+    r2b = [{"type": "text", "text": "The file looks correct now."}]
+    f2 = anthropic(clock, session_id, [u1, a1, res1b], r2b, system=AGENT_SYSTEM, tools=tools)
+    return {"records": [t1, t2, title, t3, retry_rec, f2], "chat": 6, "branches": 3,
+            "kept_ids": [t3["id"], f2["id"], title["id"]]}
+
+
+# ---------------------------------------------------------------- Gemini
+
+def gemini(clock: Clock, session_id: str, contents: list, parts: list, *, system=None, tools=None,
+           model: str = "gemini-2.0-flash", stream: bool = False, **kw) -> dict:
+    req = {"contents": contents}
+    if system:
+        req["systemInstruction"] = {"parts": [{"text": system}]}
+    if tools:
+        req["tools"] = tools
+    resp = {"candidates": [{"content": {"role": "model", "parts": parts}, "finishReason": "STOP",
+                            "index": 0}],
+            "usageMetadata": {"promptTokenCount": 40, "candidatesTokenCount": 9, "totalTokenCount": 49},
+            "modelVersion": model}
+    action = "streamGenerateContent" if stream else "generateContent"
+    kw.setdefault("tokens", usage(40, 9))
+    return record(clock, session_id=session_id, provider_type="gemini", dialect="gemini",
+                  endpoint="/v1beta/models/%s:%s" % (model, action), model=model,
+                  request_body=req, response_body=resp, stream=stream,
+                  query="alt=sse" if stream else "", **kw)
+
+
+def gemini_session(clock: Clock, session_id: str = "gem-1") -> list:
+    tools = [{"functionDeclarations": [{"name": "get_time", "description": "Time in a zone",
+                                        "parameters": {"type": "OBJECT", "properties": {
+                                            "zone": {"type": "STRING"}}}}]},
+             {"googleSearch": {}}]
+    user = {"role": "user", "parts": [{"text": "What time is it in Tokyo?"},
+                                      {"inlineData": {"mimeType": "image/png", "data": "iVBORw0KGgo="}}]}
+    first = gemini(clock, session_id, [user], [
+        {"text": "Thinking about zones", "thought": True},
+        {"functionCall": {"name": "get_time", "args": {"zone": "Asia/Tokyo"}}}],
+        system="Be brief.", tools=tools)
+    second = gemini(clock, session_id, [
+        user, {"role": "model", "parts": [{"functionCall": {"name": "get_time", "args": {"zone": "Asia/Tokyo"}}}]},
+        {"role": "user", "parts": [{"functionResponse": {"name": "get_time",
+                                                         "response": {"time": "09:30"}}}]}],
+        [{"text": "It is 09:30 in Tokyo."}], system="Be brief.", tools=tools, stream=True)
+    return [first, second]
+
+
+# ---------------------------------------------------------------- not chat-like, errors, endings
+
+def embeddings(clock: Clock, session_id: str) -> dict:
+    req = {"model": "text-embedding-3-small", "input": ["hello", "world"]}
+    resp = {"object": "list", "model": "text-embedding-3-small",
+            "data": [{"object": "embedding", "index": i, "embedding": [0.01 * i, -0.2, 0.33]}
+                     for i in range(2)],
+            "usage": {"prompt_tokens": 2, "total_tokens": 2}}
+    return record(clock, session_id=session_id, provider_type="openai", dialect="openai_embeddings",
+                  endpoint="/v1/embeddings", model="text-embedding-3-small", request_body=req,
+                  response_body=resp, tokens={"prompt_tokens": 2, "completion_tokens": 0,
+                                              "total_tokens": 2})
+
+
+def models_list(clock: Clock, session_id: str) -> dict:
+    resp = {"object": "list", "data": [{"id": "gpt-4o", "object": "model"}]}
+    return record(clock, session_id=session_id, provider_type="openai", dialect="generic",
+                  endpoint="/v1/models", model=None, request_body=None, response_body=resp,
+                  method="GET")
+
+
+def endings_session(clock: Clock, session_id: str = "endings") -> list:
+    """One record per non-completed ending plus HTTP errors (429, unreachable)."""
+    msgs = [{"role": "user", "content": "Count to ten."}]
+    out = []
+    partial = {"content": "1, 2, 3"}
+    out.append(openai_chat(clock, session_id, msgs, partial, stream=True, ended="client_aborted",
+                           tokens=None))
+    out.append(anthropic(clock, session_id, msgs, [{"type": "text", "text": "1, 2"}],
+                         ended="upstream_error", tokens=None,
+                         error={"type": "overloaded_error", "message": "Overloaded"}))
+    out.append(openai_chat(clock, session_id, msgs, partial, stream=True, ended="upstream_eof",
+                           tokens=None))
+    out.append(openai_chat(clock, session_id, msgs, partial, stream=True, ended="timeout", tokens=None))
+    out.append(gemini(clock, session_id, [{"role": "user", "parts": [{"text": "Count to ten."}]}],
+                      [{"text": "1, 2, 3, 4"}], stream=True, ended="shutdown", tokens=None))
+    rate = openai_chat(clock, session_id, msgs, {"content": "x"}, status_code=429, tokens=None,
+                       error={"type": "rate_limit_exceeded", "message": "Rate limit reached"})
+    rate["response_body"] = {"error": {"message": "Rate limit reached", "type": "requests",
+                                       "code": "rate_limit_exceeded"}}
+    out.append(rate)
+    gone = openai_chat(clock, session_id, msgs, {"content": "x"}, status_code=None,
+                       ended="upstream_error", tokens=None,
+                       error={"type": "upstream_unavailable", "message": "connection refused"})
+    gone["response_body"] = None
+    out.append(gone)
+    return out
+
+
+def stream_line(rec: dict, n_events: int = 3) -> dict:
+    """The streams/ line of a streamed record (events are plausible SSE blocks)."""
+    events = [{"t": 40.0 + 10 * i, "event": None, "data": json.dumps({"i": i}), "id": None,
+               "retry": None, "comments": []} for i in range(n_events)]
+    return {"id": rec["id"], "session_id": rec["session_id"], "timestamp": rec["timestamp"],
+            "events": events, "truncated": False}
+
+
+# ---------------------------------------------------------------- on disk
+
+def sanitize(session_id: str) -> str:
+    import hashlib
+    import re
+    if re.match(r"^[A-Za-z0-9._-]{1,64}$", session_id) and session_id not in (".", ".."):
+        return session_id
+    return "h" + hashlib.sha256(session_id.encode("utf-8")).hexdigest()[:16]
+
+
+def dumps(obj) -> bytes:
+    return (json.dumps(obj, ensure_ascii=False) + "\n").encode("utf-8")
+
+
+class DataDirWriter(object):
+    """Write records and stream lines as the recorder lays them out."""
+
+    def __init__(self, root: str) -> None:
+        self.root = root
+        os.makedirs(root, exist_ok=True)
+
+    def session_file(self, session_id: str, stamp: str, suffix: str = "", gz: bool = False) -> str:
+        sid = sanitize(session_id)
+        folder = os.path.join(self.root, "session_" + sid)
+        os.makedirs(folder, exist_ok=True)
+        name = "session_%s_%s%s.jsonl%s" % (sid, stamp, suffix, ".gz" if gz else "")
+        return os.path.join(folder, name)
+
+    def stream_file(self, session_id: str, day: str = "20261127", gz: bool = False) -> str:
+        folder = os.path.join(self.root, "streams")
+        os.makedirs(folder, exist_ok=True)
+        return os.path.join(folder, "session_%s_%s.jsonl%s" % (sanitize(session_id), day, ".gz" if gz else ""))
+
+    @staticmethod
+    def write_lines(path: str, objs: list, torn: bytes = b"") -> None:
+        """Append ``objs`` as JSON lines (gzip when the path ends in .gz), then ``torn`` bytes."""
+        data = b"".join(dumps(o) for o in objs) + torn
+        if path.endswith(".gz"):
+            with gzip.open(path, "wb") as fh:
+                fh.write(data)
+        else:
+            with open(path, "ab") as fh:
+                fh.write(data)
+
+    def write_records(self, recs: list, stamp: str = "20261127_164815", suffix: str = "",
+                      gz: bool = False, torn: bytes = b"", streams: bool = True) -> str:
+        """Write records of one session to one file; stream lines for streamed records."""
+        path = self.session_file(recs[0]["session_id"], stamp, suffix, gz)
+        self.write_lines(path, recs, torn)
+        if streams:
+            lines = [stream_line(r) for r in recs if r["stream"]]
+            if lines:
+                self.write_lines(self.stream_file(recs[0]["session_id"]), lines)
+        return path
+
+
+class Manifest(object):
+    """What ``build_mixed`` wrote: the truth the tests check readers against."""
+
+    def __init__(self) -> None:
+        self.records = []  # every complete record written, in file order per session
+        self.torn = 0
+        self.files = 0
+        self.by_dialect = {}
+        self.agent = None
+
+    def add(self, recs: list) -> None:
+        self.records.extend(recs)
+        for r in recs:
+            self.by_dialect[r["dialect"]] = self.by_dialect.get(r["dialect"], 0) + 1
+
+    @property
+    def chat_ok(self) -> list:
+        """Records an openai-chat export keeps without filters (chat-like, 2xx, no error)."""
+        chat = ("openai_chat", "openai_responses", "anthropic_messages", "gemini")
+        return [r for r in self.records if r["dialect"] in chat and r["status_code"] is not None
+                and 200 <= r["status_code"] < 300 and "error" not in r]
+
+
+def build_mixed(root: str) -> Manifest:
+    """A data dir with every dialect and ending, a rotated gzip'd file and a torn line."""
+    clock = Clock()
+    out = DataDirWriter(root)
+    man = Manifest()
+    oa = openai_tool_session(clock)
+    emb = embeddings(clock, "oa-tools")
+    # rotated: first file sealed and gzip'd, the second holds the rest
+    out.write_records(oa[:1], stamp="20261127_164815", gz=True)
+    out.write_records(oa[1:] + [emb], stamp="20261127_170000")
+    man.add(oa + [emb])
+    man.files += 2
+    agent = agent_session_with_fork(clock)
+    half = len(agent["records"]) // 2
+    out.write_records(agent["records"][:half], stamp="20261127_164900")
+    # same second, a second file (-2), ends in a torn line (crash mid-append)
+    out.write_records(agent["records"][half:], stamp="20261127_164900", suffix="-2",
+                      torn=b'{"schema_version": 1, "id": "01J')
+    man.add(agent["records"])
+    man.agent = agent
+    man.torn += 1
+    man.files += 2
+    resp = responses_session(clock)
+    gem = gemini_session(clock)
+    out.write_records(resp, stamp="20261127_165000")
+    out.write_records(gem, stamp="20261127_165100")
+    man.add(resp + gem)
+    man.files += 2
+    ends = endings_session(clock)
+    ends.append(models_list(clock, "endings"))
+    out.write_records(ends, stamp="20261127_165200", gz=True)
+    man.add(ends)
+    man.files += 1
+    return man
