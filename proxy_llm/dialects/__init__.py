@@ -1,0 +1,111 @@
+"""Dialects: how each LLM API's responses are decoded, reassembled and counted.
+
+Entry points (all run on the recorder's writer thread; none raises):
+
+* :func:`select` ``(provider_type, method, path) -> Dialect`` picks the
+  dialect from the endpoint path (without query); unknown endpoints get the
+  ``generic`` dialect, never None.
+* :func:`decode_stream` ``(content_type, chunks, max_event_size)`` turns a
+  captured stream body into timed :class:`~proxy_llm.sse.Event` objects.
+* ``Dialect.reassemble(events)`` (streams) and ``Dialect.from_body(body)``
+  (non-streamed, parsed JSON) give a :class:`Result`: ``response_body``,
+  ``tokens_used``, ``error``, ``complete``.
+
+Token usage (``tokens_used``)
+-----------------------------
+
+A key is present only when the upstream sent its source field; a count the
+upstream never sent is absent, never 0. ``total_tokens`` is the upstream's
+total when sent, else ``prompt_tokens + completion_tokens`` when both exist.
+
+| tokens_used | OpenAI chat, completions, embeddings (`usage`) | OpenAI Responses (`response.usage`) | Anthropic Messages (`usage`, merged over the stream) | Gemini (`usageMetadata`, the last one) |
+| --- | --- | --- | --- | --- |
+| prompt_tokens | `prompt_tokens` (includes cached) | `input_tokens` (includes cached) | `input_tokens + cache_creation_input_tokens + cache_read_input_tokens` | `promptTokenCount` (includes cached) |
+| completion_tokens | `completion_tokens` | `output_tokens` (includes reasoning) | `output_tokens` | `candidatesTokenCount + thoughtsTokenCount` |
+| total_tokens | `total_tokens` | `total_tokens` | prompt_tokens + completion_tokens | `totalTokenCount` |
+| cached_tokens | `prompt_tokens_details.cached_tokens` (DeepSeek: `prompt_cache_hit_tokens`) | `input_tokens_details.cached_tokens` | `cache_read_input_tokens` | `cachedContentTokenCount` |
+| cache_creation_tokens | - | - | `cache_creation_input_tokens` | - |
+| reasoning_tokens | `completion_tokens_details.reasoning_tokens` | `output_tokens_details.reasoning_tokens` | - | `thoughtsTokenCount` |
+
+A sum is present when any of its terms was sent (the terms sent are added).
+
+Anthropic ``count_tokens`` responses consume no tokens: ``tokens_used`` is
+None there (the count stays in ``response_body``).
+"""
+
+from __future__ import annotations
+
+from .. import sse
+from .anthropic import AnthropicCountTokens, AnthropicMessages
+from .base import Dialect, Result
+from .gemini import Gemini
+from .openai_chat import OpenAIChat
+from .openai_misc import OpenAICompletions, OpenAIEmbeddings
+from .openai_responses import OpenAIResponses
+from .streams import JSONArrayDecoder, LineDecoder
+
+__all__ = ["Dialect", "Result", "select", "decode_stream", "DIALECTS", "GENERIC"]
+
+GENERIC = Dialect()
+
+# The registry: (test on the path, dialect), first match wins. Matching is on
+# the path alone because providers serve each other's formats (Anthropic and
+# Gemini both offer OpenAI-compatible /chat/completions); provider_type only
+# breaks ties (see select). More specific suffixes come first.
+_RULES = (
+    (lambda p: p.endswith("/messages/count_tokens"), AnthropicCountTokens()),
+    (lambda p: p.endswith("/messages"), AnthropicMessages()),
+    (lambda p: p.endswith("/chat/completions"), OpenAIChat()),
+    (lambda p: p.endswith("/completions"), OpenAICompletions()),
+    (lambda p: p.endswith("/embeddings"), OpenAIEmbeddings()),
+    (lambda p: p.endswith("/responses") or "/responses/" in p, OpenAIResponses()),
+    (lambda p: p.endswith(":generateContent") or p.endswith(":streamGenerateContent"), Gemini()),
+)
+
+#: Every dialect by name (including "generic").
+DIALECTS = dict([(d.name, d) for _, d in _RULES] + [(GENERIC.name, GENERIC)])
+
+
+def select(provider_type, method, path):
+    # type: (str | None, str | None, str | None) -> Dialect
+    """The dialect for a request; the ``generic`` dialect when none matches.
+
+    ``path`` is without the query string. ``method`` and ``provider_type``
+    do not change the choice today (the path is unambiguous across the three
+    providers); they are part of the signature so a future endpoint can use
+    them.
+    """
+    p = (path or "").split("?", 1)[0].rstrip("/")
+    for test, dialect in _RULES:
+        if test(p):
+            return dialect
+    return GENERIC
+
+
+def decode_stream(content_type, chunks, max_event_size=sse.DEFAULT_MAX_EVENT_SIZE):
+    # type: (str | None, list, int) -> tuple
+    """Decode a captured stream body into ``([(t_ms, Event), ...], truncated)``.
+
+    ``chunks`` are ``(t_ms, bytes)`` in arrival order; each event is stamped
+    with the time of the chunk that completed it. ``text/event-stream`` is
+    SSE; ``application/json`` is a JSON array split into one event per element
+    (Gemini ``streamGenerateContent`` without ``alt=sse``); anything else is
+    one event per non-empty line (NDJSON). ``truncated`` is true when an
+    event was dropped for exceeding ``max_event_size``. Never raises on bad
+    bytes.
+    """
+    media = (content_type or "").split(";", 1)[0].strip().lower()
+    if media == "text/event-stream":
+        decoder = sse.SSEDecoder(max_event_size)
+    elif media == "application/json" or media.endswith("+json"):
+        decoder = JSONArrayDecoder(max_event_size)
+    else:
+        decoder = LineDecoder(max_event_size)
+    out = []
+    t = 0.0
+    for t, data in chunks or ():
+        for ev in decoder.feed(data):
+            out.append((t, ev))
+    for ev in decoder.close():
+        out.append((t, ev))
+    return out, decoder.truncated

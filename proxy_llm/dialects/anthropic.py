@@ -1,0 +1,213 @@
+"""Anthropic Messages (``/v1/messages``) and token counting (``/v1/messages/count_tokens``).
+
+A stream is ``message_start``, then per content block ``content_block_start``
+/ ``content_block_delta``... / ``content_block_stop``, then ``message_delta``
+and ``message_stop``; ``ping`` may come anywhere and an in-band ``error``
+event may end the stream even though the HTTP status was 200.
+
+Reassembly rebuilds the ``message`` object of ``message_start``:
+
+* blocks are kept by their ``index``, each starting as the
+  ``content_block`` of ``content_block_start`` (so server tool blocks such as
+  ``server_tool_use``, ``web_search_tool_result``, ``redacted_thinking``
+  arrive whole);
+* ``text_delta`` appends ``text``, ``thinking_delta`` appends ``thinking``,
+  ``signature_delta`` appends ``signature`` (byte for byte),
+  ``citations_delta`` appends to ``citations``;
+* ``input_json_delta.partial_json`` pieces are concatenated and parsed at
+  ``content_block_stop`` (or at the end of the stream): empty gives ``{}``,
+  text that is not JSON is kept as the string so nothing is lost;
+* ``message_delta``: ``delta`` fields (``stop_reason``, ``stop_sequence``,
+  ...) replace the message's; its ``usage`` fields are merged over the
+  ``message_start`` usage (``output_tokens`` is cumulative).
+
+``Result.complete``: ``message_stop`` was seen.
+"""
+
+from __future__ import annotations
+
+import json
+
+from .base import Dialect, Result, error_from, is_int, loads, make_usage
+
+__all__ = ["AnthropicMessages", "AnthropicCountTokens", "anthropic_usage"]
+
+
+def anthropic_usage(usage):
+    """tokens_used from an Anthropic ``usage`` object.
+
+    ``input_tokens`` excludes cache reads and writes, so
+    ``prompt_tokens = input_tokens + cache_creation_input_tokens +
+    cache_read_input_tokens`` (those sent); ``cached_tokens`` is
+    ``cache_read_input_tokens``, ``cache_creation_tokens`` is
+    ``cache_creation_input_tokens``, ``completion_tokens`` is ``output_tokens``.
+    """
+    if not isinstance(usage, dict):
+        return None
+    parts = [usage.get(k) for k in ("input_tokens", "cache_creation_input_tokens",
+                                    "cache_read_input_tokens")]
+    sent = [v for v in parts if is_int(v)]
+    prompt = sum(sent) if sent else None
+    return make_usage(
+        prompt=prompt,
+        completion=usage.get("output_tokens"),
+        cached=usage.get("cache_read_input_tokens"),
+        cache_creation=usage.get("cache_creation_input_tokens"),
+    )
+
+
+def _event_error(payload):
+    err = payload.get("error")
+    if isinstance(err, dict):
+        return {"type": str(err.get("type") or "error"),
+                "message": err.get("message") if isinstance(err.get("message"), str)
+                else json.dumps(err)}
+    return {"type": "error", "message": json.dumps(payload)}
+
+
+class _Block(object):
+    __slots__ = ("block", "json_parts", "closed")
+
+    def __init__(self, block):
+        self.block = block
+        self.json_parts = None  # type: list | None  # partial_json pieces, once any arrived
+        self.closed = False
+
+    def delta(self, delta):
+        dtype = delta.get("type")
+        block = self.block
+        if dtype == "text_delta":
+            _append(block, "text", delta.get("text"))
+        elif dtype == "input_json_delta":
+            piece = delta.get("partial_json")
+            if self.json_parts is None:
+                self.json_parts = []
+            if isinstance(piece, str):
+                self.json_parts.append(piece)
+        elif dtype == "thinking_delta":
+            _append(block, "thinking", delta.get("thinking"))
+        elif dtype == "signature_delta":
+            _append(block, "signature", delta.get("signature"))
+        elif dtype == "citations_delta":
+            citation = delta.get("citation")
+            if citation is not None:
+                cites = block.get("citations")
+                if not isinstance(cites, list):
+                    cites = block["citations"] = []
+                cites.append(citation)
+        else:
+            # A delta type this code does not know: merge its string fields
+            # the way the known ones work, so the text is not lost.
+            for key, value in delta.items():
+                if key != "type" and isinstance(value, str):
+                    _append(block, key, value)
+
+    def finish(self):
+        if self.json_parts is not None:
+            text = "".join(self.json_parts)
+            if not text.strip():
+                self.block["input"] = {}
+            else:
+                try:
+                    self.block["input"] = json.loads(text)
+                except (ValueError, RecursionError):
+                    self.block["input"] = text
+            self.json_parts = None
+        self.closed = True
+        return self.block
+
+
+def _append(block, key, piece):
+    if not isinstance(piece, str):
+        return
+    old = block.get(key)
+    block[key] = (old if isinstance(old, str) else "") + piece
+
+
+class AnthropicMessages(Dialect):
+    name = "anthropic_messages"
+
+    def _reassemble(self, events):
+        message = None  # type: dict | None
+        blocks = {}  # type: dict
+        usage = {}  # type: dict
+        error = None
+        stopped = False
+        for ev in events:
+            if not ev.data:
+                continue
+            payload = loads(ev.data)
+            if not isinstance(payload, dict):
+                continue
+            etype = payload.get("type") or ev.event
+            if etype == "message_start":
+                msg = payload.get("message")
+                if isinstance(msg, dict):
+                    message = dict(msg)
+                    if isinstance(msg.get("usage"), dict):
+                        usage = dict(msg["usage"])
+            elif etype == "content_block_start":
+                index = payload.get("index")
+                block = payload.get("content_block")
+                if is_int(index) and isinstance(block, dict):
+                    blocks[index] = _Block(dict(block))
+            elif etype == "content_block_delta":
+                acc = blocks.get(payload.get("index"))
+                delta = payload.get("delta")
+                if acc is not None and isinstance(delta, dict):
+                    acc.delta(delta)
+            elif etype == "content_block_stop":
+                acc = blocks.get(payload.get("index"))
+                if acc is not None:
+                    acc.finish()
+            elif etype == "message_delta":
+                if message is None:
+                    message = {}
+                delta = payload.get("delta")
+                if isinstance(delta, dict):
+                    message.update(delta)
+                du = payload.get("usage")
+                if isinstance(du, dict):
+                    for key, value in du.items():
+                        if value is not None:
+                            usage[key] = value
+            elif etype == "message_stop":
+                stopped = True
+            elif etype == "error":
+                error = _event_error(payload)
+            # "ping" and unknown events: nothing to rebuild.
+        if message is None and not blocks:
+            return Result(None, None, error, stopped)
+        if message is None:
+            message = {}
+        content = [blocks[i].block if blocks[i].closed else blocks[i].finish()
+                   for i in sorted(blocks)]
+        message["content"] = content
+        if usage:
+            message["usage"] = usage
+        return Result(message, anthropic_usage(usage or None), error, stopped)
+
+    def _from_body(self, body):
+        usage = body.get("usage") if isinstance(body, dict) else None
+        return Result(body, anthropic_usage(usage), error_from(body), body is not None)
+
+
+class AnthropicCountTokens(Dialect):
+    """``/v1/messages/count_tokens``: ``{"input_tokens": N}``.
+
+    Counting tokens consumes none, so ``tokens_used`` stays None (the count
+    is in ``response_body``); otherwise usage statistics would double count.
+    """
+
+    name = "anthropic_count_tokens"
+
+    def _from_body(self, body):
+        return Result(body, None, error_from(body), body is not None)
+
+    def _reassemble(self, events):
+        for ev in events:
+            value = loads(ev.data) if ev.data else None
+            if value is not None:
+                return self._from_body(value)
+        return Result(None, None, None, False)
+

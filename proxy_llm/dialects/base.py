@@ -1,0 +1,177 @@
+"""What every dialect shares: :class:`Result`, the :class:`Dialect` base, small helpers.
+
+A dialect turns what an upstream sent into a :class:`Result`. Subclasses
+implement ``_reassemble(events)`` and ``_from_body(body)``; the public
+:meth:`Dialect.reassemble` and :meth:`Dialect.from_body` never raise: a bug or
+an input shape nobody foresaw becomes ``Result.error`` of type
+``"proxy_llm.reassembly_error"`` (the raw events are recorded anyway).
+"""
+
+from __future__ import annotations
+
+import json
+
+__all__ = ["Result", "Dialect", "REASSEMBLY_ERROR", "loads", "is_int", "error_from",
+           "make_usage", "get"]
+
+REASSEMBLY_ERROR = "proxy_llm.reassembly_error"
+
+
+class Result(object):
+    """The outcome of one response, as the record stores it.
+
+    ``response_body``: the provider's own final response object (for streams,
+    rebuilt from the events), or None when nothing usable was received.
+    ``tokens_used``: dict or None (see the table in ``proxy_llm.dialects``);
+    keys appear only when the upstream sent their source field.
+    ``error``: None or ``{"type": str, "message": str}``.
+    ``complete``: the stream's terminal event was seen (non-streamed bodies:
+    a body was received).
+    """
+
+    __slots__ = ("response_body", "tokens_used", "error", "complete")
+
+    def __init__(self, response_body=None, tokens_used=None, error=None, complete=False):
+        self.response_body = response_body
+        self.tokens_used = tokens_used
+        self.error = error
+        self.complete = complete
+
+    def to_json(self):
+        # type: () -> dict
+        return {
+            "response_body": self.response_body,
+            "tokens_used": self.tokens_used,
+            "error": self.error,
+            "complete": self.complete,
+        }
+
+    def __repr__(self):
+        return "Result(%r)" % (self.to_json(),)
+
+    def __eq__(self, other):
+        if not isinstance(other, Result):
+            return NotImplemented
+        return self.to_json() == other.to_json()
+
+    def __ne__(self, other):
+        eq = self.__eq__(other)
+        return eq if eq is NotImplemented else not eq
+
+    __hash__ = None  # type: ignore[assignment]
+
+
+class Dialect(object):
+    """One API's response format. Stateless: one instance serves every record."""
+
+    name = "generic"
+
+    def reassemble(self, events):
+        # type: (list) -> Result
+        """Rebuild the final response from a stream's events. Never raises."""
+        try:
+            return self._reassemble(list(events or ()))
+        except Exception as exc:  # noqa: BLE001 - contract: report, never raise
+            return _failed(exc)
+
+    def from_body(self, body):
+        # type: (object) -> Result
+        """Read a non-streamed response (parsed JSON value or None). Never raises."""
+        try:
+            return self._from_body(body)
+        except Exception as exc:  # noqa: BLE001 - contract: report, never raise
+            return _failed(exc, body)
+
+    # Subclasses override these two.
+    def _reassemble(self, events):
+        items = []
+        for ev in events:
+            if ev.data:
+                value = loads(ev.data)
+                items.append(ev.data if value is None else value)
+        return Result(items or None, None, None, False)
+
+    def _from_body(self, body):
+        return Result(body, None, error_from(body), body is not None)
+
+    def __repr__(self):
+        return "<dialect %s>" % self.name
+
+
+def _failed(exc, body=None):
+    return Result(body, None, {"type": REASSEMBLY_ERROR,
+                               "message": "%s: %s" % (type(exc).__name__, exc)}, False)
+
+
+def loads(text):
+    """Parse JSON text; None when it is not JSON (or is JSON null)."""
+    try:
+        return json.loads(text)
+    except (ValueError, TypeError, RecursionError):
+        return None
+
+
+def is_int(value):
+    """True for a real int (bool is not a token count)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def error_from(body):
+    """The ``{"type", "message"}`` of an error object in ``body``, or None.
+
+    Understands OpenAI (``{"error": {"type"|"code", "message"}}``), Anthropic
+    (``{"type": "error", "error": {"type", "message"}}``) and Google
+    (``{"error": {"code", "status", "message"}}``, also inside a list).
+    """
+    if isinstance(body, list):
+        for item in body:
+            err = error_from(item)
+            if err is not None:
+                return err
+        return None
+    if not isinstance(body, dict):
+        return None
+    err = body.get("error")
+    if isinstance(err, dict):
+        etype = err.get("type") or err.get("status") or err.get("code") or "error"
+        msg = err.get("message")
+        return {"type": str(etype), "message": msg if isinstance(msg, str) else json.dumps(err)}
+    if isinstance(err, str) and err:
+        return {"type": "error", "message": err}
+    return None
+
+
+def make_usage(prompt=None, completion=None, total=None, cached=None,
+               cache_creation=None, reasoning=None):
+    """Build tokens_used from counts the upstream sent (None = not sent).
+
+    Non-int values count as not sent. ``total_tokens`` is the sent total, or
+    prompt + completion when the upstream sent both but no total. Returns
+    None when nothing was sent.
+    """
+    out = {}
+    for key, value in (("prompt_tokens", prompt), ("completion_tokens", completion),
+                       ("total_tokens", total), ("cached_tokens", cached),
+                       ("cache_creation_tokens", cache_creation),
+                       ("reasoning_tokens", reasoning)):
+        if is_int(value):
+            out[key] = value
+    if not out:
+        return None
+    if "total_tokens" not in out and "prompt_tokens" in out and "completion_tokens" in out:
+        total = out["prompt_tokens"] + out["completion_tokens"]
+        # Keep the documented key order: prompt, completion, total, the rest.
+        out = dict([(k, v) for k, v in out.items() if k in ("prompt_tokens", "completion_tokens")]
+                   + [("total_tokens", total)]
+                   + [(k, v) for k, v in out.items()
+                      if k not in ("prompt_tokens", "completion_tokens")])
+    return out
+
+
+def get(obj, *keys):
+    """``obj[k1][k2]...`` through dicts, None when any step is missing or not a dict."""
+    for key in keys:
+        if not isinstance(obj, dict):
+            return None
+        obj = obj.get(key)
+    return obj

@@ -1,0 +1,242 @@
+"""OpenAI chat completions (``/v1/chat/completions``), streamed and not.
+
+A stream is ``chat.completion.chunk`` objects, ``data: [DONE]`` last. The
+reassembled body has the shape of a non-streamed ``chat.completion``:
+
+* one accumulator per ``choices[].index`` (``n > 1`` never merges choices);
+* ``delta.role``: the first one sent (some servers repeat it on every chunk;
+  concatenating would give ``"assistantassistant"``);
+* string fields of ``delta`` (``content``, ``refusal``, ``reasoning_content``
+  of vLLM/DeepSeek, ``reasoning`` of OpenRouter/newer vLLM, ...) are
+  concatenated; ``content`` and ``refusal`` are null when never sent;
+* ``delta.tool_calls[]`` are matched by their ``index`` (``id``, ``type`` and
+  ``function.name`` come in the first delta only, ``function.arguments`` is
+  concatenated), so parallel calls stay apart; a delta without ``index``
+  matches by ``id`` or starts a new call;
+* ``logprobs.content`` / ``logprobs.refusal`` lists are extended;
+* ``finish_reason``: the last non-null one;
+* ``usage``: the last non-null one (the usage-only final chunk has
+  ``choices: []``); a chunk ``{"error": {...}}`` sets ``Result.error``.
+
+``Result.complete``: ``[DONE]`` was seen, or every choice has a
+``finish_reason`` and usage was received.
+"""
+
+from __future__ import annotations
+
+from .base import Dialect, Result, error_from, get, is_int, loads, make_usage
+
+__all__ = ["OpenAIChat", "openai_usage", "merge_delta"]
+
+# Keys that identify rather than stream: never concatenated.
+_IDENTITY_KEYS = frozenset(("id", "type", "name", "role", "index", "object", "call_id"))
+
+
+def openai_usage(usage):
+    """tokens_used from an OpenAI ``usage`` object (chat, completions, embeddings).
+
+    ``prompt_tokens`` includes cached tokens
+    (``prompt_tokens_details.cached_tokens``; DeepSeek's
+    ``prompt_cache_hit_tokens`` when that is absent); ``reasoning_tokens``
+    from ``completion_tokens_details.reasoning_tokens``.
+    """
+    if not isinstance(usage, dict):
+        return None
+    cached = get(usage, "prompt_tokens_details", "cached_tokens")
+    if not is_int(cached):
+        cached = usage.get("prompt_cache_hit_tokens")
+    return make_usage(
+        prompt=usage.get("prompt_tokens"),
+        completion=usage.get("completion_tokens"),
+        total=usage.get("total_tokens"),
+        cached=cached,
+        reasoning=get(usage, "completion_tokens_details", "reasoning_tokens"),
+    )
+
+
+def merge_delta(acc, delta):
+    """Merge a streamed ``delta`` dict into ``acc`` in place.
+
+    Strings concatenate (except identity keys, where the first non-empty value
+    stays), lists extend, dicts merge recursively, other values replace;
+    None never overwrites.
+    """
+    for key, value in delta.items():
+        if value is None:
+            acc.setdefault(key, None)
+            continue
+        old = acc.get(key)
+        if old is None:
+            if isinstance(value, dict):
+                acc[key] = {}
+                merge_delta(acc[key], value)
+            elif isinstance(value, list):
+                acc[key] = list(value)
+            else:
+                acc[key] = value
+        elif isinstance(value, str) and isinstance(old, str):
+            if key in _IDENTITY_KEYS:
+                if not old:
+                    acc[key] = value
+            else:
+                acc[key] = old + value
+        elif isinstance(value, list) and isinstance(old, list):
+            old.extend(value)
+        elif isinstance(value, dict) and isinstance(old, dict):
+            merge_delta(old, value)
+        else:
+            acc[key] = value
+
+
+class _Choice(object):
+    __slots__ = ("index", "message", "tool_calls", "logprobs", "finish_reason", "extra")
+
+    def __init__(self, index):
+        self.index = index
+        self.message = {}  # type: dict
+        self.tool_calls = []  # type: list  # accumulated calls, in order of first appearance
+        self.logprobs = None  # type: dict | None
+        self.finish_reason = None
+        self.extra = {}  # type: dict  # other choice-level fields (e.g. stop_reason of vLLM)
+
+    def add(self, choice):
+        delta = choice.get("delta")
+        if isinstance(delta, dict):
+            self._add_delta(delta)
+        lp = choice.get("logprobs")
+        if isinstance(lp, dict):
+            if self.logprobs is None:
+                self.logprobs = {}
+            merge_delta(self.logprobs, lp)
+        fr = choice.get("finish_reason")
+        if fr is not None:
+            self.finish_reason = fr
+        for key, value in choice.items():
+            if key not in ("index", "delta", "logprobs", "finish_reason") and value is not None:
+                self.extra[key] = value
+
+    def _add_delta(self, delta):
+        msg = self.message
+        for key, value in delta.items():
+            if key == "role":
+                if value and not msg.get("role"):
+                    msg["role"] = value
+            elif key == "tool_calls":
+                if isinstance(value, list):
+                    for call in value:
+                        if isinstance(call, dict):
+                            self._add_tool_call(call)
+            else:
+                merge_delta(msg, {key: value})
+
+    def _add_tool_call(self, call):
+        index = call.get("index")
+        target = None
+        if is_int(index):
+            for acc_index, acc in self.tool_calls:
+                if acc_index == index:
+                    target = acc
+                    break
+        elif call.get("id"):
+            for _, acc in self.tool_calls:
+                if acc.get("id") == call.get("id"):
+                    target = acc
+                    break
+        if target is None:
+            target = {}
+            self.tool_calls.append((index, target))
+        merge_delta(target, dict((k, v) for k, v in call.items() if k != "index"))
+
+    def build(self):
+        msg = self.message
+        out_msg = {"role": msg.get("role") or "assistant",
+                   "content": msg.get("content"),
+                   "refusal": msg.get("refusal")}
+        for key, value in msg.items():
+            if key not in out_msg:
+                out_msg[key] = value
+        if self.tool_calls:
+            calls = []
+            for _, acc in self.tool_calls:
+                call = {"id": acc.get("id"), "type": acc.get("type") or "function"}
+                fn = acc.get("function")
+                if isinstance(fn, dict):
+                    call["function"] = {"name": fn.get("name"),
+                                        "arguments": fn.get("arguments") or ""}
+                    for k, v in fn.items():
+                        if k not in call["function"]:
+                            call["function"][k] = v
+                for k, v in acc.items():
+                    if k not in call:
+                        call[k] = v
+                calls.append(call)
+            out_msg["tool_calls"] = calls
+        out = {"index": self.index, "message": out_msg, "logprobs": self.logprobs,
+               "finish_reason": self.finish_reason}
+        out.update(self.extra)
+        return out
+
+
+class OpenAIChat(Dialect):
+    name = "openai_chat"
+    object_name = "chat.completion"
+    choice_class = _Choice
+
+    def _reassemble(self, events):
+        head = {}  # type: dict  # id, created, model, ...: first non-null value of each
+        choices = {}  # type: dict
+        usage = None
+        error = None
+        done = False
+        seen_chunk = False
+        for ev in events:
+            data = ev.data
+            if not data:
+                continue
+            if data.strip() == "[DONE]":
+                done = True
+                continue
+            chunk = loads(data)
+            if not isinstance(chunk, dict):
+                continue
+            err = error_from(chunk)
+            if err is not None:
+                error = err
+                continue
+            seen_chunk = True
+            for key, value in chunk.items():
+                if key in ("choices", "usage", "object"):
+                    continue
+                if value is not None and (head.get(key) is None or key == "system_fingerprint"):
+                    head[key] = value
+                else:
+                    head.setdefault(key, value)
+            if isinstance(chunk.get("usage"), dict):
+                usage = chunk["usage"]
+            for choice in chunk.get("choices") or ():
+                if not isinstance(choice, dict):
+                    continue
+                index = choice.get("index")
+                if not is_int(index):
+                    index = 0
+                acc = choices.get(index)
+                if acc is None:
+                    acc = choices[index] = self.choice_class(index)
+                acc.add(choice)
+        if not seen_chunk:
+            return Result(None, None, error, done)
+        body = {"id": head.pop("id", None), "object": self.object_name,
+                "created": head.pop("created", None), "model": head.pop("model", None)}
+        if "system_fingerprint" in head:
+            body["system_fingerprint"] = head.pop("system_fingerprint")
+        body.update(head)
+        body["choices"] = [choices[i].build() for i in sorted(choices)]
+        if usage is not None:
+            body["usage"] = usage
+        finished = bool(choices) and all(c.finish_reason is not None for c in choices.values())
+        complete = done or (finished and usage is not None)
+        return Result(body, openai_usage(usage), error, complete)
+
+    def _from_body(self, body):
+        usage = body.get("usage") if isinstance(body, dict) else None
+        return Result(body, openai_usage(usage), error_from(body), body is not None)

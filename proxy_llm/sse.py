@@ -1,0 +1,264 @@
+"""The one Server-Sent Events decoder, shared by every dialect.
+
+Implements the parsing rules of the WHATWG HTML "Server-sent events" section
+(9.2.6 "Interpreting an event stream") on bytes as they are relayed:
+
+* line ends are CRLF, CR or LF; a CR at the end of one read followed by LF at
+  the start of the next is one line end;
+* bytes are split into lines *before* decoding, and each whole line is decoded
+  as UTF-8 (``errors="replace"``), so a read that ends inside a multi-byte
+  character never corrupts it;
+* ``data:`` lines are joined with ``"\\n"``; ``event:``, ``id:`` and ``retry:``
+  are kept; lines starting with ``:`` are comments, kept on the event;
+* a blank line ends an event; :meth:`SSEDecoder.close` flushes a last event
+  that had no trailing blank line (the specification would drop it; a
+  recorder must not);
+* a leading UTF-8 byte order mark is ignored.
+
+Differences from the specification, on purpose: a block made only of comments
+(``: keep-alive``) or with an empty data buffer is still returned as an
+:class:`Event` because the recorder keeps the raw stream; dialects skip events
+whose ``data`` is empty. ``Event.id`` is the ``id:`` of that block only, not
+the stream's "last event id".
+
+Memory is bounded: an event (its raw bytes, including a line still waiting
+for its line end) larger than ``max_event_size`` is dropped whole, the rest of
+its bytes are skipped without being stored until the next blank line, and
+:attr:`SSEDecoder.truncated` becomes true. The decoder never raises on any
+input.
+"""
+
+from __future__ import annotations
+
+import re
+
+__all__ = ["Event", "SSEDecoder", "DEFAULT_MAX_EVENT_SIZE"]
+
+DEFAULT_MAX_EVENT_SIZE = 8 * 1024 * 1024
+
+# One line end: CRLF, CR or LF. A bare CR at the very end of a read may be the
+# first half of a CRLF; the decoder remembers it (see SSEDecoder._pending_cr).
+_LINE_END = re.compile(b"\r\n|\r|\n")
+_BOM = "\ufeff"
+
+
+class Event(object):
+    """One decoded event block.
+
+    ``event``/``id`` are None when the block had no such field, ``retry`` is
+    None unless a valid all-digit ``retry:`` was sent, ``data`` is the data
+    lines joined with ``"\\n"`` ("" when none), ``comments`` the comment
+    lines without their leading colon, ``raw`` the block's lines exactly as
+    received (with their line ends, without the blank line that ended it).
+    """
+
+    __slots__ = ("event", "data", "id", "retry", "comments", "raw")
+
+    def __init__(self, data="", event=None, id=None, retry=None, comments=None, raw=""):
+        # type: (str, str | None, str | None, int | None, list | None, str) -> None
+        self.data = data
+        self.event = event
+        self.id = id
+        self.retry = retry
+        self.comments = comments if comments is not None else []
+        self.raw = raw
+
+    def to_json(self):
+        # type: () -> dict
+        """The event as a JSON object for the streams file.
+
+        ``event`` and ``data`` are always present; ``id``, ``retry`` and
+        ``comments`` only when the block had them. ``raw`` is left out: the
+        fields rebuild it up to line-end style.
+        """
+        out = {"event": self.event, "data": self.data}
+        if self.id is not None:
+            out["id"] = self.id
+        if self.retry is not None:
+            out["retry"] = self.retry
+        if self.comments:
+            out["comments"] = list(self.comments)
+        return out
+
+    def __repr__(self):
+        return "Event(event=%r, data=%r, id=%r)" % (self.event, self.data[:60], self.id)
+
+    def __eq__(self, other):
+        if not isinstance(other, Event):
+            return NotImplemented
+        return all(getattr(self, k) == getattr(other, k) for k in self.__slots__)
+
+    def __ne__(self, other):
+        eq = self.__eq__(other)
+        return eq if eq is NotImplemented else not eq
+
+    __hash__ = None  # type: ignore[assignment]
+
+
+class SSEDecoder(object):
+    """Incremental SSE decoder: :meth:`feed` bytes in any pieces, then :meth:`close`.
+
+    ``feed(data)`` returns the events completed by ``data`` (possibly none);
+    ``close()`` returns the last, unterminated event if any and resets nothing
+    else: feeding after close is allowed and starts a new event.
+    ``truncated`` is true once any event exceeded ``max_event_size`` bytes.
+    """
+
+    def __init__(self, max_event_size=DEFAULT_MAX_EVENT_SIZE):
+        # type: (int) -> None
+        self.max_event_size = max(1, int(max_event_size))
+        self.truncated = False
+        self._line_parts = []  # type: list  # bytes of the current, unfinished line
+        self._event_size = 0  # raw bytes held for the current event (incl. the unfinished line)
+        self._skipping = False  # the current event went over the bound; drop until blank line
+        self._pending_cr = False  # the last read ended with CR: a leading LF is its pair
+        self._started = False  # past the first line (for the BOM rule)
+        self._skip_line_nonempty = False  # while skipping: the current line had bytes
+        self._reset_block()
+
+    def _reset_block(self):
+        self._raw = []  # type: list  # raw line bytes incl. line ends
+        self._data = []  # type: list
+        self._has_data = False
+        self._event = None  # type: str | None
+        self._id = None  # type: str | None
+        self._retry = None  # type: int | None
+        self._comments = []  # type: list
+        self._has_lines = False
+        self._event_size = 0
+
+    def feed(self, data):
+        # type: (bytes) -> list
+        """Decode ``data`` and return the list of events it completed."""
+        out = []  # type: list
+        if not data:
+            return out
+        data = bytes(data)
+        pos = 0
+        n = len(data)
+        if self._pending_cr:
+            self._pending_cr = False
+            if data[0:1] == b"\n":
+                # Second half of a CRLF split across reads. It belongs to the
+                # raw text of the line it ended, if that line is still held.
+                if self._has_lines and not self._skipping:
+                    self._raw.append(b"\n")
+                pos = 1
+        search = _LINE_END.search
+        while pos < n:
+            m = search(data, pos)
+            if m is None:
+                self._add_partial(data[pos:])
+                break
+            end, nxt = m.start(), m.end()
+            if nxt == n and data[end:nxt] == b"\r":
+                self._pending_cr = True
+            self._add_partial(data[pos:end])
+            self._end_line(data[end:nxt], out)
+            pos = nxt
+        return out
+
+    def close(self):
+        # type: () -> list
+        """Flush: return the last event if the stream ended without a blank line."""
+        out = []  # type: list
+        self._pending_cr = False
+        if self._line_parts and not self._skipping:
+            self._end_line(b"", out)
+        if self._skipping:
+            self._skipping = False
+            self._skip_line_nonempty = False
+            self._line_parts = []
+            self._reset_block()
+        elif self._has_lines:
+            self._dispatch(out)
+        return out
+
+    # -- internals -----------------------------------------------------
+
+    def _add_partial(self, chunk):
+        if not chunk:
+            return
+        if self._skipping:
+            self._skip_line_nonempty = True
+            return
+        self._event_size += len(chunk)
+        if self._event_size > self.max_event_size:
+            self._overflow()
+            self._skip_line_nonempty = True
+            return
+        self._line_parts.append(chunk)
+
+    def _overflow(self):
+        self.truncated = True
+        self._skipping = True
+        self._line_parts = []
+        self._raw = []
+        self._data = []
+        self._comments = []
+
+    def _end_line(self, line_end, out):
+        if self._skipping:
+            # While skipping nothing is stored, only whether the line that
+            # ends here had any byte: a line with none is the blank line that
+            # ends the oversized event.
+            if not self._skip_line_nonempty:
+                self._skipping = False
+                self._reset_block()
+            self._skip_line_nonempty = False
+            return
+        if self._line_parts:
+            line = b"".join(self._line_parts)
+            self._line_parts = []
+        else:
+            line = b""
+        if not line:
+            if self._has_lines:
+                self._dispatch(out)
+            return
+        self._event_size += len(line_end)
+        if self._event_size > self.max_event_size:
+            self._overflow()
+            self._skip_line_nonempty = False
+            return
+        self._raw.append(line)
+        self._raw.append(line_end)
+        self._has_lines = True
+        self._field(line)
+
+    def _field(self, line):
+        text = line.decode("utf-8", "replace")
+        if not self._started:
+            self._started = True
+            if text.startswith(_BOM):
+                text = text[1:]
+        if text.startswith(":"):
+            self._comments.append(text[1:])
+            return
+        name, sep, value = text.partition(":")
+        if sep and value.startswith(" "):
+            value = value[1:]
+        if name == "data":
+            self._data.append(value)
+            self._has_data = True
+        elif name == "event":
+            self._event = value
+        elif name == "id":
+            if "\x00" not in value:
+                self._id = value
+        elif name == "retry":
+            if value.isascii() and value.isdigit():
+                self._retry = int(value)
+        # Other field names are ignored, as the specification says.
+
+    def _dispatch(self, out):
+        raw = b"".join(self._raw).decode("utf-8", "replace")
+        out.append(Event(
+            data="\n".join(self._data),
+            event=self._event,
+            id=self._id,
+            retry=self._retry,
+            comments=self._comments,
+            raw=raw,
+        ))
+        self._reset_block()
