@@ -1,0 +1,265 @@
+"""Command line: serve (the default), export, stats, verify.
+
+``main(argv) -> int``; exit codes: 0 ok, 1 runtime failure (e.g. the port is taken), 2 bad
+usage or configuration (one line on stderr, no traceback, before anything listens).
+
+Shutdown order (SIGTERM or SIGINT): stop accepting; let exchanges in flight finish for up to
+``shutdown_timeout`` seconds; cut what is left (each records itself as ``shutdown``); drain the
+recorder; sync and close the files; exit 0. A second signal skips the wait: exchanges are cut at
+once and the recorder gets a short best-effort flush.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import socket
+import sys
+import threading
+from typing import List, Optional
+
+from . import __version__
+from .config import Config, ConfigError, load, parse_listen
+
+log = logging.getLogger("proxy_llm")
+
+SUBCOMMANDS = ("export", "stats", "verify")
+CONFIG_DEFAULT = "config.json"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="proxy_llm",
+        description="A recording proxy for LLM APIs. Serves by default; subcommands: "
+                    "export, stats, verify (see 'proxy_llm <command> --help').",
+    )
+    parser.add_argument("--config", metavar="PATH", default=None,
+                        help="config file (default: ./config.json; $PROXY_LLM_CONFIG)")
+    parser.add_argument("--listen", metavar="HOST:PORT", help="address to listen on (port 0 picks a free port)")
+    parser.add_argument("--data-dir", metavar="DIR", help="where records are written")
+    parser.add_argument("--log-level", metavar="LEVEL", help="DEBUG, INFO, WARNING, ERROR")
+    parser.add_argument("--workers", metavar="N", type=int, help="worker processes sharing the port (default 1)")
+    parser.add_argument("--version", action="version", version="proxy_llm " + __version__)
+    return parser
+
+
+def config_path(arg: Optional[str]) -> str:
+    return arg or os.environ.get("PROXY_LLM_CONFIG") or CONFIG_DEFAULT
+
+
+def load_config(args: argparse.Namespace) -> Config:
+    overrides = {"listen": args.listen, "log_level": args.log_level, "workers": args.workers,
+                 "data_dir": os.path.abspath(args.data_dir) if args.data_dir else None}
+    return load(config_path(args.config), overrides=overrides)
+
+
+def setup_logging(level: str) -> None:
+    logging.basicConfig(level=getattr(logging, level, logging.INFO),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in SUBCOMMANDS:
+        return run_subcommand(argv[0], argv[1:])
+    args = build_parser().parse_args(argv)
+    try:
+        config = load_config(args)
+    except ConfigError as exc:
+        print("proxy_llm: %s" % exc, file=sys.stderr)
+        return 2
+    setup_logging(config.log_level)
+    if config.workers > 1:
+        return serve_workers(config)
+    return serve(config)
+
+
+def run_subcommand(name: str, argv: List[str]) -> int:
+    import importlib
+
+    module = importlib.import_module("proxy_llm." + name)
+    parser = argparse.ArgumentParser(prog="proxy_llm " + name)
+    parser.add_argument("--config", metavar="PATH", default=None,
+                        help="config file whose data_dir is the default --data-dir (default ./config.json)")
+    module.add_arguments(parser)
+    args = parser.parse_args(argv)
+    default_dir = "./data"
+    path = config_path(args.config)
+    if os.path.exists(path) or args.config:
+        try:
+            default_dir = load(path).data_dir
+        except ConfigError as exc:
+            if getattr(args, "data_dir", None) is None:
+                print("proxy_llm: %s" % exc, file=sys.stderr)
+                return 2
+    try:
+        return int(module.run(args, default_dir))
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        return 0
+
+
+def fingerprint_key(data_dir: str) -> bytes:
+    """The per-data-dir key of the redaction fingerprints (created once, 0600)."""
+    path = os.path.join(data_dir, ".proxy_llm_key")
+    try:
+        with open(path, "rb") as f:
+            key = f.read()
+        if len(key) >= 16:
+            return key
+    except OSError:
+        pass
+    key = os.urandom(32)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(key)
+    except FileExistsError:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError as exc:
+        log.warning("cannot store the fingerprint key in the data dir (%s); fingerprints change per run", exc.strerror)
+    return key
+
+
+def build_server(config: Config, worker: int = 0, reuse_port: bool = False):
+    """Create the recorder and the server (listening, not yet serving)."""
+    from .handler import ProxyHandler
+    from .record import Encoder
+    from .server import ProxyServer
+    from .storage import Recorder
+
+    recorder = None
+    server_box = []
+    if config.record:
+        os.makedirs(config.data_dir, mode=0o700, exist_ok=True)
+
+        def on_result(ex, rec):
+            m = server_box[0].metrics
+            m.endings.inc(rec["ended"])
+            tokens = rec.get("tokens_used")
+            if tokens:
+                provider = rec["provider"] or "none"
+                for kind, value in tokens.items():
+                    if isinstance(value, (int, float)) and kind != "total_tokens":
+                        m.tokens.inc(provider, ex.model_label, kind, amount=value)
+
+        encoder = Encoder(fingerprint_key(config.data_dir), config.session_header, config.max_sse_event,
+                          provider_keys=[p.api_key for p in config.providers if p.api_key], on_result=on_result)
+        recorder = Recorder(config.data_dir, encoder.encode, queue_size=config.queue_size, fsync=config.fsync,
+                            fsync_interval=config.fsync_interval, max_file_size=config.max_file_size,
+                            rotate_daily=config.rotate_daily, compress_rotated=config.compress_rotated,
+                            file_suffix="_w%d" % worker if config.workers > 1 else "")
+    server = ProxyServer(config, ProxyHandler, recorder, reuse_port=reuse_port, worker=worker)
+    server_box.append(server)
+    if recorder is not None:
+        recorder.start()
+    return server
+
+
+def serve(config: Config, worker: int = 0, reuse_port: bool = False) -> int:
+    stop = threading.Event()
+    hurry = threading.Event()
+
+    def on_signal(signum, frame):
+        if stop.is_set():
+            hurry.set()
+        stop.set()
+
+    try:
+        server = build_server(config, worker, reuse_port)
+    except OSError as exc:
+        log.error("cannot listen on %s: %s", config.listen, exc.strerror or exc)
+        return 1
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, on_signal)
+    host, port = server.server_address[:2]
+    shown = "[%s]" % host if ":" in host else host
+    log.info("proxy_llm %s listening on http://%s:%d (worker %d, recording %s, data dir %s)", __version__, shown, port,
+             worker, "on" if server.recorder is not None else "off", config.data_dir)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.5}, name="proxy_llm-accept")
+    thread.start()
+    while not stop.wait(3600):
+        pass
+    log.info("shutting down: %d exchanges in flight", len(server.inflight))
+    server.draining.set()
+    server.shutdown()
+    thread.join()
+    try:
+        server.socket.close()
+    except OSError:
+        pass
+    if not server.wait_idle(config.shutdown_timeout, interrupted=hurry):
+        cut = server.cancel_inflight()
+        log.warning("cut %d exchanges still in flight", cut)
+        server.wait_idle(2.0)
+    if server.recorder is not None:
+        server.recorder.close(timeout=2.0 if hurry.is_set() else 30.0)
+    server.server_close()
+    log.info("stopped")
+    return 0
+
+
+def serve_workers(config: Config) -> int:
+    """Run ``workers`` processes on one port (SO_REUSEPORT, else a shared listening socket)."""
+    host, port = parse_listen(config.listen)
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    holder = socket.socket(family, socket.SOCK_STREAM)
+    reuse_port = hasattr(socket, "SO_REUSEPORT")
+    holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if reuse_port:
+        holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    try:
+        holder.bind((host, port))
+    except OSError as exc:
+        log.error("cannot listen on %s: %s", config.listen, exc.strerror or exc)
+        return 1
+    port = holder.getsockname()[1]
+    from dataclasses import replace
+
+    config = replace(config, listen="%s:%d" % ("[%s]" % host if ":" in host else host, port))
+    children = {}
+    for worker in range(config.workers):
+        pid = os.fork()
+        if pid == 0:
+            code = 1
+            try:
+                holder.close()
+                code = serve(config, worker=worker, reuse_port=reuse_port)
+            finally:
+                logging.shutdown()
+                os._exit(code)
+        children[pid] = worker
+    stopping = []
+
+    def forward(signum, frame):
+        stopping.append(signum)
+        for pid in list(children):
+            try:
+                os.kill(pid, signum)
+            except ProcessLookupError:
+                pass
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, forward)
+    status = 0
+    while children:
+        try:
+            pid, code = os.waitpid(-1, 0)
+        except ChildProcessError:
+            break
+        except InterruptedError:
+            continue
+        worker = children.pop(pid, None)
+        if worker is None:
+            continue
+        exit_code = os.waitstatus_to_exitcode(code) if hasattr(os, "waitstatus_to_exitcode") else code >> 8
+        if exit_code != 0:
+            status = 1
+        if not stopping:
+            log.error("worker %d exited (%s) before shutdown", worker, exit_code)
+    holder.close()
+    return status

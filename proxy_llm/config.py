@@ -1,0 +1,344 @@
+"""Configuration: defaults -> config file -> $VAR expansion -> environment -> flags -> validate.
+
+The file is JSON. After it is parsed, every string value is expanded: ``$VAR`` and ``${VAR}``
+take the environment variable (unset is an error that names the key, so typos surface at start),
+``${VAR:-default}`` gives a default, ``$$`` is a literal ``$``. Then ``PROXY_LLM_LISTEN``,
+``PROXY_LLM_DATA_DIR`` and ``PROXY_LLM_LOG_LEVEL`` override the file, and command-line flags
+override both. Every problem raises :class:`ConfigError` with a one-line message naming the file
+and the key (or the line, for invalid JSON).
+
+This module imports nothing from the package.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import ipaddress
+import json
+import os
+import re
+import urllib.parse
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Mapping, Optional, Tuple
+
+PROVIDER_TYPES = ("openai", "anthropic", "gemini")
+FSYNC_MODES = ("interval", "always", "never")
+ON_RECORD_ERROR = ("fail_open", "fail_closed")
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+MiB = 1024 * 1024
+
+# Every top-level key with its default. A key not listed here is an error ("unknown key").
+DEFAULTS: Dict[str, Any] = {
+    "listen": "127.0.0.1:8080",
+    "data_dir": "./data",
+    "session_header": "X-Session-Id",
+    "providers": [],
+    "log_level": "INFO",
+    "record": True,
+    "fsync": "interval",
+    "fsync_interval": 1.0,
+    "max_file_size": 100 * MiB,
+    "rotate_daily": True,
+    "compress_rotated": False,
+    "queue_size": 10000,
+    "on_record_error": "fail_open",
+    "max_request_body": 32 * MiB,
+    "capture_max_body": 16 * MiB,
+    "max_sse_event": 8 * MiB,
+    "connect_timeout": 10.0,
+    "response_header_timeout": 600.0,
+    "stream_idle_timeout": 300.0,
+    "total_timeout": None,
+    "client_header_timeout": 30.0,
+    "client_idle_timeout": 120.0,
+    "max_connections": 4096,
+    "shutdown_timeout": 25.0,
+    "proxy_keys": [],
+    "workers": 1,
+}
+
+PROVIDER_KEYS = ("name", "type", "base_url", "api_key", "models")
+
+_VAR_RE = re.compile(
+    r"\$(?:\$|\{(?P<braced>[A-Za-z_][A-Za-z0-9_]*)(?P<default>:-[^}]*)?\}|(?P<bare>[A-Za-z_][A-Za-z0-9_]*))"
+)
+
+
+class ConfigError(Exception):
+    """A configuration problem, described in one line fit for the user."""
+
+
+@dataclass(frozen=True)
+class Provider:
+    name: str
+    type: str
+    base_url: str
+    api_key: str = ""
+    models: Tuple[str, ...] = ()
+
+    def matches(self, model: Optional[str]) -> Optional[str]:
+        """Return the first glob of ``models`` matching ``model``, or None."""
+        if not model:
+            return None
+        for pattern in self.models:
+            if fnmatch.fnmatchcase(model, pattern):
+                return pattern
+        return None
+
+
+@dataclass(frozen=True)
+class Config:
+    listen: str = DEFAULTS["listen"]
+    data_dir: str = DEFAULTS["data_dir"]
+    session_header: str = DEFAULTS["session_header"]
+    providers: Tuple[Provider, ...] = ()
+    log_level: str = DEFAULTS["log_level"]
+    record: bool = True
+    fsync: str = "interval"
+    fsync_interval: float = 1.0
+    max_file_size: int = DEFAULTS["max_file_size"]
+    rotate_daily: bool = True
+    compress_rotated: bool = False
+    queue_size: int = 10000
+    on_record_error: str = "fail_open"
+    max_request_body: int = DEFAULTS["max_request_body"]
+    capture_max_body: int = DEFAULTS["capture_max_body"]
+    max_sse_event: int = DEFAULTS["max_sse_event"]
+    connect_timeout: float = 10.0
+    response_header_timeout: float = 600.0
+    stream_idle_timeout: float = 300.0
+    total_timeout: Optional[float] = None
+    client_header_timeout: float = 30.0
+    client_idle_timeout: float = 120.0
+    max_connections: int = 4096
+    shutdown_timeout: float = 25.0
+    proxy_keys: Tuple[str, ...] = ()
+    workers: int = 1
+    source: str = field(default="<defaults>", compare=False)
+
+    @property
+    def host_port(self) -> Tuple[str, int]:
+        return parse_listen(self.listen)
+
+
+def parse_listen(value: str) -> Tuple[str, int]:
+    """Split ``HOST:PORT`` (``[::1]:PORT`` for IPv6). Raises ValueError."""
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit() or not host:
+        raise ValueError("expected HOST:PORT")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    number = int(port)
+    if not 0 <= number <= 65535:
+        raise ValueError("port out of range")
+    return host, number
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def expand(value: str, env: Mapping[str, str], where: str) -> str:
+    """Expand ``$VAR``, ``${VAR}``, ``${VAR:-default}`` and ``$$`` in one string value."""
+
+    def substitute(match: "re.Match[str]") -> str:
+        if match.group(0) == "$$":
+            return "$"
+        name = match.group("braced") or match.group("bare")
+        default = match.group("default")
+        if name in env:
+            if default is not None and env[name] == "":
+                return default[2:]
+            return env[name]
+        if default is not None:
+            return default[2:]
+        raise ConfigError("%s: $%s is not set (use ${%s:-} for an empty default)" % (where, name, name))
+
+    return _VAR_RE.sub(substitute, value)
+
+
+def _expand_tree(value: Any, env: Mapping[str, str], where: str) -> Any:
+    if isinstance(value, str):
+        return expand(value, env, where)
+    if isinstance(value, list):
+        return [_expand_tree(v, env, "%s[%d]" % (where, i)) for i, v in enumerate(value)]
+    if isinstance(value, dict):
+        return {k: _expand_tree(v, env, "%s.%s" % (where, k) if where else k) for k, v in value.items()}
+    return value
+
+
+def read_file(path: str) -> Dict[str, Any]:
+    """Parse the JSON config file; errors name the file and the line."""
+    try:
+        with open(path, "r", encoding="utf-8") as f:
+            text = f.read()
+    except FileNotFoundError:
+        raise ConfigError("%s: no such config file" % path) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError("%s: cannot read: %s" % (path, exc)) from None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ConfigError("%s: line %d column %d: invalid JSON: %s" % (path, exc.lineno, exc.colno, exc.msg)) from None
+    if not isinstance(data, dict):
+        raise ConfigError("%s: the top level must be a JSON object" % path)
+    return data
+
+
+def load(
+    path: Optional[str] = None,
+    env: Optional[Mapping[str, str]] = None,
+    overrides: Optional[Mapping[str, Any]] = None,
+) -> Config:
+    """Build the effective configuration. See the module docstring for the order.
+
+    ``path`` None means defaults only. ``overrides`` are flag values (None values are ignored).
+    A relative ``data_dir`` from the file is resolved against the file's directory; one from the
+    environment or a flag against the current directory.
+    """
+    env = os.environ if env is None else env
+    source = path or "<defaults>"
+    raw: Dict[str, Any] = {}
+    if path is not None:
+        raw = read_file(path)
+    for key in raw:
+        if key not in DEFAULTS:
+            raise ConfigError("%s: %s: unknown key" % (source, key))
+    try:
+        raw = _expand_tree(raw, env, "")
+    except ConfigError as exc:
+        raise ConfigError("%s: %s" % (source, exc)) from None
+    merged = dict(DEFAULTS)
+    merged.update(raw)
+    if path is not None and "data_dir" in raw and isinstance(raw["data_dir"], str):
+        base = os.path.dirname(os.path.abspath(path))
+        merged["data_dir"] = os.path.normpath(os.path.join(base, os.path.expanduser(raw["data_dir"])))
+    where = dict.fromkeys(merged, source)
+    for key, var in (("listen", "PROXY_LLM_LISTEN"), ("data_dir", "PROXY_LLM_DATA_DIR"), ("log_level", "PROXY_LLM_LOG_LEVEL")):
+        if env.get(var):
+            merged[key] = env[var]
+            where[key] = "$" + var
+    for key, value in (overrides or {}).items():
+        if value is not None:
+            merged[key] = value
+            where[key] = "--" + key.replace("_", "-")
+    return validate(merged, where, source)
+
+
+def _fail(where: Mapping[str, str], key: str, message: str) -> ConfigError:
+    return ConfigError("%s: %s: %s" % (where.get(key.split("[")[0].split(".")[0], "config"), key, message))
+
+
+def _number(merged: Dict[str, Any], where: Mapping[str, str], key: str, kind: type, minimum: float, optional: bool = False) -> Any:
+    value = merged[key]
+    if optional and value is None:
+        return None
+    if isinstance(value, str) and where.get(key, "").startswith(("$", "--")):
+        try:
+            value = kind(value)
+        except ValueError:
+            raise _fail(where, key, "not a number") from None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and not isinstance(value, int)):
+        raise _fail(where, key, "must be %s" % ("an integer" if kind is int else "a number"))
+    if value < minimum:
+        raise _fail(where, key, "must be at least %s" % minimum)
+    return kind(value)
+
+
+def _validate_url(url: Any, where: Mapping[str, str], key: str) -> str:
+    if not isinstance(url, str):
+        raise _fail(where, key, "not a URL")
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname or parts.query or parts.fragment:
+        raise _fail(where, key, "not a URL (expected http(s)://host[:port][/base-path])")
+    try:
+        parts.port
+    except ValueError:
+        raise _fail(where, key, "not a URL (bad port)") from None
+    return url.rstrip("/")
+
+
+def validate(merged: Dict[str, Any], where: Mapping[str, str], source: str) -> Config:
+    """Check types and values of a merged configuration and freeze it."""
+    for key in ("listen", "data_dir", "session_header", "log_level", "fsync", "on_record_error"):
+        if not isinstance(merged[key], str):
+            raise _fail(where, key, "must be a string")
+    try:
+        host, _port = parse_listen(merged["listen"])
+    except ValueError as exc:
+        raise _fail(where, "listen", "%s: %s" % (merged["listen"], exc)) from None
+    merged["log_level"] = merged["log_level"].upper()
+    if merged["log_level"] not in LOG_LEVELS:
+        raise _fail(where, "log_level", "must be one of %s" % ", ".join(LOG_LEVELS))
+    if merged["fsync"] not in FSYNC_MODES:
+        raise _fail(where, "fsync", "must be one of %s" % ", ".join(FSYNC_MODES))
+    if merged["on_record_error"] not in ON_RECORD_ERROR:
+        raise _fail(where, "on_record_error", "must be one of %s" % ", ".join(ON_RECORD_ERROR))
+    for key in ("record", "rotate_daily", "compress_rotated"):
+        if not isinstance(merged[key], bool):
+            raise _fail(where, key, "must be true or false")
+    ints = {"max_file_size": 1024, "queue_size": 1, "max_request_body": 0, "capture_max_body": 0,
+            "max_sse_event": 1024, "max_connections": 1, "workers": 1}
+    for key, minimum in ints.items():
+        merged[key] = _number(merged, where, key, int, minimum)
+    floats = {"fsync_interval": 0.001, "connect_timeout": 0.001, "response_header_timeout": 0.001,
+              "stream_idle_timeout": 0.001, "client_header_timeout": 0.001, "client_idle_timeout": 0.001,
+              "shutdown_timeout": 0}
+    for key, minimum in floats.items():
+        merged[key] = _number(merged, where, key, float, minimum)
+    merged["total_timeout"] = _number(merged, where, "total_timeout", float, 0.001, optional=True)
+    if not merged["session_header"].strip():
+        raise _fail(where, "session_header", "must not be empty")
+
+    keys = merged["proxy_keys"]
+    if not isinstance(keys, list) or not all(isinstance(k, str) for k in keys):
+        raise _fail(where, "proxy_keys", "must be a list of strings")
+    keys = tuple(k for k in keys if k)
+    if not is_loopback(host) and not keys:
+        raise _fail(where, "listen", "%s is not a loopback address: set proxy_keys so clients must authenticate" % host)
+
+    providers = merged["providers"]
+    if not isinstance(providers, list) or not providers:
+        raise _fail(where, "providers", "at least one provider is required")
+    built = []
+    names = set()
+    for i, p in enumerate(providers):
+        key = "providers[%d]" % i
+        if not isinstance(p, dict):
+            raise _fail(where, key, "must be an object")
+        for k in p:
+            if k not in PROVIDER_KEYS:
+                raise _fail(where, "%s.%s" % (key, k), "unknown key")
+        name = p.get("name")
+        if not isinstance(name, str) or not name:
+            raise _fail(where, key + ".name", "required string")
+        if name in names:
+            raise _fail(where, key + ".name", "duplicate provider name %r" % name)
+        names.add(name)
+        ptype = p.get("type")
+        if ptype not in PROVIDER_TYPES:
+            raise _fail(where, key + ".type", "must be one of %s" % ", ".join(PROVIDER_TYPES))
+        base_url = _validate_url(p.get("base_url"), where, key + ".base_url")
+        api_key = p.get("api_key", "")
+        if api_key is None:
+            api_key = ""
+        if not isinstance(api_key, str):
+            raise _fail(where, key + ".api_key", "must be a string")
+        models = p.get("models", [])
+        if not isinstance(models, list) or not all(isinstance(m, str) and m for m in models):
+            raise _fail(where, key + ".models", "must be a list of glob strings")
+        built.append(Provider(name=name, type=ptype, base_url=base_url, api_key=api_key.strip(), models=tuple(models)))
+
+    values = {k: merged[k] for k in DEFAULTS if k not in ("providers", "proxy_keys")}
+    return Config(providers=tuple(built), proxy_keys=keys, source=source, **values)
+
+
+def load_env_expanded(data: Dict[str, Any], env: Mapping[str, str]) -> Dict[str, Any]:
+    """Expand every string value of an already-parsed config object (exposed for tests)."""
+    return _expand_tree(data, env, "")

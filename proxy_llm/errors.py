@@ -1,0 +1,95 @@
+"""Errors that carry their own HTTP answer, rendered in the provider family's error shape.
+
+The proxy answers for itself only when it must (bad request framing, no provider, upstream
+unreachable or too slow, limits). Every such answer is JSON in the shape the client's SDK
+already parses, so the SDK raises its usual typed exception with our message:
+
+* OpenAI:    ``{"error": {"message", "type", "param": null, "code"}}``
+* Anthropic: ``{"type": "error", "error": {"type", "message"}}``
+* Gemini:    ``{"error": {"code", "message", "status"}}``
+
+This module imports nothing from the package.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Tuple
+
+
+class ProxyError(Exception):
+    """Base: ``status`` is the HTTP status, ``kind`` a stable short error type."""
+
+    status = 500
+    kind = "proxy_error"
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.message = message
+
+
+class BadRequest(ProxyError):
+    status = 400
+    kind = "invalid_request_error"
+
+
+class Unauthorized(ProxyError):
+    status = 401
+    kind = "authentication_error"
+
+
+class NotFound(ProxyError):
+    status = 404
+    kind = "not_found_error"
+
+
+class BodyTooLarge(ProxyError):
+    status = 413
+    kind = "request_too_large"
+
+
+class UpstreamUnavailable(ProxyError):
+    status = 502
+    kind = "upstream_unavailable"
+
+
+class UpstreamTimeout(ProxyError):
+    status = 504
+    kind = "upstream_timeout"
+
+
+class Overloaded(ProxyError):
+    status = 503
+    kind = "proxy_unavailable"
+
+
+_GEMINI_STATUS = {400: "INVALID_ARGUMENT", 401: "UNAUTHENTICATED", 404: "NOT_FOUND", 408: "DEADLINE_EXCEEDED",
+                  413: "INVALID_ARGUMENT", 431: "INVALID_ARGUMENT", 500: "INTERNAL", 502: "UNAVAILABLE",
+                  503: "UNAVAILABLE", 504: "DEADLINE_EXCEEDED"}
+_ANTHROPIC_TYPE = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
+                   408: "timeout_error", 413: "request_too_large", 431: "invalid_request_error",
+                   500: "api_error", 502: "api_error", 503: "overloaded_error", 504: "timeout_error"}
+_OPENAI_TYPE = {400: "invalid_request_error", 401: "invalid_request_error", 404: "invalid_request_error",
+                408: "timeout", 413: "invalid_request_error", 431: "invalid_request_error", 500: "server_error",
+                502: "server_error", 503: "server_error", 504: "timeout"}
+
+
+def family_of(path: str) -> str:
+    """The provider family whose API a path belongs to, for routing and error shapes."""
+    if path.startswith("/v1/messages"):
+        return "anthropic"
+    if path.startswith("/v1beta/") or ":generateContent" in path or ":streamGenerateContent" in path:
+        return "gemini"
+    return "openai"
+
+
+def render(family: str, status: int, message: str, kind: str = "") -> Tuple[bytes, str]:
+    """Return (body, content type) for an error answer in ``family``'s shape."""
+    if family == "anthropic":
+        obj = {"type": "error", "error": {"type": _ANTHROPIC_TYPE.get(status, "api_error"), "message": message}}
+    elif family == "gemini":
+        obj = {"error": {"code": status, "message": message, "status": _GEMINI_STATUS.get(status, "UNKNOWN")}}
+    else:
+        obj = {"error": {"message": message, "type": _OPENAI_TYPE.get(status, "server_error"), "param": None,
+                         "code": kind or None}}
+    return json.dumps(obj).encode("utf-8"), "application/json"

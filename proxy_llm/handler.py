@@ -1,0 +1,473 @@
+"""The request handler: routing, forwarding, the relay loop and the capture tee.
+
+For each request under ``/v1/`` or ``/v1beta/`` the handler reads the body, finds ``model`` and
+``stream`` (a byte scan; a full parse only when the scan is ambiguous), picks a provider, sends
+the request upstream on a pooled ``http.client`` connection and relays the response: status and
+end-to-end headers as received, then the body as it arrives (``read1``), each piece written to
+the client in one ``write`` (re-framed as a chunk when the length is not known in advance). The
+relayed bytes are appended to the exchange's capture; all parsing happens later on the
+recorder's thread. ``/health`` and ``/metrics`` are answered locally.
+"""
+
+from __future__ import annotations
+
+import hmac
+import http.client
+import json
+import logging
+import re
+import socket
+import time
+from http.server import BaseHTTPRequestHandler
+from typing import List, Optional, Tuple
+
+from . import errors, wire
+from .errors import ProxyError
+from .record import Exchange
+
+log = logging.getLogger("proxy_llm.handler")
+
+_MODEL_RE = re.compile(rb'"model"\s*:\s*"((?:[^"\\]|\\.)*)"')
+_STREAM_RE = re.compile(rb'"stream"\s*:\s*(true|false)')
+_GEMINI_MODEL_RE = re.compile(r"/models/([^/:]+):([A-Za-z]+)$")
+
+KNOWN_ENDPOINTS = frozenset((
+    "/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/responses", "/v1/messages",
+    "/v1/messages/count_tokens", "/v1/models", "/v1/moderations", "/v1/audio/speech",
+    "/v1/audio/transcriptions", "/v1/images/generations",
+))
+GEMINI_METHODS = frozenset(("generateContent", "streamGenerateContent", "countTokens", "embedContent",
+                            "batchEmbedContents"))
+# Request headers never forwarded, besides the hop-by-hop ones: the proxy sets Host and
+# Content-Length itself, has already answered Expect, and narrows Accept-Encoding.
+DROP_REQUEST = frozenset(("host", "content-length", "expect", "accept-encoding", "x-proxy-key"))
+DROP_RESPONSE = frozenset(("content-length",))
+DECODABLE = frozenset(("gzip", "x-gzip", "deflate", "identity"))
+SMALL_BODY = 256 * 1024
+
+
+def sniff(body: bytes) -> Tuple[Optional[str], bool]:
+    """Find the top-level ``model`` and ``stream`` of a JSON request body, cheaply.
+
+    A key that appears exactly once is read in place; a key that appears more than once (say,
+    in a tool schema) makes it parse the whole body.
+    """
+    if not body or body.lstrip()[:1] != b"{":
+        return None, False
+    n_model = body.count(b'"model"')
+    n_stream = body.count(b'"stream"')
+    if n_model > 1 or n_stream > 1:
+        try:
+            obj = json.loads(body)
+        except ValueError:
+            return None, False
+        if not isinstance(obj, dict):
+            return None, False
+        model = obj.get("model")
+        return (model if isinstance(model, str) else None), obj.get("stream") is True
+    model = None
+    if n_model:
+        m = _MODEL_RE.search(body, body.find(b'"model"'))
+        if m:
+            raw = m.group(1)
+            try:
+                model = json.loads(b'"' + raw + b'"') if b"\\" in raw else raw.decode("utf-8")
+            except ValueError:
+                model = None
+    stream = False
+    if n_stream:
+        m = _STREAM_RE.search(body, body.find(b'"stream"'))
+        stream = bool(m and m.group(1) == b"true")
+    return model, stream
+
+
+def endpoint_label(path: str) -> str:
+    """A bounded metric label for a path."""
+    if path in KNOWN_ENDPOINTS:
+        return path
+    m = _GEMINI_MODEL_RE.search(path)
+    if m and m.group(2) in GEMINI_METHODS:
+        return "%s/models/*:%s" % (path.split("/models/")[0], m.group(2))
+    if path.startswith("/v1/models/"):
+        return "/v1/models/*"
+    if path.startswith("/v1/responses/"):
+        return "/v1/responses/*"
+    return "other"
+
+
+def narrow_accept_encoding(value: Optional[str]) -> Optional[str]:
+    """Keep only the codings the recorder can decode (gzip, deflate, identity)."""
+    if value is None:
+        return None
+    kept = [part.strip() for part in value.split(",")
+            if part.strip() and part.split(";")[0].strip().lower() in DECODABLE]
+    return ", ".join(kept) if kept else "identity"
+
+
+class ProxyHandler(BaseHTTPRequestHandler):
+    # Keep-alive with clients; every answer is framed by Content-Length or chunked coding.
+    protocol_version = "HTTP/1.1"
+    # Nagle's algorithm plus small writes costs ~40 ms per keep-alive response.
+    disable_nagle_algorithm = True
+    server_version = "proxy_llm"
+
+    def setup(self) -> None:
+        # An idle read timeout for request lines, headers and bodies; responses have none.
+        self.timeout = self.server.config.client_idle_timeout
+        super().setup()
+
+    # BaseHTTPRequestHandler dispatches on do_<METHOD>.
+    def do_GET(self) -> None:
+        if self.path in ("/health", "/metrics"):
+            self.answer_local()
+        else:
+            self.proxy()
+
+    do_POST = do_PUT = do_PATCH = do_DELETE = do_HEAD = do_OPTIONS = do_GET  # type: ignore
+
+    # -- local endpoints -----------------------------------------------------------------
+
+    def answer_local(self) -> None:
+        server = self.server
+        if self.path == "/health":
+            health = server.health()
+            body = json.dumps(health).encode("utf-8")
+            status = 503 if health["status"] in ("degraded",) and server.config.on_record_error == "fail_closed" else 200
+            self.send_simple(status, body, "application/json")
+        else:
+            self.send_simple(200, server.metrics.render(), "text/plain; version=0.0.4; charset=utf-8")
+
+    def send_simple(self, status: int, body: bytes, content_type: str, extra: List[Tuple[str, str]] = ()) -> None:
+        head = ["HTTP/1.1 %d %s" % (status, self.responses.get(status, ("",))[0]),
+                "Content-Type: " + content_type, "Content-Length: %d" % len(body)]
+        head.extend("%s: %s" % kv for kv in extra)
+        if self.close_connection:
+            head.append("Connection: close")
+        self.wfile.write(("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + (body if self.command != "HEAD" else b""))
+
+    def send_error(self, code: int, message: Optional[str] = None, explain: Optional[str] = None) -> None:
+        """Errors found while parsing the request line or headers: JSON, never HTML."""
+        self.close_connection = True
+        path = getattr(self, "path", "") or ""
+        body, ctype = errors.render(errors.family_of(path), code, message or self.responses.get(code, ("error",))[0])
+        try:
+            self.send_simple(code, body, ctype)
+        except OSError:
+            pass
+
+    def log_request(self, code="-", size="-") -> None:  # the exchange is logged once, without query
+        pass
+
+    def log_message(self, format: str, *args) -> None:
+        # BaseHTTPRequestHandler passes the raw request line (with ?key=...) to log_error:
+        # it is never logged; only the client address and the message kind are.
+        log.debug("client %s: %s", self.client_address[0], format.split("%", 1)[0].strip() or "error")
+
+    # -- the proxy -----------------------------------------------------------------------
+
+    def proxy(self) -> None:
+        server = self.server
+        config = server.config
+        path, query = wire.split_target(self.path)
+        if not (path.startswith("/v1/") or path.startswith("/v1beta/") or path in ("/v1", "/v1beta")):
+            body, ctype = errors.render(errors.family_of(path), 404, "unknown path %s: proxy_llm forwards /v1/ and /v1beta/" % path[:200])
+            self.send_simple(404, body, ctype)
+            return
+        if server.draining.is_set():
+            self.close_connection = True
+            body, ctype = errors.render(errors.family_of(path), 503, "proxy_llm is shutting down")
+            self.send_simple(503, body, ctype, [("Retry-After", "1")])
+            return
+        self.proxy_key_in_auth = False
+        headers = self.headers.items()
+        recording = server.recorder is not None
+        ex = Exchange(self.command, path, query, headers, config.capture_max_body if recording else -1)
+        ex.family = errors.family_of(path)
+        ex.endpoint_label = endpoint_label(path)
+        server.track(ex)
+        try:
+            self.exchange(ex, headers)
+        finally:
+            ex.duration = ex.elapsed_ms()
+            ex.client_sock = None
+            ex.upstream_conn = None
+            server.untrack(ex)
+            self.finish_exchange(ex)
+
+    def exchange(self, ex: Exchange, headers: List[Tuple[str, str]]) -> None:
+        server = self.server
+        config = server.config
+        try:
+            self.check_proxy_key(headers)
+            try:
+                body = wire.read_body(self.rfile, self.headers, config.max_request_body)
+            except wire.BodyError as exc:
+                self.close_connection = True
+                raise {413: errors.BodyTooLarge}.get(exc.status, errors.BadRequest)(exc.message) from None
+            except socket.timeout:
+                self.close_connection = True
+                raise errors.BadRequest("timed out reading the request body") from None
+            ex.request.add(0.0, body)
+            self.route(ex, body)
+            if server.recorder is not None and config.on_record_error == "fail_closed" and (
+                    server.recorder.degraded or server.recorder.queue_full()):
+                raise errors.Overloaded("recording is failing and on_record_error is fail_closed")
+            resp, conn = self.send_upstream(ex, headers, body)
+        except ProxyError as exc:
+            self.answer_error(ex, exc)
+            return
+        self.relay(ex, resp, conn)
+
+    def check_proxy_key(self, headers: List[Tuple[str, str]]) -> None:
+        """With ``proxy_keys`` set, require one (X-Proxy-Key or Authorization: Bearer)."""
+        keys = self.server.config.proxy_keys
+        if not keys:
+            return
+        candidates = []
+        presented = wire.header_value(headers, "x-proxy-key")
+        if presented:
+            candidates.append(("x-proxy-key", presented.strip()))
+        auth = wire.header_value(headers, "authorization")
+        if auth and auth[:7].lower() == "bearer ":
+            candidates.append(("authorization", auth[7:].strip()))
+        for source, candidate in candidates:
+            value = candidate.encode("utf-8", "surrogatepass")
+            if any(hmac.compare_digest(value, key.encode("utf-8")) for key in keys):
+                # A proxy key is never forwarded; Authorization is dropped if it carried it.
+                self.proxy_key_in_auth = source == "authorization"
+                return
+        raise errors.Unauthorized("a valid proxy key is required (Authorization: Bearer or X-Proxy-Key)")
+
+    def route(self, ex: Exchange, body: bytes) -> None:
+        providers = self.server.config.providers
+        if ex.family == "gemini":
+            m = _GEMINI_MODEL_RE.search(ex.path)
+            if m:
+                ex.model = m.group(1)
+                ex.stream = m.group(2) == "streamGenerateContent"
+        else:
+            ex.model, ex.stream = sniff(body)
+        for p in providers:
+            glob = p.matches(ex.model)
+            if glob is not None:
+                ex.provider, ex.model_label = p, glob
+                break
+        else:
+            for p in providers:
+                if p.type == ex.family:
+                    ex.provider = p
+                    break
+        if ex.provider is None:
+            raise errors.NotFound("no provider configured for %s%s" % (
+                ex.path[:200], " (model %s)" % ex.model[:100] if ex.model else ""))
+        ex.provider_type = ex.provider.type
+
+    def upstream_headers(self, ex: Exchange, headers: List[Tuple[str, str]], body: bytes) -> List[Tuple[str, str]]:
+        provider = ex.provider
+        drop = DROP_REQUEST
+        if provider.api_key:
+            drop = drop | wire.CREDENTIAL_HEADERS
+        elif self.proxy_key_in_auth:
+            drop = drop | {"authorization"}
+        out = wire.end_to_end(headers, drop)
+        pool = self.server.pools[provider.name]
+        out.insert(0, ("Host", pool.host_header))
+        accept = narrow_accept_encoding(wire.header_value(headers, "accept-encoding"))
+        if accept is not None:
+            out.append(("Accept-Encoding", accept))
+        if body or self.command in ("POST", "PUT", "PATCH"):
+            out.append(("Content-Length", str(len(body))))
+        if provider.api_key:
+            if provider.type == "anthropic":
+                out.append(("x-api-key", provider.api_key))
+            elif provider.type == "gemini":
+                out.append(("x-goog-api-key", provider.api_key))
+            else:
+                out.append(("Authorization", "Bearer " + provider.api_key))
+        return out
+
+    def send_upstream(self, ex: Exchange, headers, body: bytes):
+        config = self.server.config
+        pool = self.server.pools[ex.provider.name]
+        target = pool.base_path + ex.path + ("?" + ex.query if ex.query else "")
+        out_headers = self.upstream_headers(ex, headers, body)
+        for attempt in (0, 1):
+            conn, reused = pool.acquire()
+            ex.upstream_conn = conn
+            try:
+                if conn.sock is None:
+                    conn.connect()
+                conn.sock.settimeout(config.response_header_timeout)
+                conn.putrequest(self.command, target, skip_host=True, skip_accept_encoding=True)
+                for name, value in out_headers:
+                    conn.putheader(name, value)
+                conn.endheaders(body if body else None)
+                resp = conn.getresponse()
+            except socket.timeout:
+                pool.discard(conn)
+                server_metrics_error(self.server, ex, "timeout")
+                if ex.cancelled:
+                    raise errors.UpstreamUnavailable("proxy shutting down") from None
+                raise errors.UpstreamTimeout("upstream %s did not answer in time" % ex.provider.name) from None
+            except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError) as exc:
+                pool.discard(conn)
+                if reused and attempt == 0 and not ex.cancelled:
+                    continue  # a stale keep-alive connection: retry once on a fresh one
+                server_metrics_error(self.server, ex, "connection")
+                raise errors.UpstreamUnavailable("upstream %s closed the connection: %s" % (
+                    ex.provider.name, type(exc).__name__)) from None
+            except (OSError, http.client.HTTPException) as exc:
+                pool.discard(conn)
+                server_metrics_error(self.server, ex, "connection")
+                raise errors.UpstreamUnavailable("upstream %s unreachable: %s" % (
+                    ex.provider.name, exc.strerror if isinstance(exc, OSError) and exc.strerror else type(exc).__name__)) from None
+            conn.sock.settimeout(config.stream_idle_timeout)
+            return resp, conn
+        raise AssertionError("unreachable")
+
+    def relay(self, ex: Exchange, resp: http.client.HTTPResponse, conn: http.client.HTTPConnection) -> None:
+        """Send the upstream response to the client as it arrives; capture it on the way."""
+        pool = self.server.pools[ex.provider.name]
+        ex.status = resp.status
+        ex.resp_headers = resp.getheaders()
+        no_body = self.command == "HEAD" or resp.status in (204, 304) or 100 <= resp.status < 200
+        known_length = resp.length is not None and not resp.chunked
+        http10 = self.request_version == "HTTP/1.0"
+        frame = not no_body and not known_length and not http10
+        drop = DROP_RESPONSE if not known_length else ()
+        head = ["HTTP/1.1 %d %s" % (resp.status, resp.reason)]
+        for name, value in wire.end_to_end(ex.resp_headers, drop):
+            head.append("%s: %s" % (name, value))
+        if frame:
+            head.append("Transfer-Encoding: chunked")
+        elif not no_body and not known_length:
+            self.close_connection = True  # HTTP/1.0 client: the end of the body is the close
+        if self.close_connection:
+            head.append("Connection: close")
+        head.append("X-Proxy-Record-Id: " + ex.id)
+        head_bytes = ("\r\n".join(head) + "\r\n\r\n").encode("latin-1")
+        write = self.wfile.write
+        capture = ex.response.add
+        t0 = ex.t0
+        complete = False
+        try:
+            if no_body or (known_length and resp.length <= SMALL_BODY):
+                # One write for headers and a small body.
+                try:
+                    data = resp.read() if not no_body else b""
+                except socket.timeout:
+                    self.upstream_failed(ex, "timeout", "upstream stalled while sending the body")
+                    return
+                except (OSError, http.client.HTTPException) as exc:
+                    self.upstream_failed(ex, "upstream_error", "upstream failed while sending the body: %s" % type(exc).__name__)
+                    return
+                now = (time.perf_counter() - t0) * 1000.0
+                if data:
+                    ex.ttft = now
+                    capture(now, data)
+                try:
+                    write(head_bytes + data)
+                except OSError:
+                    ex.ended = "client_aborted"
+                    return
+                complete = True
+                return
+            try:
+                write(head_bytes)
+            except OSError:
+                ex.ended = "client_aborted"
+                return
+            ex.client_sock = self.connection
+            read1 = resp.read1
+            while True:
+                try:
+                    data = read1(65536)
+                except socket.timeout:
+                    self.upstream_failed(ex, "timeout", "upstream stream idle for more than %s s" % self.server.config.stream_idle_timeout)
+                    return
+                except (OSError, ValueError, http.client.HTTPException) as exc:
+                    self.upstream_failed(ex, "upstream_error", "upstream stream broke: %s" % type(exc).__name__)
+                    return
+                if not data:
+                    break
+                now = (time.perf_counter() - t0) * 1000.0
+                if ex.ttft is None:
+                    ex.ttft = now
+                capture(now, data)
+                try:
+                    write(wire.chunk(data) if frame else data)
+                except OSError:
+                    ex.ended = "client_aborted"
+                    return
+            if ex.cancelled or ex.client_gone or ex.timed_out:
+                self.upstream_failed(ex, "upstream_error", "")
+                return
+            if known_length and resp.length:
+                self.upstream_failed(ex, "upstream_error", "upstream closed the body early")
+                return
+            if frame:
+                try:
+                    write(wire.LAST_CHUNK)
+                except OSError:
+                    ex.ended = "client_aborted"
+                    return
+            complete = True
+        finally:
+            if complete and not resp.will_close and resp.isclosed():
+                pool.release(conn)
+            else:
+                pool.discard(conn)
+                if not complete:
+                    self.close_connection = True
+
+    def upstream_failed(self, ex: Exchange, ended: str, message: str) -> None:
+        """The relay stopped early: name the ending (the client's abort or shutdown win)."""
+        self.close_connection = True
+        if ex.cancelled:
+            ended, message = "shutdown", "the proxy shut down before the exchange ended"
+        elif ex.client_gone:
+            ended, message = "client_aborted", "the client closed the connection"
+        elif ex.timed_out:
+            ended, message = "timeout", "total_timeout passed"
+        ex.ended = ended
+        if ended != "client_aborted":
+            ex.error = {"type": ended, "message": message}
+            server_metrics_error(self.server, ex, ended)
+
+    def answer_error(self, ex: Exchange, exc: ProxyError) -> None:
+        body, ctype = errors.render(ex.family, exc.status, exc.message, exc.kind)
+        ex.status = exc.status
+        ex.error = {"type": exc.kind, "message": exc.message}
+        ex.ended = "timeout" if exc.status == 504 else ("shutdown" if ex.cancelled else "upstream_error")
+        ex.resp_headers = [("Content-Type", ctype), ("Content-Length", str(len(body)))]
+        ex.response.add(ex.elapsed_ms(), body)
+        extra = [("X-Proxy-Record-Id", ex.id)]
+        if exc.status == 503:
+            extra.append(("Retry-After", "1"))
+        try:
+            self.send_simple(exc.status, body, ctype, extra)
+        except OSError:
+            ex.ended = "client_aborted"
+
+    def finish_exchange(self, ex: Exchange) -> None:
+        server = self.server
+        m = server.metrics
+        provider = ex.provider.name if ex.provider is not None else "none"
+        m.requests.inc(provider, ex.endpoint_label, _status_class(ex.status), ex.model_label)
+        m.duration.observe(ex.duration / 1000.0, provider, ex.endpoint_label)
+        if ex.stream and ex.ttft is not None:
+            m.ttft.observe(ex.ttft / 1000.0, provider, ex.endpoint_label)
+        if server.recorder is not None:
+            server.recorder.submit(ex)
+        else:
+            m.endings.inc(ex.ended)
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("%s %s -> %s %s %.1f ms %s", ex.method, ex.path, provider, ex.status, ex.duration, ex.ended)
+
+
+def _status_class(status: Optional[int]) -> str:
+    return "%dxx" % (status // 100) if status else "none"
+
+
+def server_metrics_error(server, ex: Exchange, kind: str) -> None:
+    server.metrics.upstream_errors.inc(ex.provider.name if ex.provider is not None else "none", kind)

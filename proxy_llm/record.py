@@ -1,0 +1,389 @@
+"""The record: what a request thread captures, and how the writer thread turns it into lines.
+
+Request threads only fill an :class:`Exchange` with raw bytes, header tuples and timings (cheap
+appends). Everything else happens in :meth:`Encoder.encode` on the recorder's writer thread:
+decompression, SSE decoding, reassembly, session resolution, redaction and JSON encoding.
+
+A body that is valid JSON goes into the record as its original bytes (newlines, which JSON only
+allows as whitespace, become spaces), so big numbers, key order and duplicate keys are kept
+exactly and nothing is re-escaped. Any other body is recorded as a string.
+
+Redaction: credential headers and ``?key=``-style query values are replaced by
+``[REDACTED:<fingerprint>]`` (an HMAC-SHA256 prefix under a per-data-dir key, so users can tell
+keys apart). As a last pass, every credential value the request carried and every configured
+provider key is scrubbed from each encoded line, which covers upstream error bodies that echo
+the key, streamed events and headers alike.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import time
+import zlib
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
+
+from . import dialects, wire
+from .storage import RECORDS, STREAMS
+
+log = logging.getLogger("proxy_llm.record")
+
+SCHEMA_VERSION = 1
+ENDINGS = ("completed", "client_aborted", "upstream_error", "upstream_eof", "timeout", "shutdown")
+
+_CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
+_SAFE_SID = re.compile(r"[A-Za-z0-9._-]{1,64}\Z")
+MAX_DECODED = 256 * 1024 * 1024
+
+
+def new_id(now: Optional[float] = None) -> str:
+    """A 26-character ULID: 48 bits of milliseconds, 80 random bits, Crockford base32."""
+    ms = int((time.time() if now is None else now) * 1000) & ((1 << 48) - 1)
+    value = (ms << 80) | int.from_bytes(os.urandom(10), "big")
+    out = []
+    for _ in range(26):
+        out.append(_CROCKFORD[value & 31])
+        value >>= 5
+    return "".join(reversed(out))
+
+
+def rfc3339(t: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t)) + ".%06dZ" % int((t % 1) * 1e6)
+
+
+def session_file_id(session_id: str) -> str:
+    """The session id as it may appear in a file name; anything unsafe becomes a short hash."""
+    if _SAFE_SID.match(session_id) and session_id not in (".", ".."):
+        return session_id
+    return "h" + hashlib.sha256(session_id.encode("utf-8", "surrogatepass")).hexdigest()[:16]
+
+
+class Capture:
+    """A body kept up to ``limit`` bytes; past it, only the size and a SHA-256 go on.
+
+    ``add`` runs on the request thread for every relayed chunk: an append and, once the limit is
+    passed, a hash update.
+    """
+
+    __slots__ = ("limit", "parts", "kept", "size", "sha")
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.parts: List[Tuple[float, bytes]] = []
+        self.kept = 0
+        self.size = 0
+        self.sha = None
+
+    def add(self, t: float, data: bytes) -> None:
+        self.size += len(data)
+        if self.limit < 0:  # recording off: count only
+            return
+        if self.sha is None:
+            room = self.limit - self.kept
+            if len(data) <= room:
+                self.parts.append((t, data))
+                self.kept += len(data)
+                return
+            self.sha = hashlib.sha256()
+            for _, part in self.parts:
+                self.sha.update(part)
+            if room > 0:
+                self.parts.append((t, data[:room]))
+                self.kept += room
+        self.sha.update(data)
+
+    @property
+    def truncated(self) -> bool:
+        return self.sha is not None
+
+    def body(self) -> bytes:
+        return b"".join(part for _, part in self.parts)
+
+
+class Exchange:
+    """One request and its response, as captured by the handler. Plain data, no behaviour."""
+
+    __slots__ = (
+        "id", "wall_start", "t0", "method", "path", "query", "req_headers", "request", "provider",
+        "provider_type", "family", "model", "model_label", "stream", "status", "resp_headers", "response",
+        "ended", "error", "ttft", "duration", "endpoint_label", "upstream_conn", "cancelled",
+        "client_sock", "client_gone", "timed_out",
+    )
+
+    def __init__(self, method: str, path: str, query: str, req_headers: List[Tuple[str, str]], capture_limit: int):
+        self.id = new_id()
+        self.wall_start = time.time()
+        self.t0 = time.perf_counter()
+        self.method = method
+        self.path = path
+        self.query = query
+        self.req_headers = req_headers
+        self.request = Capture(capture_limit)
+        self.response = Capture(capture_limit)
+        self.provider = None          # config.Provider or None
+        self.provider_type: Optional[str] = None
+        self.family = "openai"
+        self.model: Optional[str] = None
+        self.model_label = "other"
+        self.stream = False
+        self.status: Optional[int] = None
+        self.resp_headers: List[Tuple[str, str]] = []
+        self.ended = "completed"
+        self.error: Optional[Dict[str, str]] = None
+        self.ttft: Optional[float] = None
+        self.duration = 0.0
+        self.endpoint_label = "other"
+        self.upstream_conn = None     # set while waiting on the upstream (watchdog, shutdown)
+        self.client_sock = None       # set while relaying (watchdog)
+        self.cancelled = False        # shutdown cut it
+        self.client_gone = False      # the watchdog saw the client close
+        self.timed_out = False        # total_timeout passed
+
+    def elapsed_ms(self) -> float:
+        return (time.perf_counter() - self.t0) * 1000.0
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError("non-standard JSON constant %s" % name)
+
+
+def parse_body(raw: bytes) -> Tuple[Any, Optional[bytes]]:
+    """Return (value, raw_json). raw_json is the body fit to splice into a JSON line, or None.
+
+    Empty -> (None, None); valid JSON -> (parsed value, bytes without CR/LF); anything else ->
+    (text, None), decoded as UTF-8 with replacement characters.
+    """
+    if not raw or not raw.strip():
+        return None, None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return raw.decode("utf-8", "replace"), None
+    try:
+        value = json.loads(text, parse_constant=_reject_constant)
+    except ValueError:
+        return text, None
+    if b"\n" in raw or b"\r" in raw:
+        # Outside strings JSON allows CR/LF only as whitespace, and inside strings not at all.
+        raw = raw.replace(b"\r", b" ").replace(b"\n", b" ")
+    return value, raw.strip()
+
+
+def _decompress(chunks: Sequence[Tuple[float, bytes]], encoding: str) -> Tuple[List[Tuple[float, bytes]], Optional[str]]:
+    """Decode gzip/deflate chunk by chunk (keeping arrival times). Returns (chunks, error)."""
+    encoding = encoding.strip().lower()
+    if encoding in ("", "identity"):
+        return list(chunks), None
+    if encoding not in ("gzip", "x-gzip", "deflate"):
+        return list(chunks), "content-encoding %s not decoded" % encoding
+    wbits = 47 if encoding != "deflate" else 15  # 47: gzip or zlib header, auto-detected
+    out = []
+    total = 0
+    try:
+        d = zlib.decompressobj(wbits)
+        for t, data in chunks:
+            piece = d.decompress(data, MAX_DECODED - total)
+            total += len(piece)
+            if piece:
+                out.append((t, piece))
+            if total >= MAX_DECODED:
+                return out, "decoded body exceeds %d bytes" % MAX_DECODED
+        tail = d.flush()
+        if tail:
+            out.append((chunks[-1][0] if chunks else 0.0, tail))
+        return out, None
+    except zlib.error:
+        if encoding == "deflate":  # some servers send raw deflate without the zlib header
+            try:
+                d = zlib.decompressobj(-15)
+                data = d.decompress(b"".join(c for _, c in chunks), MAX_DECODED) + d.flush()
+                return [(chunks[-1][0], data)], None
+            except zlib.error:
+                pass
+        return list(chunks), "body could not be decoded (%s)" % encoding
+
+
+def headers_dict(headers: Iterable[Tuple[str, str]], key: bytes) -> Dict[str, str]:
+    """Lower-case names -> values (repeats joined with ", "), credentials redacted."""
+    out: Dict[str, str] = {}
+    for name, value in headers:
+        lname = name.lower()
+        value = wire.redact_header(lname, value, key)
+        out[lname] = out[lname] + ", " + value if lname in out else value
+    return out
+
+
+def is_event_stream(content_type: str) -> bool:
+    return content_type.split(";", 1)[0].strip().lower() == "text/event-stream"
+
+
+class Encoder:
+    """Turns an :class:`Exchange` into ``[(kind, session_file_id, line), ...]`` (writer thread)."""
+
+    def __init__(self, fingerprint_key: bytes, session_header: str, max_sse_event: int,
+                 provider_keys: Sequence[str] = (), on_result=None):
+        self.key = fingerprint_key
+        self.session_header = session_header.lower()
+        self.max_sse_event = max_sse_event
+        self.provider_keys = [k for k in provider_keys if len(k) >= 8]
+        self.on_result = on_result  # callback(exchange, record dict) for token metrics
+
+    def session(self, ex: Exchange, request_value: Any) -> Tuple[str, str]:
+        headers = {}
+        for name, value in ex.req_headers:
+            headers.setdefault(name.lower(), value)
+        for name, source in ((self.session_header, "header"), ("x-claude-code-session-id", "claude_code"),
+                             ("session_id", "codex"), ("session-id", "codex")):
+            value = headers.get(name)
+            if value:
+                return value, source
+        if isinstance(request_value, dict):
+            metadata = request_value.get("metadata")
+            if isinstance(metadata, dict) and isinstance(metadata.get("user_id"), str) and metadata["user_id"]:
+                return metadata["user_id"], "metadata_user_id"
+        if ex.model:
+            return ex.model, "model"
+        return "default", "default"
+
+    def encode(self, ex: Exchange) -> List[Tuple[str, str, bytes]]:
+        key = self.key
+        req_headers = ex.req_headers
+        content_encoding = wire.header_value(req_headers, "content-encoding") or ""
+        req_chunks, _ = _decompress(ex.request.parts, content_encoding)
+        req_value, req_raw = parse_body(b"".join(c for _, c in req_chunks))
+        if ex.model is None and isinstance(req_value, dict) and isinstance(req_value.get("model"), str):
+            ex.model = req_value["model"]
+        session_id, session_source = self.session(ex, req_value)
+        sid = session_file_id(session_id)
+
+        resp_headers = ex.resp_headers
+        content_type = wire.header_value(resp_headers, "content-type") or ""
+        resp_chunks, decode_error = _decompress(ex.response.parts, wire.header_value(resp_headers, "content-encoding") or "")
+        dialect = dialects.select(ex.provider_type or ex.family, ex.method, ex.path)
+        events: List[Tuple[float, Any]] = []
+        stream_truncated = False
+        resp_raw = None
+        result = None
+        reassembly_error = None
+        streamed = ex.status is not None and (is_event_stream(content_type) or (ex.stream and ex.status < 300))
+        try:
+            if streamed:
+                events, stream_truncated = dialects.decode_stream(content_type, resp_chunks, self.max_sse_event)
+                result = dialect.reassemble([e for _, e in events])
+                resp_value = result.response_body
+            else:
+                resp_value, resp_raw = parse_body(b"".join(c for _, c in resp_chunks))
+                result = dialect.from_body(resp_value if isinstance(resp_value, (dict, list)) else None)
+        except Exception as exc:  # a dialect bug must not lose the record: keep raw, say why
+            log.exception("reassembly failed for record %s", ex.id)
+            reassembly_error = "%s: %s" % (type(exc).__name__, exc)
+            if streamed:
+                resp_value = b"".join(c for _, c in resp_chunks).decode("utf-8", "replace")
+            else:
+                resp_value, resp_raw = parse_body(b"".join(c for _, c in resp_chunks))
+
+        ended = ex.ended
+        if ended == "completed" and streamed and result is not None and not result.complete and 200 <= (ex.status or 0) < 300:
+            ended = "upstream_eof"
+        error = ex.error
+        if error is None and result is not None and result.error:
+            error = result.error
+        if error is None and ex.status is not None and ex.status >= 400:
+            error = {"type": "http_%d" % ex.status, "message": _error_message(resp_value) or "HTTP %d" % ex.status}
+        if error is None and ended not in ("completed",):
+            error = {"type": ended, "message": "the exchange ended early (%s)" % ended}
+
+        rec: Dict[str, Any] = {
+            "schema_version": SCHEMA_VERSION,
+            "id": ex.id,
+            "timestamp": rfc3339(ex.wall_start),
+            "session_id": session_id,
+            "session_source": session_source,
+            "provider": ex.provider.name if ex.provider is not None else None,
+            "provider_type": ex.provider_type,
+            "dialect": dialect.name,
+            "endpoint": ex.path,
+            "method": ex.method,
+            "query": wire.redact_query(ex.query, key),
+            "model": ex.model,
+            "stream": bool(ex.stream),
+            "status_code": ex.status,
+            "ended": ended,
+            "duration": round(ex.duration, 3),
+        }
+        if streamed or ex.stream:
+            if ex.ttft is not None:
+                rec["ttft_ms"] = round(ex.ttft, 3)
+        if error is not None:
+            rec["error"] = error
+        if result is not None and result.tokens_used:
+            rec["tokens_used"] = result.tokens_used
+        rec["request_bytes"] = ex.request.size
+        rec["response_bytes"] = ex.response.size
+        truncated = {}
+        for name, cap in (("request", ex.request), ("response", ex.response)):
+            if cap.truncated:
+                truncated[name] = {"size": cap.size, "sha256": cap.sha.hexdigest(), "kept": cap.kept}
+        if truncated:
+            rec["truncated"] = truncated
+        if stream_truncated:
+            rec["stream_truncated"] = True
+        if reassembly_error:
+            rec["reassembly_error"] = reassembly_error
+        if decode_error:
+            rec["decode_error"] = decode_error
+        rec["request_headers"] = headers_dict(req_headers, key)
+        rec["response_headers"] = headers_dict(resp_headers, key)
+        if self.on_result is not None:
+            self.on_result(ex, rec)
+
+        head = _dumps(rec)
+        line = b"".join((
+            head[:-1],
+            b',"request_body":', req_raw if req_raw is not None else _dumps(req_value),
+            b',"response_body":', resp_raw if resp_raw is not None else _dumps(resp_value),
+            b"}\n",
+        ))
+        secrets = wire.secrets_in(req_headers, ex.query) + self.provider_keys
+        out = [(RECORDS, sid, wire.scrub_bytes(line, secrets, key))]
+        if streamed:
+            stream_line = _dumps({
+                "id": ex.id,
+                "session_id": session_id,
+                "timestamp": rec["timestamp"],
+                "events": [_event_json(t, e) for t, e in events],
+                "truncated": stream_truncated,
+            }) + b"\n"
+            out.append((STREAMS, sid, wire.scrub_bytes(stream_line, secrets, key)))
+        return out
+
+
+def _event_json(t: float, event: Any) -> Dict[str, Any]:
+    item = {"t": round(t, 3)}
+    item.update(event.to_json())
+    return item
+
+
+def _error_message(value: Any) -> Optional[str]:
+    if isinstance(value, dict):
+        err = value.get("error")
+        if isinstance(err, dict) and isinstance(err.get("message"), str):
+            return err["message"]
+        if isinstance(err, str):
+            return err
+        if isinstance(value.get("message"), str):
+            return value["message"]
+    if isinstance(value, str) and value:
+        return value[:200]
+    return None
+
+
+def _dumps(value: Any) -> bytes:
+    try:
+        return json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+    except UnicodeEncodeError:
+        # A lone surrogate cannot be UTF-8 encoded; \u-escapes keep it as valid JSON.
+        return json.dumps(value, ensure_ascii=True, separators=(",", ":")).encode("ascii")

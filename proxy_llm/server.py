@@ -1,0 +1,213 @@
+"""The HTTP server: a ThreadingHTTPServer that is also the proxy's dependency container.
+
+Handlers reach shared state through ``self.server``: the configuration, one upstream pool per
+provider, the recorder (None when recording is off), the metrics and the set of exchanges in
+flight. A watchdog thread checks the client sockets of exchanges waiting on their upstream: a
+client that went away gets its upstream connection closed within ``WATCH_INTERVAL`` seconds,
+instead of at the next write.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import select
+import socket
+import socketserver
+import threading
+import time
+from http.server import ThreadingHTTPServer
+from typing import Dict, Optional, Set
+
+from . import __version__
+from .config import Config
+from .metrics import ProxyMetrics
+from .storage import Recorder
+from .upstream import UpstreamPool, abort
+
+log = logging.getLogger("proxy_llm.server")
+
+WATCH_INTERVAL = 0.25
+
+
+class ProxyServer(ThreadingHTTPServer):
+    # Threads of idle keep-alive clients must not keep the process alive at exit; exchanges in
+    # flight are tracked and drained explicitly instead (see cli.serve).
+    daemon_threads = True
+    block_on_close = False
+    # The default backlog of 5 drops connections under bursts.
+    request_queue_size = 1024
+    allow_reuse_address = True
+
+    def __init__(self, config: Config, handler_class, recorder: Optional[Recorder] = None,
+                 reuse_port: bool = False, worker: int = 0):
+        host, port = config.host_port
+        self.address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        self.reuse_port = reuse_port
+        self.config = config
+        self.recorder = recorder
+        self.worker = worker
+        self.started = time.time()
+        self.pools: Dict[str, UpstreamPool] = {
+            p.name: UpstreamPool(p.base_url, config.connect_timeout) for p in config.providers
+        }
+        self._state_lock = threading.Condition()  # protects inflight, connections
+        self.inflight: Set[object] = set()
+        self.connections = 0
+        self.draining = threading.Event()
+        self.metrics = ProxyMetrics(
+            inflight=lambda: len(self.inflight),
+            written=lambda: recorder.written_total() if recorder else 0,
+            dropped=lambda: recorder.dropped_total() if recorder else 0,
+            queue_depth=lambda: recorder.queue.qsize() if recorder else 0,
+            connections=lambda: self.connections,
+        )
+        super().__init__((host, port), handler_class)
+        self._stop_watch = threading.Event()
+        self._watchdog = threading.Thread(target=self._watch, name="proxy_llm-watchdog", daemon=True)
+        self._watchdog.start()
+
+    def server_bind(self) -> None:
+        # HTTPServer.server_bind calls socket.getfqdn(), a reverse DNS lookup that stalls for
+        # 30 s on air-gapped hosts; the name is never used, so bind without it.
+        if self.reuse_port and hasattr(socket, "SO_REUSEPORT"):
+            self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        socketserver.TCPServer.server_bind(self)
+        host, port = self.server_address[:2]
+        self.server_name = host
+        self.server_port = port
+
+    # -- connections ---------------------------------------------------------------------
+
+    def process_request(self, request, client_address) -> None:
+        with self._state_lock:
+            full = self.connections >= self.config.max_connections
+            if not full:
+                self.connections += 1
+        if full:
+            # One thread per connection: past the cap, answer at once instead of queueing.
+            try:
+                request.sendall(b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+                                b"Content-Length: 84\r\nConnection: close\r\nRetry-After: 1\r\n\r\n"
+                                b'{"error":{"message":"proxy connection limit reached","type":"proxy_unavailable"}}  ')
+            except OSError:
+                pass
+            self.shutdown_request(request, counted=False)
+            return
+        super().process_request(request, client_address)
+
+    def shutdown_request(self, request, counted: bool = True) -> None:  # type: ignore[override]
+        if counted:
+            with self._state_lock:
+                self.connections -= 1
+        super().shutdown_request(request)
+
+    # -- exchanges -----------------------------------------------------------------------
+
+    def track(self, exchange) -> None:
+        with self._state_lock:
+            self.inflight.add(exchange)
+
+    def untrack(self, exchange) -> None:
+        with self._state_lock:
+            self.inflight.discard(exchange)
+            if not self.inflight:
+                self._state_lock.notify_all()
+
+    def wait_idle(self, timeout: float, interrupted: Optional[threading.Event] = None) -> bool:
+        """Wait until no exchange is in flight. False on timeout or when ``interrupted`` is set."""
+        deadline = time.monotonic() + timeout
+        with self._state_lock:
+            while self.inflight:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 or (interrupted is not None and interrupted.is_set()):
+                    return False
+                self._state_lock.wait(min(remaining, 0.1))
+        return True
+
+    def cancel_inflight(self) -> int:
+        """Cut every exchange in flight; each records itself as ``shutdown``."""
+        with self._state_lock:
+            exchanges = list(self.inflight)
+        for ex in exchanges:
+            ex.cancelled = True
+            abort(ex.upstream_conn)
+        return len(exchanges)
+
+    def _watch(self) -> None:
+        poll = getattr(select, "poll", None)
+        while not self._stop_watch.wait(WATCH_INTERVAL):
+            with self._state_lock:
+                watched = [ex for ex in self.inflight if getattr(ex, "client_sock", None) is not None]
+            if not watched or poll is None:
+                continue
+            poller = poll()
+            by_fd = {}
+            for ex in watched:
+                try:
+                    fd = ex.client_sock.fileno()
+                except OSError:
+                    continue
+                if fd < 0:
+                    continue
+                by_fd[fd] = ex
+                poller.register(fd, select.POLLIN | select.POLLERR | select.POLLHUP)
+            try:
+                ready = poller.poll(0)
+            except OSError:
+                continue
+            for fd, _events in ready:
+                ex = by_fd.get(fd)
+                if ex is None or not _client_gone(ex.client_sock):
+                    continue
+                ex.client_gone = True
+                abort(ex.upstream_conn)
+            self._check_total_timeout(watched)
+
+    def _check_total_timeout(self, exchanges) -> None:
+        limit = self.config.total_timeout
+        if not limit:
+            return
+        now = time.perf_counter()
+        for ex in exchanges:
+            if now - ex.t0 > limit and not ex.cancelled:
+                ex.timed_out = True
+                abort(ex.upstream_conn)
+
+    def health(self) -> dict:
+        rec = self.recorder
+        status = "ok"
+        if self.draining.is_set():
+            status = "draining"
+        elif rec is not None and rec.degraded:
+            status = "degraded"
+        return {
+            "status": status,
+            "version": __version__,
+            "uptime_s": round(time.time() - self.started, 3),
+            "worker": self.worker,
+            "pid": os.getpid(),
+            "recording": rec is not None,
+            "records_written": rec.written_total() if rec else 0,
+            "records_dropped": rec.dropped_total() if rec else 0,
+            "record_queue_depth": rec.queue.qsize() if rec else 0,
+            "last_record_error": rec.last_error if rec else "",
+            "inflight": len(self.inflight),
+            "connections": self.connections,
+        }
+
+    def server_close(self) -> None:
+        self._stop_watch.set()
+        super().server_close()
+        for pool in self.pools.values():
+            pool.close()
+
+
+def _client_gone(sock: socket.socket) -> bool:
+    """True if the peer closed or reset the connection (pipelined bytes are not a close)."""
+    try:
+        return sock.recv(1, socket.MSG_PEEK | getattr(socket, "MSG_DONTWAIT", 0)) == b""
+    except BlockingIOError:
+        return False
+    except (OSError, ValueError):
+        return True

@@ -1,0 +1,482 @@
+"""The recorder: a bounded queue, one writer thread, append-only JSONL files.
+
+Shape (after ``logging.handlers.QueueListener``): request threads call :meth:`Recorder.submit`,
+which only does ``put_nowait`` and never blocks or raises; a full queue drops the item and counts
+it. One writer thread takes items off the queue in batches, turns each into lines with the
+``encode`` callable it was given (all JSON work happens there, off the request threads), groups
+the lines per file and appends each group with one ``os.write`` (group commit).
+
+Durability contract (also in the README):
+
+* A record reaches the OS (the page cache) within one batch of the exchange ending, normally
+  milliseconds. A process crash (``kill -9``) after that point loses nothing.
+* It reaches the disk at the next fsync: after every batch with ``fsync: always``, at most
+  ``fsync_interval`` seconds later with ``fsync: interval`` (the default), or when the OS decides
+  with ``fsync: never``. Power loss can lose what was not yet synced.
+* Files and their directory are synced when a file is created, rotated or closed, and at
+  shutdown. A write that fails half-way is cut back (``ftruncate``) to the last whole line, so a
+  file holds whole lines, except at most one torn last line after a crash in the middle of a write.
+* Every start opens new files (``O_EXCL``); a name that exists gets a ``-N`` suffix.
+
+Files are created 0600 in directories created 0700. A record that cannot be written (disk full,
+read-only, permission) is counted in ``dropped`` and the recorder reports ``degraded`` until a
+write succeeds again; it retries on every batch and probes while idle.
+
+This module imports nothing from the package.
+"""
+
+from __future__ import annotations
+
+import errno
+import gzip
+import logging
+import os
+import queue
+import shutil
+import threading
+import time
+from typing import Callable, Dict, Iterable, List, Optional, Tuple
+
+log = logging.getLogger("proxy_llm.storage")
+
+RECORDS = "records"
+STREAMS = "streams"
+
+# encode(item) -> [(kind, session_file_id, line_bytes_with_newline), ...]
+Encoder = Callable[[object], List[Tuple[str, str, bytes]]]
+
+_STOP = object()
+MAX_OPEN_FILES = 128
+BATCH_MAX = 512
+
+
+class _File:
+    __slots__ = ("path", "fd", "size", "day", "dirty", "lines")
+
+    def __init__(self, path: str, fd: int, day: str):
+        self.path = path
+        self.fd: Optional[int] = fd
+        self.size = 0
+        self.day = day
+        self.dirty = False
+        self.lines = 0
+
+
+def _fsync_dir(path: str) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        n = os.write(fd, view)
+        view = view[n:]
+
+
+class RateLimitedLog:
+    """Log at most once per ``interval`` seconds per key; counts what it suppressed."""
+
+    def __init__(self, logger: logging.Logger, interval: float = 10.0):
+        self.logger = logger
+        self.interval = interval
+        self._last: Dict[str, float] = {}
+        self._suppressed: Dict[str, int] = {}
+        self._lock = threading.Lock()  # protects _last and _suppressed
+
+    def warning(self, key: str, message: str, *args) -> None:
+        now = time.monotonic()
+        with self._lock:
+            if now - self._last.get(key, -1e9) < self.interval:
+                self._suppressed[key] = self._suppressed.get(key, 0) + 1
+                return
+            self._last[key] = now
+            suppressed = self._suppressed.pop(key, 0)
+        if suppressed:
+            message += " (%d similar messages suppressed)" % suppressed
+        self.logger.warning(message, *args)
+
+
+class Recorder:
+    """Writes encoded items to per-session JSONL files from one thread.
+
+    ``submit`` never blocks and never raises. ``close`` is idempotent: it drains what is queued
+    (up to ``timeout`` seconds), syncs and closes every file.
+    """
+
+    def __init__(self, data_dir: str, encode: Encoder, queue_size: int = 10000, fsync: str = "interval",
+                 fsync_interval: float = 1.0, max_file_size: int = 100 * 1024 * 1024, rotate_daily: bool = True,
+                 compress_rotated: bool = False, file_suffix: str = "",
+                 on_written: Optional[Callable[[object], None]] = None, clock: Callable[[], float] = time.time):
+        self.data_dir = os.path.abspath(data_dir)
+        self.encode = encode
+        self.fsync_mode = fsync
+        self.fsync_interval = fsync_interval
+        self.max_file_size = max_file_size
+        self.rotate_daily = rotate_daily
+        self.compress_rotated = compress_rotated
+        self.file_suffix = file_suffix
+        self.on_written = on_written
+        self.clock = clock
+        self.queue: "queue.Queue[object]" = queue.Queue(maxsize=queue_size)
+        # The lock guards every append, rotation and close, and the files table.
+        self.lock = threading.Lock()
+        self._files: Dict[Tuple[str, str], _File] = {}
+        self._stats_lock = threading.Lock()  # protects written, dropped, degraded
+        self.written = 0
+        self.dropped: Dict[str, int] = {}
+        self.degraded = False
+        self.last_error = ""
+        self._ratelog = RateLimitedLog(log)
+        self._thread: Optional[threading.Thread] = None
+        self._closed = False
+        self._close_lock = threading.Lock()
+        self._last_sync = time.monotonic()
+        self._compressor: Optional[threading.Thread] = None
+        self._to_compress: "queue.Queue[object]" = queue.Queue()
+
+    # -- request-thread side -------------------------------------------------------------
+
+    def start(self) -> None:
+        os.makedirs(self.data_dir, mode=0o700, exist_ok=True)
+        self._thread = threading.Thread(target=self._run, name="proxy_llm-writer", daemon=True)
+        self._thread.start()
+        if self.compress_rotated:
+            self._compressor = threading.Thread(target=self._compress_loop, name="proxy_llm-compress", daemon=True)
+            self._compressor.start()
+
+    def submit(self, item: object) -> bool:
+        """Queue an item for writing. False (and counted) when the queue is full or closed."""
+        if self._closed:
+            self._count_drop("closed", 1)
+            return False
+        try:
+            self.queue.put_nowait(item)
+            return True
+        except queue.Full:
+            self._count_drop("queue_full", 1)
+            self._ratelog.warning("queue_full", "record queue full (%d): record dropped", self.queue.maxsize)
+            return False
+
+    def queue_full(self) -> bool:
+        return self.queue.full()
+
+    def dropped_total(self) -> int:
+        with self._stats_lock:
+            return sum(self.dropped.values())
+
+    def written_total(self) -> int:
+        with self._stats_lock:
+            return self.written
+
+    def _count_drop(self, reason: str, n: int) -> None:
+        with self._stats_lock:
+            self.dropped[reason] = self.dropped.get(reason, 0) + n
+
+    # -- writer thread -------------------------------------------------------------------
+
+    def _run(self) -> None:
+        wait = self.fsync_interval if self.fsync_mode == "interval" else 1.0
+        stopping = False
+        while not stopping:
+            try:
+                first = self.queue.get(timeout=wait)
+            except queue.Empty:
+                self._idle()
+                continue
+            batch = [first]
+            while len(batch) < BATCH_MAX:
+                try:
+                    batch.append(self.queue.get_nowait())
+                except queue.Empty:
+                    break
+            markers = [item for item in batch if item is _STOP or isinstance(item, _Marker)]
+            if markers:
+                stopping = any(item is _STOP for item in markers)
+                batch = [item for item in batch if item is not _STOP and not isinstance(item, _Marker)]
+            self._write_batch(batch)
+            for item in markers:
+                if isinstance(item, _Marker):
+                    with self.lock:
+                        self._sync_dirty()
+                    item.event.set()
+
+    def _idle(self) -> None:
+        with self.lock:
+            if self.fsync_mode != "never":
+                self._sync_dirty()
+        if self.degraded:
+            self._probe()
+
+    def _encode_all(self, batch: Iterable[object]) -> Dict[Tuple[str, str], List[bytes]]:
+        groups: Dict[Tuple[str, str], List[bytes]] = {}
+        for item in batch:
+            try:
+                lines = self.encode(item)
+            except Exception:  # a bug in encoding must not kill the writer thread
+                log.exception("could not encode a record; it is dropped")
+                self._count_drop("encode_error", 1)
+                continue
+            for kind, sid, line in lines:
+                groups.setdefault((kind, sid), []).append(line)
+        return groups
+
+    def _write_batch(self, batch: List[object]) -> None:
+        groups = self._encode_all(batch)
+        written = 0
+        with self.lock:
+            for key, lines in groups.items():
+                written += self._append(key, lines)
+            if self.fsync_mode == "always" or (
+                    self.fsync_mode == "interval" and time.monotonic() - self._last_sync >= self.fsync_interval):
+                self._sync_dirty()
+        if written:
+            with self._stats_lock:
+                self.written += written
+        if self.on_written is not None:
+            for item in batch:
+                try:
+                    self.on_written(item)
+                except Exception:  # metrics callbacks must not kill the writer
+                    log.exception("on_written callback failed")
+
+    def _append(self, key: Tuple[str, str], lines: List[bytes]) -> int:
+        """Append lines to the file for key; returns the number of records written."""
+        kind = key[0]
+        data = b"".join(lines)
+        try:
+            f = self._file_for(key, len(data))
+            before = f.size
+            try:
+                _write_all(f.fd, data)
+            except OSError:
+                # Cut a half-written batch back to the last whole line (a full disk frees
+                # enough for ftruncate), then let the outer handler count the loss.
+                try:
+                    os.ftruncate(f.fd, before)
+                except OSError:
+                    pass
+                self._close_file(f, sync=False)
+                raise
+            f.size += len(data)
+            f.lines += len(lines)
+            f.dirty = True
+        except OSError as exc:
+            if kind == RECORDS:
+                self._count_drop("write_error", len(lines))
+            else:
+                self._count_drop("stream_write_error", len(lines))
+            with self._stats_lock:
+                self.degraded = True
+                self.last_error = "%s: %s" % (errno.errorcode.get(exc.errno or 0, "error"), exc.strerror or exc)
+            self._ratelog.warning("write_" + kind, "cannot write %s records to %s: %s", kind, self.data_dir, self.last_error)
+            return 0
+        if self.degraded:
+            with self._stats_lock:
+                self.degraded = False
+                self.last_error = ""
+            log.warning("recording resumed in %s", self.data_dir)
+        return len(lines) if kind == RECORDS else 0
+
+    def _now_parts(self) -> Tuple[str, str]:
+        t = time.gmtime(self.clock())
+        return time.strftime("%Y%m%d", t), time.strftime("%Y%m%d_%H%M%S", t)
+
+    def _file_for(self, key: Tuple[str, str], incoming: int) -> _File:
+        f = self._files.get(key)
+        day, stamp = self._now_parts()
+        if f is not None:
+            too_big = f.size > 0 and f.size + incoming > self.max_file_size
+            new_day = self.rotate_daily and f.day != day
+            if too_big or new_day:
+                self._seal(f)
+                f = None
+            elif f.fd is None:
+                f.fd = os.open(f.path, os.O_WRONLY | os.O_APPEND | getattr(os, "O_CLOEXEC", 0))
+                self._limit_open(key)
+                return f
+            else:
+                return f
+        kind, sid = key
+        if kind == RECORDS:
+            directory = os.path.join(self.data_dir, "session_" + sid)
+            stem = "session_%s_%s" % (sid, stamp)
+        else:
+            directory = os.path.join(self.data_dir, "streams")
+            stem = "session_%s_%s" % (sid, day)
+        created_dir = not os.path.isdir(directory)
+        if created_dir:
+            os.makedirs(directory, mode=0o700, exist_ok=True)
+            _fsync_dir(os.path.dirname(directory))
+        fd, path = self._create(directory, stem)
+        f = self._files[key] = _File(path, fd, day)
+        self._limit_open(key)
+        return f
+
+    def _create(self, directory: str, stem: str) -> Tuple[int, str]:
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND | getattr(os, "O_CLOEXEC", 0)
+        for n in range(0, 10000):
+            name = "%s%s%s.jsonl" % (stem, "-%d" % n if n else "", self.file_suffix)
+            path = os.path.join(directory, name)
+            if os.path.exists(path + ".gz"):
+                continue
+            try:
+                fd = os.open(path, flags, 0o600)
+            except FileExistsError:
+                continue
+            try:
+                os.fsync(fd)
+            except OSError:
+                pass
+            _fsync_dir(directory)
+            return fd, path
+        raise OSError(errno.EEXIST, "no free file name for %s" % stem)
+
+    def _limit_open(self, keep: Tuple[str, str]) -> None:
+        open_files = [(k, f) for k, f in self._files.items() if f.fd is not None]
+        if len(open_files) <= MAX_OPEN_FILES:
+            return
+        for k, f in open_files[: len(open_files) - MAX_OPEN_FILES]:
+            if k != keep:
+                self._close_file(f, sync=True)
+
+    def _close_file(self, f: _File, sync: bool) -> None:
+        if f.fd is None:
+            return
+        try:
+            if sync and f.dirty:
+                os.fsync(f.fd)
+            f.dirty = False
+        except OSError:
+            pass
+        finally:
+            try:
+                os.close(f.fd)
+            except OSError:
+                pass
+            f.fd = None
+
+    def _seal(self, f: _File) -> None:
+        """Rotation: sync and close a full (or yesterday's) file, optionally compress it."""
+        if f.fd is not None:
+            try:
+                os.fsync(f.fd)
+            except OSError:
+                pass
+            self._close_file(f, sync=False)
+        _fsync_dir(os.path.dirname(f.path))
+        for key, value in list(self._files.items()):
+            if value is f:
+                del self._files[key]
+        if self.compress_rotated:
+            self._to_compress.put(f.path)
+
+    def _sync_dirty(self) -> None:
+        for f in self._files.values():
+            if f.dirty and f.fd is not None:
+                try:
+                    os.fsync(f.fd)
+                except OSError as exc:
+                    self._ratelog.warning("fsync", "fsync failed for a record file: %s", exc)
+                f.dirty = False
+        self._last_sync = time.monotonic()
+
+    def _probe(self) -> None:
+        """While degraded and idle, check whether the data dir is writable again."""
+        path = os.path.join(self.data_dir, ".proxy_llm_probe")
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            try:
+                _write_all(fd, b"\0" * 4096)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+                os.unlink(path)
+        except OSError:
+            return
+        with self._stats_lock:
+            self.degraded = False
+            self.last_error = ""
+        log.warning("data dir %s is writable again", self.data_dir)
+
+    # -- compression (its own thread: minutes of gzip must not stall the writer) --------
+
+    def _compress_loop(self) -> None:
+        while True:
+            path = self._to_compress.get()
+            if path is _STOP:
+                return
+            try:
+                compress_file(str(path))
+            except OSError as exc:
+                self._ratelog.warning("compress", "could not compress a sealed file: %s", exc)
+
+    # -- shutdown ------------------------------------------------------------------------
+
+    def flush(self, timeout: float = 5.0) -> bool:
+        """Wait until everything queued so far is written (tests, shutdown). True if done."""
+        done = threading.Event()
+        marker = _Marker(done)
+        try:
+            self.queue.put(marker, timeout=timeout)
+        except queue.Full:
+            return False
+        return done.wait(timeout)
+
+    def close(self, timeout: float = 10.0) -> None:
+        with self._close_lock:
+            if self._closed:
+                return
+            self._closed = True
+        if self._thread is not None and self._thread.is_alive():
+            try:
+                self.queue.put(_STOP, timeout=timeout)
+            except queue.Full:
+                log.error("record queue still full at shutdown; %d records may be lost", self.queue.qsize())
+            self._thread.join(timeout)
+        with self.lock:
+            for f in self._files.values():
+                self._close_file(f, sync=True)
+            dirs = set(os.path.dirname(f.path) for f in self._files.values())
+        for d in dirs:
+            _fsync_dir(d)
+        if self._compressor is not None:
+            self._to_compress.put(_STOP)
+            self._compressor.join(timeout)
+        lost = self.queue.qsize()
+        if lost:
+            self._count_drop("shutdown", lost)
+            log.error("%d queued records were not written at shutdown", lost)
+
+
+class _Marker:
+    """A queue item that sets an event when the writer reaches it (see ``flush``)."""
+
+    def __init__(self, event: threading.Event):
+        self.event = event
+
+
+def compress_file(path: str) -> str:
+    """gzip ``path`` crash-safely: temp file, fsync, rename, fsync dir, then remove the original."""
+    final = path + ".gz"
+    tmp = final + ".tmp"
+    with open(path, "rb") as src:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "wb") as raw:
+            with gzip.GzipFile(filename=os.path.basename(path), mode="wb", fileobj=raw, mtime=0) as gz:
+                shutil.copyfileobj(src, gz, 1024 * 1024)
+            raw.flush()
+            os.fsync(raw.fileno())
+    os.rename(tmp, final)
+    _fsync_dir(os.path.dirname(path))
+    os.unlink(path)
+    _fsync_dir(os.path.dirname(path))
+    return final

@@ -1,0 +1,107 @@
+"""Per-provider pools of ``http.client`` connections.
+
+A connection goes back to the pool only after its response was read to the end and the server
+did not ask to close it; any error discards it. Before reuse, an idle connection is checked for
+readability: an idle HTTP/1.1 connection has nothing to say, so a readable socket means the
+server closed it (EOF) or sent garbage, and it is discarded instead of failing the next request.
+A request that still fails on a reused connection before any response byte arrived is retried
+once on a fresh one (the server closed it in the race between our check and our send); it is
+never retried after a response started.
+
+One ``ssl.SSLContext`` is built per provider at start (building one costs ~16 ms) and shared by
+its connections. The pool never follows redirects and only ever connects to the configured
+``base_url``: no part of the client's request chooses the host.
+"""
+
+from __future__ import annotations
+
+import http.client
+import select
+import socket
+import ssl
+import threading
+import urllib.parse
+from collections import deque
+from typing import Deque, Optional, Tuple
+
+
+class UpstreamPool:
+    """Idle keep-alive connections to one provider (LIFO, at most ``max_idle``)."""
+
+    def __init__(self, base_url: str, connect_timeout: float = 10.0, max_idle: int = 64,
+                 ssl_context: Optional[ssl.SSLContext] = None):
+        parts = urllib.parse.urlsplit(base_url)
+        self.scheme = parts.scheme
+        self.host = parts.hostname or ""
+        self.port = parts.port or (443 if parts.scheme == "https" else 80)
+        self.base_path = parts.path.rstrip("/")
+        default_port = 443 if self.scheme == "https" else 80
+        host = "[%s]" % self.host if ":" in self.host else self.host
+        self.host_header = host if self.port == default_port else "%s:%d" % (host, self.port)
+        self.connect_timeout = connect_timeout
+        self.max_idle = max_idle
+        if self.scheme == "https" and ssl_context is None:
+            ssl_context = ssl.create_default_context()
+        self.ssl_context = ssl_context
+        self._idle: Deque[http.client.HTTPConnection] = deque()
+        self._lock = threading.Lock()  # protects _idle and _closed
+
+        self._closed = False
+
+    def _new(self) -> http.client.HTTPConnection:
+        if self.scheme == "https":
+            return http.client.HTTPSConnection(self.host, self.port, timeout=self.connect_timeout,
+                                               context=self.ssl_context)
+        return http.client.HTTPConnection(self.host, self.port, timeout=self.connect_timeout)
+
+    def acquire(self) -> Tuple[http.client.HTTPConnection, bool]:
+        """Return (connection, reused). A new connection is not connected yet."""
+        while True:
+            with self._lock:
+                conn = self._idle.pop() if self._idle else None
+            if conn is None:
+                return self._new(), False
+            sock = conn.sock
+            if sock is not None:
+                try:
+                    readable = select.select([sock], [], [], 0)[0]
+                except (OSError, ValueError):
+                    readable = [sock]
+                if not readable:
+                    return conn, True
+            conn.close()
+
+    def release(self, conn: http.client.HTTPConnection) -> None:
+        """Give back a connection whose response was fully read."""
+        if conn.sock is None:
+            return
+        with self._lock:
+            if not self._closed and len(self._idle) < self.max_idle:
+                self._idle.append(conn)
+                return
+        conn.close()
+
+    @staticmethod
+    def discard(conn: http.client.HTTPConnection) -> None:
+        try:
+            conn.close()
+        except OSError:
+            pass
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            idle, self._idle = list(self._idle), deque()
+        for conn in idle:
+            self.discard(conn)
+
+
+def abort(conn: Optional[http.client.HTTPConnection]) -> None:
+    """Unblock a thread reading from ``conn`` (used at shutdown and on client abort)."""
+    sock = getattr(conn, "sock", None)
+    if sock is None:
+        return
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass

@@ -1,0 +1,192 @@
+"""Pure HTTP helpers: hop-by-hop filtering, request body reading, chunk framing, redaction.
+
+Nothing here does I/O of its own except :func:`read_body`, which reads from the file object it
+is given. This module imports nothing from the package.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import re
+from typing import BinaryIO, Iterable, List, Optional, Sequence, Tuple
+
+# RFC 9110 section 7.6.1: connection-specific fields are never forwarded. "Proxy-Connection"
+# and "Keep-Alive" are the historic ones clients still send.
+HOP_BY_HOP = frozenset((
+    "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "proxy-connection",
+    "te", "trailer", "trailers", "transfer-encoding", "upgrade",
+))
+
+# Credentials: never written to a record, a stream file or a log line.
+SECRET_HEADERS = frozenset((
+    "authorization", "x-api-key", "api-key", "x-goog-api-key", "proxy-authorization",
+    "cookie", "set-cookie", "x-proxy-key",
+))
+
+# Client credential headers replaced when a provider has its own api_key.
+CREDENTIAL_HEADERS = frozenset(("authorization", "x-api-key", "api-key", "x-goog-api-key"))
+
+SECRET_QUERY_KEYS = frozenset(("key", "api_key", "api-key", "apikey", "access_token", "token"))
+
+_QUERY_SECRET_RE = re.compile(r"(?i)(^|[&;])(key|api_key|api-key|apikey|access_token|token)=([^&;]*)")
+_CHUNK_SIZE_RE = re.compile(rb"^([0-9A-Fa-f]{1,16})(?:;[^\r\n]*)?\r?\n$")
+
+
+class BodyError(Exception):
+    """The request body cannot be read. ``status`` is the HTTP answer (400, 408, 413)."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+def connection_tokens(headers: Iterable[Tuple[str, str]]) -> frozenset:
+    """Header names listed in ``Connection`` (they are hop-by-hop too, RFC 9110 7.6.1)."""
+    names = set()
+    for name, value in headers:
+        if name.lower() == "connection":
+            names.update(t.strip().lower() for t in value.split(",") if t.strip())
+    return frozenset(names)
+
+
+def end_to_end(headers: Sequence[Tuple[str, str]], drop: Iterable[str] = ()) -> List[Tuple[str, str]]:
+    """Return the headers a proxy forwards: hop-by-hop ones and ``drop`` (lower-case) removed.
+
+    Duplicates and order are kept.
+    """
+    skip = HOP_BY_HOP | connection_tokens(headers) | frozenset(drop)
+    return [(n, v) for n, v in headers if n.lower() not in skip]
+
+
+def read_body(rfile: BinaryIO, headers, limit: int) -> bytes:
+    """Read a request body framed by Content-Length or chunked transfer coding.
+
+    Raises BodyError(413) past ``limit`` bytes, BodyError(400) on bad framing, including both
+    Content-Length and Transfer-Encoding (RFC 9112 section 6.3: a request smuggling vector).
+    A connection that closes early raises BodyError(400).
+    """
+    te = headers.get_all("Transfer-Encoding") or []
+    cl = headers.get_all("Content-Length") or []
+    if te:
+        if cl:
+            raise BodyError(400, "request has both Content-Length and Transfer-Encoding")
+        codings = [t.strip().lower() for v in te for t in v.split(",") if t.strip()]
+        if codings != ["chunked"]:
+            raise BodyError(400, "unsupported Transfer-Encoding")
+        return _read_chunked(rfile, limit)
+    if not cl:
+        return b""
+    if len(set(v.strip() for v in cl)) != 1 or not cl[0].strip().isdigit():
+        raise BodyError(400, "invalid Content-Length")
+    length = int(cl[0])
+    if length > limit:
+        raise BodyError(413, "request body is %d bytes; the limit is %d" % (length, limit))
+    data = rfile.read(length)
+    if len(data) != length:
+        raise BodyError(400, "request body ended after %d of %d bytes" % (len(data), length))
+    return data
+
+
+def _read_chunked(rfile: BinaryIO, limit: int) -> bytes:
+    parts = []
+    total = 0
+    while True:
+        line = rfile.readline(1024)
+        match = _CHUNK_SIZE_RE.match(line)
+        if not match:
+            raise BodyError(400, "invalid chunk size line")
+        size = int(match.group(1), 16)
+        if size == 0:
+            break
+        total += size
+        if total > limit:
+            raise BodyError(413, "request body exceeds the limit of %d bytes" % limit)
+        data = rfile.read(size)
+        if len(data) != size or rfile.read(2) not in (b"\r\n",):
+            raise BodyError(400, "truncated chunk")
+        parts.append(data)
+    # Trailer fields are read and discarded (never forwarded: RFC 9112 7.1.2).
+    for _ in range(100):
+        line = rfile.readline(8192)
+        if line in (b"\r\n", b"\n", b""):
+            return b"".join(parts)
+    raise BodyError(400, "too many trailer fields")
+
+
+def chunk(data: bytes) -> bytes:
+    """Frame ``data`` as one HTTP/1.1 chunk, ready for a single write."""
+    return b"%x\r\n%s\r\n" % (len(data), data)
+
+
+LAST_CHUNK = b"0\r\n\r\n"
+
+
+def fingerprint(secret: str, key: bytes) -> str:
+    """A short keyed fingerprint: tells keys apart without revealing them."""
+    return hmac.new(key, secret.encode("utf-8", "surrogatepass"), hashlib.sha256).hexdigest()[:8]
+
+
+def redacted(secret: str, key: bytes) -> str:
+    return "[REDACTED:%s]" % fingerprint(secret, key)
+
+
+def redact_header(name: str, value: str, key: bytes) -> str:
+    """Redact a header value if the header carries a credential; keep the auth scheme."""
+    if name.lower() not in SECRET_HEADERS:
+        return value
+    scheme, sep, token = value.partition(" ")
+    if sep and scheme.lower() in ("bearer", "basic", "token") and token:
+        return "%s %s" % (scheme, redacted(token.strip(), key))
+    return redacted(value, key)
+
+
+def redact_query(query: str, key: bytes) -> str:
+    """Redact the values of credential parameters (``key=``, ``api_key=`` ...) in a query."""
+    if not query:
+        return query
+    return _QUERY_SECRET_RE.sub(lambda m: "%s%s=%s" % (m.group(1), m.group(2), redacted(m.group(3), key)), query)
+
+
+def secrets_in(headers: Sequence[Tuple[str, str]], query: str) -> List[str]:
+    """The credential values a request carries (so they can be scrubbed from echoed bodies)."""
+    found = []
+    for name, value in headers:
+        if name.lower() in SECRET_HEADERS and value:
+            scheme, sep, token = value.partition(" ")
+            found.append(token.strip() if sep and scheme.lower() in ("bearer", "basic", "token") else value.strip())
+    for match in _QUERY_SECRET_RE.finditer(query or ""):
+        if match.group(3):
+            found.append(match.group(3))
+    return [s for s in found if len(s) >= 8]
+
+
+def scrub(text: str, secrets: Iterable[str], key: bytes) -> str:
+    """Replace every occurrence of each secret in ``text`` with its redacted form."""
+    for secret in secrets:
+        if secret in text:
+            text = text.replace(secret, redacted(secret, key))
+    return text
+
+
+def scrub_bytes(data: bytes, secrets: Iterable[str], key: bytes) -> bytes:
+    for secret in secrets:
+        raw = secret.encode("utf-8", "surrogatepass")
+        if raw in data:
+            data = data.replace(raw, redacted(secret, key).encode("ascii"))
+    return data
+
+
+def split_target(target: str) -> Tuple[str, str]:
+    """Split a request target into (path, query)."""
+    path, _, query = target.partition("?")
+    return path, query
+
+
+def header_value(headers: Sequence[Tuple[str, str]], name: str) -> Optional[str]:
+    name = name.lower()
+    for n, v in headers:
+        if n.lower() == name:
+            return v
+    return None
