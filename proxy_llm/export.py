@@ -1,0 +1,1211 @@
+"""``proxy_llm export``: turn a data dir into a training or analysis dataset.
+
+Reads every record of a data dir (rotated and gzip'd files included; a torn
+last line is skipped and reported), keeps those that pass the filters, and
+writes one JSON object per line to ``--out`` (or stdout).  A summary line goes
+to stderr at the end; a progress bar too when stderr is a terminal and the
+input is large.  Output files are written to a temporary name and renamed, so
+a failed export never leaves half a file.
+
+Formats
+-------
+
+``openai-chat``: the OpenAI fine-tuning chat format, one conversation per line:
+``{"messages": [...], "tools": [...]}`` (``tools`` only when the request had
+tools).  The request's history plus the response's assistant message (choice 0)
+make the conversation.  Mapping from each dialect:
+
+=====================  =====================  ======================  =====================  =====================
+OpenAI chat message    OpenAI chat request    Responses API           Anthropic messages     Gemini
+=====================  =====================  ======================  =====================  =====================
+``system``             system, developer      ``instructions``;       ``system`` (string or  ``systemInstruction``
+                                              system/developer items  text blocks)
+``user``               user                   user items, string      user text/image        ``user`` text/image
+                                              ``input``               blocks                 parts
+``assistant`` content  assistant content,     assistant message       ``text`` blocks        ``model`` text parts
+                       refusal                items, output_text
+``assistant``          ``tool_calls``         ``function_call`` items ``tool_use`` (input    ``functionCall``
+``tool_calls``         (function type)        (``call_id``)           dumped to JSON text)   (args as JSON text;
+                                                                                             id ``call_<m>_<k>``
+                                                                                             when absent)
+``tool``               tool (and legacy       ``function_call_output``  ``tool_result`` blocks ``functionResponse``
+                       ``function``)                                  (before the user's     (``response`` as JSON
+                                                                      other blocks)          text)
+``reasoning_content``  ``reasoning_content``  ``reasoning`` summary   ``thinking`` blocks    ``thought: true``
+(--include-thinking)   / ``reasoning``        texts                                          parts
+image parts            ``image_url``          ``input_image``         ``image`` (base64 ->   ``inlineData`` image/*
+(--include-images)                            (URL/data URI)          data URI, url)         (data URI), ``fileData``
+``tools``              function tools         ``type: function``      custom tools:          ``functionDeclarations``
+                                              tools                   ``input_schema`` ->
+                                                                      ``parameters``
+=====================  =====================  ======================  =====================  =====================
+
+Text parts of one message are joined with a newline.  Without
+``--include-images`` every ``content`` is a string (``null`` is never written;
+an assistant message with only tool calls has no ``content`` key); with it,
+every ``content`` is a list of ``{"type": "text"}`` / ``{"type": "image_url"}``
+parts, so that one dataset has one schema.  Thinking goes to the assistant
+message's ``reasoning_content`` (the key vLLM, DeepSeek and the Qwen chat
+templates read) only with ``--include-thinking``.
+
+Never silently dropped: whatever is left out is counted by kind and listed in
+the summary: ``thinking`` and ``image`` (without their flag),
+``redacted_thinking`` and encrypted reasoning (cannot be exported), ``audio``,
+``file``/``document`` parts, images inside tool results, server-side tools
+(``web_search``, ``googleSearch``, ...) and their blocks, non-function tool
+calls, extra choices (``n > 1``: only choice 0 is exported).
+
+Skipped records (counted by reason): ``not_chat`` (embeddings, model lists,
+token counting, legacy completions, anything not a chat dialect), ``error``
+(no status, a non-2xx status, or an ``error`` in the record), ``truncated``
+(the request body was cut at capture time), ``bad_body`` (a body without the
+dialect's shape), ``no_response`` (no assistant message in the response).
+Partial answers of aborted streams are exported like any other: add
+``--ended completed`` to leave them out.
+
+``sharegpt``: ``{"conversations": [{"from": ..., "value": ...}], "tools": "..."}``
+built from the same conversation:
+
+================================  =========================================================
+openai-chat message               sharegpt turn
+================================  =========================================================
+``system``                        ``{"from": "system", "value": text}``
+``user``                          ``{"from": "human", "value": text}`` (``<image>`` per image
+                                  with --include-images, URLs in the row's ``images`` list)
+``assistant`` text                ``{"from": "gpt", "value": text}``; thinking (with
+                                  --include-thinking) as a ``<think>...</think>\\n\\n`` prefix
+``assistant`` ``tool_calls``      ``{"from": "function_call", "value": "{\\"name\\": ...,
+                                  \\"arguments\\": {...}}"}`` (a JSON list for parallel calls),
+                                  after the ``gpt`` turn when the message also had text
+``tool``                          ``{"from": "observation", "value": content}``
+``tools``                         ``"tools"``: JSON text of the list of function objects
+                                  (``name``, ``description``, ``parameters``), ``""`` if none
+================================  =========================================================
+
+``records``: the filtered records themselves, with ``request_body``,
+``response_body``, ``request_headers``, ``response_headers`` and ``truncated``
+as JSON text (``json.loads`` gives the original value back) and every schema
+field present (``null`` when absent), so that pandas, DuckDB, pyarrow and
+``datasets`` infer one schema however varied the traffic.
+
+``--dedupe``: agents resend the whole history on every call, so a session of
+50 calls holds 50 growing prefixes of one conversation.  Within a session, a
+conversation whose messages (thinking ignored) are a proper prefix of another
+conversation's is dropped, and of identical conversations only the first is
+kept.  A fork (two different continuations of a shared prefix) keeps both
+branches.  Two passes over the data dir keep memory small (hashes only).
+
+``--split R``: rows go to ``<out stem>.train.jsonl`` or ``<out stem>.test.jsonl``
+by a hash of the conversation's opening (messages up to and including the first
+user message), so every prefix and fork of one conversation lands on the same
+side; a fraction R goes to train.  Rows without a conversation (``records``
+format, non-chat records) are split by record id.
+
+Exit codes: 0 rows written, 1 nothing matched (an empty output is still
+written), 2 bad usage or an unreadable data dir.
+"""
+
+from __future__ import annotations
+
+import argparse
+import fnmatch
+import hashlib
+import json
+import os
+import re
+import sys
+import time
+from datetime import datetime, timedelta, timezone
+
+from proxy_llm import reader
+
+__all__ = ["add_arguments", "run", "convert", "Skip", "Conversation", "FORMATS"]
+
+FORMATS = ("openai-chat", "sharegpt", "records")
+ENDINGS = ("completed", "client_aborted", "upstream_error", "upstream_eof", "timeout", "shutdown")
+CHAT_DIALECTS = ("openai_chat", "openai_responses", "anthropic_messages", "gemini")
+PROGRESS_MIN_BYTES = 16 * 1024 * 1024
+
+RECORD_FIELDS = (
+    "schema_version", "id", "timestamp", "session_id", "session_source", "provider",
+    "provider_type", "dialect", "endpoint", "method", "query", "model", "stream",
+    "request_headers", "request_body", "status_code", "response_headers", "response_body",
+    "ended", "error", "tokens_used", "duration", "ttft_ms", "request_bytes", "response_bytes",
+    "truncated", "stream_truncated",
+)
+JSON_TEXT_FIELDS = ("request_headers", "request_body", "response_headers", "response_body", "truncated")
+
+
+class UsageError(Exception):
+    """Bad command-line values; ``str(exc)`` is the one-line message."""
+
+
+class Skip(Exception):
+    """A record that cannot become a conversation; ``reason`` is the summary key."""
+
+    def __init__(self, reason: str) -> None:
+        Exception.__init__(self, reason)
+        self.reason = reason
+
+
+class Counter(dict):
+    """A small counter (``collections.Counter`` without the surprises of ``+``)."""
+
+    def add(self, key: str, n: int = 1) -> None:
+        if n:
+            self[key] = self.get(key, 0) + n
+
+    def text(self) -> str:
+        return ", ".join("%s %d" % (k, v) for k, v in sorted(self.items()))
+
+
+# ============================================================== conversion
+#
+# Internal message: {"role", "parts": [{"type": "text", "text"} |
+# {"type": "image", "url"}], "thinking": [str], "tool_calls": [{"id", "name",
+# "arguments": str}], "tool_call_id": str|None, "name": str|None}.
+# Rendering (openai-chat, sharegpt) decides what the flags include.
+
+
+class Conversation(object):
+    """The messages (internal form) and OpenAI function tools of one record."""
+
+    __slots__ = ("messages", "tools")
+
+    def __init__(self, messages: list, tools: list) -> None:
+        self.messages = messages
+        self.tools = tools
+
+
+def _msg(role: str) -> dict:
+    return {"role": role, "parts": [], "thinking": [], "tool_calls": [], "tool_call_id": None, "name": None}
+
+
+def _text(parts: list, text) -> None:
+    if isinstance(text, str) and text:
+        parts.append({"type": "text", "text": text})
+
+
+def _json_text(value) -> str:
+    if isinstance(value, str):
+        return value
+    return json.dumps(value, ensure_ascii=False)
+
+
+def _parts_text(parts: list) -> str:
+    return "\n".join(p["text"] for p in parts if p["type"] == "text")
+
+
+def _get(d: dict, *keys):
+    """The first of ``keys`` present in ``d`` (Gemini accepts camelCase and snake_case)."""
+    for key in keys:
+        if key in d:
+            return d[key]
+    return None
+
+
+def _function_tool(name, description=None, parameters=None):
+    fn = {"name": name}
+    if isinstance(description, str):
+        fn["description"] = description
+    if isinstance(parameters, dict):
+        fn["parameters"] = parameters
+    return {"type": "function", "function": fn}
+
+
+def _assistant_has_content(m: dict) -> bool:
+    return bool(m["parts"] or m["tool_calls"] or m["thinking"])
+
+
+# ---------------------------------------------------------------- OpenAI chat
+
+def _openai_parts(content, parts: list, dropped: Counter) -> None:
+    if isinstance(content, str):
+        _text(parts, content)
+        return
+    if not isinstance(content, list):
+        return
+    for part in content:
+        if isinstance(part, str):
+            _text(parts, part)
+            continue
+        if not isinstance(part, dict):
+            continue
+        kind = part.get("type")
+        if kind == "text":
+            _text(parts, part.get("text"))
+        elif kind == "refusal":
+            _text(parts, part.get("refusal"))
+        elif kind == "image_url":
+            image = part.get("image_url")
+            url = image.get("url") if isinstance(image, dict) else image
+            if isinstance(url, str):
+                parts.append({"type": "image", "url": url})
+        elif kind == "input_audio":
+            dropped.add("audio")
+        elif kind == "file":
+            dropped.add("file")
+        else:
+            dropped.add("part:%s" % kind)
+
+
+def _openai_message(m: dict, dropped: Counter):
+    role = m.get("role")
+    if role == "developer":
+        role = "system"
+    if role == "function":  # legacy function result
+        out = _msg("tool")
+        out["name"] = m.get("name") if isinstance(m.get("name"), str) else None
+        _openai_parts(m.get("content"), out["parts"], dropped)
+        return out
+    if role not in ("system", "user", "assistant", "tool"):
+        dropped.add("role:%s" % role)
+        return None
+    out = _msg(role)
+    _openai_parts(m.get("content"), out["parts"], dropped)
+    if role == "assistant":
+        if not out["parts"]:
+            _text(out["parts"], m.get("refusal"))
+        for key in ("reasoning_content", "reasoning"):
+            if isinstance(m.get(key), str) and m[key]:
+                out["thinking"].append(m[key])
+                break
+        for call in m.get("tool_calls") or []:
+            if not isinstance(call, dict):
+                continue
+            fn = call.get("function")
+            if call.get("type", "function") != "function" or not isinstance(fn, dict):
+                dropped.add("tool_call:%s" % call.get("type"))
+                continue
+            out["tool_calls"].append({"id": call.get("id"), "name": fn.get("name"),
+                                      "arguments": _json_text(fn.get("arguments", ""))})
+        legacy = m.get("function_call")
+        if isinstance(legacy, dict):
+            out["tool_calls"].append({"id": None, "name": legacy.get("name"),
+                                      "arguments": _json_text(legacy.get("arguments", ""))})
+    elif role == "tool":
+        out["tool_call_id"] = m.get("tool_call_id")
+    if isinstance(m.get("name"), str) and role in ("system", "user", "assistant"):
+        out["name"] = m["name"]
+    return out
+
+
+def _from_openai_chat(req: dict, resp, dropped: Counter) -> Conversation:
+    messages = req.get("messages")
+    if not isinstance(messages, list):
+        raise Skip("bad_body")
+    out = []
+    for m in messages:
+        if isinstance(m, dict):
+            conv = _openai_message(m, dropped)
+            if conv is not None:
+                out.append(conv)
+    choices = resp.get("choices") if isinstance(resp, dict) else None
+    if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
+        raise Skip("no_response")
+    dropped.add("choice", len(choices) - 1)
+    message = choices[0].get("message") or choices[0].get("delta")
+    if not isinstance(message, dict):
+        raise Skip("no_response")
+    message = dict(message, role="assistant")
+    out.append(_openai_message(message, dropped))
+    tools = []
+    for tool in req.get("tools") or []:
+        fn = tool.get("function") if isinstance(tool, dict) else None
+        if isinstance(tool, dict) and tool.get("type") == "function" and isinstance(fn, dict):
+            tools.append(_function_tool(fn.get("name"), fn.get("description"), fn.get("parameters")))
+        else:
+            dropped.add("server_tool")
+    for fn in req.get("functions") or []:
+        if isinstance(fn, dict):
+            tools.append(_function_tool(fn.get("name"), fn.get("description"), fn.get("parameters")))
+    return Conversation(out, tools)
+
+
+# ---------------------------------------------------------------- OpenAI Responses
+
+class _ResponsesBuilder(object):
+    """Folds Responses API items into messages; assistant-side items merge into one message."""
+
+    def __init__(self, dropped: Counter) -> None:
+        self.messages = []
+        self.dropped = dropped
+        self.pending_thinking = []
+        self.open_assistant = None
+
+    def _assistant(self) -> dict:
+        if self.open_assistant is None:
+            self.open_assistant = _msg("assistant")
+            self.messages.append(self.open_assistant)
+        if self.pending_thinking:
+            self.open_assistant["thinking"].extend(self.pending_thinking)
+            self.pending_thinking = []
+        return self.open_assistant
+
+    def close(self) -> None:
+        """End the current assistant turn (at the request/response boundary)."""
+        if self.pending_thinking:
+            self._assistant()
+        self.open_assistant = None
+
+    def _content(self, content, parts: list) -> None:
+        if isinstance(content, str):
+            _text(parts, content)
+            return
+        for part in content if isinstance(content, list) else []:
+            if not isinstance(part, dict):
+                continue
+            kind = part.get("type")
+            if kind in ("input_text", "output_text", "text"):
+                _text(parts, part.get("text"))
+            elif kind == "refusal":
+                _text(parts, part.get("refusal"))
+            elif kind == "input_image":
+                url = part.get("image_url")
+                if isinstance(url, str):
+                    parts.append({"type": "image", "url": url})
+                else:
+                    self.dropped.add("image_file_id")
+            elif kind == "input_audio":
+                self.dropped.add("audio")
+            elif kind == "input_file":
+                self.dropped.add("file")
+            else:
+                self.dropped.add("part:%s" % kind)
+
+    def item(self, item) -> None:
+        if isinstance(item, str):
+            item = {"role": "user", "content": item}
+        if not isinstance(item, dict):
+            return
+        kind = item.get("type", "message")
+        role = item.get("role")
+        if kind == "message" and role == "assistant":
+            self._content(item.get("content"), self._assistant()["parts"])
+        elif kind == "message" and role in ("user", "system", "developer"):
+            self.close()
+            m = _msg("system" if role == "developer" else role)
+            self._content(item.get("content"), m["parts"])
+            self.messages.append(m)
+        elif kind == "function_call":
+            self._assistant()["tool_calls"].append({
+                "id": item.get("call_id") or item.get("id"), "name": item.get("name"),
+                "arguments": _json_text(item.get("arguments", ""))})
+        elif kind == "function_call_output":
+            self.close()
+            m = _msg("tool")
+            m["tool_call_id"] = item.get("call_id")
+            output = item.get("output")
+            if isinstance(output, list):
+                self._content(output, m["parts"])
+            else:
+                _text(m["parts"], _json_text(output) if output is not None else "")
+            self.messages.append(m)
+        elif kind == "reasoning":
+            texts = [s.get("text") for s in item.get("summary") or []
+                     if isinstance(s, dict) and isinstance(s.get("text"), str) and s.get("text")]
+            texts += [c.get("text") for c in item.get("content") or []
+                      if isinstance(c, dict) and isinstance(c.get("text"), str) and c.get("text")]
+            if texts:
+                self.pending_thinking.append("\n".join(texts))
+            elif item.get("encrypted_content"):
+                self.dropped.add("encrypted_reasoning")
+        else:
+            self.dropped.add("item:%s" % kind)
+
+
+def _from_responses(req: dict, resp, dropped: Counter) -> Conversation:
+    builder = _ResponsesBuilder(dropped)
+    instructions = req.get("instructions")
+    if isinstance(instructions, str) and instructions:
+        m = _msg("system")
+        _text(m["parts"], instructions)
+        builder.messages.append(m)
+    items = req.get("input")
+    if isinstance(items, str):
+        items = [items]
+    if not isinstance(items, list):
+        raise Skip("bad_body")
+    for item in items:
+        builder.item(item)
+    builder.close()
+    output = resp.get("output") if isinstance(resp, dict) else None
+    if not isinstance(output, list) or not output:
+        raise Skip("no_response")
+    start = len(builder.messages)
+    for item in output:
+        builder.item(item)
+    builder.close()
+    if not any(m["role"] == "assistant" for m in builder.messages[start:]):
+        raise Skip("no_response")
+    tools = []
+    for tool in req.get("tools") or []:
+        if isinstance(tool, dict) and tool.get("type") == "function":
+            tools.append(_function_tool(tool.get("name"), tool.get("description"), tool.get("parameters")))
+        else:
+            dropped.add("server_tool")
+    return Conversation(builder.messages, tools)
+
+
+# ---------------------------------------------------------------- Anthropic
+
+def _anthropic_image(block: dict, parts: list, dropped: Counter) -> None:
+    source = block.get("source")
+    if not isinstance(source, dict):
+        dropped.add("image")
+        return
+    if source.get("type") == "base64":
+        parts.append({"type": "image", "url": "data:%s;base64,%s" % (source.get("media_type"), source.get("data"))})
+    elif source.get("type") == "url" and isinstance(source.get("url"), str):
+        parts.append({"type": "image", "url": source["url"]})
+    else:
+        dropped.add("image_file_id")
+
+
+def _anthropic_tool_result(block: dict, dropped: Counter) -> dict:
+    m = _msg("tool")
+    m["tool_call_id"] = block.get("tool_use_id")
+    content = block.get("content")
+    if isinstance(content, str):
+        _text(m["parts"], content)
+    for sub in content if isinstance(content, list) else []:
+        if not isinstance(sub, dict):
+            continue
+        if sub.get("type") == "text":
+            _text(m["parts"], sub.get("text"))
+        elif sub.get("type") == "image":
+            dropped.add("tool_result_image")
+        else:
+            dropped.add("block:%s" % sub.get("type"))
+    return m
+
+
+def _anthropic_message(role: str, content, dropped: Counter) -> list:
+    """One Anthropic message -> internal messages (tool results become ``tool`` messages first)."""
+    m = _msg(role)
+    tool_messages = []
+    if isinstance(content, str):
+        _text(m["parts"], content)
+        content = []
+    for block in content if isinstance(content, list) else []:
+        if not isinstance(block, dict):
+            continue
+        kind = block.get("type")
+        if kind == "text":
+            _text(m["parts"], block.get("text"))
+        elif kind == "image":
+            _anthropic_image(block, m["parts"], dropped)
+        elif kind == "thinking":
+            if isinstance(block.get("thinking"), str) and block["thinking"]:
+                m["thinking"].append(block["thinking"])
+        elif kind == "redacted_thinking":
+            dropped.add("redacted_thinking")
+        elif kind == "tool_use":
+            m["tool_calls"].append({"id": block.get("id"), "name": block.get("name"),
+                                    "arguments": _json_text(block.get("input", {}))})
+        elif kind == "tool_result":
+            tool_messages.append(_anthropic_tool_result(block, dropped))
+        elif kind == "document":
+            dropped.add("document")
+        else:  # server_tool_use, web_search_tool_result, container_upload, ...
+            dropped.add("block:%s" % kind)
+    if role == "assistant" or m["parts"] or not tool_messages:
+        return tool_messages + [m]
+    return tool_messages
+
+
+def _from_anthropic(req: dict, resp, dropped: Counter) -> Conversation:
+    messages = req.get("messages")
+    if not isinstance(messages, list):
+        raise Skip("bad_body")
+    out = []
+    system = req.get("system")
+    if system:
+        m = _msg("system")
+        if isinstance(system, str):
+            _text(m["parts"], system)
+        else:
+            for block in system if isinstance(system, list) else []:
+                if isinstance(block, dict) and block.get("type") == "text":
+                    _text(m["parts"], block.get("text"))
+        out.append(m)
+    for message in messages:
+        if isinstance(message, dict) and message.get("role") in ("user", "assistant"):
+            out.extend(_anthropic_message(message["role"], message.get("content"), dropped))
+    if not isinstance(resp, dict) or not isinstance(resp.get("content"), list):
+        raise Skip("no_response")
+    out.extend(_anthropic_message("assistant", resp["content"], dropped))
+    tools = []
+    for tool in req.get("tools") or []:
+        if isinstance(tool, dict) and "input_schema" in tool and tool.get("type", "custom") == "custom":
+            tools.append(_function_tool(tool.get("name"), tool.get("description"), tool.get("input_schema")))
+        else:
+            dropped.add("server_tool")
+    return Conversation(out, tools)
+
+
+# ---------------------------------------------------------------- Gemini
+
+def _gemini_content(role: str, parts, out: list, dropped: Counter) -> None:
+    """Append the internal messages of one Gemini ``content`` to ``out``."""
+    m = _msg(role)
+    tool_messages = []
+    index = len(out)
+    pending = {}  # name -> [call ids] of the last assistant message, for responses without id
+    for prev in reversed(out):
+        if prev["role"] == "assistant":
+            for call in prev["tool_calls"]:
+                pending.setdefault(call["name"], []).append(call["id"])
+            break
+    for part in parts if isinstance(parts, list) else []:
+        if not isinstance(part, dict):
+            continue
+        call = _get(part, "functionCall", "function_call")
+        result = _get(part, "functionResponse", "function_response")
+        inline = _get(part, "inlineData", "inline_data")
+        file_data = _get(part, "fileData", "file_data")
+        if isinstance(part.get("text"), str):
+            if part.get("thought"):
+                if part["text"]:
+                    m["thinking"].append(part["text"])
+            else:
+                _text(m["parts"], part["text"])
+        elif isinstance(call, dict):
+            call_id = call.get("id") or "call_%d_%d" % (index, len(m["tool_calls"]))
+            m["tool_calls"].append({"id": call_id, "name": call.get("name"),
+                                    "arguments": _json_text(call.get("args", {}))})
+        elif isinstance(result, dict):
+            t = _msg("tool")
+            ids = pending.get(result.get("name")) or []
+            t["tool_call_id"] = result.get("id") or (ids.pop(0) if ids else None)
+            _text(t["parts"], _json_text(result.get("response", {})))
+            tool_messages.append(t)
+        elif isinstance(inline, dict):
+            mime = str(_get(inline, "mimeType", "mime_type") or "")
+            if mime.startswith("image/"):
+                m["parts"].append({"type": "image", "url": "data:%s;base64,%s" % (mime, inline.get("data"))})
+            else:
+                dropped.add("audio" if mime.startswith("audio/") else "file")
+        elif isinstance(file_data, dict):
+            mime = str(_get(file_data, "mimeType", "mime_type") or "")
+            uri = _get(file_data, "fileUri", "file_uri")
+            if mime.startswith("image/") and isinstance(uri, str):
+                m["parts"].append({"type": "image", "url": uri})
+            else:
+                dropped.add("file")
+        elif any(k in part for k in ("executableCode", "codeExecutionResult",
+                                     "executable_code", "code_execution_result")):
+            dropped.add("code_execution")
+    out.extend(tool_messages)
+    if role == "assistant" or m["parts"] or not tool_messages:
+        out.append(m)
+
+
+def _from_gemini(req: dict, resp, dropped: Counter, endpoint: str) -> Conversation:
+    if ":generateContent" not in endpoint and ":streamGenerateContent" not in endpoint:
+        raise Skip("not_chat")
+    contents = req.get("contents")
+    if not isinstance(contents, list):
+        raise Skip("bad_body")
+    out = []
+    system = _get(req, "systemInstruction", "system_instruction")
+    if isinstance(system, dict):
+        m = _msg("system")
+        for part in system.get("parts") or []:
+            if isinstance(part, dict):
+                _text(m["parts"], part.get("text"))
+        out.append(m)
+    for content in contents:
+        if isinstance(content, dict):
+            role = {"model": "assistant", "function": "user"}.get(content.get("role"), "user")
+            _gemini_content(role, content.get("parts"), out, dropped)
+    bodies = resp if isinstance(resp, list) else [resp]
+    reply_parts = []
+    for body in bodies:
+        candidates = body.get("candidates") if isinstance(body, dict) else None
+        if isinstance(candidates, list) and candidates and isinstance(candidates[0], dict):
+            if body is bodies[0]:
+                dropped.add("choice", len(candidates) - 1)
+            content = candidates[0].get("content")
+            if isinstance(content, dict) and isinstance(content.get("parts"), list):
+                reply_parts.extend(content["parts"])
+    if not reply_parts:
+        raise Skip("no_response")
+    _gemini_content("assistant", reply_parts, out, dropped)
+    tools = []
+    for tool in req.get("tools") or []:
+        decls = _get(tool, "functionDeclarations", "function_declarations") if isinstance(tool, dict) else None
+        if isinstance(decls, list):
+            for d in decls:
+                if isinstance(d, dict):
+                    params = _get(d, "parameters", "parametersJsonSchema", "parameters_json_schema")
+                    tools.append(_function_tool(d.get("name"), d.get("description"), params))
+        else:
+            dropped.add("server_tool")
+    return Conversation(out, tools)
+
+
+def convert(record: dict, dropped: Counter | None = None) -> Conversation:
+    """The conversation of one record: request history + the response's assistant message.
+
+    Raises Skip(reason) for records that are not chat-like or have no usable answer;
+    counts parts that can never be exported into ``dropped`` (see module docstring).
+    """
+    if dropped is None:
+        dropped = Counter()
+    dialect = record.get("dialect")
+    if dialect not in CHAT_DIALECTS:
+        raise Skip("not_chat")
+    status = record.get("status_code")
+    if not isinstance(status, int) or not 200 <= status < 300 or record.get("error"):
+        raise Skip("error")
+    if isinstance(record.get("truncated"), dict) and "request" in record["truncated"]:
+        raise Skip("truncated")
+    req, resp = record.get("request_body"), record.get("response_body")
+    if not isinstance(req, dict):
+        raise Skip("bad_body")
+    if dialect == "openai_chat":
+        conv = _from_openai_chat(req, resp, dropped)
+    elif dialect == "openai_responses":
+        conv = _from_responses(req, resp, dropped)
+    elif dialect == "anthropic_messages":
+        conv = _from_anthropic(req, resp, dropped)
+    else:
+        conv = _from_gemini(req, resp, dropped, str(record.get("endpoint") or ""))
+    if not conv.messages or conv.messages[-1]["role"] != "assistant" or not _assistant_has_content(conv.messages[-1]):
+        raise Skip("no_response")
+    return conv
+
+
+# ============================================================== rendering
+
+class Options(object):
+    """What the renderers include: thinking and images (``--include-*``)."""
+
+    def __init__(self, include_thinking: bool = False, include_images: bool = False) -> None:
+        self.include_thinking = include_thinking
+        self.include_images = include_images
+
+
+def _count_excluded(m: dict, opts: Options, dropped: Counter) -> None:
+    if not opts.include_thinking:
+        dropped.add("thinking", len(m["thinking"]))
+    images = sum(1 for p in m["parts"] if p["type"] == "image")
+    if not opts.include_images or m["role"] in ("assistant", "tool", "system"):
+        dropped.add("image", images)
+
+
+def render_openai_chat(conv: Conversation, opts: Options, dropped: Counter) -> dict:
+    """The OpenAI fine-tuning row of a conversation (see module docstring)."""
+    messages = []
+    for m in conv.messages:
+        _count_excluded(m, opts, dropped)
+        out = {"role": m["role"]}
+        if opts.include_images:
+            parts = []
+            for p in m["parts"]:
+                if p["type"] == "text":
+                    parts.append({"type": "text", "text": p["text"]})
+                elif m["role"] == "user":
+                    parts.append({"type": "image_url", "image_url": {"url": p["url"]}})
+            if parts or not m["tool_calls"]:
+                out["content"] = parts
+        else:
+            text = _parts_text(m["parts"])
+            if text or not m["tool_calls"]:
+                out["content"] = text
+        if m["name"]:
+            out["name"] = m["name"]
+        if m["role"] == "assistant":
+            if m["thinking"] and opts.include_thinking:
+                out["reasoning_content"] = "\n".join(m["thinking"])
+            if m["tool_calls"]:
+                out["tool_calls"] = [{"id": c["id"], "type": "function",
+                                      "function": {"name": c["name"], "arguments": c["arguments"]}}
+                                     for c in m["tool_calls"]]
+        if m["role"] == "tool":
+            out["tool_call_id"] = m["tool_call_id"]
+        messages.append(out)
+    row = {"messages": messages}
+    if conv.tools:
+        row["tools"] = conv.tools
+    return row
+
+
+def _call_value(call: dict):
+    try:
+        args = json.loads(call["arguments"])
+    except ValueError:
+        args = call["arguments"]
+    return {"name": call["name"], "arguments": args}
+
+
+def render_sharegpt(conv: Conversation, opts: Options, dropped: Counter) -> dict:
+    """The sharegpt row of a conversation (see module docstring)."""
+    turns = []
+    images = []
+    names = {"system": "system", "user": "human", "assistant": "gpt", "tool": "observation"}
+    for m in conv.messages:
+        _count_excluded(m, opts, dropped)
+        pieces = []
+        for p in m["parts"]:
+            if p["type"] == "text":
+                pieces.append(p["text"])
+            elif opts.include_images and m["role"] == "user":
+                pieces.append("<image>")
+                images.append(p["url"])
+        value = "\n".join(pieces)
+        if m["role"] == "assistant":
+            if m["thinking"] and opts.include_thinking:
+                value = "<think>\n%s\n</think>\n\n%s" % ("\n".join(m["thinking"]), value)
+            if value or not m["tool_calls"]:
+                turns.append({"from": "gpt", "value": value})
+            if m["tool_calls"]:
+                calls = [_call_value(c) for c in m["tool_calls"]]
+                payload = calls[0] if len(calls) == 1 else calls
+                turns.append({"from": "function_call", "value": json.dumps(payload, ensure_ascii=False)})
+        else:
+            turns.append({"from": names[m["role"]], "value": value})
+    row = {"conversations": turns,
+           "tools": json.dumps([t["function"] for t in conv.tools], ensure_ascii=False) if conv.tools else ""}
+    if opts.include_images:
+        row["images"] = images
+    return row
+
+
+def render_record(record: dict) -> dict:
+    """A record with every schema field present and free-shaped objects as JSON text."""
+    row = {}
+    for key in RECORD_FIELDS:
+        value = record.get(key)
+        if key in JSON_TEXT_FIELDS and value is not None:
+            value = json.dumps(value, ensure_ascii=False)
+        row[key] = value
+    for key, value in record.items():
+        if key not in row:
+            row[key] = json.dumps(value, ensure_ascii=False) if isinstance(value, (dict, list)) else value
+    return row
+
+
+# ============================================================== dedupe and split
+
+def _message_key(m: dict) -> bytes:
+    """Canonical bytes of a message for prefix comparison (thinking ignored)."""
+    core = {"role": m["role"], "parts": m["parts"], "tool_calls": m["tool_calls"],
+            "tool_call_id": m["tool_call_id"], "name": m["name"]}
+    return json.dumps(core, sort_keys=True, ensure_ascii=True, separators=(",", ":")).encode("ascii")
+
+
+def prefix_digests(conv: Conversation) -> list:
+    """``d[k]`` is a 16-byte digest of ``messages[:k+1]`` (rolling, so O(total size))."""
+    out = []
+    state = b""
+    for m in conv.messages:
+        state = hashlib.blake2b(state + _message_key(m), digest_size=16).digest()
+        out.append(state)
+    return out
+
+
+def opening_digest(conv: Conversation) -> bytes:
+    """Digest of the messages up to and including the first user message (split key)."""
+    digests = prefix_digests(conv)
+    for i, m in enumerate(conv.messages):
+        if m["role"] == "user":
+            return digests[i]
+    return digests[-1]
+
+
+def split_side(key: bytes, ratio: float) -> str:
+    """``"train"`` or ``"test"``: a deterministic coin with P(train) = ratio."""
+    value = int.from_bytes(hashlib.sha256(key).digest()[:8], "big") / float(1 << 64)
+    return "train" if value < ratio else "test"
+
+
+class Deduper(object):
+    """Pass one of --dedupe: collects digests, then says which record ids to keep."""
+
+    def __init__(self) -> None:
+        self.sessions = {}  # session -> {"prefixes": set, "full": [(id, digest, length)]}
+
+    def add(self, session_id, record_id, conv: Conversation) -> None:
+        digests = prefix_digests(conv)
+        entry = self.sessions.setdefault(session_id, {"prefixes": set(), "full": []})
+        entry["prefixes"].update(digests[:-1])
+        entry["full"].append((record_id, digests[-1]))
+
+    def keep_ids(self) -> set:
+        """Ids of the longest trajectory of each branch (first of identical ones)."""
+        keep = set()
+        for entry in self.sessions.values():
+            seen = set()
+            for record_id, full in entry["full"]:
+                if full in entry["prefixes"] or full in seen:
+                    continue
+                seen.add(full)
+                keep.add(record_id)
+        return keep
+
+
+# ============================================================== filters
+
+_TS_RE = re.compile(r"^(\d{4}-\d{2}-\d{2})(?:[T ](\d{2}:\d{2}(?::\d{2}(?:\.\d+)?)?)(Z|[+-]\d{2}:?\d{2})?)?$")
+
+
+def parse_when(text: str, end_of_day: bool = False) -> datetime:
+    """An ISO date or datetime as an aware UTC datetime (naive means UTC).
+
+    A bare date is midnight, or the next midnight with ``end_of_day`` (so that
+    ``--until 2026-11-27`` includes that day).  ValueError if unparseable.
+    """
+    match = _TS_RE.match(text.strip())
+    if not match:
+        raise ValueError("not an ISO date or datetime: %r" % text)
+    day, clock, zone = match.groups()
+    if clock is None:
+        when = datetime.strptime(day, "%Y-%m-%d").replace(tzinfo=timezone.utc)
+        return when + timedelta(days=1) if end_of_day else when
+    if len(clock) == 5:
+        clock += ":00"
+    seconds, _, frac = clock.partition(".")
+    when = datetime.strptime(day + "T" + seconds, "%Y-%m-%dT%H:%M:%S")
+    if frac:
+        when = when.replace(microsecond=int((frac + "000000")[:6]))
+    if zone and zone != "Z":
+        sign = 1 if zone[0] == "+" else -1
+        digits = zone[1:].replace(":", "")
+        when = when - sign * timedelta(hours=int(digits[:2]), minutes=int(digits[2:]))
+    return when.replace(tzinfo=timezone.utc)
+
+
+def _split_list(values) -> list:
+    out = []
+    for value in values or []:
+        out.extend(v.strip() for v in value.split(",") if v.strip())
+    return out
+
+
+def _status_matcher(spec: str):
+    spec = spec.lower()
+    if spec in ("none", "null"):
+        return lambda code: code is None
+    if re.match(r"^[1-5]xx$", spec):
+        digit = int(spec[0])
+        return lambda code: isinstance(code, int) and code // 100 == digit
+    if re.match(r"^\d{3}$", spec):
+        value = int(spec)
+        return lambda code: code == value
+    raise UsageError("--status: %r is not a code, a class like 2xx, or none" % spec)
+
+
+class Filter(object):
+    """The record filters of export (every given filter must match)."""
+
+    def __init__(self, args) -> None:
+        self.sessions = set(_split_list(args.session))
+        self.models = _split_list(args.model)
+        self.providers = set(_split_list(args.provider))
+        self.endpoints = _split_list(args.endpoint)
+        self.statuses = [_status_matcher(s) for s in _split_list(args.status)]
+        self.ended = set(_split_list(args.ended))
+        for ending in self.ended:
+            if ending not in ENDINGS:
+                raise UsageError("--ended: %r is not one of %s" % (ending, ", ".join(ENDINGS)))
+        self.stream = args.stream
+        try:
+            self.since = parse_when(args.since) if args.since else None
+            self.until = parse_when(args.until, end_of_day=True) if args.until else None
+        except ValueError as exc:
+            raise UsageError("--since/--until: %s" % exc)
+
+    def __call__(self, rec: dict) -> bool:
+        if self.sessions and rec.get("session_id") not in self.sessions:
+            return False
+        if self.models and not any(fnmatch.fnmatchcase(str(rec.get("model")), p) for p in self.models):
+            return False
+        if self.providers and rec.get("provider") not in self.providers \
+                and rec.get("provider_type") not in self.providers:
+            return False
+        if self.endpoints and not any(fnmatch.fnmatchcase(str(rec.get("endpoint")), p) for p in self.endpoints):
+            return False
+        if self.statuses and not any(m(rec.get("status_code")) for m in self.statuses):
+            return False
+        if self.ended and rec.get("ended") not in self.ended:
+            return False
+        if self.stream is not None and bool(rec.get("stream")) != self.stream:
+            return False
+        if self.since is not None or self.until is not None:
+            try:
+                when = parse_when(str(rec.get("timestamp")))
+            except ValueError:
+                return False
+            if self.since is not None and when < self.since:
+                return False
+            if self.until is not None and when >= self.until:
+                return False
+        return True
+
+
+# ============================================================== output
+
+def encode_line(obj) -> bytes:
+    """One JSON line as UTF-8; falls back to ASCII escapes for lone surrogates."""
+    try:
+        return (json.dumps(obj, ensure_ascii=False) + "\n").encode("utf-8")
+    except UnicodeEncodeError:
+        return (json.dumps(obj, ensure_ascii=True) + "\n").encode("ascii")
+
+
+class Output(object):
+    """A JSONL sink: a file written under a temporary name and renamed on ``commit``, or stdout."""
+
+    def __init__(self, path) -> None:
+        self.path = path
+        self.rows = 0
+        if path is None:
+            self.fh = getattr(sys.stdout, "buffer", sys.stdout)
+            self.tmp = None
+        else:
+            self.tmp = "%s.tmp-%d" % (path, os.getpid())
+            self.fh = open(self.tmp, "wb")
+
+    def write(self, row: dict) -> None:
+        self.fh.write(encode_line(row))
+        self.rows += 1
+
+    def commit(self) -> None:
+        if self.tmp is None:
+            self.fh.flush()
+            return
+        self.fh.close()
+        os.replace(self.tmp, self.path)
+
+    def abort(self) -> None:
+        if self.tmp is not None:
+            self.fh.close()
+            try:
+                os.unlink(self.tmp)
+            except OSError:
+                pass
+
+
+def split_paths(out: str) -> tuple:
+    """``data.jsonl`` -> (``data.train.jsonl``, ``data.test.jsonl``)."""
+    stem = out
+    for suffix in (".jsonl", ".json", ".ndjson"):
+        if stem.endswith(suffix):
+            stem = stem[: -len(suffix)]
+            break
+    return stem + ".train.jsonl", stem + ".test.jsonl"
+
+
+class Progress(object):
+    """A one-line progress bar on a terminal stream; silent when disabled."""
+
+    def __init__(self, stream, total_bytes: int, enabled: bool, interval: float = 0.2) -> None:
+        self.stream = stream
+        self.total = max(total_bytes, 1)
+        self.enabled = enabled
+        self.interval = interval
+        self.last = 0.0
+        self.shown = False
+
+    def update(self, done_bytes: int, records: int, force: bool = False) -> None:
+        if not self.enabled:
+            return
+        now = time.monotonic()
+        if not force and now - self.last < self.interval:
+            return
+        self.last = now
+        frac = min(done_bytes / float(self.total), 1.0)
+        bar = "#" * int(frac * 30)
+        self.stream.write("\rexport [%-30s] %3d%% %d records" % (bar, int(frac * 100), records))
+        self.stream.flush()
+        self.shown = True
+
+    def finish(self) -> None:
+        if self.shown:
+            self.stream.write("\r\x1b[K")
+            self.stream.flush()
+
+
+# ============================================================== command
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add export's options to ``parser`` (``--data-dir`` defaults to None: the config's)."""
+    parser.description = ("Export recorded traffic as a dataset: OpenAI fine-tuning chat JSONL, "
+                          "sharegpt, or the raw records with bodies as JSON text.")
+    parser.add_argument("--data-dir", metavar="DIR", default=None,
+                        help="data dir to read (default: the configured data_dir)")
+    parser.add_argument("--format", required=True, choices=FORMATS, help="output format")
+    parser.add_argument("--out", metavar="FILE", default=None,
+                        help="output file (default: stdout); with --split, the stem of two files")
+    group = parser.add_argument_group("filters (repeatable; comma lists allowed)")
+    group.add_argument("--session", action="append", metavar="ID", help="session id")
+    group.add_argument("--model", action="append", metavar="PATTERN", help="model name or glob, e.g. 'gpt-4o*'")
+    group.add_argument("--provider", action="append", metavar="NAME",
+                       help="provider name or type (openai, anthropic, gemini)")
+    group.add_argument("--endpoint", action="append", metavar="PATTERN",
+                       help="endpoint path or glob, e.g. /v1/messages")
+    group.add_argument("--since", metavar="WHEN", help="ISO date or datetime (UTC unless an offset is given), inclusive")
+    group.add_argument("--until", metavar="WHEN",
+                       help="ISO date or datetime, exclusive; a bare date includes that whole day")
+    group.add_argument("--status", action="append", metavar="CODE", help="status code, class (2xx) or none")
+    group.add_argument("--stream", dest="stream", action="store_const", const=True, default=None,
+                       help="streamed requests only")
+    group.add_argument("--no-stream", dest="stream", action="store_const", const=False,
+                       help="non-streamed requests only")
+    group.add_argument("--ended", action="append", metavar="ENDING", help="|".join(ENDINGS))
+    shaping = parser.add_argument_group("shaping")
+    shaping.add_argument("--include-thinking", action="store_true",
+                         help="keep thinking/reasoning text (default: dropped and counted)")
+    shaping.add_argument("--include-images", action="store_true",
+                         help="keep user images as image parts (default: dropped and counted)")
+    shaping.add_argument("--dedupe", action="store_true",
+                         help="per session, keep only the longest trajectory of each branch")
+    shaping.add_argument("--split", type=float, metavar="RATIO", default=None,
+                         help="train fraction, e.g. 0.9: writes <out stem>.train.jsonl and .test.jsonl")
+
+
+class _Run(object):
+    """State of one export: counters for the summary line."""
+
+    def __init__(self, args, data_dir: str) -> None:
+        self.args = args
+        self.data_dir = data_dir
+        self.filter = Filter(args)
+        self.opts = Options(args.include_thinking, args.include_images)
+        self.stats = reader.ReadStats()
+        self.filtered_out = 0
+        self.skipped = Counter()
+        self.dropped = Counter()
+        self.superseded = 0
+        self.keep = None  # set of ids from the dedupe pass, or None
+
+    def rows(self):
+        """Yield (split key bytes, row) for every exported row."""
+        fmt = self.args.format
+        for rec in reader.iter_records(self.data_dir, self.stats):
+            if not self.filter(rec):
+                self.filtered_out += 1
+                continue
+            rid = str(rec.get("id"))
+            conv = None
+            if fmt != "records" or self.keep is not None or self.args.split is not None:
+                try:
+                    conv = convert(rec, self.dropped if fmt != "records" else Counter())
+                except Skip as skip:
+                    if fmt != "records":
+                        self.skipped.add(skip.reason)
+                        continue
+            if self.keep is not None and conv is not None and rid not in self.keep:
+                self.superseded += 1
+                continue
+            key = opening_digest(conv) if conv is not None else rid.encode("utf-8")
+            if fmt == "openai-chat":
+                yield key, render_openai_chat(conv, self.opts, self.dropped)
+            elif fmt == "sharegpt":
+                yield key, render_sharegpt(conv, self.opts, self.dropped)
+            else:
+                yield key, render_record(rec)
+
+    def dedupe_pass(self) -> None:
+        """Pass one: digests of every matching chat record, then the ids to keep."""
+        deduper = Deduper()
+        for rec in reader.iter_records(self.data_dir, reader.ReadStats()):
+            if not self.filter(rec):
+                continue
+            try:
+                conv = convert(rec, Counter())
+            except Skip:
+                continue
+            deduper.add(rec.get("session_id"), str(rec.get("id")), conv)
+        self.keep = deduper.keep_ids()
+
+
+def _summary(run: _Run, outputs: list) -> str:
+    s = run.stats
+    parts = ["export: read %d records from %d files" % (s.records, s.files)]
+    if s.torn:
+        parts.append("%d torn line%s skipped" % (s.torn, "" if s.torn == 1 else "s"))
+    if s.bad_lines:
+        parts.append("%d bad lines skipped" % len(s.bad_lines))
+    if s.problems:
+        parts.append("%d unreadable files (%s)" % (len(s.problems), "; ".join(
+            "%s: %s" % (p, m) for p, m in s.problems[:3])))
+    if run.filtered_out:
+        parts.append("%d filtered out" % run.filtered_out)
+    if run.skipped:
+        parts.append("%d skipped (%s)" % (sum(run.skipped.values()), run.skipped.text()))
+    if run.superseded:
+        parts.append("%d superseded by --dedupe" % run.superseded)
+    if run.dropped:
+        parts.append("dropped parts: %s" % run.dropped.text())
+    written = " and ".join("%d row%s to %s" % (o.rows, "" if o.rows == 1 else "s", o.path or "stdout")
+                           for o in outputs)
+    parts.append("wrote %s" % written)
+    return "; ".join(parts)
+
+
+def _validate(args, default_data_dir) -> str:
+    data_dir = args.data_dir or default_data_dir
+    if not data_dir:
+        raise UsageError("no data dir: pass --data-dir")
+    if args.split is not None:
+        if not 0.0 < args.split < 1.0:
+            raise UsageError("--split: %s is not between 0 and 1" % args.split)
+        if not args.out:
+            raise UsageError("--split needs --out (the stem of the .train/.test files)")
+    return data_dir
+
+
+def run(args, default_data_dir=None) -> int:
+    """Run export; 0 rows written, 1 nothing matched, 2 bad usage or unreadable data dir."""
+    try:
+        data_dir = _validate(args, default_data_dir)
+        run_ = _Run(args, data_dir)
+        files = reader.record_files(data_dir)
+    except (UsageError, reader.DataDirError) as exc:
+        sys.stderr.write("proxy_llm export: %s\n" % exc)
+        return 2
+    total = 0
+    for path in files:
+        try:
+            total += os.path.getsize(path)
+        except OSError:
+            pass
+    progress = Progress(sys.stderr, total * (2 if args.dedupe else 1),
+                        enabled=sys.stderr.isatty() and total >= PROGRESS_MIN_BYTES)
+    try:
+        outputs = [Output(p) for p in split_paths(args.out)] if args.split is not None else [Output(args.out)]
+    except OSError as exc:
+        sys.stderr.write("proxy_llm export: %s: %s\n" % (args.out, exc.strerror or exc))
+        return 2
+    try:
+        if args.dedupe:
+            run_.dedupe_pass()
+        for key, row in run_.rows():
+            out = outputs[0]
+            if args.split is not None and split_side(key, args.split) == "test":
+                out = outputs[1]
+            out.write(row)
+            progress.update(run_.stats.bytes_done + (total if args.dedupe else 0), run_.stats.records)
+        for out in outputs:
+            out.commit()
+    except BrokenPipeError:
+        # The reader of stdout went away (e.g. `| head`): not an error of ours.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 0
+    except OSError as exc:
+        for out in outputs:
+            out.abort()
+        progress.finish()
+        sys.stderr.write("proxy_llm export: %s\n" % exc)
+        return 2
+    except BaseException:
+        for out in outputs:
+            out.abort()
+        raise
+    progress.finish()
+    sys.stderr.write(_summary(run_, outputs) + "\n")
+    return 0 if sum(o.rows for o in outputs) else 1
