@@ -88,6 +88,10 @@ def merge_delta(acc, delta):
             acc[key] = value
 
 
+def _empty(value):
+    return value is None or value == "" or value == 0 or value == [] or value == {}
+
+
 class _Choice(object):
     __slots__ = ("index", "message", "tool_calls", "logprobs", "finish_reason", "extra")
 
@@ -112,7 +116,11 @@ class _Choice(object):
         if fr is not None:
             self.finish_reason = fr
         for key, value in choice.items():
-            if key not in ("index", "delta", "logprobs", "finish_reason") and value is not None:
+            if key in ("index", "delta", "logprobs", "finish_reason"):
+                continue
+            # The last non-empty value (Azure sends content_filter_results
+            # per chunk, then {} on the last one).
+            if key not in self.extra or not _empty(value):
                 self.extra[key] = value
 
     def _add_delta(self, delta):
@@ -201,16 +209,23 @@ class OpenAIChat(Dialect):
                 continue
             err = error_from(chunk)
             if err is not None:
+                # An error chunk (OpenRouter, vLLM) may still carry choices
+                # (finish_reason "error"): record both.
                 error = err
-                continue
+                if not chunk.get("choices"):
+                    continue
             seen_chunk = True
             for key, value in chunk.items():
-                if key in ("choices", "usage", "object"):
+                if key in ("choices", "usage", "object", "error"):
                     continue
-                if value is not None and (head.get(key) is None or key == "system_fingerprint"):
+                if key == "system_fingerprint":
+                    # The SDK keeps the last chunk's; a null one does not erase it.
+                    if value is not None or key not in head:
+                        head[key] = value
+                elif key not in head or (_empty(head[key]) and not _empty(value)):
+                    # First non-empty value: Azure's first chunk (prompt
+                    # filter results) has id "", model "" and created 0.
                     head[key] = value
-                else:
-                    head.setdefault(key, value)
             if isinstance(chunk.get("usage"), dict):
                 usage = chunk["usage"]
             for choice in chunk.get("choices") or ():
