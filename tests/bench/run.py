@@ -1,0 +1,547 @@
+"""proxy_llm benchmark: one command, one table.
+
+    python -m tests.bench [--quick] [--scenarios latency,rate50,sat16,sat64,big,streams,verify]
+                          [--targets direct,forwarder,rec_off,rec_on,rec_fsync,workers2]
+                          [--streams N] [--rounds N] [--write-results]
+
+Targets (all started at once, so that every round visits each of them):
+
+* ``direct``    the mock upstream itself (the client's and the mock's own cost)
+* ``forwarder`` the bare stdlib forwarder (tests/bench/forwarder.py): the floor of this design
+* ``rec_off``   proxy_llm, ``"record": false``
+* ``rec_on``    proxy_llm, recording on (fsync "interval")
+* ``rec_fsync`` proxy_llm, recording on, ``"fsync": "always"``
+* ``workers2``  proxy_llm, recording on, ``--workers 2``
+
+Scenarios run in rounds; inside a round the targets take turns (in a rotated
+order), so drift of the machine (other load, frequency) hits all of them alike.
+Figures are pooled over rounds.  Everything is measured by the client, except
+CPU time per request and RSS, read from /proc for the target's process tree.
+A target that fails to start shows "n/a" and the run goes on.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import resource
+import shutil
+import sys
+import tempfile
+import threading
+import time
+
+from tests.bench import loadgen
+from tests.bench.loadgen import Tally, build_request, percentile
+from tests.bench.records import check as check_records
+from tests.bench.targets import Mock, Target
+
+SCENARIOS = ("latency", "rate50", "sat16", "sat64", "big", "streams", "verify")
+TARGET_NAMES = ("direct", "forwarder", "rec_off", "rec_on", "rec_fsync", "workers2")
+
+FULL = dict(rounds=3, latency_s=1.5, rate_s=4.0, sat_s=2.0, big_s=2.0,
+            streams=2000, chunks=10, interval_ms=1000, ttft_ms=1000)
+QUICK = dict(rounds=1, latency_s=0.5, rate_s=1.5, sat_s=0.7, big_s=0.7,
+             streams=200, chunks=3, interval_ms=500, ttft_ms=500)
+
+
+def make_targets(names) -> list:
+    table = {
+        "direct": lambda: Target("direct", "direct"),
+        "forwarder": lambda: Target("forwarder", "forwarder"),
+        "rec_off": lambda: Target("rec_off", "proxy", {"record": False}),
+        "rec_on": lambda: Target("rec_on", "proxy", {"record": True}),
+        "rec_fsync": lambda: Target("rec_fsync", "proxy", {"record": True, "fsync": "always"}),
+        "workers2": lambda: Target("workers2", "proxy", {"record": True}, workers=2),
+    }
+    return [table[n]() for n in names]
+
+
+# --- requests -------------------------------------------------------------------
+
+def _openai(host, port, body: dict, headers=None):
+    raw_body = json.dumps(body, ensure_ascii=False).encode("utf-8")
+    h = {"Authorization": "Bearer sk-client-bench", "X-Session-Id": "bench"}
+    h.update(headers or {})
+    return build_request(host, port, "/v1/chat/completions", raw_body, h), raw_body
+
+
+def _anthropic(host, port, body: dict, headers=None):
+    raw_body = json.dumps(body, ensure_ascii=False).encode("utf-8")
+    h = {"x-api-key": "sk-ant-client-bench", "anthropic-version": "2023-06-01",
+         "X-Session-Id": "bench"}
+    h.update(headers or {})
+    return build_request(host, port, "/v1/messages", raw_body, h), raw_body
+
+
+def small_requests(host, port) -> list:
+    msgs = [{"role": "user", "content": "Say hello in one word."}]
+    return [
+        _openai(host, port, {"model": "gpt-bench", "messages": msgs, "max_tokens": 16}),
+        _anthropic(host, port, {"model": "claude-bench", "max_tokens": 16, "messages": msgs}),
+    ]
+
+
+def big_requests(host, port, size=100 * 1024) -> list:
+    text = ("The quick brown fox jumps over the lazy dog. " * (size // 45 + 1))[:size]
+    return [_openai(host, port, {"model": "gpt-bench", "max_tokens": 16,
+                                 "messages": [{"role": "user", "content": text}]})]
+
+
+def stream_request(host, port, chunks, interval_ms, ttft_ms):
+    return _openai(host, port, {"model": "gpt-bench", "stream": True, "max_tokens": 64,
+                                "messages": [{"role": "user", "content": "Count slowly."}]},
+                   {"X-Mock-Chunks": str(chunks), "X-Mock-Interval": str(interval_ms),
+                    "X-Mock-TTFT": str(ttft_ms)})
+
+
+def verify_requests(host, port) -> list:
+    """A mix of dialects, streams, sizes and awkward JSON, each tagged to be told apart."""
+    out = []
+    odd = {"text": "h\u00e9llo \u2713 \u65e5\u672c \U0001F600 \u2028 \"q\" \\ /",
+           "big_int": 123456789012345678901234567890, "float": 0.1, "neg": -0.0e0,
+           "nested": {"a": [1, {"b": None}], "empty": {}}}
+    for k in range(2):
+        tag = "v%d-" % k
+        msgs = [{"role": "user", "content": "verify %d" % k}]
+        out.append(_openai(host, port, {"model": "gpt-bench", "messages": msgs, "metadata": odd},
+                           {"X-Mock-Tag": tag + "oa"}))
+        out.append(_openai(host, port, {"model": "gpt-bench", "messages": msgs, "stream": True},
+                           {"X-Mock-Tag": tag + "oas", "X-Mock-Chunks": "4"}))
+        out.append(_anthropic(host, port, {"model": "claude-bench", "max_tokens": 8,
+                                           "messages": msgs, "metadata": {"user_id": "u%d" % k}},
+                              {"X-Mock-Tag": tag + "an"}))
+        out.append(_anthropic(host, port, {"model": "claude-bench", "max_tokens": 8,
+                                           "messages": msgs, "stream": True},
+                              {"X-Mock-Tag": tag + "ans", "X-Mock-Chunks": "4"}))
+        out.append(_openai(host, port, {"model": "gpt-bench", "messages": [
+            {"role": "user", "content": "x" * (100 * 1024)}]}, {"X-Mock-Tag": tag + "big-req"}))
+        out.append(_openai(host, port, {"model": "gpt-bench", "messages": msgs},
+                           {"X-Mock-Tag": tag + "big-resp", "X-Mock-Size": "200000"}))
+    return out
+
+
+# --- the run --------------------------------------------------------------------
+
+class RssSampler(threading.Thread):
+    """Samples a target's RSS every 100 ms until stopped; keeps the maximum."""
+
+    def __init__(self, target: Target) -> None:
+        super().__init__(daemon=True)
+        self.target = target
+        self.max = 0
+        self.stop_event = threading.Event()
+
+    def run(self) -> None:
+        while not self.stop_event.wait(0.1):
+            self.max = max(self.max, self.target.rss() or 0)
+
+    def stop(self) -> int:
+        self.stop_event.set()
+        self.join()
+        return self.max
+
+
+class Bench:
+    def __init__(self, opts) -> None:
+        self.o = opts
+        self.targets = make_targets(opts.targets)
+        self.tallies = {}   # (scenario, target) -> Tally
+        self.cpu = {}       # (scenario, target) -> CPU seconds of the target
+        self.extra = {}     # (key, target) -> value
+        self.warm_ids = {}  # target -> record ids seen during warm-up
+        self.log = opts.log
+
+    def say(self, msg: str) -> None:
+        if self.log:
+            sys.stderr.write("[bench %6.1fs] %s\n" % (time.monotonic() - self.t0, msg))
+            sys.stderr.flush()
+
+    def run(self) -> dict:
+        self.t0 = time.monotonic()
+        _raise_nofile()
+        workdir = tempfile.mkdtemp(prefix="proxy_llm_bench_")
+        mock = Mock(self.o.python, procs=self.o.mock_procs)
+        self.say("mock on port %d (%d processes)" % (mock.port, self.o.mock_procs))
+        try:
+            for t in self.targets:
+                t.start(mock.port, workdir, self.o.python)
+                self.say("%s: %s" % (t.name, "port %d" % t.port if t.available else t.error))
+            for t in self.targets:
+                if t.available:
+                    self._warm(t)
+            for scn in self.o.scenarios:
+                if scn == "streams":
+                    for t in self.targets:
+                        if t.available:
+                            self._streams(t)
+                elif scn == "verify":
+                    for t in self.targets:
+                        if t.available:
+                            self._segment("verify", t)
+                else:
+                    for r in range(self.o.rounds):
+                        k = r % len(self.targets)
+                        for t in self.targets[k:] + self.targets[:k]:
+                            if t.available:
+                                self._segment(scn, t)
+                    self.say("%s done" % scn)
+        finally:
+            for t in self.targets:
+                t.stop()
+            mock.stop()
+        for t in self.targets:
+            if t.records and t.data_dir and (t.available or t.error.startswith("did not stop")):
+                ids = list(self.warm_ids.get(t.name, []))
+                exchanges = []
+                for (scn, name), tally in self.tallies.items():
+                    if name == t.name:
+                        ids.extend(tally.record_ids)
+                        exchanges.extend(tally.exchanges)
+                self.extra[("records", t.name)] = check_records(t.data_dir, ids, exchanges)
+        if not self.o.keep:
+            shutil.rmtree(workdir, ignore_errors=True)
+        else:
+            self.say("kept %s" % workdir)
+        self.say("finished")
+        return self.figures()
+
+    def _warm(self, t: Target) -> None:
+        tally = loadgen.closed_loop(t.host, t.port, small_requests(t.host, t.port), 4, 0.3,
+                                    max_requests=400)
+        self.warm_ids[t.name] = tally.record_ids
+        if tally.ok == 0:
+            self.say("%s: warm-up got no answer: %s" % (t.name, tally.error_samples))
+        time.sleep(0.3)
+        self.extra[("idle_rss", t.name)] = t.rss()
+
+    def _segment(self, scn: str, t: Target) -> None:
+        o = self.o
+        h, p = t.host, t.port
+        c0 = t.cpu()
+        if scn == "latency":
+            tally = loadgen.closed_loop(h, p, small_requests(h, p), 1, o.latency_s)
+        elif scn == "rate50":
+            tally = loadgen.open_loop(h, p, small_requests(h, p), 50.0, o.rate_s)
+        elif scn == "sat16":
+            tally = loadgen.closed_loop(h, p, small_requests(h, p), 16, o.sat_s)
+        elif scn == "sat64":
+            tally = loadgen.closed_loop(h, p, small_requests(h, p), 64, o.sat_s)
+        elif scn == "big":
+            tally = loadgen.closed_loop(h, p, big_requests(h, p), 16, o.big_s)
+        elif scn == "verify":
+            tally = loadgen.closed_loop(h, p, verify_requests(h, p), 1, 60.0,
+                                        max_requests=len(verify_requests(h, p)), keep=True)
+        else:
+            raise ValueError(scn)
+        c1 = t.cpu()
+        key = (scn, t.name)
+        self.tallies.setdefault(key, Tally()).merge(tally)
+        if c0 is not None and c1 is not None:
+            self.cpu[key] = self.cpu.get(key, 0.0) + (c1 - c0)
+
+    def _streams(self, t: Target) -> None:
+        o = self.o
+        raw, body = stream_request(t.host, t.port, o.chunks, o.interval_ms, o.ttft_ms)
+        before = t.rss()
+        sampler = RssSampler(t) if before is not None else None
+        if sampler:
+            sampler.start()
+        timeout = (o.ttft_ms + o.chunks * o.interval_ms) / 1000.0 + 60.0
+        tally = loadgen.streams(t.host, t.port, raw, body, o.streams, o.chunks, timeout)
+        if sampler:
+            peak = sampler.stop()
+            self.extra[("stream_rss", t.name)] = (peak - before) / max(1, tally.max_open)
+        self.tallies[("streams", t.name)] = tally
+        self.say("streams %s: ok %d lost %d in %.1fs" % (t.name, tally.streams_ok,
+                                                         tally.streams_lost, tally.elapsed))
+
+    # --- figures ----------------------------------------------------------------
+
+    def figures(self) -> dict:
+        figs = {}
+        for t in self.targets:
+            f = figs[t.name] = {"_error": t.error}
+            if not t.available and not (t.error or "").startswith("did not stop"):
+                continue
+            errors = 0
+            for (scn, name), tally in self.tallies.items():
+                if name != t.name:
+                    continue
+                errors += tally.errors
+                if scn in ("latency", "rate50"):
+                    pre = "c1" if scn == "latency" else "r50"
+                    f[pre + "_p50"] = ms(percentile(tally.lat, 50))
+                    f[pre + "_p90"] = ms(percentile(tally.lat, 90))
+                    f[pre + "_p99"] = ms(percentile(tally.lat, 99))
+                elif scn in ("sat16", "sat64", "big"):
+                    pre = {"sat16": "s16", "sat64": "s64", "big": "big"}[scn]
+                    f[pre + "_rps"] = tally.rps
+                    f[pre + "_p50"] = ms(percentile(tally.lat, 50))
+                    f[pre + "_p99"] = ms(percentile(tally.lat, 99))
+                    if (scn, name) in self.cpu and tally.ok:
+                        f[pre + "_cpu"] = 1000.0 * self.cpu[(scn, name)] / tally.ok
+                elif scn == "streams":
+                    f["st_ok"] = tally.streams_ok
+                    f["st_n"] = self.o.streams
+                    f["st_lost"] = tally.streams_lost
+                    f["st_frames_lost"] = tally.frames_lost
+                    f["st_reordered"] = tally.frames_reordered
+                    f["st_open"] = tally.max_open
+                    f["st_ttft_p50"] = ms(percentile(tally.ttft, 50))
+                    f["st_ttft_p99"] = ms(percentile(tally.ttft, 99))
+                    f["st_fd_p50"] = ms(percentile(tally.frame_delay, 50))
+                    f["st_fd_p99"] = ms(percentile(tally.frame_delay, 99))
+                if tally.error_samples:
+                    f.setdefault("_samples", []).extend(tally.error_samples[:2])
+            f["errors"] = errors
+            for key in ("s16_rps", "s64_rps"):
+                if key in f:
+                    f["max_rps"] = max(f.get("max_rps", 0.0), f[key])
+            if ("idle_rss", t.name) in self.extra and self.extra[("idle_rss", t.name)] is not None:
+                f["idle_rss"] = self.extra[("idle_rss", t.name)] / 1e6
+            if ("stream_rss", t.name) in self.extra:
+                f["st_rss"] = self.extra[("stream_rss", t.name)] / 1024.0
+            rec = self.extra.get(("records", t.name))
+            if rec:
+                f["rec"] = rec
+        direct = figs.get("direct", {})
+        for name, f in figs.items():
+            if name == "direct":
+                continue
+            for key, base in (("c1_add_p50", "c1_p50"), ("c1_add_p99", "c1_p99"),
+                              ("r50_add_p50", "r50_p50"), ("r50_add_p99", "r50_p99"),
+                              ("st_add_p99", "st_fd_p99")):
+                if base in f and base in direct:
+                    f[key] = f[base] - direct[base]
+        return figs
+
+
+def ms(seconds: float) -> float:
+    return seconds * 1000.0
+
+
+def _raise_nofile() -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = hard if hard != resource.RLIM_INFINITY else 65536
+    if soft < want:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+
+
+# --- the table ------------------------------------------------------------------
+
+# (label, key, format, budget) ; budget: (kind, limit) where kind is
+#   "on/fwd", "on/off", "2w/1w": the ratio must be >= limit
+#   "max": every proxy target's value must be <= limit (verdict on rec_on)
+#   "zero": every proxy target's value must be 0
+ROWS = [
+    ("1 conn: latency p50 ms", "c1_p50", "%.3f", None),
+    ("1 conn: latency p99 ms", "c1_p99", "%.3f", None),
+    ("1 conn: added p50 ms", "c1_add_p50", "%.3f", None),
+    ("50 req/s: latency p50 ms", "r50_p50", "%.3f", None),
+    ("50 req/s: latency p90 ms", "r50_p90", "%.3f", None),
+    ("50 req/s: latency p99 ms", "r50_p99", "%.3f", None),
+    ("50 req/s: added p50 ms", "r50_add_p50", "%.3f", ("max", 0.5)),
+    ("50 req/s: added p99 ms", "r50_add_p99", "%.3f", ("max", 2.0)),
+    ("16 conns: req/s", "s16_rps", "%.0f", None),
+    ("16 conns: p99 ms", "s16_p99", "%.2f", None),
+    ("16 conns: CPU ms/req", "s16_cpu", "%.3f", None),
+    ("64 conns: req/s", "s64_rps", "%.0f", None),
+    ("64 conns: p99 ms", "s64_p99", "%.2f", None),
+    ("64 conns: CPU ms/req", "s64_cpu", "%.3f", None),
+    ("max req/s, small bodies", "max_rps", "%.0f", ("on/fwd", 0.85)),
+    ("max req/s: recording on/off", "max_rps", "%.0f", ("on/off", 0.9)),
+    ("max req/s: 2 workers / 1", "max_rps", "%.0f", ("2w/1w", 1.7)),
+    ("100 KB bodies (16 conns): req/s", "big_rps", "%.0f", ("on/fwd", 0.75)),
+    ("100 KB bodies: p99 ms", "big_p99", "%.2f", None),
+    ("100 KB bodies: CPU ms/req", "big_cpu", "%.3f", None),
+    ("streams: completed", "st_ok", "%d", None),
+    ("streams: max open at once", "st_open", "%d", None),
+    ("streams: lost", "st_lost", "%d", ("zero", 0)),
+    ("streams: frames lost", "st_frames_lost", "%d", ("zero", 0)),
+    ("streams: frames reordered", "st_reordered", "%d", ("zero", 0)),
+    ("streams: TTFT p50 ms", "st_ttft_p50", "%.1f", None),
+    ("streams: TTFT p99 ms", "st_ttft_p99", "%.1f", None),
+    ("streams: frame delay p50 ms", "st_fd_p50", "%.2f", None),
+    ("streams: frame delay p99 ms", "st_fd_p99", "%.2f", None),
+    ("streams: added frame delay p99 ms", "st_add_p99", "%.2f", ("max", 10.0)),
+    ("RSS per open stream KB", "st_rss", "%.1f", ("max", 64.0)),
+    ("idle RSS MB", "idle_rss", "%.1f", ("max", 30.0)),
+    ("errors (all scenarios)", "errors", "%d", None),
+    ("records matched", "rec", None, ("records", 0)),
+]
+
+
+def _ratio(figs, a, b, key):
+    fa, fb = figs.get(a, {}), figs.get(b, {})
+    if key in fa and key in fb and fb[key]:
+        return fa[key] / fb[key]
+    return None
+
+
+def _rec_cell(rec) -> str:
+    if not rec:
+        return None
+    s = "%d/%d" % (rec["matched"], rec["expected"])
+    if rec["content_checked"]:
+        s += " +%d/%d" % (rec["content_ok"], rec["content_checked"])
+    return s
+
+
+def _rec_ok(rec) -> bool:
+    return bool(rec) and rec["matched"] == rec["expected"] > 0 and not rec["duplicated"] \
+        and rec["content_ok"] == rec["content_checked"]
+
+
+def render(figs: dict, names) -> tuple:
+    """Returns (markdown table, list of (budget line, verdict, detail))."""
+    proxies = [n for n in names if n not in ("direct", "forwarder")]
+    header = ["figure"] + list(names) + ["on/fwd", "on/off", "2w/1w", "budget", "verdict"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    verdicts = []
+    for label, key, fmt, budget in ROWS:
+        if not any(key in figs.get(n, {}) for n in names):
+            continue
+        cells = [label]
+        for n in names:
+            f = figs.get(n, {})
+            if key not in f:
+                cells.append("n/a")
+                continue
+            v = f[key]
+            if key == "rec":
+                cell = _rec_cell(v) or "n/a"
+                if not _rec_ok(v):
+                    cell += " !"
+            else:
+                cell = fmt % v if not (isinstance(v, float) and math.isnan(v)) else "-"
+                if budget and n in proxies and budget[0] in ("max", "zero") and not _within(v, budget):
+                    cell += " !"
+            cells.append(cell)
+        ratios = {}
+        for col, (a, b) in (("on/fwd", ("rec_on", "forwarder")), ("on/off", ("rec_on", "rec_off")),
+                            ("2w/1w", ("workers2", "rec_on"))):
+            r = _ratio(figs, a, b, key) if key.endswith("_rps") else None
+            ratios[col] = r
+            cells.append("%.2f" % r if r is not None else "")
+        btext, verdict = "", ""
+        if budget:
+            kind, limit = budget
+            if kind in ratios:
+                btext = "%s >= %.2f" % (kind, limit)
+                r = ratios[kind]
+                verdict = "n/a" if r is None else ("ok" if r >= limit else "MISS")
+                detail = "%.2f" % r if r is not None else "n/a"
+            elif kind == "records":
+                btext = "all, exactly once, exact content"
+                recs = [figs.get(n, {}).get("rec") for n in proxies if figs.get(n, {}).get("rec")]
+                verdict = "n/a" if not recs else ("ok" if all(_rec_ok(r) for r in recs) else "MISS")
+                detail = ", ".join(_rec_cell(r) for r in recs)
+            else:
+                btext = ("<= %g" % limit) if kind == "max" else "= 0"
+                v = figs.get("rec_on", {}).get(key)
+                verdict = "n/a" if v is None else ("ok" if _within(v, budget) else "MISS")
+                detail = "rec_on " + (fmt % v if v is not None else "n/a")
+            verdicts.append((label + " " + btext, verdict, detail))
+        cells += [btext, verdict]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines), verdicts
+
+
+def _within(v, budget) -> bool:
+    kind, limit = budget
+    if isinstance(v, float) and math.isnan(v):
+        return False
+    return v <= limit if kind == "max" else v == 0
+
+
+def machine() -> str:
+    model = "unknown"
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    model = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return "nproc %d, %s, Python %s (%s), Linux %s" % (
+        os.cpu_count() or 0, model, platform.python_version(),
+        platform.python_implementation(), platform.release())
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(prog="python -m tests.bench", description="proxy_llm benchmark")
+    ap.add_argument("--quick", action="store_true", help="seconds-long segments, 200 streams (<= 1 min)")
+    ap.add_argument("--scenarios", default=",".join(SCENARIOS),
+                    help="comma list of %s" % ",".join(SCENARIOS))
+    ap.add_argument("--targets", default=",".join(TARGET_NAMES),
+                    help="comma list of %s" % ",".join(TARGET_NAMES))
+    ap.add_argument("--streams", type=int, help="concurrent slow streams (default 2000, quick 200)")
+    ap.add_argument("--chunks", type=int, help="frames per slow stream (default 10)")
+    ap.add_argument("--interval-ms", type=int, help="ms between frames (default 1000)")
+    ap.add_argument("--rounds", type=int, help="rounds of interleaved segments (default 3)")
+    ap.add_argument("--mock-procs", type=int, default=2)
+    ap.add_argument("--python", default=sys.executable, help="interpreter for the targets")
+    ap.add_argument("--json", help="also write the figures to this file")
+    ap.add_argument("--write-results", action="store_true",
+                    help="rewrite tests/bench/RESULTS.md with this run")
+    ap.add_argument("--keep", action="store_true", help="keep the work dir (logs, records)")
+    ap.add_argument("-q", "--silent", dest="log", action="store_false", help="no progress lines")
+    args = ap.parse_args(argv)
+    base = QUICK if args.quick else FULL
+    for k, v in base.items():
+        if getattr(args, k, None) is None:
+            setattr(args, k, v)
+    args.scenarios = [s for s in args.scenarios.split(",") if s]
+    args.targets = [t for t in args.targets.split(",") if t]
+    for s in args.scenarios:
+        if s not in SCENARIOS:
+            ap.error("unknown scenario %r" % s)
+    for t in args.targets:
+        if t not in TARGET_NAMES:
+            ap.error("unknown target %r" % t)
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    cmd = "python -m tests.bench " + " ".join(argv if argv is not None else sys.argv[1:])
+    started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    t0 = time.monotonic()
+    figs = Bench(args).run()
+    table, verdicts = render(figs, args.targets)
+    out = ["proxy_llm benchmark, %s; %s" % (started, machine()),
+           "command: %s (%.0f s)" % (cmd.strip(), time.monotonic() - t0), "", table, ""]
+    for name in args.targets:
+        f = figs.get(name, {})
+        if f.get("_error"):
+            out.append("%s: n/a: %s" % (name, f["_error"]))
+        for s in f.get("_samples", [])[:3]:
+            out.append("%s: error sample: %s" % (name, s))
+        rec = f.get("rec")
+        if rec and rec["problems"]:
+            out.append("%s: records: %s" % (name, "; ".join(rec["problems"][:4])))
+    text = "\n".join(out)
+    print(text)
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(figs, fh, indent=1, default=str)
+    if args.write_results:
+        write_results(text, args)
+    return 0
+
+
+def write_results(text: str, args) -> None:
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "RESULTS.md")
+    head = ("# Benchmark results\n\nThe latest run of `python -m tests.bench` (see tests/bench/run.py for what each "
+            "target and figure means). Budget cells that miss are marked `!`; ratios are of req/s.\n"
+            "Machine: %s.\n\n" % machine())
+    with open(path, "w") as f:
+        f.write(head + "```\n" + text.split("\n\n", 1)[0] + "\n```\n\n" + text.split("\n\n", 1)[1] + "\n")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
