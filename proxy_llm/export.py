@@ -60,8 +60,8 @@ token counting, legacy completions, anything not a chat dialect), ``error``
 (no status, a non-2xx status, or an ``error`` in the record), ``truncated``
 (the request body was cut at capture time), ``bad_body`` (a body without the
 dialect's shape), ``no_response`` (no assistant message in the response).
-Partial answers of aborted streams are exported like any other: add
-``--ended completed`` to leave them out.
+The recorder puts an ``error`` in every record that did not end ``completed``,
+so the partial answers of aborted streams are skipped as ``error`` as well.
 
 ``sharegpt``: ``{"conversations": [{"from": ..., "value": ...}], "tools": "..."}``
 built from the same conversation:
@@ -131,7 +131,7 @@ RECORD_FIELDS = (
     "provider_type", "dialect", "endpoint", "method", "query", "model", "stream",
     "request_headers", "request_body", "status_code", "response_headers", "response_body",
     "ended", "error", "tokens_used", "duration", "ttft_ms", "request_bytes", "response_bytes",
-    "truncated", "stream_truncated",
+    "truncated", "stream_truncated", "reassembly_error", "decode_error",
 )
 JSON_TEXT_FIELDS = ("request_headers", "request_body", "response_headers", "response_body", "truncated")
 

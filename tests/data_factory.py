@@ -93,6 +93,10 @@ def record(clock: Clock, *, session_id: str, provider_type: str, dialect: str, e
         "response_body": response_body,
         "ended": ended,
     }
+    if error is None and status_code is not None and status_code >= 400:
+        error = {"type": "http_%d" % status_code, "message": "HTTP %d" % status_code}
+    if error is None and ended != "completed":  # as the recorder does
+        error = {"type": ended, "message": "the exchange ended early (%s)" % ended}
     if error is not None:
         rec["error"] = error
     if tokens is not None:
@@ -373,6 +377,13 @@ def endings_session(clock: Clock, session_id: str = "endings") -> list:
     return out
 
 
+def has_stream_line(rec: dict) -> bool:
+    """Whether the recorder writes a streams/ line for this record (an SSE answer)."""
+    status = rec["status_code"]
+    ctype = rec["response_headers"].get("content-type", "")
+    return status is not None and (ctype.startswith("text/event-stream") or (rec["stream"] and status < 300))
+
+
 def stream_line(rec: dict, n_events: int = 3) -> dict:
     """The streams/ line of a streamed record (events are plausible SSE blocks)."""
     events = [{"t": 40.0 + 10 * i, "event": None, "data": json.dumps({"i": i}), "id": None,
@@ -431,7 +442,7 @@ class DataDirWriter(object):
         path = self.session_file(recs[0]["session_id"], stamp, suffix, gz)
         self.write_lines(path, recs, torn)
         if streams:
-            lines = [stream_line(r) for r in recs if r["stream"]]
+            lines = [stream_line(r) for r in recs if has_stream_line(r)]
             if lines:
                 self.write_lines(self.stream_file(recs[0]["session_id"]), lines)
         return path
@@ -458,6 +469,10 @@ class Manifest(object):
         chat = ("openai_chat", "openai_responses", "anthropic_messages", "gemini")
         return [r for r in self.records if r["dialect"] in chat and r["status_code"] is not None
                 and 200 <= r["status_code"] < 300 and "error" not in r]
+
+    @property
+    def stream_ids(self) -> list:
+        return [r["id"] for r in self.records if has_stream_line(r)]
 
 
 def build_mixed(root: str) -> Manifest:

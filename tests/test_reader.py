@@ -43,7 +43,7 @@ class TestMixedDataDir(ReaderTestCase):
         man = df.build_mixed(self.tmp)
         stats = reader.ReadStats()
         ids = [line["id"] for line in reader.iter_stream_lines(self.tmp, stats)]
-        self.assertEqual(sorted(ids), sorted(r["id"] for r in man.records if r["stream"]))
+        self.assertEqual(sorted(ids), sorted(man.stream_ids))
         self.assertTrue(stats.ok)
 
     def test_records_come_in_time_order_within_a_session(self) -> None:

@@ -1,0 +1,478 @@
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import unittest
+from contextlib import redirect_stderr, redirect_stdout
+
+from proxy_llm import export
+from tests import data_factory as df
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def parse(argv: list) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="proxy_llm export")
+    export.add_arguments(parser)
+    return parser.parse_args(argv)
+
+
+def read_jsonl(path: str) -> list:
+    with open(path, "rb") as fh:
+        return [json.loads(line) for line in fh]
+
+
+class ExportTestCase(unittest.TestCase):
+    def setUp(self) -> None:
+        self.tmp = tempfile.mkdtemp(prefix="export-")
+        self.addCleanup(shutil.rmtree, self.tmp)
+        self.data = os.path.join(self.tmp, "data")
+        self.man = df.build_mixed(self.data)
+
+    def export(self, *argv: str, default_data_dir=None):
+        """Run export.run(); returns (exit code, stderr text, stdout bytes)."""
+        args = parse(list(argv))
+        err = io.StringIO()
+        raw = io.BytesIO()
+        out = io.TextIOWrapper(raw, encoding="utf-8")
+        with redirect_stderr(err), redirect_stdout(out):
+            code = export.run(args, default_data_dir)
+        out.flush()
+        return code, err.getvalue(), raw.getvalue()
+
+    def export_rows(self, fmt: str, *argv: str) -> list:
+        path = os.path.join(self.tmp, "out.jsonl")
+        code, err, _ = self.export("--data-dir", self.data, "--format", fmt, "--out", path, *argv)
+        self.assertEqual(code, 0, err)
+        self.last_summary = err
+        return read_jsonl(path)
+
+
+class TestOpenAIChat(ExportTestCase):
+    def test_one_row_per_chat_record_and_an_honest_summary(self) -> None:
+        rows = self.export_rows("openai-chat")
+        self.assertEqual(len(rows), len(self.man.chat_ok))
+        skipped = len(self.man.records) - len(self.man.chat_ok)
+        self.assertIn("read %d records from %d files" % (len(self.man.records), self.man.files), self.last_summary)
+        self.assertIn("1 torn line skipped", self.last_summary)
+        self.assertIn("%d skipped (error 7, not_chat 2)" % skipped, self.last_summary)
+        self.assertIn("wrote %d rows" % len(rows), self.last_summary)
+        self.assertIn("thinking", self.last_summary)
+        self.assertIn("image 4", self.last_summary)
+
+    def test_rows_have_the_fine_tuning_shape(self) -> None:
+        for row in self.export_rows("openai-chat"):
+            self.assertLessEqual(set(row), {"messages", "tools"})
+            self.assertEqual(row["messages"][-1]["role"], "assistant")
+            for m in row["messages"]:
+                self.assertIn(m["role"], ("system", "user", "assistant", "tool"))
+                if "content" in m:
+                    self.assertIsInstance(m["content"], str)
+                else:
+                    self.assertTrue(m["tool_calls"])
+                for call in m.get("tool_calls", []):
+                    self.assertEqual(call["type"], "function")
+                    self.assertIsInstance(call["function"]["arguments"], str)
+                    json.loads(call["function"]["arguments"])
+                if m["role"] == "tool":
+                    self.assertIsInstance(m["tool_call_id"], str)
+            for tool in row.get("tools", []):
+                self.assertEqual(set(tool), {"type", "function"})
+                self.assertEqual(tool["type"], "function")
+
+    def test_every_tool_result_answers_an_earlier_call(self) -> None:
+        for row in self.export_rows("openai-chat"):
+            calls = set()
+            for m in row["messages"]:
+                for call in m.get("tool_calls", []):
+                    calls.add(call["id"])
+                if m["role"] == "tool":
+                    self.assertIn(m["tool_call_id"], calls)
+
+    def test_openai_multipart_image_and_tool_result(self) -> None:
+        rows = self.export_rows("openai-chat", "--session", "oa-tools", "--include-images")
+        self.assertEqual(len(rows), 2)
+        msgs = rows[1]["messages"]
+        self.assertEqual([m["role"] for m in msgs], ["system", "user", "assistant", "tool", "assistant"])
+        self.assertEqual(msgs[1]["content"], [
+            {"type": "text", "text": "What's the weather in Paris? Here is a photo."},
+            {"type": "image_url", "image_url": {"url": "https://example.com/paris.jpg"}}])
+        self.assertEqual(msgs[3], {"role": "tool", "content": [{"type": "text", "text": "{\"temp\": 18, \"sky\": \"clear\"}"}],
+                                   "tool_call_id": "call_abc123"})
+        self.assertEqual(msgs[4]["content"], [{"type": "text", "text": "It is 18 C and clear in Paris."}])
+        self.assertEqual([t["function"]["name"] for t in rows[1]["tools"]], ["get_weather", "search"])
+
+    def test_anthropic_thinking_only_with_the_flag(self) -> None:
+        rows = self.export_rows("openai-chat", "--session", "agent-1")
+        self.assertNotIn("reasoning_content", json.dumps(rows))
+        self.assertIn("thinking", self.last_summary)
+        rows = self.export_rows("openai-chat", "--session", "agent-1", "--include-thinking")
+        first = rows[0]["messages"]
+        self.assertEqual(first[0], {"role": "system", "content": "You are a coding agent."})
+        self.assertEqual(first[1], {"role": "user", "content": "<system-reminder>cwd /repo</system-reminder>\nFix the bug in app.py"})
+        self.assertEqual(first[2]["reasoning_content"], "I should read app.py first.")
+        self.assertEqual(first[2]["tool_calls"][0]["function"],
+                         {"name": "read_file", "arguments": "{\"path\": \"app.py\"}"})
+        self.assertNotIn("dropped parts: thinking", self.last_summary)
+        self.assertEqual(rows[0]["tools"][0]["function"]["parameters"], df.READ_TOOL["input_schema"])
+
+    def test_anthropic_tool_result_with_text_becomes_tool_then_user(self) -> None:
+        rows = self.export_rows("openai-chat", "--session", "agent-1")
+        fork = [r for r in rows if r["messages"][-1].get("content") == "The file looks correct now."][0]
+        roles = [m["role"] for m in fork["messages"]]
+        self.assertEqual(roles, ["system", "user", "assistant", "tool", "user", "assistant"])
+        self.assertEqual(fork["messages"][4]["content"], "Actually the file changed, look again.")
+
+    def test_responses_api(self) -> None:
+        rows = self.export_rows("openai-chat", "--endpoint", "/v1/responses", "--include-thinking")
+        self.assertEqual(len(rows), 2)
+        first, second = rows[0]["messages"], rows[1]["messages"]
+        self.assertEqual(first[0], {"role": "system", "content": "You are a support agent."})
+        self.assertEqual(first[1], {"role": "user", "content": "Where is my order 42?"})
+        self.assertEqual(first[2]["reasoning_content"], "Need the order.")
+        self.assertEqual(first[2]["tool_calls"][0]["id"], "call_r1")
+        self.assertEqual([m["role"] for m in second], ["system", "user", "assistant", "tool", "assistant"])
+        self.assertEqual(second[3], {"role": "tool", "content": "shipped", "tool_call_id": "call_r1"})
+        self.assertEqual(rows[0]["tools"], [{"type": "function", "function": {
+            "name": "lookup", "description": "Look up an order",
+            "parameters": {"type": "object", "properties": {"order": {"type": "string"}}}}}])
+        self.assertIn("server_tool 2", self.last_summary)
+
+    def test_gemini_generated_ids_pair_calls_and_results(self) -> None:
+        rows = self.export_rows("openai-chat", "--provider", "gemini", "--ended", "completed")
+        self.assertEqual(len(rows), 2)
+        msgs = rows[1]["messages"]
+        self.assertEqual([m["role"] for m in msgs], ["system", "user", "assistant", "tool", "assistant"])
+        call_id = msgs[2]["tool_calls"][0]["id"]
+        self.assertEqual(msgs[3]["tool_call_id"], call_id)
+        self.assertEqual(rows[0]["messages"][2]["tool_calls"][0]["id"], call_id)
+        self.assertEqual(json.loads(msgs[3]["content"]), {"time": "09:30"})
+        self.assertEqual(msgs[2]["tool_calls"][0]["function"]["arguments"], "{\"zone\": \"Asia/Tokyo\"}")
+
+    def test_include_images_makes_every_content_a_list(self) -> None:
+        rows = self.export_rows("openai-chat", "--include-images")
+        for row in rows:
+            for m in row["messages"]:
+                if "content" in m:
+                    self.assertIsInstance(m["content"], list)
+        gem = [r for r in rows if r["messages"][0]["content"] == [{"type": "text", "text": "Be brief."}]][0]
+        self.assertEqual(gem["messages"][1]["content"][1],
+                         {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo="}})
+        self.assertNotIn("image", self.last_summary.split("dropped parts:")[-1].split(";")[0].replace("image_file", ""))
+
+    def test_no_header_or_secret_leaves_through_chat_exports(self) -> None:
+        for fmt in ("openai-chat", "sharegpt"):
+            text = json.dumps(self.export_rows(fmt, "--include-images", "--include-thinking"))
+            for needle in ("REDACTED", "x-api-key", "authorization", "x-request-id", "user-agent"):
+                self.assertNotIn(needle, text)
+
+
+class TestSharegpt(ExportTestCase):
+    def test_turn_mapping(self) -> None:
+        rows = self.export_rows("sharegpt", "--session", "oa-tools")
+        self.assertEqual(len(rows), 2)
+        conv = rows[1]["conversations"]
+        self.assertEqual([t["from"] for t in conv], ["system", "human", "function_call", "observation", "gpt"])
+        self.assertEqual(json.loads(conv[2]["value"]), {"name": "get_weather", "arguments": {"city": "Paris"}})
+        self.assertEqual(conv[3]["value"], "{\"temp\": 18, \"sky\": \"clear\"}")
+        tools = json.loads(rows[1]["tools"])
+        self.assertEqual(tools[0]["name"], "get_weather")
+        self.assertIn("parameters", tools[0])
+
+    def test_text_and_tool_call_in_one_message_gives_gpt_then_function_call(self) -> None:
+        rows = self.export_rows("sharegpt", "--session", "agent-1", "--include-thinking")
+        first = rows[0]["conversations"]
+        self.assertEqual([t["from"] for t in first], ["system", "human", "gpt", "function_call"])
+        self.assertEqual(first[2]["value"], "<think>\nI should read app.py first.\n</think>\n\nLet me read it.")
+
+    def test_rows_without_tools_have_an_empty_tools_string(self) -> None:
+        rows = self.export_rows("sharegpt", "--model", "claude-haiku-*")
+        self.assertTrue(rows)
+        for row in rows:
+            self.assertEqual(row["tools"], "")
+            self.assertEqual(set(row), {"conversations", "tools"})
+
+    def test_images_placeholder_and_list(self) -> None:
+        rows = self.export_rows("sharegpt", "--provider", "gemini", "--include-images")
+        for row in rows:
+            self.assertIn("images", row)
+        first = rows[0]
+        self.assertEqual(first["conversations"][1]["value"], "What time is it in Tokyo?\n<image>")
+        self.assertEqual(first["images"], ["data:image/png;base64,iVBORw0KGgo="])
+
+
+class TestRecordsFormat(ExportTestCase):
+    def test_every_record_with_json_text_bodies(self) -> None:
+        rows = self.export_rows("records")
+        self.assertEqual(len(rows), len(self.man.records))
+        originals = {r["id"]: r for r in self.man.records}
+        keys = None
+        for row in rows:
+            if keys is None:
+                keys = list(row)
+            self.assertEqual(list(row), keys)
+            orig = originals[row["id"]]
+            for field in export.JSON_TEXT_FIELDS:
+                if orig.get(field) is not None:
+                    self.assertIsInstance(row[field], str)
+                    self.assertEqual(json.loads(row[field]), orig[field])
+                else:
+                    self.assertIsNone(row[field])
+            self.assertEqual(row.get("tokens_used"), orig.get("tokens_used"))
+            self.assertEqual(row["status_code"], orig["status_code"])
+
+    def test_headers_are_exported_exactly_as_recorded(self) -> None:
+        rows = self.export_rows("records", "--session", "oa-tools")
+        for row in rows:
+            orig = [r for r in self.man.records if r["id"] == row["id"]][0]
+            self.assertEqual(json.loads(row["request_headers"]), orig["request_headers"])
+
+    def test_unknown_fields_are_kept(self) -> None:
+        rec = df.openai_chat(df.Clock(seed=3), "extra", [{"role": "user", "content": "hi"}], {"content": "yo"})
+        rec["future_field"] = {"a": 1}
+        df.DataDirWriter(self.data).write_records([rec], stamp="20261128_000000")
+        rows = self.export_rows("records", "--session", "extra")
+        self.assertEqual(json.loads(rows[0]["future_field"]), {"a": 1})
+
+
+class TestDedupe(ExportTestCase):
+    def test_agent_session_keeps_the_longest_branch_and_the_fork(self) -> None:
+        rows = self.export_rows("records", "--session", "agent-1", "--dedupe")
+        self.assertEqual(sorted(r["id"] for r in rows), sorted(self.man.agent["kept_ids"]))
+        self.assertIn("3 superseded by --dedupe", self.last_summary)
+
+    def test_chat_rows_after_dedupe(self) -> None:
+        rows = self.export_rows("openai-chat", "--session", "agent-1", "--dedupe")
+        finals = sorted(r["messages"][-1]["content"] for r in rows)
+        self.assertEqual(finals, ["Fixed: `retrun` is now `return`.", "Fixing a typo in app.py",
+                                  "The file looks correct now."])
+        longest = max(rows, key=lambda r: len(r["messages"]))
+        self.assertEqual(len(longest["messages"]), 7)
+
+    def test_without_dedupe_every_prefix_is_there(self) -> None:
+        rows = self.export_rows("openai-chat", "--session", "agent-1")
+        self.assertEqual(len(rows), self.man.agent["chat"])
+
+    def test_dedupe_does_not_cross_sessions(self) -> None:
+        clock = df.Clock(seed=11)
+        msgs = [{"role": "user", "content": "same question"}]
+        a = df.openai_chat(clock, "s-a", msgs, {"content": "same answer"})
+        b = df.openai_chat(clock, "s-b", msgs, {"content": "same answer"})
+        out = df.DataDirWriter(self.data)
+        out.write_records([a], stamp="20261128_000000")
+        out.write_records([b], stamp="20261128_000001")
+        rows = self.export_rows("openai-chat", "--session", "s-a,s-b", "--dedupe")
+        self.assertEqual(len(rows), 2)
+
+    def test_dedupe_is_independent_of_the_thinking_flag(self) -> None:
+        plain = self.export_rows("openai-chat", "--dedupe")
+        thinking = self.export_rows("openai-chat", "--dedupe", "--include-thinking")
+        self.assertEqual(len(plain), len(thinking))
+
+
+class TestSplit(ExportTestCase):
+    def test_split_is_deterministic_and_complete(self) -> None:
+        out = os.path.join(self.tmp, "ds.jsonl")
+        code, err, _ = self.export("--data-dir", self.data, "--format", "openai-chat", "--out", out,
+                                   "--split", "0.5")
+        self.assertEqual(code, 0, err)
+        train = read_jsonl(os.path.join(self.tmp, "ds.train.jsonl"))
+        test = read_jsonl(os.path.join(self.tmp, "ds.test.jsonl"))
+        self.assertEqual(len(train) + len(test), len(self.man.chat_ok))
+        self.assertFalse(os.path.exists(out))
+        code, err2, _ = self.export("--data-dir", self.data, "--format", "openai-chat", "--out", out,
+                                    "--split", "0.5")
+        self.assertEqual(read_jsonl(os.path.join(self.tmp, "ds.train.jsonl")), train)
+
+    def test_prefixes_of_one_conversation_land_on_one_side(self) -> None:
+        out = os.path.join(self.tmp, "ds.jsonl")
+        for ratio in ("0.1", "0.5", "0.9"):
+            self.export("--data-dir", self.data, "--format", "openai-chat", "--out", out,
+                        "--session", "agent-1", "--split", ratio)
+            train = read_jsonl(os.path.join(self.tmp, "ds.train.jsonl"))
+            test = read_jsonl(os.path.join(self.tmp, "ds.test.jsonl"))
+            main = [r for r in train + test if r["messages"][0]["content"] == "You are a coding agent."]
+            self.assertEqual(len(main), 5)
+            self.assertTrue(all(r in train for r in main) or all(r in test for r in main))
+
+    def test_split_needs_out_and_a_ratio_in_range(self) -> None:
+        code, err, _ = self.export("--data-dir", self.data, "--format", "records", "--split", "0.9")
+        self.assertEqual(code, 2)
+        self.assertIn("--split needs --out", err)
+        code, err, _ = self.export("--data-dir", self.data, "--format", "records", "--split", "1.5",
+                                   "--out", os.path.join(self.tmp, "x.jsonl"))
+        self.assertEqual(code, 2)
+        self.assertEqual(len(err.strip().splitlines()), 1)
+
+    def test_split_paths(self) -> None:
+        self.assertEqual(export.split_paths("a/b.jsonl"), ("a/b.train.jsonl", "a/b.test.jsonl"))
+        self.assertEqual(export.split_paths("data"), ("data.train.jsonl", "data.test.jsonl"))
+
+
+class TestFilters(ExportTestCase):
+    def ids(self, *argv: str) -> set:
+        return {r["id"] for r in self.export_rows("records", *argv)}
+
+    def test_session_model_provider_endpoint(self) -> None:
+        recs = self.man.records
+        self.assertEqual(self.ids("--session", "gem-1"), {r["id"] for r in recs if r["session_id"] == "gem-1"})
+        self.assertEqual(self.ids("--model", "claude-*"), {r["id"] for r in recs if str(r["model"]).startswith("claude-")})
+        self.assertEqual(self.ids("--provider", "anthropic"), {r["id"] for r in recs if r["provider_type"] == "anthropic"})
+        self.assertEqual(self.ids("--endpoint", "/v1/embeddings", "--endpoint", "/v1/models"),
+                         {r["id"] for r in recs if r["endpoint"] in ("/v1/embeddings", "/v1/models")})
+
+    def test_status_stream_and_ended(self) -> None:
+        recs = self.man.records
+        self.assertEqual(self.ids("--status", "4xx,none"),
+                         {r["id"] for r in recs if r["status_code"] is None or 400 <= r["status_code"] < 500})
+        self.assertEqual(self.ids("--status", "200"), {r["id"] for r in recs if r["status_code"] == 200})
+        self.assertEqual(self.ids("--stream"), {r["id"] for r in recs if r["stream"]})
+        self.assertEqual(self.ids("--no-stream"), {r["id"] for r in recs if not r["stream"]})
+        self.assertEqual(self.ids("--ended", "timeout", "--ended", "shutdown"),
+                         {r["id"] for r in recs if r["ended"] in ("timeout", "shutdown")})
+
+    def test_since_and_until(self) -> None:
+        recs = sorted(self.man.records, key=lambda r: r["timestamp"])
+        middle = recs[len(recs) // 2]["timestamp"]
+        self.assertEqual(self.ids("--since", middle), {r["id"] for r in recs if r["timestamp"] >= middle})
+        self.assertEqual(self.ids("--until", middle), {r["id"] for r in recs if r["timestamp"] < middle})
+        self.assertEqual(self.ids("--until", "2026-11-27"), {r["id"] for r in recs})
+        self.assertEqual(self.ids("--since", "2026-11-27T17:48:00+01:00"), {r["id"] for r in recs})
+
+    def test_nothing_matched_is_exit_1_with_an_empty_file(self) -> None:
+        out = os.path.join(self.tmp, "none.jsonl")
+        code, err, _ = self.export("--data-dir", self.data, "--format", "records", "--out", out,
+                                   "--since", "2030-01-01")
+        self.assertEqual(code, 1)
+        self.assertEqual(os.path.getsize(out), 0)
+        self.assertIn("wrote 0 rows", err)
+
+    def test_bad_filter_values_are_exit_2_one_line(self) -> None:
+        for argv in (("--status", "2x"), ("--since", "yesterday"), ("--ended", "finished")):
+            code, err, _ = self.export("--data-dir", self.data, "--format", "records", *argv)
+            self.assertEqual(code, 2, argv)
+            self.assertEqual(len(err.strip().splitlines()), 1, err)
+            self.assertNotIn("Traceback", err)
+
+    def test_parse_when(self) -> None:
+        self.assertEqual(export.parse_when("2026-11-27T16:48:15.123456Z").isoformat(),
+                         "2026-11-27T16:48:15.123456+00:00")
+        self.assertEqual(export.parse_when("2026-11-27 18:00+02:00").isoformat(), "2026-11-27T16:00:00+00:00")
+        self.assertEqual(export.parse_when("2026-11-27", end_of_day=True).isoformat(), "2026-11-28T00:00:00+00:00")
+
+
+class TestCommand(ExportTestCase):
+    def test_stdout_when_no_out(self) -> None:
+        code, err, out = self.export("--data-dir", self.data, "--format", "sharegpt")
+        self.assertEqual(code, 0)
+        self.assertEqual(len(out.splitlines()), len(self.man.chat_ok))
+        self.assertIn("to stdout", err)
+
+    def test_default_data_dir_is_used(self) -> None:
+        code, _, out = self.export("--format", "records", default_data_dir=self.data)
+        self.assertEqual(code, 0)
+        self.assertEqual(len(out.splitlines()), len(self.man.records))
+
+    def test_unreadable_data_dir_is_exit_2(self) -> None:
+        code, err, _ = self.export("--data-dir", os.path.join(self.tmp, "missing"), "--format", "records")
+        self.assertEqual(code, 2)
+        self.assertEqual(len(err.strip().splitlines()), 1)
+
+    def test_unwritable_out_is_exit_2(self) -> None:
+        code, err, _ = self.export("--data-dir", self.data, "--format", "records",
+                                   "--out", os.path.join(self.tmp, "no", "such", "dir.jsonl"))
+        self.assertEqual(code, 2)
+        self.assertNotIn("Traceback", err)
+
+    def test_lone_surrogate_is_escaped_not_fatal(self) -> None:
+        rec = df.openai_chat(df.Clock(seed=5), "sur", [{"role": "user", "content": "bad \ud800 char"}],
+                             {"content": "ok"})
+        path = df.DataDirWriter(self.data).session_file("sur", "20261128_000000")
+        with open(path, "wb") as fh:
+            fh.write((json.dumps(rec) + "\n").encode("ascii"))
+        rows = self.export_rows("openai-chat", "--session", "sur")
+        self.assertEqual(rows[0]["messages"][0]["content"], "bad \ud800 char")
+
+    def test_no_temp_file_is_left(self) -> None:
+        self.export_rows("records")
+        self.assertEqual(sorted(os.listdir(self.tmp)), ["data", "out.jsonl"])
+
+    def test_progress_bar_draws_and_clears(self) -> None:
+        stream = io.StringIO()
+        bar = export.Progress(stream, 1000, enabled=True, interval=0.0)
+        bar.update(500, 10)
+        bar.finish()
+        self.assertIn("50%", stream.getvalue())
+        self.assertTrue(stream.getvalue().endswith("\r\x1b[K"))
+        quiet = io.StringIO()
+        export.Progress(quiet, 1000, enabled=False).update(500, 10)
+        self.assertEqual(quiet.getvalue(), "")
+
+    def test_help_lists_every_option(self) -> None:
+        parser = argparse.ArgumentParser(prog="proxy_llm export")
+        export.add_arguments(parser)
+        text = parser.format_help()
+        for option in ("--data-dir", "--format", "--out", "--session", "--model", "--provider", "--endpoint",
+                       "--since", "--until", "--status", "--stream", "--no-stream", "--ended",
+                       "--include-thinking", "--include-images", "--dedupe", "--split"):
+            self.assertIn(option, text)
+
+    def test_as_a_subprocess(self) -> None:
+        if not os.path.exists(os.path.join(ROOT, "proxy_llm", "cli.py")):
+            self.skipTest("cli.py not there yet")
+        out = os.path.join(self.tmp, "sub.jsonl")
+        env = dict(os.environ, PYTHONPATH=ROOT)
+        proc = subprocess.run([sys.executable, "-m", "proxy_llm", "export", "--data-dir", self.data,
+                               "--format", "openai-chat", "--dedupe", "--out", out],
+                              cwd=self.tmp, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=60)
+        self.assertEqual(proc.returncode, 0, proc.stderr)
+        self.assertIn(b"export: read", proc.stderr)
+        self.assertEqual(len(read_jsonl(out)), 6)  # agent 3 + one per other tool loop
+
+
+class TestConvertUnits(unittest.TestCase):
+    def test_not_chat_and_errors_are_skipped_with_a_reason(self) -> None:
+        clock = df.Clock()
+        cases = {"not_chat": df.embeddings(clock, "s"),
+                 "error": df.endings_session(clock)[-1]}
+        for reason, rec in cases.items():
+            with self.assertRaises(export.Skip) as ctx:
+                export.convert(rec)
+            self.assertEqual(ctx.exception.reason, reason)
+
+    def test_truncated_request_is_skipped(self) -> None:
+        rec = df.openai_chat(df.Clock(), "s", [{"role": "user", "content": "x"}], {"content": "y"},
+                             truncated={"request": {"size": 99, "sha256": "0" * 64, "kept": 10}})
+        rec["request_body"] = "{\"model\": \"gpt"
+        with self.assertRaises(export.Skip) as ctx:
+            export.convert(rec)
+        self.assertEqual(ctx.exception.reason, "truncated")
+
+    def test_extra_choices_and_redacted_thinking_are_counted(self) -> None:
+        clock = df.Clock()
+        rec = df.openai_chat(clock, "s", [{"role": "user", "content": "x"}], {"content": "a"})
+        rec["response_body"]["choices"].append(dict(rec["response_body"]["choices"][0], index=1))
+        dropped = export.Counter()
+        export.convert(rec, dropped)
+        self.assertEqual(dropped, {"choice": 1})
+        rec = df.anthropic(clock, "s", [{"role": "user", "content": "x"}],
+                           [{"type": "redacted_thinking", "data": "abc"}, {"type": "text", "text": "y"}])
+        dropped = export.Counter()
+        export.convert(rec, dropped)
+        self.assertEqual(dropped, {"redacted_thinking": 1})
+
+    def test_gemini_count_tokens_is_not_chat(self) -> None:
+        rec = df.gemini(df.Clock(), "s", [{"role": "user", "parts": [{"text": "x"}]}], [{"text": "y"}])
+        rec["endpoint"] = "/v1beta/models/gemini-2.0-flash:countTokens"
+        with self.assertRaises(export.Skip):
+            export.convert(rec)
+
+
+if __name__ == "__main__":
+    unittest.main()
