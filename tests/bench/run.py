@@ -41,9 +41,9 @@ from tests.bench.targets import Mock, Target
 SCENARIOS = ("latency", "rate50", "sat16", "sat64", "big", "streams", "verify")
 TARGET_NAMES = ("direct", "forwarder", "rec_off", "rec_on", "rec_fsync", "workers2")
 
-FULL = dict(rounds=3, latency_s=1.5, rate_s=4.0, sat_s=2.0, big_s=2.0,
+FULL = dict(settle_s=0.3, rounds=3, latency_s=1.5, rate_s=4.0, sat_s=2.0, big_s=2.0,
             streams=2000, chunks=10, interval_ms=1000, ttft_ms=1000)
-QUICK = dict(rounds=1, latency_s=0.5, rate_s=1.5, sat_s=0.7, big_s=0.7,
+QUICK = dict(settle_s=0.3, rounds=1, latency_s=0.5, rate_s=1.5, sat_s=0.7, big_s=0.7,
              streams=200, chunks=3, interval_ms=500, ttft_ms=500)
 
 
@@ -214,7 +214,7 @@ class Bench:
         self.warm_ids[t.name] = tally.record_ids
         if tally.ok == 0:
             self.say("%s: warm-up got no answer: %s" % (t.name, tally.error_samples))
-        time.sleep(0.3)
+        time.sleep(self.o.settle_s)  # let the warm-up's threads and buffers go away
         self.extra[("idle_rss", t.name)] = t.rss()
 
     def _segment(self, scn: str, t: Target) -> None:
