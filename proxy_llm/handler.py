@@ -191,8 +191,10 @@ class ProxyHandler(BaseHTTPRequestHandler):
             ex.duration = ex.elapsed_ms()
             ex.client_sock = None
             ex.upstream_conn = None
-            server.untrack(ex)
-            self.finish_exchange(ex)
+            try:
+                self.finish_exchange(ex)
+            finally:
+                server.untrack(ex)  # after the record is queued: wait_idle() covers the queueing
 
     def exchange(self, ex: Exchange, headers: List[Tuple[str, str]]) -> None:
         server = self.server

@@ -1,0 +1,377 @@
+"""Test support: a scriptable fake provider on a real socket, the proxy in-process or as a
+subprocess, and helpers to read what it recorded. No sleeps: readiness and pacing use Events,
+queues and deadlines.
+"""
+
+from __future__ import annotations
+
+import glob
+import http.client
+import http.server
+import json
+import os
+import queue
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FIXTURES = os.path.join(ROOT, "tests", "fixtures")
+DEADLINE = 20.0
+
+
+class Request:
+    """What the fake upstream received."""
+
+    def __init__(self, method: str, target: str, headers: List[Tuple[str, str]], body: bytes):
+        self.method = method
+        self.target = target
+        self.path, _, self.query = target.partition("?")
+        self.headers = headers
+        self.body = body
+
+    def header(self, name: str) -> Optional[str]:
+        for k, v in self.headers:
+            if k.lower() == name.lower():
+                return v
+        return None
+
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+
+class Reply:
+    """A scripted answer.
+
+    ``body`` is bytes (sent with Content-Length unless ``chunked``) or a list of parts for a
+    chunked/streamed body; a part may be a ``threading.Event`` (wait for it before going on),
+    the string "RESET" (abort the connection), "CLOSE" (close without the last chunk), or
+    "HANG" (stop sending and wait until the test ends).
+    """
+
+    def __init__(self, status: int = 200, headers: Sequence[Tuple[str, str]] = (), body: Union[bytes, list] = b"",
+                 chunked: Optional[bool] = None, reason: Optional[str] = None, delay_headers: Optional[threading.Event] = None,
+                 close_delimited: bool = False):
+        self.status = status
+        self.headers = list(headers)
+        self.body = body
+        self.chunked = isinstance(body, list) if chunked is None else chunked
+        self.reason = reason
+        self.delay_headers = delay_headers
+        self.close_delimited = close_delimited
+
+
+def json_reply(obj: Any, status: int = 200, headers: Sequence[Tuple[str, str]] = ()) -> Reply:
+    return Reply(status, [("Content-Type", "application/json")] + list(headers), json.dumps(obj).encode())
+
+
+def sse_reply(events: Sequence[Union[bytes, threading.Event, str]], headers: Sequence[Tuple[str, str]] = ()) -> Reply:
+    return Reply(200, [("Content-Type", "text/event-stream"), ("Cache-Control", "no-cache")] + list(headers), list(events))
+
+
+class FakeUpstream:
+    """An HTTP/1.1 server on 127.0.0.1:0 answering with ``handler(request) -> Reply``."""
+
+    def __init__(self, handler: Optional[Callable[[Request], Reply]] = None):
+        self.handler = handler or (lambda req: json_reply({"ok": True}))
+        self.requests: "queue.Queue[Request]" = queue.Queue()
+        self.connections = 0
+        self.closed_by_peer = threading.Event()
+        self.stop_event = threading.Event()
+        upstream = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+            disable_nagle_algorithm = True
+
+            def setup(self):
+                upstream.connections += 1
+                super().setup()
+
+            def log_message(self, *args):
+                pass
+
+            def handle_any(self):
+                length = int(self.headers.get("Content-Length") or 0)
+                body = self.rfile.read(length) if length else b""
+                req = Request(self.command, self.path, list(self.headers.items()), body)
+                upstream.requests.put(req)
+                reply = upstream.handler(req)
+                if reply.delay_headers is not None:
+                    reply.delay_headers.wait(DEADLINE * 3)
+                    if upstream.stop_event.is_set():
+                        self.close_connection = True
+                        return
+                head = ["HTTP/1.1 %d %s" % (reply.status, reply.reason or self.responses.get(reply.status, ("X",))[0])]
+                head += ["%s: %s" % kv for kv in reply.headers]
+                if isinstance(reply.body, list):
+                    if reply.chunked and not reply.close_delimited:
+                        head.append("Transfer-Encoding: chunked")
+                    else:
+                        head.append("Connection: close")
+                        self.close_connection = True
+                else:
+                    head.append("Content-Length: %d" % len(reply.body))
+                self.wfile.write(("\r\n".join(head) + "\r\n\r\n").encode("latin-1"))
+                if not isinstance(reply.body, list):
+                    if self.command != "HEAD":
+                        self.wfile.write(reply.body)
+                    return
+                framed = reply.chunked and not reply.close_delimited
+                for part in reply.body:
+                    if isinstance(part, threading.Event):
+                        part.wait(DEADLINE * 3)
+                        continue
+                    if part == "RESET":
+                        self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+                        self.close_connection = True
+                        self.connection.close()
+                        return
+                    if part == "CLOSE":
+                        self.close_connection = True
+                        return
+                    if part == "HANG":
+                        upstream.stop_event.wait(DEADLINE * 3)
+                        self.close_connection = True
+                        return
+                    try:
+                        self.wfile.write(b"%x\r\n%s\r\n" % (len(part), part) if framed else part)
+                    except OSError:
+                        upstream.closed_by_peer.set()
+                        self.close_connection = True
+                        return
+                if framed:
+                    self.wfile.write(b"0\r\n\r\n")
+
+            do_GET = do_POST = do_DELETE = do_PUT = do_HEAD = handle_any
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.port = self.server.server_address[1]
+        self.url = "http://127.0.0.1:%d" % self.port
+        self.thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+
+    def __enter__(self) -> "FakeUpstream":
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def start(self) -> "FakeUpstream":
+        self.thread.start()
+        return self
+
+    def stop(self) -> None:
+        self.stop_event.set()
+        self.server.shutdown()
+        self.server.server_close()
+        self.thread.join(DEADLINE)
+
+    def next_request(self, timeout: float = DEADLINE) -> Request:
+        return self.requests.get(timeout=timeout)
+
+
+def base_config(providers: List[Dict[str, Any]], data_dir: str, **extra: Any) -> Dict[str, Any]:
+    cfg = {"listen": "127.0.0.1:0", "data_dir": data_dir, "providers": providers}
+    cfg.update(extra)
+    return cfg
+
+
+def provider(name: str, type_: str, url: str, api_key: str = "", models: Sequence[str] = ()) -> Dict[str, Any]:
+    return {"name": name, "type": type_, "base_url": url, "api_key": api_key, "models": list(models)}
+
+
+class InProcessProxy:
+    """The proxy's server in this process, serving on a thread (socketless of nothing)."""
+
+    def __init__(self, config: Dict[str, Any]):
+        from proxy_llm import config as config_mod
+        from proxy_llm.cli import build_server
+
+        self.tmp = tempfile.mkdtemp(prefix="proxy_llm_cfg_")
+        path = os.path.join(self.tmp, "config.json")
+        with open(path, "w") as f:
+            json.dump(config, f)
+        self.config = config_mod.load(path, env={})
+        self.server = build_server(self.config)
+        self.port = self.server.server_address[1]
+        self.url = "http://127.0.0.1:%d" % self.port
+        self.data_dir = self.config.data_dir
+        self.thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+
+    def __enter__(self) -> "InProcessProxy":
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def flush(self) -> None:
+        """Wait until every exchange has ended and its record is on disk."""
+        assert self.server.wait_idle(DEADLINE), "exchanges still in flight"
+        if self.server.recorder is not None:
+            assert self.server.recorder.flush(DEADLINE), "recorder did not flush in time"
+
+    def stop(self) -> None:
+        self.server.draining.set()
+        self.server.shutdown()
+        self.thread.join(DEADLINE)
+        self.server.cancel_inflight()
+        self.server.wait_idle(DEADLINE)
+        if self.server.recorder is not None:
+            self.server.recorder.close(DEADLINE)
+        self.server.server_close()
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+    def records(self) -> List[Dict[str, Any]]:
+        self.flush()
+        return read_records(self.data_dir)
+
+    def stream_lines(self) -> List[Dict[str, Any]]:
+        self.flush()
+        return read_jsonl(sorted(glob.glob(os.path.join(self.data_dir, "streams", "*.jsonl"))))
+
+
+def read_jsonl(paths: Sequence[str]) -> List[Dict[str, Any]]:
+    out = []
+    for path in paths:
+        with open(path, "rb") as f:
+            for line in f:
+                if line.endswith(b"\n"):
+                    out.append(json.loads(line))
+    return out
+
+
+def read_records(data_dir: str) -> List[Dict[str, Any]]:
+    """Every whole record line under data_dir, in request-start order."""
+    recs = read_jsonl(sorted(glob.glob(os.path.join(data_dir, "session_*", "*.jsonl"))))
+    return sorted(recs, key=lambda r: (r["timestamp"], r["id"]))
+
+
+def all_files(root: str) -> List[str]:
+    out = []
+    for d, _, files in os.walk(root):
+        out.extend(os.path.join(d, f) for f in files)
+    return out
+
+
+_LISTEN_RE = re.compile(r"listening on http://(\S+):(\d+)")
+
+
+class ProxyProcess:
+    """``python -m proxy_llm`` as a real subprocess; stderr is collected for inspection."""
+
+    def __init__(self, config: Dict[str, Any], args: Sequence[str] = (), env: Optional[Dict[str, str]] = None,
+                 python: str = sys.executable, workers: int = 1):
+        self.tmp = tempfile.mkdtemp(prefix="proxy_llm_proc_")
+        self.config_path = os.path.join(self.tmp, "config.json")
+        with open(self.config_path, "w") as f:
+            json.dump(config, f)
+        self.data_dir = config.get("data_dir")
+        full_env = dict(os.environ)
+        full_env.update(env or {})
+        full_env["PYTHONPATH"] = ROOT + os.pathsep + full_env.get("PYTHONPATH", "")
+        cmd = [python, "-m", "proxy_llm", "--config", self.config_path] + list(args)
+        self.proc = subprocess.Popen(cmd, cwd=self.tmp, env=full_env, stdin=subprocess.DEVNULL,
+                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        self.lines: "queue.Queue[Optional[str]]" = queue.Queue()
+        self.output: List[str] = []
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+        self.ports: List[int] = []
+        deadline = time.monotonic() + DEADLINE
+        while len(self.ports) < workers:
+            line = self.lines.get(timeout=max(0.01, deadline - time.monotonic()))
+            if line is None:
+                raise RuntimeError("proxy exited before listening:\n" + "".join(self.output))
+            m = _LISTEN_RE.search(line)
+            if m:
+                self.ports.append(int(m.group(2)))
+        self.port = self.ports[0]
+        self.url = "http://127.0.0.1:%d" % self.port
+
+    def _read(self) -> None:
+        for raw in self.proc.stdout:
+            line = raw.decode("utf-8", "replace")
+            self.output.append(line)
+            self.lines.put(line)
+        self.lines.put(None)
+
+    def wait_for_line(self, pattern: str, timeout: float = DEADLINE) -> str:
+        deadline = time.monotonic() + timeout
+        rx = re.compile(pattern)
+        for line in list(self.output):
+            if rx.search(line):
+                return line
+        while True:
+            line = self.lines.get(timeout=max(0.01, deadline - time.monotonic()))
+            if line is None:
+                raise AssertionError("proxy exited without logging %r" % pattern)
+            if rx.search(line):
+                return line
+
+    def send_signal(self, sig: int = signal.SIGTERM) -> None:
+        self.proc.send_signal(sig)
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = DEADLINE) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        try:
+            code = self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            code = self.proc.wait()
+        self._reader.join(DEADLINE)
+        return code
+
+    def log_text(self) -> str:
+        return "".join(self.output)
+
+    def cleanup(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        self.proc.stdout.close()
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+def request(url: str, method: str = "POST", path: str = "/v1/chat/completions", body: Any = None,
+            headers: Optional[Dict[str, str]] = None, timeout: float = DEADLINE) -> Tuple[int, List[Tuple[str, str]], bytes]:
+    """One request on a fresh connection; returns (status, headers, body)."""
+    host, port = url.split("//")[1].split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=timeout)
+    data = body if isinstance(body, bytes) or body is None else json.dumps(body).encode()
+    try:
+        conn.request(method, path, body=data, headers=headers or {"Content-Type": "application/json"})
+        resp = conn.getresponse()
+        return resp.status, resp.getheaders(), resp.read()
+    finally:
+        conn.close()
+
+
+def header(headers: List[Tuple[str, str]], name: str) -> Optional[str]:
+    for k, v in headers:
+        if k.lower() == name.lower():
+            return v
+    return None
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float = DEADLINE, what: str = "condition") -> None:
+    """Poll a condition with a deadline (for state visible only from outside, e.g. files)."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError("timed out waiting for " + what)
+        time.sleep(0.01)
+
+
+def signal_name(sig: int) -> str:
+    return signal.Signals(sig).name

@@ -1,0 +1,363 @@
+"""The proxy end to end, in-process: forwarding is invisible and every exchange is recorded."""
+
+from __future__ import annotations
+
+import gzip
+import http.client
+import json
+import os
+import socket
+import stat
+import tempfile
+import threading
+import unittest
+
+from tests.support import (DEADLINE, FakeUpstream, InProcessProxy, Reply, base_config, header, json_reply, provider,
+                           read_records, request, sse_reply)
+
+CHAT_BODY = b'{"model":"gpt-4o","messages":[{"role":"user","content":"Hi \\u00e9 1e400"}],  "n": 12345678901234567890}'
+CHAT_REPLY = (b'{"id":"chatcmpl-1","object":"chat.completion","created":1700000000,"model":"gpt-4o-2024-08-06",'
+              b'"choices":[{"index":0,"message":{"role":"assistant","content":"Hello!"},"finish_reason":"stop"}],'
+              b'"usage":{"prompt_tokens":9,"completion_tokens":3,"total_tokens":12}}')
+
+
+def chunk_event(text: str, finish=None) -> bytes:
+    obj = {"id": "chatcmpl-2", "object": "chat.completion.chunk", "created": 1700000000, "model": "gpt-4o",
+           "choices": [{"index": 0, "delta": {"content": text} if text else {}, "finish_reason": finish}]}
+    return b"data: " + json.dumps(obj, separators=(",", ":")).encode() + b"\n\n"
+
+
+class ProxyTestCase(unittest.TestCase):
+    providers_extra: dict = {}
+
+    def setUp(self):
+        self.tmp = tempfile.mkdtemp(prefix="proxy_llm_test_")
+        self.data_dir = os.path.join(self.tmp, "data")
+        self.upstream = FakeUpstream(self.reply).start()
+        self.addCleanup(self.upstream.stop)
+        self.replies = []
+
+    def reply(self, req):
+        if self.replies:
+            return self.replies.pop(0)
+        return Reply(200, [("Content-Type", "application/json")], CHAT_REPLY)
+
+    def start_proxy(self, providers=None, **extra):
+        providers = providers or [provider("openai", "openai", self.upstream.url, "", ["gpt-*"]),
+                                  provider("anthropic", "anthropic", self.upstream.url, "", ["claude-*"]),
+                                  provider("gemini", "gemini", self.upstream.url, "", ["gemini-*"])]
+        self.proxy = InProcessProxy(base_config(providers, self.data_dir, **extra)).__enter__()
+        self.addCleanup(self.proxy.stop)
+        return self.proxy
+
+
+class ForwardingTest(ProxyTestCase):
+    def test_non_streamed_bodies_are_byte_identical_both_ways(self):
+        self.replies.append(Reply(200, [("Content-Type", "application/json"), ("x-request-id", "req_abc"),
+                                        ("x-ratelimit-remaining-requests", "99"), ("openai-processing-ms", "12"),
+                                        ("Set-Cookie", "a=1"), ("Set-Cookie", "b=2")], CHAT_REPLY))
+        proxy = self.start_proxy()
+        status, headers, body = request(proxy.url, path="/v1/chat/completions?api-version=2024-01-01", body=CHAT_BODY,
+                                        headers={"Content-Type": "application/json", "OpenAI-Organization": "org-1",
+                                                 "Connection": "keep-alive, X-Hop", "X-Hop": "1", "Keep-Alive": "timeout=5"})
+        seen = self.upstream.next_request()
+        self.assertEqual(seen.body, CHAT_BODY)
+        self.assertEqual(seen.query, "api-version=2024-01-01")
+        self.assertEqual(seen.header("OpenAI-Organization"), "org-1")
+        self.assertIsNone(seen.header("X-Hop"))
+        self.assertIsNone(seen.header("Keep-Alive"))
+        self.assertEqual(seen.header("Host"), "127.0.0.1:%d" % self.upstream.port)
+        self.assertEqual(status, 200)
+        self.assertEqual(body, CHAT_REPLY)
+        self.assertEqual(header(headers, "x-request-id"), "req_abc")
+        self.assertEqual(header(headers, "x-ratelimit-remaining-requests"), "99")
+        self.assertEqual([v for k, v in headers if k.lower() == "set-cookie"], ["a=1", "b=2"])
+        record_id = header(headers, "X-Proxy-Record-Id")
+        [rec] = proxy.records()
+        self.assertEqual(rec["id"], record_id)
+        self.assertEqual(rec["endpoint"], "/v1/chat/completions")
+        self.assertEqual(rec["method"], "POST")
+        self.assertEqual(rec["model"], "gpt-4o")
+        self.assertEqual(rec["provider"], "openai")
+        self.assertEqual(rec["status_code"], 200)
+        self.assertIs(rec["stream"], False)
+        self.assertEqual(rec["ended"], "completed")
+        self.assertEqual(rec["request_body"]["n"], 12345678901234567890)
+        self.assertEqual(rec["response_body"], json.loads(CHAT_REPLY))
+        self.assertEqual(rec["tokens_used"], {"prompt_tokens": 9, "completion_tokens": 3, "total_tokens": 12})
+        self.assertEqual(rec["session_id"], "gpt-4o")
+        self.assertIsInstance(rec["duration"], float)
+        self.assertEqual(rec["schema_version"], 1)
+        self.assertNotIn("error", rec)
+        # Big numbers are kept exactly: the body went into the record as its own bytes.
+        with open(self._record_file(), "rb") as f:
+            self.assertIn(b'"n": 12345678901234567890', f.read())
+
+    def _record_file(self):
+        [d] = [d for d in os.listdir(self.data_dir) if d.startswith("session_")]
+        [f] = os.listdir(os.path.join(self.data_dir, d))
+        return os.path.join(self.data_dir, d, f)
+
+    def test_stream_is_relayed_untouched_and_reassembled(self):
+        events = [b": keepalive\n\n", chunk_event("Hel"), chunk_event("lo"), chunk_event("", "stop"),
+                  b'data: {"id":"chatcmpl-2","object":"chat.completion.chunk","created":1700000000,"model":"gpt-4o","choices":[],'
+                  b'"usage":{"prompt_tokens":5,"completion_tokens":2,"total_tokens":7}}\n\n', b"data: [DONE]\n\n"]
+        self.replies.append(sse_reply(events))
+        proxy = self.start_proxy()
+        status, headers, body = request(proxy.url, body={"model": "gpt-4o", "stream": True, "messages": []},
+                                        headers={"X-Session-Id": "run-42", "Content-Type": "application/json"})
+        self.assertEqual(status, 200)
+        self.assertEqual(body, b"".join(events))
+        self.assertEqual(header(headers, "Content-Type"), "text/event-stream")
+        [rec] = proxy.records()
+        self.assertTrue(rec["stream"])
+        self.assertEqual(rec["session_id"], "run-42")
+        self.assertEqual(rec["session_source"], "header")
+        self.assertEqual(rec["response_body"]["choices"][0]["message"]["content"], "Hello")
+        self.assertEqual(rec["response_body"]["choices"][0]["finish_reason"], "stop")
+        self.assertEqual(rec["tokens_used"]["total_tokens"], 7)
+        self.assertIn("ttft_ms", rec)
+        self.assertEqual(rec["ended"], "completed")
+        [line] = proxy.stream_lines()
+        self.assertEqual(line["id"], rec["id"])
+        self.assertEqual(len(line["events"]), 6)
+        self.assertTrue(all("t" in e for e in line["events"]))
+        self.assertTrue(os.path.isdir(os.path.join(self.data_dir, "session_run-42")))
+
+    def test_first_event_reaches_the_client_before_the_backend_finishes(self):
+        release = threading.Event()
+        self.replies.append(sse_reply([chunk_event("first"), release, chunk_event("", "stop"), b"data: [DONE]\n\n"]))
+        proxy = self.start_proxy()
+        conn = http.client.HTTPConnection("127.0.0.1", proxy.port, timeout=DEADLINE)
+        conn.request("POST", "/v1/chat/completions", body=b'{"model":"gpt-4o","stream":true}')
+        resp = conn.getresponse()
+        first = resp.read1(65536)
+        self.assertEqual(first, chunk_event("first"))  # arrived while the backend is blocked
+        self.assertFalse(release.is_set())
+        release.set()
+        rest = resp.read()
+        self.assertEqual(rest, chunk_event("", "stop") + b"data: [DONE]\n\n")
+        conn.close()
+
+    def test_keep_alive_reuses_client_and_upstream_connections(self):
+        proxy = self.start_proxy()
+        conn = http.client.HTTPConnection("127.0.0.1", proxy.port, timeout=DEADLINE)
+        for _ in range(3):
+            conn.request("POST", "/v1/chat/completions", body=CHAT_BODY)
+            resp = conn.getresponse()
+            self.assertEqual(resp.read(), CHAT_REPLY)
+        conn.close()
+        self.assertEqual(self.upstream.connections, 1)
+        self.assertEqual(len(proxy.records()), 3)
+
+    def test_chunked_request_body_is_read_and_forwarded_with_length(self):
+        proxy = self.start_proxy()
+        sock = socket.create_connection(("127.0.0.1", proxy.port), timeout=DEADLINE)
+        body = b'{"model":"gpt-4o","messages":[]}'
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+                     + b"%x\r\n%s\r\n" % (10, body[:10]) + b"%x\r\n%s\r\n" % (len(body) - 10, body[10:]) + b"0\r\n\r\n")
+        seen = self.upstream.next_request()
+        self.assertEqual(seen.body, body)
+        self.assertEqual(seen.header("Content-Length"), str(len(body)))
+        self.assertIsNone(seen.header("Transfer-Encoding"))
+        sock.close()
+
+    def test_content_length_with_transfer_encoding_is_rejected(self):
+        proxy = self.start_proxy()
+        sock = socket.create_connection(("127.0.0.1", proxy.port), timeout=DEADLINE)
+        sock.sendall(b"POST /v1/messages HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n")
+        data = sock.makefile("rb").read()
+        self.assertTrue(data.startswith(b"HTTP/1.1 400"))
+        body = json.loads(data.split(b"\r\n\r\n", 1)[1])
+        self.assertEqual(body["type"], "error")  # Anthropic's error shape for /v1/messages
+        self.assertEqual(self.upstream.requests.qsize(), 0)
+        sock.close()
+
+    def test_oversize_body_gets_413_in_provider_shape_and_is_recorded(self):
+        proxy = self.start_proxy(max_request_body=100)
+        status, headers, body = request(proxy.url, body=b'{"model":"gpt-4o","x":"' + b"a" * 200 + b'"}')
+        self.assertEqual(status, 413)
+        self.assertIn("limit", json.loads(body)["error"]["message"])
+        [rec] = proxy.records()
+        self.assertEqual(rec["status_code"], 413)
+        self.assertEqual(rec["error"]["type"], "request_too_large")
+
+    def test_gzip_response_is_passed_through_and_recorded_decoded(self):
+        compressed = gzip.compress(CHAT_REPLY)
+        self.replies.append(Reply(200, [("Content-Type", "application/json"), ("Content-Encoding", "gzip")], compressed))
+        proxy = self.start_proxy()
+        status, headers, body = request(proxy.url, body=CHAT_BODY,
+                                        headers={"Accept-Encoding": "gzip, br, zstd;q=0.9", "Content-Type": "application/json"})
+        self.assertEqual(self.upstream.next_request().header("Accept-Encoding"), "gzip")
+        self.assertEqual(body, compressed)
+        self.assertEqual(header(headers, "Content-Encoding"), "gzip")
+        [rec] = proxy.records()
+        self.assertEqual(rec["response_body"], json.loads(CHAT_REPLY))
+        self.assertEqual(rec["response_bytes"], len(compressed))
+
+    def test_upstream_status_headers_and_html_error_page_pass_through(self):
+        html = b"<html><body><h1>502 Bad Gateway</h1></body></html>"
+        self.replies.append(Reply(502, [("Content-Type", "text/html")], html))
+        self.replies.append(Reply(429, [("Content-Type", "application/json"), ("Retry-After", "7")],
+                                  b'{"error":{"message":"Rate limit","type":"rate_limit_error"}}'))
+        self.replies.append(Reply(529, [("Content-Type", "application/json")],
+                                  b'{"type":"error","error":{"type":"overloaded_error","message":"Overloaded"}}', reason="Site Overloaded"))
+        proxy = self.start_proxy()
+        self.assertEqual(request(proxy.url, body=CHAT_BODY)[::2], (502, html))
+        status, headers, _ = request(proxy.url, body=CHAT_BODY)
+        self.assertEqual((status, header(headers, "Retry-After")), (429, "7"))
+        self.assertEqual(request(proxy.url, path="/v1/messages", body={"model": "claude-x"})[0], 529)
+        recs = proxy.records()
+        self.assertEqual([r["status_code"] for r in recs], [502, 429, 529])
+        self.assertEqual(recs[0]["response_body"], html.decode())
+        self.assertEqual(recs[1]["error"]["message"], "Rate limit")
+        self.assertEqual(recs[2]["error"]["message"], "Overloaded")
+
+    def test_get_and_delete_without_model_route_by_path(self):
+        self.replies.append(json_reply({"object": "list", "data": [{"id": "gpt-4o", "object": "model"}]}))
+        self.replies.append(json_reply({"id": "resp_1", "object": "response", "deleted": True}))
+        proxy = self.start_proxy()
+        status, _, body = request(proxy.url, method="GET", path="/v1/models", headers={})
+        self.assertEqual(status, 200)
+        status, _, _ = request(proxy.url, method="DELETE", path="/v1/responses/resp_1", headers={})
+        self.assertEqual(status, 200)
+        self.assertEqual([r.method for r in (self.upstream.next_request(), self.upstream.next_request())], ["GET", "DELETE"])
+        recs = proxy.records()
+        self.assertEqual([(r["method"], r["endpoint"], r["provider"]) for r in recs],
+                         [("GET", "/v1/models", "openai"), ("DELETE", "/v1/responses/resp_1", "openai")])
+        self.assertIsNone(recs[0]["model"])
+        self.assertEqual(recs[0]["session_id"], "default")
+
+
+class RoutingTest(ProxyTestCase):
+    def test_models_route_by_glob_in_order_then_by_path_family(self):
+        other = FakeUpstream().start()
+        self.addCleanup(other.stop)
+        proxy = self.start_proxy([provider("local", "openai", other.url, "", ["llama-*"]),
+                                  provider("openai", "openai", self.upstream.url, "", ["gpt-*"]),
+                                  provider("anthropic", "anthropic", self.upstream.url, "", ["claude-*"])])
+        request(proxy.url, body={"model": "llama-3-8b"})
+        self.assertEqual(other.next_request().json()["model"], "llama-3-8b")
+        request(proxy.url, body={"model": "unknown-model"})  # no glob: first openai-type provider
+        self.assertEqual(other.next_request().json()["model"], "unknown-model")
+        request(proxy.url, path="/v1/messages", body={"model": "claude-sonnet-4-5"})
+        self.assertEqual(self.upstream.next_request().path, "/v1/messages")
+
+    def test_no_provider_for_family_is_404_in_that_shape(self):
+        proxy = self.start_proxy([provider("openai", "openai", self.upstream.url, "", ["gpt-*"])])
+        status, _, body = request(proxy.url, path="/v1beta/models/gemini-2.0-flash:generateContent", body={"contents": []})
+        self.assertEqual(status, 404)
+        self.assertEqual(json.loads(body)["error"]["status"], "NOT_FOUND")
+        status, _, body = request(proxy.url, path="/v1/messages", body={"model": "claude-x"})
+        self.assertEqual(json.loads(body)["type"], "error")
+        status, _, body = request(proxy.url, path="/favicon.ico", method="GET", headers={})
+        self.assertEqual(status, 404)
+        self.assertEqual(len(proxy.records()), 2)
+
+    def test_provider_key_replaces_client_credentials(self):
+        proxy = self.start_proxy([provider("openai", "openai", self.upstream.url, "sk-server-key-123", ["gpt-*"]),
+                                  provider("anthropic", "anthropic", self.upstream.url, "ant-server-key-123", ["claude-*"]),
+                                  provider("gemini", "gemini", self.upstream.url, "goog-server-key-123", ["gemini-*"])])
+        request(proxy.url, body={"model": "gpt-4o"}, headers={"Authorization": "Bearer client", "api-key": "client"})
+        seen = self.upstream.next_request()
+        self.assertEqual(seen.header("Authorization"), "Bearer sk-server-key-123")
+        self.assertIsNone(seen.header("api-key"))
+        request(proxy.url, path="/v1/messages", body={"model": "claude-x"}, headers={"x-api-key": "client", "anthropic-version": "2023-06-01"})
+        seen = self.upstream.next_request()
+        self.assertEqual(seen.header("x-api-key"), "ant-server-key-123")
+        self.assertEqual(seen.header("anthropic-version"), "2023-06-01")
+        request(proxy.url, path="/v1beta/models/gemini-2.0-flash:generateContent", body={"contents": []}, headers={"x-goog-api-key": "client"})
+        self.assertEqual(self.upstream.next_request().header("x-goog-api-key"), "goog-server-key-123")
+
+    def test_without_provider_key_client_credentials_pass_untouched(self):
+        proxy = self.start_proxy()
+        request(proxy.url, path="/v1/messages", body={"model": "claude-x"},
+                headers={"Authorization": "Bearer oauth-token-from-claude-code"})
+        self.assertEqual(self.upstream.next_request().header("Authorization"), "Bearer oauth-token-from-claude-code")
+
+
+class FailureTest(ProxyTestCase):
+    def test_unreachable_upstream_is_502_in_provider_shape_and_recorded(self):
+        sock = socket.socket()
+        sock.bind(("127.0.0.1", 0))
+        dead = "http://127.0.0.1:%d" % sock.getsockname()[1]
+        sock.close()
+        proxy = self.start_proxy([provider("openai", "openai", dead, "", ["gpt-*"]),
+                                  provider("anthropic", "anthropic", dead, "", ["claude-*"])])
+        status, headers, body = request(proxy.url, body=CHAT_BODY)
+        self.assertEqual(status, 502)
+        self.assertEqual(json.loads(body)["error"]["type"], "server_error")
+        status, _, body = request(proxy.url, path="/v1/messages", body={"model": "claude-x"})
+        self.assertEqual((status, json.loads(body)["error"]["type"]), (502, "api_error"))
+        recs = proxy.records()
+        self.assertEqual([r["ended"] for r in recs], ["upstream_error", "upstream_error"])
+        self.assertEqual(recs[0]["id"], header(headers, "X-Proxy-Record-Id"))
+
+    def test_upstream_that_never_answers_is_504(self):
+        gate = threading.Event()
+        self.addCleanup(gate.set)
+        self.replies.append(Reply(200, [], b"{}", delay_headers=gate))
+        proxy = self.start_proxy(response_header_timeout=0.2)
+        status, _, body = request(proxy.url, body=CHAT_BODY)
+        self.assertEqual(status, 504)
+        [rec] = proxy.records()
+        self.assertEqual(rec["ended"], "timeout")
+
+
+class LocalEndpointsTest(ProxyTestCase):
+    def test_health_and_metrics(self):
+        proxy = self.start_proxy()
+        request(proxy.url, body=CHAT_BODY)
+        proxy.flush()
+        status, _, body = request(proxy.url, method="GET", path="/health", headers={})
+        health = json.loads(body)
+        self.assertEqual((status, health["status"]), (200, "ok"))
+        self.assertEqual(health["records_written"], 1)
+        status, headers, body = request(proxy.url, method="GET", path="/metrics", headers={})
+        text = body.decode()
+        self.assertIn('proxy_llm_requests_total{provider="openai",endpoint="/v1/chat/completions",status_class="2xx",model="gpt-*"} 1', text)
+        for name in ("proxy_llm_request_duration_seconds_bucket", "proxy_llm_inflight_requests", "proxy_llm_records_written_total 1",
+                     "proxy_llm_records_dropped_total 0", "# TYPE proxy_llm_request_duration_seconds histogram",
+                     'proxy_llm_tokens_total{provider="openai",model="gpt-*",kind="prompt_tokens"} 9'):
+            self.assertIn(name, text)
+
+
+class FilesTest(ProxyTestCase):
+    def test_file_layout_permissions_and_unsafe_session_ids(self):
+        proxy = self.start_proxy()
+        # Header values travel as bytes; http.client and http.server both map them with latin-1.
+        sids = ["good-id_1.x", "../../etc/passwd", "a" * 100, "..", "日本".encode().decode("latin-1")]
+        for sid in sids:
+            request(proxy.url, body=CHAT_BODY, headers={"X-Session-Id": sid, "Content-Type": "application/json"})
+        recs = proxy.records()
+        self.assertEqual(sorted(r["session_id"] for r in recs), sorted(sids))
+        names = sorted(os.listdir(self.data_dir))
+        self.assertIn("session_good-id_1.x", names)
+        for name in names:
+            full = os.path.join(self.data_dir, name)
+            if os.path.isdir(full):
+                self.assertEqual(stat.S_IMODE(os.stat(full).st_mode), 0o700)
+                self.assertRegex(name, r"^(session_[A-Za-z0-9._-]{1,64}|streams)$")
+                for f in os.listdir(full):
+                    self.assertEqual(stat.S_IMODE(os.stat(os.path.join(full, f)).st_mode), 0o600)
+                    self.assertRegex(f, r"^session_[A-Za-z0-9._-]+_\d{8}_\d{6}\.jsonl$")
+        self.assertEqual(stat.S_IMODE(os.stat(self.data_dir).st_mode), 0o700)
+
+    def test_a_new_start_never_appends_to_an_old_file(self):
+        proxy = self.start_proxy()
+        request(proxy.url, body=CHAT_BODY)
+        proxy.flush()
+        proxy.stop()
+        self.doCleanups()
+        self.upstream = FakeUpstream(self.reply).start()
+        self.addCleanup(self.upstream.stop)
+        proxy = self.start_proxy()
+        request(proxy.url, body=CHAT_BODY)
+        proxy.flush()
+        files = os.listdir(os.path.join(self.data_dir, "session_gpt-4o"))
+        self.assertEqual(len(files), 2)
+        self.assertEqual(len(read_records(self.data_dir)), 2)
+
+
+if __name__ == "__main__":
+    unittest.main()
