@@ -1,0 +1,134 @@
+"""The real entry point, ``python -m proxy_llm``, as a subprocess."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import unittest
+
+from tests.support import (DEADLINE, ROOT, FakeUpstream, ProxyProcess, base_config, provider, read_records, request,
+                           sse_reply)
+
+CHAT = b'{"model":"gpt-4o","stream":true,"messages":[{"role":"user","content":"hi"}]}'
+
+
+def event(text: str, finish=None) -> bytes:
+    return b"data: " + json.dumps({"id": "c", "object": "chat.completion.chunk", "created": 1, "model": "gpt-4o",
+                                   "choices": [{"index": 0, "delta": {"content": text}, "finish_reason": finish}]}).encode() + b"\n\n"
+
+
+def run(*args, env=None):
+    full_env = dict(os.environ, PYTHONPATH=ROOT)
+    full_env.update(env or {})
+    return subprocess.run([sys.executable, "-m", "proxy_llm"] + list(args), cwd=ROOT, env=full_env,
+                          stdin=subprocess.DEVNULL, capture_output=True, timeout=DEADLINE)
+
+
+class CommandLineTest(unittest.TestCase):
+    def test_version_and_help(self):
+        from proxy_llm import __version__
+
+        out = run("--version")
+        self.assertEqual(out.returncode, 0)
+        self.assertEqual(out.stdout.decode().strip(), "proxy_llm " + __version__)
+        out = run("--help")
+        self.assertEqual(out.returncode, 0)
+        for flag in ("--config", "--listen", "--data-dir", "--log-level", "--workers", "--version"):
+            self.assertIn(flag, out.stdout.decode())
+
+    def test_bad_config_exits_2_with_one_line(self):
+        with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+            f.write('{"providers": [{"name": "x", "type": "openai", "base_url": "not a url"}]}')
+        self.addCleanup(os.unlink, f.name)
+        out = run("--config", f.name)
+        self.assertEqual(out.returncode, 2)
+        lines = out.stderr.decode().strip().splitlines()
+        self.assertEqual(len(lines), 1, lines)
+        self.assertIn("providers[0].base_url: not a URL", lines[0])
+        self.assertNotIn("Traceback", out.stderr.decode())
+        out = run("--config", os.path.join(tempfile.gettempdir(), "no-such-proxy-llm-config.json"))
+        self.assertEqual(out.returncode, 2)
+        self.assertIn("no such config file", out.stderr.decode())
+
+    def test_shipped_config_serves_on_a_fresh_machine(self):
+        tmp = tempfile.mkdtemp()
+        env = {k: v for k, v in os.environ.items() if not k.endswith("_API_KEY")}
+        env["PYTHONPATH"] = ROOT
+        proc = subprocess.Popen([sys.executable, "-m", "proxy_llm", "--listen", "127.0.0.1:0", "--data-dir", tmp],
+                                cwd=ROOT, env=env, stdin=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        try:
+            line = proc.stderr.readline().decode()
+            self.assertIn("listening on http://127.0.0.1:", line)
+            port = int(line.split("listening on http://127.0.0.1:")[1].split()[0])
+            status, _, body = request("http://127.0.0.1:%d" % port, method="GET", path="/health", headers={})
+            self.assertEqual((status, json.loads(body)["status"]), (200, "ok"))
+            proc.send_signal(signal.SIGTERM)
+            self.assertEqual(proc.wait(DEADLINE), 0)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+            proc.stderr.close()
+
+
+class ServeProcessTest(unittest.TestCase):
+    def setUp(self):
+        self.tmp = tempfile.mkdtemp()
+        self.data_dir = os.path.join(self.tmp, "data")
+        self.gate = threading.Event()
+        self.addCleanup(self.gate.set)
+        self.upstream = FakeUpstream(lambda req: sse_reply([event("one"), self.gate, event("two", "stop"), b"data: [DONE]\n\n"]))
+        self.upstream.start()
+        self.addCleanup(self.upstream.stop)
+
+    def start(self, **extra):
+        cfg = base_config([provider("openai", "openai", self.upstream.url, "", ["gpt-*"])], self.data_dir, **extra)
+        proc = ProxyProcess(cfg, args=["--log-level", "INFO"], workers=extra.get("workers", 1))
+        self.addCleanup(proc.cleanup)
+        return proc
+
+    def test_sigterm_during_an_open_stream_lets_it_finish_and_records_it(self):
+        proc = self.start()
+        conn = http.client.HTTPConnection("127.0.0.1", proc.port, timeout=DEADLINE)
+        conn.request("POST", "/v1/chat/completions", body=CHAT, headers={"X-Session-Id": "sigterm"})
+        resp = conn.getresponse()
+        self.assertEqual(resp.read1(65536), event("one"))
+        proc.send_signal(signal.SIGTERM)
+        proc.wait_for_line("shutting down: 1 exchanges in flight")
+        self.gate.set()
+        self.assertEqual(resp.read(), event("two", "stop") + b"data: [DONE]\n\n")
+        conn.close()
+        self.assertEqual(proc.stop(), 0)
+        [rec] = read_records(self.data_dir)
+        self.assertEqual(rec["session_id"], "sigterm")
+        self.assertEqual(rec["ended"], "completed")
+        self.assertEqual(rec["response_body"]["choices"][0]["message"]["content"], "onetwo")
+
+    def test_two_workers_share_the_port_and_write_their_own_files(self):
+        self.gate.set()
+        proc = self.start(workers=2)
+        self.assertEqual(proc.ports[0], proc.ports[1])
+        pids = set()
+        for _ in range(40):
+            status, _, body = request(proc.url, method="GET", path="/health", headers={})
+            pids.add(json.loads(body)["pid"])
+            if len(pids) == 2:
+                break
+        self.assertEqual(len(pids), 2, "both workers answer on the shared port")
+        for _ in range(10):
+            status, _, _ = request(proc.url, body=CHAT)
+            self.assertEqual(status, 200)
+        self.assertEqual(proc.stop(), 0)
+        self.assertEqual(len(read_records(self.data_dir)), 10)
+        names = os.listdir(os.path.join(self.data_dir, "session_gpt-4o"))
+        self.assertTrue(all(n.endswith(("_w0.jsonl", "_w1.jsonl")) for n in names), names)
+
+
+if __name__ == "__main__":
+    unittest.main()

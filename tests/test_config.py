@@ -1,0 +1,112 @@
+"""Configuration: defaults -> file -> $VAR -> env -> flags -> validate, with one-line errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import unittest
+
+from proxy_llm import config
+from proxy_llm.config import ConfigError
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def write(obj) -> str:
+    fd, path = tempfile.mkstemp(suffix=".json")
+    with os.fdopen(fd, "w") as f:
+        f.write(obj if isinstance(obj, str) else json.dumps(obj))
+    return path
+
+
+OPENAI = {"name": "openai", "type": "openai", "base_url": "https://api.openai.com", "api_key": "$OPENAI_API_KEY",
+          "models": ["gpt-*"]}
+
+
+class ExpansionTest(unittest.TestCase):
+    def test_forms(self):
+        env = {"A": "1", "EMPTY": ""}
+        self.assertEqual(config.expand("$A-${A}-$$A", env, "k"), "1-1-$A")
+        self.assertEqual(config.expand("${MISSING:-dflt}", env, "k"), "dflt")
+        self.assertEqual(config.expand("${MISSING:-}", env, "k"), "")
+        self.assertEqual(config.expand("${EMPTY:-x}", env, "k"), "x")
+        self.assertEqual(config.expand("no vars", env, "k"), "no vars")
+
+    def test_unset_variable_names_the_key(self):
+        path = write({"providers": [OPENAI]})
+        self.addCleanup(os.unlink, path)
+        with self.assertRaises(ConfigError) as cm:
+            config.load(path, env={})
+        msg = str(cm.exception)
+        self.assertIn(path, msg)
+        self.assertIn("providers[0].api_key", msg)
+        self.assertIn("$OPENAI_API_KEY is not set", msg)
+
+    def test_expansion_happens_after_parsing(self):
+        # A value holding quotes or backslashes cannot break the JSON it is expanded into.
+        path = write({"providers": [OPENAI]})
+        self.addCleanup(os.unlink, path)
+        cfg = config.load(path, env={"OPENAI_API_KEY": 'sk-"quoted"\\'})
+        self.assertEqual(cfg.providers[0].api_key, 'sk-"quoted"\\')
+
+
+class LoadTest(unittest.TestCase):
+    def test_shipped_config_loads_with_no_keys_set(self):
+        cfg = config.load(os.path.join(ROOT, "config.json"), env={})
+        self.assertEqual(cfg.listen, "127.0.0.1:8080")
+        self.assertEqual([p.name for p in cfg.providers], ["openai", "anthropic", "gemini"])
+        self.assertTrue(all(p.api_key == "" for p in cfg.providers))
+        self.assertEqual(cfg.data_dir, os.path.join(ROOT, "data"))
+
+    def test_precedence_file_env_flags(self):
+        path = write({"listen": "127.0.0.1:1111", "log_level": "debug", "providers": [OPENAI]})
+        self.addCleanup(os.unlink, path)
+        env = {"OPENAI_API_KEY": "k", "PROXY_LLM_LISTEN": "127.0.0.1:2222"}
+        cfg = config.load(path, env=env)
+        self.assertEqual((cfg.listen, cfg.log_level), ("127.0.0.1:2222", "DEBUG"))
+        cfg = config.load(path, env=env, overrides={"listen": "127.0.0.1:3333", "log_level": None})
+        self.assertEqual(cfg.listen, "127.0.0.1:3333")
+
+    def test_bad_configs_name_file_and_key(self):
+        cases = [
+            ('{"providers": [', "line 1 column"),
+            ({"providers": [OPENAI], "lisen": "x"}, "lisen: unknown key"),
+            ({"providers": []}, "providers: at least one provider"),
+            ({}, "providers: at least one provider"),
+            ({"providers": [dict(OPENAI, base_url="ftp://x")]}, "providers[0].base_url: not a URL"),
+            ({"providers": [dict(OPENAI, type="cohere")]}, "providers[0].type: must be one of"),
+            ({"providers": [dict(OPENAI, extra=1)]}, "providers[0].extra: unknown key"),
+            ({"providers": [OPENAI, OPENAI]}, "duplicate provider name"),
+            ({"providers": [OPENAI], "listen": "nope"}, "listen: nope"),
+            ({"providers": [OPENAI], "listen": "0.0.0.0:8080"}, "not a loopback address"),
+            ({"providers": [OPENAI], "fsync": "sometimes"}, "fsync: must be one of"),
+            ({"providers": [OPENAI], "max_request_body": "big"}, "max_request_body: must be an integer"),
+            ({"providers": [OPENAI], "record": "yes"}, "record: must be true or false"),
+        ]
+        for content, expected in cases:
+            with self.subTest(expected=expected):
+                path = write(content)
+                self.addCleanup(os.unlink, path)
+                with self.assertRaises(ConfigError) as cm:
+                    config.load(path, env={"OPENAI_API_KEY": "k"})
+                self.assertIn(expected, str(cm.exception))
+                self.assertIn(path, str(cm.exception))
+                self.assertNotIn("\n", str(cm.exception))
+
+    def test_non_loopback_is_allowed_with_proxy_keys(self):
+        path = write({"providers": [OPENAI], "listen": "0.0.0.0:8080", "proxy_keys": ["pk-1"]})
+        self.addCleanup(os.unlink, path)
+        cfg = config.load(path, env={"OPENAI_API_KEY": "k"})
+        self.assertEqual(cfg.proxy_keys, ("pk-1",))
+
+    def test_provider_globs(self):
+        p = config.Provider("o", "openai", "http://x", models=("gpt-*", "o[0-9]*"))
+        self.assertEqual(p.matches("gpt-4o"), "gpt-*")
+        self.assertEqual(p.matches("o3-mini"), "o[0-9]*")
+        self.assertIsNone(p.matches("claude-3"))
+        self.assertIsNone(p.matches(None))
+
+
+if __name__ == "__main__":
+    unittest.main()
