@@ -475,8 +475,8 @@ class Manifest(object):
         return [r["id"] for r in self.records if has_stream_line(r)]
 
 
-def build_mixed(root: str) -> Manifest:
-    """A data dir with every dialect and ending, a rotated gzip'd file and a torn line."""
+def build_mixed(root: str, torn: bool = True) -> Manifest:
+    """A data dir with every dialect and ending, a rotated gzip'd file and (``torn``) a torn line."""
     clock = Clock()
     out = DataDirWriter(root)
     man = Manifest()
@@ -492,10 +492,10 @@ def build_mixed(root: str) -> Manifest:
     out.write_records(agent["records"][:half], stamp="20261127_164900")
     # same second, a second file (-2), ends in a torn line (crash mid-append)
     out.write_records(agent["records"][half:], stamp="20261127_164900", suffix="-2",
-                      torn=b'{"schema_version": 1, "id": "01J')
+                      torn=b'{"schema_version": 1, "id": "01J' if torn else b"")
     man.add(agent["records"])
     man.agent = agent
-    man.torn += 1
+    man.torn += 1 if torn else 0
     man.files += 2
     resp = responses_session(clock)
     gem = gemini_session(clock)

@@ -1,0 +1,134 @@
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import unittest
+from contextlib import redirect_stderr, redirect_stdout
+
+from proxy_llm import stats
+from tests import data_factory as df
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_stats(*argv: str, default_data_dir=None):
+    parser = argparse.ArgumentParser(prog="proxy_llm stats")
+    stats.add_arguments(parser)
+    args = parser.parse_args(list(argv))
+    out, err = io.StringIO(), io.StringIO()
+    with redirect_stdout(out), redirect_stderr(err):
+        code = stats.run(args, default_data_dir)
+    return code, out.getvalue(), err.getvalue()
+
+
+def nearest_rank(values, p):
+    ordered = sorted(values)
+    k = 0
+    while (k + 1) / len(ordered) < p / 100.0:
+        k += 1
+    return ordered[k]
+
+
+class TestPercentile(unittest.TestCase):
+    def test_nearest_rank(self) -> None:
+        self.assertIsNone(stats.percentile([], 50))
+        self.assertEqual(stats.percentile([5.0], 95), 5.0)
+        values = list(range(1, 101))
+        self.assertEqual(stats.percentile(values, 50), 50)
+        self.assertEqual(stats.percentile(values, 95), 95)
+        self.assertEqual(stats.percentile([3, 1, 2], 50), 2)
+        self.assertEqual(stats.percentile([1, 2, 3, 4], 95), 4)
+
+
+class TestStats(unittest.TestCase):
+    def setUp(self) -> None:
+        self.tmp = tempfile.mkdtemp(prefix="stats-")
+        self.addCleanup(shutil.rmtree, self.tmp)
+        self.data = os.path.join(self.tmp, "data")
+        self.man = df.build_mixed(self.data)
+
+    def json_report(self) -> dict:
+        code, out, err = run_stats("--data-dir", self.data, "--json")
+        self.assertEqual(code, 0, err)
+        return json.loads(out)
+
+    def test_totals_match_the_records(self) -> None:
+        report = self.json_report()
+        recs = self.man.records
+        total = report["total"]
+        self.assertEqual(total["requests"], len(recs))
+        for ending in df.ENDINGS:
+            self.assertEqual(total["ended"].get(ending, 0), sum(1 for r in recs if r["ended"] == ending))
+        self.assertEqual(total["http_errors"],
+                         sum(1 for r in recs if r["status_code"] is None or r["status_code"] >= 400))
+        self.assertEqual(total["status"], {"2xx": len(recs) - 2, "4xx": 1, "none": 1})
+        for kind in ("prompt_tokens", "completion_tokens", "cached_tokens", "reasoning_tokens"):
+            self.assertEqual(total["tokens"].get(kind, 0),
+                             sum(r.get("tokens_used", {}).get(kind, 0) for r in recs), kind)
+        durations = [r["duration"] for r in recs]
+        self.assertEqual(total["duration_ms"], {"p50": nearest_rank(durations, 50),
+                                                "p95": nearest_rank(durations, 95)})
+        ttfts = [r["ttft_ms"] for r in recs if "ttft_ms" in r]
+        self.assertEqual(total["ttft_ms"]["p95"], nearest_rank(ttfts, 95))
+        self.assertEqual(total["request_bytes"], sum(r["request_bytes"] for r in recs))
+        self.assertEqual(report["read"]["torn"], 1)
+        self.assertEqual(report["read"]["records"], len(recs))
+
+    def test_groups_by_session_model_and_provider(self) -> None:
+        report = self.json_report()
+        recs = self.man.records
+        self.assertEqual(set(report["sessions"]), {r["session_id"] for r in recs})
+        self.assertEqual(set(report["models"]), {r["model"] or "(none)" for r in recs})
+        self.assertEqual(set(report["providers"]), {r["provider"] for r in recs})
+        for name, group in report["sessions"].items():
+            self.assertEqual(group["requests"], sum(1 for r in recs if r["session_id"] == name))
+        self.assertEqual(sum(g["requests"] for g in report["models"].values()), len(recs))
+        gem = report["models"]["gemini-2.0-flash"]
+        self.assertEqual(gem["ended"], {"completed": 2, "shutdown": 1})
+
+    def test_text_tables(self) -> None:
+        code, out, _ = run_stats("--data-dir", self.data)
+        self.assertEqual(code, 0)
+        self.assertIn("1 torn line skipped", out.splitlines()[0])
+        for header in ("session ", "model ", "provider "):
+            self.assertIn("\n" + header, out)
+        for name in ("agent-1", "claude-sonnet-4-5", "anthropic", "(none)"):
+            self.assertIn(name, out)
+        total_lines = [line for line in out.splitlines() if line.startswith("total ")]
+        self.assertEqual(len(total_lines), 3)
+        self.assertEqual(total_lines[0].split()[1], str(len(self.man.records)))
+
+    def test_empty_and_missing_data_dirs(self) -> None:
+        empty = os.path.join(self.tmp, "empty")
+        os.mkdir(empty)
+        code, out, _ = run_stats("--data-dir", empty)
+        self.assertEqual(code, 0)
+        self.assertIn("no records", out)
+        code, out, err = run_stats("--data-dir", os.path.join(self.tmp, "missing"))
+        self.assertEqual(code, 2)
+        self.assertEqual(out, "")
+        self.assertEqual(len(err.strip().splitlines()), 1)
+
+    def test_default_data_dir(self) -> None:
+        code, out, _ = run_stats("--json", default_data_dir=self.data)
+        self.assertEqual(code, 0)
+        self.assertEqual(json.loads(out)["total"]["requests"], len(self.man.records))
+
+    def test_as_a_subprocess(self) -> None:
+        if not os.path.exists(os.path.join(ROOT, "proxy_llm", "cli.py")):
+            self.skipTest("cli.py not there yet")
+        proc = subprocess.run([sys.executable, "-m", "proxy_llm", "stats", "--data-dir", self.data, "--json"],
+                              cwd=self.tmp, env=dict(os.environ, PYTHONPATH=ROOT),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=60)
+        self.assertEqual(proc.returncode, 0, proc.stderr)
+        self.assertEqual(json.loads(proc.stdout)["total"]["requests"], len(self.man.records))
+
+
+if __name__ == "__main__":
+    unittest.main()

@@ -1,0 +1,218 @@
+from __future__ import annotations
+
+import argparse
+import gzip
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import unittest
+from contextlib import redirect_stderr, redirect_stdout
+
+from proxy_llm import verify
+from tests import data_factory as df
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_verify(*argv: str, default_data_dir=None):
+    parser = argparse.ArgumentParser(prog="proxy_llm verify")
+    verify.add_arguments(parser)
+    args = parser.parse_args(list(argv))
+    out, err = io.StringIO(), io.StringIO()
+    with redirect_stdout(out), redirect_stderr(err):
+        code = verify.run(args, default_data_dir)
+    return code, out.getvalue(), err.getvalue()
+
+
+class VerifyTestCase(unittest.TestCase):
+    def setUp(self) -> None:
+        self.tmp = tempfile.mkdtemp(prefix="verify-")
+        self.addCleanup(shutil.rmtree, self.tmp)
+        self.data = os.path.join(self.tmp, "data")
+        self.man = df.build_mixed(self.data, torn=False)
+        self.writer = df.DataDirWriter(self.data)
+        self.clock = df.Clock(seed=99, start=df.T0.replace(hour=20))
+
+    def verify(self):
+        return run_verify("--data-dir", self.data)
+
+    def assertProblem(self, kind_part: str, detail: str = "") -> str:
+        code, out, err = self.verify()
+        self.assertEqual(code, 1, out)
+        self.assertIn("verify: FAILED", out)
+        self.assertIn(kind_part, out)
+        self.assertIn(detail, out)
+        return out
+
+    def add(self, rec: dict, stamp: str = "20261127_200000", streams: bool = True) -> str:
+        return self.writer.write_records([rec], stamp=stamp, streams=streams)
+
+    def chat(self, **kw) -> dict:
+        return df.openai_chat(self.clock, "extra", [{"role": "user", "content": "hi"}], {"content": "yo"}, **kw)
+
+
+class TestClean(VerifyTestCase):
+    def test_a_clean_data_dir_passes(self) -> None:
+        code, out, err = self.verify()
+        self.assertEqual(code, 0, out)
+        self.assertTrue(out.endswith("verify: OK\n"))
+        self.assertIn("5 sessions, 7 record files, %d records" % len(self.man.records), out)
+        self.assertIn("%d stream lines" % len(self.man.stream_ids), out)
+        self.assertEqual(err, "")
+
+    def test_a_stream_request_answered_with_a_json_error_needs_no_stream_line(self) -> None:
+        rec = self.chat(stream=True, status_code=429)
+        self.assertFalse(df.has_stream_line(rec))
+        self.add(rec)
+        self.assertEqual(self.verify()[0], 0)
+
+    def test_the_key_file_and_unknown_fields_are_fine(self) -> None:
+        with open(os.path.join(self.data, ".proxy_llm_key"), "wb") as fh:
+            fh.write(b"k" * 32)
+        rec = self.chat()
+        rec["some_new_field"] = 1
+        self.add(rec)
+        code, out, _ = self.verify()
+        self.assertEqual(code, 0, out)
+        self.assertIn("unknown record fields (1):\n    some_new_field", out)
+        self.assertNotIn(".proxy_llm_key", out)
+
+    def test_default_data_dir_and_missing_dir(self) -> None:
+        self.assertEqual(run_verify(default_data_dir=self.data)[0], 0)
+        code, out, err = run_verify("--data-dir", os.path.join(self.tmp, "nope"))
+        self.assertEqual(code, 2)
+        self.assertEqual(len(err.strip().splitlines()), 1)
+
+
+class TestDamage(VerifyTestCase):
+    def test_torn_last_line(self) -> None:
+        path = self.add(self.chat())
+        with open(path, "ab") as fh:
+            fh.write(b'{"schema_version": 1, "id": ')
+        self.assertProblem("torn last lines", os.path.relpath(path, self.data) + ":2")
+
+    def test_bad_line_in_the_middle(self) -> None:
+        path = self.add(self.chat())
+        with open(path, "ab") as fh:
+            fh.write(b"garbage\n" + df.dumps(self.chat()))
+        self.assertProblem("record lines that do not parse", os.path.relpath(path, self.data) + ":2")
+
+    def test_missing_field_and_wrong_types(self) -> None:
+        rec = self.chat()
+        del rec["ended"]
+        rec["stream"] = "yes"
+        rec["duration"] = "12ms"
+        rec["tokens_used"] = {"prompt_tokens": 1.5}
+        self.add(rec, streams=False)
+        out = self.assertProblem("records that do not match the schema", "missing field ended")
+        self.assertIn("stream: expected true or false", out)
+        self.assertIn("duration: expected a number", out)
+        self.assertIn("tokens_used: expected", out)
+
+    def test_bad_id_and_timestamp(self) -> None:
+        rec = self.chat()
+        rec["id"] = "not-a-ulid"
+        rec["timestamp"] = "yesterday"
+        self.add(rec)
+        out = self.assertProblem("records that do not match the schema", "id: expected a 26-char ULID")
+        self.assertIn("timestamp: expected an RFC 3339", out)
+
+    def test_unredacted_credential_is_flagged_without_printing_it(self) -> None:
+        rec = self.chat()
+        rec["request_headers"]["authorization"] = "Bearer sk-live-abcdef123456"
+        self.add(rec)
+        out = self.assertProblem("records that do not match the schema",
+                                 "request_headers.authorization: credential not redacted")
+        self.assertNotIn("sk-live", out)
+
+    def test_duplicate_ids(self) -> None:
+        rec = self.chat()
+        self.add(rec, streams=False)
+        self.add(rec, stamp="20261127_200001", streams=False)
+        self.assertProblem("duplicate record ids", rec["id"])
+
+    def test_leftover_temp_file(self) -> None:
+        path = os.path.join(self.data, "session_gem-1", "session_gem-1_20261127_165100.jsonl.gz.tmp")
+        with open(path, "wb") as fh:
+            fh.write(b"\x1f\x8b")
+        self.assertProblem("leftover temp files", "session_gem-1_20261127_165100.jsonl.gz.tmp")
+
+    def test_twin_files(self) -> None:
+        path = os.path.join(self.data, "session_gem-1", "session_gem-1_20261127_165100.jsonl")
+        with open(path, "rb") as src, gzip.open(path + ".gz", "wb") as dst:
+            dst.write(src.read())
+        self.assertProblem("both X.jsonl and X.jsonl.gz", "session_gem-1_20261127_165100.jsonl.gz")
+
+    def test_truncated_gzip(self) -> None:
+        path = os.path.join(self.data, "session_endings", "session_endings_20261127_165200.jsonl.gz")
+        with open(path, "rb") as fh:
+            data = fh.read()
+        with open(path, "wb") as fh:
+            fh.write(data[: len(data) - 20])
+        self.assertProblem("unreadable files", "session_endings_20261127_165200.jsonl.gz")
+
+    def test_stream_line_without_record(self) -> None:
+        rec = self.chat(stream=True)
+        self.writer.write_lines(self.writer.stream_file("extra"), [df.stream_line(rec)])
+        self.assertProblem("stream lines without a record", rec["id"])
+
+    def test_streamed_record_without_stream_line(self) -> None:
+        rec = self.chat(stream=True)
+        self.add(rec, streams=False)
+        self.assertProblem("streamed records without a stream line", rec["id"])
+
+    def test_stream_line_for_a_record_that_is_not_a_stream(self) -> None:
+        rec = self.chat(stream=False)
+        self.add(rec)
+        self.writer.write_lines(self.writer.stream_file("extra"), [df.stream_line(rec)])
+        self.assertProblem("stream lines whose record is not a stream", rec["id"])
+
+    def test_bad_stream_line_shape(self) -> None:
+        rec = self.chat(stream=True)
+        self.add(rec, streams=False)
+        line = df.stream_line(rec)
+        line["events"] = [{"data": "x"}]
+        del line["truncated"]
+        self.writer.write_lines(self.writer.stream_file("extra"), [line])
+        out = self.assertProblem("stream lines that do not match the schema", "events: expected objects")
+        self.assertIn("truncated: expected true or false", out)
+
+    def test_long_lists_are_capped(self) -> None:
+        for i in range(verify.MAX_LISTED + 5):
+            rec = self.chat(stream=True)
+            self.add(rec, streams=False)
+        out = self.assertProblem("streamed records without a stream line (%d)" % (verify.MAX_LISTED + 5))
+        self.assertIn("... and 5 more", out)
+
+    def test_as_a_subprocess(self) -> None:
+        if not os.path.exists(os.path.join(ROOT, "proxy_llm", "cli.py")):
+            self.skipTest("cli.py not there yet")
+        env = dict(os.environ, PYTHONPATH=ROOT)
+        cmd = [sys.executable, "-m", "proxy_llm", "verify", "--data-dir", self.data]
+        proc = subprocess.run(cmd, cwd=self.tmp, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=60)
+        self.assertEqual(proc.returncode, 0, proc.stdout + proc.stderr)
+        with open(os.path.join(self.data, "session_gem-1", "x.jsonl.tmp"), "wb"):
+            pass
+        proc = subprocess.run(cmd, cwd=self.tmp, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=60)
+        self.assertEqual(proc.returncode, 1)
+        self.assertIn(b"leftover temp files", proc.stdout)
+
+
+class TestUnits(unittest.TestCase):
+    def test_check_record_accepts_factory_records(self) -> None:
+        clock = df.Clock()
+        for rec in df.endings_session(clock) + df.gemini_session(clock) + df.responses_session(clock):
+            self.assertEqual(verify.check_record(json.loads(json.dumps(rec))), [])
+
+    def test_bool_is_not_an_int(self) -> None:
+        rec = df.embeddings(df.Clock(), "s")
+        rec["request_bytes"] = True
+        self.assertEqual(verify.check_record(rec), ["request_bytes: expected an int >= 0"])
+
+
+if __name__ == "__main__":
+    unittest.main()
