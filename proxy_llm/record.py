@@ -32,6 +32,16 @@ from .storage import RECORDS, STREAMS
 log = logging.getLogger("proxy_llm.record")
 
 SCHEMA_VERSION = 1
+#: Every field a record line may hold (the README documents each; tests check both ways).
+FIELDS = (
+    "schema_version", "id", "timestamp", "session_id", "session_source", "provider", "provider_type", "dialect",
+    "endpoint", "method", "query", "model", "stream", "status_code", "ended", "duration", "ttft_ms", "error",
+    "tokens_used", "request_bytes", "response_bytes", "truncated", "stream_truncated", "reassembly_error",
+    "decode_error", "request_headers", "response_headers", "request_body", "response_body",
+)
+#: Fields of a line in streams/*.jsonl.
+STREAM_FIELDS = ("id", "session_id", "timestamp", "events", "truncated")
+SESSION_SOURCES = ("header", "claude_code", "codex", "metadata_user_id", "model", "default")
 ENDINGS = ("completed", "client_aborted", "upstream_error", "upstream_eof", "timeout", "shutdown")
 
 _CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
