@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import json
 
-from .base import Dialect, Result, error_from, is_int, loads, make_usage
+from .base import Dialect, Result, append_text, error_from, finalize, is_int, loads, make_usage
 
 __all__ = ["AnthropicMessages", "AnthropicCountTokens", "anthropic_usage"]
 
@@ -77,7 +77,7 @@ class _Block(object):
         dtype = delta.get("type")
         block = self.block
         if dtype == "text_delta":
-            _append(block, "text", delta.get("text"))
+            append_text(block, "text", delta.get("text"))
         elif dtype == "input_json_delta":
             piece = delta.get("partial_json")
             if self.json_parts is None:
@@ -85,9 +85,9 @@ class _Block(object):
             if isinstance(piece, str):
                 self.json_parts.append(piece)
         elif dtype == "thinking_delta":
-            _append(block, "thinking", delta.get("thinking"))
+            append_text(block, "thinking", delta.get("thinking"))
         elif dtype == "signature_delta":
-            _append(block, "signature", delta.get("signature"))
+            append_text(block, "signature", delta.get("signature"))
         elif dtype == "citations_delta":
             citation = delta.get("citation")
             if citation is not None:
@@ -100,7 +100,7 @@ class _Block(object):
             # the way the known ones work, so the text is not lost.
             for key, value in delta.items():
                 if key != "type" and isinstance(value, str):
-                    _append(block, key, value)
+                    append_text(block, key, value)
 
     def finish(self):
         if self.json_parts is not None:
@@ -115,13 +115,6 @@ class _Block(object):
             self.json_parts = None
         self.closed = True
         return self.block
-
-
-def _append(block, key, piece):
-    if not isinstance(piece, str):
-        return
-    old = block.get(key)
-    block[key] = (old if isinstance(old, str) else "") + piece
 
 
 class AnthropicMessages(Dialect):
@@ -182,7 +175,7 @@ class AnthropicMessages(Dialect):
             message = {}
         content = [blocks[i].block if blocks[i].closed else blocks[i].finish()
                    for i in sorted(blocks)]
-        message["content"] = content
+        message["content"] = finalize(content)
         if usage:
             message["usage"] = usage
         return Result(message, anthropic_usage(usage or None), error, stopped)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 
 __all__ = ["Result", "Dialect", "REASSEMBLY_ERROR", "loads", "is_int", "error_from",
-           "make_usage", "get"]
+           "make_usage", "get", "Pieces", "append_text", "finalize"]
 
 REASSEMBLY_ERROR = "proxy_llm.reassembly_error"
 
@@ -175,3 +175,41 @@ def get(obj, *keys):
             return None
         obj = obj.get(key)
     return obj
+
+
+class Pieces(list):
+    """Text being streamed, kept as pieces and joined once by :func:`finalize`.
+
+    Joining as we go (``old + piece``) copies the whole text at every delta:
+    quadratic for long answers.
+    """
+
+    __slots__ = ()
+
+
+def append_text(obj, key, piece):
+    """Append the string ``piece`` to the text at ``obj[key]`` (see :class:`Pieces`)."""
+    if not isinstance(piece, str):
+        return
+    old = obj.get(key)
+    if isinstance(old, Pieces):
+        old.append(piece)
+    elif isinstance(old, str):
+        obj[key] = Pieces((old, piece))
+    else:
+        obj[key] = Pieces((piece,))
+
+
+def finalize(value):
+    """Join every :class:`Pieces` inside ``value`` (dicts and lists, in place); return it."""
+    if isinstance(value, Pieces):
+        return "".join(value)
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if isinstance(item, (dict, list)):
+                value[key] = finalize(item)
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            if isinstance(item, (dict, list)):
+                value[i] = finalize(item)
+    return value

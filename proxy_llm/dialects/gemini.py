@@ -21,7 +21,7 @@ JSON array) is a ``GenerateContentResponse``. Reassembly gives one
 
 from __future__ import annotations
 
-from .base import Dialect, Result, error_from, is_int, loads, make_usage
+from .base import Dialect, Pieces, Result, append_text, error_from, finalize, is_int, loads, make_usage
 
 __all__ = ["Gemini", "gemini_usage"]
 
@@ -48,7 +48,7 @@ def gemini_usage(meta):
 
 
 def _is_text_part(part):
-    return isinstance(part.get("text"), str) and all(
+    return isinstance(part.get("text"), (str, Pieces)) and all(
         k in ("text", "thought", "thoughtSignature") for k in part)
 
 
@@ -90,7 +90,7 @@ class _Candidate(object):
         if (prev is not None and _is_text_part(part) and _is_text_part(prev)
                 and bool(prev.get("thought")) == bool(part.get("thought"))
                 and not ("thoughtSignature" in prev and "thoughtSignature" in part)):
-            prev["text"] += part["text"]
+            append_text(prev, "text", part["text"])
             if "thoughtSignature" in part:
                 prev["thoughtSignature"] = part["thoughtSignature"]
             return
@@ -99,7 +99,7 @@ class _Candidate(object):
     def build(self):
         out = {}
         if self.has_content:
-            content = {"parts": self.parts}
+            content = {"parts": finalize(self.parts)}
             if self.role:
                 content["role"] = self.role
             content.update(self.content_extra)

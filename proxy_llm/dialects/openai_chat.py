@@ -24,7 +24,8 @@ reassembled body has the shape of a non-streamed ``chat.completion``:
 
 from __future__ import annotations
 
-from .base import Dialect, Result, error_from, get, is_int, loads, make_usage
+from .base import (Dialect, Pieces, Result, append_text, error_from, finalize, get, is_int,
+                   loads, make_usage)
 
 __all__ = ["OpenAIChat", "openai_usage", "merge_delta"]
 
@@ -59,7 +60,8 @@ def merge_delta(acc, delta):
 
     Strings concatenate (except identity keys, where the first non-empty value
     stays), lists extend, dicts merge recursively, other values replace;
-    None never overwrites.
+    None never overwrites. Concatenated text is kept as :class:`Pieces`:
+    call :func:`finalize` on the result.
     """
     for key, value in delta.items():
         if value is None:
@@ -74,13 +76,13 @@ def merge_delta(acc, delta):
                 acc[key] = list(value)
             else:
                 acc[key] = value
-        elif isinstance(value, str) and isinstance(old, str):
+        elif isinstance(value, str) and isinstance(old, (str, Pieces)):
             if key in _IDENTITY_KEYS:
                 if not old:
                     acc[key] = value
             else:
-                acc[key] = old + value
-        elif isinstance(value, list) and isinstance(old, list):
+                append_text(acc, key, value)
+        elif isinstance(value, list) and isinstance(old, list) and not isinstance(old, Pieces):
             old.extend(value)
         elif isinstance(value, dict) and isinstance(old, dict):
             merge_delta(old, value)
@@ -245,7 +247,7 @@ class OpenAIChat(Dialect):
         if "system_fingerprint" in head:
             body["system_fingerprint"] = head.pop("system_fingerprint")
         body.update(head)
-        body["choices"] = [choices[i].build() for i in sorted(choices)]
+        body["choices"] = [finalize(choices[i].build()) for i in sorted(choices)]
         if usage is not None:
             body["usage"] = usage
         finished = bool(choices) and all(c.finish_reason is not None for c in choices.values())

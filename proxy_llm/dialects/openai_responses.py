@@ -30,7 +30,8 @@ events was seen.
 
 from __future__ import annotations
 
-from .base import Dialect, Result, error_from, get, is_int, loads, make_usage
+from .base import (Dialect, Result, append_text, error_from, finalize, get, is_int, loads,
+                   make_usage)
 
 __all__ = ["OpenAIResponses", "responses_usage"]
 
@@ -63,12 +64,6 @@ def _response_error(response):
         return {"type": str(err.get("code") or err.get("type") or "error"),
                 "message": msg if isinstance(msg, str) else str(err)}
     return None
-
-
-def _append(obj, key, piece):
-    if isinstance(piece, str):
-        old = obj.get(key)
-        obj[key] = (old if isinstance(old, str) else "") + piece
 
 
 def _slot(items, index, default_factory):
@@ -126,7 +121,7 @@ class _Items(object):
         elif etype == "response.output_text.delta":
             part = self.part(ev)
             if part is not None:
-                _append(part, "text", ev.get("delta"))
+                append_text(part, "text", ev.get("delta"))
                 if isinstance(ev.get("logprobs"), list) and ev["logprobs"]:
                     lps = part.get("logprobs")
                     if not isinstance(lps, list):
@@ -146,7 +141,7 @@ class _Items(object):
         elif etype == "response.refusal.delta":
             part = self.part(ev, part_type="refusal")
             if part is not None:
-                _append(part, "refusal", ev.get("delta"))
+                append_text(part, "refusal", ev.get("delta"))
         elif etype == "response.refusal.done":
             part = self.part(ev, part_type="refusal")
             if part is not None and isinstance(ev.get("refusal"), str):
@@ -154,7 +149,7 @@ class _Items(object):
         elif etype == "response.reasoning_text.delta":
             part = self.part(ev, part_type="reasoning_text")
             if part is not None:
-                _append(part, "text", ev.get("delta"))
+                append_text(part, "text", ev.get("delta"))
         elif etype == "response.reasoning_text.done":
             part = self.part(ev, part_type="reasoning_text")
             if part is not None and isinstance(ev.get("text"), str):
@@ -168,7 +163,7 @@ class _Items(object):
         elif etype == "response.reasoning_summary_text.delta":
             part = self.part(ev, "summary", "summary_index", "summary_text")
             if part is not None:
-                _append(part, "text", ev.get("delta"))
+                append_text(part, "text", ev.get("delta"))
         elif etype == "response.reasoning_summary_text.done":
             part = self.part(ev, "summary", "summary_index", "summary_text")
             if part is not None and isinstance(ev.get("text"), str):
@@ -177,7 +172,7 @@ class _Items(object):
                 etype.endswith("_call_arguments.delta")):
             item = self.item(ev)
             if item is not None:
-                _append(item, "arguments", ev.get("delta"))
+                append_text(item, "arguments", ev.get("delta"))
         elif etype == "response.function_call_arguments.done" or (
                 etype.endswith("_call_arguments.done")):
             item = self.item(ev)
@@ -185,7 +180,7 @@ class _Items(object):
                 item["arguments"] = ev["arguments"]
 
     def output(self):
-        return [self.items[i] for i in sorted(self.items)]
+        return finalize([self.items[i] for i in sorted(self.items)])
 
 
 class OpenAIResponses(Dialect):
