@@ -82,11 +82,15 @@ openai-chat message               sharegpt turn
                                   (``name``, ``description``, ``parameters``), ``""`` if none
 ================================  =========================================================
 
-``records``: the filtered records themselves, with ``request_body``,
-``response_body``, ``request_headers``, ``response_headers`` and ``truncated``
-as JSON text (``json.loads`` gives the original value back) and every schema
-field present (``null`` when absent), so that pandas, DuckDB, pyarrow and
-``datasets`` infer one schema however varied the traffic.
+``records``: the filtered records themselves as one fixed set of columns, so
+that pandas, DuckDB, pyarrow and ``datasets`` infer one schema however varied
+the traffic: the required scalar fields typed as in the record (``id``,
+``timestamp``, ``session_id``, ``model``, ``status_code``, ``ended``,
+``duration``, ...); headers, bodies and every optional field (``error``,
+``tokens_used``, ``ttft_ms``, ``truncated``, ``stream_truncated``,
+``reassembly_error``, ``decode_error``) as JSON text, always a string
+(``json.loads`` gives the value back, ``"null"`` when absent); fields this
+version does not know in ``extra`` (JSON text of an object).
 
 ``--dedupe``: agents resend the whole history on every call, so a session of
 50 calls holds 50 growing prefixes of one conversation.  Within a session, a
@@ -126,14 +130,20 @@ ENDINGS = ("completed", "client_aborted", "upstream_error", "upstream_eof", "tim
 CHAT_DIALECTS = ("openai_chat", "openai_responses", "anthropic_messages", "gemini")
 PROGRESS_MIN_BYTES = 16 * 1024 * 1024
 
-RECORD_FIELDS = (
+# The records format: typed columns for the schema's required scalar fields; JSON text
+# (always a string, "null" when absent) for free-shaped and optional fields.  Loaders that
+# fix the schema from the first rows (``datasets`` infers it from the first 10 MB) then
+# never meet a column that was all-null or a struct that grows new keys further down.
+TYPED_FIELDS = (
     "schema_version", "id", "timestamp", "session_id", "session_source", "provider",
     "provider_type", "dialect", "endpoint", "method", "query", "model", "stream",
-    "request_headers", "request_body", "status_code", "response_headers", "response_body",
-    "ended", "error", "tokens_used", "duration", "ttft_ms", "request_bytes", "response_bytes",
-    "truncated", "stream_truncated", "reassembly_error", "decode_error",
+    "status_code", "ended", "duration", "request_bytes", "response_bytes",
 )
-JSON_TEXT_FIELDS = ("request_headers", "request_body", "response_headers", "response_body", "truncated")
+JSON_TEXT_FIELDS = (
+    "request_headers", "request_body", "response_headers", "response_body",
+    "error", "tokens_used", "ttft_ms", "truncated", "stream_truncated",
+    "reassembly_error", "decode_error",
+)
 
 
 class UsageError(Exception):
@@ -774,16 +784,16 @@ def render_sharegpt(conv: Conversation, opts: Options, dropped: Counter) -> dict
 
 
 def render_record(record: dict) -> dict:
-    """A record with every schema field present and free-shaped objects as JSON text."""
+    """A record as one fixed set of columns: TYPED_FIELDS as they are, JSON_TEXT_FIELDS as
+    JSON text (``json.loads`` gives the value back; ``"null"`` when absent), and any field
+    this version does not know in ``extra`` (JSON text of an object, ``"{}"`` when none)."""
     row = {}
-    for key in RECORD_FIELDS:
-        value = record.get(key)
-        if key in JSON_TEXT_FIELDS and value is not None:
-            value = json.dumps(value, ensure_ascii=False)
-        row[key] = value
-    for key, value in record.items():
-        if key not in row:
-            row[key] = json.dumps(value, ensure_ascii=False) if isinstance(value, (dict, list)) else value
+    for key in TYPED_FIELDS:
+        row[key] = record.get(key)
+    for key in JSON_TEXT_FIELDS:
+        row[key] = json.dumps(record.get(key), ensure_ascii=False)
+    known = set(TYPED_FIELDS) | set(JSON_TEXT_FIELDS)
+    row["extra"] = json.dumps({k: v for k, v in record.items() if k not in known}, ensure_ascii=False)
     return row
 
 

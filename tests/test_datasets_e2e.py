@@ -1,0 +1,260 @@
+"""End to end: the data dir and every export load in pandas, DuckDB and Hugging Face datasets.
+
+Skipped where a package is absent (the package itself needs none of them).
+What these tests established about the raw record files (see the README):
+
+* pandas ``read_json(path, lines=True)`` loads each record file as it is (plain
+  or .gz); a torn last line makes that file fail (``ValueError``).
+* DuckDB ``read_json`` with default detection builds deep STRUCTs from a sample
+  of the first files and then fails (or silently drops keys) on bodies whose
+  shape varies later; ``maximum_depth=1`` keeps bodies and headers as JSON and
+  always works; ``ignore_errors=true`` turns a torn line into an all-NULL row.
+* pyarrow and ``datasets`` cannot load raw records at all: provider bodies are
+  polymorphic (``content`` is a string or a list).  ``export --format records``
+  is the loadable form.
+"""
+
+from __future__ import annotations
+
+import glob
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+import unittest
+
+from proxy_llm import export
+from tests import data_factory as df
+from tests.test_export import parse
+
+
+def _has(name: str) -> bool:
+    return importlib.util.find_spec(name) is not None
+
+
+def run_export(data: str, out: str, *argv: str) -> int:
+    import io
+    from contextlib import redirect_stderr
+    with redirect_stderr(io.StringIO()):
+        return export.run(parse(["--data-dir", data, "--out", out] + list(argv)), None)
+
+
+def count_lines(path: str) -> int:
+    with open(path, "rb") as fh:
+        return sum(1 for _ in fh)
+
+
+def many_files_with_late_variation(root: str) -> int:
+    """40 uniform sessions, then records whose bodies and headers vary; returns the count."""
+    clock = df.Clock(seed=21)
+    w = df.DataDirWriter(root)
+    for i in range(40):
+        w.write_records([df.openai_chat(clock, "s%02d" % i, [{"role": "user", "content": "hi"}],
+                                        {"content": "yo"})], stamp="20261127_1700%02d" % i)
+    odd = df.openai_chat(clock, "zz", [{"role": "user", "content": "hi"}], {"content": "yo"})
+    odd["request_body"] = "not json: a body the recorder kept as text"
+    err = df.openai_chat(clock, "zz", [{"role": "user", "content": "hi"}], {"content": "yo"}, status_code=404)
+    err["response_body"] = {"error": "plain string error"}
+    w.write_records([odd, err], stamp="20261127_180000")
+    return 42
+
+
+@unittest.skipUnless(_has("pandas"), "pandas not installed")
+class TestPandas(unittest.TestCase):
+    def setUp(self) -> None:
+        self.tmp = tempfile.mkdtemp(prefix="e2e-pandas-")
+        self.addCleanup(shutil.rmtree, self.tmp)
+        self.data = os.path.join(self.tmp, "data")
+        self.man = df.build_mixed(self.data, torn=False)
+
+    def test_raw_record_files_load_as_they_are(self) -> None:
+        import pandas as pd
+        files = sorted(glob.glob(os.path.join(self.data, "session_*", "*.jsonl*")))
+        self.assertTrue(any(f.endswith(".gz") for f in files))
+        frame = pd.concat([pd.read_json(f, lines=True) for f in files], ignore_index=True)
+        self.assertEqual(len(frame), len(self.man.records))
+        self.assertEqual(sorted(frame["id"]), sorted(r["id"] for r in self.man.records))
+        for col in ("request_body", "response_body", "tokens_used", "status_code", "ended"):
+            self.assertIn(col, frame.columns)
+
+    def test_records_export_loads_and_bodies_decode(self) -> None:
+        import pandas as pd
+        out = os.path.join(self.tmp, "records.jsonl")
+        self.assertEqual(run_export(self.data, out, "--format", "records"), 0)
+        frame = pd.read_json(out, lines=True)
+        self.assertEqual(len(frame), len(self.man.records))
+        bodies = [json.loads(b) for b in frame["request_body"]]
+        self.assertEqual(sorted(json.dumps(b, sort_keys=True) for b in bodies),
+                         sorted(json.dumps(r["request_body"], sort_keys=True) for r in self.man.records))
+
+    def test_torn_line_breaks_pandas_on_that_file(self) -> None:
+        import pandas as pd
+        torn = os.path.join(self.tmp, "torn")
+        df.build_mixed(torn, torn=True)
+        path = glob.glob(os.path.join(torn, "session_agent-1", "*-2.jsonl"))[0]
+        with self.assertRaises(ValueError):
+            pd.read_json(path, lines=True)
+
+
+@unittest.skipUnless(_has("duckdb"), "duckdb not installed")
+class TestDuckDB(unittest.TestCase):
+    def setUp(self) -> None:
+        self.tmp = tempfile.mkdtemp(prefix="e2e-duckdb-")
+        self.addCleanup(shutil.rmtree, self.tmp)
+
+    def sql(self, query: str) -> list:
+        import duckdb
+        con = duckdb.connect()
+        try:
+            return con.sql(query).fetchall()
+        finally:
+            con.close()
+
+    def test_mixed_data_dir_loads_as_it_is(self) -> None:
+        data = os.path.join(self.tmp, "data")
+        man = df.build_mixed(data, torn=False)
+        pattern = os.path.join(data, "session_*", "*.jsonl*")
+        rows = self.sql("select id, status_code, ended from read_json('%s', format='newline_delimited')" % pattern)
+        self.assertEqual(len(rows), len(man.records))
+        count = self.sql("select count(*) from read_json('%s', format='newline_delimited')"
+                         % os.path.join(data, "session_*", "*.jsonl"))
+        self.assertEqual(count[0][0], sum(1 for _ in glob.glob(os.path.join(data, "session_*", "*.jsonl")))
+                         and len([r for r in man.records]) - 9)  # 9 records live in the two .gz files
+
+    def test_recipe_for_varied_traffic_max_depth_1(self) -> None:
+        data = os.path.join(self.tmp, "varied")
+        total = many_files_with_late_variation(data)
+        pattern = os.path.join(data, "session_*", "*.jsonl*")
+        rows = self.sql("select id, json_extract_string(request_body, '$.model') from read_json('%s', "
+                        "format='newline_delimited', maximum_depth=1)" % pattern)
+        self.assertEqual(len(rows), total)
+
+    def test_default_detection_fails_on_late_variation(self) -> None:
+        """Evidence for the README: default detection samples the first files only."""
+        import duckdb
+        data = os.path.join(self.tmp, "varied")
+        many_files_with_late_variation(data)
+        pattern = os.path.join(data, "session_*", "*.jsonl*")
+        try:
+            self.sql("select * from read_json('%s', format='newline_delimited')" % pattern)
+        except duckdb.Error as exc:
+            self.assertIn("JSON transform error", str(exc))
+        else:
+            self.skipTest("this duckdb copes with late variation; the README caveat can go")
+
+    def test_torn_line_recipe(self) -> None:
+        data = os.path.join(self.tmp, "torn")
+        man = df.build_mixed(data, torn=True)
+        pattern = os.path.join(data, "session_*", "*.jsonl*")
+        rows = self.sql("select count(*) from read_json('%s', format='newline_delimited', maximum_depth=1, "
+                        "ignore_errors=true) where id is not null" % pattern)
+        self.assertEqual(rows[0][0], len(man.records))
+
+    def test_records_export_loads(self) -> None:
+        data = os.path.join(self.tmp, "varied")
+        total = many_files_with_late_variation(data)
+        out = os.path.join(self.tmp, "records.jsonl")
+        self.assertEqual(run_export(data, out, "--format", "records"), 0)
+        rows = self.sql("select count(*), count(request_body) from read_json('%s', format='newline_delimited')" % out)
+        self.assertEqual(rows[0], (total, total))
+
+
+@unittest.skipUnless(_has("datasets"), "datasets not installed")
+class TestHFDatasets(unittest.TestCase):
+    """Every export loads with ``datasets.load_dataset("json")`` without a schema error."""
+
+    @classmethod
+    def setUpClass(cls) -> None:
+        cls.tmp = tempfile.mkdtemp(prefix="e2e-datasets-")
+        cls.data = os.path.join(cls.tmp, "data")
+        cls.man = df.build_mixed(cls.data, torn=True)
+        many_files_with_late_variation(os.path.join(cls.data))
+        cls.env = {k: os.environ.get(k) for k in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE")}
+        os.environ["HF_DATASETS_OFFLINE"] = "1"
+        os.environ["HF_HUB_OFFLINE"] = "1"
+        import datasets
+        datasets.disable_progress_bars()
+
+    @classmethod
+    def tearDownClass(cls) -> None:
+        for key, value in cls.env.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        shutil.rmtree(cls.tmp)
+
+    def load(self, path: str, **kw):
+        import datasets
+        cache = tempfile.mkdtemp(dir=self.tmp, prefix="cache-")
+        return datasets.load_dataset("json", data_files=path, split="train", cache_dir=cache, **kw)
+
+    def check(self, name: str, *argv: str, stress: bool = True) -> str:
+        """Export, then load with the default reader and as one block; with ``stress``, also in
+        2 KB blocks (the schema must hold when inferred from the first block only)."""
+        out = os.path.join(self.tmp, name + ".jsonl")
+        self.assertEqual(run_export(self.data, out, *argv), 0)
+        expected = count_lines(out)
+        self.assertGreater(expected, 0)
+        self.assertEqual(len(self.load(out)), expected)
+        self.assertEqual(len(self.load(out, chunksize=os.path.getsize(out) + 1)), expected)
+        if stress:
+            self.assertEqual(len(self.load(out, chunksize=2048)), expected)
+        return out
+
+    def test_openai_chat(self) -> None:
+        self.check("chat", "--format", "openai-chat", stress=False)
+
+    def test_openai_chat_with_thinking_and_images(self) -> None:
+        self.check("chat_all", "--format", "openai-chat", "--include-thinking", "--include-images", stress=False)
+
+    def test_openai_chat_deduped(self) -> None:
+        self.check("chat_dedupe", "--format", "openai-chat", "--dedupe", stress=False)
+
+    def test_sharegpt(self) -> None:
+        self.check("sharegpt", "--format", "sharegpt")
+
+    def test_sharegpt_with_images(self) -> None:
+        self.check("sharegpt_img", "--format", "sharegpt", "--include-images", "--include-thinking", stress=False)
+
+    def test_records(self) -> None:
+        out = self.check("records", "--format", "records")
+        self.assertEqual(count_lines(out), len(self.man.records) + 42)
+
+    def test_large_openai_chat_files_need_one_block(self) -> None:
+        """Evidence for the README: ``datasets`` fixes the schema from the first block (10 MB by
+        default); when tool calls first appear after it, loading fails unless the file is read
+        as one block (``chunksize`` larger than the file)."""
+        import datasets
+        data = os.path.join(self.tmp, "late_tools")
+        clock = df.Clock(seed=5)
+        w = df.DataDirWriter(data)
+        plain = [df.openai_chat(clock, "late", [{"role": "user", "content": "question %d %s" % (i, "x" * 200)}],
+                                {"content": "answer %d" % i}) for i in range(30)]
+        w.write_records(plain + df.openai_tool_session(clock, "late"), stamp="20261127_170000")
+        out = os.path.join(self.tmp, "late_tools.jsonl")
+        self.assertEqual(run_export(data, out, "--format", "openai-chat"), 0)
+        self.assertEqual(len(self.load(out, chunksize=os.path.getsize(out) + 1)), 32)
+        try:
+            self.load(out, chunksize=2048)
+        except datasets.exceptions.DatasetGenerationError:
+            pass
+        else:
+            self.skipTest("this datasets version infers the schema from every block")
+
+    def test_split_files(self) -> None:
+        out = os.path.join(self.tmp, "split.jsonl")
+        self.assertEqual(run_export(self.data, out, "--format", "openai-chat", "--split", "0.7"), 0)
+        total = 0
+        for side in ("train", "test"):
+            path = os.path.join(self.tmp, "split.%s.jsonl" % side)
+            n = count_lines(path)
+            total += n
+            if n:
+                self.assertEqual(len(self.load(path)), n)
+        self.assertEqual(total, len(self.man.chat_ok) + 40)  # the odd two are skipped
+
+
+if __name__ == "__main__":
+    unittest.main()
