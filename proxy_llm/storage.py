@@ -20,7 +20,12 @@ Durability contract (also in the README):
 
 Files are created 0600 in directories created 0700. A record that cannot be written (disk full,
 read-only, permission) is counted in ``dropped`` and the recorder reports ``degraded`` until a
-write succeeds again; it retries on every batch and probes while idle.
+write succeeds again; it retries on every batch and probes while idle. If a failed write cannot
+be cut back, that file is abandoned (a later write starts a new file) so a torn fragment is never
+followed by more lines.
+
+Every file-system call goes through a :class:`FileOps` object (``os`` by default), the one
+boundary where tests count writes and syncs and inject faults.
 
 This module imports nothing from the package.
 """
@@ -29,9 +34,11 @@ from __future__ import annotations
 
 import errno
 import gzip
+import hashlib
 import logging
 import os
 import queue
+import re
 import shutil
 import threading
 import time
@@ -48,6 +55,28 @@ Encoder = Callable[[object], List[Tuple[str, str, bytes]]]
 _STOP = object()
 MAX_OPEN_FILES = 128
 BATCH_MAX = 512
+# The file-name form of a session id (record.session_file_id makes it); anything else is hashed
+# again here, so no caller can make the recorder write outside the data dir.
+_SAFE_SID = re.compile(r"[A-Za-z0-9._-]{1,64}\Z")
+
+
+class FileOps:
+    """The recorder's file-system calls; the default is the ``os`` module's."""
+
+    open = staticmethod(os.open)
+    write = staticmethod(os.write)
+    fsync = staticmethod(os.fsync)
+    ftruncate = staticmethod(os.ftruncate)
+    close = staticmethod(os.close)
+    makedirs = staticmethod(os.makedirs)
+
+
+def safe_sid(sid: str) -> str:
+    """``sid`` if it is a safe file-name part, else ``h`` + 16 hex chars of its SHA-256."""
+    if isinstance(sid, str) and _SAFE_SID.match(sid) and sid not in (".", ".."):
+        return sid
+    raw = sid.encode("utf-8", "surrogatepass") if isinstance(sid, str) else repr(sid).encode()
+    return "h" + hashlib.sha256(raw).hexdigest()[:16]
 
 
 class _File:
@@ -62,23 +91,23 @@ class _File:
         self.lines = 0
 
 
-def _fsync_dir(path: str) -> None:
+def _fsync_dir(path: str, ops: FileOps = FileOps) -> None:
     try:
-        fd = os.open(path, os.O_RDONLY)
+        fd = ops.open(path, os.O_RDONLY)
     except OSError:
         return
     try:
-        os.fsync(fd)
+        ops.fsync(fd)
     except OSError:
         pass
     finally:
-        os.close(fd)
+        ops.close(fd)
 
 
-def _write_all(fd: int, data: bytes) -> None:
+def _write_all(fd: int, data: bytes, ops: FileOps = FileOps) -> None:
     view = memoryview(data)
     while view:
-        n = os.write(fd, view)
+        n = ops.write(fd, view)
         view = view[n:]
 
 
@@ -115,7 +144,9 @@ class Recorder:
     def __init__(self, data_dir: str, encode: Encoder, queue_size: int = 10000, fsync: str = "interval",
                  fsync_interval: float = 1.0, max_file_size: int = 100 * 1024 * 1024, rotate_daily: bool = True,
                  compress_rotated: bool = False, file_suffix: str = "",
-                 on_written: Optional[Callable[[object], None]] = None, clock: Callable[[], float] = time.time):
+                 on_written: Optional[Callable[[object], None]] = None, clock: Callable[[], float] = time.time,
+                 ops: Optional[FileOps] = None):
+        self.ops = ops if ops is not None else FileOps()
         self.data_dir = os.path.abspath(data_dir)
         self.encode = encode
         self.fsync_mode = fsync
@@ -146,7 +177,7 @@ class Recorder:
     # -- request-thread side -------------------------------------------------------------
 
     def start(self) -> None:
-        os.makedirs(self.data_dir, mode=0o700, exist_ok=True)
+        self.ops.makedirs(self.data_dir, mode=0o700, exist_ok=True)
         self._thread = threading.Thread(target=self._run, name="proxy_llm-writer", daemon=True)
         self._thread.start()
         if self.compress_rotated:
@@ -202,7 +233,11 @@ class Recorder:
             if markers:
                 stopping = any(item is _STOP for item in markers)
                 batch = [item for item in batch if item is not _STOP and not isinstance(item, _Marker)]
-            self._write_batch(batch)
+            try:
+                self._write_batch(batch)
+            except Exception:  # a bug here must not stop recording for good
+                log.exception("the writer failed on a batch of %d records; they are dropped", len(batch))
+                self._count_drop("writer_error", len(batch))
             for item in markers:
                 if isinstance(item, _Marker):
                     with self.lock:
@@ -226,7 +261,7 @@ class Recorder:
                 self._count_drop("encode_error", 1)
                 continue
             for kind, sid, line in lines:
-                groups.setdefault((kind, sid), []).append(line)
+                groups.setdefault((kind, safe_sid(sid)), []).append(line)
         return groups
 
     def _write_batch(self, batch: List[object]) -> None:
@@ -256,14 +291,16 @@ class Recorder:
             f = self._file_for(key, len(data))
             before = f.size
             try:
-                _write_all(f.fd, data)
+                _write_all(f.fd, data, self.ops)
             except OSError:
                 # Cut a half-written batch back to the last whole line (a full disk frees
-                # enough for ftruncate), then let the outer handler count the loss.
+                # enough for ftruncate), then let the outer handler count the loss. If even
+                # that fails, abandon the file: appending after a torn fragment would glue
+                # the fragment to the next line.
                 try:
-                    os.ftruncate(f.fd, before)
+                    self.ops.ftruncate(f.fd, before)
                 except OSError:
-                    pass
+                    self._forget(f)
                 self._close_file(f, sync=False)
                 raise
             f.size += len(data)
@@ -277,7 +314,7 @@ class Recorder:
             with self._stats_lock:
                 self.degraded = True
                 self.last_error = "%s: %s" % (errno.errorcode.get(exc.errno or 0, "error"), exc.strerror or exc)
-            self._ratelog.warning("write_" + kind, "cannot write %s records to %s: %s", kind, self.data_dir, self.last_error)
+            self._ratelog.warning("write_" + kind, "cannot write %s lines to %s: %s", kind, self.data_dir, self.last_error)
             return 0
         if self.degraded:
             with self._stats_lock:
@@ -300,7 +337,7 @@ class Recorder:
                 self._seal(f)
                 f = None
             elif f.fd is None:
-                f.fd = os.open(f.path, os.O_WRONLY | os.O_APPEND | getattr(os, "O_CLOEXEC", 0))
+                f.fd = self.ops.open(f.path, os.O_WRONLY | os.O_APPEND | getattr(os, "O_CLOEXEC", 0))
                 self._limit_open(key)
                 return f
             else:
@@ -314,8 +351,8 @@ class Recorder:
             stem = "session_%s_%s" % (sid, day)
         created_dir = not os.path.isdir(directory)
         if created_dir:
-            os.makedirs(directory, mode=0o700, exist_ok=True)
-            _fsync_dir(os.path.dirname(directory))
+            self.ops.makedirs(directory, mode=0o700, exist_ok=True)
+            _fsync_dir(os.path.dirname(directory), self.ops)
         fd, path = self._create(directory, stem)
         f = self._files[key] = _File(path, fd, day)
         self._limit_open(key)
@@ -329,14 +366,14 @@ class Recorder:
             if os.path.exists(path + ".gz"):
                 continue
             try:
-                fd = os.open(path, flags, 0o600)
+                fd = self.ops.open(path, flags, 0o600)
             except FileExistsError:
                 continue
             try:
-                os.fsync(fd)
+                self.ops.fsync(fd)
             except OSError:
                 pass
-            _fsync_dir(directory)
+            _fsync_dir(directory, self.ops)
             return fd, path
         raise OSError(errno.EEXIST, "no free file name for %s" % stem)
 
@@ -353,29 +390,32 @@ class Recorder:
             return
         try:
             if sync and f.dirty:
-                os.fsync(f.fd)
+                self.ops.fsync(f.fd)
             f.dirty = False
         except OSError:
             pass
         finally:
             try:
-                os.close(f.fd)
+                self.ops.close(f.fd)
             except OSError:
                 pass
             f.fd = None
+
+    def _forget(self, f: _File) -> None:
+        for key, value in list(self._files.items()):
+            if value is f:
+                del self._files[key]
 
     def _seal(self, f: _File) -> None:
         """Rotation: sync and close a full (or yesterday's) file, optionally compress it."""
         if f.fd is not None:
             try:
-                os.fsync(f.fd)
+                self.ops.fsync(f.fd)
             except OSError:
                 pass
             self._close_file(f, sync=False)
-        _fsync_dir(os.path.dirname(f.path))
-        for key, value in list(self._files.items()):
-            if value is f:
-                del self._files[key]
+        _fsync_dir(os.path.dirname(f.path), self.ops)
+        self._forget(f)
         if self.compress_rotated:
             self._to_compress.put(f.path)
 
@@ -383,7 +423,7 @@ class Recorder:
         for f in self._files.values():
             if f.dirty and f.fd is not None:
                 try:
-                    os.fsync(f.fd)
+                    self.ops.fsync(f.fd)
                 except OSError as exc:
                     self._ratelog.warning("fsync", "fsync failed for a record file: %s", exc)
                 f.dirty = False
@@ -393,12 +433,12 @@ class Recorder:
         """While degraded and idle, check whether the data dir is writable again."""
         path = os.path.join(self.data_dir, ".proxy_llm_probe")
         try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            fd = self.ops.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
             try:
-                _write_all(fd, b"\0" * 4096)
-                os.fsync(fd)
+                _write_all(fd, b"\0" * 4096, self.ops)
+                self.ops.fsync(fd)
             finally:
-                os.close(fd)
+                self.ops.close(fd)
                 os.unlink(path)
         except OSError:
             return
@@ -415,7 +455,7 @@ class Recorder:
             if path is _STOP:
                 return
             try:
-                compress_file(str(path))
+                compress_file(str(path), self.ops)
             except OSError as exc:
                 self._ratelog.warning("compress", "could not compress a sealed file: %s", exc)
 
@@ -447,7 +487,7 @@ class Recorder:
                 self._close_file(f, sync=True)
             dirs = set(os.path.dirname(f.path) for f in self._files.values())
         for d in dirs:
-            _fsync_dir(d)
+            _fsync_dir(d, self.ops)
         if self._compressor is not None:
             self._to_compress.put(_STOP)
             self._compressor.join(timeout)
@@ -464,19 +504,31 @@ class _Marker:
         self.event = event
 
 
-def compress_file(path: str) -> str:
-    """gzip ``path`` crash-safely: temp file, fsync, rename, fsync dir, then remove the original."""
+def compress_file(path: str, ops: FileOps = FileOps) -> str:
+    """gzip ``path`` crash-safely: temp file, fsync, rename, fsync dir, then remove the original.
+
+    A crash before the rename leaves the original and a ``.gz.tmp`` (ignored by readers); after
+    it, both ``X.jsonl`` and a complete ``X.jsonl.gz`` (readers take ``X.jsonl``). A failure
+    removes the temp file and keeps the original.
+    """
     final = path + ".gz"
     tmp = final + ".tmp"
-    with open(path, "rb") as src:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "wb") as raw:
-            with gzip.GzipFile(filename=os.path.basename(path), mode="wb", fileobj=raw, mtime=0) as gz:
-                shutil.copyfileobj(src, gz, 1024 * 1024)
-            raw.flush()
-            os.fsync(raw.fileno())
-    os.rename(tmp, final)
-    _fsync_dir(os.path.dirname(path))
+    try:
+        with open(path, "rb") as src:
+            fd = ops.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "wb") as raw:
+                with gzip.GzipFile(filename=os.path.basename(path), mode="wb", fileobj=raw, mtime=0) as gz:
+                    shutil.copyfileobj(src, gz, 1024 * 1024)
+                raw.flush()
+                ops.fsync(raw.fileno())
+        os.rename(tmp, final)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    _fsync_dir(os.path.dirname(path), ops)
     os.unlink(path)
-    _fsync_dir(os.path.dirname(path))
+    _fsync_dir(os.path.dirname(path), ops)
     return final

@@ -1,0 +1,460 @@
+"""The recorder on real temp dirs: group commit, fsync modes, rotation, compression, faults.
+
+File-system calls are counted (and faults injected) at the recorder's one boundary,
+``storage.FileOps``; everything else is the real thing.
+"""
+
+from __future__ import annotations
+
+import errno
+import gzip
+import json
+import logging
+import os
+import queue
+import shutil
+import stat
+import tempfile
+import threading
+import time
+import unittest
+from typing import Dict, List, Optional
+
+from proxy_llm import reader, storage
+from proxy_llm.storage import RECORDS, STREAMS, Recorder
+
+DEADLINE = 20.0
+
+
+class Ops(storage.FileOps):
+    """Real ``os`` calls, logged as (op, path); ``fault(op, path, data)`` may raise instead."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()  # protects paths and calls
+        self.paths: Dict[int, str] = {}
+        self.calls: List[tuple] = []
+        self.fault = None
+        self.synced = threading.Event()  # set on every fsync of a .jsonl file
+
+    def _log(self, op: str, fd: int) -> str:
+        with self.lock:
+            path = self.paths.get(fd, "?")
+            self.calls.append((op, path))
+        return path
+
+    def _check(self, op: str, path: str, data: bytes = b"") -> None:
+        if self.fault is not None:
+            self.fault(op, path, data)
+
+    def open(self, path, flags, mode=0o777):
+        self._check("open", path)
+        fd = os.open(path, flags, mode)
+        with self.lock:
+            self.paths[fd] = path
+            self.calls.append(("open", path))
+        return fd
+
+    def write(self, fd, data):
+        path = self._log("write", fd)
+        self._check("write", path, bytes(data))
+        return os.write(fd, data)
+
+    def fsync(self, fd):
+        path = self._log("fsync", fd)
+        self._check("fsync", path)
+        os.fsync(fd)
+        if path.endswith(".jsonl"):
+            self.synced.set()
+
+    def ftruncate(self, fd, length):
+        path = self._log("ftruncate", fd)
+        self._check("ftruncate", path)
+        os.ftruncate(fd, length)
+
+    def close(self, fd):
+        self._log("close", fd)
+        os.close(fd)
+
+    def count(self, op: str, path_suffix: str = ".jsonl") -> int:
+        with self.lock:
+            return sum(1 for o, p in self.calls if o == op and p.endswith(path_suffix))
+
+    def ops_on(self, path: str) -> List[str]:
+        with self.lock:
+            return [o for o, p in self.calls if p == path]
+
+
+def line(sid: str, n: int, size: int = 0, kind: str = RECORDS) -> tuple:
+    text = json.dumps({"sid": sid, "n": n, "pad": "x" * max(0, size)}, separators=(",", ":"))
+    return (kind, sid, text.encode() + b"\n")
+
+
+def encode(item):
+    if isinstance(item, Exception):
+        raise item
+    return item if isinstance(item, list) else [item]
+
+
+def data_files(root: str) -> List[str]:
+    out = []
+    for d, _, files in os.walk(root):
+        out.extend(os.path.join(d, f) for f in files if ".jsonl" in f)
+    return sorted(out)
+
+
+def lines_of(path: str) -> List[bytes]:
+    opener = gzip.open if path.endswith(".gz") else open
+    with opener(path, "rb") as f:
+        return f.read().splitlines(keepends=True)
+
+
+class Captured(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.messages: List[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+class RecorderTestCase(unittest.TestCase):
+    def setUp(self):
+        logger = logging.getLogger("proxy_llm.storage")
+        self.logs = Captured()
+        logger.addHandler(self.logs)
+        logger.propagate = False
+        self.addCleanup(setattr, logger, "propagate", True)
+        self.addCleanup(logger.removeHandler, self.logs)
+        self.tmp = tempfile.mkdtemp(prefix="proxy_llm_storage_")
+        self.addCleanup(shutil.rmtree, self.tmp, True)
+        self.data_dir = os.path.join(self.tmp, "data")
+        self.ops = Ops()
+        self.written: "queue.Queue[object]" = queue.Queue()
+
+    def recorder(self, start: bool = True, **kwargs) -> Recorder:
+        kwargs.setdefault("ops", self.ops)
+        kwargs.setdefault("on_written", self.written.put)
+        rec = Recorder(self.data_dir, encode, **kwargs)
+        self.addCleanup(rec.close, DEADLINE)
+        if start:
+            rec.start()
+        return rec
+
+    def put(self, rec: Recorder, item) -> None:
+        """Submit one item and wait until the writer has handled it (one batch)."""
+        self.assertTrue(rec.submit(item))
+        self.assertIs(self.written.get(timeout=DEADLINE), item)
+
+
+class GroupCommitTest(RecorderTestCase):
+    def test_one_batch_is_one_write_per_file(self):
+        rec = self.recorder(start=False)
+        for n in range(40):  # queued before the writer starts: the first batch takes them all
+            rec.submit(line("alpha" if n % 2 else "beta", n))
+        for n in range(10):
+            rec.submit(line("alpha", n, kind=STREAMS))
+        rec.start()
+        self.assertTrue(rec.flush(DEADLINE))
+        files = data_files(self.data_dir)
+        self.assertEqual(len(files), 3)
+        for path in files:
+            self.assertEqual(self.ops.ops_on(path).count("write"), 1, path)
+        self.assertEqual(rec.written_total(), 40)  # stream lines are not records
+        alpha = [json.loads(x)["n"] for x in lines_of([p for p in files if "session_alpha" in p and "streams" not in p][0])]
+        self.assertEqual(alpha, list(range(1, 40, 2)))  # queue order kept
+
+    def test_fsync_always_syncs_after_every_batch(self):
+        rec = self.recorder(fsync="always")
+        for n in range(3):
+            self.put(rec, line("s", n))
+        [path] = data_files(self.data_dir)
+        # one fsync when the file was created, then one per batch, each after its write
+        self.assertEqual(self.ops.ops_on(path), ["open", "fsync"] + ["write", "fsync"] * 3)
+
+    def test_fsync_interval_batches_syncs(self):
+        rec = self.recorder(fsync="interval", fsync_interval=60.0)
+        for n in range(5):
+            self.put(rec, line("s", n))
+        [path] = data_files(self.data_dir)
+        self.assertEqual(self.ops.ops_on(path), ["open", "fsync"] + ["write"] * 5)  # creation sync only
+        rec.close(DEADLINE)
+        self.assertEqual(self.ops.ops_on(path)[-2:], ["fsync", "close"])  # synced at close
+
+    def test_fsync_interval_syncs_within_the_interval_when_idle(self):
+        rec = self.recorder(fsync="interval", fsync_interval=0.05)
+        self.put(rec, line("s", 0))
+        [path] = data_files(self.data_dir)
+        self.ops.synced.clear()
+        self.assertEqual(self.ops.ops_on(path), ["open", "fsync", "write"])
+        self.assertTrue(self.ops.synced.wait(DEADLINE))
+        self.assertEqual(self.ops.ops_on(path), ["open", "fsync", "write", "fsync"])
+
+    def test_fsync_never_leaves_syncing_to_the_os_until_close(self):
+        rec = self.recorder(fsync="never")
+        for n in range(3):
+            self.put(rec, line("s", n))
+        [path] = data_files(self.data_dir)
+        self.assertEqual(self.ops.ops_on(path), ["open", "fsync", "write", "write", "write"])
+        rec.close(DEADLINE)
+        self.assertEqual(self.ops.ops_on(path)[-2:], ["fsync", "close"])
+
+    def test_new_files_and_their_directories_are_synced(self):
+        rec = self.recorder(fsync="never")
+        self.put(rec, [line("s", 0), line("s", 0, kind=STREAMS)])
+        session_dir = os.path.join(self.data_dir, "session_s")
+        streams_dir = os.path.join(self.data_dir, "streams")
+        for d in (self.data_dir, session_dir, streams_dir):
+            self.assertIn("fsync", self.ops.ops_on(d), d)
+        for path in data_files(self.data_dir):
+            self.assertEqual(self.ops.ops_on(path)[:2], ["open", "fsync"])
+
+
+class RotationTest(RecorderTestCase):
+    def test_rotation_by_size_seals_and_keeps_every_line_in_order(self):
+        rec = self.recorder(max_file_size=1000, fsync="never")
+        size = len(line("s", 0, 60)[2])
+        for n in range(25):
+            self.put(rec, line("s", n, 60))
+        rec.close(DEADLINE)
+        files = data_files(self.data_dir)
+        per_file = 1000 // size
+        self.assertEqual(len(files), -(-25 // per_file))
+        for path in files:
+            self.assertLessEqual(os.path.getsize(path), 1000)
+            ops = self.ops.ops_on(path)
+            self.assertEqual(ops[-2:], ["fsync", "close"], path)  # sealed files are synced, then closed
+        stats = reader.ReadStats()
+        self.assertEqual([r["n"] for r in reader.iter_records(self.data_dir, stats)], list(range(25)))
+        self.assertTrue(stats.ok)
+
+    def test_rotation_by_day_uses_the_clock(self):
+        now = [time.mktime((2026, 11, 27, 23, 59, 58, 0, 0, 0)) - time.timezone]
+        rec = self.recorder(clock=lambda: now[0])
+        self.put(rec, [line("s", 0), line("s", 0, kind=STREAMS)])
+        now[0] += 1
+        self.put(rec, [line("s", 1), line("s", 1, kind=STREAMS)])  # same day: same files
+        now[0] += 2  # 00:00:01 the next day
+        self.put(rec, [line("s", 2), line("s", 2, kind=STREAMS)])
+        rec.close(DEADLINE)
+        names = [os.path.basename(p) for p in data_files(self.data_dir)]
+        self.assertEqual(names, ["session_s_20261127_235958.jsonl", "session_s_20261128_000001.jsonl",
+                                 "session_s_20261127.jsonl", "session_s_20261128.jsonl"])
+        self.assertEqual([len(lines_of(p)) for p in data_files(self.data_dir)], [2, 1, 2, 1])
+
+    def test_no_daily_rotation_when_disabled(self):
+        now = [time.mktime((2026, 11, 27, 23, 59, 59, 0, 0, 0)) - time.timezone]
+        rec = self.recorder(clock=lambda: now[0], rotate_daily=False)
+        self.put(rec, line("s", 0))
+        now[0] += 86400
+        self.put(rec, line("s", 1))
+        rec.close(DEADLINE)
+        self.assertEqual(len(data_files(self.data_dir)), 1)
+
+    def test_sealed_files_are_compressed_crash_safely(self):
+        now = [time.mktime((2026, 11, 27, 12, 0, 0, 0, 0, 0)) - time.timezone]
+        rec = self.recorder(clock=lambda: now[0], compress_rotated=True, max_file_size=2000)
+        for n in range(30):
+            self.put(rec, [line("s", n, 100), line("s", n, 100, kind=STREAMS)])
+            if n == 20:
+                now[0] += 86400
+        rec.close(DEADLINE)  # waits for the compressor
+        files = data_files(self.data_dir)
+        gz = [p for p in files if p.endswith(".gz")]
+        plain = [p for p in files if p.endswith(".jsonl")]
+        self.assertFalse([p for p in files if p.endswith(".tmp")])
+        self.assertEqual(len(plain), 2, plain)  # the files still open at close stay plain
+        self.assertGreaterEqual(len(gz), 3)
+        for path in gz:
+            self.assertEqual(stat.S_IMODE(os.stat(path).st_mode), 0o600)
+            self.assertFalse(os.path.exists(path[:-3]))
+            # the temp file was synced before the rename
+            self.assertIn("fsync", self.ops.ops_on(path + ".tmp"))
+        stats = reader.ReadStats()
+        self.assertEqual([r["n"] for r in reader.iter_records(self.data_dir, stats)], list(range(30)))
+        self.assertEqual([r["n"] for r in reader.iter_stream_lines(self.data_dir)], list(range(30)))
+        self.assertTrue(stats.ok)
+        self.assertEqual(stats.twins, [])
+
+    def test_failed_compression_keeps_the_original_and_no_temp_file(self):
+        path = os.path.join(self.tmp, "x.jsonl")
+        with open(path, "wb") as f:
+            f.write(b'{"a":1}\n')
+
+        def fault(op, p, data):
+            if op == "fsync" and p.endswith(".tmp"):
+                raise OSError(errno.EIO, "injected")
+        self.ops.fault = fault
+        with self.assertRaises(OSError):
+            storage.compress_file(path, self.ops)
+        self.assertEqual(sorted(os.listdir(self.tmp)), ["x.jsonl"])
+        self.ops.fault = None
+        self.assertEqual(storage.compress_file(path, self.ops), path + ".gz")
+        self.assertEqual(sorted(os.listdir(self.tmp)), ["x.jsonl.gz"])
+
+
+class RestartTest(RecorderTestCase):
+    def test_a_new_start_never_appends_to_an_old_file(self):
+        fixed = time.time()
+        rec = self.recorder(clock=lambda: fixed)
+        self.put(rec, [line("s", 0), line("s", 0, kind=STREAMS)])
+        rec.close(DEADLINE)
+        before = {p: lines_of(p) for p in data_files(self.data_dir)}
+        for n in (1, 2):
+            rec = self.recorder(clock=lambda: fixed)  # same second: the names collide
+            self.put(rec, [line("s", n), line("s", n, kind=STREAMS)])
+            rec.close(DEADLINE)
+        after = data_files(self.data_dir)
+        self.assertEqual(len(after), 6)
+        for path, content in before.items():
+            self.assertEqual(lines_of(path), content)
+        self.assertTrue(any(os.path.basename(p).endswith("-2.jsonl") for p in after))
+
+    def test_a_torn_last_line_is_skipped_and_counted_by_the_reader(self):
+        rec = self.recorder()
+        self.put(rec, [line("s", 0), line("s", 1)])
+        rec.close(DEADLINE)
+        [path] = data_files(self.data_dir)
+        with open(path, "ab") as f:
+            f.write(line("s", 2)[2][:15])  # a crash in the middle of an append
+        stats = reader.ReadStats()
+        self.assertEqual([r["n"] for r in reader.iter_records(self.data_dir, stats)], [0, 1])
+        self.assertEqual((stats.torn, stats.bad_lines), (1, []))
+
+
+class FaultTest(RecorderTestCase):
+    def test_half_written_batch_is_cut_back_and_recording_resumes(self):
+        rec = self.recorder()
+        self.put(rec, line("s", 0))
+        full = {"on": True, "calls": 0}
+        original_write = self.ops.write
+
+        def filling_write(fd, data):  # the disk fills up in the middle of a batch
+            if full["on"]:
+                full["calls"] += 1
+                if full["calls"] == 1:
+                    return original_write(fd, bytes(data[: len(data) // 2]))
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return original_write(fd, data)
+        self.ops.write = filling_write
+        self.put(rec, [line("s", 1), line("s", 2), line("s", 3)])
+        self.assertTrue(rec.degraded)
+        self.assertIn("ENOSPC", rec.last_error)
+        self.assertEqual(rec.dropped.get("write_error"), 3)
+        self.assertTrue(any("ENOSPC" in m for m in self.logs.messages), self.logs.messages)
+        [path] = data_files(self.data_dir)
+        self.assertEqual([json.loads(x)["n"] for x in lines_of(path)], [0])  # whole lines only
+        full["on"] = False
+        self.put(rec, line("s", 4))
+        self.assertFalse(rec.degraded)
+        self.assertEqual(rec.last_error, "")
+        self.assertEqual([json.loads(x)["n"] for x in lines_of(path)], [0, 4])
+        self.assertEqual(rec.written_total(), 2)
+
+    def test_a_file_that_cannot_be_cut_back_is_abandoned(self):
+        rec = self.recorder()
+        self.put(rec, line("s", 0))
+        broken = {"on": True}
+        original_write = self.ops.write
+
+        def torn_write(fd, data):
+            if broken["on"]:
+                original_write(fd, bytes(data[:7]))
+                raise OSError(errno.EIO, "injected I/O error")
+            return original_write(fd, data)
+
+        def fault(op, path, data):
+            if op == "ftruncate" and broken["on"]:
+                raise OSError(errno.EIO, "injected I/O error")
+        self.ops.write = torn_write
+        self.ops.fault = fault
+        self.put(rec, line("s", 1))
+        broken["on"] = False
+        self.put(rec, line("s", 2))
+        rec.close(DEADLINE)
+        files = data_files(self.data_dir)
+        self.assertEqual(len(files), 2)  # the torn file got no more lines
+        stats = reader.ReadStats()
+        self.assertEqual([r["n"] for r in reader.iter_records(self.data_dir, stats)], [0, 2])
+        self.assertEqual((stats.torn, stats.bad_lines), (1, []))
+
+    def test_encoder_and_writer_bugs_never_stop_the_writer(self):
+        rec = self.recorder()
+        self.put(rec, ValueError("bug in encode"))
+        self.assertEqual(rec.dropped.get("encode_error"), 1)
+
+        def fault(op, path, data):
+            if op == "open" and "session_boom" in path:
+                raise RuntimeError("not an OSError")
+        self.ops.fault = fault
+        self.assertTrue(rec.submit(line("boom", 0)))
+        self.assertTrue(rec.flush(DEADLINE))
+        self.assertEqual(rec.dropped.get("writer_error"), 1)
+        self.ops.fault = None
+        self.put(rec, line("ok", 1))
+        self.assertTrue(rec.flush(DEADLINE))
+        self.assertEqual(rec.written_total(), 1)
+        self.assertTrue(rec._thread.is_alive())
+
+    def test_full_queue_and_closed_recorder_drop_and_count(self):
+        rec = self.recorder(start=False, queue_size=2)
+        self.assertTrue(rec.submit(line("s", 0)))
+        self.assertTrue(rec.submit(line("s", 1)))
+        self.assertFalse(rec.submit(line("s", 2)))
+        self.assertTrue(rec.queue_full())
+        self.assertEqual(rec.dropped, {"queue_full": 1})
+        rec.start()
+        rec.close(DEADLINE)
+        self.assertFalse(rec.submit(line("s", 3)))
+        self.assertEqual(rec.dropped_total(), 2)
+        self.assertEqual(rec.written_total(), 2)
+
+    def test_probe_clears_degraded_when_the_dir_is_writable_again(self):
+        rec = self.recorder(fsync="interval", fsync_interval=0.02)
+        blocked = {"on": True}
+
+        def fault(op, path, data):
+            if blocked["on"] and op in ("open", "write"):
+                raise OSError(errno.EROFS, "Read-only file system")
+        self.ops.fault = fault
+        self.put(rec, line("s", 0))
+        self.assertTrue(rec.degraded)
+        self.assertIn("EROFS", rec.last_error)
+        blocked["on"] = False
+        deadline = time.monotonic() + DEADLINE
+        while rec.degraded and time.monotonic() < deadline:
+            self.ops.synced.wait(0.05)  # the idle probe runs every fsync_interval
+        self.assertFalse(rec.degraded)
+        self.assertFalse(os.path.exists(os.path.join(self.data_dir, ".proxy_llm_probe")))
+
+
+class PermissionsTest(RecorderTestCase):
+    def test_files_0600_and_dirs_0700_whatever_the_umask(self):
+        old = os.umask(0)
+        self.addCleanup(os.umask, old)
+        rec = self.recorder(max_file_size=200, compress_rotated=True)
+        for n in range(5):
+            self.put(rec, [line("s", n, 100), line("s", n, 100, kind=STREAMS)])
+        rec.close(DEADLINE)
+        self.assertTrue(any(p.endswith(".gz") for p in data_files(self.data_dir)))
+        for d, dirs, files in os.walk(self.data_dir):
+            self.assertEqual(stat.S_IMODE(os.stat(d).st_mode), 0o700, d)
+            for f in files:
+                self.assertEqual(stat.S_IMODE(os.stat(os.path.join(d, f)).st_mode), 0o600, f)
+
+    def test_unsafe_session_ids_from_any_caller_stay_inside_the_data_dir(self):
+        rec = self.recorder()
+        for sid in ("../../escape", "/abs/path", "..", ".", "", "a\0b", "x" * 65, "ok"):
+            self.put(rec, (RECORDS, sid, b'{"a":1}\n'))
+        rec.close(DEADLINE)
+        self.assertFalse(os.path.exists(os.path.join(self.tmp, "escape")))
+        names = sorted(os.listdir(self.data_dir))
+        self.assertIn("session_ok", names)
+        self.assertEqual(len(names), 8)
+        for name in names:
+            self.assertRegex(name, r"^session_[A-Za-z0-9._-]{1,64}$")
+        self.assertEqual(storage.safe_sid("../x"), storage.safe_sid("../x"))
+        self.assertNotEqual(storage.safe_sid("../x"), storage.safe_sid("../y"))
+
+
+if __name__ == "__main__":
+    unittest.main()
