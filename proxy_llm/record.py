@@ -278,7 +278,10 @@ class Encoder:
         resp_raw = None
         result = None
         reassembly_error = None
-        streamed = ex.status is not None and (is_event_stream(content_type) or (ex.stream and ex.status < 300))
+        # A stream is what the upstream sent as one: SSE, or Gemini's streamed JSON array. A
+        # server that ignores "stream": true and answers with plain JSON is recorded as plain JSON.
+        streamed = ex.status is not None and (is_event_stream(content_type) or (
+            ex.stream and ex.family == "gemini" and 200 <= ex.status < 300))
         try:
             if streamed:
                 events, stream_truncated = dialects.decode_stream(content_type, resp_chunks, self.max_sse_event)
