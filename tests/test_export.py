@@ -432,6 +432,62 @@ class TestCommand(ExportTestCase):
         self.assertEqual(len(read_jsonl(out)), 6)  # agent 3 + one per other tool loop
 
 
+class TestGoldenResponses(unittest.TestCase):
+    """Every reassembled response in tests/fixtures converts (or is skipped for a reason)."""
+
+    REQUESTS = {
+        "openai_chat": {"model": "m", "messages": [{"role": "user", "content": "hi"}]},
+        "openai_responses": {"model": "m", "input": "hi"},
+        "anthropic_messages": {"model": "m", "max_tokens": 9, "messages": [{"role": "user", "content": "hi"}]},
+        "gemini": {"contents": [{"role": "user", "parts": [{"text": "hi"}]}]},
+    }
+    EXPECT = {  # fixture -> (a piece of the final assistant message, dropped counts)
+        "openai_chat/deepseek_reasoning": ('"reasoning_content": "Okay', {}),
+        "openai_chat/n2_logprobs": ("Red.", {"choice": 1}),
+        "openai_chat/tool_calls_parallel": ('"tool_calls"', {}),
+        "openai_responses/function_calls_parallel": ('"tool_calls"', {}),
+        "openai_responses/reasoning_summary": ('"reasoning_content"', {}),
+        "anthropic_messages/thinking_signature": ("27 * 453 = 12,231", {"redacted_thinking": 1}),
+        "anthropic_messages/server_tools_citations": ("Claude Shannon", {"block:server_tool_use": 1,
+                                                                          "block:web_search_tool_result": 1}),
+        "gemini/sse_function_calls": ('"name": "get_weather"', {}),
+        "gemini/sse_two_candidates": ("Roses are red", {"choice": 1}),
+    }
+
+    def test_fixtures(self) -> None:
+        import glob
+        seen = set()
+        for dialect, req in self.REQUESTS.items():
+            paths = sorted(glob.glob(os.path.join(ROOT, "tests", "fixtures", dialect, "*.expected.json")))
+            if not paths:
+                self.skipTest("no golden fixtures yet")
+            for path in paths:
+                name = "%s/%s" % (dialect, os.path.basename(path)[: -len(".expected.json")])
+                with open(path, encoding="utf-8") as fh:
+                    expected = json.load(fh)
+                rec = {"dialect": dialect, "status_code": 200, "request_body": req,
+                       "response_body": expected["response_body"],
+                       "endpoint": "/v1beta/models/gemini-2.0-flash:streamGenerateContent"}
+                dropped = export.Counter()
+                with self.subTest(name):
+                    try:
+                        conv = export.convert(rec, dropped)
+                    except export.Skip as skip:
+                        self.assertEqual(skip.reason, "no_response")
+                        self.assertTrue(expected.get("error"), "a good answer was skipped")
+                        continue
+                    row = export.render_openai_chat(conv, export.Options(True, False), dropped)
+                    last = row["messages"][-1]
+                    self.assertEqual(last["role"], "assistant")
+                    self.assertTrue(last.get("content") or last.get("tool_calls"))
+                    if name in self.EXPECT:
+                        seen.add(name)
+                        piece, counts = self.EXPECT[name]
+                        self.assertIn(piece, json.dumps(last))
+                        self.assertEqual(dict(dropped), counts)
+        self.assertEqual(seen, set(self.EXPECT))
+
+
 class TestConvertUnits(unittest.TestCase):
     def test_not_chat_and_errors_are_skipped_with_a_reason(self) -> None:
         clock = df.Clock()

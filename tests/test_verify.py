@@ -216,3 +216,97 @@ class TestUnits(unittest.TestCase):
 
 if __name__ == "__main__":
     unittest.main()
+
+
+class TestRecorderOutput(unittest.TestCase):
+    """The real recorder's output (in-process proxy, fake upstream) passes verify and feeds
+    stats and export: the contract between the writer and the readers, tested end to end."""
+
+    def setUp(self) -> None:
+        try:
+            from tests import support
+        except ImportError as exc:  # the proxy is not there yet
+            self.skipTest("tests.support unavailable: %s" % exc)
+        self.support = support
+        self.tmp = tempfile.mkdtemp(prefix="verify-real-")
+        self.addCleanup(shutil.rmtree, self.tmp)
+        self.data = os.path.join(self.tmp, "data")
+        self.upstream = support.FakeUpstream(self.reply).start()
+        self.addCleanup(self.upstream.stop)
+        providers = [support.provider("openai", "openai", self.upstream.url, "", ["gpt-*", "text-*"]),
+                     support.provider("anthropic", "anthropic", self.upstream.url, "", ["claude-*"]),
+                     support.provider("gemini", "gemini", self.upstream.url, "", ["gemini-*"])]
+        self.proxy = support.InProcessProxy(support.base_config(providers, self.data)).__enter__()
+        self.addCleanup(self.proxy.stop)
+
+    def fixture(self, name: str) -> bytes:
+        with open(os.path.join(ROOT, "tests", "fixtures", name), "rb") as fh:
+            return fh.read()
+
+    def reply(self, req):
+        s = self.support
+        body = req.json() if req.body else {}
+        if req.path == "/v1/chat/completions":
+            if body.get("model") == "gpt-limited":
+                return s.json_reply({"error": {"message": "Rate limit", "type": "requests"}}, status=429)
+            if body.get("stream"):
+                return s.sse_reply([self.fixture("openai_chat/basic_usage.sse")])
+            return s.Reply(200, [("Content-Type", "application/json")], self.fixture("openai_chat/body_tool_calls.json"))
+        if req.path == "/v1/messages":
+            return s.sse_reply([self.fixture("anthropic_messages/thinking_signature.sse")])
+        if req.path == "/v1/responses":
+            return s.sse_reply([self.fixture("openai_responses/text.sse")])
+        if req.path.endswith(":streamGenerateContent"):
+            return s.sse_reply([self.fixture("gemini/sse_function_calls.sse")])
+        if req.path == "/v1/embeddings":
+            return s.json_reply({"object": "list", "data": [{"object": "embedding", "index": 0, "embedding": [0.1]}],
+                                 "usage": {"prompt_tokens": 1, "total_tokens": 1}})
+        return s.json_reply({"error": {"message": "not found"}}, status=404)
+
+    def send(self, path: str, body: dict, session: str = "real-1", **headers) -> int:
+        hdrs = {"Content-Type": "application/json", "X-Session-Id": session, "Authorization": "Bearer sk-test-secret-1"}
+        hdrs.update(headers)
+        status, _, _ = self.support.request(self.proxy.url, path=path, body=body, headers=hdrs)
+        return status
+
+    def test_recorded_traffic_verifies_and_exports(self) -> None:
+        chat = {"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]}
+        self.assertEqual(self.send("/v1/chat/completions", dict(chat, stream=True)), 200)
+        self.assertEqual(self.send("/v1/chat/completions", chat), 200)
+        self.assertEqual(self.send("/v1/chat/completions", dict(chat, model="gpt-limited", stream=True)), 429)
+        self.assertEqual(self.send("/v1/messages", {"model": "claude-sonnet-4-5", "max_tokens": 99, "stream": True,
+                                                    "messages": [{"role": "user", "content": "27 * 453?"}]}), 200)
+        self.assertEqual(self.send("/v1/responses", {"model": "gpt-4.1", "input": "hi", "stream": True}), 200)
+        self.assertEqual(self.send("/v1beta/models/gemini-2.0-flash:streamGenerateContent?alt=sse",
+                                   {"contents": [{"role": "user", "parts": [{"text": "weather?"}]}]},
+                                   session="real-2"), 200)
+        self.assertEqual(self.send("/v1/embeddings", {"model": "text-embedding-3-small", "input": "x"}), 200)
+        self.proxy.flush()
+
+        code, out, _ = run_verify("--data-dir", self.data)
+        self.assertEqual(code, 0, out)
+        self.assertIn("7 records", out)
+        self.assertIn("4 stream lines", out)
+        self.assertNotIn("sk-test-secret-1", out)
+
+        from proxy_llm import export, stats
+        report = stats.collect(self.data)
+        self.assertEqual(report.total.requests, 7)
+        self.assertEqual(report.total.http_errors, 1)
+        self.assertEqual(set(report.sessions), {"real-1", "real-2"})
+
+        rows = os.path.join(self.tmp, "chat.jsonl")
+        parser = argparse.ArgumentParser()
+        export.add_arguments(parser)
+        with redirect_stderr(io.StringIO()) as err:
+            code = export.run(parser.parse_args(["--data-dir", self.data, "--format", "openai-chat",
+                                                 "--include-thinking", "--out", rows]))
+        self.assertEqual(code, 0, err.getvalue())
+        with open(rows, encoding="utf-8") as fh:
+            exported = [json.loads(line) for line in fh]
+        self.assertEqual(len(exported), 5, err.getvalue())
+        self.assertIn("skipped (error 1, not_chat 1)", err.getvalue())
+        text = json.dumps(exported)
+        self.assertIn("12,231", text)
+        self.assertNotIn("sk-test-secret-1", text)
+        self.assertNotIn("REDACTED", text)
