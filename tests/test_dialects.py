@@ -25,6 +25,7 @@ import unittest
 
 from proxy_llm import dialects
 from proxy_llm.dialects import DIALECTS, Result, decode_stream, select
+from proxy_llm.dialects.base import REASSEMBLY_ERROR
 from proxy_llm.sse import Event
 
 FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures")
@@ -34,7 +35,7 @@ CONTENT_TYPES = (
     (".ndjson", "application/x-ndjson"),
     (".sse", "text/event-stream"),
 )
-SMALL = 3000  # fixtures up to this size are also tested at every single split point
+SMALL = 2048  # fixtures up to this size are also decoded at every single split point
 
 
 def fixture_cases():
@@ -115,21 +116,36 @@ class GoldenFilesTest(unittest.TestCase):
     def test_split_points(self):
         rng = random.Random(20261127)
         for name, path, _ in fixture_cases():
-            if content_type_of(path) is None:
+            ctype = content_type_of(path)
+            if ctype is None:
                 continue
             with open(path, "rb") as f:
                 data = f.read()
             want = run(name, path)
+            want_events = decoded(ctype, [data])
             with self.subTest(fixture=os.path.relpath(path, FIXTURES)):
+                # Whole pipeline: random multi-way splits, and byte by byte.
                 for _ in range(25):
                     k = rng.randrange(1, 12)
                     pieces = split_at(data, [rng.randrange(1, max(2, len(data))) for _ in range(k)])
                     self.assertEqual(run(name, path, pieces), want)
-                # Byte by byte, and every single split point when small.
                 self.assertEqual(run(name, path, [data[i:i + 1] for i in range(len(data))]), want)
+                # Decoder: every split point of small fixtures; of the others,
+                # every point next to a line end or inside a UTF-8 sequence.
+                # The same events give the same Result.
                 if len(data) <= SMALL:
-                    for i in range(1, len(data)):
-                        self.assertEqual(run(name, path, [data[:i], data[i:]]), want, i)
+                    points = range(1, len(data))
+                else:
+                    points = [i for i in range(1, len(data))
+                              if data[i - 1] in b"\r\n" or data[i] in b"\r\n"
+                              or data[i - 1] >= 0x80 or data[i] >= 0x80]
+                for i in points:
+                    self.assertEqual(decoded(ctype, [data[:i], data[i:]]), want_events, i)
+
+
+def decoded(ctype, pieces):
+    events, _ = decode_stream(ctype, [(0.0, p) for p in pieces], 1 << 20)
+    return [(ev.to_json(), ev.raw) for _, ev in events]
 
 
 class SelectTest(unittest.TestCase):
@@ -204,6 +220,269 @@ class NeverRaisesTest(unittest.TestCase):
         res = Broken().reassemble([Event(data="{}")])
         self.assertEqual(res.error["type"], "proxy_llm.reassembly_error")
         self.assertFalse(res.complete)
+
+
+def events_of(*payloads, **kw):
+    """SSE events with the given JSON payloads (str payloads are sent as is)."""
+    name = kw.get("event")
+    return [Event(data=p if isinstance(p, str) else json.dumps(p), event=name) for p in payloads]
+
+
+class UsageTest(unittest.TestCase):
+    def test_openai_absent_fields_stay_absent(self):
+        chat = DIALECTS["openai_chat"]
+        self.assertIsNone(chat.from_body({"id": "x", "choices": []}).tokens_used)
+        self.assertEqual(chat.from_body({"usage": {"prompt_tokens": 3, "completion_tokens": 2}}).tokens_used,
+                         {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5})
+        self.assertEqual(chat.from_body({"usage": {"prompt_tokens": 3, "total_tokens": 3}}).tokens_used,
+                         {"prompt_tokens": 3, "total_tokens": 3})
+        # null and non-int counts are "not sent"
+        self.assertEqual(chat.from_body({"usage": {"prompt_tokens": None, "completion_tokens": True,
+                                                   "total_tokens": "7"}}).tokens_used, None)
+
+    def test_deepseek_cache_hit(self):
+        res = DIALECTS["openai_chat"].from_body(
+            {"usage": {"prompt_tokens": 100, "completion_tokens": 5, "total_tokens": 105,
+                       "prompt_cache_hit_tokens": 64, "prompt_cache_miss_tokens": 36}})
+        self.assertEqual(res.tokens_used["cached_tokens"], 64)
+
+    def test_anthropic(self):
+        res = DIALECTS["anthropic_messages"].from_body({"usage": {"input_tokens": 10, "output_tokens": 2}})
+        self.assertEqual(res.tokens_used, {"prompt_tokens": 10, "completion_tokens": 2, "total_tokens": 12})
+        res = DIALECTS["anthropic_messages"].from_body({"usage": {
+            "input_tokens": 5, "cache_creation_input_tokens": 100, "cache_read_input_tokens": 1000,
+            "output_tokens": 7}})
+        self.assertEqual(res.tokens_used, {"prompt_tokens": 1105, "completion_tokens": 7, "total_tokens": 1112,
+                                           "cached_tokens": 1000, "cache_creation_tokens": 100})
+
+    def test_anthropic_stream_merges_usage(self):
+        evs = events_of(
+            {"type": "message_start", "message": {"id": "m", "content": [], "usage": {
+                "input_tokens": 9, "cache_read_input_tokens": 4, "output_tokens": 1}}},
+            {"type": "message_delta", "delta": {"stop_reason": "end_turn"},
+             "usage": {"output_tokens": 30, "input_tokens": None, "cache_creation_input_tokens": 2}},
+            {"type": "message_stop"})
+        res = DIALECTS["anthropic_messages"].reassemble(evs)
+        self.assertEqual(res.response_body["usage"], {"input_tokens": 9, "cache_read_input_tokens": 4,
+                                                      "output_tokens": 30, "cache_creation_input_tokens": 2})
+        self.assertEqual(res.tokens_used, {"prompt_tokens": 15, "completion_tokens": 30, "total_tokens": 45,
+                                           "cached_tokens": 4, "cache_creation_tokens": 2})
+        self.assertTrue(res.complete)
+
+    def test_gemini(self):
+        g = DIALECTS["gemini"]
+        self.assertEqual(g.from_body({"usageMetadata": {"promptTokenCount": 4}}).tokens_used,
+                         {"prompt_tokens": 4})
+        self.assertEqual(g.from_body({"usageMetadata": {"promptTokenCount": 4, "thoughtsTokenCount": 10,
+                                                        "totalTokenCount": 14}}).tokens_used,
+                         {"prompt_tokens": 4, "completion_tokens": 10, "total_tokens": 14,
+                          "reasoning_tokens": 10})
+
+    def test_responses(self):
+        res = DIALECTS["openai_responses"].from_body({"object": "response", "usage": {
+            "input_tokens": 10, "output_tokens": 4, "total_tokens": 14}})
+        self.assertEqual(res.tokens_used, {"prompt_tokens": 10, "completion_tokens": 4, "total_tokens": 14})
+
+    def test_count_tokens_is_not_usage(self):
+        res = DIALECTS["anthropic_count_tokens"].from_body({"input_tokens": 12})
+        self.assertIsNone(res.tokens_used)
+        self.assertEqual(res.response_body, {"input_tokens": 12})
+
+
+class OpenAIChatEdgesTest(unittest.TestCase):
+    chat = DIALECTS["openai_chat"]
+
+    def chunk(self, choices, **kw):
+        d = {"id": "c1", "object": "chat.completion.chunk", "created": 1, "model": "m", "choices": choices}
+        d.update(kw)
+        return d
+
+    def test_tool_calls_without_index(self):
+        # Some compatible servers omit "index": match by id, else a new call.
+        evs = events_of(
+            self.chunk([{"index": 0, "delta": {"tool_calls": [
+                {"id": "a", "type": "function", "function": {"name": "f", "arguments": "{}"}},
+                {"id": "b", "type": "function", "function": {"name": "g", "arguments": "{\"x\""}}]}}]),
+            self.chunk([{"index": 0, "delta": {"tool_calls": [
+                {"id": "b", "function": {"arguments": ": 1}"}}]}, "finish_reason": "tool_calls"}]),
+            "[DONE]")
+        calls = self.chat.reassemble(evs).response_body["choices"][0]["message"]["tool_calls"]
+        self.assertEqual([(c["id"], c["function"]["name"], c["function"]["arguments"]) for c in calls],
+                         [("a", "f", "{}"), ("b", "g", '{"x": 1}')])
+
+    def test_repeated_name_and_id_not_concatenated(self):
+        evs = events_of(
+            self.chunk([{"index": 0, "delta": {"tool_calls": [
+                {"index": 0, "id": "call_1", "type": "function", "function": {"name": "f", "arguments": "{"}}]}}]),
+            self.chunk([{"index": 0, "delta": {"tool_calls": [
+                {"index": 0, "id": "call_1", "type": "function", "function": {"name": "f", "arguments": "}"}}]}}]))
+        call = self.chat.reassemble(evs).response_body["choices"][0]["message"]["tool_calls"][0]
+        self.assertEqual(call, {"id": "call_1", "type": "function", "function": {"name": "f", "arguments": "{}"}})
+
+    def test_choices_out_of_order_and_sparse(self):
+        evs = events_of(self.chunk([{"index": 2, "delta": {"content": "c"}}]),
+                        self.chunk([{"index": 0, "delta": {"content": "a"}, "finish_reason": "stop"}]))
+        body = self.chat.reassemble(evs).response_body
+        self.assertEqual([(c["index"], c["message"]["content"]) for c in body["choices"]], [(0, "a"), (2, "c")])
+
+    def test_complete_rules(self):
+        finished = self.chunk([{"index": 0, "delta": {}, "finish_reason": "stop"}])
+        usage = self.chunk([], usage={"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2})
+        self.assertFalse(self.chat.reassemble(events_of(finished)).complete)
+        self.assertTrue(self.chat.reassemble(events_of(finished, usage)).complete)
+        self.assertTrue(self.chat.reassemble(events_of(finished, "[DONE]")).complete)
+        self.assertTrue(self.chat.reassemble(events_of("[DONE]")).complete)
+        self.assertIsNone(self.chat.reassemble(events_of("[DONE]")).response_body)
+
+    def test_legacy_function_call_and_audio(self):
+        evs = events_of(
+            self.chunk([{"index": 0, "delta": {"role": "assistant", "function_call": {"name": "f", "arguments": ""}}}]),
+            self.chunk([{"index": 0, "delta": {"function_call": {"arguments": "{\"a\":"}}}]),
+            self.chunk([{"index": 0, "delta": {"function_call": {"arguments": "1}"},
+                                               "audio": {"id": "audio_1", "transcript": "hi"}}}]),
+            self.chunk([{"index": 0, "delta": {"audio": {"transcript": " there", "data": "AAA"}},
+                         "finish_reason": "function_call"}]))
+        msg = self.chat.reassemble(evs).response_body["choices"][0]["message"]
+        self.assertEqual(msg["function_call"], {"name": "f", "arguments": '{"a":1}'})
+        self.assertEqual(msg["audio"], {"id": "audio_1", "transcript": "hi there", "data": "AAA"})
+
+
+class AnthropicEdgesTest(unittest.TestCase):
+    d = DIALECTS["anthropic_messages"]
+
+    def test_tool_input_rules(self):
+        start = {"type": "message_start", "message": {"id": "m", "type": "message", "content": []}}
+        evs = events_of(
+            start,
+            {"type": "content_block_start", "index": 0, "content_block": {"type": "tool_use", "id": "t",
+                                                                          "name": "n", "input": {}}},
+            {"type": "content_block_delta", "index": 0, "delta": {"type": "input_json_delta", "partial_json": ""}},
+            {"type": "content_block_stop", "index": 0},
+            {"type": "content_block_start", "index": 1, "content_block": {"type": "tool_use", "id": "u",
+                                                                          "name": "n", "input": {}}},
+            {"type": "content_block_delta", "index": 1, "delta": {"type": "input_json_delta", "partial_json": "[1,"}},
+            {"type": "content_block_delta", "index": 1, "delta": {"type": "input_json_delta", "partial_json": " 2]"}},
+            {"type": "content_block_stop", "index": 1},
+            {"type": "content_block_start", "index": 2, "content_block": {"type": "tool_use", "id": "v",
+                                                                          "name": "n", "input": {"k": 1}}},
+            {"type": "content_block_stop", "index": 2},
+            {"type": "content_block_delta", "index": 7, "delta": {"type": "text_delta", "text": "orphan"}})
+        content = self.d.reassemble(evs).response_body["content"]
+        self.assertEqual([b["input"] for b in content], [{}, [1, 2], {"k": 1}])
+
+    def test_unknown_delta_type_keeps_text(self):
+        evs = events_of(
+            {"type": "message_start", "message": {"id": "m", "content": []}},
+            {"type": "content_block_start", "index": 0, "content_block": {"type": "future", "body": ""}},
+            {"type": "content_block_delta", "index": 0, "delta": {"type": "body_delta", "body": "a"}},
+            {"type": "content_block_delta", "index": 0, "delta": {"type": "body_delta", "body": "b"}})
+        self.assertEqual(self.d.reassemble(evs).response_body["content"], [{"type": "future", "body": "ab"}])
+
+    def test_error_event_without_message(self):
+        res = self.d.reassemble(events_of({"type": "error", "error": {"type": "api_error", "message": "boom"}},
+                                          event="error"))
+        self.assertEqual(res.error, {"type": "api_error", "message": "boom"})
+        self.assertIsNone(res.response_body)
+        self.assertFalse(res.complete)
+
+
+class GeminiEdgesTest(unittest.TestCase):
+    g = DIALECTS["gemini"]
+
+    def parts(self, *chunks):
+        evs = events_of(*[{"candidates": [{"content": {"role": "model", "parts": list(c)}}]} for c in chunks])
+        return self.g.reassemble(evs).response_body["candidates"][0]["content"]["parts"]
+
+    def test_merge_rules(self):
+        got = self.parts([{"text": "a", "thought": True}], [{"text": "b", "thought": True}],
+                         [{"text": "c"}], [{"text": "d", "thoughtSignature": "S1"}],
+                         [{"text": "e", "thoughtSignature": "S2"}],
+                         [{"functionCall": {"name": "f", "args": {}}}], [{"text": "g"}])
+        self.assertEqual(got, [{"text": "ab", "thought": True}, {"text": "cd", "thoughtSignature": "S1"},
+                               {"text": "e", "thoughtSignature": "S2"},
+                               {"functionCall": {"name": "f", "args": {}}}, {"text": "g"}])
+
+    def test_last_usage_counts(self):
+        evs = events_of({"usageMetadata": {"promptTokenCount": 3, "totalTokenCount": 3}},
+                        {"usageMetadata": {"promptTokenCount": 3, "candidatesTokenCount": 5, "totalTokenCount": 8}})
+        self.assertEqual(self.g.reassemble(evs).tokens_used,
+                         {"prompt_tokens": 3, "completion_tokens": 5, "total_tokens": 8})
+
+
+class ResponsesEdgesTest(unittest.TestCase):
+    r = DIALECTS["openai_responses"]
+
+    def test_nested_error_event(self):
+        res = self.r.reassemble(events_of({"type": "error", "error": {"type": "invalid_request_error",
+                                                                      "code": "bad", "message": "no"}}))
+        self.assertEqual(res.error, {"type": "invalid_request_error", "message": "no"})
+
+    def test_events_before_items(self):
+        evs = events_of({"type": "response.output_text.delta", "output_index": 0, "content_index": 0,
+                         "item_id": "msg_1", "delta": "hi"})
+        res = self.r.reassemble(evs)
+        self.assertEqual(res.response_body["output"],
+                         [{"id": "msg_1", "content": [{"type": "output_text", "text": "hi"}]}])
+        self.assertFalse(res.complete)
+
+
+class SniffTest(unittest.TestCase):
+    def test_unknown_content_type(self):
+        for ctype in (None, "", "text/plain", "application/octet-stream"):
+            evs, _ = decode_stream(ctype, [(0.0, b"\xef\xbb\xbfdata: 1\n\n")], 1024)
+            self.assertEqual([e.data for _, e in evs], ["1"], ctype)
+            evs, _ = decode_stream(ctype, [(0.0, b'  [{"a": 1},'), (1.0, b' {"b": 2}]')], 1024)
+            self.assertEqual([e.data for _, e in evs], ['{"a": 1}', '{"b": 2}'], ctype)
+            evs, _ = decode_stream(ctype, [(0.0, b'{"a": 1}\n{"b": 2}\n')], 1024)
+            self.assertEqual([e.data for _, e in evs], ['{"a": 1}', '{"b": 2}'], ctype)
+        # An explicit NDJSON type is not sniffed.
+        evs, _ = decode_stream("application/x-ndjson", [(0.0, b"data: 1\n")], 1024)
+        self.assertEqual([e.data for _, e in evs], ["data: 1"])
+
+    def test_iterator_chunks(self):
+        evs, _ = decode_stream("text/event-stream", iter([(0.0, b"data: 1\n\n")]), 1024)
+        self.assertEqual(len(evs), 1)
+
+
+class MutationFuzzTest(unittest.TestCase):
+    """Damaged fixtures: never an internal failure, always JSON-serialisable, bounded."""
+
+    def test_mutated_fixtures(self):
+        rng = random.Random(424242)
+        for name, path, _ in fixture_cases():
+            ctype = content_type_of(path)
+            with open(path, "rb") as f:
+                data = f.read()
+            dialect = DIALECTS[name]
+            for _ in range(40):
+                buf = bytearray(data)
+                for _ in range(rng.randrange(1, 6)):
+                    op = rng.randrange(4)
+                    i = rng.randrange(len(buf) + 1)
+                    j = min(len(buf), i + rng.randrange(1, 40))
+                    if op == 0:
+                        del buf[i:j]
+                    elif op == 1:
+                        buf[i:i] = buf[i:j]
+                    elif op == 2 and i < len(buf):
+                        buf[i] = rng.randrange(256)
+                    else:
+                        del buf[i:]
+                mutated = bytes(buf)
+                with self.subTest(fixture=os.path.relpath(path, FIXTURES)):
+                    if ctype is None:
+                        try:
+                            body = json.loads(mutated.decode("utf-8", "replace"))
+                        except ValueError:
+                            body = mutated.decode("utf-8", "replace")
+                        res = dialect.from_body(body)
+                    else:
+                        evs, _ = decode_stream(ctype, [(0.0, mutated)], rng.choice((256, 1 << 20)))
+                        res = dialect.reassemble([e for _, e in evs])
+                    self.assertIsInstance(res, Result)
+                    if res.error is not None:
+                        self.assertNotEqual(res.error["type"], REASSEMBLY_ERROR, res.error)
+                    json.dumps(res.to_json())
 
 
 if __name__ == "__main__":

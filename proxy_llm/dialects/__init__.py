@@ -90,11 +90,18 @@ def decode_stream(content_type, chunks, max_event_size=sse.DEFAULT_MAX_EVENT_SIZ
     with the time of the chunk that completed it. ``text/event-stream`` is
     SSE; ``application/json`` is a JSON array split into one event per element
     (Gemini ``streamGenerateContent`` without ``alt=sse``); anything else is
-    one event per non-empty line (NDJSON). ``truncated`` is true when an
+    one event per non-empty line (NDJSON). A missing or unrecognised type
+    (neither of those nor NDJSON) is sniffed from the first bytes: SSE when
+    they start with an SSE field or comment, a JSON array when with ``[``.
+    ``truncated`` is true when an
     event was dropped for exceeding ``max_event_size``. Never raises on bad
     bytes.
     """
+    if not isinstance(chunks, (list, tuple)):
+        chunks = list(chunks or ())
     media = (content_type or "").split(";", 1)[0].strip().lower()
+    if media not in _KNOWN_MEDIA and not media.endswith("+json"):
+        media = _sniff(chunks)
     if media == "text/event-stream":
         decoder = sse.SSEDecoder(max_event_size)
     elif media == "application/json" or media.endswith("+json"):
@@ -109,3 +116,25 @@ def decode_stream(content_type, chunks, max_event_size=sse.DEFAULT_MAX_EVENT_SIZ
     for ev in decoder.close():
         out.append((t, ev))
     return out, decoder.truncated
+
+
+_KNOWN_MEDIA = frozenset(("text/event-stream", "application/json", "application/x-ndjson",
+                          "application/ndjson", "application/jsonl", "application/json-seq"))
+_SSE_STARTS = (b"data:", b"event:", b"id:", b"retry:", b":")
+
+
+def _sniff(chunks):
+    """The media type a body with no usable Content-Type looks like."""
+    head = []
+    size = 0
+    for _, data in chunks or ():
+        head.append(data)
+        size += len(data)
+        if size >= 64:
+            break
+    start = b"".join(head)[:64].lstrip(b" \t\r\n\xef\xbb\xbf")
+    if start.startswith(_SSE_STARTS):
+        return "text/event-stream"
+    if start.startswith(b"["):
+        return "application/json"
+    return "application/x-ndjson"
