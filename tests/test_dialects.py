@@ -426,6 +426,24 @@ class ResponsesEdgesTest(unittest.TestCase):
         self.assertFalse(res.complete)
 
 
+class ResponsesToolTextTest(unittest.TestCase):
+    def test_custom_tool_input_and_code(self):
+        evs = events_of(
+            {"type": "response.output_item.added", "output_index": 0,
+             "item": {"id": "ctc_1", "type": "custom_tool_call", "call_id": "c", "name": "exec", "input": ""}},
+            {"type": "response.custom_tool_call_input.delta", "output_index": 0, "item_id": "ctc_1", "delta": "ls "},
+            {"type": "response.custom_tool_call_input.delta", "output_index": 0, "item_id": "ctc_1", "delta": "-la"},
+            {"type": "response.output_item.added", "output_index": 1,
+             "item": {"id": "ci_1", "type": "code_interpreter_call", "code": ""}},
+            {"type": "response.code_interpreter_call_code.delta", "output_index": 1, "item_id": "ci_1",
+             "delta": "print(1)"},
+            {"type": "response.mcp_call_arguments.delta", "item_id": "ci_1", "delta": "{}"})
+        out = DIALECTS["openai_responses"].reassemble(evs).response_body["output"]
+        self.assertEqual(out[0]["input"], "ls -la")
+        self.assertEqual(out[1]["code"], "print(1)")
+        self.assertEqual(out[1]["arguments"], "{}")  # found by item_id when output_index is absent
+
+
 class SniffTest(unittest.TestCase):
     def test_unknown_content_type(self):
         for ctype in (None, "", "text/plain", "application/octet-stream"):

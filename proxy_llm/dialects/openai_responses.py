@@ -19,7 +19,9 @@ with ``output`` made of the items seen, by ``output_index``:
   sets the whole text); ``response.output_text.annotation.added`` appends
   the annotation;
 * ``response.function_call_arguments.delta`` appends to ``arguments``
-  (``.done`` sets it whole, for servers that send only that);
+  (``.done`` sets it whole, for servers that send only that); likewise
+  ``*_call_arguments`` (MCP), ``custom_tool_call_input`` (``input``) and
+  ``code_interpreter_call_code`` (``code``);
 * ``response.reasoning_summary_part.added`` / ``.done`` and
   ``response.reasoning_summary_text.delta`` / ``.done`` build ``summary[i]``.
 
@@ -37,6 +39,8 @@ __all__ = ["OpenAIResponses", "responses_usage"]
 
 _TERMINAL = ("response.completed", "response.failed", "response.incomplete")
 _SNAPSHOTS = ("response.created", "response.in_progress", "response.queued")
+_ITEM_TEXT_EVENTS = (("_call_arguments", "arguments"), ("_call_input", "input"),
+                     ("_call_code", "code"))
 
 
 def responses_usage(usage):
@@ -168,16 +172,22 @@ class _Items(object):
             part = self.part(ev, "summary", "summary_index", "summary_text")
             if part is not None and isinstance(ev.get("text"), str):
                 part["text"] = ev["text"]
-        elif etype == "response.function_call_arguments.delta" or (
-                etype.endswith("_call_arguments.delta")):
-            item = self.item(ev)
-            if item is not None:
-                append_text(item, "arguments", ev.get("delta"))
-        elif etype == "response.function_call_arguments.done" or (
-                etype.endswith("_call_arguments.done")):
-            item = self.item(ev)
-            if item is not None and isinstance(ev.get("arguments"), str):
-                item["arguments"] = ev["arguments"]
+        else:
+            # Tool-call text streamed into one field of the item:
+            # function_call_arguments / mcp_call_arguments -> "arguments",
+            # custom_tool_call_input -> "input",
+            # code_interpreter_call_code -> "code".
+            for suffix, key in _ITEM_TEXT_EVENTS:
+                if etype.endswith(suffix + ".delta"):
+                    item = self.item(ev)
+                    if item is not None:
+                        append_text(item, key, ev.get("delta"))
+                    break
+                if etype.endswith(suffix + ".done"):
+                    item = self.item(ev)
+                    if item is not None and isinstance(ev.get(key), str):
+                        item[key] = ev[key]
+                    break
 
     def output(self):
         return finalize([self.items[i] for i in sorted(self.items)])
