@@ -119,7 +119,6 @@ class SSEDecoder(object):
     def _reset_block(self):
         self._raw = []  # type: list  # raw line bytes incl. line ends
         self._data = []  # type: list
-        self._has_data = False
         self._event = None  # type: str | None
         self._id = None  # type: str | None
         self._retry = None  # type: int | None
@@ -240,7 +239,6 @@ class SSEDecoder(object):
             value = value[1:]
         if name == "data":
             self._data.append(value)
-            self._has_data = True
         elif name == "event":
             self._event = value
         elif name == "id":
