@@ -9,7 +9,8 @@ Entry points (all run on the recorder's writer thread; none raises):
   captured stream body into timed :class:`~proxy_llm.sse.Event` objects.
 * ``Dialect.reassemble(events)`` (streams) and ``Dialect.from_body(body)``
   (non-streamed, parsed JSON) give a :class:`Result`: ``response_body``,
-  ``tokens_used``, ``error``, ``complete``.
+  ``tokens_used``, ``error``, ``complete``. A bug inside a dialect does not
+  raise: it gives ``error["type"] == REASSEMBLY_ERROR`` and no body.
 
 Token usage (``tokens_used``)
 -----------------------------
@@ -37,14 +38,15 @@ from __future__ import annotations
 
 from .. import sse
 from .anthropic import AnthropicCountTokens, AnthropicMessages
-from .base import Dialect, Result
+from .base import REASSEMBLY_ERROR, Dialect, Result
 from .gemini import Gemini
 from .openai_chat import OpenAIChat
 from .openai_misc import OpenAICompletions, OpenAIEmbeddings
 from .openai_responses import OpenAIResponses
 from .streams import JSONArrayDecoder, LineDecoder
 
-__all__ = ["Dialect", "Result", "select", "decode_stream", "DIALECTS", "GENERIC"]
+__all__ = ["Dialect", "Result", "select", "decode_stream", "DIALECTS", "GENERIC",
+           "REASSEMBLY_ERROR"]
 
 GENERIC = Dialect()
 
