@@ -18,6 +18,7 @@ full request/response bodies, for the record check.
 from __future__ import annotations
 
 import asyncio
+import gc
 import re
 import socket
 import time
@@ -375,12 +376,18 @@ async def _open_loop(host, port, reqs, rate, duration):
     return tally
 
 
-async def _streams(host, port, raw, body, n, chunks, timeout, connect_limit=256):
+async def _streams(host, port, raw, body, n, chunks, timeout, ramp, connect_limit=256):
+    """Stream k starts at t0 + k * ramp / n: frames then arrive evenly spread, so that
+    a burst of simultaneous frames does not queue in this client and blur the delays."""
     tally = Tally()
     sem = asyncio.Semaphore(connect_limit)
     open_now = [0]
+    t0 = time.monotonic()
 
-    async def one() -> None:
+    async def one(k: int) -> None:
+        delay = t0 + k * ramp / n - time.monotonic()
+        if delay > 0:
+            await asyncio.sleep(delay)
         try:
             async with sem:
                 conn = await connect(host, port)
@@ -411,22 +418,34 @@ async def _streams(host, port, raw, body, n, chunks, timeout, connect_limit=256)
             tally.frame_delay.extend(recv - sent for _, sent, recv in r.frames)
         tally.streams_ok += 1
 
-    t0 = time.monotonic()
-    await asyncio.gather(*[one() for _ in range(n)])
+    await asyncio.gather(*[one(k) for k in range(n)])
     tally.elapsed = time.monotonic() - t0
     return tally
 
 
+def _run(coro) -> Tally:
+    # No cyclic GC while measuring: a full collection over thousands of live streams pauses
+    # this client for tens of milliseconds, which would show up as the target's delay.
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        return asyncio.run(coro)
+    finally:
+        if enabled:
+            gc.enable()
+        gc.collect()
+
+
 def closed_loop(host, port, reqs, concurrency, duration, max_requests=0, keep=False) -> Tally:
-    return asyncio.run(_closed_loop(host, port, reqs, concurrency, duration, max_requests, keep))
+    return _run(_closed_loop(host, port, reqs, concurrency, duration, max_requests, keep))
 
 
 def open_loop(host, port, reqs, rate, duration) -> Tally:
-    return asyncio.run(_open_loop(host, port, reqs, rate, duration))
+    return _run(_open_loop(host, port, reqs, rate, duration))
 
 
-def streams(host, port, raw, body, n, chunks, timeout) -> Tally:
-    return asyncio.run(_streams(host, port, raw, body, n, chunks, timeout))
+def streams(host, port, raw, body, n, chunks, timeout, ramp=0.0) -> Tally:
+    return _run(_streams(host, port, raw, body, n, chunks, timeout, ramp))
 
 
 def percentile(values, p: float) -> float:

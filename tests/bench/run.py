@@ -250,7 +250,10 @@ class Bench:
         if sampler:
             sampler.start()
         timeout = (o.ttft_ms + o.chunks * o.interval_ms) / 1000.0 + 60.0
-        tally = loadgen.streams(t.host, t.port, raw, body, o.streams, o.chunks, timeout)
+        # Starts spread over one frame interval: every stream is open at once after it,
+        # and frames arrive evenly rather than in bursts of 2,000.
+        tally = loadgen.streams(t.host, t.port, raw, body, o.streams, o.chunks, timeout,
+                                ramp=o.interval_ms / 1000.0)
         if sampler:
             peak = sampler.stop()
             self.extra[("stream_rss", t.name)] = (peak - before) / max(1, tally.max_open)
