@@ -59,7 +59,9 @@ Skipped records (counted by reason): ``not_chat`` (embeddings, model lists,
 token counting, legacy completions, anything not a chat dialect), ``error``
 (no status, a non-2xx status, or an ``error`` in the record), ``truncated``
 (the request body was cut at capture time), ``bad_body`` (a body without the
-dialect's shape), ``no_response`` (no assistant message in the response).
+dialect's shape), ``no_response`` (no assistant message in the response),
+``empty_answer`` (the answer would export as nothing: thinking only without
+``--include-thinking``, or only non-text parts).
 The recorder puts an ``error`` in every record that did not end ``completed``,
 so the partial answers of aborted streams are skipped as ``error`` as well.
 
@@ -1091,18 +1093,30 @@ class _Run(object):
         self.superseded = 0
         self.keep = None  # set of ids from the dedupe pass, or None
 
-    def rows(self):
-        """Yield (split key bytes, row) for every exported row."""
+    def conversation(self, rec: dict, dropped: Counter) -> Conversation:
+        """``convert`` plus the answer check that depends on the flags (Skip("empty_answer")
+        when the final assistant message would render to nothing, e.g. thinking only)."""
+        conv = convert(rec, dropped)
+        last = conv.messages[-1]
+        has_text = any(p["type"] == "text" for p in last["parts"])
+        if not (has_text or last["tool_calls"] or (last["thinking"] and self.opts.include_thinking)):
+            raise Skip("empty_answer")
+        return conv
+
+    def rows(self, progress: Progress, offset: int = 0):
+        """Yield (split key bytes, row) for every exported row; counts go to the summary."""
         fmt = self.args.format
         for rec in reader.iter_records(self.data_dir, self.stats):
+            progress.update(offset + self.stats.bytes_done, self.stats.records)
             if not self.filter(rec):
                 self.filtered_out += 1
                 continue
             rid = str(rec.get("id"))
             conv = None
+            dropped = Counter()
             if fmt != "records" or self.keep is not None or self.args.split is not None:
                 try:
-                    conv = convert(rec, self.dropped if fmt != "records" else Counter())
+                    conv = self.conversation(rec, dropped)
                 except Skip as skip:
                     if fmt != "records":
                         self.skipped.add(skip.reason)
@@ -1112,20 +1126,26 @@ class _Run(object):
                 continue
             key = opening_digest(conv) if conv is not None else rid.encode("utf-8")
             if fmt == "openai-chat":
-                yield key, render_openai_chat(conv, self.opts, self.dropped)
+                row = render_openai_chat(conv, self.opts, dropped)
             elif fmt == "sharegpt":
-                yield key, render_sharegpt(conv, self.opts, self.dropped)
+                row = render_sharegpt(conv, self.opts, dropped)
             else:
-                yield key, render_record(rec)
+                row = render_record(rec)
+            if fmt != "records":
+                for kind, n in dropped.items():
+                    self.dropped.add(kind, n)
+            yield key, row
 
-    def dedupe_pass(self) -> None:
+    def dedupe_pass(self, progress: Progress) -> None:
         """Pass one: digests of every matching chat record, then the ids to keep."""
         deduper = Deduper()
-        for rec in reader.iter_records(self.data_dir, reader.ReadStats()):
+        stats = reader.ReadStats()
+        for rec in reader.iter_records(self.data_dir, stats):
+            progress.update(stats.bytes_done, stats.records)
             if not self.filter(rec):
                 continue
             try:
-                conv = convert(rec, Counter())
+                conv = self.conversation(rec, Counter())
             except Skip:
                 continue
             deduper.add(rec.get("session_id"), str(rec.get("id")), conv)
@@ -1192,13 +1212,12 @@ def run(args, default_data_dir=None) -> int:
         return 2
     try:
         if args.dedupe:
-            run_.dedupe_pass()
-        for key, row in run_.rows():
+            run_.dedupe_pass(progress)
+        for key, row in run_.rows(progress, offset=total if args.dedupe else 0):
             out = outputs[0]
             if args.split is not None and split_side(key, args.split) == "test":
                 out = outputs[1]
             out.write(row)
-            progress.update(run_.stats.bytes_done + (total if args.dedupe else 0), run_.stats.records)
         for out in outputs:
             out.commit()
     except BrokenPipeError:

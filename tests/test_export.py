@@ -266,6 +266,12 @@ class TestDedupe(ExportTestCase):
         rows = self.export_rows("openai-chat", "--session", "s-a,s-b", "--dedupe")
         self.assertEqual(len(rows), 2)
 
+    def test_dropped_parts_are_counted_for_written_rows_only(self) -> None:
+        self.export_rows("openai-chat", "--include-images")
+        self.assertIn("server_tool 4", self.last_summary)
+        self.export_rows("openai-chat", "--include-images", "--dedupe")
+        self.assertIn("dropped parts: server_tool 2, thinking 2;", self.last_summary)
+
     def test_dedupe_is_independent_of_the_thinking_flag(self) -> None:
         plain = self.export_rows("openai-chat", "--dedupe")
         thinking = self.export_rows("openai-chat", "--dedupe", "--include-thinking")
@@ -518,6 +524,25 @@ class TestConvertUnits(unittest.TestCase):
         dropped = export.Counter()
         export.convert(rec, dropped)
         self.assertEqual(dropped, {"redacted_thinking": 1})
+
+    def test_thinking_only_answer_is_empty_without_the_flag(self) -> None:
+        data = tempfile.mkdtemp(prefix="export-think-")
+        self.addCleanup(shutil.rmtree, data)
+        rec = df.anthropic(df.Clock(), "think", [{"role": "user", "content": "x"}],
+                           [{"type": "thinking", "thinking": "hmm", "signature": "s"}])
+        df.DataDirWriter(data).write_records([rec])
+        out = os.path.join(data, "out.jsonl")
+        err = io.StringIO()
+        with redirect_stderr(err):
+            code = export.run(parse(["--data-dir", data, "--format", "openai-chat", "--out", out]))
+        self.assertEqual(code, 1)
+        self.assertIn("1 skipped (empty_answer 1)", err.getvalue())
+        with redirect_stderr(io.StringIO()):
+            code = export.run(parse(["--data-dir", data, "--format", "openai-chat", "--out", out,
+                                     "--include-thinking"]))
+        self.assertEqual(code, 0)
+        self.assertEqual(read_jsonl(out)[0]["messages"][-1], {"role": "assistant", "content": "",
+                                                              "reasoning_content": "hmm"})
 
     def test_gemini_count_tokens_is_not_chat(self) -> None:
         rec = df.gemini(df.Clock(), "s", [{"role": "user", "parts": [{"text": "x"}]}], [{"text": "y"}])
