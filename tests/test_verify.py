@@ -129,6 +129,21 @@ class TestDamage(VerifyTestCase):
                                  "request_headers.authorization: credential not redacted")
         self.assertNotIn("sk-live", out)
 
+    def test_record_in_the_wrong_session_directory(self) -> None:
+        rec = self.chat()
+        path = self.add(rec, streams=False)
+        moved = os.path.join(self.data, "session_gem-1", os.path.basename(path))
+        os.rename(path, moved)
+        self.assertProblem("records in another session's directory", "session 'extra' belongs in session_extra/")
+
+    def test_unsafe_session_ids_live_under_their_hash(self) -> None:
+        rec = df.openai_chat(self.clock, "team/alice:42", [{"role": "user", "content": "hi"}], {"content": "yo"})
+        self.add(rec)
+        self.assertTrue(os.path.isdir(os.path.join(self.data, "session_" + verify.session_file_id("team/alice:42"))))
+        self.assertEqual(self.verify()[0], 0)
+        self.assertEqual(verify.session_file_id("ok-id_1.2"), "ok-id_1.2")
+        self.assertEqual(verify.session_file_id(".."), "h" + __import__("hashlib").sha256(b"..").hexdigest()[:16])
+
     def test_duplicate_ids(self) -> None:
         rec = self.chat()
         self.add(rec, streams=False)
@@ -207,6 +222,23 @@ class TestUnits(unittest.TestCase):
         clock = df.Clock()
         for rec in df.endings_session(clock) + df.gemini_session(clock) + df.responses_session(clock):
             self.assertEqual(verify.check_record(json.loads(json.dumps(rec))), [])
+
+    def test_session_file_id_agrees_with_the_recorder(self) -> None:
+        try:
+            from proxy_llm import record
+        except ImportError:
+            self.skipTest("no recorder yet")
+        for sid in ("abc", "a.b-c_d", ".", "..", "", "x" * 64, "x" * 65, "with space", "é", "a/b", "\ud800"):
+            self.assertEqual(verify.session_file_id(sid), record.session_file_id(sid), sid)
+
+    def test_known_fields_agree_with_the_recorder(self) -> None:
+        try:
+            from proxy_llm import record
+        except ImportError:
+            self.skipTest("no recorder yet")
+        self.assertEqual(set(verify.KNOWN_FIELDS), set(record.FIELDS))
+        self.assertEqual(set(verify.ENDINGS), set(record.ENDINGS))
+        self.assertEqual(set(verify.SESSION_SOURCES), set(record.SESSION_SOURCES))
 
     def test_bool_is_not_an_int(self) -> None:
         rec = df.embeddings(df.Clock(), "s")
