@@ -930,7 +930,8 @@ class Filter(object):
             raise UsageError("--since/--until: %s" % exc)
 
     def __call__(self, rec: dict) -> bool:
-        if self.sessions and rec.get("session_id") not in self.sessions:
+        if self.sessions and rec.get("session_id") not in self.sessions \
+                and reader.session_file_id(str(rec.get("session_id"))) not in self.sessions:
             return False
         if self.models and not any(fnmatch.fnmatchcase(str(rec.get("model")), p) for p in self.models):
             return False
@@ -1052,7 +1053,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", metavar="FILE", default=None,
                         help="output file (default: stdout); with --split, the stem of two files")
     group = parser.add_argument_group("filters (repeatable; comma lists allowed)")
-    group.add_argument("--session", action="append", metavar="ID", help="session id")
+    group.add_argument("--session", action="append", metavar="ID",
+                       help="session id (or its directory name without session_)")
     group.add_argument("--model", action="append", metavar="PATTERN", help="model name or glob, e.g. 'gpt-4o*'")
     group.add_argument("--provider", action="append", metavar="NAME",
                        help="provider name or type (openai, anthropic, gemini)")

@@ -32,6 +32,7 @@ Only a missing or unreadable *data dir* raises: ``DataDirError``.
 from __future__ import annotations
 
 import gzip
+import hashlib
 import json
 import os
 import re
@@ -47,12 +48,24 @@ __all__ = [
     "record_files",
     "stream_files",
     "session_dirs",
+    "session_file_id",
 ]
 
 RECORD_SUFFIXES = (".jsonl", ".jsonl.gz")
 
 # <base stamp>[-N][_w<K>]; the stamp is YYYYMMDD or YYYYMMDD_HHMMSS.
 _NAME_RE = re.compile(r"^(?P<base>.*_\d{8}(?:_\d{6})?)(?:-(?P<n>\d+))?(?:_w(?P<w>\d+))?$")
+
+
+_SAFE_SID_RE = re.compile(r"^[A-Za-z0-9._-]{1,64}\Z")
+
+
+def session_file_id(session_id: str) -> str:
+    """The ``<sid>`` of a session's directory and file names: the id itself when it matches
+    ``[A-Za-z0-9._-]{1,64}`` and is not ``.``/``..``, else ``h`` + 16 hex of its SHA-256."""
+    if _SAFE_SID_RE.match(session_id) and session_id not in (".", ".."):
+        return session_id
+    return "h" + hashlib.sha256(session_id.encode("utf-8", "surrogatepass")).hexdigest()[:16]
 
 
 class DataDirError(Exception):

@@ -29,7 +29,6 @@ Exit codes: 0 clean, 1 problems found, 2 unreadable data dir.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import os
 import re
 import sys
@@ -37,6 +36,8 @@ import sys
 from proxy_llm import reader
 
 __all__ = ["add_arguments", "run", "check", "Findings", "check_record", "check_stream_line"]
+
+session_file_id = reader.session_file_id  # re-exported for tests and callers
 
 ENDINGS = ("completed", "client_aborted", "upstream_error", "upstream_eof", "timeout", "shutdown")
 SESSION_SOURCES = ("header", "claude_code", "codex", "metadata_user_id", "model", "default")
@@ -50,7 +51,6 @@ MAX_LISTED = 20
 
 _ULID_RE = re.compile(r"^[0-9A-HJKMNP-TV-Z]{26}$")
 _TS_RE = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(?:\.\d+)?(?:Z|[+-]\d{2}:\d{2})$")
-_SAFE_SID_RE = re.compile(r"^[A-Za-z0-9._-]{1,64}\Z")
 _TEMP_RE = re.compile(r"(\.tmp|\.temp|\.part|\.partial|~)$|\.tmp[-.]")
 
 
@@ -167,13 +167,6 @@ def check_stream_line(line: dict) -> list:
     return problems
 
 
-def session_file_id(session_id: str) -> str:
-    """The ``<sid>`` of a session's file names (the layout rule, restated independently)."""
-    if _SAFE_SID_RE.match(session_id) and session_id not in (".", ".."):
-        return session_id
-    return "h" + hashlib.sha256(session_id.encode("utf-8", "surrogatepass")).hexdigest()[:16]
-
-
 def expects_stream_line(rec: dict) -> bool:
     """Whether the recorder wrote a streams/ line for ``rec`` (see module docstring)."""
     status = rec.get("status_code")
@@ -270,7 +263,7 @@ def _check_records(data_dir: str, found: Findings) -> dict:
             found.problem("records that do not match the schema", "%s: %s" % (where, message))
         unknown.update(k for k in rec if k not in KNOWN_FIELDS)
         if _is_str(rec.get("session_id")):
-            expected_dir = "session_" + session_file_id(rec["session_id"])
+            expected_dir = "session_" + reader.session_file_id(rec["session_id"])
             if os.path.basename(os.path.dirname(path)) != expected_dir:
                 found.problem("records in another session's directory",
                               "%s: session %r belongs in %s/" % (where, rec["session_id"], expected_dir))

@@ -324,6 +324,10 @@ class TestFilters(ExportTestCase):
     def test_session_model_provider_endpoint(self) -> None:
         recs = self.man.records
         self.assertEqual(self.ids("--session", "gem-1"), {r["id"] for r in recs if r["session_id"] == "gem-1"})
+        odd = df.openai_chat(df.Clock(seed=8), "team/alice", [{"role": "user", "content": "q"}], {"content": "a"})
+        df.DataDirWriter(self.data).write_records([odd], stamp="20261128_000000")
+        self.assertEqual(self.ids("--session", "team/alice"), {odd["id"]})
+        self.assertEqual(self.ids("--session", df.sanitize("team/alice")), {odd["id"]})
         self.assertEqual(self.ids("--model", "claude-*"), {r["id"] for r in recs if str(r["model"]).startswith("claude-")})
         self.assertEqual(self.ids("--provider", "anthropic"), {r["id"] for r in recs if r["provider_type"] == "anthropic"})
         self.assertEqual(self.ids("--endpoint", "/v1/embeddings", "--endpoint", "/v1/models"),
