@@ -68,6 +68,16 @@ class Fixture:
         """The expected result is a whole, error-free exchange (complete, no error)."""
         return bool(self.expected) and self.expected.get("complete") is True and self.expected.get("error") is None
 
+    @property
+    def unterminated(self) -> bool:
+        """An SSE stream whose last event has no closing blank line (the stream was cut inside
+        it). SSE clients drop such an event (WHATWG HTML, 9.2.6: "If the file ends in the middle
+        of an event, before the final empty line, the incomplete event is not dispatched")."""
+        if self.kind != "sse":
+            return False
+        tail = self.data.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+        return bool(tail.strip()) and not tail.endswith(b"\n\n")
+
     def body_json(self) -> Any:
         return json.loads(self.data.decode("utf-8")) if self.data.strip() else None
 

@@ -66,6 +66,7 @@ FRAMING = frozenset((RECORD_ID, "content-length", "transfer-encoding", "connecti
 # Accept-Encoding to the codings its recorder can decode (gzip, deflate, identity).
 REQUEST_DIFFERS = frozenset(("host", "accept-encoding", "connection"))
 OTHER_FRAMINGS = ("stream.json", "ndjson")
+RESPONSES_TERMINAL = ("response.completed", "response.failed", "response.incomplete")
 USER = "Say hello."
 
 
@@ -83,6 +84,7 @@ class Outcome:
         self.body: Any = None  # the JSON the SDK parsed (non-streamed, from the raw response)
         self.error: Optional[Dict[str, Any]] = None
         self.exc: Optional[BaseException] = None
+        self.request: Optional[Dict[str, Any]] = None  # what the upstream received
 
     @property
     def record_id(self) -> Optional[str]:
@@ -111,18 +113,36 @@ class Outcome:
         }
 
 
-def run(call: Callable[[Outcome], None]) -> Outcome:
+class ResponseLog:
+    """An httpx ``response`` event hook: the last HTTP response an SDK client received. It gives
+    the headers of calls whose result does not expose them (stream helpers, and calls where the
+    SDK raised before returning anything)."""
+
+    def __init__(self) -> None:
+        self.last: Any = None
+
+    def __call__(self, response: Any) -> None:
+        self.last = response
+
+    def hooks(self) -> Dict[str, List[Any]]:
+        return {"response": [self]}
+
+
+def run(call: Callable[[Outcome], None], log: ResponseLog) -> Outcome:
     """Run one SDK call; an exception it raises is part of the outcome, not a test error."""
     out = Outcome()
+    log.last = None
     try:
         call(out)
     except Exception as exc:  # the SDK's error is the outcome under comparison
         out.fail(exc)
+        if not out.headers and log.last is not None:
+            out.set_headers(log.last.headers)
     return out
 
 
 def dump_model(obj: Any) -> Any:
-    return obj.model_dump(mode="json") if hasattr(obj, "model_dump") else obj
+    return obj.model_dump(mode="json", warnings=False) if hasattr(obj, "model_dump") else obj
 
 
 def openai_tokens(usage: Any) -> Optional[Dict[str, int]]:
@@ -130,7 +150,7 @@ def openai_tokens(usage: Any) -> Optional[Dict[str, int]]:
     embeddings), computed from the SDK's view of the usage."""
     if usage is None:
         return None
-    u = usage.model_dump(mode="json")
+    u = usage.model_dump(mode="json", warnings=False)
     want = {}
     for key in ("prompt_tokens", "completion_tokens", "total_tokens"):
         if u.get(key) is not None:
@@ -151,7 +171,7 @@ def openai_tokens(usage: Any) -> Optional[Dict[str, int]]:
 def responses_tokens(usage: Any) -> Optional[Dict[str, int]]:
     if usage is None:
         return None
-    u = usage.model_dump(mode="json")
+    u = usage.model_dump(mode="json", warnings=False)
     want = {}
     for src, dst in (("input_tokens", "prompt_tokens"), ("output_tokens", "completion_tokens"),
                      ("total_tokens", "total_tokens")):
@@ -169,7 +189,7 @@ def responses_tokens(usage: Any) -> Optional[Dict[str, int]]:
 def anthropic_tokens(usage: Any) -> Optional[Dict[str, int]]:
     if usage is None:
         return None
-    u = usage.model_dump(mode="json")
+    u = usage if isinstance(usage, dict) else usage.model_dump(mode="json", warnings=False)
     terms = [u.get(k) for k in ("input_tokens", "cache_creation_input_tokens", "cache_read_input_tokens")]
     want = {}
     if any(t is not None for t in terms):
@@ -222,6 +242,7 @@ class ProxiedSDKCase(unittest.TestCase):
         cls.proxy = ProxyProcess(base_config(providers, cls.data_dir))
         cls.addClassCleanup(cls.proxy.cleanup)
         cls.addClassCleanup(cls.proxy.stop)
+        cls.log = ResponseLog()
 
     def setUp(self) -> None:
         self.drain_requests()
@@ -249,10 +270,11 @@ class ProxiedSDKCase(unittest.TestCase):
 
         Returns the proxied outcome and its record (None when the proxy gave no record id).
         """
-        direct = run(lambda out: call(direct_client, out))
+        direct = run(lambda out: call(direct_client, out), self.log)
         seen_direct = self.request_view(self.take_request())
-        via = run(lambda out: call(proxy_client, out))
+        via = run(lambda out: call(proxy_client, out), self.log)
         seen_via = self.request_view(self.take_request())
+        via.request = seen_via
         self.assertEqual(seen_via, seen_direct, "the upstream saw a different request through the proxy")
         self.assertIsNone(direct.record_id)
         self.assertEqual(via.parity(dump), direct.parity(dump), "the SDK saw a different outcome through the proxy")
@@ -335,19 +357,13 @@ class OpenAISDKTest(ProxiedSDKCase):
     @classmethod
     def client(cls, url: str):
         c = openai.OpenAI(api_key="sk-test-e2e", base_url=url + "/v1", max_retries=0, timeout=TIMEOUT,
-                          http_client=openai.DefaultHttpxClient(event_hooks={"response": [cls.hook]}))
+                          http_client=openai.DefaultHttpxClient(event_hooks=cls.log.hooks()))
         cls.addClassCleanup(c.close)
         return c
 
-    seen: List[Any] = []
-
-    @classmethod
-    def hook(cls, response: Any) -> None:
-        """Keep the last response (helpers like .stream() do not expose their headers)."""
-        cls.seen[:] = [response]
-
     def helper_headers(self, out: Outcome) -> None:
-        out.set_headers(self.seen[-1].headers)
+        """The stream helpers do not expose the HTTP response; the event hook saw it."""
+        out.set_headers(self.log.last.headers)
 
     # -- chat completions --------------------------------------------------------------------
 
@@ -361,7 +377,7 @@ class OpenAISDKTest(ProxiedSDKCase):
                 def call(client, out):
                     raw = client.chat.completions.with_raw_response.create(**self.chat_kwargs(fx))
                     out.set_headers(raw.headers)
-                    out.body = json.loads(raw.text)
+                    out.body = json.loads(raw.http_response.text)
                     out.final = raw.parse()
 
                 via, rec = self.both(call, self.direct, self.via)
@@ -373,7 +389,7 @@ class OpenAISDKTest(ProxiedSDKCase):
                 self.assertEqual(rec["response_body"], via.body)
                 self.assertEqual(rec["response_body"], fx.body_json())
                 parsed = openai.types.chat.ChatCompletion.construct(**rec["response_body"])
-                self.assertEqual(parsed.model_dump(mode="json"), via.final.model_dump(mode="json"))
+                self.assertEqual(parsed.model_dump(mode="json", warnings=False), via.final.model_dump(mode="json", warnings=False))
                 self.assertEqual(rec.get("tokens_used"), openai_tokens(via.final.usage))
 
     def test_chat_completions_create_stream(self):
@@ -391,11 +407,13 @@ class OpenAISDKTest(ProxiedSDKCase):
                 via, rec = self.both(call, self.direct, self.via)
                 self.check_record(fx, rec, "openai", stream=True)
                 self.check_stream_ending(fx, rec, via)
+                if fx.unterminated:  # the record holds one event more: see test_unterminated_last_event
+                    continue
                 if via.error is not None:
                     continue
                 self.assertTrue(via.chunks)
                 parsed = openai.types.chat.ChatCompletion.construct(**rec["response_body"])
-                self.assertEqual(chat_summary(parsed.model_dump(mode="json")), chat_summary_of_chunks(via.chunks))
+                self.assertEqual(chat_summary(parsed.model_dump(mode="json", warnings=False)), chat_summary_of_chunks(via.chunks))
                 usage = [c.usage for c in via.chunks if c.usage is not None]
                 self.assertEqual(rec.get("tokens_used"), openai_tokens(usage[-1] if usage else None))
 
@@ -415,13 +433,410 @@ class OpenAISDKTest(ProxiedSDKCase):
                 via, rec = self.both(call, self.direct, self.via)
                 self.check_record(fx, rec, "openai", stream=True)
                 self.check_stream_ending(fx, rec, via)
+                if fx.unterminated:  # the record holds one event more: see test_unterminated_last_event
+                    continue
                 if via.error is not None:
                     continue
                 final = via.final
                 parsed = openai.types.chat.ChatCompletion.construct(**rec["response_body"])
-                self.assertEqual(chat_summary(parsed.model_dump(mode="json")),
-                                 chat_summary(final.model_dump(mode="json"), sdk_accumulated=True))
+                self.assertEqual(chat_summary(parsed.model_dump(mode="json", warnings=False)),
+                                 chat_summary(final.model_dump(mode="json", warnings=False), sdk_accumulated=True))
                 self.assertEqual(rec.get("tokens_used"), openai_tokens(final.usage))
+
+    # -- responses ---------------------------------------------------------------------------
+
+    def responses_kwargs(self, fx: Fixture) -> Dict[str, Any]:
+        return dict(model="gpt-4o", input=USER, tools=self.RESPONSE_TOOLS, extra_headers={HEADER: fx.id})
+
+    def test_responses_create(self):
+        for fx in self.fixtures_for("openai_responses", streamed=False):
+            with self.subTest(fixture=fx.id):
+                def call(client, out):
+                    raw = client.responses.with_raw_response.create(**self.responses_kwargs(fx))
+                    out.set_headers(raw.headers)
+                    out.body = json.loads(raw.http_response.text)
+                    out.final = raw.parse()
+
+                via, rec = self.both(call, self.direct, self.via)
+                self.check_record(fx, rec, "openai", stream=False)
+                if via.error is not None:
+                    self.check_error_body(fx, via, rec)
+                    continue
+                self.assertEqual(rec["response_body"], via.body)
+                self.assertEqual(rec["response_body"], fx.body_json())
+                parsed = openai.types.responses.Response.construct(**rec["response_body"])
+                self.assertEqual(parsed.model_dump(mode="json", warnings=False), via.final.model_dump(mode="json", warnings=False))
+                self.assertEqual(rec.get("tokens_used"), responses_tokens(via.final.usage))
+
+    def test_responses_create_stream(self):
+        for fx in self.fixtures_for("openai_responses", streamed=True):
+            with self.subTest(fixture=fx.id):
+                self.skip_other_framing(fx)
+
+                def call(client, out):
+                    raw = client.responses.with_raw_response.create(stream=True, **self.responses_kwargs(fx))
+                    out.set_headers(raw.headers)
+                    for event in raw.parse():
+                        out.chunks.append(event)
+
+                via, rec = self.both(call, self.direct, self.via)
+                self.check_record(fx, rec, "openai", stream=True)
+                self.check_stream_ending(fx, rec, via)
+                if fx.unterminated:  # the record holds one event more: see test_unterminated_last_event
+                    continue
+                terminal = [e.response for e in via.chunks if e.type in RESPONSES_TERMINAL]
+                if via.error is not None or not terminal:
+                    continue
+                # The SDK's view: the terminal event's response, with the output items of the
+                # output_item.done events when the terminal response carries none.
+                final = terminal[-1].model_dump(mode="json", warnings=False)
+                if not final.get("output"):
+                    done = [e for e in via.chunks if e.type == "response.output_item.done"]
+                    final["output"] = [e.item.model_dump(mode="json", warnings=False) for e in sorted(done, key=lambda e: e.output_index)]
+                parsed = openai.types.responses.Response.construct(**rec["response_body"])
+                self.assertEqual(responses_summary(parsed.model_dump(mode="json", warnings=False)), responses_summary(final))
+                self.assertEqual(rec.get("tokens_used"), responses_tokens(terminal[-1].usage))
+
+    def test_responses_stream_helper(self):
+        for fx in self.fixtures_for("openai_responses", streamed=True):
+            with self.subTest(fixture=fx.id):
+                self.skip_other_framing(fx)
+
+                def call(client, out):
+                    with client.responses.stream(**self.responses_kwargs(fx)) as stream:
+                        self.helper_headers(out)
+                        for event in stream:
+                            out.chunks.append(event)
+                        out.final = stream.get_final_response()
+
+                via, rec = self.both(call, self.direct, self.via)
+                self.check_record(fx, rec, "openai", stream=True)
+                self.check_stream_ending(fx, rec, via)
+                if fx.unterminated:  # the record holds one event more: see test_unterminated_last_event
+                    continue
+                if via.error is not None:
+                    continue
+                parsed = openai.types.responses.Response.construct(**rec["response_body"])
+                self.assertEqual(responses_summary(parsed.model_dump(mode="json", warnings=False)),
+                                 responses_summary(via.final.model_dump(mode="json", warnings=False)))
+                self.assertEqual(rec.get("tokens_used"), responses_tokens(via.final.usage))
+
+    # -- legacy completions, embeddings, models ----------------------------------------------
+
+    def test_completions_create(self):
+        for fx in self.fixtures_for("openai_completions", streamed=False):
+            with self.subTest(fixture=fx.id):
+                def call(client, out):
+                    raw = client.completions.with_raw_response.create(
+                        model="gpt-3.5-turbo-instruct", prompt=USER, extra_headers={HEADER: fx.id})
+                    out.set_headers(raw.headers)
+                    out.body = json.loads(raw.http_response.text)
+                    out.final = raw.parse()
+
+                via, rec = self.both(call, self.direct, self.via)
+                self.check_record(fx, rec, "openai", stream=False)
+                if via.error is not None:
+                    self.check_error_body(fx, via, rec)
+                    continue
+                self.assertEqual(rec["response_body"], via.body)
+                parsed = openai.types.Completion.construct(**rec["response_body"])
+                self.assertEqual(parsed.model_dump(mode="json", warnings=False), via.final.model_dump(mode="json", warnings=False))
+                self.assertEqual(rec.get("tokens_used"), openai_tokens(via.final.usage))
+
+    def test_completions_create_stream(self):
+        for fx in self.fixtures_for("openai_completions", streamed=True):
+            with self.subTest(fixture=fx.id):
+                self.skip_other_framing(fx)
+
+                def call(client, out):
+                    raw = client.completions.with_raw_response.create(
+                        model="gpt-3.5-turbo-instruct", prompt=USER, stream=True,
+                        stream_options={"include_usage": True}, extra_headers={HEADER: fx.id})
+                    out.set_headers(raw.headers)
+                    for chunk in raw.parse():
+                        out.chunks.append(chunk)
+
+                via, rec = self.both(call, self.direct, self.via)
+                self.check_record(fx, rec, "openai", stream=True)
+                self.check_stream_ending(fx, rec, via)
+                if fx.unterminated:  # the record holds one event more: see test_unterminated_last_event
+                    continue
+                if via.error is not None:
+                    continue
+                parsed = openai.types.Completion.construct(**rec["response_body"])
+                self.assertEqual(completion_summary([parsed]), completion_summary(via.chunks))
+                usage = [c.usage for c in via.chunks if c.usage is not None]
+                self.assertEqual(rec.get("tokens_used"), openai_tokens(usage[-1] if usage else None))
+
+    def test_embeddings_create(self):
+        for fx in self.fixtures_for("openai_embeddings", streamed=False):
+            with self.subTest(fixture=fx.id):
+                def call(client, out):
+                    raw = client.embeddings.with_raw_response.create(
+                        model="text-embedding-3-small", input=[USER, "Again."], encoding_format="float",
+                        extra_headers={HEADER: fx.id})
+                    out.set_headers(raw.headers)
+                    out.body = json.loads(raw.http_response.text)
+                    out.final = raw.parse()
+
+                via, rec = self.both(call, self.direct, self.via)
+                self.check_record(fx, rec, "openai", stream=False)
+                if via.error is not None:
+                    self.check_error_body(fx, via, rec)
+                    continue
+                self.assertEqual(rec["response_body"], via.body)
+                parsed = openai.types.CreateEmbeddingResponse.construct(**rec["response_body"])
+                self.assertEqual(parsed.model_dump(mode="json", warnings=False), via.final.model_dump(mode="json", warnings=False))
+                self.assertEqual([d.embedding for d in via.final.data], [d["embedding"] for d in rec["response_body"]["data"]])
+                self.assertEqual(rec.get("tokens_used"), openai_tokens(via.final.usage))
+
+    def test_models_list(self):
+        for fx in self.fixtures_for("generic", streamed=False):
+            with self.subTest(fixture=fx.id):
+                if fx.name != "models_list":
+                    self.skipTest("%s: not an OpenAI endpoint this test knows" % fx.id)
+
+                def call(client, out):
+                    raw = client.models.with_raw_response.list(extra_headers={HEADER: fx.id})
+                    out.set_headers(raw.headers)
+                    out.body = json.loads(raw.http_response.text)
+                    out.chunks = list(raw.parse())
+
+                via, rec = self.both(call, self.direct, self.via)
+                self.check_record(fx, rec, "openai", stream=False)
+                self.assertIsNone(via.error)
+                self.assertEqual(rec["endpoint"], "/v1/models")
+                self.assertEqual(rec["method"], "GET")
+                self.assertEqual(rec["response_body"], via.body)
+                self.assertEqual([m.model_dump(mode="json", warnings=False) for m in via.chunks],
+                                 [openai.types.Model.construct(**m).model_dump(mode="json", warnings=False) for m in rec["response_body"]["data"]])
+                self.assertNotIn("tokens_used", rec)
+
+
+
+@unittest.skipUnless(anthropic is not None, "anthropic is not installed")
+class AnthropicSDKTest(ProxiedSDKCase):
+    MODEL = "claude-e2e-test"  # not a real model: the SDK warns about deprecated real ones
+    TOOLS = [{"name": "get_weather", "description": "Weather in a city",
+              "input_schema": {"type": "object", "properties": {"location": {"type": "string"}}, "required": ["location"]}}]
+
+    @classmethod
+    def setUpClass(cls) -> None:
+        super().setUpClass()
+        cls.direct = cls.client(cls.upstream.url)
+        cls.via = cls.client(cls.proxy.url)
+
+    @classmethod
+    def client(cls, url: str):
+        c = anthropic.Anthropic(api_key="sk-ant-test-e2e", base_url=url, max_retries=0, timeout=TIMEOUT,
+                                http_client=anthropic.DefaultHttpxClient(event_hooks=cls.log.hooks()))
+        cls.addClassCleanup(c.close)
+        return c
+
+    def kwargs(self, fx: Fixture) -> Dict[str, Any]:
+        return dict(model=self.MODEL, max_tokens=2048, messages=[{"role": "user", "content": USER}],
+                    tools=self.TOOLS, thinking={"type": "enabled", "budget_tokens": 1024},
+                    extra_headers={HEADER: fx.id})
+
+    def parse_record(self, rec: Dict[str, Any]) -> Dict[str, Any]:
+        return anthropic.types.Message.construct(**rec["response_body"]).model_dump(mode="json", warnings=False)
+
+    def test_messages_create(self):
+        for fx in self.fixtures_for("anthropic_messages", streamed=False):
+            with self.subTest(fixture=fx.id):
+                def call(client, out):
+                    raw = client.messages.with_raw_response.create(**self.kwargs(fx))
+                    out.set_headers(raw.headers)
+                    out.body = json.loads(raw.http_response.text)
+                    out.final = raw.parse()
+
+                via, rec = self.both(call, self.direct, self.via)
+                self.check_record(fx, rec, "anthropic", stream=False)
+                if via.error is not None:
+                    self.check_error_body(fx, via, rec)
+                    self.assertEqual(rec["error"]["message"], fx.body_json()["error"]["message"])
+                    continue
+                self.assertEqual(rec["response_body"], via.body)
+                self.assertEqual(rec["response_body"], fx.body_json())
+                self.assertEqual(self.parse_record(rec), via.final.model_dump(mode="json", warnings=False))
+                self.assertEqual(rec.get("tokens_used"), anthropic_tokens(via.final.usage))
+
+    def test_messages_create_stream(self):
+        for fx in self.fixtures_for("anthropic_messages", streamed=True):
+            with self.subTest(fixture=fx.id):
+                self.skip_other_framing(fx)
+
+                def call(client, out):
+                    raw = client.messages.with_raw_response.create(stream=True, **self.kwargs(fx))
+                    out.set_headers(raw.headers)
+                    for event in raw.parse():
+                        out.chunks.append(event)
+
+                via, rec = self.both(call, self.direct, self.via)
+                self.check_record(fx, rec, "anthropic", stream=True)
+                self.check_stream_ending(fx, rec, via)
+                if fx.unterminated:  # the record holds one event more: see test_unterminated_last_event
+                    continue
+                if via.error is not None:
+                    self.check_stream_error(fx, via, rec)
+                    continue
+                message = anthropic_message_of_events(via.chunks)
+                self.assertEqual(anthropic_summary(self.parse_record(rec)), anthropic_summary(message))
+                self.assertEqual(rec.get("tokens_used"), anthropic_tokens(message["usage"]))
+
+    def test_messages_stream_helper(self):
+        for fx in self.fixtures_for("anthropic_messages", streamed=True):
+            with self.subTest(fixture=fx.id):
+                self.skip_other_framing(fx)
+
+                def call(client, out):
+                    with client.messages.stream(**self.kwargs(fx)) as stream:
+                        out.set_headers(stream.response.headers)
+                        for event in stream:
+                            out.chunks.append(event)
+                        out.final = stream.get_final_message()
+
+                via, rec = self.both(call, self.direct, self.via)
+                self.check_record(fx, rec, "anthropic", stream=True)
+                self.check_stream_ending(fx, rec, via)
+                if fx.unterminated:  # the record holds one event more: see test_unterminated_last_event
+                    continue
+                if via.error is not None:
+                    self.check_stream_error(fx, via, rec)
+                    continue
+                final = via.final.model_dump(mode="json", warnings=False)
+                self.assertEqual(anthropic_summary(self.parse_record(rec), partial_parse=True), anthropic_summary(final))
+                self.assertEqual(rec.get("tokens_used"), anthropic_tokens(via.final.usage))
+
+    @unittest.expectedFailure
+    def test_unterminated_last_event(self):
+        """A stream cut inside its last event: the SDK never sees that event (SSE drops an event
+        without its closing blank line), but the record's reassembled body includes it, because
+        the recorder's SSE decoder flushes it at the end of the body (SSEDecoder.close()). The
+        record then holds a tool input the client never received. Expected to fail until the
+        recorder keeps such an event out of the reassembly (it may still keep it in the streams
+        file, marked)."""
+        cut = [fx for fx in fixtures("anthropic_messages") if fx.unterminated]
+        if not cut:
+            self.skipTest("no anthropic_messages fixture ends inside an event")
+        for fx in cut:
+            with self.subTest(fixture=fx.id):
+                def call(client, out):
+                    raw = client.messages.with_raw_response.create(stream=True, **self.kwargs(fx))
+                    out.set_headers(raw.headers)
+                    for event in raw.parse():
+                        out.chunks.append(event)
+
+                via, rec = self.both(call, self.direct, self.via)
+                self.assertIsNone(via.error)
+                message = anthropic_message_of_events(via.chunks)
+                self.assertEqual(anthropic_summary(self.parse_record(rec)), anthropic_summary(message))
+
+    def check_stream_error(self, fx: Fixture, via: Outcome, rec: Dict[str, Any]) -> None:
+        """An in-band ``error`` event: the SDK raised it, and the record carries the same error."""
+        self.assertIsInstance(via.exc, anthropic.APIError)
+        body = via.error["body"]
+        self.assertIsInstance(body, dict, via.error)
+        self.assertEqual(rec.get("error"), {"type": body["error"]["type"], "message": body["error"]["message"]})
+
+    def test_count_tokens(self):
+        for fx in self.fixtures_for("anthropic_count_tokens", streamed=False):
+            with self.subTest(fixture=fx.id):
+                def call(client, out):
+                    raw = client.messages.with_raw_response.count_tokens(
+                        model=self.MODEL, messages=[{"role": "user", "content": USER}], tools=self.TOOLS,
+                        extra_headers={HEADER: fx.id})
+                    out.set_headers(raw.headers)
+                    out.body = json.loads(raw.http_response.text)
+                    out.final = raw.parse()
+
+                via, rec = self.both(call, self.direct, self.via)
+                self.check_record(fx, rec, "anthropic", stream=False)
+                if via.error is not None:
+                    self.check_error_body(fx, via, rec)
+                    continue
+                self.assertEqual(rec["endpoint"], "/v1/messages/count_tokens")
+                self.assertEqual(rec["response_body"], via.body)
+                self.assertEqual(rec["response_body"]["input_tokens"], via.final.input_tokens)
+                self.assertNotIn("tokens_used", rec)  # counting tokens consumes none
+
+
+@unittest.skipUnless(genai is not None, "google-genai is not installed")
+class GeminiSDKTest(ProxiedSDKCase):
+    MODEL = "gemini-2.5-flash"
+
+    @classmethod
+    def setUpClass(cls) -> None:
+        super().setUpClass()
+        cls.direct = cls.client(cls.upstream.url)
+        cls.via = cls.client(cls.proxy.url)
+
+    @classmethod
+    def client(cls, url: str):
+        options = genai_types.HttpOptions(base_url=url, timeout=int(TIMEOUT * 1000),
+                                          retry_options=genai_types.HttpRetryOptions(attempts=1),
+                                          client_args={"event_hooks": cls.log.hooks()})
+        c = genai.Client(api_key="gemini-test-e2e", http_options=options)
+        cls.addClassCleanup(c.close)
+        return c
+
+    def config(self, fx: Fixture):
+        return genai_types.GenerateContentConfig(
+            http_options=genai_types.HttpOptions(headers={HEADER: fx.id}),
+            thinking_config=genai_types.ThinkingConfig(include_thoughts=True),
+            tools=[genai_types.Tool(function_declarations=[genai_types.FunctionDeclaration(
+                name="get_weather", description="Weather in a city",
+                parameters=genai_types.Schema(type="OBJECT", properties={"location": genai_types.Schema(type="STRING")}))])])
+
+    def parse_record(self, rec: Dict[str, Any]):
+        """The record's body as the SDK parses a response (camelCase aliases, base64 bytes)."""
+        return genai_types.GenerateContentResponse.model_validate_json(json.dumps(rec["response_body"]))
+
+    def test_generate_content(self):
+        for fx in self.fixtures_for("gemini", streamed=False):
+            with self.subTest(fixture=fx.id):
+                def call(client, out):
+                    result = client.models.generate_content(model=self.MODEL, contents=USER, config=self.config(fx))
+                    out.set_headers(result.sdk_http_response.headers)
+                    out.final = result
+
+                via, rec = self.both(call, self.direct, self.via, dump=gemini_dump)
+                self.check_record(fx, rec, "gemini", stream=False)
+                self.assertRegex(rec["endpoint"], r"^/v1(beta)?/models/%s:generateContent$" % re.escape(self.MODEL))
+                self.assertEqual(rec["endpoint"], via.request["target"])
+                if via.error is not None:
+                    self.check_error_body(fx, via, rec)
+                    self.assertEqual(rec["response_body"], via.exc.details)
+                    continue
+                self.assertEqual(rec["response_body"], fx.body_json())
+                self.assertEqual(gemini_dump(self.parse_record(rec)), gemini_dump(via.final))
+                self.assertEqual(rec.get("tokens_used"), gemini_tokens(via.final.usage_metadata))
+
+    def test_generate_content_stream(self):
+        for fx in self.fixtures_for("gemini", streamed=True):
+            with self.subTest(fixture=fx.id):
+                self.skip_other_framing(fx)
+
+                def call(client, out):
+                    for chunk in client.models.generate_content_stream(model=self.MODEL, contents=USER,
+                                                                       config=self.config(fx)):
+                        if not out.headers:
+                            out.set_headers(chunk.sdk_http_response.headers)
+                        out.chunks.append(chunk)
+
+                via, rec = self.both(call, self.direct, self.via, dump=gemini_dump)
+                self.check_record(fx, rec, "gemini", stream=True)
+                self.assertRegex(rec["endpoint"], r"^/v1(beta)?/models/%s:streamGenerateContent$" % re.escape(self.MODEL))
+                self.assertEqual(rec["endpoint"] + "?" + rec["query"], via.request["target"])
+                self.assertEqual(rec["query"], "alt=sse")
+                self.check_stream_ending(fx, rec, via)
+                if fx.unterminated:  # the record holds one event more: see test_unterminated_last_event
+                    continue
+                if via.error is not None:
+                    continue
+                self.assertTrue(via.chunks)
+                self.assertEqual(gemini_summary([self.parse_record(rec)]), gemini_summary(via.chunks))
+                self.assertEqual(rec.get("tokens_used"), gemini_tokens(via.chunks[-1].usage_metadata))
 
 
 def chat_summary(body: Dict[str, Any], sdk_accumulated: bool = False) -> Dict[str, Any]:
@@ -457,7 +872,7 @@ def chat_summary_of_chunks(chunks: List[Any]) -> Dict[str, Any]:
     choices: Dict[int, Dict[str, Any]] = {}
     head: Dict[str, Any] = {"id": None, "model": None, "created": None, "system_fingerprint": None, "usage": None}
     for chunk in chunks:
-        c = chunk.model_dump(mode="json")
+        c = chunk.model_dump(mode="json", warnings=False)
         for key in ("id", "model", "created", "system_fingerprint"):
             if c.get(key):
                 head[key] = c[key]
@@ -489,6 +904,152 @@ def chat_summary_of_chunks(chunks: List[Any]) -> Dict[str, Any]:
         acc["tool_calls"] = [tuple(v) for _, v in sorted(acc["tool_calls"].items())]
     head["choices"] = choices
     return head
+
+
+def responses_summary(body: Dict[str, Any]) -> Dict[str, Any]:
+    """The parts of a Responses object that matter: its output items, status and usage."""
+    items = []
+    for item in body.get("output") or []:
+        kind = item.get("type")
+        entry = {"type": kind, "id": item.get("id"), "status": item.get("status")}
+        if kind == "message":
+            entry["role"] = item.get("role")
+            entry["content"] = [(c.get("type"), c.get("text"), c.get("refusal"), c.get("annotations"))
+                                for c in item.get("content") or []]
+        elif kind == "function_call":
+            entry["call"] = (item.get("call_id"), item.get("name"), item.get("arguments"))
+        elif kind == "reasoning":
+            entry["summary"] = [(s.get("type"), s.get("text")) for s in item.get("summary") or []]
+            entry["content"] = item.get("content")
+            entry["encrypted_content"] = item.get("encrypted_content")
+        else:
+            entry["item"] = item
+        items.append(entry)
+    return {"id": body.get("id"), "model": body.get("model"), "status": body.get("status"),
+            "error": body.get("error"), "incomplete_details": body.get("incomplete_details"),
+            "output": items, "usage": body.get("usage")}
+
+
+def completion_summary(completions: List[Any]) -> Dict[str, Any]:
+    """Text and finish reason per choice index, concatenated over (chunk) completions."""
+    choices: Dict[int, Dict[str, Any]] = {}
+    for completion in completions:
+        for choice in completion.choices or []:
+            acc = choices.setdefault(choice.index, {"text": "", "finish_reason": None, "tokens": []})
+            acc["text"] += choice.text or ""
+            if choice.finish_reason:
+                acc["finish_reason"] = choice.finish_reason
+            if choice.logprobs is not None and choice.logprobs.tokens:
+                acc["tokens"] += choice.logprobs.tokens
+    return {"id": completions[-1].id if completions else None, "choices": choices}
+
+
+def drop_none(value: Any) -> Any:
+    """A JSON value without null members (null and absent mean the same to an SDK user)."""
+    if isinstance(value, dict):
+        return dict((k, drop_none(v)) for k, v in value.items() if v is not None)
+    if isinstance(value, list):
+        return [drop_none(v) for v in value]
+    return value
+
+
+def anthropic_summary(message: Dict[str, Any], partial_parse: bool = False) -> Dict[str, Any]:
+    """The parts of an Anthropic message that matter: every content block (text, citations,
+    thinking and its signature, redacted thinking, tool_use and its parsed input, server tool
+    blocks), the stop reason and the usage.
+
+    ``partial_parse``: a stream cut inside a tool's input leaves JSON text that does not parse.
+    The record keeps that text as received (a string ``input``); the SDK's stream helper shows
+    what its partial parser (jiter, ``partial_mode=True``) makes of it, dropping the unfinished
+    member. To compare the two, the record's text is put through the same parser.
+    """
+    blocks = []
+    for block in message.get("content") or []:
+        block = dict(block)
+        block.pop("parsed_output", None)  # the SDK's structured-output helper, not wire data
+        if partial_parse and isinstance(block.get("input"), str):
+            import jiter  # an anthropic dependency, present whenever anthropic is
+
+            block["input"] = jiter.from_json(block["input"].encode("utf-8"), partial_mode=True)
+        blocks.append(drop_none(block))
+    return {"id": message.get("id"), "model": message.get("model"), "role": message.get("role"),
+            "content": blocks, "stop_reason": message.get("stop_reason"),
+            "stop_sequence": message.get("stop_sequence"), "usage": drop_none(message.get("usage"))}
+
+
+def anthropic_message_of_events(events: List[Any]) -> Dict[str, Any]:
+    """The message the raw stream events describe, accumulated by this test (not by the SDK's
+    helper, which test_messages_stream_helper covers)."""
+    message: Dict[str, Any] = {}
+    blocks: Dict[int, Dict[str, Any]] = {}
+    partial: Dict[int, str] = {}
+    for ev in events:
+        e = ev.model_dump(mode="json", warnings=False)
+        kind = e.get("type")
+        if kind == "message_start":
+            message = dict(e["message"])
+        elif kind == "content_block_start":
+            blocks[e["index"]] = dict(e["content_block"])
+        elif kind == "content_block_delta":
+            block, delta = blocks[e["index"]], e["delta"]
+            dtype = delta.get("type")
+            if dtype == "text_delta":
+                block["text"] = (block.get("text") or "") + delta["text"]
+            elif dtype == "thinking_delta":
+                block["thinking"] = (block.get("thinking") or "") + delta["thinking"]
+            elif dtype == "signature_delta":
+                block["signature"] = delta["signature"]
+            elif dtype == "input_json_delta":
+                partial[e["index"]] = partial.get(e["index"], "") + delta["partial_json"]
+            elif dtype == "citations_delta":
+                block["citations"] = (block.get("citations") or []) + [delta["citation"]]
+        elif kind == "message_delta":
+            message.update(dict((k, v) for k, v in e["delta"].items() if k in ("stop_reason", "stop_sequence")))
+            usage = dict(message.get("usage") or {})
+            usage.update(dict((k, v) for k, v in (e.get("usage") or {}).items() if v is not None))
+            message["usage"] = usage
+    for index, text in partial.items():
+        try:
+            blocks[index]["input"] = json.loads(text) if text else {}
+        except ValueError:  # a cut stream: the input as received, like the record keeps it
+            blocks[index]["input"] = text
+    message["content"] = [blocks[i] for i in sorted(blocks)]
+    return message
+
+
+def gemini_dump(obj: Any) -> Any:
+    """A google-genai object without what the SDK adds itself: the HTTP headers it saw and its
+    automatic-function-calling bookkeeping."""
+    if obj is None or not hasattr(obj, "model_dump"):
+        return obj
+    return obj.model_dump(mode="json", warnings=False, exclude={"sdk_http_response", "automatic_function_calling_history"})
+
+
+def gemini_summary(responses: List[Any]) -> Dict[str, Any]:
+    """The parts of Gemini responses that matter, concatenated over stream chunks: per candidate
+    the text, the thought text, function calls, thought signatures (base64), finish reason."""
+    candidates: Dict[int, Dict[str, Any]] = {}
+    for response in responses:
+        data = gemini_dump(response)
+        for cand in data.get("candidates") or []:
+            acc = candidates.setdefault(cand.get("index") or 0, {
+                "role": None, "text": "", "thought": "", "function_calls": [], "thought_signatures": [],
+                "finish_reason": None})
+            content = cand.get("content") or {}
+            acc["role"] = content.get("role") or acc["role"]
+            for part in content.get("parts") or []:
+                if part.get("text") is not None:
+                    acc["thought" if part.get("thought") else "text"] += part["text"]
+                if part.get("function_call") is not None:
+                    acc["function_calls"].append(drop_none(part["function_call"]))
+                if part.get("thought_signature") is not None:
+                    acc["thought_signatures"].append(part["thought_signature"])
+            if cand.get("finish_reason"):
+                acc["finish_reason"] = cand["finish_reason"]
+    last = gemini_dump(responses[-1]) if responses else {}
+    return {"candidates": candidates, "usage_metadata": last.get("usage_metadata"),
+            "model_version": last.get("model_version"), "response_id": last.get("response_id"),
+            "prompt_feedback": last.get("prompt_feedback")}
 
 
 if __name__ == "__main__":
