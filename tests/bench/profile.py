@@ -79,6 +79,9 @@ def main(argv=None) -> int:
     ap.add_argument("--rate", type=int, default=250, help="py-spy samples per second")
     ap.add_argument("--top", type=int, default=30)
     ap.add_argument("--idle", action="store_true", help="include idle (blocked) samples")
+    ap.add_argument("--all-threads", action="store_true",
+                    help="sample every thread, not only the one holding the GIL (default: --gil,\n"
+                         "which shows what the process spends its one interpreter on)")
     ap.add_argument("--python", default=sys.executable)
     args = ap.parse_args(argv)
     pyspy = shutil.which("py-spy")
@@ -102,6 +105,8 @@ def main(argv=None) -> int:
                "--output", raw_path, "--duration", str(int(args.seconds)), "--threads", "--nonblocking"]
         if args.idle:
             cmd.append("--idle")
+        if not args.all_threads:
+            cmd.append("--gil")
         if args.target == "workers2":
             cmd.append("--subprocesses")
         result = {}

@@ -539,9 +539,15 @@ def main(argv=None) -> int:
 
 def write_results(text: str, args) -> None:
     path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "RESULTS.md")
-    head = ("# Benchmark results\n\nThe latest run of `python -m tests.bench` (see tests/bench/run.py for what each "
-            "target and figure means). Budget cells that miss are marked `!`; ratios are of req/s.\n"
-            "Machine: %s.\n\n" % machine())
+    head = ("# Benchmark results\n\nThe latest run of `python -m tests.bench --write-results` (see "
+            "tests/bench/run.py for what each target and figure means). Machine: %s.\n\n"
+            "How to read it: every figure is client-observed except CPU ms/req and RSS (from /proc, "
+            "summed over the target's process tree: workers2 is a parent and two workers). \"added\" "
+            "is the target's figure minus direct's in the same run. Ratios are of req/s. A proxy cell "
+            "marked `!` misses an absolute budget; the verdict column judges rec_on (one worker, "
+            "recording on) or the ratio named. Load generator, mock and target share the machine's "
+            "cores, and other work on the machine shows up mostly in the p99 figures.\n\n"
+            % machine())
     with open(path, "w") as f:
         f.write(head + "```\n" + text.split("\n\n", 1)[0] + "\n```\n\n" + text.split("\n\n", 1)[1] + "\n")
 
