@@ -801,30 +801,52 @@ def render_record(record: dict) -> dict:
 
 # ============================================================== dedupe and split
 
-def _message_key(m: dict) -> bytes:
-    """Canonical bytes of a message for prefix comparison (thinking ignored)."""
-    core = {"role": m["role"], "parts": m["parts"], "tool_calls": m["tool_calls"],
-            "tool_call_id": m["tool_call_id"], "name": m["name"]}
-    return json.dumps(core, sort_keys=True, ensure_ascii=True, separators=(",", ":")).encode("ascii")
+def _put(h, value) -> None:
+    """Feed one optional string to a hash, length-prefixed (so fields cannot run together)."""
+    if value is None:
+        h.update(b"\xff")
+        return
+    data = str(value).encode("utf-8", "surrogatepass")
+    h.update(len(data).to_bytes(8, "big"))
+    h.update(data)
 
 
-def prefix_digests(conv: Conversation) -> list:
-    """``d[k]`` is a 16-byte digest of ``messages[:k+1]`` (rolling, so O(total size))."""
+def message_digest(m: dict) -> bytes:
+    """16-byte digest of a message for prefix comparison: role, parts, tool calls, tool call id
+    and name; thinking is ignored (it is often stripped from the history a client resends).
+    Hashes the strings directly: JSON-encoding every message was the slowest step of --dedupe."""
+    h = hashlib.blake2b(digest_size=16)
+    _put(h, m["role"])
+    _put(h, m["tool_call_id"])
+    _put(h, m["name"])
+    h.update(len(m["parts"]).to_bytes(8, "big"))
+    for part in m["parts"]:
+        _put(h, part["type"])
+        _put(h, part.get("text") if part["type"] == "text" else part.get("url"))
+    h.update(len(m["tool_calls"]).to_bytes(8, "big"))
+    for call in m["tool_calls"]:
+        _put(h, call["id"])
+        _put(h, call["name"])
+        _put(h, call["arguments"])
+    return h.digest()
+
+
+def prefix_digests(conv: Conversation, stop=None) -> list:
+    """``d[k]`` is a 16-byte digest of ``messages[:k+1]`` (rolling, so O(total size)).
+    With ``stop(message) -> bool``, ends after the first message for which it is true."""
     out = []
     state = b""
     for m in conv.messages:
-        state = hashlib.blake2b(state + _message_key(m), digest_size=16).digest()
+        state = hashlib.blake2b(state + message_digest(m), digest_size=16).digest()
         out.append(state)
+        if stop is not None and stop(m):
+            break
     return out
 
 
 def opening_digest(conv: Conversation) -> bytes:
     """Digest of the messages up to and including the first user message (split key)."""
-    digests = prefix_digests(conv)
-    for i, m in enumerate(conv.messages):
-        if m["role"] == "user":
-            return digests[i]
-    return digests[-1]
+    return prefix_digests(conv, stop=lambda m: m["role"] == "user")[-1]
 
 
 def split_side(key: bytes, ratio: float) -> str:
@@ -1126,7 +1148,9 @@ class _Run(object):
             if self.keep is not None and conv is not None and rid not in self.keep:
                 self.superseded += 1
                 continue
-            key = opening_digest(conv) if conv is not None else rid.encode("utf-8")
+            key = None
+            if self.args.split is not None:
+                key = opening_digest(conv) if conv is not None else rid.encode("utf-8")
             if fmt == "openai-chat":
                 row = render_openai_chat(conv, self.opts, dropped)
             elif fmt == "sharegpt":
