@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hmac
 import http.client
+import io
 import json
 import logging
 import re
@@ -24,11 +25,10 @@ from typing import List, Optional, Tuple
 from . import errors, wire
 from .errors import ProxyError
 from .record import Exchange
+from .sniff import sniff
 
 log = logging.getLogger("proxy_llm.handler")
 
-_MODEL_RE = re.compile(rb'"model"\s*:\s*"((?:[^"\\]|\\.)*)"')
-_STREAM_RE = re.compile(rb'"stream"\s*:\s*(true|false)')
 _GEMINI_MODEL_RE = re.compile(r"/models/([^/:]+):([A-Za-z]+)$")
 
 KNOWN_ENDPOINTS = frozenset((
@@ -44,41 +44,6 @@ DROP_REQUEST = frozenset(("host", "content-length", "expect", "accept-encoding",
 DROP_RESPONSE = frozenset(("content-length",))
 DECODABLE = frozenset(("gzip", "x-gzip", "deflate", "identity"))
 SMALL_BODY = 256 * 1024
-
-
-def sniff(body: bytes) -> Tuple[Optional[str], bool]:
-    """Find the top-level ``model`` and ``stream`` of a JSON request body, cheaply.
-
-    A key that appears exactly once is read in place; a key that appears more than once (say,
-    in a tool schema) makes it parse the whole body.
-    """
-    if not body or body.lstrip()[:1] != b"{":
-        return None, False
-    n_model = body.count(b'"model"')
-    n_stream = body.count(b'"stream"')
-    if n_model > 1 or n_stream > 1:
-        try:
-            obj = json.loads(body)
-        except ValueError:
-            return None, False
-        if not isinstance(obj, dict):
-            return None, False
-        model = obj.get("model")
-        return (model if isinstance(model, str) else None), obj.get("stream") is True
-    model = None
-    if n_model:
-        m = _MODEL_RE.search(body, body.find(b'"model"'))
-        if m:
-            raw = m.group(1)
-            try:
-                model = json.loads(b'"' + raw + b'"') if b"\\" in raw else raw.decode("utf-8")
-            except ValueError:
-                model = None
-    stream = False
-    if n_stream:
-        m = _STREAM_RE.search(body, body.find(b'"stream"'))
-        stream = bool(m and m.group(1) == b"true")
-    return model, stream
 
 
 def endpoint_label(path: str) -> str:
@@ -104,6 +69,34 @@ def narrow_accept_encoding(value: Optional[str]) -> Optional[str]:
     return ", ".join(kept) if kept else "identity"
 
 
+class _DeadlineReader(io.RawIOBase):
+    """The client socket as a raw stream whose reads can share one deadline.
+
+    Each wait for bytes is bounded by ``idle`` (client_idle_timeout); while ``deadline`` is set
+    (from the first byte of a request until its headers are parsed) the total is bounded too,
+    so a client dribbling header bytes cannot hold a thread past client_header_timeout.
+    """
+
+    def __init__(self, sock: socket.socket, idle: float):
+        super().__init__()
+        self.sock = sock
+        self.idle = idle
+        self.deadline: Optional[float] = None
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buf) -> int:
+        timeout = self.idle
+        if self.deadline is not None:
+            remaining = self.deadline - time.monotonic()
+            if remaining <= 0:
+                raise socket.timeout("client_header_timeout passed")
+            timeout = min(timeout, remaining)
+        self.sock.settimeout(timeout)
+        return self.sock.recv_into(buf)
+
+
 class ProxyHandler(BaseHTTPRequestHandler):
     # Keep-alive with clients; every answer is framed by Content-Length or chunked coding.
     protocol_version = "HTTP/1.1"
@@ -115,9 +108,33 @@ class ProxyHandler(BaseHTTPRequestHandler):
         # An idle read timeout for request lines, headers and bodies; responses have none.
         self.timeout = self.server.config.client_idle_timeout
         super().setup()
+        self.rfile.close()
+        self.deadline_reader = _DeadlineReader(self.connection, self.timeout)
+        self.rfile = io.BufferedReader(self.deadline_reader, 65536)
+
+    def handle_one_request(self) -> None:
+        # The header deadline starts at the first byte of a request: an idle keep-alive
+        # connection only waits under client_idle_timeout.
+        reader = self.deadline_reader
+        reader.deadline = None
+        try:
+            if not self.rfile.peek(1):
+                self.close_connection = True
+                return
+        except OSError:  # idle timeout, reset
+            self.close_connection = True
+            return
+        reader.deadline = time.monotonic() + self.server.config.client_header_timeout
+        super().handle_one_request()
+
+    def headers_done(self) -> None:
+        """The request line and headers are in: bodies and responses have no deadline."""
+        self.deadline_reader.deadline = None
+        self.connection.settimeout(self.timeout)
 
     # BaseHTTPRequestHandler dispatches on do_<METHOD>.
     def do_GET(self) -> None:
+        self.headers_done()
         if self.path in ("/health", "/metrics"):
             self.answer_local()
         else:
