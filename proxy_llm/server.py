@@ -28,6 +28,9 @@ from .upstream import UpstreamPool, abort
 log = logging.getLogger("proxy_llm.server")
 
 WATCH_INTERVAL = 0.25
+_FULL_BODY = b'{"error":{"message":"proxy connection limit reached","type":"proxy_unavailable"}}'
+_FULL_ANSWER = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nContent-Length: %d\r\n"
+                b"Connection: close\r\nRetry-After: 1\r\n\r\n%s" % (len(_FULL_BODY), _FULL_BODY))
 
 
 class ProxyServer(ThreadingHTTPServer):
@@ -87,9 +90,7 @@ class ProxyServer(ThreadingHTTPServer):
         if full:
             # One thread per connection: past the cap, answer at once instead of queueing.
             try:
-                request.sendall(b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
-                                b"Content-Length: 84\r\nConnection: close\r\nRetry-After: 1\r\n\r\n"
-                                b'{"error":{"message":"proxy connection limit reached","type":"proxy_unavailable"}}  ')
+                request.sendall(_FULL_ANSWER)
             except OSError:
                 pass
             self.shutdown_request(request, counted=False)
