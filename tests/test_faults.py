@@ -1,0 +1,544 @@
+"""Faults and limits, in-process on real sockets: aborts, resets, stalls, timeouts, full disks.
+
+Every exchange that ends badly must still be recorded with what was relayed and how it ended;
+the proxy answers for itself only before the upstream's headers were sent, in the provider's
+error shape.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import http.client
+import json
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+import threading
+import time
+import unittest
+
+from proxy_llm import storage
+from tests.support import (DEADLINE, FakeUpstream, InProcessProxy, Reply, base_config, header, json_reply, provider,
+                           request, sse_reply, wait_until)
+
+CHAT_BODY = b'{"model":"gpt-4o","stream":true,"messages":[{"role":"user","content":"Hi"}]}'
+PLAIN_BODY = b'{"model":"gpt-4o","messages":[{"role":"user","content":"Hi"}]}'
+CHAT_REPLY = (b'{"id":"chatcmpl-1","object":"chat.completion","model":"gpt-4o","choices":[{"index":0,'
+              b'"message":{"role":"assistant","content":"Hello!"},"finish_reason":"stop"}],'
+              b'"usage":{"prompt_tokens":9,"completion_tokens":3,"total_tokens":12}}')
+
+
+def chunk_event(text: str, finish=None) -> bytes:
+    obj = {"id": "chatcmpl-2", "object": "chat.completion.chunk", "created": 1700000000, "model": "gpt-4o",
+           "choices": [{"index": 0, "delta": {"content": text} if text else {}, "finish_reason": finish}]}
+    return b"data: " + json.dumps(obj, separators=(",", ":")).encode() + b"\n\n"
+
+
+class Endless(list):
+    """A streamed body that never ends (until the upstream stops)."""
+
+    def __init__(self, part: bytes, stop: threading.Event):
+        super().__init__()
+        self.part = part
+        self.stop = stop
+
+    def __iter__(self):
+        while not self.stop.is_set():
+            yield self.part
+
+
+def content_of(rec) -> str:
+    return rec["response_body"]["choices"][0]["message"]["content"]
+
+
+def open_stream(port: int, body: bytes = CHAT_BODY, path: str = "/v1/chat/completions") -> socket.socket:
+    sock = socket.create_connection(("127.0.0.1", port), timeout=DEADLINE)
+    sock.sendall(b"POST %s HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
+                 % (path.encode(), len(body), body))
+    return sock
+
+
+def read_until(sock: socket.socket, marker: bytes) -> bytes:
+    data = b""
+    while marker not in data:
+        more = sock.recv(65536)
+        if not more:
+            raise AssertionError("connection closed before %r; got %r" % (marker, data[-200:]))
+        data += more
+    return data
+
+
+def read_to_eof(sock: socket.socket) -> bytes:
+    parts = []
+    while True:
+        try:
+            more = sock.recv(65536)
+        except ConnectionResetError:
+            break
+        if not more:
+            break
+        parts.append(more)
+    return b"".join(parts)
+
+
+class FaultTestCase(unittest.TestCase):
+    def setUp(self):
+        self.tmp = tempfile.mkdtemp(prefix="proxy_llm_faults_")
+        self.addCleanup(shutil.rmtree, self.tmp, True)
+        self.data_dir = os.path.join(self.tmp, "data")
+        self.replies = []
+        self.upstream = FakeUpstream(self.reply).start()
+        self.addCleanup(self.upstream.stop)
+
+    def reply(self, req):
+        if self.replies:
+            return self.replies.pop(0)
+        return Reply(200, [("Content-Type", "application/json")], CHAT_REPLY)
+
+    def start_proxy(self, providers=None, data_dir=None, **extra) -> InProcessProxy:
+        url = self.upstream.url
+        providers = providers or [provider("openai", "openai", url, "", ["gpt-*"]),
+                                  provider("anthropic", "anthropic", url, "", ["claude-*"]),
+                                  provider("gemini", "gemini", url, "", ["gemini-*"])]
+        self.proxy = InProcessProxy(base_config(providers, data_dir or self.data_dir, **extra)).__enter__()
+        self.addCleanup(self.proxy.stop)
+        return self.proxy
+
+
+class ClientAbortTest(FaultTestCase):
+    def test_client_gone_while_upstream_is_silent_closes_upstream_within_a_second(self):
+        gate = threading.Event()
+        self.addCleanup(gate.set)
+        self.replies.append(sse_reply([chunk_event("first"), gate] + [chunk_event("later")] * 50))
+        proxy = self.start_proxy()
+        sock = open_stream(proxy.port)
+        read_until(sock, b"first")
+        sock.close()
+        # The relay is blocked reading the silent upstream: only the watchdog can end it, by
+        # shutting the upstream socket down.
+        self.assertTrue(proxy.server.wait_idle(1.0), "exchange still in flight a second after the client left")
+        gate.set()  # the upstream speaks again and finds its connection closed
+        self.assertTrue(self.upstream.closed_by_peer.wait(DEADLINE))
+        [rec] = proxy.records()
+        self.assertEqual(rec["ended"], "client_aborted")
+        self.assertEqual(rec["status_code"], 200)
+        self.assertEqual(content_of(rec), "first")
+        [line] = proxy.stream_lines()
+        self.assertEqual(len(line["events"]), 1)
+
+    def test_client_gone_while_upstream_is_streaming_closes_upstream(self):
+        self.replies.append(Reply(200, [("Content-Type", "text/event-stream")],
+                                  Endless(chunk_event("tick") * 20, self.upstream.stop_event)))
+        proxy = self.start_proxy()
+        sock = open_stream(proxy.port)
+        read_until(sock, b"tick")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+        sock.close()  # RST: the proxy's next write fails
+        self.assertTrue(self.upstream.closed_by_peer.wait(DEADLINE))
+        [rec] = proxy.records()
+        self.assertEqual(rec["ended"], "client_aborted")
+        self.assertTrue(content_of(rec).startswith("ticktick"))
+        self.assertGreater(rec["response_bytes"], 0)
+
+
+class UpstreamFaultTest(FaultTestCase):
+    def test_upstream_reset_mid_stream(self):
+        self.replies.append(sse_reply([chunk_event("Hel"), chunk_event("lo"), "RESET"]))
+        proxy = self.start_proxy()
+        conn = http.client.HTTPConnection("127.0.0.1", proxy.port, timeout=DEADLINE)
+        conn.request("POST", "/v1/chat/completions", body=CHAT_BODY)
+        resp = conn.getresponse()
+        self.assertEqual(resp.status, 200)
+        with self.assertRaises(http.client.IncompleteRead):  # no last chunk: the client sees the cut
+            resp.read()
+        conn.close()
+        [rec] = proxy.records()
+        self.assertEqual(rec["ended"], "upstream_error")
+        self.assertEqual(rec["error"]["type"], "upstream_error")
+        self.assertEqual(content_of(rec), "Hello")
+        self.assertEqual(len(proxy.stream_lines()[0]["events"]), 2)
+        self.assertEqual(proxy.server.metrics.upstream_errors.value("openai", "upstream_error"), 1)
+
+    def test_upstream_stalls_mid_stream(self):
+        self.replies.append(sse_reply([chunk_event("Hel"), "HANG"]))
+        proxy = self.start_proxy(stream_idle_timeout=0.3)
+        sock = open_stream(proxy.port)
+        started = time.monotonic()
+        data = read_until(sock, b"Hel") + read_to_eof(sock)
+        sock.close()
+        self.assertLess(time.monotonic() - started, 0.3 + 5.0)
+        self.assertNotIn(b"\r\n0\r\n\r\n", data)  # the stream is cut, not completed
+        [rec] = proxy.records()
+        self.assertEqual(rec["ended"], "timeout")
+        self.assertEqual(rec["error"]["type"], "timeout")
+        self.assertIn("idle", rec["error"]["message"])
+        self.assertEqual(content_of(rec), "Hel")
+
+    def test_errors_before_headers_are_in_the_provider_shape(self):
+        gate = threading.Event()
+        self.addCleanup(gate.set)
+        self.replies.append(Reply(200, [], b"{}", delay_headers=gate))
+        dead = socket.socket()
+        dead.bind(("127.0.0.1", 0))
+        dead_url = "http://127.0.0.1:%d" % dead.getsockname()[1]
+        dead.close()
+        proxy = self.start_proxy([provider("anthropic", "anthropic", self.upstream.url, "", ["claude-*"]),
+                                  provider("gemini", "gemini", dead_url, "", ["gemini-*"])],
+                                 response_header_timeout=0.3)
+        status, headers, body = request(proxy.url, path="/v1/messages", body={"model": "claude-x", "stream": True})
+        self.assertEqual(status, 504)
+        self.assertEqual(json.loads(body), {"type": "error", "error": {"type": "timeout_error",
+                                                                       "message": json.loads(body)["error"]["message"]}})
+        status, _, body = request(proxy.url, path="/v1beta/models/gemini-2.0-flash:streamGenerateContent?alt=sse",
+                                  body={"contents": []})
+        self.assertEqual((status, json.loads(body)["error"]["status"]), (502, "UNAVAILABLE"))
+        recs = proxy.records()
+        self.assertEqual([(r["ended"], r["status_code"]) for r in recs], [("timeout", 504), ("upstream_error", 502)])
+        self.assertEqual(recs[0]["id"], header(headers, "X-Proxy-Record-Id"))
+        self.assertEqual(recs[0]["error"]["type"], "upstream_timeout")
+
+    def test_no_total_timeout_on_a_long_stream_unless_configured(self):
+        gates = [threading.Event() for _ in range(6)]
+        self.addCleanup(lambda: [g.set() for g in gates])
+        parts = []
+        for n, gate in enumerate(gates):
+            parts += [chunk_event("w%d " % n), gate]
+        self.replies.append(sse_reply(parts + [chunk_event("", "stop"), b"data: [DONE]\n\n"]))
+        # Every gap is shorter than each timeout; the whole stream is longer than all of them.
+        proxy = self.start_proxy(stream_idle_timeout=0.4, client_idle_timeout=0.4, client_header_timeout=0.4)
+        sock = open_stream(proxy.port)
+        started = time.monotonic()
+        read_until(sock, b"w0")
+        pace = threading.Event()
+        for gate in gates:
+            pace.wait(0.15)  # pacing the fake upstream, not synchronisation
+            gate.set()
+        data = read_until(sock, b"\r\n0\r\n\r\n")
+        self.assertGreater(time.monotonic() - started, 0.8)
+        self.assertIn(b"[DONE]", data)
+        sock.close()
+        [rec] = proxy.records()
+        self.assertEqual(rec["ended"], "completed")
+        self.assertEqual(content_of(rec), "w0 w1 w2 w3 w4 w5 ")
+
+    def test_total_timeout_cuts_a_stream_when_configured(self):
+        gate = threading.Event()
+        self.addCleanup(gate.set)
+        self.replies.append(sse_reply([chunk_event("part"), gate, chunk_event("never")]))
+        proxy = self.start_proxy(total_timeout=0.5)
+        sock = open_stream(proxy.port)
+        data = read_until(sock, b"part") + read_to_eof(sock)
+        sock.close()
+        self.assertNotIn(b"never", data)
+        [rec] = proxy.records()
+        self.assertEqual(rec["ended"], "timeout")
+        self.assertIn("total_timeout", rec["error"]["message"])
+        self.assertEqual(content_of(rec), "part")
+
+    def test_error_answers_to_stream_requests_pass_through_verbatim(self):
+        html = b"<html><body><h1>503 Service Unavailable</h1></body></html>"
+        self.replies.append(Reply(503, [("Content-Type", "text/html")], [html[:20], html[20:]]))  # chunked
+        limit = b'{"error":{"message":"Rate limit reached","type":"rate_limit_error"}}'
+        self.replies.append(Reply(429, [("Content-Type", "application/json"), ("Retry-After", "20")], limit))
+        proxy = self.start_proxy()
+        status, headers, body = request(proxy.url, body=CHAT_BODY)
+        self.assertEqual((status, body, header(headers, "Content-Type")), (503, html, "text/html"))
+        status, headers, body = request(proxy.url, body=CHAT_BODY)
+        self.assertEqual((status, body, header(headers, "Retry-After")), (429, limit, "20"))
+        recs = proxy.records()
+        self.assertEqual(recs[0]["response_body"], html.decode())
+        self.assertEqual(recs[0]["error"]["type"], "http_503")
+        self.assertEqual(recs[1]["response_body"], json.loads(limit))
+        self.assertEqual(recs[1]["response_headers"]["retry-after"], "20")
+        self.assertEqual([r["ended"] for r in recs], ["completed", "completed"])
+        self.assertEqual(proxy.stream_lines(), [])
+
+
+class LimitsTest(FaultTestCase):
+    def test_capture_max_body_keeps_a_prefix_size_and_hash_client_gets_everything(self):
+        big_request = b'{"model":"gpt-4o","messages":[{"role":"user","content":"' + b"q" * 5000 + b'"}]}'
+        big_reply = b'{"id":"x","choices":[{"index":0,"message":{"content":"' + b"a" * 6000 + b'"}}]}'
+        events = [chunk_event("s" * 500) for _ in range(10)] + [chunk_event("", "stop"), b"data: [DONE]\n\n"]
+        self.replies.append(Reply(200, [("Content-Type", "application/json")], big_reply))  # Content-Length
+        self.replies.append(Reply(200, [("Content-Type", "application/json")], [big_reply[:3000], big_reply[3000:]]))
+        self.replies.append(sse_reply(events))
+        proxy = self.start_proxy(capture_max_body=1000)
+        for _ in range(2):
+            status, _, body = request(proxy.url, body=big_request)
+            self.assertEqual((status, body), (200, big_reply))
+            self.assertEqual(self.upstream.next_request().body, big_request)
+        status, _, body = request(proxy.url, body=b'{"model":"gpt-4o","stream":true}')
+        self.assertEqual(body, b"".join(events))
+        recs = proxy.records()
+        for rec in recs[:2]:
+            self.assertEqual(rec["truncated"]["request"], {"size": len(big_request), "kept": 1000,
+                                                           "sha256": hashlib.sha256(big_request).hexdigest()})
+            self.assertEqual(rec["truncated"]["response"], {"size": len(big_reply), "kept": 1000,
+                                                            "sha256": hashlib.sha256(big_reply).hexdigest()})
+            self.assertEqual(rec["request_body"], big_request[:1000].decode())  # a prefix is not JSON: a string
+            self.assertEqual(rec["response_body"], big_reply[:1000].decode())
+            self.assertEqual(rec["request_bytes"], len(big_request))
+        streamed = recs[2]
+        whole = b"".join(events)
+        self.assertEqual(streamed["truncated"], {"response": {"size": len(whole), "kept": 1000,
+                                                              "sha256": hashlib.sha256(whole).hexdigest()}})
+        self.assertNotIn("request", streamed["truncated"])
+        self.assertEqual(streamed["response_bytes"], len(whole))
+        line = proxy.stream_lines()[0]
+        self.assertLess(len(line["events"]), len(events))  # only the kept prefix is decoded
+
+    def test_oversized_header_parts_are_answered_in_json(self):
+        proxy = self.start_proxy()
+        cases = [
+            (b"POST /v1/chat/completions HTTP/1.1\r\n" + b"".join(b"X-H%d: v\r\n" % i for i in range(101)) + b"\r\n", 431),
+            (b"POST /v1/chat/completions HTTP/1.1\r\nX-Long: " + b"a" * 70000 + b"\r\n\r\n", 431),
+            (b"POST /v1/" + b"a" * 70000 + b" HTTP/1.1\r\n\r\n", 414),
+            (b"GARBAGE\r\n\r\n", 400),
+        ]
+        for raw, status in cases:
+            sock = socket.create_connection(("127.0.0.1", proxy.port), timeout=DEADLINE)
+            sock.sendall(raw)
+            data = read_to_eof(sock)
+            sock.close()
+            head, _, body = data.partition(b"\r\n\r\n")
+            self.assertTrue(head.startswith(b"HTTP/1.1 %d" % status), head[:100])
+            self.assertIn(b"Content-Type: application/json", head)
+            self.assertIn("error", json.loads(body))
+        self.assertEqual(self.upstream.requests.qsize(), 0)
+
+    def test_header_deadline_stops_a_client_dribbling_header_bytes(self):
+        proxy = self.start_proxy(client_header_timeout=0.5, client_idle_timeout=5.0)
+        sock = socket.create_connection(("127.0.0.1", proxy.port), timeout=DEADLINE)
+        started = time.monotonic()
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nX-Slow: ")
+        closed = False
+        pace = threading.Event()
+        while time.monotonic() - started < 4.0:
+            pace.wait(0.1)  # one byte every 0.1 s: never idle for client_idle_timeout
+            try:
+                sock.sendall(b"a")
+            except OSError:
+                closed = True
+                break
+            sock.setblocking(False)
+            try:
+                if sock.recv(1) == b"":
+                    closed = True
+                    break
+            except BlockingIOError:
+                pass
+            except OSError:
+                closed = True
+                break
+            finally:
+                sock.setblocking(True)
+        elapsed = time.monotonic() - started
+        sock.close()
+        self.assertTrue(closed, "the connection outlived client_header_timeout")
+        self.assertLess(elapsed, 2.5)
+        self.assertEqual(self.upstream.requests.qsize(), 0)
+
+    def test_idle_keep_alive_wait_is_not_cut_by_the_header_deadline(self):
+        proxy = self.start_proxy(client_header_timeout=0.2, client_idle_timeout=5.0)
+        conn = http.client.HTTPConnection("127.0.0.1", proxy.port, timeout=DEADLINE)
+        conn.request("POST", "/v1/chat/completions", body=PLAIN_BODY)
+        self.assertEqual(conn.getresponse().read(), CHAT_REPLY)
+        threading.Event().wait(0.5)  # idle longer than the header deadline, shorter than the idle timeout
+        conn.request("POST", "/v1/chat/completions", body=PLAIN_BODY)
+        self.assertEqual(conn.getresponse().read(), CHAT_REPLY)
+        conn.close()
+        self.assertEqual(self.upstream.connections, 1)
+
+    def test_a_body_that_stops_arriving_times_out(self):
+        proxy = self.start_proxy(client_idle_timeout=0.3)
+        sock = socket.create_connection(("127.0.0.1", proxy.port), timeout=DEADLINE)
+        sock.sendall(b"POST /v1/messages HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{\"model\":")
+        data = read_to_eof(sock)
+        sock.close()
+        self.assertTrue(data.startswith(b"HTTP/1.1 400"), data[:100])
+        self.assertEqual(json.loads(data.partition(b"\r\n\r\n")[2])["type"], "error")
+        self.assertEqual(self.upstream.requests.qsize(), 0)
+
+    def test_connections_past_max_connections_get_503(self):
+        proxy = self.start_proxy(max_connections=3)
+        idle = [socket.create_connection(("127.0.0.1", proxy.port), timeout=DEADLINE) for _ in range(3)]
+        wait_until(lambda: proxy.server.connections == 3, what="3 connections counted")
+        extra = socket.create_connection(("127.0.0.1", proxy.port), timeout=DEADLINE)
+        resp = http.client.HTTPResponse(extra)  # answered at once, before the request is read
+        resp.begin()
+        self.assertEqual(resp.status, 503)
+        self.assertEqual(json.loads(resp.read())["error"]["type"], "proxy_unavailable")
+        self.assertEqual(resp.getheader("Retry-After"), "1")
+        extra.close()
+        idle.pop().close()
+        wait_until(lambda: proxy.server.connections < 3, what="a connection slot freed")
+        self.assertEqual(request(proxy.url, body=PLAIN_BODY)[0], 200)
+        for sock in idle:
+            sock.close()
+        wait_until(lambda: proxy.server.connections == 0, what="all connections released")
+
+
+class FaultyOps(storage.FileOps):
+    """``os`` calls that fail with ``error`` (an errno) while it is set."""
+
+    def __init__(self) -> None:
+        self.error = 0
+
+    def _check(self) -> None:
+        if self.error:
+            raise OSError(self.error, os.strerror(self.error))
+
+    def open(self, path, flags, mode=0o777):
+        self._check()
+        return os.open(path, flags, mode)
+
+    def write(self, fd, data):
+        self._check()
+        return os.write(fd, data)
+
+    def makedirs(self, path, mode=0o777, exist_ok=False):
+        self._check()
+        os.makedirs(path, mode, exist_ok)
+
+
+def can_mount() -> bool:
+    if os.geteuid() != 0 or not shutil.which("mount"):
+        return False
+    d = tempfile.mkdtemp(prefix="proxy_llm_mnt_")
+    try:
+        ok = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", d], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL).returncode == 0
+        if ok:
+            subprocess.run(["umount", d], check=True)
+        return ok
+    finally:
+        os.rmdir(d)
+
+
+CAN_MOUNT = can_mount()
+
+
+class DataDirTestCase(FaultTestCase):
+    def metric(self, name: str) -> float:
+        text = request(self.proxy.url, method="GET", path="/metrics", headers={})[2].decode()
+        for line in text.splitlines():
+            if line.startswith(name + " "):
+                return float(line.split()[1])
+        raise AssertionError("no metric " + name)
+
+    def health(self):
+        status, _, body = request(self.proxy.url, method="GET", path="/health", headers={})
+        return status, json.loads(body)
+
+    def big_replies(self, n: int) -> None:
+        # Records bigger than a page, so a full tmpfs cannot take them in a file's slack.
+        body = b'{"id":"x","choices":[{"index":0,"message":{"content":"' + b"z" * 9000 + b'"}}]}'
+        self.replies.extend(Reply(200, [("Content-Type", "application/json")], body) for _ in range(n))
+
+
+class DataDirFaultTest(DataDirTestCase):
+    """Faults injected at the recorder's file-system boundary (runs everywhere)."""
+
+    def test_fail_open_keeps_proxying_counts_drops_and_resumes(self):
+        proxy = self.start_proxy()
+        ops = FaultyOps()
+        proxy.server.recorder.ops = ops
+        self.assertEqual(request(proxy.url, body=PLAIN_BODY)[0], 200)
+        proxy.flush()
+        ops.error = errno.ENOSPC
+        for _ in range(3):
+            self.assertEqual(request(proxy.url, body=PLAIN_BODY)[0], 200)
+        proxy.flush()
+        self.assertEqual(self.metric("proxy_llm_records_dropped_total"), 3)
+        status, health = self.health()
+        self.assertEqual((status, health["status"]), (200, "degraded"))
+        self.assertIn("ENOSPC", health["last_record_error"])
+        ops.error = 0
+        self.assertEqual(request(proxy.url, body=PLAIN_BODY)[0], 200)
+        self.assertEqual(len(proxy.records()), 2)
+        self.assertEqual(self.health()[1]["status"], "ok")
+        self.assertEqual(self.metric("proxy_llm_records_written_total"), 2)
+
+    def test_fail_closed_answers_503_until_the_dir_is_writable(self):
+        proxy = self.start_proxy(on_record_error="fail_closed", fsync_interval=0.05)
+        ops = FaultyOps()
+        proxy.server.recorder.ops = ops
+        ops.error = errno.EROFS
+        self.assertEqual(request(proxy.url, body=PLAIN_BODY)[0], 200)  # the failure is found on this record
+        proxy.flush()
+        status, headers, body = request(proxy.url, path="/v1/messages", body={"model": "claude-x"})
+        self.assertEqual(status, 503)
+        self.assertEqual(json.loads(body)["error"]["type"], "overloaded_error")
+        self.assertEqual(header(headers, "Retry-After"), "1")
+        self.assertEqual(self.health()[0], 503)
+        ops.error = 0
+        wait_until(lambda: not proxy.server.recorder.degraded, what="the idle probe to see the dir writable")
+        self.assertEqual(request(proxy.url, body=PLAIN_BODY)[0], 200)
+        self.assertEqual(self.upstream.requests.qsize(), 2)
+
+
+@unittest.skipUnless(CAN_MOUNT, "needs root and tmpfs mounts")
+class RealFullDiskTest(DataDirTestCase):
+    """A real 1 MiB tmpfs: filled up, then remounted read-only."""
+
+    def setUp(self):
+        super().setUp()
+        self.mnt = os.path.join(self.tmp, "mnt")
+        os.mkdir(self.mnt)
+        subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m,mode=0700", "tmpfs", self.mnt], check=True)
+        self.addCleanup(subprocess.run, ["umount", "-l", self.mnt])
+
+    def fill(self) -> str:
+        path = os.path.join(self.mnt, "filler")
+        with open(path, "wb", buffering=0) as f:
+            for size in (65536, 4096, 512, 1):
+                try:
+                    while True:
+                        f.write(b"\0" * size)
+                except OSError as exc:
+                    self.assertEqual(exc.errno, errno.ENOSPC)
+        return path
+
+    def test_full_disk_fail_open_then_space_returns(self):
+        proxy = self.start_proxy(data_dir=os.path.join(self.mnt, "data"))
+        self.big_replies(6)
+        self.assertEqual(request(proxy.url, body=PLAIN_BODY)[0], 200)
+        proxy.flush()
+        filler = self.fill()
+        for _ in range(3):
+            status, _, body = request(proxy.url, body=PLAIN_BODY)
+            self.assertEqual((status, len(body)), (200, len(self.replies[0].body)))
+        proxy.flush()
+        self.assertEqual(self.metric("proxy_llm_records_dropped_total"), 3)
+        self.assertEqual(self.health()[1]["status"], "degraded")
+        self.assertIn("ENOSPC", self.health()[1]["last_record_error"])
+        os.unlink(filler)
+        self.assertEqual(request(proxy.url, body=PLAIN_BODY)[0], 200)
+        self.assertEqual(len(proxy.records()), 2)
+        self.assertEqual(self.health()[1]["status"], "ok")
+
+    def test_read_only_data_dir_fail_open_then_writable_again(self):
+        data_dir = os.path.join(self.mnt, "data")
+        os.mkdir(data_dir, 0o700)
+        # Linux refuses to remount read-only while files are open for writing: start read-only.
+        subprocess.run(["mount", "-o", "remount,ro", self.mnt], check=True)
+        proxy = self.start_proxy(data_dir=data_dir, fsync_interval=0.05)
+        for sid in ("a", "b", "a"):
+            headers = {"X-Session-Id": sid, "Content-Type": "application/json"}
+            self.assertEqual(request(proxy.url, body=PLAIN_BODY, headers=headers)[0], 200)
+        proxy.flush()
+        self.assertEqual(self.metric("proxy_llm_records_dropped_total"), 3)
+        self.assertEqual(self.health()[1]["status"], "degraded")
+        self.assertIn("EROFS", self.health()[1]["last_record_error"])
+        subprocess.run(["mount", "-o", "remount,rw", self.mnt], check=True)
+        wait_until(lambda: not proxy.server.recorder.degraded, what="the idle probe to see the dir writable")
+        self.assertEqual(request(proxy.url, body=PLAIN_BODY)[0], 200)
+        self.assertEqual(len(proxy.records()), 1)
+        self.assertEqual(self.health()[1]["status"], "ok")
+
+
+if __name__ == "__main__":
+    unittest.main()
