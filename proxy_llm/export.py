@@ -1069,9 +1069,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add export's options to ``parser`` (``--data-dir`` defaults to None: the config's)."""
     parser.description = ("Export recorded traffic as a dataset: OpenAI fine-tuning chat JSONL, "
                           "sharegpt, or the raw records with bodies as JSON text.")
+    parser.epilog = ("A summary line goes to stderr (records read, skipped by reason, parts dropped, rows "
+                     "written; torn lines skipped). Exit status: 0 rows written, 1 nothing matched, "
+                     "2 bad usage or unreadable data dir.")
     parser.add_argument("--data-dir", metavar="DIR", default=None,
                         help="data dir to read (default: the configured data_dir)")
-    parser.add_argument("--format", required=True, choices=FORMATS, help="output format")
+    parser.add_argument("--format", required=True, choices=FORMATS,
+                        help="openai-chat: OpenAI fine-tuning {messages, tools}; sharegpt: "
+                             "{conversations: [{from, value}], tools}; records: the records, "
+                             "bodies and optional fields as JSON text")
     parser.add_argument("--out", metavar="FILE", default=None,
                         help="output file (default: stdout); with --split, the stem of two files")
     group = parser.add_argument_group("filters (repeatable; comma lists allowed)")
@@ -1086,10 +1092,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--until", metavar="WHEN",
                        help="ISO date or datetime, exclusive; a bare date includes that whole day")
     group.add_argument("--status", action="append", metavar="CODE", help="status code, class (2xx) or none")
-    group.add_argument("--stream", dest="stream", action="store_const", const=True, default=None,
-                       help="streamed requests only")
-    group.add_argument("--no-stream", dest="stream", action="store_const", const=False,
-                       help="non-streamed requests only")
+    streams = group.add_mutually_exclusive_group()
+    streams.add_argument("--stream", dest="stream", action="store_const", const=True, default=None,
+                         help="streamed requests only")
+    streams.add_argument("--no-stream", dest="stream", action="store_const", const=False,
+                         help="non-streamed requests only")
     group.add_argument("--ended", action="append", metavar="ENDING", help="|".join(ENDINGS))
     shaping = parser.add_argument_group("shaping")
     shaping.add_argument("--include-thinking", action="store_true",

@@ -218,6 +218,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data-dir", metavar="DIR", default=None,
                         help="data dir to read (default: the configured data_dir)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
+    parser.epilog = "Exit status: 0, or 2 when the data dir is unreadable."
 
 
 def run(args, default_data_dir=None) -> int:

@@ -338,6 +338,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                           "or crash leftovers, stream files match their records. Exit 1 if anything is wrong.")
     parser.add_argument("--data-dir", metavar="DIR", default=None,
                         help="data dir to check (default: the configured data_dir)")
+    parser.epilog = "Exit status: 0 clean, 1 problems found, 2 unreadable data dir."
 
 
 def run(args, default_data_dir=None) -> int:

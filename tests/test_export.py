@@ -429,6 +429,11 @@ class TestCommand(ExportTestCase):
                        "--include-thinking", "--include-images", "--dedupe", "--split"):
             self.assertIn(option, text)
 
+    def test_stream_and_no_stream_exclude_each_other(self) -> None:
+        with redirect_stderr(io.StringIO()), self.assertRaises(SystemExit) as ctx:
+            parse(["--format", "records", "--stream", "--no-stream"])
+        self.assertEqual(ctx.exception.code, 2)
+
     def test_as_a_subprocess(self) -> None:
         if not os.path.exists(os.path.join(ROOT, "proxy_llm", "cli.py")):
             self.skipTest("cli.py not there yet")
