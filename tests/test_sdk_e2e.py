@@ -241,8 +241,17 @@ class ProxiedSDKCase(unittest.TestCase):
         providers = [provider(name, name, cls.upstream.url) for name in ("openai", "anthropic", "gemini")]
         cls.proxy = ProxyProcess(base_config(providers, cls.data_dir))
         cls.addClassCleanup(cls.proxy.cleanup)
-        cls.addClassCleanup(cls.proxy.stop)
+        cls.addClassCleanup(cls.stop_proxy)
         cls.log = ResponseLog()
+
+    @classmethod
+    def stop_proxy(cls) -> None:
+        """Stop the proxy; a failed exit or a logged error or traceback (say, a dialect that
+        raised) fails the class."""
+        code = cls.proxy.stop()
+        log = cls.proxy.log_text()
+        if code != 0 or "Traceback" in log or " ERROR " in log:
+            raise AssertionError("proxy exited %s; log:\n%s" % (code, log[-4000:]))
 
     def setUp(self) -> None:
         self.drain_requests()
@@ -294,11 +303,23 @@ class ProxiedSDKCase(unittest.TestCase):
         wait_until(present, DEADLINE, "record %s" % record_id)
         return found["rec"]
 
-    def check_record(self, fx: Fixture, rec: Dict[str, Any], provider_type: str, stream: bool) -> None:
+    def check_record(self, fx: Fixture, rec: Dict[str, Any], provider_type: str, stream: bool, via: Outcome) -> None:
+        """What every record must say, whatever the outcome: who, what, and the request as sent."""
         self.assertEqual(rec["provider_type"], provider_type)
         self.assertEqual(rec["dialect"], fx.dialect)
         self.assertIs(rec["stream"], stream)
+        self.assertEqual(rec["method"], via.request["method"])
+        self.assertEqual(rec["endpoint"], via.request["target"].split("?")[0])
         self.assertEqual(rec["request_headers"].get(HEADER.lower()), fx.id)
+        body = via.request["body"]
+        self.assertEqual(rec["request_body"], json.loads(body) if body else None)
+        self.assertEqual(rec["request_bytes"], len(body))
+        if body:
+            model = json.loads(body).get("model")
+            if model is not None:
+                self.assertEqual(rec["model"], model)
+        self.assertIsNone(rec.get("reassembly_error"))
+        self.assertIsNone(rec.get("decode_error"))
 
     def check_stream_ending(self, fx: Fixture, rec: Dict[str, Any], via: Outcome) -> None:
         """A stream's record ends as the fixture's expected result says.
@@ -381,7 +402,7 @@ class OpenAISDKTest(ProxiedSDKCase):
                     out.final = raw.parse()
 
                 via, rec = self.both(call, self.direct, self.via)
-                self.check_record(fx, rec, "openai", stream=False)
+                self.check_record(fx, rec, "openai", stream=False, via=via)
                 if fx.expected and fx.expected.get("error") is not None and via.error is not None:
                     self.check_error_body(fx, via, rec)
                     continue
@@ -405,7 +426,7 @@ class OpenAISDKTest(ProxiedSDKCase):
                         out.chunks.append(chunk)
 
                 via, rec = self.both(call, self.direct, self.via)
-                self.check_record(fx, rec, "openai", stream=True)
+                self.check_record(fx, rec, "openai", stream=True, via=via)
                 self.check_stream_ending(fx, rec, via)
                 if fx.unterminated:  # the record holds one event more: see test_unterminated_last_event
                     continue
@@ -431,7 +452,7 @@ class OpenAISDKTest(ProxiedSDKCase):
                         out.final = stream.get_final_completion()
 
                 via, rec = self.both(call, self.direct, self.via)
-                self.check_record(fx, rec, "openai", stream=True)
+                self.check_record(fx, rec, "openai", stream=True, via=via)
                 self.check_stream_ending(fx, rec, via)
                 if fx.unterminated:  # the record holds one event more: see test_unterminated_last_event
                     continue
@@ -458,7 +479,7 @@ class OpenAISDKTest(ProxiedSDKCase):
                     out.final = raw.parse()
 
                 via, rec = self.both(call, self.direct, self.via)
-                self.check_record(fx, rec, "openai", stream=False)
+                self.check_record(fx, rec, "openai", stream=False, via=via)
                 if via.error is not None:
                     self.check_error_body(fx, via, rec)
                     continue
@@ -480,7 +501,7 @@ class OpenAISDKTest(ProxiedSDKCase):
                         out.chunks.append(event)
 
                 via, rec = self.both(call, self.direct, self.via)
-                self.check_record(fx, rec, "openai", stream=True)
+                self.check_record(fx, rec, "openai", stream=True, via=via)
                 self.check_stream_ending(fx, rec, via)
                 if fx.unterminated:  # the record holds one event more: see test_unterminated_last_event
                     continue
@@ -510,7 +531,7 @@ class OpenAISDKTest(ProxiedSDKCase):
                         out.final = stream.get_final_response()
 
                 via, rec = self.both(call, self.direct, self.via)
-                self.check_record(fx, rec, "openai", stream=True)
+                self.check_record(fx, rec, "openai", stream=True, via=via)
                 self.check_stream_ending(fx, rec, via)
                 if fx.unterminated:  # the record holds one event more: see test_unterminated_last_event
                     continue
@@ -534,7 +555,7 @@ class OpenAISDKTest(ProxiedSDKCase):
                     out.final = raw.parse()
 
                 via, rec = self.both(call, self.direct, self.via)
-                self.check_record(fx, rec, "openai", stream=False)
+                self.check_record(fx, rec, "openai", stream=False, via=via)
                 if via.error is not None:
                     self.check_error_body(fx, via, rec)
                     continue
@@ -557,7 +578,7 @@ class OpenAISDKTest(ProxiedSDKCase):
                         out.chunks.append(chunk)
 
                 via, rec = self.both(call, self.direct, self.via)
-                self.check_record(fx, rec, "openai", stream=True)
+                self.check_record(fx, rec, "openai", stream=True, via=via)
                 self.check_stream_ending(fx, rec, via)
                 if fx.unterminated:  # the record holds one event more: see test_unterminated_last_event
                     continue
@@ -580,7 +601,7 @@ class OpenAISDKTest(ProxiedSDKCase):
                     out.final = raw.parse()
 
                 via, rec = self.both(call, self.direct, self.via)
-                self.check_record(fx, rec, "openai", stream=False)
+                self.check_record(fx, rec, "openai", stream=False, via=via)
                 if via.error is not None:
                     self.check_error_body(fx, via, rec)
                     continue
@@ -603,7 +624,7 @@ class OpenAISDKTest(ProxiedSDKCase):
                     out.chunks = list(raw.parse())
 
                 via, rec = self.both(call, self.direct, self.via)
-                self.check_record(fx, rec, "openai", stream=False)
+                self.check_record(fx, rec, "openai", stream=False, via=via)
                 self.assertIsNone(via.error)
                 self.assertEqual(rec["endpoint"], "/v1/models")
                 self.assertEqual(rec["method"], "GET")
@@ -651,7 +672,7 @@ class AnthropicSDKTest(ProxiedSDKCase):
                     out.final = raw.parse()
 
                 via, rec = self.both(call, self.direct, self.via)
-                self.check_record(fx, rec, "anthropic", stream=False)
+                self.check_record(fx, rec, "anthropic", stream=False, via=via)
                 if via.error is not None:
                     self.check_error_body(fx, via, rec)
                     self.assertEqual(rec["error"]["message"], fx.body_json()["error"]["message"])
@@ -673,7 +694,7 @@ class AnthropicSDKTest(ProxiedSDKCase):
                         out.chunks.append(event)
 
                 via, rec = self.both(call, self.direct, self.via)
-                self.check_record(fx, rec, "anthropic", stream=True)
+                self.check_record(fx, rec, "anthropic", stream=True, via=via)
                 self.check_stream_ending(fx, rec, via)
                 if fx.unterminated:  # the record holds one event more: see test_unterminated_last_event
                     continue
@@ -697,7 +718,7 @@ class AnthropicSDKTest(ProxiedSDKCase):
                         out.final = stream.get_final_message()
 
                 via, rec = self.both(call, self.direct, self.via)
-                self.check_record(fx, rec, "anthropic", stream=True)
+                self.check_record(fx, rec, "anthropic", stream=True, via=via)
                 self.check_stream_ending(fx, rec, via)
                 if fx.unterminated:  # the record holds one event more: see test_unterminated_last_event
                     continue
@@ -751,7 +772,7 @@ class AnthropicSDKTest(ProxiedSDKCase):
                     out.final = raw.parse()
 
                 via, rec = self.both(call, self.direct, self.via)
-                self.check_record(fx, rec, "anthropic", stream=False)
+                self.check_record(fx, rec, "anthropic", stream=False, via=via)
                 if via.error is not None:
                     self.check_error_body(fx, via, rec)
                     continue
@@ -801,7 +822,8 @@ class GeminiSDKTest(ProxiedSDKCase):
                     out.final = result
 
                 via, rec = self.both(call, self.direct, self.via, dump=gemini_dump)
-                self.check_record(fx, rec, "gemini", stream=False)
+                self.check_record(fx, rec, "gemini", stream=False, via=via)
+                self.assertEqual(rec["model"], self.MODEL)
                 self.assertRegex(rec["endpoint"], r"^/v1(beta)?/models/%s:generateContent$" % re.escape(self.MODEL))
                 self.assertEqual(rec["endpoint"], via.request["target"])
                 if via.error is not None:
@@ -825,7 +847,8 @@ class GeminiSDKTest(ProxiedSDKCase):
                         out.chunks.append(chunk)
 
                 via, rec = self.both(call, self.direct, self.via, dump=gemini_dump)
-                self.check_record(fx, rec, "gemini", stream=True)
+                self.check_record(fx, rec, "gemini", stream=True, via=via)
+                self.assertEqual(rec["model"], self.MODEL)
                 self.assertRegex(rec["endpoint"], r"^/v1(beta)?/models/%s:streamGenerateContent$" % re.escape(self.MODEL))
                 self.assertEqual(rec["endpoint"] + "?" + rec["query"], via.request["target"])
                 self.assertEqual(rec["query"], "alt=sse")
