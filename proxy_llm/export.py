@@ -99,7 +99,8 @@ version does not know in ``extra`` (JSON text of an object).
 conversation whose messages (thinking ignored) are a proper prefix of another
 conversation's is dropped, and of identical conversations only the first is
 kept.  A fork (two different continuations of a shared prefix) keeps both
-branches.  Two passes over the data dir keep memory small (hashes only).
+branches.  With ``--format records``, records that are not conversations
+(embeddings, errors, ...) are all kept.  Two passes over the data dir keep memory small (hashes only).
 
 ``--split R``: rows go to ``<out stem>.train.jsonl`` or ``<out stem>.test.jsonl``
 by a hash of the conversation's opening (messages up to and including the first

@@ -420,6 +420,24 @@ class TestCommand(ExportTestCase):
         export.Progress(quiet, 1000, enabled=False).update(500, 10)
         self.assertEqual(quiet.getvalue(), "")
 
+    def test_progress_only_on_a_terminal_with_a_large_input(self) -> None:
+        class Tty(io.StringIO):
+            def isatty(self) -> bool:
+                return True
+
+        out = os.path.join(self.tmp, "p.jsonl")
+        for tty, minimum, shown in ((True, 0, True), (True, 1 << 40, False), (False, 0, False)):
+            err = Tty() if tty else io.StringIO()
+            old = export.PROGRESS_MIN_BYTES
+            export.PROGRESS_MIN_BYTES = minimum
+            try:
+                with redirect_stderr(err):
+                    export.run(parse(["--data-dir", self.data, "--format", "records", "--out", out]))
+            finally:
+                export.PROGRESS_MIN_BYTES = old
+            self.assertEqual("export [" in err.getvalue(), shown, (tty, minimum))
+            self.assertTrue(err.getvalue().rstrip("\n").splitlines()[-1].lstrip("\r\x1b[K").startswith("export: read"))
+
     def test_help_lists_every_option(self) -> None:
         parser = argparse.ArgumentParser(prog="proxy_llm export")
         export.add_arguments(parser)
