@@ -37,7 +37,7 @@ import unittest
 from typing import Any, Callable, Dict, List, Optional
 
 from tests.sdk_replay import HEADER, Fixture, ReplayUpstream, fixtures
-from tests.support import ProxyProcess, base_config, provider, read_records, wait_until
+from tests.support import FIXTURES, ProxyProcess, base_config, provider, read_records, wait_until
 
 try:
     import openai
@@ -49,10 +49,9 @@ except ImportError:
     anthropic = None
 try:
     from google import genai
-    from google.genai import errors as genai_errors
     from google.genai import types as genai_types
 except ImportError:
-    genai = genai_errors = genai_types = None
+    genai = genai_types = None
 
 # Fast failures: no SDK retries, a short timeout (seconds), and a deadline for the upstream to
 # have seen the request and for a record to reach the disk.
@@ -70,8 +69,24 @@ RESPONSES_TERMINAL = ("response.completed", "response.failed", "response.incompl
 USER = "Say hello."
 
 
+# The fixture folders (dialects) some SDK test below drives.
+DRIVEN = frozenset(("openai_chat", "openai_completions", "openai_responses", "openai_embeddings", "generic",
+                    "anthropic_messages", "anthropic_count_tokens", "gemini"))
+
+
 def fixture_subset(dialect: str, streamed: bool) -> List[Fixture]:
     return [fx for fx in fixtures(dialect) if fx.streamed == streamed]
+
+
+class CoverageTest(unittest.TestCase):
+    def test_every_fixture_folder_is_driven_by_an_sdk(self):
+        """A new dialect folder shows up here as a skip until a test below drives it."""
+        folders = sorted(d for d in os.listdir(FIXTURES) if os.path.isdir(os.path.join(FIXTURES, d)))
+        self.assertTrue(DRIVEN & set(folders), folders)
+        for folder in folders:
+            with self.subTest(folder=folder):
+                if folder not in DRIVEN:
+                    self.skipTest("no SDK test drives tests/fixtures/%s yet" % folder)
 
 
 class Outcome:
