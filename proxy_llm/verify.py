@@ -17,9 +17,10 @@ Problems (exit code 1):
 * a stream line whose id has no record, or whose record is not a stream;
 * a streamed record without its stream line.  A record expects a stream line
   exactly when the recorder writes one: it got a response (``status_code`` not
-  null) and the response was ``text/event-stream`` or the request was a stream
-  answered with a status below 300.  A 4xx JSON answer to a stream request, or
-  an unreachable upstream, has no stream line.
+  null) that was ``text/event-stream``, or a Gemini stream request answered
+  with a 2xx (Gemini streams a JSON array without ``alt=sse``).  A plain JSON
+  answer to a stream request (an error, or a server ignoring ``stream``) and an
+  unreachable upstream have no stream line.
 
 Notes (reported, exit code unaffected): unknown files, unknown record fields.
 
@@ -172,7 +173,8 @@ def expects_stream_line(rec: dict) -> bool:
     status = rec.get("status_code")
     if not _is_int(status):
         return False
-    return _is_event_stream(rec) or (rec.get("stream") is True and status < 300)
+    gemini = rec.get("provider_type") == "gemini" or rec.get("dialect") == "gemini"
+    return _is_event_stream(rec) or (rec.get("stream") is True and gemini and 200 <= status < 300)
 
 
 def _is_event_stream(rec: dict) -> bool:

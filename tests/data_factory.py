@@ -303,10 +303,10 @@ def gemini(clock: Clock, session_id: str, contents: list, parts: list, *, system
             "modelVersion": model}
     action = "streamGenerateContent" if stream else "generateContent"
     kw.setdefault("tokens", usage(40, 9))
+    kw.setdefault("query", "alt=sse" if stream else "")
     return record(clock, session_id=session_id, provider_type="gemini", dialect="gemini",
                   endpoint="/v1beta/models/%s:%s" % (model, action), model=model,
-                  request_body=req, response_body=resp, stream=stream,
-                  query="alt=sse" if stream else "", **kw)
+                  request_body=req, response_body=resp, stream=stream, **kw)
 
 
 def gemini_session(clock: Clock, session_id: str = "gem-1") -> list:
@@ -381,7 +381,8 @@ def has_stream_line(rec: dict) -> bool:
     """Whether the recorder writes a streams/ line for this record (an SSE answer)."""
     status = rec["status_code"]
     ctype = rec["response_headers"].get("content-type", "")
-    return status is not None and (ctype.startswith("text/event-stream") or (rec["stream"] and status < 300))
+    return status is not None and (ctype.startswith("text/event-stream") or (
+        rec["stream"] and rec["provider_type"] == "gemini" and 200 <= status < 300))
 
 
 def stream_line(rec: dict, n_events: int = 3) -> dict:

@@ -70,6 +70,21 @@ class TestClean(VerifyTestCase):
         self.add(rec)
         self.assertEqual(self.verify()[0], 0)
 
+    def test_a_plain_json_answer_to_a_stream_request_needs_no_stream_line(self) -> None:
+        rec = self.chat(stream=True)
+        rec["response_headers"]["content-type"] = "application/json"
+        self.assertFalse(df.has_stream_line(rec))
+        self.add(rec)
+        self.assertEqual(self.verify()[0], 0)
+
+    def test_a_gemini_json_array_stream_needs_its_stream_line(self) -> None:
+        rec = df.gemini(self.clock, "extra", [{"role": "user", "parts": [{"text": "hi"}]}], [{"text": "yo"}],
+                        stream=True, query="")
+        rec["response_headers"]["content-type"] = "application/json; charset=UTF-8"
+        self.assertTrue(df.has_stream_line(rec))
+        self.add(rec, streams=False)
+        self.assertProblem("streamed records without a stream line", rec["id"])
+
     def test_the_key_file_and_unknown_fields_are_fine(self) -> None:
         with open(os.path.join(self.data, ".proxy_llm_key"), "wb") as fh:
             fh.write(b"k" * 32)
