@@ -296,15 +296,18 @@ class TestRecorderOutput(unittest.TestCase):
         if req.path == "/v1/chat/completions":
             if body.get("model") == "gpt-limited":
                 return s.json_reply({"error": {"message": "Rate limit", "type": "requests"}}, status=429)
-            if body.get("stream"):
+            if body.get("stream") and body.get("model") != "gpt-plain":
                 return s.sse_reply([self.fixture("openai_chat/basic_usage.sse")])
             return s.Reply(200, [("Content-Type", "application/json")], self.fixture("openai_chat/body_tool_calls.json"))
         if req.path == "/v1/messages":
             return s.sse_reply([self.fixture("anthropic_messages/thinking_signature.sse")])
         if req.path == "/v1/responses":
             return s.sse_reply([self.fixture("openai_responses/text.sse")])
-        if req.path.endswith(":streamGenerateContent"):
+        if req.path.endswith(":streamGenerateContent") and "alt=sse" in req.query:
             return s.sse_reply([self.fixture("gemini/sse_function_calls.sse")])
+        if req.path.endswith(":streamGenerateContent"):  # a JSON array, delivered in pieces
+            data = self.fixture("gemini/array_text.stream.json")
+            return s.Reply(200, [("Content-Type", "application/json; charset=UTF-8")], [data[:40], data[40:]])
         if req.path == "/v1/embeddings":
             return s.json_reply({"object": "list", "data": [{"object": "embedding", "index": 0, "embedding": [0.1]}],
                                  "usage": {"prompt_tokens": 1, "total_tokens": 1}})
@@ -328,17 +331,23 @@ class TestRecorderOutput(unittest.TestCase):
                                    {"contents": [{"role": "user", "parts": [{"text": "weather?"}]}]},
                                    session="real-2"), 200)
         self.assertEqual(self.send("/v1/embeddings", {"model": "text-embedding-3-small", "input": "x"}), 200)
+        # a server that ignores "stream": true (plain JSON, no stream line)
+        self.assertEqual(self.send("/v1/chat/completions", dict(chat, model="gpt-plain", stream=True)), 200)
+        # Gemini streaming a JSON array (no alt=sse): a stream line
+        self.assertEqual(self.send("/v1beta/models/gemini-2.0-flash:streamGenerateContent",
+                                   {"contents": [{"role": "user", "parts": [{"text": "bonjour"}]}]},
+                                   session="real-2"), 200)
         self.proxy.flush()
 
         code, out, _ = run_verify("--data-dir", self.data)
         self.assertEqual(code, 0, out)
-        self.assertIn("7 records", out)
-        self.assertIn("4 stream lines", out)
+        self.assertIn("9 records", out)
+        self.assertIn("5 stream lines", out)
         self.assertNotIn("sk-test-secret-1", out)
 
         from proxy_llm import export, stats
         report = stats.collect(self.data)
-        self.assertEqual(report.total.requests, 7)
+        self.assertEqual(report.total.requests, 9)
         self.assertEqual(report.total.http_errors, 1)
         self.assertEqual(set(report.sessions), {"real-1", "real-2"})
 
@@ -351,7 +360,7 @@ class TestRecorderOutput(unittest.TestCase):
         self.assertEqual(code, 0, err.getvalue())
         with open(rows, encoding="utf-8") as fh:
             exported = [json.loads(line) for line in fh]
-        self.assertEqual(len(exported), 5, err.getvalue())
+        self.assertEqual(len(exported), 7, err.getvalue())
         self.assertIn("skipped (error 1, not_chat 1)", err.getvalue())
         text = json.dumps(exported)
         self.assertIn("12,231", text)
