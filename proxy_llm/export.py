@@ -40,7 +40,10 @@ image parts            ``image_url``          ``input_image``         ``image`` 
                                                                       ``parameters``
 =====================  =====================  ======================  =====================  =====================
 
-Text parts of one message are joined with a newline.  Without
+A Responses API request that continues a stored conversation with
+``previous_response_id`` carries only its new input: it is exported as it is
+(the earlier turns are in the earlier records).  Text parts of one message are
+joined with a newline.  Without
 ``--include-images`` every ``content`` is a string (``null`` is never written;
 an assistant message with only tool calls has no ``content`` key); with it,
 every ``content`` is a list of ``{"type": "text"}`` / ``{"type": "image_url"}``
@@ -58,7 +61,7 @@ calls, extra choices (``n > 1``: only choice 0 is exported).
 Skipped records (counted by reason): ``not_chat`` (embeddings, model lists,
 token counting, legacy completions, anything not a chat dialect), ``error``
 (no status, a non-2xx status, or an ``error`` in the record), ``truncated``
-(the request body was cut at capture time), ``bad_body`` (a body without the
+(a body was cut at capture time, ``capture_max_body``), ``bad_body`` (a body without the
 dialect's shape), ``no_response`` (no assistant message in the response),
 ``empty_answer`` (the answer would export as nothing: thinking only without
 ``--include-thinking``, or only non-text parts).
@@ -672,7 +675,7 @@ def convert(record: dict, dropped: Counter | None = None) -> Conversation:
     status = record.get("status_code")
     if not isinstance(status, int) or not 200 <= status < 300 or record.get("error"):
         raise Skip("error")
-    if isinstance(record.get("truncated"), dict) and "request" in record["truncated"]:
+    if isinstance(record.get("truncated"), dict) and record["truncated"]:
         raise Skip("truncated")
     req, resp = record.get("request_body"), record.get("response_body")
     if not isinstance(req, dict):
