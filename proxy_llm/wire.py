@@ -110,8 +110,10 @@ def _read_chunked(rfile: BinaryIO, limit: int) -> bytes:
     # Trailer fields are read and discarded (never forwarded: RFC 9112 7.1.2).
     for _ in range(100):
         line = rfile.readline(8192)
-        if line in (b"\r\n", b"\n", b""):
+        if line in (b"\r\n", b"\n"):
             return b"".join(parts)
+        if not line.endswith(b"\n"):
+            raise BodyError(400, "truncated chunked body")
     raise BodyError(400, "too many trailer fields")
 
 

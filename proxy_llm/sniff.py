@@ -1,0 +1,81 @@
+"""Find a request's top-level ``model`` and ``stream`` without parsing the body.
+
+Routing needs the model before the request is forwarded, on the request's own thread, where a
+full ``json.loads`` of a 100 KB chat history costs more than forwarding it. So the body is
+searched for the key, and the candidate is accepted only when it is provably at the top level:
+the number of unclosed brackets before it (outside strings) is one. That count is taken over the
+shorter side of the body (before the key, or after its value, where the brackets still to be
+closed tell the same), so a key near either end is checked in microseconds. See ``_find`` for
+what happens when neither side is short.
+
+This module imports nothing from the package.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Optional, Tuple, Union
+
+# A JSON string, unrolled for speed ("normal* (escaped normal*)*").
+_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"')
+_MODEL_VALUE = re.compile(rb'"model"\s*:\s*("[^"\\]*(?:\\.[^"\\]*)*")')
+_STREAM_VALUE = re.compile(rb'"stream"\s*:\s*(true|false)')
+CHEAP_SIDE = 16 * 1024   # bytes of context scanned at most to prove a candidate's depth
+
+
+def _open_brackets(segment: bytes) -> int:
+    """Opening minus closing brackets outside strings in a segment starting outside a string."""
+    bare = _STRING.sub(b"", segment)
+    return bare.count(b"{") + bare.count(b"[") - bare.count(b"}") - bare.count(b"]")
+
+
+def _at_top_level(body: bytes, start: int, end: int) -> Optional[bool]:
+    """Is the key at ``start`` (whose value ends at ``end``) a top-level key? None: too costly."""
+    if start <= CHEAP_SIDE:
+        return _open_brackets(body[:start]) == 1
+    if len(body) - end <= CHEAP_SIDE:
+        return -_open_brackets(body[end:]) == 1
+    return None
+
+
+def _find(body: bytes, key: bytes, pattern: "re.Pattern[bytes]") -> Optional["re.Match[bytes]"]:
+    """The match of ``pattern`` for the top-level ``key``, or None.
+
+    First the last ``CHEAP_SIDE`` bytes are searched (the Python SDKs put ``model`` and
+    ``stream`` after the messages), then the body from the start. A candidate is accepted when
+    its shorter side proves it is at the top level, skipped when that proves it nested, and, when
+    both sides are long, accepted as it is: in real request bodies a nested ``"model": "..."``
+    before the top-level one does not occur (message texts and tool arguments are strings,
+    where quotes are escaped). The recorder reads the exact value from the parsed body later;
+    only routing uses this one.
+    """
+    n = len(body)
+    pos = body.rfind(key, max(0, n - CHEAP_SIDE))
+    if pos >= 0:
+        m = pattern.match(body, pos)
+        if m is not None and _at_top_level(body, pos, m.end()):
+            return m
+    pos = body.find(key)
+    while pos >= 0:
+        m = pattern.match(body, pos)
+        if m is not None and _at_top_level(body, pos, m.end()) is not False:
+            return m
+        pos = body.find(key, pos + 1)
+    return None
+
+
+def sniff(body: bytes) -> Tuple[Optional[str], bool]:
+    """Return (model, stream) of a JSON object body: model None when absent or not a string."""
+    if not body or body.lstrip()[:1] != b"{":
+        return None, False
+    m = _find(body, b'"model"', _MODEL_VALUE)
+    s = _find(body, b'"stream"', _STREAM_VALUE)
+    model = None
+    if m is not None:
+        raw = m.group(1)
+        try:
+            model = json.loads(raw) if b"\\" in raw else raw[1:-1].decode("utf-8")
+        except ValueError:
+            model = None
+    return model, s is not None and s.group(1) == b"true"

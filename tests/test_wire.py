@@ -1,0 +1,183 @@
+"""Pure helpers: hop-by-hop filtering, body framing, redaction, model sniffing, labels."""
+
+from __future__ import annotations
+
+import email.message
+import io
+import json
+import random
+import unittest
+
+from proxy_llm import wire
+from proxy_llm.handler import endpoint_label, narrow_accept_encoding
+from proxy_llm.sniff import sniff
+from proxy_llm.record import new_id, parse_body, session_file_id
+
+KEY = b"k" * 32
+
+
+def headers(*pairs):
+    msg = email.message.Message()
+    for k, v in pairs:
+        msg[k] = v
+    return msg
+
+
+class HopByHopTest(unittest.TestCase):
+    def test_end_to_end_keeps_order_and_duplicates(self):
+        hs = [("A", "1"), ("Connection", "close, X-Foo"), ("X-Foo", "bar"), ("B", "2"), ("A", "3"), ("TE", "trailers"),
+              ("Transfer-Encoding", "chunked"), ("Keep-Alive", "5"), ("Upgrade", "h2c"), ("Proxy-Authorization", "x")]
+        self.assertEqual(wire.end_to_end(hs), [("A", "1"), ("B", "2"), ("A", "3")])
+        self.assertEqual(wire.end_to_end(hs, {"b"}), [("A", "1"), ("A", "3")])
+
+
+class BodyTest(unittest.TestCase):
+    def test_content_length(self):
+        self.assertEqual(wire.read_body(io.BytesIO(b"hello!"), headers(("Content-Length", "5")), 10), b"hello")
+        with self.assertRaises(wire.BodyError) as cm:
+            wire.read_body(io.BytesIO(b"x" * 20), headers(("Content-Length", "20")), 10)
+        self.assertEqual(cm.exception.status, 413)
+        with self.assertRaises(wire.BodyError) as cm:
+            wire.read_body(io.BytesIO(b"abc"), headers(("Content-Length", "5")), 10)
+        self.assertEqual(cm.exception.status, 400)
+        for bad in ("-1", "abc", "1e3"):
+            with self.assertRaises(wire.BodyError):
+                wire.read_body(io.BytesIO(b""), headers(("Content-Length", bad)), 10)
+        with self.assertRaises(wire.BodyError):
+            wire.read_body(io.BytesIO(b""), headers(("Content-Length", "1"), ("Content-Length", "2")), 10)
+
+    def test_chunked_at_every_split(self):
+        body = b"4\r\nWiki\r\n5;ext=1\r\npedia\r\n0\r\nTrailer: x\r\n\r\n"
+        self.assertEqual(wire.read_body(io.BytesIO(body), headers(("Transfer-Encoding", "chunked")), 100), b"Wikipedia")
+        with self.assertRaises(wire.BodyError) as cm:
+            wire.read_body(io.BytesIO(body), headers(("Transfer-Encoding", "chunked")), 5)
+        self.assertEqual(cm.exception.status, 413)
+        for cut in range(len(body) - 2):
+            with self.subTest(cut=cut), self.assertRaises(wire.BodyError):
+                wire.read_body(io.BytesIO(body[:cut]), headers(("Transfer-Encoding", "chunked")), 100)
+        with self.assertRaises(wire.BodyError):
+            wire.read_body(io.BytesIO(body), headers(("Transfer-Encoding", "gzip, chunked")), 100)
+        with self.assertRaises(wire.BodyError):
+            wire.read_body(io.BytesIO(body), headers(("Transfer-Encoding", "chunked"), ("Content-Length", "3")), 100)
+
+    def test_chunk_framing(self):
+        self.assertEqual(wire.chunk(b"hello"), b"5\r\nhello\r\n")
+        self.assertEqual(wire.chunk(b"x" * 300)[:5], b"12c\r\n")
+
+
+class RedactionTest(unittest.TestCase):
+    def test_headers_keep_the_scheme_and_a_keyed_fingerprint(self):
+        a = wire.redact_header("Authorization", "Bearer sk-aaaaaaaaaaaa", KEY)
+        b = wire.redact_header("authorization", "Bearer sk-bbbbbbbbbbbb", KEY)
+        self.assertRegex(a, r"^Bearer \[REDACTED:[0-9a-f]{8}\]$")
+        self.assertNotEqual(a, b)
+        self.assertEqual(a, wire.redact_header("Authorization", "Bearer sk-aaaaaaaaaaaa", KEY))
+        self.assertNotEqual(a, wire.redact_header("Authorization", "Bearer sk-aaaaaaaaaaaa", b"other-key" * 4))
+        for name in ("x-api-key", "api-key", "x-goog-api-key", "proxy-authorization", "cookie", "set-cookie", "x-proxy-key"):
+            self.assertNotIn("secret", wire.redact_header(name, "secret-value", KEY))
+        self.assertEqual(wire.redact_header("content-type", "application/json", KEY), "application/json")
+
+    def test_query(self):
+        q = wire.redact_query("alt=sse&key=AIzaSECRET&api_key=x2&token=t&keyword=ok", KEY)
+        self.assertNotIn("AIzaSECRET", q)
+        self.assertIn("alt=sse", q)
+        self.assertIn("keyword=ok", q)
+        self.assertEqual(q.count("[REDACTED:"), 3)
+
+    def test_scrub_finds_echoed_secrets(self):
+        secrets = wire.secrets_in([("Authorization", "Bearer sk-echoed-secret-1")], "key=AIzaEchoedKey")
+        body = b'{"error":{"message":"Incorrect API key provided: sk-echoed-secret-1 (AIzaEchoedKey)"}}'
+        out = wire.scrub_bytes(body, secrets, KEY)
+        self.assertNotIn(b"sk-echoed-secret-1", out)
+        self.assertNotIn(b"AIzaEchoedKey", out)
+        json.loads(out)
+
+
+class SniffTest(unittest.TestCase):
+    def test_model_and_stream(self):
+        self.assertEqual(sniff(b'{"model": "gpt-4o", "stream": true}'), ("gpt-4o", True))
+        self.assertEqual(sniff(b'{"stream":false,"model":"m\\u00e9"}'), ("m\u00e9", False))
+        self.assertEqual(sniff(b'{"messages":[]}'), (None, False))
+        self.assertEqual(sniff(b"not json"), (None, False))
+        self.assertEqual(sniff(b""), (None, False))
+        # "model" inside a string value is escaped, so it cannot be mistaken for the key.
+        self.assertEqual(sniff(b'{"messages":[{"content":"say \\"model\\": \\"x\\""}],"model":"real"}'), ("real", False))
+        # Ambiguous: a nested "model" key; the full parse finds the top-level one.
+        body = b'{"tools":[{"parameters":{"model":"nested"}}],"model":"top","stream":true,"x":{"stream":false}}'
+        self.assertEqual(sniff(body), ("top", True))
+
+    def test_large_bodies_with_the_key_at_either_end_or_nested(self):
+        history = [{"role": "user", "content": "{[ \"model\": \"no\" ]} " * 40} for _ in range(100)]
+        for obj in ({"messages": history, "model": "end", "stream": True, "metadata": {"model": "nested"}},
+                    {"model": "start", "metadata": {"model": "nested", "stream": False}, "messages": history},
+                    {"messages": history, "model": "mid", "tools": history},
+                    {"messages": history, "metadata": {"model": "nested-only"}}):
+            body = json.dumps(obj).encode()
+            with self.subTest(model=obj.get("model")):
+                self.assertGreater(len(body), 64 * 1024)
+                self.assertEqual(sniff(body), (obj.get("model"), obj.get("stream") is True))
+
+    def test_matches_a_full_parse_on_random_bodies(self):
+        rnd = random.Random(7)
+        for _ in range(300):
+            obj = {"messages": [{"role": "user", "content": rnd.choice(["model", '"model": "x"', "stream", "é"])}]}
+            if rnd.random() < 0.8:
+                obj["model"] = rnd.choice(["gpt-4o", "claude-3", 'we"ird', "é"])
+            if rnd.random() < 0.5:
+                obj["stream"] = rnd.random() < 0.5
+            if rnd.random() < 0.2:
+                obj["metadata"] = {"model": "meta"}
+            items = list(obj.items())
+            rnd.shuffle(items)
+            body = json.dumps(dict(items), ensure_ascii=rnd.random() < 0.5).encode()
+            with self.subTest(body=body):
+                self.assertEqual(sniff(body), (obj.get("model"), obj.get("stream") is True))
+
+
+class LabelTest(unittest.TestCase):
+    def test_endpoint_labels_are_bounded(self):
+        self.assertEqual(endpoint_label("/v1/chat/completions"), "/v1/chat/completions")
+        self.assertEqual(endpoint_label("/v1beta/models/gemini-2.0-flash:streamGenerateContent"),
+                         "/v1beta/models/*:streamGenerateContent")
+        self.assertEqual(endpoint_label("/v1/models/gpt-4o"), "/v1/models/*")
+        self.assertEqual(endpoint_label("/v1/anything/%s" % ("x" * 50)), "other")
+        self.assertEqual(endpoint_label("/v1beta/models/x:evilMethod"), "other")
+
+    def test_accept_encoding_is_narrowed(self):
+        self.assertEqual(narrow_accept_encoding("gzip, deflate, br, zstd"), "gzip, deflate")
+        self.assertEqual(narrow_accept_encoding("br"), "identity")
+        self.assertEqual(narrow_accept_encoding("gzip;q=1.0, identity; q=0.5, *;q=0"), "gzip;q=1.0, identity; q=0.5")
+        self.assertIsNone(narrow_accept_encoding(None))
+
+
+class RecordHelpersTest(unittest.TestCase):
+    def test_ids_are_unique_and_time_ordered(self):
+        ids = [new_id(1700000000.0 + i / 1000.0) for i in range(2000)]
+        self.assertEqual(ids, sorted(ids))
+        self.assertEqual(len(set(ids)), 2000)
+        self.assertTrue(all(len(i) == 26 for i in ids))
+        self.assertEqual(new_id(0)[:10], "0000000000")
+
+    def test_parse_body(self):
+        self.assertEqual(parse_body(b""), (None, None))
+        self.assertEqual(parse_body(b'{\n "a": 1\r\n}'), ({"a": 1}, b'{  "a": 1  }'))
+        self.assertEqual(parse_body(b"<html>"), ("<html>", None))
+        self.assertEqual(parse_body(b"NaN"), ("NaN", None))
+        self.assertEqual(parse_body(b"\xff\xfe"), ("\ufffd\ufffd", None))
+
+    def test_session_file_ids_are_safe(self):
+        rnd = random.Random(3)
+        alphabet = "aZ09._-/\\\x00 é日\U0001f600:*?"
+        for _ in range(3000):
+            sid = "".join(rnd.choice(alphabet) for _ in range(rnd.randint(1, 200)))
+            name = session_file_id(sid)
+            with self.subTest(sid=sid):
+                self.assertRegex(name, r"^[A-Za-z0-9._-]{1,64}$")
+                self.assertNotIn(name, (".", ".."))
+        self.assertEqual(session_file_id("ok-id"), "ok-id")
+        self.assertNotEqual(session_file_id(".."), "..")
+        self.assertNotEqual(session_file_id("a/b"), session_file_id("a\\b"))
+
+
+if __name__ == "__main__":
+    unittest.main()
