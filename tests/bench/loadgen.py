@@ -246,6 +246,7 @@ class Tally:
         self.streams_lost = 0
         self.max_open = 0
         self.error_samples = []
+        self.round_rps = []    # one entry per segment merged in (robust median across rounds)
 
     def merge(self, other: "Tally") -> None:
         for k, v in other.__dict__.items():
@@ -312,6 +313,7 @@ async def _closed_loop(host, port, reqs, concurrency, duration, max_requests, ke
     t0 = time.monotonic()
     await asyncio.gather(*[worker(k) for k in range(concurrency)])
     tally.elapsed = time.monotonic() - t0
+    tally.round_rps.append(tally.rps)
     return tally
 
 
@@ -374,6 +376,80 @@ async def _open_loop(host, port, reqs, rate, duration):
     for c in idle:
         c.transport.close()
     return tally
+
+
+async def _open_loop_multi(targets, rate, duration, spin=0.0005):
+    """Open loop at ``rate`` per target, all targets at once, phase-shifted.
+
+    Target k's request i is intended at t0 + i / rate + k / (rate * len(targets)): every
+    target sees the same fixed rate with idle gaps, and whatever else the machine does in
+    the meantime hits all of them alike (interleaving per request, not per segment).
+    targets: list of (host, port, reqs).  Returns one Tally per target.
+    """
+    m = len(targets)
+    tallies = [Tally() for _ in targets]
+    idle = [[] for _ in targets]
+    for k, (host, port, _) in enumerate(targets):
+        for _ in range(2):
+            idle[k].append(await connect(host, port))
+    pending = set()
+
+    async def wait(k, conn, fut, body):
+        try:
+            r = await fut
+        except (OSError, ConnError) as exc:
+            tallies[k]._fail(exc)
+            return
+        tallies[k]._note(r, False, body)
+        if not conn.closed:
+            idle[k].append(conn)
+
+    async def fresh(k, raw, body, intended):
+        host, port, _ = targets[k]
+        try:
+            conn = await connect(host, port)
+            r = await conn.request(raw, t_start=intended)
+        except (OSError, ConnError) as exc:
+            tallies[k]._fail(exc)
+            return
+        tallies[k]._note(r, False, body)
+        if not conn.closed:
+            idle[k].append(conn)
+
+    n = max(1, int(rate * duration))
+    t0 = time.monotonic() + 0.01
+    for j in range(n * m):
+        i, k = divmod(j, m)
+        intended = t0 + i / rate + k / (rate * m)
+        delay = intended - time.monotonic()
+        if delay > spin + 0.001:
+            await asyncio.sleep(delay - spin - 0.001)
+        # A short spin: the event loop's timers are millisecond-grained; a longer one would
+        # take CPU from the targets.  Lateness left over is the same for every target.
+        while time.monotonic() < intended:
+            pass
+        reqs = targets[k][2]
+        raw, body = reqs[i % len(reqs)]
+        conn = None
+        while idle[k]:
+            conn = idle[k].pop()
+            if not conn.closed:
+                break
+            conn = None
+        if conn is not None:
+            task = asyncio.ensure_future(wait(k, conn, conn.request(raw, t_start=intended), body))
+        else:
+            task = asyncio.ensure_future(fresh(k, raw, body, intended))
+        pending.add(task)
+        task.add_done_callback(pending.discard)
+    if pending:
+        await asyncio.wait(list(pending), timeout=30)
+    elapsed = time.monotonic() - t0
+    for k in range(m):
+        tallies[k].elapsed = elapsed
+        for c in idle[k]:
+            c.transport.close()
+    return tallies
 
 
 async def _streams(host, port, raw, body, n, chunks, timeout, ramp, connect_limit=256):
@@ -442,6 +518,10 @@ def closed_loop(host, port, reqs, concurrency, duration, max_requests=0, keep=Fa
 
 def open_loop(host, port, reqs, rate, duration) -> Tally:
     return _run(_open_loop(host, port, reqs, rate, duration))
+
+
+def open_loop_multi(targets, rate, duration) -> list:
+    return _run(_open_loop_multi(targets, rate, duration))
 
 
 def streams(host, port, raw, body, n, chunks, timeout, ramp=0.0) -> Tally:
