@@ -183,6 +183,20 @@ class DecodeStreamTest(unittest.TestCase):
         evs, _ = decode_stream(None, [], 1024)
         self.assertEqual(evs, [])
 
+    def test_garbage_every_framing_is_bounded(self):
+        rng = random.Random(5150)
+        alphabet = b'data: event:\r\n\n:[]{}",\\ \xe4\xb8\x96\xffx1'
+        for ctype in ("text/event-stream", "application/json", "application/x-ndjson", None):
+            for _ in range(150):
+                bound = rng.choice((4, 16, 64, 4096))
+                data = bytes(rng.choice(alphabet) for _ in range(rng.randrange(0, 800)))
+                pieces = split_at(data, [rng.randrange(len(data) + 1) for _ in range(6)])
+                evs, truncated = decode_stream(ctype, [(float(i), p) for i, p in enumerate(pieces)], bound)
+                self.assertIsInstance(truncated, bool)
+                for t, ev in evs:
+                    self.assertLessEqual(len(ev.raw), bound, (ctype, bound, data))
+                    self.assertIsInstance(ev.to_json(), dict)
+
     def test_truncated_flag(self):
         _, truncated = decode_stream("text/event-stream", [(0.0, b"data: " + b"x" * 100 + b"\n\n")], 10)
         self.assertTrue(truncated)
