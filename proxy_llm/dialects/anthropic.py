@@ -12,7 +12,9 @@ Reassembly rebuilds the ``message`` object of ``message_start``:
   ``server_tool_use``, ``web_search_tool_result``, ``redacted_thinking``
   arrive whole);
 * ``text_delta`` appends ``text``, ``thinking_delta`` appends ``thinking``,
-  ``signature_delta`` appends ``signature`` (byte for byte),
+  ``signature_delta`` appends ``signature`` (byte for byte; the anthropic
+  SDK replaces instead: the API sends one signature_delta per block, so
+  both agree, and appending keeps every byte should it ever be split),
   ``citations_delta`` appends to ``citations``;
 * ``input_json_delta.partial_json`` pieces are concatenated and parsed at
   ``content_block_stop`` (or at the end of the stream): empty gives ``{}``,

@@ -20,6 +20,12 @@ reassembled body has the shape of a non-streamed ``chat.completion``:
 
 ``Result.complete``: ``[DONE]`` was seen, or every choice has a
 ``finish_reason`` and usage was received.
+
+Where the openai SDK's stream accumulation differs (checked by
+tests/test_dialects_sdk.py): it concatenates every string, so a repeated
+``role`` (vLLM) or tool call ``id`` becomes doubled text, and it keeps the
+stream-only ``index`` on tool calls; it raises on an error chunk. We follow
+the non-streamed ``chat.completion`` shape instead.
 """
 
 from __future__ import annotations
