@@ -36,7 +36,7 @@ SCHEMA_VERSION = 1
 FIELDS = (
     "schema_version", "id", "timestamp", "session_id", "session_source", "provider", "provider_type", "dialect",
     "endpoint", "method", "query", "model", "stream", "status_code", "ended", "duration", "ttft_ms", "error",
-    "tokens_used", "request_bytes", "response_bytes", "truncated", "stream_truncated", "reassembly_error",
+    "tokens_used", "request_bytes", "response_bytes", "stream_events", "truncated", "stream_truncated", "reassembly_error",
     "decode_error", "request_headers", "response_headers", "request_body", "response_body",
 )
 #: Fields of a line in streams/*.jsonl.
@@ -60,8 +60,16 @@ def new_id(now: Optional[float] = None) -> str:
     return "".join(reversed(out))
 
 
+_second_cache = [-1, ""]  # [whole second, its formatted prefix]: one strftime per second
+
+
 def rfc3339(t: float) -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t)) + ".%06dZ" % int((t % 1) * 1e6)
+    second = int(t)
+    cached = _second_cache
+    if cached[0] != second:
+        cached[1] = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+        cached[0] = second
+    return "%s.%06dZ" % (cached[1], int((t - second) * 1e6))
 
 
 def session_file_id(session_id: str) -> str:
@@ -160,6 +168,11 @@ def _reject_constant(name: str) -> Any:
     raise ValueError("non-standard JSON constant %s" % name)
 
 
+# One decoder for all (json.loads with arguments builds a new one per call). NaN and Infinity
+# are refused: other readers of the record files would not accept them.
+_DECODER = json.JSONDecoder(parse_constant=_reject_constant)
+
+
 def parse_body(raw: bytes) -> Tuple[Any, Optional[bytes]]:
     """Return (value, raw_json). raw_json is the body fit to splice into a JSON line, or None.
 
@@ -173,7 +186,7 @@ def parse_body(raw: bytes) -> Tuple[Any, Optional[bytes]]:
     except UnicodeDecodeError:
         return raw.decode("utf-8", "replace"), None
     try:
-        value = json.loads(text, parse_constant=_reject_constant)
+        value = _DECODER.decode(text)
     except ValueError:
         return text, None
     if b"\n" in raw or b"\r" in raw:
@@ -216,12 +229,19 @@ def _decompress(chunks: Sequence[Tuple[float, bytes]], encoding: str) -> Tuple[L
         return list(chunks), "body could not be decoded (%s)" % encoding
 
 
-def headers_dict(headers: Iterable[Tuple[str, str]], key: bytes) -> Dict[str, str]:
-    """Lower-case names -> values (repeats joined with ", "), credentials redacted."""
+def headers_dict(headers: Iterable[Tuple[str, str]], key: bytes, secrets: Optional[List[str]] = None) -> Dict[str, str]:
+    """Lower-case names -> values (repeats joined with ", "), credentials redacted.
+
+    The credential values found are appended to ``secrets`` when it is given.
+    """
     out: Dict[str, str] = {}
+    secret_names = wire.SECRET_HEADERS
     for name, value in headers:
         lname = name.lower()
-        value = wire.redact_header(lname, value, key)
+        if lname in secret_names:
+            if secrets is not None and value:
+                secrets.append(wire.secret_value(value))
+            value = wire.redact_header(lname, value, key)
         out[lname] = out[lname] + ", " + value if lname in out else value
     return out
 
@@ -241,10 +261,8 @@ class Encoder:
         self.provider_keys = [k for k in provider_keys if len(k) >= 8]
         self.on_result = on_result  # callback(exchange, record dict) for token metrics
 
-    def session(self, ex: Exchange, request_value: Any) -> Tuple[str, str]:
-        headers = {}
-        for name, value in ex.req_headers:
-            headers.setdefault(name.lower(), value)
+    def session(self, ex: Exchange, headers: Dict[str, str], request_value: Any) -> Tuple[str, str]:
+        """(session id, source) by the documented order; ``headers`` lower-cased."""
         for name, source in ((self.session_header, "header"), ("x-claude-code-session-id", "claude_code"),
                              ("session_id", "codex"), ("session-id", "codex")):
             value = headers.get(name)
@@ -260,18 +278,20 @@ class Encoder:
 
     def encode(self, ex: Exchange) -> List[Tuple[str, str, bytes]]:
         key = self.key
-        req_headers = ex.req_headers
-        content_encoding = wire.header_value(req_headers, "content-encoding") or ""
-        req_chunks, _ = _decompress(ex.request.parts, content_encoding)
+        secrets: List[str] = []
+        req_h = headers_dict(ex.req_headers, key, secrets)
+        resp_h = headers_dict(ex.resp_headers, key)
+        req_chunks, _ = _decompress(ex.request.parts, req_h.get("content-encoding", ""))
         req_value, req_raw = parse_body(b"".join(c for _, c in req_chunks))
-        if ex.model is None and isinstance(req_value, dict) and isinstance(req_value.get("model"), str):
-            ex.model = req_value["model"]
-        session_id, session_source = self.session(ex, req_value)
+        if isinstance(req_value, dict):
+            model = req_value.get("model")
+            if isinstance(model, str):
+                ex.model = model  # the exact top-level value (routing used a quick scan)
+        session_id, session_source = self.session(ex, req_h, req_value)
         sid = session_file_id(session_id)
 
-        resp_headers = ex.resp_headers
-        content_type = wire.header_value(resp_headers, "content-type") or ""
-        resp_chunks, decode_error = _decompress(ex.response.parts, wire.header_value(resp_headers, "content-encoding") or "")
+        content_type = resp_h.get("content-type", "")
+        resp_chunks, decode_error = _decompress(ex.response.parts, resp_h.get("content-encoding", ""))
         dialect = dialects.select(ex.provider_type or ex.family, ex.method, ex.path)
         events: List[Tuple[float, Any]] = []
         stream_truncated = False
@@ -336,6 +356,8 @@ class Encoder:
             rec["tokens_used"] = result.tokens_used
         rec["request_bytes"] = ex.request.size
         rec["response_bytes"] = ex.response.size
+        if streamed:
+            rec["stream_events"] = len(events)  # its line in streams/ holds these events
         truncated = {}
         for name, cap in (("request", ex.request), ("response", ex.response)):
             if cap.truncated:
@@ -348,8 +370,8 @@ class Encoder:
             rec["reassembly_error"] = reassembly_error
         if decode_error:
             rec["decode_error"] = decode_error
-        rec["request_headers"] = headers_dict(req_headers, key)
-        rec["response_headers"] = headers_dict(resp_headers, key)
+        rec["request_headers"] = req_h
+        rec["response_headers"] = resp_h
         if self.on_result is not None:
             self.on_result(ex, rec)
 
@@ -360,7 +382,9 @@ class Encoder:
             b',"response_body":', resp_raw if resp_raw is not None else _dumps(resp_value),
             b"}\n",
         ))
-        secrets = wire.secrets_in(req_headers, ex.query) + self.provider_keys
+        secrets.extend(wire.query_secrets(ex.query))
+        secrets.extend(self.provider_keys)
+        secrets = [s for s in secrets if len(s) >= 8]
         out = [(RECORDS, sid, wire.scrub_bytes(line, secrets, key))]
         if streamed:
             stream_line = _dumps({

@@ -16,9 +16,9 @@ Problems (exit code 1):
   read to its end;
 * a stream line whose id has no record, or whose record is not a stream;
 * a streamed record without its stream line.  A record expects a stream line
-  exactly when the recorder writes one: it got a response (``status_code`` not
-  null) that was ``text/event-stream``, or a Gemini stream request answered
-  with a 2xx (Gemini streams a JSON array without ``alt=sse``).  A plain JSON
+  exactly when it has ``stream_events`` (older records: when it got a response
+  that was ``text/event-stream``, or a Gemini stream request answered with a
+  2xx, as Gemini streams a JSON array without ``alt=sse``).  A plain JSON
   answer to a stream request (an error, or a server ignoring ``stream``) and an
   unreachable upstream have no stream line.
 
@@ -122,6 +122,7 @@ OPTIONAL = (
     ("tokens_used", _tokens_ok, "an object of token counts (ints)"),
     ("ttft_ms", lambda v: _is_num(v) and v >= 0, "a number of ms >= 0"),
     ("truncated", _truncated_ok, "{request|response: {size, sha256, kept}}"),
+    ("stream_events", lambda v: _is_int(v) and v >= 0, "an integer >= 0"),
     ("stream_truncated", lambda v: v is True, "true"),
     ("reassembly_error", _is_str, "a string"),
     ("decode_error", _is_str, "a string"),
@@ -169,7 +170,13 @@ def check_stream_line(line: dict) -> list:
 
 
 def expects_stream_line(rec: dict) -> bool:
-    """Whether the recorder wrote a streams/ line for ``rec`` (see module docstring)."""
+    """Whether the recorder wrote a streams/ line for ``rec`` (see module docstring).
+
+    Records carry ``stream_events`` exactly when their stream line was written; records from
+    before that field existed fall back to the recorder's rule.
+    """
+    if "stream_events" in rec:
+        return True
     status = rec.get("status_code")
     if not _is_int(status):
         return False

@@ -6,6 +6,7 @@ is given. This module imports nothing from the package.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
 import re
@@ -125,8 +126,10 @@ def chunk(data: bytes) -> bytes:
 LAST_CHUNK = b"0\r\n\r\n"
 
 
+@functools.lru_cache(maxsize=1024)
 def fingerprint(secret: str, key: bytes) -> str:
-    """A short keyed fingerprint: tells keys apart without revealing them."""
+    """A short keyed fingerprint: tells keys apart without revealing them (cached: the same
+    few keys come back on every request)."""
     return hmac.new(key, secret.encode("utf-8", "surrogatepass"), hashlib.sha256).hexdigest()[:8]
 
 
@@ -151,16 +154,23 @@ def redact_query(query: str, key: bytes) -> str:
     return _QUERY_SECRET_RE.sub(lambda m: "%s%s=%s" % (m.group(1), m.group(2), redacted(m.group(3), key)), query)
 
 
+def secret_value(value: str) -> str:
+    """The secret part of a credential header value (the token after a Bearer/Basic scheme)."""
+    scheme, sep, token = value.partition(" ")
+    return token.strip() if sep and scheme.lower() in ("bearer", "basic", "token") else value.strip()
+
+
+def query_secrets(query: str) -> List[str]:
+    """The credential values in a query string."""
+    if not query:
+        return []
+    return [m.group(3) for m in _QUERY_SECRET_RE.finditer(query) if m.group(3)]
+
+
 def secrets_in(headers: Sequence[Tuple[str, str]], query: str) -> List[str]:
     """The credential values a request carries (so they can be scrubbed from echoed bodies)."""
-    found = []
-    for name, value in headers:
-        if name.lower() in SECRET_HEADERS and value:
-            scheme, sep, token = value.partition(" ")
-            found.append(token.strip() if sep and scheme.lower() in ("bearer", "basic", "token") else value.strip())
-    for match in _QUERY_SECRET_RE.finditer(query or ""):
-        if match.group(3):
-            found.append(match.group(3))
+    found = [secret_value(value) for name, value in headers if value and name.lower() in SECRET_HEADERS]
+    found.extend(query_secrets(query))
     return [s for s in found if len(s) >= 8]
 
 
