@@ -313,6 +313,12 @@ class Encoder:
         except Exception as exc:  # a dialect bug must not lose the record: keep raw, say why
             log.exception("reassembly failed for record %s", ex.id)
             reassembly_error = "%s: %s" % (type(exc).__name__, exc)
+            result = None
+        if result is not None and result.error and result.error.get("type") == dialects.REASSEMBLY_ERROR:
+            # The dialect caught its own bug: not the upstream's error, and the raw body stays.
+            reassembly_error = result.error.get("message") or "reassembly failed"
+            result = None
+        if reassembly_error is not None:
             if streamed:
                 resp_value = b"".join(c for _, c in resp_chunks).decode("utf-8", "replace")
             else:

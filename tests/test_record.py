@@ -1,0 +1,125 @@
+"""The encoder (writer-thread side of a record): bodies, endings, failures, redaction."""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import unittest
+from unittest import mock
+
+from proxy_llm import dialects
+from proxy_llm.config import Provider
+from proxy_llm.record import FIELDS, Capture, Encoder, Exchange
+
+KEY = b"fingerprint-key-0123456789abcdef"
+OPENAI = Provider("openai", "openai", "http://upstream")
+
+
+def exchange(body=b'{"model":"gpt-4o"}', resp=b'{"id":"x","choices":[]}', ctype="application/json", status=200,
+             path="/v1/chat/completions", headers=(), resp_headers=(), stream=False, limit=1 << 20):
+    ex = Exchange("POST", path, "", list(headers), limit)
+    ex.provider, ex.provider_type, ex.stream, ex.status = OPENAI, "openai", stream, status
+    ex.request.add(0.0, body)
+    ex.resp_headers = [("Content-Type", ctype)] + list(resp_headers)
+    for i, part in enumerate(resp if isinstance(resp, list) else [resp]):
+        ex.response.add(float(i), part)
+    return ex
+
+
+def encode(ex, **kw):
+    lines = Encoder(KEY, "X-Session-Id", 1 << 20, **kw).encode(ex)
+    return [json.loads(line) for _, _, line in lines], lines
+
+
+class EncoderTest(unittest.TestCase):
+    def test_fields_are_all_documented(self):
+        [rec], _ = encode(exchange())
+        self.assertLessEqual(set(rec), set(FIELDS))
+
+    def test_dialect_failure_keeps_the_raw_body_and_says_why(self):
+        events = [b'data: {"choices":[{"index":0,"delta":{"content":"hi"}}]}\n\n', b"data: [DONE]\n\n"]
+        ex = exchange(resp=events, ctype="text/event-stream", stream=True)
+        broken = mock.Mock(name="dialect")
+        broken.name = "openai_chat"
+        broken.reassemble.side_effect = KeyError("boom")
+        with mock.patch.object(dialects, "select", return_value=broken), self.assertLogs("proxy_llm.record", "ERROR"):
+            (rec, line), _ = encode(ex)
+        self.assertIn("KeyError", rec["reassembly_error"])
+        self.assertEqual(rec["response_body"], b"".join(events).decode())
+        self.assertNotIn("error", rec)
+        self.assertEqual(len(line["events"]), 2)
+
+    def test_dialect_reported_failure_is_not_an_upstream_error(self):
+        failed = dialects.Result(None, None, {"type": dialects.REASSEMBLY_ERROR, "message": "ValueError: x"}, False)
+        with mock.patch.object(dialects.DIALECTS["openai_chat"], "from_body", return_value=failed):
+            [rec], _ = encode(exchange())
+        self.assertEqual(rec["reassembly_error"], "ValueError: x")
+        self.assertEqual(rec["response_body"], {"id": "x", "choices": []})
+        self.assertNotIn("error", rec)
+
+    def test_stream_without_terminal_event_is_upstream_eof(self):
+        ex = exchange(resp=[b'data: {"id":"c","choices":[{"index":0,"delta":{"content":"par"}}]}\n\n'],
+                      ctype="text/event-stream", stream=True)
+        (rec, _), _ = encode(ex)
+        self.assertEqual(rec["ended"], "upstream_eof")
+        self.assertEqual(rec["error"]["type"], "upstream_eof")
+        self.assertEqual(rec["response_body"]["choices"][0]["message"]["content"], "par")
+        self.assertEqual(rec["stream_events"], 1)
+
+    def test_lone_surrogates_and_non_json_bodies_still_give_valid_lines(self):
+        ex = exchange(body=b'{"model":"m","x":"\\ud800"}', resp=b"\xff\xfe not json")
+        [rec], lines = encode(ex)
+        self.assertEqual(rec["request_body"]["x"], "\ud800")
+        self.assertEqual(rec["response_body"], "\ufffd\ufffd not json")
+        self.assertTrue(lines[0][2].endswith(b"}\n"))
+        self.assertEqual(lines[0][2].count(b"\n"), 1)
+
+    def test_secrets_are_scrubbed_everywhere(self):
+        secret = "sk-canary-0123456789"
+        ex = exchange(headers=[("Authorization", "Bearer " + secret), ("X-Session-Id", "s")],
+                      resp=json.dumps({"error": {"message": "Incorrect API key provided: %s" % secret}}).encode(),
+                      status=401)
+        ex.query = "key=" + secret
+        [rec], lines = encode(ex, provider_keys=["provider-key-abcdef"])
+        self.assertNotIn(secret.encode(), lines[0][2])
+        self.assertRegex(rec["request_headers"]["authorization"], r"^Bearer \[REDACTED:[0-9a-f]{8}\]$")
+        self.assertIn("[REDACTED:", rec["response_body"]["error"]["message"])
+        self.assertIn("[REDACTED:", rec["error"]["message"])
+
+    def test_gzip_bodies_are_recorded_decoded_and_bad_ones_say_so(self):
+        body = json.dumps({"id": "z", "choices": []}).encode()
+        [rec], _ = encode(exchange(resp=gzip.compress(body), resp_headers=[("Content-Encoding", "gzip")]))
+        self.assertEqual(rec["response_body"], {"id": "z", "choices": []})
+        [rec], _ = encode(exchange(resp=b"not gzip", resp_headers=[("Content-Encoding", "gzip")]))
+        self.assertIn("decode_error", rec)
+
+    def test_truncated_capture_keeps_prefix_size_and_hash(self):
+        cap = Capture(10)
+        for part in (b"0123456", b"789abc", b"def"):
+            cap.add(0.0, part)
+        self.assertEqual((cap.body(), cap.size, cap.truncated), (b"0123456789", 16, True))
+        self.assertEqual(cap.sha.hexdigest(), hashlib.sha256(b"0123456789abcdef").hexdigest())
+        [rec], _ = encode(exchange(resp=b'{"a":"' + b"x" * 100 + b'"}', limit=20))
+        self.assertEqual(rec["truncated"]["response"]["size"], 108)
+        self.assertEqual(rec["truncated"]["response"]["kept"], 20)
+        self.assertIsInstance(rec["response_body"], str)
+
+    def test_session_sources_in_order(self):
+        cases = [
+            ([("X-Session-Id", "a"), ("x-claude-code-session-id", "b")], b'{"model":"m"}', ("a", "header")),
+            ([("x-claude-code-session-id", "b"), ("session_id", "c")], b'{"model":"m"}', ("b", "claude_code")),
+            ([("session_id", "c")], b'{"model":"m"}', ("c", "codex")),
+            ([("session-id", "c2")], b'{"model":"m"}', ("c2", "codex")),
+            ([], b'{"model":"m","metadata":{"user_id":"u-1"}}', ("u-1", "metadata_user_id")),
+            ([], b'{"model":"m"}', ("m", "model")),
+            ([], b"", ("default", "default")),
+        ]
+        for headers, body, expected in cases:
+            with self.subTest(expected=expected):
+                [rec], _ = encode(exchange(body=body, headers=headers))
+                self.assertEqual((rec["session_id"], rec["session_source"]), expected)
+
+
+if __name__ == "__main__":
+    unittest.main()
