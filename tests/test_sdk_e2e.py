@@ -6,7 +6,7 @@ The proxy runs as a real subprocess (``python -m proxy_llm``) in front of
 named by its ``X-Fixture`` header. Every SDK call is made twice, once straight at the upstream
 and once through the proxy, and the two outcomes must be equal: the SDK's objects
 (``model_dump()``), the chunks of a stream, the exception raised, the response headers (but the
-proxy's own ``X-Proxy-Record-Id`` and the framing headers), and the request the upstream saw.
+proxy's own ``X-Proxy-Record-Id`` and hop-by-hop headers), and the request the upstream saw.
 Then the record named by ``X-Proxy-Record-Id`` is checked against what the SDK produced:
 ``response_body`` against the SDK's result (a non-streamed body must be the very JSON the SDK
 parsed; a stream's reassembled body, parsed by the SDK's own model class, must match the SDK's
@@ -58,9 +58,10 @@ except ImportError:
 TIMEOUT = 10.0
 DEADLINE = 10.0
 RECORD_ID = "x-proxy-record-id"
-# Response headers that may differ through the proxy: its own record id, and message framing
-# (the proxy re-frames a body whose length it does not know as chunked).
-FRAMING = frozenset((RECORD_ID, "content-length", "transfer-encoding", "connection", "keep-alive", "date", "server"))
+# Response headers that may differ through the proxy: its own record id and the hop-by-hop
+# ones. Framing is compared: a body with a length keeps its Content-Length, a chunked stream
+# stays chunked.
+FRAMING = frozenset((RECORD_ID, "connection", "keep-alive"))
 # Request headers the upstream may see differently: the proxy sets Host itself and narrows
 # Accept-Encoding to the codings its recorder can decode (gzip, deflate, identity).
 REQUEST_DIFFERS = frozenset(("host", "accept-encoding", "connection"))
@@ -118,7 +119,7 @@ class Outcome:
             self.set_headers(response.headers)
 
     def parity(self, dump: Callable[[Any], Any]) -> Dict[str, Any]:
-        """The comparable view: everything but the proxy's own header and framing headers."""
+        """The comparable view: everything but the proxy's own header and hop-by-hop headers."""
         return {
             "headers": dict((k, v) for k, v in self.headers.items() if k not in FRAMING),
             "chunks": [dump(c) for c in self.chunks],
