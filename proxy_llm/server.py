@@ -95,7 +95,10 @@ class ProxyServer(ThreadingHTTPServer):
                 pass
             self.shutdown_request(request, counted=False)
             return
-        super().process_request(request, client_address)
+        # ThreadingMixIn.process_request, with a name that says whose thread it is.
+        thread = threading.Thread(target=self.process_request_thread, args=(request, client_address),
+                                  name="proxy_llm-conn", daemon=True)
+        thread.start()
 
     def shutdown_request(self, request, counted: bool = True) -> None:  # type: ignore[override]
         if counted:

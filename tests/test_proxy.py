@@ -304,6 +304,27 @@ class FailureTest(ProxyTestCase):
         self.assertEqual(rec["ended"], "timeout")
 
 
+class ThreadLeakTest(ProxyTestCase):
+    def test_stopping_the_proxy_leaves_no_thread_behind(self):
+        from tests.support import wait_until
+
+        before = set(threading.enumerate())
+        proxy = self.start_proxy()
+        conn = http.client.HTTPConnection("127.0.0.1", proxy.port, timeout=DEADLINE)
+        for _ in range(3):
+            conn.request("POST", "/v1/chat/completions", body=CHAT_BODY)
+            conn.getresponse().read()
+        def leftover():
+            return [t.name for t in threading.enumerate() if t not in before and t.name.startswith("proxy_llm")]
+
+        running = set(leftover())
+        self.assertLessEqual({"proxy_llm-writer", "proxy_llm-watchdog", "proxy_llm-conn"}, running)
+        conn.close()
+        proxy.stop()
+        wait_until(lambda: not leftover(), what="proxy threads to end")
+        self.assertEqual(leftover(), [])
+
+
 class LocalEndpointsTest(ProxyTestCase):
     def test_health_and_metrics(self):
         proxy = self.start_proxy()
