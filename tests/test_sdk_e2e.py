@@ -293,7 +293,8 @@ class ProxiedSDKCase(unittest.TestCase):
              dump: Callable[[Any], Any] = dump_model):
         """Make one call straight at the upstream and once through the proxy; check they agree.
 
-        Returns the proxied outcome and its record (None when the proxy gave no record id).
+        Returns the proxied outcome (with ``request``, what the upstream received) and the record
+        its ``X-Proxy-Record-Id`` names.
         """
         direct = run(lambda out: call(direct_client, out), self.log)
         seen_direct = self.request_view(self.take_request())
