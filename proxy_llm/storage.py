@@ -201,8 +201,9 @@ class Recorder:
         return self.queue.full()
 
     def dropped_total(self) -> int:
+        """Records lost (one per exchange); lost stream-file lines are in ``dropped`` only."""
         with self._stats_lock:
-            return sum(self.dropped.values())
+            return sum(n for reason, n in self.dropped.items() if not reason.startswith("stream_"))
 
     def written_total(self) -> int:
         with self._stats_lock:

@@ -350,6 +350,17 @@ class FaultTest(RecorderTestCase):
         self.assertEqual([json.loads(x)["n"] for x in lines_of(path)], [0, 4])
         self.assertEqual(rec.written_total(), 2)
 
+    def test_a_lost_streamed_exchange_counts_one_dropped_record(self):
+        rec = self.recorder()
+
+        def fault(op, path, data):
+            if op in ("open", "write"):
+                raise OSError(errno.ENOSPC, "No space left on device")
+        self.ops.fault = fault
+        self.put(rec, [line("s", 0), line("s", 0, kind=STREAMS)])
+        self.assertEqual(rec.dropped, {"write_error": 1, "stream_write_error": 1})
+        self.assertEqual(rec.dropped_total(), 1)
+
     def test_a_file_that_cannot_be_cut_back_is_abandoned(self):
         rec = self.recorder()
         self.put(rec, line("s", 0))

@@ -1,0 +1,411 @@
+"""Security: who may use the proxy, where it may connect, what may touch the disk, what may leak.
+
+The canary test runs the real entry point as a subprocess at DEBUG level and looks for every
+credential it was given in every output: records, stream files, rotated and compressed files,
+the log, the proxy's own error bodies and /metrics.
+"""
+
+from __future__ import annotations
+
+import gzip
+import http.client
+import json
+import os
+import random
+import re
+import shutil
+import signal
+import socket
+import stat
+import subprocess
+import sys
+import tempfile
+import threading
+import unittest
+from unittest import mock
+
+from proxy_llm import reader, record, storage
+from tests.support import (DEADLINE, ROOT, FakeUpstream, InProcessProxy, ProxyProcess, Reply, all_files, base_config,
+                           header, json_reply, provider, read_records, request)
+
+PLAIN_BODY = b'{"model":"gpt-4o","messages":[{"role":"user","content":"Hi"}]}'
+SAFE_NAME = re.compile(r"^session_[A-Za-z0-9._-]{1,64}$")
+
+
+def inside(root: str, path: str) -> bool:
+    root = os.path.realpath(root)
+    return os.path.realpath(path).startswith(root + os.sep)
+
+
+def raw_exchange(port: int, data: bytes) -> bytes:
+    sock = socket.create_connection(("127.0.0.1", port), timeout=DEADLINE)
+    try:
+        sock.sendall(data)
+        parts = []
+        while True:
+            try:
+                more = sock.recv(65536)
+            except ConnectionResetError:
+                break
+            if not more:
+                break
+            parts.append(more)
+        return b"".join(parts)
+    finally:
+        sock.close()
+
+
+class SecurityTestCase(unittest.TestCase):
+    def setUp(self):
+        self.tmp = tempfile.mkdtemp(prefix="proxy_llm_sec_")
+        self.addCleanup(shutil.rmtree, self.tmp, True)
+        self.data_dir = os.path.join(self.tmp, "data")
+        self.replies = []
+        self.upstream = FakeUpstream(self.reply).start()
+        self.addCleanup(self.upstream.stop)
+
+    def reply(self, req):
+        if self.replies:
+            return self.replies.pop(0)
+        return json_reply({"id": "x", "choices": [{"index": 0, "message": {"content": "ok"}}]})
+
+    def start_proxy(self, providers=None, **extra) -> InProcessProxy:
+        providers = providers or [provider("openai", "openai", self.upstream.url, "", ["gpt-*"]),
+                                  provider("anthropic", "anthropic", self.upstream.url, "", ["claude-*"])]
+        self.proxy = InProcessProxy(base_config(providers, self.data_dir, **extra)).__enter__()
+        self.addCleanup(self.proxy.stop)
+        return self.proxy
+
+
+class ListenTest(SecurityTestCase):
+    def write_config(self, cfg) -> str:
+        path = os.path.join(self.tmp, "config.json")
+        with open(path, "w") as f:
+            json.dump(cfg, f)
+        return path
+
+    def test_non_loopback_listen_without_proxy_keys_exits_2(self):
+        path = self.write_config(base_config([provider("openai", "openai", self.upstream.url)], self.data_dir,
+                                             listen="0.0.0.0:0"))
+        env = dict(os.environ, PYTHONPATH=ROOT)
+        done = subprocess.run([sys.executable, "-m", "proxy_llm", "--config", path], env=env, cwd=self.tmp,
+                              stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=DEADLINE)
+        self.assertEqual(done.returncode, 2)
+        err = done.stderr.decode()
+        self.assertEqual(len(err.strip().splitlines()), 1, err)
+        self.assertIn("proxy_keys", err)
+        self.assertNotIn("Traceback", err)
+        self.assertFalse(os.path.exists(self.data_dir))  # refused before anything was created
+
+    def test_non_loopback_listen_with_proxy_keys_requires_a_key_never_forwarded(self):
+        proxy_key = "pk-%032x" % random.Random(7).getrandbits(128)
+        cfg = base_config([provider("openai", "openai", self.upstream.url, "", ["gpt-*"])], self.data_dir,
+                          listen="0.0.0.0:0", proxy_keys=[proxy_key])
+        proc = ProxyProcess(cfg)
+        self.addCleanup(proc.cleanup)
+        url = "http://127.0.0.1:%d" % proc.port
+        status, _, body = request(url, body=PLAIN_BODY)
+        self.assertEqual((status, json.loads(body)["error"]["type"]), (401, "invalid_request_error"))
+        status, _, _ = request(url, body=PLAIN_BODY, headers={"Authorization": "Bearer wrong-" + proxy_key})
+        self.assertEqual(status, 401)
+        self.assertEqual(self.upstream.requests.qsize(), 0)
+        status, _, _ = request(url, body=PLAIN_BODY, headers={"Authorization": "Bearer " + proxy_key})
+        self.assertEqual(status, 200)
+        seen = self.upstream.next_request()
+        self.assertIsNone(seen.header("Authorization"))
+        status, _, _ = request(url, body=PLAIN_BODY, headers={"X-Proxy-Key": proxy_key,
+                                                               "Authorization": "Bearer sk-client-provider-key"})
+        self.assertEqual(status, 200)
+        seen = self.upstream.next_request()
+        self.assertIsNone(seen.header("X-Proxy-Key"))
+        self.assertEqual(seen.header("Authorization"), "Bearer sk-client-provider-key")
+        self.assertEqual(proc.stop(), 0)
+        for path in all_files(self.data_dir):
+            opener = gzip.open if path.endswith(".gz") else open
+            with opener(path, "rb") as f:
+                self.assertNotIn(proxy_key.encode(), f.read(), path)
+        self.assertNotIn(proxy_key, proc.log_text())
+
+    def test_proxy_keys_are_compared_in_constant_time(self):
+        proxy = self.start_proxy(proxy_keys=["pk-secret-0123456789"])
+        import hmac
+        calls = []
+        real = hmac.compare_digest
+
+        def spy(a, b):
+            calls.append((a, b))
+            return real(a, b)
+        with mock.patch("proxy_llm.handler.hmac.compare_digest", spy):
+            status, _, _ = request(proxy.url, body=PLAIN_BODY, headers={"X-Proxy-Key": "pk-secret-0123456789"})
+        self.assertEqual(status, 200)
+        self.assertIn((b"pk-secret-0123456789", b"pk-secret-0123456789"), calls)
+
+
+class UpstreamOnlyTest(SecurityTestCase):
+    def setUp(self):
+        super().setUp()
+        self.evil = FakeUpstream().start()
+        self.addCleanup(self.evil.stop)
+        self.evil_host = "127.0.0.1:%d" % self.evil.port
+
+    def test_client_cannot_choose_the_host(self):
+        proxy = self.start_proxy()
+        attempts = [
+            b"POST http://%s/v1/chat/completions HTTP/1.1\r\nHost: %s\r\nConnection: close\r\nContent-Length: %d\r\n\r\n%s"
+            % (self.evil_host.encode(), self.evil_host.encode(), len(PLAIN_BODY), PLAIN_BODY),
+            b"POST //%s/v1/chat/completions HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: %d\r\n\r\n%s"
+            % (self.evil_host.encode(), len(PLAIN_BODY), PLAIN_BODY),
+            b"CONNECT %s HTTP/1.1\r\nHost: %s\r\nConnection: close\r\n\r\n" % (self.evil_host.encode(), self.evil_host.encode()),
+            b"GET /v1/../..//%s/v1/models HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n" % self.evil_host.encode(),
+        ]
+        for raw in attempts:
+            data = raw_exchange(proxy.port, raw)
+            head, _, body = data.partition(b"\r\n\r\n")
+            self.assertIn(b"HTTP/1.1 ", head[:9])
+            if not head.startswith(b"HTTP/1.1 200"):
+                self.assertIn(b"application/json", head)
+                self.assertIn("error", json.loads(body))
+        # Host header tricks: forwarded to the configured upstream with its own Host.
+        request(proxy.url, body=PLAIN_BODY, headers={"Host": self.evil_host, "X-Forwarded-Host": self.evil_host,
+                                                     "Content-Type": "application/json"})
+        proxy.flush()
+        seen = []
+        while not self.upstream.requests.empty():
+            seen.append(self.upstream.requests.get())
+        self.assertTrue(seen)
+        for req in seen:
+            self.assertEqual(req.header("Host"), "127.0.0.1:%d" % self.upstream.port)
+        self.assertEqual(self.evil.connections, 0)
+        self.assertEqual(self.evil.requests.qsize(), 0)
+
+    def test_redirects_are_passed_to_the_client_not_followed(self):
+        location = "http://%s/v1/chat/completions" % self.evil_host
+        self.replies.append(Reply(307, [("Location", location), ("Content-Type", "application/json")], b"{}"))
+        proxy = self.start_proxy()
+        status, headers, _ = request(proxy.url, body=PLAIN_BODY)
+        self.assertEqual((status, header(headers, "Location")), (307, location))
+        [rec] = proxy.records()
+        self.assertEqual(rec["status_code"], 307)
+        self.assertEqual(self.evil.connections, 0)
+
+
+def random_ids(rng: random.Random, n: int):
+    alphabet = ("abc", "../", "/", "\\", "\0", ".", "..", " ", "é", "日本", "\u202e", "\ufeff", "\U0001F600",
+                "\udc80", "%2e%2e%2f", "session_", "\n", "\t", "CON", "*", "?", ":")
+    out = ["../../etc/x", "/etc/passwd", "..", ".", "", "\0", "x" * 10240, "a/b", "C:\\windows", "~root"]
+    while len(out) < n:
+        out.append("".join(rng.choice(alphabet) for _ in range(rng.randint(1, 40))))
+    return out
+
+
+class SessionIdTest(SecurityTestCase):
+    def test_session_file_id_over_thousands_of_hostile_ids(self):
+        rng = random.Random(1234)
+        ids = random_ids(rng, 5000)
+        seen = {}
+        for sid in ids:
+            name = record.session_file_id(sid)
+            self.assertRegex(name, r"^[A-Za-z0-9._-]{1,64}$")
+            self.assertNotIn(name, (".", ".."))
+            self.assertTrue(inside(self.data_dir, os.path.join(self.data_dir, "session_" + name)))
+            self.assertEqual(record.session_file_id(sid), name)  # stable
+            self.assertEqual(storage.safe_sid(name), name)  # the recorder keeps it as is
+            seen.setdefault(name, set()).add(sid)
+        self.assertFalse({k: v for k, v in seen.items() if len(v) > 1})  # no collisions
+
+    def test_hostile_ids_through_the_real_recorder(self):
+        ids = random_ids(random.Random(99), 300)  # each new session costs file and directory fsyncs
+
+        def encode(sid):
+            line = json.dumps({"session_id": sid}).encode() + b"\n"
+            return [(storage.RECORDS, record.session_file_id(sid), line), (storage.STREAMS, record.session_file_id(sid), line)]
+        rec = storage.Recorder(self.data_dir, encode, fsync="never")
+        rec.start()
+        for sid in ids:
+            self.assertTrue(rec.submit(sid))
+        self.assertTrue(rec.flush(60.0))
+        rec.close(DEADLINE)
+        self.assertEqual(rec.written_total(), len(ids))
+        self.assertEqual(rec.dropped_total(), 0)
+        got = []
+        for path in all_files(self.data_dir):
+            self.assertTrue(inside(self.data_dir, path), path)
+            with open(path, "rb") as f:
+                got.extend(json.loads(line)["session_id"] for line in f)
+        for name in os.listdir(self.data_dir):
+            self.assertTrue(SAFE_NAME.match(name) or name == "streams", name)
+        self.assertEqual(sorted(got), sorted(ids * 2))
+
+    def test_hostile_ids_through_the_proxy(self):
+        rng = random.Random(4321)
+        proxy = self.start_proxy()
+        sent = []
+        conn = http.client.HTTPConnection("127.0.0.1", proxy.port, timeout=DEADLINE)
+        # Header values: bytes the HTTP parser keeps (latin-1, no CR/LF, not blank at the ends).
+        header_alphabet = ["a", "/", "..", "\\", "\0", "é", "\x7f", "%", "*", " ", "\t", "\xff"]
+        for n in range(150):
+            sid = "".join(rng.choice(header_alphabet) for _ in range(rng.randint(1, 30))).strip(" \t") or "x"
+            if n == 0:
+                sid = "../../etc/x"
+            elif n == 1:
+                sid = "y" * 10240
+            conn.request("POST", "/v1/chat/completions", body=PLAIN_BODY,
+                         headers={"X-Session-Id": sid, "Content-Type": "application/json"})
+            self.assertEqual(conn.getresponse().read()[:1], b"{")
+            sent.append(sid)
+        # metadata.user_id in the body: any JSON string, lone surrogates and NULs included.
+        for sid in random_ids(random.Random(5), 150):
+            if not sid:
+                continue
+            body = json.dumps({"model": "claude-x", "metadata": {"user_id": sid}, "messages": []}).encode()
+            conn.request("POST", "/v1/messages", body=body, headers={"Content-Type": "application/json"})
+            resp = conn.getresponse()
+            resp.read()
+            self.assertEqual(resp.status, 200)
+            sent.append(sid)
+        conn.close()
+        recs = proxy.records()
+        self.assertEqual(sorted(r["session_id"] for r in recs), sorted(sent))
+        for path in all_files(self.data_dir):
+            self.assertTrue(inside(self.data_dir, path), path)
+        self.assertFalse(os.path.exists(os.path.join(self.tmp, "etc")))
+        self.assertEqual(proxy.server.recorder.dropped_total(), 0)
+
+
+class MetricLabelsTest(SecurityTestCase):
+    def test_labels_never_carry_raw_client_input(self):
+        rng = random.Random(77)
+        proxy = self.start_proxy()
+        tokens = []
+        conn = http.client.HTTPConnection("127.0.0.1", proxy.port, timeout=DEADLINE)
+        for n in range(150):
+            token = "tok%08x" % rng.getrandbits(32)
+            tokens.append(token)
+            kind = n % 5
+            if kind == 0:
+                path, body = "/v1/chat/completions", {"model": "gpt-" + token}
+            elif kind == 1:
+                path, body = "/v1/chat/completions", {"model": token}
+            elif kind == 2:
+                path, body = "/v1/" + token, {"model": "gpt-4o"}
+            elif kind == 3:
+                path, body = "/v1beta/models/%s:%s" % (token, rng.choice(["generateContent", token])), {}
+            else:
+                path, body = "/v1/messages?x=" + token, {"model": "claude-" + token}
+            conn.request("POST", path, body=json.dumps(body), headers={"Content-Type": "application/json"})
+            conn.getresponse().read()
+        conn.close()
+        proxy.flush()
+        text = request(proxy.url, method="GET", path="/metrics", headers={})[2].decode()
+        series = set()
+        for line in text.splitlines():
+            if line.startswith("#") or "{" not in line:
+                continue
+            labels = line[line.index("{"):line.rindex("}") + 1]
+            self.assertFalse(any(t in labels for t in tokens), line)
+            series.add(re.sub(r',?le="[^"]*"', "", line.split(" ")[0]))
+        self.assertLess(len(series), 40, sorted(series))
+
+
+class CanaryTest(unittest.TestCase):
+    """Every credential the proxy sees, in every place it can write, must be absent."""
+
+    def test_no_secret_reaches_any_output(self):
+        rng = random.Random()
+        canary = {name: "canary-%s-%024x" % (name, rng.getrandbits(96)) for name in
+                  ("auth", "auth2", "xapikey", "apikey", "goog", "proxyauth", "cookie", "query", "provider")}
+        tmp = tempfile.mkdtemp(prefix="proxy_llm_canary_")
+        self.addCleanup(shutil.rmtree, tmp, True)
+        data_dir = os.path.join(tmp, "data")
+        received = []
+
+        def echo(req):
+            received.append(req)
+            seen = "; ".join("%s: %s" % kv for kv in req.headers) + " target=" + req.target
+            if req.json().get("stream"):
+                event = json.dumps({"choices": [{"index": 0, "delta": {"content": seen}}]})
+                return Reply(200, [("Content-Type", "text/event-stream"), ("X-Echo", seen)],
+                             [b"data: " + event.encode() + b"\n\n", b"data: [DONE]\n\n"])
+            body = json.dumps({"error": {"message": "Incorrect API key provided: " + seen, "type": "invalid_request_error"}})
+            return Reply(401, [("Content-Type", "application/json"), ("X-Echo", seen)], body.encode())
+        upstream = FakeUpstream(echo).start()
+        self.addCleanup(upstream.stop)
+        dead = socket.socket()
+        dead.bind(("127.0.0.1", 0))
+        dead_url = "http://127.0.0.1:%d" % dead.getsockname()[1]
+        dead.close()
+        cfg = base_config([provider("openai", "openai", upstream.url, "", ["gpt-*"]),
+                           provider("anthropic", "anthropic", upstream.url, canary["provider"], ["claude-*"]),
+                           provider("gemini", "gemini", dead_url, "", ["gemini-*"])],
+                          data_dir, max_file_size=1024, compress_rotated=True, fsync="always", max_request_body=4096)
+        proc = ProxyProcess(cfg, args=["--log-level", "DEBUG"])
+        self.addCleanup(proc.cleanup)
+        url = "http://127.0.0.1:%d" % proc.port
+        creds = {"Authorization": "Bearer " + canary["auth"], "x-api-key": canary["xapikey"], "api-key": canary["apikey"],
+                 "x-goog-api-key": canary["goog"], "Proxy-Authorization": "Basic " + canary["proxyauth"],
+                 "Cookie": "session=" + canary["cookie"], "Content-Type": "application/json"}
+        query = "?key=" + canary["query"]
+        proxy_bodies = []  # answers the proxy wrote itself
+        relayed = []
+        for n in range(4):
+            relayed.append(request(url, path="/v1/chat/completions" + query, body={"model": "gpt-4o"}, headers=creds))
+            relayed.append(request(url, path="/v1/chat/completions" + query, body={"model": "gpt-4o", "stream": True},
+                                   headers=creds))
+        relayed.append(request(url, path="/v1/messages" + query, body={"model": "claude-x"}, headers=creds))
+        other = dict(creds, Authorization="Bearer " + canary["auth2"])
+        relayed.append(request(url, path="/v1/chat/completions", body={"model": "gpt-4o"}, headers=other))
+        for path, body in (("/v1beta/models/gemini-2.0-flash:generateContent" + query, {"contents": []}),  # 502
+                           ("/nowhere" + query, {}),  # 404
+                           ("/v1/chat/completions" + query, {"model": "gpt-4o", "pad": "x" * 5000})):  # 413
+            status, headers, answer = request(url, path=path, body=body, headers=creds)
+            self.assertGreaterEqual(status, 400)
+            proxy_bodies.append(answer)
+        bad = raw_exchange(proc.port, b"POST /v1/chat/completions" + query.encode() + b" HTTP/1.1\r\nAuthorization: Bearer "
+                           + canary["auth"].encode() + b"\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n")
+        proxy_bodies.append(bad)
+        metrics = request(url, method="GET", path="/metrics", headers={})[2]
+        health = request(url, method="GET", path="/health", headers={})[2]
+        self.assertEqual(proc.stop(), 0)
+
+        # The canaries did flow: the upstream got them and echoed them (relayed verbatim).
+        echoed = b"".join(body for _, _, body in relayed)
+        for name in ("auth", "xapikey", "apikey", "goog", "cookie", "query", "provider"):
+            self.assertIn(canary[name].encode(), echoed, name)
+
+        outputs = {"log": proc.log_text().encode("utf-8"), "metrics": metrics, "health": health}
+        for n, body in enumerate(proxy_bodies):
+            outputs["proxy answer %d" % n] = body
+        files = all_files(data_dir)
+        self.assertTrue(any(p.endswith(".jsonl.gz") for p in files), files)  # rotated and compressed
+        self.assertTrue(any(os.sep + "streams" + os.sep in p for p in files))
+        for path in files:
+            opener = gzip.open if path.endswith(".gz") else open
+            with opener(path, "rb") as f:
+                outputs[path] = f.read()
+            self.assertEqual(stat.S_IMODE(os.stat(path).st_mode), 0o600, path)
+        for d, _, _ in os.walk(data_dir):
+            self.assertEqual(stat.S_IMODE(os.stat(d).st_mode), 0o700, d)
+        self.assertIn(b"DEBUG", outputs["log"])
+        for where, data in outputs.items():
+            for name, secret in canary.items():
+                self.assertNotIn(secret.encode(), data, "%s leaked into %s" % (name, where))
+                self.assertNotIn(secret[8:].encode(), data, "part of %s leaked into %s" % (name, where))
+
+        stats = reader.ReadStats()
+        recs = list(reader.iter_records(data_dir, stats))
+        self.assertTrue(stats.ok, stats.summary())
+        self.assertEqual(len(recs), 13)  # 10 relayed, 502, 413, 400 (the 404 is not under /v1)
+        auth = [r["request_headers"].get("authorization") for r in recs if r["endpoint"] == "/v1/chat/completions"
+                and r["status_code"] != 413]
+        fingerprints = {v for v in auth if v}
+        self.assertEqual(len(fingerprints), 2, fingerprints)  # two keys, two fingerprints; same key, same one
+        for value in fingerprints:
+            self.assertRegex(value, r"^Bearer \[REDACTED:[0-9a-f]{8}\]$")
+        first = [r for r in recs if r["endpoint"] == "/v1/chat/completions"][0]
+        self.assertRegex(first["query"], r"^key=\[REDACTED:[0-9a-f]{8}\]$")
+        for name in ("x-api-key", "api-key", "x-goog-api-key", "proxy-authorization", "cookie"):
+            self.assertIn("[REDACTED:", first["request_headers"][name])
+
+
+if __name__ == "__main__":
+    unittest.main()
