@@ -1,0 +1,146 @@
+"""SIGTERM with 100 open streams, against the real entry point as a subprocess.
+
+Within ``shutdown_timeout`` the streams finish and are recorded as completed; past it they are cut
+and recorded as ``shutdown``; a second signal cuts them at once. The exit code is 0 every time.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import tempfile
+import threading
+import time
+import unittest
+
+from proxy_llm import reader
+from tests.support import DEADLINE, FakeUpstream, ProxyProcess, Reply, base_config, provider, wait_until
+
+STREAMS = 100
+LAST_CHUNK = b"\r\n0\r\n\r\n"
+
+
+def event(text: str, finish=None) -> bytes:
+    obj = {"id": "c", "object": "chat.completion.chunk", "model": "gpt-4o",
+           "choices": [{"index": 0, "delta": {"content": text} if text else {}, "finish_reason": finish}]}
+    return b"data: " + json.dumps(obj).encode() + b"\n\n"
+
+
+def read_until(sock: socket.socket, marker: bytes, data: bytes = b"") -> bytes:
+    while marker not in data:
+        more = sock.recv(65536)
+        if not more:
+            raise AssertionError("closed before %r" % marker)
+        data += more
+    return data
+
+
+def read_to_eof(sock: socket.socket, data: bytes = b"") -> bytes:
+    while True:
+        try:
+            more = sock.recv(65536)
+        except ConnectionResetError:
+            return data
+        if not more:
+            return data
+        data += more
+
+
+class ShutdownTest(unittest.TestCase):
+    def setUp(self):
+        self.tmp = tempfile.mkdtemp(prefix="proxy_llm_shutdown_")
+        self.addCleanup(shutil.rmtree, self.tmp, True)
+        self.data_dir = os.path.join(self.tmp, "data")
+        self.release = threading.Event()
+        self.addCleanup(self.release.set)
+        self.upstream = FakeUpstream(lambda req: Reply(
+            200, [("Content-Type", "text/event-stream")],
+            [event("start "), self.release, event("end"), event("", "stop"), b"data: [DONE]\n\n"])).start()
+        self.addCleanup(self.upstream.stop)
+
+    def start(self, **extra) -> ProxyProcess:
+        cfg = base_config([provider("openai", "openai", self.upstream.url, "", ["gpt-*"])], self.data_dir, **extra)
+        proc = ProxyProcess(cfg)
+        self.addCleanup(proc.cleanup)
+        return proc
+
+    def open_streams(self, proc: ProxyProcess):
+        body = b'{"model":"gpt-4o","stream":true,"messages":[]}'
+        socks = []
+        for n in range(STREAMS):
+            sock = socket.create_connection(("127.0.0.1", proc.port), timeout=DEADLINE)
+            self.addCleanup(sock.close)
+            sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nX-Session-Id: s%d\r\n"
+                         b"Content-Length: %d\r\n\r\n%s" % (n, len(body), body))
+            socks.append(sock)
+        return [(sock, read_until(sock, b"start")) for sock in socks]  # every stream is open and relaying
+
+    def records(self):
+        stats = reader.ReadStats()
+        recs = list(reader.iter_records(self.data_dir, stats))
+        self.assertTrue(stats.ok, stats.summary())
+        return recs
+
+    def assert_refuses_connections(self, port: int) -> None:
+        def refused() -> bool:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=DEADLINE).close()
+                return False
+            except ConnectionRefusedError:
+                return True
+        wait_until(refused, what="the listening socket to close")
+
+    def test_open_streams_finish_within_shutdown_timeout_and_are_recorded(self):
+        proc = self.start(shutdown_timeout=DEADLINE)
+        opened = self.open_streams(proc)
+        proc.send_signal(signal.SIGTERM)
+        proc.wait_for_line(r"shutting down: %d exchanges in flight" % STREAMS)
+        self.assert_refuses_connections(proc.port)  # draining: no new connections
+        self.release.set()
+        for sock, data in opened:
+            data = read_until(sock, LAST_CHUNK, data)
+            self.assertIn(b"[DONE]", data)
+        self.assertEqual(proc.stop(timeout=DEADLINE), 0)
+        recs = self.records()
+        self.assertEqual(len(recs), STREAMS)
+        self.assertEqual({r["ended"] for r in recs}, {"completed"})
+        self.assertEqual({r["response_body"]["choices"][0]["message"]["content"] for r in recs}, {"start end"})
+        self.assertEqual(len({r["session_id"] for r in recs}), STREAMS)
+
+    def test_streams_past_shutdown_timeout_are_cut_and_recorded_as_shutdown(self):
+        proc = self.start(shutdown_timeout=0.5)
+        opened = self.open_streams(proc)
+        started = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        for sock, data in opened:
+            data = read_to_eof(sock, data)
+            self.assertNotIn(LAST_CHUNK, data)  # the client sees a cut stream, not a complete one
+        self.assertEqual(proc.stop(timeout=DEADLINE), 0)
+        self.assertLess(time.monotonic() - started, 0.5 + 8.0)
+        recs = self.records()
+        self.assertEqual(len(recs), STREAMS)
+        self.assertEqual({r["ended"] for r in recs}, {"shutdown"})
+        self.assertEqual({r["response_body"]["choices"][0]["message"]["content"] for r in recs}, {"start "})
+        self.assertIn("cut %d exchanges" % STREAMS, proc.log_text())
+
+    def test_a_second_signal_exits_at_once_after_a_best_effort_flush(self):
+        proc = self.start(shutdown_timeout=600)
+        opened = self.open_streams(proc)
+        proc.send_signal(signal.SIGTERM)
+        proc.wait_for_line(r"shutting down")
+        started = time.monotonic()
+        proc.send_signal(signal.SIGINT)
+        self.assertEqual(proc.stop(timeout=DEADLINE), 0)
+        self.assertLess(time.monotonic() - started, 5.0)
+        for sock, data in opened:
+            self.assertNotIn(LAST_CHUNK, read_to_eof(sock, data))
+        recs = self.records()
+        self.assertEqual(len(recs), STREAMS)
+        self.assertEqual({r["ended"] for r in recs}, {"shutdown"})
+
+
+if __name__ == "__main__":
+    unittest.main()
