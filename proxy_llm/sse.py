@@ -52,10 +52,14 @@ class Event(object):
     received (with their line ends, without the blank line that ended it).
     """
 
-    __slots__ = ("event", "data", "id", "retry", "comments", "raw")
+    __slots__ = ("event", "data", "id", "retry", "comments", "raw", "unterminated")
 
     def __init__(self, data="", event=None, id=None, retry=None, comments=None, raw=""):
         # type: (str, str | None, str | None, int | None, list | None, str) -> None
+        # unterminated: the stream ended inside this event (no closing blank line). The
+        # standard (WHATWG HTML 9.2.6) says such an event is never dispatched, and the SDKs
+        # drop it, so reassembly skips it; the streams file keeps it, marked.
+        self.unterminated = False
         self.data = data
         self.event = event
         self.id = id
@@ -78,6 +82,8 @@ class Event(object):
             out["retry"] = self.retry
         if self.comments:
             out["comments"] = list(self.comments)
+        if self.unterminated:
+            out["unterminated"] = True
         return out
 
     def __repr__(self):
@@ -159,7 +165,10 @@ class SSEDecoder(object):
 
     def close(self):
         # type: () -> list
-        """Flush: return the last event if the stream ended without a blank line."""
+        """Flush: return the last event if the stream ended without a blank line.
+
+        Such an event is marked ``unterminated`` (the clients never saw it dispatched).
+        """
         out = []  # type: list
         self._pending_cr = False
         if self._line_parts and not self._skipping:
@@ -171,6 +180,8 @@ class SSEDecoder(object):
             self._reset_block()
         elif self._has_lines:
             self._dispatch(out)
+            for event in out:
+                event.unterminated = True
         return out
 
     # -- internals -----------------------------------------------------

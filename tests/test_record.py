@@ -67,6 +67,16 @@ class EncoderTest(unittest.TestCase):
         self.assertEqual(rec["response_body"]["choices"][0]["message"]["content"], "par")
         self.assertEqual(rec["stream_events"], 1)
 
+    def test_unterminated_last_event_is_kept_in_the_streams_file_but_not_reassembled(self):
+        ex = exchange(resp=[b'data: {"id":"c","choices":[{"index":0,"delta":{"content":"seen"}}]}\n\n',
+                            b'data: {"id":"c","choices":[{"index":0,"delta":{"content":" unseen"}}]}'],
+                      ctype="text/event-stream", stream=True)
+        (rec, line), _ = encode(ex)
+        self.assertEqual(rec["response_body"]["choices"][0]["message"]["content"], "seen")
+        self.assertEqual(rec["stream_events"], 2)
+        self.assertNotIn("unterminated", line["events"][0])
+        self.assertIs(line["events"][1]["unterminated"], True)
+
     def test_lone_surrogates_and_non_json_bodies_still_give_valid_lines(self):
         ex = exchange(body=b'{"model":"m","x":"\\ud800"}', resp=b"\xff\xfe not json")
         [rec], lines = encode(ex)

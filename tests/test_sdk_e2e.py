@@ -746,14 +746,10 @@ class AnthropicSDKTest(ProxiedSDKCase):
                 self.assertEqual(anthropic_summary(self.parse_record(rec), partial_parse=True), anthropic_summary(final))
                 self.assertEqual(rec.get("tokens_used"), anthropic_tokens(via.final.usage))
 
-    @unittest.expectedFailure
     def test_unterminated_last_event(self):
         """A stream cut inside its last event: the SDK never sees that event (SSE drops an event
-        without its closing blank line), but the record's reassembled body includes it, because
-        the recorder's SSE decoder flushes it at the end of the body (SSEDecoder.close()). The
-        record then holds a tool input the client never received. Expected to fail until the
-        recorder keeps such an event out of the reassembly (it may still keep it in the streams
-        file, marked)."""
+        without its closing blank line), and neither does the record's reassembled body; the
+        streams file keeps it, marked ``unterminated``."""
         cut = [fx for fx in fixtures("anthropic_messages") if fx.unterminated]
         if not cut:
             self.skipTest("no anthropic_messages fixture ends inside an event")

@@ -68,9 +68,13 @@ class Dialect(object):
 
     def reassemble(self, events):
         # type: (list) -> Result
-        """Rebuild the final response from a stream's events. Never raises."""
+        """Rebuild the final response from a stream's events. Never raises.
+
+        An ``unterminated`` event (the stream ended inside it) is skipped, as every client
+        skips it: the record holds what the client received.
+        """
         try:
-            return self._reassemble(list(events or ()))
+            return self._reassemble([e for e in events or () if not getattr(e, "unterminated", False)])
         except Exception as exc:  # noqa: BLE001 - contract: report, never raise
             return _failed(exc)
 
