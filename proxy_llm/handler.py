@@ -187,6 +187,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
         config = server.config
         path, query = wire.split_target(self.path)
         if not (path.startswith("/v1/") or path.startswith("/v1beta/") or path in ("/v1", "/v1beta")):
+            self.close_connection = True  # the request body, if any, was not read
             body, ctype = errors.render(errors.family_of(path), 404, "unknown path %s: proxy_llm forwards /v1/ and /v1beta/" % path[:200])
             self.send_simple(404, body, ctype)
             return
@@ -217,7 +218,11 @@ class ProxyHandler(BaseHTTPRequestHandler):
         server = self.server
         config = server.config
         try:
-            self.check_proxy_key(headers)
+            try:
+                self.check_proxy_key(headers)
+            except errors.Unauthorized:
+                self.close_connection = True  # the request body was not read
+                raise
             try:
                 body = wire.read_body(self.rfile, self.headers, config.max_request_body)
             except wire.BodyError as exc:

@@ -229,6 +229,22 @@ class ForwardingTest(ProxyTestCase):
         self.assertEqual(recs[0]["session_id"], "default")
 
 
+class KeepAliveAfterEarlyAnswersTest(ProxyTestCase):
+    def test_unread_request_body_never_becomes_the_next_request(self):
+        proxy = self.start_proxy(proxy_keys=["pk-secret-1"])
+        for path, headers in (("/not-v1", {}), ("/v1/chat/completions", {"X-Proxy-Key": "wrong"})):
+            with self.subTest(path=path):
+                sock = socket.create_connection(("127.0.0.1", proxy.port), timeout=DEADLINE)
+                smuggled = b"GET /v1/models HTTP/1.1\r\nHost: x\r\nX-Proxy-Key: pk-secret-1\r\n\r\n"
+                head = "".join("%s: %s\r\n" % kv for kv in headers.items()).encode()
+                sock.sendall(b"POST " + path.encode() + b" HTTP/1.1\r\nHost: x\r\n" + head +
+                             b"Content-Length: %d\r\n\r\n" % len(smuggled) + smuggled)
+                data = sock.makefile("rb").read()  # the proxy closes after its answer
+                sock.close()
+                self.assertEqual(data.count(b"HTTP/1.1 "), 1, data)
+        self.assertEqual(self.upstream.requests.qsize(), 0)
+
+
 class RoutingTest(ProxyTestCase):
     def test_models_route_by_glob_in_order_then_by_path_family(self):
         other = FakeUpstream().start()
