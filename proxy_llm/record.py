@@ -20,7 +20,8 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
+import base64
+import random
 import re
 import time
 import zlib
@@ -44,7 +45,8 @@ STREAM_FIELDS = ("id", "session_id", "timestamp", "events", "truncated")
 SESSION_SOURCES = ("header", "claude_code", "codex", "metadata_user_id", "model", "default")
 ENDINGS = ("completed", "client_aborted", "upstream_error", "upstream_eof", "timeout", "shutdown")
 
-_CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
+_random_bits = random.getrandbits
+_TO_CROCKFORD = bytes.maketrans(b"ABCDEFGHIJKLMNOPQRSTUVWXYZ234567", b"0123456789ABCDEFGHJKMNPQRSTVWXYZ")
 _SAFE_SID = re.compile(r"[A-Za-z0-9._-]{1,64}\Z")
 MAX_DECODED = 256 * 1024 * 1024
 
@@ -52,12 +54,11 @@ MAX_DECODED = 256 * 1024 * 1024
 def new_id(now: Optional[float] = None) -> str:
     """A 26-character ULID: 48 bits of milliseconds, 80 random bits, Crockford base32."""
     ms = int((time.time() if now is None else now) * 1000) & ((1 << 48) - 1)
-    value = (ms << 80) | int.from_bytes(os.urandom(10), "big")
-    out = []
-    for _ in range(26):
-        out.append(_CROCKFORD[value & 31])
-        value >>= 5
-    return "".join(reversed(out))
+    # Ids must be unique, not secret: the random module is fast and reseeded after fork().
+    value = (ms << 80) | _random_bits(80)
+    # 128 bits are 26 base32 digits once padded to 130 bits in front; b32encode pads at the
+    # end, so shift left by 6 (17 bytes = 136 bits) and keep the first 26 digits.
+    return base64.b32encode((value << 6).to_bytes(17, "big")).translate(_TO_CROCKFORD)[:26].decode("ascii")
 
 
 _second_cache = [-1, ""]  # [whole second, its formatted prefix]: one strftime per second
