@@ -58,7 +58,11 @@ class ShutdownTest(unittest.TestCase):
         self.addCleanup(self.release.set)
         self.upstream = FakeUpstream(lambda req: Reply(
             200, [("Content-Type", "text/event-stream")],
-            [event("start "), self.release, event("end"), event("", "stop"), b"data: [DONE]\n\n"])).start()
+            [event("start "), self.release, event("end"), event("", "stop"), b"data: [DONE]\n\n"]))
+        # The fake's listen backlog is 5: 100 connects at once would lose SYNs and wait for
+        # retransmits (seconds). listen() again raises the backlog of the bound socket.
+        self.upstream.server.socket.listen(STREAMS * 2)
+        self.upstream.start()
         self.addCleanup(self.upstream.stop)
 
     def start(self, **extra) -> ProxyProcess:
@@ -89,7 +93,7 @@ class ShutdownTest(unittest.TestCase):
             try:
                 socket.create_connection(("127.0.0.1", port), timeout=DEADLINE).close()
                 return False
-            except ConnectionRefusedError:
+            except (ConnectionRefusedError, ConnectionResetError):  # reset: queued as it closed
                 return True
         wait_until(refused, what="the listening socket to close")
 
