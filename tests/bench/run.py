@@ -43,7 +43,7 @@ from tests.bench.targets import Mock, Target
 SCENARIOS = ("latency", "rate50", "sat16", "sat64", "big", "streams", "verify")
 TARGET_NAMES = ("direct", "forwarder", "rec_off", "rec_on", "rec_fsync", "workers2")
 
-FULL = dict(settle_s=0.3, rounds=3, latency_s=1.5, rate_s=10.0, sat_s=2.0, big_s=2.0,
+FULL = dict(settle_s=0.3, rounds=5, latency_s=1.0, rate_s=6.0, sat_s=1.2, big_s=1.2,
             streams=2000, chunks=10, interval_ms=1000, ttft_ms=1000)
 QUICK = dict(settle_s=0.3, rounds=1, latency_s=0.5, rate_s=3.0, sat_s=0.7, big_s=0.7,
              streams=200, chunks=3, interval_ms=500, ttft_ms=500)
@@ -505,7 +505,7 @@ def parse_args(argv=None):
     ap.add_argument("--streams", type=int, help="concurrent slow streams (default 2000, quick 200)")
     ap.add_argument("--chunks", type=int, help="frames per slow stream (default 10)")
     ap.add_argument("--interval-ms", type=int, help="ms between frames (default 1000)")
-    ap.add_argument("--rounds", type=int, help="rounds of interleaved segments (default 3)")
+    ap.add_argument("--rounds", type=int, help="rounds of interleaved segments (default 5)")
     ap.add_argument("--mock-procs", type=int, default=2)
     ap.add_argument("--python", default=sys.executable, help="interpreter for the targets")
     ap.add_argument("--json", help="also write the figures to this file")
