@@ -8,8 +8,11 @@ the lines per file and appends each group with one ``os.write`` (group commit).
 
 Durability contract (also in the README):
 
-* A record reaches the OS (the page cache) within one batch of the exchange ending, normally
-  milliseconds. A process crash (``kill -9``) after that point loses nothing.
+* A record is queued when its exchange ends (after the client has the whole response) and
+  reaches the OS (the page cache) when the writer thread writes its batch: normally within
+  milliseconds, later when the writer falls behind (a slow disk, many new files); the queue depth
+  is in ``/health`` and ``/metrics``. A process crash (``kill -9``) loses what is still queued and
+  nothing that was written (``records_written`` counts written records only).
 * It reaches the disk at the next fsync: after every batch with ``fsync: always``, at most
   ``fsync_interval`` seconds later with ``fsync: interval`` (the default), or when the OS decides
   with ``fsync: never``. Power loss can lose what was not yet synced.
