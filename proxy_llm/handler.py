@@ -236,6 +236,9 @@ class ProxyHandler(BaseHTTPRequestHandler):
             if server.recorder is not None and config.on_record_error == "fail_closed" and (
                     server.recorder.degraded or server.recorder.queue_full()):
                 raise errors.Overloaded("recording is failing and on_record_error is fail_closed")
+            # Watched from here on: a client that leaves while the upstream is still thinking
+            # gets its upstream request cut too (not only once the response is streaming).
+            ex.client_sock = self.connection
             resp, conn = self.send_upstream(ex, headers, body)
         except ProxyError as exc:
             self.answer_error(ex, exc)
@@ -335,7 +338,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
                 raise errors.UpstreamTimeout("upstream %s did not answer in time" % ex.provider.name) from None
             except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError) as exc:
                 pool.discard(conn)
-                if reused and attempt == 0 and not ex.cancelled:
+                if reused and attempt == 0 and not ex.cancelled and not ex.client_gone:
                     continue  # a stale keep-alive connection: retry once on a fresh one
                 server_metrics_error(self.server, ex, "connection")
                 raise errors.UpstreamUnavailable("upstream %s closed the connection: %s" % (
@@ -459,6 +462,10 @@ class ProxyHandler(BaseHTTPRequestHandler):
             server_metrics_error(self.server, ex, ended)
 
     def answer_error(self, ex: Exchange, exc: ProxyError) -> None:
+        if ex.client_gone:  # the watchdog cut the upstream because the client left: nobody to answer
+            self.close_connection = True
+            ex.ended = "client_aborted"
+            return
         body, ctype = errors.render(ex.family, exc.status, exc.message, exc.kind)
         ex.status = exc.status
         ex.error = {"type": exc.kind, "message": exc.message}
