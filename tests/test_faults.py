@@ -129,6 +129,24 @@ class ClientAbortTest(FaultTestCase):
         [line] = proxy.stream_lines()
         self.assertEqual(len(line["events"]), 1)
 
+    def test_client_gone_before_upstream_headers_closes_upstream_within_a_second(self):
+        gate = threading.Event()
+        self.addCleanup(gate.set)
+        # A slow non-streamed completion: the upstream thinks for a long time before answering.
+        self.replies.append(Reply(200, [("Content-Type", "application/json")], CHAT_REPLY))
+        self.replies.append(Reply(200, [("Content-Type", "application/json")], CHAT_REPLY, delay_headers=gate))
+        proxy = self.start_proxy()
+        self.assertEqual(request(proxy.url, body=PLAIN_BODY)[0], 200)  # warm a pooled connection
+        self.upstream.next_request()
+        sock = open_stream(proxy.port, PLAIN_BODY)
+        self.upstream.next_request()  # the upstream has the request and is thinking
+        sock.close()
+        self.assertTrue(proxy.server.wait_idle(1.0), "exchange still waiting on the upstream after the client left")
+        recs = proxy.records()
+        self.assertEqual(recs[-1]["ended"], "client_aborted")
+        self.assertIsNone(recs[-1]["status_code"])
+        self.assertEqual(self.upstream.requests.qsize(), 0)  # not retried on another connection
+
     def test_client_gone_while_upstream_is_streaming_closes_upstream(self):
         self.replies.append(Reply(200, [("Content-Type", "text/event-stream")],
                                   Endless(chunk_event("tick") * 20, self.upstream.stop_event)))
