@@ -61,14 +61,8 @@ class UpstreamPool:
                 conn = self._idle.pop() if self._idle else None
             if conn is None:
                 return self._new(), False
-            sock = conn.sock
-            if sock is not None:
-                try:
-                    readable = select.select([sock], [], [], 0)[0]
-                except (OSError, ValueError):
-                    readable = [sock]
-                if not readable:
-                    return conn, True
+            if conn.sock is not None and not _readable(conn.sock):
+                return conn, True
             conn.close()
 
     def release(self, conn: http.client.HTTPConnection) -> None:
@@ -94,6 +88,22 @@ class UpstreamPool:
             idle, self._idle = list(self._idle), deque()
         for conn in idle:
             self.discard(conn)
+
+
+def _readable(sock: socket.socket) -> bool:
+    """True if an idle socket has something to read (EOF, a reset or stray bytes).
+
+    ``poll`` rather than ``select``: select() cannot take descriptors past FD_SETSIZE (1024),
+    which a proxy holding 2,000 streams has.
+    """
+    try:
+        if hasattr(select, "poll"):
+            poller = select.poll()
+            poller.register(sock, select.POLLIN | select.POLLERR | select.POLLHUP)
+            return bool(poller.poll(0))
+        return bool(select.select([sock], [], [], 0)[0])
+    except (OSError, ValueError):
+        return True
 
 
 def abort(conn: Optional[http.client.HTTPConnection]) -> None:

@@ -181,3 +181,28 @@ class RecordHelpersTest(unittest.TestCase):
 
 if __name__ == "__main__":
     unittest.main()
+
+
+class PoolTest(unittest.TestCase):
+    def test_stale_check_works_past_fd_setsize(self):
+        import resource
+        import socket
+
+        from proxy_llm.upstream import _readable
+
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if hard != resource.RLIM_INFINITY and hard < 1200:
+            self.skipTest("cannot open 1200 descriptors here")
+        if soft < 1200:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (min(4096, hard) if hard != resource.RLIM_INFINITY else 4096, hard))
+            self.addCleanup(resource.setrlimit, resource.RLIMIT_NOFILE, (soft, hard))
+        filler = []
+        self.addCleanup(lambda: [s.close() for s in filler])
+        while True:
+            a, b = socket.socketpair()
+            filler += [a, b]
+            if b.fileno() > 1100:
+                break
+        self.assertFalse(_readable(a))  # idle and open: reusable
+        b.close()
+        self.assertTrue(_readable(a))   # the peer closed: stale
