@@ -196,6 +196,30 @@ def parse_body(raw: bytes) -> Tuple[Any, Optional[bytes]]:
     return value, raw.strip()
 
 
+TRUST_MIN = 8 * 1024  # below this, parsing a body costs less than deciding not to
+
+
+def accepted_json(raw: bytes) -> Optional[bytes]:
+    """A request body an upstream accepted (2xx): its bytes ready to splice into a JSON line, or None.
+
+    Parsing a 100 KB request only to prove it is JSON costs more than forwarding it; an upstream
+    that answered 2xx has parsed it already. What is still checked here, cheaply: it is one
+    JSON object (``{`` ... ``}``), valid UTF-8, and holds no ``NaN``/``Infinity`` (which lenient
+    servers accept and strict readers of the record would not). Anything else returns None and
+    the body is parsed as usual.
+    """
+    body = raw.strip()
+    if body[:1] != b"{" or body[-1:] != b"}" or b"NaN" in body or b"Infinity" in body:
+        return None
+    try:
+        body.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+    if b"\n" in body or b"\r" in body:
+        body = body.replace(b"\r", b" ").replace(b"\n", b" ")
+    return body
+
+
 def _decompress(chunks: Sequence[Tuple[float, bytes]], encoding: str) -> Tuple[List[Tuple[float, bytes]], Optional[str]]:
     """Decode gzip/deflate chunk by chunk (keeping arrival times). Returns (chunks, error)."""
     encoding = encoding.strip().lower()
@@ -283,7 +307,13 @@ class Encoder:
         req_h = headers_dict(ex.req_headers, key, secrets)
         resp_h = headers_dict(ex.resp_headers, key)
         req_chunks, _ = _decompress(ex.request.parts, req_h.get("content-encoding", ""))
-        req_value, req_raw = parse_body(b"".join(c for _, c in req_chunks))
+        req_body = b"".join(c for _, c in req_chunks)
+        req_value, req_raw = None, None
+        if (len(req_body) >= TRUST_MIN and ex.status is not None and 200 <= ex.status < 300
+                and not ex.request.truncated and b'"user_id"' not in req_body):
+            req_raw = accepted_json(req_body)  # the model comes from the routing scan then
+        if req_raw is None:
+            req_value, req_raw = parse_body(req_body)
         if isinstance(req_value, dict):
             model = req_value.get("model")
             if isinstance(model, str):

@@ -77,6 +77,28 @@ class EncoderTest(unittest.TestCase):
         self.assertNotIn("unterminated", line["events"][0])
         self.assertIs(line["events"][1]["unterminated"], True)
 
+    def test_large_accepted_bodies_are_spliced_and_still_give_valid_lines(self):
+        pad = "x" * 9000
+        cases = [
+            (b'{"model":"gpt-4o","a":1,"a":2,\n"p":"%s"}' % pad.encode(), 200, dict),     # kept as sent
+            (b'{"model":"gpt-4o","v":NaN,"p":"%s"}' % pad.encode(), 200, str),            # lenient server
+            (b'{"model":"gpt-4o","p":"\xff%s"}' % pad.encode(), 200, str),               # not UTF-8
+            (b'{"model":"gpt-4o","p":"%s"' % pad.encode(), 400, str),                     # broken, refused
+            (b'{"model":"gpt-4o","metadata":{"user_id":"u-9"},"p":"%s"}' % pad.encode(), 200, dict),
+        ]
+        for body, status, kind in cases:
+            with self.subTest(body=body[:40], status=status):
+                ex = exchange(body=body, status=status)
+                ex.model = "gpt-4o"
+                [rec], lines = encode(ex)
+                self.assertIsInstance(rec["request_body"], kind)
+                self.assertEqual(lines[0][2].count(b"\n"), 1)
+                self.assertEqual(rec["model"], "gpt-4o")
+                if kind is dict and b'"a":1,"a":2' in body:
+                    self.assertIn(b'"a":1,"a":2, "p"', lines[0][2])  # duplicate keys kept, newline made a space
+        [rec], _ = encode(exchange(body=cases[-1][0]))
+        self.assertEqual(rec["session_id"], "u-9")
+
     def test_lone_surrogates_and_non_json_bodies_still_give_valid_lines(self):
         ex = exchange(body=b'{"model":"m","x":"\\ud800"}', resp=b"\xff\xfe not json")
         [rec], lines = encode(ex)
