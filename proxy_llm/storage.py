@@ -58,6 +58,8 @@ Encoder = Callable[[object], List[Tuple[str, str, bytes]]]
 _STOP = object()
 MAX_OPEN_FILES = 128
 BATCH_MAX = 512
+GATHER_WINDOW = 0.002  # seconds the writer waits after a lone record for others to join it
+GATHER_BELOW = 16      # ...unless this many are queued already
 # The file-name form of a session id (record.session_file_id makes it); anything else is hashed
 # again here, so no caller can make the recorder write outside the data dir.
 _SAFE_SID = re.compile(r"[A-Za-z0-9._-]{1,64}\Z")
@@ -227,6 +229,10 @@ class Recorder:
             except queue.Empty:
                 self._idle()
                 continue
+            if self.queue.qsize() < GATHER_BELOW:
+                # Group commit: let a few more records arrive so that one wake-up of this
+                # thread (and one GIL hand-off) serves several, instead of one per record.
+                time.sleep(GATHER_WINDOW)
             batch = [first]
             while len(batch) < BATCH_MAX:
                 try:
@@ -257,7 +263,11 @@ class Recorder:
 
     def _encode_all(self, batch: Iterable[object]) -> Dict[Tuple[str, str], List[bytes]]:
         groups: Dict[Tuple[str, str], List[bytes]] = {}
-        for item in batch:
+        for n, item in enumerate(batch):
+            if n:
+                # Encoding holds the GIL; between records, let the relaying threads run, so a
+                # batch of stream records never delays a frame by a whole switch interval.
+                time.sleep(0)
             try:
                 lines = self.encode(item)
             except Exception:  # a bug in encoding must not kill the writer thread
