@@ -82,6 +82,7 @@ class _DeadlineReader(io.RawIOBase):
         self.sock = sock
         self.idle = idle
         self.deadline: Optional[float] = None
+        self._timeout = sock.gettimeout()
 
     def readable(self) -> bool:
         return True
@@ -93,8 +94,14 @@ class _DeadlineReader(io.RawIOBase):
             if remaining <= 0:
                 raise socket.timeout("client_header_timeout passed")
             timeout = min(timeout, remaining)
-        self.sock.settimeout(timeout)
+        self.set_timeout(timeout)
         return self.sock.recv_into(buf)
+
+    def set_timeout(self, timeout: float) -> None:
+        """The client socket's timeout, changed only when it differs (each change is a syscall)."""
+        if timeout != self._timeout:
+            self.sock.settimeout(timeout)
+            self._timeout = timeout
 
 
 class ProxyHandler(BaseHTTPRequestHandler):
@@ -130,7 +137,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
     def headers_done(self) -> None:
         """The request line and headers are in: bodies and responses have no deadline."""
         self.deadline_reader.deadline = None
-        self.connection.settimeout(self.timeout)
+        self.deadline_reader.set_timeout(self.timeout)
 
     # BaseHTTPRequestHandler dispatches on do_<METHOD>.
     def do_GET(self) -> None:

@@ -3,7 +3,8 @@
 A connection goes back to the pool only after its response was read to the end and the server
 did not ask to close it; any error discards it. Before reuse, an idle connection is checked for
 readability: an idle HTTP/1.1 connection has nothing to say, so a readable socket means the
-server closed it (EOF) or sent garbage, and it is discarded instead of failing the next request.
+server closed it (EOF) or sent garbage, and it is discarded instead of failing the next request
+(connections idle for less than ``FRESH`` seconds skip the check).
 A request that still fails on a reused connection before any response byte arrived is retried
 once on a fresh one (the server closed it in the race between our check and our send); it is
 never retried after a response started.
@@ -20,9 +21,16 @@ import select
 import socket
 import ssl
 import threading
+import time
 import urllib.parse
 from collections import deque
 from typing import Deque, Optional, Tuple
+
+
+# A connection back in the pool for less than this is reused without the readability check:
+# servers close idle keep-alive connections after seconds, not milliseconds, and the one retry
+# covers the rare race.
+FRESH = 0.5
 
 
 class UpstreamPool:
@@ -43,7 +51,7 @@ class UpstreamPool:
         if self.scheme == "https" and ssl_context is None:
             ssl_context = ssl.create_default_context()
         self.ssl_context = ssl_context
-        self._idle: Deque[http.client.HTTPConnection] = deque()
+        self._idle: Deque[Tuple[http.client.HTTPConnection, float]] = deque()  # (conn, idle since)
         self._lock = threading.Lock()  # protects _idle and _closed
 
         self._closed = False
@@ -58,10 +66,10 @@ class UpstreamPool:
         """Return (connection, reused). A new connection is not connected yet."""
         while True:
             with self._lock:
-                conn = self._idle.pop() if self._idle else None
-            if conn is None:
-                return self._new(), False
-            if conn.sock is not None and not _readable(conn.sock):
+                if not self._idle:
+                    return self._new(), False
+                conn, idle_since = self._idle.pop()
+            if conn.sock is not None and (time.monotonic() - idle_since < FRESH or not _readable(conn.sock)):
                 return conn, True
             conn.close()
 
@@ -71,7 +79,7 @@ class UpstreamPool:
             return
         with self._lock:
             if not self._closed and len(self._idle) < self.max_idle:
-                self._idle.append(conn)
+                self._idle.append((conn, time.monotonic()))
                 return
         conn.close()
 
@@ -86,7 +94,7 @@ class UpstreamPool:
         with self._lock:
             self._closed = True
             idle, self._idle = list(self._idle), deque()
-        for conn in idle:
+        for conn, _ in idle:
             self.discard(conn)
 
 
