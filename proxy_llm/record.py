@@ -20,7 +20,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import base64
 import random
 import re
 import time
@@ -46,7 +45,9 @@ SESSION_SOURCES = ("header", "claude_code", "codex", "metadata_user_id", "model"
 ENDINGS = ("completed", "client_aborted", "upstream_error", "upstream_eof", "timeout", "shutdown")
 
 _random_bits = random.getrandbits
-_TO_CROCKFORD = bytes.maketrans(b"ABCDEFGHIJKLMNOPQRSTUVWXYZ234567", b"0123456789ABCDEFGHJKMNPQRSTVWXYZ")
+_CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
+_PAIRS = [a + b for a in _CROCKFORD for b in _CROCKFORD]  # 10 bits -> two digits
+_SHIFTS = range(120, -1, -10)
 _SAFE_SID = re.compile(r"[A-Za-z0-9._-]{1,64}\Z")
 MAX_DECODED = 256 * 1024 * 1024
 
@@ -56,9 +57,8 @@ def new_id(now: Optional[float] = None) -> str:
     ms = int((time.time() if now is None else now) * 1000) & ((1 << 48) - 1)
     # Ids must be unique, not secret: the random module is fast and reseeded after fork().
     value = (ms << 80) | _random_bits(80)
-    # 128 bits are 26 base32 digits once padded to 130 bits in front; b32encode pads at the
-    # end, so shift left by 6 (17 bytes = 136 bits) and keep the first 26 digits.
-    return base64.b32encode((value << 6).to_bytes(17, "big")).translate(_TO_CROCKFORD)[:26].decode("ascii")
+    # 130 bits (2 leading zeros) as 13 pairs of base32 digits, most significant first.
+    return "".join([_PAIRS[(value >> shift) & 1023] for shift in _SHIFTS])
 
 
 _second_cache = [-1, ""]  # [whole second, its formatted prefix]: one strftime per second
