@@ -22,6 +22,7 @@ _STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"')
 _MODEL_VALUE = re.compile(rb'"model"\s*:\s*("[^"\\]*(?:\\.[^"\\]*)*")')
 _STREAM_VALUE = re.compile(rb'"stream"\s*:\s*(true|false)')
 CHEAP_SIDE = 16 * 1024   # bytes of context scanned at most to prove a candidate's depth
+SMALL = 4096             # a body this small is simply parsed (json.loads is C, the scan is not)
 
 
 def _open_brackets(segment: bytes) -> int:
@@ -69,6 +70,14 @@ def sniff(body: bytes) -> Tuple[Optional[str], bool]:
     """Return (model, stream) of a JSON object body: model None when absent or not a string."""
     if not body or body.lstrip()[:1] != b"{":
         return None, False
+    if len(body) <= SMALL:
+        try:
+            obj = json.loads(body)
+        except ValueError:
+            obj = None
+        if isinstance(obj, dict):
+            model = obj.get("model")
+            return (model if isinstance(model, str) else None), obj.get("stream") is True
     m = _find(body, b'"model"', _MODEL_VALUE)
     s = _find(body, b'"stream"', _STREAM_VALUE)
     model = None

@@ -7,9 +7,11 @@ import io
 import json
 import random
 import unittest
+from unittest import mock
 
 from proxy_llm import wire
 from proxy_llm.handler import endpoint_label, narrow_accept_encoding
+from proxy_llm import sniff as sniff_module
 from proxy_llm.sniff import sniff
 from proxy_llm.record import new_id, parse_body, session_file_id
 
@@ -132,6 +134,8 @@ class SniffTest(unittest.TestCase):
             body = json.dumps(dict(items), ensure_ascii=rnd.random() < 0.5).encode()
             with self.subTest(body=body):
                 self.assertEqual(sniff(body), (obj.get("model"), obj.get("stream") is True))
+                with mock.patch.object(sniff_module, "SMALL", 0):  # the scanner, not json.loads
+                    self.assertEqual(sniff(body), (obj.get("model"), obj.get("stream") is True))
 
 
 class LabelTest(unittest.TestCase):
