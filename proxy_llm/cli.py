@@ -18,6 +18,7 @@ import signal
 import socket
 import sys
 import threading
+import time
 from typing import List, Optional
 
 from . import __version__
@@ -160,14 +161,27 @@ def build_server(config: Config, worker: int = 0, reuse_port: bool = False):
     return server
 
 
+class _SignalCount:
+    """``is_set()`` once at least ``n`` signals were received (an Event-like view, lock-free)."""
+
+    def __init__(self, received: List[int], n: int):
+        self.received = received
+        self.n = n
+
+    def is_set(self) -> bool:
+        return len(self.received) >= self.n
+
+
 def serve(config: Config, worker: int = 0, reuse_port: bool = False) -> int:
-    stop = threading.Event()
-    hurry = threading.Event()
+    received: List[int] = []
+    stop = _SignalCount(received, 1)
+    hurry = _SignalCount(received, 2)
 
     def on_signal(signum, frame):
-        if stop.is_set():
-            hurry.set()
-        stop.set()
+        # No lock may be taken here (so no Event.set()): a second signal can run this handler
+        # again inside the first call, and Event.set() re-entered on its own non-reentrant lock
+        # deadlocks the process (seen with SIGTERM then SIGINT in quick succession).
+        received.append(signum)
 
     try:
         server = build_server(config, worker, reuse_port)
@@ -182,8 +196,8 @@ def serve(config: Config, worker: int = 0, reuse_port: bool = False) -> int:
              worker, "on" if server.recorder is not None else "off", config.data_dir)
     thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.5}, name="proxy_llm-accept")
     thread.start()
-    while not stop.wait(3600):
-        pass
+    while not stop.is_set():
+        time.sleep(0.1)  # the handler cannot wake an Event (see on_signal)
     log.info("shutting down: %d exchanges in flight", len(server.inflight))
     server.draining.set()
     server.shutdown()
