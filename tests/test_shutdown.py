@@ -62,6 +62,7 @@ class ShutdownTest(unittest.TestCase):
         # The fake's listen backlog is 5: 100 connects at once would lose SYNs and wait for
         # retransmits (seconds). listen() again raises the backlog of the bound socket.
         self.upstream.server.socket.listen(STREAMS * 2)
+        self.upstream.server.handle_error = lambda request, address: None  # cut connections are the point
         self.upstream.start()
         self.addCleanup(self.upstream.stop)
 
