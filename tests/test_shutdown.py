@@ -147,5 +147,17 @@ class ShutdownTest(unittest.TestCase):
         self.assertEqual({r["ended"] for r in recs}, {"shutdown"})
 
 
+    def test_regression_signals_back_to_back_never_hang_shutdown(self):
+        # The handler used to call Event.set(); a signal arriving while the handler ran re-entered
+        # it and deadlocked on the Event's lock (about 1 run in 6 on Python 3.8).
+        for _ in range(8):
+            proc = self.start(shutdown_timeout=600)
+            proc.send_signal(signal.SIGTERM)
+            proc.wait_for_line(r"shutting down")
+            for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGINT, signal.SIGTERM):
+                proc.proc.send_signal(sig)
+            self.assertEqual(proc.proc.wait(DEADLINE), 0)
+            proc.cleanup()
+
 if __name__ == "__main__":
     unittest.main()
