@@ -364,6 +364,8 @@ class ProxyHandler(BaseHTTPRequestHandler):
         pool = self.server.pools[ex.provider.name]
         ex.status = resp.status
         ex.resp_headers = resp.getheaders()
+        ctype = resp.getheader("Content-Type")
+        ex.sse = ctype is not None and ctype.split(";", 1)[0].strip().lower() == "text/event-stream"
         no_body = self.command == "HEAD" or resp.status in (204, 304) or 100 <= resp.status < 200
         known_length = resp.length is not None and not resp.chunked
         http10 = self.request_version == "HTTP/1.0"
@@ -493,7 +495,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
         provider = ex.provider.name if ex.provider is not None else "none"
         m.requests.inc(provider, ex.endpoint_label, _status_class(ex.status), ex.model_label)
         m.duration.observe(ex.duration / 1000.0, provider, ex.endpoint_label)
-        if ex.stream and ex.ttft is not None:
+        if (ex.stream or ex.sse) and ex.ttft is not None:
             m.ttft.observe(ex.ttft / 1000.0, provider, ex.endpoint_label)
         if server.recorder is not None:
             server.recorder.submit(ex)

@@ -27,6 +27,7 @@ import zlib
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
 from . import dialects, wire
+from .sniff import sniff_stream
 from .storage import RECORDS, STREAMS
 
 log = logging.getLogger("proxy_llm.record")
@@ -129,7 +130,7 @@ class Exchange:
         "id", "wall_start", "t0", "method", "path", "query", "req_headers", "request", "provider",
         "provider_type", "family", "model", "model_label", "stream", "status", "resp_headers", "response",
         "ended", "error", "ttft", "duration", "endpoint_label", "upstream_conn", "cancelled",
-        "client_sock", "client_gone", "timed_out",
+        "client_sock", "client_gone", "timed_out", "sse",
     )
 
     def __init__(self, method: str, path: str, query: str, req_headers: List[Tuple[str, str]], capture_limit: int):
@@ -147,7 +148,8 @@ class Exchange:
         self.family = "openai"
         self.model: Optional[str] = None
         self.model_label = "other"
-        self.stream = False
+        self.stream: Optional[bool] = False  # None: not settled on the request thread
+        self.sse = False              # the response is text/event-stream
         self.status: Optional[int] = None
         self.resp_headers: List[Tuple[str, str]] = []
         self.ended = "completed"
@@ -322,6 +324,11 @@ class Encoder:
         sid = session_file_id(session_id)
 
         content_type = resp_h.get("content-type", "")
+        if ex.stream is None:  # a large body: routing did not look for "stream"
+            if isinstance(req_value, dict):
+                ex.stream = req_value.get("stream") is True
+            else:
+                ex.stream = is_event_stream(content_type) or sniff_stream(req_body)
         resp_chunks, decode_error = _decompress(ex.response.parts, resp_h.get("content-encoding", ""))
         dialect = dialects.select(ex.provider_type or ex.family, ex.method, ex.path)
         events: List[Tuple[float, Any]] = []

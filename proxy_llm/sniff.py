@@ -66,8 +66,14 @@ def _find(body: bytes, key: bytes, pattern: "re.Pattern[bytes]") -> Optional["re
     return None
 
 
-def sniff(body: bytes) -> Tuple[Optional[str], bool]:
-    """Return (model, stream) of a JSON object body: model None when absent or not a string."""
+def sniff(body: bytes) -> Tuple[Optional[str], Optional[bool]]:
+    """Return (model, stream) of a JSON object body.
+
+    ``model`` is None when absent or not a string. ``stream`` is exact for a small body, and
+    None (not looked for) for a larger one: proving a key absent costs a scan of the whole
+    body, and the request's own thread does not need it (the response says whether it is a
+    stream); the recorder settles it later with :func:`sniff_stream` if it must.
+    """
     if not body or body.lstrip()[:1] != b"{":
         return None, False
     if len(body) <= SMALL:
@@ -79,7 +85,6 @@ def sniff(body: bytes) -> Tuple[Optional[str], bool]:
             model = obj.get("model")
             return (model if isinstance(model, str) else None), obj.get("stream") is True
     m = _find(body, b'"model"', _MODEL_VALUE)
-    s = _find(body, b'"stream"', _STREAM_VALUE)
     model = None
     if m is not None:
         raw = m.group(1)
@@ -87,4 +92,12 @@ def sniff(body: bytes) -> Tuple[Optional[str], bool]:
             model = json.loads(raw) if b"\\" in raw else raw[1:-1].decode("utf-8")
         except ValueError:
             model = None
-    return model, s is not None and s.group(1) == b"true"
+    return model, None
+
+
+def sniff_stream(body: bytes) -> bool:
+    """Whether a JSON object body has a top-level ``"stream": true`` (see ``_find``)."""
+    if not body or body.lstrip()[:1] != b"{":
+        return False
+    s = _find(body, b'"stream"', _STREAM_VALUE)
+    return s is not None and s.group(1) == b"true"

@@ -152,7 +152,11 @@ class FakeUpstream:
 
             do_GET = do_POST = do_DELETE = do_PUT = do_HEAD = handle_any
 
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        class Server(http.server.ThreadingHTTPServer):
+            request_queue_size = 1024  # the default backlog of 5 drops bursts of connects
+            daemon_threads = True
+
+        self.server = Server(("127.0.0.1", 0), Handler)
         self.server.daemon_threads = True
         self.port = self.server.server_address[1]
         self.url = "http://127.0.0.1:%d" % self.port

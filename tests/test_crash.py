@@ -109,7 +109,6 @@ class CrashTest(unittest.TestCase):
         self.addCleanup(shutil.rmtree, self.tmp, True)
         self.data_dir = os.path.join(self.tmp, "data")
         self.upstream = FakeUpstream(upstream_reply)
-        self.upstream.server.socket.listen(64)
         self.upstream.server.handle_error = lambda request, address: None  # resets are expected here
         self.upstream.start()
         self.addCleanup(self.upstream.stop)

@@ -99,6 +99,18 @@ class EncoderTest(unittest.TestCase):
         [rec], _ = encode(exchange(body=cases[-1][0]))
         self.assertEqual(rec["session_id"], "u-9")
 
+    def test_stream_flag_of_a_large_body_is_settled_by_the_recorder(self):
+        pad = b"y" * 9000
+        for body, ctype, expected in (
+                (b'{"model":"m","p":"%s","stream":true}' % pad, "application/json", True),   # server ignored it
+                (b'{"model":"m","p":"%s"}' % pad, "application/json", False),
+                (b'{"model":"m","p":"%s","stream":true}' % pad, "text/event-stream", True)):
+            with self.subTest(expected=expected, ctype=ctype):
+                ex = exchange(body=body, ctype=ctype, resp=b'data: {"choices":[]}\n\n' if "event" in ctype else b"{}")
+                ex.stream = None
+                recs, _ = encode(ex)
+                self.assertIs(recs[0]["stream"], expected)
+
     def test_lone_surrogates_and_non_json_bodies_still_give_valid_lines(self):
         ex = exchange(body=b'{"model":"m","x":"\\ud800"}', resp=b"\xff\xfe not json")
         [rec], lines = encode(ex)

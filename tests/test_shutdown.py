@@ -59,9 +59,6 @@ class ShutdownTest(unittest.TestCase):
         self.upstream = FakeUpstream(lambda req: Reply(
             200, [("Content-Type", "text/event-stream")],
             [event("start "), self.release, event("end"), event("", "stop"), b"data: [DONE]\n\n"]))
-        # The fake's listen backlog is 5: 100 connects at once would lose SYNs and wait for
-        # retransmits (seconds). listen() again raises the backlog of the bound socket.
-        self.upstream.server.socket.listen(STREAMS * 2)
         self.upstream.server.handle_error = lambda request, address: None  # cut connections are the point
         self.upstream.start()
         self.addCleanup(self.upstream.stop)

@@ -12,7 +12,7 @@ from unittest import mock
 from proxy_llm import wire
 from proxy_llm.handler import endpoint_label, narrow_accept_encoding
 from proxy_llm import sniff as sniff_module
-from proxy_llm.sniff import sniff
+from proxy_llm.sniff import sniff, sniff_stream
 from proxy_llm.record import new_id, parse_body, session_file_id
 
 KEY = b"k" * 32
@@ -117,7 +117,8 @@ class SniffTest(unittest.TestCase):
             body = json.dumps(obj).encode()
             with self.subTest(model=obj.get("model")):
                 self.assertGreater(len(body), 64 * 1024)
-                self.assertEqual(sniff(body), (obj.get("model"), obj.get("stream") is True))
+                self.assertEqual(sniff(body), (obj.get("model"), None))  # stream: left to the recorder
+                self.assertEqual(sniff_stream(body), obj.get("stream") is True)
 
     def test_matches_a_full_parse_on_random_bodies(self):
         rnd = random.Random(7)
@@ -135,7 +136,8 @@ class SniffTest(unittest.TestCase):
             with self.subTest(body=body):
                 self.assertEqual(sniff(body), (obj.get("model"), obj.get("stream") is True))
                 with mock.patch.object(sniff_module, "SMALL", 0):  # the scanner, not json.loads
-                    self.assertEqual(sniff(body), (obj.get("model"), obj.get("stream") is True))
+                    self.assertEqual(sniff(body), (obj.get("model"), None))
+                    self.assertEqual(sniff_stream(body), obj.get("stream") is True)
 
 
 class LabelTest(unittest.TestCase):
