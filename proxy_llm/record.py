@@ -198,6 +198,7 @@ def parse_body(raw: bytes) -> Tuple[Any, Optional[bytes]]:
     return value, raw.strip()
 
 
+_NON_STANDARD = re.compile(rb"NaN|Infinity")
 TRUST_MIN = 8 * 1024  # below this, parsing a body costs less than deciding not to
 
 
@@ -211,12 +212,13 @@ def accepted_json(raw: bytes) -> Optional[bytes]:
     the body is parsed as usual.
     """
     body = raw.strip()
-    if body[:1] != b"{" or body[-1:] != b"}" or b"NaN" in body or b"Infinity" in body:
+    if body[:1] != b"{" or body[-1:] != b"}" or _NON_STANDARD.search(body) is not None:
         return None
-    try:
-        body.decode("utf-8")
-    except UnicodeDecodeError:
-        return None
+    if not body.isascii():
+        try:
+            body.decode("utf-8")
+        except UnicodeDecodeError:
+            return None
     if b"\n" in body or b"\r" in body:
         body = body.replace(b"\r", b" ").replace(b"\n", b" ")
     return body
@@ -419,17 +421,18 @@ class Encoder:
         if self.on_result is not None:
             self.on_result(ex, rec)
 
-        head = _dumps(rec)
+        # Scrub every credential the request carried from every part, and the provider keys
+        # (which the client never saw, so only an upstream can echo them) from all but the
+        # request body: on a 100 KB body each scan is a noticeable cost.
+        client_secrets = [s for s in secrets + wire.query_secrets(ex.query) if len(s) >= 8]
+        secrets = client_secrets + self.provider_keys
         line = b"".join((
-            head[:-1],
-            b',"request_body":', req_raw if req_raw is not None else _dumps(req_value),
-            b',"response_body":', resp_raw if resp_raw is not None else _dumps(resp_value),
+            wire.scrub_bytes(_dumps(rec)[:-1], secrets, key),
+            b',"request_body":', wire.scrub_bytes(req_raw if req_raw is not None else _dumps(req_value), client_secrets, key),
+            b',"response_body":', wire.scrub_bytes(resp_raw if resp_raw is not None else _dumps(resp_value), secrets, key),
             b"}\n",
         ))
-        secrets.extend(wire.query_secrets(ex.query))
-        secrets.extend(self.provider_keys)
-        secrets = [s for s in secrets if len(s) >= 8]
-        out = [(RECORDS, sid, wire.scrub_bytes(line, secrets, key))]
+        out = [(RECORDS, sid, line)]
         if streamed:
             stream_line = _dumps({
                 "id": ex.id,
