@@ -329,8 +329,12 @@ class Encoder:
         if ex.stream is None:  # a large body: routing did not look for "stream"
             if isinstance(req_value, dict):
                 ex.stream = req_value.get("stream") is True
+            elif is_event_stream(content_type):
+                ex.stream = True
             else:
-                ex.stream = is_event_stream(content_type) or sniff_stream(req_body)
+                # A 2xx answer that is not a stream almost always means none was asked for:
+                # look near the ends only (where the SDKs put the key), not through the body.
+                ex.stream = sniff_stream(req_body, whole=not (ex.status is not None and 200 <= ex.status < 300))
         resp_chunks, decode_error = _decompress(ex.response.parts, resp_h.get("content-encoding", ""))
         dialect = dialects.select(ex.provider_type or ex.family, ex.method, ex.path)
         events: List[Tuple[float, Any]] = []

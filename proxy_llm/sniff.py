@@ -95,9 +95,20 @@ def sniff(body: bytes) -> Tuple[Optional[str], Optional[bool]]:
     return model, None
 
 
-def sniff_stream(body: bytes) -> bool:
-    """Whether a JSON object body has a top-level ``"stream": true`` (see ``_find``)."""
+def sniff_stream(body: bytes, whole: bool = True) -> bool:
+    """Whether a JSON object body has a top-level ``"stream": true`` (see ``_find``).
+
+    With ``whole`` false only the first and last ``CHEAP_SIDE`` bytes are searched.
+    """
     if not body or body.lstrip()[:1] != b"{":
+        return False
+    if not whole and len(body) > 2 * CHEAP_SIDE:
+        head = body.find(b'"stream"', 0, CHEAP_SIDE)
+        tail = body.rfind(b'"stream"', len(body) - CHEAP_SIDE)
+        for pos in (p for p in (tail, head) if p >= 0):
+            m = _STREAM_VALUE.match(body, pos)
+            if m is not None and _at_top_level(body, pos, m.end()):
+                return m.group(1) == b"true"
         return False
     s = _find(body, b'"stream"', _STREAM_VALUE)
     return s is not None and s.group(1) == b"true"

@@ -101,12 +101,16 @@ class EncoderTest(unittest.TestCase):
 
     def test_stream_flag_of_a_large_body_is_settled_by_the_recorder(self):
         pad = b"y" * 9000
-        for body, ctype, expected in (
-                (b'{"model":"m","p":"%s","stream":true}' % pad, "application/json", True),   # server ignored it
-                (b'{"model":"m","p":"%s"}' % pad, "application/json", False),
-                (b'{"model":"m","p":"%s","stream":true}' % pad, "text/event-stream", True)):
-            with self.subTest(expected=expected, ctype=ctype):
-                ex = exchange(body=body, ctype=ctype, resp=b'data: {"choices":[]}\n\n' if "event" in ctype else b"{}")
+        big = b"z" * 40000
+        for body, ctype, status, expected in (
+                (b'{"model":"m","p":"%s","stream":true}' % pad, "application/json", 200, True),   # server ignored it
+                (b'{"model":"m","p":"%s"}' % pad, "application/json", 200, False),
+                (b'{"model":"m","p":"%s","stream":true}' % pad, "text/event-stream", 200, True),
+                (b'{"model":"m","a":"%s","stream":true,"b":"%s"}' % (big, big), "application/json", 400, True),
+                (b'{"model":"m","a":"%s","stream":false,"b":"%s"}' % (big, big), "application/json", 400, False)):
+            with self.subTest(expected=expected, ctype=ctype, status=status):
+                ex = exchange(body=body, ctype=ctype, status=status,
+                              resp=b'data: {"choices":[]}\n\n' if "event" in ctype else b"{}")
                 ex.stream = None
                 recs, _ = encode(ex)
                 self.assertIs(recs[0]["stream"], expected)
