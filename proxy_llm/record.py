@@ -211,8 +211,10 @@ def accepted_json(raw: bytes) -> Optional[bytes]:
     the body is parsed as usual.
     """
     body = raw.strip()
-    # Two substring scans (memchr-fast); a regex alternation is twenty times slower here.
-    if body[:1] != b"{" or body[-1:] != b"}" or b"NaN" in body or b"Infinity" in body:
+    # A one-byte search is memchr-fast, a word search is not (~1 GB/s): look for the word only
+    # where its capital letter occurs at all. (A regex alternation is ten times slower still.)
+    if body[:1] != b"{" or body[-1:] != b"}" or (b"N" in body and b"NaN" in body) or (
+            b"I" in body and b"Infinity" in body):
         return None
     if not body.isascii():
         try:
