@@ -292,13 +292,18 @@ class Encoder:
         self.provider_keys = [k for k in provider_keys if len(k) >= 8]
         self.on_result = on_result  # callback(exchange, record dict) for token metrics
 
-    def session(self, ex: Exchange, headers: Dict[str, str], request_value: Any) -> Tuple[str, str]:
-        """(session id, source) by the documented order; ``headers`` lower-cased."""
+    def header_session(self, headers: Dict[str, str]) -> Optional[Tuple[str, str]]:
+        """(session id, source) from the request headers (``headers`` lower-cased), or None."""
         for name, source in ((self.session_header, "header"), ("x-claude-code-session-id", "claude_code"),
                              ("session_id", "codex"), ("session-id", "codex")):
             value = headers.get(name)
             if value:
                 return value, source
+        return None
+
+    @staticmethod
+    def body_session(ex: Exchange, request_value: Any) -> Tuple[str, str]:
+        """(session id, source) when no header named one: metadata.user_id, the model, default."""
         if isinstance(request_value, dict):
             metadata = request_value.get("metadata")
             if isinstance(metadata, dict) and isinstance(metadata.get("user_id"), str) and metadata["user_id"]:
@@ -315,8 +320,9 @@ class Encoder:
         req_chunks, _ = _decompress(ex.request.parts, req_h.get("content-encoding", ""))
         req_body = b"".join(c for _, c in req_chunks)
         req_value, req_raw = None, None
+        session = self.header_session(req_h)
         if (len(req_body) >= TRUST_MIN and ex.status is not None and 200 <= ex.status < 300
-                and not ex.request.truncated and b'"user_id"' not in req_body):
+                and not ex.request.truncated and (session is not None or b'"user_id"' not in req_body)):
             req_raw = accepted_json(req_body)  # the model comes from the routing scan then
         if req_raw is None:
             req_value, req_raw = parse_body(req_body)
@@ -324,7 +330,7 @@ class Encoder:
             model = req_value.get("model")
             if isinstance(model, str):
                 ex.model = model  # the exact top-level value (routing used a quick scan)
-        session_id, session_source = self.session(ex, req_h, req_value)
+        session_id, session_source = session or self.body_session(ex, req_value)
         sid = session_file_id(session_id)
 
         content_type = resp_h.get("content-type", "")
