@@ -42,6 +42,9 @@ GEMINI_METHODS = frozenset(("generateContent", "streamGenerateContent", "countTo
 # Content-Length itself, has already answered Expect, and narrows Accept-Encoding.
 DROP_REQUEST = frozenset(("host", "content-length", "expect", "accept-encoding", "x-proxy-key"))
 DROP_RESPONSE = frozenset(("content-length",))
+_DROP = wire.HOP_BY_HOP | DROP_REQUEST
+_DROP_WITH_CREDENTIALS = _DROP | wire.CREDENTIAL_HEADERS
+_DROP_WITH_AUTHORIZATION = _DROP | {"authorization"}
 DECODABLE = frozenset(("gzip", "x-gzip", "deflate", "identity"))
 SMALL_BODY = 256 * 1024
 
@@ -298,11 +301,12 @@ class ProxyHandler(BaseHTTPRequestHandler):
 
     def upstream_headers(self, ex: Exchange, headers: List[Tuple[str, str]], body: bytes) -> List[Tuple[str, str]]:
         provider = ex.provider
-        drop = DROP_REQUEST
         if provider.api_key:
-            drop = drop | wire.CREDENTIAL_HEADERS
+            drop = _DROP_WITH_CREDENTIALS
         elif self.proxy_key_in_auth:
-            drop = drop | {"authorization"}
+            drop = _DROP_WITH_AUTHORIZATION
+        else:
+            drop = _DROP
         out = wire.end_to_end(headers, drop)
         pool = self.server.pools[provider.name]
         out.insert(0, ("Host", pool.host_header))
@@ -493,10 +497,8 @@ class ProxyHandler(BaseHTTPRequestHandler):
         server = self.server
         m = server.metrics
         provider = ex.provider.name if ex.provider is not None else "none"
-        m.requests.inc(provider, ex.endpoint_label, _status_class(ex.status), ex.model_label)
-        m.duration.observe(ex.duration / 1000.0, provider, ex.endpoint_label)
-        if (ex.stream or ex.sse) and ex.ttft is not None:
-            m.ttft.observe(ex.ttft / 1000.0, provider, ex.endpoint_label)
+        ttft = ex.ttft / 1000.0 if (ex.stream or ex.sse) and ex.ttft is not None else None
+        m.exchange(provider, ex.endpoint_label, _status_class(ex.status), ex.model_label, ex.duration / 1000.0, ttft)
         if server.recorder is not None:
             server.recorder.submit(ex)
         else:

@@ -58,6 +58,10 @@ class Counter(_Metric):
         with self._lock:
             self._values[labels] = self._values.get(labels, 0) + amount
 
+    def inc_locked(self, labels: LabelValues, amount: float = 1) -> None:
+        """``inc`` for a caller already holding the registry's lock."""
+        self._values[labels] = self._values.get(labels, 0) + amount
+
     def value(self, *labels: str) -> float:
         with self._lock:
             return self._values.get(labels, 0)
@@ -101,13 +105,16 @@ class Histogram(_Metric):
         self._values: Dict[LabelValues, List[float]] = {}  # counts per bucket + [+Inf count, sum]
 
     def observe(self, value: float, *labels: str) -> None:
-        index = bisect.bisect_left(self.buckets, value)
         with self._lock:
-            row = self._values.get(labels)
-            if row is None:
-                row = self._values[labels] = [0] * (len(self.buckets) + 2)
-            row[index] += 1
-            row[-1] += value
+            self.observe_locked(value, labels)
+
+    def observe_locked(self, value: float, labels: LabelValues) -> None:
+        """``observe`` for a caller already holding the registry's lock."""
+        row = self._values.get(labels)
+        if row is None:
+            row = self._values[labels] = [0] * (len(self.buckets) + 2)
+        row[bisect.bisect_left(self.buckets, value)] += 1
+        row[-1] += value
 
     def count(self, *labels: str) -> int:
         with self._lock:
@@ -180,6 +187,15 @@ class ProxyMetrics:
         r.reading("proxy_llm_record_queue_depth", "Records waiting for the writer thread.", queue_depth)
         self.upstream_errors = r.counter("proxy_llm_upstream_errors_total", "Upstream failures by kind.",
                                          ("provider", "kind"))
+
+    def exchange(self, provider: str, endpoint: str, status_class: str, model: str, duration: float,
+                 ttft: Optional[float]) -> None:
+        """Count one finished exchange (one lock acquisition for all its metrics)."""
+        with self.registry.lock:
+            self.requests.inc_locked((provider, endpoint, status_class, model))
+            self.duration.observe_locked(duration, (provider, endpoint))
+            if ttft is not None:
+                self.ttft.observe_locked(ttft, (provider, endpoint))
 
     def render(self) -> bytes:
         return self.registry.render()

@@ -55,10 +55,22 @@ def connection_tokens(headers: Iterable[Tuple[str, str]]) -> frozenset:
 def end_to_end(headers: Sequence[Tuple[str, str]], drop: Iterable[str] = ()) -> List[Tuple[str, str]]:
     """Return the headers a proxy forwards: hop-by-hop ones and ``drop`` (lower-case) removed.
 
-    Duplicates and order are kept.
+    Duplicates and order are kept. One pass; a second only when ``Connection`` names headers.
     """
-    skip = HOP_BY_HOP | connection_tokens(headers) | frozenset(drop)
-    return [(n, v) for n, v in headers if n.lower() not in skip]
+    skip = drop if isinstance(drop, frozenset) and HOP_BY_HOP <= drop else HOP_BY_HOP.union(drop)
+    out = []
+    named = None
+    for name, value in headers:
+        lname = name.lower()
+        if lname not in skip:
+            out.append((name, value))
+        elif lname == "connection":
+            tokens = {t.strip().lower() for t in value.split(",")} - {"", "close", "keep-alive"}
+            if tokens:
+                named = tokens if named is None else named | tokens
+    if named:
+        out = [(n, v) for n, v in out if n.lower() not in named]
+    return out
 
 
 def read_body(rfile: BinaryIO, headers, limit: int) -> bytes:
