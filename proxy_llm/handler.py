@@ -19,6 +19,7 @@ import logging
 import re
 import socket
 import time
+import urllib.parse
 from http.server import BaseHTTPRequestHandler
 from typing import List, Optional, Tuple
 
@@ -195,7 +196,13 @@ class ProxyHandler(BaseHTTPRequestHandler):
     def proxy(self) -> None:
         server = self.server
         config = server.config
-        path, query = wire.split_target(self.path)
+        target = self.path
+        if target[:7].lower() == "http://" or target[:8].lower() == "https://":
+            # RFC 9112 3.2.2: a server accepts the absolute form too. Its authority is ignored:
+            # only configured upstreams are ever contacted.
+            parts = urllib.parse.urlsplit(target)
+            target = (parts.path or "/") + ("?" + parts.query if parts.query else "")
+        path, query = wire.split_target(target)
         if not (path.startswith("/v1/") or path.startswith("/v1beta/") or path in ("/v1", "/v1beta")):
             self.close_connection = True  # the request body, if any, was not read
             body, ctype = errors.render(errors.family_of(path), 404, "unknown path %s: proxy_llm forwards /v1/ and /v1beta/" % path[:200])

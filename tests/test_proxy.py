@@ -259,6 +259,19 @@ class RoutingTest(ProxyTestCase):
         request(proxy.url, path="/v1/messages", body={"model": "claude-sonnet-4-5"})
         self.assertEqual(self.upstream.next_request().path, "/v1/messages")
 
+    def test_absolute_form_targets_go_to_the_configured_upstream(self):
+        proxy = self.start_proxy()
+        sock = socket.create_connection(("127.0.0.1", proxy.port), timeout=DEADLINE)
+        sock.sendall(b"POST http://elsewhere.example:9/v1/chat/completions?x=1 HTTP/1.1\r\nHost: elsewhere.example\r\n"
+                     b"Connection: close\r\nContent-Length: %d\r\n\r\n%s" % (len(CHAT_BODY), CHAT_BODY))
+        data = sock.makefile("rb").read()
+        sock.close()
+        self.assertTrue(data.startswith(b"HTTP/1.1 200"), data[:100])
+        seen = self.upstream.next_request()
+        self.assertEqual((seen.path, seen.query, seen.header("Host")), ("/v1/chat/completions", "x=1", "127.0.0.1:%d" % self.upstream.port))
+        [rec] = proxy.records()
+        self.assertEqual((rec["endpoint"], rec["query"]), ("/v1/chat/completions", "x=1"))
+
     def test_no_provider_for_family_is_404_in_that_shape(self):
         proxy = self.start_proxy([provider("openai", "openai", self.upstream.url, "", ["gpt-*"])])
         status, _, body = request(proxy.url, path="/v1beta/models/gemini-2.0-flash:generateContent", body={"contents": []})
