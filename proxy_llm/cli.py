@@ -128,11 +128,13 @@ def fingerprint_key(data_dir: str) -> bytes:
 
 def build_server(config: Config, worker: int = 0, reuse_port: bool = False):
     """Create the recorder and the server (listening, not yet serving)."""
+    from . import headers
     from .handler import ProxyHandler
     from .record import Encoder
     from .server import ProxyServer
     from .storage import Recorder
 
+    headers.install()  # the same header blocks, parsed faster (see proxy_llm/headers.py)
     recorder = None
     server_box = []
     if config.record:
