@@ -27,6 +27,7 @@ from . import errors, wire
 from .errors import ProxyError
 from .record import Exchange
 from .sniff import sniff
+from .upstream import connect
 
 log = logging.getLogger("proxy_llm.handler")
 
@@ -341,7 +342,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
             ex.upstream_conn = conn
             try:
                 if conn.sock is None:
-                    conn.connect()
+                    connect(conn)
                 conn.sock.settimeout(config.response_header_timeout)
                 conn.putrequest(self.command, target, skip_host=True, skip_accept_encoding=True)
                 for name, value in out_headers:

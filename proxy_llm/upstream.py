@@ -98,6 +98,16 @@ class UpstreamPool:
             self.discard(conn)
 
 
+def connect(conn: http.client.HTTPConnection) -> None:
+    """Connect, with Nagle's algorithm off: http.client sends the headers and a body over
+    2,000 bytes in two writes, and the second would wait for the ACK of the first."""
+    conn.connect()
+    try:
+        conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    except OSError:
+        pass
+
+
 def _readable(sock: socket.socket) -> bool:
     """True if an idle socket has something to read (EOF, a reset or stray bytes).
 

@@ -149,6 +149,8 @@ class ForwardingTest(ProxyTestCase):
         conn.close()
         self.assertEqual(self.upstream.connections, 1)
         self.assertEqual(len(proxy.records()), 3)
+        [(pooled, _)] = list(proxy.server.pools["openai"]._idle)
+        self.assertTrue(pooled.sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))  # no Nagle upstream either
 
     def test_chunked_request_body_is_read_and_forwarded_with_length(self):
         proxy = self.start_proxy()
