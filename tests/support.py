@@ -20,6 +20,7 @@ import sys
 import tempfile
 import threading
 import time
+import unittest
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -225,6 +226,8 @@ class InProcessProxy:
             assert self.server.recorder.flush(DEADLINE), "recorder did not flush in time"
 
     def stop(self) -> None:
+        if self.server.draining.is_set():
+            return  # stopped already
         self.server.draining.set()
         self.server.shutdown()
         self.thread.join(DEADLINE)
@@ -379,3 +382,41 @@ def wait_until(predicate: Callable[[], bool], timeout: float = DEADLINE, what: s
 
 def signal_name(sig: int) -> str:
     return signal.Signals(sig).name
+
+
+def chunk_event(text: str, finish=None) -> bytes:
+    """One OpenAI chat completion chunk as an SSE event."""
+    obj = {"id": "chatcmpl-2", "object": "chat.completion.chunk", "created": 1700000000, "model": "gpt-4o",
+           "choices": [{"index": 0, "delta": {"content": text} if text else {}, "finish_reason": finish}]}
+    return b"data: " + json.dumps(obj, separators=(",", ":")).encode() + b"\n\n"
+
+
+class ProxyTestCase(unittest.TestCase):
+    """A fake provider answering ``self.replies`` in order (then ``default_reply()``), a temp
+    data dir, and ``start_proxy()`` for an in-process proxy in front of it."""
+
+    def setUp(self):
+        self.tmp = tempfile.mkdtemp(prefix="proxy_llm_test_")
+        self.addCleanup(shutil.rmtree, self.tmp, True)
+        self.data_dir = os.path.join(self.tmp, "data")
+        self.replies: List[Reply] = []
+        self.upstream = FakeUpstream(self.reply).start()
+        self.addCleanup(self.upstream.stop)
+        self.upstream.server.handle_error = lambda request, address: None  # cut connections are often the point
+
+    def default_reply(self) -> Reply:
+        return json_reply({"id": "x", "choices": [{"index": 0, "message": {"content": "ok"}}]})
+
+    def reply(self, req: Request) -> Reply:
+        if self.replies:
+            return self.replies.pop(0)
+        return self.default_reply()
+
+    def start_proxy(self, providers=None, data_dir=None, **extra) -> InProcessProxy:
+        url = self.upstream.url
+        providers = providers or [provider("openai", "openai", url, "", ["gpt-*"]),
+                                  provider("anthropic", "anthropic", url, "", ["claude-*"]),
+                                  provider("gemini", "gemini", url, "", ["gemini-*"])]
+        self.proxy = InProcessProxy(base_config(providers, data_dir or self.data_dir, **extra)).__enter__()
+        self.addCleanup(self.proxy.stop)
+        return self.proxy

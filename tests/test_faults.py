@@ -21,7 +21,8 @@ import time
 import unittest
 
 from proxy_llm import storage
-from tests.support import (DEADLINE, FakeUpstream, InProcessProxy, Reply, base_config, header, json_reply, provider,
+from tests import support
+from tests.support import (chunk_event, DEADLINE, FakeUpstream, InProcessProxy, Reply, base_config, header, json_reply, provider,
                            request, sse_reply, wait_until)
 
 CHAT_BODY = b'{"model":"gpt-4o","stream":true,"messages":[{"role":"user","content":"Hi"}]}'
@@ -29,12 +30,6 @@ PLAIN_BODY = b'{"model":"gpt-4o","messages":[{"role":"user","content":"Hi"}]}'
 CHAT_REPLY = (b'{"id":"chatcmpl-1","object":"chat.completion","model":"gpt-4o","choices":[{"index":0,'
               b'"message":{"role":"assistant","content":"Hello!"},"finish_reason":"stop"}],'
               b'"usage":{"prompt_tokens":9,"completion_tokens":3,"total_tokens":12}}')
-
-
-def chunk_event(text: str, finish=None) -> bytes:
-    obj = {"id": "chatcmpl-2", "object": "chat.completion.chunk", "created": 1700000000, "model": "gpt-4o",
-           "choices": [{"index": 0, "delta": {"content": text} if text else {}, "finish_reason": finish}]}
-    return b"data: " + json.dumps(obj, separators=(",", ":")).encode() + b"\n\n"
 
 
 class Endless(list):
@@ -84,29 +79,9 @@ def read_to_eof(sock: socket.socket) -> bytes:
     return b"".join(parts)
 
 
-class FaultTestCase(unittest.TestCase):
-    def setUp(self):
-        self.tmp = tempfile.mkdtemp(prefix="proxy_llm_faults_")
-        self.addCleanup(shutil.rmtree, self.tmp, True)
-        self.data_dir = os.path.join(self.tmp, "data")
-        self.replies = []
-        self.upstream = FakeUpstream(self.reply).start()
-        self.addCleanup(self.upstream.stop)
-        self.upstream.server.handle_error = lambda request, address: None  # cut connections are the point
-
-    def reply(self, req):
-        if self.replies:
-            return self.replies.pop(0)
+class FaultTestCase(support.ProxyTestCase):
+    def default_reply(self):
         return Reply(200, [("Content-Type", "application/json")], CHAT_REPLY)
-
-    def start_proxy(self, providers=None, data_dir=None, **extra) -> InProcessProxy:
-        url = self.upstream.url
-        providers = providers or [provider("openai", "openai", url, "", ["gpt-*"]),
-                                  provider("anthropic", "anthropic", url, "", ["claude-*"]),
-                                  provider("gemini", "gemini", url, "", ["gemini-*"])]
-        self.proxy = InProcessProxy(base_config(providers, data_dir or self.data_dir, **extra)).__enter__()
-        self.addCleanup(self.proxy.stop)
-        return self.proxy
 
 
 class ClientAbortTest(FaultTestCase):

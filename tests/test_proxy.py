@@ -12,7 +12,8 @@ import tempfile
 import threading
 import unittest
 
-from tests.support import (DEADLINE, FakeUpstream, InProcessProxy, Reply, base_config, header, json_reply, provider,
+from tests import support
+from tests.support import (chunk_event, DEADLINE, FakeUpstream, InProcessProxy, Reply, base_config, header, json_reply, provider,
                            read_records, request, sse_reply)
 
 CHAT_BODY = b'{"model":"gpt-4o","messages":[{"role":"user","content":"Hi \\u00e9 1e400"}],  "n": 12345678901234567890}'
@@ -21,34 +22,9 @@ CHAT_REPLY = (b'{"id":"chatcmpl-1","object":"chat.completion","created":17000000
               b'"usage":{"prompt_tokens":9,"completion_tokens":3,"total_tokens":12}}')
 
 
-def chunk_event(text: str, finish=None) -> bytes:
-    obj = {"id": "chatcmpl-2", "object": "chat.completion.chunk", "created": 1700000000, "model": "gpt-4o",
-           "choices": [{"index": 0, "delta": {"content": text} if text else {}, "finish_reason": finish}]}
-    return b"data: " + json.dumps(obj, separators=(",", ":")).encode() + b"\n\n"
-
-
-class ProxyTestCase(unittest.TestCase):
-    providers_extra: dict = {}
-
-    def setUp(self):
-        self.tmp = tempfile.mkdtemp(prefix="proxy_llm_test_")
-        self.data_dir = os.path.join(self.tmp, "data")
-        self.upstream = FakeUpstream(self.reply).start()
-        self.addCleanup(self.upstream.stop)
-        self.replies = []
-
-    def reply(self, req):
-        if self.replies:
-            return self.replies.pop(0)
+class ProxyTestCase(support.ProxyTestCase):
+    def default_reply(self):
         return Reply(200, [("Content-Type", "application/json")], CHAT_REPLY)
-
-    def start_proxy(self, providers=None, **extra):
-        providers = providers or [provider("openai", "openai", self.upstream.url, "", ["gpt-*"]),
-                                  provider("anthropic", "anthropic", self.upstream.url, "", ["claude-*"]),
-                                  provider("gemini", "gemini", self.upstream.url, "", ["gemini-*"])]
-        self.proxy = InProcessProxy(base_config(providers, self.data_dir, **extra)).__enter__()
-        self.addCleanup(self.proxy.stop)
-        return self.proxy
 
 
 class ForwardingTest(ProxyTestCase):
@@ -399,10 +375,7 @@ class FilesTest(ProxyTestCase):
         proxy = self.start_proxy()
         request(proxy.url, body=CHAT_BODY)
         proxy.flush()
-        proxy.stop()
-        self.doCleanups()
-        self.upstream = FakeUpstream(self.reply).start()
-        self.addCleanup(self.upstream.stop)
+        proxy.stop()  # idempotent: its cleanup runs again harmlessly
         proxy = self.start_proxy()
         request(proxy.url, body=CHAT_BODY)
         proxy.flush()

@@ -25,6 +25,7 @@ import unittest
 from unittest import mock
 
 from proxy_llm import reader, record, storage
+from tests import support
 from tests.support import (DEADLINE, ROOT, FakeUpstream, InProcessProxy, ProxyProcess, Reply, all_files, base_config,
                            header, json_reply, provider, read_records, request)
 
@@ -55,27 +56,10 @@ def raw_exchange(port: int, data: bytes) -> bytes:
         sock.close()
 
 
-class SecurityTestCase(unittest.TestCase):
-    def setUp(self):
-        self.tmp = tempfile.mkdtemp(prefix="proxy_llm_sec_")
-        self.addCleanup(shutil.rmtree, self.tmp, True)
-        self.data_dir = os.path.join(self.tmp, "data")
-        self.replies = []
-        self.upstream = FakeUpstream(self.reply).start()
-        self.addCleanup(self.upstream.stop)
-        self.upstream.server.handle_error = lambda request, address: None  # cut connections are the point
-
-    def reply(self, req):
-        if self.replies:
-            return self.replies.pop(0)
-        return json_reply({"id": "x", "choices": [{"index": 0, "message": {"content": "ok"}}]})
-
+class SecurityTestCase(support.ProxyTestCase):
     def start_proxy(self, providers=None, **extra) -> InProcessProxy:
-        providers = providers or [provider("openai", "openai", self.upstream.url, "", ["gpt-*"]),
-                                  provider("anthropic", "anthropic", self.upstream.url, "", ["claude-*"])]
-        self.proxy = InProcessProxy(base_config(providers, self.data_dir, **extra)).__enter__()
-        self.addCleanup(self.proxy.stop)
-        return self.proxy
+        return super().start_proxy(providers or [provider("openai", "openai", self.upstream.url, "", ["gpt-*"]),
+                                                 provider("anthropic", "anthropic", self.upstream.url, "", ["claude-*"])], **extra)
 
 
 class ListenTest(SecurityTestCase):
