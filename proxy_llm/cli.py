@@ -220,14 +220,21 @@ def serve(config: Config, worker: int = 0, reuse_port: bool = False) -> int:
 
 
 def serve_workers(config: Config) -> int:
-    """Run ``workers`` processes on one port (SO_REUSEPORT, else a shared listening socket)."""
+    """Run ``workers`` processes on one port with SO_REUSEPORT (the kernel spreads connections).
+
+    The parent binds the port first (resolving port 0) and holds it without listening, so the
+    workers all bind the same port; it forwards SIGTERM/SIGINT to them and exits 0 when all did.
+    """
     host, port = parse_listen(config.listen)
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    holder = socket.socket(family, socket.SOCK_STREAM)
     reuse_port = hasattr(socket, "SO_REUSEPORT")
+    if not reuse_port or not hasattr(os, "fork"):
+        log.error("--workers %d needs fork() and SO_REUSEPORT, which this system lacks; use --workers 1",
+                  config.workers)
+        return 2
+    holder = socket.socket(family, socket.SOCK_STREAM)
     holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    if reuse_port:
-        holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     try:
         holder.bind((host, port))
     except OSError as exc:
