@@ -450,9 +450,11 @@ class ProxyHandler(BaseHTTPRequestHandler):
             if ex.cancelled or ex.client_gone or ex.timed_out:
                 self.upstream_failed(ex, "upstream_error", "")
                 return
-            if known_length and resp.length:
-                self.upstream_failed(ex, "upstream_error", "upstream closed the body early")
-                return
+            if known_length:
+                if resp.length:
+                    self.upstream_failed(ex, "upstream_error", "upstream closed the body early")
+                    return
+                resp.close()  # read to its length: read1 leaves it open, and only closed ones are pooled
             if frame:
                 try:
                     write(wire.LAST_CHUNK)

@@ -128,6 +128,20 @@ class ForwardingTest(ProxyTestCase):
         [(pooled, _)] = list(proxy.server.pools["openai"]._idle)
         self.assertTrue(pooled.sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))  # no Nagle upstream either
 
+    def test_large_sized_response_is_relayed_and_its_connection_reused(self):
+        big = b'{"object":"list","data":[' + b",".join([b'{"embedding":[0.1,0.2,0.3],"index":%d}' % i for i in range(9000)]) + b"]}"
+        self.assertGreater(len(big), 256 * 1024)  # past the one-write path: relayed with read1
+        self.replies += [Reply(200, [("Content-Type", "application/json")], big)] * 2
+        proxy = self.start_proxy()
+        conn = http.client.HTTPConnection("127.0.0.1", proxy.port, timeout=DEADLINE)
+        for _ in range(2):
+            conn.request("POST", "/v1/embeddings", body=b'{"model":"text-embedding-3-small","input":"x"}')
+            resp = conn.getresponse()
+            self.assertEqual((resp.getheader("Content-Length"), resp.read()), (str(len(big)), big))
+        conn.close()
+        self.assertEqual(self.upstream.connections, 1)
+        self.assertEqual([r["ended"] for r in proxy.records()], ["completed", "completed"])
+
     def test_chunked_request_body_is_read_and_forwarded_with_length(self):
         proxy = self.start_proxy()
         sock = socket.create_connection(("127.0.0.1", proxy.port), timeout=DEADLINE)
