@@ -25,7 +25,8 @@ from typing import List, Optional, Tuple
 
 from . import errors, wire
 from .errors import ProxyError
-from .record import Exchange
+from .metrics import status_class
+from .record import Exchange, is_event_stream
 from .sniff import sniff
 from .upstream import connect
 
@@ -376,8 +377,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
         pool = self.server.pools[ex.provider.name]
         ex.status = resp.status
         ex.resp_headers = resp.getheaders()
-        ctype = resp.getheader("Content-Type")
-        ex.sse = ctype is not None and ctype.split(";", 1)[0].strip().lower() == "text/event-stream"
+        ex.sse = is_event_stream(resp.getheader("Content-Type") or "")
         no_body = self.command == "HEAD" or resp.status in (204, 304) or 100 <= resp.status < 200
         known_length = resp.length is not None and not resp.chunked
         http10 = self.request_version == "HTTP/1.0"
@@ -508,17 +508,13 @@ class ProxyHandler(BaseHTTPRequestHandler):
         m = server.metrics
         provider = ex.provider.name if ex.provider is not None else "none"
         ttft = ex.ttft / 1000.0 if (ex.stream or ex.sse) and ex.ttft is not None else None
-        m.exchange(provider, ex.endpoint_label, _status_class(ex.status), ex.model_label, ex.duration / 1000.0, ttft)
+        m.exchange(provider, ex.endpoint_label, status_class(ex.status), ex.model_label, ex.duration / 1000.0, ttft)
         if server.recorder is not None:
             server.recorder.submit(ex)
         else:
             m.endings.inc(ex.ended)
         if log.isEnabledFor(logging.DEBUG):
             log.debug("%s %s -> %s %s %.1f ms %s", ex.method, ex.path, provider, ex.status, ex.duration, ex.ended)
-
-
-def _status_class(status: Optional[int]) -> str:
-    return "%dxx" % (status // 100) if status else "none"
 
 
 def server_metrics_error(server, ex: Exchange, kind: str) -> None:
