@@ -28,8 +28,7 @@ SECRET_HEADERS = frozenset((
 # Client credential headers replaced when a provider has its own api_key.
 CREDENTIAL_HEADERS = frozenset(("authorization", "x-api-key", "api-key", "x-goog-api-key"))
 
-SECRET_QUERY_KEYS = frozenset(("key", "api_key", "api-key", "apikey", "access_token", "token"))
-
+# Query parameters that carry credentials (Gemini's ?key=, and the usual others).
 _QUERY_SECRET_RE = re.compile(r"(?i)(^|[&;])(key|api_key|api-key|apikey|access_token|token)=([^&;]*)")
 _CHUNK_SIZE_RE = re.compile(rb"^([0-9A-Fa-f]{1,16})(?:;[^\r\n]*)?\r?\n$")
 
@@ -41,15 +40,6 @@ class BodyError(Exception):
         super().__init__(message)
         self.status = status
         self.message = message
-
-
-def connection_tokens(headers: Iterable[Tuple[str, str]]) -> frozenset:
-    """Header names listed in ``Connection`` (they are hop-by-hop too, RFC 9110 7.6.1)."""
-    names = set()
-    for name, value in headers:
-        if name.lower() == "connection":
-            names.update(t.strip().lower() for t in value.split(",") if t.strip())
-    return frozenset(names)
 
 
 def end_to_end(headers: Sequence[Tuple[str, str]], drop: Iterable[str] = ()) -> List[Tuple[str, str]]:
@@ -177,21 +167,6 @@ def query_secrets(query: str) -> List[str]:
     if not query:
         return []
     return [m.group(3) for m in _QUERY_SECRET_RE.finditer(query) if m.group(3)]
-
-
-def secrets_in(headers: Sequence[Tuple[str, str]], query: str) -> List[str]:
-    """The credential values a request carries (so they can be scrubbed from echoed bodies)."""
-    found = [secret_value(value) for name, value in headers if value and name.lower() in SECRET_HEADERS]
-    found.extend(query_secrets(query))
-    return [s for s in found if len(s) >= 8]
-
-
-def scrub(text: str, secrets: Iterable[str], key: bytes) -> str:
-    """Replace every occurrence of each secret in ``text`` with its redacted form."""
-    for secret in secrets:
-        if secret in text:
-            text = text.replace(secret, redacted(secret, key))
-    return text
 
 
 def scrub_bytes(data: bytes, secrets: Iterable[str], key: bytes) -> bytes:

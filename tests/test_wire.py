@@ -87,7 +87,8 @@ class RedactionTest(unittest.TestCase):
         self.assertEqual(q.count("[REDACTED:"), 3)
 
     def test_scrub_finds_echoed_secrets(self):
-        secrets = wire.secrets_in([("Authorization", "Bearer sk-echoed-secret-1")], "key=AIzaEchoedKey")
+        secrets = [wire.secret_value("Bearer sk-echoed-secret-1")] + wire.query_secrets("alt=sse&key=AIzaEchoedKey")
+        self.assertEqual(secrets, ["sk-echoed-secret-1", "AIzaEchoedKey"])
         body = b'{"error":{"message":"Incorrect API key provided: sk-echoed-secret-1 (AIzaEchoedKey)"}}'
         out = wire.scrub_bytes(body, secrets, KEY)
         self.assertNotIn(b"sk-echoed-secret-1", out)
