@@ -420,3 +420,39 @@ class ProxyTestCase(unittest.TestCase):
         self.proxy = InProcessProxy(base_config(providers, data_dir or self.data_dir, **extra)).__enter__()
         self.addCleanup(self.proxy.stop)
         return self.proxy
+
+
+def read_until(sock: socket.socket, marker: bytes, data: bytes = b"") -> bytes:
+    """Read from a raw socket until ``marker`` has arrived (``data``: bytes already read)."""
+    parts = [data]
+    while marker not in data:
+        more = sock.recv(65536)
+        if not more:
+            raise AssertionError("connection closed before %r; got %r" % (marker, data[-200:]))
+        parts.append(more)
+        data = b"".join(parts)
+    return data
+
+
+def read_to_eof(sock: socket.socket, data: bytes = b"") -> bytes:
+    """Read from a raw socket until the peer closes or resets it."""
+    parts = [data]
+    while True:
+        try:
+            more = sock.recv(65536)
+        except ConnectionResetError:
+            break
+        if not more:
+            break
+        parts.append(more)
+    return b"".join(parts)
+
+
+def raw_exchange(port: int, data: bytes) -> bytes:
+    """Send raw bytes to 127.0.0.1:port and return everything until the connection closes."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=DEADLINE)
+    try:
+        sock.sendall(data)
+        return read_to_eof(sock)
+    finally:
+        sock.close()

@@ -22,7 +22,7 @@ import unittest
 
 from proxy_llm import storage
 from tests import support
-from tests.support import (chunk_event, DEADLINE, FakeUpstream, InProcessProxy, Reply, base_config, header, json_reply, provider,
+from tests.support import (read_until, read_to_eof, chunk_event, DEADLINE, FakeUpstream, InProcessProxy, Reply, base_config, header, json_reply, provider,
                            request, sse_reply, wait_until)
 
 CHAT_BODY = b'{"model":"gpt-4o","stream":true,"messages":[{"role":"user","content":"Hi"}]}'
@@ -56,27 +56,8 @@ def open_stream(port: int, body: bytes = CHAT_BODY, path: str = "/v1/chat/comple
     return sock
 
 
-def read_until(sock: socket.socket, marker: bytes) -> bytes:
-    data = b""
-    while marker not in data:
-        more = sock.recv(65536)
-        if not more:
-            raise AssertionError("connection closed before %r; got %r" % (marker, data[-200:]))
-        data += more
-    return data
 
 
-def read_to_eof(sock: socket.socket) -> bytes:
-    parts = []
-    while True:
-        try:
-            more = sock.recv(65536)
-        except ConnectionResetError:
-            break
-        if not more:
-            break
-        parts.append(more)
-    return b"".join(parts)
 
 
 class FaultTestCase(support.ProxyTestCase):

@@ -26,7 +26,7 @@ from unittest import mock
 
 from proxy_llm import reader, record, storage
 from tests import support
-from tests.support import (DEADLINE, ROOT, FakeUpstream, InProcessProxy, ProxyProcess, Reply, all_files, base_config,
+from tests.support import (raw_exchange, DEADLINE, ROOT, FakeUpstream, InProcessProxy, ProxyProcess, Reply, all_files, base_config,
                            header, json_reply, provider, read_records, request)
 
 PLAIN_BODY = b'{"model":"gpt-4o","messages":[{"role":"user","content":"Hi"}]}'
@@ -38,22 +38,6 @@ def inside(root: str, path: str) -> bool:
     return os.path.realpath(path).startswith(root + os.sep)
 
 
-def raw_exchange(port: int, data: bytes) -> bytes:
-    sock = socket.create_connection(("127.0.0.1", port), timeout=DEADLINE)
-    try:
-        sock.sendall(data)
-        parts = []
-        while True:
-            try:
-                more = sock.recv(65536)
-            except ConnectionResetError:
-                break
-            if not more:
-                break
-            parts.append(more)
-        return b"".join(parts)
-    finally:
-        sock.close()
 
 
 class SecurityTestCase(support.ProxyTestCase):

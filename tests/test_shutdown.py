@@ -17,7 +17,7 @@ import time
 import unittest
 
 from proxy_llm import reader
-from tests.support import DEADLINE, FakeUpstream, ProxyProcess, Reply, base_config, provider, wait_until
+from tests.support import read_until, read_to_eof, DEADLINE, FakeUpstream, ProxyProcess, Reply, base_config, provider, wait_until
 
 STREAMS = 100
 LAST_CHUNK = b"\r\n0\r\n\r\n"
@@ -29,24 +29,8 @@ def event(text: str, finish=None) -> bytes:
     return b"data: " + json.dumps(obj).encode() + b"\n\n"
 
 
-def read_until(sock: socket.socket, marker: bytes, data: bytes = b"") -> bytes:
-    while marker not in data:
-        more = sock.recv(65536)
-        if not more:
-            raise AssertionError("closed before %r" % marker)
-        data += more
-    return data
 
 
-def read_to_eof(sock: socket.socket, data: bytes = b"") -> bytes:
-    while True:
-        try:
-            more = sock.recv(65536)
-        except ConnectionResetError:
-            return data
-        if not more:
-            return data
-        data += more
 
 
 class ShutdownTest(unittest.TestCase):
