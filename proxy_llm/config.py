@@ -19,7 +19,7 @@ import os
 import re
 import urllib.parse
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Mapping, Optional, Tuple
+from typing import Any, Dict, Mapping, Optional, Tuple
 
 PROVIDER_TYPES = ("openai", "anthropic", "gemini")
 FSYNC_MODES = ("interval", "always", "never")

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 import re
-from typing import Optional, Tuple, Union
+from typing import Optional, Tuple
 
 # A JSON string, unrolled for speed ("normal* (escaped normal*)*").
 _STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"')

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import json
 
-from .base import Dialect, Result, append_text, error_from, finalize, is_int, loads, make_usage
+from .base import Dialect, Result, append_text, error_from, finalize, is_int, loads, make_usage, typed_payloads
 
 __all__ = ["AnthropicMessages", "AnthropicCountTokens", "anthropic_usage"]
 
@@ -128,13 +128,7 @@ class AnthropicMessages(Dialect):
         usage = {}  # type: dict
         error = None
         stopped = False
-        for ev in events:
-            if not ev.data:
-                continue
-            payload = loads(ev.data)
-            if not isinstance(payload, dict):
-                continue
-            etype = payload.get("type") or ev.event
+        for etype, payload, _ in typed_payloads(events):
             if etype == "message_start":
                 msg = payload.get("message")
                 if isinstance(msg, dict):

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 
-__all__ = ["Result", "Dialect", "REASSEMBLY_ERROR", "loads", "is_int", "error_from",
+__all__ = ["Result", "Dialect", "REASSEMBLY_ERROR", "loads", "typed_payloads", "is_int", "error_from",
            "make_usage", "get", "Pieces", "append_text", "finalize"]
 
 REASSEMBLY_ERROR = "proxy_llm.reassembly_error"
@@ -113,6 +113,20 @@ def loads(text):
         return json.loads(text)
     except (ValueError, TypeError, RecursionError):
         return None
+
+
+def typed_payloads(events):
+    """Yield (type, payload, event) for each event whose data is a JSON object.
+
+    The type is the payload's ``type``, else the SSE ``event:`` name (Anthropic and the
+    Responses API send both); events without data or with other JSON are skipped.
+    """
+    for ev in events:
+        if not ev.data:
+            continue
+        payload = loads(ev.data)
+        if isinstance(payload, dict):
+            yield payload.get("type") or ev.event, payload, ev
 
 
 def is_int(value):

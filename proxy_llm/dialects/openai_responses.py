@@ -32,8 +32,8 @@ events was seen.
 
 from __future__ import annotations
 
-from .base import (Dialect, Result, append_text, error_from, finalize, get, is_int, loads,
-                   make_usage)
+from .base import (Dialect, Result, append_text, error_from, finalize, get, is_int, make_usage,
+                   typed_payloads)
 
 __all__ = ["OpenAIResponses", "responses_usage"]
 
@@ -201,13 +201,7 @@ class OpenAIResponses(Dialect):
         snapshot = None
         items = _Items()
         error = None
-        for ev in events:
-            if not ev.data:
-                continue
-            payload = loads(ev.data)
-            if not isinstance(payload, dict):
-                continue
-            etype = payload.get("type") or ev.event or ""
+        for etype, payload, ev in typed_payloads(events):
             if not isinstance(etype, str):
                 continue
             if etype in _TERMINAL:
