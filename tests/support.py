@@ -456,3 +456,14 @@ def raw_exchange(port: int, data: bytes) -> bytes:
         return read_to_eof(sock)
     finally:
         sock.close()
+
+
+def split_at(data: bytes, points) -> List[bytes]:
+    """``data`` cut at the given offsets (out-of-range and repeated offsets ignored)."""
+    points = sorted(set(p for p in points if 0 < p < len(data)))
+    pieces, last = [], 0
+    for p in points:
+        pieces.append(data[last:p])
+        last = p
+    pieces.append(data[last:])
+    return pieces

@@ -27,6 +27,7 @@ from proxy_llm import dialects
 from proxy_llm.dialects import DIALECTS, Result, decode_stream, select
 from proxy_llm.dialects.base import REASSEMBLY_ERROR
 from proxy_llm.sse import Event
+from tests.support import split_at
 
 FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures")
 EXPECTED = ".expected.json"
@@ -83,14 +84,6 @@ def run(dialect_name, path, pieces=None):
     return dialect.reassemble([ev for _, ev in events])
 
 
-def split_at(data, points):
-    points = sorted(set(p for p in points if 0 < p < len(data)))
-    pieces, last = [], 0
-    for p in points:
-        pieces.append(data[last:p])
-        last = p
-    pieces.append(data[last:])
-    return pieces
 
 
 class GoldenFilesTest(unittest.TestCase):

@@ -22,8 +22,7 @@ import unittest
 
 from proxy_llm import storage
 from tests import support
-from tests.support import (read_until, read_to_eof, chunk_event, DEADLINE, FakeUpstream, InProcessProxy, Reply, base_config, header, json_reply, provider,
-                           request, sse_reply, wait_until)
+from tests.support import (read_until, read_to_eof, chunk_event, DEADLINE, Reply, header, provider, request, sse_reply, wait_until)
 
 CHAT_BODY = b'{"model":"gpt-4o","stream":true,"messages":[{"role":"user","content":"Hi"}]}'
 PLAIN_BODY = b'{"model":"gpt-4o","messages":[{"role":"user","content":"Hi"}]}'

@@ -8,13 +8,11 @@ import json
 import os
 import socket
 import stat
-import tempfile
 import threading
 import unittest
 
 from tests import support
-from tests.support import (chunk_event, DEADLINE, FakeUpstream, InProcessProxy, Reply, base_config, header, json_reply, provider,
-                           read_records, request, sse_reply)
+from tests.support import (chunk_event, DEADLINE, FakeUpstream, Reply, header, json_reply, provider, read_records, request, sse_reply)
 
 CHAT_BODY = b'{"model":"gpt-4o","messages":[{"role":"user","content":"Hi \\u00e9 1e400"}],  "n": 12345678901234567890}'
 CHAT_REPLY = (b'{"id":"chatcmpl-1","object":"chat.completion","created":1700000000,"model":"gpt-4o-2024-08-06",'

@@ -14,20 +14,17 @@ import os
 import random
 import re
 import shutil
-import signal
 import socket
 import stat
 import subprocess
 import sys
 import tempfile
-import threading
 import unittest
 from unittest import mock
 
 from proxy_llm import reader, record, storage
 from tests import support
-from tests.support import (raw_exchange, DEADLINE, ROOT, FakeUpstream, InProcessProxy, ProxyProcess, Reply, all_files, base_config,
-                           header, json_reply, provider, read_records, request)
+from tests.support import (raw_exchange, DEADLINE, ROOT, FakeUpstream, InProcessProxy, ProxyProcess, Reply, all_files, base_config, header, provider, request)
 
 PLAIN_BODY = b'{"model":"gpt-4o","messages":[{"role":"user","content":"Hi"}]}'
 SAFE_NAME = re.compile(r"^session_[A-Za-z0-9._-]{1,64}$")

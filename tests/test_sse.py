@@ -8,6 +8,7 @@ import unittest
 from proxy_llm.dialects import decode_stream
 from proxy_llm.dialects.streams import JSONArrayDecoder, LineDecoder
 from proxy_llm.sse import Event, SSEDecoder
+from tests.support import split_at
 
 
 def feed_all(decoder, pieces):
@@ -18,14 +19,6 @@ def feed_all(decoder, pieces):
     return out
 
 
-def split_at(data, points):
-    points = sorted(set(p for p in points if 0 < p < len(data)))
-    pieces, last = [], 0
-    for p in points:
-        pieces.append(data[last:p])
-        last = p
-    pieces.append(data[last:])
-    return pieces
 
 
 class SSEDecoderTest(unittest.TestCase):

@@ -18,7 +18,7 @@ import tempfile
 import threading
 import time
 import unittest
-from typing import Dict, List, Optional
+from typing import Dict, List
 
 from proxy_llm import reader, storage
 from proxy_llm.storage import RECORDS, STREAMS, Recorder
