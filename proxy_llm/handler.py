@@ -32,6 +32,10 @@ from .upstream import connect
 
 log = logging.getLogger("proxy_llm.handler")
 
+# The request line every client sends in practice: a method, a target without blanks or
+# controls, HTTP/1.0 or HTTP/1.1. ProxyHandler.parse_request takes it at a fraction of the
+# standard library's cost; any other line goes to the standard parser.
+_REQUEST_LINE = re.compile(rb"([A-Z]{1,20}) ([!-~]+) HTTP/1\.([01])\r?\n")
 _GEMINI_MODEL_RE = re.compile(r"/models/([^/:]+):([A-Za-z]+)$")
 
 KNOWN_ENDPOINTS = frozenset((
@@ -140,6 +144,39 @@ class ProxyHandler(BaseHTTPRequestHandler):
         reader.deadline = time.monotonic() + self.server.config.client_header_timeout
         super().handle_one_request()
 
+    def parse_request(self) -> bool:
+        """``BaseHTTPRequestHandler.parse_request`` for a plain request line, with the same
+        results (command, path, request_version, headers, close_connection, Expect), less
+        work; any other line is left to it."""
+        m = _REQUEST_LINE.fullmatch(self.raw_requestline)
+        if m is None:
+            return super().parse_request()
+        command, target, minor = m.groups()
+        self.command = command.decode("ascii")
+        self.requestline = self.raw_requestline.rstrip(b"\r\n").decode("iso-8859-1")
+        path = target.decode("ascii")
+        if path[:2] == "//":  # as the standard library does (gh-87389): never "//host"
+            path = "/" + path.lstrip("/")
+        self.path = path
+        self.request_version = "HTTP/1.1" if minor == b"1" else "HTTP/1.0"
+        self.close_connection = minor == b"0"
+        try:
+            self.headers = headers = http.client.parse_headers(self.rfile, _class=self.MessageClass)
+        except http.client.LineTooLong as err:
+            self.send_error(431, "Line too long", str(err))
+            return False
+        except http.client.HTTPException as err:
+            self.send_error(431, "Too many headers", str(err))
+            return False
+        connection = headers.get("Connection", "").lower()
+        if connection == "close":
+            self.close_connection = True
+        elif connection == "keep-alive":
+            self.close_connection = False
+        if minor == b"1" and headers.get("Expect", "").lower() == "100-continue":
+            return self.handle_expect_100()
+        return True
+
     def headers_done(self) -> None:
         """The request line and headers are in: bodies and responses have no deadline."""
         self.deadline_reader.deadline = None
@@ -216,7 +253,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
             self.send_simple(503, body, ctype, [("Retry-After", "1")])
             return
         self.proxy_key_in_auth = False
-        headers = self.headers.items()
+        headers = list(self.headers.raw_items())  # = items(): latin-1 values carry no surrogates
         recording = server.recorder is not None
         ex = Exchange(self.command, path, query, headers, config.capture_max_body if recording else -1)
         ex.family = errors.family_of(path)
@@ -346,9 +383,8 @@ class ProxyHandler(BaseHTTPRequestHandler):
                     connect(conn)
                 conn.sock.settimeout(config.response_header_timeout)
                 conn.putrequest(self.command, target, skip_host=True, skip_accept_encoding=True)
-                for name, value in out_headers:
-                    conn.putheader(name, value)
-                conn.endheaders(body if body else None)
+                conn.put_headers(out_headers)
+                conn.send_request_body(body)
                 resp = conn.getresponse()
             except socket.timeout:
                 pool.discard(conn)
@@ -376,7 +412,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
         """Send the upstream response to the client as it arrives; capture it on the way."""
         pool = self.server.pools[ex.provider.name]
         ex.status = resp.status
-        ex.resp_headers = resp.getheaders()
+        ex.resp_headers = list(resp.msg.raw_items())
         ex.sse = is_event_stream(resp.getheader("Content-Type") or "")
         no_body = self.command == "HEAD" or resp.status in (204, 304) or 100 <= resp.status < 200
         known_length = resp.length is not None and not resp.chunked

@@ -6,9 +6,11 @@ to the ``email`` package's feed parser. Under load that is about a third of the 
 than forwarding and recording together. Header blocks in LLM traffic are plain: one
 ``Name: value`` per line. For those, :func:`parse_headers` builds the same ``HTTPMessage`` the
 email parser would (the compat32 policy: the name as it is, the value with leading blanks and
-the trailing line end removed), at a fraction of the cost. Any other block (folded lines, a
-line without a colon, a name that is not an HTTP token) goes to the standard parser unchanged,
-so odd input is treated exactly as before.
+the trailing line end removed), at a fraction of the cost: when the whole block is already in
+the reader's buffer (the usual case) it is checked with one regular expression and taken with
+one read, instead of line by line. Any other block (folded lines, a line without a colon, a
+name that is not an HTTP token) goes to the standard parser unchanged, so odd input is treated
+exactly as before.
 
 :func:`install` puts it in place of ``http.client.parse_headers`` for the serving process (the
 standard library looks it up there at call time); it is called when the server starts, never at
@@ -25,23 +27,45 @@ import re
 
 _ORIGINAL = http.client.parse_headers
 _READ = getattr(http.client, "_read_headers", None)
-# A plain header line: a field name (RFC 9110 5.1: a token), a colon, a value holding none of
-# the characters the email parser splits lines on (str.splitlines: CR, LF, VT, FF, FS, GS, RS,
-# NEL), and the line end.
-_PLAIN = re.compile(rb"([!#$%&'*+\-.^_`|~0-9A-Za-z]+):([^\r\n\x0b\x0c\x1c-\x1e\x85]*)\r?\n")
+# A plain header block: lines of a field name (RFC 9110 5.1: a token), a colon, and a value
+# holding none of the characters the email parser splits lines on (str.splitlines: CR, LF, VT,
+# FF, FS, GS, RS, NEL), each with its line end. The whole block is checked at once, then its
+# fields are taken in one pass over the decoded text (leading blanks of the value dropped, as
+# the email parser does).
+_PLAIN_BLOCK = re.compile(rb"(?:[!#$%&'*+\-.^_`|~0-9A-Za-z]+:[^\r\n\x0b\x0c\x1c-\x1e\x85]*\r?\n)*")
+_MAX_BLOCK = 65536   # no line of a block this short passes the standard library's line limit
+_MAX_FIELDS = getattr(http.client, "_MAXHEADERS", 100)
+_FIELD = re.compile("([!#$%&'*+\\-.^_`|~0-9A-Za-z]+):[ \t]*([^\r\n\x0b\x0c\x1c-\x1e\x85]*)\r?\n")
 
 
 def parse_headers(fp, _class=http.client.HTTPMessage):
     """Read a header block from ``fp`` and return it as an ``HTTPMessage`` (see the module)."""
+    peek = getattr(fp, "peek", None)
+    if peek is not None:
+        # The whole block is usually in the reader's buffer already: take it in one read
+        # when it is plain and within the standard library's limits (all lines shorter than
+        # 64 KiB, at most 100 fields); otherwise nothing is consumed and it is read by lines.
+        buf = peek(1)
+        end = buf.find(b"\r\n\r\n", 0, _MAX_BLOCK)
+        if end >= 0:
+            fields = buf[:end + 2]
+            if fields.count(b"\n") < _MAX_FIELDS and _PLAIN_BLOCK.fullmatch(fields) is not None:
+                fp.read(end + 4)
+                return _message(fields, _class)
     lines = _READ(fp)  # raises LineTooLong / HTTPException past the limits, as the original
+    block = b"".join(lines)
+    end = lines[-1] if lines else b""
+    fields = block[:-len(end)] if end in (b"\r\n", b"\n") else block
+    if _PLAIN_BLOCK.fullmatch(fields) is None:
+        return email.parser.Parser(_class=_class).parsestr(block.decode("iso-8859-1"))
+    return _message(fields, _class)
+
+
+def _message(fields: bytes, _class):
     msg = _class()
-    plain = _PLAIN.fullmatch
     set_raw = msg.set_raw
-    for line in lines[:-1] if lines[-1] in (b"\r\n", b"\n") else lines:
-        m = plain(line)
-        if m is None:
-            return email.parser.Parser(_class=_class).parsestr(b"".join(lines).decode("iso-8859-1"))
-        set_raw(m.group(1).decode("ascii"), m.group(2).decode("iso-8859-1").lstrip(" \t"))
+    for name, value in _FIELD.findall(fields.decode("iso-8859-1")):
+        set_raw(name, value)
     msg.set_payload("")
     return msg
 

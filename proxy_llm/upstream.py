@@ -17,6 +17,7 @@ its connections. The pool never follows redirects and only ever connects to the 
 from __future__ import annotations
 
 import http.client
+import re
 import select
 import socket
 import ssl
@@ -31,6 +32,78 @@ from typing import Deque, Optional, Tuple
 # servers close idle keep-alive connections after seconds, not milliseconds, and the one retry
 # covers the rare race.
 FRESH = 0.5
+
+
+# Request bodies up to this size go out in the same send as the request head (one copy, one
+# system call, and one wake-up of the upstream instead of two); larger ones are sent after it.
+COALESCE_MAX = 256 * 1024
+
+
+# What putheader() accepts, checked for all headers at once (a subset: anything else goes
+# through putheader itself, and its errors): ASCII names that start with neither a colon nor
+# white space and hold no colon, CR or LF (joined by colons: as many as the joins); values with CR
+# or LF only as obsolete line folding (joined by CRLF SP, which cannot turn an illegal end of
+# one value into a legal one).
+_NAMES = re.compile(r"[^: \t\n\r\x0b\x0c\x80-\U0010ffff][^:\r\n\x80-\U0010ffff]*"
+                    r"(?::[^: \t\n\r\x0b\x0c\x80-\U0010ffff][^:\r\n\x80-\U0010ffff]*)*")
+_ILLEGAL_VALUE = re.compile(r"\n(?![ \t])|\r(?![ \t\n])")
+
+
+class _OneSend:
+    """Fewer calls and system calls per request, the same bytes on the wire.
+
+    ``http.client`` checks and encodes each header in its own ``putheader`` call, and sends the
+    request head and the body in two ``send`` calls (two TCP segments, two wake-ups of the
+    upstream). :meth:`put_headers` checks the whole block with one regular expression
+    (falling back to ``putheader``, and its errors, for anything unusual); :meth:`send` holds
+    the head back so that :meth:`send_request_body` sends it with the body.
+    tests/test_upstream.py compares the bytes with ``http.client``'s own calls.
+    """
+
+    _hold = False
+    _held = None
+
+    def put_headers(self, headers) -> None:
+        """``putheader`` for every (name, value), checked and encoded as one block."""
+        names = ":".join([name for name, _ in headers])
+        if (_NAMES.fullmatch(names) is not None and names.count(":") == len(headers) - 1
+                and _ILLEGAL_VALUE.search("\r\n ".join([value for _, value in headers])) is None):
+            try:
+                self._output("\r\n".join([name + ": " + value for name, value in headers]).encode("latin-1"))
+                return
+            except UnicodeEncodeError:
+                pass
+        for name, value in headers:  # raises putheader's own error for the bad one
+            self.putheader(name, value)
+
+    def send_request_body(self, body: bytes) -> None:
+        """``endheaders(body)``, with the head and ``body`` in one write when small."""
+        self._hold = bool(body) and len(body) <= COALESCE_MAX
+        try:
+            self.endheaders(body or None)
+        finally:
+            held, self._held, self._hold = self._held, None, False
+        if held is not None:  # endheaders sent no body after the head: send the head alone
+            super().send(held)
+
+    def send(self, data) -> None:
+        if self._hold:
+            self._hold = False
+            self._held = data
+            return
+        held = self._held
+        if held is not None:
+            self._held = None
+            data = held + data
+        super().send(data)
+
+
+class Connection(_OneSend, http.client.HTTPConnection):
+    pass
+
+
+class SecureConnection(_OneSend, http.client.HTTPSConnection):
+    pass
 
 
 class UpstreamPool:
@@ -58,9 +131,9 @@ class UpstreamPool:
 
     def _new(self) -> http.client.HTTPConnection:
         if self.scheme == "https":
-            return http.client.HTTPSConnection(self.host, self.port, timeout=self.connect_timeout,
+            return SecureConnection(self.host, self.port, timeout=self.connect_timeout,
                                                context=self.ssl_context)
-        return http.client.HTTPConnection(self.host, self.port, timeout=self.connect_timeout)
+        return Connection(self.host, self.port, timeout=self.connect_timeout)
 
     def acquire(self) -> Tuple[http.client.HTTPConnection, bool]:
         """Return (connection, reused). A new connection is not connected yet."""
@@ -99,8 +172,8 @@ class UpstreamPool:
 
 
 def connect(conn: http.client.HTTPConnection) -> None:
-    """Connect, with Nagle's algorithm off: http.client sends the headers and a body over
-    2,000 bytes in two writes, and the second would wait for the ACK of the first."""
+    """Connect, with Nagle's algorithm off: a body over ``COALESCE_MAX`` goes out in a second
+    write after the head, which would otherwise wait for the ACK of the first."""
     conn.connect()
     try:
         conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)

@@ -8,12 +8,29 @@ import io
 import random
 import unittest
 
+from http.server import BaseHTTPRequestHandler
+
 from proxy_llm import headers
+from proxy_llm.handler import ProxyHandler
 
 
 def stdlib(raw: bytes, _class=http.client.HTTPMessage):
     lines = http.client._read_headers(io.BytesIO(raw))
     return email.parser.Parser(_class=_class).parsestr(b"".join(lines).decode("iso-8859-1"))
+
+
+def rest_after_stdlib(raw: bytes) -> bytes:
+    fp = io.BytesIO(raw)
+    http.client._read_headers(fp)
+    return fp.read()
+
+
+def readers(raw: bytes):
+    """The block as a plain stream (read by lines) and as buffered readers of several sizes
+    (the whole-block path when the block is in the buffer, the line path when it is not)."""
+    yield "BytesIO", io.BytesIO(raw)
+    for size in (1, 7, 64, 8192):
+        yield "BufferedReader(%d)" % size, io.BufferedReader(io.BytesIO(raw), size)
 
 
 def state(msg):
@@ -43,9 +60,11 @@ CASES = [
 
 class ParseHeadersTest(unittest.TestCase):
     def test_known_cases_match_the_standard_library(self):
-        for raw in CASES:
-            with self.subTest(raw=raw):
-                self.assertEqual(state(headers.parse_headers(io.BytesIO(raw))), state(stdlib(raw)))
+        for raw in CASES + [b"A: 1\r\n" * 99 + b"\r\nbody", b"A: " + b"x" * 65500 + b"\r\n\r\n"]:
+            for kind, fp in readers(raw):
+                with self.subTest(raw=raw[:80], reader=kind):
+                    self.assertEqual(state(headers.parse_headers(fp)), state(stdlib(raw)))
+                    self.assertEqual(fp.read(), rest_after_stdlib(raw), "what is left to read differs")
 
     def test_random_blocks_match_the_standard_library(self):
         rnd = random.Random(11)
@@ -59,21 +78,26 @@ class ParseHeadersTest(unittest.TestCase):
                     lines.append(name + b":" + value + rnd.choice([b"\r\n", b"\n"]))
                 else:
                     lines.append(bytes(rnd.choice(alphabet) for _ in range(rnd.randint(0, 12))) + b"\r\n")
-            raw = b"".join(lines) + rnd.choice([b"\r\n", b"\n", b""])
-            with self.subTest(raw=raw):
-                try:
-                    expected = state(stdlib(raw))
-                except http.client.HTTPException as exc:
-                    with self.assertRaises(type(exc)):
-                        headers.parse_headers(io.BytesIO(raw))
-                    continue
-                self.assertEqual(state(headers.parse_headers(io.BytesIO(raw))), expected)
+            raw = b"".join(lines) + rnd.choice([b"\r\n", b"\n", b""]) + rnd.choice([b"", b"{}", b"body\r\n\r\nA: 1\r\n\r\n"])
+            for kind, fp in readers(raw):
+                with self.subTest(raw=raw, reader=kind):
+                    try:
+                        expected = state(stdlib(raw))
+                    except http.client.HTTPException as exc:
+                        with self.assertRaises(type(exc)):
+                            headers.parse_headers(fp)
+                        continue
+                    self.assertEqual(state(headers.parse_headers(fp)), expected)
+                    self.assertEqual(fp.read(), rest_after_stdlib(raw), "what is left to read differs")
 
     def test_limits_are_the_standard_librarys(self):
-        with self.assertRaises(http.client.LineTooLong):
-            headers.parse_headers(io.BytesIO(b"A: " + b"x" * 70000 + b"\r\n\r\n"))
-        with self.assertRaises(http.client.HTTPException):
-            headers.parse_headers(io.BytesIO(b"A: 1\r\n" * 101 + b"\r\n"))
+        for kind, fp in readers(b"A: " + b"x" * 70000 + b"\r\n\r\n"):
+            with self.subTest(reader=kind), self.assertRaises(http.client.LineTooLong):
+                headers.parse_headers(fp)
+        for n in (100, 101):  # 99 fields and the blank line are the most the standard library takes
+            for kind, fp in readers(b"A: 1\r\n" * n + b"\r\n"):
+                with self.subTest(fields=n, reader=kind), self.assertRaises(http.client.HTTPException):
+                    headers.parse_headers(fp)
 
     def test_install_and_uninstall(self):
         original = http.client.parse_headers
@@ -82,6 +106,65 @@ class ParseHeadersTest(unittest.TestCase):
         self.assertIs(http.client.parse_headers, headers.parse_headers)
         headers.uninstall()
         self.assertIs(http.client.parse_headers, headers._ORIGINAL)
+
+
+def parsed(raw: bytes, parse) -> tuple:
+    """Run ``parse`` (a parse_request) on a handler holding the request ``raw``, socket-less."""
+    h = ProxyHandler.__new__(ProxyHandler)
+    h.rfile = io.BufferedReader(io.BytesIO(raw), 8192)
+    h.wfile = io.BytesIO()
+    h.client_address = ("127.0.0.1", 0)
+    h.raw_requestline = h.rfile.readline(65537)
+    ok = parse(h)
+    msg = getattr(h, "headers", None)
+    return (ok, h.command, getattr(h, "path", None), h.request_version, h.close_connection,
+            getattr(h, "requestline", None), state(msg) if msg is not None else None,
+            h.wfile.getvalue(), h.rfile.read())
+
+
+REQUESTS = [
+    b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n{}",
+    b"GET /v1/models HTTP/1.0\r\n\r\n",
+    b"GET /v1/models HTTP/1.0\r\nConnection: keep-alive\r\n\r\n",
+    b"GET /v1/models HTTP/1.1\r\nConnection: Close\r\n\r\n",
+    b"POST /v1/messages?beta=true HTTP/1.1\r\nExpect: 100-continue\r\n\r\n{}",
+    b"POST /v1/messages HTTP/1.0\r\nExpect: 100-continue\r\n\r\n",
+    b"POST //evil.example/v1/x HTTP/1.1\r\n\r\n",
+    b"POST http://api.openai.com/v1/chat/completions HTTP/1.1\r\nHost: api.openai.com\r\n\r\n",
+    b"POST /v1/chat/completions HTTP/1.1\nHost: x\n\n",
+    b"post /v1/chat/completions HTTP/1.1\r\n\r\n",
+    b"POST  /v1/chat/completions HTTP/1.1\r\n\r\n",
+    b"POST /v1/chat/completions HTTP/2.0\r\n\r\n",
+    b"POST /v1/chat/completions HTTP/1.10\r\n\r\n",
+    b"POST /v1/chat/completions http/1.1\r\n\r\n",
+    b"POST /v1/caf\xe9 HTTP/1.1\r\n\r\n",
+    b"GET /\r\n",
+    b"POST /a HTTP/1.1\r\nFolded: a\r\n b\r\n\r\n",
+    b"POST /a HTTP/1.1\r\n" + b"A: 1\r\n" * 100 + b"\r\n",
+    b"POST /a HTTP/1.1\r\nA: " + b"x" * 70000 + b"\r\n\r\n",
+]
+
+
+class ParseRequestTest(unittest.TestCase):
+    """ProxyHandler.parse_request (a fast path for plain request lines) gives the standard
+    library's results: command, path, version, keep-alive, headers, answers, bytes left."""
+
+    def test_known_requests(self):
+        for raw in REQUESTS:
+            with self.subTest(raw=raw[:80]):
+                self.assertEqual(parsed(raw, ProxyHandler.parse_request),
+                                 parsed(raw, BaseHTTPRequestHandler.parse_request))
+
+    def test_random_request_lines(self):
+        rnd = random.Random(3)
+        parts = [b"GET", b"POST", b"DELETE", b"get", b"", b" ", b"/v1/x", b"//h/x", b"/a?b=c", b"*",
+                 b"HTTP/1.1", b"HTTP/1.0", b"HTTP/0.9", b"HTTP/1", b"\t", b"\xe9", b"http://h/p"]
+        for _ in range(1500):
+            line = b"".join(rnd.choice(parts) + rnd.choice([b" ", b"", b"  "]) for _ in range(rnd.randint(1, 4)))
+            raw = line + rnd.choice([b"\r\n", b"\n"]) + rnd.choice([b"", b"Connection: close\r\n", b"Expect: 100-continue\r\n"]) + b"\r\nrest"
+            with self.subTest(raw=raw):
+                self.assertEqual(parsed(raw, ProxyHandler.parse_request),
+                                 parsed(raw, BaseHTTPRequestHandler.parse_request))
 
 
 if __name__ == "__main__":

@@ -30,7 +30,7 @@ HOP_BY_HOP = frozenset((
 class _Conn(http.client.HTTPConnection):
     def connect(self) -> None:
         super().connect()
-        # Request headers and body go out in one send; no Nagle delay on small writes.
+        # http.client sends the request head and the body in two writes: no Nagle delay.
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
