@@ -139,34 +139,43 @@ class ProxyServer(ThreadingHTTPServer):
         return len(exchanges)
 
     def _watch(self) -> None:
-        poll = getattr(select, "poll", None)
         while not self._stop_watch.wait(WATCH_INTERVAL):
-            with self._state_lock:
-                watched = [ex for ex in self.inflight if getattr(ex, "client_sock", None) is not None]
-            if not watched or poll is None:
-                continue
+            try:
+                self.watch_once()
+            except Exception:  # the watchdog must outlive any bug in one pass
+                log.exception("watchdog pass failed")
+
+    def watch_once(self) -> None:
+        """One pass: cut the upstream of exchanges whose client left; apply total_timeout."""
+        poll = getattr(select, "poll", None)
+        with self._state_lock:
+            exchanges = list(self.inflight)
+        # The handler clears client_sock when its exchange ends, on its own thread: read it
+        # once per exchange, and work on that socket object from here on.
+        watched = [(ex, sock) for ex, sock in ((ex, getattr(ex, "client_sock", None)) for ex in exchanges)
+                   if sock is not None]
+        if watched and poll is not None:
             poller = poll()
             by_fd = {}
-            for ex in watched:
+            for ex, sock in watched:
                 try:
-                    fd = ex.client_sock.fileno()
+                    fd = sock.fileno()
                 except OSError:
                     continue
-                if fd < 0:
+                if fd < 0:  # closed since
                     continue
-                by_fd[fd] = ex
+                by_fd[fd] = (ex, sock)
                 poller.register(fd, select.POLLIN | select.POLLERR | select.POLLHUP)
             try:
                 ready = poller.poll(0)
             except OSError:
-                continue
+                ready = []
             for fd, _events in ready:
-                ex = by_fd.get(fd)
-                if ex is None or not _client_gone(ex.client_sock):
-                    continue
-                ex.client_gone = True
-                abort(ex.upstream_conn)
-            self._check_total_timeout(watched)
+                ex, sock = by_fd[fd]
+                if _client_gone(sock):
+                    ex.client_gone = True
+                    abort(ex.upstream_conn)
+        self._check_total_timeout([ex for ex, _ in watched])
 
     def _check_total_timeout(self, exchanges) -> None:
         limit = self.config.total_timeout

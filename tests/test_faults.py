@@ -118,6 +118,56 @@ class ClientAbortTest(FaultTestCase):
         self.assertGreater(rec["response_bytes"], 0)
 
 
+class _Racing:
+    """An exchange whose handler clears ``client_sock`` right after the watchdog first reads it
+    (the race of an exchange ending during a watchdog pass)."""
+
+    def __init__(self, sock, upstream_conn):
+        self._sock = sock
+        self.upstream_conn = upstream_conn
+        self.client_gone = False
+        self.cancelled = False
+        self.t0 = time.perf_counter()
+
+    @property
+    def client_sock(self):
+        sock, self._sock = self._sock, None
+        return sock
+
+
+class WatchdogTest(FaultTestCase):
+    def test_an_exchange_ending_during_a_pass_does_not_break_the_watchdog(self):
+        proxy = self.start_proxy()
+        client, peer = socket.socketpair()
+        up_ours, up_theirs = socket.socketpair()
+        for s in (client, peer, up_ours, up_theirs):
+            self.addCleanup(s.close)
+        peer.close()  # the client left
+        conn = http.client.HTTPConnection("127.0.0.1")
+        conn.sock = up_ours
+        ex = _Racing(client, conn)
+        proxy.server.track(ex)
+        self.addCleanup(proxy.server.untrack, ex)
+        proxy.server.watch_once()
+        self.assertTrue(ex.client_gone)
+        up_theirs.settimeout(DEADLINE)
+        self.assertEqual(up_theirs.recv(1), b"", "the upstream connection was not shut down")
+
+    def test_the_watchdog_survives_a_failing_pass(self):
+        proxy = self.start_proxy()
+        calls = []
+        survived = threading.Event()
+
+        def failing_once():
+            calls.append(1)
+            if len(calls) == 1:
+                raise RuntimeError("a bug in one pass")
+            survived.set()
+        proxy.server.watch_once = failing_once
+        with self.assertLogs("proxy_llm.server", "ERROR"):
+            self.assertTrue(survived.wait(DEADLINE), "no watchdog pass after a failing one")
+
+
 class UpstreamFaultTest(FaultTestCase):
     def test_upstream_reset_mid_stream(self):
         self.replies.append(sse_reply([chunk_event("Hel"), chunk_event("lo"), "RESET"]))
