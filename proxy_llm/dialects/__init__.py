@@ -77,11 +77,22 @@ def select(provider_type, method, path):
     providers); they are part of the signature so a future endpoint can use
     them.
     """
+    found = _SELECTED.get(path)
+    if found is not None:
+        return found
     p = (path or "").split("?", 1)[0].rstrip("/")
+    found = GENERIC
     for test, dialect in _RULES:
         if test(p):
-            return dialect
-    return GENERIC
+            found = dialect
+            break
+    if len(_SELECTED) >= 1024:  # paths are few; a client inventing them only resets this
+        _SELECTED.clear()
+    _SELECTED[path] = found
+    return found
+
+
+_SELECTED = {}  # type: dict
 
 
 def decode_stream(content_type, chunks, max_event_size=sse.DEFAULT_MAX_EVENT_SIZE):
