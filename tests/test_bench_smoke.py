@@ -1,6 +1,6 @@
 """A seconds-long pass of the benchmark (tests/bench), so that it never rots.
 
-It runs the real mock upstream, the bare forwarder and proxy_llm (recording on) as
+It runs the real mock upstream, the TCP relay, the bare forwarder and proxy_llm (recording on) as
 subprocesses, through every scenario with tiny counts, and asserts correctness
 only: answers received, streams whole and in order, every record found exactly
 once with the exact content.  Never timing: this machine may be busy.
@@ -14,7 +14,7 @@ from tests.bench import run
 
 
 def tiny_options():
-    opts = run.parse_args(["--quick", "--silent", "--targets", "direct,forwarder,rec_on"])
+    opts = run.parse_args(["--quick", "--silent", "--targets", "direct,relay,forwarder,rec_on"])
     opts.settle_s = 0.0
     opts.rounds = 1
     opts.latency_s = 0.2

@@ -1,12 +1,14 @@
 """proxy_llm benchmark: one command, one table.
 
     python -m tests.bench [--quick] [--scenarios latency,rate50,sat16,sat64,big,streams,verify]
-                          [--targets direct,forwarder,rec_off,rec_on,rec_fsync,workers2]
+                          [--targets direct,relay,forwarder,rec_off,rec_on,rec_fsync,workers2]
                           [--streams N] [--rounds N] [--write-results]
 
 Targets (all started at once, so that every round visits each of them):
 
 * ``direct``    the mock upstream itself (the client's and the mock's own cost)
+* ``relay``     a TCP relay, no HTTP (tests/bench/relay.py): what the extra hop and the thread
+                wake-ups cost by themselves
 * ``forwarder`` the bare stdlib forwarder (tests/bench/forwarder.py): the floor of this design
 * ``rec_off``   proxy_llm, ``"record": false``
 * ``rec_on``    proxy_llm, recording on (fsync "interval")
@@ -41,7 +43,7 @@ from tests.bench.records import check as check_records
 from tests.bench.targets import Mock, Target
 
 SCENARIOS = ("latency", "rate50", "sat16", "sat64", "big", "streams", "verify")
-TARGET_NAMES = ("direct", "forwarder", "rec_off", "rec_on", "rec_fsync", "workers2")
+TARGET_NAMES = ("direct", "relay", "forwarder", "rec_off", "rec_on", "rec_fsync", "workers2")
 
 FULL = dict(settle_s=0.3, rounds=5, latency_s=1.0, rate_s=6.0, sat_s=1.2, big_s=1.2,
             streams=2000, chunks=10, interval_ms=1000, ttft_ms=1000)
@@ -52,6 +54,7 @@ QUICK = dict(settle_s=0.3, rounds=1, latency_s=0.5, rate_s=3.0, sat_s=0.7, big_s
 def make_targets(names) -> list:
     table = {
         "direct": lambda: Target("direct", "direct"),
+        "relay": lambda: Target("relay", "relay"),
         "forwarder": lambda: Target("forwarder", "forwarder"),
         "rec_off": lambda: Target("rec_off", "proxy", {"record": False}),
         "rec_on": lambda: Target("rec_on", "proxy", {"record": True}),
@@ -420,7 +423,7 @@ def _rec_ok(rec) -> bool:
 
 def render(figs: dict, names) -> tuple:
     """Returns (markdown table, list of (budget line, verdict, detail))."""
-    proxies = [n for n in names if n not in ("direct", "forwarder")]
+    proxies = [n for n in names if n not in ("direct", "relay", "forwarder")]
     header = ["figure"] + list(names) + ["on/fwd", "on/off", "2w/1w", "budget", "verdict"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     verdicts = []

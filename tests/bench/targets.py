@@ -100,7 +100,7 @@ def _tail(path: str, n: int = 400) -> str:
 
 
 class Target:
-    """One thing to send load to.  ``kind``: "direct", "forwarder" or "proxy"."""
+    """One thing to send load to.  ``kind``: "direct", "relay", "forwarder" or "proxy"."""
 
     def __init__(self, name: str, kind: str, config: dict = None, workers: int = 1) -> None:
         self.name = name
@@ -128,8 +128,8 @@ class Target:
             self.port = mock_port
             return
         self.log_path = os.path.join(workdir, self.name + ".log")
-        if self.kind == "forwarder":
-            cmd = [python, "-m", "tests.bench.forwarder", "--listen", "127.0.0.1:0",
+        if self.kind in ("forwarder", "relay"):
+            cmd = [python, "-m", "tests.bench." + self.kind, "--listen", "127.0.0.1:0",
                    "--upstream", "127.0.0.1:%d" % mock_port]
         else:
             self.data_dir = os.path.join(workdir, self.name + "_data")
