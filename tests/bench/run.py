@@ -569,7 +569,10 @@ def write_results(text: str, args) -> None:
             "is the target's figure minus direct's in the same run. Ratios are of req/s. A proxy cell "
             "marked `!` misses an absolute budget; the verdict column judges rec_on (one worker, "
             "recording on) or the ratio named. Load generator, mock and target share the machine's "
-            "cores, and other work on the machine shows up mostly in the p99 figures.\n\n"
+            "cores, and other work on the machine shows up mostly in the p99 figures. relay is a TCP "
+            "relay with no HTTP at all: relay minus direct is what the extra hop and thread wake-ups "
+            "cost by themselves, forwarder minus relay what the standard library's HTTP server and "
+            "client cost.\n\n"
             % machine())
     with open(path, "w") as f:
         f.write(head + "```\n" + text.split("\n\n", 1)[0] + "\n```\n\n" + text.split("\n\n", 1)[1] + "\n")
