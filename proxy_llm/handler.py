@@ -36,6 +36,7 @@ log = logging.getLogger("proxy_llm.handler")
 # controls, HTTP/1.0 or HTTP/1.1. ProxyHandler.parse_request takes it at a fraction of the
 # standard library's cost; any other line goes to the standard parser.
 _REQUEST_LINE = re.compile(rb"([A-Z]{1,20}) ([!-~]+) HTTP/1\.([01])\r?\n")
+_NO_MATCH = (None, None)  # a model no provider's globs match (cached like a match)
 _GEMINI_MODEL_RE = re.compile(r"/models/([^/:]+):([A-Za-z]+)$")
 
 KNOWN_ENDPOINTS = frozenset((
@@ -257,7 +258,6 @@ class ProxyHandler(BaseHTTPRequestHandler):
         recording = server.recorder is not None
         ex = Exchange(self.command, path, query, headers, config.capture_max_body if recording else -1)
         ex.family = errors.family_of(path)
-        ex.endpoint_label = endpoint_label(path)
         server.track(ex)
         try:
             self.exchange(ex, headers)
@@ -273,6 +273,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
     def exchange(self, ex: Exchange, headers: List[Tuple[str, str]]) -> None:
         server = self.server
         config = server.config
+        body = b""
         try:
             try:
                 self.check_proxy_key(headers)
@@ -280,14 +281,13 @@ class ProxyHandler(BaseHTTPRequestHandler):
                 self.close_connection = True  # the request body was not read
                 raise
             try:
-                body = wire.read_body(self.rfile, self.headers, config.max_request_body)
+                body = wire.read_body(self.rfile, headers, config.max_request_body)
             except wire.BodyError as exc:
                 self.close_connection = True
                 raise {413: errors.BodyTooLarge}.get(exc.status, errors.BadRequest)(exc.message) from None
             except socket.timeout:
                 self.close_connection = True
                 raise errors.BadRequest("timed out reading the request body") from None
-            ex.request.add(0.0, body)
             self.route(ex, body)
             if server.recorder is not None and config.on_record_error == "fail_closed" and (
                     server.recorder.degraded or server.recorder.queue_full()):
@@ -297,6 +297,8 @@ class ProxyHandler(BaseHTTPRequestHandler):
             ex.client_sock = self.connection
             resp, conn = self.send_upstream(ex, headers, body)
         except ProxyError as exc:
+            if body and not ex.request.size:  # the request never left: captured here instead
+                ex.request.add(0.0, body)
             self.answer_error(ex, exc)
             return
         self.relay(ex, resp, conn)
@@ -330,11 +332,20 @@ class ProxyHandler(BaseHTTPRequestHandler):
                 ex.stream = m.group(2) == "streamGenerateContent"
         else:
             ex.model, ex.stream = sniff(body)
-        for p in providers:
-            glob = p.matches(ex.model)
-            if glob is not None:
-                ex.provider, ex.model_label = p, glob
-                break
+        routes = self.server.model_routes
+        hit = routes.get(ex.model)
+        if hit is None:
+            hit = _NO_MATCH
+            for p in providers:
+                glob = p.matches(ex.model)
+                if glob is not None:
+                    hit = (p, glob)
+                    break
+            if len(routes) >= 4096:  # models are few; a client inventing them only resets this
+                routes.clear()
+            routes[ex.model] = hit
+        if hit is not _NO_MATCH:
+            ex.provider, ex.model_label = hit
         else:
             for p in providers:
                 if p.type == ex.family:
@@ -385,6 +396,11 @@ class ProxyHandler(BaseHTTPRequestHandler):
                 conn.putrequest(self.command, target, skip_host=True, skip_accept_encoding=True)
                 conn.put_headers(out_headers)
                 conn.send_request_body(body)
+                # The upstream has the request: what is not needed to send it is done while
+                # it thinks, not before (cold, each costs the client several microseconds).
+                ex.assign_id()
+                if body and not ex.request.size:  # not again on the one retry
+                    ex.request.add(0.0, body)
                 resp = conn.getresponse()
             except socket.timeout:
                 pool.discard(conn)
@@ -413,7 +429,6 @@ class ProxyHandler(BaseHTTPRequestHandler):
         pool = self.server.pools[ex.provider.name]
         ex.status = resp.status
         ex.resp_headers = list(resp.msg.raw_items())
-        ex.sse = is_event_stream(resp.getheader("Content-Type") or "")
         no_body = self.command == "HEAD" or resp.status in (204, 304) or 100 <= resp.status < 200
         known_length = resp.length is not None and not resp.chunked
         http10 = self.request_version == "HTTP/1.0"
@@ -531,7 +546,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
         ex.ended = "timeout" if exc.status == 504 else ("shutdown" if ex.cancelled else "upstream_error")
         ex.resp_headers = [("Content-Type", ctype), ("Content-Length", str(len(body)))]
         ex.response.add(ex.elapsed_ms(), body)
-        extra = [("X-Proxy-Record-Id", ex.id)]
+        extra = [("X-Proxy-Record-Id", ex.assign_id())]
         if exc.status == 503:
             extra.append(("Retry-After", "1"))
         try:
@@ -540,9 +555,13 @@ class ProxyHandler(BaseHTTPRequestHandler):
             ex.ended = "client_aborted"
 
     def finish_exchange(self, ex: Exchange) -> None:
+        ex.assign_id()
+        ex.endpoint_label = endpoint_label(ex.path)
         server = self.server
         m = server.metrics
         provider = ex.provider.name if ex.provider is not None else "none"
+        ex.sse = ex.status is not None and is_event_stream(
+            ", ".join([v for n, v in ex.resp_headers if n.lower() == "content-type"]))
         ttft = ex.ttft / 1000.0 if (ex.stream or ex.sse) and ex.ttft is not None else None
         m.exchange(provider, ex.endpoint_label, status_class(ex.status), ex.model_label, ex.duration / 1000.0, ttft)
         if server.recorder is not None:

@@ -134,7 +134,7 @@ class Exchange:
     )
 
     def __init__(self, method: str, path: str, query: str, req_headers: List[Tuple[str, str]], capture_limit: int):
-        self.id = new_id()
+        self.id: Optional[str] = None  # set by assign_id(), once the request is on its way
         self.wall_start = time.time()
         self.t0 = time.perf_counter()
         self.method = method
@@ -162,6 +162,13 @@ class Exchange:
         self.cancelled = False        # shutdown cut it
         self.client_gone = False      # the watchdog saw the client close
         self.timed_out = False        # total_timeout passed
+
+    def assign_id(self) -> str:
+        """The record id (a ULID of the start time). Made once the upstream has the request:
+        until then every microsecond is the client's latency; the wait that follows is not."""
+        if self.id is None:
+            self.id = new_id(self.wall_start)
+        return self.id
 
     def elapsed_ms(self) -> float:
         return (time.perf_counter() - self.t0) * 1000.0

@@ -67,6 +67,7 @@ class ProxyServer(ThreadingHTTPServer):
         )
         super().__init__((host, port), handler_class)
         self._stop_watch = threading.Event()
+        self.model_routes: dict = {}  # model -> (provider, glob) or no match: the glob walk once per model
         self._watchdog = threading.Thread(target=self._watch, name="proxy_llm-watchdog", daemon=True)
         self._watchdog.start()
 

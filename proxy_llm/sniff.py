@@ -1,7 +1,9 @@
 """Find a request's top-level ``model`` and ``stream`` without parsing the body.
 
 Routing needs the model before the request is forwarded, on the request's own thread, where a
-full ``json.loads`` of a 100 KB chat history costs more than forwarding it. So the body is
+full ``json.loads`` of a 100 KB chat history costs more than forwarding it (and even on a small
+body, the json module's Python layers cost a client on an idle server more than this scan). So
+the body is
 searched for the key, and the candidate is accepted only when it is provably at the top level:
 the number of unclosed brackets before it (outside strings) is one. That count is taken over the
 shorter side of the body (before the key, or after its value, where the brackets still to be
@@ -22,7 +24,6 @@ _STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"')
 _MODEL_VALUE = re.compile(rb'"model"\s*:\s*("[^"\\]*(?:\\.[^"\\]*)*")')
 _STREAM_VALUE = re.compile(rb'"stream"\s*:\s*(true|false)')
 CHEAP_SIDE = 16 * 1024   # bytes of context scanned at most to prove a candidate's depth
-SMALL = 4096             # a body this small is simply parsed (json.loads is C, the scan is not)
 
 
 def _open_brackets(segment: bytes) -> int:
@@ -69,21 +70,13 @@ def _find(body: bytes, key: bytes, pattern: "re.Pattern[bytes]") -> Optional["re
 def sniff(body: bytes) -> Tuple[Optional[str], Optional[bool]]:
     """Return (model, stream) of a JSON object body.
 
-    ``model`` is None when absent or not a string. ``stream`` is exact for a small body, and
-    None (not looked for) for a larger one: proving a key absent costs a scan of the whole
-    body, and the request's own thread does not need it (the response says whether it is a
-    stream); the recorder settles it later with :func:`sniff_stream` if it must.
+    ``model`` is None when absent or not a string; on a body under ``CHEAP_SIDE`` bytes it is
+    exactly what a full parse finds. ``stream`` is None (not looked for) for an object: the
+    request's own thread does not need it (the response says whether it is a stream), and the
+    recorder settles it from the parsed body, or with :func:`sniff_stream` for a large one.
     """
     if not body or body.lstrip()[:1] != b"{":
         return None, False
-    if len(body) <= SMALL:
-        try:
-            obj = json.loads(body)
-        except ValueError:
-            obj = None
-        if isinstance(obj, dict):
-            model = obj.get("model")
-            return (model if isinstance(model, str) else None), obj.get("stream") is True
     m = _find(body, b'"model"', _MODEL_VALUE)
     model = None
     if m is not None:

@@ -66,12 +66,20 @@ def end_to_end(headers: Sequence[Tuple[str, str]], drop: Iterable[str] = ()) -> 
 def read_body(rfile: BinaryIO, headers, limit: int) -> bytes:
     """Read a request body framed by Content-Length or chunked transfer coding.
 
+    ``headers``: (name, value) pairs, or a message (its raw items).
+
     Raises BodyError(413) past ``limit`` bytes, BodyError(400) on bad framing, including both
     Content-Length and Transfer-Encoding (RFC 9112 section 6.3: a request smuggling vector).
     A connection that closes early raises BodyError(400).
     """
-    te = headers.get_all("Transfer-Encoding") or []
-    cl = headers.get_all("Content-Length") or []
+    te: List[str] = []
+    cl: List[str] = []
+    for name, value in (headers.raw_items() if hasattr(headers, "raw_items") else headers):
+        lname = name.lower()
+        if lname == "content-length":
+            cl.append(value)
+        elif lname == "transfer-encoding":
+            te.append(value)
     if te:
         if cl:
             raise BodyError(400, "request has both Content-Length and Transfer-Encoding")

@@ -248,6 +248,15 @@ class RoutingTest(ProxyTestCase):
         self.assertEqual(other.next_request().json()["model"], "unknown-model")
         request(proxy.url, path="/v1/messages", body={"model": "claude-sonnet-4-5"})
         self.assertEqual(self.upstream.next_request().path, "/v1/messages")
+        # Routes are remembered per model; a model no glob matches still goes by each request's
+        # path family, and a later request for a known model takes the same provider.
+        request(proxy.url, path="/v1/messages", body={"model": "unknown-model"})
+        self.assertEqual(self.upstream.next_request().path, "/v1/messages")
+        request(proxy.url, body={"model": "unknown-model"})
+        self.assertEqual(other.next_request().json()["model"], "unknown-model")
+        request(proxy.url, body={"model": "llama-3-8b"})
+        self.assertEqual(other.next_request().json()["model"], "llama-3-8b")
+        self.assertEqual([r["provider"] for r in proxy.records()], ["local", "local", "anthropic", "anthropic", "local", "local"])
 
     def test_absolute_form_targets_go_to_the_configured_upstream(self):
         proxy = self.start_proxy()
@@ -271,7 +280,11 @@ class RoutingTest(ProxyTestCase):
         self.assertEqual(json.loads(body)["type"], "error")
         status, _, body = request(proxy.url, path="/favicon.ico", method="GET", headers={})
         self.assertEqual(status, 404)
-        self.assertEqual(len(proxy.records()), 2)
+        recs = proxy.records()
+        self.assertEqual(len(recs), 2)
+        # A request that never left still has its body and an id in its record.
+        self.assertEqual(recs[1]["request_body"], {"model": "claude-x"})
+        self.assertEqual(len(recs[1]["id"]), 26)
 
     def test_provider_key_replaces_client_credentials(self):
         proxy = self.start_proxy([provider("openai", "openai", self.upstream.url, "sk-server-key-123", ["gpt-*"]),
@@ -348,15 +361,19 @@ class LocalEndpointsTest(ProxyTestCase):
     def test_health_and_metrics(self):
         proxy = self.start_proxy()
         request(proxy.url, body=CHAT_BODY)
+        self.replies.append(sse_reply([chunk_event("Hi"), chunk_event("", "stop"), b"data: [DONE]\n\n"]))
+        request(proxy.url, body={"model": "gpt-4o", "stream": True, "messages": []})
         proxy.flush()
         status, _, body = request(proxy.url, method="GET", path="/health", headers={})
         health = json.loads(body)
         self.assertEqual((status, health["status"]), (200, "ok"))
-        self.assertEqual(health["records_written"], 1)
+        self.assertEqual(health["records_written"], 2)
         status, headers, body = request(proxy.url, method="GET", path="/metrics", headers={})
         text = body.decode()
-        self.assertIn('proxy_llm_requests_total{provider="openai",endpoint="/v1/chat/completions",status_class="2xx",model="gpt-*"} 1', text)
-        for name in ("proxy_llm_request_duration_seconds_bucket", "proxy_llm_inflight_requests", "proxy_llm_records_written_total 1",
+        self.assertIn('proxy_llm_requests_total{provider="openai",endpoint="/v1/chat/completions",status_class="2xx",model="gpt-*"} 2', text)
+        # Time to first token: the stream only.
+        self.assertIn('proxy_llm_time_to_first_token_seconds_count{provider="openai",endpoint="/v1/chat/completions"} 1', text)
+        for name in ("proxy_llm_request_duration_seconds_bucket", "proxy_llm_inflight_requests", "proxy_llm_records_written_total 2",
                      "proxy_llm_records_dropped_total 0", "# TYPE proxy_llm_request_duration_seconds histogram",
                      'proxy_llm_tokens_total{provider="openai",model="gpt-*",kind="prompt_tokens"} 9'):
             self.assertIn(name, text)

@@ -7,11 +7,9 @@ import io
 import json
 import random
 import unittest
-from unittest import mock
 
 from proxy_llm import wire
 from proxy_llm.handler import endpoint_label, narrow_accept_encoding
-from proxy_llm import sniff as sniff_module
 from proxy_llm.sniff import sniff, sniff_stream
 from proxy_llm.record import new_id, parse_body, session_file_id
 
@@ -98,16 +96,20 @@ class RedactionTest(unittest.TestCase):
 
 class SniffTest(unittest.TestCase):
     def test_model_and_stream(self):
-        self.assertEqual(sniff(b'{"model": "gpt-4o", "stream": true}'), ("gpt-4o", True))
-        self.assertEqual(sniff(b'{"stream":false,"model":"m\\u00e9"}'), ("m\u00e9", False))
-        self.assertEqual(sniff(b'{"messages":[]}'), (None, False))
+        # The model for routing; the stream flag of an object is left to the recorder (None).
+        self.assertEqual(sniff(b'{"model": "gpt-4o", "stream": true}'), ("gpt-4o", None))
+        self.assertEqual(sniff(b'{"stream":false,"model":"m\\u00e9"}'), ("m\u00e9", None))
+        self.assertEqual(sniff(b'{"model": 4, "stream": true}'), (None, None))
+        self.assertEqual(sniff(b'{"messages":[]}'), (None, None))
         self.assertEqual(sniff(b"not json"), (None, False))
         self.assertEqual(sniff(b""), (None, False))
         # "model" inside a string value is escaped, so it cannot be mistaken for the key.
-        self.assertEqual(sniff(b'{"messages":[{"content":"say \\"model\\": \\"x\\""}],"model":"real"}'), ("real", False))
-        # Ambiguous: a nested "model" key; the full parse finds the top-level one.
+        self.assertEqual(sniff(b'{"messages":[{"content":"say \\"model\\": \\"x\\""}],"model":"real"}'), ("real", None))
+        # A nested "model" key before the top-level one: the bracket count tells them apart.
         body = b'{"tools":[{"parameters":{"model":"nested"}}],"model":"top","stream":true,"x":{"stream":false}}'
-        self.assertEqual(sniff(body), ("top", True))
+        self.assertEqual(sniff(body), ("top", None))
+        self.assertTrue(sniff_stream(body))
+        self.assertFalse(sniff_stream(b'{"model":"m","x":{"stream":true}}'))
 
     def test_large_bodies_with_the_key_at_either_end_or_nested(self):
         history = [{"role": "user", "content": "{[ \"model\": \"no\" ]} " * 40} for _ in range(100)]
@@ -135,10 +137,8 @@ class SniffTest(unittest.TestCase):
             rnd.shuffle(items)
             body = json.dumps(dict(items), ensure_ascii=rnd.random() < 0.5).encode()
             with self.subTest(body=body):
-                self.assertEqual(sniff(body), (obj.get("model"), obj.get("stream") is True))
-                with mock.patch.object(sniff_module, "SMALL", 0):  # the scanner, not json.loads
-                    self.assertEqual(sniff(body), (obj.get("model"), None))
-                    self.assertEqual(sniff_stream(body), obj.get("stream") is True)
+                self.assertEqual(sniff(body), (obj.get("model"), None))
+                self.assertEqual(sniff_stream(body), obj.get("stream") is True)
 
 
 class LabelTest(unittest.TestCase):
