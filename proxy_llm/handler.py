@@ -28,6 +28,7 @@ from .errors import ProxyError
 from .metrics import status_class
 from .record import Exchange, is_event_stream
 from .sniff import sniff
+from .headers import message, take_fields
 from .upstream import connect
 
 log = logging.getLogger("proxy_llm.handler")
@@ -161,22 +162,58 @@ class ProxyHandler(BaseHTTPRequestHandler):
         self.path = path
         self.request_version = "HTTP/1.1" if minor == b"1" else "HTTP/1.0"
         self.close_connection = minor == b"0"
-        try:
-            self.headers = headers = http.client.parse_headers(self.rfile, _class=self.MessageClass)
-        except http.client.LineTooLong as err:
-            self.send_error(431, "Line too long", str(err))
-            return False
-        except http.client.HTTPException as err:
-            self.send_error(431, "Too many headers", str(err))
-            return False
-        connection = headers.get("Connection", "").lower()
+        fields = take_fields(self.rfile)
+        if fields is not None:
+            # Plain fields: self.headers (an HTTPMessage) is built only if something asks.
+            self._message = None
+            self._fields = fields
+        else:
+            try:
+                self.headers = http.client.parse_headers(self.rfile, _class=self.MessageClass)
+            except http.client.LineTooLong as err:
+                self.send_error(431, "Line too long", str(err))
+                return False
+            except http.client.HTTPException as err:
+                self.send_error(431, "Too many headers", str(err))
+                return False
+            fields = list(self._message.raw_items())
+        connection = expect = None
+        for name, value in fields:  # the first of each, as HTTPMessage.get()
+            lname = name.lower()
+            if lname == "connection":
+                if connection is None:
+                    connection = value.lower()
+            elif lname == "expect" and expect is None:
+                expect = value.lower()
         if connection == "close":
             self.close_connection = True
         elif connection == "keep-alive":
             self.close_connection = False
-        if minor == b"1" and headers.get("Expect", "").lower() == "100-continue":
+        if minor == b"1" and expect == "100-continue":
             return self.handle_expect_100()
         return True
+
+    # The request's header fields, as parsed: a plain block is kept as (name, value) pairs, and
+    # the HTTPMessage of BaseHTTPRequestHandler's API made from them when first asked for.
+    _fields: Optional[List[Tuple[str, str]]] = None
+    _message = None
+
+    @property
+    def headers(self):
+        if self._message is None and self._fields is not None:
+            self._message = message(self._fields, self.MessageClass)
+        return self._message
+
+    @headers.setter
+    def headers(self, value) -> None:
+        self._message = value
+        self._fields = None
+
+    def header_fields(self) -> List[Tuple[str, str]]:
+        """The request's (name, value) fields, in order (= ``headers.items()``)."""
+        if self._fields is not None:
+            return list(self._fields)
+        return list(self._message.raw_items())  # = items(): latin-1 values carry no surrogates
 
     def headers_done(self) -> None:
         """The request line and headers are in: bodies and responses have no deadline."""
@@ -254,7 +291,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
             self.send_simple(503, body, ctype, [("Retry-After", "1")])
             return
         self.proxy_key_in_auth = False
-        headers = list(self.headers.raw_items())  # = items(): latin-1 values carry no surrogates
+        headers = self.header_fields()
         recording = server.recorder is not None
         ex = Exchange(self.command, path, query, headers, config.capture_max_body if recording else -1)
         ex.family = errors.family_of(path)

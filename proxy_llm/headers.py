@@ -24,6 +24,7 @@ from __future__ import annotations
 import email.parser
 import http.client
 import re
+from typing import List, Optional, Tuple
 
 _ORIGINAL = http.client.parse_headers
 _READ = getattr(http.client, "_read_headers", None)
@@ -40,31 +41,45 @@ _FIELD = re.compile("([!#$%&'*+\\-.^_`|~0-9A-Za-z]+):[ \t]*([^\r\n\x0b\x0c\x1c-\
 
 def parse_headers(fp, _class=http.client.HTTPMessage):
     """Read a header block from ``fp`` and return it as an ``HTTPMessage`` (see the module)."""
-    peek = getattr(fp, "peek", None)
-    if peek is not None:
-        # The whole block is usually in the reader's buffer already: take it in one read
-        # when it is plain and within the standard library's limits (all lines shorter than
-        # 64 KiB, at most 100 fields); otherwise nothing is consumed and it is read by lines.
-        buf = peek(1)
-        end = buf.find(b"\r\n\r\n", 0, _MAX_BLOCK)
-        if end >= 0:
-            fields = buf[:end + 2]
-            if fields.count(b"\n") < _MAX_FIELDS and _PLAIN_BLOCK.fullmatch(fields) is not None:
-                fp.read(end + 4)
-                return _message(fields, _class)
+    fields = take_fields(fp)
+    if fields is not None:
+        return message(fields, _class)
     lines = _READ(fp)  # raises LineTooLong / HTTPException past the limits, as the original
     block = b"".join(lines)
     end = lines[-1] if lines else b""
-    fields = block[:-len(end)] if end in (b"\r\n", b"\n") else block
-    if _PLAIN_BLOCK.fullmatch(fields) is None:
+    fields_block = block[:-len(end)] if end in (b"\r\n", b"\n") else block
+    if _PLAIN_BLOCK.fullmatch(fields_block) is None:
         return email.parser.Parser(_class=_class).parsestr(block.decode("iso-8859-1"))
-    return _message(fields, _class)
+    return message(_FIELD.findall(fields_block.decode("iso-8859-1")), _class)
 
 
-def _message(fields: bytes, _class):
+def take_fields(fp) -> Optional[List[Tuple[str, str]]]:
+    """The (name, value) fields of a plain header block that is in ``fp``'s buffer already,
+    read from it; None, with nothing read, for any other block (see :func:`parse_headers`).
+
+    The whole block is usually in the reader's buffer: it is taken in one read when it is
+    plain and within the standard library's limits (all lines shorter than 64 KiB, fewer than
+    100 fields).
+    """
+    peek = getattr(fp, "peek", None)
+    if peek is None or _READ is None:
+        return None
+    buf = peek(1)
+    end = buf.find(b"\r\n\r\n", 0, _MAX_BLOCK)
+    if end < 0:
+        return None
+    block = buf[:end + 2]
+    if block.count(b"\n") >= _MAX_FIELDS or _PLAIN_BLOCK.fullmatch(block) is None:
+        return None
+    fp.read(end + 4)
+    return _FIELD.findall(block.decode("iso-8859-1"))
+
+
+def message(fields: List[Tuple[str, str]], _class=http.client.HTTPMessage):
+    """The ``HTTPMessage`` the email parser builds for these plain fields."""
     msg = _class()
     set_raw = msg.set_raw
-    for name, value in _FIELD.findall(fields.decode("iso-8859-1")):
+    for name, value in fields:
         set_raw(name, value)
     msg.set_payload("")
     return msg

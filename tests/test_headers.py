@@ -116,10 +116,14 @@ def parsed(raw: bytes, parse) -> tuple:
     h.client_address = ("127.0.0.1", 0)
     h.raw_requestline = h.rfile.readline(65537)
     ok = parse(h)
+    left = h.rfile.read()  # before anything asks for h.headers, which the fast path builds late
     msg = getattr(h, "headers", None)
+    fields = h.header_fields() if msg is not None else None
+    if fields is not None:
+        assert fields == msg.items(), (fields, msg.items())
     return (ok, h.command, getattr(h, "path", None), h.request_version, h.close_connection,
             getattr(h, "requestline", None), state(msg) if msg is not None else None,
-            h.wfile.getvalue(), h.rfile.read())
+            h.wfile.getvalue(), left)
 
 
 REQUESTS = [
@@ -141,6 +145,8 @@ REQUESTS = [
     b"GET /\r\n",
     b"POST /a HTTP/1.1\r\nFolded: a\r\n b\r\n\r\n",
     b"POST /a HTTP/1.1\r\n" + b"A: 1\r\n" * 100 + b"\r\n",
+    b"POST /a HTTP/1.1\r\nConnection: keep-alive\r\nConnection: close\r\nExpect: nothing\r\nExpect: 100-continue\r\n\r\n",
+    b"GET /a HTTP/1.0\r\nCONNECTION: Keep-Alive\r\n\r\n",
     b"POST /a HTTP/1.1\r\nA: " + b"x" * 70000 + b"\r\n\r\n",
 ]
 
