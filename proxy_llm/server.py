@@ -67,6 +67,10 @@ class ProxyServer(ThreadingHTTPServer):
         super().__init__((host, port), handler_class, bind_and_activate=listener is None)
         if listener is not None:
             # A worker: the parent bound and listens; every worker accepts from that one socket.
+            # Non-blocking: every worker's poll() wakes for a new connection and only one gets
+            # it; the others' accept() must fail at once (BlockingIOError, dropped by
+            # socketserver), not wait for a later connection, which would hold shutdown().
+            listener.setblocking(False)
             self.socket.close()
             self.socket = listener
             self.server_address = listener.getsockname()

@@ -287,8 +287,10 @@ class ProxyProcess:
         full_env.update(env or {})
         full_env["PYTHONPATH"] = ROOT + os.pathsep + full_env.get("PYTHONPATH", "")
         cmd = [python, "-m", "proxy_llm", "--config", self.config_path] + list(args)
+        # Its own process group: a failed test kills the workers of --workers too, not only the
+        # parent (orphaned workers would hold the output pipe and the port).
         self.proc = subprocess.Popen(cmd, cwd=self.tmp, env=full_env, stdin=subprocess.DEVNULL,
-                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
         self.lines: "queue.Queue[Optional[str]]" = queue.Queue()
         self.output: List[str] = []
         self._reader = threading.Thread(target=self._read, daemon=True)
@@ -334,18 +336,23 @@ class ProxyProcess:
         try:
             code = self.proc.wait(timeout)
         except subprocess.TimeoutExpired:
-            self.proc.kill()
+            self.kill_group()
             code = self.proc.wait()
         self._reader.join(DEADLINE)
         return code
+
+    def kill_group(self) -> None:
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except OSError:
+            pass
 
     def log_text(self) -> str:
         return "".join(self.output)
 
     def cleanup(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
+        self.kill_group()  # the parent and any worker still running
+        self.proc.wait()
         self.proc.stdout.close()
         shutil.rmtree(self.tmp, ignore_errors=True)
 

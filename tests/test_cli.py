@@ -10,6 +10,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 import unittest
 
 from tests.support import (DEADLINE, ROOT, FakeUpstream, ProxyProcess, base_config, provider, read_records, request,
@@ -128,6 +129,26 @@ class ServeProcessTest(unittest.TestCase):
         self.assertEqual(len(read_records(self.data_dir)), 10)
         names = os.listdir(os.path.join(self.data_dir, "session_gpt-4o"))
         self.assertTrue(all(n.endswith(("_w0.jsonl", "_w1.jsonl")) for n in names), names)
+
+    def test_workers_spread_connections_and_stop_promptly(self):
+        # Every worker's poll() wakes for each new connection and only one accepts it; the
+        # others must not be left waiting in accept(), which would hold their shutdown.
+        self.gate.set()
+        proc = self.start(workers=2)
+        conns = [http.client.HTTPConnection("127.0.0.1", proc.port, timeout=DEADLINE) for _ in range(16)]
+        pids = []
+        for conn in conns:  # 16 keep-alive connections, all open at once
+            conn.request("GET", "/health")
+            pids.append(json.loads(conn.getresponse().read())["pid"])
+        self.assertEqual(len(set(pids)), 2, "one worker took every connection")
+        self.assertGreaterEqual(min(pids.count(p) for p in set(pids)), 3, sorted(pids))
+        for _ in range(5):  # and a few more, one at a time
+            request(proc.url, method="GET", path="/health", headers={})
+        for conn in conns:
+            conn.close()
+        started = time.monotonic()
+        self.assertEqual(proc.stop(timeout=DEADLINE), 0)
+        self.assertLess(time.monotonic() - started, 10.0, "a worker waited in accept() through shutdown")
 
 
 if __name__ == "__main__":
