@@ -126,7 +126,7 @@ def fingerprint_key(data_dir: str) -> bytes:
     return key
 
 
-def build_server(config: Config, worker: int = 0, listener: Optional[socket.socket] = None):
+def build_server(config: Config, worker: int = 0, reuse_port: bool = False):
     """Create the recorder and the server (listening, not yet serving)."""
     from . import headers
     from .handler import ProxyHandler
@@ -156,7 +156,7 @@ def build_server(config: Config, worker: int = 0, listener: Optional[socket.sock
                             fsync_interval=config.fsync_interval, max_file_size=config.max_file_size,
                             rotate_daily=config.rotate_daily, compress_rotated=config.compress_rotated,
                             file_suffix="_w%d" % worker if config.workers > 1 else "")
-    server = ProxyServer(config, ProxyHandler, recorder, listener=listener, worker=worker)
+    server = ProxyServer(config, ProxyHandler, recorder, reuse_port=reuse_port, worker=worker)
     server_box.append(server)
     if recorder is not None:
         recorder.start()
@@ -174,7 +174,7 @@ class _SignalCount:
         return len(self.received) >= self.n
 
 
-def serve(config: Config, worker: int = 0, listener: Optional[socket.socket] = None) -> int:
+def serve(config: Config, worker: int = 0, reuse_port: bool = False) -> int:
     received: List[int] = []
     stop = _SignalCount(received, 1)
     hurry = _SignalCount(received, 2)
@@ -186,7 +186,7 @@ def serve(config: Config, worker: int = 0, listener: Optional[socket.socket] = N
         received.append(signum)
 
     try:
-        server = build_server(config, worker, listener)
+        server = build_server(config, worker, reuse_port)
     except OSError as exc:
         log.error("cannot listen on %s: %s", config.listen, exc.strerror or exc)
         return 1
@@ -220,31 +220,27 @@ def serve(config: Config, worker: int = 0, listener: Optional[socket.socket] = N
 
 
 def serve_workers(config: Config) -> int:
-    """Run ``workers`` processes accepting from one listening socket.
+    """Run ``workers`` processes on one port with SO_REUSEPORT (the kernel spreads connections).
 
-    The parent binds and listens (resolving port 0), forks the workers, which inherit the
-    socket and each accept from it, then closes its own copy; it forwards SIGTERM/SIGINT to
-    them and exits 0 when all did. One shared socket rather than one socket per worker with
-    SO_REUSEPORT: the kernel hands a connection to a worker waiting in accept(), which spreads
-    a few long-lived keep-alive connections evenly, where SO_REUSEPORT's hash of the client's
-    address and port often gives one worker most of them (and on BSD and macOS, all).
+    The parent binds the port first (resolving port 0) and holds it without listening, so the
+    workers all bind the same port; it forwards SIGTERM/SIGINT to them and exits 0 when all did.
     """
     host, port = parse_listen(config.listen)
-    if not hasattr(os, "fork"):
-        log.error("--workers %d needs fork(), which this system lacks; use --workers 1", config.workers)
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    reuse_port = hasattr(socket, "SO_REUSEPORT")
+    if not reuse_port or not hasattr(os, "fork"):
+        log.error("--workers %d needs fork() and SO_REUSEPORT, which this system lacks; use --workers 1",
+                  config.workers)
         return 2
-    from .server import ProxyServer
-
-    listener = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    holder = socket.socket(family, socket.SOCK_STREAM)
+    holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     try:
-        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        listener.bind((host, port))
-        listener.listen(ProxyServer.request_queue_size)
+        holder.bind((host, port))
     except OSError as exc:
         log.error("cannot listen on %s: %s", config.listen, exc.strerror or exc)
-        listener.close()
         return 1
-    port = listener.getsockname()[1]
+    port = holder.getsockname()[1]
     from dataclasses import replace
 
     config = replace(config, listen="%s:%d" % ("[%s]" % host if ":" in host else host, port))
@@ -254,12 +250,12 @@ def serve_workers(config: Config) -> int:
         if pid == 0:
             code = 1
             try:
-                code = serve(config, worker=worker, listener=listener)
+                holder.close()
+                code = serve(config, worker=worker, reuse_port=reuse_port)
             finally:
                 logging.shutdown()
                 os._exit(code)
         children[pid] = worker
-    listener.close()  # the workers hold it; connections must not queue where nobody accepts
     stopping = []
 
     def forward(signum, frame):
@@ -288,4 +284,5 @@ def serve_workers(config: Config) -> int:
             status = 1
         if not stopping:
             log.error("worker %d exited (%s) before shutdown", worker, exit_code)
+    holder.close()
     return status

@@ -43,9 +43,10 @@ class ProxyServer(ThreadingHTTPServer):
     allow_reuse_address = True
 
     def __init__(self, config: Config, handler_class, recorder: Optional[Recorder] = None,
-                 listener: Optional[socket.socket] = None, worker: int = 0):
+                 reuse_port: bool = False, worker: int = 0):
         host, port = config.host_port
         self.address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        self.reuse_port = reuse_port
         self.config = config
         self.recorder = recorder
         self.worker = worker
@@ -64,17 +65,7 @@ class ProxyServer(ThreadingHTTPServer):
             queue_depth=lambda: recorder.queue.qsize() if recorder else 0,
             connections=lambda: self.connections,
         )
-        super().__init__((host, port), handler_class, bind_and_activate=listener is None)
-        if listener is not None:
-            # A worker: the parent bound and listens; every worker accepts from that one socket.
-            # Non-blocking: every worker's poll() wakes for a new connection and only one gets
-            # it; the others' accept() must fail at once (BlockingIOError, dropped by
-            # socketserver), not wait for a later connection, which would hold shutdown().
-            listener.setblocking(False)
-            self.socket.close()
-            self.socket = listener
-            self.server_address = listener.getsockname()
-            self.server_name, self.server_port = self.server_address[:2]
+        super().__init__((host, port), handler_class)
         self._stop_watch = threading.Event()
         self.model_routes: dict = {}  # model -> (provider, glob) or no match: the glob walk once per model
         self._watchdog = threading.Thread(target=self._watch, name="proxy_llm-watchdog", daemon=True)
@@ -83,6 +74,8 @@ class ProxyServer(ThreadingHTTPServer):
     def server_bind(self) -> None:
         # HTTPServer.server_bind calls socket.getfqdn(), a reverse DNS lookup that stalls for
         # 30 s on air-gapped hosts; the name is never used, so bind without it.
+        if self.reuse_port and hasattr(socket, "SO_REUSEPORT"):
+            self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         socketserver.TCPServer.server_bind(self)
         host, port = self.server_address[:2]
         self.server_name = host
