@@ -176,7 +176,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
             except http.client.HTTPException as err:
                 self.send_error(431, "Too many headers", str(err))
                 return False
-            fields = list(self._message.raw_items())
+            fields = self.header_fields()
         connection = expect = None
         for name, value in fields:  # the first of each, as HTTPMessage.get()
             lname = name.lower()
@@ -334,8 +334,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
             ex.client_sock = self.connection
             resp, conn = self.send_upstream(ex, headers, body)
         except ProxyError as exc:
-            if body and not ex.request.size:  # the request never left: captured here instead
-                ex.request.add(0.0, body)
+            ex.capture_request(body)  # when the request never left
             self.answer_error(ex, exc)
             return
         self.relay(ex, resp, conn)
@@ -436,8 +435,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
                 # The upstream has the request: what is not needed to send it is done while
                 # it thinks, not before (cold, each costs the client several microseconds).
                 ex.assign_id()
-                if body and not ex.request.size:  # not again on the one retry
-                    ex.request.add(0.0, body)
+                ex.capture_request(body)
                 resp = conn.getresponse()
             except socket.timeout:
                 pool.discard(conn)

@@ -47,10 +47,10 @@ def parse_headers(fp, _class=http.client.HTTPMessage):
     lines = _READ(fp)  # raises LineTooLong / HTTPException past the limits, as the original
     block = b"".join(lines)
     end = lines[-1] if lines else b""
-    fields_block = block[:-len(end)] if end in (b"\r\n", b"\n") else block
-    if _PLAIN_BLOCK.fullmatch(fields_block) is None:
+    fields = _plain_fields(block[:-len(end)] if end in (b"\r\n", b"\n") else block)
+    if fields is None:
         return email.parser.Parser(_class=_class).parsestr(block.decode("iso-8859-1"))
-    return message(_FIELD.findall(fields_block.decode("iso-8859-1")), _class)
+    return message(fields, _class)
 
 
 def take_fields(fp) -> Optional[List[Tuple[str, str]]]:
@@ -69,9 +69,16 @@ def take_fields(fp) -> Optional[List[Tuple[str, str]]]:
     if end < 0:
         return None
     block = buf[:end + 2]
-    if block.count(b"\n") >= _MAX_FIELDS or _PLAIN_BLOCK.fullmatch(block) is None:
+    fields = _plain_fields(block) if block.count(b"\n") < _MAX_FIELDS else None
+    if fields is not None:
+        fp.read(end + 4)
+    return fields
+
+
+def _plain_fields(block: bytes) -> Optional[List[Tuple[str, str]]]:
+    """The (name, value) fields of a block of plain lines (each with its line end), or None."""
+    if _PLAIN_BLOCK.fullmatch(block) is None:
         return None
-    fp.read(end + 4)
     return _FIELD.findall(block.decode("iso-8859-1"))
 
 

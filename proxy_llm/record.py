@@ -170,6 +170,12 @@ class Exchange:
             self.id = new_id(self.wall_start)
         return self.id
 
+    def capture_request(self, body: bytes) -> None:
+        """Keep the request body, once (the handler calls this after the send, which may be
+        retried, and again when the request never left)."""
+        if body and not self.request.size:
+            self.request.add(0.0, body)
+
     def elapsed_ms(self) -> float:
         return (time.perf_counter() - self.t0) * 1000.0
 

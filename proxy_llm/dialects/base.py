@@ -167,21 +167,14 @@ def make_usage(prompt=None, completion=None, total=None, cached=None,
     prompt + completion when the upstream sent both but no total. Returns
     None when nothing was sent.
     """
-    # type(v) is int: a JSON integer, never a bool (the same test as is_int, without a call
-    # per count: this runs once per record on the writer thread).
+    # type(v) is int: a JSON integer, never a bool (is_int's test, without a call per count).
     out = {}
-    if type(prompt) is int:
-        out["prompt_tokens"] = prompt
-    if type(completion) is int:
-        out["completion_tokens"] = completion
-    if type(total) is int:
-        out["total_tokens"] = total
-    if type(cached) is int:
-        out["cached_tokens"] = cached
-    if type(cache_creation) is int:
-        out["cache_creation_tokens"] = cache_creation
-    if type(reasoning) is int:
-        out["reasoning_tokens"] = reasoning
+    for key, value in (("prompt_tokens", prompt), ("completion_tokens", completion),
+                       ("total_tokens", total), ("cached_tokens", cached),
+                       ("cache_creation_tokens", cache_creation),
+                       ("reasoning_tokens", reasoning)):
+        if type(value) is int:
+            out[key] = value
     if not out:
         return None
     if "total_tokens" not in out and "prompt_tokens" in out and "completion_tokens" in out:

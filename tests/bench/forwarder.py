@@ -138,15 +138,21 @@ class Server(ThreadingHTTPServer):
         self.server_name, self.server_port = self.server_address[:2]
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m tests.bench.forwarder")
+def parse_addresses(prog: str, argv=None):
+    """``--listen HOST:PORT --upstream HOST:PORT`` -> ((host, port), (host, port))."""
+    ap = argparse.ArgumentParser(prog=prog)
     ap.add_argument("--listen", default="127.0.0.1:0")
     ap.add_argument("--upstream", required=True, help="HOST:PORT")
     args = ap.parse_args(argv)
     host, _, port = args.listen.rpartition(":")
     uhost, _, uport = args.upstream.rpartition(":")
-    server = Server((host, int(port)), Handler)
-    server.pool = Pool(uhost, int(uport))
+    return (host, int(port)), (uhost, int(uport))
+
+
+def main(argv=None) -> int:
+    listen, upstream = parse_addresses("python -m tests.bench.forwarder", argv)
+    server = Server(listen, Handler)
+    server.pool = Pool(*upstream)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *a: stop.set())
     signal.signal(signal.SIGINT, lambda *a: stop.set())

@@ -12,11 +12,12 @@ logs ``listening on http://127.0.0.1:PORT`` to stderr.
 """
 from __future__ import annotations
 
-import argparse
 import signal
 import socket
 import sys
 import threading
+
+from tests.bench.forwarder import parse_addresses
 
 
 def _pump(src: socket.socket, dst: socket.socket) -> None:
@@ -53,16 +54,10 @@ def _serve(client: socket.socket, upstream: tuple) -> None:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m tests.bench.relay")
-    ap.add_argument("--listen", default="127.0.0.1:0")
-    ap.add_argument("--upstream", required=True, help="HOST:PORT")
-    args = ap.parse_args(argv)
-    host, _, port = args.listen.rpartition(":")
-    uhost, _, uport = args.upstream.rpartition(":")
-    upstream = (uhost, int(uport))
+    (host, port), upstream = parse_addresses("python -m tests.bench.relay", argv)
     listener = socket.socket()
     listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    listener.bind((host, int(port)))
+    listener.bind((host, port))
     listener.listen(4096)  # 2,000 streams connect at once
     stop = threading.Event()
 
