@@ -60,6 +60,7 @@ MAX_OPEN_FILES = 128
 BATCH_MAX = 512
 GATHER_WINDOW = 0.002  # seconds the writer waits after a lone record for others to join it
 GATHER_BELOW = 16      # ...unless this many are queued already
+PACE_SLICE = 0.001     # seconds of encoding after which the writer rests as long (see _encode_all)
 # The file-name form of a session id (record.session_file_id makes it); anything else is hashed
 # again here, so no caller can make the recorder write outside the data dir.
 _SAFE_SID = re.compile(r"[A-Za-z0-9._-]{1,64}\Z")
@@ -206,6 +207,8 @@ class Recorder:
         self._last_sync = time.monotonic()
         self._compressor: Optional[threading.Thread] = None
         self._to_compress: "queue.Queue[object]" = queue.Queue()
+        self.busy_clock = time.perf_counter  # how long encoding takes (see _encode_all)
+        self.rest = time.sleep
 
     # -- request-thread side -------------------------------------------------------------
 
@@ -291,17 +294,31 @@ class Recorder:
 
     def _encode_all(self, batch: Iterable[object]) -> Dict[Tuple[str, str], List[bytes]]:
         groups: Dict[Tuple[str, str], List[bytes]] = {}
+        clock = self.busy_clock
+        rest = self.rest
+        busy = 0.0
         for n, item in enumerate(batch):
-            if n:
+            if busy >= PACE_SLICE and not self._closed:
+                # A burst (thousands of streams ending together, each record a few hundred
+                # microseconds to encode) would otherwise hold the interpreter, and a core, for
+                # as long as it lasts: the writer rests as long as it worked, so it takes at most
+                # half of either and the frames still being relayed keep moving. The backlog
+                # drains a little later; at shutdown it drains at full speed.
+                rest(busy)
+                busy = 0.0
+            elif n:
                 # Encoding holds the GIL; between records, let the relaying threads run, so a
                 # batch of stream records never delays a frame by a whole switch interval.
-                time.sleep(0)
+                rest(0)
+            t = clock()
             try:
                 lines = self.encode(item)
             except Exception:  # a bug in encoding must not kill the writer thread
                 log.exception("could not encode a record; it is dropped")
                 self._count_drop("encode_error", 1)
                 continue
+            finally:
+                busy += clock() - t
             for kind, sid, line in lines:
                 groups.setdefault((kind, safe_sid(sid)), []).append(line)
         return groups

@@ -209,6 +209,44 @@ class GroupCommitTest(RecorderTestCase):
             self.assertEqual(self.ops.ops_on(path)[:2], ["open", "fsync"])
 
 
+class PacingTest(RecorderTestCase):
+    """Under a burst the writer rests as long as it encoded (on a fake clock: no timing here)."""
+
+    def paced(self, per_record: float):
+        rec = self.recorder(start=False)
+        now = [0.0]
+        rests: List[float] = []
+
+        def slow_encode(item):
+            now[0] += per_record
+            return encode(item)
+
+        rec.encode = slow_encode
+        rec.busy_clock = lambda: now[0]
+        rec.rest = rests.append
+        return rec, rests
+
+    def test_a_burst_of_slow_records_rests_after_each_slice(self):
+        rec, rests = self.paced(0.0004)
+        groups = rec._encode_all([line("s", n) for n in range(10)])
+        self.assertEqual(len(groups[(RECORDS, "s")]), 10)  # every record still encoded, in order
+        # 0.4 ms each: after three (1.2 ms >= the 1 ms slice) a rest of 1.2 ms, three times;
+        # a plain hand-off (rest(0)) between the others.
+        self.assertEqual([round(r, 6) for r in rests if r], [0.0012] * 3)
+        self.assertEqual(rests.count(0), 9 - 3)
+
+    def test_quick_records_only_hand_off(self):
+        rec, rests = self.paced(0.00002)
+        rec._encode_all([line("s", n) for n in range(40)])  # 0.8 ms in all
+        self.assertEqual(rests, [0] * 39)
+
+    def test_no_rest_once_closing(self):
+        rec, rests = self.paced(0.0004)
+        rec._closed = True  # close() drains the backlog at full speed
+        rec._encode_all([line("s", n) for n in range(10)])
+        self.assertEqual(rests, [0] * 9)
+
+
 class RotationTest(RecorderTestCase):
     def test_rotation_by_size_seals_and_keeps_every_line_in_order(self):
         rec = self.recorder(max_file_size=1000, fsync="never")
