@@ -141,6 +141,15 @@ class SSEDecoder(object):
         data = bytes(data)
         pos = 0
         n = len(data)
+        if (not self._line_parts and not self._has_lines and not self._skipping and not self._pending_cr
+                and n <= self.max_event_size and b"\r" not in data):
+            # The common read: whole events with LF line ends, nothing held from the last one.
+            # Split on the blank lines at once instead of line by line; the fields go through
+            # the same _field(), and no event can pass the bound (the read itself does not).
+            end = data.rfind(b"\n\n")
+            if end >= 0:
+                self._whole_events(data[:end], out)
+                pos = end + 2
         if self._pending_cr:
             self._pending_cr = False
             if data[0:1] == b"\n":
@@ -185,6 +194,20 @@ class SSEDecoder(object):
         return out
 
     # -- internals -----------------------------------------------------
+
+    def _whole_events(self, blocks, out):
+        # ``blocks``: complete events separated by blank lines, LF only, no line end after the
+        # last one. Extra blank lines show up as LFs at the ends of a block: with no line held
+        # they are no-ops, as in _end_line.
+        field = self._field
+        for block in blocks.split(b"\n\n"):
+            block = block.strip(b"\n")
+            if not block:
+                continue
+            for line in block.split(b"\n"):
+                field(line)
+            self._raw = [block, b"\n"]
+            self._dispatch(out)
 
     def _add_partial(self, chunk):
         if not chunk:

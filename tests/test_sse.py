@@ -102,6 +102,33 @@ class SSEDecoderTest(unittest.TestCase):
                 got = feed_all(SSEDecoder(), split_at(data, [i, j]))
                 self.assertEqual(got, want, (i, j))
 
+    def test_whole_event_reads_decode_as_line_by_line(self):
+        # Reads of whole LF-terminated events take a shorter path (split on blank lines). The
+        # same bytes fed one at a time never can: both must give the same events, truncation
+        # flag included, whatever the reads look like.
+        rng = random.Random(4321)
+        lines = [b"data: {\"a\": 1}", b"data:x", b"data", b"event: delta", b"id: 7", b"id: a\x00b",
+                 b"retry: 15", b"retry: 1x", b": keep-alive", b":", b"data: \xe4\xb8\x96 \xff\xe4\xb8",
+                 b"\xef\xbb\xbfdata: bom", b"field: ignored", b"data: " + b"y" * 40, b"data: [DONE]"]
+        for case in range(400):
+            blocks = []
+            for _ in range(rng.randrange(1, 6)):
+                block = b"\n".join(rng.choice(lines) for _ in range(rng.randrange(1, 4)))
+                blocks.append(block + b"\n" * rng.choice((2, 2, 2, 3, 4)))
+            data = (b"\n" * rng.choice((0, 0, 1, 2))) + b"".join(blocks)
+            if rng.random() < 0.3:
+                data += rng.choice(lines)  # a tail still waiting for its line end
+            if rng.random() < 0.1:
+                data = data.replace(b"\n", b"\r\n", 1)  # not LF only: the line-by-line path
+            bound = rng.choice((16, 64, 1 << 20))
+            slow = SSEDecoder(max_event_size=bound)
+            want = feed_all(slow, [data[i:i + 1] for i in range(len(data))])
+            cuts = sorted(rng.randrange(len(data) + 1) for _ in range(rng.randrange(0, 4)))
+            fast = SSEDecoder(max_event_size=bound)
+            got = feed_all(fast, split_at(data, cuts))
+            self.assertEqual(got, want, (case, data, cuts, bound))
+            self.assertEqual(fast.truncated, slow.truncated, (case, data))
+
     def test_random_garbage_never_raises_and_stays_bounded(self):
         rng = random.Random(1234)
         alphabet = b"data: event:id:retry:\r\n\n\r:\xff\xfe\xe4\xb8{}[]\"\\ ,x0"
