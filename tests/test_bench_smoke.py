@@ -7,14 +7,19 @@ once with the exact content.  Never timing: this machine may be busy.
 """
 from __future__ import annotations
 
+import json
+import os
+import shutil
 import sys
+import tempfile
 import unittest
 
-from tests.bench import run
+from tests.bench import records, run, wrk
 
 
-def tiny_options():
-    opts = run.parse_args(["--quick", "--silent", "--targets", "direct,relay,forwarder,rec_on"])
+def tiny_options(*extra):
+    opts = run.parse_args(["--quick", "--silent", "--targets", "direct,relay,forwarder,rec_on", "--loadgen", "python"]
+                          + list(extra))
     opts.settle_s = 0.0
     opts.rounds = 1
     opts.latency_s = 0.2
@@ -69,6 +74,57 @@ class BenchSmokeTest(unittest.TestCase):
         table, verdicts = run.render(self.figs, self.opts.targets)
         self.assertIn("| rec_on |", table)
         self.assertTrue(any("records matched" in line for line, _, _ in verdicts))
+
+
+@unittest.skipUnless(sys.platform.startswith("linux"), "the benchmark reads /proc and uses SO_REUSEPORT")
+@unittest.skipUnless(wrk.path(), "wrk is not installed (optional: the saturation load of the benchmark)")
+class WrkSmokeTest(unittest.TestCase):
+    """The saturation scenarios under wrk, and the record count that replaces the id check."""
+
+    def test_saturation_under_wrk_answers_and_records_every_request(self):
+        opts = tiny_options("--loadgen", "wrk", "--targets", "rec_on", "--scenarios", "sat16,verify")
+        self.assertTrue(opts.use_wrk)
+        bench = run.Bench(opts)
+        f = bench.run()["rec_on"]
+        self.assertEqual(f["errors"], 0, f.get("_samples"))
+        self.assertGreater(f["s16_rps"], 0)
+        self.assertGreater(f["s16_p99"], 0)
+        tally = bench.tallies[("sat16", "rec_on")]
+        self.assertGreater(tally.unnamed_ok, 0)
+        self.assertEqual(tally.lat, [])  # wrk's percentiles, not the asyncio client's
+        rec = f["rec"]
+        self.assertEqual(rec["problems"], [])
+        self.assertEqual(rec["expected"], len(bench.warm_ids["rec_on"]) + len(run.verify_requests("127.0.0.1", 1))
+                         + tally.unnamed_ok)
+        self.assertEqual(rec["matched"], rec["expected"])
+
+
+class RecordCountTest(unittest.TestCase):
+    """records.check for answers whose ids the client did not see (wrk): counted, not named."""
+
+    def check(self, ids_in_files, named, unnamed):
+        tmp = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, tmp, True)
+        os.makedirs(os.path.join(tmp, "session_x"))
+        with open(os.path.join(tmp, "session_x", "records.jsonl"), "w") as f:
+            for rid in ids_in_files:
+                f.write(json.dumps({"id": rid}) + "\n")
+        return records.check(tmp, named, [], unnamed)
+
+    def test_counts(self):
+        ok = self.check(["a", "u1", "u2", "u3"], ["a"], (3, 5))
+        self.assertEqual((ok["expected"], ok["matched"], ok["problems"]), (4, 4, []))
+        cut = self.check(["a", "u1", "u2", "u3", "u4", "u5"], ["a"], (3, 5))  # up to 5 answered or cut
+        self.assertEqual((cut["matched"], cut["problems"]), (4, []))
+        short = self.check(["a", "u1", "u2"], ["a"], (3, 5))
+        self.assertEqual((short["matched"], short["missing"]), (3, 1))
+        self.assertTrue(short["problems"])
+        extra = self.check(["a", "u1", "u2", "u3", "u4", "u5", "u6"], ["a"], (3, 5))
+        self.assertEqual(extra["duplicated"], 1)
+        self.assertTrue(extra["problems"])
+        twice = self.check(["a", "u1", "u1", "u2"], ["a"], (3, 5))
+        self.assertEqual(twice["duplicated"], 1)
+        self.assertTrue(twice["problems"])
 
 
 if __name__ == "__main__":

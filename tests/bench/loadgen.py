@@ -247,6 +247,9 @@ class Tally:
         self.max_open = 0
         self.error_samples = []
         self.round_rps = []    # one entry per segment merged in (robust median across rounds)
+        self.round_pct = []    # (p50, p90, p99) per segment when lat is not kept (tests/bench/wrk.py)
+        self.unnamed_ok = 0    # successful answers whose record id was not seen (wrk)
+        self.unnamed_answered = 0
 
     def merge(self, other: "Tally") -> None:
         for k, v in other.__dict__.items():

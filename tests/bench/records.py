@@ -72,9 +72,14 @@ def recorded_text(response_body) -> str:
     return None
 
 
-def check(data_dir: str, record_ids, exchanges) -> dict:
+def check(data_dir: str, record_ids, exchanges, unnamed=(0, 0)) -> dict:
     """Returns {"expected", "matched", "missing", "duplicated", "content_checked",
-    "content_ok", "problems": [first few descriptions]}."""
+    "content_ok", "problems": [first few descriptions]}.
+
+    ``unnamed`` is (successful answers, all answers) whose record ids the client did not see
+    (wrk): the records with ids outside ``record_ids`` must number at least the first and at
+    most the second (an error answer has a record too, and so may a request cut when the load
+    stopped: wrk counts one per connection there), each id once."""
     records = load_records(data_dir)
     result = {"expected": 0, "matched": 0, "missing": 0, "duplicated": 0,
               "content_checked": 0, "content_ok": 0, "problems": []}
@@ -99,6 +104,25 @@ def check(data_dir: str, record_ids, exchanges) -> dict:
             result["duplicated"] += 1
             if len(problems) < 8:
                 problems.append("%d records for %s" % (n, rid))
+    ok, answered = unnamed
+    if ok or answered:
+        others = [rid for rid in records if rid not in seen]
+        n = sum(len(records[rid]) for rid in others)
+        twice = sum(1 for rid in others if len(records[rid]) > 1)
+        result["expected"] += ok
+        result["duplicated"] += twice
+        if twice and len(problems) < 8:
+            problems.append("%d ids with more than one record" % twice)
+        if n < ok:
+            result["matched"] += n
+            result["missing"] += ok - n
+            if len(problems) < 8:
+                problems.append("%d records for %d answers the client saw no id for" % (n, ok))
+        else:
+            result["matched"] += ok
+            if n > answered and len(problems) < 8:
+                result["duplicated"] += n - answered
+                problems.append("%d records for at most %d answers (%d successful) with no id seen" % (n, answered, ok))
     for sent_body, resp in exchanges:
         result["content_checked"] += 1
         recs = records.get(resp.record_id) or []
