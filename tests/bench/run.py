@@ -590,7 +590,9 @@ def write_results(text: str, args) -> None:
             "cores, and other work on the machine shows up mostly in the p99 figures. relay is a TCP "
             "relay with no HTTP at all: relay minus direct is what the extra hop and thread wake-ups "
             "cost by themselves, forwarder minus relay what the standard library's HTTP server and "
-            "client cost.\n\n"
+            "client cost. The 16/64-connection and 100 KB scenarios are driven by wrk when it is "
+            "installed (the command line says so; tests/bench/wrk.py), and their p50/p99 are then the "
+            "median of each round's own percentiles.\n\n"
             % machine())
     with open(path, "w") as f:
         f.write(head + "```\n" + text.split("\n\n", 1)[0] + "\n```\n\n" + text.split("\n\n", 1)[1] + "\n")
