@@ -595,9 +595,9 @@ class ProxyHandler(BaseHTTPRequestHandler):
         server = self.server
         m = server.metrics
         provider = ex.provider.name if ex.provider is not None else "none"
-        ex.sse = ex.status is not None and is_event_stream(
+        sse = ex.status is not None and is_event_stream(
             ", ".join([v for n, v in ex.resp_headers if n.lower() == "content-type"]))
-        ttft = ex.ttft / 1000.0 if (ex.stream or ex.sse) and ex.ttft is not None else None
+        ttft = ex.ttft / 1000.0 if (ex.stream or sse) and ex.ttft is not None else None
         m.exchange(provider, ex.endpoint_label, status_class(ex.status), ex.model_label, ex.duration / 1000.0, ttft)
         if server.recorder is not None:
             server.recorder.submit(ex)

@@ -139,7 +139,7 @@ class Exchange:
         "id", "wall_start", "t0", "method", "path", "query", "req_headers", "request", "provider",
         "provider_type", "family", "model", "model_label", "stream", "status", "resp_headers", "response",
         "ended", "error", "ttft", "duration", "endpoint_label", "upstream_conn", "cancelled",
-        "client_sock", "client_gone", "timed_out", "sse",
+        "client_sock", "client_gone", "timed_out",
     )
 
     def __init__(self, method: str, path: str, query: str, req_headers: List[Tuple[str, str]], capture_limit: int):
@@ -158,7 +158,6 @@ class Exchange:
         self.model: Optional[str] = None
         self.model_label = "other"
         self.stream: Optional[bool] = False  # None: not settled on the request thread
-        self.sse = False              # the response is text/event-stream
         self.status: Optional[int] = None
         self.resp_headers: List[Tuple[str, str]] = []
         self.ended = "completed"

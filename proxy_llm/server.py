@@ -218,6 +218,9 @@ class ProxyServer(ThreadingHTTPServer):
             pool.close()
 
 
+FULL_GC_EVERY = 100  # young collections before a full one (the default is 10); see tune_gc
+
+
 def tune_gc() -> None:
     """Keep the cyclic garbage collector's pauses away from open streams.
 
@@ -232,9 +235,6 @@ def tune_gc() -> None:
     gc.freeze()
     young, middle, _ = gc.get_threshold()
     gc.set_threshold(young, middle, FULL_GC_EVERY)
-
-
-FULL_GC_EVERY = 100
 
 
 def _client_gone(sock: socket.socket) -> bool:

@@ -63,10 +63,10 @@ def end_to_end(headers: Sequence[Tuple[str, str]], drop: Iterable[str] = ()) -> 
     return out
 
 
-def read_body(rfile: BinaryIO, headers, limit: int) -> bytes:
+def read_body(rfile: BinaryIO, headers: Iterable[Tuple[str, str]], limit: int) -> bytes:
     """Read a request body framed by Content-Length or chunked transfer coding.
 
-    ``headers``: (name, value) pairs, or a message (its raw items).
+    ``headers``: the request's (name, value) pairs.
 
     Raises BodyError(413) past ``limit`` bytes, BodyError(400) on bad framing, including both
     Content-Length and Transfer-Encoding (RFC 9112 section 6.3: a request smuggling vector).
@@ -74,7 +74,7 @@ def read_body(rfile: BinaryIO, headers, limit: int) -> bytes:
     """
     te: List[str] = []
     cl: List[str] = []
-    for name, value in (headers.raw_items() if hasattr(headers, "raw_items") else headers):
+    for name, value in headers:
         lname = name.lower()
         if lname == "content-length":
             cl.append(value)
