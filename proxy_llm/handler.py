@@ -301,7 +301,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
         finally:
             ex.duration = ex.elapsed_ms()
             ex.client_sock = None
-            ex.upstream_conn = None
+            ex.upstream_sock = None
             try:
                 self.finish_exchange(ex)
             finally:
@@ -424,11 +424,14 @@ class ProxyHandler(BaseHTTPRequestHandler):
         out_headers = self.upstream_headers(ex, headers, body)
         for attempt in (0, 1):
             conn, reused = pool.acquire()
-            ex.upstream_conn = conn
             try:
                 if conn.sock is None:
-                    connect(conn)
-                conn.sock.settimeout(config.response_header_timeout)
+                    connect(conn)  # within connect_timeout; the socket blocks from then on
+                # The socket itself, not the connection: http.client lets go of the socket of a
+                # response that ends with a close (the response reads it), and it must be cut too.
+                ex.upstream_sock = conn.sock
+                # The watchdog cuts the connection if no response head came by then.
+                ex.upstream_deadline = time.perf_counter() + config.response_header_timeout
                 conn.putrequest(self.command, target, skip_host=True, skip_accept_encoding=True)
                 conn.put_headers(out_headers)
                 conn.send_request_body(body)
@@ -437,25 +440,25 @@ class ProxyHandler(BaseHTTPRequestHandler):
                 ex.assign_id()
                 ex.capture_request(body)
                 resp = conn.getresponse()
-            except socket.timeout:
-                pool.discard(conn)
-                server_metrics_error(self.server, ex, "timeout")
-                if ex.cancelled:
-                    raise errors.UpstreamUnavailable("proxy shutting down") from None
-                raise errors.UpstreamTimeout("upstream %s did not answer in time" % ex.provider.name) from None
-            except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError) as exc:
-                pool.discard(conn)
-                if reused and attempt == 0 and not ex.cancelled and not ex.client_gone:
-                    continue  # a stale keep-alive connection: retry once on a fresh one
-                server_metrics_error(self.server, ex, "connection")
-                raise errors.UpstreamUnavailable("upstream %s closed the connection: %s" % (
-                    ex.provider.name, type(exc).__name__)) from None
             except (OSError, http.client.HTTPException) as exc:
                 pool.discard(conn)
+                if ex.upstream_late or isinstance(exc, socket.timeout):
+                    # Cut by the watchdog (response_header_timeout), or connect_timeout passed.
+                    server_metrics_error(self.server, ex, "timeout")
+                    if ex.cancelled:
+                        raise errors.UpstreamUnavailable("proxy shutting down") from None
+                    raise errors.UpstreamTimeout("upstream %s did not answer in time" % ex.provider.name) from None
+                if isinstance(exc, (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError)):
+                    if reused and attempt == 0 and not ex.cancelled and not ex.client_gone and not ex.timed_out:
+                        continue  # a stale keep-alive connection: retry once on a fresh one
+                    server_metrics_error(self.server, ex, "connection")
+                    raise errors.UpstreamUnavailable("upstream %s closed the connection: %s" % (
+                        ex.provider.name, type(exc).__name__)) from None
                 server_metrics_error(self.server, ex, "connection")
                 raise errors.UpstreamUnavailable("upstream %s unreachable: %s" % (
                     ex.provider.name, exc.strerror if isinstance(exc, OSError) and exc.strerror else type(exc).__name__)) from None
-            conn.sock.settimeout(config.stream_idle_timeout)
+            # From here on the limit is the time between reads of the body.
+            ex.upstream_deadline = time.perf_counter() + config.stream_idle_timeout
             return resp, conn
         raise AssertionError("unreachable")
 
@@ -489,11 +492,11 @@ class ProxyHandler(BaseHTTPRequestHandler):
                 # One write for headers and a small body.
                 try:
                     data = resp.read() if not no_body else b""
-                except socket.timeout:
-                    self.upstream_failed(ex, "timeout", "upstream stalled while sending the body")
-                    return
                 except (OSError, http.client.HTTPException) as exc:
-                    self.upstream_failed(ex, "upstream_error", "upstream failed while sending the body: %s" % type(exc).__name__)
+                    if ex.upstream_late:
+                        self.upstream_failed(ex, "timeout", "upstream stalled while sending the body")
+                    else:
+                        self.upstream_failed(ex, "upstream_error", "upstream failed while sending the body: %s" % type(exc).__name__)
                     return
                 now = (time.perf_counter() - t0) * 1000.0
                 if data:
@@ -513,18 +516,22 @@ class ProxyHandler(BaseHTTPRequestHandler):
                 return
             ex.client_sock = self.connection
             read1 = resp.read1
+            perf_counter = time.perf_counter
+            idle = self.server.config.stream_idle_timeout
             while True:
                 try:
                     data = read1(65536)
-                except socket.timeout:
-                    self.upstream_failed(ex, "timeout", "upstream stream idle for more than %s s" % self.server.config.stream_idle_timeout)
-                    return
                 except (OSError, ValueError, http.client.HTTPException) as exc:
-                    self.upstream_failed(ex, "upstream_error", "upstream stream broke: %s" % type(exc).__name__)
+                    if ex.upstream_late:
+                        self.upstream_failed(ex, "timeout", "upstream stream idle for more than %s s" % idle)
+                    else:
+                        self.upstream_failed(ex, "upstream_error", "upstream stream broke: %s" % type(exc).__name__)
                     return
                 if not data:
                     break
-                now = (time.perf_counter() - t0) * 1000.0
+                pc = perf_counter()
+                ex.upstream_deadline = pc + idle
+                now = (pc - t0) * 1000.0
                 if ex.ttft is None:
                     ex.ttft = now
                 capture(now, data)
@@ -533,8 +540,9 @@ class ProxyHandler(BaseHTTPRequestHandler):
                 except OSError:
                     ex.ended = "client_aborted"
                     return
-            if ex.cancelled or ex.client_gone or ex.timed_out:
-                self.upstream_failed(ex, "upstream_error", "")
+            if ex.cancelled or ex.client_gone or ex.timed_out or ex.upstream_late:
+                # Cut by the watchdog or a shutdown: the end of the body was not the upstream's.
+                self.upstream_failed(ex, "timeout", "upstream stream idle for more than %s s" % idle)
                 return
             if known_length:
                 if resp.length:
@@ -549,12 +557,20 @@ class ProxyHandler(BaseHTTPRequestHandler):
                     return
             complete = True
         finally:
+            self.let_go(ex)
             if complete and not resp.will_close and resp.isclosed():
                 pool.release(conn)
             else:
                 pool.discard(conn)
                 if not complete:
                     self.close_connection = True
+
+    def let_go(self, ex: Exchange) -> None:
+        """The relay is done with the upstream connection: from now on nothing cuts it for
+        this exchange (it may go back to the pool and serve another)."""
+        ex.upstream_deadline = 0.0
+        with self.server.conn_lock:
+            ex.upstream_sock = None
 
     def upstream_failed(self, ex: Exchange, ended: str, message: str) -> None:
         """The relay stopped early: name the ending (the client's abort or shutdown win)."""

@@ -138,8 +138,8 @@ class Exchange:
     __slots__ = (
         "id", "wall_start", "t0", "method", "path", "query", "req_headers", "request", "provider",
         "provider_type", "family", "model", "model_label", "stream", "status", "resp_headers", "response",
-        "ended", "error", "ttft", "duration", "endpoint_label", "upstream_conn", "cancelled",
-        "client_sock", "client_gone", "timed_out",
+        "ended", "error", "ttft", "duration", "endpoint_label", "upstream_sock", "cancelled",
+        "client_sock", "client_gone", "timed_out", "upstream_deadline", "upstream_late",
     )
 
     def __init__(self, method: str, path: str, query: str, req_headers: List[Tuple[str, str]], capture_limit: int):
@@ -165,11 +165,15 @@ class Exchange:
         self.ttft: Optional[float] = None
         self.duration = 0.0
         self.endpoint_label = "other"
-        self.upstream_conn = None     # set while waiting on the upstream (watchdog, shutdown)
+        self.upstream_sock = None     # set while waiting on the upstream (watchdog, shutdown)
         self.client_sock = None       # set while relaying (watchdog)
         self.cancelled = False        # shutdown cut it
         self.client_gone = False      # the watchdog saw the client close
         self.timed_out = False        # total_timeout passed
+        # The upstream socket blocks; the watchdog cuts it once perf_counter() passes this
+        # (0.0: not waiting on the upstream) and sets upstream_late.
+        self.upstream_deadline = 0.0
+        self.upstream_late = False
 
     def assign_id(self) -> str:
         """The record id (a ULID of the start time). Made once the upstream has the request:

@@ -2,9 +2,13 @@
 
 Handlers reach shared state through ``self.server``: the configuration, one upstream pool per
 provider, the recorder (None when recording is off), the metrics and the set of exchanges in
-flight. A watchdog thread checks the client sockets of exchanges waiting on their upstream: a
-client that went away gets its upstream connection closed within ``WATCH_INTERVAL`` seconds,
-instead of at the next write.
+flight. A watchdog thread looks at the exchanges in flight every ``WATCH_INTERVAL`` seconds: a
+client that went away gets its upstream connection closed then, instead of at the next write,
+and so does an exchange whose upstream is silent for longer than its time limit
+(``response_header_timeout`` before the response head, ``stream_idle_timeout`` between reads of
+the body, ``total_timeout``). Upstream sockets block: a socket timeout would cost a ``poll`` and
+a GIL hand-off per send and receive (see ``upstream.connect``), so the limits are kept here, to
+within ``WATCH_INTERVAL``.
 """
 
 from __future__ import annotations
@@ -68,6 +72,10 @@ class ProxyServer(ThreadingHTTPServer):
         )
         super().__init__((host, port), handler_class)
         self._stop_watch = threading.Event()
+        # Held while a handler lets go of its upstream connection (before pooling it) and while
+        # the watchdog or a shutdown cuts one: a connection already back in the pool, perhaps
+        # serving another exchange, is never cut by mistake.
+        self.conn_lock = threading.Lock()
         self.model_routes: dict = {}  # model -> (provider, glob) or no match: the glob walk once per model
         self._watchdog = threading.Thread(target=self._watch, name="proxy_llm-watchdog", daemon=True)
         self._watchdog.start()
@@ -137,8 +145,13 @@ class ProxyServer(ThreadingHTTPServer):
             exchanges = list(self.inflight)
         for ex in exchanges:
             ex.cancelled = True
-            abort(ex.upstream_conn)
+            self.cut_upstream(ex)
         return len(exchanges)
+
+    def cut_upstream(self, ex) -> None:
+        """Unblock the handler reading ``ex``'s upstream (it then reads why from ``ex``)."""
+        with self.conn_lock:
+            abort(ex.upstream_sock)
 
     def _watch(self) -> None:
         while not self._stop_watch.wait(WATCH_INTERVAL):
@@ -148,10 +161,17 @@ class ProxyServer(ThreadingHTTPServer):
                 log.exception("watchdog pass failed")
 
     def watch_once(self) -> None:
-        """One pass: cut the upstream of exchanges whose client left; apply total_timeout."""
+        """One pass: cut the upstream of exchanges whose upstream is late or whose client left;
+        apply total_timeout."""
         poll = getattr(select, "poll", None)
         with self._state_lock:
             exchanges = list(self.inflight)
+        now = time.perf_counter()
+        for ex in exchanges:
+            deadline = ex.upstream_deadline
+            if deadline and now > deadline and not ex.upstream_late:
+                ex.upstream_late = True
+                self.cut_upstream(ex)
         # The handler clears client_sock when its exchange ends, on its own thread: read it
         # once per exchange, and work on that socket object from here on.
         watched = [(ex, sock) for ex, sock in ((ex, getattr(ex, "client_sock", None)) for ex in exchanges)
@@ -176,7 +196,7 @@ class ProxyServer(ThreadingHTTPServer):
                 ex, sock = by_fd[fd]
                 if _client_gone(sock):
                     ex.client_gone = True
-                    abort(ex.upstream_conn)
+                    self.cut_upstream(ex)
         self._check_total_timeout([ex for ex, _ in watched])
 
     def _check_total_timeout(self, exchanges) -> None:
@@ -187,7 +207,7 @@ class ProxyServer(ThreadingHTTPServer):
         for ex in exchanges:
             if now - ex.t0 > limit and not ex.cancelled:
                 ex.timed_out = True
-                abort(ex.upstream_conn)
+                self.cut_upstream(ex)
 
     def health(self) -> dict:
         rec = self.recorder

@@ -172,9 +172,16 @@ class UpstreamPool:
 
 
 def connect(conn: http.client.HTTPConnection) -> None:
-    """Connect, with Nagle's algorithm off: a body over ``COALESCE_MAX`` goes out in a second
-    write after the head, which would otherwise wait for the ACK of the first."""
+    """Connect (within the connection's timeout, ``connect_timeout``), then leave the socket
+    blocking, with Nagle's algorithm off: a body over ``COALESCE_MAX`` goes out in a second
+    write after the head, which would otherwise wait for the ACK of the first.
+
+    A socket with a timeout makes every send and receive two system calls (a ``poll`` first),
+    each of which hands the GIL over: under load, the hand-offs cost more than the calls. The
+    time limits on a blocking socket are kept by the server's watchdog instead, which cuts the
+    socket (:func:`abort`) when one passes (``Exchange.upstream_deadline``)."""
     conn.connect()
+    conn.sock.settimeout(None)
     try:
         conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     except OSError:
@@ -197,9 +204,9 @@ def _readable(sock: socket.socket) -> bool:
         return True
 
 
-def abort(conn: Optional[http.client.HTTPConnection]) -> None:
-    """Unblock a thread reading from ``conn`` (used at shutdown and on client abort)."""
-    sock = getattr(conn, "sock", None)
+def abort(sock: Optional[socket.socket]) -> None:
+    """Unblock a thread reading from or writing to the upstream socket ``sock`` (the watchdog's
+    cut: shutdown, a client gone, a time limit)."""
     if sock is None:
         return
     try:

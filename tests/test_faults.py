@@ -122,12 +122,14 @@ class _Racing:
     """An exchange whose handler clears ``client_sock`` right after the watchdog first reads it
     (the race of an exchange ending during a watchdog pass)."""
 
-    def __init__(self, sock, upstream_conn):
+    def __init__(self, sock, upstream_sock):
         self._sock = sock
-        self.upstream_conn = upstream_conn
+        self.upstream_sock = upstream_sock
         self.client_gone = False
         self.cancelled = False
         self.t0 = time.perf_counter()
+        self.upstream_deadline = 0.0
+        self.upstream_late = False
 
     @property
     def client_sock(self):
@@ -143,9 +145,7 @@ class WatchdogTest(FaultTestCase):
         for s in (client, peer, up_ours, up_theirs):
             self.addCleanup(s.close)
         peer.close()  # the client left
-        conn = http.client.HTTPConnection("127.0.0.1")
-        conn.sock = up_ours
-        ex = _Racing(client, conn)
+        ex = _Racing(client, up_ours)
         proxy.server.track(ex)
         self.addCleanup(proxy.server.untrack, ex)
         proxy.server.watch_once()
@@ -200,6 +200,62 @@ class UpstreamFaultTest(FaultTestCase):
         self.assertEqual(rec["error"]["type"], "timeout")
         self.assertIn("idle", rec["error"]["message"])
         self.assertEqual(content_of(rec), "Hel")
+
+    def test_a_stall_in_a_body_of_known_length_is_a_timeout(self):
+        # Content-Length promises more than is sent: the small-body path (one read) stalls.
+        self.replies.append(Reply(200, [("Content-Type", "application/json"), ("Content-Length", "200")],
+                                  [b'{"id":"chatcmpl-1","choices":[', "HANG"], chunked=False))
+        proxy = self.start_proxy(stream_idle_timeout=0.3)
+        conn = http.client.HTTPConnection("127.0.0.1", proxy.port, timeout=DEADLINE)
+        conn.request("POST", "/v1/chat/completions", body=PLAIN_BODY)
+        with self.assertRaises((http.client.HTTPException, OSError)):  # headers and body never come
+            conn.getresponse().read()
+        conn.close()
+        [rec] = proxy.records()
+        self.assertEqual((rec["ended"], rec["error"]["type"]), ("timeout", "timeout"))
+        self.assertIn("stalled", rec["error"]["message"])
+        self.assertEqual(proxy.server.metrics.upstream_errors.value("openai", "timeout"), 1)
+
+    def test_a_stall_in_a_close_delimited_body_is_a_timeout_not_an_end(self):
+        # No length and no chunks: the body ends when the upstream closes. The watchdog's cut
+        # also reads as an end of file, which must not be taken for the upstream's.
+        self.replies.append(Reply(200, [("Content-Type", "text/event-stream")], [chunk_event("Hel"), "HANG"],
+                                  close_delimited=True))
+        proxy = self.start_proxy(stream_idle_timeout=0.3)
+        sock = open_stream(proxy.port)
+        data = read_until(sock, b"Hel") + read_to_eof(sock)
+        sock.close()
+        self.assertNotIn(b"\r\n0\r\n\r\n", data)  # cut, not completed
+        [rec] = proxy.records()
+        self.assertEqual((rec["ended"], rec["error"]["type"]), ("timeout", "timeout"))
+        self.assertIn("idle", rec["error"]["message"])
+
+    def test_a_late_response_head_on_a_reused_connection_is_not_sent_again(self):
+        # A stale pooled connection is retried once on a fresh one; an upstream that was cut
+        # for being late must not be: the retry would run the LLM call twice.
+        gate = threading.Event()
+        self.addCleanup(gate.set)
+        proxy = self.start_proxy(response_header_timeout=0.3)
+        self.assertEqual(request(proxy.url, body=PLAIN_BODY)[0], 200)
+        self.assertEqual(self.upstream.connections, 1)
+        self.replies.append(Reply(200, [("Content-Type", "application/json")], CHAT_REPLY, delay_headers=gate))
+        status, _, body = request(proxy.url, body=b'{"model":"gpt-4o","messages":[],"tag":"late"}')
+        self.assertEqual(status, 504, body)
+        self.assertEqual(request(proxy.url, body=PLAIN_BODY)[0], 200)
+        bodies = []
+        while not self.upstream.requests.empty():
+            bodies.append(self.upstream.requests.get_nowait().body)
+        self.assertEqual(sum(b'"late"' in b for b in bodies), 1, "the late request was sent again")
+        self.assertEqual([r["ended"] for r in proxy.records()], ["completed", "timeout", "completed"])
+
+    def test_upstream_sockets_have_no_timeout_once_connected(self):
+        # The limits are the watchdog's: a socket timeout would add a poll and a GIL hand-off
+        # to every send and receive.
+        proxy = self.start_proxy()
+        self.assertEqual(request(proxy.url, body=PLAIN_BODY)[0], 200)
+        idle = list(proxy.server.pools["openai"]._idle)
+        self.assertEqual(len(idle), 1)
+        self.assertIsNone(idle[0][0].sock.gettimeout())
 
     def test_errors_before_headers_are_in_the_provider_shape(self):
         gate = threading.Event()
