@@ -15,6 +15,7 @@ import re
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -80,7 +81,7 @@ def sse_reply(events: Sequence[Union[bytes, threading.Event, str]], headers: Seq
 class FakeUpstream:
     """An HTTP/1.1 server on 127.0.0.1:0 answering with ``handler(request) -> Reply``."""
 
-    def __init__(self, handler: Optional[Callable[[Request], Reply]] = None):
+    def __init__(self, handler: Optional[Callable[[Request], Reply]] = None, tls: Optional["ssl.SSLContext"] = None):
         self.handler = handler or (lambda req: json_reply({"ok": True}))
         self.requests: "queue.Queue[Request]" = queue.Queue()
         self.connections = 0
@@ -159,8 +160,10 @@ class FakeUpstream:
 
         self.server = Server(("127.0.0.1", 0), Handler)
         self.server.daemon_threads = True
+        if tls is not None:  # HTTPS: each accepted connection does the TLS handshake first
+            self.server.socket = tls.wrap_socket(self.server.socket, server_side=True)
         self.port = self.server.server_address[1]
-        self.url = "http://127.0.0.1:%d" % self.port
+        self.url = "%s://127.0.0.1:%d" % ("https" if tls is not None else "http", self.port)
         self.thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
 
     def __enter__(self) -> "FakeUpstream":

@@ -237,10 +237,11 @@ class UpstreamFaultTest(FaultTestCase):
         self.addCleanup(gate.set)
         proxy = self.start_proxy(response_header_timeout=0.3)
         self.assertEqual(request(proxy.url, body=PLAIN_BODY)[0], 200)
-        self.assertEqual(self.upstream.connections, 1)
+        self.assertTrue(proxy.server.wait_idle(DEADLINE))  # its connection is back in the pool
         self.replies.append(Reply(200, [("Content-Type", "application/json")], CHAT_REPLY, delay_headers=gate))
         status, _, body = request(proxy.url, body=b'{"model":"gpt-4o","messages":[],"tag":"late"}')
         self.assertEqual(status, 504, body)
+        self.assertEqual(self.upstream.connections, 1, "the late request did not reuse the pooled connection")
         self.assertEqual(request(proxy.url, body=PLAIN_BODY)[0], 200)
         bodies = []
         while not self.upstream.requests.empty():
@@ -253,6 +254,7 @@ class UpstreamFaultTest(FaultTestCase):
         # to every send and receive.
         proxy = self.start_proxy()
         self.assertEqual(request(proxy.url, body=PLAIN_BODY)[0], 200)
+        self.assertTrue(proxy.server.wait_idle(DEADLINE))  # the connection is back in the pool
         idle = list(proxy.server.pools["openai"]._idle)
         self.assertEqual(len(idle), 1)
         self.assertIsNone(idle[0][0].sock.gettimeout())
