@@ -423,7 +423,8 @@ class ProxyHandler(BaseHTTPRequestHandler):
         target = pool.base_path + ex.path + ("?" + ex.query if ex.query else "")
         out_headers = self.upstream_headers(ex, headers, body)
         for attempt in (0, 1):
-            conn, reused = pool.acquire()
+            # The retry is on a new connection: another idle one may be as stale as the first.
+            conn, reused = pool.acquire(fresh=attempt == 1)
             try:
                 if conn.sock is None:
                     connect(conn)  # within connect_timeout; the socket blocks from then on
@@ -558,7 +559,10 @@ class ProxyHandler(BaseHTTPRequestHandler):
             complete = True
         finally:
             self.let_go(ex)
-            if complete and not resp.will_close and resp.isclosed():
+            # After let_go nothing cuts the socket any more; a cut before it (the flags are set
+            # first) may have come after the last read, so such a connection is never pooled.
+            if (complete and not resp.will_close and resp.isclosed() and not (
+                    ex.client_gone or ex.cancelled or ex.timed_out or ex.upstream_late)):
                 pool.release(conn)
             else:
                 pool.discard(conn)

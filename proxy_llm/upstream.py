@@ -135,8 +135,11 @@ class UpstreamPool:
                                                context=self.ssl_context)
         return Connection(self.host, self.port, timeout=self.connect_timeout)
 
-    def acquire(self) -> Tuple[http.client.HTTPConnection, bool]:
-        """Return (connection, reused). A new connection is not connected yet."""
+    def acquire(self, fresh: bool = False) -> Tuple[http.client.HTTPConnection, bool]:
+        """Return (connection, reused): an idle one, or with ``fresh`` or none idle a new one
+        (not connected yet)."""
+        if fresh:
+            return self._new(), False
         while True:
             with self._lock:
                 if not self._idle:

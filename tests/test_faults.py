@@ -12,6 +12,7 @@ import hashlib
 import http.client
 import json
 import os
+import queue
 import shutil
 import socket
 import subprocess
@@ -19,8 +20,10 @@ import tempfile
 import threading
 import time
 import unittest
+from unittest import mock
 
-from proxy_llm import storage
+from proxy_llm import storage, upstream
+from proxy_llm.handler import ProxyHandler
 from tests import support
 from tests.support import (read_until, read_to_eof, chunk_event, DEADLINE, Reply, header, provider, request, sse_reply, wait_until)
 
@@ -248,6 +251,50 @@ class UpstreamFaultTest(FaultTestCase):
             bodies.append(self.upstream.requests.get_nowait().body)
         self.assertEqual(sum(b'"late"' in b for b in bodies), 1, "the late request was sent again")
         self.assertEqual([r["ended"] for r in proxy.records()], ["completed", "timeout", "completed"])
+
+    def test_a_retry_after_a_stale_connection_takes_a_new_one(self):
+        gate = threading.Event()
+        self.addCleanup(gate.set)
+        self.replies += [Reply(200, [("Content-Type", "application/json")], CHAT_REPLY, delay_headers=gate)] * 2
+        proxy = self.start_proxy()
+        statuses: "queue.Queue[int]" = queue.Queue()
+        clients = [threading.Thread(target=lambda: statuses.put(request(proxy.url, body=PLAIN_BODY)[0]))
+                   for _ in range(2)]
+        for client in clients:
+            client.start()
+        for _ in clients:
+            self.upstream.next_request()  # both in flight, on two upstream connections
+        gate.set()
+        for client in clients:
+            client.join(DEADLINE)
+        self.assertEqual([statuses.get_nowait() for _ in clients], [200, 200])
+        self.assertTrue(proxy.server.wait_idle(DEADLINE))
+        pooled = [conn for conn, _ in proxy.server.pools["openai"]._idle]
+        self.assertEqual(len(pooled), 2)
+        for conn in pooled:
+            conn.sock.shutdown(socket.SHUT_RDWR)  # both stale, as a peer's close or a cut leaves them
+        with mock.patch.object(upstream, "FRESH", 3600.0):  # reused without the readability check
+            status, _, body = request(proxy.url, body=PLAIN_BODY)
+        self.assertEqual(status, 200, body)
+        self.assertEqual(self.upstream.connections, 3)
+
+    def test_a_connection_cut_after_its_last_read_is_not_pooled(self):
+        # The watchdog's cut (a client gone, a time limit, a shutdown) can land after the relay
+        # read the last byte and before it lets go of the socket: that socket is shut down.
+        let_go = ProxyHandler.let_go
+
+        def cut_then_let_go(handler, ex):
+            if ex.upstream_sock is not None:
+                ex.client_gone = True  # as the watchdog does it: the reason first, then the cut
+                handler.server.cut_upstream(ex)
+            let_go(handler, ex)
+
+        with mock.patch.object(ProxyHandler, "let_go", cut_then_let_go):
+            proxy = self.start_proxy()
+            self.assertEqual(request(proxy.url, body=PLAIN_BODY)[0], 200)
+            self.assertTrue(proxy.server.wait_idle(DEADLINE))
+        self.assertEqual(list(proxy.server.pools["openai"]._idle), [], "a cut connection was pooled")
+        self.assertEqual(request(proxy.url, body=PLAIN_BODY)[0], 200)
 
     def test_upstream_sockets_have_no_timeout_once_connected(self):
         # The limits are the watchdog's: a socket timeout would add a poll and a GIL hand-off
