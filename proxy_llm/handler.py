@@ -458,8 +458,9 @@ class ProxyHandler(BaseHTTPRequestHandler):
                 server_metrics_error(self.server, ex, "connection")
                 raise errors.UpstreamUnavailable("upstream %s unreachable: %s" % (
                     ex.provider.name, exc.strerror if isinstance(exc, OSError) and exc.strerror else type(exc).__name__)) from None
-            # From here on the limit is the time between reads of the body.
-            ex.upstream_deadline = time.perf_counter() + config.stream_idle_timeout
+            # The head is in. From here on the relay sets a limit around each read of the body
+            # (stream_idle_timeout), and none while it writes to the client.
+            ex.upstream_deadline = 0.0
             return resp, conn
         raise AssertionError("unreachable")
 
@@ -487,10 +488,13 @@ class ProxyHandler(BaseHTTPRequestHandler):
         write = self.wfile.write
         capture = ex.response.add
         t0 = ex.t0
+        perf_counter = time.perf_counter
+        idle = self.server.config.stream_idle_timeout
         complete = False
         try:
             if no_body or (known_length and resp.length <= SMALL_BODY):
                 # One write for headers and a small body.
+                ex.upstream_deadline = perf_counter() + idle
                 try:
                     data = resp.read() if not no_body else b""
                 except (OSError, http.client.HTTPException) as exc:
@@ -499,7 +503,8 @@ class ProxyHandler(BaseHTTPRequestHandler):
                     else:
                         self.upstream_failed(ex, "upstream_error", "upstream failed while sending the body: %s" % type(exc).__name__)
                     return
-                now = (time.perf_counter() - t0) * 1000.0
+                ex.upstream_deadline = 0.0
+                now = (perf_counter() - t0) * 1000.0
                 if data:
                     ex.ttft = now
                     capture(now, data)
@@ -517,9 +522,10 @@ class ProxyHandler(BaseHTTPRequestHandler):
                 return
             ex.client_sock = self.connection
             read1 = resp.read1
-            perf_counter = time.perf_counter
-            idle = self.server.config.stream_idle_timeout
             while True:
+                # The upstream's silence counts while the relay waits for it, not while a slow
+                # client holds up the write below.
+                ex.upstream_deadline = perf_counter() + idle
                 try:
                     data = read1(65536)
                 except (OSError, ValueError, http.client.HTTPException) as exc:
@@ -530,9 +536,8 @@ class ProxyHandler(BaseHTTPRequestHandler):
                     return
                 if not data:
                     break
-                pc = perf_counter()
-                ex.upstream_deadline = pc + idle
-                now = (pc - t0) * 1000.0
+                ex.upstream_deadline = 0.0
+                now = (perf_counter() - t0) * 1000.0
                 if ex.ttft is None:
                     ex.ttft = now
                 capture(now, data)

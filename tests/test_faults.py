@@ -233,6 +233,34 @@ class UpstreamFaultTest(FaultTestCase):
         self.assertEqual((rec["ended"], rec["error"]["type"]), ("timeout", "timeout"))
         self.assertIn("idle", rec["error"]["message"])
 
+    def test_a_client_slow_to_read_is_not_taken_for_a_silent_upstream(self):
+        # The upstream sends 16 MB at once; the client reads nothing for longer than
+        # stream_idle_timeout. All that time the relay is blocked writing to the client, not
+        # waiting for the upstream: the upstream's limit must not run.
+        self.replies.append(sse_reply([chunk_event("x" * (256 * 1024))] * 64 + [b"data: [DONE]\n\n"]))
+        proxy = self.start_proxy(stream_idle_timeout=0.3, capture_max_body=64 * 1024 * 1024)
+        sock = socket.socket()
+        self.addCleanup(sock.close)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.settimeout(DEADLINE)
+        sock.connect(("127.0.0.1", proxy.port))
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: %d\r\n\r\n%s" % (len(CHAT_BODY), CHAT_BODY))
+        first = read_until(sock, b"\r\n\r\n")
+        self.assertTrue(first.startswith(b"HTTP/1.1 200"), first[:100])
+        threading.Event().wait(1.0)  # a client not reading: past the limit, over several watchdog passes
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 * 1024 * 1024)
+        parts, tail = [first], b""
+        while not tail.endswith(b"\r\n0\r\n\r\n"):  # 16 MB: no rescan of what came before
+            more = sock.recv(1 << 20)
+            self.assertTrue(more, "the stream was cut: %r" % tail)
+            parts.append(more)
+            tail = (tail + more)[-64:]
+        self.assertIn(b"data: [DONE]", b"".join(parts[-3:]))
+        [rec] = proxy.records()
+        self.assertEqual(rec["ended"], "completed")
+        self.assertEqual(len(content_of(rec)), 64 * 256 * 1024)
+
     def test_a_late_response_head_on_a_reused_connection_is_not_sent_again(self):
         # A stale pooled connection is retried once on a fresh one; an upstream that was cut
         # for being late must not be: the retry would run the LLM call twice.
