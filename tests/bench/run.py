@@ -551,7 +551,10 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    cmd = "python -m tests.bench " + " ".join(argv if argv is not None else sys.argv[1:])
+    shown = list(argv if argv is not None else sys.argv[1:])
+    # The --json file is a local path: not part of the result (and RESULTS.md names no paths).
+    shown = [a for i, a in enumerate(shown) if not a.startswith("--json") and (i == 0 or shown[i - 1] != "--json")]
+    cmd = "python -m tests.bench " + " ".join(shown)
     started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     t0 = time.monotonic()
     figs = Bench(args).run()
