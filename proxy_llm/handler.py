@@ -450,7 +450,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
                         raise errors.UpstreamUnavailable("proxy shutting down") from None
                     raise errors.UpstreamTimeout("upstream %s did not answer in time" % ex.provider.name) from None
                 if isinstance(exc, (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError)):
-                    if reused and attempt == 0 and not ex.cancelled and not ex.client_gone and not ex.timed_out:
+                    if reused and attempt == 0 and not ex.cut:
                         continue  # a stale keep-alive connection: retry once on a fresh one
                     server_metrics_error(self.server, ex, "connection")
                     raise errors.UpstreamUnavailable("upstream %s closed the connection: %s" % (
@@ -546,7 +546,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
                 except OSError:
                     ex.ended = "client_aborted"
                     return
-            if ex.cancelled or ex.client_gone or ex.timed_out or ex.upstream_late:
+            if ex.cut:
                 # Cut by the watchdog or a shutdown: the end of the body was not the upstream's.
                 self.upstream_failed(ex, "timeout", "upstream stream idle for more than %s s" % idle)
                 return
@@ -566,8 +566,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
             self.let_go(ex)
             # After let_go nothing cuts the socket any more; a cut before it (the flags are set
             # first) may have come after the last read, so such a connection is never pooled.
-            if (complete and not resp.will_close and resp.isclosed() and not (
-                    ex.client_gone or ex.cancelled or ex.timed_out or ex.upstream_late)):
+            if complete and not resp.will_close and resp.isclosed() and not ex.cut:
                 pool.release(conn)
             else:
                 pool.discard(conn)

@@ -191,6 +191,11 @@ class Exchange:
     def elapsed_ms(self) -> float:
         return (time.perf_counter() - self.t0) * 1000.0
 
+    @property
+    def cut(self) -> bool:
+        """The watchdog or a shutdown cut the upstream (each sets its reason before cutting)."""
+        return self.cancelled or self.client_gone or self.timed_out or self.upstream_late
+
 
 def _reject_constant(name: str) -> Any:
     raise ValueError("non-standard JSON constant %s" % name)
@@ -251,13 +256,14 @@ def accepted_json(raw: bytes) -> Optional[bytes]:
     return body
 
 
-def _decompress(chunks: Sequence[Tuple[float, bytes]], encoding: str) -> Tuple[List[Tuple[float, bytes]], Optional[str]]:
-    """Decode gzip/deflate chunk by chunk (keeping arrival times). Returns (chunks, error)."""
+def _decompress(chunks: List[Tuple[float, bytes]], encoding: str) -> Tuple[List[Tuple[float, bytes]], Optional[str]]:
+    """Decode gzip/deflate chunk by chunk (keeping arrival times). Returns (chunks, error);
+    ``chunks`` itself (not a copy: Capture.parts() made it) when there is nothing to decode."""
     encoding = encoding.strip().lower()
     if encoding in ("", "identity"):
-        return list(chunks), None
+        return chunks, None
     if encoding not in ("gzip", "x-gzip", "deflate"):
-        return list(chunks), "content-encoding %s not decoded" % encoding
+        return chunks, "content-encoding %s not decoded" % encoding
     wbits = 47 if encoding != "deflate" else 15  # 47: gzip or zlib header, auto-detected
     out = []
     total = 0
@@ -282,7 +288,7 @@ def _decompress(chunks: Sequence[Tuple[float, bytes]], encoding: str) -> Tuple[L
                 return [(chunks[-1][0], data)], None
             except zlib.error:
                 pass
-        return list(chunks), "body could not be decoded (%s)" % encoding
+        return chunks, "body could not be decoded (%s)" % encoding
 
 
 def headers_dict(headers: Iterable[Tuple[str, str]], key: bytes, secrets: Optional[List[str]] = None) -> Dict[str, str]:
