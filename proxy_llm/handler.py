@@ -81,39 +81,86 @@ def narrow_accept_encoding(value: Optional[str]) -> Optional[str]:
     return ", ".join(kept) if kept else "identity"
 
 
-class _DeadlineReader(io.RawIOBase):
-    """The client socket as a raw stream whose reads can share one deadline.
+class ClientClock:
+    """The time limits on one client connection, kept by the server's watchdog.
 
-    Each wait for bytes is bounded by ``idle`` (client_idle_timeout); while ``deadline`` is set
-    (from the first byte of a request until its headers are parsed) the total is bounded too,
-    so a client dribbling header bytes cannot hold a thread past client_header_timeout.
+    The client socket blocks: a socket timeout would make every receive and send two system
+    calls (a ``poll`` first), each handing the GIL over. Instead, whoever waits on the client
+    sets ``due`` (a ``time.perf_counter`` deadline) for as long as it waits, and the watchdog
+    (``ProxyServer.watch_once``) shuts the socket down once ``due`` has passed and sets ``late``:
+    a read then ends (SHUT_RD; the handler can still answer), a write fails (SHUT_RDWR).
+
+    Each wait for request bytes is bounded by ``idle`` (client_idle_timeout); while
+    ``header_deadline`` is set (from the first byte of a request until its headers are parsed)
+    the total is bounded too, so a client dribbling header bytes cannot hold a thread past
+    client_header_timeout. Each write is bounded by ``idle`` as well: a client that stops
+    reading is let go.
     """
 
+    __slots__ = ("sock", "idle", "due", "how", "late", "header_deadline")
+
     def __init__(self, sock: socket.socket, idle: float):
-        super().__init__()
-        self.sock = sock
+        self.sock: Optional[socket.socket] = sock  # None once the handler let go of it
         self.idle = idle
-        self.deadline: Optional[float] = None
-        self._timeout = sock.gettimeout()
+        self.due = 0.0
+        self.how = socket.SHUT_RD
+        self.late = False
+        self.header_deadline: Optional[float] = None
+
+
+class _ClientReader(io.RawIOBase):
+    """The client socket as a raw stream, each wait bounded by the :class:`ClientClock`."""
+
+    def __init__(self, clock: ClientClock):
+        super().__init__()
+        self.clock = clock
+        self.recv_into = clock.sock.recv_into
 
     def readable(self) -> bool:
         return True
 
     def readinto(self, buf) -> int:
-        timeout = self.idle
-        if self.deadline is not None:
-            remaining = self.deadline - time.monotonic()
-            if remaining <= 0:
+        clock = self.clock
+        if clock.late:
+            raise socket.timeout("client timed out")
+        due = time.perf_counter() + clock.idle
+        header_deadline = clock.header_deadline
+        if header_deadline is not None and header_deadline < due:
+            if header_deadline <= time.perf_counter():
                 raise socket.timeout("client_header_timeout passed")
-            timeout = min(timeout, remaining)
-        self.set_timeout(timeout)
-        return self.sock.recv_into(buf)
+            due = header_deadline
+        clock.how = socket.SHUT_RD
+        clock.due = due
+        try:
+            n = self.recv_into(buf)
+        finally:
+            clock.due = 0.0
+        if not n and clock.late:  # the end of input was the watchdog's cut
+            raise socket.timeout("client timed out")
+        return n
 
-    def set_timeout(self, timeout: float) -> None:
-        """The client socket's timeout, changed only when it differs (each change is a syscall)."""
-        if timeout != self._timeout:
-            self.sock.settimeout(timeout)
-            self._timeout = timeout
+
+class _ClientWriter(io.BufferedIOBase):
+    """socketserver's unbuffered writer (one ``sendall`` per write), each write bounded by the
+    :class:`ClientClock`."""
+
+    def __init__(self, clock: ClientClock):
+        super().__init__()
+        self.clock = clock
+        self.sendall = clock.sock.sendall
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data) -> int:
+        clock = self.clock
+        clock.how = socket.SHUT_RDWR
+        clock.due = time.perf_counter() + clock.idle
+        try:
+            self.sendall(data)
+        finally:
+            clock.due = 0.0
+        return len(data)
 
 
 class ProxyHandler(BaseHTTPRequestHandler):
@@ -123,19 +170,28 @@ class ProxyHandler(BaseHTTPRequestHandler):
     disable_nagle_algorithm = True
     server_version = "proxy_llm"
 
+    # The client socket blocks (no socket timeout): its limits are kept by a ClientClock.
+    timeout = None
+
     def setup(self) -> None:
-        # An idle read timeout for request lines, headers and bodies; responses have none.
-        self.timeout = self.server.config.client_idle_timeout
-        super().setup()
+        super().setup()  # self.connection, Nagle's algorithm off
         self.rfile.close()
-        self.deadline_reader = _DeadlineReader(self.connection, self.timeout)
-        self.rfile = io.BufferedReader(self.deadline_reader, 65536)
+        self.clock = ClientClock(self.connection, self.server.config.client_idle_timeout)
+        self.rfile = io.BufferedReader(_ClientReader(self.clock), 65536)
+        self.wfile = _ClientWriter(self.clock)
+        self.server.watch_client(self.clock)
+
+    def finish(self) -> None:
+        try:
+            super().finish()
+        finally:
+            self.server.unwatch_client(self.clock)  # before the server closes the socket
 
     def handle_one_request(self) -> None:
         # The header deadline starts at the first byte of a request: an idle keep-alive
         # connection only waits under client_idle_timeout.
-        reader = self.deadline_reader
-        reader.deadline = None
+        clock = self.clock
+        clock.header_deadline = None
         try:
             if not self.rfile.peek(1):
                 self.close_connection = True
@@ -143,7 +199,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
         except OSError:  # idle timeout, reset
             self.close_connection = True
             return
-        reader.deadline = time.monotonic() + self.server.config.client_header_timeout
+        clock.header_deadline = time.perf_counter() + self.server.config.client_header_timeout
         super().handle_one_request()
 
     def parse_request(self) -> bool:
@@ -216,9 +272,8 @@ class ProxyHandler(BaseHTTPRequestHandler):
         return list(self._message.raw_items())  # = items(): latin-1 values carry no surrogates
 
     def headers_done(self) -> None:
-        """The request line and headers are in: bodies and responses have no deadline."""
-        self.deadline_reader.deadline = None
-        self.deadline_reader.set_timeout(self.timeout)
+        """The request line and headers are in: the body's reads have no header deadline."""
+        self.clock.header_deadline = None
 
     # BaseHTTPRequestHandler dispatches on do_<METHOD>.
     def do_GET(self) -> None:

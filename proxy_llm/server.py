@@ -6,9 +6,10 @@ flight. A watchdog thread looks at the exchanges in flight every ``WATCH_INTERVA
 client that went away gets its upstream connection closed then, instead of at the next write,
 and so does an exchange whose upstream is silent for longer than its time limit
 (``response_header_timeout`` before the response head, ``stream_idle_timeout`` between reads of
-the body, ``total_timeout``). Upstream sockets block: a socket timeout would cost a ``poll`` and
-a GIL hand-off per send and receive (see ``upstream.connect``), so the limits are kept here, to
-within ``WATCH_INTERVAL``.
+the body, ``total_timeout``). It also lets go of client connections past their limits
+(``client_header_timeout``, ``client_idle_timeout``; see ``handler.ClientClock``). Sockets
+block, on both sides: a socket timeout would cost a ``poll`` and a GIL hand-off per send and
+receive (see ``upstream.connect``), so the limits are kept here, to within ``WATCH_INTERVAL``.
 """
 
 from __future__ import annotations
@@ -76,6 +77,7 @@ class ProxyServer(ThreadingHTTPServer):
         # the watchdog or a shutdown cuts one: a connection already back in the pool, perhaps
         # serving another exchange, is never cut by mistake.
         self.conn_lock = threading.Lock()
+        self.clients: Set[object] = set()  # the ClientClock of each connection (under conn_lock)
         self.model_routes: dict = {}  # model -> (provider, glob) or no match: the glob walk once per model
         self._watchdog = threading.Thread(target=self._watch, name="proxy_llm-watchdog", daemon=True)
         self._watchdog.start()
@@ -115,6 +117,18 @@ class ProxyServer(ThreadingHTTPServer):
             with self._state_lock:
                 self.connections -= 1
         super().shutdown_request(request)
+
+    def watch_client(self, clock) -> None:
+        """Keep the time limits of a client connection (see handler.ClientClock)."""
+        with self.conn_lock:
+            self.clients.add(clock)
+
+    def unwatch_client(self, clock) -> None:
+        """The connection is done: from now on its socket may be closed (and its descriptor
+        reused), so the watchdog must not touch it."""
+        with self.conn_lock:
+            self.clients.discard(clock)
+            clock.sock = None
 
     # -- exchanges -----------------------------------------------------------------------
 
@@ -161,12 +175,24 @@ class ProxyServer(ThreadingHTTPServer):
                 log.exception("watchdog pass failed")
 
     def watch_once(self) -> None:
-        """One pass: cut the upstream of exchanges whose upstream is late or whose client left;
-        apply total_timeout."""
+        """One pass: let go of clients past their time limits; cut the upstream of exchanges
+        whose upstream is late or whose client left; apply total_timeout."""
         poll = getattr(select, "poll", None)
+        now = time.perf_counter()
+        with self.conn_lock:
+            clocks = list(self.clients)
+        late = [clock for clock in clocks if clock.due and now > clock.due and not clock.late]
+        if late:
+            with self.conn_lock:
+                for clock in late:
+                    if clock.sock is not None:
+                        clock.late = True
+                        try:
+                            clock.sock.shutdown(clock.how)
+                        except OSError:
+                            pass
         with self._state_lock:
             exchanges = list(self.inflight)
-        now = time.perf_counter()
         for ex in exchanges:
             deadline = ex.upstream_deadline
             if deadline and now > deadline and not ex.upstream_late:

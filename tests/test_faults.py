@@ -519,6 +519,57 @@ class LimitsTest(FaultTestCase):
         self.assertEqual(json.loads(data.partition(b"\r\n\r\n")[2])["type"], "error")
         self.assertEqual(self.upstream.requests.qsize(), 0)
 
+    def test_an_idle_keep_alive_connection_is_closed_after_client_idle_timeout(self):
+        proxy = self.start_proxy(client_idle_timeout=0.3)
+        sock = socket.create_connection(("127.0.0.1", proxy.port), timeout=DEADLINE)
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s"
+                     % (len(PLAIN_BODY), PLAIN_BODY))
+        started = time.monotonic()
+        data = read_to_eof(sock)  # the answer, then the close of the idle connection
+        elapsed = time.monotonic() - started
+        sock.close()
+        self.assertTrue(data.startswith(b"HTTP/1.1 200"), data[:100])
+        self.assertTrue(data.endswith(CHAT_REPLY))
+        self.assertGreater(elapsed, 0.3)
+        wait_until(lambda: proxy.server.connections == 0, what="the connection let go")
+        self.assertEqual(proxy.server.clients, set())
+
+    def test_a_client_that_stops_reading_is_let_go_after_client_idle_timeout(self):
+        # The relay is blocked writing to a client that reads nothing: the write is bounded by
+        # client_idle_timeout, and the exchange is recorded as the client's abort.
+        stop = threading.Event()
+        self.addCleanup(stop.set)
+        part = chunk_event("x" * (64 * 1024))
+        self.replies.append(Reply(200, [("Content-Type", "text/event-stream")], Endless(part, stop)))
+        proxy = self.start_proxy(client_idle_timeout=0.5, stream_idle_timeout=60.0)
+        sock = socket.socket()
+        self.addCleanup(sock.close)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.settimeout(DEADLINE)
+        sock.connect(("127.0.0.1", proxy.port))
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: %d\r\n\r\n%s" % (len(CHAT_BODY), CHAT_BODY))
+        self.assertTrue(read_until(sock, b"\r\n\r\n").startswith(b"HTTP/1.1 200"))
+        started = time.monotonic()
+        wait_until(lambda: proxy.server.connections == 0, what="the connection let go")
+        self.assertGreater(time.monotonic() - started, 0.3)
+        [rec] = proxy.records()
+        self.assertEqual(rec["ended"], "client_aborted")
+        self.assertEqual(proxy.server.clients, set())
+
+    def test_client_sockets_have_no_timeout(self):
+        # The limits are the watchdog's, as for upstream sockets.
+        proxy = self.start_proxy()
+        conn = http.client.HTTPConnection("127.0.0.1", proxy.port, timeout=DEADLINE)
+        self.addCleanup(conn.close)
+        conn.request("POST", "/v1/chat/completions", body=PLAIN_BODY)
+        self.assertEqual(conn.getresponse().read(), CHAT_REPLY)
+        [clock] = list(proxy.server.clients)
+        self.assertIsNone(clock.sock.gettimeout())
+        # Waiting for the next request, under client_idle_timeout.
+        wait_until(lambda: clock.due, what="the wait for the next request")
+        self.assertTrue(0 < clock.due - time.perf_counter() <= proxy.server.config.client_idle_timeout)
+
     def test_connections_past_max_connections_get_503(self):
         proxy = self.start_proxy(max_connections=3)
         idle = [socket.create_connection(("127.0.0.1", proxy.port), timeout=DEADLINE) for _ in range(3)]
