@@ -25,7 +25,9 @@ import threading
 import time
 import urllib.parse
 from collections import deque
-from typing import Deque, Optional, Tuple
+from typing import Deque, List, Optional, Tuple
+
+from .headers import message, take_fields
 
 
 # A connection back in the pool for less than this is reused without the readability check:
@@ -98,12 +100,99 @@ class _OneSend:
         super().send(data)
 
 
+# A status line as providers send it: HTTP/1.0 or 1.1, a three-digit status, an optional reason.
+_STATUS_LINE = re.compile(rb"HTTP/1\.([01]) ([1-9][0-9][0-9])(?: ([^\r\n]*))?\r\n")
+
+
+def _first(fields: List[Tuple[str, str]], name: str) -> Optional[str]:
+    """The first value of header ``name`` (lower case), as ``HTTPMessage.get`` returns it."""
+    for field, value in fields:
+        if field.lower() == name:
+            return value
+    return None
+
+
+class Response(http.client.HTTPResponse):
+    """``http.client.HTTPResponse`` with a shorter :meth:`begin` for a plain response head.
+
+    The standard ``begin`` reads the status line, then the header block, then asks the parsed
+    message for each header it needs (each ask a scan of every header). When the status line is
+    plain and not 100 Continue, and the header block plain and in the buffer (see
+    ``headers.take_fields``), this one takes both from the buffer and derives the same
+    attributes (status, reason, version, headers, chunked, length, will_close) in one pass; any
+    other head goes to the standard ``begin``. tests/test_upstream.py compares the two.
+    """
+
+    def begin(self) -> None:
+        if self.headers is not None or self.debuglevel > 0:
+            return super().begin()
+        fp = self.fp
+        m = _STATUS_LINE.match(fp.peek(1))
+        if m is None or m.group(2) == b"100":
+            return super().begin()
+        fp.read(m.end())
+        fields = take_fields(fp)  # None, with nothing read, unless plain and in the buffer
+        if fields is None:  # not plain (or no fields at all): the standard begin's parse
+            msg = http.client.parse_headers(fp)
+            fields = list(msg.raw_items())
+        else:
+            msg = message(fields)
+        status = int(m.group(2))
+        reason = m.group(3)
+        self.code = self.status = status
+        self.reason = reason.decode("iso-8859-1").strip() if reason else ""
+        self.version = 11 if m.group(1) == b"1" else 10
+        self.headers = self.msg = msg
+        te = connection = keep_alive = proxy_connection = length = None
+        for name, value in fields:  # the first of each, as HTTPMessage.get()
+            lname = name.lower()
+            if lname == "transfer-encoding":
+                if te is None:
+                    te = value
+            elif lname == "content-length":
+                if length is None:
+                    length = value
+            elif lname == "connection":
+                if connection is None:
+                    connection = value
+            elif lname == "keep-alive":
+                if keep_alive is None:
+                    keep_alive = value
+            elif lname == "proxy-connection":
+                if proxy_connection is None:
+                    proxy_connection = value
+        if te and te.lower() == "chunked":
+            self.chunked = True
+            self.chunk_left = None
+        else:
+            self.chunked = False
+        # HTTPResponse._check_close
+        if self.version == 11:
+            self.will_close = bool(connection and "close" in connection.lower())
+        else:
+            self.will_close = not (keep_alive or (connection and "keep-alive" in connection.lower())
+                                   or (proxy_connection and "keep-alive" in proxy_connection.lower()))
+        self.length = None
+        if length and not self.chunked:
+            try:
+                self.length = int(length)
+            except ValueError:
+                self.length = None
+            else:
+                if self.length < 0:
+                    self.length = None
+        if status == 204 or status == 304 or 100 <= status < 200 or self._method == "HEAD":
+            self.length = 0
+        if not self.will_close and not self.chunked and self.length is None:
+            self.will_close = True
+
+
 class Connection(_OneSend, http.client.HTTPConnection):
-    pass
+    response_class = Response
 
 
 class SecureConnection(_OneSend, http.client.HTTPSConnection):
-    pass
+    response_class = Response
 
 
 class UpstreamPool:

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import http.client
+import io
 import random
 import socket
 import threading
 import unittest
+from unittest import mock
 
-from proxy_llm import upstream
+from proxy_llm import headers, upstream
 
 
 class _CountingSocket:
@@ -135,6 +137,133 @@ class ConnectionTest(unittest.TestCase):
                     continue
                 ours.put_headers(headers)
                 self.assertEqual(b"\r\n".join(ours._buffer), b"\r\n".join(stdlib._buffer))
+
+
+class _Trickle(io.RawIOBase):
+    """Bytes handed out at most ``step`` at a time, as a socket may."""
+
+    def __init__(self, data: bytes, step: int):
+        super().__init__()
+        self.data = memoryview(data)
+        self.step = step
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buf) -> int:
+        n = min(len(buf), self.step, len(self.data))
+        buf[:n] = self.data[:n]
+        self.data = self.data[n:]
+        return n
+
+
+class _FakeSock:
+    def __init__(self, data: bytes, step: int):
+        self.data = data
+        self.step = step
+
+    def makefile(self, mode):
+        return io.BufferedReader(_Trickle(self.data, self.step), 8192)
+
+
+def _begin(cls, raw: bytes, method: str, step: int):
+    """The attributes ``begin`` sets, the headers, and what it left unread (or its error)."""
+    resp = cls(_FakeSock(raw, step), method=method)
+    try:
+        resp.begin()
+    except Exception as exc:
+        return ("error", type(exc), str(exc))
+    return (resp.status, resp.code, resp.reason, resp.version, resp.chunked, resp.chunk_left, resp.length,
+            resp.will_close, resp.headers.items(), resp.headers.get_payload(), type(resp.headers), resp.fp.read())
+
+
+class ResponseBeginTest(unittest.TestCase):
+    """upstream.Response.begin against http.client.HTTPResponse.begin on the same bytes."""
+
+    def setUp(self):
+        # The standard library's own header parser, whether or not a server in this process
+        # installed the faster one.
+        patcher = mock.patch.object(http.client, "parse_headers", headers._ORIGINAL)
+        patcher.start()
+        self.addCleanup(patcher.stop)
+
+    HEADS = [
+        b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{}",
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\n{}\r\n0\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: Chunked\r\nContent-Length: 5\r\n\r\nbody",
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\nbody",
+        b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n\r\ndata: x\n\n",
+        b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 0\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nConnection: keep-alive, Close\r\nContent-Length: 0\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nconnection: upgrade\r\nContent-Length: 0\r\n\r\n",
+        b"HTTP/1.0 200 OK\r\nContent-Length: 2\r\n\r\n{}",
+        b"HTTP/1.0 200 OK\r\nKeep-Alive: timeout=5\r\nContent-Length: 2\r\n\r\n{}",
+        b"HTTP/1.0 200 OK\r\nConnection: Keep-Alive\r\nContent-Length: 2\r\n\r\n{}",
+        b"HTTP/1.0 200 OK\r\nProxy-Connection: keep-alive\r\nContent-Length: 2\r\n\r\n{}",
+        b"HTTP/1.0 200 OK\r\nKeep-Alive: \r\nContent-Length: 2\r\n\r\n{}",
+        b"HTTP/1.1 200 OK\r\nContent-Length: -4\r\n\r\nbody",
+        b"HTTP/1.1 200 OK\r\nContent-Length: 4x\r\n\r\nbody",
+        b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\nContent-Length: 9\r\n\r\nbody",
+        b"HTTP/1.1 200 OK\r\ncontent-length:  4 \r\n\r\nbody",
+        b"HTTP/1.1 204 No Content\r\nContent-Length: 10\r\n\r\n",
+        b"HTTP/1.1 304 Not Modified\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\n\r\nno headers, close-delimited",
+        b"HTTP/1.1 200\r\nContent-Length: 0\r\n\r\n",
+        b"HTTP/1.1 200 \r\nContent-Length: 0\r\n\r\n",
+        b"HTTP/1.1 429  Too   Many Requests \r\nRetry-After: 1\r\nContent-Length: 0\r\n\r\n",
+        b"HTTP/1.1 200 \x85caf\xe9\xa0\r\nContent-Length: 0\r\n\r\n",
+        b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}",
+        b"HTTP/1.1 100 Continue\r\nX: y\r\n\r\nHTTP/1.1 503 Busy\r\nContent-Length: 0\r\n\r\n",
+        b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nX-Folded: one\r\n two\r\nContent-Length: 0\r\n\r\n",
+        b"HTTP/1.1 200 OK\nContent-Length: 2\n\n{}",
+        b"HTTP/1.1 200 OK\r\nContent-Length: 2\n\r\n{}",
+        b"HTTP/1.1 200 OK\r\nNo colon here\r\nContent-Length: 2\r\n\r\n{}",
+        b"HTTP/1.2 200 OK\r\nContent-Length: 2\r\n\r\n{}",
+        b"HTTP/2 200\r\n\r\n",
+        b"HTTP/1.1\t200 OK\r\nContent-Length: 0\r\n\r\n",
+        b"HTTP/1.1 099 Low\r\n\r\n",
+        b"HTTP/1.1 abc Bad\r\n\r\n",
+        b"<html>Bad Gateway</html>",
+        b"",
+        b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n",
+        b"HTTP/1.1 200 OK\r\n" + b"X-Many: v\r\n" * 150 + b"\r\n",
+        b"HTTP/1.1 200 OK\r\nX-Long: " + b"v" * 70000 + b"\r\n\r\n",
+    ]
+
+    def assertSame(self, raw: bytes, method: str = "POST") -> None:
+        for step in (1 << 20, 7, 1):
+            with self.subTest(raw=raw[:80], method=method, step=step):
+                self.assertEqual(_begin(upstream.Response, raw, method, step),
+                                 _begin(http.client.HTTPResponse, raw, method, step))
+
+    def test_known_heads_match_the_standard_library(self):
+        for raw in self.HEADS:
+            for method in ("POST", "HEAD"):
+                self.assertSame(raw, method)
+
+    def test_random_heads_match_the_standard_library(self):
+        rnd = random.Random(7)
+        statuses = ["200 OK", "204 No Content", "304", "404 Not Found", "100 Continue", "503  Busy "]
+        names = ["Content-Length", "content-length", "Transfer-Encoding", "Connection", "Keep-Alive",
+                 "Proxy-Connection", "Content-Type", "X-Other"]
+        values = ["chunked", "close", "keep-alive", "0", "12", "-1", "x", "", " 3", "Close, Upgrade", "caf\xe9"]
+        for _ in range(600):
+            lines = ["HTTP/1.%d %s" % (rnd.randint(0, 1), rnd.choice(statuses))]
+            lines += ["%s: %s" % (rnd.choice(names), rnd.choice(values)) for _ in range(rnd.randint(0, 5))]
+            raw = ("\r\n".join(lines) + "\r\n\r\n" + "x" * rnd.randint(0, 20)).encode("latin-1")
+            self.assertSame(raw, rnd.choice(("POST", "GET", "HEAD")))
+
+    def test_a_plain_head_takes_the_short_way(self):
+        raw = self.HEADS[0]
+        with mock.patch.object(http.client.HTTPResponse, "begin", side_effect=AssertionError("standard begin")):
+            got = _begin(upstream.Response, raw, "POST", 1 << 20)
+        self.assertEqual(got[:8], (200, 200, "OK", 11, False, http.client._UNKNOWN, 2, False))
+        self.assertEqual(got[-1], b"{}")
+
+    def test_connections_use_it(self):
+        self.assertIs(upstream.Connection.response_class, upstream.Response)
+        self.assertIs(upstream.SecureConnection.response_class, upstream.Response)
 
 
 if __name__ == "__main__":
