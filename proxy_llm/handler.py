@@ -329,7 +329,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
         server = self.server
         config = server.config
         target = self.path
-        if target[:7].lower() == "http://" or target[:8].lower() == "https://":
+        if target[:1] != "/" and (target[:7].lower() == "http://" or target[:8].lower() == "https://"):
             # RFC 9112 3.2.2: a server accepts the absolute form too. Its authority is ignored:
             # only configured upstreams are ever contacted.
             parts = urllib.parse.urlsplit(target)

@@ -60,7 +60,11 @@ class ProxyServer(ThreadingHTTPServer):
         self.pools: Dict[str, UpstreamPool] = {
             p.name: UpstreamPool(p.base_url, config.connect_timeout) for p in config.providers
         }
-        self._state_lock = threading.Condition()  # protects inflight, connections
+        # A plain lock (cheaper to take than a Condition's) protects inflight, connections and
+        # _idle_waiters; _idle, on the same lock, is notified only when someone waits for it.
+        self._state_lock = threading.Lock()
+        self._idle = threading.Condition(self._state_lock)
+        self._idle_waiters = 0
         self.inflight: Set[object] = set()
         self.connections = 0
         self.draining = threading.Event()
@@ -139,18 +143,22 @@ class ProxyServer(ThreadingHTTPServer):
     def untrack(self, exchange) -> None:
         with self._state_lock:
             self.inflight.discard(exchange)
-            if not self.inflight:
-                self._state_lock.notify_all()
+            if not self.inflight and self._idle_waiters:
+                self._idle.notify_all()
 
     def wait_idle(self, timeout: float, interrupted: Optional[threading.Event] = None) -> bool:
         """Wait until no exchange is in flight. False on timeout or when ``interrupted`` is set."""
         deadline = time.monotonic() + timeout
         with self._state_lock:
-            while self.inflight:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0 or (interrupted is not None and interrupted.is_set()):
-                    return False
-                self._state_lock.wait(min(remaining, 0.1))
+            self._idle_waiters += 1
+            try:
+                while self.inflight:
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0 or (interrupted is not None and interrupted.is_set()):
+                        return False
+                    self._idle.wait(min(remaining, 0.1))
+            finally:
+                self._idle_waiters -= 1
         return True
 
     def cancel_inflight(self) -> int:

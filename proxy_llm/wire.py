@@ -89,7 +89,7 @@ def read_body(rfile: BinaryIO, headers: Iterable[Tuple[str, str]], limit: int) -
         return _read_chunked(rfile, limit)
     if not cl:
         return b""
-    if len(set(v.strip() for v in cl)) != 1 or not cl[0].strip().isdigit():
+    if (len(cl) > 1 and len(set(v.strip() for v in cl)) != 1) or not cl[0].strip().isdigit():
         raise BodyError(400, "invalid Content-Length")
     length = int(cl[0])
     if length > limit:
