@@ -142,14 +142,8 @@ def build_server(config: Config, worker: int = 0, reuse_port: bool = False):
         os.makedirs(config.data_dir, mode=0o700, exist_ok=True)
 
         def on_result(ex, rec):
-            m = server_box[0].metrics
-            m.endings.inc(rec["ended"])
-            tokens = rec.get("tokens_used")
-            if tokens:
-                provider = rec["provider"] or "none"
-                for kind, value in tokens.items():
-                    if isinstance(value, (int, float)) and kind != "total_tokens":
-                        m.tokens.inc(provider, ex.model_label, kind, amount=value)
+            server_box[0].metrics.recorded(rec["ended"], rec["provider"] or "none", ex.model_label,
+                                           rec.get("tokens_used"))
 
         encoder = Encoder(fingerprint_key(config.data_dir), config.session_header, config.max_sse_event,
                           provider_keys=[p.api_key for p in config.providers if p.api_key], on_result=on_result)

@@ -197,6 +197,16 @@ class ProxyMetrics:
             if ttft is not None:
                 self.ttft.observe_locked(ttft, (provider, endpoint))
 
+    def recorded(self, ended: str, provider: str, model: str, tokens: Optional[dict]) -> None:
+        """Count one encoded record: how its exchange ended and the tokens its upstream reported
+        (the sum, ``total_tokens``, is not a kind of its own); one lock acquisition for all."""
+        with self.registry.lock:
+            self.endings.inc_locked((ended,))
+            if tokens:
+                for kind, value in tokens.items():
+                    if kind != "total_tokens" and isinstance(value, (int, float)):
+                        self.tokens.inc_locked((provider, model, kind), value)
+
     def render(self) -> bytes:
         return self.registry.render()
 

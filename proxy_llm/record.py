@@ -24,7 +24,7 @@ import random
 import re
 import time
 import zlib
-from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 from . import dialects, wire
 from .sniff import sniff_stream
@@ -206,6 +206,12 @@ def _reject_constant(name: str) -> Any:
 _DECODER = json.JSONDecoder(parse_constant=_reject_constant)
 
 
+def _has(data: bytes, needle: bytes) -> bool:
+    """``needle in data``, several times cheaper: for bytes, ``in`` first tries the needle as an
+    int (``10 in b"\\n"``) and builds, then discards, a TypeError before it searches."""
+    return data.find(needle) >= 0
+
+
 def parse_body(raw: bytes) -> Tuple[Any, Optional[bytes]]:
     """Return (value, raw_json). raw_json is the body fit to splice into a JSON line, or None.
 
@@ -222,20 +228,19 @@ def parse_body(raw: bytes) -> Tuple[Any, Optional[bytes]]:
         value = _DECODER.decode(text)
     except ValueError:
         return text, None
-    if b"\n" in raw or b"\r" in raw:
+    if _has(raw, b"\n") or _has(raw, b"\r"):
         # Outside strings JSON allows CR/LF only as whitespace, and inside strings not at all.
         raw = raw.replace(b"\r", b" ").replace(b"\n", b" ")
     return value, raw.strip()
 
 
-TRUST_MIN = 8 * 1024  # below this, parsing a body costs less than deciding not to
-
 
 def accepted_json(raw: bytes) -> Optional[bytes]:
     """A request body an upstream accepted (2xx): its bytes ready to splice into a JSON line, or None.
 
-    Parsing a 100 KB request only to prove it is JSON costs more than forwarding it; an upstream
-    that answered 2xx has parsed it already. What is still checked here, cheaply: it is one
+    Parsing a 100 KB request only to prove it is JSON costs more than forwarding it, and even a
+    small one costs the writer more than these checks; an upstream that answered 2xx has parsed
+    it already. What is still checked here, cheaply: it is one
     JSON object (``{`` ... ``}``), valid UTF-8, and holds no ``NaN``/``Infinity`` (which lenient
     servers accept and strict readers of the record would not). Anything else returns None and
     the body is parsed as usual.
@@ -243,15 +248,15 @@ def accepted_json(raw: bytes) -> Optional[bytes]:
     body = raw.strip()
     # A one-byte search is memchr-fast, a word search is not (~1 GB/s): look for the word only
     # where its capital letter occurs at all. (A regex alternation is ten times slower still.)
-    if body[:1] != b"{" or body[-1:] != b"}" or (b"N" in body and b"NaN" in body) or (
-            b"I" in body and b"Infinity" in body):
+    if body[:1] != b"{" or body[-1:] != b"}" or (_has(body, b"N") and _has(body, b"NaN")) or (
+            _has(body, b"I") and _has(body, b"Infinity")):
         return None
     if not body.isascii():
         try:
             body.decode("utf-8")
         except UnicodeDecodeError:
             return None
-    if b"\n" in body or b"\r" in body:
+    if _has(body, b"\n") or _has(body, b"\r"):
         body = body.replace(b"\r", b" ").replace(b"\n", b" ")
     return body
 
@@ -352,9 +357,10 @@ class Encoder:
         req_body = b"".join(c for _, c in req_chunks)
         req_value, req_raw = None, None
         session = self.header_session(req_h)
-        if (len(req_body) >= TRUST_MIN and ex.status is not None and 200 <= ex.status < 300
-                and not ex.request.truncated and (session is not None or b'"user_id"' not in req_body)):
-            req_raw = accepted_json(req_body)  # the model comes from the routing scan then
+        if (ex.status is not None and 200 <= ex.status < 300 and not ex.request.truncated and (session is not None or not _has(req_body, b'"user_id"'))):
+            # The model then comes from the routing scan (exact below sniff.CHEAP_SIDE), and
+            # "stream", if routing left it open, from sniff_stream below.
+            req_raw = accepted_json(req_body)
         if req_raw is None:
             req_value, req_raw = parse_body(req_body)
         if isinstance(req_value, dict):
@@ -508,9 +514,44 @@ def _error_message(value: Any) -> Optional[str]:
     return None
 
 
+def _compact_encoder(ensure_ascii: bool) -> Callable[[Any], str]:
+    """``json.dumps(value, ensure_ascii=..., separators=(",", ":"))`` made once, not per call.
+
+    ``json.dumps`` with arguments builds a new encoder each call, and its ``encode`` builds the
+    C encoder again and keeps a dict of the containers seen (to report cycles, which a record,
+    built from parsed JSON and plain values, cannot have). On a small record that is a fifth of
+    the encoding. The C encoder made once here is used when this interpreter has one that gives
+    the same text as the public API on a sample; otherwise the public API, made once.
+    """
+    public = json.JSONEncoder(ensure_ascii=ensure_ascii, separators=(",", ":"), check_circular=False)
+    make = getattr(json.encoder, "c_make_encoder", None)
+    quote = json.encoder.c_encode_basestring_ascii if ensure_ascii else json.encoder.c_encode_basestring
+    if make is None or quote is None:
+        return public.encode
+    try:
+        # (markers, default, encoder, indent, key_separator, item_separator, sort_keys,
+        #  skipkeys, allow_nan): JSONEncoder.iterencode's own call, in every Python since 3.2.
+        encoder = make(None, public.default, quote, None, ":", ",", False, False, True)
+        join = "".join
+
+        def encode(value: Any) -> str:
+            return join(encoder(value, 0))
+
+        sample = {"a": [1, 2.5, -0.0, 10 ** 20, True, None, "\u00e9\u2028\"\\\n"], "b": {}, "c": [], "d": 1e300}
+        if encode(sample) != public.encode(sample) or encode("x") != public.encode("x"):
+            return public.encode
+        return encode
+    except Exception:  # an interpreter whose private C encoder differs: the public API
+        return public.encode
+
+
+_encode_text = _compact_encoder(ensure_ascii=False)
+_encode_ascii = _compact_encoder(ensure_ascii=True)
+
+
 def _dumps(value: Any) -> bytes:
     try:
-        return json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+        return _encode_text(value).encode("utf-8")
     except UnicodeEncodeError:
         # A lone surrogate cannot be UTF-8 encoded; \u-escapes keep it as valid JSON.
-        return json.dumps(value, ensure_ascii=True, separators=(",", ":")).encode("ascii")
+        return _encode_ascii(value).encode("ascii")

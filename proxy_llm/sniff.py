@@ -82,7 +82,8 @@ def sniff(body: bytes) -> Tuple[Optional[str], Optional[bool]]:
     if m is not None:
         raw = m.group(1)
         try:
-            model = json.loads(raw) if b"\\" in raw else raw[1:-1].decode("utf-8")
+            # find, not in: for bytes, in builds and drops a TypeError before it searches
+            model = json.loads(raw) if raw.find(b"\\") >= 0 else raw[1:-1].decode("utf-8")
         except ValueError:
             model = None
     return model, None

@@ -142,7 +142,7 @@ class SSEDecoder(object):
         pos = 0
         n = len(data)
         if (not self._line_parts and not self._has_lines and not self._skipping and not self._pending_cr
-                and n <= self.max_event_size and b"\r" not in data):
+                and n <= self.max_event_size and data.find(b"\r") < 0):
             # The common read: whole events with LF line ends, nothing held from the last one.
             # Split on the blank lines at once instead of line by line; the fields go through
             # the same _field(), and no event can pass the bound (the read itself does not).

@@ -191,6 +191,8 @@ class Recorder:
         self.file_suffix = file_suffix
         self.on_written = on_written
         self.clock = clock
+        self._day_start = -1.0  # the UTC day last formatted by _today, and its start
+        self._day = ""
         self.queue = RecordQueue(queue_size)
         # The lock guards every append, rotation and close, and the files table.
         self.lock = threading.Lock()
@@ -382,13 +384,19 @@ class Recorder:
             log.warning("recording resumed in %s", self.data_dir)
         return len(lines) if kind == RECORDS else 0
 
-    def _now_parts(self) -> Tuple[str, str]:
-        t = time.gmtime(self.clock())
-        return time.strftime("%Y%m%d", t), time.strftime("%Y%m%d_%H%M%S", t)
+    def _today(self, now: float) -> str:
+        """The UTC day of ``now``, YYYYMMDD; formatted again only when ``now`` leaves the day
+        last formatted (a Unix day is 86,400 seconds), not for every batch."""
+        start = self._day_start
+        if not start <= now < start + 86400.0:
+            self._day_start = now - now % 86400.0
+            self._day = time.strftime("%Y%m%d", time.gmtime(now))
+        return self._day
 
     def _file_for(self, key: Tuple[str, str], incoming: int) -> _File:
         f = self._files.get(key)
-        day, stamp = self._now_parts()
+        now = self.clock()
+        day = self._today(now)
         if f is not None:
             too_big = f.size > 0 and f.size + incoming > self.max_file_size
             new_day = self.rotate_daily and f.day != day
@@ -404,7 +412,7 @@ class Recorder:
         kind, sid = key
         if kind == RECORDS:
             directory = os.path.join(self.data_dir, "session_" + sid)
-            stem = "session_%s_%s" % (sid, stamp)
+            stem = "session_%s_%s" % (sid, time.strftime("%Y%m%d_%H%M%S", time.gmtime(now)))
         else:
             directory = os.path.join(self.data_dir, "streams")
             stem = "session_%s_%s" % (sid, day)

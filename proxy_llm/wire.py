@@ -180,7 +180,7 @@ def query_secrets(query: str) -> List[str]:
 def scrub_bytes(data: bytes, secrets: Iterable[str], key: bytes) -> bytes:
     for secret in secrets:
         raw = secret.encode("utf-8", "surrogatepass")
-        if raw in data:
+        if data.find(raw) >= 0:  # not "raw in data", which builds and drops a TypeError first
             data = data.replace(raw, redacted(secret, key).encode("ascii"))
     return data
 

@@ -375,8 +375,10 @@ class LocalEndpointsTest(ProxyTestCase):
         self.assertIn('proxy_llm_time_to_first_token_seconds_count{provider="openai",endpoint="/v1/chat/completions"} 1', text)
         for name in ("proxy_llm_request_duration_seconds_bucket", "proxy_llm_inflight_requests", "proxy_llm_records_written_total 2",
                      "proxy_llm_records_dropped_total 0", "# TYPE proxy_llm_request_duration_seconds histogram",
-                     'proxy_llm_tokens_total{provider="openai",model="gpt-*",kind="prompt_tokens"} 9'):
+                     'proxy_llm_tokens_total{provider="openai",model="gpt-*",kind="prompt_tokens"} 9',
+                     'proxy_llm_exchange_endings_total{ended="completed"} 2'):
             self.assertIn(name, text)
+        self.assertNotIn('kind="total_tokens"', text)  # a sum of the other kinds, not a kind
 
 
 class FilesTest(ProxyTestCase):

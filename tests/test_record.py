@@ -12,6 +12,7 @@ from unittest import mock
 from proxy_llm import dialects
 from proxy_llm.config import Provider
 from proxy_llm.record import FIELDS, Capture, Encoder, Exchange
+from proxy_llm.sniff import sniff
 
 KEY = b"fingerprint-key-0123456789abcdef"
 OPENAI = Provider("openai", "openai", "http://upstream")
@@ -21,6 +22,7 @@ def exchange(body=b'{"model":"gpt-4o"}', resp=b'{"id":"x","choices":[]}', ctype=
              path="/v1/chat/completions", headers=(), resp_headers=(), stream=False, limit=1 << 20):
     ex = Exchange("POST", path, "", list(headers), limit)
     ex.provider, ex.provider_type, ex.stream, ex.status = OPENAI, "openai", stream, status
+    ex.model = sniff(body)[0]  # as routing sets it (ProxyHandler.route)
     ex.request.add(0.0, body)
     ex.resp_headers = [("Content-Type", ctype)] + list(resp_headers)
     for i, part in enumerate(resp if isinstance(resp, list) else [resp]):
@@ -78,8 +80,12 @@ class EncoderTest(unittest.TestCase):
         self.assertNotIn("unterminated", line["events"][0])
         self.assertIs(line["events"][1]["unterminated"], True)
 
-    def test_large_accepted_bodies_are_spliced_and_still_give_valid_lines(self):
-        pad = "x" * 9000
+    def test_accepted_bodies_are_spliced_and_still_give_valid_lines(self):
+        for pad in ("x" * 9000, "x"):
+            with self.subTest(size=len(pad)):
+                self.check_accepted_bodies(pad)
+
+    def check_accepted_bodies(self, pad):
         cases = [
             (b'{"model":"gpt-4o","a":1,"a":2,\n"p":"%s"}' % pad.encode(), 200, dict),     # kept as sent
             (b'{"model":"gpt-4o","v":NaN,"p":"%s"}' % pad.encode(), 200, str),            # lenient server
@@ -100,21 +106,32 @@ class EncoderTest(unittest.TestCase):
         [rec], _ = encode(exchange(body=cases[-1][0]))
         self.assertEqual(rec["session_id"], "u-9")
 
-    def test_stream_flag_of_a_large_body_is_settled_by_the_recorder(self):
+    def test_stream_flag_left_open_by_routing_is_settled_by_the_recorder(self):
         pad = b"y" * 9000
         big = b"z" * 40000
         for body, ctype, status, expected in (
                 (b'{"model":"m","p":"%s","stream":true}' % pad, "application/json", 200, True),   # server ignored it
                 (b'{"model":"m","p":"%s"}' % pad, "application/json", 200, False),
+                (b'{"model":"m","stream":true}', "application/json", 200, True),
+                (b'{"model":"m","x":{"stream":true},"stream":false}', "application/json", 200, False),
+                (b'{"model":"m","stream":"true"}', "application/json", 200, False),  # not the JSON true
                 (b'{"model":"m","p":"%s","stream":true}' % pad, "text/event-stream", 200, True),
                 (b'{"model":"m","a":"%s","stream":true,"b":"%s"}' % (big, big), "application/json", 400, True),
                 (b'{"model":"m","a":"%s","stream":false,"b":"%s"}' % (big, big), "application/json", 400, False)):
             with self.subTest(expected=expected, ctype=ctype, status=status):
                 ex = exchange(body=body, ctype=ctype, status=status,
                               resp=b'data: {"choices":[]}\n\n' if "event" in ctype else b"{}")
-                ex.stream = None
+                ex.stream = None  # routing does not look for it (sniff.sniff)
                 recs, _ = encode(ex)
                 self.assertIs(recs[0]["stream"], expected)
+
+    def test_small_accepted_body_keeps_its_bytes_and_the_exact_model(self):
+        body = b'{ "model" : "gpt\\u002d4o",\r\n  "n": 1.0e2, "messages": [{"model": "nested"}] }'
+        ex = exchange(body=body, headers=[("X-Session-Id", "s")])
+        [rec], lines = encode(ex)
+        self.assertEqual(rec["model"], "gpt-4o")  # the escape read as JSON reads it
+        self.assertIn(b'"request_body":{ "model" : "gpt\\u002d4o",    "n": 1.0e2, "messages"', lines[0][2])
+        self.assertEqual(rec["request_body"]["n"], 100.0)
 
     def test_lone_surrogates_and_non_json_bodies_still_give_valid_lines(self):
         ex = exchange(body=b'{"model":"m","x":"\\ud800"}', resp=b"\xff\xfe not json")

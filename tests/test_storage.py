@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import queue
+import random
 import shutil
 import stat
 import tempfile
@@ -278,6 +279,14 @@ class RotationTest(RecorderTestCase):
         self.assertEqual(names, ["session_s_20261127_235958.jsonl", "session_s_20261128_000001.jsonl",
                                  "session_s_20261127.jsonl", "session_s_20261128.jsonl"])
         self.assertEqual([len(lines_of(p)) for p in data_files(self.data_dir)], [2, 1, 2, 1])
+
+    def test_the_day_is_the_utc_day_of_the_clock_also_when_it_steps_back(self):
+        rec = self.recorder(start=False)
+        rnd = random.Random(5)
+        t = time.mktime((2026, 11, 27, 23, 59, 59, 0, 0, 0)) - time.timezone
+        for _ in range(2000):
+            t += rnd.choice((0.25, 1.0, -1.0, 3600.0, -86400.0, 86399.75, rnd.uniform(-1e6, 1e6)))
+            self.assertEqual(rec._today(t), time.strftime("%Y%m%d", time.gmtime(t)), t)
 
     def test_no_daily_rotation_when_disabled(self):
         now = [time.mktime((2026, 11, 27, 23, 59, 59, 0, 0, 0)) - time.timezone]
