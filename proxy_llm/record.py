@@ -371,7 +371,7 @@ class Encoder:
         sid = session_file_id(session_id)
 
         content_type = resp_h.get("content-type", "")
-        if ex.stream is None:  # a large body: routing did not look for "stream"
+        if ex.stream is None:  # routing does not look for "stream" (sniff.sniff)
             if isinstance(req_value, dict):
                 ex.stream = req_value.get("stream") is True
             elif is_event_stream(content_type):

@@ -73,7 +73,7 @@ def sniff(body: bytes) -> Tuple[Optional[str], Optional[bool]]:
     ``model`` is None when absent or not a string; on a body under ``CHEAP_SIDE`` bytes it is
     exactly what a full parse finds. ``stream`` is None (not looked for) for an object: the
     request's own thread does not need it (the response says whether it is a stream), and the
-    recorder settles it from the parsed body, or with :func:`sniff_stream` for a large one.
+    recorder settles it from the parsed body, or with :func:`sniff_stream` for one it splices unparsed.
     """
     if not body or body.lstrip()[:1] != b"{":
         return None, False
