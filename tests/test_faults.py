@@ -51,15 +51,22 @@ def content_of(rec) -> str:
     return rec["response_body"]["choices"][0]["message"]["content"]
 
 
-def open_stream(port: int, body: bytes = CHAT_BODY, path: str = "/v1/chat/completions") -> socket.socket:
-    sock = socket.create_connection(("127.0.0.1", port), timeout=DEADLINE)
-    sock.sendall(b"POST %s HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
-                 % (path.encode(), len(body), body))
+def open_stream(port: int, body: bytes = CHAT_BODY, path: str = "/v1/chat/completions",
+                rcvbuf: int = 0) -> socket.socket:
+    """A client socket that has sent one request; ``rcvbuf``: a small receive buffer (set before
+    connecting, so that the window stays small), for a client slow to read."""
+    sock = socket.socket()
+    try:
+        if rcvbuf:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+        sock.settimeout(DEADLINE)
+        sock.connect(("127.0.0.1", port))
+        sock.sendall(b"POST %s HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
+                     % (path.encode(), len(body), body))
+    except BaseException:
+        sock.close()
+        raise
     return sock
-
-
-
-
 
 
 class FaultTestCase(support.ProxyTestCase):
@@ -239,13 +246,8 @@ class UpstreamFaultTest(FaultTestCase):
         # waiting for the upstream: the upstream's limit must not run.
         self.replies.append(sse_reply([chunk_event("x" * (256 * 1024))] * 64 + [b"data: [DONE]\n\n"]))
         proxy = self.start_proxy(stream_idle_timeout=0.3, capture_max_body=64 * 1024 * 1024)
-        sock = socket.socket()
+        sock = open_stream(proxy.port, rcvbuf=4096)
         self.addCleanup(sock.close)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-        sock.settimeout(DEADLINE)
-        sock.connect(("127.0.0.1", proxy.port))
-        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                     b"Content-Length: %d\r\n\r\n%s" % (len(CHAT_BODY), CHAT_BODY))
         first = read_until(sock, b"\r\n\r\n")
         self.assertTrue(first.startswith(b"HTTP/1.1 200"), first[:100])
         threading.Event().wait(1.0)  # a client not reading: past the limit, over several watchdog passes
@@ -542,13 +544,8 @@ class LimitsTest(FaultTestCase):
         part = chunk_event("x" * (64 * 1024))
         self.replies.append(Reply(200, [("Content-Type", "text/event-stream")], Endless(part, stop)))
         proxy = self.start_proxy(client_idle_timeout=0.5, stream_idle_timeout=60.0)
-        sock = socket.socket()
+        sock = open_stream(proxy.port, rcvbuf=4096)
         self.addCleanup(sock.close)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-        sock.settimeout(DEADLINE)
-        sock.connect(("127.0.0.1", proxy.port))
-        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                     b"Content-Length: %d\r\n\r\n%s" % (len(CHAT_BODY), CHAT_BODY))
         self.assertTrue(read_until(sock, b"\r\n\r\n").startswith(b"HTTP/1.1 200"))
         started = time.monotonic()
         wait_until(lambda: proxy.server.connections == 0, what="the connection let go")
