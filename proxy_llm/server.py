@@ -193,7 +193,9 @@ class ProxyServer(ThreadingHTTPServer):
         if late:
             with self.conn_lock:
                 for clock in late:
-                    if clock.sock is not None:
+                    # Again under the lock: the wait seen late may have ended, and another begun.
+                    due = clock.due
+                    if clock.sock is not None and due and now > due:
                         clock.late = True
                         try:
                             clock.sock.shutdown(clock.how)

@@ -25,7 +25,7 @@ import threading
 import time
 import urllib.parse
 from collections import deque
-from typing import Deque, List, Optional, Tuple
+from typing import Deque, Optional, Tuple
 
 from .headers import message, take_fields
 
@@ -102,14 +102,6 @@ class _OneSend:
 
 # A status line as providers send it: HTTP/1.0 or 1.1, a three-digit status, an optional reason.
 _STATUS_LINE = re.compile(rb"HTTP/1\.([01]) ([1-9][0-9][0-9])(?: ([^\r\n]*))?\r\n")
-
-
-def _first(fields: List[Tuple[str, str]], name: str) -> Optional[str]:
-    """The first value of header ``name`` (lower case), as ``HTTPMessage.get`` returns it."""
-    for field, value in fields:
-        if field.lower() == name:
-            return value
-    return None
 
 
 class Response(http.client.HTTPResponse):

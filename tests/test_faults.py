@@ -23,7 +23,7 @@ import unittest
 from unittest import mock
 
 from proxy_llm import storage, upstream
-from proxy_llm.handler import ProxyHandler
+from proxy_llm.handler import ClientClock, ProxyHandler
 from tests import support
 from tests.support import (read_until, read_to_eof, chunk_event, DEADLINE, Reply, header, provider, request, sse_reply, wait_until)
 
@@ -162,6 +162,46 @@ class WatchdogTest(FaultTestCase):
         self.assertTrue(ex.client_gone)
         up_theirs.settimeout(DEADLINE)
         self.assertEqual(up_theirs.recv(1), b"", "the upstream connection was not shut down")
+
+    def test_a_client_wait_that_ends_during_a_pass_is_not_cut(self):
+        proxy = self.start_proxy()
+        server = proxy.server
+        server._stop_watch.set()  # this test makes the passes itself
+        server._watchdog.join(DEADLINE)
+        pairs = [socket.socketpair() for _ in range(2)]
+        for pair in pairs:
+            for s in pair:
+                self.addCleanup(s.close)
+                s.settimeout(DEADLINE)
+        waiting, late = (ClientClock(ours, 60.0) for ours, _ in pairs)
+        for clock in (waiting, late):
+            clock.due = time.perf_counter() - 1.0  # both past their deadline at the pass's first look
+            server.watch_client(clock)
+            self.addCleanup(server.unwatch_client, clock)
+        lock = server.conn_lock
+        taken = []
+
+        class Handover:
+            """conn_lock; the second time a pass takes it, ``waiting``'s read has returned and a
+            new one begun (the race of a wait ending during a pass)."""
+
+            def __enter__(self):
+                taken.append(1)
+                if len(taken) == 2:
+                    waiting.due = time.perf_counter() + 60.0
+                return lock.__enter__()
+
+            def __exit__(self, *exc):
+                return lock.__exit__(*exc)
+
+        server.conn_lock = Handover()
+        server.watch_once()
+        server.conn_lock = lock
+        self.assertEqual(len(taken), 2)
+        self.assertEqual((waiting.late, late.late), (False, True))
+        pairs[0][1].sendall(b"x")
+        self.assertEqual(pairs[0][0].recv(1), b"x", "a connection within its limit was cut")
+        self.assertEqual(pairs[1][0].recv(1), b"", "the late connection was not cut")  # SHUT_RD: the end
 
     def test_the_watchdog_survives_a_failing_pass(self):
         proxy = self.start_proxy()
