@@ -206,12 +206,6 @@ def _reject_constant(name: str) -> Any:
 _DECODER = json.JSONDecoder(parse_constant=_reject_constant)
 
 
-def _has(data: bytes, needle: bytes) -> bool:
-    """``needle in data``, several times cheaper: for bytes, ``in`` first tries the needle as an
-    int (``10 in b"\\n"``) and builds, then discards, a TypeError before it searches."""
-    return data.find(needle) >= 0
-
-
 def parse_body(raw: bytes) -> Tuple[Any, Optional[bytes]]:
     """Return (value, raw_json). raw_json is the body fit to splice into a JSON line, or None.
 
@@ -228,7 +222,9 @@ def parse_body(raw: bytes) -> Tuple[Any, Optional[bytes]]:
         value = _DECODER.decode(text)
     except ValueError:
         return text, None
-    if _has(raw, b"\n") or _has(raw, b"\r"):
+    # find, not in: for bytes, "in" first tries the needle as an int (10 in b"\n") and builds,
+    # then drops, a TypeError before it searches (several times the cost of the search here).
+    if raw.find(b"\n") >= 0 or raw.find(b"\r") >= 0:
         # Outside strings JSON allows CR/LF only as whitespace, and inside strings not at all.
         raw = raw.replace(b"\r", b" ").replace(b"\n", b" ")
     return value, raw.strip()
@@ -248,15 +244,16 @@ def accepted_json(raw: bytes) -> Optional[bytes]:
     body = raw.strip()
     # A one-byte search is memchr-fast, a word search is not (~1 GB/s): look for the word only
     # where its capital letter occurs at all. (A regex alternation is ten times slower still.)
-    if body[:1] != b"{" or body[-1:] != b"}" or (_has(body, b"N") and _has(body, b"NaN")) or (
-            _has(body, b"I") and _has(body, b"Infinity")):
+    # (find, not in: see parse_body.)
+    if body[:1] != b"{" or body[-1:] != b"}" or (body.find(b"N") >= 0 and body.find(b"NaN") >= 0) or (
+            body.find(b"I") >= 0 and body.find(b"Infinity") >= 0):
         return None
     if not body.isascii():
         try:
             body.decode("utf-8")
         except UnicodeDecodeError:
             return None
-    if _has(body, b"\n") or _has(body, b"\r"):
+    if body.find(b"\n") >= 0 or body.find(b"\r") >= 0:
         body = body.replace(b"\r", b" ").replace(b"\n", b" ")
     return body
 
@@ -296,6 +293,14 @@ def _decompress(chunks: List[Tuple[float, bytes]], encoding: str) -> Tuple[List[
         return chunks, "body could not be decoded (%s)" % encoding
 
 
+def _body(cap: Capture, encoding: str) -> Tuple[bytes, Optional[str]]:
+    """A captured body as one bytes object, decoded per ``encoding``; (body, decode error)."""
+    if not encoding:
+        return b"".join(cap.chunks), None  # no (time, bytes) pairs needed
+    chunks, error = _decompress(cap.parts(), encoding)
+    return b"".join([c for _, c in chunks]), error
+
+
 def headers_dict(headers: Iterable[Tuple[str, str]], key: bytes, secrets: Optional[List[str]] = None) -> Dict[str, str]:
     """Lower-case names -> values (repeats joined with ", "), credentials redacted.
 
@@ -325,7 +330,7 @@ class Encoder:
         self.key = fingerprint_key
         self.session_header = session_header.lower()
         self.max_sse_event = max_sse_event
-        self.provider_keys = [k for k in provider_keys if len(k) >= 8]
+        self.provider_pairs = wire.scrub_pairs([k for k in provider_keys if len(k) >= 8], fingerprint_key)
         self.on_result = on_result  # callback(exchange, record dict) for token metrics
 
     def header_session(self, headers: Dict[str, str]) -> Optional[Tuple[str, str]]:
@@ -353,11 +358,11 @@ class Encoder:
         secrets: List[str] = []
         req_h = headers_dict(ex.req_headers, key, secrets)
         resp_h = headers_dict(ex.resp_headers, key)
-        req_chunks, _ = _decompress(ex.request.parts(), req_h.get("content-encoding", ""))
-        req_body = b"".join(c for _, c in req_chunks)
+        req_body = _body(ex.request, req_h.get("content-encoding", ""))[0]
         req_value, req_raw = None, None
         session = self.header_session(req_h)
-        if (ex.status is not None and 200 <= ex.status < 300 and not ex.request.truncated and (session is not None or not _has(req_body, b'"user_id"'))):
+        accepted = ex.status is not None and 200 <= ex.status < 300
+        if accepted and ex.request.sha is None and (session is not None or req_body.find(b'"user_id"') < 0):
             # The model then comes from the routing scan (exact below sniff.CHEAP_SIDE), and
             # "stream", if routing left it open, from sniff_stream below.
             req_raw = accepted_json(req_body)
@@ -379,8 +384,8 @@ class Encoder:
             else:
                 # A 2xx answer that is not a stream almost always means none was asked for:
                 # look near the ends only (where the SDKs put the key), not through the body.
-                ex.stream = sniff_stream(req_body, whole=not (ex.status is not None and 200 <= ex.status < 300))
-        resp_chunks, decode_error = _decompress(ex.response.parts(), resp_h.get("content-encoding", ""))
+                ex.stream = sniff_stream(req_body, whole=not accepted)
+        resp_encoding = resp_h.get("content-encoding", "")
         dialect = dialects.select(ex.provider_type or ex.family, ex.method, ex.path)
         events: List[Tuple[float, Any]] = []
         stream_truncated = False
@@ -390,14 +395,19 @@ class Encoder:
         # A stream is what the upstream sent as one: SSE, or Gemini's streamed JSON array. A
         # server that ignores "stream": true and answers with plain JSON is recorded as plain JSON.
         streamed = ex.status is not None and (is_event_stream(content_type) or (
-            ex.stream and ex.family == "gemini" and 200 <= ex.status < 300))
+            ex.stream and ex.family == "gemini" and accepted))
+        if streamed:  # the events keep their arrival times
+            resp_chunks, decode_error = _decompress(ex.response.parts(), resp_encoding)
+            resp_body = b""  # joined only if reassembly fails
+        else:
+            resp_body, decode_error = _body(ex.response, resp_encoding)
         try:
             if streamed:
                 events, stream_truncated = dialects.decode_stream(content_type, resp_chunks, self.max_sse_event)
                 result = dialect.reassemble([e for _, e in events])
                 resp_value = result.response_body
             else:
-                resp_value, resp_raw = parse_body(b"".join(c for _, c in resp_chunks))
+                resp_value, resp_raw = parse_body(resp_body)
                 result = dialect.from_body(resp_value if isinstance(resp_value, (dict, list)) else None)
         except Exception as exc:  # a dialect bug must not lose the record: keep raw, say why
             log.exception("reassembly failed for record %s", ex.id)
@@ -409,9 +419,9 @@ class Encoder:
             result = None
         if reassembly_error is not None:
             if streamed:
-                resp_value = b"".join(c for _, c in resp_chunks).decode("utf-8", "replace")
+                resp_value = b"".join([c for _, c in resp_chunks]).decode("utf-8", "replace")
             else:
-                resp_value, resp_raw = parse_body(b"".join(c for _, c in resp_chunks))
+                resp_value, resp_raw = parse_body(resp_body)
 
         ended = ex.ended
         if ended == "completed" and streamed and result is not None and not result.complete and 200 <= (ex.status or 0) < 300:
@@ -455,7 +465,7 @@ class Encoder:
             rec["stream_events"] = len(events)  # its line in streams/ holds these events
         truncated = {}
         for name, cap in (("request", ex.request), ("response", ex.response)):
-            if cap.truncated:
+            if cap.sha is not None:  # cap.truncated
                 truncated[name] = {"size": cap.size, "sha256": cap.sha.hexdigest(), "kept": cap.kept}
         if truncated:
             rec["truncated"] = truncated
@@ -473,12 +483,13 @@ class Encoder:
         # Scrub every credential the request carried from every part, and the provider keys
         # (which the client never saw, so only an upstream can echo them) from all but the
         # request body: on a 100 KB body each scan is a noticeable cost.
-        client_secrets = [s for s in secrets + wire.query_secrets(ex.query) if len(s) >= 8]
-        secrets = client_secrets + self.provider_keys
+        client = wire.scrub_pairs([s for s in secrets + wire.query_secrets(ex.query) if len(s) >= 8], key)
+        every = client + self.provider_pairs
+        scrub = wire.scrub
         line = b"".join((
-            wire.scrub_bytes(_dumps(rec)[:-1], secrets, key),
-            b',"request_body":', wire.scrub_bytes(req_raw if req_raw is not None else _dumps(req_value), client_secrets, key),
-            b',"response_body":', wire.scrub_bytes(resp_raw if resp_raw is not None else _dumps(resp_value), secrets, key),
+            scrub(_dumps(rec)[:-1], every),
+            b',"request_body":', scrub(req_raw if req_raw is not None else _dumps(req_value), client),
+            b',"response_body":', scrub(resp_raw if resp_raw is not None else _dumps(resp_value), every),
             b"}\n",
         ))
         out = [(RECORDS, sid, line)]
@@ -490,7 +501,7 @@ class Encoder:
                 "events": [_event_json(t, e) for t, e in events],
                 "truncated": stream_truncated,
             }) + b"\n"
-            out.append((STREAMS, sid, wire.scrub_bytes(stream_line, secrets, key)))
+            out.append((STREAMS, sid, scrub(stream_line, every)))
         return out
 
 

@@ -177,12 +177,21 @@ def query_secrets(query: str) -> List[str]:
     return [m.group(3) for m in _QUERY_SECRET_RE.finditer(query) if m.group(3)]
 
 
-def scrub_bytes(data: bytes, secrets: Iterable[str], key: bytes) -> bytes:
-    for secret in secrets:
-        raw = secret.encode("utf-8", "surrogatepass")
+def scrub_pairs(secrets: Iterable[str], key: bytes) -> List[Tuple[bytes, bytes]]:
+    """(secret, its redaction) as bytes, made once for every part of a record that is scrubbed."""
+    return [(s.encode("utf-8", "surrogatepass"), redacted(s, key).encode("ascii")) for s in secrets]
+
+
+def scrub(data: bytes, pairs: Iterable[Tuple[bytes, bytes]]) -> bytes:
+    """Replace each secret in ``data`` by its redaction (pairs from :func:`scrub_pairs`)."""
+    for raw, redaction in pairs:
         if data.find(raw) >= 0:  # not "raw in data", which builds and drops a TypeError first
-            data = data.replace(raw, redacted(secret, key).encode("ascii"))
+            data = data.replace(raw, redaction)
     return data
+
+
+def scrub_bytes(data: bytes, secrets: Iterable[str], key: bytes) -> bytes:
+    return scrub(data, scrub_pairs(secrets, key))
 
 
 def split_target(target: str) -> Tuple[str, str]:
