@@ -114,6 +114,7 @@ class Target:
         self.error = None       # why this target is n/a
         self.data_dir = None
         self.log_path = None
+        self.wrap: list = []    # a command the target runs under (tests/bench/instructions.py: valgrind)
 
     @property
     def records(self) -> bool:
@@ -156,7 +157,7 @@ class Target:
                 cmd += ["--workers", str(self.workers)]
         log = open(self.log_path, "wb")
         try:
-            self.proc = subprocess.Popen(cmd, cwd=REPO, env=_env(), stdin=subprocess.DEVNULL,
+            self.proc = subprocess.Popen(self.wrap + cmd, cwd=REPO, env=_env(), stdin=subprocess.DEVNULL,
                                          stdout=log, stderr=log)
         finally:
             log.close()
