@@ -102,6 +102,7 @@ class _OneSend:
 
 # A status line as providers send it: HTTP/1.0 or 1.1, a three-digit status, an optional reason.
 _STATUS_LINE = re.compile(rb"HTTP/1\.([01]) ([1-9][0-9][0-9])(?: ([^\r\n]*))?\r\n")
+_BEGIN_HEADERS = frozenset(("transfer-encoding", "content-length", "connection", "keep-alive", "proxy-connection"))
 
 
 class Response(http.client.HTTPResponse):
@@ -135,24 +136,16 @@ class Response(http.client.HTTPResponse):
         self.reason = reason.decode("iso-8859-1").strip() if reason else ""
         self.version = 11 if m.group(1) == b"1" else 10
         self.headers = self.msg = msg
-        te = connection = keep_alive = proxy_connection = length = None
-        for name, value in fields:  # the first of each, as HTTPMessage.get()
+        first = {}  # the first value of each header begin() needs, as HTTPMessage.get() gives it
+        for name, value in fields:
             lname = name.lower()
-            if lname == "transfer-encoding":
-                if te is None:
-                    te = value
-            elif lname == "content-length":
-                if length is None:
-                    length = value
-            elif lname == "connection":
-                if connection is None:
-                    connection = value
-            elif lname == "keep-alive":
-                if keep_alive is None:
-                    keep_alive = value
-            elif lname == "proxy-connection":
-                if proxy_connection is None:
-                    proxy_connection = value
+            if lname in _BEGIN_HEADERS and lname not in first:
+                first[lname] = value
+        te = first.get("transfer-encoding")
+        length = first.get("content-length")
+        connection = first.get("connection")
+        keep_alive = first.get("keep-alive")
+        proxy_connection = first.get("proxy-connection")
         if te and te.lower() == "chunked":
             self.chunked = True
             self.chunk_left = None
