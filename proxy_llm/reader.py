@@ -15,6 +15,8 @@ Contracts:
   line (a crash mid-append, or the writer is appending right now): it is
   skipped and counted in ``ReadStats.torn``.  A final line without a newline
   that does parse is a record (the writer may simply not have flushed "\\n").
+  Either way it ends the reading of that file: a file being appended to can
+  grow while it is read, and what follows would be the rest of that line.
 * Any other line that does not parse as a JSON object is a *bad line*: skipped
   and listed in ``ReadStats.bad_lines`` as ``(path, line_number)``.
 * A gzip file that cannot be decompressed to its end (truncated, corrupt) is a
@@ -234,15 +236,18 @@ def _iter_file(path: str, stats: ReadStats):
                     obj = json.loads(line)
                 except (ValueError, RecursionError):
                     obj = None
+                whole = line.endswith(b"\n")
                 if not isinstance(obj, dict):
-                    if not line.endswith(b"\n"):
+                    if not whole:
                         stats.torn += 1
                         stats.torn_lines.append((path, lineno))
-                    else:
-                        stats.bad_lines.append((path, lineno))
+                        break  # the end of the file as it was: see the module docstring
+                    stats.bad_lines.append((path, lineno))
                     continue
                 stats.records += 1
                 yield lineno, obj
+                if not whole:
+                    break
     except (EOFError, OSError, zlib.error) as exc:
         stats.problems.append((path, "unreadable after line %d: %s" % (lineno, exc)))
     finally:

@@ -251,12 +251,19 @@ class InProcessProxy:
 
 
 def read_jsonl(paths: Sequence[str]) -> List[Dict[str, Any]]:
+    """The whole lines of JSONL files, parsed; safe while the proxy appends to them.
+
+    A line without its newline is one still being written, and the end of what this read takes
+    of the file: the file may grow while it is read, and the next "line" would be that line's
+    own tail.
+    """
     out = []
     for path in paths:
         with open(path, "rb") as f:
             for line in f:
-                if line.endswith(b"\n"):
-                    out.append(json.loads(line))
+                if not line.endswith(b"\n"):
+                    break
+                out.append(json.loads(line))
     return out
 
 

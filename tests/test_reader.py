@@ -5,6 +5,7 @@ import os
 import shutil
 import tempfile
 import unittest
+from unittest import mock
 
 from proxy_llm import reader
 from tests import data_factory as df
@@ -88,6 +89,47 @@ class TestDamage(ReaderTestCase):
             fh.write(b'{"id": "a"}\n{"id": "b"}')
         stats = reader.ReadStats()
         self.assertEqual([r["id"] for r in reader.iter_records(self.tmp, stats)], ["a", "b"])
+        self.assertTrue(stats.ok)
+
+    def test_a_file_growing_during_the_read_gives_no_bad_line(self) -> None:
+        # The writer appends while a reader (export, stats, verify on a live data dir) reads:
+        # the reader meets a line still being written at the end of the file, and by its next
+        # read the rest of that line is there. That rest is not a line of its own.
+        path = self._file()
+        with open(path, "wb") as fh:
+            fh.write(b'{"id": "a"}\n{"id": "b", "pad": "')
+        real_open = reader._open
+
+        class Growing:
+            """The real file; once the reader has taken the unfinished line, the writer ends it."""
+
+            def __init__(self, fh):
+                self.fh = fh
+
+            def __enter__(self):
+                return self
+
+            def __exit__(self, *exc):
+                self.fh.close()
+
+            def __iter__(self):
+                for line in self.fh:
+                    if not line.endswith(b"\n"):
+                        with open(path, "ab") as w:
+                            w.write(b'xyz"}\n{"id": "c"}\n')
+                    yield line
+
+        def growing_open(p):
+            fh, raw = real_open(p)
+            return Growing(fh), raw
+
+        stats = reader.ReadStats()
+        with mock.patch.object(reader, "_open", growing_open):
+            got = [r["id"] for r in reader.iter_records(self.tmp, stats)]
+        self.assertEqual(got, ["a"])
+        self.assertEqual((stats.torn, stats.bad_lines), (1, []))
+        stats = reader.ReadStats()  # read again: the file as it is now
+        self.assertEqual([r["id"] for r in reader.iter_records(self.tmp, stats)], ["a", "b", "c"])
         self.assertTrue(stats.ok)
 
     def test_truncated_gzip_is_a_problem_not_a_traceback(self) -> None:
