@@ -203,11 +203,9 @@ class ProxyMetrics:
         with self.registry.lock:
             self.endings.inc_locked((ended,))
             if tokens:
-                counts = self.tokens._values  # inc_locked, inlined: this runs once per record
                 for kind, value in tokens.items():
                     if kind != "total_tokens" and isinstance(value, (int, float)):
-                        labels = (provider, model, kind)
-                        counts[labels] = counts.get(labels, 0) + value
+                        self.tokens.inc_locked((provider, model, kind), value)
 
     def render(self) -> bytes:
         return self.registry.render()

@@ -230,7 +230,6 @@ def parse_body(raw: bytes) -> Tuple[Any, Optional[bytes]]:
     return value, raw.strip()
 
 
-
 def accepted_json(raw: bytes) -> Optional[bytes]:
     """A request body an upstream accepted (2xx): its bytes ready to splice into a JSON line, or None.
 
@@ -362,7 +361,7 @@ class Encoder:
         req_value, req_raw = None, None
         session = self.header_session(req_h)
         accepted = ex.status is not None and 200 <= ex.status < 300
-        if accepted and ex.request.sha is None and (session is not None or req_body.find(b'"user_id"') < 0):
+        if accepted and not ex.request.truncated and (session is not None or req_body.find(b'"user_id"') < 0):
             # The model then comes from the routing scan (exact below sniff.CHEAP_SIDE), and
             # "stream", if routing left it open, from sniff_stream below.
             req_raw = accepted_json(req_body)
@@ -398,7 +397,7 @@ class Encoder:
             ex.stream and ex.family == "gemini" and accepted))
         if streamed:  # the events keep their arrival times
             resp_chunks, decode_error = _decompress(ex.response.parts(), resp_encoding)
-            resp_body = b""  # joined only if reassembly fails
+            resp_body = b""  # not used: a stream that fails reassembly is kept from its chunks
         else:
             resp_body, decode_error = _body(ex.response, resp_encoding)
         try:
@@ -465,7 +464,7 @@ class Encoder:
             rec["stream_events"] = len(events)  # its line in streams/ holds these events
         truncated = {}
         for name, cap in (("request", ex.request), ("response", ex.response)):
-            if cap.sha is not None:  # cap.truncated
+            if cap.truncated:
                 truncated[name] = {"size": cap.size, "sha256": cap.sha.hexdigest(), "kept": cap.kept}
         if truncated:
             rec["truncated"] = truncated

@@ -190,10 +190,6 @@ def scrub(data: bytes, pairs: Iterable[Tuple[bytes, bytes]]) -> bytes:
     return data
 
 
-def scrub_bytes(data: bytes, secrets: Iterable[str], key: bytes) -> bytes:
-    return scrub(data, scrub_pairs(secrets, key))
-
-
 def split_target(target: str) -> Tuple[str, str]:
     """Split a request target into (path, query)."""
     path, _, query = target.partition("?")

@@ -84,7 +84,7 @@ class RedactionTest(unittest.TestCase):
         secrets = [wire.secret_value("Bearer sk-echoed-secret-1")] + wire.query_secrets("alt=sse&key=AIzaEchoedKey")
         self.assertEqual(secrets, ["sk-echoed-secret-1", "AIzaEchoedKey"])
         body = b'{"error":{"message":"Incorrect API key provided: sk-echoed-secret-1 (AIzaEchoedKey)"}}'
-        out = wire.scrub_bytes(body, secrets, KEY)
+        out = wire.scrub(body, wire.scrub_pairs(secrets, KEY))
         self.assertNotIn(b"sk-echoed-secret-1", out)
         self.assertNotIn(b"AIzaEchoedKey", out)
         json.loads(out)
