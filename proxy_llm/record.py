@@ -331,15 +331,27 @@ class Encoder:
         self.max_sse_event = max_sse_event
         self.provider_pairs = wire.scrub_pairs([k for k in provider_keys if len(k) >= 8], fingerprint_key)
         self.on_result = on_result  # callback(exchange, record dict) for token metrics
+        self.session_headers = ((self.session_header, "header"), ("x-claude-code-session-id", "claude_code"),
+                                ("session_id", "codex"), ("session-id", "codex"))
+        self.file_ids: Dict[str, str] = {}  # session id -> session_file_id(): the same few recur
 
     def header_session(self, headers: Dict[str, str]) -> Optional[Tuple[str, str]]:
         """(session id, source) from the request headers (``headers`` lower-cased), or None."""
-        for name, source in ((self.session_header, "header"), ("x-claude-code-session-id", "claude_code"),
-                             ("session_id", "codex"), ("session-id", "codex")):
+        for name, source in self.session_headers:
             value = headers.get(name)
             if value:
                 return value, source
         return None
+
+    def file_id(self, session_id: str) -> str:
+        """:func:`session_file_id`, remembered (it is a regex match, or a hash, per record)."""
+        sid = self.file_ids.get(session_id)
+        if sid is None:
+            sid = session_file_id(session_id)
+            if len(self.file_ids) >= 4096:  # a client inventing ids only resets this
+                self.file_ids.clear()
+            self.file_ids[session_id] = sid
+        return sid
 
     @staticmethod
     def body_session(ex: Exchange, request_value: Any) -> Tuple[str, str]:
@@ -372,13 +384,14 @@ class Encoder:
             if isinstance(model, str):
                 ex.model = model  # the exact top-level value (routing used a quick scan)
         session_id, session_source = session or self.body_session(ex, req_value)
-        sid = session_file_id(session_id)
+        sid = self.file_id(session_id)
 
         content_type = resp_h.get("content-type", "")
+        event_stream = is_event_stream(content_type)
         if ex.stream is None:  # routing does not look for "stream" (sniff.sniff)
             if isinstance(req_value, dict):
                 ex.stream = req_value.get("stream") is True
-            elif is_event_stream(content_type):
+            elif event_stream:
                 ex.stream = True
             else:
                 # A 2xx answer that is not a stream almost always means none was asked for:
@@ -393,7 +406,7 @@ class Encoder:
         reassembly_error = None
         # A stream is what the upstream sent as one: SSE, or Gemini's streamed JSON array. A
         # server that ignores "stream": true and answers with plain JSON is recorded as plain JSON.
-        streamed = ex.status is not None and (is_event_stream(content_type) or (
+        streamed = ex.status is not None and (event_stream or (
             ex.stream and ex.family == "gemini" and accepted))
         if streamed:  # the events keep their arrival times
             resp_chunks, decode_error = _decompress(ex.response.parts(), resp_encoding)

@@ -11,7 +11,7 @@ from unittest import mock
 
 from proxy_llm import dialects
 from proxy_llm.config import Provider
-from proxy_llm.record import FIELDS, Capture, Encoder, Exchange
+from proxy_llm.record import FIELDS, Capture, Encoder, Exchange, session_file_id
 from proxy_llm.sniff import sniff
 
 KEY = b"fingerprint-key-0123456789abcdef"
@@ -180,6 +180,18 @@ class EncoderTest(unittest.TestCase):
         # Nothing per relayed chunk for the cyclic collector to count or walk: only the lists are
         # tracked, not what is in them (a (time, bytes) pair per chunk would be).
         self.assertFalse([x for x in cap.times + cap.chunks if gc.is_tracked(x)])
+
+    def test_session_file_ids_are_remembered_within_a_bound_and_stay_exact(self):
+        encoder = Encoder(KEY, "X-Session-Id", 1 << 20)
+        rng = __import__("random").Random(5)
+        ids = ["s-%d" % n for n in range(50)] + ["../x", "a b", "é" * 3, "", ".", "x" * 65]
+        for n in range(9000):  # past the bound (4096), with repeats: entries reset, results never change
+            sid = rng.choice(ids) if n % 3 == 0 else "fresh-%d" % n
+            [(_, file_id, _)] = encoder.encode(exchange(headers=[("X-Session-Id", sid)] if sid else []))
+            self.assertEqual(file_id, session_file_id(sid or "gpt-4o"))
+            self.assertLessEqual(len(encoder.file_ids), 4096)
+        self.assertTrue(encoder.file_ids)
+
 
     def test_session_sources_in_order(self):
         cases = [
