@@ -34,6 +34,24 @@ def tiny_options(*extra):
     return opts
 
 
+class RoundOrderTest(unittest.TestCase):
+    def test_each_target_follows_and_precedes_its_neighbours_alike(self):
+        for n in range(2, 9):
+            targets = ["t%d" % i for i in range(n)]
+            after = {}  # (a, b): rounds in which b ran right after a
+            for r in range(2 * n):
+                order = run.round_order(targets, r)
+                self.assertEqual(sorted(order), sorted(targets))
+                for a, b in zip(order, order[1:]):
+                    after[(a, b)] = after.get((a, b), 0) + 1
+            for (a, b), count in after.items():
+                self.assertEqual(after.get((b, a), 0), count, (n, a, b))
+        self.assertEqual(run.round_order(["a", "b", "c"], 0), ["a", "b", "c"])
+        self.assertEqual(run.round_order(["a", "b", "c"], 1), ["c", "b", "a"])
+        self.assertEqual(run.round_order(["a", "b", "c"], 2), ["b", "c", "a"])
+        self.assertEqual(run.parse_args([]).rounds % 2, 0)  # the default runs each order both ways
+
+
 @unittest.skipUnless(sys.platform.startswith("linux"), "the benchmark reads /proc and uses SO_REUSEPORT")
 class BenchSmokeTest(unittest.TestCase):
     @classmethod

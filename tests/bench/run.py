@@ -15,8 +15,12 @@ Targets (all started at once, so that every round visits each of them):
 * ``rec_fsync`` proxy_llm, recording on, ``"fsync": "always"``
 * ``workers2``  proxy_llm, recording on, ``--workers 2``
 
-Scenarios run in rounds; inside a round the targets take turns (in a rotated
-order), so drift of the machine (other load, frequency) hits all of them alike.
+Scenarios run in rounds; inside a round the targets take turns, so drift of the
+machine (other load, frequency) hits all of them alike.  Rounds come in pairs, an
+order and then the same order reversed, each pair starting one place further along:
+a segment runs faster right after a heavy one (direct, relay), and with a plain
+rotation each target would always have the same neighbour before it (recording off
+always just after the forwarder, recording on always just after recording off).
 Latencies are pooled over rounds; req/s is the median of the rounds.  The
 saturation scenarios (sat16, sat64, big) use wrk when it is on PATH
 (tests/bench/wrk.py: it costs the shared cores less than the asyncio client;
@@ -49,10 +53,25 @@ from tests.bench.targets import Mock, Target
 SCENARIOS = ("latency", "rate50", "sat16", "sat64", "big", "streams", "verify")
 TARGET_NAMES = ("direct", "relay", "forwarder", "rec_off", "rec_on", "rec_fsync", "workers2")
 
-FULL = dict(settle_s=0.3, rounds=5, latency_s=1.0, rate_s=6.0, sat_s=1.2, big_s=1.2,
+FULL = dict(settle_s=0.3, rounds=6, latency_s=1.0, rate_s=6.0, sat_s=1.2, big_s=1.2,
             streams=2000, chunks=10, interval_ms=1000, ttft_ms=1000)
 QUICK = dict(settle_s=0.3, rounds=1, latency_s=0.5, rate_s=3.0, sat_s=0.7, big_s=0.7,
              streams=200, chunks=3, interval_ms=500, ttft_ms=500)
+
+
+def round_order(targets: list, r: int) -> list:
+    """The targets' turns in round ``r``: rounds come in pairs, an order and then the same
+    order reversed, and each pair starts one place further along the list.
+
+    Over a pair of rounds each target runs once just after and once just before each of its
+    neighbours, so what a segment leaves behind (a busier or idler machine) does not always
+    favour the same target.
+    """
+    k = (r // 2) % len(targets) if targets else 0
+    order = targets[k:] + targets[:k]
+    if r % 2:
+        order.reverse()
+    return order
 
 
 def make_targets(names) -> list:
@@ -196,8 +215,7 @@ class Bench:
                     self.say("%s done" % scn)
                 else:
                     for r in range(self.o.rounds):
-                        k = r % len(self.targets)
-                        for t in self.targets[k:] + self.targets[:k]:
+                        for t in round_order(self.targets, r):
                             if t.available:
                                 self._segment(scn, t)
                     self.say("%s done" % scn)
@@ -520,7 +538,7 @@ def parse_args(argv=None):
     ap.add_argument("--streams", type=int, help="concurrent slow streams (default 2000, quick 200)")
     ap.add_argument("--chunks", type=int, help="frames per slow stream (default 10)")
     ap.add_argument("--interval-ms", type=int, help="ms between frames (default 1000)")
-    ap.add_argument("--rounds", type=int, help="rounds of interleaved segments (default 5)")
+    ap.add_argument("--rounds", type=int, help="rounds of interleaved segments (default 6; even, so each order is run both ways)")
     ap.add_argument("--mock-procs", type=int, default=2)
     ap.add_argument("--loadgen", choices=("auto", "wrk", "python"), default="auto",
                     help="saturation load: wrk if on PATH (auto), or the asyncio client")
