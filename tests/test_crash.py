@@ -82,20 +82,24 @@ class Load:
     def client(self, n: int) -> None:
         rng = random.Random(self.seed * 100 + n)
         conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=DEADLINE)
-        while not self.stop.is_set():
-            body = {"model": "gpt-4o", "stream": rng.random() < 0.5, "size": rng.choice([10, 500, 5000, 20000]),
-                    "events": rng.randint(1, 5), "messages": [{"role": "user", "content": "z" * rng.randint(0, 3000)}]}
-            try:
-                conn.request("POST", "/v1/chat/completions", body=json.dumps(body),
-                             headers={"Content-Type": "application/json", "X-Session-Id": "s%d" % rng.randint(0, 5)})
-                resp = conn.getresponse()
-                resp.read()
-            except (OSError, http.client.HTTPException):
-                return  # the proxy was killed
-            finished = time.monotonic()
-            if resp.status == 200:
-                with self.lock:
-                    self.done.append((resp.getheader("X-Proxy-Record-Id"), finished))
+        try:
+            while not self.stop.is_set():
+                body = {"model": "gpt-4o", "stream": rng.random() < 0.5, "size": rng.choice([10, 500, 5000, 20000]),
+                        "events": rng.randint(1, 5),
+                        "messages": [{"role": "user", "content": "z" * rng.randint(0, 3000)}]}
+                try:
+                    conn.request("POST", "/v1/chat/completions", body=json.dumps(body),
+                                 headers={"Content-Type": "application/json", "X-Session-Id": "s%d" % rng.randint(0, 5)})
+                    resp = conn.getresponse()
+                    resp.read()
+                except (OSError, http.client.HTTPException):
+                    return  # the proxy was killed
+                finished = time.monotonic()
+                if resp.status == 200:
+                    with self.lock:
+                        self.done.append((resp.getheader("X-Proxy-Record-Id"), finished))
+        finally:
+            conn.close()
 
     def join(self) -> None:
         self.stop.set()
