@@ -538,7 +538,8 @@ def parse_args(argv=None):
     ap.add_argument("--streams", type=int, help="concurrent slow streams (default 2000, quick 200)")
     ap.add_argument("--chunks", type=int, help="frames per slow stream (default 10)")
     ap.add_argument("--interval-ms", type=int, help="ms between frames (default 1000)")
-    ap.add_argument("--rounds", type=int, help="rounds of interleaved segments (default 6; even, so each order is run both ways)")
+    ap.add_argument("--rounds", type=int,
+                    help="rounds of interleaved segments (default 6: even, so each order runs both ways)")
     ap.add_argument("--mock-procs", type=int, default=2)
     ap.add_argument("--loadgen", choices=("auto", "wrk", "python"), default="auto",
                     help="saturation load: wrk if on PATH (auto), or the asyncio client")
