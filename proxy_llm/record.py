@@ -51,6 +51,7 @@ _PAIRS = [a + b for a in _CROCKFORD for b in _CROCKFORD]  # 10 bits -> two digit
 _SHIFTS = range(120, -1, -10)
 _SAFE_SID = re.compile(r"[A-Za-z0-9._-]{1,64}\Z")
 MAX_DECODED = 256 * 1024 * 1024
+MEMO_SIZE = 4096  # entries in each of the encoder's memos before it starts again
 
 
 def new_id(now: Optional[float] = None) -> str:
@@ -300,19 +301,29 @@ def _body(cap: Capture, encoding: str) -> Tuple[bytes, Optional[str]]:
     return b"".join([c for _, c in chunks]), error
 
 
-def headers_dict(headers: Iterable[Tuple[str, str]], key: bytes, secrets: Optional[List[str]] = None) -> Dict[str, str]:
+def headers_dict(headers: Iterable[Tuple[str, str]], key: bytes, secrets: Optional[List[str]] = None,
+                 memo: Optional[Dict[str, Tuple[str, str]]] = None) -> Dict[str, str]:
     """Lower-case names -> values (repeats joined with ", "), credentials redacted.
 
-    The credential values found are appended to ``secrets`` when it is given.
+    The credential values found are appended to ``secrets`` when it is given. ``memo``, when
+    given, remembers each credential value's (redacted value, secret): a client sends the same
+    key with every request.
     """
     out: Dict[str, str] = {}
     secret_names = wire.SECRET_HEADERS
     for name, value in headers:
         lname = name.lower()
         if lname in secret_names:
+            known = memo.get(value) if memo is not None else None
+            if known is None:
+                known = (wire.redact_header(lname, value, key), wire.secret_value(value))
+                if memo is not None:
+                    if len(memo) >= MEMO_SIZE:  # a client inventing keys only resets this
+                        memo.clear()
+                    memo[value] = known
             if secrets is not None and value:
-                secrets.append(wire.secret_value(value))
-            value = wire.redact_header(lname, value, key)
+                secrets.append(known[1])
+            value = known[0]
         out[lname] = out[lname] + ", " + value if lname in out else value
     return out
 
@@ -334,6 +345,8 @@ class Encoder:
         self.session_headers = ((self.session_header, "header"), ("x-claude-code-session-id", "claude_code"),
                                 ("session_id", "codex"), ("session-id", "codex"))
         self.file_ids: Dict[str, str] = {}  # session id -> session_file_id(): the same few recur
+        self.credentials: Dict[str, Tuple[str, str]] = {}  # header value -> (redacted, secret)
+        self.scrub_memo: Dict[str, Tuple[bytes, bytes]] = {}  # secret -> its scrub pair
 
     def header_session(self, headers: Dict[str, str]) -> Optional[Tuple[str, str]]:
         """(session id, source) from the request headers (``headers`` lower-cased), or None."""
@@ -348,10 +361,20 @@ class Encoder:
         sid = self.file_ids.get(session_id)
         if sid is None:
             sid = session_file_id(session_id)
-            if len(self.file_ids) >= 4096:  # a client inventing ids only resets this
+            if len(self.file_ids) >= MEMO_SIZE:  # a client inventing ids only resets this
                 self.file_ids.clear()
             self.file_ids[session_id] = sid
         return sid
+
+    def scrub_pair(self, secret: str) -> Tuple[bytes, bytes]:
+        """``wire.scrub_pairs([secret], key)[0]``, remembered."""
+        pair = self.scrub_memo.get(secret)
+        if pair is None:
+            pair = wire.scrub_pairs([secret], self.key)[0]
+            if len(self.scrub_memo) >= MEMO_SIZE:
+                self.scrub_memo.clear()
+            self.scrub_memo[secret] = pair
+        return pair
 
     @staticmethod
     def body_session(ex: Exchange, request_value: Any) -> Tuple[str, str]:
@@ -367,7 +390,7 @@ class Encoder:
     def encode(self, ex: Exchange) -> List[Tuple[str, str, bytes]]:
         key = self.key
         secrets: List[str] = []
-        req_h = headers_dict(ex.req_headers, key, secrets)
+        req_h = headers_dict(ex.req_headers, key, secrets, self.credentials)
         resp_h = headers_dict(ex.resp_headers, key)
         req_body = _body(ex.request, req_h.get("content-encoding", ""))[0]
         req_value, req_raw = None, None
@@ -495,7 +518,9 @@ class Encoder:
         # Scrub every credential the request carried from every part, and the provider keys
         # (which the client never saw, so only an upstream can echo them) from all but the
         # request body: on a 100 KB body each scan is a noticeable cost.
-        client = wire.scrub_pairs([s for s in secrets + wire.query_secrets(ex.query) if len(s) >= 8], key)
+        if ex.query:
+            secrets += wire.query_secrets(ex.query)
+        client = [self.scrub_pair(s) for s in secrets if len(s) >= 8]
         every = client + self.provider_pairs
         scrub = wire.scrub
         line = b"".join((

@@ -9,7 +9,7 @@ import json
 import unittest
 from unittest import mock
 
-from proxy_llm import dialects
+from proxy_llm import dialects, record, wire
 from proxy_llm.config import Provider
 from proxy_llm.record import FIELDS, Capture, Encoder, Exchange, session_file_id
 from proxy_llm.sniff import sniff
@@ -192,6 +192,25 @@ class EncoderTest(unittest.TestCase):
             self.assertLessEqual(len(encoder.file_ids), 4096)
         self.assertTrue(encoder.file_ids)
 
+
+    def test_credential_memos_stay_exact_and_bounded(self):
+        encoder = Encoder(KEY, "X-Session-Id", 1 << 20)
+        rng = __import__("random").Random(7)
+        known = ["sk-known-%02d-0123456789" % n for n in range(20)]
+        for n in range(9000):  # past the bound (MEMO_SIZE) with repeats in between
+            key = rng.choice(known) if n % 3 == 0 else "sk-new-%05d-abcdefgh" % n
+            name, value = rng.choice([("Authorization", "Bearer " + key), ("x-api-key", key), ("api-key", key)])
+            body = ('{"model":"gpt-4o","echo":"%s"}' % key).encode()
+            [(_, _, line)] = encoder.encode(exchange(body=body, headers=[(name, value)],
+                                                     resp=('{"error":"bad key %s"}' % key).encode(), status=401))
+            rec = json.loads(line)
+            self.assertEqual(rec["request_headers"][name.lower()], wire.redact_header(name.lower(), value, KEY))
+            self.assertNotIn(key.encode(), line)
+            self.assertIn(wire.redacted(key, KEY), rec["request_body"]["echo"])
+            self.assertIn(wire.redacted(key, KEY), rec["response_body"]["error"])
+            self.assertLessEqual(len(encoder.credentials), record.MEMO_SIZE)
+            self.assertLessEqual(len(encoder.scrub_memo), record.MEMO_SIZE)
+        self.assertTrue(encoder.credentials and encoder.scrub_memo)
 
     def test_session_sources_in_order(self):
         cases = [
