@@ -54,6 +54,15 @@ MAX_DECODED = 256 * 1024 * 1024
 MEMO_SIZE = 4096  # entries in each of the encoder's memos before it starts again
 
 
+def _remember(memo: Dict[Any, Any], key: Any, value: Any) -> Any:
+    """Store ``value`` in a bounded memo and return it; a full memo starts again (a client
+    inventing keys or session ids only resets it). Called on a miss only: a hit is one get."""
+    if len(memo) >= MEMO_SIZE:
+        memo.clear()
+    memo[key] = value
+    return value
+
+
 def new_id(now: Optional[float] = None) -> str:
     """A 26-character ULID: 48 bits of milliseconds, 80 random bits, Crockford base32."""
     ms = int((time.time() if now is None else now) * 1000) & ((1 << 48) - 1)
@@ -318,9 +327,7 @@ def headers_dict(headers: Iterable[Tuple[str, str]], key: bytes, secrets: Option
             if known is None:
                 known = (wire.redact_header(lname, value, key), wire.secret_value(value))
                 if memo is not None:
-                    if len(memo) >= MEMO_SIZE:  # a client inventing keys only resets this
-                        memo.clear()
-                    memo[value] = known
+                    _remember(memo, value, known)
             if secrets is not None and value:
                 secrets.append(known[1])
             value = known[0]
@@ -360,20 +367,14 @@ class Encoder:
         """:func:`session_file_id`, remembered (it is a regex match, or a hash, per record)."""
         sid = self.file_ids.get(session_id)
         if sid is None:
-            sid = session_file_id(session_id)
-            if len(self.file_ids) >= MEMO_SIZE:  # a client inventing ids only resets this
-                self.file_ids.clear()
-            self.file_ids[session_id] = sid
+            sid = _remember(self.file_ids, session_id, session_file_id(session_id))
         return sid
 
     def scrub_pair(self, secret: str) -> Tuple[bytes, bytes]:
         """``wire.scrub_pairs([secret], key)[0]``, remembered."""
         pair = self.scrub_memo.get(secret)
         if pair is None:
-            pair = wire.scrub_pairs([secret], self.key)[0]
-            if len(self.scrub_memo) >= MEMO_SIZE:
-                self.scrub_memo.clear()
-            self.scrub_memo[secret] = pair
+            pair = _remember(self.scrub_memo, secret, wire.scrub_pairs([secret], self.key)[0])
         return pair
 
     @staticmethod
