@@ -61,6 +61,8 @@ BATCH_MAX = 512
 GATHER_WINDOW = 0.002  # seconds the writer waits after a lone record for others to join it
 GATHER_BELOW = 16      # ...unless this many are queued already
 PACE_SLICE = 0.001     # seconds of encoding after which the writer rests as long (see _encode_all)
+CATCH_UP_BELOW = BATCH_MAX  # queued records past which the writer stops resting...
+CATCH_UP_SLICE = 0.004      # ...and offers the GIL only after this long (the default switch interval is 5 ms)
 # The file-name form of a session id (record.session_file_id makes it); anything else is hashed
 # again here, so no caller can make the recorder write outside the data dir.
 _SAFE_SID = re.compile(r"[A-Za-z0-9._-]{1,64}\Z")
@@ -295,23 +297,38 @@ class Recorder:
             self._probe()
 
     def _encode_all(self, batch: Iterable[object]) -> Dict[Tuple[str, str], List[bytes]]:
+        """Encode a batch, grouped per file. The writer shares the interpreter in slices.
+
+        Records are encoded back to back, not with a GIL offer between two of them: under load
+        every request thread is waiting for the GIL too, and a writer that queued up behind all
+        of them after each record fell further behind the longer the load lasted, until its
+        queue was full and records were dropped. After each slice of encoding, the writer:
+
+        * rests as long as it worked when the backlog is small (a burst, such as thousands of
+          streams ending together, each record a few hundred microseconds to encode): it takes
+          at most half of the interpreter, and a core, and the frames still being relayed keep
+          moving; the burst drains a little later;
+        * offers the GIL only (``rest(0)``) and works longer slices once the backlog reaches
+          ``CATCH_UP_BELOW`` records: the requests are coming faster than it writes, and resting
+          would only let the queue fill up. Each slice stays below the interpreter's switch
+          interval, which bounds how long a relaying thread waits either way;
+        * never rests once the recorder is closing: shutdown drains at full speed.
+        """
         groups: Dict[Tuple[str, str], List[bytes]] = {}
         clock = self.busy_clock
         rest = self.rest
+        backlog = self.queue.qsize
         busy = 0.0
-        for n, item in enumerate(batch):
-            if busy >= PACE_SLICE and not self._closed:
-                # A burst (thousands of streams ending together, each record a few hundred
-                # microseconds to encode) would otherwise hold the interpreter, and a core, for
-                # as long as it lasts: the writer rests as long as it worked, so it takes at most
-                # half of either and the frames still being relayed keep moving. The backlog
-                # drains a little later; at shutdown it drains at full speed.
-                rest(busy)
+        slice_ = PACE_SLICE
+        for item in batch:
+            if busy >= slice_ and not self._closed:
+                if backlog() < CATCH_UP_BELOW:
+                    rest(busy)
+                    slice_ = PACE_SLICE
+                else:
+                    rest(0)
+                    slice_ = CATCH_UP_SLICE
                 busy = 0.0
-            elif n:
-                # Encoding holds the GIL; between records, let the relaying threads run, so a
-                # batch of stream records never delays a frame by a whole switch interval.
-                rest(0)
             t = clock()
             try:
                 lines = self.encode(item)

@@ -52,6 +52,55 @@ class RoundOrderTest(unittest.TestCase):
         self.assertEqual(run.parse_args([]).rounds % 2, 0)  # the default runs each order both ways
 
 
+class FakeTarget:
+    """task_cpu() plays back samples of (pid, tid) -> ns; the fake clock moves with sleep()."""
+
+    def __init__(self, samples):
+        self.samples = list(samples)
+        self.now = 0.0
+
+    def task_cpu(self):
+        return self.samples.pop(0) if len(self.samples) > 1 else self.samples[0]
+
+    def clock(self):
+        return self.now
+
+    def sleep(self, seconds):
+        self.now += seconds
+
+
+class SettleTest(unittest.TestCase):
+    """run.settle: how long a target keeps working after the load stops (no timing: fake clock)."""
+
+    def settle(self, samples):
+        t = FakeTarget(samples)
+        return run.settle(t, clock=t.clock, sleep=t.sleep)
+
+    def test_quiet_at_once(self):
+        busy = 10 ** 5  # 0.1 ms in a 10 ms window: 1 % of a core
+        self.assertEqual(self.settle([{(1, "1"): 0}, {(1, "1"): busy}]), 0.0)
+
+    def test_no_process_of_its_own(self):
+        self.assertEqual(self.settle([{}]), 0.0)
+
+    def test_a_writer_still_busy_for_three_windows(self):
+        ms = 10 ** 6
+        samples = [{(1, "w"): 0}, {(1, "w"): 9 * ms}, {(1, "w"): 18 * ms}, {(1, "w"): 27 * ms},
+                   {(1, "w"): 27 * ms}]
+        self.assertAlmostEqual(self.settle(samples), 3 * run.QUIET_WINDOW)
+
+    def test_a_thread_exiting_does_not_hide_the_others_work(self):
+        # The handler thread exits with 50 ms of CPU, while the writer works a whole window.
+        ms = 10 ** 6
+        samples = [{(1, "w"): 0, (1, "h"): 50 * ms}, {(1, "w"): 10 * ms}, {(1, "w"): 10 * ms}]
+        self.assertAlmostEqual(self.settle(samples), run.QUIET_WINDOW)
+
+    def test_gives_up_at_the_limit(self):
+        ms = 10 ** 6
+        samples = ({(1, "w"): k * 10 * ms} for k in range(int(run.SETTLE_MAX / run.QUIET_WINDOW) + 10))
+        self.assertGreater(self.settle(samples), run.SETTLE_MAX)
+
+
 @unittest.skipUnless(sys.platform.startswith("linux"), "the benchmark reads /proc and uses SO_REUSEPORT")
 class BenchSmokeTest(unittest.TestCase):
     @classmethod
@@ -67,7 +116,7 @@ class BenchSmokeTest(unittest.TestCase):
         for name in self.opts.targets:
             f = self.figs[name]
             self.assertEqual(f["errors"], 0, (name, f.get("_samples")))
-            for key in ("c1_p50", "r50_p50", "s16_rps", "s64_rps", "big_rps"):
+            for key in ("c1_p50", "r50_p50", "s16_rps", "s64_rps", "big_rps", "s16_drain", "s64_drain"):
                 self.assertIn(key, f, name)
             self.assertGreater(f["max_rps"], 0, name)
 

@@ -211,10 +211,12 @@ class GroupCommitTest(RecorderTestCase):
 
 
 class PacingTest(RecorderTestCase):
-    """Under a burst the writer rests as long as it encoded (on a fake clock: no timing here)."""
+    """How the writer shares the interpreter (on a fake clock: no timing here)."""
 
-    def paced(self, per_record: float):
+    def paced(self, per_record: float, backlog: int = 0):
         rec = self.recorder(start=False)
+        for n in range(backlog):  # what is still queued behind the batch in hand
+            rec.queue.put_nowait(line("q", n))
         now = [0.0]
         rests: List[float] = []
 
@@ -231,21 +233,34 @@ class PacingTest(RecorderTestCase):
         rec, rests = self.paced(0.0004)
         groups = rec._encode_all([line("s", n) for n in range(10)])
         self.assertEqual(len(groups[(RECORDS, "s")]), 10)  # every record still encoded, in order
-        # 0.4 ms each: after three (1.2 ms >= the 1 ms slice) a rest of 1.2 ms, three times;
-        # a plain hand-off (rest(0)) between the others.
-        self.assertEqual([round(r, 6) for r in rests if r], [0.0012] * 3)
-        self.assertEqual(rests.count(0), 9 - 3)
+        # 0.4 ms each: after three (1.2 ms >= the 1 ms slice) a rest of 1.2 ms, three times,
+        # and no GIL offer between the records of a slice.
+        self.assertEqual([round(r, 6) for r in rests], [0.0012] * 3)
 
-    def test_quick_records_only_hand_off(self):
+    def test_quick_records_run_back_to_back(self):
         rec, rests = self.paced(0.00002)
-        rec._encode_all([line("s", n) for n in range(40)])  # 0.8 ms in all
-        self.assertEqual(rests, [0] * 39)
+        rec._encode_all([line("s", n) for n in range(40)])  # 0.8 ms in all, below one slice
+        self.assertEqual(rests, [])
+
+    def test_a_backlog_gets_longer_slices_and_no_rest(self):
+        # The requests come faster than the writer writes: resting would only fill the queue
+        # until records are dropped. It offers the GIL (rest(0)) after 1.2 ms (the first
+        # slice), then after every 4.2 ms (slices of 4 ms): at records 4, 18 and 32 of 40.
+        rec, rests = self.paced(0.0003, backlog=storage.CATCH_UP_BELOW)
+        groups = rec._encode_all([line("s", n) for n in range(40)])
+        self.assertEqual(len(groups[(RECORDS, "s")]), 40)
+        self.assertEqual(rests, [0, 0, 0])
+
+    def test_a_backlog_just_below_the_mark_still_rests(self):
+        rec, rests = self.paced(0.0004, backlog=storage.CATCH_UP_BELOW - 1)
+        rec._encode_all([line("s", n) for n in range(10)])
+        self.assertEqual([round(r, 6) for r in rests], [0.0012] * 3)
 
     def test_no_rest_once_closing(self):
-        rec, rests = self.paced(0.0004)
+        rec, rests = self.paced(0.0004, backlog=3)
         rec._closed = True  # close() drains the backlog at full speed
         rec._encode_all([line("s", n) for n in range(10)])
-        self.assertEqual(rests, [0] * 9)
+        self.assertEqual(rests, [])
 
 
 class RotationTest(RecorderTestCase):

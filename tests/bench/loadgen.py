@@ -248,6 +248,7 @@ class Tally:
         self.error_samples = []
         self.round_rps = []    # one entry per segment merged in (robust median across rounds)
         self.round_pct = []    # (p50, p90, p99) per segment when lat is not kept (tests/bench/wrk.py)
+        self.round_drain = []  # seconds per segment until the target went quiet (run.settle)
         self.unnamed_ok = 0    # successful answers whose record id was not seen (wrk)
         self.unnamed_answered = 0
 

@@ -21,7 +21,11 @@ order and then the same order reversed, each pair starting one place further alo
 a segment runs faster right after a heavy one (direct, relay), and with a plain
 rotation each target would always have the same neighbour before it (recording off
 always just after the forwarder, recording on always just after recording off).
-Latencies are pooled over rounds; req/s is the median of the rounds.  The
+Latencies are pooled over rounds; req/s is the median of the rounds.  After each
+segment the bench waits until the target is quiet (``settle``: its threads idle for
+10 ms) before the next one starts; for the saturation scenarios that wait counts in
+the segment's time and CPU, so a recorder that leaves records to write after the
+load pays for them there ("quiet after ms", the median over rounds).  The
 saturation scenarios (sat16, sat64, big) use wrk when it is on PATH
 (tests/bench/wrk.py: it costs the shared cores less than the asyncio client;
 ``--loadgen python`` turns it off); their p50/p99 are then the median of the
@@ -48,7 +52,7 @@ import time
 from tests.bench import loadgen, wrk
 from tests.bench.loadgen import Tally, build_request, percentile
 from tests.bench.records import check as check_records
-from tests.bench.targets import Mock, Target
+from tests.bench.targets import Mock, Target, busy_ns
 
 SCENARIOS = ("latency", "rate50", "sat16", "sat64", "big", "streams", "verify")
 TARGET_NAMES = ("direct", "relay", "forwarder", "rec_off", "rec_on", "rec_fsync", "workers2")
@@ -57,6 +61,37 @@ FULL = dict(settle_s=0.3, rounds=6, latency_s=1.0, rate_s=6.0, sat_s=1.2, big_s=
             streams=2000, chunks=10, interval_ms=1000, ttft_ms=1000)
 QUICK = dict(settle_s=0.3, rounds=1, latency_s=0.5, rate_s=3.0, sat_s=0.7, big_s=0.7,
              streams=200, chunks=3, interval_ms=500, ttft_ms=500)
+
+
+QUIET_WINDOW = 0.01     # seconds: settle() samples the target's threads this often...
+QUIET_SHARE = 0.05      # ...and calls it quiet once they used less than this share of one core
+SETTLE_MAX = 60.0
+
+
+def settle(target, clock=time.monotonic, sleep=time.sleep) -> float:
+    """Wait until ``target`` is quiet; return how long after the call it went quiet.
+
+    When the load stops, a recording proxy may still hold records that its writer has not
+    written: that work belongs to the requests just answered. Counting it makes the figures
+    those of a proxy that keeps up (a writer that falls behind would otherwise look free for
+    as long as its queue lasts, and then drop records), and waiting for it keeps it out of the
+    next target's segment. Quiet: a window of ``QUIET_WINDOW`` in which the target's threads
+    together used less than ``QUIET_SHARE`` of a core; the time returned is when that window
+    began (0.0 when the target was quiet at once, or has no process of its own).
+    """
+    t0 = prev_t = clock()
+    prev = target.task_cpu()
+    if not prev:
+        return 0.0
+    while True:
+        sleep(QUIET_WINDOW)
+        cur = target.task_cpu()
+        now = clock()
+        if busy_ns(prev, cur) < QUIET_SHARE * (now - prev_t) * 1e9:
+            return prev_t - t0
+        if now - t0 > SETTLE_MAX:
+            return now - t0
+        prev, prev_t = cur, now
 
 
 def round_order(targets: list, r: int) -> list:
@@ -277,7 +312,13 @@ class Bench:
                                         max_requests=len(verify_requests(h, p)), keep=True)
         else:
             raise ValueError(scn)
-        c1 = t.cpu()
+        drain = settle(t)
+        c1 = t.cpu()  # the drain's CPU too: it is the cost of these requests
+        if scn in ("sat16", "sat64", "big") and tally.elapsed:
+            # Throughput that includes writing the records of the requests answered.
+            tally.elapsed += drain
+            tally.round_rps[-1] = tally.rps
+        tally.round_drain.append(drain)
         key = (scn, t.name)
         self.tallies.setdefault(key, Tally()).merge(tally)
         if c0 is not None and c1 is not None:
@@ -333,6 +374,8 @@ class Bench:
                         f[pre + "_p99"] = ms(percentile(tally.lat, 99))
                     if (scn, name) in self.cpu and tally.ok:
                         f[pre + "_cpu"] = 1000.0 * self.cpu[(scn, name)] / tally.ok
+                    if tally.round_drain:
+                        f[pre + "_drain"] = ms(median(tally.round_drain))
                 elif scn == "streams":
                     f["st_ok"] = tally.streams_ok
                     f["st_n"] = self.o.streams
@@ -404,9 +447,11 @@ ROWS = [
     ("16 conns: req/s", "s16_rps", "%.0f", None),
     ("16 conns: p99 ms", "s16_p99", "%.2f", None),
     ("16 conns: CPU ms/req", "s16_cpu", "%.3f", None),
+    ("16 conns: quiet after ms", "s16_drain", "%.0f", None),
     ("64 conns: req/s", "s64_rps", "%.0f", None),
     ("64 conns: p99 ms", "s64_p99", "%.2f", None),
     ("64 conns: CPU ms/req", "s64_cpu", "%.3f", None),
+    ("64 conns: quiet after ms", "s64_drain", "%.0f", None),
     ("max req/s, small bodies", "max_rps", "%.0f", ("on/fwd", 0.85)),
     ("max req/s: recording on/off", "max_rps", "%.0f", ("on/off", 0.9)),
     ("max req/s: 2 workers / 1", "max_rps", "%.0f", ("2w/1w", 1.7)),
@@ -614,7 +659,10 @@ def write_results(text: str, args) -> None:
             "cost by themselves, forwarder minus relay what the standard library's HTTP server and "
             "client cost. The 16/64-connection and 100 KB scenarios are driven by wrk when it is "
             "installed (the command line says so; tests/bench/wrk.py), and their p50/p99 are then the "
-            "median of each round's own percentiles.\n\n"
+            "median of each round's own percentiles. After each segment the bench waits until the "
+            "target is quiet; for the 16/64-connection and 100 KB scenarios that wait (\"quiet after "
+            "ms\": a recorder still writing the records of the requests it answered) counts in the "
+            "req/s and the CPU per request.\n\n"
             % machine())
     with open(path, "w") as f:
         f.write(head + "```\n" + text.split("\n\n", 1)[0] + "\n```\n\n" + text.split("\n\n", 1)[1] + "\n")

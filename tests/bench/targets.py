@@ -64,6 +64,31 @@ def cpu_seconds(pids) -> float:
     return total / _TICK
 
 
+def task_cpu_ns(pids) -> dict:
+    """(pid, tid) -> nanoseconds on a CPU, for every live thread of the given processes
+    (``/proc/<pid>/task/<tid>/schedstat``; finer than the clock ticks of ``stat``)."""
+    out = {}
+    for pid in pids:
+        try:
+            tids = os.listdir("/proc/%d/task" % pid)
+        except OSError:
+            continue
+        for tid in tids:
+            try:
+                with open("/proc/%d/task/%s/schedstat" % (pid, tid), "rb") as f:
+                    out[(pid, tid)] = int(f.read().split(None, 1)[0])
+            except (OSError, ValueError, IndexError):
+                continue
+    return out
+
+
+def busy_ns(before: dict, after: dict) -> int:
+    """CPU time spent between two ``task_cpu_ns`` samples by the threads alive at both (a
+    thread that exited in between takes its time with it, which must not read as idleness
+    of the others)."""
+    return sum(ns - before[key] for key, ns in after.items() if key in before)
+
+
 def rss_bytes(pids) -> int:
     total = 0
     for pid in pids:
@@ -174,6 +199,9 @@ class Target:
 
     def cpu(self):
         return cpu_seconds(self.pids()) if self.pid else None
+
+    def task_cpu(self) -> dict:
+        return task_cpu_ns(self.pids()) if self.pid else {}
 
     def rss(self):
         return rss_bytes(self.pids()) if self.pid else None
