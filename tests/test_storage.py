@@ -164,6 +164,46 @@ class GroupCommitTest(RecorderTestCase):
         alpha = [json.loads(x)["n"] for x in lines_of([p for p in files if "session_alpha" in p and "streams" not in p][0])]
         self.assertEqual(alpha, list(range(1, 40, 2)))  # queue order kept
 
+    def test_big_lines_are_written_as_they_are_not_joined(self):
+        # A batch of big records joined into one buffer of megabytes cost a fresh mapping from
+        # the kernel, and its page faults, per batch. Small lines are still joined, up to
+        # JOIN_MAX; each big line is one write of its own, in queue order.
+        rec = self.recorder(start=False)
+        big = storage.JOIN_MAX
+        sizes = [0, 0, big, 0, big, big, 0]
+        for n, size in enumerate(sizes):
+            rec.submit(line("s", n, size))
+        writes = []
+        write = self.ops.write
+
+        def sized_write(fd, data):
+            writes.append(len(data))
+            return write(fd, data)
+
+        self.ops.write = sized_write
+        rec.start()
+        self.assertTrue(rec.flush(DEADLINE))
+        [path] = data_files(self.data_dir)
+        self.assertEqual([json.loads(x)["n"] for x in lines_of(path)], list(range(len(sizes))))
+        small = len(line("s", 0)[2])
+        self.assertEqual(writes, [2 * small, len(line("s", 2, big)[2]), small, len(line("s", 4, big)[2]),
+                                  len(line("s", 5, big)[2]), small])
+
+    def test_small_lines_are_joined_up_to_the_limit(self):
+        rec = self.recorder(start=False)
+        size = storage.JOIN_MAX // 3
+        for n in range(7):
+            rec.submit(line("s", n, size))
+        writes = []
+        write = self.ops.write
+        self.ops.write = lambda fd, data: writes.append(len(data)) or write(fd, data)
+        rec.start()
+        self.assertTrue(rec.flush(DEADLINE))
+        [path] = data_files(self.data_dir)
+        self.assertEqual([json.loads(x)["n"] for x in lines_of(path)], list(range(7)))
+        one = len(line("s", 0, size)[2])  # a little over a third of JOIN_MAX: three make a write
+        self.assertEqual(writes, [3 * one, 3 * one, one])
+
     def test_fsync_always_syncs_after_every_batch(self):
         rec = self.recorder(fsync="always")
         for n in range(3):
@@ -411,6 +451,30 @@ class FaultTest(RecorderTestCase):
         self.assertEqual(rec.last_error, "")
         self.assertEqual([json.loads(x)["n"] for x in lines_of(path)], [0, 4])
         self.assertEqual(rec.written_total(), 2)
+
+    def test_a_batch_of_several_writes_is_cut_back_whole(self):
+        # Big lines go out one write each: the disk filling up at the second one cuts the first
+        # one back too, so the batch is either all there or counted dropped, never half.
+        rec = self.recorder()
+        self.put(rec, line("s", 0))
+        calls = []
+        original_write = self.ops.write
+
+        def filling_write(fd, data):
+            calls.append(len(data))
+            if len(calls) == 2:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return original_write(fd, data)
+        self.ops.write = filling_write
+        big = storage.JOIN_MAX
+        self.put(rec, [line("s", 1, big), line("s", 2, big)])
+        self.assertEqual(len(calls), 2)
+        self.assertEqual(rec.dropped.get("write_error"), 2)
+        [path] = data_files(self.data_dir)
+        self.assertEqual([json.loads(x)["n"] for x in lines_of(path)], [0])
+        self.ops.write = original_write
+        self.put(rec, line("s", 3))
+        self.assertEqual([json.loads(x)["n"] for x in lines_of(path)], [0, 3])
 
     def test_a_lost_streamed_exchange_counts_one_dropped_record(self):
         rec = self.recorder()
