@@ -458,6 +458,7 @@ ROWS = [
     ("100 KB bodies (16 conns): req/s", "big_rps", "%.0f", ("on/fwd", 0.75)),
     ("100 KB bodies: p99 ms", "big_p99", "%.2f", None),
     ("100 KB bodies: CPU ms/req", "big_cpu", "%.3f", None),
+    ("100 KB bodies: quiet after ms", "big_drain", "%.0f", None),
     ("streams: completed", "st_ok", "%d", None),
     ("streams: max open at once", "st_open", "%d", None),
     ("streams: lost", "st_lost", "%d", ("zero", 0)),
