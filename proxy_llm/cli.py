@@ -127,6 +127,11 @@ def fingerprint_key(data_dir: str) -> bytes:
     return key
 
 
+def captured_bytes(ex) -> int:
+    """What a queued exchange holds in memory, for the recorder's byte bound."""
+    return ex.request.kept + ex.response.kept
+
+
 def build_server(config: Config, worker: int = 0, reuse_port: bool = False):
     """Create the recorder and the server (listening, not yet serving)."""
     from . import headers
@@ -147,7 +152,8 @@ def build_server(config: Config, worker: int = 0, reuse_port: bool = False):
 
         encoder = Encoder(fingerprint_key(config.data_dir), config.session_header, config.max_sse_event,
                           provider_keys=[p.api_key for p in config.providers if p.api_key], on_result=on_result)
-        recorder = Recorder(config.data_dir, encoder.encode, queue_size=config.queue_size, fsync=config.fsync,
+        recorder = Recorder(config.data_dir, encoder.encode, queue_size=config.queue_size,
+                            queue_max_bytes=config.queue_max_bytes, size_of=captured_bytes, fsync=config.fsync,
                             fsync_interval=config.fsync_interval, max_file_size=config.max_file_size,
                             rotate_daily=config.rotate_daily, compress_rotated=config.compress_rotated,
                             file_suffix="_w%d" % worker if config.workers > 1 else "")

@@ -42,6 +42,7 @@ DEFAULTS: Dict[str, Any] = {
     "rotate_daily": True,
     "compress_rotated": False,
     "queue_size": 10000,
+    "queue_max_bytes": 512 * MiB,
     "on_record_error": "fail_open",
     "max_request_body": 32 * MiB,
     "capture_max_body": 16 * MiB,
@@ -101,6 +102,7 @@ class Config:
     rotate_daily: bool = True
     compress_rotated: bool = False
     queue_size: int = 10000
+    queue_max_bytes: int = DEFAULTS["queue_max_bytes"]
     on_record_error: str = "fail_open"
     max_request_body: int = DEFAULTS["max_request_body"]
     capture_max_body: int = DEFAULTS["capture_max_body"]
@@ -283,7 +285,7 @@ def validate(merged: Dict[str, Any], where: Mapping[str, str], source: str) -> C
     for key in ("record", "rotate_daily", "compress_rotated"):
         if not isinstance(merged[key], bool):
             raise _fail(where, key, "must be true or false")
-    ints = {"max_file_size": 1024, "queue_size": 1, "max_request_body": 0, "capture_max_body": 0,
+    ints = {"max_file_size": 1024, "queue_size": 1, "queue_max_bytes": 0, "max_request_body": 0, "capture_max_body": 0,
             "max_sse_event": 1024, "max_connections": 1, "workers": 1}
     for key, minimum in ints.items():
         merged[key] = _number(merged, where, key, int, minimum)

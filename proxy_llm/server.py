@@ -262,6 +262,7 @@ class ProxyServer(ThreadingHTTPServer):
             "records_written": rec.written_total() if rec else 0,
             "records_dropped": rec.dropped_total() if rec else 0,
             "record_queue_depth": rec.queue.qsize() if rec else 0,
+            "record_queue_bytes": rec.queue.bytes if rec else 0,
             "last_record_error": rec.last_error if rec else "",
             "inflight": len(self.inflight),
             "connections": self.connections,

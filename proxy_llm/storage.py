@@ -5,7 +5,7 @@ which only does ``put_nowait`` and never blocks or raises; a full queue drops th
 it. One writer thread takes items off the queue in batches, turns each into lines with the
 ``encode`` callable it was given (all JSON work happens there, off the request threads), groups
 the lines per file and appends each group with one ``os.write`` (group commit; lines of
-``JOIN_MAX`` bytes or more are written on their own, see ``_write_lines``).
+``JOIN_MAX`` bytes or more go out as they are, with ``os.writev``, see ``_write_lines``).
 
 Durability contract (also in the README):
 
@@ -62,7 +62,11 @@ BATCH_MAX = 512
 GATHER_WINDOW = 0.002  # seconds the writer waits after a lone record for others to join it
 GATHER_BELOW = 16      # ...unless this many are queued already
 PACE_SLICE = 0.001     # seconds of encoding after which the writer rests as long (see _encode_all)
-JOIN_MAX = 64 * 1024   # bytes: lines are joined into one write up to this size (see _write_lines)
+JOIN_MAX = 64 * 1024   # bytes: lines are joined into one piece up to this size (see _write_lines)
+try:
+    IOV_MAX = max(16, min(1024, os.sysconf("SC_IOV_MAX")))  # buffers per writev
+except (AttributeError, ValueError, OSError):
+    IOV_MAX = 16
 CATCH_UP_BELOW = BATCH_MAX  # queued records past which the writer stops resting...
 CATCH_UP_SLICE = 0.004      # ...and offers the GIL only after this long (the default switch interval is 5 ms)
 # The file-name form of a session id (record.session_file_id makes it); anything else is hashed
@@ -75,6 +79,8 @@ class FileOps:
 
     open = staticmethod(os.open)
     write = staticmethod(os.write)
+    # One system call for several buffers (POSIX); None where the os module has none.
+    writev = staticmethod(os.writev) if hasattr(os, "writev") else None
     fsync = staticmethod(os.fsync)
     ftruncate = staticmethod(os.ftruncate)
     close = staticmethod(os.close)
@@ -122,32 +128,48 @@ def _write_all(fd: int, data: bytes, ops: FileOps = FileOps) -> None:
 
 
 def _write_lines(fd: int, lines: List[bytes], ops: FileOps = FileOps) -> None:
-    """Write ``lines`` in order: small ones joined into one ``write``, each line of
-    ``JOIN_MAX`` bytes or more written as it is.
+    """Write ``lines`` in order, in one ``writev`` where the OS has it: small lines joined into
+    pieces of up to ``JOIN_MAX`` bytes, each line of ``JOIN_MAX`` bytes or more as it is.
 
     Joining a batch of big records would copy them into a buffer of megabytes, which the C
     library maps fresh from the kernel and gives back each time: at 100 KB request bodies that
-    was some 25 page faults per record, most of what recording them cost.
+    was some 25 page faults per record. One write per piece instead would hand the GIL over,
+    and queue the writer behind every request thread, once per big record.
     """
     if len(lines) == 1:
         _write_all(fd, lines[0], ops)
         return
+    pieces: List[bytes] = []
     run: List[bytes] = []
     size = 0
     for line in lines:
         if len(line) >= JOIN_MAX:
             if run:
-                _write_all(fd, b"".join(run), ops)
+                pieces.append(b"".join(run))
                 run, size = [], 0
-            _write_all(fd, line, ops)
+            pieces.append(line)
         else:
             run.append(line)
             size += len(line)
             if size >= JOIN_MAX:
-                _write_all(fd, b"".join(run), ops)
+                pieces.append(b"".join(run))
                 run, size = [], 0
     if run:
-        _write_all(fd, b"".join(run), ops)
+        pieces.append(b"".join(run))
+    writev = ops.writev
+    if len(pieces) == 1 or writev is None:
+        for piece in pieces:
+            _write_all(fd, piece, ops)
+        return
+    while pieces:
+        n = writev(fd, pieces[:IOV_MAX])
+        done = 0
+        while done < len(pieces) and n >= len(pieces[done]):
+            n -= len(pieces[done])
+            done += 1
+        pieces = pieces[done:]
+        if n:  # a short write ended inside this piece
+            pieces[0] = memoryview(pieces[0])[n:]
 
 
 class RateLimitedLog:
@@ -181,10 +203,20 @@ class RecordQueue:
     is checked against ``qsize()`` before the put, so threads racing at the limit may pass it
     by one each: it protects memory, it is not a count anyone relies on. Control items
     (flush markers, stop) are never refused.
+
+    With ``maxbytes`` (and ``size_of``, the bytes an item holds), the queue is also bounded in
+    bytes: a count of records alone let a burst of large bodies hold gigabytes. The byte count
+    is kept under a lock (``+=`` from many threads could lose updates); an item is always
+    taken when the queue holds no bytes, so one body larger than the bound is not refused.
+    The writer gives the bytes back with :meth:`taken`.
     """
 
-    def __init__(self, maxsize: int):
+    def __init__(self, maxsize: int, maxbytes: int = 0, size_of: Optional[Callable[[object], int]] = None):
         self.maxsize = maxsize
+        self.maxbytes = maxbytes if size_of is not None else 0
+        self.size_of = size_of
+        self.bytes = 0
+        self._lock = threading.Lock()
         self._q: "queue.SimpleQueue[object]" = queue.SimpleQueue()
         self.get = self._q.get
         self.get_nowait = self._q.get_nowait
@@ -192,13 +224,27 @@ class RecordQueue:
         self.put = self._q.put  # unbounded: control items only
 
     def put_nowait(self, item: object) -> None:
-        """Queue a record; raises ``queue.Full`` at the bound."""
+        """Queue a record; raises ``queue.Full`` at either bound."""
         if self._q.qsize() >= self.maxsize:
             raise queue.Full
+        if self.maxbytes:
+            size = self.size_of(item)
+            with self._lock:
+                if size and self.bytes and self.bytes + size > self.maxbytes:
+                    raise queue.Full
+                self.bytes += size
         self._q.put(item)
 
+    def taken(self, items: Iterable[object]) -> None:
+        """The writer took these records (no control items) off the queue."""
+        if self.maxbytes:
+            size_of = self.size_of
+            size = sum([size_of(item) for item in items])
+            with self._lock:
+                self.bytes -= size
+
     def full(self) -> bool:
-        return self._q.qsize() >= self.maxsize
+        return self._q.qsize() >= self.maxsize or (self.maxbytes > 0 and self.bytes >= self.maxbytes)
 
 
 class Recorder:
@@ -208,7 +254,8 @@ class Recorder:
     (up to ``timeout`` seconds), syncs and closes every file.
     """
 
-    def __init__(self, data_dir: str, encode: Encoder, queue_size: int = 10000, fsync: str = "interval",
+    def __init__(self, data_dir: str, encode: Encoder, queue_size: int = 10000, queue_max_bytes: int = 0,
+                 size_of: Optional[Callable[[object], int]] = None, fsync: str = "interval",
                  fsync_interval: float = 1.0, max_file_size: int = 100 * 1024 * 1024, rotate_daily: bool = True,
                  compress_rotated: bool = False, file_suffix: str = "",
                  on_written: Optional[Callable[[object], None]] = None, clock: Callable[[], float] = time.time,
@@ -226,7 +273,7 @@ class Recorder:
         self.clock = clock
         self._day_start = -1.0  # the UTC day last formatted by _today, and its start
         self._day = ""
-        self.queue = RecordQueue(queue_size)
+        self.queue = RecordQueue(queue_size, queue_max_bytes, size_of)
         # The lock guards every append, rotation and close, and the files table.
         self.lock = threading.Lock()
         self._files: Dict[Tuple[str, str], _File] = {}
@@ -265,7 +312,9 @@ class Recorder:
             return True
         except queue.Full:
             self._count_drop("queue_full", 1)
-            self._ratelog.warning("queue_full", "record queue full (%d): record dropped", self.queue.maxsize)
+            q = self.queue
+            self._ratelog.warning("queue_full", "record queue full (%d records, %d of at most %d bytes): record dropped",
+                                  q.qsize(), q.bytes, q.maxbytes)
             return False
 
     def queue_full(self) -> bool:
@@ -309,6 +358,7 @@ class Recorder:
             if markers:
                 stopping = any(item is _STOP for item in markers)
                 batch = [item for item in batch if item is not _STOP and not isinstance(item, _Marker)]
+            self.queue.taken(batch)
             try:
                 self._write_batch(batch)
             except Exception:  # a bug here must not stop recording for good

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+import shutil
 import tempfile
 import unittest
 
@@ -83,6 +85,7 @@ class LoadTest(unittest.TestCase):
             ({"providers": [OPENAI], "fsync": "sometimes"}, "fsync: must be one of"),
             ({"providers": [OPENAI], "max_request_body": "big"}, "max_request_body: must be an integer"),
             ({"providers": [OPENAI], "record": "yes"}, "record: must be true or false"),
+            ({"providers": [OPENAI], "queue_max_bytes": -1}, "queue_max_bytes: must be"),
         ]
         for content, expected in cases:
             with self.subTest(expected=expected):
@@ -93,6 +96,25 @@ class LoadTest(unittest.TestCase):
                 self.assertIn(expected, str(cm.exception))
                 self.assertIn(path, str(cm.exception))
                 self.assertNotIn("\n", str(cm.exception))
+
+    def test_queue_max_bytes_reaches_the_recorder(self):
+        path = write({"providers": [OPENAI], "queue_max_bytes": 1024})
+        self.addCleanup(os.unlink, path)
+        self.assertEqual(config.load(path, env={"OPENAI_API_KEY": "k"}).queue_max_bytes, 1024)
+        self.assertEqual(config.Config().queue_max_bytes, 512 * 1024 * 1024)
+        cfg = config.load(path, env={"OPENAI_API_KEY": "k"}, overrides={"data_dir": tempfile.mkdtemp()})
+        self.addCleanup(shutil.rmtree, cfg.data_dir, True)
+        from proxy_llm import cli
+        server = cli.build_server(dataclasses.replace(cfg, listen="127.0.0.1:0"))
+        self.addCleanup(server.server_close)
+        self.addCleanup(server.recorder.close, 10.0)
+        self.assertEqual((server.recorder.queue.maxsize, server.recorder.queue.maxbytes), (10000, 1024))
+        self.assertIs(server.recorder.queue.size_of, cli.captured_bytes)
+        from proxy_llm.record import Exchange
+        ex = Exchange("POST", "/v1/chat/completions", "", [], 100)
+        ex.capture_request(b"x" * 60)
+        ex.response.add(1.0, b"y" * 150)  # 100 kept of 150: the rest is only hashed
+        self.assertEqual(cli.captured_bytes(ex), 160)
 
     def test_non_loopback_is_allowed_with_proxy_keys(self):
         path = write({"providers": [OPENAI], "listen": "0.0.0.0:8080", "proxy_keys": ["pk-1"]})

@@ -644,6 +644,10 @@ class FaultyOps(storage.FileOps):
         self._check()
         return os.write(fd, data)
 
+    def writev(self, fd, buffers):
+        self._check()
+        return os.writev(fd, buffers)
+
     def makedirs(self, path, mode=0o777, exist_ok=False):
         self._check()
         os.makedirs(path, mode, exist_ok)

@@ -368,6 +368,7 @@ class LocalEndpointsTest(ProxyTestCase):
         health = json.loads(body)
         self.assertEqual((status, health["status"]), (200, "ok"))
         self.assertEqual(health["records_written"], 2)
+        self.assertEqual((health["record_queue_depth"], health["record_queue_bytes"]), (0, 0))
         status, headers, body = request(proxy.url, method="GET", path="/metrics", headers={})
         text = body.decode()
         self.assertIn('proxy_llm_requests_total{provider="openai",endpoint="/v1/chat/completions",status_class="2xx",model="gpt-*"} 2', text)

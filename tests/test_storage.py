@@ -60,6 +60,11 @@ class Ops(storage.FileOps):
         self._check("write", path, bytes(data))
         return os.write(fd, data)
 
+    def writev(self, fd, buffers):
+        path = self._log("writev", fd)
+        self._check("writev", path, b"".join(bytes(b) for b in buffers))
+        return os.writev(fd, buffers)
+
     def fsync(self, fd):
         path = self._log("fsync", fd)
         self._check("fsync", path)
@@ -164,45 +169,80 @@ class GroupCommitTest(RecorderTestCase):
         alpha = [json.loads(x)["n"] for x in lines_of([p for p in files if "session_alpha" in p and "streams" not in p][0])]
         self.assertEqual(alpha, list(range(1, 40, 2)))  # queue order kept
 
-    def test_big_lines_are_written_as_they_are_not_joined(self):
+    def sized_writes(self):
+        """Record the size of each piece handed to write / writev, per call."""
+        calls = []
+        write, writev = self.ops.write, self.ops.writev
+        self.ops.write = lambda fd, data: calls.append([len(data)]) or write(fd, data)
+        self.ops.writev = lambda fd, bufs: calls.append([len(b) for b in bufs]) or writev(fd, bufs)
+        return calls
+
+    def test_big_lines_go_out_as_they_are_in_one_writev(self):
         # A batch of big records joined into one buffer of megabytes cost a fresh mapping from
-        # the kernel, and its page faults, per batch. Small lines are still joined, up to
-        # JOIN_MAX; each big line is one write of its own, in queue order.
+        # the kernel, and its page faults, per batch; a write per record would hand the GIL
+        # over per record. Small lines are still joined, up to JOIN_MAX; each big line is a
+        # buffer of its own, in queue order, and the batch is one system call.
         rec = self.recorder(start=False)
         big = storage.JOIN_MAX
         sizes = [0, 0, big, 0, big, big, 0]
         for n, size in enumerate(sizes):
             rec.submit(line("s", n, size))
-        writes = []
-        write = self.ops.write
-
-        def sized_write(fd, data):
-            writes.append(len(data))
-            return write(fd, data)
-
-        self.ops.write = sized_write
+        calls = self.sized_writes()
         rec.start()
         self.assertTrue(rec.flush(DEADLINE))
         [path] = data_files(self.data_dir)
         self.assertEqual([json.loads(x)["n"] for x in lines_of(path)], list(range(len(sizes))))
         small = len(line("s", 0)[2])
-        self.assertEqual(writes, [2 * small, len(line("s", 2, big)[2]), small, len(line("s", 4, big)[2]),
-                                  len(line("s", 5, big)[2]), small])
+        self.assertEqual(calls, [[2 * small, len(line("s", 2, big)[2]), small, len(line("s", 4, big)[2]),
+                                  len(line("s", 5, big)[2]), small]])
 
     def test_small_lines_are_joined_up_to_the_limit(self):
         rec = self.recorder(start=False)
         size = storage.JOIN_MAX // 3
         for n in range(7):
             rec.submit(line("s", n, size))
-        writes = []
-        write = self.ops.write
-        self.ops.write = lambda fd, data: writes.append(len(data)) or write(fd, data)
+        calls = self.sized_writes()
         rec.start()
         self.assertTrue(rec.flush(DEADLINE))
         [path] = data_files(self.data_dir)
         self.assertEqual([json.loads(x)["n"] for x in lines_of(path)], list(range(7)))
-        one = len(line("s", 0, size)[2])  # a little over a third of JOIN_MAX: three make a write
-        self.assertEqual(writes, [3 * one, 3 * one, one])
+        one = len(line("s", 0, size)[2])  # a little over a third of JOIN_MAX: three make a piece
+        self.assertEqual(calls, [[3 * one, 3 * one, one]])
+
+    def test_short_writev_goes_on_where_it_stopped(self):
+        rec = self.recorder(start=False)
+        big = storage.JOIN_MAX
+        for n in range(4):
+            rec.submit(line("s", n, big))
+        writev = self.ops.writev
+        calls = []
+
+        def short_writev(fd, bufs):  # the kernel takes a buffer and half the next per call
+            calls.append(len(bufs))
+            first = bytes(bufs[0])
+            if len(bufs) == 1:
+                return writev(fd, [first])
+            second = bytes(bufs[1])
+            return writev(fd, [first, second[:len(second) // 2]])
+        self.ops.writev = short_writev
+        rec.start()
+        self.assertTrue(rec.flush(DEADLINE))
+        [path] = data_files(self.data_dir)
+        self.assertEqual([json.loads(x)["n"] for x in lines_of(path)], [0, 1, 2, 3])
+        self.assertEqual(calls, [4, 3, 2, 1])
+
+    def test_without_writev_each_piece_is_a_write(self):
+        rec = self.recorder(start=False)
+        big = storage.JOIN_MAX
+        for n, size in enumerate([0, big, 0]):
+            rec.submit(line("s", n, size))
+        calls = self.sized_writes()
+        self.ops.writev = None  # an OS without writev
+        rec.start()
+        self.assertTrue(rec.flush(DEADLINE))
+        [path] = data_files(self.data_dir)
+        self.assertEqual([json.loads(x)["n"] for x in lines_of(path)], [0, 1, 2])
+        self.assertEqual(len(calls), 3)
 
     def test_fsync_always_syncs_after_every_batch(self):
         rec = self.recorder(fsync="always")
@@ -453,28 +493,28 @@ class FaultTest(RecorderTestCase):
         self.assertEqual(rec.written_total(), 2)
 
     def test_a_batch_of_several_writes_is_cut_back_whole(self):
-        # Big lines go out one write each: the disk filling up at the second one cuts the first
-        # one back too, so the batch is either all there or counted dropped, never half.
+        # The disk fills up after the first big line of a batch went out: that line is cut
+        # back too, so the batch is either all there or counted dropped, never half.
         rec = self.recorder()
         self.put(rec, line("s", 0))
+        original = self.ops.writev
         calls = []
-        original_write = self.ops.write
 
-        def filling_write(fd, data):
-            calls.append(len(data))
-            if len(calls) == 2:
-                raise OSError(errno.ENOSPC, "No space left on device")
-            return original_write(fd, data)
-        self.ops.write = filling_write
+        def filling_writev(fd, bufs):
+            calls.append(len(bufs))
+            if len(calls) == 1:
+                return original(fd, [bytes(bufs[0])])
+            raise OSError(errno.ENOSPC, "No space left on device")
+        self.ops.writev = filling_writev
         big = storage.JOIN_MAX
         self.put(rec, [line("s", 1, big), line("s", 2, big)])
-        self.assertEqual(len(calls), 2)
+        self.assertEqual(calls, [2, 1])
         self.assertEqual(rec.dropped.get("write_error"), 2)
         [path] = data_files(self.data_dir)
         self.assertEqual([json.loads(x)["n"] for x in lines_of(path)], [0])
-        self.ops.write = original_write
-        self.put(rec, line("s", 3))
-        self.assertEqual([json.loads(x)["n"] for x in lines_of(path)], [0, 3])
+        self.ops.writev = original
+        self.put(rec, [line("s", 3, big), line("s", 4, big)])
+        self.assertEqual([json.loads(x)["n"] for x in lines_of(path)], [0, 3, 4])
 
     def test_a_lost_streamed_exchange_counts_one_dropped_record(self):
         rec = self.recorder()
@@ -544,6 +584,63 @@ class FaultTest(RecorderTestCase):
         self.assertFalse(rec.submit(line("s", 3)))
         self.assertEqual(rec.dropped_total(), 2)
         self.assertEqual(rec.written_total(), 2)
+
+    def test_the_queue_is_bounded_in_bytes_too(self):
+        size_of = lambda item: len(item[2])  # noqa: E731 (the bytes of the test line)
+        one = len(line("s", 0, 60)[2])
+        rec = self.recorder(start=False, queue_max_bytes=2 * one + 10, size_of=size_of)
+        self.assertTrue(rec.submit(line("s", 0, 60)))
+        self.assertTrue(rec.submit(line("s", 1, 60)))
+        self.assertFalse(rec.submit(line("s", 2, 60)))  # a third would pass the byte bound
+        self.assertEqual(rec.queue.bytes, 2 * one)
+        self.assertEqual(rec.dropped, {"queue_full": 1})
+        self.assertTrue(any("record queue full" in m for m in self.logs.messages), self.logs.messages)
+        rec.start()
+        self.assertTrue(rec.flush(DEADLINE))
+        self.assertEqual(rec.queue.bytes, 0)  # the writer gave the bytes back
+        self.assertTrue(rec.submit(line("s", 3, 60)))
+        self.assertTrue(rec.flush(DEADLINE))
+        self.assertEqual(rec.written_total(), 3)
+        self.assertEqual(rec.queue.bytes, 0)
+
+    def test_one_record_larger_than_the_byte_bound_is_taken_when_the_queue_is_empty(self):
+        rec = self.recorder(start=False, queue_max_bytes=100, size_of=lambda item: len(item[2]))
+        self.assertTrue(rec.submit(line("s", 0, 500)))
+        self.assertTrue(rec.queue_full())  # what fail_closed answers 503 for
+        self.assertFalse(rec.submit(line("s", 1, 10)))  # nothing more until it is written
+        rec.start()
+        self.assertTrue(rec.flush(DEADLINE))
+        self.assertFalse(rec.queue_full())
+        self.assertTrue(rec.submit(line("s", 2, 10)))
+        self.assertTrue(rec.flush(DEADLINE))
+        [path] = data_files(self.data_dir)
+        self.assertEqual([json.loads(x)["n"] for x in lines_of(path)], [0, 2])
+
+    def test_byte_count_is_exact_under_racing_threads(self):
+        q = storage.RecordQueue(10 ** 6, 10 ** 9, size_of=len)
+        start = threading.Barrier(8)
+
+        def churn():
+            start.wait()
+            for n in range(2000):
+                q.put_nowait(b"x" * (n % 7 + 1))
+        threads = [threading.Thread(target=churn) for _ in range(8)]
+        for t in threads:
+            t.start()
+        taken = []
+        while any(t.is_alive() for t in threads) or q.qsize():
+            try:
+                item = q.get(timeout=0.05)
+            except queue.Empty:
+                continue
+            taken.append(item)
+            if len(taken) == 100:
+                q.taken(taken)
+                taken = []
+        for t in threads:
+            t.join()
+        q.taken(taken)
+        self.assertEqual(q.bytes, 0)
 
     def test_probe_clears_degraded_when_the_dir_is_writable_again(self):
         rec = self.recorder(fsync="interval", fsync_interval=0.02)
