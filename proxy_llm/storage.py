@@ -4,8 +4,8 @@ Shape (after ``logging.handlers.QueueListener``): request threads call :meth:`Re
 which only does ``put_nowait`` and never blocks or raises; a full queue drops the item and counts
 it. One writer thread takes items off the queue in batches, turns each into lines with the
 ``encode`` callable it was given (all JSON work happens there, off the request threads), groups
-the lines per file and appends each group with one ``os.write`` (group commit; lines of
-``JOIN_MAX`` bytes or more go out as they are, with ``os.writev``, see ``_write_lines``).
+the lines per file and appends each group with one system call (group commit: small lines
+joined, big ones handed to ``os.writev`` as they are, see ``_write_lines``).
 
 Durability contract (also in the README):
 
@@ -358,8 +358,8 @@ class Recorder:
             if markers:
                 stopping = any(item is _STOP for item in markers)
                 batch = [item for item in batch if item is not _STOP and not isinstance(item, _Marker)]
-            self.queue.taken(batch)
             try:
+                self.queue.taken(batch)
                 self._write_batch(batch)
             except Exception:  # a bug here must not stop recording for good
                 log.exception("the writer failed on a batch of %d records; they are dropped", len(batch))
