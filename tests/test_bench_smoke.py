@@ -119,6 +119,10 @@ class BenchSmokeTest(unittest.TestCase):
             for key in ("c1_p50", "r50_p50", "s16_rps", "s64_rps", "big_rps", "s16_drain", "s64_drain"):
                 self.assertIn(key, f, name)
             self.assertGreater(f["max_rps"], 0, name)
+        for name in ("forwarder", "rec_on"):  # a process of their own: RSS sampled under load
+            self.assertGreater(self.figs[name]["s64_peak_rss"], 1.0, name)
+            self.assertGreater(self.figs[name]["big_peak_rss"], 1.0, name)
+        self.assertNotIn("s64_peak_rss", self.figs["direct"])  # the mock is not a target's process
 
     def test_streams_whole_and_in_order(self):
         for name in self.opts.targets:

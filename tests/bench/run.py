@@ -204,6 +204,7 @@ class RssSampler(threading.Thread):
     def stop(self) -> int:
         self.stop_event.set()
         self.join()
+        self.max = max(self.max, self.target.rss() or 0)  # a segment shorter than one period
         return self.max
 
 
@@ -298,6 +299,9 @@ class Bench:
         o = self.o
         h, p = t.host, t.port
         saturate = wrk.closed_loop if o.use_wrk else loadgen.closed_loop
+        sampler = RssSampler(t) if scn in ("sat64", "big") and t.pid else None
+        if sampler:
+            sampler.start()
         c0 = t.cpu()
         if scn == "latency":
             tally = loadgen.closed_loop(h, p, small_requests(h, p), 1, o.latency_s)
@@ -314,6 +318,9 @@ class Bench:
             raise ValueError(scn)
         drain = settle(t)
         c1 = t.cpu()  # the drain's CPU too: it is the cost of these requests
+        if sampler:  # what the load and its backlog held at most
+            key = ("peak_rss_" + scn, t.name)
+            self.extra[key] = max(self.extra.get(key, 0), sampler.stop())
         if scn in ("sat16", "sat64", "big") and tally.elapsed:
             # Throughput that includes writing the records of the requests answered.
             tally.elapsed += drain
@@ -395,6 +402,9 @@ class Bench:
                     f["max_rps"] = max(f.get("max_rps", 0.0), f[key])
             if ("idle_rss", t.name) in self.extra and self.extra[("idle_rss", t.name)] is not None:
                 f["idle_rss"] = self.extra[("idle_rss", t.name)] / 1e6
+            for scn, pre in (("sat64", "s64"), ("big", "big")):
+                if self.extra.get(("peak_rss_" + scn, t.name)):
+                    f[pre + "_peak_rss"] = self.extra[("peak_rss_" + scn, t.name)] / 1e6
             if ("stream_rss", t.name) in self.extra:
                 f["st_rss"] = self.extra[("stream_rss", t.name)] / 1024.0
             rec = self.extra.get(("records", t.name))
@@ -452,6 +462,7 @@ ROWS = [
     ("64 conns: p99 ms", "s64_p99", "%.2f", None),
     ("64 conns: CPU ms/req", "s64_cpu", "%.3f", None),
     ("64 conns: quiet after ms", "s64_drain", "%.0f", None),
+    ("64 conns: peak RSS MB", "s64_peak_rss", "%.1f", None),
     ("max req/s, small bodies", "max_rps", "%.0f", ("on/fwd", 0.85)),
     ("max req/s: recording on/off", "max_rps", "%.0f", ("on/off", 0.9)),
     ("max req/s: 2 workers / 1", "max_rps", "%.0f", ("2w/1w", 1.7)),
@@ -459,6 +470,7 @@ ROWS = [
     ("100 KB bodies: p99 ms", "big_p99", "%.2f", None),
     ("100 KB bodies: CPU ms/req", "big_cpu", "%.3f", None),
     ("100 KB bodies: quiet after ms", "big_drain", "%.0f", None),
+    ("100 KB bodies: peak RSS MB", "big_peak_rss", "%.1f", None),
     ("streams: completed", "st_ok", "%d", None),
     ("streams: max open at once", "st_open", "%d", None),
     ("streams: lost", "st_lost", "%d", ("zero", 0)),
