@@ -127,16 +127,11 @@ def fingerprint_key(data_dir: str) -> bytes:
     return key
 
 
-def captured_bytes(ex) -> int:
-    """What a queued exchange holds in memory, for the recorder's byte bound."""
-    return ex.request.kept + ex.response.kept
-
-
 def build_server(config: Config, worker: int = 0, reuse_port: bool = False):
     """Create the recorder and the server (listening, not yet serving)."""
     from . import headers
     from .handler import ProxyHandler
-    from .record import Encoder
+    from .record import Encoder, captured_bytes
     from .server import ProxyServer
     from .storage import Recorder
 

@@ -207,6 +207,11 @@ class Exchange:
         return self.cancelled or self.client_gone or self.timed_out or self.upstream_late
 
 
+def captured_bytes(ex: Exchange) -> int:
+    """The body bytes a queued exchange holds in memory (the recorder's byte bound)."""
+    return ex.request.kept + ex.response.kept
+
+
 def _reject_constant(name: str) -> Any:
     raise ValueError("non-standard JSON constant %s" % name)
 

@@ -109,12 +109,12 @@ class LoadTest(unittest.TestCase):
         self.addCleanup(server.server_close)
         self.addCleanup(server.recorder.close, 10.0)
         self.assertEqual((server.recorder.queue.maxsize, server.recorder.queue.maxbytes), (10000, 1024))
-        self.assertIs(server.recorder.queue.size_of, cli.captured_bytes)
-        from proxy_llm.record import Exchange
+        from proxy_llm.record import Exchange, captured_bytes
+        self.assertIs(server.recorder.queue.size_of, captured_bytes)
         ex = Exchange("POST", "/v1/chat/completions", "", [], 100)
         ex.capture_request(b"x" * 60)
         ex.response.add(1.0, b"y" * 150)  # 100 kept of 150: the rest is only hashed
-        self.assertEqual(cli.captured_bytes(ex), 160)
+        self.assertEqual(captured_bytes(ex), 160)
 
     def test_non_loopback_is_allowed_with_proxy_keys(self):
         path = write({"providers": [OPENAI], "listen": "0.0.0.0:8080", "proxy_keys": ["pk-1"]})

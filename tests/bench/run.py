@@ -55,6 +55,8 @@ from tests.bench.records import check as check_records
 from tests.bench.targets import Mock, Target, busy_ns
 
 SCENARIOS = ("latency", "rate50", "sat16", "sat64", "big", "streams", "verify")
+# The closed-loop saturation scenarios and the prefix of their figures.
+SATURATION = {"sat16": "s16", "sat64": "s64", "big": "big"}
 TARGET_NAMES = ("direct", "relay", "forwarder", "rec_off", "rec_on", "rec_fsync", "workers2")
 
 FULL = dict(settle_s=0.3, rounds=6, latency_s=1.0, rate_s=6.0, sat_s=1.2, big_s=1.2,
@@ -319,9 +321,9 @@ class Bench:
         drain = settle(t)
         c1 = t.cpu()  # the drain's CPU too: it is the cost of these requests
         if sampler:  # what the load and its backlog held at most
-            key = ("peak_rss_" + scn, t.name)
+            key = ("peak_rss", scn, t.name)
             self.extra[key] = max(self.extra.get(key, 0), sampler.stop())
-        if scn in ("sat16", "sat64", "big") and tally.elapsed:
+        if scn in SATURATION and tally.elapsed:
             # Throughput that includes writing the records of the requests answered.
             tally.elapsed += drain
             tally.round_rps[-1] = tally.rps
@@ -368,8 +370,8 @@ class Bench:
                     f[pre + "_p50"] = ms(percentile(tally.lat, 50))
                     f[pre + "_p90"] = ms(percentile(tally.lat, 90))
                     f[pre + "_p99"] = ms(percentile(tally.lat, 99))
-                elif scn in ("sat16", "sat64", "big"):
-                    pre = {"sat16": "s16", "sat64": "s64", "big": "big"}[scn]
+                elif scn in SATURATION:
+                    pre = SATURATION[scn]
                     # The median of the rounds: one round disturbed by other work on the
                     # machine does not move it.
                     f[pre + "_rps"] = median(tally.round_rps) if tally.round_rps else tally.rps
@@ -383,6 +385,8 @@ class Bench:
                         f[pre + "_cpu"] = 1000.0 * self.cpu[(scn, name)] / tally.ok
                     if tally.round_drain:
                         f[pre + "_drain"] = ms(median(tally.round_drain))
+                    if self.extra.get(("peak_rss", scn, name)):
+                        f[pre + "_peak_rss"] = self.extra[("peak_rss", scn, name)] / 1e6
                 elif scn == "streams":
                     f["st_ok"] = tally.streams_ok
                     f["st_n"] = self.o.streams
@@ -402,9 +406,6 @@ class Bench:
                     f["max_rps"] = max(f.get("max_rps", 0.0), f[key])
             if ("idle_rss", t.name) in self.extra and self.extra[("idle_rss", t.name)] is not None:
                 f["idle_rss"] = self.extra[("idle_rss", t.name)] / 1e6
-            for scn, pre in (("sat64", "s64"), ("big", "big")):
-                if self.extra.get(("peak_rss_" + scn, t.name)):
-                    f[pre + "_peak_rss"] = self.extra[("peak_rss_" + scn, t.name)] / 1e6
             if ("stream_rss", t.name) in self.extra:
                 f["st_rss"] = self.extra[("stream_rss", t.name)] / 1024.0
             rec = self.extra.get(("records", t.name))
