@@ -141,9 +141,9 @@ def build_server(config: Config, worker: int = 0, reuse_port: bool = False):
     if config.record:
         os.makedirs(config.data_dir, mode=0o700, exist_ok=True)
 
-        def on_result(ex, rec):
-            server_box[0].metrics.recorded(rec["ended"], rec["provider"] or "none", ex.model_label,
-                                           rec.get("tokens_used"))
+        def on_result(ex, ended, tokens_used):
+            server_box[0].metrics.recorded(ended, ex.provider.name if ex.provider is not None else "none",
+                                           ex.model_label, tokens_used)
 
         encoder = Encoder(fingerprint_key(config.data_dir), config.session_header, config.max_sse_event,
                           provider_keys=[p.api_key for p in config.providers if p.api_key], on_result=on_result)

@@ -315,27 +315,19 @@ def _body(cap: Capture, encoding: str) -> Tuple[bytes, Optional[str]]:
     return b"".join([c for _, c in chunks]), error
 
 
-def headers_dict(headers: Iterable[Tuple[str, str]], key: bytes, secrets: Optional[List[str]] = None,
-                 memo: Optional[Dict[str, Tuple[str, str]]] = None) -> Dict[str, str]:
+def headers_dict(headers: Iterable[Tuple[str, str]], key: bytes, secrets: Optional[List[str]] = None) -> Dict[str, str]:
     """Lower-case names -> values (repeats joined with ", "), credentials redacted.
 
-    The credential values found are appended to ``secrets`` when it is given. ``memo``, when
-    given, remembers each credential value's (redacted value, secret): a client sends the same
-    key with every request.
+    The credential values found are appended to ``secrets`` when it is given.
     """
     out: Dict[str, str] = {}
     secret_names = wire.SECRET_HEADERS
     for name, value in headers:
         lname = name.lower()
         if lname in secret_names:
-            known = memo.get(value) if memo is not None else None
-            if known is None:
-                known = (wire.redact_header(lname, value, key), wire.secret_value(value))
-                if memo is not None:
-                    _remember(memo, value, known)
             if secrets is not None and value:
-                secrets.append(known[1])
-            value = known[0]
+                secrets.append(wire.secret_value(value))
+            value = wire.redact_header(lname, value, key)
         out[lname] = out[lname] + ", " + value if lname in out else value
     return out
 
@@ -353,12 +345,50 @@ class Encoder:
         self.session_header = session_header.lower()
         self.max_sse_event = max_sse_event
         self.provider_pairs = wire.scrub_pairs([k for k in provider_keys if len(k) >= 8], fingerprint_key)
-        self.on_result = on_result  # callback(exchange, record dict) for token metrics
+        self.on_result = on_result  # callback(exchange, ended, tokens_used or None): token metrics
         self.session_headers = ((self.session_header, "header"), ("x-claude-code-session-id", "claude_code"),
                                 ("session_id", "codex"), ("session-id", "codex"))
         self.file_ids: Dict[str, str] = {}  # session id -> session_file_id(): the same few recur
-        self.credentials: Dict[str, Tuple[str, str]] = {}  # header value -> (redacted, secret)
+        # (name, value) -> (lower-case name, recorded value, '"name":"value"' as JSON, secret or None)
+        self.header_parts: Dict[Tuple[str, str], Tuple[str, str, bytes, Optional[str]]] = {}
+        self.heads: Dict[Tuple[Any, ...], bytes] = {}  # see encode(): fields session_id ... stream as JSON
         self.scrub_memo: Dict[str, Tuple[bytes, bytes]] = {}  # secret -> its scrub pair
+
+    def headers_json(self, headers: Iterable[Tuple[str, str]],
+                     secrets: Optional[List[str]] = None) -> Tuple[Dict[str, str], bytes]:
+        """(:func:`headers_dict`, that dict as a JSON object), each header's part remembered.
+
+        A client sends the same headers with every request, its key among them: a header seen
+        before costs one lookup, not a lower-casing, a redaction (an HMAC, for a key) and its
+        JSON escaping. Repeated names, which are joined, take :func:`headers_dict`.
+        """
+        memo = self.header_parts
+        out: Dict[str, str] = {}
+        parts: List[bytes] = []
+        repeated = False
+        for name, value in headers:
+            part = memo.get((name, value))
+            if part is None:
+                part = _remember(memo, (name, value), self._header_part(name, value))
+            lname, recorded, encoded, secret = part
+            if lname in out:
+                repeated = True
+            out[lname] = recorded
+            parts.append(encoded)
+            if secret is not None and secrets is not None:
+                secrets.append(secret)
+        if repeated:
+            out = headers_dict(headers, self.key)
+            return out, _dumps(out)
+        return out, b"{" + b",".join(parts) + b"}"
+
+    def _header_part(self, name: str, value: str) -> Tuple[str, str, bytes, Optional[str]]:
+        lname = name.lower()
+        secret = None
+        if lname in wire.SECRET_HEADERS:
+            secret = wire.secret_value(value) if value else None
+            value = wire.redact_header(lname, value, self.key)
+        return lname, value, _dumps(lname) + b":" + _dumps(value), secret
 
     def header_session(self, headers: Dict[str, str]) -> Optional[Tuple[str, str]]:
         """(session id, source) from the request headers (``headers`` lower-cased), or None."""
@@ -396,8 +426,8 @@ class Encoder:
     def encode(self, ex: Exchange) -> List[Tuple[str, str, bytes]]:
         key = self.key
         secrets: List[str] = []
-        req_h = headers_dict(ex.req_headers, key, secrets, self.credentials)
-        resp_h = headers_dict(ex.resp_headers, key)
+        req_h, req_h_json = self.headers_json(ex.req_headers, secrets)
+        resp_h, resp_h_json = self.headers_json(ex.resp_headers)
         req_body = _body(ex.request, req_h.get("content-encoding", ""))[0]
         req_value, req_raw = None, None
         session = self.header_session(req_h)
@@ -475,20 +505,29 @@ class Encoder:
         if error is None and ended not in ("completed",):
             error = {"type": ended, "message": "the exchange ended early (%s)" % ended}
 
+        # The line is put together from parts, in FIELDS order: the fields that are the same for
+        # every record of one client, session, route and model (session_id ... stream) are
+        # encoded once and remembered; the rest, a small dict, are encoded per record.
+        provider = ex.provider.name if ex.provider is not None else None
+        stream = bool(ex.stream)
+        head_key = (session_id, session_source, provider, ex.provider_type, dialect.name, ex.path, ex.method,
+                    ex.query, ex.model, stream)
+        head = self.heads.get(head_key)
+        if head is None:
+            head = _remember(self.heads, head_key, _dumps({
+                "session_id": session_id,
+                "session_source": session_source,
+                "provider": provider,
+                "provider_type": ex.provider_type,
+                "dialect": dialect.name,
+                "endpoint": ex.path,
+                "method": ex.method,
+                "query": wire.redact_query(ex.query, key),
+                "model": ex.model,
+                "stream": stream,
+            })[1:-1])
+        timestamp = rfc3339(ex.wall_start)
         rec: Dict[str, Any] = {
-            "schema_version": SCHEMA_VERSION,
-            "id": ex.id,
-            "timestamp": rfc3339(ex.wall_start),
-            "session_id": session_id,
-            "session_source": session_source,
-            "provider": ex.provider.name if ex.provider is not None else None,
-            "provider_type": ex.provider_type,
-            "dialect": dialect.name,
-            "endpoint": ex.path,
-            "method": ex.method,
-            "query": wire.redact_query(ex.query, key),
-            "model": ex.model,
-            "stream": bool(ex.stream),
             "status_code": ex.status,
             "ended": ended,
             "duration": round(ex.duration, 3),
@@ -498,8 +537,9 @@ class Encoder:
                 rec["ttft_ms"] = round(ex.ttft, 3)
         if error is not None:
             rec["error"] = error
-        if result is not None and result.tokens_used:
-            rec["tokens_used"] = result.tokens_used
+        tokens_used = result.tokens_used if result is not None else None
+        if tokens_used:
+            rec["tokens_used"] = tokens_used
         rec["request_bytes"] = ex.request.size
         rec["response_bytes"] = ex.response.size
         if streamed:
@@ -516,10 +556,8 @@ class Encoder:
             rec["reassembly_error"] = reassembly_error
         if decode_error:
             rec["decode_error"] = decode_error
-        rec["request_headers"] = req_h
-        rec["response_headers"] = resp_h
         if self.on_result is not None:
-            self.on_result(ex, rec)
+            self.on_result(ex, ended, tokens_used or None)
 
         # Scrub every credential the request carried from every part, and the provider keys
         # (which the client never saw, so only an upstream can echo them) from all but the
@@ -530,7 +568,9 @@ class Encoder:
         every = client + self.provider_pairs
         scrub = wire.scrub
         line = b"".join((
-            scrub(_dumps(rec)[:-1], every),
+            scrub(b"".join((b'{"schema_version":%d,"id":' % SCHEMA_VERSION, _dumps(ex.id), b',"timestamp":"',
+                            timestamp.encode("ascii"), b'",', head, b",", _dumps(rec)[1:-1],
+                            b',"request_headers":', req_h_json, b',"response_headers":', resp_h_json)), every),
             b',"request_body":', scrub(req_raw if req_raw is not None else _dumps(req_value), client),
             b',"response_body":', scrub(resp_raw if resp_raw is not None else _dumps(resp_value), every),
             b"}\n",
@@ -540,7 +580,7 @@ class Encoder:
             stream_line = _dumps({
                 "id": ex.id,
                 "session_id": session_id,
-                "timestamp": rec["timestamp"],
+                "timestamp": timestamp,
                 "events": [_event_json(t, e) for t, e in events],
                 "truncated": stream_truncated,
             }) + b"\n"

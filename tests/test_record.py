@@ -6,6 +6,7 @@ import gzip
 import gc
 import hashlib
 import json
+import re
 import unittest
 from unittest import mock
 
@@ -133,6 +134,41 @@ class EncoderTest(unittest.TestCase):
         self.assertIn(b'"request_body":{ "model" : "gpt\\u002d4o",    "n": 1.0e2, "messages"', lines[0][2])
         self.assertEqual(rec["request_body"]["n"], 100.0)
 
+    def test_line_is_the_compact_encoding_of_its_fields_in_order(self):
+        # The line is put together from remembered parts: whatever they are, everything before
+        # the bodies must be what one json.dumps of the record would give, keys in FIELDS order.
+        # One encoder for all cases and each case twice, so the second time takes the memos.
+        cases = [
+            exchange(headers=[("Authorization", "Bearer sk-test-0123456789"), ("X-Session-Id", "s")]),
+            exchange(headers=[("Accept", "a"), ("accept", "b"), ("X-Api-Key", "k1-0123456789"),
+                              ("x-api-key", "k2-0123456789")]),  # repeats are joined
+            exchange(body=b'{"model":"m\\ud800","metadata":{"user_id":"\\u00e9 \\"q\\""}}', status=400,
+                     resp=b'{"error":{"message":"bad","type":"invalid_request_error"}}'),
+            exchange(resp=[b'data: {"choices":[{"index":0,"delta":{"content":"hi"}}]}\n\n', b"data: [DONE]\n\n"],
+                     ctype="text/event-stream", stream=True, headers=[("X-Session-Id", "\u65e5\u672c")]),
+            exchange(resp=b'{"a":"' + b"x" * 100 + b'"}', limit=20, resp_headers=[("Date", "Sun"), ("X-Req", "\u00ff")]),
+        ]
+        cases[0].query = "key=sk-query-0123456789&alt=sse"
+        cases[3].ttft = 12.3456
+        cases[4].ended = "client_aborted"
+        encoder = Encoder(KEY, "X-Session-Id", 1 << 20, provider_keys=["provider-key-abcdef"])
+        for n, ex in enumerate(cases * 2):
+            ex.id = record.new_id()
+            line = encoder.encode(ex)[0][2]
+            with self.subTest(case=n % len(cases)):
+                head = line[:line.index(b',"request_body":')] + b"}"
+                rec = json.loads(head)
+                self.assertEqual(list(rec), [f for f in FIELDS if f in rec])
+                # Compared \u-escaped: a part holding a lone surrogate is written escaped.
+                escaped = re.sub("[^\x00-\x7f]", lambda m: "\\u%04x" % ord(m.group()), head.decode())
+                self.assertEqual(escaped, json.dumps(rec, separators=(",", ":")))
+                self.assertEqual(rec["id"], ex.id)
+                self.assertNotIn(b"0123456789", line)
+        self.assertEqual(rec["response_headers"]["x-req"], "\u00ff")
+        [rec], _ = encode(cases[1])
+        self.assertEqual(rec["request_headers"]["accept"], "a, b")
+        self.assertRegex(rec["request_headers"]["x-api-key"], r"^\[REDACTED:[0-9a-f]{8}\], \[REDACTED:[0-9a-f]{8}\]$")
+
     def test_lone_surrogates_and_non_json_bodies_still_give_valid_lines(self):
         ex = exchange(body=b'{"model":"m","x":"\\ud800"}', resp=b"\xff\xfe not json")
         [rec], lines = encode(ex)
@@ -208,9 +244,9 @@ class EncoderTest(unittest.TestCase):
             self.assertNotIn(key.encode(), line)
             self.assertIn(wire.redacted(key, KEY), rec["request_body"]["echo"])
             self.assertIn(wire.redacted(key, KEY), rec["response_body"]["error"])
-            self.assertLessEqual(len(encoder.credentials), record.MEMO_SIZE)
+            self.assertLessEqual(len(encoder.header_parts), record.MEMO_SIZE)
             self.assertLessEqual(len(encoder.scrub_memo), record.MEMO_SIZE)
-        self.assertTrue(encoder.credentials and encoder.scrub_memo)
+        self.assertTrue(encoder.header_parts and encoder.scrub_memo)
 
     def test_session_sources_in_order(self):
         cases = [
