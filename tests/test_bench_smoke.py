@@ -7,14 +7,16 @@ once with the exact content.  Never timing: this machine may be busy.
 """
 from __future__ import annotations
 
+import io
 import json
 import os
 import shutil
 import sys
 import tempfile
 import unittest
+import unittest.mock
 
-from tests.bench import records, run, wrk
+from tests.bench import encode, records, run, wrk
 
 
 def tiny_options(*extra):
@@ -196,6 +198,25 @@ class RecordCountTest(unittest.TestCase):
         twice = self.check(["a", "u1", "u1", "u2"], ["a"], (3, 5))
         self.assertEqual(twice["duplicated"], 1)
         self.assertTrue(twice["problems"])
+
+
+class EncodeBenchTest(unittest.TestCase):
+    """tests.bench.encode: its exchanges are the benchmark's requests, recorded exactly."""
+
+    def test_exchanges_encode_to_the_requests_sent(self):
+        sent = [body for _, body in run.small_requests("127.0.0.1", 8080)]
+        enc = encode.encoder()
+        recs = [json.loads(line) for ex in encode.exchanges(4) for _, _, line in enc.encode(ex)]
+        self.assertEqual([r["request_body"] for r in recs], [json.loads(b) for b in sent] * 2)
+        self.assertEqual([r["provider"] for r in recs], ["openai", "anthropic"] * 2)
+        self.assertEqual({r["tokens_used"]["total_tokens"] for r in recs}, {33})
+        self.assertEqual({r["session_id"] for r in recs}, {"bench"})
+        self.assertEqual(len({r["id"] for r in recs}), 4)
+
+    def test_time_mode_runs(self):
+        with unittest.mock.patch("sys.stdout", new_callable=io.StringIO) as out:
+            self.assertEqual(encode.main(["--time", "--records", "10"]), 0)
+        self.assertRegex(out.getvalue(), r"^encode: [0-9.]+ us per record")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,136 @@
+"""Instructions and time per record the recorder's writer encodes (bench only).
+
+    python -m tests.bench.encode [--records 2000] [--time]
+
+The benchmark's two small exchanges (the OpenAI chat and Anthropic messages requests that
+``run.small_requests`` sends, answered as the mock answers them) are captured as the handler
+captures them and encoded in a loop by an :class:`~proxy_llm.record.Encoder` set up as the
+server sets it up, token metrics included. No sockets, no threads: this is the writer's own
+work per record, which under load the request threads wait for (README, Performance).
+
+By default each run goes under valgrind's callgrind twice, encoding 0 and ``--records``
+records, and the difference divided by the count is the instructions per record: a figure that
+does not move with the machine's load, so that two builds can be compared from one run each.
+``--time`` measures microseconds per record instead (best of 7 loops; no valgrind needed).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+
+from proxy_llm.config import Provider
+from proxy_llm.metrics import ProxyMetrics
+from proxy_llm.record import Encoder, Exchange
+from proxy_llm.sniff import sniff
+from tests.bench import mock, run
+
+_COLLECTED = re.compile(r"Collected : (\d+)")
+_RESPONSES = {"/v1/chat/completions": mock._OPENAI_BODY, "/v1/messages": mock._ANTHROPIC_BODY}
+
+
+def exchanges(n: int) -> list:
+    """``n`` captured exchanges, the two small requests in turn."""
+    base = "http://127.0.0.1:1"
+    providers = {"/v1/chat/completions": Provider("openai", "openai", base),
+                 "/v1/messages": Provider("anthropic", "anthropic", base)}
+    out = []
+    requests = run.small_requests("127.0.0.1", 8080)
+    t0 = time.time()
+    for i in range(n):
+        raw, body = requests[i % len(requests)]
+        head = raw[:raw.index(b"\r\n\r\n")].decode("latin-1").split("\r\n")
+        path = head[0].split(" ")[1]
+        headers = [tuple(part.strip() for part in line.split(":", 1)) for line in head[1:]]
+        ex = Exchange("POST", path, "", headers, 1 << 20)
+        ex.provider = providers[path]
+        ex.provider_type = ex.family = ex.provider.type
+        ex.model, ex.stream = sniff(body)  # as routing sets them (ProxyHandler.route)
+        ex.model_label = ex.model
+        ex.request.add(0.0, body)
+        parts = _RESPONSES[path]
+        payload = parts[0] + mock.filler(64) + parts[1]
+        ex.status = 200
+        ex.resp_headers = [("Content-Type", "application/json"), ("Content-Length", str(len(payload)))]
+        ex.response.add(1.0, payload)
+        ex.wall_start = t0 + i * 0.0002  # 5,000 requests a second
+        ex.duration = 1.0 + i % 7 * 0.125
+        ex.assign_id()
+        out.append(ex)
+    return out
+
+
+def encoder() -> Encoder:
+    """An encoder as ``cli.build_server`` makes it, with the benchmark's provider keys."""
+    metrics = ProxyMetrics(*([lambda: 0] * 5))
+
+    def on_result(ex, ended, tokens_used):
+        metrics.recorded(ended, ex.provider.name, ex.model_label, tokens_used)
+
+    return Encoder(b"k" * 32, "x-session-id", 1 << 20, provider_keys=["sk-bench-openai", "sk-ant-bench"],
+                   on_result=on_result)
+
+
+def loop(records: int, pool: int = 2000) -> None:
+    """Build ``pool`` exchanges (always, so that only the encoding differs), encode ``records``."""
+    exs = exchanges(max(pool, 2))
+    enc = encoder()
+    for ex in exs[:2]:  # first use: memos, imports
+        enc.encode(ex)
+    for i in range(records):
+        enc.encode(exs[i % len(exs)])
+
+
+def timed(records: int) -> float:
+    """Microseconds per record, best of 7 loops."""
+    exs = exchanges(records)
+    enc = encoder()
+    best = float("inf")
+    for _ in range(7):
+        t = time.perf_counter()
+        for ex in exs:
+            enc.encode(ex)
+        best = min(best, time.perf_counter() - t)
+    return best / records * 1e6
+
+
+def instructions(records: int, python: str) -> int:
+    """Instructions of one ``--loop`` run under callgrind."""
+    cmd = ["valgrind", "--tool=callgrind", "--callgrind-out-file=" + os.devnull,
+           python, "-m", "tests.bench.encode", "--loop", str(records)]
+    proc = subprocess.run(cmd, cwd=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
+                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, check=True)
+    m = _COLLECTED.search(proc.stderr.decode(errors="replace"))
+    if m is None:
+        raise RuntimeError("no callgrind total in its output")
+    return int(m.group(1))
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m tests.bench.encode")
+    ap.add_argument("--records", type=int, default=2000)
+    ap.add_argument("--time", action="store_true", help="microseconds per record, no valgrind")
+    ap.add_argument("--python", default=sys.executable)
+    ap.add_argument("--loop", type=int, default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.loop is not None:
+        loop(args.loop)
+        return 0
+    if args.time:
+        print("encode: %.2f us per record (%d records, best of 7)" % (timed(args.records), args.records))
+        return 0
+    if not shutil.which("valgrind"):
+        sys.stderr.write("valgrind not found (apt-get install valgrind), or use --time\n")
+        return 2
+    per = (instructions(args.records, args.python) - instructions(0, args.python)) / args.records
+    print("encode: %.0f instructions per record (%d records, callgrind; %s)" % (
+        per, args.records, os.path.basename(args.python)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
