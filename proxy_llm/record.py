@@ -52,6 +52,8 @@ _SHIFTS = range(120, -1, -10)
 _SAFE_SID = re.compile(r"[A-Za-z0-9._-]{1,64}\Z")
 MAX_DECODED = 256 * 1024 * 1024
 MEMO_SIZE = 4096  # entries in each of the encoder's memos before it starts again
+SCRUB_WHOLE = 16 * 1024  # request bodies up to this size are scrubbed with the rest of the line
+_HEAD_START = b'{"schema_version":%d,"id":' % SCHEMA_VERSION
 
 
 def _remember(memo: Dict[Any, Any], key: Any, value: Any) -> Any:
@@ -560,21 +562,24 @@ class Encoder:
             self.on_result(ex, ended, tokens_used or None)
 
         # Scrub every credential the request carried from every part, and the provider keys
-        # (which the client never saw, so only an upstream can echo them) from all but the
-        # request body: on a 100 KB body each scan is a noticeable cost.
+        # (which the client never saw, so only an upstream can echo them) from all but a large
+        # request body: on a 100 KB body each scan is a noticeable cost. A small record is
+        # scrubbed whole, in one pass per secret.
         if ex.query:
             secrets += wire.query_secrets(ex.query)
         client = [self.scrub_pair(s) for s in secrets if len(s) >= 8]
         every = client + self.provider_pairs
         scrub = wire.scrub
-        line = b"".join((
-            scrub(b"".join((b'{"schema_version":%d,"id":' % SCHEMA_VERSION, _dumps(ex.id), b',"timestamp":"',
-                            timestamp.encode("ascii"), b'",', head, b",", _dumps(rec)[1:-1],
-                            b',"request_headers":', req_h_json, b',"response_headers":', resp_h_json)), every),
-            b',"request_body":', scrub(req_raw if req_raw is not None else _dumps(req_value), client),
-            b',"response_body":', scrub(resp_raw if resp_raw is not None else _dumps(resp_value), every),
-            b"}\n",
-        ))
+        front = b"".join((_HEAD_START, _dumps(ex.id), b',"timestamp":"', timestamp.encode("ascii"), b'",', head, b",",
+                         _dumps(rec)[1:-1], b',"request_headers":', req_h_json, b',"response_headers":', resp_h_json))
+        req_json = req_raw if req_raw is not None else _dumps(req_value)
+        resp_json = resp_raw if resp_raw is not None else _dumps(resp_value)
+        if len(req_json) <= SCRUB_WHOLE:
+            line = scrub(b"".join((front, b',"request_body":', req_json, b',"response_body":', resp_json, b"}\n")),
+                         every)
+        else:
+            line = b"".join((scrub(front, every), b',"request_body":', scrub(req_json, client),
+                             b',"response_body":', scrub(resp_json, every), b"}\n"))
         out = [(RECORDS, sid, line)]
         if streamed:
             stream_line = _dumps({

@@ -46,16 +46,13 @@ def anthropic_usage(usage):
     """
     if not isinstance(usage, dict):
         return None
-    parts = [usage.get(k) for k in ("input_tokens", "cache_creation_input_tokens",
-                                    "cache_read_input_tokens")]
-    sent = [v for v in parts if is_int(v)]
-    prompt = sum(sent) if sent else None
-    return make_usage(
-        prompt=prompt,
-        completion=usage.get("output_tokens"),
-        cached=usage.get("cache_read_input_tokens"),
-        cache_creation=usage.get("cache_creation_input_tokens"),
-    )
+    prompt = None
+    created = usage.get("cache_creation_input_tokens")
+    read = usage.get("cache_read_input_tokens")
+    for count in (usage.get("input_tokens"), created, read):
+        if type(count) is int:  # is_int, inline: this runs for every record
+            prompt = count if prompt is None else prompt + count
+    return make_usage(prompt, usage.get("output_tokens"), None, read, created)
 
 
 def _event_error(payload):

@@ -168,23 +168,24 @@ def make_usage(prompt=None, completion=None, total=None, cached=None,
     None when nothing was sent.
     """
     # type(v) is int: a JSON integer, never a bool (is_int's test, without a call per count).
+    # One test per count, in the documented key order (prompt, completion, total, the rest):
+    # this runs for every record the writer encodes.
     out = {}
-    for key, value in (("prompt_tokens", prompt), ("completion_tokens", completion),
-                       ("total_tokens", total), ("cached_tokens", cached),
-                       ("cache_creation_tokens", cache_creation),
-                       ("reasoning_tokens", reasoning)):
-        if type(value) is int:
-            out[key] = value
-    if not out:
-        return None
-    if "total_tokens" not in out and "prompt_tokens" in out and "completion_tokens" in out:
-        total = out["prompt_tokens"] + out["completion_tokens"]
-        # Keep the documented key order: prompt, completion, total, the rest.
-        out = dict([(k, v) for k, v in out.items() if k in ("prompt_tokens", "completion_tokens")]
-                   + [("total_tokens", total)]
-                   + [(k, v) for k, v in out.items()
-                      if k not in ("prompt_tokens", "completion_tokens")])
-    return out
+    if type(prompt) is int:
+        out["prompt_tokens"] = prompt
+    if type(completion) is int:
+        out["completion_tokens"] = completion
+    if type(total) is int:
+        out["total_tokens"] = total
+    elif len(out) == 2:
+        out["total_tokens"] = prompt + completion
+    if type(cached) is int:
+        out["cached_tokens"] = cached
+    if type(cache_creation) is int:
+        out["cache_creation_tokens"] = cache_creation
+    if type(reasoning) is int:
+        out["reasoning_tokens"] = reasoning
+    return out or None
 
 
 def get(obj, *keys):

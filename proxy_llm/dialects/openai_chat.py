@@ -30,7 +30,7 @@ the non-streamed ``chat.completion`` shape instead.
 
 from __future__ import annotations
 
-from .base import (Dialect, Pieces, Result, append_text, error_from, finalize, get, is_int,
+from .base import (Dialect, Pieces, Result, append_text, error_from, finalize, is_int,
                    loads, make_usage)
 
 __all__ = ["OpenAIChat", "openai_usage", "merge_delta"]
@@ -49,16 +49,13 @@ def openai_usage(usage):
     """
     if not isinstance(usage, dict):
         return None
-    cached = get(usage, "prompt_tokens_details", "cached_tokens")
+    details = usage.get("prompt_tokens_details")
+    cached = details.get("cached_tokens") if isinstance(details, dict) else None
     if not is_int(cached):
         cached = usage.get("prompt_cache_hit_tokens")
-    return make_usage(
-        prompt=usage.get("prompt_tokens"),
-        completion=usage.get("completion_tokens"),
-        total=usage.get("total_tokens"),
-        cached=cached,
-        reasoning=get(usage, "completion_tokens_details", "reasoning_tokens"),
-    )
+    details = usage.get("completion_tokens_details")
+    return make_usage(usage.get("prompt_tokens"), usage.get("completion_tokens"), usage.get("total_tokens"), cached,
+                      None, details.get("reasoning_tokens") if isinstance(details, dict) else None)
 
 
 def merge_delta(acc, delta):
