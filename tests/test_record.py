@@ -189,6 +189,23 @@ class EncoderTest(unittest.TestCase):
         self.assertIn("[REDACTED:", rec["response_body"]["error"]["message"])
         self.assertIn("[REDACTED:", rec["error"]["message"])
 
+    def test_secrets_are_scrubbed_from_small_and_large_records_alike(self):
+        # A record with a small request body is scrubbed whole, one with a large one in parts.
+        client, provider = "sk-client-0123456789", "provider-key-abcdef"
+        echo = json.dumps({"error": {"message": "keys %s %s" % (client, provider)}}).encode()
+        for size in (10, record.SCRUB_WHOLE + 1000):
+            body = json.dumps({"model": "gpt-4o", "pad": "x" * size, "echo": client}).encode()
+            ex = exchange(body=body, headers=[("Authorization", "Bearer " + client), ("X-Echo", client),
+                                              ("X-Provider", provider)], resp=echo, status=200)
+            with self.subTest(size=size):
+                [rec], lines = encode(ex, provider_keys=[provider])
+                self.assertNotIn(client.encode(), lines[0][2])
+                self.assertNotIn(provider.encode(), lines[0][2])
+                self.assertIn(wire.redacted(client, KEY), rec["request_body"]["echo"])
+                self.assertIn(wire.redacted(client, KEY), rec["request_headers"]["x-echo"])
+                self.assertEqual(rec["response_body"]["error"]["message"],
+                                 "keys %s %s" % (wire.redacted(client, KEY), wire.redacted(provider, KEY)))
+
     def test_gzip_bodies_are_recorded_decoded_and_bad_ones_say_so(self):
         body = json.dumps({"id": "z", "choices": []}).encode()
         [rec], _ = encode(exchange(resp=gzip.compress(body), resp_headers=[("Content-Encoding", "gzip")]))
