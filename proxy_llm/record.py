@@ -546,12 +546,10 @@ class Encoder:
         rec["response_bytes"] = ex.response.size
         if streamed:
             rec["stream_events"] = len(events)  # its line in streams/ holds these events
-        truncated = {}
-        for name, cap in (("request", ex.request), ("response", ex.response)):
-            if cap.truncated:
-                truncated[name] = {"size": cap.size, "sha256": cap.sha.hexdigest(), "kept": cap.kept}
-        if truncated:
-            rec["truncated"] = truncated
+        if ex.request.truncated or ex.response.truncated:
+            rec["truncated"] = {name: {"size": cap.size, "sha256": cap.sha.hexdigest(), "kept": cap.kept}
+                                for name, cap in (("request", ex.request), ("response", ex.response))
+                                if cap.truncated}
         if stream_truncated:
             rec["stream_truncated"] = True
         if reassembly_error:
@@ -570,7 +568,9 @@ class Encoder:
         client = [self.scrub_pair(s) for s in secrets if len(s) >= 8]
         every = client + self.provider_pairs
         scrub = wire.scrub
-        front = b"".join((_HEAD_START, _dumps(ex.id), b',"timestamp":"', timestamp.encode("ascii"), b'",', head, b",",
+        ident = ex.id  # a ULID (letters and digits) needs no escaping
+        ident = b'"%s"' % ident.encode("ascii") if ident and ident.isalnum() and ident.isascii() else _dumps(ident)
+        front = b"".join((_HEAD_START, ident, b',"timestamp":"', timestamp.encode("ascii"), b'",', head, b",",
                          _dumps(rec)[1:-1], b',"request_headers":', req_h_json, b',"response_headers":', resp_h_json))
         req_json = req_raw if req_raw is not None else _dumps(req_value)
         resp_json = resp_raw if resp_raw is not None else _dumps(resp_value)
