@@ -34,11 +34,12 @@ Only a missing or unreadable *data dir* raises: ``DataDirError``.
 from __future__ import annotations
 
 import gzip
-import hashlib
 import json
 import os
 import re
 import zlib
+
+from .storage import safe_sid as session_file_id  # the rule the files were named by
 
 __all__ = [
     "DataDirError",
@@ -57,17 +58,6 @@ RECORD_SUFFIXES = (".jsonl", ".jsonl.gz")
 
 # <base stamp>[-N][_w<K>]; the stamp is YYYYMMDD or YYYYMMDD_HHMMSS.
 _NAME_RE = re.compile(r"^(?P<base>.*_\d{8}(?:_\d{6})?)(?:-(?P<n>\d+))?(?:_w(?P<w>\d+))?$")
-
-
-_SAFE_SID_RE = re.compile(r"^[A-Za-z0-9._-]{1,64}\Z")
-
-
-def session_file_id(session_id: str) -> str:
-    """The ``<sid>`` of a session's directory and file names: the id itself when it matches
-    ``[A-Za-z0-9._-]{1,64}`` and is not ``.``/``..``, else ``h`` + 16 hex of its SHA-256."""
-    if _SAFE_SID_RE.match(session_id) and session_id not in (".", ".."):
-        return session_id
-    return "h" + hashlib.sha256(session_id.encode("utf-8", "surrogatepass")).hexdigest()[:16]
 
 
 class DataDirError(Exception):

@@ -21,7 +21,6 @@ import hashlib
 import json
 import logging
 import random
-import re
 import time
 import zlib
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
@@ -29,6 +28,7 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tupl
 from . import dialects, wire
 from .sniff import sniff_stream
 from .storage import RECORDS, STREAMS
+from .storage import safe_sid as session_file_id  # the rule lives with the files
 
 log = logging.getLogger("proxy_llm.record")
 
@@ -49,7 +49,6 @@ _random_bits = random.getrandbits
 _CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
 _PAIRS = [a + b for a in _CROCKFORD for b in _CROCKFORD]  # 10 bits -> two digits
 _SHIFTS = range(120, -1, -10)
-_SAFE_SID = re.compile(r"[A-Za-z0-9._-]{1,64}\Z")
 MAX_DECODED = 256 * 1024 * 1024
 MEMO_SIZE = 4096  # entries in each of the encoder's memos before it starts again
 SCRUB_WHOLE = 16 * 1024  # request bodies up to this size are scrubbed with the rest of the line
@@ -84,13 +83,6 @@ def rfc3339(t: float) -> str:
         cached[1] = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
         cached[0] = second
     return "%s.%06dZ" % (cached[1], int((t - second) * 1e6))
-
-
-def session_file_id(session_id: str) -> str:
-    """The session id as it may appear in a file name; anything unsafe becomes a short hash."""
-    if _SAFE_SID.match(session_id) and session_id not in (".", ".."):
-        return session_id
-    return "h" + hashlib.sha256(session_id.encode("utf-8", "surrogatepass")).hexdigest()[:16]
 
 
 class Capture:

@@ -69,8 +69,9 @@ except (AttributeError, ValueError, OSError):
     IOV_MAX = 16
 CATCH_UP_BELOW = BATCH_MAX  # queued records past which the writer stops resting...
 CATCH_UP_SLICE = 0.004      # ...and offers the GIL only after this long (the default switch interval is 5 ms)
-# The file-name form of a session id (record.session_file_id makes it); anything else is hashed
-# again here, so no caller can make the recorder write outside the data dir.
+# The file-name form of a session id: the one rule, which the encoder (record.session_file_id)
+# and the reader (reader.session_file_id) use too. The recorder applies it again to every line
+# it is given, so that no encoder can make it write outside the data dir.
 _SAFE_SID = re.compile(r"[A-Za-z0-9._-]{1,64}\Z")
 
 
@@ -88,7 +89,8 @@ class FileOps:
 
 
 def safe_sid(sid: str) -> str:
-    """``sid`` if it is a safe file-name part, else ``h`` + 16 hex chars of its SHA-256."""
+    """``sid`` if it is a safe file-name part (``[A-Za-z0-9._-]{1,64}``, not ``.`` or ``..``),
+    else ``h`` + 16 hex chars of its SHA-256."""
     if isinstance(sid, str) and _SAFE_SID.match(sid) and sid not in (".", ".."):
         return sid
     raw = sid.encode("utf-8", "surrogatepass") if isinstance(sid, str) else repr(sid).encode()
