@@ -309,19 +309,27 @@ def _body(cap: Capture, encoding: str) -> Tuple[bytes, Optional[str]]:
     return b"".join([c for _, c in chunks]), error
 
 
-def headers_dict(headers: Iterable[Tuple[str, str]], key: bytes, secrets: Optional[List[str]] = None) -> Dict[str, str]:
+def headers_dict(headers: Iterable[Tuple[str, str]], key: bytes, secrets: Optional[List[str]] = None,
+                 memo: Optional[Dict[str, Tuple[str, str]]] = None) -> Dict[str, str]:
     """Lower-case names -> values (repeats joined with ", "), credentials redacted.
 
-    The credential values found are appended to ``secrets`` when it is given.
+    The credential values found are appended to ``secrets`` when it is given. ``memo``, when
+    given, remembers each credential value's (redacted value, secret): a client sends the same
+    key with every request.
     """
     out: Dict[str, str] = {}
     secret_names = wire.SECRET_HEADERS
     for name, value in headers:
         lname = name.lower()
         if lname in secret_names:
+            known = memo.get(value) if memo is not None else None
+            if known is None:
+                known = (wire.redact_header(lname, value, key), wire.secret_value(value))
+                if memo is not None:
+                    _remember(memo, value, known)
             if secrets is not None and value:
-                secrets.append(wire.secret_value(value))
-            value = wire.redact_header(lname, value, key)
+                secrets.append(known[1])
+            value = known[0]
         out[lname] = out[lname] + ", " + value if lname in out else value
     return out
 
@@ -343,46 +351,9 @@ class Encoder:
         self.session_headers = ((self.session_header, "header"), ("x-claude-code-session-id", "claude_code"),
                                 ("session_id", "codex"), ("session-id", "codex"))
         self.file_ids: Dict[str, str] = {}  # session id -> session_file_id(): the same few recur
-        # (name, value) -> (lower-case name, recorded value, '"name":"value"' as JSON, secret or None)
-        self.header_parts: Dict[Tuple[str, str], Tuple[str, str, bytes, Optional[str]]] = {}
+        self.credentials: Dict[str, Tuple[str, str]] = {}  # header value -> (redacted, secret)
         self.heads: Dict[Tuple[Any, ...], bytes] = {}  # see encode(): fields session_id ... stream as JSON
         self.scrub_memo: Dict[str, Tuple[bytes, bytes]] = {}  # secret -> its scrub pair
-
-    def headers_json(self, headers: Iterable[Tuple[str, str]],
-                     secrets: Optional[List[str]] = None) -> Tuple[Dict[str, str], bytes]:
-        """(:func:`headers_dict`, that dict as a JSON object), each header's part remembered.
-
-        A client sends the same headers with every request, its key among them: a header seen
-        before costs one lookup, not a lower-casing, a redaction (an HMAC, for a key) and its
-        JSON escaping. Repeated names, which are joined, take :func:`headers_dict`.
-        """
-        memo = self.header_parts
-        out: Dict[str, str] = {}
-        parts: List[bytes] = []
-        repeated = False
-        for name, value in headers:
-            part = memo.get((name, value))
-            if part is None:
-                part = _remember(memo, (name, value), self._header_part(name, value))
-            lname, recorded, encoded, secret = part
-            if lname in out:
-                repeated = True
-            out[lname] = recorded
-            parts.append(encoded)
-            if secret is not None and secrets is not None:
-                secrets.append(secret)
-        if repeated:
-            out = headers_dict(headers, self.key)
-            return out, _dumps(out)
-        return out, b"{" + b",".join(parts) + b"}"
-
-    def _header_part(self, name: str, value: str) -> Tuple[str, str, bytes, Optional[str]]:
-        lname = name.lower()
-        secret = None
-        if lname in wire.SECRET_HEADERS:
-            secret = wire.secret_value(value) if value else None
-            value = wire.redact_header(lname, value, self.key)
-        return lname, value, _dumps(lname) + b":" + _dumps(value), secret
 
     def header_session(self, headers: Dict[str, str]) -> Optional[Tuple[str, str]]:
         """(session id, source) from the request headers (``headers`` lower-cased), or None."""
@@ -420,8 +391,8 @@ class Encoder:
     def encode(self, ex: Exchange) -> List[Tuple[str, str, bytes]]:
         key = self.key
         secrets: List[str] = []
-        req_h, req_h_json = self.headers_json(ex.req_headers, secrets)
-        resp_h, resp_h_json = self.headers_json(ex.resp_headers)
+        req_h = headers_dict(ex.req_headers, key, secrets, self.credentials)
+        resp_h = headers_dict(ex.resp_headers, key)
         req_body = _body(ex.request, req_h.get("content-encoding", ""))[0]
         req_value, req_raw = None, None
         session = self.header_session(req_h)
@@ -563,7 +534,8 @@ class Encoder:
         ident = ex.id  # a ULID (letters and digits) needs no escaping
         ident = b'"%s"' % ident.encode("ascii") if ident and ident.isalnum() and ident.isascii() else _dumps(ident)
         front = b"".join((_HEAD_START, ident, b',"timestamp":"', timestamp.encode("ascii"), b'",', head, b",",
-                         _dumps(rec)[1:-1], b',"request_headers":', req_h_json, b',"response_headers":', resp_h_json))
+                         _dumps(rec)[1:-1], b',"request_headers":', _dumps(req_h), b',"response_headers":',
+                         _dumps(resp_h)))
         req_json = req_raw if req_raw is not None else _dumps(req_value)
         resp_json = resp_raw if resp_raw is not None else _dumps(resp_value)
         if len(req_json) <= SCRUB_WHOLE:

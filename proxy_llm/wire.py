@@ -7,7 +7,6 @@ is given. This module imports nothing from the package.
 from __future__ import annotations
 
 import functools
-import hashlib
 import hmac
 import re
 from typing import BinaryIO, Iterable, List, Optional, Sequence, Tuple
@@ -140,7 +139,8 @@ LAST_CHUNK = b"0\r\n\r\n"
 def fingerprint(secret: str, key: bytes) -> str:
     """A short keyed fingerprint: tells keys apart without revealing them (cached: the same
     few keys come back on every request)."""
-    return hmac.new(key, secret.encode("utf-8", "surrogatepass"), hashlib.sha256).hexdigest()[:8]
+    # hmac.digest: the one-shot HMAC, in C (the HMAC object costs as much again per call).
+    return hmac.digest(key, secret.encode("utf-8", "surrogatepass"), "sha256").hex()[:8]
 
 
 def redacted(secret: str, key: bytes) -> str:

@@ -213,6 +213,15 @@ class EncodeBenchTest(unittest.TestCase):
         self.assertEqual({r["session_id"] for r in recs}, {"bench"})
         self.assertEqual(len({r["id"] for r in recs}), 4)
 
+    def test_real_headers_vary_and_are_recorded_redacted(self):
+        enc = encode.encoder()
+        recs = [json.loads(line) for ex in encode.exchanges(4, real_headers=True) for _, _, line in enc.encode(ex)]
+        openai, anthropic = recs[0], recs[1]
+        self.assertEqual(openai["request_headers"]["x-stainless-lang"], "python")
+        self.assertRegex(openai["response_headers"]["set-cookie"], r"^\[REDACTED:\w{8}\], \[REDACTED:\w{8}\]$")
+        self.assertIn("anthropic-ratelimit-requests-remaining", anthropic["response_headers"])
+        self.assertNotEqual(recs[0]["response_headers"]["x-request-id"], recs[2]["response_headers"]["x-request-id"])
+
     def test_time_mode_runs(self):
         with unittest.mock.patch("sys.stdout", new_callable=io.StringIO) as out:
             self.assertEqual(encode.main(["--time", "--records", "10"]), 0)

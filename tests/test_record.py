@@ -261,9 +261,9 @@ class EncoderTest(unittest.TestCase):
             self.assertNotIn(key.encode(), line)
             self.assertIn(wire.redacted(key, KEY), rec["request_body"]["echo"])
             self.assertIn(wire.redacted(key, KEY), rec["response_body"]["error"])
-            self.assertLessEqual(len(encoder.header_parts), record.MEMO_SIZE)
+            self.assertLessEqual(len(encoder.credentials), record.MEMO_SIZE)
             self.assertLessEqual(len(encoder.scrub_memo), record.MEMO_SIZE)
-        self.assertTrue(encoder.header_parts and encoder.scrub_memo)
+        self.assertTrue(encoder.credentials and encoder.scrub_memo)
 
     def test_session_sources_in_order(self):
         cases = [
