@@ -33,47 +33,14 @@ _COLLECTED = re.compile(r"Collected : (\d+)")
 _RESPONSES = {"/v1/chat/completions": mock._OPENAI_BODY, "/v1/messages": mock._ANTHROPIC_BODY}
 
 
-# What the official Python SDKs add to a request, and what the providers answer with (their
-# documented request-id and rate-limit headers, behind Cloudflare): with --real-headers. Values
-# with {n} change from one response to the next, as they do in real traffic.
-_SDK_HEADERS = [("Accept", "application/json"), ("Accept-Encoding", "gzip, deflate"), ("Connection", "keep-alive"),
-                ("User-Agent", "{sdk}/Python 1.97.1"), ("X-Stainless-Lang", "python"),
-                ("X-Stainless-Package-Version", "1.97.1"), ("X-Stainless-OS", "Linux"), ("X-Stainless-Arch", "x64"),
-                ("X-Stainless-Runtime", "CPython"), ("X-Stainless-Runtime-Version", "3.11.7"),
-                ("X-Stainless-Async", "false"), ("x-stainless-retry-count", "0"), ("x-stainless-read-timeout", "600")]
-_CF = [("Server", "cloudflare"), ("CF-RAY", "8f{n:014x}-SJC"), ("CF-Cache-Status", "DYNAMIC"),
-       ("Strict-Transport-Security", "max-age=31536000; includeSubDomains; preload"),
-       ("X-Content-Type-Options", "nosniff"), ("Alt-Svc", 'h3=":443"; ma=86400')]
-_PROVIDER_HEADERS = {
-    "openai": [("Date", "{date}"), ("Connection", "keep-alive"), ("access-control-expose-headers", "X-Request-ID"),
-               ("openai-organization", "user-bench"), ("openai-processing-ms", "{ms}"), ("openai-project", "proj_bench"),
-               ("openai-version", "2020-10-01"), ("x-envoy-upstream-service-time", "{ms}"),
-               ("x-ratelimit-limit-requests", "10000"), ("x-ratelimit-limit-tokens", "30000000"),
-               ("x-ratelimit-remaining-requests", "{left}"), ("x-ratelimit-remaining-tokens", "{left}0"),
-               ("x-ratelimit-reset-requests", "{ms}ms"), ("x-ratelimit-reset-tokens", "0s"),
-               ("x-request-id", "req_{n:032x}"),
-               ("set-cookie", "__cf_bm={n:x}; path=/; HttpOnly; Secure; SameSite=None"),
-               ("set-cookie", "_cfuvid={n:x}; path=/; HttpOnly; Secure; SameSite=None")] + _CF,
-    "anthropic": [("Date", "{date}"), ("Connection", "keep-alive"), ("anthropic-ratelimit-requests-limit", "4000"),
-                  ("anthropic-ratelimit-requests-remaining", "{left}"),
-                  ("anthropic-ratelimit-requests-reset", "2026-12-06T07:00:{s:02d}Z"),
-                  ("anthropic-ratelimit-input-tokens-limit", "400000"),
-                  ("anthropic-ratelimit-input-tokens-remaining", "{left}0"),
-                  ("anthropic-ratelimit-output-tokens-limit", "80000"),
-                  ("anthropic-ratelimit-output-tokens-remaining", "{left}"),
-                  ("request-id", "req_{n:024x}"), ("anthropic-organization-id", "org-bench"), ("via", "1.1 google")]
-    + _CF,
-}
-
-
 def exchanges(n: int, real_headers: bool = False) -> list:
-    """``n`` captured exchanges, the two small requests in turn (``real_headers``: with the
-    headers an SDK sends and a provider answers with, see ``_PROVIDER_HEADERS``)."""
+    """``n`` captured exchanges, the two small requests in turn (``real_headers``: those of the
+    benchmark's "real" scenario, with the headers an SDK sends and a provider answers with)."""
     base = "http://127.0.0.1:1"
     providers = {"/v1/chat/completions": Provider("openai", "openai", base),
                  "/v1/messages": Provider("anthropic", "anthropic", base)}
     out = []
-    requests = run.small_requests("127.0.0.1", 8080)
+    requests = (run.real_requests if real_headers else run.small_requests)("127.0.0.1", 8080)
     t0 = time.time()
     for i in range(n):
         raw, body = requests[i % len(requests)]
@@ -81,9 +48,6 @@ def exchanges(n: int, real_headers: bool = False) -> list:
         path = head[0].split(" ")[1]
         headers = [tuple(part.strip() for part in line.split(":", 1)) for line in head[1:]]
         family = providers[path].type
-        if real_headers:
-            sdk = "OpenAI" if family == "openai" else "Anthropic"
-            headers += [(name, value.format(sdk=sdk)) for name, value in _SDK_HEADERS]
         ex = Exchange("POST", path, "", headers, 1 << 20)
         ex.provider = providers[path]
         ex.provider_type = ex.family = ex.provider.type
@@ -94,10 +58,10 @@ def exchanges(n: int, real_headers: bool = False) -> list:
         payload = parts[0] + mock.filler(64) + parts[1]
         ex.status = 200
         ex.resp_headers = [("Content-Type", "application/json"), ("Content-Length", str(len(payload)))]
-        if real_headers:
-            values = {"n": 7919 * i, "ms": 200 + i % 900, "left": 9999 - i % 5000, "s": i % 60,
-                      "date": time.strftime("%a, %d %b %Y %H:%M:%S GMT", time.gmtime(t0 + i * 0.0002))}
-            ex.resp_headers += [(name, value.format(**values)) for name, value in _PROVIDER_HEADERS[family]]
+        if real_headers:  # as the mock sends them, parsed
+            block = mock.provider_headers(family, i, t0 + i * 0.0002).decode("latin-1")
+            ex.resp_headers += [tuple(part.strip() for part in line.split(":", 1))
+                                for line in block.split("\r\n") if line]
         ex.response.add(1.0, payload)
         ex.wall_start = t0 + i * 0.0002  # 5,000 requests a second
         ex.duration = 1.0 + i % 7 * 0.125

@@ -20,6 +20,8 @@ X-Mock-Size        bytes of content in a non-streamed response            64
 X-Mock-Frame-Size  padding bytes per streamed frame                       16
 X-Mock-Stream      "1"/"0": force streaming on or off                     body
 X-Mock-Tag         text put at the start of the content (verification)    ""
+X-Mock-Headers     "real": a non-streamed answer carries the provider's   few
+                   own headers too (see ``PROVIDER_HEADERS``)
 =================  =====================================================  =======
 
 Streaming is on when the body holds ``"stream": true`` (or the header says so).
@@ -64,6 +66,44 @@ _ANTHROPIC_BODY = (
     b'"}],"stop_reason":"end_turn","stop_sequence":null,'
     b'"usage":{"input_tokens":11,"output_tokens":22}}',
 )
+
+# What the providers answer with besides the body: their documented request-id and rate-limit
+# headers, behind Cloudflare (OpenAI also sets two cookies). Values with a {field} change from
+# one response to the next, as in real traffic (a count, the date, a milliseconds figure).
+_CLOUDFLARE = [("Server", "cloudflare"), ("CF-RAY", "8f{n:014x}-SJC"), ("CF-Cache-Status", "DYNAMIC"),
+               ("Strict-Transport-Security", "max-age=31536000; includeSubDomains; preload"),
+               ("X-Content-Type-Options", "nosniff"), ("Alt-Svc", 'h3=":443"; ma=86400')]
+PROVIDER_HEADERS = {
+    "openai": [("Date", "{date}"), ("access-control-expose-headers", "X-Request-ID"),
+               ("openai-organization", "user-bench"), ("openai-processing-ms", "{ms}"), ("openai-project", "proj_bench"),
+               ("openai-version", "2020-10-01"), ("x-envoy-upstream-service-time", "{ms}"),
+               ("x-ratelimit-limit-requests", "10000"), ("x-ratelimit-limit-tokens", "30000000"),
+               ("x-ratelimit-remaining-requests", "{left}"), ("x-ratelimit-remaining-tokens", "{left}0"),
+               ("x-ratelimit-reset-requests", "{ms}ms"), ("x-ratelimit-reset-tokens", "0s"),
+               ("x-request-id", "req_{n:032x}"),
+               ("set-cookie", "__cf_bm={n:x}; path=/; HttpOnly; Secure; SameSite=None"),
+               ("set-cookie", "_cfuvid={n:x}; path=/; HttpOnly; Secure; SameSite=None")] + _CLOUDFLARE,
+    "anthropic": [("Date", "{date}"), ("anthropic-ratelimit-requests-limit", "4000"),
+                  ("anthropic-ratelimit-requests-remaining", "{left}"),
+                  ("anthropic-ratelimit-requests-reset", "2026-12-06T07:00:{s:02d}Z"),
+                  ("anthropic-ratelimit-input-tokens-limit", "400000"),
+                  ("anthropic-ratelimit-input-tokens-remaining", "{left}0"),
+                  ("anthropic-ratelimit-output-tokens-limit", "80000"),
+                  ("anthropic-ratelimit-output-tokens-remaining", "{left}"),
+                  ("request-id", "req_{n:024x}"), ("anthropic-organization-id", "org-bench"),
+                  ("via", "1.1 google")] + _CLOUDFLARE,
+}
+_PROVIDER_BLOCKS = {family: "".join("%s: %s\r\n" % pair for pair in pairs)
+                    for family, pairs in PROVIDER_HEADERS.items()}
+_counter = [0]
+
+
+def provider_headers(family: str, n: int, now: float) -> bytes:
+    """The provider's headers for response number ``n``, as bytes ending in CRLF."""
+    return _PROVIDER_BLOCKS[family].format(
+        n=7919 * n, ms=200 + n % 900, left=9999 - n % 5000, s=n % 60,
+        date=time.strftime("%a, %d %b %Y %H:%M:%S GMT", time.gmtime(now))).encode("latin-1")
+
 
 _OA_CHUNK = b'data: {"id":"chatcmpl-bench","object":"chat.completion.chunk","created":1700000000,"model":"gpt-bench",'
 _OPENAI_STREAM = {
@@ -213,9 +253,9 @@ class MockProtocol(asyncio.Protocol):
             if k.startswith("x-mock-"):
                 opts[k[7:]] = v
         if path.endswith("chat/completions"):
-            body_parts, stream_parts = _OPENAI_BODY, _OPENAI_STREAM
+            body_parts, stream_parts, family = _OPENAI_BODY, _OPENAI_STREAM, "openai"
         elif path.endswith("/messages"):
-            body_parts, stream_parts = _ANTHROPIC_BODY, _ANTHROPIC_STREAM
+            body_parts, stream_parts, family = _ANTHROPIC_BODY, _ANTHROPIC_STREAM, "anthropic"
         elif path in ("/health", "/healthz"):
             self._write_full(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 2\r\n\r\nok")
             return
@@ -235,8 +275,12 @@ class MockProtocol(asyncio.Protocol):
         if not stream:
             content = tag + filler(int(opts.get("size") or 64))
             payload = body_parts[0] + content + body_parts[1]
-            data = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (
-                len(payload), payload)
+            extra = b""
+            if opts.get("headers") == "real":
+                _counter[0] += 1
+                extra = provider_headers(family, _counter[0], time.time())
+            data = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n%s\r\n%s" % (
+                len(payload), extra, payload)
             if latency <= 0:
                 self._write_full(data)
             else:

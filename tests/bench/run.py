@@ -54,9 +54,9 @@ from tests.bench.loadgen import Tally, build_request, percentile
 from tests.bench.records import check as check_records
 from tests.bench.targets import Mock, Target, busy_ns
 
-SCENARIOS = ("latency", "rate50", "sat16", "sat64", "big", "streams", "verify")
+SCENARIOS = ("latency", "rate50", "sat16", "sat64", "real", "big", "streams", "verify")
 # The closed-loop saturation scenarios and the prefix of their figures.
-SATURATION = {"sat16": "s16", "sat64": "s64", "big": "big"}
+SATURATION = {"sat16": "s16", "sat64": "s64", "real": "rh", "big": "big"}
 TARGET_NAMES = ("direct", "relay", "forwarder", "rec_off", "rec_on", "rec_fsync", "workers2")
 
 FULL = dict(settle_s=0.3, rounds=6, latency_s=1.0, rate_s=6.0, sat_s=1.2, big_s=1.2,
@@ -146,6 +146,28 @@ def small_requests(host, port) -> list:
     return [
         _openai(host, port, {"model": "gpt-bench", "messages": msgs, "max_tokens": 16}),
         _anthropic(host, port, {"model": "claude-bench", "max_tokens": 16, "messages": msgs}),
+    ]
+
+
+# What the official Python SDKs send besides the body and the key ({sdk}: OpenAI, Anthropic).
+SDK_HEADERS = [("Accept", "application/json"), ("Accept-Encoding", "gzip, deflate"),
+               ("User-Agent", "{sdk}/Python 1.97.1"), ("X-Stainless-Lang", "python"),
+               ("X-Stainless-Package-Version", "1.97.1"), ("X-Stainless-OS", "Linux"), ("X-Stainless-Arch", "x64"),
+               ("X-Stainless-Runtime", "CPython"), ("X-Stainless-Runtime-Version", "3.11.7"),
+               ("X-Stainless-Async", "false"), ("x-stainless-retry-count", "0"), ("x-stainless-read-timeout", "600")]
+
+
+def real_requests(host, port) -> list:
+    """The small requests with the headers an SDK sends, answered with the headers a provider
+    sends (``X-Mock-Headers: real``, see mock.PROVIDER_HEADERS): some twenty more a side."""
+    msgs = [{"role": "user", "content": "Say hello in one word."}]
+
+    def sdk(name):
+        return dict([(k, v.format(sdk=name)) for k, v in SDK_HEADERS] + [("X-Mock-Headers", "real")])
+
+    return [
+        _openai(host, port, {"model": "gpt-bench", "messages": msgs, "max_tokens": 16}, sdk("OpenAI")),
+        _anthropic(host, port, {"model": "claude-bench", "max_tokens": 16, "messages": msgs}, sdk("Anthropic")),
     ]
 
 
@@ -311,6 +333,8 @@ class Bench:
             tally = saturate(h, p, small_requests(h, p), 16, o.sat_s)
         elif scn == "sat64":
             tally = saturate(h, p, small_requests(h, p), 64, o.sat_s)
+        elif scn == "real":
+            tally = saturate(h, p, real_requests(h, p), 16, o.sat_s)
         elif scn == "big":
             tally = saturate(h, p, big_requests(h, p), 16, o.big_s)
         elif scn == "verify":
@@ -467,6 +491,9 @@ ROWS = [
     ("max req/s, small bodies", "max_rps", "%.0f", ("on/fwd", 0.85)),
     ("max req/s: recording on/off", "max_rps", "%.0f", ("on/off", 0.9)),
     ("max req/s: 2 workers / 1", "max_rps", "%.0f", ("2w/1w", 1.7)),
+    ("real headers (16 conns): req/s", "rh_rps", "%.0f", None),
+    ("real headers: CPU ms/req", "rh_cpu", "%.3f", None),
+    ("real headers: quiet after ms", "rh_drain", "%.0f", None),
     ("100 KB bodies (16 conns): req/s", "big_rps", "%.0f", ("on/fwd", 0.75)),
     ("100 KB bodies: p99 ms", "big_p99", "%.2f", None),
     ("100 KB bodies: CPU ms/req", "big_cpu", "%.3f", None),
