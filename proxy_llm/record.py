@@ -352,8 +352,27 @@ class Encoder:
                                 ("session_id", "codex"), ("session-id", "codex"))
         self.file_ids: Dict[str, str] = {}  # session id -> session_file_id(): the same few recur
         self.credentials: Dict[str, Tuple[str, str]] = {}  # header value -> (redacted, secret)
+        self.header_forms: Dict[Tuple[str, ...], str] = {}  # header names -> their JSON object, %s per value
         self.heads: Dict[Tuple[Any, ...], bytes] = {}  # see encode(): fields session_id ... stream as JSON
         self.scrub_memo: Dict[str, Tuple[bytes, bytes]] = {}  # secret -> its scrub pair
+
+    def headers_json(self, headers: Dict[str, str]) -> bytes:
+        """``headers`` (from :func:`headers_dict`) as a JSON object.
+
+        A provider answers with the same twenty-odd header names every time, and a client sends
+        the same names: the object's form is made once per list of names (a ``%s`` for each
+        value), and only the values are escaped, by the ``json`` module's C function. That is
+        a third of what the encoder spends on the same dict.
+        """
+        names = tuple(headers)
+        form = self.header_forms.get(names)
+        if form is None:
+            form = _remember(self.header_forms, names, "{%s}" % ",".join(
+                [_encode_text(name).replace("%", "%%") + ":%s" for name in names]))
+        try:
+            return (form % tuple(map(_quote, headers.values()))).encode("utf-8")
+        except (UnicodeEncodeError, TypeError):  # a lone surrogate (written escaped), a value not a str
+            return _dumps(headers)
 
     def header_session(self, headers: Dict[str, str]) -> Optional[Tuple[str, str]]:
         """(session id, source) from the request headers (``headers`` lower-cased), or None."""
@@ -534,8 +553,8 @@ class Encoder:
         ident = ex.id  # a ULID (letters and digits) needs no escaping
         ident = b'"%s"' % ident.encode("ascii") if ident and ident.isalnum() and ident.isascii() else _dumps(ident)
         front = b"".join((_HEAD_START, ident, b',"timestamp":"', timestamp.encode("ascii"), b'",', head, b",",
-                         _dumps(rec)[1:-1], b',"request_headers":', _dumps(req_h), b',"response_headers":',
-                         _dumps(resp_h)))
+                         _dumps(rec)[1:-1], b',"request_headers":', self.headers_json(req_h),
+                         b',"response_headers":', self.headers_json(resp_h)))
         req_json = req_raw if req_raw is not None else _dumps(req_value)
         resp_json = resp_raw if resp_raw is not None else _dumps(resp_value)
         if len(req_json) <= SCRUB_WHOLE:
@@ -610,6 +629,8 @@ def _compact_encoder(ensure_ascii: bool) -> Callable[[Any], str]:
 
 _encode_text = _compact_encoder(ensure_ascii=False)
 _encode_ascii = _compact_encoder(ensure_ascii=True)
+# A string as a JSON string, quotes included, non-ASCII kept: what json.dumps writes for it.
+_quote = json.encoder.c_encode_basestring or json.encoder.py_encode_basestring
 
 
 def _dumps(value: Any) -> bytes:

@@ -146,7 +146,8 @@ class EncoderTest(unittest.TestCase):
                      resp=b'{"error":{"message":"bad","type":"invalid_request_error"}}'),
             exchange(resp=[b'data: {"choices":[{"index":0,"delta":{"content":"hi"}}]}\n\n', b"data: [DONE]\n\n"],
                      ctype="text/event-stream", stream=True, headers=[("X-Session-Id", "\u65e5\u672c")]),
-            exchange(resp=b'{"a":"' + b"x" * 100 + b'"}', limit=20, resp_headers=[("Date", "Sun"), ("X-Req", "\u00ff")]),
+            exchange(resp=b'{"a":"' + b"x" * 100 + b'"}', limit=20, resp_headers=[("Date", "Sun"), ("X-Req", "\u00ff"),
+                                                                                 ("X-Pct%s", 'a "q" \\ %s %d\t')]),
         ]
         cases[0].query = "key=sk-query-0123456789&alt=sse"
         cases[3].ttft = 12.3456
@@ -165,6 +166,7 @@ class EncoderTest(unittest.TestCase):
                 self.assertEqual(rec["id"], ex.id)
                 self.assertNotIn(b"0123456789", line)
         self.assertEqual(rec["response_headers"]["x-req"], "\u00ff")
+        self.assertEqual(rec["response_headers"]["x-pct%s"], 'a "q" \\ %s %d\t')
         [rec], _ = encode(cases[1])
         self.assertEqual(rec["request_headers"]["accept"], "a, b")
         self.assertRegex(rec["request_headers"]["x-api-key"], r"^\[REDACTED:[0-9a-f]{8}\], \[REDACTED:[0-9a-f]{8}\]$")
