@@ -138,9 +138,6 @@ def _write_lines(fd: int, lines: List[bytes], ops: FileOps = FileOps) -> None:
     was some 25 page faults per record. One write per piece instead would hand the GIL over,
     and queue the writer behind every request thread, once per big record.
     """
-    if len(lines) == 1:
-        _write_all(fd, lines[0], ops)
-        return
     pieces: List[bytes] = []
     run: List[bytes] = []
     size = 0
