@@ -381,6 +381,14 @@ class ProxyHandler(BaseHTTPRequestHandler):
                 self.close_connection = True
                 raise errors.BadRequest("timed out reading the request body") from None
             self.route(ex, body)
+            upgrade = wire.header_value(headers, "upgrade")
+            if upgrade and "websocket" in upgrade.lower():
+                # Upgrade is hop-by-hop: forwarded without it, a WebSocket handshake reaches the
+                # provider as a plain GET, whose error Codex retries for seconds (404) or dies
+                # on (400). 426 makes it fall back to HTTP at once, and that is recorded.
+                self.close_connection = True
+                raise errors.UpgradeRefused("proxy_llm relays HTTP only, not WebSocket connections: "
+                                            "use the HTTP API")
             if server.recorder is not None and config.on_record_error == "fail_closed" and (
                     server.recorder.degraded or server.recorder.queue_full()):
                 raise errors.Overloaded("recording is failing and on_record_error is fail_closed")

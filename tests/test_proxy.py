@@ -219,6 +219,53 @@ class ForwardingTest(ProxyTestCase):
         self.assertEqual(recs[0]["session_id"], "default")
 
 
+class UpgradeTest(ProxyTestCase):
+    # Codex opens the Responses API as a WebSocket first (captured from codex-cli 0.171).
+    HANDSHAKE = ("GET %s HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n"
+                 "Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+                 "Authorization: Bearer sk-ws-client-secret-42\r\nopenai-beta: responses_websockets=2026-02-06\r\n"
+                 "session-id: ws-session\r\n\r\n")
+
+    def test_websocket_handshake_gets_426_in_provider_shape_never_reaches_upstream_and_is_recorded(self):
+        proxy = self.start_proxy()
+        shapes = []
+        for path in ("/v1/responses", "/v1/messages"):
+            sock = socket.create_connection(("127.0.0.1", proxy.port), timeout=DEADLINE)
+            sock.sendall((self.HANDSHAKE % path).encode("ascii"))
+            data = support.read_to_eof(sock)  # the connection is closed after the answer
+            sock.close()
+            head, body = data.split(b"\r\n\r\n", 1)
+            self.assertTrue(head.startswith(b"HTTP/1.1 426 "), head)
+            self.assertIn(b"\r\nConnection: close", head)
+            self.assertIn(b"\r\nContent-Length: %d" % len(body), head)
+            shapes.append(json.loads(body))
+        openai_error, anthropic_error = shapes
+        self.assertEqual((openai_error["error"]["type"], openai_error["error"]["code"]),
+                         ("invalid_request_error", "websocket_unsupported"))
+        self.assertIn("WebSocket", openai_error["error"]["message"])
+        self.assertEqual((anthropic_error["type"], anthropic_error["error"]["type"]), ("error", "invalid_request_error"))
+        self.assertEqual(self.upstream.requests.qsize(), 0)
+        recs = proxy.records()
+        self.assertEqual([(r["method"], r["endpoint"], r["status_code"], r["error"]["type"]) for r in recs],
+                         [("GET", "/v1/responses", 426, "websocket_unsupported"),
+                          ("GET", "/v1/messages", 426, "websocket_unsupported")])
+        self.assertEqual(recs[0]["session_id"], "ws-session")
+        self.assertEqual(recs[0]["response_body"], openai_error)
+        for path in support.all_files(self.data_dir):
+            with open(path, "rb") as f:
+                self.assertNotIn(b"sk-ws-client-secret-42", f.read())
+
+    def test_other_upgrades_are_forwarded_without_the_header(self):
+        proxy = self.start_proxy()
+        status, _, body = request(proxy.url, body=CHAT_BODY, headers={
+            "Connection": "Upgrade, HTTP2-Settings", "Upgrade": "h2c", "HTTP2-Settings": "AAMAAABkAAQCAAAAAAIAAAAA"})
+        self.assertEqual((status, body), (200, CHAT_REPLY))
+        seen = self.upstream.next_request()
+        self.assertEqual(seen.body, CHAT_BODY)
+        self.assertEqual([seen.header(h) for h in ("Upgrade", "HTTP2-Settings", "Connection")], [None, None, None])
+        [rec] = proxy.records()
+        self.assertEqual(rec["status_code"], 200)
+
 class KeepAliveAfterEarlyAnswersTest(ProxyTestCase):
     def test_unread_request_body_never_becomes_the_next_request(self):
         proxy = self.start_proxy(proxy_keys=["pk-secret-1"])
