@@ -143,7 +143,8 @@ class EncoderTest(unittest.TestCase):
             exchange(headers=[("Accept", "a"), ("accept", "b"), ("X-Api-Key", "k1-0123456789"),
                               ("x-api-key", "k2-0123456789")]),  # repeats are joined
             exchange(body=b'{"model":"m\\ud800","metadata":{"user_id":"\\u00e9 \\"q\\""}}', status=400,
-                     resp=b'{"error":{"message":"bad","type":"invalid_request_error"}}'),
+                     resp=b'{"error":{"message":"bad","type":"invalid_request_error"}}',
+                     resp_headers=[("X-Pct%%", "100%")]),  # "%" is a token character: its own case, no fallback
             exchange(resp=[b'data: {"choices":[{"index":0,"delta":{"content":"hi"}}]}\n\n', b"data: [DONE]\n\n"],
                      ctype="text/event-stream", stream=True, headers=[("X-Session-Id", "\u65e5\u672c")]),
             exchange(resp=b'{"a":"' + b"x" * 100 + b'"}', limit=20, resp_headers=[("Date", "Sun"), ("X-Req", "\u00ff"),
@@ -167,6 +168,8 @@ class EncoderTest(unittest.TestCase):
                 self.assertNotIn(b"0123456789", line)
         self.assertEqual(rec["response_headers"]["x-req"], "\u00ff")
         self.assertEqual(rec["response_headers"]["x-pct%s"], 'a "q" \\ %s %d\t')
+        [rec], _ = encode(cases[2])
+        self.assertEqual(rec["response_headers"]["x-pct%%"], "100%")
         [rec], _ = encode(cases[1])
         self.assertEqual(rec["request_headers"]["accept"], "a, b")
         self.assertRegex(rec["request_headers"]["x-api-key"], r"^\[REDACTED:[0-9a-f]{8}\], \[REDACTED:[0-9a-f]{8}\]$")
