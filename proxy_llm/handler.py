@@ -381,11 +381,12 @@ class ProxyHandler(BaseHTTPRequestHandler):
                 self.close_connection = True
                 raise errors.BadRequest("timed out reading the request body") from None
             self.route(ex, body)
-            upgrade = wire.header_value(headers, "upgrade")
+            upgrade = wire.header_value(headers, "upgrade") if self.command == "GET" else None
             if upgrade and "websocket" in upgrade.lower():
-                # Upgrade is hop-by-hop: forwarded without it, a WebSocket handshake reaches the
-                # provider as a plain GET, whose error Codex retries for seconds (404) or dies
-                # on (400). 426 makes it fall back to HTTP at once, and that is recorded.
+                # A WebSocket handshake (always a GET: no scan of the headers for a POST). Upgrade
+                # is hop-by-hop: forwarded without it, the handshake reaches the provider as a
+                # plain GET, whose error Codex retries for seconds (404) or dies on (400). 426
+                # makes it fall back to HTTP at once, and that is recorded.
                 self.close_connection = True
                 raise errors.UpgradeRefused("proxy_llm relays HTTP only, not WebSocket connections: "
                                             "use the HTTP API")
