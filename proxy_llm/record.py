@@ -17,6 +17,7 @@ the key, streamed events and headers alike.
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import logging
@@ -38,7 +39,7 @@ FIELDS = (
     "schema_version", "id", "timestamp", "session_id", "session_source", "provider", "provider_type", "dialect",
     "endpoint", "method", "query", "model", "stream", "status_code", "ended", "duration", "ttft_ms", "error",
     "tokens_used", "request_bytes", "response_bytes", "stream_events", "truncated", "stream_truncated", "reassembly_error",
-    "decode_error", "request_headers", "response_headers", "request_body", "response_body",
+    "decode_error", "body_encoding", "request_headers", "response_headers", "request_body", "response_body",
 )
 #: Fields of a line in streams/*.jsonl.
 STREAM_FIELDS = ("id", "session_id", "timestamp", "events", "truncated")
@@ -215,18 +216,26 @@ def _reject_constant(name: str) -> Any:
 _DECODER = json.JSONDecoder(parse_constant=_reject_constant)
 
 
+class Binary(bytes):
+    """A body that is not UTF-8 text (audio, images, multipart uploads, an undecoded
+    compressed body): written to the record in base64, named in ``body_encoding``, so that
+    its bytes can be restored exactly."""
+
+    __slots__ = ()
+
+
 def parse_body(raw: bytes) -> Tuple[Any, Optional[bytes]]:
     """Return (value, raw_json). raw_json is the body fit to splice into a JSON line, or None.
 
-    Empty -> (None, None); valid JSON -> (parsed value, bytes without CR/LF); anything else ->
-    (text, None), decoded as UTF-8 with replacement characters.
+    Empty -> (None, None); valid JSON -> (parsed value, bytes without CR/LF); other UTF-8 ->
+    (text, None); bytes that are not UTF-8 -> (:class:`Binary`, None).
     """
     if not raw or not raw.strip():
         return None, None
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError:
-        return raw.decode("utf-8", "replace"), None
+        return Binary(raw), None
     try:
         value = _DECODER.decode(text)
     except ValueError:
@@ -551,6 +560,15 @@ class Encoder:
         client = [self.scrub_pair(s) for s in secrets if len(s) >= 8]
         every = client + self.provider_pairs
         scrub = wire.scrub
+        if (req_raw is None and type(req_value) is Binary) or (resp_raw is None and type(resp_value) is Binary):
+            # Scrubbed before the base64, where no secret could be found any more.
+            rec["body_encoding"] = encoding = {}
+            if type(req_value) is Binary:
+                req_value = base64.b64encode(scrub(req_value, every)).decode("ascii")
+                encoding["request"] = "base64"
+            if type(resp_value) is Binary:
+                resp_value = base64.b64encode(scrub(resp_value, every)).decode("ascii")
+                encoding["response"] = "base64"
         ident = ex.id  # a ULID (letters and digits) needs no escaping
         ident = b'"%s"' % ident.encode("ascii") if ident and ident.isalnum() and ident.isascii() else _dumps(ident)
         front = b"".join((_HEAD_START, ident, b',"timestamp":"', timestamp.encode("ascii"), b'",', head, b",",

@@ -30,6 +30,7 @@ Exit codes: 0 clean, 1 problems found, 2 unreadable data dir.
 from __future__ import annotations
 
 import argparse
+import base64
 import os
 import re
 import sys
@@ -110,6 +111,16 @@ def _tokens_ok(v) -> bool:
     return isinstance(v, dict) and all(k in TOKEN_KEYS and _is_int(n) for k, n in v.items())
 
 
+def _is_base64(v) -> bool:
+    if not _is_str(v):
+        return False
+    try:
+        base64.b64decode(v, validate=True)
+    except ValueError:  # binascii.Error, and non-ASCII text
+        return False
+    return True
+
+
 def _truncated_ok(v) -> bool:
     if not isinstance(v, dict) or not v or not set(v) <= {"request", "response"}:
         return False
@@ -126,6 +137,8 @@ OPTIONAL = (
     ("stream_truncated", lambda v: v is True, "true"),
     ("reassembly_error", _is_str, "a string"),
     ("decode_error", _is_str, "a string"),
+    ("body_encoding", lambda v: isinstance(v, dict) and bool(v) and set(v) <= {"request", "response"}
+     and all(e == "base64" for e in v.values()), '{request|response: "base64"}'),
 )
 KNOWN_FIELDS = frozenset(name for name, _, _ in REQUIRED + OPTIONAL)
 
@@ -141,6 +154,10 @@ def check_record(rec: dict) -> list:
     for name, ok, expected in OPTIONAL:
         if name in rec and not ok(rec[name]):
             problems.append("%s: expected %s" % (name, expected))
+    encoding = rec.get("body_encoding")
+    for part in (encoding if isinstance(encoding, dict) else ()):
+        if not _is_base64(rec.get(part + "_body")):
+            problems.append("%s_body: expected base64 (body_encoding)" % part)
     headers = rec.get("request_headers")
     for name, value in (headers.items() if isinstance(headers, dict) else ()):
         if not _is_str(value):

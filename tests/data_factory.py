@@ -10,6 +10,7 @@ and every ending and returns a ``Manifest`` of what a reader must find.
 
 from __future__ import annotations
 
+import base64
 import copy
 import gzip
 import json
@@ -342,6 +343,19 @@ def embeddings(clock: Clock, session_id: str) -> dict:
                                               "total_tokens": 2})
 
 
+def speech(clock: Clock, session_id: str) -> dict:
+    """Text to speech: a JSON request, MP3 bytes back (kept in base64, named in body_encoding)."""
+    req = {"model": "gpt-4o-mini-tts", "input": "Hello!", "voice": "alloy"}
+    audio = b"ID3\x04\x00\x00\x00\x00\x00\x00\xff\xfb\x90\x64" + bytes(range(256))
+    rec = record(clock, session_id=session_id, provider_type="openai", dialect="generic",
+                 endpoint="/v1/audio/speech", model="gpt-4o-mini-tts", request_body=req,
+                 response_body=base64.b64encode(audio).decode("ascii"))
+    rec["response_headers"]["content-type"] = "audio/mpeg"
+    rec["response_bytes"] = len(audio)
+    rec["body_encoding"] = {"response": "base64"}
+    return rec
+
+
 def models_list(clock: Clock, session_id: str) -> dict:
     resp = {"object": "list", "data": [{"id": "gpt-4o", "object": "model"}]}
     return record(clock, session_id=session_id, provider_type="openai", dialect="generic",
@@ -508,5 +522,9 @@ def build_mixed(root: str, torn: bool = True) -> Manifest:
     ends.append(models_list(clock, "endings"))
     out.write_records(ends, stamp="20261127_165200", gz=True)
     man.add(ends)
+    man.files += 1
+    media = [speech(clock, "media")]  # a body that is not UTF-8 (body_encoding)
+    out.write_records(media, stamp="20261127_165300")
+    man.add(media)
     man.files += 1
     return man

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import gzip
 import http.client
 import json
@@ -184,6 +185,24 @@ class ForwardingTest(ProxyTestCase):
         [rec] = proxy.records()
         self.assertEqual(rec["response_body"], json.loads(CHAT_REPLY))
         self.assertEqual(rec["response_bytes"], len(compressed))
+
+    def test_binary_bodies_pass_untouched_and_are_recorded_restorably(self):
+        # What the SDKs send for a transcription (multipart with audio bytes) and get for speech.
+        upload = (b"--xyz\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a.wav\"\r\n"
+                  b"Content-Type: audio/wav\r\n\r\nRIFF\x24\x08\x00\x00WAVE" + bytes(range(256)) * 4 +
+                  b"\r\n--xyz\r\nContent-Disposition: form-data; name=\"model\"\r\n\r\nwhisper-1\r\n--xyz--\r\n")
+        audio = b"ID3\x04\x00\x00\x00\x00\x00\x00" + bytes(reversed(range(256))) * 8
+        self.replies.append(Reply(200, [("Content-Type", "audio/mpeg")], audio))
+        proxy = self.start_proxy()
+        status, headers, body = request(proxy.url, path="/v1/audio/transcriptions", body=upload,
+                                        headers={"Content-Type": "multipart/form-data; boundary=xyz"})
+        self.assertEqual((status, body), (200, audio))
+        self.assertEqual(self.upstream.next_request().body, upload)
+        [rec] = proxy.records()
+        self.assertEqual(rec["body_encoding"], {"request": "base64", "response": "base64"})
+        self.assertEqual(base64.b64decode(rec["request_body"]), upload)
+        self.assertEqual(base64.b64decode(rec["response_body"]), audio)
+        self.assertEqual((rec["request_bytes"], rec["response_bytes"]), (len(upload), len(audio)))
 
     def test_upstream_status_headers_and_html_error_page_pass_through(self):
         html = b"<html><body><h1>502 Bad Gateway</h1></body></html>"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import gzip
 import gc
 import hashlib
@@ -10,7 +11,7 @@ import re
 import unittest
 from unittest import mock
 
-from proxy_llm import dialects, record, wire
+from proxy_llm import dialects, record, verify, wire
 from proxy_llm.config import Provider
 from proxy_llm.record import FIELDS, Capture, Encoder, Exchange, session_file_id
 from proxy_llm.sniff import sniff
@@ -175,12 +176,40 @@ class EncoderTest(unittest.TestCase):
         self.assertRegex(rec["request_headers"]["x-api-key"], r"^\[REDACTED:[0-9a-f]{8}\], \[REDACTED:[0-9a-f]{8}\]$")
 
     def test_lone_surrogates_and_non_json_bodies_still_give_valid_lines(self):
-        ex = exchange(body=b'{"model":"m","x":"\\ud800"}', resp=b"\xff\xfe not json")
+        ex = exchange(body=b'{"model":"m","x":"\\ud800"}', resp=b"<html>caf\xc3\xa9\r\n</html>")
         [rec], lines = encode(ex)
         self.assertEqual(rec["request_body"]["x"], "\ud800")
-        self.assertEqual(rec["response_body"], "\ufffd\ufffd not json")
+        self.assertEqual(rec["response_body"], "<html>caf\u00e9\r\n</html>")  # UTF-8 text as it is
+        self.assertNotIn("body_encoding", rec)
         self.assertTrue(lines[0][2].endswith(b"}\n"))
         self.assertEqual(lines[0][2].count(b"\n"), 1)
+
+    def test_bodies_that_are_not_utf8_are_kept_exactly_in_base64_and_scrubbed_first(self):
+        secret = "sk-binary-0123456789"
+        # A transcription upload (multipart with WAV bytes) and a speech answer (MP3 bytes).
+        upload = (b"--b\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a.wav\"\r\n\r\nRIFF\x24\x08\x00"
+                  b"\x00WAVEfmt \x10\x00\xff\xfe\x80\r\n--b\r\nContent-Disposition: form-data; name=\"note\"\r\n\r\n"
+                  + secret.encode() + b"\r\n--b--\r\n")
+        audio = b"ID3\x04\x00\x00\x00\x00\x00\x00\xff\xfb\x90\x64" + bytes(range(256)) + b"provider-key-abcdef"
+        ex = exchange(body=upload, resp=audio, headers=[("Authorization", "Bearer " + secret)],
+                      ctype="audio/mpeg")
+        ex.path = "/v1/audio/transcriptions"
+        ex.assign_id()
+        [rec], lines = encode(ex, provider_keys=["provider-key-abcdef"])
+        self.assertEqual(rec["body_encoding"], {"request": "base64", "response": "base64"})
+        self.assertEqual(list(rec), [f for f in FIELDS if f in rec])
+        redacted_secret = rec["request_headers"]["authorization"][len("Bearer "):].encode()
+        self.assertEqual(base64.b64decode(rec["request_body"], validate=True), upload.replace(secret.encode(), redacted_secret))
+        got = base64.b64decode(rec["response_body"], validate=True)
+        self.assertEqual(got[:-len(b"provider-key-abcdef")], audio[:-len(b"provider-key-abcdef")])
+        self.assertRegex(got[-30:].decode("latin-1"), r"\[REDACTED:[0-9a-f]{8}\]$")
+        self.assertEqual((rec["request_bytes"], rec["response_bytes"]), (len(upload), len(audio)))
+        self.assertNotIn(secret.encode(), lines[0][2])
+        self.assertEqual(verify.check_record(rec), [])
+        # Only the body that is not UTF-8 is named.
+        [rec], _ = encode(exchange(resp=audio[:40], ctype="audio/mpeg"))
+        self.assertEqual(rec["body_encoding"], {"response": "base64"})
+        self.assertEqual(base64.b64decode(rec["response_body"]), audio[:40])
 
     def test_secrets_are_scrubbed_everywhere(self):
         secret = "sk-canary-0123456789"

@@ -60,7 +60,7 @@ class TestClean(VerifyTestCase):
         code, out, err = self.verify()
         self.assertEqual(code, 0, out)
         self.assertTrue(out.endswith("verify: OK\n"))
-        self.assertIn("5 sessions, 7 record files, %d records" % len(self.man.records), out)
+        self.assertIn("6 sessions, 8 record files, %d records" % len(self.man.records), out)
         self.assertIn("%d stream lines" % len(self.man.stream_ids), out)
         self.assertEqual(err, "")
 
@@ -127,6 +127,14 @@ class TestDamage(VerifyTestCase):
         self.assertIn("stream: expected true or false", out)
         self.assertIn("duration: expected a number", out)
         self.assertIn("tokens_used: expected", out)
+
+    def test_body_encoding_must_name_a_base64_body(self) -> None:
+        rec = df.speech(self.clock, "extra")
+        rec["body_encoding"] = {"request": "base64", "response": "hex"}
+        self.add(rec, streams=False)
+        out = self.assertProblem("records that do not match the schema", "body_encoding: expected")
+        self.assertIn("request_body: expected base64", out)
+        self.assertNotIn("response_body: expected base64", out)
 
     def test_bad_id_and_timestamp(self) -> None:
         rec = self.chat()

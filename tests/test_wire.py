@@ -10,7 +10,7 @@ import unittest
 from proxy_llm import wire
 from proxy_llm.handler import endpoint_label, narrow_accept_encoding
 from proxy_llm.sniff import sniff, sniff_stream
-from proxy_llm.record import new_id, parse_body, session_file_id
+from proxy_llm.record import Binary, new_id, parse_body, session_file_id
 
 KEY = b"k" * 32
 
@@ -166,7 +166,8 @@ class RecordHelpersTest(unittest.TestCase):
         self.assertEqual(parse_body(b'{\n "a": 1\r\n}'), ({"a": 1}, b'{  "a": 1  }'))
         self.assertEqual(parse_body(b"<html>"), ("<html>", None))
         self.assertEqual(parse_body(b"NaN"), ("NaN", None))
-        self.assertEqual(parse_body(b"\xff\xfe"), ("\ufffd\ufffd", None))
+        value, raw = parse_body(b"\xff\xfe")  # not UTF-8: its bytes, for the record's base64
+        self.assertEqual((type(value), value, raw), (Binary, b"\xff\xfe", None))
 
     def test_session_file_ids_are_safe(self):
         rnd = random.Random(3)
