@@ -240,5 +240,7 @@ class OpenAIResponses(Dialect):
         if not isinstance(body, dict):
             return Result(body, None, None, body is not None)
         usage = body.get("usage")
-        return Result(body, responses_usage(usage),
-                      _response_error(body) or error_from(body), True)
+        # A response object's error (status "failed") has a code and no type; an HTTP error
+        # body is OpenAI's usual envelope, read as every OpenAI dialect reads it.
+        error = _response_error(body) if body.get("object") == "response" else error_from(body)
+        return Result(body, responses_usage(usage), error, True)
