@@ -410,6 +410,15 @@ class ResponsesEdgesTest(unittest.TestCase):
                                                                       "code": "bad", "message": "no"}}))
         self.assertEqual(res.error, {"type": "invalid_request_error", "message": "no"})
 
+    def test_untyped_error_chunk(self):
+        # LiteLLM answers a Responses stream that fails to start with HTTP 500 and an untyped
+        # OpenAI error chunk, then [DONE]; the openai SDK raises on such a chunk.
+        res = self.r.reassemble(events_of({"error": {"message": "Error processing stream start",
+                                                     "type": "internal_server_error", "param": None,
+                                                     "code": "500"}}, "[DONE]"))
+        self.assertEqual(res.error, {"type": "internal_server_error", "message": "Error processing stream start"})
+        self.assertIsNone(res.response_body)
+
     def test_events_before_items(self):
         evs = events_of({"type": "response.output_text.delta", "output_index": 0, "content_index": 0,
                          "item_id": "msg_1", "delta": "hi"})

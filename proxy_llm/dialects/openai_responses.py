@@ -203,6 +203,9 @@ class OpenAIResponses(Dialect):
         error = None
         for etype, payload, ev in typed_payloads(events):
             if not isinstance(etype, str):
+                # An untyped OpenAI error chunk ({"error": {...}}, as LiteLLM sends when a
+                # stream fails to start): the SDK raises on it, the record keeps it.
+                error = error_from(payload) or error
                 continue
             if etype in _TERMINAL:
                 if isinstance(payload.get("response"), dict):
