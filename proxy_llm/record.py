@@ -74,15 +74,18 @@ def new_id(now: Optional[float] = None) -> str:
     return "".join([_PAIRS[(value >> shift) & 1023] for shift in _SHIFTS])
 
 
-_second_cache = [-1, ""]  # [whole second, its formatted prefix]: one strftime per second
+# (whole second, its formatted prefix): one strftime per second. One tuple, replaced whole, so
+# that a thread never reads one second's number with another's prefix (request threads encode
+# too when the writer is behind: storage.Recorder.submit).
+_second_cache = (-1, "")
 
 
 def rfc3339(t: float) -> str:
+    global _second_cache
     second = int(t)
     cached = _second_cache
     if cached[0] != second:
-        cached[1] = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
-        cached[0] = second
+        cached = _second_cache = (second, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second)))
     return "%s.%06dZ" % (cached[1], int((t - second) * 1e6))
 
 

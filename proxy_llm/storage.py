@@ -3,9 +3,11 @@
 Shape (after ``logging.handlers.QueueListener``): request threads call :meth:`Recorder.submit`,
 which only does ``put_nowait`` and never blocks or raises; a full queue drops the item and counts
 it. One writer thread takes items off the queue in batches, turns each into lines with the
-``encode`` callable it was given (all JSON work happens there, off the request threads), groups
-the lines per file and appends each group with one system call (group commit: small lines
-joined, big ones handed to ``os.writev`` as they are, see ``_write_lines``).
+``encode`` callable it was given (all JSON work happens there, off the request threads, unless
+the writer falls behind by ``assist_above`` records: then the submitting thread encodes its own
+item, see ``Recorder.submit``), groups the lines per file and appends each group with one system
+call (group commit: small lines joined, big ones handed to ``os.writev`` as they are, see
+``_write_lines``). Only the writer thread touches the disk.
 
 Durability contract (also in the README):
 
@@ -69,6 +71,7 @@ except (AttributeError, ValueError, OSError):
     IOV_MAX = 16
 CATCH_UP_BELOW = BATCH_MAX  # queued records past which the writer stops resting...
 CATCH_UP_SLICE = 0.004      # ...and offers the GIL only after this long (the default switch interval is 5 ms)
+ASSIST_ABOVE = 2 * BATCH_MAX  # queued records past which request threads encode their own (see submit)
 # The file-name form of a session id: the one rule, which the encoder (record.session_file_id)
 # and the reader (reader.session_file_id) use too. The recorder applies it again to every line
 # it is given, so that no encoder can make it write outside the data dir.
@@ -227,7 +230,7 @@ class RecordQueue:
         if self._q.qsize() >= self.maxsize:
             raise queue.Full
         if self.maxbytes:
-            size = self.size_of(item)
+            size = item.size if type(item) is _Encoded else self.size_of(item)
             with self._lock:
                 if size and self.bytes and self.bytes + size > self.maxbytes:
                     raise queue.Full
@@ -238,7 +241,7 @@ class RecordQueue:
         """The writer took these records (no control items) off the queue."""
         if self.maxbytes:
             size_of = self.size_of
-            size = sum([size_of(item) for item in items])
+            size = sum([item.size if type(item) is _Encoded else size_of(item) for item in items])
             with self._lock:
                 self.bytes -= size
 
@@ -258,7 +261,7 @@ class Recorder:
                  fsync_interval: float = 1.0, max_file_size: int = 100 * 1024 * 1024, rotate_daily: bool = True,
                  compress_rotated: bool = False, file_suffix: str = "",
                  on_written: Optional[Callable[[object], None]] = None, clock: Callable[[], float] = time.time,
-                 ops: Optional[FileOps] = None):
+                 ops: Optional[FileOps] = None, assist_above: int = 0):
         self.ops = ops if ops is not None else FileOps()
         self.data_dir = os.path.abspath(data_dir)
         self.encode = encode
@@ -273,6 +276,9 @@ class Recorder:
         self._day_start = -1.0  # the UTC day last formatted by _today, and its start
         self._day = ""
         self.queue = RecordQueue(queue_size, queue_max_bytes, size_of)
+        # 0: never; else request threads encode their own record past this backlog (see submit).
+        self.assist_above = min(assist_above, max(1, queue_size // 2)) if assist_above > 0 else 0
+        self.assisted = 0  # records a request thread encoded (a count, for tests and the curious)
         # The lock guards every append, rotation and close, and the files table.
         self.lock = threading.Lock()
         self._files: Dict[Tuple[str, str], _File] = {}
@@ -302,10 +308,20 @@ class Recorder:
             self._compressor.start()
 
     def submit(self, item: object) -> bool:
-        """Queue an item for writing. False (and counted) when the queue is full or closed."""
+        """Queue an item for writing. False (and counted) when the queue is full or closed.
+
+        With ``assist_above``, once that many records wait, the calling thread encodes its own
+        record before queueing it: requests are then arriving faster than the writer encodes,
+        and a queue left to fill would drop records. The request's response is already sent;
+        what waits is the next request of that connection, by one record's encoding (tens of
+        microseconds), never by the disk: the writer still does every write. The proxy then
+        serves requests at the pace it can record them, instead of losing records.
+        """
         if self._closed:
             self._count_drop("closed", 1)
             return False
+        if self.assist_above and self.queue.qsize() >= self.assist_above and not self.degraded:
+            item = self._encode_here(item)
         try:
             self.queue.put_nowait(item)
             return True
@@ -315,6 +331,17 @@ class Recorder:
             self._ratelog.warning("queue_full", "record queue full (%d records, %d of at most %d bytes): record dropped",
                                   q.qsize(), q.bytes, q.maxbytes)
             return False
+
+    def _encode_here(self, item: object) -> object:
+        """``item`` encoded on the calling thread (see ``submit``), or as it was if that fails:
+        the writer then tries again and counts the failure."""
+        try:
+            lines = self.encode(item)
+        except Exception:
+            return item
+        with self._stats_lock:
+            self.assisted += 1
+        return _Encoded(lines)
 
     def queue_full(self) -> bool:
         return self.queue.full()
@@ -401,6 +428,10 @@ class Recorder:
         busy = 0.0
         slice_ = PACE_SLICE
         for item in batch:
+            if type(item) is _Encoded:  # a request thread encoded it (see submit)
+                for kind, sid, line in item.lines:
+                    groups.setdefault((kind, safe_sid(sid)), []).append(line)
+                continue
             if busy >= slice_ and not self._closed:
                 if backlog() < CATCH_UP_BELOW:
                     rest(busy)
@@ -653,6 +684,17 @@ class Recorder:
         if lost:
             self._count_drop("shutdown", lost)
             log.error("%d queued records were not written at shutdown", lost)
+
+
+class _Encoded:
+    """A record a request thread encoded itself (see ``Recorder.submit``): its lines, and
+    their size for the queue's byte bound."""
+
+    __slots__ = ("lines", "size")
+
+    def __init__(self, lines: List[Tuple[str, str, bytes]]):
+        self.lines = lines
+        self.size = sum([len(line) for _, _, line in lines])
 
 
 class _Marker:

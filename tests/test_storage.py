@@ -572,6 +572,43 @@ class FaultTest(RecorderTestCase):
         self.assertEqual(rec.written_total(), 1)
         self.assertTrue(rec._thread.is_alive())
 
+    def test_past_assist_above_request_threads_encode_and_nothing_is_dropped(self):
+        encoded_by = {}
+
+        def encode_noting_the_thread(item):
+            if not isinstance(item, Exception):
+                encoded_by[json.loads(item[2])["n"]] = threading.current_thread().name
+            return encode(item)
+
+        size_of = lambda item: len(item[2]) if isinstance(item, tuple) else 0  # noqa: E731 (the test line's bytes)
+        rec = Recorder(self.data_dir, encode_noting_the_thread, queue_size=100, queue_max_bytes=1 << 20,
+                       size_of=size_of, ops=self.ops, assist_above=10)
+        self.addCleanup(rec.close, DEADLINE)
+        items = [line("s", n) for n in range(40)]
+        items[25] = ValueError("cannot encode")  # fails here, then again on the writer: counted once
+        for item in items:  # the writer is not started: the queue only grows
+            self.assertTrue(rec.submit(item))
+        here = threading.current_thread().name
+        self.assertEqual(sorted(n for n, name in encoded_by.items() if name == here), [n for n in range(10, 40) if n != 25])
+        self.assertEqual(rec.assisted, 29)
+        self.assertEqual(rec.queue.bytes, sum(len(item[2]) for item in items if not isinstance(item, Exception)))
+        rec.start()
+        self.assertTrue(rec.flush(DEADLINE))
+        [path] = data_files(self.data_dir)
+        self.assertEqual(lines_of(path), [item[2] for item in items if not isinstance(item, Exception)])  # in order
+        self.assertEqual((rec.written_total(), rec.dropped), (39, {"encode_error": 1}))
+        self.assertEqual(rec.queue.bytes, 0)
+        self.assertEqual(sorted(n for n, name in encoded_by.items() if name != here), list(range(10)))
+
+    def test_assist_above_is_off_by_default_and_below_half_the_queue(self):
+        self.assertEqual(self.recorder(start=False).assist_above, 0)
+        self.assertEqual(self.recorder(start=False, queue_size=8, assist_above=1024).assist_above, 4)
+        rec = self.recorder(start=False, queue_size=8, assist_above=2)
+        rec.degraded = True  # records may not be written at all: no request thread spends time on them
+        for n in range(5):
+            rec.submit(line("s", n))
+        self.assertEqual(rec.assisted, 0)
+
     def test_full_queue_and_closed_recorder_drop_and_count(self):
         rec = self.recorder(start=False, queue_size=2)
         self.assertTrue(rec.submit(line("s", 0)))
