@@ -28,6 +28,7 @@ def tiny_options(*extra):
     opts.rate_s = 0.3          # 15 requests at 50/s
     opts.sat_s = 0.2
     opts.big_s = 0.2
+    opts.sustain_s = 0.2
     opts.streams = 20
     opts.chunks = 3
     opts.interval_ms = 20

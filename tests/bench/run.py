@@ -1,6 +1,6 @@
 """proxy_llm benchmark: one command, one table.
 
-    python -m tests.bench [--quick] [--scenarios latency,rate50,sat16,sat64,big,streams,verify]
+    python -m tests.bench [--quick] [--scenarios latency,rate50,sat16,sat64,real,sustained,big,streams,verify]
                           [--targets direct,relay,forwarder,rec_off,rec_on,rec_fsync,workers2]
                           [--streams N] [--rounds N] [--write-results]
 
@@ -54,14 +54,14 @@ from tests.bench.loadgen import Tally, build_request, percentile
 from tests.bench.records import check as check_records
 from tests.bench.targets import Mock, Target, busy_ns
 
-SCENARIOS = ("latency", "rate50", "sat16", "sat64", "real", "big", "streams", "verify")
+SCENARIOS = ("latency", "rate50", "sat16", "sat64", "real", "sustained", "big", "streams", "verify")
 # The closed-loop saturation scenarios and the prefix of their figures.
-SATURATION = {"sat16": "s16", "sat64": "s64", "real": "rh", "big": "big"}
+SATURATION = {"sat16": "s16", "sat64": "s64", "real": "rh", "sustained": "su", "big": "big"}
 TARGET_NAMES = ("direct", "relay", "forwarder", "rec_off", "rec_on", "rec_fsync", "workers2")
 
-FULL = dict(settle_s=0.3, rounds=6, latency_s=1.0, rate_s=6.0, sat_s=1.2, big_s=1.2,
+FULL = dict(settle_s=0.3, rounds=6, latency_s=1.0, rate_s=6.0, sat_s=1.2, big_s=1.2, sustain_s=20.0,
             streams=2000, chunks=10, interval_ms=1000, ttft_ms=1000)
-QUICK = dict(settle_s=0.3, rounds=1, latency_s=0.5, rate_s=3.0, sat_s=0.7, big_s=0.7,
+QUICK = dict(settle_s=0.3, rounds=1, latency_s=0.5, rate_s=3.0, sat_s=0.7, big_s=0.7, sustain_s=2.0,
              streams=200, chunks=3, interval_ms=500, ttft_ms=500)
 
 
@@ -269,6 +269,11 @@ class Bench:
                     for t in self.targets:
                         if t.available:
                             self._segment("verify", t)
+                elif scn == "sustained":  # once, and only where there are records to lose
+                    for t in self.targets:
+                        if t.available and t.records:
+                            self._segment("sustained", t)
+                    self.say("%s done" % scn)
                 elif scn == "rate50":
                     for r in range(self.o.rounds):
                         self._rate50_all()
@@ -323,7 +328,7 @@ class Bench:
         o = self.o
         h, p = t.host, t.port
         saturate = wrk.closed_loop if o.use_wrk else loadgen.closed_loop
-        sampler = RssSampler(t) if scn in ("sat64", "big") and t.pid else None
+        sampler = RssSampler(t) if scn in ("sat64", "sustained", "big") and t.pid else None
         if sampler:
             sampler.start()
         c0 = t.cpu()
@@ -335,6 +340,8 @@ class Bench:
             tally = saturate(h, p, small_requests(h, p), 64, o.sat_s)
         elif scn == "real":
             tally = saturate(h, p, real_requests(h, p), 16, o.sat_s)
+        elif scn == "sustained":  # long enough for a writer that falls behind to fill its queue
+            tally = saturate(h, p, real_requests(h, p), 16, o.sustain_s)
         elif scn == "big":
             tally = saturate(h, p, big_requests(h, p), 16, o.big_s)
         elif scn == "verify":
@@ -494,6 +501,9 @@ ROWS = [
     ("real headers (16 conns): req/s", "rh_rps", "%.0f", None),
     ("real headers: CPU ms/req", "rh_cpu", "%.3f", None),
     ("real headers: quiet after ms", "rh_drain", "%.0f", None),
+    ("real headers sustained (20 s, once): req/s", "su_rps", "%.0f", None),
+    ("real headers sustained: quiet after ms", "su_drain", "%.0f", None),
+    ("real headers sustained: peak RSS MB", "su_peak_rss", "%.1f", None),
     ("100 KB bodies (16 conns): req/s", "big_rps", "%.0f", ("on/fwd", 0.75)),
     ("100 KB bodies: p99 ms", "big_p99", "%.2f", None),
     ("100 KB bodies: CPU ms/req", "big_cpu", "%.3f", None),
