@@ -133,7 +133,7 @@ def build_server(config: Config, worker: int = 0, reuse_port: bool = False):
     from .handler import ProxyHandler
     from .record import Encoder, captured_bytes
     from .server import ProxyServer
-    from .storage import ASSIST_ABOVE, Recorder
+    from .storage import ASSIST_SHARE, Recorder
 
     headers.install()  # the same header blocks, parsed faster (see proxy_llm/headers.py)
     recorder = None
@@ -151,7 +151,8 @@ def build_server(config: Config, worker: int = 0, reuse_port: bool = False):
                             queue_max_bytes=config.queue_max_bytes, size_of=captured_bytes, fsync=config.fsync,
                             fsync_interval=config.fsync_interval, max_file_size=config.max_file_size,
                             rotate_daily=config.rotate_daily, compress_rotated=config.compress_rotated,
-                            file_suffix="_w%d" % worker if config.workers > 1 else "", assist_above=ASSIST_ABOVE)
+                            file_suffix="_w%d" % worker if config.workers > 1 else "",
+                            assist_above=max(1, config.queue_size // ASSIST_SHARE))
     server = ProxyServer(config, ProxyHandler, recorder, reuse_port=reuse_port, worker=worker)
     server_box.append(server)
     if recorder is not None:

@@ -71,7 +71,7 @@ except (AttributeError, ValueError, OSError):
     IOV_MAX = 16
 CATCH_UP_BELOW = BATCH_MAX  # queued records past which the writer stops resting...
 CATCH_UP_SLICE = 0.004      # ...and offers the GIL only after this long (the default switch interval is 5 ms)
-ASSIST_ABOVE = 2 * BATCH_MAX  # queued records past which request threads encode their own (see submit)
+ASSIST_SHARE = 4  # past queue_size // ASSIST_SHARE queued records, request threads encode their own (see submit)
 # The file-name form of a session id: the one rule, which the encoder (record.session_file_id)
 # and the reader (reader.session_file_id) use too. The recorder applies it again to every line
 # it is given, so that no encoder can make it write outside the data dir.

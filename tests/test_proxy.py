@@ -285,6 +285,11 @@ class UpgradeTest(ProxyTestCase):
         [rec] = proxy.records()
         self.assertEqual(rec["status_code"], 200)
 
+class RecorderSetupTest(ProxyTestCase):
+    def test_request_threads_help_the_writer_past_a_quarter_of_the_queue(self):
+        self.assertEqual(self.start_proxy().server.recorder.assist_above, 2500)  # queue_size 10000
+        self.assertEqual(self.start_proxy(queue_size=40, data_dir=os.path.join(self.tmp, "d2")).server.recorder.assist_above, 10)
+
 class KeepAliveAfterEarlyAnswersTest(ProxyTestCase):
     def test_unread_request_body_never_becomes_the_next_request(self):
         proxy = self.start_proxy(proxy_keys=["pk-secret-1"])
