@@ -314,7 +314,7 @@ class Recorder:
         record before queueing it: requests are then arriving faster than the writer encodes,
         and a queue left to fill would drop records. The request's response is already sent;
         what waits is the next request of that connection, by one record's encoding (tens of
-        microseconds), never by the disk: the writer still does every write. The proxy then
+        microseconds for a small one), never by the disk: the writer still does every write. The proxy then
         serves requests at the pace it can record them, instead of losing records.
         """
         if self._closed:
