@@ -320,7 +320,8 @@ class Recorder:
         if self._closed:
             self._count_drop("closed", 1)
             return False
-        if self.assist_above and self.queue.qsize() >= self.assist_above and not self.degraded:
+        if (self.assist_above and self.queue.qsize() >= self.assist_above and not self.degraded
+                and not self.queue.full()):  # (a record that will be dropped is not worth encoding)
             item = self._encode_here(item)
         try:
             self.queue.put_nowait(item)

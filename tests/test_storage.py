@@ -608,6 +608,10 @@ class FaultTest(RecorderTestCase):
         for n in range(5):
             rec.submit(line("s", n))
         self.assertEqual(rec.assisted, 0)
+        rec.degraded = False
+        for n in range(5, 10):  # the queue holds 5 of its 8: 3 encoded here, then 2 dropped unencoded
+            rec.submit(line("s", n))
+        self.assertEqual((rec.assisted, rec.dropped), (3, {"queue_full": 2}))
 
     def test_full_queue_and_closed_recorder_drop_and_count(self):
         rec = self.recorder(start=False, queue_size=2)
