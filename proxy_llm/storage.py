@@ -279,6 +279,10 @@ class Recorder:
         # 0: never; else request threads encode their own record past this backlog (see submit).
         self.assist_above = min(assist_above, max(1, queue_size // 2)) if assist_above > 0 else 0
         self.assisted = 0  # records a request thread encoded (a count, for tests and the curious)
+        # Records the writer has taken off the queue and not yet encoded: part of its backlog,
+        # though no longer in qsize() (see submit and _encode_all). Written by the writer only.
+        self._held = 0
+        self.catch_up_below = min(CATCH_UP_BELOW, self.assist_above) if self.assist_above else CATCH_UP_BELOW
         # The lock guards every append, rotation and close, and the files table.
         self.lock = threading.Lock()
         self._files: Dict[Tuple[str, str], _File] = {}
@@ -320,7 +324,7 @@ class Recorder:
         if self._closed:
             self._count_drop("closed", 1)
             return False
-        if (self.assist_above and self.queue.qsize() >= self.assist_above and not self.degraded
+        if (self.assist_above and self.queue.qsize() + self._held >= self.assist_above and not self.degraded
                 and not self.queue.full()):  # (a record that will be dropped is not worth encoding)
             item = self._encode_here(item)
         try:
@@ -428,13 +432,15 @@ class Recorder:
         backlog = self.queue.qsize
         busy = 0.0
         slice_ = PACE_SLICE
+        held = self._held = sum([1 for item in batch if type(item) is not _Encoded])
+        catch_up = self.catch_up_below
         for item in batch:
             if type(item) is _Encoded:  # a request thread encoded it (see submit)
                 for kind, sid, line in item.lines:
                     groups.setdefault((kind, safe_sid(sid)), []).append(line)
                 continue
             if busy >= slice_ and not self._closed:
-                if backlog() < CATCH_UP_BELOW:
+                if backlog() < catch_up:
                     rest(busy)
                     slice_ = PACE_SLICE
                 else:
@@ -450,8 +456,11 @@ class Recorder:
                 continue
             finally:
                 busy += clock() - t
+                held -= 1
+                self._held = held
             for kind, sid, line in lines:
                 groups.setdefault((kind, safe_sid(sid)), []).append(line)
+        self._held = 0
         return groups
 
     def _write_batch(self, batch: List[object]) -> None:
@@ -533,9 +542,14 @@ class Recorder:
                 self._seal(f)
                 f = None
             elif f.fd is None:
-                f.fd = self.ops.open(f.path, os.O_WRONLY | os.O_APPEND | getattr(os, "O_CLOEXEC", 0))
-                self._limit_open(key)
-                return f
+                try:
+                    f.fd = self.ops.open(f.path, os.O_WRONLY | os.O_APPEND | getattr(os, "O_CLOEXEC", 0))
+                except FileNotFoundError:  # removed while closed (space freed by hand): start a new file
+                    self._forget(f)
+                    f = None
+                else:
+                    self._limit_open(key)
+                    return f
             else:
                 return f
         kind, sid = key
@@ -685,6 +699,10 @@ class Recorder:
         if lost:
             self._count_drop("shutdown", lost)
             log.error("%d queued records were not written at shutdown", lost)
+        with self._stats_lock:
+            dropped = sorted(self.dropped.items())
+        if dropped:  # the run's losses, in one line at stop (each was counted when it happened)
+            log.warning("records dropped in this run: %s", ", ".join("%s %d" % kv for kv in dropped))
 
 
 class _Encoded:

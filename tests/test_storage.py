@@ -492,6 +492,27 @@ class FaultTest(RecorderTestCase):
         self.assertEqual([json.loads(x)["n"] for x in lines_of(path)], [0, 4])
         self.assertEqual(rec.written_total(), 2)
 
+    def test_a_file_removed_while_closed_after_a_failure_is_started_again(self):
+        # Space freed by hand: the record file that a failed write closed is deleted. Writing
+        # resumes in a new file (it used to fail with ENOENT on every batch, for good).
+        rec = self.recorder()
+        self.put(rec, line("s", 0))
+        original_write = self.ops.write
+
+        def full_write(fd, data):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        self.ops.write = full_write
+        self.put(rec, line("s", 1))
+        self.assertTrue(rec.degraded)
+        [old] = data_files(self.data_dir)
+        os.remove(old)
+        self.ops.write = original_write
+        self.put(rec, line("s", 2))
+        self.assertFalse(rec.degraded)
+        [new] = data_files(self.data_dir)
+        self.assertEqual([json.loads(x)["n"] for x in lines_of(new)], [2])
+        self.assertEqual((rec.written_total(), rec.dropped), (2, {"write_error": 1}))
+
     def test_a_batch_of_several_writes_is_cut_back_whole(self):
         # The disk fills up after the first big line of a batch went out: that line is cut
         # back too, so the batch is either all there or counted dropped, never half.
@@ -600,6 +621,36 @@ class FaultTest(RecorderTestCase):
         self.assertEqual(rec.queue.bytes, 0)
         self.assertEqual(sorted(n for n, name in encoded_by.items() if name != here), list(range(10)))
 
+    def test_records_the_writer_took_but_has_not_encoded_count_as_backlog(self):
+        # The writer takes a batch off the queue at once: the queue looks empty while the
+        # writer still has the whole batch to encode. Request threads go on helping then.
+        entered, gate = threading.Event(), threading.Event()
+        encoded_by = {}
+
+        def slow_first(item):
+            n = json.loads(item[2])["n"]
+            encoded_by[n] = threading.current_thread().name
+            if n == 0:
+                entered.set()
+                gate.wait(DEADLINE)
+            return encode(item)
+
+        rec = Recorder(self.data_dir, slow_first, queue_size=100, ops=self.ops, assist_above=10)
+        self.addCleanup(rec.close, DEADLINE)
+        self.addCleanup(gate.set)
+        for n in range(20):
+            rec.submit(line("s", n))
+        self.assertEqual(rec.assisted, 10)  # past 10 queued, before the writer started
+        rec.start()
+        self.assertTrue(entered.wait(DEADLINE))  # the writer holds the batch, stuck on its first
+        self.assertEqual(rec.queue.qsize(), 0)
+        rec.submit(line("s", 20))
+        self.assertEqual((rec.assisted, encoded_by[20]), (11, threading.current_thread().name))
+        gate.set()
+        self.assertTrue(rec.flush(DEADLINE))
+        [path] = data_files(self.data_dir)
+        self.assertEqual([json.loads(x)["n"] for x in lines_of(path)], list(range(21)))
+
     def test_assist_above_is_off_by_default_and_below_half_the_queue(self):
         self.assertEqual(self.recorder(start=False).assist_above, 0)
         self.assertEqual(self.recorder(start=False, queue_size=8, assist_above=1024).assist_above, 4)
@@ -622,6 +673,7 @@ class FaultTest(RecorderTestCase):
         self.assertEqual(rec.dropped, {"queue_full": 1})
         rec.start()
         rec.close(DEADLINE)
+        self.assertIn("records dropped in this run: queue_full 1", self.logs.messages)
         self.assertFalse(rec.submit(line("s", 3)))
         self.assertEqual(rec.dropped_total(), 2)
         self.assertEqual(rec.written_total(), 2)
