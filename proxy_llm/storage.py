@@ -101,7 +101,7 @@ def safe_sid(sid: str) -> str:
 
 
 class _File:
-    __slots__ = ("path", "fd", "size", "day", "dirty", "lines")
+    __slots__ = ("path", "fd", "size", "day", "dirty", "lines", "ident")
 
     def __init__(self, path: str, fd: int, day: str):
         self.path = path
@@ -110,6 +110,19 @@ class _File:
         self.day = day
         self.dirty = False
         self.lines = 0
+        self.ident = _ident(os.fstat(fd))
+
+    def replaced(self) -> bool:
+        """The open file is no longer at its path: removed or renamed by hand (to free space,
+        or by a log rotator). Lines appended to it would be lost with it."""
+        try:
+            return _ident(os.stat(self.path)) != self.ident
+        except OSError:
+            return True
+
+
+def _ident(st: os.stat_result) -> Tuple[int, int]:
+    return st.st_dev, st.st_ino
 
 
 def _fsync_dir(path: str, ops: FileOps = FileOps) -> None:
@@ -548,8 +561,14 @@ class Recorder:
                     self._forget(f)
                     f = None
                 else:
+                    f.ident = _ident(os.fstat(f.fd))
                     self._limit_open(key)
                     return f
+            elif f.replaced():  # one stat per file per batch
+                log.warning("a record file was removed or renamed while open; a new one is started")
+                self._close_file(f, sync=False)
+                self._forget(f)
+                f = None
             else:
                 return f
         kind, sid = key

@@ -513,6 +513,26 @@ class FaultTest(RecorderTestCase):
         self.assertEqual([json.loads(x)["n"] for x in lines_of(new)], [2])
         self.assertEqual((rec.written_total(), rec.dropped), (2, {"write_error": 1}))
 
+    def test_a_file_removed_or_renamed_while_open_is_started_again(self):
+        # Appends to a file no longer at its path would be lost with it (and free no space).
+        rec = self.recorder()
+        self.put(rec, line("s", 0))
+        [first] = data_files(self.data_dir)
+        os.remove(first)
+        self.put(rec, line("s", 1))
+        [second] = data_files(self.data_dir)
+        self.assertEqual([json.loads(x)["n"] for x in lines_of(second)], [1])
+        moved = second.replace(".jsonl", ".old")  # data_files skips it
+        os.rename(second, moved)
+        self.put(rec, line("s", 2))
+        self.put(rec, line("s", 3))
+        [third] = data_files(self.data_dir)
+        self.assertEqual([json.loads(x)["n"] for x in lines_of(third)], [2, 3])
+        with open(moved, "rb") as f:
+            self.assertEqual([json.loads(x)["n"] for x in f.read().splitlines()], [1])
+        self.assertEqual(rec.written_total(), 4)
+        self.assertIn("a record file was removed or renamed while open; a new one is started", self.logs.messages)
+
     def test_a_batch_of_several_writes_is_cut_back_whole(self):
         # The disk fills up after the first big line of a batch went out: that line is cut
         # back too, so the batch is either all there or counted dropped, never half.
