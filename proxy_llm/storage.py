@@ -327,12 +327,13 @@ class Recorder:
     def submit(self, item: object) -> bool:
         """Queue an item for writing. False (and counted) when the queue is full or closed.
 
-        With ``assist_above``, once that many records wait, the calling thread encodes its own
-        record before queueing it: requests are then arriving faster than the writer encodes,
-        and a queue left to fill would drop records. The request's response is already sent;
-        what waits is the next request of that connection, by one record's encoding (tens of
-        microseconds for a small one), never by the disk: the writer still does every write. The proxy then
-        serves requests at the pace it can record them, instead of losing records.
+        With ``assist_above``, once that many records wait (queued, or taken by the writer and
+        not yet encoded), the calling thread encodes its own record before queueing it:
+        requests are then arriving faster than the writer encodes, and a queue left to fill
+        would drop records. The request's response is already sent; what waits is the next
+        request of that connection, by one record's encoding (tens of microseconds for a small
+        one), never by the disk: the writer still does every write. The proxy then serves
+        requests at the pace it can record them, instead of losing records.
         """
         if self._closed:
             self._count_drop("closed", 1)
