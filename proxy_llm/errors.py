@@ -72,14 +72,15 @@ class Overloaded(ProxyError):
 
 
 _GEMINI_STATUS = {400: "INVALID_ARGUMENT", 401: "UNAUTHENTICATED", 404: "NOT_FOUND", 408: "DEADLINE_EXCEEDED",
-                  413: "INVALID_ARGUMENT", 426: "FAILED_PRECONDITION", 431: "INVALID_ARGUMENT", 500: "INTERNAL", 502: "UNAVAILABLE",
-                  503: "UNAVAILABLE", 504: "DEADLINE_EXCEEDED"}
+                  413: "INVALID_ARGUMENT", 426: "FAILED_PRECONDITION", 431: "INVALID_ARGUMENT", 500: "INTERNAL",
+                  502: "UNAVAILABLE", 503: "UNAVAILABLE", 504: "DEADLINE_EXCEEDED"}
 _ANTHROPIC_TYPE = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
-                   408: "timeout_error", 413: "request_too_large", 426: "invalid_request_error", 431: "invalid_request_error",
-                   500: "api_error", 502: "api_error", 503: "overloaded_error", 504: "timeout_error"}
+                   408: "timeout_error", 413: "request_too_large", 426: "invalid_request_error",
+                   431: "invalid_request_error", 500: "api_error", 502: "api_error", 503: "overloaded_error",
+                   504: "timeout_error"}
 _OPENAI_TYPE = {400: "invalid_request_error", 401: "invalid_request_error", 404: "invalid_request_error",
-                408: "timeout", 413: "invalid_request_error", 426: "invalid_request_error", 431: "invalid_request_error", 500: "server_error",
-                502: "server_error", 503: "server_error", 504: "timeout"}
+                408: "timeout", 413: "invalid_request_error", 426: "invalid_request_error", 431: "invalid_request_error",
+                500: "server_error", 502: "server_error", 503: "server_error", 504: "timeout"}
 
 
 def family_of(path: str) -> str:
