@@ -113,8 +113,9 @@ class _File:
         self.ident = _ident(os.fstat(fd))
 
     def replaced(self) -> bool:
-        """The open file is no longer at its path: removed or renamed by hand (to free space,
-        or by a log rotator). Lines appended to it would be lost with it."""
+        """The file is no longer at its path: removed or renamed by hand (to free space, or by
+        a log rotator). Lines appended to it, open, would be lost with it; reopened, closed, it
+        would be missing."""
         try:
             return _ident(os.stat(self.path)) != self.ident
         except OSError:
@@ -450,28 +451,27 @@ class Recorder:
         catch_up = self.catch_up_below
         for item in batch:
             if type(item) is _Encoded:  # a request thread encoded it (see submit)
-                for kind, sid, line in item.lines:
-                    groups.setdefault((kind, safe_sid(sid)), []).append(line)
-                continue
-            if busy >= slice_ and not self._closed:
-                if backlog() < catch_up:
-                    rest(busy)
-                    slice_ = PACE_SLICE
-                else:
-                    rest(0)
-                    slice_ = CATCH_UP_SLICE
-                busy = 0.0
-            t = clock()
-            try:
-                lines = self.encode(item)
-            except Exception:  # a bug in encoding must not kill the writer thread
-                log.exception("could not encode a record; it is dropped")
-                self._count_drop("encode_error", 1)
-                continue
-            finally:
-                busy += clock() - t
-                held -= 1
-                self._held = held
+                lines = item.lines
+            else:
+                if busy >= slice_ and not self._closed:
+                    if backlog() < catch_up:
+                        rest(busy)
+                        slice_ = PACE_SLICE
+                    else:
+                        rest(0)
+                        slice_ = CATCH_UP_SLICE
+                    busy = 0.0
+                t = clock()
+                try:
+                    lines = self.encode(item)
+                except Exception:  # a bug in encoding must not kill the writer thread
+                    log.exception("could not encode a record; it is dropped")
+                    self._count_drop("encode_error", 1)
+                    continue
+                finally:
+                    busy += clock() - t
+                    held -= 1
+                    self._held = held
             for kind, sid, line in lines:
                 groups.setdefault((kind, safe_sid(sid)), []).append(line)
         self._held = 0
@@ -555,21 +555,15 @@ class Recorder:
             if too_big or new_day:
                 self._seal(f)
                 f = None
-            elif f.fd is None:
-                try:
-                    f.fd = self.ops.open(f.path, os.O_WRONLY | os.O_APPEND | getattr(os, "O_CLOEXEC", 0))
-                except FileNotFoundError:  # removed while closed (space freed by hand): start a new file
-                    self._forget(f)
-                    f = None
-                else:
-                    f.ident = _ident(os.fstat(f.fd))
-                    self._limit_open(key)
-                    return f
-            elif f.replaced():  # one stat per file per batch
-                log.warning("a record file was removed or renamed while open; a new one is started")
-                self._close_file(f, sync=False)
+            elif f.replaced():  # open or closed, one stat per file per batch
+                log.warning("a record file was removed or renamed; a new one is started")
+                self._close_file(f, sync=False)  # (nothing to do for a closed one)
                 self._forget(f)
                 f = None
+            elif f.fd is None:
+                f.fd = self.ops.open(f.path, os.O_WRONLY | os.O_APPEND | getattr(os, "O_CLOEXEC", 0))
+                self._limit_open(key)
+                return f
             else:
                 return f
         kind, sid = key

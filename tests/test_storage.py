@@ -531,7 +531,7 @@ class FaultTest(RecorderTestCase):
         with open(moved, "rb") as f:
             self.assertEqual([json.loads(x)["n"] for x in f.read().splitlines()], [1])
         self.assertEqual(rec.written_total(), 4)
-        self.assertIn("a record file was removed or renamed while open; a new one is started", self.logs.messages)
+        self.assertIn("a record file was removed or renamed; a new one is started", self.logs.messages)
 
     def test_a_batch_of_several_writes_is_cut_back_whole(self):
         # The disk fills up after the first big line of a batch went out: that line is cut
