@@ -22,6 +22,7 @@ import hashlib
 import json
 import logging
 import random
+import re
 import time
 import zlib
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
@@ -53,6 +54,10 @@ _SHIFTS = range(120, -1, -10)
 MAX_DECODED = 256 * 1024 * 1024
 MEMO_SIZE = 4096  # entries in each of the encoder's memos before it starts again
 SCRUB_WHOLE = 16 * 1024  # request bodies up to this size are scrubbed with the rest of the line
+# A body nested deeper than this goes into the record as its text (a JSON string), not as JSON:
+# DuckDB refuses a line nested 128 levels deep, pandas one of 1,024, Python's json module one
+# at its recursion limit, and a refused line is a lost record for whoever loads the file.
+MAX_NESTING = 100
 _HEAD_START = b'{"schema_version":%d,"id":' % SCHEMA_VERSION
 
 
@@ -241,7 +246,7 @@ def parse_body(raw: bytes) -> Tuple[Any, Optional[bytes]]:
         return Binary(raw), None
     try:
         value = _DECODER.decode(text)
-    except ValueError:
+    except (ValueError, RecursionError):  # nested past the recursion limit: valid, but text here
         return text, None
     # find, not in: for bytes, "in" first tries the needle as an int (10 in b"\n") and builds,
     # then drops, a TypeError before it searches (several times the cost of the search here).
@@ -276,6 +281,45 @@ def accepted_json(raw: bytes) -> Optional[bytes]:
     if body.find(b"\n") >= 0 or body.find(b"\r") >= 0:
         body = body.replace(b"\r", b" ").replace(b"\n", b" ")
     return body
+
+
+# Everything in JSON text but brackets and quotes (see nests_within).
+_NOT_STRUCTURE = bytes(sorted(set(range(256)) - set(b'[]{}"')))
+_STRING = re.compile(rb'"[^"]*"')
+_INNERMOST = re.compile(rb"\[\]|\{\}")  # one scan a pass: one level a pass, never two
+
+
+def nests_within(data: bytes, limit: int = MAX_NESTING) -> bool:
+    """True when the JSON text ``data`` nests arrays and objects at most ``limit`` levels deep.
+
+    A level needs an opening bracket: a body with no more than ``limit`` of them (nearly every
+    body) is settled by counting, for a long one with searches that stop at the limit. Only a
+    body with more brackets is measured: escaped backslashes and quotes dropped, then all but
+    brackets and quotes, then the strings (brackets in a prompt are text), then the innermost
+    pairs, one level a pass.
+    """
+    if len(data) <= 2 * limit:
+        return True
+    if len(data) <= 4096:
+        if data.count(b"[") + data.count(b"{") <= limit:
+            return True
+    else:
+        opens = 0
+        for bracket in (b"[", b"{"):
+            i = data.find(bracket)
+            while i >= 0 and opens <= limit:
+                opens += 1
+                i = data.find(bracket, i + 1)
+        if opens <= limit:
+            return True
+    if data.find(b"\\") >= 0:
+        data = data.replace(b"\\\\", b"").replace(b'\\"', b"")  # left to right, as a parser reads
+    skeleton = _STRING.sub(b"", data.translate(None, _NOT_STRUCTURE))
+    for _ in range(limit):
+        if not skeleton:
+            return True
+        skeleton = _INNERMOST.sub(b"", skeleton)
+    return not skeleton
 
 
 def _decompress(chunks: List[Tuple[float, bytes]], encoding: str) -> Tuple[List[Tuple[float, bytes]], Optional[str]]:
@@ -577,8 +621,16 @@ class Encoder:
         front = b"".join((_HEAD_START, ident, b',"timestamp":"', timestamp.encode("ascii"), b'",', head, b",",
                          _dumps(rec)[1:-1], b',"request_headers":', self.headers_json(req_h),
                          b',"response_headers":', self.headers_json(resp_h)))
+        # A body nested too deep to load (MAX_NESTING) goes in as its text; so does a rebuilt
+        # stream body, as its JSON text.
+        if req_raw is not None and not nests_within(req_raw):
+            req_raw, req_value = None, req_body.decode("utf-8")
+        if resp_raw is not None and not nests_within(resp_raw):
+            resp_raw, resp_value = None, resp_body.decode("utf-8")
         req_json = req_raw if req_raw is not None else _dumps(req_value)
         resp_json = resp_raw if resp_raw is not None else _dumps(resp_value)
+        if resp_raw is None and type(resp_value) in (dict, list) and not nests_within(resp_json):
+            resp_json = _dumps(resp_json.decode("utf-8"))
         if len(req_json) <= SCRUB_WHOLE:
             line = scrub(b"".join((front, b',"request_body":', req_json, b',"response_body":', resp_json, b"}\n")),
                          every)

@@ -45,6 +45,25 @@ def count_lines(path: str) -> int:
         return sum(1 for _ in fh)
 
 
+def deep_records(root: str) -> str:
+    """A record file as the encoder writes it for bodies nested too deep for the loaders (a
+    request past the json module's recursion limit, an answer past DuckDB's 128 levels), and
+    one plain record; returns its path."""
+    from tests.test_record import encode, exchange
+    lines = []
+    for kw in (dict(body=b'{"model":"gpt-4o","x":%s%s}' % (b"[" * 5000, b"]" * 5000), status=400),
+               dict(resp=b'{"id":"x","y":%s%s}' % (b"[" * 300, b"]" * 300)),
+               dict()):
+        ex = exchange(**kw)
+        ex.assign_id()
+        lines += [line for _, _, line in encode(ex)[1]]
+    os.makedirs(root)
+    path = os.path.join(root, "deep.jsonl")
+    with open(path, "wb") as fh:
+        fh.writelines(lines)
+    return path
+
+
 def many_files_with_late_variation(root: str) -> int:
     """40 uniform sessions, then records whose bodies and headers vary; returns the count."""
     clock = df.Clock(seed=21)
@@ -88,6 +107,11 @@ class TestPandas(unittest.TestCase):
         self.assertEqual(sorted(json.dumps(b, sort_keys=True) for b in bodies),
                          sorted(json.dumps(r["request_body"], sort_keys=True) for r in self.man.records))
 
+    def test_records_of_bodies_nested_too_deep_load(self) -> None:
+        import pandas as pd
+        frame = pd.read_json(deep_records(os.path.join(self.tmp, "deep")), lines=True)
+        self.assertEqual(list(frame["status_code"]), [400, 200, 200])
+
     def test_torn_line_breaks_pandas_on_that_file(self) -> None:
         import pandas as pd
         torn = os.path.join(self.tmp, "torn")
@@ -121,6 +145,13 @@ class TestDuckDB(unittest.TestCase):
                          % os.path.join(data, "session_*", "*.jsonl"))
         self.assertEqual(count[0][0], sum(1 for _ in glob.glob(os.path.join(data, "session_*", "*.jsonl")))
                          and len([r for r in man.records]) - 9)  # 9 records live in the two .gz files
+
+    def test_records_of_bodies_nested_too_deep_load(self) -> None:
+        path = deep_records(os.path.join(self.tmp, "deep"))
+        for extra in ("", ", maximum_depth=1, ignore_errors=true"):  # as it is, and the README's recipe
+            rows = self.sql("select status_code from read_json('%s', format='newline_delimited'%s) "
+                            "where id is not null" % (path, extra))
+            self.assertEqual([int(r[0]) for r in rows], [400, 200, 200])  # JSON text at depth 1
 
     def test_recipe_for_varied_traffic_max_depth_1(self) -> None:
         data = os.path.join(self.tmp, "varied")

@@ -204,6 +204,24 @@ class ForwardingTest(ProxyTestCase):
         self.assertEqual(base64.b64decode(rec["response_body"]), audio)
         self.assertEqual((rec["request_bytes"], rec["response_bytes"]), (len(upload), len(audio)))
 
+    def test_bodies_nested_past_what_loaders_read_are_recorded_as_their_text(self):
+        # A request nested past the json module's recursion limit (refused) and an answer nested
+        # past DuckDB's limit (2xx): each has its record, with its body as text, which json,
+        # pandas and DuckDB can all load.
+        deep = b'{"model":"gpt-4o","messages":[],"x":%s%s}' % (b"[" * 5000, b"]" * 5000)
+        self.replies.append(Reply(400, [("Content-Type", "application/json")],
+                                  b'{"error":{"message":"too deep","type":"invalid_request_error"}}'))
+        answer = b'{"id":"x","choices":[],"y":%s%s}' % (b"[" * 200, b"]" * 200)
+        self.replies.append(Reply(200, [("Content-Type", "application/json")], answer))
+        proxy = self.start_proxy()
+        self.assertEqual(request(proxy.url, body=deep)[0], 400)
+        self.assertEqual(request(proxy.url, body=CHAT_BODY)[::2], (200, answer))
+        recs = proxy.records()
+        self.assertEqual([r["status_code"] for r in recs], [400, 200])
+        self.assertEqual(recs[0]["request_body"], deep.decode())
+        self.assertEqual(recs[1]["response_body"], answer.decode())
+        self.assertEqual(recs[0]["error"]["message"], "too deep")
+
     def test_upstream_status_headers_and_html_error_page_pass_through(self):
         html = b"<html><body><h1>502 Bad Gateway</h1></body></html>"
         self.replies.append(Reply(502, [("Content-Type", "text/html")], html))

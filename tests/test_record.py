@@ -184,6 +184,72 @@ class EncoderTest(unittest.TestCase):
         self.assertTrue(lines[0][2].endswith(b"}\n"))
         self.assertEqual(lines[0][2].count(b"\n"), 1)
 
+    def test_bodies_nested_too_deep_to_load_are_kept_as_their_text(self):
+        # A record that DuckDB (128 levels), pandas (1,024) or json (its recursion limit) cannot
+        # load is a lost record, and a parser that gives up must not lose it either.
+        def nest(depth):
+            return b'{"model":"gpt-4o","x":%s%s}' % (b"[" * depth, b"]" * depth)
+
+        def depth_of(value):
+            if isinstance(value, dict):
+                return 1 + max([depth_of(v) for v in value.values()] or [0])
+            if isinstance(value, list):
+                return 1 + max([depth_of(v) for v in value] or [0])
+            return 0
+
+        deep = record.MAX_NESTING  # with the outer object, one past the limit
+        cases = [
+            ("accepted request", dict(body=nest(deep)), "request_body"),
+            ("refused request", dict(body=nest(deep), status=400), "request_body"),
+            ("request past the recursion limit", dict(body=nest(50000), status=400), "request_body"),
+            ("response", dict(resp=nest(deep)), "response_body"),
+            ("response past the recursion limit", dict(resp=nest(50000)), "response_body"),
+        ]
+        for name, kw, field in cases:
+            with self.subTest(name):
+                ex = exchange(**kw)
+                [rec], lines = encode(ex)
+                sent = (kw.get("body") if field == "request_body" else kw.get("resp")).decode()
+                self.assertEqual(rec[field], sent)  # its exact text
+                self.assertLess(depth_of(rec), 5)
+        for name, kw, field in [("request", dict(body=nest(deep - 1)), "request_body"),
+                                ("response", dict(resp=nest(deep - 1)), "response_body")]:
+            with self.subTest("at the limit: " + name):
+                [rec], _ = encode(exchange(**kw))
+                self.assertEqual(depth_of(rec[field]), deep)  # JSON, as it was sent
+
+    def test_a_rebuilt_stream_body_nested_too_deep_is_kept_as_its_json_text(self):
+        args = "[" * 120 + "]" * 120
+        events = [
+            {"id": "c", "object": "chat.completion.chunk", "model": "m", "choices": [{"index": 0, "delta": {
+                "role": "assistant", "content": "hi"}, "finish_reason": None}]},
+            {"id": "c", "object": "chat.completion.chunk", "model": "m", "choices": [{"index": 0, "delta": {},
+                                                                                   "finish_reason": "stop"}],
+             "deep": json.loads(args)},
+        ]
+        resp = b"".join(b"data: %s\n\n" % json.dumps(e).encode() for e in events) + b"data: [DONE]\n\n"
+        [rec, stream], lines = encode(exchange(resp=resp, ctype="text/event-stream", stream=True))
+        self.assertIsInstance(rec["response_body"], str)
+        body = json.loads(rec["response_body"])
+        self.assertEqual(body["choices"][0]["message"]["content"], "hi")
+        self.assertEqual(len(stream["events"]), 3)
+
+    def test_nesting_is_measured_outside_strings(self):
+        within = record.nests_within
+        self.assertTrue(within(b"[" * 100 + b"]" * 100))
+        self.assertFalse(within(b"[" * 101 + b"]" * 101))
+        self.assertFalse(within(b'{"a":' * 60 + b'[' * 41 + b"1" + b"]" * 41 + b"}" * 60))
+        text = b'"' + b"[{" * 3000 + b'"'  # brackets in a string are text
+        self.assertTrue(within(b'{"p":%s,"q":[[1]]}' % text))
+        self.assertTrue(within(b'["a\\\\"' + b",[[1]]" * 200 + b"]"))  # an escaped backslash, then the end
+        self.assertFalse(within(b'["a\\\\",' + b"[" * 101 + b"]" * 101 + b"]"))
+        self.assertTrue(within(b'["\\"' + b"[" * 150 + b'"]'))  # an escaped quote does not end the string
+        wide = json.dumps({"tools": [{"schema": {"properties": {"a": {"items": [1, 2]}}}} for _ in range(500)],
+                           "text": "x" * 10000}).encode()
+        self.assertGreater(wide.count(b"{"), 2000)
+        self.assertTrue(within(wide))  # many brackets, shallow
+        self.assertFalse(within(b'{"t":"%s","x":%s}' % (b"y" * 10000, b"[" * 101 + b"]" * 101)))
+
     def test_bodies_that_are_not_utf8_are_kept_exactly_in_base64_and_scrubbed_first(self):
         secret = "sk-binary-0123456789"
         # A transcription upload (multipart with WAV bytes) and a speech answer (MP3 bytes).
