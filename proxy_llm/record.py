@@ -257,10 +257,11 @@ def parse_body(raw: bytes) -> Tuple[Any, Optional[bytes]]:
 
 
 def accepted_json(raw: bytes) -> Optional[bytes]:
-    """A request body an upstream accepted (2xx): its bytes ready to splice into a JSON line, or None.
+    """A request body a model API accepted (2xx): its bytes ready to splice into a JSON line, or None.
 
     Parsing a 100 KB request only to prove it is JSON costs more than forwarding it, and even a
-    small one costs the writer more than these checks; an upstream that answered 2xx has parsed
+    small one costs the writer more than these checks; a model API (chat, messages, responses,
+    embeddings, generateContent ...: an endpoint with a dialect) that answered 2xx has parsed
     it already. What is still checked here, cheaply: it is one
     JSON object (``{`` ... ``}``), valid UTF-8, and holds no ``NaN``/``Infinity`` (which lenient
     servers accept and strict readers of the record would not). Anything else returns None and
@@ -472,7 +473,11 @@ class Encoder:
         req_value, req_raw = None, None
         session = self.header_session(req_h)
         accepted = ex.status is not None and 200 <= ex.status < 300
-        if accepted and not ex.request.truncated and (session is not None or req_body.find(b'"user_id"') < 0):
+        dialect = dialects.select(ex.provider_type or ex.family, ex.method, ex.path)
+        # Only a model API's 2xx vouches for the body: an endpoint this proxy does not know may
+        # ignore a body, and answer 2xx to one that is not JSON at all.
+        if accepted and dialect is not dialects.GENERIC and not ex.request.truncated and (
+                session is not None or req_body.find(b'"user_id"') < 0):
             # The model then comes from the routing scan (exact below sniff.CHEAP_SIDE), and
             # "stream", if routing left it open, from sniff_stream below.
             req_raw = accepted_json(req_body)
@@ -497,7 +502,6 @@ class Encoder:
                 # look near the ends only (where the SDKs put the key), not through the body.
                 ex.stream = sniff_stream(req_body, whole=not accepted)
         resp_encoding = resp_h.get("content-encoding", "")
-        dialect = dialects.select(ex.provider_type or ex.family, ex.method, ex.path)
         events: List[Tuple[float, Any]] = []
         stream_truncated = False
         resp_raw = None
