@@ -82,15 +82,21 @@ def read_body(rfile: BinaryIO, headers: Iterable[Tuple[str, str]], limit: int) -
     if te:
         if cl:
             raise BodyError(400, "request has both Content-Length and Transfer-Encoding")
-        codings = [t.strip().lower() for v in te for t in v.split(",") if t.strip()]
+        # Stripped of spaces and tabs only: str.strip() would also take \x0b or \x85 off
+        # "chunked\x0b", a coding another server in front may not read as chunked.
+        codings = [t.strip(" \t").lower() for v in te for t in v.split(",") if t.strip(" \t")]
         if codings != ["chunked"]:
             raise BodyError(400, "unsupported Transfer-Encoding")
         return _read_chunked(rfile, limit)
     if not cl:
         return b""
-    if (len(cl) > 1 and len(set(v.strip() for v in cl)) != 1) or not cl[0].strip().isdigit():
+    value = cl[0].strip()
+    # ASCII digits only ("²".isdigit() is true, and int() refuses it), and few of them (int()
+    # refuses past 4,300 digits; anything past 19 is over every limit anyway).
+    if (len(cl) > 1 and len(set(v.strip() for v in cl)) != 1) or not (
+            value.isdigit() and value.isascii() and len(value) <= 19):
         raise BodyError(400, "invalid Content-Length")
-    length = int(cl[0])
+    length = int(value)
     if length > limit:
         raise BodyError(413, "request body is %d bytes; the limit is %d" % (length, limit))
     data = rfile.read(length)

@@ -36,7 +36,10 @@ class BodyTest(unittest.TestCase):
         with self.assertRaises(wire.BodyError) as cm:
             wire.read_body(io.BytesIO(b"abc"), headers(("Content-Length", "5")), 10)
         self.assertEqual(cm.exception.status, 400)
-        for bad in ("-1", "abc", "1e3"):
+        # "\xb2" (superscript two) and "\u0665" (Arabic-Indic five) are digits to str.isdigit()
+        # that int() refuses; 5,000 digits are past int()'s limit: each was a ValueError that
+        # escaped, and the client got a dropped connection instead of a 400.
+        for bad in ("-1", "abc", "1e3", "\xb2", "\u0665", "\x1c5", "9" * 5000, "9" * 20):
             with self.assertRaises(wire.BodyError):
                 wire.read_body(io.BytesIO(b""), headers(("Content-Length", bad)), 10)
         with self.assertRaises(wire.BodyError):
@@ -53,6 +56,11 @@ class BodyTest(unittest.TestCase):
                 wire.read_body(io.BytesIO(body[:cut]), headers(("Transfer-Encoding", "chunked")), 100)
         with self.assertRaises(wire.BodyError):
             wire.read_body(io.BytesIO(body), headers(("Transfer-Encoding", "gzip, chunked")), 100)
+        for odd in ("chunked\x0b", "\x85chunked", "chunked\x1c"):  # str.strip() would take these off
+            with self.subTest(coding=odd), self.assertRaises(wire.BodyError):
+                wire.read_body(io.BytesIO(body), headers(("Transfer-Encoding", odd)), 100)
+        self.assertEqual(wire.read_body(io.BytesIO(body), headers(("Transfer-Encoding", " Chunked\t")), 100),
+                         b"Wikipedia")
         with self.assertRaises(wire.BodyError):
             wire.read_body(io.BytesIO(body), headers(("Transfer-Encoding", "chunked"), ("Content-Length", "3")), 100)
 
