@@ -28,7 +28,7 @@ import zlib
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 from . import dialects, wire
-from .sniff import sniff_stream
+from .sniff import model_is_exact, sniff_stream
 from .storage import RECORDS, STREAMS
 from .storage import safe_sid as session_file_id  # the rule lives with the files
 
@@ -477,9 +477,9 @@ class Encoder:
         # Only a model API's 2xx vouches for the body: an endpoint this proxy does not know may
         # ignore a body, and answer 2xx to one that is not JSON at all.
         if accepted and dialect is not dialects.GENERIC and not ex.request.truncated and (
-                session is not None or req_body.find(b'"user_id"') < 0):
-            # The model then comes from the routing scan (exact below sniff.CHEAP_SIDE), and
-            # "stream", if routing left it open, from sniff_stream below.
+                session is not None or req_body.find(b'"user_id"') < 0) and model_is_exact(req_body):
+            # The model then comes from the routing scan (exact where model_is_exact says so),
+            # and "stream", if routing left it open, from sniff_stream below.
             req_raw = accepted_json(req_body)
         if req_raw is None:
             req_value, req_raw = parse_body(req_body)

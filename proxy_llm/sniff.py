@@ -23,6 +23,8 @@ from typing import Optional, Tuple
 _STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"')
 _MODEL_VALUE = re.compile(rb'"model"\s*:\s*("[^"\\]*(?:\\.[^"\\]*)*")')
 _STREAM_VALUE = re.compile(rb'"stream"\s*:\s*(true|false)')
+_KEY = re.compile(rb'"(?:model|stream)"\s*:')
+_MODEL_KEY = re.compile(rb'"model"')
 CHEAP_SIDE = 16 * 1024   # bytes of context scanned at most to prove a candidate's depth
 
 
@@ -33,7 +35,16 @@ def _open_brackets(segment: bytes) -> int:
 
 
 def _at_top_level(body: bytes, start: int, end: int) -> Optional[bool]:
-    """Is the key at ``start`` (whose value ends at ``end``) a top-level key? None: too costly."""
+    """Is the key at ``start`` (whose value ends at ``end``) a top-level key? None: too costly.
+
+    A candidate whose first quote is escaped (``{"x\\"model":"m"}``) is the end of a string,
+    not a key.
+    """
+    slashes = 0
+    while start > slashes and body[start - slashes - 1] == 0x5C:  # backslashes before its quote
+        slashes += 1
+    if slashes % 2:
+        return False
     if start <= CHEAP_SIDE:
         return _open_brackets(body[:start]) == 1
     if len(body) - end <= CHEAP_SIDE:
@@ -44,20 +55,31 @@ def _at_top_level(body: bytes, start: int, end: int) -> Optional[bool]:
 def _find(body: bytes, key: bytes, pattern: "re.Pattern[bytes]") -> Optional["re.Match[bytes]"]:
     """The match of ``pattern`` for the top-level ``key``, or None.
 
-    First the last ``CHEAP_SIDE`` bytes are searched (the Python SDKs put ``model`` and
-    ``stream`` after the messages), then the body from the start. A candidate is accepted when
-    its shorter side proves it is at the top level, skipped when that proves it nested, and, when
-    both sides are long, accepted as it is: in real request bodies a nested ``"model": "..."``
-    before the top-level one does not occur (message texts and tool arguments are strings,
-    where quotes are escaped). The recorder reads the exact value from the parsed body later;
-    only routing uses this one.
+    First the last ``CHEAP_SIDE`` bytes are searched from their end (the Python SDKs put
+    ``model`` and ``stream`` after the messages, and of a key given twice a parser keeps the
+    last), then the body from the start. A candidate is accepted when its shorter side proves it
+    is at the top level, skipped when that proves it nested, and, when both sides are long,
+    accepted as it is: in real request bodies a nested ``"model": "..."`` before the top-level
+    one does not occur (message texts and tool arguments are strings, where quotes are escaped).
+    On a body of at most ``CHEAP_SIDE`` bytes the first pass covers it all, and the answer is a
+    parser's. The recorder checks when it can trust this answer on a longer one
+    (:func:`model_is_exact`).
     """
     n = len(body)
-    pos = body.rfind(key, max(0, n - CHEAP_SIDE))
-    if pos >= 0:
+    tail = max(0, n - CHEAP_SIDE)
+    pos = body.rfind(key, tail)
+    while pos >= 0:
         m = pattern.match(body, pos)
-        if m is not None and _at_top_level(body, pos, m.end()):
-            return m
+        if m is not None:
+            if _at_top_level(body, pos, m.end()):
+                return m
+        else:  # the key with a value of another kind (null, a number): if it is the last one, none
+            k = _KEY.match(body, pos)
+            if k is not None and _at_top_level(body, pos, k.end()):
+                return None
+        pos = body.rfind(key, tail, pos)
+    if tail == 0:
+        return None
     pos = body.find(key)
     while pos >= 0:
         m = pattern.match(body, pos)
@@ -70,8 +92,8 @@ def _find(body: bytes, key: bytes, pattern: "re.Pattern[bytes]") -> Optional["re
 def sniff(body: bytes) -> Tuple[Optional[str], Optional[bool]]:
     """Return (model, stream) of a JSON object body.
 
-    ``model`` is None when absent or not a string; on a body under ``CHEAP_SIDE`` bytes it is
-    exactly what a full parse finds. ``stream`` is None (not looked for) for an object: the
+    ``model`` is None when absent or not a string; on a body of at most ``CHEAP_SIDE`` bytes it
+    is exactly what a full parse finds (the last of a key given twice, never one inside a string). ``stream`` is None (not looked for) for an object: the
     request's own thread does not need it (the response says whether it is a stream), and the
     recorder settles it from the parsed body, or with :func:`sniff_stream` for one it splices unparsed.
     """
@@ -87,6 +109,24 @@ def sniff(body: bytes) -> Tuple[Optional[str], Optional[bool]]:
         except ValueError:
             model = None
     return model, None
+
+
+def model_is_exact(body: bytes) -> bool:
+    """Whether :func:`sniff`'s model for ``body`` is the one a full parse finds.
+
+    Always on a body of at most ``CHEAP_SIDE`` bytes; on a longer one, when ``"model"`` occurs
+    at most once and, if once, near enough to an end for its depth to be proved (a key given
+    twice, or one in the middle of a long body, is taken on trust by routing).
+    """
+    if len(body) <= CHEAP_SIDE:
+        return True
+    first = _MODEL_KEY.search(body)  # (the re module's literal search: twice bytes.find's speed here)
+    if first is None:
+        return True
+    first = first.start()
+    if _MODEL_KEY.search(body, first + 1) is not None:
+        return False
+    return first <= CHEAP_SIDE or len(body) - first <= CHEAP_SIDE
 
 
 def sniff_stream(body: bytes, whole: bool = True) -> bool:

@@ -120,6 +120,24 @@ class EncoderTest(unittest.TestCase):
                 [rec], lines = encode(ex)
                 self.assertEqual(rec["request_body"], broken.decode())
 
+    def test_the_recorded_model_is_the_one_the_upstream_read(self):
+        # Of a key given twice the upstream's parser keeps the last; a "model" inside a string is
+        # not one. Routing, on a long body, may take the first; the record may not.
+        pad = "p" * (40 * 1024)
+        cases = [
+            (b'{"model":"cheap-1","model":"gpt-big","pad":"%s"}' % pad.encode(), "gpt-big"),
+            (b'{"pad":"%s","model":"cheap-1","model":"gpt-big","x":"%s"}' % (pad.encode(), pad.encode()), "gpt-big"),
+            (b'{"model":"gpt-big","x\\"model":"cheap-1"}', "gpt-big"),
+            (b'{"pad":"%s","x\\"model":"cheap-1"}' % pad.encode(), None),
+            (b'{"model":"cheap-1","model":null}', None),
+        ]
+        for body, model in cases:
+            with self.subTest(body=body[:60]):
+                ex = exchange(body=body)
+                [rec], _ = encode(ex)
+                self.assertEqual(rec["model"], model)
+                self.assertEqual(rec["request_body"], json.loads(body))
+
     def test_stream_flag_left_open_by_routing_is_settled_by_the_recorder(self):
         pad = b"y" * 9000
         big = b"z" * 40000

@@ -9,7 +9,7 @@ import unittest
 
 from proxy_llm import wire
 from proxy_llm.handler import endpoint_label, narrow_accept_encoding
-from proxy_llm.sniff import sniff, sniff_stream
+from proxy_llm.sniff import model_is_exact, sniff, sniff_stream
 from proxy_llm.record import Binary, new_id, parse_body, session_file_id
 
 KEY = b"k" * 32
@@ -143,6 +143,29 @@ class SniffTest(unittest.TestCase):
             with self.subTest(body=body):
                 self.assertEqual(sniff(body), (obj.get("model"), None))
                 self.assertEqual(sniff_stream(body), obj.get("stream") is True)
+
+
+    def test_matches_a_full_parse_with_repeated_and_escaped_keys(self):
+        # Written as text: a key given twice (a parser keeps the last), keys that end in an
+        # escaped quote and "model" (inside a string, not the key), values of every kind.
+        rnd = random.Random(11)
+        keys = [b'"model"', b'"model"', b'"stream"', b'"x\\"model"', b'"x\\"stream"', b'"messages"', b'"y\\\\"']
+        values = [b'"a"', b'"b\\u00e9"', b"null", b"4", b"true", b"false", b'{"model":"n","stream":true}',
+                  b'[{"model":"m"}]', b'"\\"model\\":\\"s\\""']
+        for pad in (0, 40 * 1024):
+            for _ in range(400):
+                pairs = [b"%s:%s" % (rnd.choice(keys), rnd.choice(values)) for _ in range(rnd.randint(0, 5))]
+                if pad:
+                    pairs.insert(rnd.randint(0, len(pairs)), b'"pad":"%s"' % (b"p" * pad))
+                body = b"{%s}" % b",".join(pairs)
+                parsed = json.loads(body)
+                model = parsed.get("model") if isinstance(parsed.get("model"), str) else None
+                with self.subTest(body=body[:300]):
+                    if not pad:
+                        self.assertTrue(model_is_exact(body))
+                        self.assertEqual(sniff_stream(body), parsed.get("stream") is True)
+                    if model_is_exact(body):
+                        self.assertEqual(sniff(body)[0], model)
 
 
 class LabelTest(unittest.TestCase):
