@@ -20,6 +20,7 @@ import socket
 import sys
 import threading
 import time
+import traceback
 from typing import List, Optional
 
 from . import __version__
@@ -28,6 +29,7 @@ from .config import Config, ConfigError, load, parse_listen
 log = logging.getLogger("proxy_llm")
 
 SUBCOMMANDS = ("export", "stats", "verify")
+INTERNAL_ERROR = 3  # the exit status of a subcommand that failed on a bug
 CONFIG_DEFAULT = "config.json"
 
 
@@ -96,12 +98,22 @@ def run_subcommand(name: str, argv: List[str]) -> int:
             if getattr(args, "data_dir", None) is None:
                 print("proxy_llm: %s" % exc, file=sys.stderr)
                 return 2
+    for stream in (sys.stdout, sys.stderr):
+        # A file name that is not UTF-8, or a field holding a lone surrogate, is printed escaped
+        # rather than stopping the command half-way.
+        reconfigure = getattr(stream, "reconfigure", None)
+        if reconfigure is not None:
+            reconfigure(errors="backslashreplace")
     try:
         return int(module.run(args, default_dir))
     except KeyboardInterrupt:
         return 130
     except BrokenPipeError:
         return 0
+    except Exception:  # a bug: not to be read as an exit status of the command (verify's 1, problems)
+        traceback.print_exc()
+        sys.stderr.write("proxy_llm %s failed: this is a bug in proxy_llm (exit status %d)\n" % (name, INTERNAL_ERROR))
+        return INTERNAL_ERROR
 
 
 def fingerprint_key(data_dir: str) -> bytes:

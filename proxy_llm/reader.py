@@ -41,6 +41,15 @@ import zlib
 
 from .storage import safe_sid as session_file_id  # the rule the files were named by
 
+
+def _refuse_constant(name: str) -> None:
+    raise ValueError("%s is not JSON" % name)
+
+
+# NaN and Infinity are not JSON: the proxy never writes them, strict readers (and the exports,
+# written for them) refuse them, so a line holding one is a bad line, reported as such.
+_DECODER = json.JSONDecoder(parse_constant=_refuse_constant)
+
 __all__ = [
     "DataDirError",
     "ReadStats",
@@ -223,7 +232,8 @@ def _iter_file(path: str, stats: ReadStats):
                     continue
                 stats.lines += 1
                 try:
-                    obj = json.loads(line)
+                    # As json.loads(line), without NaN and Infinity (UnicodeDecodeError is a ValueError).
+                    obj = _DECODER.decode(line.decode(json.detect_encoding(line), "surrogatepass"))
                 except (ValueError, RecursionError):
                     obj = None
                 whole = line.endswith(b"\n")

@@ -48,7 +48,15 @@ def percentile(values, p: float):
 
 
 def _number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+    """A count, size or time a record could hold: not a bool, not NaN or infinite (1e400 reads
+    as infinity), and below 10**15 (an int of 400 digits has no float)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and -1e15 < value < 1e15
+
+
+def _shown(name: str) -> str:
+    """A session, model or provider name as a table cell: control characters (a terminal's
+    escape sequences) and lone surrogates escaped."""
+    return name if name.isprintable() else repr(name)[1:-1]
 
 
 class Group(object):
@@ -70,9 +78,11 @@ class Group(object):
         ended = str(rec.get("ended"))
         self.ended[ended] = self.ended.get(ended, 0) + 1
         code = rec.get("status_code")
-        klass = "%dxx" % (code // 100) if isinstance(code, int) else "none"
+        if isinstance(code, bool) or not isinstance(code, int):
+            code = None
+        klass = "%dxx" % (code // 100) if code is not None else "none"
         self.status[klass] = self.status.get(klass, 0) + 1
-        if not isinstance(code, int) or code >= 400:
+        if code is None or code >= 400:
             self.http_errors += 1
         tokens = rec.get("tokens_used")
         if isinstance(tokens, dict):
@@ -173,7 +183,7 @@ def render_table(title: str, groups: dict, total: Group) -> str:
     """A fixed-width table: one row per group (most requests first) and a total row."""
     rows = [[title] + [name for name, _ in COLUMNS]]
     for key, group in sorted(groups.items(), key=lambda kv: (-kv[1].requests, kv[0])):
-        rows.append([key] + [fn(group) for _, fn in COLUMNS])
+        rows.append([_shown(key)] + [fn(group) for _, fn in COLUMNS])
     rows.append(["total"] + [fn(total) for _, fn in COLUMNS])
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = []

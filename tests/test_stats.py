@@ -9,6 +9,7 @@ import subprocess
 import sys
 import tempfile
 import unittest
+import unittest.mock
 from contextlib import redirect_stderr, redirect_stdout
 
 from proxy_llm import stats
@@ -128,6 +129,71 @@ class TestStats(unittest.TestCase):
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=60)
         self.assertEqual(proc.returncode, 0, proc.stderr)
         self.assertEqual(json.loads(proc.stdout)["total"]["requests"], len(self.man.records))
+
+
+class TestOddRecords(unittest.TestCase):
+    """Records no proxy wrote (hand-edited, or from another tool): the subcommands report what
+    they can and never stop on them (each case once stopped one with a traceback)."""
+
+    def setUp(self) -> None:
+        self.tmp = tempfile.mkdtemp(prefix="stats-odd-")
+        self.addCleanup(shutil.rmtree, self.tmp)
+        self.data = os.path.join(self.tmp, "data")
+        os.makedirs(os.path.join(self.data, "session_s"))
+        self.path = os.path.join(self.data, "session_s", "session_s_20261127_000000.jsonl")
+
+    def write(self, *lines: bytes) -> None:
+        with open(self.path, "wb") as fh:
+            fh.write(b"".join(line + b"\n" for line in lines))
+
+    def command(self, *argv: str) -> subprocess.CompletedProcess:
+        # A strict UTF-8 terminal: what a lone surrogate or a file name that is not UTF-8 meets.
+        return subprocess.run([sys.executable, "-m", "proxy_llm"] + list(argv) + ["--data-dir", self.data],
+                              cwd=self.tmp, env=dict(os.environ, PYTHONPATH=ROOT, PYTHONIOENCODING="utf-8"),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=60)
+
+    def test_numbers_no_float_holds(self) -> None:
+        self.write(b'{"id":"a","session_id":"s","duration":1e400,"ttft_ms":1e999,"request_bytes":1e999,"status_code":true}',
+                   b'{"id":"b","session_id":"s","duration":%s,"response_bytes":%s}' % (b"9" * 400, b"9" * 400),
+                   b'{"id":"c","session_id":"s","duration":2.5,"status_code":200,"request_bytes":10}')
+        for argv in (["stats"], ["stats", "--json"]):
+            with self.subTest(argv=argv):
+                proc = self.command(*argv)
+                self.assertEqual(proc.returncode, 0, proc.stderr)
+        report = json.loads(self.command("stats", "--json").stdout)["total"]
+        self.assertEqual(report["requests"], 3)
+        self.assertEqual(report["duration_ms"], {"p50": 2.5, "p95": 2.5})  # only the one that is a time
+        self.assertEqual((report["request_bytes"], report["response_bytes"]), (10, 0))
+        self.assertEqual(report["status"], {"2xx": 1, "none": 2})  # true is not a status
+
+    def test_nan_and_infinity_lines_are_bad_lines(self) -> None:
+        self.write(b'{"id":"a","session_id":"s","duration":NaN}', b'{"id":"b","session_id":"s","duration":-Infinity}',
+                   b'{"id":"c","session_id":"s","duration":1.5}')
+        report = json.loads(self.command("stats", "--json").stdout)
+        self.assertEqual(report["total"]["requests"], 1)
+        self.assertEqual(report["read"]["bad_lines"], 2)
+        proc = self.command("verify")
+        self.assertEqual(proc.returncode, 1, proc.stderr)
+        self.assertIn(b"record lines that do not parse (2)", proc.stdout)
+
+    def test_names_a_terminal_cannot_show_are_escaped(self) -> None:
+        self.write(b'{"id":"a","session_id":"a\\ud800","model":"m\\u001b[31m","x\\udfff":1,"duration":1}')
+        proc = self.command("stats")
+        self.assertEqual(proc.returncode, 0, proc.stderr)
+        self.assertIn(b"a\\ud800", proc.stdout)
+        self.assertIn(b"m\\x1b[31m", proc.stdout)
+        self.assertNotIn(b"\x1b", proc.stdout)
+        proc = self.command("verify")
+        self.assertIn(proc.returncode, (0, 1), proc.stderr)
+        self.assertIn(b"x\\udfff", proc.stdout)
+
+    def test_a_crash_is_exit_status_3_not_problems_found(self) -> None:
+        from proxy_llm import cli
+        err = io.StringIO()
+        with unittest.mock.patch.object(stats, "run", side_effect=RuntimeError("a bug")), redirect_stderr(err):
+            code = cli.main(["stats", "--data-dir", self.data])
+        self.assertEqual(code, cli.INTERNAL_ERROR)
+        self.assertIn("RuntimeError: a bug", err.getvalue())
 
 
 if __name__ == "__main__":
