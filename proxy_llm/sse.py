@@ -156,7 +156,12 @@ class SSEDecoder(object):
                 # Second half of a CRLF split across reads. It belongs to the
                 # raw text of the line it ended, if that line is still held.
                 if self._has_lines and not self._skipping:
-                    self._raw.append(b"\n")
+                    self._event_size += 1  # counted as it is when the CRLF comes whole
+                    if self._event_size > self.max_event_size:
+                        self._overflow()
+                        self._skip_line_nonempty = False
+                    else:
+                        self._raw.append(b"\n")
                 pos = 1
         search = _LINE_END.search
         while pos < n:

@@ -215,6 +215,50 @@ class NeverRaisesTest(unittest.TestCase):
         self.assertFalse(res.complete)
 
 
+class OneOddEventTest(unittest.TestCase):
+    """An event of the wrong shape among good ones is skipped: the good ones are still rebuilt
+    (each case once turned the whole record into a reassembly_error, or worse)."""
+
+    def assertKept(self, res, text):
+        self.assertIsNone(res.error)
+        self.assertIn(text, json.dumps(res.response_body))
+
+    def test_chat_choices_that_are_not_a_list(self):
+        for odd in (5, True, "x", {"index": 0}):
+            with self.subTest(choices=odd):
+                res = DIALECTS["openai_chat"].reassemble(events_of(
+                    {"id": "c", "choices": [{"index": 0, "delta": {"content": "hi"}}]}, {"choices": odd},
+                    {"id": "c", "choices": [{"index": 0, "delta": {"content": " there"}, "finish_reason": "stop"}]},
+                    "[DONE]"))
+                self.assertKept(res, "hi there")
+
+    def test_anthropic_block_index_that_is_not_an_int(self):
+        for odd in ([0], {"i": 0}, True, "0"):
+            with self.subTest(index=odd):
+                res = DIALECTS["anthropic_messages"].reassemble(events_of(
+                    {"type": "message_start", "message": {"id": "m", "content": []}},
+                    {"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}},
+                    {"type": "content_block_start", "index": 1, "content_block": {"type": "text", "text": ""}},
+                    {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": "hi"}},
+                    {"type": "content_block_delta", "index": odd, "delta": {"type": "text_delta", "text": "odd"}},
+                    {"type": "content_block_stop", "index": odd},
+                    {"type": "content_block_stop", "index": 0}, {"type": "message_stop"}))
+                self.assertKept(res, "hi")
+                self.assertEqual([b["text"] for b in res.response_body["content"]], ["hi", ""])  # true is not 1
+
+    def test_responses_part_index_far_ahead(self):
+        # Parts come in order; an index of 10**9 padded a list to 10**9 entries (minutes, gigabytes;
+        # 2**63 never ended). 10**7 is enough to tell, and ends without the bound too.
+        odd = 10 ** 7
+        res = DIALECTS["openai_responses"].reassemble(events_of(
+            {"type": "response.output_text.delta", "output_index": 0, "content_index": 0, "delta": "hi"},
+            {"type": "response.output_text.delta", "output_index": 0, "content_index": odd, "delta": "x"},
+            {"type": "response.reasoning_summary_text.delta", "output_index": 1, "summary_index": odd,
+             "delta": "y"}))
+        self.assertKept(res, "hi")
+        self.assertEqual(len(res.response_body["output"][0]["content"]), 1)
+
+
 def events_of(*payloads, **kw):
     """SSE events with the given JSON payloads (str payloads are sent as is)."""
     name = kw.get("event")

@@ -144,6 +144,21 @@ class SSEDecoderTest(unittest.TestCase):
             dec.close()
 
 
+class SSEBoundTest(unittest.TestCase):
+    def test_the_bound_does_not_depend_on_where_a_crlf_is_split(self):
+        # The LF of a CRLF that came in the next read went uncounted: an event near the bound
+        # was kept or dropped depending on how the network split it.
+        for size in range(6, 14):
+            whole = SSEDecoder(size)
+            expected = [e.data for e in whole.feed(b"data: x\r\n\r\n") + whole.close()]
+            for cut in range(1, 11):
+                with self.subTest(size=size, cut=cut):
+                    d = SSEDecoder(size)
+                    data = b"data: x\r\n\r\n"
+                    got = [e.data for e in d.feed(data[:cut]) + d.feed(data[cut:]) + d.close()]
+                    self.assertEqual((got, d.truncated), (expected, whole.truncated))
+
+
 class JSONArrayDecoderTest(unittest.TestCase):
     def test_elements(self):
         data = b'[{"a": "x]}\\"{"},\r\n{"b": [1, {"c": 2}]}\n,\n{"d": null}\n]'

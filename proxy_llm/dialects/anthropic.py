@@ -55,6 +55,13 @@ def anthropic_usage(usage):
     return make_usage(prompt, usage.get("output_tokens"), None, read, created)
 
 
+def _block(blocks, payload):
+    """The block an event's ``index`` names, or None (an index that is not an int, a list or
+    true, names none: true would be block 1 as a dict key)."""
+    index = payload.get("index")
+    return blocks.get(index) if is_int(index) else None
+
+
 def _event_error(payload):
     err = payload.get("error")
     if isinstance(err, dict):
@@ -138,12 +145,12 @@ class AnthropicMessages(Dialect):
                 if is_int(index) and isinstance(block, dict):
                     blocks[index] = _Block(dict(block))
             elif etype == "content_block_delta":
-                acc = blocks.get(payload.get("index"))
+                acc = _block(blocks, payload)
                 delta = payload.get("delta")
                 if acc is not None and isinstance(delta, dict):
                     acc.delta(delta)
             elif etype == "content_block_stop":
-                acc = blocks.get(payload.get("index"))
+                acc = _block(blocks, payload)
                 if acc is not None:
                     acc.finish()
             elif etype == "message_delta":

@@ -233,7 +233,8 @@ class OpenAIChat(Dialect):
                     head[key] = value
             if isinstance(chunk.get("usage"), dict):
                 usage = chunk["usage"]
-            for choice in chunk.get("choices") or ():
+            choices_sent = chunk.get("choices")
+            for choice in choices_sent if isinstance(choices_sent, list) else ():
                 if not isinstance(choice, dict):
                     continue
                 index = choice.get("index")

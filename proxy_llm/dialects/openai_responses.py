@@ -70,6 +70,9 @@ def _response_error(response):
     return None
 
 
+MAX_PART_GAP = 64  # content or summary parts an event may skip ahead of the ones seen
+
+
 def _slot(items, index, default_factory):
     """``items[index]``, growing the list with placeholders as needed."""
     while len(items) <= index:
@@ -109,6 +112,8 @@ class _Items(object):
         parts = item.get(key)
         if not isinstance(parts, list):
             parts = item[key] = []
+        if index > len(parts) + MAX_PART_GAP:  # parts come in order: 10**9 would be a list of 10**9
+            return None
         return _slot(parts, index, lambda: {"type": part_type, "text": ""})
 
     def apply(self, etype, ev):
