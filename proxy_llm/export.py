@@ -64,7 +64,8 @@ token counting, legacy completions, anything not a chat dialect), ``error``
 (a body was cut at capture time, ``capture_max_body``), ``bad_body`` (a body without the
 dialect's shape), ``no_response`` (no assistant message in the response),
 ``empty_answer`` (the answer would export as nothing: thinking only without
-``--include-thinking``, or only non-text parts).
+``--include-thinking``, or only non-text parts), ``non_finite`` (a NaN or Infinity
+number, which JSON cannot hold: the output stays strict JSON; any format).
 The recorder puts an ``error`` in every record that did not end ``completed``,
 so the partial answers of aborted streams are skipped as ``error`` as well.
 
@@ -121,6 +122,7 @@ import argparse
 import fnmatch
 import hashlib
 import json
+import math
 import os
 import re
 import sys
@@ -157,7 +159,7 @@ class UsageError(Exception):
 
 
 class Skip(Exception):
-    """A record that cannot become a conversation; ``reason`` is the summary key."""
+    """A record that cannot be exported (as a conversation); ``reason`` is the summary key."""
 
     def __init__(self, reason: str) -> None:
         Exception.__init__(self, reason)
@@ -202,10 +204,31 @@ def _text(parts: list, text) -> None:
         parts.append({"type": "text", "text": text})
 
 
+def _list(value) -> list:
+    """``value`` if it is a list, else ``[]``: the odd field of a damaged or hand-edited
+    record (``"tools": 5``, ``"summary": true``) is ignored, never iterated."""
+    return value if isinstance(value, list) else []
+
+
+def _hashable(value):
+    """``value`` as a dict key: a list or object (a damaged record) by its JSON text."""
+    if isinstance(value, (list, dict)):
+        return ("json", json.dumps(value, sort_keys=True))
+    return value
+
+
+def _dumps(value) -> str:
+    """JSON text of ``value``; Skip("non_finite") for NaN or Infinity, which JSON cannot hold."""
+    try:
+        return json.dumps(value, ensure_ascii=False, allow_nan=False)
+    except ValueError:
+        raise Skip("non_finite")
+
+
 def _json_text(value) -> str:
     if isinstance(value, str):
         return value
-    return json.dumps(value, ensure_ascii=False)
+    return _dumps(value)
 
 
 def _parts_text(parts: list) -> str:
@@ -286,7 +309,7 @@ def _openai_message(m: dict, dropped: Counter):
             if isinstance(m.get(key), str) and m[key]:
                 out["thinking"].append(m[key])
                 break
-        for call in m.get("tool_calls") or []:
+        for call in _list(m.get("tool_calls")):
             if not isinstance(call, dict):
                 continue
             fn = call.get("function")
@@ -326,13 +349,13 @@ def _from_openai_chat(req: dict, resp, dropped: Counter) -> Conversation:
     message = dict(message, role="assistant")
     out.append(_openai_message(message, dropped))
     tools = []
-    for tool in req.get("tools") or []:
+    for tool in _list(req.get("tools")):
         fn = tool.get("function") if isinstance(tool, dict) else None
         if isinstance(tool, dict) and tool.get("type") == "function" and isinstance(fn, dict):
             tools.append(_function_tool(fn.get("name"), fn.get("description"), fn.get("parameters")))
         else:
             dropped.add("server_tool")
-    for fn in req.get("functions") or []:
+    for fn in _list(req.get("functions")):
         if isinstance(fn, dict):
             tools.append(_function_tool(fn.get("name"), fn.get("description"), fn.get("parameters")))
     return Conversation(out, tools)
@@ -368,7 +391,7 @@ class _ResponsesBuilder(object):
         if isinstance(content, str):
             _text(parts, content)
             return
-        for part in content if isinstance(content, list) else []:
+        for part in _list(content):
             if not isinstance(part, dict):
                 continue
             kind = part.get("type")
@@ -418,9 +441,9 @@ class _ResponsesBuilder(object):
                 _text(m["parts"], _json_text(output) if output is not None else "")
             self.messages.append(m)
         elif kind == "reasoning":
-            texts = [s.get("text") for s in item.get("summary") or []
+            texts = [s.get("text") for s in _list(item.get("summary"))
                      if isinstance(s, dict) and isinstance(s.get("text"), str) and s.get("text")]
-            texts += [c.get("text") for c in item.get("content") or []
+            texts += [c.get("text") for c in _list(item.get("content"))
                       if isinstance(c, dict) and isinstance(c.get("text"), str) and c.get("text")]
             if texts:
                 self.pending_thinking.append("\n".join(texts))
@@ -455,7 +478,7 @@ def _from_responses(req: dict, resp, dropped: Counter) -> Conversation:
     if not any(m["role"] == "assistant" for m in builder.messages[start:]):
         raise Skip("no_response")
     tools = []
-    for tool in req.get("tools") or []:
+    for tool in _list(req.get("tools")):
         if isinstance(tool, dict) and tool.get("type") == "function":
             tools.append(_function_tool(tool.get("name"), tool.get("description"), tool.get("parameters")))
         else:
@@ -484,7 +507,7 @@ def _anthropic_tool_result(block: dict, dropped: Counter) -> dict:
     content = block.get("content")
     if isinstance(content, str):
         _text(m["parts"], content)
-    for sub in content if isinstance(content, list) else []:
+    for sub in _list(content):
         if not isinstance(sub, dict):
             continue
         if sub.get("type") == "text":
@@ -503,7 +526,7 @@ def _anthropic_message(role: str, content, dropped: Counter) -> list:
     if isinstance(content, str):
         _text(m["parts"], content)
         content = []
-    for block in content if isinstance(content, list) else []:
+    for block in _list(content):
         if not isinstance(block, dict):
             continue
         kind = block.get("type")
@@ -541,7 +564,7 @@ def _from_anthropic(req: dict, resp, dropped: Counter) -> Conversation:
         if isinstance(system, str):
             _text(m["parts"], system)
         else:
-            for block in system if isinstance(system, list) else []:
+            for block in _list(system):
                 if isinstance(block, dict) and block.get("type") == "text":
                     _text(m["parts"], block.get("text"))
         out.append(m)
@@ -552,7 +575,7 @@ def _from_anthropic(req: dict, resp, dropped: Counter) -> Conversation:
         raise Skip("no_response")
     out.extend(_anthropic_message("assistant", resp["content"], dropped))
     tools = []
-    for tool in req.get("tools") or []:
+    for tool in _list(req.get("tools")):
         if isinstance(tool, dict) and "input_schema" in tool and tool.get("type", "custom") == "custom":
             tools.append(_function_tool(tool.get("name"), tool.get("description"), tool.get("input_schema")))
         else:
@@ -571,9 +594,9 @@ def _gemini_content(role: str, parts, out: list, dropped: Counter) -> None:
     for prev in reversed(out):
         if prev["role"] == "assistant":
             for call in prev["tool_calls"]:
-                pending.setdefault(call["name"], []).append(call["id"])
+                pending.setdefault(_hashable(call["name"]), []).append(call["id"])
             break
-    for part in parts if isinstance(parts, list) else []:
+    for part in _list(parts):
         if not isinstance(part, dict):
             continue
         call = _get(part, "functionCall", "function_call")
@@ -592,7 +615,7 @@ def _gemini_content(role: str, parts, out: list, dropped: Counter) -> None:
                                     "arguments": _json_text(call.get("args", {}))})
         elif isinstance(result, dict):
             t = _msg("tool")
-            ids = pending.get(result.get("name")) or []
+            ids = pending.get(_hashable(result.get("name"))) or []
             t["tool_call_id"] = result.get("id") or (ids.pop(0) if ids else None)
             _text(t["parts"], _json_text(result.get("response", {})))
             tool_messages.append(t)
@@ -627,13 +650,13 @@ def _from_gemini(req: dict, resp, dropped: Counter, endpoint: str) -> Conversati
     system = _get(req, "systemInstruction", "system_instruction")
     if isinstance(system, dict):
         m = _msg("system")
-        for part in system.get("parts") or []:
+        for part in _list(system.get("parts")):
             if isinstance(part, dict):
                 _text(m["parts"], part.get("text"))
         out.append(m)
     for content in contents:
         if isinstance(content, dict):
-            role = {"model": "assistant", "function": "user"}.get(content.get("role"), "user")
+            role = "assistant" if content.get("role") == "model" else "user"
             _gemini_content(role, content.get("parts"), out, dropped)
     bodies = resp if isinstance(resp, list) else [resp]
     reply_parts = []
@@ -649,7 +672,7 @@ def _from_gemini(req: dict, resp, dropped: Counter, endpoint: str) -> Conversati
         raise Skip("no_response")
     _gemini_content("assistant", reply_parts, out, dropped)
     tools = []
-    for tool in req.get("tools") or []:
+    for tool in _list(req.get("tools")):
         decls = _get(tool, "functionDeclarations", "function_declarations") if isinstance(tool, dict) else None
         if isinstance(decls, list):
             for d in decls:
@@ -748,9 +771,16 @@ def render_openai_chat(conv: Conversation, opts: Options, dropped: Counter) -> d
     return row
 
 
+def _finite(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError("%s is not JSON" % text)
+    return value
+
+
 def _call_value(call: dict):
-    try:
-        args = json.loads(call["arguments"])
+    try:  # arguments that hold NaN or Infinity stay text, as other text that is not JSON
+        args = json.loads(call["arguments"], parse_float=_finite, parse_constant=_finite)
     except ValueError:
         args = call["arguments"]
     return {"name": call["name"], "arguments": args}
@@ -779,11 +809,11 @@ def render_sharegpt(conv: Conversation, opts: Options, dropped: Counter) -> dict
             if m["tool_calls"]:
                 calls = [_call_value(c) for c in m["tool_calls"]]
                 payload = calls[0] if len(calls) == 1 else calls
-                turns.append({"from": "function_call", "value": json.dumps(payload, ensure_ascii=False)})
+                turns.append({"from": "function_call", "value": _dumps(payload)})
         else:
             turns.append({"from": names[m["role"]], "value": value})
     row = {"conversations": turns,
-           "tools": json.dumps([t["function"] for t in conv.tools], ensure_ascii=False) if conv.tools else ""}
+           "tools": _dumps([t["function"] for t in conv.tools]) if conv.tools else ""}
     if opts.include_images:
         row["images"] = images
     return row
@@ -797,9 +827,9 @@ def render_record(record: dict) -> dict:
     for key in TYPED_FIELDS:
         row[key] = record.get(key)
     for key in JSON_TEXT_FIELDS:
-        row[key] = json.dumps(record.get(key), ensure_ascii=False)
+        row[key] = _dumps(record.get(key))
     known = set(TYPED_FIELDS) | set(JSON_TEXT_FIELDS)
-    row["extra"] = json.dumps({k: v for k, v in record.items() if k not in known}, ensure_ascii=False)
+    row["extra"] = _dumps({k: v for k, v in record.items() if k not in known})
     return row
 
 
@@ -867,7 +897,7 @@ class Deduper(object):
 
     def add(self, session_id, record_id, conv: Conversation) -> None:
         digests = prefix_digests(conv)
-        entry = self.sessions.setdefault(session_id, {"prefixes": set(), "full": []})
+        entry = self.sessions.setdefault(_hashable(session_id), {"prefixes": set(), "full": []})
         entry["prefixes"].update(digests[:-1])
         entry["full"].append((record_id, digests[-1]))
 
@@ -956,19 +986,19 @@ class Filter(object):
             raise UsageError("--since/--until: %s" % exc)
 
     def __call__(self, rec: dict) -> bool:
-        if self.sessions and rec.get("session_id") not in self.sessions \
+        if self.sessions and _hashable(rec.get("session_id")) not in self.sessions \
                 and reader.session_file_id(str(rec.get("session_id"))) not in self.sessions:
             return False
         if self.models and not any(fnmatch.fnmatchcase(str(rec.get("model")), p) for p in self.models):
             return False
-        if self.providers and rec.get("provider") not in self.providers \
-                and rec.get("provider_type") not in self.providers:
+        if self.providers and _hashable(rec.get("provider")) not in self.providers \
+                and _hashable(rec.get("provider_type")) not in self.providers:
             return False
         if self.endpoints and not any(fnmatch.fnmatchcase(str(rec.get("endpoint")), p) for p in self.endpoints):
             return False
         if self.statuses and not any(m(rec.get("status_code")) for m in self.statuses):
             return False
-        if self.ended and rec.get("ended") not in self.ended:
+        if self.ended and _hashable(rec.get("ended")) not in self.ended:
             return False
         if self.stream is not None and bool(rec.get("stream")) != self.stream:
             return False
@@ -987,9 +1017,14 @@ class Filter(object):
 # ============================================================== output
 
 def encode_line(obj) -> bytes:
-    """One JSON line as UTF-8; falls back to ASCII escapes for lone surrogates."""
+    """One JSON line as UTF-8; falls back to ASCII escapes for lone surrogates.
+    Skip("non_finite") for NaN or Infinity, which JSON cannot hold."""
     try:
-        return (json.dumps(obj, ensure_ascii=False) + "\n").encode("utf-8")
+        text = json.dumps(obj, ensure_ascii=False, allow_nan=False)
+    except ValueError:
+        raise Skip("non_finite")
+    try:
+        return (text + "\n").encode("utf-8")
     except UnicodeEncodeError:
         return (json.dumps(obj, ensure_ascii=True) + "\n").encode("ascii")
 
@@ -1007,8 +1042,9 @@ class Output(object):
             self.tmp = "%s.tmp-%d" % (path, os.getpid())
             self.fh = open(self.tmp, "wb")
 
-    def write(self, row: dict) -> None:
-        self.fh.write(encode_line(row))
+    def write(self, line: bytes) -> None:
+        """Write one line from :func:`encode_line`."""
+        self.fh.write(line)
         self.rows += 1
 
     def commit(self) -> None:
@@ -1139,7 +1175,7 @@ class _Run(object):
         return conv
 
     def rows(self, progress: Progress, offset: int = 0):
-        """Yield (split key bytes, row) for every exported row; counts go to the summary."""
+        """Yield (split key bytes, encoded row) for every exported row; counts go to the summary."""
         fmt = self.args.format
         for rec in reader.iter_records(self.data_dir, self.stats):
             progress.update(offset + self.stats.bytes_done, self.stats.records)
@@ -1161,17 +1197,21 @@ class _Run(object):
                 continue
             key = None
             if self.args.split is not None:
-                key = opening_digest(conv) if conv is not None else rid.encode("utf-8")
-            if fmt == "openai-chat":
-                row = render_openai_chat(conv, self.opts, dropped)
-            elif fmt == "sharegpt":
-                row = render_sharegpt(conv, self.opts, dropped)
-            else:
-                row = render_record(rec)
+                key = opening_digest(conv) if conv is not None else rid.encode("utf-8", "surrogatepass")
+            try:
+                if fmt == "openai-chat":
+                    line = encode_line(render_openai_chat(conv, self.opts, dropped))
+                elif fmt == "sharegpt":
+                    line = encode_line(render_sharegpt(conv, self.opts, dropped))
+                else:
+                    line = encode_line(render_record(rec))
+            except Skip as skip:
+                self.skipped.add(skip.reason)
+                continue
             if fmt != "records":
                 for kind, n in dropped.items():
                     self.dropped.add(kind, n)
-            yield key, row
+            yield key, line
 
     def dedupe_pass(self, progress: Progress) -> None:
         """Pass one: digests of every matching chat record, then the ids to keep."""
@@ -1250,11 +1290,11 @@ def run(args, default_data_dir=None) -> int:
     try:
         if args.dedupe:
             run_.dedupe_pass(progress)
-        for key, row in run_.rows(progress, offset=total if args.dedupe else 0):
+        for key, line in run_.rows(progress, offset=total if args.dedupe else 0):
             out = outputs[0]
             if args.split is not None and split_side(key, args.split) == "test":
                 out = outputs[1]
-            out.write(row)
+            out.write(line)
         for out in outputs:
             out.commit()
     except BrokenPipeError:

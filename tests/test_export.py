@@ -10,6 +10,7 @@ import sys
 import tempfile
 import unittest
 from contextlib import redirect_stderr, redirect_stdout
+from unittest import mock
 
 from proxy_llm import export
 from tests import data_factory as df
@@ -576,6 +577,165 @@ class TestConvertUnits(unittest.TestCase):
         rec["endpoint"] = "/v1beta/models/gemini-2.0-flash:countTokens"
         with self.assertRaises(export.Skip):
             export.convert(rec)
+
+
+def _refuse_constant(name: str) -> None:
+    raise ValueError("%s is not JSON" % name)
+
+
+def strict_rows(path: str) -> list:
+    """The rows of a JSONL file, refusing NaN and Infinity as strict JSON readers do."""
+    with open(path, "rb") as fh:
+        return [json.loads(line, parse_constant=_refuse_constant) for line in fh]
+
+
+class TestDamagedRecords(unittest.TestCase):
+    """Hand-edited or damaged records: the odd field is ignored or the record skipped, never a crash."""
+
+    def setUp(self) -> None:
+        self.tmp = tempfile.mkdtemp(prefix="export-damaged-")
+        self.addCleanup(shutil.rmtree, self.tmp)
+        self.data = os.path.join(self.tmp, "data")
+        self.out = os.path.join(self.tmp, "out.jsonl")
+
+    def write(self, recs: list) -> None:
+        """Write ``recs`` as one session file (ASCII JSON: lone surrogates stay escapes)."""
+        shutil.rmtree(self.data, ignore_errors=True)
+        path = df.DataDirWriter(self.data).session_file("damaged", "20261127_000000")
+        with open(path, "wb") as fh:
+            fh.write(b"".join((json.dumps(r) + "\n").encode("ascii") for r in recs))
+
+    def run_export(self, *argv: str):
+        """(exit code, summary) of an export of the data dir to ``self.out``."""
+        err = io.StringIO()
+        with redirect_stderr(err):
+            code = export.run(parse(["--data-dir", self.data, "--out", self.out] + list(argv)))
+        self.assertNotIn("Traceback", err.getvalue())
+        return code, err.getvalue()
+
+    def test_list_fields_holding_a_number_or_bool_are_ignored(self) -> None:
+        clock = df.Clock(seed=11)
+        user = [{"role": "user", "content": "hi"}]
+        answer = {"type": "message", "role": "assistant", "content": [{"type": "output_text", "text": "ok"}]}
+
+        def chat(**req):
+            rec = df.openai_chat(clock, "d", user, {"content": "ok"})
+            rec["request_body"].update(req)
+            return rec
+
+        bad_call = df.openai_chat(clock, "d", user, {"content": "ok"})
+        bad_call["response_body"]["choices"][0]["message"]["tool_calls"] = 5
+        gem_user = [{"role": "user", "parts": [{"text": "hi"}]}]
+        gem_system = df.gemini(clock, "d", gem_user, [{"text": "ok"}])
+        gem_system["request_body"]["systemInstruction"] = {"parts": 5}
+        cases = {
+            "chat tools 5": chat(tools=5),
+            "chat tools true": chat(tools=True),
+            "chat functions 5": chat(functions=5),
+            "chat response tool_calls 5": bad_call,
+            "chat history tool_calls 5": chat(messages=[{"role": "assistant", "tool_calls": 5}] + user),
+            "responses input summary 5": df.openai_responses(
+                clock, "d", [{"type": "reasoning", "summary": 5}, "hi"], [answer]),
+            "responses output content 5": df.openai_responses(
+                clock, "d", "hi", [{"type": "reasoning", "summary": [], "content": 5}, answer]),
+            "responses tools true": df.openai_responses(clock, "d", "hi", [answer], tools=True),
+            "anthropic tools 5": df.anthropic(clock, "d", user, [{"type": "text", "text": "ok"}], tools=5),
+            "gemini tools 5": df.gemini(clock, "d", gem_user, [{"text": "ok"}], tools=5),
+            "gemini systemInstruction parts 5": gem_system,
+            "gemini list role and call names": df.gemini(clock, "d", [
+                {"role": ["model"], "parts": [{"text": "hi"}]},
+                {"role": "model", "parts": [{"functionCall": {"name": ["f"], "args": {}}}]},
+                {"role": "user", "parts": [{"functionResponse": {"name": {"n": 1}, "response": {}}}]}],
+                [{"text": "ok"}]),
+        }
+        for name, rec in cases.items():
+            self.write([rec])
+            for argv in (["--format", "openai-chat"], ["--format", "sharegpt", "--dedupe"],
+                         ["--format", "records", "--dedupe", "--split", "0.5"]):
+                with self.subTest(name, argv=argv):
+                    code, err = self.run_export(*argv)
+                    self.assertEqual(code, 0, err)
+                    self.assertNotIn("skipped (", err)
+                    paths = export.split_paths(self.out) if "--split" in argv else [self.out]
+                    rows = [row for path in paths for row in read_jsonl(path)]
+                    self.assertEqual(len(rows), 1)
+                    if argv[1] == "openai-chat":
+                        self.assertEqual(rows[0]["messages"][-1], {"role": "assistant", "content": "ok"})
+                        self.assertNotIn("tools", rows[0])
+
+    def test_dedupe_with_an_object_or_list_session_id(self) -> None:
+        clock = df.Clock(seed=12)
+        for session in ({"a": 1}, ["s", 1]):
+            first = df.openai_chat(clock, "d", [{"role": "user", "content": "hi"}], {"content": "ok"})
+            second = df.openai_chat(clock, "d", [{"role": "user", "content": "hi"},
+                                                 {"role": "assistant", "content": "ok"},
+                                                 {"role": "user", "content": "more"}], {"content": "done"})
+            first["session_id"] = second["session_id"] = session
+            self.write([first, second])
+            with self.subTest(session=session):
+                code, err = self.run_export("--format", "openai-chat", "--dedupe")
+                self.assertEqual(code, 0, err)
+                self.assertIn("1 superseded by --dedupe", err)
+                self.assertEqual(read_jsonl(self.out)[0]["messages"][-1]["content"], "done")
+
+    def test_filters_with_list_or_object_values_do_not_match(self) -> None:
+        rec = df.openai_chat(df.Clock(seed=13), "d", [{"role": "user", "content": "hi"}], {"content": "ok"})
+        rec.update(session_id={"a": 1}, provider=[1], provider_type={"t": 1}, ended=["completed"])
+        self.write([rec])
+        for argv in (["--session", "d"], ["--provider", "openai"], ["--ended", "completed"]):
+            with self.subTest(argv=argv):
+                code, err = self.run_export("--format", "records", *argv)
+                self.assertEqual(code, 1, err)
+                self.assertIn("1 filtered out", err)
+
+    def test_split_by_an_id_with_a_lone_surrogate(self) -> None:
+        rec = df.embeddings(df.Clock(seed=14), "d")
+        rec["id"] = "\ud800"
+        self.write([rec])
+        code, err = self.run_export("--format", "records", "--split", "0.5")
+        self.assertEqual(code, 0, err)
+        train, test = export.split_paths(self.out)
+        self.assertEqual([r["id"] for r in read_jsonl(train) + read_jsonl(test)], ["\ud800"])
+
+    def test_non_finite_numbers_are_never_written(self) -> None:
+        """NaN and Infinity are not JSON: such a record is skipped as non_finite (whatever the reader
+        lets through: the records are handed to export directly)."""
+        clock = df.Clock(seed=15)
+        user = [{"role": "user", "content": "hi"}]
+        tool = {"type": "function", "function": {"name": "f", "parameters": {"m": float("nan")}}}
+        recs = [df.openai_chat(clock, "d", user, {"content": "ok"}, tools=[tool]),
+                df.anthropic(clock, "d", user, [{"type": "tool_use", "id": "t1", "name": "f",
+                                                 "input": {"x": float("inf")}}]),
+                df.openai_chat(clock, "d", user, {"content": "fine"}, duration=float("-inf")),
+                df.openai_chat(clock, "d", user, {"content": "", "tool_calls": [
+                    {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{\"x\": NaN}"}}]})]
+        self.write([df.openai_chat(clock, "d", user, {"content": "placeholder"})])
+        expect = {"openai-chat": (2, 2), "sharegpt": (2, 2), "records": (3, 1)}
+        for fmt, (skipped, written) in expect.items():
+            for extra in ([], ["--dedupe"]):
+                with self.subTest(fmt, extra=extra), \
+                        mock.patch.object(export.reader, "iter_records", lambda *a: iter(recs)):
+                    code, err = self.run_export("--format", fmt, *extra)
+                    self.assertEqual(code, 0, err)
+                    self.assertIn("%d skipped (non_finite %d)" % (skipped, skipped), err)
+                    self.assertEqual(len(strict_rows(self.out)), written)
+
+    def test_sharegpt_keeps_non_finite_arguments_as_text(self) -> None:
+        rec = df.openai_chat(df.Clock(seed=16), "d", [{"role": "user", "content": "hi"}], {"content": "", "tool_calls": [
+            {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{\"x\": NaN, \"y\": 1e999}"}}]})
+        conv = export.convert(rec)
+        row = export.render_sharegpt(conv, export.Options(), export.Counter())
+        call = json.loads(row["conversations"][-1]["value"], parse_constant=_refuse_constant)
+        self.assertEqual(call, {"name": "f", "arguments": "{\"x\": NaN, \"y\": 1e999}"})
+
+    def test_encoding_refuses_non_finite_numbers(self) -> None:
+        for value in (float("nan"), float("inf"), float("-inf")):
+            with self.assertRaises(export.Skip) as ctx:
+                export.encode_line({"x": [value]})
+            self.assertEqual(ctx.exception.reason, "non_finite")
+            with self.assertRaises(export.Skip):
+                export.render_record({"request_body": {"x": value}})
+        self.assertEqual(export.encode_line({"x": "\ud800"}), b'{"x": "\\ud800"}\n')
 
 
 if __name__ == "__main__":
