@@ -98,12 +98,13 @@ def _empty(value):
 
 
 class _Choice(object):
-    __slots__ = ("index", "message", "tool_calls", "logprobs", "finish_reason", "extra")
+    __slots__ = ("index", "message", "tool_calls", "calls_by_index", "logprobs", "finish_reason", "extra")
 
     def __init__(self, index):
         self.index = index
         self.message = {}  # type: dict
         self.tool_calls = []  # type: list  # accumulated calls, in order of first appearance
+        self.calls_by_index = {}  # type: dict  # the same calls by their index (one look-up a delta)
         self.logprobs = None  # type: dict | None
         self.finish_reason = None
         self.extra = {}  # type: dict  # other choice-level fields (e.g. stop_reason of vLLM)
@@ -146,10 +147,7 @@ class _Choice(object):
         index = call.get("index")
         target = None
         if is_int(index):
-            for acc_index, acc in self.tool_calls:
-                if acc_index == index:
-                    target = acc
-                    break
+            target = self.calls_by_index.get(index)
         elif call.get("id"):
             for _, acc in self.tool_calls:
                 if acc.get("id") == call.get("id"):
@@ -158,6 +156,8 @@ class _Choice(object):
         if target is None:
             target = {}
             self.tool_calls.append((index, target))
+            if is_int(index):
+                self.calls_by_index[index] = target
         merge_delta(target, dict((k, v) for k, v in call.items() if k != "index"))
 
     def build(self):
