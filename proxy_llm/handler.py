@@ -19,6 +19,7 @@ import logging
 import re
 import socket
 import time
+import traceback
 import urllib.parse
 from http.server import BaseHTTPRequestHandler
 from typing import List, Optional, Tuple
@@ -400,6 +401,15 @@ class ProxyHandler(BaseHTTPRequestHandler):
         except ProxyError as exc:
             ex.capture_request(body)  # when the request never left
             self.answer_error(ex, exc)
+            return
+        except Exception as exc:  # a bug: still an answer in the provider's shape, and a record
+            self.close_connection = True  # what is left of the request is not known
+            # Where, not what: an exception's message may quote the request.
+            log.error("internal error before forwarding (%s), at:\n%s", type(exc).__name__,
+                      "".join(traceback.format_tb(exc.__traceback__)).rstrip())
+            ex.capture_request(body)
+            self.answer_error(ex, ProxyError("proxy_llm failed on this request (%s): a bug, "
+                                             "please report it" % type(exc).__name__))
             return
         self.relay(ex, resp, conn)
 

@@ -11,6 +11,7 @@ import socket
 import stat
 import threading
 import unittest
+from unittest import mock
 
 from tests import support
 from tests.support import (chunk_event, DEADLINE, FakeUpstream, Reply, header, json_reply, provider, read_records, request, sse_reply)
@@ -254,6 +255,23 @@ class ForwardingTest(ProxyTestCase):
                          [("GET", "/v1/models", "openai"), ("DELETE", "/v1/responses/resp_1", "openai")])
         self.assertIsNone(recs[0]["model"])
         self.assertEqual(recs[0]["session_id"], "default")
+
+
+class InternalErrorTest(ProxyTestCase):
+    def test_a_bug_before_forwarding_is_a_500_in_the_providers_shape_and_a_record(self):
+        # Once a Content-Length that int() refused escaped this way: the client saw its
+        # connection drop, and the record had no status.
+        proxy = self.start_proxy()
+        with mock.patch("proxy_llm.handler.sniff", side_effect=ValueError("secret-looking sk-in-message")), \
+                self.assertLogs("proxy_llm.handler", "ERROR") as logs:
+            status, _, body = request(proxy.url, path="/v1/messages", body={"model": "claude-x"})
+        self.assertEqual(status, 500)
+        self.assertEqual(json.loads(body)["type"], "error")  # Anthropic's shape
+        self.assertIn("ValueError", json.loads(body)["error"]["message"])
+        self.assertNotIn("sk-in-message", "\n".join(logs.output))
+        [rec] = proxy.records()
+        self.assertEqual((rec["status_code"], rec["error"]["type"]), (500, "proxy_error"))
+        self.assertEqual(rec["request_body"], {"model": "claude-x"})
 
 
 class UpgradeTest(ProxyTestCase):
