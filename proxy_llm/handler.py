@@ -576,6 +576,17 @@ class ProxyHandler(BaseHTTPRequestHandler):
                         self.upstream_failed(ex, "timeout", "upstream stalled while sending the body")
                     else:
                         self.upstream_failed(ex, "upstream_error", "upstream failed while sending the body: %s" % type(exc).__name__)
+                    # The client gets what it would have got directly: the head and the bytes
+                    # that came, then the close (upstream_failed set it) short of the length.
+                    partial = exc.partial if isinstance(exc, http.client.IncompleteRead) else b""
+                    if partial:
+                        ex.ttft = (perf_counter() - t0) * 1000.0
+                        capture(ex.ttft, partial)
+                    if not ex.client_gone:
+                        try:
+                            write(head_bytes + partial)
+                        except OSError:
+                            ex.ended = "client_aborted"
                     return
                 ex.upstream_deadline = 0.0
                 now = (perf_counter() - t0) * 1000.0

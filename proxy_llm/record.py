@@ -235,10 +235,10 @@ class Binary(bytes):
 def parse_body(raw: bytes) -> Tuple[Any, Optional[bytes]]:
     """Return (value, raw_json). raw_json is the body fit to splice into a JSON line, or None.
 
-    Empty -> (None, None); valid JSON -> (parsed value, bytes without CR/LF); other UTF-8 ->
-    (text, None); bytes that are not UTF-8 -> (:class:`Binary`, None).
+    Empty -> (None, None); valid JSON -> (parsed value, bytes without CR/LF); other UTF-8,
+    whitespace alone included -> (text, None); bytes that are not UTF-8 -> (:class:`Binary`, None).
     """
-    if not raw or not raw.strip():
+    if not raw:
         return None, None
     try:
         text = raw.decode("utf-8")
@@ -539,7 +539,9 @@ class Encoder:
                 resp_value, resp_raw = parse_body(resp_body)
 
         ended = ex.ended
-        if ended == "completed" and streamed and result is not None and not result.complete and 200 <= (ex.status or 0) < 300:
+        if (ended == "completed" and streamed and result is not None and not result.complete
+                and 200 <= (ex.status or 0) < 300 and dialect is not dialects.GENERIC):
+            # (A stream of an API without a dialect has no terminal event to miss.)
             ended = "upstream_eof"
         error = ex.error
         if error is None and result is not None and result.error:

@@ -443,6 +443,28 @@ class FailureTest(ProxyTestCase):
         self.assertEqual(rec["ended"], "timeout")
 
 
+    def test_a_small_body_cut_short_reaches_the_client_as_it_came(self):
+        # 1,000 of 5,009 promised bytes, then the upstream closes. Directly, a client gets the
+        # status, the headers and the 1,000 bytes; through the proxy it got a bare disconnect
+        # (bodies up to 256 KB are read whole before the one write), and the record said 0 bytes.
+        sent = (b'{"id":"x","choices":[{"message":{"content":"' + b"y" * 2000)[:1000]
+        self.replies.append(Reply(200, [("Content-Type", "application/json"), ("Content-Length", "5009")], [sent],
+                                  chunked=False, close_delimited=True))
+        proxy = self.start_proxy()
+        conn = http.client.HTTPConnection("127.0.0.1", proxy.port, timeout=DEADLINE)
+        self.addCleanup(conn.close)
+        conn.request("POST", "/v1/chat/completions", body=CHAT_BODY,
+                     headers={"Content-Type": "application/json"})
+        resp = conn.getresponse()
+        self.assertEqual((resp.status, resp.getheader("Content-Length")), (200, "5009"))
+        with self.assertRaises(http.client.IncompleteRead) as cm:
+            resp.read()
+        self.assertEqual(cm.exception.partial, sent)
+        [rec] = proxy.records()
+        self.assertEqual((rec["status_code"], rec["ended"], rec["response_bytes"]), (200, "upstream_error", 1000))
+        self.assertEqual(rec["response_body"], sent.decode())
+
+
 class ThreadLeakTest(ProxyTestCase):
     def test_stopping_the_proxy_leaves_no_thread_behind(self):
         from tests.support import wait_until

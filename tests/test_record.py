@@ -63,6 +63,12 @@ class EncoderTest(unittest.TestCase):
         self.assertEqual(rec["response_body"], {"id": "x", "choices": []})
         self.assertNotIn("error", rec)
 
+    def test_a_stream_of_an_api_without_a_dialect_has_no_terminal_event_to_miss(self):
+        resp = b"data: {\"a\":1}\n\ndata: [DONE]\n\n"
+        [rec, _], _ = encode(exchange(path="/v1/files/abc", resp=resp, ctype="text/event-stream", stream=True))
+        self.assertEqual((rec["dialect"], rec["ended"]), ("generic", "completed"))
+        self.assertNotIn("error", rec)
+
     def test_stream_without_terminal_event_is_upstream_eof(self):
         ex = exchange(resp=[b'data: {"id":"c","choices":[{"index":0,"delta":{"content":"par"}}]}\n\n'],
                       ctype="text/event-stream", stream=True)

@@ -196,6 +196,7 @@ class RecordHelpersTest(unittest.TestCase):
         self.assertEqual(parse_body(b""), (None, None))
         self.assertEqual(parse_body(b'{\n "a": 1\r\n}'), ({"a": 1}, b'{  "a": 1  }'))
         self.assertEqual(parse_body(b"<html>"), ("<html>", None))
+        self.assertEqual(parse_body(b" \t\n"), (" \t\n", None))  # text, as sent: not empty
         self.assertEqual(parse_body(b"NaN"), ("NaN", None))
         value, raw = parse_body(b"\xff\xfe")  # not UTF-8: its bytes, for the record's base64
         self.assertEqual((type(value), value, raw), (Binary, b"\xff\xfe", None))
