@@ -29,7 +29,7 @@ from .errors import ProxyError
 from .metrics import status_class
 from .record import Exchange, is_event_stream
 from .sniff import sniff
-from .headers import message, take_fields
+from .headers import message, strict_fields, take_fields
 from .upstream import connect
 
 log = logging.getLogger("proxy_llm.handler")
@@ -226,14 +226,18 @@ class ProxyHandler(BaseHTTPRequestHandler):
             self._fields = fields
         else:
             try:
-                self.headers = http.client.parse_headers(self.rfile, _class=self.MessageClass)
+                fields = strict_fields(self.rfile)
             except http.client.LineTooLong as err:
                 self.send_error(431, "Line too long", str(err))
                 return False
             except http.client.HTTPException as err:
                 self.send_error(431, "Too many headers", str(err))
                 return False
-            fields = self.header_fields()
+            if fields is None:  # refused, never guessed at: see headers.strict_fields
+                self.send_error(400, "Bad header line (RFC 9112 section 5)")
+                return False
+            self._message = None
+            self._fields = fields
         connection = expect = None
         for name, value in fields:  # the first of each, as HTTPMessage.get()
             lname = name.lower()
@@ -290,6 +294,10 @@ class ProxyHandler(BaseHTTPRequestHandler):
 
     def answer_local(self) -> None:
         server = self.server
+        fields = self.header_fields()
+        if wire.header_value(fields, "transfer-encoding") or (wire.header_value(fields, "content-length") or "0") != "0":
+            # Its body is not read: left on the connection, it would be read as the next request.
+            self.close_connection = True
         if self.path == "/health":
             health = server.health()
             body = json.dumps(health).encode("utf-8")
@@ -336,6 +344,12 @@ class ProxyHandler(BaseHTTPRequestHandler):
             parts = urllib.parse.urlsplit(target)
             target = (parts.path or "/") + ("?" + parts.query if parts.query else "")
         path, query = wire.split_target(target)
+        refused = wire.bad_target(target)
+        if refused:
+            self.close_connection = True  # the request body, if any, was not read
+            body, ctype = errors.render(errors.family_of(path), 400, "invalid request target: %s" % refused)
+            self.send_simple(400, body, ctype)
+            return
         if not (path.startswith("/v1/") or path.startswith("/v1beta/") or path in ("/v1", "/v1beta")):
             self.close_connection = True  # the request body, if any, was not read
             body, ctype = errors.render(errors.family_of(path), 404, "unknown path %s: proxy_llm forwards /v1/ and /v1beta/" % path[:200])

@@ -30,13 +30,13 @@ _ORIGINAL = http.client.parse_headers
 _READ = getattr(http.client, "_read_headers", None)
 # A plain header block: lines of a field name (RFC 9110 5.1: a token), a colon, and a value
 # holding none of the characters the email parser splits lines on (str.splitlines: CR, LF, VT,
-# FF, FS, GS, RS, NEL), each with its line end. The whole block is checked at once, then its
+# FF, FS, GS, RS, NEL) and no NUL (RFC 9110 5.5), each with its line end. The whole block is checked at once, then its
 # fields are taken in one pass over the decoded text (leading blanks of the value dropped, as
 # the email parser does).
-_PLAIN_BLOCK = re.compile(rb"(?:[!#$%&'*+\-.^_`|~0-9A-Za-z]+:[^\r\n\x0b\x0c\x1c-\x1e\x85]*\r?\n)*")
+_PLAIN_BLOCK = re.compile(rb"(?:[!#$%&'*+\-.^_`|~0-9A-Za-z]+:[^\r\n\x00\x0b\x0c\x1c-\x1e\x85]*\r?\n)*")
 _MAX_BLOCK = 65536   # no line of a block this short passes the standard library's line limit
 _MAX_FIELDS = getattr(http.client, "_MAXHEADERS", 100)
-_FIELD = re.compile("([!#$%&'*+\\-.^_`|~0-9A-Za-z]+):[ \t]*([^\r\n\x0b\x0c\x1c-\x1e\x85]*)\r?\n")
+_FIELD = re.compile("([!#$%&'*+\\-.^_`|~0-9A-Za-z]+):[ \t]*([^\r\n\x00\x0b\x0c\x1c-\x1e\x85]*)\r?\n")
 
 
 def parse_headers(fp, _class=http.client.HTTPMessage):
@@ -80,6 +80,51 @@ def _plain_fields(block: bytes) -> Optional[List[Tuple[str, str]]]:
     if _PLAIN_BLOCK.fullmatch(block) is None:
         return None
     return _FIELD.findall(block.decode("iso-8859-1"))
+
+
+# A request's field line, strictly (RFC 9112 5): a token, the colon right after it, a value of
+# anything but CR, LF and NUL. Not allowed: whitespace before the colon, a line folded onto the
+# one before (obs-fold), a line without a colon, a name that is not a token.
+_STRICT_FIELD = re.compile(rb"([!#$%&'*+\-.^_`|~0-9A-Za-z]+):[ \t]*([^\r\n\x00]*)\r?\n")
+
+
+def strict_fields(fp) -> Optional[List[Tuple[str, str]]]:
+    """Read a request's header block from ``fp`` and return its (name, value) fields, or None
+    when a line is not a field line (see ``_STRICT_FIELD``); raises as the standard library
+    does past its limits.
+
+    For a request that :func:`take_fields` does not take. The standard library's parser stops
+    at the first line it cannot read as a field and quietly drops every field after it,
+    Content-Length and Transfer-Encoding included: the body would then be read as the next
+    request on the connection (request smuggling), so a proxy must refuse such a request. It
+    also splits a value at the line ends of ``str.splitlines`` (VT, FF, NEL, ...), which a
+    value may hold (NEL is byte 0x85, inside UTF-8 text): here only CR and LF end a line.
+    """
+    lines = _READ(fp) if _READ is not None else _read_lines(fp)
+    fields = []
+    for line in lines:
+        if line in (b"\r\n", b"\n"):
+            break
+        m = _STRICT_FIELD.fullmatch(line)
+        if m is None:
+            return None
+        fields.append((m.group(1).decode("ascii"), m.group(2).decode("iso-8859-1")))
+    return fields
+
+
+def _read_lines(fp) -> List[bytes]:
+    """``http.client._read_headers`` for a standard library without it (3.8): the lines of a
+    header block up to and including the blank one, within the same limits."""
+    lines = []
+    while True:
+        line = fp.readline(http.client._MAXLINE + 1)
+        if len(line) > http.client._MAXLINE:
+            raise http.client.LineTooLong("header line")
+        lines.append(line)
+        if len(lines) > _MAX_FIELDS:
+            raise http.client.HTTPException("got more than %d headers" % _MAX_FIELDS)
+        if line in (b"\r\n", b"\n", b""):
+            return lines
 
 
 def message(fields: List[Tuple[str, str]], _class=http.client.HTTPMessage):

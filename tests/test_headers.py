@@ -143,7 +143,6 @@ REQUESTS = [
     b"POST /v1/chat/completions http/1.1\r\n\r\n",
     b"POST /v1/caf\xe9 HTTP/1.1\r\n\r\n",
     b"GET /\r\n",
-    b"POST /a HTTP/1.1\r\nFolded: a\r\n b\r\n\r\n",
     b"POST /a HTTP/1.1\r\n" + b"A: 1\r\n" * 100 + b"\r\n",
     b"POST /a HTTP/1.1\r\nConnection: keep-alive\r\nConnection: close\r\nExpect: nothing\r\nExpect: 100-continue\r\n\r\n",
     b"GET /a HTTP/1.0\r\nCONNECTION: Keep-Alive\r\n\r\n",
@@ -160,6 +159,31 @@ class ParseRequestTest(unittest.TestCase):
             with self.subTest(raw=raw[:80]):
                 self.assertEqual(parsed(raw, ProxyHandler.parse_request),
                                  parsed(raw, BaseHTTPRequestHandler.parse_request))
+
+    def test_lines_that_are_not_field_lines_are_refused(self):
+        # The standard library stops at such a line and drops every field after it, framing
+        # included: the body below would be read as a second request (smuggled). RFC 9112 5:
+        # no whitespace before the colon, no obs-fold in a request.
+        body = b"GET /v1/models?smuggled=1 HTTP/1.1\r\nHost: x\r\n\r\n"
+        for bad in (b"X Foo: a", b"Junk", b"X-\xffa: 1", b"Transfer-Encoding : chunked", b"Content-Length : 5",
+                    b"Folded: a\r\n b", b"A: x\x00y", b"A: x\ry"):
+            raw = (b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n" + bad +
+                   b"\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+            with self.subTest(line=bad):
+                self.assertEqual(parsed(raw, BaseHTTPRequestHandler.parse_request)[0], True)  # what it did
+                ok, *_, answer, left = parsed(raw, ProxyHandler.parse_request)
+                self.assertFalse(ok)
+                self.assertTrue(answer.startswith(b"HTTP/1.1 400 "), answer[:40])
+                self.assertIn(b"Connection: close", answer)
+
+    def test_a_value_keeps_the_bytes_the_email_parser_splits_lines_at(self):
+        # NEL is byte 0x85, the second byte of UTF-8 "\u00c5"; VT and FF are values' bytes too.
+        value = "Ren\u00c5 \x0b\x0c".encode("utf-8")
+        raw = b"POST /a HTTP/1.1\r\nX-Title: " + value + b"\r\nContent-Length: 2\r\n\r\n{}"
+        ok, _, _, _, _, _, state, _, left = parsed(raw, ProxyHandler.parse_request)
+        self.assertTrue(ok)
+        self.assertEqual(state[1], [("X-Title", value.decode("iso-8859-1")), ("Content-Length", "2")])
+        self.assertEqual(left, b"{}")
 
     def test_random_request_lines(self):
         rnd = random.Random(3)

@@ -114,6 +114,45 @@ class UpstreamOnlyTest(SecurityTestCase):
         self.addCleanup(self.evil.stop)
         self.evil_host = "127.0.0.1:%d" % self.evil.port
 
+    def test_no_request_is_smuggled_past_a_bad_header_line_or_a_local_endpoint(self):
+        # Each once let the body below reach the upstream as a request of its own: the standard
+        # library's parser dropped every field after a line it could not read (Content-Length
+        # with them), and /health and /metrics answered without reading the body.
+        smuggled = b"GET /v1/models?smuggled=1 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        framing = b"Content-Length: %d\r\n\r\n" % len(smuggled) + smuggled
+        proxy = self.start_proxy()
+        for raw in (b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nX Foo: a\r\n" + framing,
+                    b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nJunk\r\n" + framing,
+                    b"POST /v1/chat/completions HTTP/1.1\r\nTransfer-Encoding : chunked\r\n" + framing,
+                    b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nX-A: b\r\n Transfer-Encoding: chunked\r\n"
+                    + framing,
+                    b"GET /health HTTP/1.1\r\nHost: x\r\n" + framing,
+                    b"POST /metrics HTTP/1.1\r\nHost: x\r\n" + framing):
+            with self.subTest(raw=raw[:60]):
+                data = raw_exchange(proxy.port, raw)
+                self.assertEqual(data.count(b"HTTP/1.1 "), 1, data[:200])  # one answer, then the close
+        proxy.flush()
+        seen = []
+        while not self.upstream.requests.empty():
+            seen.append(self.upstream.requests.get().path)
+        self.assertFalse([p for p in seen if "smuggled" in p], seen)
+
+    def test_targets_that_are_not_plain_paths_are_refused(self):
+        # Appended to a base URL with a provider key, a dot segment reaches whatever path the
+        # upstream makes of it; a byte outside visible ASCII was a 500 (or a 502) after routing.
+        proxy = self.start_proxy()
+        for target in (b"/v1/../../internal/admin", b"/v1/%2e%2e/%2E%2e/internal", b"/v1/./chat/completions",
+                       b"/v1/chat/caf\xc3\xa9", b"/v1/chat/\x7f", b"/v1/chat/completions#frag",
+                       b"http://h/v1/chat/\xff"):
+            with self.subTest(target=target):
+                data = raw_exchange(proxy.port, b"POST %s HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s"
+                                    % (target, len(PLAIN_BODY), PLAIN_BODY))
+                head, _, body = data.partition(b"\r\n\r\n")
+                self.assertTrue(head.startswith(b"HTTP/1.1 400 "), head[:60])
+                self.assertIn("invalid request target", json.loads(body)["error"]["message"])
+        proxy.flush()
+        self.assertTrue(self.upstream.requests.empty())
+
     def test_client_cannot_choose_the_host(self):
         proxy = self.start_proxy()
         attempts = [
@@ -207,8 +246,9 @@ class SessionIdTest(SecurityTestCase):
         proxy = self.start_proxy()
         sent = []
         conn = http.client.HTTPConnection("127.0.0.1", proxy.port, timeout=DEADLINE)
-        # Header values: bytes the HTTP parser keeps (latin-1, no CR/LF, not blank at the ends).
-        header_alphabet = ["a", "/", "..", "\\", "\0", "é", "\x7f", "%", "*", " ", "\t", "\xff"]
+        # Header values: bytes the HTTP parser keeps (latin-1, no CR/LF or NUL, which a request
+        # is refused for, RFC 9110 5.5; not blank at the ends).
+        header_alphabet = ["a", "/", "..", "\\", "é", "\x7f", "%", "*", " ", "\t", "\xff"]
         for n in range(150):
             sid = "".join(rng.choice(header_alphabet) for _ in range(rng.randint(1, 30))).strip(" \t") or "x"
             if n == 0:
