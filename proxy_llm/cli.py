@@ -151,13 +151,17 @@ def build_server(config: Config, worker: int = 0, reuse_port: bool = False):
     recorder = None
     server_box = []
     if config.record:
-        os.makedirs(config.data_dir, mode=0o700, exist_ok=True)
+        try:
+            os.makedirs(config.data_dir, mode=0o700, exist_ok=True)
+            key = fingerprint_key(config.data_dir)
+        except (OSError, ValueError) as exc:  # a file in the way, no permission, a NUL in the name
+            raise ConfigError("data_dir: cannot use %s: %s" % (config.data_dir, getattr(exc, "strerror", None) or exc)) from None
 
         def on_result(ex, ended, tokens_used):
             server_box[0].metrics.recorded(ended, ex.provider.name if ex.provider is not None else "none",
                                            ex.model_label, tokens_used)
 
-        encoder = Encoder(fingerprint_key(config.data_dir), config.session_header, config.max_sse_event,
+        encoder = Encoder(key, config.session_header, config.max_sse_event,
                           provider_keys=[p.api_key for p in config.providers if p.api_key], on_result=on_result)
         recorder = Recorder(config.data_dir, encoder.encode, queue_size=config.queue_size,
                             queue_max_bytes=config.queue_max_bytes, size_of=captured_bytes, fsync=config.fsync,
@@ -196,6 +200,9 @@ def serve(config: Config, worker: int = 0, reuse_port: bool = False) -> int:
 
     try:
         server = build_server(config, worker, reuse_port)
+    except ConfigError as exc:
+        print("proxy_llm: %s" % exc, file=sys.stderr)
+        return 2
     except OSError as exc:
         log.error("cannot listen on %s: %s", config.listen, exc.strerror or exc)
         return 1

@@ -127,7 +127,7 @@ class Config:
 def parse_listen(value: str) -> Tuple[str, int]:
     """Split ``HOST:PORT`` (``[::1]:PORT`` for IPv6). Raises ValueError."""
     host, sep, port = value.rpartition(":")
-    if not sep or not port.isdigit() or not host:
+    if not sep or not (port.isdigit() and port.isascii()) or not host:  # ("\u0668".isdigit() is true)
         raise ValueError("expected HOST:PORT")
     if host.startswith("[") and host.endswith("]"):
         host = host[1:-1]
@@ -165,14 +165,25 @@ def expand(value: str, env: Mapping[str, str], where: str) -> str:
     return _VAR_RE.sub(substitute, value)
 
 
-def _expand_tree(value: Any, env: Mapping[str, str], where: str) -> Any:
+def _expand_tree(value: Any, env: Mapping[str, str], where: str, depth: int = 0) -> Any:
+    if depth > 32:  # no setting nests this deep
+        raise ConfigError("%s: nested too deep" % (where or "config"))
     if isinstance(value, str):
         return expand(value, env, where)
     if isinstance(value, list):
-        return [_expand_tree(v, env, "%s[%d]" % (where, i)) for i, v in enumerate(value)]
+        return [_expand_tree(v, env, "%s[%d]" % (where, i), depth + 1) for i, v in enumerate(value)]
     if isinstance(value, dict):
-        return {k: _expand_tree(v, env, "%s.%s" % (where, k) if where else k) for k, v in value.items()}
+        return {k: _expand_tree(v, env, "%s.%s" % (where, k) if where else k, depth + 1) for k, v in value.items()}
     return value
+
+
+def _refuse_constant(name: str) -> None:
+    raise ValueError("%s is not a number JSON allows" % name)
+
+
+_DECODER = json.JSONDecoder(parse_constant=_refuse_constant)
+_MAX_SECONDS = 10.0 ** 7  # ~116 days: past any timeout, within what a socket and a sleep take
+_MAX_WORKERS = 256
 
 
 def read_file(path: str) -> Dict[str, Any]:
@@ -185,9 +196,12 @@ def read_file(path: str) -> Dict[str, Any]:
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError("%s: cannot read: %s" % (path, exc)) from None
     try:
-        data = json.loads(text)
+        data = _DECODER.decode(text)
     except json.JSONDecodeError as exc:
         raise ConfigError("%s: line %d column %d: invalid JSON: %s" % (path, exc.lineno, exc.colno, exc.msg)) from None
+    except (ValueError, RecursionError) as exc:  # NaN, Infinity; a number of thousands of digits; nesting
+        raise ConfigError("%s: invalid JSON: %s" % (path, type(exc).__name__ if isinstance(exc, RecursionError)
+                                                    else exc)) from None
     if not isinstance(data, dict):
         raise ConfigError("%s: the top level must be a JSON object" % path)
     return data
@@ -237,32 +251,45 @@ def _fail(where: Mapping[str, str], key: str, message: str) -> ConfigError:
     return ConfigError("%s: %s: %s" % (where.get(key.split("[")[0].split(".")[0], "config"), key, message))
 
 
-def _number(merged: Dict[str, Any], where: Mapping[str, str], key: str, kind: type, minimum: float, optional: bool = False) -> Any:
+def _number(merged: Dict[str, Any], where: Mapping[str, str], key: str, kind: type, minimum: float, optional: bool = False,
+            maximum: float = float("inf")) -> Any:
     value = merged[key]
     if optional and value is None:
         return None
     if isinstance(value, str) and where.get(key, "").startswith(("$", "--")):
         try:
-            value = kind(value)
+            value = kind(value) if value.isascii() else None
         except ValueError:
+            value = None
+        if value is None:
             raise _fail(where, key, "not a number") from None
     if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and not isinstance(value, int)):
         raise _fail(where, key, "must be %s" % ("an integer" if kind is int else "a number"))
-    if value < minimum:
-        raise _fail(where, key, "must be at least %s" % minimum)
+    if not minimum <= value <= maximum:  # (NaN passes neither)
+        raise _fail(where, key, "must be at least %s" % minimum if not value >= minimum
+                    else "must be at most %s" % maximum)
     return kind(value)
 
 
+_URL_CHARS = re.compile(r"[!-~]+\Z")
+# What http.client sends in a header value: Latin-1, no control character but tab.
+_HEADER_VALUE = re.compile("[\t\x20-\x7e\xa0-\xff]*\\Z")
+
+
 def _validate_url(url: Any, where: Mapping[str, str], key: str) -> str:
-    if not isinstance(url, str):
-        raise _fail(where, key, "not a URL")
-    parts = urllib.parse.urlsplit(url)
+    if not isinstance(url, str) or not _URL_CHARS.match(url):
+        raise _fail(where, key, "not a URL (visible ASCII only: percent-encode the rest)")
+    try:
+        parts = urllib.parse.urlsplit(url)
+        port = parts.port
+    except ValueError:
+        raise _fail(where, key, "not a URL (bad host or port)") from None
     if parts.scheme not in ("http", "https") or not parts.hostname or parts.query or parts.fragment:
         raise _fail(where, key, "not a URL (expected http(s)://host[:port][/base-path])")
-    try:
-        parts.port
-    except ValueError:
-        raise _fail(where, key, "not a URL (bad port)") from None
+    if parts.username is not None or parts.password is not None:
+        raise _fail(where, key, "credentials in the URL are not sent: use api_key")
+    if port == 0:
+        raise _fail(where, key, "not a URL (bad port)")
     return url.rstrip("/")
 
 
@@ -273,8 +300,8 @@ def validate(merged: Dict[str, Any], where: Mapping[str, str], source: str) -> C
             raise _fail(where, key, "must be a string")
     try:
         host, _port = parse_listen(merged["listen"])
-    except ValueError as exc:
-        raise _fail(where, "listen", "%s: %s" % (merged["listen"], exc)) from None
+    except ValueError as exc:  # (the value itself is not repeated: it may come from a $VAR)
+        raise _fail(where, "listen", str(exc)) from None
     merged["log_level"] = merged["log_level"].upper()
     if merged["log_level"] not in LOG_LEVELS:
         raise _fail(where, "log_level", "must be one of %s" % ", ".join(LOG_LEVELS))
@@ -288,19 +315,21 @@ def validate(merged: Dict[str, Any], where: Mapping[str, str], source: str) -> C
     ints = {"max_file_size": 1024, "queue_size": 1, "queue_max_bytes": 0, "max_request_body": 0, "capture_max_body": 0,
             "max_sse_event": 1024, "max_connections": 1, "workers": 1}
     for key, minimum in ints.items():
-        merged[key] = _number(merged, where, key, int, minimum)
+        merged[key] = _number(merged, where, key, int, minimum, maximum=_MAX_WORKERS if key == "workers" else 2 ** 62)
     floats = {"fsync_interval": 0.001, "connect_timeout": 0.001, "response_header_timeout": 0.001,
               "stream_idle_timeout": 0.001, "client_header_timeout": 0.001, "client_idle_timeout": 0.001,
               "shutdown_timeout": 0}
     for key, minimum in floats.items():
-        merged[key] = _number(merged, where, key, float, minimum)
-    merged["total_timeout"] = _number(merged, where, "total_timeout", float, 0.001, optional=True)
+        merged[key] = _number(merged, where, key, float, minimum, maximum=_MAX_SECONDS)
+    merged["total_timeout"] = _number(merged, where, "total_timeout", float, 0.001, optional=True, maximum=_MAX_SECONDS)
     if not merged["session_header"].strip():
         raise _fail(where, "session_header", "must not be empty")
 
     keys = merged["proxy_keys"]
     if not isinstance(keys, list) or not all(isinstance(k, str) for k in keys):
         raise _fail(where, "proxy_keys", "must be a list of strings")
+    if any(k and not k.strip() for k in keys):
+        raise _fail(where, "proxy_keys", "a key must not be blank")
     keys = tuple(k for k in keys if k)
     if not is_loopback(host) and not keys:
         raise _fail(where, "listen", "%s is not a loopback address: set proxy_keys so clients must authenticate" % host)
@@ -321,7 +350,7 @@ def validate(merged: Dict[str, Any], where: Mapping[str, str], source: str) -> C
         if not isinstance(name, str) or not name:
             raise _fail(where, key + ".name", "required string")
         if name in names:
-            raise _fail(where, key + ".name", "duplicate provider name %r" % name)
+            raise _fail(where, key + ".name", "a provider of that name comes before it")
         names.add(name)
         ptype = p.get("type")
         if ptype not in PROVIDER_TYPES:
@@ -332,6 +361,9 @@ def validate(merged: Dict[str, Any], where: Mapping[str, str], source: str) -> C
             api_key = ""
         if not isinstance(api_key, str):
             raise _fail(where, key + ".api_key", "must be a string")
+        if not _HEADER_VALUE.match(api_key.strip()):
+            raise _fail(where, key + ".api_key", "holds a character a header cannot carry (a line end, "
+                                                 "a control character, or one outside Latin-1)")
         models = p.get("models", [])
         if not isinstance(models, list) or not all(isinstance(m, str) and m for m in models):
             raise _fail(where, key + ".models", "must be a list of glob strings")

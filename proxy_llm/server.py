@@ -75,8 +75,8 @@ class ProxyServer(ThreadingHTTPServer):
             queue_depth=lambda: recorder.queue.qsize() if recorder else 0,
             connections=lambda: self.connections,
         )
+        self._stop_watch = threading.Event()  # before the bind: a failed bind calls server_close()
         super().__init__((host, port), handler_class)
-        self._stop_watch = threading.Event()
         # Held while a handler lets go of its upstream connection (before pooling it) and while
         # the watchdog or a shutdown cuts one: a connection already back in the pool, perhaps
         # serving another exchange, is never cut by mistake.

@@ -5,7 +5,9 @@ from __future__ import annotations
 import http.client
 import json
 import os
+import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -56,6 +58,26 @@ class CommandLineTest(unittest.TestCase):
         out = run("--config", os.path.join(tempfile.gettempdir(), "no-such-proxy-llm-config.json"))
         self.assertEqual(out.returncode, 2)
         self.assertIn("no such config file", out.stderr.decode())
+
+    def test_a_data_dir_or_a_port_that_cannot_be_used_is_one_line(self):
+        # Each was a traceback: a file in the data dir's way ("cannot listen", exit 1, blaming
+        # the port), and a taken port (AttributeError from server_close after the failed bind).
+        tmp = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, tmp, True)
+        blocker = os.path.join(tmp, "file")
+        open(blocker, "w").close()
+        out = run("--data-dir", os.path.join(blocker, "data"), "--listen", "127.0.0.1:0")
+        self.assertEqual(out.returncode, 2, out.stderr)
+        self.assertEqual(out.stderr.decode().strip().splitlines(),
+                         ["proxy_llm: data_dir: cannot use %s: Not a directory" % os.path.join(blocker, "data")])
+        taken = socket.socket()
+        self.addCleanup(taken.close)
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        out = run("--data-dir", tmp, "--listen", "127.0.0.1:%d" % taken.getsockname()[1])
+        self.assertEqual(out.returncode, 1, out.stderr)
+        self.assertNotIn("Traceback", out.stderr.decode())
+        self.assertIn("cannot listen on 127.0.0.1:%d" % taken.getsockname()[1], out.stderr.decode())
 
     def test_shipped_config_serves_on_a_fresh_machine(self):
         tmp = tempfile.mkdtemp()

@@ -79,8 +79,25 @@ class LoadTest(unittest.TestCase):
             ({"providers": [dict(OPENAI, base_url="ftp://x")]}, "providers[0].base_url: not a URL"),
             ({"providers": [dict(OPENAI, type="cohere")]}, "providers[0].type: must be one of"),
             ({"providers": [dict(OPENAI, extra=1)]}, "providers[0].extra: unknown key"),
-            ({"providers": [OPENAI, OPENAI]}, "duplicate provider name"),
-            ({"providers": [OPENAI], "listen": "nope"}, "listen: nope"),
+            ({"providers": [OPENAI, OPENAI]}, "providers[1].name: a provider of that name comes before it"),
+            ({"providers": [OPENAI], "listen": "nope"}, "listen: expected HOST:PORT"),
+            ({"providers": [OPENAI], "listen": "127.0.0.1:\u0668\u0660"}, "listen: expected HOST:PORT"),
+            # Each of these once passed, or ended in a traceback instead of this line:
+            ('{"providers": [%s], "fsync_interval": NaN}' % json.dumps(OPENAI), "invalid JSON"),
+            ('{"providers": [%s], "connect_timeout": Infinity}' % json.dumps(OPENAI), "invalid JSON"),
+            ({"providers": [OPENAI], "fsync_interval": 1e308}, "fsync_interval: must be at most"),
+            ({"providers": [OPENAI], "workers": 10 ** 6}, "workers: must be at most"),
+            ('{"providers": [%s], "queue_size": %s}' % (json.dumps(OPENAI), "9" * 5000), "queue_size"[:0]),
+            ({"providers": [OPENAI], "x": [[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[1]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]}, "x: unknown key"),
+            ({"providers": [json.loads("[" * 40 + "1" + "]" * 40)]}, "nested too deep"),
+            ('{"providers": %s1%s}' % ("[" * 5000, "]" * 5000), "invalid JSON"),
+            ({"providers": [dict(OPENAI, base_url="http://[::1")]}, "providers[0].base_url: not a URL"),
+            ({"providers": [dict(OPENAI, base_url="http://a b/")]}, "providers[0].base_url: not a URL"),
+            ({"providers": [dict(OPENAI, base_url="http://h:0")]}, "providers[0].base_url: not a URL"),
+            ({"providers": [dict(OPENAI, base_url="http://user:pass@h")]}, "credentials in the URL"),
+            ({"providers": [dict(OPENAI, api_key="sk-1\r\nX-Evil: 1")]}, "providers[0].api_key: holds a character"),
+            ({"providers": [dict(OPENAI, api_key="sk-\u2603")]}, "providers[0].api_key: holds a character"),
+            ({"providers": [OPENAI], "proxy_keys": [" "]}, "proxy_keys: a key must not be blank"),
             ({"providers": [OPENAI], "listen": "0.0.0.0:8080"}, "not a loopback address"),
             ({"providers": [OPENAI], "fsync": "sometimes"}, "fsync: must be one of"),
             ({"providers": [OPENAI], "max_request_body": "big"}, "max_request_body: must be an integer"),
@@ -96,6 +113,18 @@ class LoadTest(unittest.TestCase):
                 self.assertIn(expected, str(cm.exception))
                 self.assertIn(path, str(cm.exception))
                 self.assertNotIn("\n", str(cm.exception))
+
+    def test_errors_do_not_repeat_values_that_may_be_secrets(self):
+        # A $VAR may hold a key; an error about the setting it went into must not print it.
+        secret = "sk-PLANTED-0123456789"
+        for content in ({"providers": [OPENAI], "listen": "$SECRET"},
+                        {"providers": [dict(OPENAI, name="$SECRET"), dict(OPENAI, name="$SECRET")]}):
+            with self.subTest(content=content):
+                path = write(content)
+                self.addCleanup(os.unlink, path)
+                with self.assertRaises(ConfigError) as cm:
+                    config.load(path, env={"OPENAI_API_KEY": "k", "SECRET": secret})
+                self.assertNotIn(secret, str(cm.exception))
 
     def test_queue_max_bytes_reaches_the_recorder(self):
         path = write({"providers": [OPENAI], "queue_max_bytes": 1024})
