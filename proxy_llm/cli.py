@@ -50,6 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def config_path(arg: Optional[str]) -> str:
+    if arg is not None and not arg:  # --config "" (an unset variable in a script?): not the default
+        raise ConfigError("--config: an empty path")
     return arg or os.environ.get("PROXY_LLM_CONFIG") or CONFIG_DEFAULT
 
 
@@ -90,7 +92,11 @@ def run_subcommand(name: str, argv: List[str]) -> int:
     module.add_arguments(parser)
     args = parser.parse_args(argv)
     default_dir = "./data"
-    path = config_path(args.config)
+    try:
+        path = config_path(args.config)
+    except ConfigError as exc:
+        print("proxy_llm: %s" % exc, file=sys.stderr)
+        return 2
     if os.path.exists(path) or args.config:
         try:
             default_dir = load(path).data_dir

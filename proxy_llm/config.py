@@ -62,7 +62,8 @@ DEFAULTS: Dict[str, Any] = {
 PROVIDER_KEYS = ("name", "type", "base_url", "api_key", "models")
 
 _VAR_RE = re.compile(
-    r"\$(?:\$|\{(?P<braced>[A-Za-z_][A-Za-z0-9_]*)(?P<default>:-[^}]*)?\}|(?P<bare>[A-Za-z_][A-Za-z0-9_]*))"
+    r"\$(?:\$|\{(?P<braced>[A-Za-z_][A-Za-z0-9_]*)(?P<default>:-[^}$]*)?\}|(?P<bare>[A-Za-z_][A-Za-z0-9_]*)"
+    r"|(?P<other>\{))"  # any other ${...} (${VAR-x}, ${1}, a $ in a default): refused, not left as text
 )
 
 
@@ -152,6 +153,8 @@ def expand(value: str, env: Mapping[str, str], where: str) -> str:
     def substitute(match: "re.Match[str]") -> str:
         if match.group(0) == "$$":
             return "$"
+        if match.group("other"):
+            raise ConfigError("%s: only $VAR, ${VAR} and ${VAR:-default} are expanded ($$ for a $)" % where)
         name = match.group("braced") or match.group("bare")
         default = match.group("default")
         if name in env:

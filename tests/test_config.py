@@ -34,6 +34,10 @@ class ExpansionTest(unittest.TestCase):
         self.assertEqual(config.expand("${MISSING:-}", env, "k"), "")
         self.assertEqual(config.expand("${EMPTY:-x}", env, "k"), "x")
         self.assertEqual(config.expand("no vars", env, "k"), "no vars")
+        self.assertEqual(config.expand("$${A}", env, "k"), "${A}")  # the way to write ${ itself
+        for other in ("${A-x}", "${A:=x}", "${1}", "${", "x${A:-${A}}"):
+            with self.subTest(value=other), self.assertRaises(ConfigError):
+                config.expand(other, env, "k")
 
     def test_unset_variable_names_the_key(self):
         path = write({"providers": [OPENAI]})
@@ -98,6 +102,8 @@ class LoadTest(unittest.TestCase):
             ({"providers": [dict(OPENAI, api_key="sk-1\r\nX-Evil: 1")]}, "providers[0].api_key: holds a character"),
             ({"providers": [dict(OPENAI, api_key="sk-\u2603")]}, "providers[0].api_key: holds a character"),
             ({"providers": [OPENAI], "proxy_keys": [" "]}, "proxy_keys: a key must not be blank"),
+            ({"providers": [dict(OPENAI, api_key="${OPENAI_API_KEY-x}")]}, "only $VAR, ${VAR} and ${VAR:-default}"),
+            ({"providers": [dict(OPENAI, api_key="${OPENAI_API_KEY:=x}")]}, "providers[0].api_key: only $VAR"),
             ({"providers": [OPENAI], "listen": "0.0.0.0:8080"}, "not a loopback address"),
             ({"providers": [OPENAI], "fsync": "sometimes"}, "fsync: must be one of"),
             ({"providers": [OPENAI], "max_request_body": "big"}, "max_request_body: must be an integer"),
