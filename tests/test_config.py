@@ -94,7 +94,8 @@ class LoadTest(unittest.TestCase):
             ('{"providers": [%s], "queue_size": %s}' % (json.dumps(OPENAI), "9" * 5000), "queue_size"[:0]),
             ({"providers": [OPENAI], "x": [[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[1]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]}, "x: unknown key"),
             ({"providers": [json.loads("[" * 40 + "1" + "]" * 40)]}, "nested too deep"),
-            ('{"providers": %s1%s}' % ("[" * 5000, "]" * 5000), "invalid JSON"),
+            # (Python 3.13's json reads it: then the expansion refuses it.)
+            ('{"providers": %s1%s}' % ("[" * 5000, "]" * 5000), ("invalid JSON", "nested too deep")),
             ({"providers": [dict(OPENAI, base_url="http://[::1")]}, "providers[0].base_url: not a URL"),
             ({"providers": [dict(OPENAI, base_url="http://a b/")]}, "providers[0].base_url: not a URL"),
             ({"providers": [dict(OPENAI, base_url="http://h:0")]}, "providers[0].base_url: not a URL"),
@@ -116,7 +117,8 @@ class LoadTest(unittest.TestCase):
                 self.addCleanup(os.unlink, path)
                 with self.assertRaises(ConfigError) as cm:
                     config.load(path, env={"OPENAI_API_KEY": "k"})
-                self.assertIn(expected, str(cm.exception))
+                expected = expected if isinstance(expected, tuple) else (expected,)
+                self.assertTrue(any(e in str(cm.exception) for e in expected), (expected, str(cm.exception)))
                 self.assertIn(path, str(cm.exception))
                 self.assertNotIn("\n", str(cm.exception))
 
