@@ -56,6 +56,8 @@ def config_path(arg: Optional[str]) -> str:
 
 
 def load_config(args: argparse.Namespace) -> Config:
+    if args.data_dir == "":  # (an unset variable in a script?): not the configured one, quietly
+        raise ConfigError("--data-dir: an empty path")
     overrides = {"listen": args.listen, "log_level": args.log_level, "workers": args.workers,
                  "data_dir": os.path.abspath(args.data_dir) if args.data_dir else None}
     return load(config_path(args.config), overrides=overrides)
@@ -93,6 +95,8 @@ def run_subcommand(name: str, argv: List[str]) -> int:
     args = parser.parse_args(argv)
     default_dir = "./data"
     try:
+        if getattr(args, "data_dir", None) == "":
+            raise ConfigError("--data-dir: an empty path")
         path = config_path(args.config)
     except ConfigError as exc:
         print("proxy_llm: %s" % exc, file=sys.stderr)

@@ -58,10 +58,11 @@ class CommandLineTest(unittest.TestCase):
         out = run("--config", os.path.join(tempfile.gettempdir(), "no-such-proxy-llm-config.json"))
         self.assertEqual(out.returncode, 2)
         self.assertIn("no such config file", out.stderr.decode())
-        for argv in (["--config", ""], ["stats", "--config", ""]):  # not ./config.json, quietly
-            with self.subTest(argv=argv):
+        for argv in (["--config", ""], ["stats", "--config", ""], ["--data-dir", ""], ["verify", "--data-dir", ""]):
+            with self.subTest(argv=argv):  # not the default, quietly
                 out = run(*argv)
-                self.assertEqual((out.returncode, out.stderr.decode().strip()), (2, "proxy_llm: --config: an empty path"))
+                self.assertEqual((out.returncode, out.stderr.decode().strip()),
+                                 (2, "proxy_llm: %s: an empty path" % argv[-2]))
 
     def test_a_data_dir_or_a_port_that_cannot_be_used_is_one_line(self):
         # Each was a traceback: a file in the data dir's way ("cannot listen", exit 1, blaming
