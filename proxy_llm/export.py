@@ -134,7 +134,7 @@ from proxy_llm import reader
 __all__ = ["add_arguments", "run", "convert", "Skip", "Conversation", "FORMATS"]
 
 FORMATS = ("openai-chat", "sharegpt", "records")
-ENDINGS = ("completed", "client_aborted", "upstream_error", "upstream_eof", "timeout", "shutdown")
+ENDINGS = reader.ENDINGS
 CHAT_DIALECTS = ("openai_chat", "openai_responses", "anthropic_messages", "gemini")
 PROGRESS_MIN_BYTES = 16 * 1024 * 1024
 

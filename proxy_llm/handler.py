@@ -701,7 +701,14 @@ class ProxyHandler(BaseHTTPRequestHandler):
         body, ctype = errors.render(ex.family, exc.status, exc.message, exc.kind)
         ex.status = exc.status
         ex.error = {"type": exc.kind, "message": exc.message}
-        ex.ended = "timeout" if exc.status == 504 else ("shutdown" if ex.cancelled else "upstream_error")
+        if ex.cancelled:
+            ex.ended = "shutdown"
+        elif exc.status == 504:
+            ex.ended = "timeout"
+        elif isinstance(exc, errors.UpstreamUnavailable):
+            ex.ended = "upstream_error"
+        else:  # the proxy's own answer (400, 401, 404, 413, 426, 503, a bug's 500): no upstream in it
+            ex.ended = "refused"
         ex.resp_headers = [("Content-Type", ctype), ("Content-Length", str(len(body)))]
         ex.response.add(ex.elapsed_ms(), body)
         extra = [("X-Proxy-Record-Id", ex.assign_id())]

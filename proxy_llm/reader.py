@@ -42,6 +42,10 @@ import zlib
 from .storage import safe_sid as session_file_id  # the rule the files were named by
 
 
+#: How an exchange ended: a record's ``ended`` (the README documents each; record.py writes them).
+ENDINGS = ("completed", "client_aborted", "refused", "upstream_error", "upstream_eof", "timeout", "shutdown")
+
+
 def _refuse_constant(name: str) -> None:
     raise ValueError("%s is not JSON" % name)
 

@@ -27,7 +27,7 @@ import time
 import zlib
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
-from . import dialects, wire
+from . import dialects, reader, wire
 from .sniff import model_is_exact, sniff_stream
 from .storage import RECORDS, STREAMS
 from .storage import safe_sid as session_file_id  # the rule lives with the files
@@ -45,7 +45,7 @@ FIELDS = (
 #: Fields of a line in streams/*.jsonl.
 STREAM_FIELDS = ("id", "session_id", "timestamp", "events", "truncated")
 SESSION_SOURCES = ("header", "claude_code", "codex", "metadata_user_id", "model", "default")
-ENDINGS = ("completed", "client_aborted", "upstream_error", "upstream_eof", "timeout", "shutdown")
+ENDINGS = reader.ENDINGS
 
 _random_bits = random.getrandbits
 _CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"

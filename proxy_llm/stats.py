@@ -32,7 +32,7 @@ from proxy_llm import reader
 
 __all__ = ["add_arguments", "run", "collect", "Group", "percentile"]
 
-ENDINGS = ("completed", "client_aborted", "upstream_error", "upstream_eof", "timeout", "shutdown")
+ENDINGS = reader.ENDINGS
 TOKEN_KINDS = ("prompt_tokens", "completion_tokens", "cached_tokens", "cache_creation_tokens",
                "reasoning_tokens", "total_tokens")
 NONE_KEY = "(none)"
@@ -161,6 +161,7 @@ COLUMNS = (
     ("requests", lambda g: str(g.requests)),
     ("http_err", lambda g: str(g.http_errors)),
     ("aborted", lambda g: str(g.ended.get("client_aborted", 0))),
+    ("refused", lambda g: str(g.ended.get("refused", 0))),
     ("up_error", lambda g: str(g.ended.get("upstream_error", 0))),
     ("up_eof", lambda g: str(g.ended.get("upstream_eof", 0))),
     ("timeout", lambda g: str(g.ended.get("timeout", 0))),

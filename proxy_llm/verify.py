@@ -41,7 +41,7 @@ __all__ = ["add_arguments", "run", "check", "Findings", "check_record", "check_s
 
 session_file_id = reader.session_file_id  # re-exported for tests and callers
 
-ENDINGS = ("completed", "client_aborted", "upstream_error", "upstream_eof", "timeout", "shutdown")
+ENDINGS = reader.ENDINGS
 SESSION_SOURCES = ("header", "claude_code", "codex", "metadata_user_id", "model", "default")
 PROVIDER_TYPES = ("openai", "anthropic", "gemini")
 TOKEN_KEYS = ("prompt_tokens", "completion_tokens", "total_tokens", "cached_tokens",

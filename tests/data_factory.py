@@ -21,7 +21,7 @@ from datetime import datetime, timedelta, timezone
 _CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
 T0 = datetime(2026, 11, 27, 16, 48, 15, 123456, tzinfo=timezone.utc)
 REDACTED = "[REDACTED:3f9a1c0e]"
-ENDINGS = ("completed", "client_aborted", "upstream_error", "upstream_eof", "timeout", "shutdown")
+ENDINGS = ("completed", "client_aborted", "refused", "upstream_error", "upstream_eof", "timeout", "shutdown")
 
 
 def ulid(when: datetime, rng: random.Random) -> str:
@@ -388,6 +388,13 @@ def endings_session(clock: Clock, session_id: str = "endings") -> list:
                        error={"type": "upstream_unavailable", "message": "connection refused"})
     gone["response_body"] = None
     out.append(gone)
+    # The proxy's own answer: no provider for the model (404 in the family's error shape).
+    refused = anthropic(clock, session_id, msgs, [{"type": "text", "text": "x"}], status_code=404, stream=False,
+                        ended="refused", tokens=None,
+                        error={"type": "not_found_error", "message": "no provider serves model claude-x"})
+    refused["response_body"] = {"type": "error", "error": {"type": "not_found_error",
+                                                           "message": "no provider serves model claude-x"}}
+    out.append(refused)
     return out
 
 

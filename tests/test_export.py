@@ -62,7 +62,7 @@ class TestOpenAIChat(ExportTestCase):
         skipped = len(self.man.records) - len(self.man.chat_ok)
         self.assertIn("read %d records from %d files" % (len(self.man.records), self.man.files), self.last_summary)
         self.assertIn("1 torn line skipped", self.last_summary)
-        self.assertIn("%d skipped (error 7, not_chat 3)" % skipped, self.last_summary)
+        self.assertIn("%d skipped (error 8, not_chat 3)" % skipped, self.last_summary)
         self.assertIn("wrote %d rows" % len(rows), self.last_summary)
         self.assertIn("thinking", self.last_summary)
         self.assertIn("image 4", self.last_summary)

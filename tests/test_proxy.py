@@ -270,7 +270,7 @@ class InternalErrorTest(ProxyTestCase):
         self.assertIn("ValueError", json.loads(body)["error"]["message"])
         self.assertNotIn("sk-in-message", "\n".join(logs.output))
         [rec] = proxy.records()
-        self.assertEqual((rec["status_code"], rec["error"]["type"]), (500, "proxy_error"))
+        self.assertEqual((rec["status_code"], rec["error"]["type"], rec["ended"]), (500, "proxy_error", "refused"))
         self.assertEqual(rec["request_body"], {"model": "claude-x"})
 
 
@@ -301,9 +301,9 @@ class UpgradeTest(ProxyTestCase):
         self.assertEqual((anthropic_error["type"], anthropic_error["error"]["type"]), ("error", "invalid_request_error"))
         self.assertEqual(self.upstream.requests.qsize(), 0)
         recs = proxy.records()
-        self.assertEqual([(r["method"], r["endpoint"], r["status_code"], r["error"]["type"]) for r in recs],
-                         [("GET", "/v1/responses", 426, "websocket_unsupported"),
-                          ("GET", "/v1/messages", 426, "websocket_unsupported")])
+        self.assertEqual([(r["method"], r["endpoint"], r["status_code"], r["error"]["type"], r["ended"]) for r in recs],
+                         [("GET", "/v1/responses", 426, "websocket_unsupported", "refused"),
+                          ("GET", "/v1/messages", 426, "websocket_unsupported", "refused")])
         self.assertEqual(recs[0]["session_id"], "ws-session")
         self.assertEqual(recs[0]["response_body"], openai_error)
         for path in support.all_files(self.data_dir):

@@ -44,7 +44,7 @@ KEYS = [b"model", b"stream", b"usage", b"error", b"metadata", b"user_id", b"choi
         b"delta", b"message", b"candidates", b"usageMetadata", b"input_tokens", b"prompt_tokens", b"index"]
 SSE_NAMES = [b"message_start", b"content_block_start", b"content_block_delta", b"message_delta", b"error",
              b"response.output_text.delta", b"response.completed", b"ping"]
-ENDINGS = ["completed", "completed", "completed", "client_aborted", "upstream_error", "upstream_eof", "timeout",
+ENDINGS = ["completed", "completed", "completed", "client_aborted", "refused", "upstream_error", "upstream_eof", "timeout",
            "shutdown"]
 
 

@@ -68,7 +68,7 @@ class TestStats(unittest.TestCase):
             self.assertEqual(total["ended"].get(ending, 0), sum(1 for r in recs if r["ended"] == ending))
         self.assertEqual(total["http_errors"],
                          sum(1 for r in recs if r["status_code"] is None or r["status_code"] >= 400))
-        self.assertEqual(total["status"], {"2xx": len(recs) - 2, "4xx": 1, "none": 1})
+        self.assertEqual(total["status"], {"2xx": len(recs) - 3, "4xx": 2, "none": 1})
         for kind in ("prompt_tokens", "completion_tokens", "cached_tokens", "reasoning_tokens"):
             self.assertEqual(total["tokens"].get(kind, 0),
                              sum(r.get("tokens_used", {}).get(kind, 0) for r in recs), kind)
