@@ -204,6 +204,9 @@ def _open(path: str):
     """Open a data file for binary line reading; returns (file, raw file or None)."""
     if path.endswith(".gz"):
         raw = open(path, "rb")
+        if not raw.peek(1):  # no gzip member at all (a compression cut short): gzip reads it as empty
+            raw.close()
+            raise EOFError("an empty file is not gzip")
         return gzip.GzipFile(fileobj=raw, mode="rb"), raw
     return open(path, "rb"), None
 
@@ -220,6 +223,10 @@ def _iter_file(path: str, stats: ReadStats):
             return
     except OSError as exc:
         stats.problems.append((path, "cannot open: %s" % (exc.strerror or exc)))
+        return
+    except EOFError as exc:
+        stats.files += 1
+        stats.problems.append((path, "unreadable: %s" % exc))
         return
     stats.files += 1
     base_done = stats.bytes_done

@@ -150,6 +150,13 @@ class TestDamage(ReaderTestCase):
         self.assertEqual(list(reader.iter_records(self.tmp, stats)), [])
         self.assertEqual(len(stats.problems), 1)
 
+    def test_an_empty_gzip_file_is_a_problem(self) -> None:
+        # A compression cut short leaves one; gzip reads it as an empty file, so it passed.
+        open(self._file("session_s_20261127_164815.jsonl.gz"), "wb").close()
+        stats = reader.ReadStats()
+        self.assertEqual(list(reader.iter_records(self.tmp, stats)), [])
+        self.assertEqual([p[1] for p in stats.problems], ["unreadable: an empty file is not gzip"])
+
     def test_twin_gz_is_skipped_and_listed(self) -> None:
         plain = self._file()
         with open(plain, "wb") as fh:
