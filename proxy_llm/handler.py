@@ -220,11 +220,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
         self.request_version = "HTTP/1.1" if minor == b"1" else "HTTP/1.0"
         self.close_connection = minor == b"0"
         fields = take_fields(self.rfile)
-        if fields is not None:
-            # Plain fields: self.headers (an HTTPMessage) is built only if something asks.
-            self._message = None
-            self._fields = fields
-        else:
+        if fields is None:
             try:
                 fields = strict_fields(self.rfile)
             except http.client.LineTooLong as err:
@@ -236,8 +232,9 @@ class ProxyHandler(BaseHTTPRequestHandler):
             if fields is None:  # refused, never guessed at: see headers.strict_fields
                 self.send_error(400, "Bad header line (RFC 9112 section 5)")
                 return False
-            self._message = None
-            self._fields = fields
+        # Kept as pairs: self.headers (an HTTPMessage) is built only if something asks.
+        self._message = None
+        self._fields = fields
         connection = expect = None
         for name, value in fields:  # the first of each, as HTTPMessage.get()
             lname = name.lower()
@@ -344,7 +341,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
             parts = urllib.parse.urlsplit(target)
             target = (parts.path or "/") + ("?" + parts.query if parts.query else "")
         path, query = wire.split_target(target)
-        refused = wire.bad_target(target)
+        refused = wire.bad_target(path, query)
         if refused:
             self.close_connection = True  # the request body, if any, was not read
             body, ctype = errors.render(errors.family_of(path), 400, "invalid request target: %s" % refused)
@@ -583,36 +580,31 @@ class ProxyHandler(BaseHTTPRequestHandler):
             if no_body or (known_length and resp.length <= SMALL_BODY):
                 # One write for headers and a small body.
                 ex.upstream_deadline = perf_counter() + idle
+                cut = False
                 try:
                     data = resp.read() if not no_body else b""
                 except (OSError, http.client.HTTPException) as exc:
+                    cut = True
                     if ex.upstream_late:
                         self.upstream_failed(ex, "timeout", "upstream stalled while sending the body")
                     else:
                         self.upstream_failed(ex, "upstream_error", "upstream failed while sending the body: %s" % type(exc).__name__)
                     # The client gets what it would have got directly: the head and the bytes
                     # that came, then the close (upstream_failed set it) short of the length.
-                    partial = exc.partial if isinstance(exc, http.client.IncompleteRead) else b""
-                    if partial:
-                        ex.ttft = (perf_counter() - t0) * 1000.0
-                        capture(ex.ttft, partial)
-                    if not ex.client_gone:
-                        try:
-                            write(head_bytes + partial)
-                        except OSError:
-                            ex.ended = "client_aborted"
-                    return
+                    data = exc.partial if isinstance(exc, http.client.IncompleteRead) else b""
                 ex.upstream_deadline = 0.0
                 now = (perf_counter() - t0) * 1000.0
                 if data:
                     ex.ttft = now
                     capture(now, data)
+                if cut and ex.client_gone:
+                    return
                 try:
                     write(head_bytes + data)
                 except OSError:
                     ex.ended = "client_aborted"
                     return
-                complete = True
+                complete = not cut
                 return
             try:
                 write(head_bytes)

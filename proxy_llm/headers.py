@@ -30,13 +30,14 @@ _ORIGINAL = http.client.parse_headers
 _READ = getattr(http.client, "_read_headers", None)
 # A plain header block: lines of a field name (RFC 9110 5.1: a token), a colon, and a value
 # holding none of the characters the email parser splits lines on (str.splitlines: CR, LF, VT,
-# FF, FS, GS, RS, NEL) and no NUL (RFC 9110 5.5), each with its line end. The whole block is checked at once, then its
-# fields are taken in one pass over the decoded text (leading blanks of the value dropped, as
-# the email parser does).
-_PLAIN_BLOCK = re.compile(rb"(?:[!#$%&'*+\-.^_`|~0-9A-Za-z]+:[^\r\n\x00\x0b\x0c\x1c-\x1e\x85]*\r?\n)*")
+# FF, FS, GS, RS, NEL) and no NUL (RFC 9110 5.5), each with its line end. The whole block is
+# checked at once, then its fields are taken in one pass over the decoded text (leading blanks
+# of the value dropped, as the email parser does). _TOKEN is a field name, in every pattern here.
+_TOKEN = "[!#$%&'*+\\-.^_`|~0-9A-Za-z]+"
+_PLAIN_BLOCK = re.compile(b"(?:%s:[^\\r\\n\\x00\\x0b\\x0c\\x1c-\\x1e\\x85]*\\r?\\n)*" % _TOKEN.encode())
 _MAX_BLOCK = 65536   # no line of a block this short passes the standard library's line limit
 _MAX_FIELDS = getattr(http.client, "_MAXHEADERS", 100)
-_FIELD = re.compile("([!#$%&'*+\\-.^_`|~0-9A-Za-z]+):[ \t]*([^\r\n\x00\x0b\x0c\x1c-\x1e\x85]*)\r?\n")
+_FIELD = re.compile("(%s):[ \t]*([^\r\n\x00\x0b\x0c\x1c-\x1e\x85]*)\r?\n" % _TOKEN)
 
 
 def parse_headers(fp, _class=http.client.HTTPMessage):
@@ -85,7 +86,7 @@ def _plain_fields(block: bytes) -> Optional[List[Tuple[str, str]]]:
 # A request's field line, strictly (RFC 9112 5): a token, the colon right after it, a value of
 # anything but CR, LF and NUL. Not allowed: whitespace before the colon, a line folded onto the
 # one before (obs-fold), a line without a colon, a name that is not a token.
-_STRICT_FIELD = re.compile(rb"([!#$%&'*+\-.^_`|~0-9A-Za-z]+):[ \t]*([^\r\n\x00]*)\r?\n")
+_STRICT_FIELD = re.compile(b"(%s):[ \\t]*([^\\r\\n\\x00]*)\\r?\\n" % _TOKEN.encode())
 
 
 def strict_fields(fp) -> Optional[List[Tuple[str, str]]]:

@@ -46,6 +46,12 @@ from .storage import safe_sid as session_file_id  # the rule the files were name
 ENDINGS = ("completed", "client_aborted", "refused", "upstream_error", "upstream_eof", "timeout", "shutdown")
 
 
+def shown(text: str) -> str:
+    """A name or field from a record as text to print: control characters (a terminal's escape
+    sequences) and lone surrogates escaped."""
+    return text if text.isprintable() else repr(text)[1:-1]
+
+
 def _refuse_constant(name: str) -> None:
     raise ValueError("%s is not JSON" % name)
 

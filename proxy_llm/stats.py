@@ -53,12 +53,6 @@ def _number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and -1e15 < value < 1e15
 
 
-def _shown(name: str) -> str:
-    """A session, model or provider name as a table cell: control characters (a terminal's
-    escape sequences) and lone surrogates escaped."""
-    return name if name.isprintable() else repr(name)[1:-1]
-
-
 class Group(object):
     """Accumulated numbers of one session, model or provider (memory: 16 bytes per request)."""
 
@@ -184,7 +178,7 @@ def render_table(title: str, groups: dict, total: Group) -> str:
     """A fixed-width table: one row per group (most requests first) and a total row."""
     rows = [[title] + [name for name, _ in COLUMNS]]
     for key, group in sorted(groups.items(), key=lambda kv: (-kv[1].requests, kv[0])):
-        rows.append([_shown(key)] + [fn(group) for _, fn in COLUMNS])
+        rows.append([reader.shown(key)] + [fn(group) for _, fn in COLUMNS])
     rows.append(["total"] + [fn(total) for _, fn in COLUMNS])
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = []

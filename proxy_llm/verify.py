@@ -305,8 +305,8 @@ def _check_records(data_dir: str, found: Findings) -> dict:
     found.counts["sessions"] = len(reader.session_dirs(data_dir))
     found.counts["record files"] = stats.files
     found.counts["records"] = stats.records
-    for name in sorted(unknown):  # as text a terminal shows as it is (no escapes, no lone surrogates)
-        found.note("unknown record fields", name if name.isprintable() else repr(name))
+    for name in sorted(unknown):
+        found.note("unknown record fields", reader.shown(name))
     return index
 
 

@@ -200,19 +200,18 @@ _VISIBLE_ASCII = re.compile(r"[!-~]*\Z")
 _DOT_SEGMENT = re.compile(r"(?i)(?:^|/)(?:\.|%2e){1,2}(?:/|$)")
 
 
-def bad_target(target: str) -> Optional[str]:
-    """Why a request target (origin form: path and query) is refused, or None.
+def bad_target(path: str, query: str) -> Optional[str]:
+    """Why a request target (origin form, split by :func:`split_target`) is refused, or None.
 
     Only visible ASCII (RFC 9112 3.2: anything else, a space or a control character, would be
     sent upstream in a request line of its own making), no fragment, and no dot segment in the
     path (``/v1/../admin``, ``%2e%2e`` too): appended to a provider's base URL, with its key,
     it would reach whatever path the upstream makes of it, past the base path.
     """
-    if not _VISIBLE_ASCII.match(target):
+    if not (_VISIBLE_ASCII.match(path) and _VISIBLE_ASCII.match(query)):
         return "only visible ASCII characters are allowed"
-    if target.find("#") >= 0:
+    if path.find("#") >= 0 or query.find("#") >= 0:
         return "a fragment (#) is not part of a request"
-    path = target.partition("?")[0]
     if path.find(".") >= 0 or path.find("%") >= 0:  # most paths have neither: one search each
         if _DOT_SEGMENT.search(path):
             return "dot segments (. and ..) are not allowed in the path"
