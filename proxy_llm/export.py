@@ -1019,10 +1019,7 @@ class Filter(object):
 def encode_line(obj) -> bytes:
     """One JSON line as UTF-8; falls back to ASCII escapes for lone surrogates.
     Skip("non_finite") for NaN or Infinity, which JSON cannot hold."""
-    try:
-        text = json.dumps(obj, ensure_ascii=False, allow_nan=False)
-    except ValueError:
-        raise Skip("non_finite")
+    text = _dumps(obj)
     try:
         return (text + "\n").encode("utf-8")
     except UnicodeEncodeError:

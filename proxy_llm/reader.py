@@ -56,9 +56,10 @@ def _refuse_constant(name: str) -> None:
     raise ValueError("%s is not JSON" % name)
 
 
-# NaN and Infinity are not JSON: the proxy never writes them, strict readers (and the exports,
-# written for them) refuse them, so a line holding one is a bad line, reported as such.
-_DECODER = json.JSONDecoder(parse_constant=_refuse_constant)
+# NaN and Infinity are not JSON, and strict readers refuse them: the recorder never lets them
+# into a record (record.parse_body), and here a line holding one is a bad line, reported as
+# such. One decoder for all (json.loads with arguments builds a new one per call).
+STRICT_JSON = json.JSONDecoder(parse_constant=_refuse_constant)
 
 __all__ = [
     "DataDirError",
@@ -250,7 +251,7 @@ def _iter_file(path: str, stats: ReadStats):
                 stats.lines += 1
                 try:
                     # As json.loads(line), without NaN and Infinity (UnicodeDecodeError is a ValueError).
-                    obj = _DECODER.decode(line.decode(json.detect_encoding(line), "surrogatepass"))
+                    obj = STRICT_JSON.decode(line.decode(json.detect_encoding(line), "surrogatepass"))
                 except (ValueError, RecursionError):
                     obj = None
                 whole = line.endswith(b"\n")

@@ -215,13 +215,6 @@ def captured_bytes(ex: Exchange) -> int:
     return ex.request.kept + ex.response.kept
 
 
-def _reject_constant(name: str) -> Any:
-    raise ValueError("non-standard JSON constant %s" % name)
-
-
-# One decoder for all (json.loads with arguments builds a new one per call). NaN and Infinity
-# are refused: other readers of the record files would not accept them.
-_DECODER = json.JSONDecoder(parse_constant=_reject_constant)
 
 
 class Binary(bytes):
@@ -245,7 +238,7 @@ def parse_body(raw: bytes) -> Tuple[Any, Optional[bytes]]:
     except UnicodeDecodeError:
         return Binary(raw), None
     try:
-        value = _DECODER.decode(text)
+        value = reader.STRICT_JSON.decode(text)  # (no NaN or Infinity: see reader)
     except (ValueError, RecursionError):  # nested past the recursion limit: valid, but text here
         return text, None
     # find, not in: for bytes, "in" first tries the needle as an int (10 in b"\n") and builds,
