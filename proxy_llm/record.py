@@ -286,11 +286,20 @@ _INNERMOST = re.compile(rb"\[\]|\{\}")  # one scan a pass: one level a pass, nev
 def nests_within(data: bytes, limit: int = MAX_NESTING) -> bool:
     """True when the JSON text ``data`` nests arrays and objects at most ``limit`` levels deep.
 
-    A level needs an opening bracket: a body with no more than ``limit`` of them (nearly every
-    body) is settled by counting, for a long one with searches that stop at the limit. Only a
-    body with more brackets is measured: escaped backslashes and quotes dropped, then all but
-    brackets and quotes, then the strings (brackets in a prompt are text), then the innermost
-    pairs, one level a pass.
+    A level needs an opening bracket: a body with no more than ``limit`` of them is settled by
+    counting, for a long one with searches that stop at the limit. A body with more brackets
+    (an agent's request: tools with their schemas, a long history of tool calls) is measured:
+    escaped backslashes and quotes dropped, then all but brackets and quotes, then the strings
+    (brackets in a prompt are text), then the innermost pairs, a level or two a pass.
+
+    Each step is a C scan of the bytes. Two quotes side by side in that skeleton are dropped
+    by a plain replace, which is exact: nothing structural stands between them, so whether
+    they are one empty string or the end of one string and the start of the next, dropping
+    them changes no bracket's place in or out of a string, nor which quotes pair up after.
+    The regex is left only the rare strings that hold brackets. A pass of two replaces, for
+    ``[]`` and for ``{}``, takes off at least one level and at most two: emptied within
+    ``limit // 2`` passes, the text nests within ``limit``; otherwise the regex, one level a
+    pass, settles it.
     """
     if len(data) <= 2 * limit:
         return True
@@ -308,7 +317,14 @@ def nests_within(data: bytes, limit: int = MAX_NESTING) -> bool:
             return True
     if data.find(b"\\") >= 0:
         data = data.replace(b"\\\\", b"").replace(b'\\"', b"")  # left to right, as a parser reads
-    skeleton = _STRING.sub(b"", data.translate(None, _NOT_STRUCTURE))
+    skeleton = data.translate(None, _NOT_STRUCTURE).replace(b'""', b"")
+    if skeleton.find(b'"') >= 0:
+        skeleton = _STRING.sub(b"", skeleton)
+    rest = skeleton
+    for _ in range(limit // 2):
+        rest = rest.replace(b"[]", b"").replace(b"{}", b"")
+        if not rest:
+            return True
     for _ in range(limit):
         if not skeleton:
             return True

@@ -7,6 +7,7 @@ import gzip
 import gc
 import hashlib
 import json
+import random
 import re
 import unittest
 from unittest import mock
@@ -285,6 +286,39 @@ class EncoderTest(unittest.TestCase):
         self.assertGreater(wide.count(b"{"), 2000)
         self.assertTrue(within(wide))  # many brackets, shallow
         self.assertFalse(within(b'{"t":"%s","x":%s}' % (b"y" * 10000, b"[" * 101 + b"]" * 101)))
+
+    def test_nesting_matches_the_depth_a_parser_finds(self):
+        # Differential: seeded JSON texts past the counting shortcut (many brackets), with
+        # brackets, quotes and backslashes in strings, at depths around the limit, some
+        # alternating [ and { (the quick passes take off two levels of those at once).
+        rng = random.Random(20261206)
+        texts = ['a[b', ']}', '\\', '"', '\\"[', 'x\\\\', '{"k": [1]}', '\u00e9\u2028[', '']
+
+        def value(depth):
+            if depth == 0:
+                return rng.choice([1, None, True, rng.choice(texts) * rng.randint(1, 3)])
+            kind = rng.choice("[{") if rng.random() < 0.5 else ("[" if depth % 2 else "{")
+            inner = [value(depth - 1)] + [value(rng.randint(0, min(depth - 1, 3))) for _ in range(rng.randint(0, 3))]
+            rng.shuffle(inner)
+            if kind == "[":
+                return inner
+            return {rng.choice(texts) + str(i): v for i, v in enumerate(inner)}
+
+        def depth_of(v):
+            if isinstance(v, list):
+                return 1 + max([depth_of(x) for x in v] or [0])
+            if isinstance(v, dict):
+                return 1 + max([depth_of(x) for x in v.values()] or [0])
+            return 0
+
+        padding = [[{"k": i}] for i in range(60)]  # brackets enough to be measured, shallow
+        for case in range(300):
+            limit = rng.choice([4, 10, 50, 100, 101])
+            v = value(rng.randint(max(1, limit - 3), limit + 3) if case % 3 else rng.randint(1, 2 * limit))
+            text = json.dumps([padding, v], ensure_ascii=case % 2 == 0,
+                              separators=(",", ":") if case % 4 < 2 else (", ", ": ")).encode("utf-8")
+            with self.subTest(case=case, limit=limit):
+                self.assertEqual(record.nests_within(text, limit), depth_of([padding, v]) <= limit)
 
     def test_bodies_that_are_not_utf8_are_kept_exactly_in_base64_and_scrubbed_first(self):
         secret = "sk-binary-0123456789"

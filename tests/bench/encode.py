@@ -1,6 +1,6 @@
 """Instructions and time per record the recorder's writer encodes (bench only).
 
-    python -m tests.bench.encode [--records 2000] [--time]
+    python -m tests.bench.encode [--records 2000] [--time] [--real-headers] [--agent]
 
 The benchmark's two small exchanges (the OpenAI chat and Anthropic messages requests that
 ``run.small_requests`` sends, answered as the mock answers them) are captured as the handler
@@ -12,6 +12,8 @@ By default each run goes under valgrind's callgrind twice, encoding 0 and ``--re
 records, and the difference divided by the count is the instructions per record: a figure that
 does not move with the machine's load, so that two builds can be compared from one run each.
 ``--time`` measures microseconds per record instead (best of 7 loops; no valgrind needed).
+``--agent`` encodes a coding agent's request instead (``run.agent_requests``: 60 KB, a thousand-odd
+brackets), the kind of body whose nesting the encoder measures (``record.nests_within``).
 """
 from __future__ import annotations
 
@@ -33,14 +35,16 @@ _COLLECTED = re.compile(r"Collected : (\d+)")
 _RESPONSES = {"/v1/chat/completions": mock._OPENAI_BODY, "/v1/messages": mock._ANTHROPIC_BODY}
 
 
-def exchanges(n: int, real_headers: bool = False) -> list:
+def exchanges(n: int, real_headers: bool = False, agent: bool = False) -> list:
     """``n`` captured exchanges, the two small requests in turn (``real_headers``: those of the
-    benchmark's "real" scenario, with the headers an SDK sends and a provider answers with)."""
+    benchmark's "real" scenario, with the headers an SDK sends and a provider answers with;
+    ``agent``: a coding agent's request, answered as a small one)."""
     base = "http://127.0.0.1:1"
     providers = {"/v1/chat/completions": Provider("openai", "openai", base),
                  "/v1/messages": Provider("anthropic", "anthropic", base)}
     out = []
-    requests = (run.real_requests if real_headers else run.small_requests)("127.0.0.1", 8080)
+    requests = (run.agent_requests if agent else run.real_requests if real_headers else run.small_requests)(
+        "127.0.0.1", 8080)
     t0 = time.time()
     for i in range(n):
         raw, body = requests[i % len(requests)]
@@ -81,9 +85,9 @@ def encoder() -> Encoder:
                    on_result=on_result)
 
 
-def loop(records: int, real_headers: bool = False, pool: int = 2000) -> None:
+def loop(records: int, real_headers: bool = False, pool: int = 2000, agent: bool = False) -> None:
     """Build ``pool`` exchanges (always, so that only the encoding differs), encode ``records``."""
-    exs = exchanges(max(pool, 2), real_headers)
+    exs = exchanges(max(pool, 2) if not agent else 200, real_headers, agent)
     enc = encoder()
     for ex in exs[:2]:  # first use: memos, imports
         enc.encode(ex)
@@ -91,9 +95,9 @@ def loop(records: int, real_headers: bool = False, pool: int = 2000) -> None:
         enc.encode(exs[i % len(exs)])
 
 
-def timed(records: int, real_headers: bool = False) -> float:
+def timed(records: int, real_headers: bool = False, agent: bool = False) -> float:
     """Microseconds per record, best of 7 loops."""
-    exs = exchanges(records, real_headers)
+    exs = exchanges(records, real_headers, agent)
     enc = encoder()
     best = float("inf")
     for _ in range(7):
@@ -104,10 +108,11 @@ def timed(records: int, real_headers: bool = False) -> float:
     return best / records * 1e6
 
 
-def instructions(records: int, python: str, real_headers: bool = False) -> int:
+def instructions(records: int, python: str, real_headers: bool = False, agent: bool = False) -> int:
     """Instructions of one ``--loop`` run under callgrind."""
     cmd = ["valgrind", "--tool=callgrind", "--callgrind-out-file=" + os.devnull,
-           python, "-m", "tests.bench.encode", "--loop", str(records)] + (["--real-headers"] if real_headers else [])
+           python, "-m", "tests.bench.encode", "--loop", str(records)] + (
+        ["--real-headers"] if real_headers else []) + (["--agent"] if agent else [])
     proc = subprocess.run(cmd, cwd=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, check=True)
     m = _COLLECTED.search(proc.stderr.decode(errors="replace"))
@@ -122,22 +127,23 @@ def main(argv=None) -> int:
     ap.add_argument("--time", action="store_true", help="microseconds per record, no valgrind")
     ap.add_argument("--real-headers", action="store_true",
                     help="the headers an official SDK sends and a provider answers with, not the bench's few")
+    ap.add_argument("--agent", action="store_true", help="a coding agent's request (60 KB, many brackets)")
     ap.add_argument("--python", default=sys.executable)
     ap.add_argument("--loop", type=int, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.loop is not None:
-        loop(args.loop, args.real_headers)
+        loop(args.loop, args.real_headers, agent=args.agent)
         return 0
-    what = "records with real headers" if args.real_headers else "records"
+    what = "agent records" if args.agent else "records with real headers" if args.real_headers else "records"
     if args.time:
-        print("encode: %.2f us per record (%d %s, best of 7)" % (timed(args.records, args.real_headers), args.records,
-                                                                what))
+        print("encode: %.2f us per record (%d %s, best of 7)" % (
+            timed(args.records, args.real_headers, args.agent), args.records, what))
         return 0
     if not shutil.which("valgrind"):
         sys.stderr.write("valgrind not found (apt-get install valgrind), or use --time\n")
         return 2
-    per = (instructions(args.records, args.python, args.real_headers)
-           - instructions(0, args.python, args.real_headers)) / args.records
+    per = (instructions(args.records, args.python, args.real_headers, args.agent)
+           - instructions(0, args.python, args.real_headers, args.agent)) / args.records
     print("encode: %.0f instructions per record (%d %s, callgrind; %s)" % (
         per, args.records, what, os.path.basename(args.python)))
     return 0

@@ -177,6 +177,29 @@ def big_requests(host, port, size=100 * 1024) -> list:
                                  "messages": [{"role": "user", "content": text}]})]
 
 
+def agent_requests(host, port, turns=40) -> list:
+    """A coding agent's request (Anthropic messages, about 60 KB): a system prompt, twenty tools
+    with their JSON schemas, and a history of tool calls and their output, so a thousand-odd
+    brackets, and brackets, quotes and escapes in its text."""
+    tools = [{"name": "tool_%d" % i, "description": "Runs step %d; takes [paths] and {options}." % i,
+              "input_schema": {"type": "object", "required": ["path"], "properties": {
+                  name: {"type": "string", "description": "The %s, e.g. \"src/main.py\"." % name}
+                  for name in ("path", "pattern", "command", "content", "old", "new")}}} for i in range(20)]
+    messages = [{"role": "user", "content": "Fix the failing test in tests/test_app.py."}]
+    for i in range(turns):
+        messages.append({"role": "assistant", "content": [
+            {"type": "text", "text": "Let me look at step %d." % i},
+            {"type": "tool_use", "id": "toolu_%04d" % i, "name": "tool_%d" % (i % 20),
+             "input": {"path": "src/app_%d.py" % i, "pattern": "def (\\w+)\\(", "options": [1, 2]}}]})
+        messages.append({"role": "user", "content": [
+            {"type": "tool_result", "tool_use_id": "toolu_%04d" % i, "content": [
+                {"type": "text", "text": "    if x[%d] == {\"k\": %d}:\n        return f(\"%s\")\n" % (k, k, "y" * 20)}
+                for k in range(8)]}]})
+    return [_anthropic(host, port, {"model": "claude-bench", "max_tokens": 1024,
+                                    "system": [{"type": "text", "text": "You are a coding agent. " * 40}],
+                                    "tools": tools, "messages": messages})]
+
+
 def stream_request(host, port, chunks, interval_ms, ttft_ms):
     return _openai(host, port, {"model": "gpt-bench", "stream": True, "max_tokens": 64,
                                 "messages": [{"role": "user", "content": "Count slowly."}]},
