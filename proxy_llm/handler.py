@@ -207,6 +207,19 @@ class ProxyHandler(BaseHTTPRequestHandler):
         """``BaseHTTPRequestHandler.parse_request`` for a plain request line, with the same
         results (command, path, request_version, headers, close_connection, Expect), less
         work; any other line is left to it."""
+        self.expect_continue = False
+        if self.raw_requestline in (b"\r\n", b"\n"):
+            # RFC 9112 2.2: an empty line before a request line is ignored (a client's stray
+            # CRLF after a body), not taken for a bad request that silently closes the connection.
+            self.raw_requestline = self.rfile.readline(65537)
+            if len(self.raw_requestline) > 65536:
+                self.requestline = self.request_version = self.command = ""
+                self.send_error(414)
+                return False
+            if not self.raw_requestline:  # (as the standard library leaves a line it refuses)
+                self.command, self.request_version, self.requestline = None, self.default_request_version, ""
+                self.close_connection = True
+                return False
         m = _REQUEST_LINE.fullmatch(self.raw_requestline)
         if m is None:
             return super().parse_request()
@@ -251,9 +264,23 @@ class ProxyHandler(BaseHTTPRequestHandler):
             return self.handle_expect_100()
         return True
 
+    def handle_expect_100(self) -> bool:
+        """``Expect: 100-continue`` is answered when the body is about to be read (see
+        ``continue_body``), not before the request is checked: a body the proxy refuses (too
+        large, an unknown path, a wrong proxy key) is then never sent, and the refusal closes
+        the connection."""
+        self.expect_continue = True
+        return True
+
+    def continue_body(self) -> None:
+        if self.expect_continue:
+            self.expect_continue = False
+            self.wfile.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+
     # The request's header fields, as parsed: a plain block is kept as (name, value) pairs, and
     # the HTTPMessage of BaseHTTPRequestHandler's API made from them when first asked for.
     _fields: Optional[List[Tuple[str, str]]] = None
+    expect_continue = False  # a 100 Continue is owed before the body is read (handle_expect_100)
     _message = None
 
     @property
@@ -385,13 +412,16 @@ class ProxyHandler(BaseHTTPRequestHandler):
                 self.close_connection = True  # the request body was not read
                 raise
             try:
-                body = wire.read_body(self.rfile, headers, config.max_request_body)
+                body = wire.read_body(self.rfile, headers, config.max_request_body, self.continue_body)
             except wire.BodyError as exc:
                 self.close_connection = True
                 raise {413: errors.BodyTooLarge}.get(exc.status, errors.BadRequest)(exc.message) from None
             except socket.timeout:
                 self.close_connection = True
                 raise errors.BadRequest("timed out reading the request body") from None
+            except OSError:  # a reset, or the client gone before the 100 Continue
+                self.close_connection = True
+                raise errors.BadRequest("the connection failed while reading the request body") from None
             self.route(ex, body)
             upgrade = wire.header_value(headers, "upgrade") if self.command == "GET" else None
             if upgrade and "websocket" in upgrade.lower():

@@ -9,7 +9,7 @@ from __future__ import annotations
 import functools
 import hmac
 import re
-from typing import BinaryIO, Iterable, List, Optional, Sequence, Tuple
+from typing import BinaryIO, Callable, Iterable, List, Optional, Sequence, Tuple
 
 # RFC 9110 section 7.6.1: connection-specific fields are never forwarded. "Proxy-Connection"
 # and "Keep-Alive" are the historic ones clients still send.
@@ -62,10 +62,13 @@ def end_to_end(headers: Sequence[Tuple[str, str]], drop: Iterable[str] = ()) -> 
     return out
 
 
-def read_body(rfile: BinaryIO, headers: Iterable[Tuple[str, str]], limit: int) -> bytes:
+def read_body(rfile: BinaryIO, headers: Iterable[Tuple[str, str]], limit: int,
+              ready: Optional[Callable[[], None]] = None) -> bytes:
     """Read a request body framed by Content-Length or chunked transfer coding.
 
-    ``headers``: the request's (name, value) pairs.
+    ``headers``: the request's (name, value) pairs. ``ready``, if given, is called once the
+    framing is checked and a body is to be read, before the first byte of it is: the moment to
+    answer ``Expect: 100-continue`` (a body refused on its stated length is never asked for).
 
     Raises BodyError(413) past ``limit`` bytes, BodyError(400) on bad framing, including both
     Content-Length and Transfer-Encoding (RFC 9112 section 6.3: a request smuggling vector).
@@ -87,6 +90,8 @@ def read_body(rfile: BinaryIO, headers: Iterable[Tuple[str, str]], limit: int) -
         codings = [t.strip(" \t").lower() for v in te for t in v.split(",") if t.strip(" \t")]
         if codings != ["chunked"]:
             raise BodyError(400, "unsupported Transfer-Encoding")
+        if ready is not None:
+            ready()
         return _read_chunked(rfile, limit)
     if not cl:
         return b""
@@ -99,6 +104,8 @@ def read_body(rfile: BinaryIO, headers: Iterable[Tuple[str, str]], limit: int) -
     length = int(value)
     if length > limit:
         raise BodyError(413, "request body is %d bytes; the limit is %d" % (length, limit))
+    if length and ready is not None:
+        ready()
     data = rfile.read(length)
     if len(data) != length:
         raise BodyError(400, "request body ended after %d of %d bytes" % (len(data), length))

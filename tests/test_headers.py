@@ -192,9 +192,26 @@ class ParseRequestTest(unittest.TestCase):
         for _ in range(1500):
             line = b"".join(rnd.choice(parts) + rnd.choice([b" ", b"", b"  "]) for _ in range(rnd.randint(1, 4)))
             raw = line + rnd.choice([b"\r\n", b"\n"]) + rnd.choice([b"", b"Connection: close\r\n", b"Expect: 100-continue\r\n"]) + b"\r\nrest"
+            if not line:
+                continue  # an empty line first: a deliberate difference (the test below)
             with self.subTest(raw=raw):
                 self.assertEqual(parsed(raw, ProxyHandler.parse_request),
                                  parsed(raw, BaseHTTPRequestHandler.parse_request))
+
+    def test_an_empty_line_before_the_request_line_is_skipped(self):
+        # RFC 9112 2.2; the standard library returns False (and the connection closes).
+        for blank in (b"\r\n", b"\n"):
+            for raw in REQUESTS[:3]:
+                with self.subTest(blank=blank, raw=raw[:40]):
+                    self.assertFalse(parsed(blank + raw, BaseHTTPRequestHandler.parse_request)[0])
+                    got = parsed(blank + raw, ProxyHandler.parse_request)
+                    want = parsed(raw, BaseHTTPRequestHandler.parse_request)
+                    self.assertTrue(got[0])
+                    self.assertEqual(got[1:], want[1:])
+            ok, *_, answer, left = parsed(blank, ProxyHandler.parse_request)  # then the end
+            self.assertEqual((ok, answer, left), (False, b"", b""))
+        # One empty line only, as the RFC asks at least.
+        self.assertFalse(parsed(b"\r\n\r\n" + REQUESTS[0], ProxyHandler.parse_request)[0])
 
 
 if __name__ == "__main__":

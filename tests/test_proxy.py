@@ -128,6 +128,42 @@ class ForwardingTest(ProxyTestCase):
         [(pooled, _)] = list(proxy.server.pools["openai"]._idle)
         self.assertTrue(pooled.sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))  # no Nagle upstream either
 
+    def test_an_empty_line_before_a_request_line_is_ignored(self):
+        # RFC 9112 2.2 (a client's stray CRLF after a body): the next request is served on the
+        # same connection, where the connection used to close without a word.
+        proxy = self.start_proxy()
+        sock = socket.create_connection(("127.0.0.1", proxy.port), timeout=DEADLINE)
+        self.addCleanup(sock.close)
+        req = b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s" % (len(CHAT_BODY), CHAT_BODY)
+        sock.sendall(b"\r\n" + req + b"\r\n" + req)
+        data = b""
+        for _ in range(2):
+            data = support.read_until(sock, CHAT_REPLY, data)
+            head, _, data = data.partition(CHAT_REPLY)
+            self.assertTrue(head.startswith(b"HTTP/1.1 200 "), head[:40])
+        self.assertEqual([r["request_body"]["model"] for r in proxy.records()], ["gpt-4o", "gpt-4o"])
+
+    def test_expect_100_continue_is_answered_when_the_body_is_wanted(self):
+        proxy = self.start_proxy(max_request_body=1000)
+        head = b"POST %s HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\nContent-Length: %d\r\n\r\n"
+        # A body it will read: 100 Continue first, then the answer.
+        sock = socket.create_connection(("127.0.0.1", proxy.port), timeout=DEADLINE)
+        self.addCleanup(sock.close)
+        sock.sendall(head % (b"/v1/chat/completions", len(CHAT_BODY)))
+        self.assertEqual(support.read_until(sock, b"\r\n\r\n"), b"HTTP/1.1 100 Continue\r\n\r\n")
+        sock.sendall(CHAT_BODY)
+        data = support.read_until(sock, CHAT_REPLY)
+        self.assertTrue(data.startswith(b"HTTP/1.1 200 "), data[:40])
+        self.assertEqual(self.upstream.next_request().body, CHAT_BODY)
+        # Bodies it refuses (too large, an unknown path) are never asked for: the final answer
+        # comes without a 100 Continue, and the connection closes.
+        for target, length, status in ((b"/v1/chat/completions", 5000, b"413"), (b"/elsewhere", 10, b"404")):
+            with self.subTest(status=status):
+                data = support.raw_exchange(proxy.port, head % (target, length))
+                self.assertTrue(data.startswith(b"HTTP/1.1 %s " % status), data[:60])
+                self.assertNotIn(b"100 Continue", data)
+        self.assertEqual([(r["status_code"], r["ended"]) for r in proxy.records()], [(200, "completed"), (413, "refused")])
+
     def test_large_sized_response_is_relayed_and_its_connection_reused(self):
         big = b'{"object":"list","data":[' + b",".join([b'{"embedding":[0.1,0.2,0.3],"index":%d}' % i for i in range(9000)]) + b"]}"
         self.assertGreater(len(big), 256 * 1024)  # past the one-write path: relayed with read1

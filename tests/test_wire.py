@@ -45,6 +45,29 @@ class BodyTest(unittest.TestCase):
         with self.assertRaises(wire.BodyError):
             wire.read_body(io.BytesIO(b""), headers(("Content-Length", "1"), ("Content-Length", "2")), 10)
 
+    def test_ready_is_called_once_the_framing_is_checked_and_a_body_is_to_be_read(self):
+        # (Expect: 100-continue is answered there: a refused body is never asked for.)
+        calls = []
+
+        def ready():
+            calls.append(rfile.tell())  # nothing read yet
+
+        cases = [(("Content-Length", "5"), b"hello!", [0]), (("Content-Length", "0"), b"", []),
+                 (("Transfer-Encoding", "chunked"), b"5\r\nhello\r\n0\r\n\r\n", [0]),
+                 (("Content-Length", "50"), b"x" * 50, None), (("Transfer-Encoding", "gzip"), b"", None),
+                 (("Content-Length", "x"), b"", None)]
+        for field, data, expected in cases:
+            with self.subTest(field=field):
+                del calls[:]
+                rfile = io.BytesIO(data)
+                if expected is None:
+                    with self.assertRaises(wire.BodyError):
+                        wire.read_body(rfile, headers(field), 10, ready)
+                    self.assertEqual(calls, [])
+                else:
+                    self.assertEqual(wire.read_body(rfile, headers(field), 10, ready), b"hello" if data else b"")
+                    self.assertEqual(calls, expected)
+
     def test_chunked_at_every_split(self):
         body = b"4\r\nWiki\r\n5;ext=1\r\npedia\r\n0\r\nTrailer: x\r\n\r\n"
         self.assertEqual(wire.read_body(io.BytesIO(body), headers(("Transfer-Encoding", "chunked")), 100), b"Wikipedia")
