@@ -127,6 +127,21 @@ class ClientAbortTest(FaultTestCase):
         self.assertTrue(content_of(rec).startswith("ticktick"))
         self.assertGreater(rec["response_bytes"], 0)
 
+    def test_a_client_reset_while_its_body_is_read_is_a_bad_request_not_a_bug(self):
+        # The reset reached the handler's catch-all for bugs: a 500 and an "internal error" log.
+        proxy = self.start_proxy()
+        sock = socket.create_connection(("127.0.0.1", proxy.port), timeout=DEADLINE)
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n" + PLAIN_BODY[:10])
+        wait_until(lambda: proxy.server.inflight, what="the request's exchange")  # its head is parsed
+        with self.assertLogs("proxy_llm", "DEBUG") as logs:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+            sock.close()  # RST
+            [rec] = proxy.records()
+        self.assertEqual((rec["status_code"], rec["ended"]), (400, "client_aborted"))  # (the 400 never arrived)
+        self.assertIn("connection failed", rec["error"]["message"])
+        self.assertFalse([line for line in logs.output if "internal error" in line], logs.output)
+        self.assertTrue(self.upstream.requests.empty())
+
 
 class _Racing:
     """An exchange whose handler clears ``client_sock`` right after the watchdog first reads it
