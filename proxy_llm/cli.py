@@ -126,27 +126,73 @@ def run_subcommand(name: str, argv: List[str]) -> int:
         return INTERNAL_ERROR
 
 
+KEY_FILE = ".proxy_llm_key"
+KEY_SIZE = 32
+
+
 def fingerprint_key(data_dir: str) -> bytes:
-    """The per-data-dir key of the redaction fingerprints (created once, 0600)."""
-    path = os.path.join(data_dir, ".proxy_llm_key")
-    try:
-        with open(path, "rb") as f:
-            key = f.read()
-        if len(key) >= 16:
+    """The per-data-dir key of the redaction fingerprints: ``KEY_SIZE`` random bytes in
+    ``KEY_FILE`` (0600), made once.
+
+    It is written whole to a temporary file, synced, then linked into place, so no process ever
+    reads it half-written (workers starting together, or a crash between creating the file and
+    writing it, once left an empty key: every fingerprint an HMAC with an empty key, and the
+    workers' fingerprints different). When two processes make it at once, the one linked first
+    is the key of both. A file shorter than the key (damaged) is replaced, with a warning:
+    fingerprints change from then on. Raises OSError when the data dir cannot be used; when
+    only the key cannot be stored, fingerprints change per run (a warning says so).
+    """
+    path = os.path.join(data_dir, KEY_FILE)
+    for _ in range(5):
+        try:
+            with open(path, "rb") as f:
+                key = f.read()
+        except FileNotFoundError:
+            key = None
+        if key is not None and len(key) >= KEY_SIZE:
             return key
-    except OSError:
-        pass
-    key = os.urandom(32)
+        damaged = key is not None
+        if damaged:
+            log.warning("the fingerprint key in the data dir is damaged (%d bytes); making a new one: "
+                        "fingerprints differ from those of earlier records", len(key))
+        key = os.urandom(KEY_SIZE)
+        try:
+            if _store_key(data_dir, path, key, replace=damaged):
+                return key
+        except OSError as exc:
+            log.warning("cannot store the fingerprint key in the data dir (%s); fingerprints change per run",
+                        exc.strerror or exc)
+            return key
+    raise OSError("the fingerprint key file keeps changing")
+
+
+def _store_key(data_dir: str, path: str, key: bytes, replace: bool) -> bool:
+    """Put ``key`` at ``path`` whole; False if another process put its own there first."""
+    import tempfile
+
+    fd, tmp = tempfile.mkstemp(prefix=KEY_FILE + ".", suffix=".tmp", dir=data_dir)  # 0600
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "wb") as f:
             f.write(key)
-    except FileExistsError:
-        with open(path, "rb") as f:
-            return f.read()
-    except OSError as exc:
-        log.warning("cannot store the fingerprint key in the data dir (%s); fingerprints change per run", exc.strerror)
-    return key
+            f.flush()
+            os.fsync(f.fileno())
+        if replace:
+            os.replace(tmp, path)
+            return True
+        try:
+            os.link(tmp, path)  # fails if the key exists: never two keys
+        except FileExistsError:
+            return False
+        except OSError:  # a file system without hard links: the next best
+            if os.path.exists(path):
+                return False
+            os.replace(tmp, path)
+        return True
+    finally:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
 
 
 def build_server(config: Config, worker: int = 0, reuse_port: bool = False):
@@ -273,6 +319,12 @@ def serve_workers(config: Config) -> int:
     from dataclasses import replace
 
     config = replace(config, listen="%s:%d" % ("[%s]" % host if ":" in host else host, port))
+    if config.record:
+        try:  # made once, here, so the workers all read the one key
+            os.makedirs(config.data_dir, mode=0o700, exist_ok=True)
+            fingerprint_key(config.data_dir)
+        except (OSError, ValueError):
+            pass  # each worker says why (build_server)
     gc.freeze()  # what the workers inherit is never walked by their collectors
     children = {}
     for worker in range(config.workers):

@@ -15,6 +15,7 @@ import threading
 import time
 import unittest
 
+from proxy_llm import cli
 from tests.support import (DEADLINE, ROOT, FakeUpstream, ProxyProcess, base_config, provider, read_records, request,
                            sse_reply)
 
@@ -105,6 +106,62 @@ class CommandLineTest(unittest.TestCase):
             proc.stderr.close()
 
 
+class FingerprintKeyTest(unittest.TestCase):
+    def setUp(self):
+        self.dir = tempfile.mkdtemp(prefix="proxy_llm_key_")
+        self.addCleanup(shutil.rmtree, self.dir, True)
+        self.path = os.path.join(self.dir, cli.KEY_FILE)
+
+    def test_made_once_whole_and_private(self):
+        key = cli.fingerprint_key(self.dir)
+        self.assertEqual(len(key), cli.KEY_SIZE)
+        self.assertEqual(os.stat(self.path).st_mode & 0o777, 0o600)
+        self.assertEqual(cli.fingerprint_key(self.dir), key)
+        self.assertEqual(os.listdir(self.dir), [cli.KEY_FILE])  # no temporary file left
+
+    def test_a_key_file_of_an_earlier_run_is_kept(self):
+        for old in (b"k" * 32, b"k" * 48):
+            with open(self.path, "wb") as f:
+                f.write(old)
+            self.assertEqual(cli.fingerprint_key(self.dir), old)
+
+    def test_a_damaged_key_file_is_replaced_and_said_so(self):
+        # An empty file (a crash between creating and writing it) was used as the key: every
+        # fingerprint an HMAC with an empty key.
+        for damaged in (b"", b"short", b"k" * 31):
+            with self.subTest(size=len(damaged)):
+                with open(self.path, "wb") as f:
+                    f.write(damaged)
+                with self.assertLogs("proxy_llm", "WARNING") as logs:
+                    key = cli.fingerprint_key(self.dir)
+                self.assertEqual(len(key), cli.KEY_SIZE)
+                self.assertIn("damaged", logs.output[0])
+                with open(self.path, "rb") as f:
+                    self.assertEqual(f.read(), key)
+                self.assertEqual(os.listdir(self.dir), [cli.KEY_FILE])
+
+    def test_processes_starting_together_agree_on_one_key(self):
+        # Workers read the file while another was still writing it: an empty or a cut key.
+        for round_ in range(20):
+            d = os.path.join(self.dir, "r%d" % round_)
+            os.mkdir(d)
+            gate = threading.Barrier(6)
+            keys = []
+
+            def make():
+                gate.wait(DEADLINE)
+                keys.append(cli.fingerprint_key(d))
+
+            threads = [threading.Thread(target=make) for _ in range(6)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(DEADLINE)
+            self.assertEqual(len(keys), 6)
+            self.assertEqual(set(len(k) for k in keys), {cli.KEY_SIZE})
+            self.assertEqual(len(set(keys)), 1, "round %d" % round_)
+
+
 class GcTuningTest(unittest.TestCase):
     def test_startup_objects_frozen_and_full_collections_rarer(self):
         import gc
@@ -166,12 +223,17 @@ class ServeProcessTest(unittest.TestCase):
                 break
         self.assertEqual(len(pids), 2, "both workers answer on the shared port")
         for _ in range(10):
-            status, _, _ = request(proc.url, body=CHAT)
+            status, _, _ = request(proc.url, body=CHAT, headers={"Authorization": "Bearer sk-client-0123456789"})
             self.assertEqual(status, 200)
         self.assertEqual(proc.stop(), 0)
-        self.assertEqual(len(read_records(self.data_dir)), 10)
+        records = read_records(self.data_dir)
+        self.assertEqual(len(records), 10)
         names = os.listdir(os.path.join(self.data_dir, "session_gpt-4o"))
         self.assertTrue(all(n.endswith(("_w0.jsonl", "_w1.jsonl")) for n in names), names)
+        # One fingerprint key for both (the parent makes it before the workers start).
+        self.assertEqual(len(set(r["request_headers"]["authorization"] for r in records)), 1)
+        with open(os.path.join(self.data_dir, cli.KEY_FILE), "rb") as f:
+            self.assertEqual(len(f.read()), cli.KEY_SIZE)
 
     def test_workers_spread_connections_and_stop_promptly(self):
         # Many keep-alive connections at once reach both workers, and none of the workers is
