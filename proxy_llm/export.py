@@ -1254,6 +1254,8 @@ def _validate(args, default_data_dir) -> str:
     data_dir = args.data_dir or default_data_dir
     if not data_dir:
         raise UsageError("no data dir: pass --data-dir")
+    if args.out == "":  # (an unset variable in a script?): not stdout, quietly
+        raise UsageError("--out: an empty path")
     if args.split is not None:
         if not 0.0 < args.split < 1.0:
             raise UsageError("--split: %s is not between 0 and 1" % args.split)

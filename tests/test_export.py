@@ -313,6 +313,12 @@ class TestSplit(ExportTestCase):
         self.assertEqual(code, 2)
         self.assertEqual(len(err.strip().splitlines()), 1)
 
+    def test_an_empty_out_path_is_a_usage_error(self) -> None:
+        # It was an OS error about renaming a ".tmp-<pid>" file to "".
+        for extra in ((), ("--split", "0.9")):
+            code, err, out = self.export("--data-dir", self.data, "--format", "records", "--out", "", *extra)
+            self.assertEqual((code, err.strip(), out), (2, "proxy_llm export: --out: an empty path", b""))
+
     def test_split_paths(self) -> None:
         self.assertEqual(export.split_paths("a/b.jsonl"), ("a/b.train.jsonl", "a/b.test.jsonl"))
         self.assertEqual(export.split_paths("data"), ("data.train.jsonl", "data.test.jsonl"))
