@@ -7,9 +7,9 @@ is given. This module imports nothing from the package.
 from __future__ import annotations
 
 import functools
-import hmac
+import hashlib
 import re
-from typing import BinaryIO, Callable, Iterable, List, Optional, Sequence, Tuple
+from typing import Any, BinaryIO, Callable, Iterable, List, Optional, Sequence, Tuple
 
 # RFC 9110 section 7.6.1: connection-specific fields are never forwarded. "Proxy-Connection"
 # and "Keep-Alive" are the historic ones clients still send.
@@ -148,12 +148,34 @@ def chunk(data: bytes) -> bytes:
 LAST_CHUNK = b"0\r\n\r\n"
 
 
+_XOR_IPAD = bytes(b ^ 0x36 for b in range(256))
+_XOR_OPAD = bytes(b ^ 0x5C for b in range(256))
+
+
+@functools.lru_cache(maxsize=8)
+def _hmac_states(key: bytes) -> Tuple[Any, Any]:
+    """HMAC-SHA256's inner and outer hash states after ``key`` (RFC 2104), made once per key."""
+    if len(key) > 64:
+        key = hashlib.sha256(key).digest()
+    key = key.ljust(64, b"\0")
+    return hashlib.sha256(key.translate(_XOR_IPAD)), hashlib.sha256(key.translate(_XOR_OPAD))
+
+
 @functools.lru_cache(maxsize=1024)
 def fingerprint(secret: str, key: bytes) -> str:
     """A short keyed fingerprint: tells keys apart without revealing them (cached: the same
-    few keys come back on every request)."""
-    # hmac.digest: the one-shot HMAC, in C (the HMAC object costs as much again per call).
-    return hmac.digest(key, secret.encode("utf-8", "surrogatepass"), "sha256").hex()[:8]
+    few keys come back on every request).
+
+    It is HMAC-SHA256, from the key's two hash states copied (half of what ``hmac.digest``
+    costs, which prepares them again for every call): a cookie, new with every response of
+    some providers, gets a fingerprint every time.
+    """
+    inner, outer = _hmac_states(key)
+    inner = inner.copy()
+    inner.update(secret.encode("utf-8", "surrogatepass"))
+    outer = outer.copy()
+    outer.update(inner.digest())
+    return outer.hexdigest()[:8]
 
 
 def redacted(secret: str, key: bytes) -> str:

@@ -104,6 +104,16 @@ class RedactionTest(unittest.TestCase):
             self.assertNotIn("secret", wire.redact_header(name, "secret-value", KEY))
         self.assertEqual(wire.redact_header("content-type", "application/json", KEY), "application/json")
 
+    def test_the_fingerprint_is_hmac_sha256(self):
+        import hmac
+
+        for key in (KEY, b"", b"k", b"k" * 64, b"k" * 65, bytes(range(256))):
+            for secret in ("sk-aaaaaaaaaaaa", "", "caf\u00e9", "lone \udc80 surrogate", "x" * 500):
+                with self.subTest(key=len(key), secret=secret[:12]):
+                    expected = hmac.digest(key, secret.encode("utf-8", "surrogatepass"), "sha256").hex()[:8]
+                    self.assertEqual(wire.fingerprint(secret, key), expected)
+                    self.assertEqual(wire.fingerprint(secret, key), expected)  # the states are not used up
+
     def test_query(self):
         q = wire.redact_query("alt=sse&key=AIzaSECRET&api_key=x2&token=t&keyword=ok", KEY)
         self.assertNotIn("AIzaSECRET", q)
