@@ -157,8 +157,10 @@ def fingerprint_key(data_dir: str) -> bytes:
                         "fingerprints differ from those of earlier records", len(key))
         key = os.urandom(KEY_SIZE)
         try:
-            if _store_key(data_dir, path, key, replace=damaged):
-                return key
+            if _store_key(data_dir, path, key, replace=damaged) and not damaged:
+                return key  # linked: it was not there, and a key in place is never replaced
+            # Another process linked its key first, or this one replaced a damaged file (and
+            # another may have too): read what is there now.
         except OSError as exc:
             log.warning("cannot store the fingerprint key in the data dir (%s); fingerprints change per run",
                         exc.strerror or exc)
