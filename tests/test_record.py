@@ -287,6 +287,44 @@ class EncoderTest(unittest.TestCase):
         self.assertTrue(within(wide))  # many brackets, shallow
         self.assertFalse(within(b'{"t":"%s","x":%s}' % (b"y" * 10000, b"[" * 101 + b"]" * 101)))
 
+    def test_a_2xx_answer_read_with_its_floats_as_text_gives_the_same_record(self):
+        # The answer's floats stay text (record._FLOATS_AS_TEXT): the record must not change.
+        from proxy_llm import reader
+
+        floats = [0.25, -1.5e-3, 3.0, 1e20]
+        cases = [
+            ("/v1/embeddings", b'{"model":"text-embedding-3-small","input":["a","b"]}',
+             {"object": "list", "data": [{"object": "embedding", "index": i, "embedding": floats} for i in range(2)],
+              "model": "text-embedding-3-small", "usage": {"prompt_tokens": 2, "total_tokens": 2}}),
+            ("/v1/chat/completions", b'{"model":"gpt-4o","logprobs":true}',
+             {"id": "c", "object": "chat.completion", "choices": [{"index": 0, "message": {"role": "assistant", "content": "hi"},
+              "logprobs": {"content": [{"token": "hi", "logprob": -0.01, "top_logprobs": []}]}, "finish_reason": "stop"}],
+              "usage": {"prompt_tokens": 12.0, "completion_tokens": 1e1, "total_tokens": 3}}),  # float counts: not counted
+            ("/v1/chat/completions", b'{"model":"gpt-4o"}', {"error": {"code": 1.5, "detail": [0.25, 2e-3]}}),  # no message
+            ("/v1/messages", b'{"model":"claude-x","max_tokens":5}',
+             {"id": "m", "type": "message", "role": "assistant", "content": [{"type": "tool_use", "id": "t", "name": "f",
+              "input": {"x": 1.5}}], "usage": {"input_tokens": 3, "output_tokens": 2.5}}),
+            ("/v1beta/models/gemini-2.0-flash:generateContent", b'{"contents":[]}',
+             {"candidates": [{"content": {"role": "model", "parts": [{"text": "hi"}]}, "avgLogprobs": -0.5}],
+              "usageMetadata": {"promptTokenCount": 4, "candidatesTokenCount": 1, "totalTokenCount": 5}}),
+            ("/v1/responses", b'{"model":"gpt-4o","input":"x"}',
+             {"object": "response", "status": "failed", "error": {"code": "server_error", "message": 0.5}, "output": []}),
+        ]
+        kinds = {"/v1/messages": "anthropic", "/v1beta/models/gemini-2.0-flash:generateContent": "gemini"}
+        for path, body, answer in cases:
+            with self.subTest(path=path):
+                ex = exchange(body=body, resp=json.dumps(answer).encode(), path=path)
+                ex.provider_type = kinds.get(path, "openai")
+                ex.id = "01JCDEFGHJKMNPQRSTVWXYZ012"
+                seen = []
+                [rec], lines = encode(ex, on_result=lambda e, ended, tokens: seen.append((ended, tokens)))
+                with mock.patch.object(record, "_FLOATS_AS_TEXT", reader.STRICT_JSON):
+                    _, want = encode(ex, on_result=lambda e, ended, tokens: seen.append((ended, tokens)))
+                self.assertEqual(lines, want)
+                self.assertEqual(seen[0], seen[1])
+                self.assertEqual(rec["response_body"], answer)  # its own bytes, floats and all
+                self.assertNotIn("1.5", json.dumps(rec.get("tokens_used")))
+
     def test_nesting_matches_the_depth_a_parser_finds(self):
         # Differential: seeded JSON texts past the counting shortcut (many brackets), with
         # brackets, quotes and backslashes in strings, at depths around the limit, some

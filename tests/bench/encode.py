@@ -1,6 +1,6 @@
 """Instructions and time per record the recorder's writer encodes (bench only).
 
-    python -m tests.bench.encode [--records 2000] [--time] [--real-headers] [--agent]
+    python -m tests.bench.encode [--records 2000] [--time] [--real-headers] [--agent] [--embeddings]
 
 The benchmark's two small exchanges (the OpenAI chat and Anthropic messages requests that
 ``run.small_requests`` sends, answered as the mock answers them) are captured as the handler
@@ -14,6 +14,8 @@ does not move with the machine's load, so that two builds can be compared from o
 ``--time`` measures microseconds per record instead (best of 7 loops; no valgrind needed).
 ``--agent`` encodes a coding agent's request instead (``run.agent_requests``: 60 KB, a thousand-odd
 brackets), the kind of body whose nesting the encoder measures (``record.nests_within``).
+``--embeddings`` encodes an embeddings exchange instead (``embeddings_answer``: 20 vectors of
+1,536 floats, 670 KB), an answer the encoder parses for its token counts.
 """
 from __future__ import annotations
 
@@ -35,16 +37,32 @@ _COLLECTED = re.compile(r"Collected : (\d+)")
 _RESPONSES = {"/v1/chat/completions": mock._OPENAI_BODY, "/v1/messages": mock._ANTHROPIC_BODY}
 
 
-def exchanges(n: int, real_headers: bool = False, agent: bool = False) -> list:
+def embeddings_answer(vectors: int = 20, dims: int = 1536) -> bytes:
+    """An OpenAI embeddings answer (floats as the API prints them, a fixed sequence)."""
+    values = ["%.9f" % (((i * 7919) % 20001 - 10000) / 100000.0) for i in range(dims)]
+    data = ",".join('{"object":"embedding","index":%d,"embedding":[%s]}' % (i, ",".join(values))
+                    for i in range(vectors))
+    return ('{"object":"list","data":[%s],"model":"text-embedding-3-small",'
+            '"usage":{"prompt_tokens":%d,"total_tokens":%d}}' % (data, vectors * 5, vectors * 5)).encode()
+
+
+def exchanges(n: int, real_headers: bool = False, agent: bool = False, embeddings: bool = False) -> list:
     """``n`` captured exchanges, the two small requests in turn (``real_headers``: those of the
     benchmark's "real" scenario, with the headers an SDK sends and a provider answers with;
-    ``agent``: a coding agent's request, answered as a small one)."""
+    ``agent``: a coding agent's request, answered as a small one; ``embeddings``: an embeddings
+    request and its answer)."""
     base = "http://127.0.0.1:1"
     providers = {"/v1/chat/completions": Provider("openai", "openai", base),
                  "/v1/messages": Provider("anthropic", "anthropic", base)}
     out = []
     requests = (run.agent_requests if agent else run.real_requests if real_headers else run.small_requests)(
         "127.0.0.1", 8080)
+    if embeddings:
+        requests = [run._openai("127.0.0.1", 8080, {"model": "text-embedding-3-small",
+                                                    "input": ["text %d" % i for i in range(20)]})]
+        requests = [(raw.replace(b"/v1/chat/completions", b"/v1/embeddings", 1), body) for raw, body in requests]
+        providers["/v1/embeddings"] = providers["/v1/chat/completions"]
+    responses = dict(_RESPONSES, **{"/v1/embeddings": (embeddings_answer(), b"")} if embeddings else {})
     t0 = time.time()
     for i in range(n):
         raw, body = requests[i % len(requests)]
@@ -58,8 +76,8 @@ def exchanges(n: int, real_headers: bool = False, agent: bool = False) -> list:
         ex.model, ex.stream = sniff(body)  # as routing sets them (ProxyHandler.route)
         ex.model_label = ex.model
         ex.request.add(0.0, body)
-        parts = _RESPONSES[path]
-        payload = parts[0] + mock.filler(64) + parts[1]
+        parts = responses[path]
+        payload = parts[0] + mock.filler(64) + parts[1] if not embeddings else parts[0]
         ex.status = 200
         ex.resp_headers = [("Content-Type", "application/json"), ("Content-Length", str(len(payload)))]
         if real_headers:  # as the mock sends them, parsed
@@ -85,9 +103,10 @@ def encoder() -> Encoder:
                    on_result=on_result)
 
 
-def loop(records: int, real_headers: bool = False, pool: int = 2000, agent: bool = False) -> None:
+def loop(records: int, real_headers: bool = False, pool: int = 2000, agent: bool = False,
+         embeddings: bool = False) -> None:
     """Build ``pool`` exchanges (always, so that only the encoding differs), encode ``records``."""
-    exs = exchanges(max(pool, 2) if not agent else 200, real_headers, agent)
+    exs = exchanges(max(pool, 2) if not (agent or embeddings) else 20, real_headers, agent, embeddings)
     enc = encoder()
     for ex in exs[:2]:  # first use: memos, imports
         enc.encode(ex)
@@ -95,9 +114,9 @@ def loop(records: int, real_headers: bool = False, pool: int = 2000, agent: bool
         enc.encode(exs[i % len(exs)])
 
 
-def timed(records: int, real_headers: bool = False, agent: bool = False) -> float:
+def timed(records: int, real_headers: bool = False, agent: bool = False, embeddings: bool = False) -> float:
     """Microseconds per record, best of 7 loops."""
-    exs = exchanges(records, real_headers, agent)
+    exs = exchanges(records, real_headers, agent, embeddings)
     enc = encoder()
     best = float("inf")
     for _ in range(7):
@@ -108,11 +127,13 @@ def timed(records: int, real_headers: bool = False, agent: bool = False) -> floa
     return best / records * 1e6
 
 
-def instructions(records: int, python: str, real_headers: bool = False, agent: bool = False) -> int:
+def instructions(records: int, python: str, real_headers: bool = False, agent: bool = False,
+                 embeddings: bool = False) -> int:
     """Instructions of one ``--loop`` run under callgrind."""
     cmd = ["valgrind", "--tool=callgrind", "--callgrind-out-file=" + os.devnull,
            python, "-m", "tests.bench.encode", "--loop", str(records)] + (
-        ["--real-headers"] if real_headers else []) + (["--agent"] if agent else [])
+        ["--real-headers"] if real_headers else []) + (["--agent"] if agent else []) + (
+        ["--embeddings"] if embeddings else [])
     proc = subprocess.run(cmd, cwd=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, check=True)
     m = _COLLECTED.search(proc.stderr.decode(errors="replace"))
@@ -128,22 +149,24 @@ def main(argv=None) -> int:
     ap.add_argument("--real-headers", action="store_true",
                     help="the headers an official SDK sends and a provider answers with, not the bench's few")
     ap.add_argument("--agent", action="store_true", help="a coding agent's request (60 KB, many brackets)")
+    ap.add_argument("--embeddings", action="store_true", help="an embeddings answer (670 KB of floats)")
     ap.add_argument("--python", default=sys.executable)
     ap.add_argument("--loop", type=int, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.loop is not None:
-        loop(args.loop, args.real_headers, agent=args.agent)
+        loop(args.loop, args.real_headers, agent=args.agent, embeddings=args.embeddings)
         return 0
-    what = "agent records" if args.agent else "records with real headers" if args.real_headers else "records"
+    what = ("agent records" if args.agent else "embeddings records" if args.embeddings
+            else "records with real headers" if args.real_headers else "records")
     if args.time:
         print("encode: %.2f us per record (%d %s, best of 7)" % (
-            timed(args.records, args.real_headers, args.agent), args.records, what))
+            timed(args.records, args.real_headers, args.agent, args.embeddings), args.records, what))
         return 0
     if not shutil.which("valgrind"):
         sys.stderr.write("valgrind not found (apt-get install valgrind), or use --time\n")
         return 2
-    per = (instructions(args.records, args.python, args.real_headers, args.agent)
-           - instructions(0, args.python, args.real_headers, args.agent)) / args.records
+    per = (instructions(args.records, args.python, args.real_headers, args.agent, args.embeddings)
+           - instructions(0, args.python, args.real_headers, args.agent, args.embeddings)) / args.records
     print("encode: %.0f instructions per record (%d %s, callgrind; %s)" % (
         per, args.records, what, os.path.basename(args.python)))
     return 0
