@@ -204,11 +204,25 @@ class SSEDecoder(object):
         # ``blocks``: complete events separated by blank lines, LF only, no line end after the
         # last one. Extra blank lines show up as LFs at the ends of a block: with no line held
         # they are no-ops, as in _end_line.
+        # The usual blocks, one "data: " line (OpenAI, Gemini) or "event: " then "data: "
+        # (Anthropic), past the first line (the BOM rule), are made into their Event at once:
+        # what _field and _dispatch make of them, a third of the work.
         field = self._field
         for block in blocks.split(b"\n\n"):
             block = block.strip(b"\n")
             if not block:
                 continue
+            if self._started:
+                if block[:6] == b"data: " and block.find(b"\n") < 0:
+                    text = block.decode("utf-8", "replace")
+                    out.append(Event(text[6:], None, None, None, [], text + "\n"))
+                    continue
+                if block[:7] == b"event: ":
+                    head, _, rest = block.partition(b"\n")
+                    if rest[:6] == b"data: " and rest.find(b"\n") < 0:
+                        out.append(Event(rest.decode("utf-8", "replace")[6:], head.decode("utf-8", "replace")[7:],
+                                         None, None, [], block.decode("utf-8", "replace") + "\n"))
+                        continue
             for line in block.split(b"\n"):
                 field(line)
             self._raw = [block, b"\n"]

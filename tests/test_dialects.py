@@ -141,6 +141,35 @@ def decoded(ctype, pieces):
     return [(ev.to_json(), ev.raw) for _, ev in events]
 
 
+class LoadsTest(unittest.TestCase):
+    def test_loads_is_json_loads_or_none(self):
+        # base.loads reads with the scanner at once when the text is one value and nothing
+        # else; every other text must still get json.loads's answer (None for an error).
+        from proxy_llm.dialects.base import loads
+
+        texts = ['{"a": 1}', "[1, 2]", '"s"', "1", "-0.5e3", "null", "true", "NaN", "-Infinity", "1e400",
+                 " {}", "{} ", "\n{}\n", "{}x", "{} {}", "\ufeff{}", "", " ", "{", '{"a":', '"\\ud800"',
+                 "[" * 5000 + "]" * 5000, "01", "1.", ".5", '{"a":1,}', "[1,]", "{'a': 1}", "\x00"]
+        rng = random.Random(7)
+        for _ in range(300):
+            texts.append("".join(rng.choice('{}[]":,0123456789.eE+- \t\nabtrufnl\\') for _ in range(rng.randrange(1, 12))))
+
+        def reference(text):
+            try:
+                return json.loads(text)
+            except (ValueError, TypeError, RecursionError):
+                return None
+
+        for text in texts:
+            with self.subTest(text=text[:40]):
+                got, want = loads(text), reference(text)
+                if isinstance(want, float) and want != want:  # NaN
+                    self.assertTrue(isinstance(got, float) and got != got)
+                else:
+                    self.assertEqual((type(got), got), (type(want), want))
+        self.assertEqual(loads(b'{"a": 1}'), {"a": 1})  # bytes, as json.loads takes them
+
+
 class SelectTest(unittest.TestCase):
     def test_paths(self):
         cases = [

@@ -106,6 +106,10 @@ class SSEDecoderTest(unittest.TestCase):
         # Reads of whole LF-terminated events take a shorter path (split on blank lines). The
         # same bytes fed one at a time never can: both must give the same events, truncation
         # flag included, whatever the reads look like.
+        # A BOM is dropped at the very start only: after a first event read whole, it is text.
+        data = b"data: a\n\n\xef\xbb\xbfdata: b\n\nevent: e\ndata: c\n\n"
+        self.assertEqual(feed_all(SSEDecoder(), [data]), feed_all(SSEDecoder(), [data[i:i + 1] for i in range(len(data))]))
+        self.assertEqual([e.data for e in feed_all(SSEDecoder(), [data])], ["a", "", "c"])
         rng = random.Random(4321)
         lines = [b"data: {\"a\": 1}", b"data:x", b"data", b"event: delta", b"id: 7", b"id: a\x00b",
                  b"retry: 15", b"retry: 1x", b": keep-alive", b":", b"data: \xe4\xb8\x96 \xff\xe4\xb8",

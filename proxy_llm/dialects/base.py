@@ -107,8 +107,24 @@ def _failed(exc, body=None):
                                "message": "%s: %s" % (type(exc).__name__, exc)}, False)
 
 
+_SCAN = json.JSONDecoder().scan_once  # the scanner json.loads uses, as json.loads makes it
+
+
 def loads(text):
-    """Parse JSON text; None when it is not JSON (or is JSON null)."""
+    """Parse JSON text; None when it is not JSON (or is JSON null).
+
+    ``json.loads``'s answer. An event's data is nearly always one JSON value with nothing
+    around it: the scanner reads that at once (every event of a stream comes through here);
+    anything else (whitespace around it, more after it, a BOM, not JSON) goes through
+    ``json.loads``.
+    """
+    if type(text) is str:
+        try:
+            value, end = _SCAN(text, 0)
+            if end == len(text):
+                return value
+        except (StopIteration, ValueError, RecursionError):
+            pass
     try:
         return json.loads(text)
     except (ValueError, TypeError, RecursionError):

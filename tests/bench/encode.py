@@ -1,6 +1,7 @@
 """Instructions and time per record the recorder's writer encodes (bench only).
 
     python -m tests.bench.encode [--records 2000] [--time] [--real-headers] [--agent] [--embeddings]
+                                 [--stream N]
 
 The benchmark's two small exchanges (the OpenAI chat and Anthropic messages requests that
 ``run.small_requests`` sends, answered as the mock answers them) are captured as the handler
@@ -14,6 +15,8 @@ does not move with the machine's load, so that two builds can be compared from o
 ``--time`` measures microseconds per record instead (best of 7 loops; no valgrind needed).
 ``--agent`` encodes a coding agent's request instead (``run.agent_requests``: 60 KB, a thousand-odd
 brackets), the kind of body whose nesting the encoder measures (``record.nests_within``).
+``--stream N`` answers the two small requests with streams of N text events each, framed as the
+mock frames them (one read per event), the kind of answer most LLM traffic gets.
 ``--embeddings`` encodes an embeddings exchange instead (``embeddings_answer``: 20 vectors of
 1,536 floats, 670 KB), an answer the encoder parses for its token counts.
 """
@@ -46,7 +49,14 @@ def embeddings_answer(vectors: int = 20, dims: int = 1536) -> bytes:
             '"usage":{"prompt_tokens":%d,"total_tokens":%d}}' % (data, vectors * 5, vectors * 5)).encode()
 
 
-def exchanges(n: int, real_headers: bool = False, agent: bool = False, embeddings: bool = False) -> list:
+def stream_reads(path: str, events: int) -> list:
+    """The reads of a streamed answer to ``path`` with ``events`` text deltas, as the mock sends it."""
+    parts = mock._OPENAI_STREAM if path == "/v1/chat/completions" else mock._ANTHROPIC_STREAM
+    return [parts["head"]] + [parts["prefix"] + b"tok%d " % i + parts["suffix"] for i in range(events)] + [parts["tail"]]
+
+
+def exchanges(n: int, real_headers: bool = False, agent: bool = False, embeddings: bool = False,
+              stream: int = 0) -> list:
     """``n`` captured exchanges, the two small requests in turn (``real_headers``: those of the
     benchmark's "real" scenario, with the headers an SDK sends and a provider answers with;
     ``agent``: a coding agent's request, answered as a small one; ``embeddings``: an embeddings
@@ -74,6 +84,8 @@ def exchanges(n: int, real_headers: bool = False, agent: bool = False, embedding
         ex.provider = providers[path]
         ex.provider_type = ex.family = ex.provider.type
         ex.model, ex.stream = sniff(body)  # as routing sets them (ProxyHandler.route)
+        if stream:
+            ex.stream = True
         ex.model_label = ex.model
         ex.request.add(0.0, body)
         parts = responses[path]
@@ -84,7 +96,12 @@ def exchanges(n: int, real_headers: bool = False, agent: bool = False, embedding
             block = mock.provider_headers(family, i, t0 + i * 0.0002).decode("latin-1")
             ex.resp_headers += [tuple(part.strip() for part in line.split(":", 1))
                                 for line in block.split("\r\n") if line]
-        ex.response.add(1.0, payload)
+        if stream:
+            ex.resp_headers = [("Content-Type", "text/event-stream"), ("Cache-Control", "no-cache")]
+            for k, read in enumerate(stream_reads(path, stream)):
+                ex.response.add(1.0 + k, read)
+        else:
+            ex.response.add(1.0, payload)
         ex.wall_start = t0 + i * 0.0002  # 5,000 requests a second
         ex.duration = 1.0 + i % 7 * 0.125
         ex.assign_id()
@@ -104,9 +121,10 @@ def encoder() -> Encoder:
 
 
 def loop(records: int, real_headers: bool = False, pool: int = 2000, agent: bool = False,
-         embeddings: bool = False) -> None:
+         embeddings: bool = False, stream: int = 0) -> None:
     """Build ``pool`` exchanges (always, so that only the encoding differs), encode ``records``."""
-    exs = exchanges(max(pool, 2) if not (agent or embeddings) else 20, real_headers, agent, embeddings)
+    exs = exchanges(max(pool, 2) if not (agent or embeddings or stream) else 20, real_headers, agent, embeddings,
+                    stream)
     enc = encoder()
     for ex in exs[:2]:  # first use: memos, imports
         enc.encode(ex)
@@ -114,9 +132,10 @@ def loop(records: int, real_headers: bool = False, pool: int = 2000, agent: bool
         enc.encode(exs[i % len(exs)])
 
 
-def timed(records: int, real_headers: bool = False, agent: bool = False, embeddings: bool = False) -> float:
+def timed(records: int, real_headers: bool = False, agent: bool = False, embeddings: bool = False,
+          stream: int = 0) -> float:
     """Microseconds per record, best of 7 loops."""
-    exs = exchanges(records, real_headers, agent, embeddings)
+    exs = exchanges(records, real_headers, agent, embeddings, stream)
     enc = encoder()
     best = float("inf")
     for _ in range(7):
@@ -128,12 +147,12 @@ def timed(records: int, real_headers: bool = False, agent: bool = False, embeddi
 
 
 def instructions(records: int, python: str, real_headers: bool = False, agent: bool = False,
-                 embeddings: bool = False) -> int:
+                 embeddings: bool = False, stream: int = 0) -> int:
     """Instructions of one ``--loop`` run under callgrind."""
     cmd = ["valgrind", "--tool=callgrind", "--callgrind-out-file=" + os.devnull,
            python, "-m", "tests.bench.encode", "--loop", str(records)] + (
         ["--real-headers"] if real_headers else []) + (["--agent"] if agent else []) + (
-        ["--embeddings"] if embeddings else [])
+        ["--embeddings"] if embeddings else []) + (["--stream", str(stream)] if stream else [])
     proc = subprocess.run(cmd, cwd=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, check=True)
     m = _COLLECTED.search(proc.stderr.decode(errors="replace"))
@@ -150,23 +169,25 @@ def main(argv=None) -> int:
                     help="the headers an official SDK sends and a provider answers with, not the bench's few")
     ap.add_argument("--agent", action="store_true", help="a coding agent's request (60 KB, many brackets)")
     ap.add_argument("--embeddings", action="store_true", help="an embeddings answer (670 KB of floats)")
+    ap.add_argument("--stream", type=int, default=0, metavar="N", help="streamed answers of N text events")
     ap.add_argument("--python", default=sys.executable)
     ap.add_argument("--loop", type=int, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.loop is not None:
-        loop(args.loop, args.real_headers, agent=args.agent, embeddings=args.embeddings)
+        loop(args.loop, args.real_headers, agent=args.agent, embeddings=args.embeddings, stream=args.stream)
         return 0
     what = ("agent records" if args.agent else "embeddings records" if args.embeddings
+            else "records of %d-event streams" % args.stream if args.stream
             else "records with real headers" if args.real_headers else "records")
     if args.time:
         print("encode: %.2f us per record (%d %s, best of 7)" % (
-            timed(args.records, args.real_headers, args.agent, args.embeddings), args.records, what))
+            timed(args.records, args.real_headers, args.agent, args.embeddings, args.stream), args.records, what))
         return 0
     if not shutil.which("valgrind"):
         sys.stderr.write("valgrind not found (apt-get install valgrind), or use --time\n")
         return 2
-    per = (instructions(args.records, args.python, args.real_headers, args.agent, args.embeddings)
-           - instructions(0, args.python, args.real_headers, args.agent, args.embeddings)) / args.records
+    per = (instructions(args.records, args.python, args.real_headers, args.agent, args.embeddings, args.stream)
+           - instructions(0, args.python, args.real_headers, args.agent, args.embeddings, args.stream)) / args.records
     print("encode: %.0f instructions per record (%d %s, callgrind; %s)" % (
         per, args.records, what, os.path.basename(args.python)))
     return 0
