@@ -677,6 +677,8 @@ class Encoder:
 
 
 def _event_json(t: float, event: Any) -> Dict[str, Any]:
+    if event.id is None and event.retry is None and not event.comments and not event.unterminated:
+        return {"t": round(t, 3), "event": event.event, "data": event.data}  # (to_json's, most events)
     item = {"t": round(t, 3)}
     item.update(event.to_json())
     return item

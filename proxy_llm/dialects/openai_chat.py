@@ -93,6 +93,9 @@ def merge_delta(acc, delta):
             acc[key] = value
 
 
+_NOT_HEAD = frozenset(("choices", "usage", "object", "error"))
+
+
 def _empty(value):
     return value is None or value == "" or value == 0 or value == [] or value == {}
 
@@ -197,6 +200,7 @@ class OpenAIChat(Dialect):
 
     def _reassemble(self, events):
         head = {}  # type: dict  # id, created, model, ...: first non-null value of each
+        settled = set()  # type: set  # keys of head holding a non-empty value
         choices = {}  # type: dict
         usage = None
         error = None
@@ -212,7 +216,7 @@ class OpenAIChat(Dialect):
             chunk = loads(data)
             if not isinstance(chunk, dict):
                 continue
-            err = error_from(chunk)
+            err = error_from(chunk) if "error" in chunk else None
             if err is not None:
                 # An error chunk (OpenRouter, vLLM) may still carry choices
                 # (finish_reason "error"): record both.
@@ -221,7 +225,7 @@ class OpenAIChat(Dialect):
                     continue
             seen_chunk = True
             for key, value in chunk.items():
-                if key in ("choices", "usage", "object", "error"):
+                if key in settled or key in _NOT_HEAD:
                     continue
                 if key == "system_fingerprint":
                     # The SDK keeps the last chunk's; a null one does not erase it.
@@ -231,6 +235,8 @@ class OpenAIChat(Dialect):
                     # First non-empty value: Azure's first chunk (prompt
                     # filter results) has id "", model "" and created 0.
                     head[key] = value
+                    if not _empty(value):
+                        settled.add(key)  # (its value stays: no need to look again)
             if isinstance(chunk.get("usage"), dict):
                 usage = chunk["usage"]
             choices_sent = chunk.get("choices")
