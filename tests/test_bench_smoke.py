@@ -223,6 +223,21 @@ class EncodeBenchTest(unittest.TestCase):
         self.assertIn("anthropic-ratelimit-requests-remaining", anthropic["response_headers"])
         self.assertNotEqual(recs[0]["response_headers"]["x-request-id"], recs[2]["response_headers"]["x-request-id"])
 
+    def test_agent_embeddings_and_stream_exchanges_are_what_they_say(self):
+        enc = encode.encoder()
+        [agent] = [json.loads(line) for ex in encode.exchanges(1, agent=True) for _, _, line in enc.encode(ex)]
+        self.assertEqual(len(agent["request_body"]["tools"]), 20)
+        self.assertGreater(agent["request_bytes"], 50000)
+        [emb] = [json.loads(line) for ex in encode.exchanges(1, embeddings=True) for _, _, line in enc.encode(ex)]
+        self.assertEqual((emb["endpoint"], len(emb["response_body"]["data"][0]["embedding"])), ("/v1/embeddings", 1536))
+        self.assertEqual(emb["tokens_used"]["prompt_tokens"], 100)
+        lines = [(kind, json.loads(line)) for ex in encode.exchanges(2, stream=5) for kind, _, line in enc.encode(ex)]
+        records = [rec for kind, rec in lines if kind == "records"]
+        self.assertEqual([r["ended"] for r in records], ["completed", "completed"])
+        self.assertEqual(records[0]["response_body"]["choices"][0]["message"]["content"],
+                         "".join("tok%d " % i for i in range(5)))
+        self.assertEqual(records[1]["response_body"]["content"][0]["text"], "".join("tok%d " % i for i in range(5)))
+
     def test_time_mode_runs(self):
         with unittest.mock.patch("sys.stdout", new_callable=io.StringIO) as out:
             self.assertEqual(encode.main(["--time", "--records", "10"]), 0)
