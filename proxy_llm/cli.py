@@ -49,18 +49,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def config_path(arg: Optional[str]) -> str:
-    if arg is not None and not arg:  # --config "" (an unset variable in a script?): not the default
-        raise ConfigError("--config: an empty path")
-    return arg or os.environ.get("PROXY_LLM_CONFIG") or CONFIG_DEFAULT
+def config_path(args: argparse.Namespace) -> str:
+    """The config file to read; ``--config ''`` and ``--data-dir ''`` (an unset variable in a
+    script?) are errors, not a quiet fall back to the default file or the configured dir."""
+    for flag, value in (("--config", args.config), ("--data-dir", getattr(args, "data_dir", None))):
+        if value == "":
+            raise ConfigError("%s: an empty path" % flag)
+    return args.config or os.environ.get("PROXY_LLM_CONFIG") or CONFIG_DEFAULT
 
 
 def load_config(args: argparse.Namespace) -> Config:
-    if args.data_dir == "":  # (an unset variable in a script?): not the configured one, quietly
-        raise ConfigError("--data-dir: an empty path")
+    path = config_path(args)
     overrides = {"listen": args.listen, "log_level": args.log_level, "workers": args.workers,
                  "data_dir": os.path.abspath(args.data_dir) if args.data_dir else None}
-    return load(config_path(args.config), overrides=overrides)
+    return load(path, overrides=overrides)
 
 
 def setup_logging(level: str) -> None:
@@ -95,9 +97,7 @@ def run_subcommand(name: str, argv: List[str]) -> int:
     args = parser.parse_args(argv)
     default_dir = "./data"
     try:
-        if getattr(args, "data_dir", None) == "":
-            raise ConfigError("--data-dir: an empty path")
-        path = config_path(args.config)
+        path = config_path(args)
     except ConfigError as exc:
         print("proxy_llm: %s" % exc, file=sys.stderr)
         return 2
@@ -128,6 +128,13 @@ def run_subcommand(name: str, argv: List[str]) -> int:
 
 KEY_FILE = ".proxy_llm_key"
 KEY_SIZE = 32
+
+
+def prepare_data_dir(data_dir: str) -> bytes:
+    """Make the data dir (0700) if needed and return its fingerprint key. Raises OSError or
+    ValueError (a NUL in the name) when the dir cannot be used."""
+    os.makedirs(data_dir, mode=0o700, exist_ok=True)
+    return fingerprint_key(data_dir)
 
 
 def fingerprint_key(data_dir: str) -> bytes:
@@ -210,8 +217,7 @@ def build_server(config: Config, worker: int = 0, reuse_port: bool = False):
     server_box = []
     if config.record:
         try:
-            os.makedirs(config.data_dir, mode=0o700, exist_ok=True)
-            key = fingerprint_key(config.data_dir)
+            key = prepare_data_dir(config.data_dir)
         except (OSError, ValueError) as exc:  # a file in the way, no permission, a NUL in the name
             raise ConfigError("data_dir: cannot use %s: %s" % (config.data_dir, getattr(exc, "strerror", None) or exc)) from None
 
@@ -322,9 +328,8 @@ def serve_workers(config: Config) -> int:
 
     config = replace(config, listen="%s:%d" % ("[%s]" % host if ":" in host else host, port))
     if config.record:
-        try:  # made once, here, so the workers all read the one key
-            os.makedirs(config.data_dir, mode=0o700, exist_ok=True)
-            fingerprint_key(config.data_dir)
+        try:  # the key made once, here, so the workers all read the one key
+            prepare_data_dir(config.data_dir)
         except (OSError, ValueError):
             pass  # each worker says why (build_server)
     gc.freeze()  # what the workers inherit is never walked by their collectors

@@ -538,12 +538,10 @@ class Encoder:
                 result = dialect.reassemble([e for _, e in events])
                 resp_value = result.response_body
             else:
-                resp_value, resp_raw = parse_body(resp_body, _FLOATS_AS_TEXT if accepted else reader.STRICT_JSON)
-                result = dialect.from_body(resp_value if isinstance(resp_value, (dict, list)) else None)
+                resp_value, resp_raw, result = _read_answer(dialect, resp_body, accepted)
                 if accepted and result.error and type(resp_value) in (dict, list):
                     # An error in a 2xx answer (rare) may quote the value: read it with its floats.
-                    resp_value, resp_raw = parse_body(resp_body)
-                    result = dialect.from_body(resp_value if isinstance(resp_value, (dict, list)) else None)
+                    resp_value, resp_raw, result = _read_answer(dialect, resp_body, False)
         except Exception as exc:  # a dialect bug must not lose the record: keep raw, say why
             log.exception("reassembly failed for record %s", ex.id)
             reassembly_error = "%s: %s" % (type(exc).__name__, exc)
@@ -669,19 +667,18 @@ class Encoder:
                 "id": ex.id,
                 "session_id": session_id,
                 "timestamp": timestamp,
-                "events": [_event_json(t, e) for t, e in events],
+                "events": [e.to_json(round(t, 3)) for t, e in events],
                 "truncated": stream_truncated,
             }) + b"\n"
             out.append((STREAMS, sid, scrub(stream_line, every)))
         return out
 
 
-def _event_json(t: float, event: Any) -> Dict[str, Any]:
-    if event.id is None and event.retry is None and not event.comments and not event.unterminated:
-        return {"t": round(t, 3), "event": event.event, "data": event.data}  # (to_json's, most events)
-    item = {"t": round(t, 3)}
-    item.update(event.to_json())
-    return item
+def _read_answer(dialect: Any, body: bytes, accepted: bool) -> Tuple[Any, Optional[bytes], Any]:
+    """(value, raw_json, the dialect's result) of an answer that is not a stream; a 2xx one
+    (``accepted``) is read with its floats as text (``_FLOATS_AS_TEXT``)."""
+    value, raw = parse_body(body, _FLOATS_AS_TEXT if accepted else reader.STRICT_JSON)
+    return value, raw, dialect.from_body(value if isinstance(value, (dict, list)) else None)
 
 
 def _error_message(value: Any) -> Optional[str]:

@@ -67,15 +67,19 @@ class Event(object):
         self.comments = comments if comments is not None else []
         self.raw = raw
 
-    def to_json(self):
-        # type: () -> dict
+    def to_json(self, t=None):
+        # type: (float | None) -> dict
         """The event as a JSON object for the streams file.
 
-        ``event`` and ``data`` are always present; ``id``, ``retry`` and
-        ``comments`` only when the block had them. ``raw`` is left out: the
-        fields rebuild it up to line-end style.
+        ``t`` (its arrival, ms), when given, comes first. ``event`` and ``data``
+        are always present; ``id``, ``retry`` and ``comments`` only when the
+        block had them. ``raw`` is left out: the fields rebuild it up to
+        line-end style.
         """
-        out = {"event": self.event, "data": self.data}
+        if t is None:
+            out = {"event": self.event, "data": self.data}
+        else:
+            out = {"t": t, "event": self.event, "data": self.data}
         if self.id is not None:
             out["id"] = self.id
         if self.retry is not None:

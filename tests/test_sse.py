@@ -32,6 +32,8 @@ class SSEDecoderTest(unittest.TestCase):
         self.assertEqual((ev.event, ev.id, ev.retry, ev.data), ("delta", "7", 1500, '{"a":1}'))
         self.assertEqual(ev.raw, 'event: delta\nid: 7\nretry: 1500\ndata: {"a":1}\n')
         self.assertEqual(ev.to_json(), {"event": "delta", "data": '{"a":1}', "id": "7", "retry": 1500})
+        # With its arrival time (the streams file): first, then the same fields in the same order.
+        self.assertEqual(list(ev.to_json(2.5).items()), [("t", 2.5)] + list(ev.to_json().items()))
 
     def test_line_ends(self):
         for sep in (b"\n", b"\r\n", b"\r"):
