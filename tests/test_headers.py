@@ -99,6 +99,30 @@ class ParseHeadersTest(unittest.TestCase):
                 with self.subTest(fields=n, reader=kind), self.assertRaises(http.client.HTTPException):
                     headers.parse_headers(fp)
 
+    def test_read_lines_is_the_standard_librarys_read_headers(self):
+        # headers._read_lines stands in for http.client._read_headers on a standard library
+        # without it (3.8 before its security releases): the same lines, the same rest left to
+        # read, the same errors past the limits.
+        blocks = CASES + [b"A: 1\r\n" * 99 + b"\r\nbody", b"A: 1\r\n" * 100 + b"\r\n", b"A: 1\r\n" * 101,
+                          b"A: " + b"x" * (http.client._MAXLINE - 5) + b"\r\n\r\n",
+                          b"A: " + b"x" * (http.client._MAXLINE - 4) + b"\r\n\r\n", b"A: 1\r\nB: 2"]
+        rnd = random.Random(5)
+        for _ in range(300):
+            blocks.append(b"".join(rnd.choice([b"A: 1\r\n", b"B:\n", b"\r\n", b"\n", b"x\r", b"C: \x85\r\n"])
+                                   for _ in range(rnd.randint(0, 8))))
+        for raw in blocks:
+            for (kind, fp), (_, mine) in zip(readers(raw), readers(raw)):
+                with self.subTest(raw=raw[:80], reader=kind):
+                    try:
+                        expected = http.client._read_headers(fp)
+                    except http.client.HTTPException as exc:
+                        with self.assertRaises(type(exc)) as caught:
+                            headers._read_lines(mine)
+                        self.assertEqual(str(caught.exception), str(exc))
+                        continue
+                    self.assertEqual(headers._read_lines(mine), expected)
+                    self.assertEqual(mine.read(), fp.read(), "what is left to read differs")
+
     def test_install_and_uninstall(self):
         original = http.client.parse_headers
         self.addCleanup(setattr, http.client, "parse_headers", original)
