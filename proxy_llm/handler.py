@@ -413,15 +413,13 @@ class ProxyHandler(BaseHTTPRequestHandler):
                 raise
             try:
                 body = wire.read_body(self.rfile, headers, config.max_request_body, self.continue_body)
-            except wire.BodyError as exc:
+            except wire.BodyError as exc:  # (a reset or a timeout too: its bytes go into the record)
                 self.close_connection = True
+                body = exc.partial
                 raise {413: errors.BodyTooLarge}.get(exc.status, errors.BadRequest)(exc.message) from None
-            except socket.timeout:
+            except OSError:  # the client gone before the 100 Continue
                 self.close_connection = True
-                raise errors.BadRequest("timed out reading the request body") from None
-            except OSError:  # a reset, or the client gone before the 100 Continue
-                self.close_connection = True
-                raise errors.BadRequest("the connection failed while reading the request body") from None
+                raise errors.BadRequest("the connection failed before the request body was read") from None
             self.route(ex, body)
             upgrade = wire.header_value(headers, "upgrade") if self.command == "GET" else None
             if upgrade and "websocket" in upgrade.lower():

@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import re
+import socket
 from typing import Any, BinaryIO, Callable, Iterable, List, Optional, Sequence, Tuple
 
 # RFC 9110 section 7.6.1: connection-specific fields are never forwarded. "Proxy-Connection"
@@ -33,12 +34,15 @@ _CHUNK_SIZE_RE = re.compile(rb"^([0-9A-Fa-f]{1,16})(?:;[^\r\n]*)?\r?\n$")
 
 
 class BodyError(Exception):
-    """The request body cannot be read. ``status`` is the HTTP answer (400, 408, 413)."""
+    """The request body cannot be read. ``status`` is the HTTP answer (400, 413); ``partial``,
+    the body bytes that did arrive before the connection ended, failed or timed out (the
+    record keeps them: chunked framing taken off, at most what the limit allows)."""
 
-    def __init__(self, status: int, message: str):
+    def __init__(self, status: int, message: str, partial: bytes = b""):
         super().__init__(message)
         self.status = status
         self.message = message
+        self.partial = partial
 
 
 def end_to_end(headers: Sequence[Tuple[str, str]], drop: Iterable[str] = ()) -> List[Tuple[str, str]]:
@@ -90,54 +94,79 @@ def read_body(rfile: BinaryIO, headers: Iterable[Tuple[str, str]], limit: int,
         codings = [t.strip(" \t").lower() for v in te for t in v.split(",") if t.strip(" \t")]
         if codings != ["chunked"]:
             raise BodyError(400, "unsupported Transfer-Encoding")
-        if ready is not None:
-            ready()
-        return _read_chunked(rfile, limit)
-    if not cl:
+        length = -1
+    elif not cl:
         return b""
-    value = cl[0].strip()
-    # ASCII digits only ("²".isdigit() is true, and int() refuses it), and few of them (int()
-    # refuses past 4,300 digits; anything past 19 is over every limit anyway).
-    if (len(cl) > 1 and len(set(v.strip() for v in cl)) != 1) or not (
-            value.isdigit() and value.isascii() and len(value) <= 19):
-        raise BodyError(400, "invalid Content-Length")
-    length = int(value)
-    if length > limit:
-        raise BodyError(413, "request body is %d bytes; the limit is %d" % (length, limit))
-    if length and ready is not None:
+    else:
+        value = cl[0].strip()
+        # ASCII digits only ("²".isdigit() is true, and int() refuses it), and few of them (int()
+        # refuses past 4,300 digits; anything past 19 is over every limit anyway).
+        if (len(cl) > 1 and len(set(v.strip() for v in cl)) != 1) or not (
+                value.isdigit() and value.isascii() and len(value) <= 19):
+            raise BodyError(400, "invalid Content-Length")
+        length = int(value)
+        if length > limit:
+            raise BodyError(413, "request body is %d bytes; the limit is %d" % (length, limit))
+        if not length:
+            return b""
+    if ready is not None:
         ready()
-    data = rfile.read(length)
-    if len(data) != length:
-        raise BodyError(400, "request body ended after %d of %d bytes" % (len(data), length))
-    return data
+    parts: List[bytes] = []
+    try:
+        if length < 0:
+            _read_chunked(rfile, limit, parts)
+        elif _read_into(rfile, length, parts) < length:
+            raise BodyError(400, "request body ended after %d of %d bytes" % (sum(map(len, parts)), length),
+                            b"".join(parts))
+    except socket.timeout:
+        raise BodyError(400, "timed out reading the request body", b"".join(parts)) from None
+    except OSError:  # a reset
+        raise BodyError(400, "the connection failed while reading the request body", b"".join(parts)) from None
+    return parts[0] if len(parts) == 1 else b"".join(parts)
 
 
-def _read_chunked(rfile: BinaryIO, limit: int) -> bytes:
-    parts = []
+READ_MAX = 1 << 20
+
+
+def _read_into(rfile: BinaryIO, n: int, parts: List[bytes]) -> int:
+    """Read up to ``n`` bytes, appending them to ``parts`` as they come; the count read (less
+    than ``n`` when the stream ended). By ``read1``, not ``read``: a buffered ``read`` that
+    fails (a reset, a timeout) drops what it had read, and the record keeps that. At most
+    ``READ_MAX`` a call: ``read1`` makes a buffer of the size asked for before each read."""
+    got = 0
+    while got < n:
+        data = rfile.read1(min(n - got, READ_MAX))
+        if not data:
+            break
+        parts.append(data)
+        got += len(data)
+    return got
+
+
+def _read_chunked(rfile: BinaryIO, limit: int, parts: List[bytes]) -> None:
+    """Read a chunked body into ``parts`` (the chunks' data; see :func:`_read_into`)."""
     total = 0
     while True:
         line = rfile.readline(1024)
         match = _CHUNK_SIZE_RE.match(line)
         if not match:
-            raise BodyError(400, "invalid chunk size line")
+            raise BodyError(400, "invalid chunk size line", b"".join(parts))
         size = int(match.group(1), 16)
         if size == 0:
             break
         total += size
         if total > limit:
-            raise BodyError(413, "request body exceeds the limit of %d bytes" % limit)
-        data = rfile.read(size)
-        if len(data) != size or rfile.read(2) not in (b"\r\n",):
-            raise BodyError(400, "truncated chunk")
-        parts.append(data)
+            raise BodyError(413, "request body exceeds the limit of %d bytes" % limit, b"".join(parts))
+        if _read_into(rfile, size, parts) != size or rfile.read(2) not in (b"\r\n",):
+            raise BodyError(400, "truncated chunk", b"".join(parts))
     # Trailer fields are read and discarded (never forwarded: RFC 9112 7.1.2).
     for _ in range(100):
         line = rfile.readline(8192)
         if line in (b"\r\n", b"\n"):
-            return b"".join(parts)
+            return
         if not line.endswith(b"\n"):
-            raise BodyError(400, "truncated chunked body")
-    raise BodyError(400, "too many trailer fields")
+            raise BodyError(400, "truncated chunked body", b"".join(parts))
+    raise BodyError(400, "too many trailer fields", b"".join(parts))
 
 
 def chunk(data: bytes) -> bytes:

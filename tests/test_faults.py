@@ -141,6 +141,22 @@ class ClientAbortTest(FaultTestCase):
         self.assertIn("connection failed", rec["error"]["message"])
         self.assertFalse([line for line in logs.output if "internal error" in line], logs.output)
         self.assertTrue(self.upstream.requests.empty())
+        # What arrived before the reset is in the record (a buffered read would have dropped it).
+        self.assertEqual((rec["request_bytes"], rec["request_body"]), (10, PLAIN_BODY[:10].decode()))
+
+    def test_a_body_the_client_stops_sending_is_recorded_as_far_as_it_came(self):
+        proxy = self.start_proxy()
+        sock = socket.create_connection(("127.0.0.1", proxy.port), timeout=DEADLINE)
+        self.addCleanup(sock.close)
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n" + PLAIN_BODY[:10])
+        sock.sendall(PLAIN_BODY[10:20])
+        sock.shutdown(socket.SHUT_WR)  # the end of input: 20 of 1,000 bytes
+        self.assertIn(b" 400 ", sock.recv(65536))
+        [rec] = proxy.records()
+        self.assertEqual((rec["status_code"], rec["ended"]), (400, "refused"))
+        self.assertIn("ended after 20 of 1000 bytes", rec["error"]["message"])
+        self.assertEqual((rec["request_bytes"], rec["request_body"]), (20, PLAIN_BODY[:20].decode()))
+        self.assertTrue(self.upstream.requests.empty())
 
 
 class _Racing:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import random
+import socket
 import unittest
 
 from proxy_llm import wire
@@ -86,6 +87,62 @@ class BodyTest(unittest.TestCase):
                          b"Wikipedia")
         with self.assertRaises(wire.BodyError):
             wire.read_body(io.BytesIO(body), headers(("Transfer-Encoding", "chunked"), ("Content-Length", "3")), 100)
+
+    def test_a_body_cut_short_keeps_the_bytes_that_arrived(self):
+        class Failing(io.RawIOBase):
+            """``data`` in reads of at most ``step`` bytes, then ``error`` (None: the end)."""
+
+            def __init__(self, data, step, error):
+                super().__init__()
+                self.data, self.step, self.error = data, step, error
+
+            def readable(self):
+                return True
+
+            def readinto(self, buf):
+                if not self.data:
+                    if self.error is not None:
+                        raise self.error
+                    return 0
+                n = min(len(buf), self.step, len(self.data))
+                buf[:n], self.data = self.data[:n], self.data[n:]
+                return n
+
+        body = b'{"model": "m", "messages": []}'
+        pieces = [body[i:i + 7] for i in range(0, len(body), 7)]
+        chunked = b"".join(wire.chunk(piece) for piece in pieces) + wire.LAST_CHUNK
+
+        def arrived(framing, cut):
+            """The body's bytes among the first ``cut`` bytes sent."""
+            if framing == "Content-Length":
+                return body[:cut]
+            out, at = b"", 0
+            for piece in pieces:
+                start = at + len(b"%x\r\n" % len(piece))
+                out += piece[:max(0, cut - start)]
+                at = start + len(piece) + 2
+            return out
+
+        for framing, data in ((("Content-Length", str(len(body))), body),
+                              (("Transfer-Encoding", "chunked"), chunked)):
+            for error, message in ((None, "ended"), (ConnectionResetError(104, "reset"), "connection failed"),
+                                   (socket.timeout("timed out"), "timed out")):
+                for cut in (0, 1, len(data) // 2, len(data) - 1):
+                    for step, size in ((3, 8192), (1000, 8192), (1000, 4)):
+                        rfile = io.BufferedReader(Failing(data[:cut], step, error), size)
+                        with self.subTest(framing=framing[0], error=message, cut=cut, step=step, size=size):
+                            with self.assertRaises(wire.BodyError) as cm:
+                                wire.read_body(rfile, headers(framing), 1000)
+                            self.assertEqual(cm.exception.status, 400)
+                            self.assertIn(message if error is not None or framing[0] == "Content-Length"
+                                          else "chunk", cm.exception.message)
+                            self.assertEqual(cm.exception.partial, arrived(framing[0], cut))
+        # A whole body read by many small reads is the body.
+        for framing, data in ((("Content-Length", str(len(body))), body),
+                              (("Transfer-Encoding", "chunked"), chunked)):
+            with self.subTest(framing=framing[0], whole=True):
+                rfile = io.BufferedReader(Failing(data, 3, None), 4)
+                self.assertEqual(wire.read_body(rfile, headers(framing), 1000), body)
 
     def test_chunk_framing(self):
         self.assertEqual(wire.chunk(b"hello"), b"5\r\nhello\r\n")
