@@ -240,21 +240,55 @@ def build_server(config: Config, worker: int = 0, reuse_port: bool = False):
     return server
 
 
-class _SignalCount:
-    """``is_set()`` once at least ``n`` signals were received (an Event-like view, lock-free)."""
+class _Stops:
+    """How many times the process was told to stop: 1 is "drain", 2 is "hurry". Lock-free (a
+    signal handler only appends to ``received``).
 
-    def __init__(self, received: List[int], n: int):
-        self.received = received
+    A worker of ``--workers`` is told by its own signals and by the parent, which writes a byte
+    down the worker's pipe for every signal it gets (and closes it by dying). The larger count
+    wins: a terminal's Ctrl-C, and systemd stopping a control group, signal every process of the
+    group at once, so a worker gets the signal itself and from the parent, and the two are one
+    request to stop, not two.
+    """
+
+    def __init__(self, pipe: Optional[int] = None):
+        self.received: List[int] = []
+        self.pipe = pipe
+        self.piped = 0
+
+    def count(self) -> int:
+        if self.pipe is not None:
+            try:
+                data = os.read(self.pipe, 64)
+            except BlockingIOError:
+                data = None
+            except OSError:
+                data = b""
+            if data is not None:
+                # An end of input: the parent is gone; stop (once) rather than serve unwatched.
+                self.piped += len(data) if data else max(0, 1 - self.piped)
+                if not data:
+                    os.close(self.pipe)
+                    self.pipe = None
+        return max(len(self.received), self.piped)
+
+
+class _StopView:
+    """``is_set()`` once :class:`_Stops` counts ``n`` (an Event-like view)."""
+
+    def __init__(self, stops: _Stops, n: int):
+        self.stops = stops
         self.n = n
 
     def is_set(self) -> bool:
-        return len(self.received) >= self.n
+        return self.stops.count() >= self.n
 
 
-def serve(config: Config, worker: int = 0, reuse_port: bool = False) -> int:
-    received: List[int] = []
-    stop = _SignalCount(received, 1)
-    hurry = _SignalCount(received, 2)
+def serve(config: Config, worker: int = 0, reuse_port: bool = False, parent_pipe: Optional[int] = None) -> int:
+    stops = _Stops(parent_pipe)
+    received = stops.received
+    stop = _StopView(stops, 1)
+    hurry = _StopView(stops, 2)
 
     def on_signal(signum, frame):
         # No lock may be taken here (so no Event.set()): a second signal can run this handler
@@ -294,7 +328,9 @@ def serve(config: Config, worker: int = 0, reuse_port: bool = False) -> int:
     if not server.wait_idle(config.shutdown_timeout, interrupted=hurry):
         cut = server.cancel_inflight()
         log.warning("cut %d exchanges still in flight", cut)
-        server.wait_idle(2.0)
+        deadline = time.monotonic() + 2.0
+        while not server.wait_idle(0.05) and time.monotonic() < deadline:
+            server.cut_waiting_clients()  # a handler that began a wait on its client since
     if server.recorder is not None:
         server.recorder.close(timeout=2.0 if hurry.is_set() else 30.0)
     server.server_close()
@@ -334,25 +370,35 @@ def serve_workers(config: Config) -> int:
             pass  # each worker says why (build_server)
     gc.freeze()  # what the workers inherit is never walked by their collectors
     children = {}
+    pipes = {}  # worker pid -> the end of its pipe the parent writes a byte to per signal
     for worker in range(config.workers):
+        read_end, write_end = os.pipe()
         pid = os.fork()
         if pid == 0:
             code = 1
             try:
                 holder.close()
-                code = serve(config, worker=worker, reuse_port=reuse_port)
+                os.close(write_end)
+                for fd in pipes.values():  # the other workers' pipes
+                    os.close(fd)
+                os.set_blocking(read_end, False)
+                code = serve(config, worker=worker, reuse_port=reuse_port, parent_pipe=read_end)
             finally:
                 logging.shutdown()
                 os._exit(code)
+        os.close(read_end)
         children[pid] = worker
+        pipes[pid] = write_end
     stopping = []
 
     def forward(signum, frame):
+        # Down the pipes, not as signals (see _Stops). (os.write of one byte to a pipe with
+        # room never blocks; a worker gone leaves a broken pipe, ignored.)
         stopping.append(signum)
-        for pid in list(children):
+        for pid, fd in list(pipes.items()):
             try:
-                os.kill(pid, signum)
-            except ProcessLookupError:
+                os.write(fd, b"x")
+            except OSError:
                 pass
 
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -368,6 +414,7 @@ def serve_workers(config: Config) -> int:
         worker = children.pop(pid, None)
         if worker is None:
             continue
+        os.close(pipes.pop(pid))
         exit_code = os.waitstatus_to_exitcode(code) if hasattr(os, "waitstatus_to_exitcode") else code >> 8
         if exit_code != 0:
             status = 1

@@ -379,11 +379,6 @@ class ProxyHandler(BaseHTTPRequestHandler):
             body, ctype = errors.render(errors.family_of(path), 404, "unknown path %s: proxy_llm forwards /v1/ and /v1beta/" % path[:200])
             self.send_simple(404, body, ctype)
             return
-        if server.draining.is_set():
-            self.close_connection = True
-            body, ctype = errors.render(errors.family_of(path), 503, "proxy_llm is shutting down")
-            self.send_simple(503, body, ctype, [("Retry-After", "1")])
-            return
         self.proxy_key_in_auth = False
         headers = self.header_fields()
         recording = server.recorder is not None
@@ -405,7 +400,11 @@ class ProxyHandler(BaseHTTPRequestHandler):
         server = self.server
         config = server.config
         body = b""
+        left = False  # the client left mid-body
         try:
+            if server.draining.is_set():  # refused, and recorded as such
+                self.close_connection = True  # the request body was not read
+                raise errors.Overloaded("proxy_llm is shutting down")
             try:
                 self.check_proxy_key(headers)
             except errors.Unauthorized:
@@ -416,6 +415,9 @@ class ProxyHandler(BaseHTTPRequestHandler):
             except wire.BodyError as exc:  # (a reset or a timeout too: its bytes go into the record)
                 self.close_connection = True
                 body = exc.partial
+                left = exc.gone
+                if ex.cancelled:  # the shutdown let go of the client (server.cut_waiting_clients)
+                    raise errors.Overloaded("proxy_llm is shutting down") from None
                 raise {413: errors.BodyTooLarge}.get(exc.status, errors.BadRequest)(exc.message) from None
             except OSError:  # the client gone before the 100 Continue
                 self.close_connection = True
@@ -440,6 +442,8 @@ class ProxyHandler(BaseHTTPRequestHandler):
         except ProxyError as exc:
             ex.capture_request(body)  # when the request never left
             self.answer_error(ex, exc)
+            if left:  # answered (a half-closed client may still read it), but it was the client's doing
+                ex.ended = "client_aborted"
             return
         except Exception as exc:  # a bug: still an answer in the provider's shape, and a record
             self.close_connection = True  # what is left of the request is not known
@@ -556,11 +560,20 @@ class ProxyHandler(BaseHTTPRequestHandler):
                 resp = conn.getresponse()
             except (OSError, http.client.HTTPException) as exc:
                 pool.discard(conn)
+                # The proxy's own cuts first: what the upstream socket then says (a reset, an
+                # end of input) is the cut's doing, not the upstream's failure.
+                if ex.client_gone:  # (answer_error sends nothing then)
+                    raise errors.ProxyError("the client closed the connection") from None
+                if ex.cancelled:
+                    server_metrics_error(self.server, ex, "shutdown")
+                    raise errors.Overloaded("proxy_llm is shutting down") from None
+                if ex.timed_out:
+                    server_metrics_error(self.server, ex, "timeout")
+                    raise errors.UpstreamTimeout("upstream %s did not answer within total_timeout" %
+                                                 ex.provider.name) from None
                 if ex.upstream_late or isinstance(exc, socket.timeout):
                     # Cut by the watchdog (response_header_timeout), or connect_timeout passed.
                     server_metrics_error(self.server, ex, "timeout")
-                    if ex.cancelled:
-                        raise errors.UpstreamUnavailable("proxy shutting down") from None
                     raise errors.UpstreamTimeout("upstream %s did not answer in time" % ex.provider.name) from None
                 if isinstance(exc, (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError)):
                     if reused and attempt == 0 and not ex.cut:
@@ -741,6 +754,8 @@ class ProxyHandler(BaseHTTPRequestHandler):
 
     def finish_exchange(self, ex: Exchange) -> None:
         ex.assign_id()
+        if ex.cancelled and ex.ended == "client_aborted":
+            ex.ended = "shutdown"  # a write that failed because the shutdown let go of the client
         ex.endpoint_label = endpoint_label(ex.path)
         server = self.server
         m = server.metrics

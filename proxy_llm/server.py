@@ -168,7 +168,27 @@ class ProxyServer(ThreadingHTTPServer):
         for ex in exchanges:
             ex.cancelled = True
             self.cut_upstream(ex)
+        self.cut_waiting_clients()
         return len(exchanges)
+
+    def cut_waiting_clients(self) -> int:
+        """Let go of every client a handler is waiting on now (a body that stops coming, a
+        client that stops reading, an idle keep-alive connection): cutting the upstream does
+        not unblock those, and only client_idle_timeout would. Their reads and writes fail
+        from then on, and their exchanges end, recorded. At shutdown only (after
+        cancel_inflight, and again while the cut exchanges end: a handler may start a wait
+        just after a pass)."""
+        n = 0
+        with self.conn_lock:
+            for clock in self.clients:
+                if clock.due and clock.sock is not None and not clock.late:
+                    clock.late = True
+                    n += 1
+                    try:
+                        clock.sock.shutdown(socket.SHUT_RDWR)
+                    except OSError:
+                        pass
+        return n
 
     def cut_upstream(self, ex) -> None:
         """Unblock the handler reading ``ex``'s upstream (it then reads why from ``ex``)."""

@@ -38,11 +38,12 @@ class BodyError(Exception):
     the body bytes that did arrive before the connection ended, failed or timed out (the
     record keeps them: chunked framing taken off, at most what the limit allows)."""
 
-    def __init__(self, status: int, message: str, partial: bytes = b""):
+    def __init__(self, status: int, message: str, partial: bytes = b"", gone: bool = False):
         super().__init__(message)
         self.status = status
         self.message = message
         self.partial = partial
+        self.gone = gone  # the client's input ended or was reset: it left mid-body
 
 
 def end_to_end(headers: Sequence[Tuple[str, str]], drop: Iterable[str] = ()) -> List[Tuple[str, str]]:
@@ -117,11 +118,12 @@ def read_body(rfile: BinaryIO, headers: Iterable[Tuple[str, str]], limit: int,
             _read_chunked(rfile, limit, parts)
         elif _read_into(rfile, length, parts) < length:
             raise BodyError(400, "request body ended after %d of %d bytes" % (sum(map(len, parts)), length),
-                            b"".join(parts))
+                            b"".join(parts), gone=True)
     except socket.timeout:
         raise BodyError(400, "timed out reading the request body", b"".join(parts)) from None
     except OSError:  # a reset
-        raise BodyError(400, "the connection failed while reading the request body", b"".join(parts)) from None
+        raise BodyError(400, "the connection failed while reading the request body", b"".join(parts),
+                        gone=True) from None
     return parts[0] if len(parts) == 1 else b"".join(parts)
 
 
@@ -150,6 +152,8 @@ def _read_chunked(rfile: BinaryIO, limit: int, parts: List[bytes]) -> None:
         line = rfile.readline(1024)
         match = _CHUNK_SIZE_RE.match(line)
         if not match:
+            if not line.endswith(b"\n") and len(line) < 1024:  # the end of input
+                raise BodyError(400, "chunked body ended early", b"".join(parts), gone=True)
             raise BodyError(400, "invalid chunk size line", b"".join(parts))
         size = int(match.group(1), 16)
         if size == 0:
@@ -157,15 +161,18 @@ def _read_chunked(rfile: BinaryIO, limit: int, parts: List[bytes]) -> None:
         total += size
         if total > limit:
             raise BodyError(413, "request body exceeds the limit of %d bytes" % limit, b"".join(parts))
-        if _read_into(rfile, size, parts) != size or rfile.read(2) not in (b"\r\n",):
-            raise BodyError(400, "truncated chunk", b"".join(parts))
+        if _read_into(rfile, size, parts) != size:
+            raise BodyError(400, "truncated chunk", b"".join(parts), gone=True)
+        end = rfile.read(2)
+        if end != b"\r\n":
+            raise BodyError(400, "truncated chunk", b"".join(parts), gone=len(end) < 2)
     # Trailer fields are read and discarded (never forwarded: RFC 9112 7.1.2).
     for _ in range(100):
         line = rfile.readline(8192)
         if line in (b"\r\n", b"\n"):
             return
         if not line.endswith(b"\n"):
-            raise BodyError(400, "truncated chunked body", b"".join(parts))
+            raise BodyError(400, "truncated chunked body", b"".join(parts), gone=len(line) < 8192)
     raise BodyError(400, "too many trailer fields", b"".join(parts))
 
 

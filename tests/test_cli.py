@@ -211,6 +211,60 @@ class ServeProcessTest(unittest.TestCase):
         self.assertEqual(rec["ended"], "completed")
         self.assertEqual(rec["response_body"]["choices"][0]["message"]["content"], "onetwo")
 
+    def test_ctrl_c_to_the_process_group_of_workers_still_drains(self):
+        # A terminal's Ctrl-C signals the parent and every worker; the parent forwards its own
+        # too. Each worker took the two as "a second signal: cut at once".
+        proc = self.start(workers=2, shutdown_timeout=DEADLINE)
+        conn = http.client.HTTPConnection("127.0.0.1", proc.port, timeout=DEADLINE)
+        self.addCleanup(conn.close)
+        conn.request("POST", "/v1/chat/completions", body=CHAT, headers={"X-Session-Id": "ctrl-c"})
+        resp = conn.getresponse()
+        self.assertEqual(resp.read1(65536), event("one"))
+        os.killpg(proc.proc.pid, signal.SIGINT)
+        proc.wait_for_line("shutting down: 1 exchanges in flight")
+        self.gate.set()
+        self.assertEqual(resp.read(), event("two", "stop") + b"data: [DONE]\n\n")
+        self.assertEqual(proc.proc.wait(DEADLINE), 0)
+        [rec] = read_records(self.data_dir)
+        self.assertEqual((rec["session_id"], rec["ended"]), ("ctrl-c", "completed"))
+
+    def test_workers_stop_when_their_parent_is_killed(self):
+        # They served on, orphaned, holding the port, with nobody left to stop them.
+        self.gate.set()
+        proc = self.start(workers=2)
+        os.kill(proc.proc.pid, signal.SIGKILL)
+        proc.proc.wait(DEADLINE)
+        for _ in range(2):
+            proc.wait_for_line(r"\bstopped\b")
+        proc._reader.join(DEADLINE)  # every worker closed its end of the output pipe: all exited
+        self.assertFalse(proc._reader.is_alive())
+
+    def test_stop_counts_a_signal_and_the_parents_byte_as_one(self):
+        read_end, write_end = os.pipe()
+        self.addCleanup(os.close, write_end)
+        os.set_blocking(read_end, False)
+        stops = cli._Stops(read_end)
+        stop, hurry = cli._StopView(stops, 1), cli._StopView(stops, 2)
+        self.assertFalse(stop.is_set())
+        stops.received.append(signal.SIGINT)  # the terminal's Ctrl-C reached the worker...
+        os.write(write_end, b"x")             # ...and the parent, which passes it on
+        self.assertTrue(stop.is_set())
+        self.assertFalse(hurry.is_set())
+        os.write(write_end, b"x")             # a second Ctrl-C, which the parent passes on
+        self.assertTrue(hurry.is_set())
+        lone = cli._Stops()
+        lone.received += [signal.SIGTERM, signal.SIGTERM]
+        self.assertEqual(lone.count(), 2)
+
+    def test_a_parent_gone_is_one_stop(self):
+        read_end, write_end = os.pipe()
+        os.set_blocking(read_end, False)
+        stops = cli._Stops(read_end)
+        self.assertEqual(stops.count(), 0)
+        os.close(write_end)
+        self.assertEqual((stops.count(), stops.count()), (1, 1))
+        self.assertIsNone(stops.pipe)
+
     def test_two_workers_share_the_port_and_write_their_own_files(self):
         self.gate.set()
         proc = self.start(workers=2)

@@ -153,7 +153,7 @@ class ClientAbortTest(FaultTestCase):
         sock.shutdown(socket.SHUT_WR)  # the end of input: 20 of 1,000 bytes
         self.assertIn(b" 400 ", sock.recv(65536))
         [rec] = proxy.records()
-        self.assertEqual((rec["status_code"], rec["ended"]), (400, "refused"))
+        self.assertEqual((rec["status_code"], rec["ended"]), (400, "client_aborted"))  # it left mid-body
         self.assertIn("ended after 20 of 1000 bytes", rec["error"]["message"])
         self.assertEqual((rec["request_bytes"], rec["request_body"]), (20, PLAIN_BODY[:20].decode()))
         self.assertTrue(self.upstream.requests.empty())
@@ -467,6 +467,21 @@ class UpstreamFaultTest(FaultTestCase):
         self.assertEqual(rec["ended"], "timeout")
         self.assertIn("total_timeout", rec["error"]["message"])
         self.assertEqual(content_of(rec), "part")
+
+    def test_total_timeout_before_the_head_is_a_timeout_not_an_upstream_failure(self):
+        # The cut's reset reached the "upstream closed the connection" branch: a 502 and an
+        # upstream_error record, for a limit of the proxy's own.
+        gate = threading.Event()
+        self.addCleanup(gate.set)
+        self.replies.append(Reply(200, [("Content-Type", "application/json")], CHAT_REPLY, delay_headers=gate))
+        proxy = self.start_proxy(total_timeout=0.5, response_header_timeout=30)
+        status, _, body = request(proxy.url, body=PLAIN_BODY)
+        self.assertEqual((status, json.loads(body)["error"]["type"]), (504, "timeout"))
+        [rec] = proxy.records()
+        self.assertEqual((rec["ended"], rec["status_code"], rec["error"]["type"]), ("timeout", 504, "upstream_timeout"))
+        self.assertIn("total_timeout", rec["error"]["message"])
+        self.assertEqual(proxy.server.metrics.upstream_errors.value("openai", "timeout"), 1)
+        self.assertEqual(proxy.server.metrics.upstream_errors.value("openai", "connection"), 0)
 
     def test_error_answers_to_stream_requests_pass_through_verbatim(self):
         html = b"<html><body><h1>503 Service Unavailable</h1></body></html>"

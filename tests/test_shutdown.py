@@ -6,6 +6,7 @@ and recorded as ``shutdown``; a second signal cuts them at once. The exit code i
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import shutil
@@ -17,7 +18,8 @@ import time
 import unittest
 
 from proxy_llm import reader
-from tests.support import read_until, read_to_eof, DEADLINE, FakeUpstream, ProxyProcess, Reply, base_config, provider, wait_until
+from tests.support import (read_until, read_to_eof, DEADLINE, FakeUpstream, ProxyProcess, Reply, base_config, provider,
+                           request, wait_until)
 
 STREAMS = 100
 LAST_CHUNK = b"\r\n0\r\n\r\n"
@@ -127,6 +129,55 @@ class ShutdownTest(unittest.TestCase):
         self.assertEqual(len(recs), STREAMS)
         self.assertEqual({r["ended"] for r in recs}, {"shutdown"})
 
+
+    def test_exchanges_waiting_on_their_clients_are_cut_and_recorded(self):
+        # Cutting the upstreams did not unblock a handler reading a body that stopped coming or
+        # writing to a client that stopped reading: the process exited without their records.
+        big = b"data: " + json.dumps({"pad": "y" * 60000}).encode() + b"\n\n"
+        upstream = FakeUpstream(lambda req: Reply(200, [("Content-Type", "text/event-stream")], [big] * 300)
+                                if b'"big"' in req.body else Reply(200, [("Content-Type", "application/json")],
+                                                                   b'{"id":"x","choices":[]}'))
+        upstream.server.handle_error = lambda request, address: None
+        upstream.start()
+        self.addCleanup(upstream.stop)
+        cfg = base_config([provider("openai", "openai", upstream.url, "", ["gpt-*"])], self.data_dir,
+                          shutdown_timeout=2.0, client_idle_timeout=600)
+        proc = ProxyProcess(cfg)
+        self.addCleanup(proc.cleanup)
+        head = b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n"
+        body = b'{"model":"gpt-4o","messages":[],"pad":"' + b"z" * 100 + b'"}'
+        mid = socket.create_connection(("127.0.0.1", proc.port), timeout=DEADLINE)
+        self.addCleanup(mid.close)
+        mid.sendall(head % len(body) + body[:40])  # and no more
+        slow = socket.socket()
+        self.addCleanup(slow.close)
+        slow.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        slow.settimeout(DEADLINE)
+        slow.connect(("127.0.0.1", proc.port))
+        big_body = b'{"model":"gpt-4o","stream":true,"big":1}'
+        slow.sendall(head % len(big_body) + big_body)  # and never reads
+        kept = http.client.HTTPConnection("127.0.0.1", proc.port, timeout=DEADLINE)
+        self.addCleanup(kept.close)
+        kept.request("POST", "/v1/chat/completions", body=b'{"model":"gpt-4o","messages":[]}')
+        self.assertEqual(kept.getresponse().read(), b'{"id":"x","choices":[]}')
+        wait_until(lambda: json.loads(request(proc.url, "GET", "/health")[2])["inflight"] == 2,
+                   what="two exchanges in flight")
+        started = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        proc.wait_for_line(r"shutting down: 2 exchanges in flight")
+        # Draining: a request on a kept connection is refused, and recorded.
+        kept.request("POST", "/v1/chat/completions", body=b'{"model":"gpt-4o","messages":[]}')
+        resp = kept.getresponse()
+        self.assertEqual((resp.status, resp.getheader("Retry-After")), (503, "1"))
+        resp.read()
+        self.assertEqual(proc.proc.wait(DEADLINE), 0)  # (no second signal: past shutdown_timeout)
+        self.assertGreater(time.monotonic() - started, 2.0)
+        recs = self.records()
+        self.assertEqual(len(recs), 4, [(r["ended"], r["status_code"]) for r in recs])
+        by_end = sorted((r["ended"], r["status_code"], r["request_bytes"]) for r in recs)
+        self.assertEqual(by_end, sorted([("completed", 200, 32), ("refused", 503, 0), ("shutdown", 503, 40),
+                                         ("shutdown", 200, len(big_body))]))
+        self.assertIn("cut 2 exchanges", proc.log_text())
 
     def test_regression_signals_back_to_back_never_hang_shutdown(self):
         # The handler used to call Event.set(); a signal arriving while the handler ran re-entered

@@ -136,7 +136,14 @@ class BodyTest(unittest.TestCase):
                             self.assertEqual(cm.exception.status, 400)
                             self.assertIn(message if error is not None or framing[0] == "Content-Length"
                                           else "chunk", cm.exception.message)
+                            # (gone: the client left mid-body, recorded client_aborted)
                             self.assertEqual(cm.exception.partial, arrived(framing[0], cut))
+                            self.assertEqual(cm.exception.gone, message != "timed out")
+        # Bad framing is not the client leaving.
+        for bad in (b"zz\r\nhello\r\n0\r\n\r\n", b"5\r\nhelloXY0\r\n\r\n", b"x" * 2000):
+            with self.subTest(bad=bad[:20]), self.assertRaises(wire.BodyError) as cm:
+                wire.read_body(io.BytesIO(bad), headers(("Transfer-Encoding", "chunked")), 5000)
+            self.assertFalse(cm.exception.gone)
         # A whole body read by many small reads is the body.
         for framing, data in ((("Content-Length", str(len(body))), body),
                               (("Transfer-Encoding", "chunked"), chunked)):
