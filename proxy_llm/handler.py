@@ -542,6 +542,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
         for attempt in (0, 1):
             # The retry is on a new connection: another idle one may be as stale as the first.
             conn, reused = pool.acquire(fresh=attempt == 1)
+            sent = False
             try:
                 if conn.sock is None:
                     connect(conn)  # within connect_timeout; the socket blocks from then on
@@ -553,6 +554,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
                 conn.putrequest(self.command, target, skip_host=True, skip_accept_encoding=True)
                 conn.put_headers(out_headers)
                 conn.send_request_body(body)
+                sent = True
                 # The upstream has the request: what is not needed to send it is done while
                 # it thinks, not before (cold, each costs the client several microseconds).
                 ex.assign_id()
@@ -576,8 +578,11 @@ class ProxyHandler(BaseHTTPRequestHandler):
                     server_metrics_error(self.server, ex, "timeout")
                     raise errors.UpstreamTimeout("upstream %s did not answer in time" % ex.provider.name) from None
                 if isinstance(exc, (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError)):
-                    if reused and attempt == 0 and not ex.cut:
-                        continue  # a stale keep-alive connection: retry once on a fresh one
+                    if reused and attempt == 0 and not ex.cut and (not sent or replayable(self.command, headers)):
+                        # A stale keep-alive connection: retry once on a fresh one. Not a POST
+                        # the upstream may have read whole (RFC 9110 9.2.2): it may have run
+                        # the call, and the client's own retry policy decides.
+                        continue
                     server_metrics_error(self.server, ex, "connection")
                     raise errors.UpstreamUnavailable("upstream %s closed the connection: %s" % (
                         ex.provider.name, type(exc).__name__)) from None
@@ -611,6 +616,10 @@ class ProxyHandler(BaseHTTPRequestHandler):
             head.append("Connection: close")
         head.append("X-Proxy-Record-Id: " + ex.id)
         head_bytes = ("\r\n".join(head) + "\r\n\r\n").encode("latin-1")
+        if resp.interim and not http10:  # 103 Early Hints and the like, first, as they came
+            head_bytes = "".join(["HTTP/1.1 %d %s\r\n%s\r\n" % (status, reason, "".join(
+                ["%s: %s\r\n" % field for field in wire.end_to_end(fields)])) for status, reason, fields
+                in resp.interim]).encode("latin-1") + head_bytes
         write = self.wfile.write
         capture = ex.response.add
         t0 = ex.t0
@@ -770,6 +779,20 @@ class ProxyHandler(BaseHTTPRequestHandler):
             m.endings.inc(ex.ended)
         if log.isEnabledFor(logging.DEBUG):
             log.debug("%s %s -> %s %s %.1f ms %s", ex.method, ex.path, provider, ex.status, ex.duration, ex.ended)
+
+
+_IDEMPOTENT = frozenset(("GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"))
+
+
+def replayable(method: str, headers: List[Tuple[str, str]]) -> bool:
+    """Whether a request may be sent again after its connection failed once it was sent: an
+    idempotent method (RFC 9110 9.2.2), or a request with an ``Idempotency-Key``."""
+    if method in _IDEMPOTENT:
+        return True
+    for name, _ in headers:
+        if name.lower() in ("idempotency-key", "x-idempotency-key"):
+            return True
+    return False
 
 
 def server_metrics_error(server, ex: Exchange, kind: str) -> None:

@@ -3,11 +3,14 @@
 A connection goes back to the pool only after its response was read to the end and the server
 did not ask to close it; any error discards it. Before reuse, an idle connection is checked for
 readability: an idle HTTP/1.1 connection has nothing to say, so a readable socket means the
-server closed it (EOF) or sent garbage, and it is discarded instead of failing the next request
-(connections idle for less than ``FRESH`` seconds skip the check).
+server closed it (EOF) or sent more than its response (bytes that would otherwise be read as
+the next client's response), and it is discarded instead. Every time: a check skipped for a
+connection idle a moment (as until 2026-12-06) let such bytes reach another client.
 A request that still fails on a reused connection before any response byte arrived is retried
-once on a fresh one (the server closed it in the race between our check and our send); it is
-never retried after a response started.
+once on a fresh one (the server closed it in the race between our check and our send) when it
+failed while being sent, or when sending it twice is harmless (``handler.replayable``): a POST
+the server may have read whole is not, since it may have run the call. Nothing is retried
+after a response started.
 
 One ``ssl.SSLContext`` is built per provider at start (building one costs ~16 ms) and shared by
 its connections. The pool never follows redirects and only ever connects to the configured
@@ -25,15 +28,9 @@ import threading
 import time
 import urllib.parse
 from collections import deque
-from typing import Deque, Optional, Tuple
+from typing import Deque, List, Optional, Tuple
 
 from .headers import message, take_fields
-
-
-# A connection back in the pool for less than this is reused without the readability check:
-# servers close idle keep-alive connections after seconds, not milliseconds, and the one retry
-# covers the rare race.
-FRESH = 0.5
 
 
 # Request bodies up to this size go out in the same send as the request head (one copy, one
@@ -116,7 +113,25 @@ class Response(http.client.HTTPResponse):
     other head goes to the standard ``begin``. tests/test_upstream.py compares the two.
     """
 
+    interim: List[Tuple[int, str, List[Tuple[str, str]]]] = []
+
     def begin(self) -> None:
+        """Read the response head; informational (1xx) heads before it are kept in ``interim``
+        as (status, reason, fields), to be passed on (RFC 9110 15.2). The standard ``begin``
+        skips 100 Continue only: any other, 103 Early Hints say, became the response, and the
+        final one was never read. 100 itself is not kept (the proxy answered its client's
+        ``Expect`` on its own), nor is 101 skipped (the proxy forwards no ``Upgrade``)."""
+        self.interim = []
+        while True:
+            self._begin()
+            status = self.status
+            if not 100 <= status < 200 or status == 101:
+                return
+            if status != 100:
+                self.interim.append((status, self.reason, list(self.msg.raw_items())))
+            self.headers = self.msg = None  # (begin reads a head only while there is none)
+
+    def _begin(self) -> None:
         if self.headers is not None or self.debuglevel > 0:
             return super().begin()
         fp = self.fp
@@ -219,7 +234,7 @@ class UpstreamPool:
                 if not self._idle:
                     return self._new(), False
                 conn, idle_since = self._idle.pop()
-            if conn.sock is not None and (time.monotonic() - idle_since < FRESH or not _readable(conn.sock)):
+            if conn.sock is not None and not _readable(conn.sock):
                 return conn, True
             conn.close()
 

@@ -13,6 +13,7 @@ import http.client
 import json
 import os
 import queue
+import re
 import shutil
 import socket
 import subprocess
@@ -157,6 +158,138 @@ class ClientAbortTest(FaultTestCase):
         self.assertIn("ended after 20 of 1000 bytes", rec["error"]["message"])
         self.assertEqual((rec["request_bytes"], rec["request_body"]), (20, PLAIN_BODY[:20].decode()))
         self.assertTrue(self.upstream.requests.empty())
+
+
+class RawUpstream:
+    """An upstream speaking raw bytes: ``script(connection, request)`` (both counted from 0)
+    gives what to send for each request read, and "close" to close instead. Requests land in
+    ``requests`` as (connection, head + body)."""
+
+    def __init__(self, test, script):
+        self.script = script
+        self.requests: "queue.Queue[tuple]" = queue.Queue()
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(16)
+        self.url = "http://127.0.0.1:%d" % self.sock.getsockname()[1]
+        self.accepting = threading.Thread(target=self._accept, daemon=True)
+        self.accepting.start()
+        test.addCleanup(self.close)
+
+    def close(self):
+        # close() alone does not wake a thread blocked in accept(): the socket would listen on,
+        # and a later test's server given the same port would find its clients answered here.
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self.accepting.join(DEADLINE)
+        self.sock.close()
+
+    def _accept(self):
+        n = 0
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(conn, n), daemon=True).start()
+            n += 1
+
+    def _serve(self, conn, index):
+        buf, k = b"", 0
+        with conn:
+            while True:
+                while b"\r\n\r\n" not in buf:
+                    data = conn.recv(65536)
+                    if not data:
+                        return
+                    buf += data
+                head, _, buf = buf.partition(b"\r\n\r\n")
+                m = re.search(rb"(?i)\r\ncontent-length: *(\d+)", head)
+                length = int(m.group(1)) if m else 0
+                while len(buf) < length:
+                    buf += conn.recv(65536)
+                self.requests.put((index, head + b"\r\n\r\n" + buf[:length]))
+                buf = buf[length:]
+                answer = self.script(index, k)
+                k += 1
+                if answer == "close":
+                    return
+                for part in answer if isinstance(answer, list) else [answer]:
+                    if isinstance(part, threading.Event):
+                        part.wait(DEADLINE)
+                    else:
+                        conn.sendall(part)
+
+
+def _json_answer(body: bytes) -> bytes:
+    return b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
+
+
+class PooledConnectionTest(FaultTestCase):
+    def start_raw(self, script):
+        raw = RawUpstream(self, script)
+        return raw, self.start_proxy([provider("openai", "openai", raw.url, "", ["gpt-*"])])
+
+    def test_a_post_the_upstream_read_is_not_sent_again_when_its_connection_closes(self):
+        # A reused connection that the upstream closes after reading a POST (a worker that died
+        # on it) was retried on a new one: the call ran twice, and the client never knew.
+        raw, proxy = self.start_raw(lambda conn, k: _json_answer(b'{"n":1}') if (conn, k) == (0, 0)
+                                    else "close" if conn == 0 else _json_answer(b'{"n":2}'))
+        self.assertEqual(request(proxy.url, body=PLAIN_BODY)[0], 200)
+        self.assertTrue(proxy.server.wait_idle(DEADLINE))  # its connection is back in the pool
+        status, _, body = request(proxy.url, body=b'{"model":"gpt-4o","messages":[],"tag":"once"}')
+        self.assertEqual(status, 502, body)
+        sent = [raw.requests.get_nowait() for _ in range(raw.requests.qsize())]
+        self.assertEqual(sum(b'"once"' in r for _, r in sent), 1, "the POST was sent again")
+        self.assertEqual(proxy.records()[-1]["ended"], "upstream_error")
+
+    def test_an_idempotent_request_or_one_with_an_idempotency_key_is_sent_again(self):
+        for method, headers in (("GET", {}), ("POST", {"Idempotency-Key": "k-1"})):
+            with self.subTest(method=method):
+                raw, proxy = self.start_raw(lambda conn, k: _json_answer(b'{"n":1}') if k == 0 else "close")
+                self.assertEqual(request(proxy.url, method=method, body=PLAIN_BODY)[0], 200)
+                self.assertTrue(proxy.server.wait_idle(DEADLINE))
+                status, _, body = request(proxy.url, method=method, body=PLAIN_BODY,
+                                          headers=dict(headers, **{"Content-Type": "application/json"}))
+                self.assertEqual((status, body), (200, b'{"n":1}'))  # on a new connection
+
+    def test_bytes_after_a_response_never_reach_the_next_client(self):
+        # An upstream sending more than its Content-Length: the connection went back to the
+        # pool, and a reuse within half a second skipped the check, so the next client (any
+        # client) read the surplus as its answer.
+        later = threading.Event()
+        self.addCleanup(later.set)
+        surplus = _json_answer(b'{"meant":"for nobody"}')
+        raw, proxy = self.start_raw(lambda conn, k: [_json_answer(b'{"n":1}'), later, surplus] if conn == 0
+                                    else _json_answer(b'{"n":2}'))
+        self.assertEqual(request(proxy.url, body=PLAIN_BODY)[2], b'{"n":1}')
+        self.assertTrue(proxy.server.wait_idle(DEADLINE))
+        [(pooled, _)] = proxy.server.pools["openai"]._idle
+        later.set()  # the surplus comes once the answer was read: into the pooled socket
+        wait_until(lambda: upstream._readable(pooled.sock), what="the surplus in the pooled socket")
+        self.assertEqual(request(proxy.url, body=PLAIN_BODY)[2], b'{"n":2}')
+
+
+class InterimResponseTest(FaultTestCase):
+    def test_informational_heads_are_passed_on_and_the_final_response_follows(self):
+        # A 103 was taken for the response: the client got it and never the final one.
+        early = b"HTTP/1.1 103 Early Hints\r\nLink: </a.css>; rel=preload\r\n\r\n"
+        answer = _json_answer(b'{"n":1}')
+        raw = RawUpstream(self, lambda conn, k: [b"HTTP/1.1 100 Continue\r\n\r\n", early,
+                                                 b"HTTP/1.1 102 Processing\r\n\r\n", answer])
+        proxy = self.start_proxy([provider("openai", "openai", raw.url, "", ["gpt-*"])])
+        sock = socket.create_connection(("127.0.0.1", proxy.port), timeout=DEADLINE)
+        self.addCleanup(sock.close)
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s"
+                     % (len(PLAIN_BODY), PLAIN_BODY))
+        data = read_until(sock, b'{"n":1}')
+        heads = [block.split(b"\r\n")[0] for block in data.split(b"\r\n\r\n")[:-1]]
+        self.assertEqual(heads, [b"HTTP/1.1 103 Early Hints", b"HTTP/1.1 102 Processing", b"HTTP/1.1 200 OK"])
+        self.assertTrue(data.startswith(early), data)
+        [rec] = proxy.records()
+        self.assertEqual((rec["status_code"], rec["ended"], rec["response_body"]), (200, "completed", {"n": 1}))
 
 
 class _Racing:
@@ -374,7 +507,7 @@ class UpstreamFaultTest(FaultTestCase):
         self.assertEqual(len(pooled), 2)
         for conn in pooled:
             conn.sock.shutdown(socket.SHUT_RDWR)  # both stale, as a peer's close or a cut leaves them
-        with mock.patch.object(upstream, "FRESH", 3600.0):  # reused without the readability check
+        with mock.patch.object(upstream, "_readable", lambda sock: False):  # reused unchecked
             status, _, body = request(proxy.url, body=PLAIN_BODY)
         self.assertEqual(status, 200, body)
         self.assertEqual(self.upstream.connections, 3)
