@@ -169,7 +169,8 @@ class ProxyMetrics:
     """The proxy's metric set. Gauges are wired by the server once its state exists."""
 
     def __init__(self, inflight: Callable[[], float], written: Callable[[], float],
-                 dropped: Callable[[], float], queue_depth: Callable[[], float], connections: Callable[[], float]):
+                 dropped: Callable[[], float], queue_depth: Callable[[], float], connections: Callable[[], float],
+                 stream_dropped: Callable[[], float] = lambda: 0):
         r = self.registry = Registry()
         self.requests = r.counter("proxy_llm_requests_total", "Exchanges handled, by outcome.",
                                   ("provider", "endpoint", "status_class", "model"))
@@ -184,6 +185,8 @@ class ProxyMetrics:
         r.reading("proxy_llm_open_connections", "Client connections open.", connections)
         r.reading("proxy_llm_records_written_total", "Records written to disk.", written, "counter")
         r.reading("proxy_llm_records_dropped_total", "Records lost: queue full, encode or write failure.", dropped, "counter")
+        r.reading("proxy_llm_stream_lines_dropped_total", "Lines of streams/ files lost (a write failure): their "
+                  "records say stream_events all the same.", stream_dropped, "counter")
         r.reading("proxy_llm_record_queue_depth", "Records waiting for the writer thread.", queue_depth)
         self.upstream_errors = r.counter("proxy_llm_upstream_errors_total", "Upstream failures by kind.",
                                          ("provider", "kind"))

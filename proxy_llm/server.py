@@ -72,6 +72,7 @@ class ProxyServer(ThreadingHTTPServer):
             inflight=lambda: len(self.inflight),
             written=lambda: recorder.written_total() if recorder else 0,
             dropped=lambda: recorder.dropped_total() if recorder else 0,
+            stream_dropped=lambda: recorder.stream_dropped_total() if recorder else 0,
             queue_depth=lambda: recorder.queue.qsize() if recorder else 0,
             connections=lambda: self.connections,
         )
@@ -281,6 +282,7 @@ class ProxyServer(ThreadingHTTPServer):
             "recording": rec is not None,
             "records_written": rec.written_total() if rec else 0,
             "records_dropped": rec.dropped_total() if rec else 0,
+            "stream_lines_dropped": rec.stream_dropped_total() if rec else 0,
             "record_queue_depth": rec.queue.qsize() if rec else 0,
             "record_queue_bytes": rec.queue.bytes if rec else 0,
             "last_record_error": rec.last_error if rec else "",

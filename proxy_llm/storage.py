@@ -371,6 +371,11 @@ class Recorder:
         with self._stats_lock:
             return sum(n for reason, n in self.dropped.items() if not reason.startswith("stream_"))
 
+    def stream_dropped_total(self) -> int:
+        """Lines of streams/ files lost (their records, written, still say ``stream_events``)."""
+        with self._stats_lock:
+            return sum(n for reason, n in self.dropped.items() if reason.startswith("stream_"))
+
     def written_total(self) -> int:
         with self._stats_lock:
             return self.written

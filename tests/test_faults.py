@@ -890,6 +890,24 @@ class DataDirFaultTest(DataDirTestCase):
         self.assertEqual(self.health()[1]["status"], "ok")
         self.assertEqual(self.metric("proxy_llm_records_written_total"), 2)
 
+    def test_stream_lines_the_disk_refuses_are_counted(self):
+        # They were counted in the exit log only: /health and /metrics showed no loss.
+        class StreamsFail(FaultyOps):
+            def open(self, path, flags, mode=0o777):
+                self.error = errno.ENOSPC if os.sep + "streams" in path else 0
+                return super().open(path, flags, mode)
+
+        proxy = self.start_proxy()
+        proxy.server.recorder.ops = StreamsFail()
+        self.replies.append(sse_reply([chunk_event("hi"), chunk_event("", "stop"), b"data: [DONE]\n\n"]))
+        self.assertEqual(request(proxy.url, body=b'{"model":"gpt-4o","stream":true,"messages":[]}')[0], 200)
+        proxy.flush()
+        self.assertEqual(self.metric("proxy_llm_stream_lines_dropped_total"), 1)
+        self.assertEqual(self.metric("proxy_llm_records_dropped_total"), 0)
+        self.assertEqual(self.health()[1]["stream_lines_dropped"], 1)
+        [rec] = proxy.records()
+        self.assertEqual(rec["stream_events"], 3)
+
     def test_fail_closed_answers_503_until_the_dir_is_writable(self):
         proxy = self.start_proxy(on_record_error="fail_closed", fsync_interval=0.05)
         ops = FaultyOps()
