@@ -586,6 +586,12 @@ class ProxyHandler(BaseHTTPRequestHandler):
                     server_metrics_error(self.server, ex, "connection")
                     raise errors.UpstreamUnavailable("upstream %s closed the connection: %s" % (
                         ex.provider.name, type(exc).__name__)) from None
+                if isinstance(exc, http.client.HTTPException) and sent:
+                    # It answered, but not in a head http.client reads (more than 100 header
+                    # lines, a line past 64 KiB, a status line that is not HTTP).
+                    server_metrics_error(self.server, ex, "protocol")
+                    raise errors.UpstreamUnavailable("upstream %s sent a response head the proxy cannot read (%s)" % (
+                        ex.provider.name, type(exc).__name__)) from None
                 server_metrics_error(self.server, ex, "connection")
                 raise errors.UpstreamUnavailable("upstream %s unreachable: %s" % (
                     ex.provider.name, exc.strerror if isinstance(exc, OSError) and exc.strerror else type(exc).__name__)) from None

@@ -272,6 +272,18 @@ class PooledConnectionTest(FaultTestCase):
         self.assertEqual(request(proxy.url, body=PLAIN_BODY)[2], b'{"n":2}')
 
 
+class UnreadableHeadTest(FaultTestCase):
+    def test_a_head_past_the_standard_librarys_limits_is_named_as_such(self):
+        # It was "upstream ... unreachable: HTTPException", for an upstream that had answered.
+        many = b"HTTP/1.1 200 OK\r\n" + b"X-Many: v\r\n" * 150 + b"\r\n"
+        raw = RawUpstream(self, lambda conn, k: many)
+        proxy = self.start_proxy([provider("openai", "openai", raw.url, "", ["gpt-*"])])
+        status, _, body = request(proxy.url, body=PLAIN_BODY)
+        self.assertEqual(status, 502)
+        self.assertIn("response head the proxy cannot read (HTTPException)", json.loads(body)["error"]["message"])
+        self.assertEqual(proxy.server.metrics.upstream_errors.value("openai", "protocol"), 1)
+
+
 class InterimResponseTest(FaultTestCase):
     def test_informational_heads_are_passed_on_and_the_final_response_follows(self):
         # A 103 was taken for the response: the client got it and never the final one.
