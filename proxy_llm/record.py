@@ -53,7 +53,6 @@ _PAIRS = [a + b for a in _CROCKFORD for b in _CROCKFORD]  # 10 bits -> two digit
 _SHIFTS = range(120, -1, -10)
 MAX_DECODED = 256 * 1024 * 1024
 MEMO_SIZE = 4096  # entries in each of the encoder's memos before it starts again
-SCRUB_WHOLE = 16 * 1024  # request bodies up to this size are scrubbed with the rest of the line
 # A body nested deeper than this goes into the record as its text (a JSON string), not as JSON:
 # DuckDB refuses a line nested 128 levels deep, pandas one of 1,024, Python's json module one
 # at its recursion limit, and a refused line is a lost record for whoever loads the file.
@@ -427,7 +426,7 @@ class Encoder:
         self.credentials: Dict[str, Tuple[str, str]] = {}  # header value -> (redacted, secret)
         self.header_forms: Dict[Tuple[str, ...], str] = {}  # header names -> their JSON object, %s per value
         self.heads: Dict[Tuple[Any, ...], bytes] = {}  # see encode(): fields session_id ... stream as JSON
-        self.scrub_memo: Dict[str, Tuple[bytes, bytes]] = {}  # secret -> its scrub pair
+        self.scrub_memo: Dict[str, Tuple[bytes, bytes, bool]] = {}  # secret -> its scrub pair
 
     def headers_json(self, headers: Dict[str, str]) -> bytes:
         """``headers`` (from :func:`headers_dict`) as a JSON object.
@@ -462,7 +461,7 @@ class Encoder:
             sid = _remember(self.file_ids, session_id, session_file_id(session_id))
         return sid
 
-    def scrub_pair(self, secret: str) -> Tuple[bytes, bytes]:
+    def scrub_pair(self, secret: str) -> Tuple[bytes, bytes, bool]:
         """``wire.scrub_pairs([secret], key)[0]``, remembered."""
         pair = self.scrub_memo.get(secret)
         if pair is None:
@@ -564,8 +563,15 @@ class Encoder:
         error = ex.error
         if error is None and result is not None and result.error:
             error = result.error
+        # Every credential the request carried and every provider key (which the client never
+        # saw, so only an upstream can echo them) are scrubbed from every part of the record
+        # (wire.scrub_json on the whole line).
+        if ex.query:
+            secrets += wire.query_secrets(ex.query)
+        every = [self.scrub_pair(s) for s in secrets if len(s) >= 8] + self.provider_pairs
         if error is None and ex.status is not None and ex.status >= 400:
-            error = {"type": "http_%d" % ex.status, "message": _error_message(resp_value) or "HTTP %d" % ex.status}
+            error = {"type": "http_%d" % ex.status,
+                     "message": _error_message(resp_value, every) or "HTTP %d" % ex.status}
         if error is None and ended not in ("completed",):
             error = {"type": ended, "message": "the exchange ended early (%s)" % ended}
 
@@ -622,14 +628,6 @@ class Encoder:
         if self.on_result is not None:
             self.on_result(ex, ended, tokens_used or None)
 
-        # Scrub every credential the request carried from every part, and the provider keys
-        # (which the client never saw, so only an upstream can echo them) from all but a large
-        # request body: on a 100 KB body each scan is a noticeable cost. A small record is
-        # scrubbed whole, in one pass per secret.
-        if ex.query:
-            secrets += wire.query_secrets(ex.query)
-        client = [self.scrub_pair(s) for s in secrets if len(s) >= 8]
-        every = client + self.provider_pairs
         scrub = wire.scrub
         if (req_raw is None and type(req_value) is Binary) or (resp_raw is None and type(resp_value) is Binary):
             # Scrubbed before the base64, where no secret could be found any more.
@@ -655,12 +653,8 @@ class Encoder:
         resp_json = resp_raw if resp_raw is not None else _dumps(resp_value)
         if resp_raw is None and type(resp_value) in (dict, list) and not nests_within(resp_json):
             resp_json = _dumps(resp_json.decode("utf-8"))
-        if len(req_json) <= SCRUB_WHOLE:
-            line = scrub(b"".join((front, b',"request_body":', req_json, b',"response_body":', resp_json, b"}\n")),
-                         every)
-        else:
-            line = b"".join((scrub(front, every), b',"request_body":', scrub(req_json, client),
-                             b',"response_body":', scrub(resp_json, every), b"}\n"))
+        line = wire.scrub_json(b"".join((front, b',"request_body":', req_json, b',"response_body":', resp_json,
+                                         b"}\n")), every)
         out = [(RECORDS, sid, line)]
         if streamed:
             stream_line = _dumps({
@@ -670,7 +664,7 @@ class Encoder:
                 "events": [e.to_json(round(t, 3)) for t, e in events],
                 "truncated": stream_truncated,
             }) + b"\n"
-            out.append((STREAMS, sid, scrub(stream_line, every)))
+            out.append((STREAMS, sid, wire.scrub_json(stream_line, every)))
         return out
 
 
@@ -681,7 +675,10 @@ def _read_answer(dialect: Any, body: bytes, accepted: bool) -> Tuple[Any, Option
     return value, raw, dialect.from_body(value if isinstance(value, (dict, list)) else None)
 
 
-def _error_message(value: Any) -> Optional[str]:
+def _error_message(value: Any, pairs: Sequence[Tuple[bytes, bytes, bool]] = ()) -> Optional[str]:
+    """The message of an error answer; of a text one, its first 200 characters, scrubbed of
+    ``pairs`` (wire.scrub_pairs) before the cut (which would leave the part of a secret the
+    scrub of the whole line no longer finds)."""
     if isinstance(value, dict):
         err = value.get("error")
         if isinstance(err, dict) and isinstance(err.get("message"), str):
@@ -691,6 +688,8 @@ def _error_message(value: Any) -> Optional[str]:
         if isinstance(value.get("message"), str):
             return value["message"]
     if isinstance(value, str) and value:
+        if len(value) > 200 and pairs:
+            value = wire.scrub(value.encode("utf-8", "surrogatepass"), pairs).decode("utf-8", "surrogatepass")
         return value[:200]
     return None
 

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import json
 import re
 import socket
+import urllib.parse
 from typing import Any, BinaryIO, Callable, Iterable, List, Optional, Sequence, Tuple
 
 # RFC 9110 section 7.6.1: connection-specific fields are never forwarded. "Proxy-Connection"
@@ -29,7 +31,10 @@ SECRET_HEADERS = frozenset((
 CREDENTIAL_HEADERS = frozenset(("authorization", "x-api-key", "api-key", "x-goog-api-key"))
 
 # Query parameters that carry credentials (Gemini's ?key=, and the usual others).
-_QUERY_SECRET_RE = re.compile(r"(?i)(^|[&;])(key|api_key|api-key|apikey|access_token|token)=([^&;]*)")
+# Each parameter of a query (name=value); a name is a credential's when it is one of these,
+# percent-decoded and lower-cased.
+_QUERY_PARAM_RE = re.compile(r"(^|[&;])([^&;=]*)=([^&;]*)")
+_QUERY_SECRET_NAMES = frozenset(("key", "api_key", "api-key", "apikey", "access_token", "token"))
 _CHUNK_SIZE_RE = re.compile(rb"^([0-9A-Fa-f]{1,16})(?:;[^\r\n]*)?\r?\n$")
 
 
@@ -218,47 +223,300 @@ def redacted(secret: str, key: bytes) -> str:
     return "[REDACTED:%s]" % fingerprint(secret, key)
 
 
+_SCHEMES = ("bearer", "basic", "token")
+
+
 def redact_header(name: str, value: str, key: bytes) -> str:
     """Redact a header value if the header carries a credential; keep the auth scheme."""
     if name.lower() not in SECRET_HEADERS:
         return value
-    scheme, sep, token = value.partition(" ")
-    if sep and scheme.lower() in ("bearer", "basic", "token") and token:
-        return "%s %s" % (scheme, redacted(token.strip(), key))
+    if value[:6].lower().startswith(_SCHEMES):  # (most values, a key or a cookie, have none)
+        parts = value.split(None, 1)  # at any whitespace: "Bearer<TAB>token" is a scheme and its token
+        if len(parts) == 2 and parts[0].lower() in _SCHEMES:
+            return "%s %s" % (parts[0], redacted(parts[1].strip(), key))
     return redacted(value, key)
+
+
+def _query_param(match: "re.Match[str]") -> bool:
+    """Whether a ``name=value`` match of ``_QUERY_PARAM_RE`` names a credential parameter,
+    its name read as a server reads it (percent-decoded: ``%6Bey=`` is ``key=``)."""
+    name = match.group(2)
+    if name.find("%") >= 0 or name.find("+") >= 0:
+        name = urllib.parse.unquote_plus(name)
+    return name.lower() in _QUERY_SECRET_NAMES
 
 
 def redact_query(query: str, key: bytes) -> str:
     """Redact the values of credential parameters (``key=``, ``api_key=`` ...) in a query."""
     if not query:
         return query
-    return _QUERY_SECRET_RE.sub(lambda m: "%s%s=%s" % (m.group(1), m.group(2), redacted(m.group(3), key)), query)
+    return _QUERY_PARAM_RE.sub(lambda m: "%s%s=%s" % (m.group(1), m.group(2), redacted(m.group(3), key))
+                               if _query_param(m) else m.group(0), query)
 
 
 def secret_value(value: str) -> str:
     """The secret part of a credential header value (the token after a Bearer/Basic scheme)."""
-    scheme, sep, token = value.partition(" ")
-    return token.strip() if sep and scheme.lower() in ("bearer", "basic", "token") else value.strip()
+    if value[:6].lower().startswith(_SCHEMES):  # (as redact_header splits it)
+        parts = value.split(None, 1)
+        if len(parts) == 2 and parts[0].lower() in _SCHEMES:
+            return parts[1].strip()
+    return value.strip()
 
 
 def query_secrets(query: str) -> List[str]:
-    """The credential values in a query string."""
+    """The credential values in a query string: each as sent and, when they differ, as the
+    upstream reads it (percent-decoded, and with ``+`` as a space), the form it echoes."""
     if not query:
         return []
-    return [m.group(3) for m in _QUERY_SECRET_RE.finditer(query) if m.group(3)]
+    out: List[str] = []
+    for m in _QUERY_PARAM_RE.finditer(query):
+        value = m.group(3)
+        if value and _query_param(m):
+            out.append(value)
+            if value.find("%") >= 0 or value.find("+") >= 0:
+                for form in (urllib.parse.unquote(value), urllib.parse.unquote_plus(value)):
+                    if form and form not in out:
+                        out.append(form)
+    return out
 
 
-def scrub_pairs(secrets: Iterable[str], key: bytes) -> List[Tuple[bytes, bytes]]:
-    """(secret, its redaction) as bytes, made once for every part of a record that is scrubbed."""
-    return [(s.encode("utf-8", "surrogatepass"), redacted(s, key).encode("ascii")) for s in secrets]
+# How a secret can appear in a JSON line (see scrub_json).
+PLAIN = 0       # printable ASCII but " and \: as is, or \u00XX / \/ escaped
+UNICODE = 1     # not ASCII (a header value's Latin-1): as is, or \u escaped
+ESCAPED = 2     # holds ", \ or a control character: only escaped
 
 
-def scrub(data: bytes, pairs: Iterable[Tuple[bytes, bytes]]) -> bytes:
-    """Replace each secret in ``data`` by its redaction (pairs from :func:`scrub_pairs`)."""
-    for raw, redaction in pairs:
+def _kind(secret: str) -> int:
+    if secret.find('"') >= 0 or secret.find("\\") >= 0 or not secret.isprintable():
+        return ESCAPED
+    return PLAIN if secret.isascii() else UNICODE
+
+
+def scrub_pairs(secrets: Iterable[str], key: bytes) -> List[Tuple[bytes, bytes, int]]:
+    """(secret, its redaction, kind) for each secret, made once for every part of a record that
+    is scrubbed: the secret and its redaction as bytes, and how it can appear in a JSON line
+    (``PLAIN``, ``UNICODE`` or ``ESCAPED``; see :func:`scrub_json`)."""
+    return [(s.encode("utf-8", "surrogatepass"), redacted(s, key).encode("ascii"), _kind(s)) for s in secrets]
+
+
+def scrub(data: bytes, pairs: Iterable[Tuple[bytes, bytes, int]]) -> bytes:
+    """Replace each secret in ``data`` by its redaction (pairs from :func:`scrub_pairs`): the
+    bytes as they are (a body that is not text). A JSON line goes through :func:`scrub_json`."""
+    for raw, redaction, _ in pairs:
         if data.find(raw) >= 0:  # not "raw in data", which builds and drops a TypeError first
             data = data.replace(raw, redaction)
     return data
+
+
+def scrub_json(line: bytes, pairs: Sequence[Tuple[bytes, bytes, int]]) -> bytes:
+    """Replace each secret in the JSON text ``line`` by its redaction, in every form JSON may
+    give it: as its own bytes, and escaped (``\\u0073``, ``\\/``, ``\\"``; a few characters or
+    all; at any level of JSON text held in a string, such as an event's data in a streams line
+    or a tool call's arguments), which a reader of the line decodes back to the secret.
+
+    The common case costs a search per secret and one ``memchr`` for a backslash: a line
+    without escapes cannot hold an escaped secret. Only a line holding ``\\u00`` or ``\\/`` escapes
+    of a character of some secret, or a secret that is not ``PLAIN``, is searched by
+    :func:`_escaped_pattern`. A line the replacements made invalid (a secret that is also a
+    number in it: ``"created":1234567890``) is scrubbed again, token by token
+    (:func:`_scrub_tokens`), so that no record is lost to its redaction.
+    """
+    out = line
+    changed = special = False
+    for raw, redaction, kind in pairs:
+        if kind:
+            special = True
+            if kind == ESCAPED:  # (its bytes in a line would be JSON's own quotes and escapes)
+                continue
+        if out.find(raw) >= 0:
+            out = out.replace(raw, redaction)
+            changed = True
+    backslash = out.find(b"\\")  # (no escape without one)
+    # Then one scan of the rest (a regex with a literal first byte) settles most lines: no
+    # escape of a printable ASCII character (\u00XX or \/; \\u00XX a level within is one too).
+    if backslash >= 0 and (special or _ESCAPE_GATE.search(out, backslash) is not None):
+        escaped = _escaped_chars(out, backslash)
+        if escaped or special:
+            out, n = _scrub_escaped(out, pairs, escaped)
+            changed = changed or n > 0
+    if changed and not _is_json(out):
+        return _scrub_tokens(line, pairs)
+    return out
+
+
+_ESCAPE_GATE = re.compile(rb"\\(?:u00[2-7]|/)")
+_ESCAPED_PRINTABLE = re.compile(rb"\\u00([2-7][0-9A-Fa-f])")
+
+
+def _escaped_chars(line: bytes, start: int) -> Optional[set]:
+    """The printable ASCII characters (as ints) that ``line`` holds \\u00XX-escaped or, for
+    ``/``, as ``\\/`` (searched from ``start``, its first backslash); None when none."""
+    chars = None
+    i = line.find(b"\\u00", start)
+    if i >= 0:
+        found = _ESCAPED_PRINTABLE.findall(line, i)
+        if found:
+            chars = {int(h, 16) for h in set(found)}
+    if line.find(b"\\/", start) >= 0:
+        if chars is None:
+            chars = set()
+        chars.add(0x2F)
+    return chars
+
+
+@functools.lru_cache(maxsize=1024)
+def _secret_chars(raw: bytes) -> frozenset:
+    return frozenset(raw)
+
+
+def _scrub_escaped(line: bytes, pairs: Iterable[Tuple[bytes, bytes, int]],
+                   escaped: Optional[set]) -> Tuple[bytes, int]:
+    """Replace the escaped forms of the secrets that may have one in ``line``: every secret
+    that is not ``PLAIN``, and a ``PLAIN`` one holding a character of ``escaped``. (The line, and
+    how many were replaced.)"""
+    count = 0
+    for raw, redaction, kind in pairs:
+        if kind == PLAIN and (not escaped or escaped.isdisjoint(_secret_chars(raw))):
+            continue
+        # (A redaction holds no backslash: as a template it is itself.)
+        line, n = _escaped_pattern(raw).subn(redaction, line)
+        count += n
+    return line, count
+
+
+_SHORT_ESCAPES = {'"': b'"', "/": b"/", "\b": b"b", "\f": b"f", "\n": b"n", "\r": b"r", "\t": b"t"}
+
+
+def _hex4(code: int) -> bytes:
+    """\\u-escape hex digits of ``code``, either case."""
+    return b"".join(b"[%c%c]" % (c, c - 32) if c >= 0x61 else bytes((c,)) for c in b"%04x" % code)
+
+
+def _char_forms(c: str, first: bool, last: bool) -> bytes:
+    """A regex for ``c`` in JSON text at any level of nesting (see :func:`_escaped_pattern`)."""
+    code = ord(c)
+    forms = []
+    if code >= 0x20 and c != '"' and c != "\\":
+        forms.append((rb"(?:\\\\)*" if first else b"") + re.escape(c.encode("utf-8", "surrogatepass")))
+    if code > 0xFFFF:
+        code -= 0x10000
+        forms.append(rb"\\+u" + _hex4(0xD800 + (code >> 10)) + rb"\\+u" + _hex4(0xDC00 + (code & 0x3FF)))
+    else:
+        forms.append(rb"\\+u" + _hex4(code))
+    if c in _SHORT_ESCAPES:
+        forms.append(rb"\\+" + re.escape(_SHORT_ESCAPES[c]))
+    elif c == "\\":
+        if not last:  # an even run (the next form takes what it needs of the rest)
+            forms.append(rb"(?:\\\\)+")
+        else:
+            # The run whole when even; when odd (its last backslash escapes what follows), either
+            # the whole run and that escape, if what the run's pairs make a level within is
+            # itself an odd run (\\\" is \" there: an escaped quote), or all but the escape
+            # (\\\\\" is \\" there: a backslash, and the quote that ends the string).
+            forms.append(rb"(?:\\\\)+(?!\\)")
+            forms.append(rb"(?:\\\\\\\\)*\\\\\\(?:u[0-9A-Fa-f]{4}|[^\\u])")
+            forms.append(rb"(?:\\\\\\\\)+(?=\\[^\\])")
+    return b"(?:" + b"|".join(forms) + b")"
+
+
+@functools.lru_cache(maxsize=1024)
+def _escaped_pattern(raw: bytes) -> "re.Pattern[bytes]":
+    r"""A regex for the secret ``raw`` in JSON text, each character as itself (never ``"`` nor
+    ``\``, which JSON text holds only escaped, nor a control character) or escaped: ``\u`` and
+    four hex digits in either case, a short escape (``\/``, ``\"``, ``\n`` ...), or for ``\`` an
+    even run of backslashes. An escape's backslash is one or more (``\\+``): JSON text held in a
+    string has its backslashes doubled (``\\u0073`` in an event's data in a streams line,
+    ``\\\\u0073`` a level deeper), so one pattern finds the secret at any level.
+
+    Why cutting a match out leaves the line valid JSON, and the text within its strings too:
+    a match never starts right after a backslash (the look-behind), so it starts at the first
+    backslash of a run or at a character that follows one that is not a backslash. Either is
+    the start of a token at every level: a run of backslashes is a run at every level within
+    (halved, the quote's or backslash's own escape apart), and what precedes it ends a token
+    (an escape ends with a character that is not a backslash). Within a match every run is
+    taken whole: each escaped form starts with all of its run (the form before it ended with a
+    character that is not a backslash, or is the even run of a ``\`` that this form continues)
+    and ends with the escape's last character, so each is whole tokens at every level; a
+    character as itself follows the end of a form, or at the start of the match a run the
+    match takes, even (literal backslashes): it is a token of its own. At the outer level
+    the span is therefore whole tokens. At a level within, it may end inside a token whose
+    backslash it took: the rest is hex digits or a letter, text again, never a quote. A secret
+    that ends with ``\`` is the exception: its last run is taken whole, and with the escape its
+    odd end starts when the pairs before make an odd run a level within (``\\\"`` is ``\"``
+    there), or without it (``\\\\\"`` is ``\\"`` there: the quote ends the string); two
+    levels or more within, a string that held the secret may be left invalid JSON text (it is
+    never left holding the secret).
+    """
+    secret = raw.decode("utf-8", "surrogatepass")
+    parts = [rb"(?<!\\)"] + [_char_forms(c, n == 0, n == len(secret) - 1) for n, c in enumerate(secret)]
+    return re.compile(b"".join(parts), re.DOTALL)
+
+
+# Validity only: numbers stay text (no digit limit, no float conversion).
+_VALIDATOR = json.JSONDecoder(parse_int=len, parse_float=len)
+
+
+def _is_json(line: bytes) -> bool:
+    try:
+        _VALIDATOR.decode(line.decode("utf-8"))
+    except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError
+        return False
+    return True
+
+
+_STRING_TOKEN = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)
+_NUMBER_TOKEN = re.compile(rb"-?[0-9]+(?:\.[0-9]+)?(?:[eE][+-]?[0-9]+)?")
+
+
+def _scrub_tokens(line: bytes, pairs: Sequence[Tuple[bytes, bytes, int]]) -> bytes:
+    """Scrub a JSON line token by token, for when replacing the secrets' bytes made it invalid:
+    each string is decoded, its secrets replaced and, if any was, encoded again (then its
+    escaped forms are replaced, as :func:`scrub_json` does); outside the strings, a number that
+    holds a secret becomes the redaction as a string. Nothing of a secret is left, and the line
+    stays valid JSON."""
+    out = []
+    pos = 0
+    for m in _STRING_TOKEN.finditer(line):
+        out.append(_scrub_numbers(line[pos:m.start()], pairs))
+        out.append(_scrub_string(m.group(), pairs))
+        pos = m.end()
+    out.append(_scrub_numbers(line[pos:], pairs))
+    return b"".join(out)
+
+
+def _scrub_numbers(text: bytes, pairs: Sequence[Tuple[bytes, bytes, int]]) -> bytes:
+    hits = [(raw, redaction) for raw, redaction, _ in pairs if text.find(raw) >= 0]
+    if not hits:
+        return text
+
+    def number(m: "re.Match[bytes]") -> bytes:
+        for raw, redaction in hits:
+            if m.group().find(raw) >= 0:
+                return b'"%s"' % redaction
+        return m.group()
+    return _NUMBER_TOKEN.sub(number, text)
+
+
+def _scrub_string(token: bytes, pairs: Sequence[Tuple[bytes, bytes, int]]) -> bytes:
+    try:
+        text = json.loads(token)
+    except ValueError:
+        text = None
+    if text is not None:
+        new = text
+        for raw, redaction, _ in pairs:
+            secret = raw.decode("utf-8", "surrogatepass")
+            if new.find(secret) >= 0:
+                new = new.replace(secret, redaction.decode("ascii"))
+        if new is not text:
+            try:
+                token = json.dumps(new, ensure_ascii=False).encode("utf-8")
+            except UnicodeEncodeError:  # a lone surrogate: escaped
+                token = json.dumps(new).encode("ascii")
+    return _scrub_escaped(token, pairs, _ASCII)[0] if token.find(b"\\") >= 0 else token
+
+
+_ASCII = frozenset(range(128))
 
 
 _VISIBLE_ASCII = re.compile(r"[!-~]*\Z")

@@ -398,11 +398,13 @@ class EncoderTest(unittest.TestCase):
         self.assertIn("[REDACTED:", rec["error"]["message"])
 
     def test_secrets_are_scrubbed_from_small_and_large_records_alike(self):
-        # A record with a small request body is scrubbed whole, one with a large one in parts.
+        # Every secret from every part, a 60 KB request body's too (an agent's, holding the
+        # output of `cat .env`: the provider key, which the client never sent).
         client, provider = "sk-client-0123456789", "provider-key-abcdef"
         echo = json.dumps({"error": {"message": "keys %s %s" % (client, provider)}}).encode()
-        for size in (10, record.SCRUB_WHOLE + 1000):
-            body = json.dumps({"model": "gpt-4o", "pad": "x" * size, "echo": client}).encode()
+        for size in (10, 60000):
+            body = json.dumps({"model": "gpt-4o", "pad": "x" * size, "echo": client,
+                               "tool_output": "OPENAI_API_KEY=%s\n" % provider}).encode()
             ex = exchange(body=body, headers=[("Authorization", "Bearer " + client), ("X-Echo", client),
                                               ("X-Provider", provider)], resp=echo, status=200)
             with self.subTest(size=size):
@@ -413,6 +415,52 @@ class EncoderTest(unittest.TestCase):
                 self.assertIn(wire.redacted(client, KEY), rec["request_headers"]["x-echo"])
                 self.assertEqual(rec["response_body"]["error"]["message"],
                                  "keys %s %s" % (wire.redacted(client, KEY), wire.redacted(provider, KEY)))
+                self.assertEqual(rec["request_body"]["tool_output"],
+                                 "OPENAI_API_KEY=%s\n" % wire.redacted(provider, KEY))
+
+    def test_the_message_of_a_text_error_is_scrubbed_before_it_is_cut(self):
+        # A key across the 200th character: cut first, its first part would stay, which the
+        # scrub of the whole line does not find.
+        secret = "sk-straddle-0123456789abcdef"
+        for pad in (180, 190, 199):
+            text = "y" * pad + secret + " tail"
+            ex = exchange(headers=[("Authorization", "Bearer " + secret)], resp=text.encode(), ctype="text/html",
+                          status=401)
+            with self.subTest(pad=pad):
+                [rec], lines = encode(ex)
+                self.assertNotIn(secret[:8].encode(), lines[0][2])
+                self.assertEqual(rec["error"]["message"], (text.replace(secret, wire.redacted(secret, KEY)))[:200])
+                self.assertEqual(rec["response_body"], text.replace(secret, wire.redacted(secret, KEY)))
+
+    def test_an_escaped_echo_is_scrubbed_from_the_record_and_the_streams_line(self):
+        secret = "sk-proj-ESCAPED-0123456789/ab"
+        uesc = "".join("\\u%04x" % ord(c) for c in secret)
+        answer = ('{"error":{"message":"Incorrect API key provided: %s"}}' % uesc).encode()
+        [rec], lines = encode(exchange(headers=[("Authorization", "Bearer " + secret)], resp=answer, status=401))
+        self.assertEqual(rec["response_body"]["error"]["message"], "Incorrect API key provided: " + wire.redacted(secret, KEY))
+        self.assertEqual(rec["error"]["message"], "Incorrect API key provided: " + wire.redacted(secret, KEY))
+        events = [('data: {"choices":[{"index":0,"delta":{"content":"key %s"}}]}\n\n' % uesc).encode(),
+                  b"data: [DONE]\n\n"]
+        ex = exchange(headers=[("Authorization", "Bearer " + secret)], resp=events, ctype="text/event-stream",
+                      stream=True)
+        (rec, stream), lines = encode(ex, provider_keys=[])
+        self.assertIn(wire.redacted(secret, KEY), json.loads(stream["events"][0]["data"])["choices"][0]["delta"]["content"])
+        for _, _, line in lines:
+            self.assertNotIn(b"ESCAPED", line)
+            self.assertNotIn(b"\\u0045\\u0053", line)
+
+    def test_a_client_token_that_is_also_a_number_in_the_answer(self):
+        # Replaced byte for byte, "created":1234567890 would become "created":[REDACTED:...]:
+        # not JSON, a record lost to every reader.
+        token = "1234567890"
+        answer = (b'{"id":"c1","object":"chat.completion","created":1234567890,"model":"m","choices":[{"index":0,'
+                  b'"message":{"role":"assistant","content":"ok"},"finish_reason":"stop"}],'
+                  b'"usage":{"prompt_tokens":1,"completion_tokens":1,"total_tokens":2}}')
+        ex = exchange(headers=[("Authorization", "Bearer " + token)], resp=answer)
+        [rec], lines = encode(ex)  # (encode loads every line)
+        self.assertNotIn(token.encode(), lines[0][2])
+        self.assertEqual(rec["response_body"]["created"], wire.redacted(token, KEY))
+        self.assertEqual(rec["tokens_used"]["total_tokens"], 2)
 
     def test_gzip_bodies_are_recorded_decoded_and_bad_ones_say_so(self):
         body = json.dumps({"id": "z", "choices": []}).encode()

@@ -313,6 +313,89 @@ class MetricLabelsTest(SecurityTestCase):
         self.assertLess(len(series), 40, sorted(series))
 
 
+def _decoded_strings(value):
+    """Every string in a JSON value and in JSON text held in its strings, at any depth."""
+    if isinstance(value, str):
+        yield value
+        if value.strip()[:1] in ("{", "["):
+            try:
+                inner = json.loads(value)
+            except ValueError:
+                return
+            yield from _decoded_strings(inner)
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            yield k
+            yield from _decoded_strings(v)
+    elif isinstance(value, list):
+        for v in value:
+            yield from _decoded_strings(v)
+
+
+class EscapedEchoTest(SecurityTestCase):
+    """An upstream that echoes the provider key JSON-escaped (\\u0073..., \\/): a reader of the
+    record, of its streams line or of an export would decode it back to the key."""
+
+    KEY = "sk-proj-ESCAPEDkey/0123456789abcd"
+
+    def test_escaped_echoes_of_the_key_reach_no_file_and_no_export(self):
+        key = self.KEY
+
+        def uesc(text, upper=False):
+            return "".join(("\\u%04X" if upper else "\\u%04x") % ord(c) for c in text)
+        data = json.dumps({"choices": [{"index": 0, "delta": {"content": "key " + uesc(key)}}]})
+        self.replies += [
+            Reply(401, [("Content-Type", "application/json")],
+                  ('{"error":{"message":"Incorrect API key provided: %s","type":"invalid_request_error"}}'
+                   % uesc(key)).encode()),
+            Reply(401, [("Content-Type", "application/json")],
+                  ('{"error":{"message":"Incorrect API key provided: %s"}}' % key.replace("/", "\\/")).encode()),
+            support.sse_reply([b"data: " + data.encode() + b"\n\n",
+                               ('data: {"choices":[{"index":0,"delta":{"content":" and %s%s"},"finish_reason":"stop"}]}\n\n'
+                                % (key[:4], uesc(key[4:], upper=True))).encode(), b"data: [DONE]\n\n"]),
+            Reply(200, [("Content-Type", "application/json")], json.dumps({
+                "id": "c1", "object": "chat.completion", "created": 1700000000, "model": "gpt-4o",
+                "choices": [{"index": 0, "finish_reason": "tool_calls", "message": {
+                    "role": "assistant", "content": None, "tool_calls": [{
+                        "id": "t1", "type": "function", "function": {
+                            "name": "save", "arguments": '{"key":"%s"}' % uesc(key)}}]}}],
+                "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}}).encode()),
+        ]
+        proxy = self.start_proxy([provider("openai", "openai", self.upstream.url, key, ["gpt-*"])])
+        for body in ({"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]},) * 2 + (
+                {"model": "gpt-4o", "stream": True, "messages": [{"role": "user", "content": "hi"}]},
+                {"model": "gpt-4o", "messages": [{"role": "user", "content": "save it"}]}):
+            status, _, _ = request(proxy.url, body=body)
+            self.assertIn(status, (200, 401))
+        self.assertEqual(self.upstream.next_request().header("Authorization"), "Bearer " + key)
+        recs = proxy.records()
+        self.assertEqual(len(recs), 4)
+        self.assertEqual(len(proxy.stream_lines()), 1)
+        redaction = "[REDACTED:"
+        self.assertIn(redaction, recs[0]["error"]["message"])
+        self.assertIn(redaction, recs[1]["response_body"]["error"]["message"])
+        outputs = {}
+        for path in all_files(self.data_dir):
+            if path.endswith(".jsonl"):
+                with open(path, "rb") as f:
+                    outputs[path] = f.read()
+        env = dict(os.environ, PYTHONPATH=ROOT)
+        for fmt in ("records", "openai-chat", "sharegpt"):
+            done = subprocess.run([sys.executable, "-m", "proxy_llm", "export", "--data-dir", self.data_dir,
+                                   "--format", fmt], env=env, cwd=self.tmp, stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, timeout=DEADLINE * 3)
+            self.assertEqual(done.returncode, 0, done.stderr)
+            outputs["export " + fmt] = done.stdout
+        self.assertIn(b"REDACTED", outputs["export records"])
+        forms = [key, key[8:], key.replace("/", "\\/"), "\\u0073\\u006b", "\\u0073\\u006B", "\\u0053\\u0045"]
+        for where, data in outputs.items():
+            for line in data.splitlines():
+                for form in forms:
+                    self.assertNotIn(form.encode(), line, where)
+                for text in _decoded_strings(json.loads(line)):
+                    self.assertNotIn(key[8:], text, where)
+
+
 class CanaryTest(unittest.TestCase):
     """Every credential the proxy sees, in every place it can write, must be absent."""
 

@@ -194,6 +194,166 @@ class RedactionTest(unittest.TestCase):
         self.assertNotIn(b"AIzaEchoedKey", out)
         json.loads(out)
 
+    def test_a_tab_or_spaces_after_the_scheme(self):
+        for value in ("Bearer\tsk-tab-token-12345", "Bearer  sk-tab-token-12345", "bearer \t sk-tab-token-12345"):
+            with self.subTest(value=value):
+                self.assertEqual(wire.secret_value(value), "sk-tab-token-12345")
+                self.assertRegex(wire.redact_header("Authorization", value, KEY), r"^[Bb]earer \[REDACTED:[0-9a-f]{8}\]$")
+                self.assertEqual(wire.redact_header("Authorization", value, KEY),
+                                 value.split()[0] + " " + wire.redacted("sk-tab-token-12345", KEY))
+        self.assertEqual(wire.secret_value("sk-plain-key-1"), "sk-plain-key-1")
+
+    def test_query_values_in_every_form_and_names_percent_encoded(self):
+        # The upstream decodes the query: its echo holds the decoded key, which must be scrubbed.
+        self.assertEqual(wire.query_secrets("key=%41Iza-pct-key"), ["%41Iza-pct-key", "AIza-pct-key"])
+        self.assertEqual(wire.query_secrets("alt=sse&key=AIza+plus+key"), ["AIza+plus+key", "AIza plus key"])
+        self.assertEqual(wire.query_secrets("key=AIza%2Bx+y"), ["AIza%2Bx+y", "AIza+x+y", "AIza+x y"])
+        # A name a server decodes to key= is one.
+        for query in ("%6Bey=AIzaNAMEkey123", "%6bEY=AIzaNAMEkey123", "api%5Fkey=AIzaNAMEkey123", "to+ken=x&key=y"):
+            with self.subTest(query=query):
+                redacted = wire.redact_query(query, KEY)
+                self.assertNotIn("AIzaNAMEkey123", redacted)
+        self.assertEqual(wire.query_secrets("%6Bey=AIzaNAMEkey123"), ["AIzaNAMEkey123"])
+        self.assertEqual(wire.redact_query("%6Bey=AIzaNAMEkey123&alt=sse", KEY),
+                         "%6Bey=" + wire.redacted("AIzaNAMEkey123", KEY) + "&alt=sse")
+        self.assertEqual(wire.query_secrets("keyword=x&monkey=y&alt=sse"), [])
+
+
+def _uesc(text, upper=False):
+    return "".join(("\\u%04X" if upper else "\\u%04x") % ord(c) for c in text)
+
+
+def _strings(value):
+    """Every string in a JSON value, and in JSON text held in those strings, at any depth."""
+    if isinstance(value, str):
+        yield value
+        if value.strip()[:1] in ("{", "[", '"'):
+            try:
+                inner = json.loads(value)
+            except ValueError:
+                return
+            yield from _strings(inner)
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            yield k
+            yield from _strings(v)
+    elif isinstance(value, list):
+        for v in value:
+            yield from _strings(v)
+
+
+class ScrubJsonTest(unittest.TestCase):
+    SECRET = "sk-proj-ESCkey/0123+abcd"
+
+    def scrubbed(self, line, secrets):
+        """scrub_json's output, checked: valid JSON, no secret in any string at any depth."""
+        out = wire.scrub_json(line.encode("utf-8") if isinstance(line, str) else line, wire.scrub_pairs(secrets, KEY))
+        value = json.loads(out)
+        for s in _strings(value):
+            for secret in secrets:
+                self.assertNotIn(secret, s, out)
+        return out, value
+
+    def test_escaped_echoes_at_one_and_two_levels(self):
+        s = self.SECRET
+        red = wire.redacted(s, KEY)
+        # What an upstream sends, and what a streams line makes of it (event data as a string).
+        bodies = {
+            "all \\u": '{"error":{"message":"Incorrect API key provided: %s."}}' % _uesc(s),
+            "all \\u, upper hex": '{"error":{"message":"key %s"}}' % _uesc(s, upper=True),
+            "partial": '{"error":{"message":"key %s%s%s"}}' % (s[:3], _uesc(s[3:7]), s[7:]),
+            "gson \\u003d-style": '{"m":"%s"}' % s.replace("+", "\\u002b").replace("/", "\\u002F"),
+            "\\/": '{"error":{"message":"key %s"}}' % s.replace("/", "\\/"),
+            "tool arguments": json.dumps({"arguments": '{"k":"%s"}' % _uesc(s)}),
+        }
+        for name, body in bodies.items():
+            json.loads(body)
+            for level, line in ((1, '{"response_body":%s}' % body),
+                                (2, json.dumps({"events": [{"data": body}]})),
+                                (3, json.dumps({"outer": json.dumps({"events": [{"data": body}]})}))):
+                with self.subTest(name, level=level):
+                    out, value = self.scrubbed(line, [s])
+                    self.assertIn(red.encode(), out)
+                    self.assertNotIn(b"ESCkey", out)
+
+    def test_escape_free_lines_and_other_escapes_are_left_alone(self):
+        pairs = wire.scrub_pairs([self.SECRET], KEY)
+        for line in (b'{"a":"plain text","n":1}', b'{"a":"line\\nbreak \\u00e9 \\u003c/p\\u003e \\/ \\"q\\""}',
+                     b'{"a":"sk-proj-\\u0045SC but not the key"}'):
+            self.assertIs(wire.scrub_json(line, pairs), line)
+
+    def test_secrets_holding_a_quote_or_a_backslash(self):
+        for secret in ('sk-QUOTEkey"abc\\def12345', "C:\\keys\\secret-01", 'ends-with-a-quote"', "ends-with-backslash\\",
+                       "tab\tin-the-key-01", "caf\u00e9-key-0123"):
+            red = wire.redacted(secret, KEY)
+            encoded = json.dumps(secret)[1:-1]
+            for line in ('{"message":"bad key %s"}' % encoded,
+                         '{"message":"bad key %s"}' % json.dumps(secret, ensure_ascii=True)[1:-1],
+                         '{"message":"%s"}' % _uesc(secret),
+                         json.dumps({"data": '{"message":"bad key %s"}' % encoded}),
+                         json.dumps({"data": json.dumps({"m": secret})}),
+                         json.dumps({"a": "\\" + secret + "\\"})):
+                with self.subTest(secret=secret, line=line):
+                    out, _ = self.scrubbed(line, [secret])
+                    self.assertIn(red.encode(), out)
+
+    def test_a_secret_that_is_also_a_number(self):
+        token = "1234567890"
+        red = wire.redacted(token, KEY)
+        line = (b'{"request_headers":{"authorization":"Bearer x"},"response_body":{"id":"c1","created":1234567890,'
+                b'"echo":"token 1234567890","list":[12345678901,-1.1234567890e5,1234567890],"ok":1}}\n')
+        out, value = self.scrubbed(line, [token])
+        body = value["response_body"]
+        self.assertEqual(body["created"], red)
+        self.assertEqual(body["echo"], "token " + red)
+        self.assertEqual(body["list"], [red, red, red])
+        self.assertEqual(body["ok"], 1)
+        self.assertEqual(value["request_headers"], {"authorization": "Bearer x"})
+        self.assertTrue(out.endswith(b"}\n"))
+        # With an escaped echo and a second secret in the same line.
+        line = b'{"created":1234567890,"m":"\\u0031234567890 sk-other-key-01"}'
+        out, value = self.scrubbed(line, [token, "sk-other-key-01"])
+        self.assertEqual(value, {"created": red, "m": "%s %s" % (red, wire.redacted("sk-other-key-01", KEY))})
+
+    def test_random_escapes_at_random_depths(self):
+        # Each character of the secret and of the text around it escaped or not, the text held
+        # in strings up to four levels deep, as encoders write them: every line stays valid
+        # JSON and holds the secret nowhere, at any level.
+        rng = random.Random(20240607)
+        alphabet = 'ab/"\\\n\tu0-_\u00e9\U0001F600x'
+        secrets = ["sk-proj-ABC/def+ghi0123", 'sk"q\\uote/0123', "tok\n\tab/cd", "p\u00e4ssw\u00f6rd-1234",
+                   "\\nab/cd12", "u0041bcdefg", "x\U0001F600y/zzzzz", "ends-in-backslash\\"]
+
+        def escaped(text):
+            out = []
+            for c in text:
+                code = ord(c)
+                if c == '"':
+                    out.append(rng.choice(['\\"', "\\u0022"]))
+                elif c == "\\":
+                    out.append(rng.choice(["\\\\", "\\u005c", "\\u005C"]))
+                elif c == "/":
+                    out.append(rng.choice(["/", "\\/", "\\u002f"]))
+                elif code < 0x20:
+                    out.append(rng.choice([json.dumps(c)[1:-1], "\\u%04x" % code]))
+                elif code > 0xFFFF:
+                    out.append(rng.choice([c, json.dumps(c)[1:-1].upper().replace("\\U", "\\u")]))
+                else:
+                    out.append(rng.choice([c, c, "\\u%04x" % code, "\\u%04X" % code]))
+            return '"' + "".join(out) + '"'
+        for _ in range(600):
+            secret = rng.choice(secrets)
+            doc = escaped("".join(rng.choice(alphabet) for _ in range(rng.randint(0, 4))) + secret
+                          + "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 4))))
+            for _ in range(rng.randint(0, 3)):
+                doc = json.dumps('{"m":%s}' % doc, ensure_ascii=rng.random() < 0.5)
+                if rng.random() < 0.3:
+                    doc = doc.replace("/", "\\/")
+            line = '{"a":%s,"n":12}' % doc
+            json.loads(line)
+            with self.subTest(line=line):
+                self.scrubbed(line.encode("utf-8", "surrogatepass"), [secret])
+
 
 class SniffTest(unittest.TestCase):
     def test_model_and_stream(self):
