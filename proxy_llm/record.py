@@ -426,7 +426,7 @@ class Encoder:
         self.credentials: Dict[str, Tuple[str, str]] = {}  # header value -> (redacted, secret)
         self.header_forms: Dict[Tuple[str, ...], str] = {}  # header names -> their JSON object, %s per value
         self.heads: Dict[Tuple[Any, ...], bytes] = {}  # see encode(): fields session_id ... stream as JSON
-        self.scrub_memo: Dict[str, Tuple[bytes, bytes, bool]] = {}  # secret -> its scrub pair
+        self.scrub_memo: Dict[str, Tuple[bytes, bytes, int]] = {}  # secret -> its scrub triple
 
     def headers_json(self, headers: Dict[str, str]) -> bytes:
         """``headers`` (from :func:`headers_dict`) as a JSON object.
@@ -461,7 +461,7 @@ class Encoder:
             sid = _remember(self.file_ids, session_id, session_file_id(session_id))
         return sid
 
-    def scrub_pair(self, secret: str) -> Tuple[bytes, bytes, bool]:
+    def scrub_pair(self, secret: str) -> Tuple[bytes, bytes, int]:
         """``wire.scrub_pairs([secret], key)[0]``, remembered."""
         pair = self.scrub_memo.get(secret)
         if pair is None:
@@ -675,7 +675,7 @@ def _read_answer(dialect: Any, body: bytes, accepted: bool) -> Tuple[Any, Option
     return value, raw, dialect.from_body(value if isinstance(value, (dict, list)) else None)
 
 
-def _error_message(value: Any, pairs: Sequence[Tuple[bytes, bytes, bool]] = ()) -> Optional[str]:
+def _error_message(value: Any, pairs: Sequence[Tuple[bytes, bytes, int]] = ()) -> Optional[str]:
     """The message of an error answer; of a text one, its first 200 characters, scrubbed of
     ``pairs`` (wire.scrub_pairs) before the cut (which would leave the part of a secret the
     scrub of the whole line no longer finds)."""
