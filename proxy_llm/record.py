@@ -338,13 +338,31 @@ def nests_within(data: bytes, limit: int = MAX_NESTING) -> bool:
     return not skeleton
 
 
+_CODINGS = ("gzip", "x-gzip", "deflate")
+
+
 def _decompress(chunks: List[Tuple[float, bytes]], encoding: str) -> Tuple[List[Tuple[float, bytes]], Optional[str]]:
     """Decode gzip/deflate chunk by chunk (keeping arrival times). Returns (chunks, error);
-    ``chunks`` itself (not a copy: Capture.parts() made it) when there is nothing to decode."""
+    ``chunks`` itself (not a copy: Capture.parts() made it) when there is nothing to decode.
+
+    Stacked codings (``gzip, gzip``: applied in that order) are taken off one by one, the last
+    first. A coding the standard library cannot decode (br, zstd) leaves the body as it came
+    (recorded in base64, and not scrubbed: README, Security)."""
     encoding = encoding.strip().lower()
     if encoding in ("", "identity"):
         return chunks, None
-    if encoding not in ("gzip", "x-gzip", "deflate"):
+    if encoding.find(",") >= 0:
+        codings = [c.strip(" \t") for c in encoding.split(",")]
+        codings = [c for c in codings if c and c != "identity"]
+        if not all(c in _CODINGS for c in codings):
+            return chunks, "content-encoding %s not decoded" % encoding
+        out: List[Tuple[float, bytes]] = chunks
+        for coding in reversed(codings):
+            out, error = _decompress(out, coding)
+            if error is not None:  # the body as it came, and why
+                return chunks, error
+        return out, None
+    if encoding not in _CODINGS:
         return chunks, "content-encoding %s not decoded" % encoding
     wbits = 47 if encoding != "deflate" else 15  # 47: gzip or zlib header, auto-detected
     out = []

@@ -10,6 +10,7 @@ import json
 import random
 import re
 import unittest
+import zlib
 from unittest import mock
 
 from proxy_llm import dialects, record, verify, wire
@@ -468,6 +469,27 @@ class EncoderTest(unittest.TestCase):
         self.assertEqual(rec["response_body"], {"id": "z", "choices": []})
         [rec], _ = encode(exchange(resp=b"not gzip", resp_headers=[("Content-Encoding", "gzip")]))
         self.assertIn("decode_error", rec)
+
+    def test_stacked_codings_are_taken_off_one_by_one(self):
+        # "gzip, gzip" was recorded as base64 of the compressed bytes: unreadable, and a key the
+        # upstream echoed in it was never scrubbed.
+        body = json.dumps({"error": {"message": "bad key sk-stacked-secret-1"}}).encode()
+        for coding, data in (("gzip, gzip", gzip.compress(gzip.compress(body))),
+                             ("deflate, gzip", gzip.compress(zlib.compress(body))),
+                             ("gzip,identity, x-gzip", gzip.compress(gzip.compress(body)))):
+            with self.subTest(coding=coding):
+                ex = exchange(resp=data, status=401, resp_headers=[("Content-Encoding", coding)],
+                              headers=[("Authorization", "Bearer sk-stacked-secret-1")])
+                [rec], lines = encode(ex)
+                self.assertNotIn("decode_error", rec)
+                self.assertEqual(rec["response_body"]["error"]["message"],
+                                 "bad key " + wire.redacted("sk-stacked-secret-1", KEY))
+        for coding, data in (("gzip, br", gzip.compress(body)), ("gzip, gzip", gzip.compress(body))):
+            with self.subTest(coding=coding):
+                [rec], _ = encode(exchange(resp=data, resp_headers=[("Content-Encoding", coding)]))
+                self.assertIn("decode_error", rec)  # the body as it came, and why
+                self.assertEqual(rec["body_encoding"], {"response": "base64"})
+                self.assertEqual(base64.b64decode(rec["response_body"]), data)
 
     def test_truncated_capture_keeps_prefix_size_and_hash(self):
         cap = Capture(10)
