@@ -128,6 +128,41 @@ def _read_lines(fp) -> List[bytes]:
             return lines
 
 
+# What the email parser reads as a header line (email.feedparser's headerRE); it takes any
+# other line for the end of the header block, and every field after it for the body.
+_EMAIL_HEADER_LINE = re.compile(rb"From |[\041-\071\073-\176]*:|[\t ]")
+_BLANKS_BEFORE_COLON = re.compile(b"(%s)[ \\t]+:" % _TOKEN.encode())
+
+
+def response_headers(fp, _class=http.client.HTTPMessage):
+    """:func:`parse_headers` for a response's header block from an upstream, with the field
+    lines RFC 9112 lets a proxy mend mended first: the blanks between a field's name and its
+    colon are taken out (5.1: a proxy must), and a line that is not a field line at all is
+    dropped alone. The email parser stopped at either and took every field after it, the
+    framing ones among them, for the body."""
+    fields = take_fields(fp)
+    if fields is not None:
+        return message(fields, _class)
+    lines = _READ(fp) if _READ is not None else _read_lines(fp)
+    kept = []
+    for line in lines:
+        if line in (b"\r\n", b"\n", b""):
+            kept.append(line)
+            break
+        if _EMAIL_HEADER_LINE.match(line) is None:
+            m = _BLANKS_BEFORE_COLON.match(line)
+            if m is None:
+                continue  # not a field line: dropped, and the block goes on
+            line = m.group(1) + b":" + line[m.end():]
+        kept.append(line)
+    block = b"".join(kept)
+    end = kept[-1] if kept else b""
+    fields = _plain_fields(block[:-len(end)] if end in (b"\r\n", b"\n") else block)
+    if fields is None:
+        return email.parser.Parser(_class=_class).parsestr(block.decode("iso-8859-1"))
+    return message(fields, _class)
+
+
 def message(fields: List[Tuple[str, str]], _class=http.client.HTTPMessage):
     """The ``HTTPMessage`` the email parser builds for these plain fields."""
     msg = _class()

@@ -30,7 +30,7 @@ import urllib.parse
 from collections import deque
 from typing import Deque, List, Optional, Tuple
 
-from .headers import message, take_fields
+from .headers import message, response_headers, take_fields
 
 
 # Request bodies up to this size go out in the same send as the request head (one copy, one
@@ -107,10 +107,15 @@ class Response(http.client.HTTPResponse):
 
     The standard ``begin`` reads the status line, then the header block, then asks the parsed
     message for each header it needs (each ask a scan of every header). When the status line is
-    plain and not 100 Continue, and the header block plain and in the buffer (see
-    ``headers.take_fields``), this one takes both from the buffer and derives the same
-    attributes (status, reason, version, headers, chunked, length, will_close) in one pass; any
-    other head goes to the standard ``begin``. tests/test_upstream.py compares the two.
+    plain, and the header block plain and in the buffer (see ``headers.take_fields``), this one
+    takes both from the buffer and derives the same attributes (status, reason, version,
+    headers, chunked, length, will_close) in one pass; any other status line is read by the
+    standard ``_read_status``, any other block by ``headers.response_headers``.
+    tests/test_upstream.py compares the two. Where the standard ``begin`` misreads the
+    framing, this one does not, on purpose (each case tested): a header block with a line it
+    cannot read (it took every field after it for the body), ``Transfer-Encoding`` with blanks
+    or codings before ``chunked``, and a ``Content-Length`` that is a list of one value or not
+    a number (it read to the close; now that value, or an error: a 502).
     """
 
     interim: List[Tuple[int, str, List[Tuple[str, str]]]] = []
@@ -136,20 +141,29 @@ class Response(http.client.HTTPResponse):
             return super().begin()
         fp = self.fp
         m = _STATUS_LINE.match(fp.peek(1))
-        if m is None or m.group(2) == b"100":
-            return super().begin()
-        fp.read(m.end())
+        if m is not None:  # a plain status line, whole in the buffer
+            fp.read(m.end())
+            status = int(m.group(2))
+            reason = m.group(3).decode("iso-8859-1").strip() if m.group(3) else ""
+            version = 11 if m.group(1) == b"1" else 10
+        else:  # any other, read as the standard begin reads it (and refused as it refuses)
+            text, status, reason = self._read_status()
+            if text in ("HTTP/1.0", "HTTP/0.9"):
+                version = 10
+            elif text.startswith("HTTP/1."):
+                version = 11
+            else:
+                raise http.client.UnknownProtocol(text)
+            reason = reason.strip()
         fields = take_fields(fp)  # None, with nothing read, unless plain and in the buffer
         if fields is None:  # not plain (or no fields at all): the standard begin's parse
-            msg = http.client.parse_headers(fp)
+            msg = response_headers(fp)
             fields = list(msg.raw_items())
         else:
             msg = message(fields)
-        status = int(m.group(2))
-        reason = m.group(3)
         self.code = self.status = status
-        self.reason = reason.decode("iso-8859-1").strip() if reason else ""
-        self.version = 11 if m.group(1) == b"1" else 10
+        self.reason = reason
+        self.version = version
         self.headers = self.msg = msg
         first = {}  # the first value of each header begin() needs, as HTTPMessage.get() gives it
         for name, value in fields:
@@ -161,7 +175,10 @@ class Response(http.client.HTTPResponse):
         connection = first.get("connection")
         keep_alive = first.get("keep-alive")
         proxy_connection = first.get("proxy-connection")
-        if te and te.lower() == "chunked":
+        # Chunked when chunked is the last coding (RFC 9112 6.3), blanks around it aside: the
+        # standard begin wants the value "chunked" and nothing else, and read "chunked " or
+        # "gzip, chunked" to the close, chunk sizes and all, handed on as the body.
+        if te and (te.lower() == "chunked" or te.rpartition(",")[2].strip(" \t").lower() == "chunked"):
             self.chunked = True
             self.chunk_left = None
         else:
@@ -173,6 +190,7 @@ class Response(http.client.HTTPResponse):
             self.will_close = not (keep_alive or (connection and "keep-alive" in connection.lower())
                                    or (proxy_connection and "keep-alive" in proxy_connection.lower()))
         self.length = None
+        no_body = status == 204 or status == 304 or 100 <= status < 200 or self._method == "HEAD"
         if length and not self.chunked:
             try:
                 self.length = int(length)
@@ -181,7 +199,16 @@ class Response(http.client.HTTPResponse):
             else:
                 if self.length < 0:
                     self.length = None
-        if status == 204 or status == 304 or 100 <= status < 200 or self._method == "HEAD":
+            if self.length is None and not no_body:
+                # RFC 9112 6.3: a list of one value given again ("7, 7") is that value; any
+                # other is an error, not a body to read to the close (the standard begin's
+                # reading, which a keep-alive upstream answers with silence).
+                values = {v.strip(" \t") for v in length.split(",")}
+                value = values.pop() if len(values) == 1 else ""
+                if not (value.isdigit() and value.isascii()):
+                    raise http.client.HTTPException("invalid Content-Length")
+                self.length = int(value)
+        if no_body:
             self.length = 0
         if not self.will_close and not self.chunked and self.length is None:
             self.will_close = True
