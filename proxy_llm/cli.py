@@ -317,8 +317,8 @@ def serve(config: Config, worker: int = 0, reuse_port: bool = False, parent_pipe
     thread.start()
     while not stop.is_set():
         time.sleep(0.1)  # the handler cannot wake an Event (see on_signal)
+    server.draining.set()  # (first: once the line says so, a new request is refused)
     log.info("shutting down: %d exchanges in flight", len(server.inflight))
-    server.draining.set()
     server.shutdown()
     thread.join()
     try:
