@@ -1017,13 +1017,14 @@ class Filter(object):
 # ============================================================== output
 
 def encode_line(obj) -> bytes:
-    """One JSON line as UTF-8; falls back to ASCII escapes for lone surrogates.
-    Skip("non_finite") for NaN or Infinity, which JSON cannot hold."""
+    """One JSON line as UTF-8; a lone surrogate (which no loader but Python's takes) becomes
+    U+FFFD (reader.lone_surrogates_replaced). Skip("non_finite") for NaN or Infinity, which
+    JSON cannot hold."""
     text = _dumps(obj)
     try:
         return (text + "\n").encode("utf-8")
     except UnicodeEncodeError:
-        return (json.dumps(obj, ensure_ascii=True) + "\n").encode("ascii")
+        return reader.lone_surrogates_replaced((json.dumps(obj, ensure_ascii=True) + "\n").encode("ascii"))
 
 
 class Output(object):

@@ -52,6 +52,50 @@ def shown(text: str) -> str:
     return text if text.isprintable() else repr(text)[1:-1]
 
 
+# A \u escape of a surrogate code point (D800-DFFF), either hex case.
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
+_HIGH = frozenset(b"89abAB")
+_LOW = frozenset(b"cdefCDEF")
+
+
+def lone_surrogates_replaced(line: bytes) -> bytes:
+    r"""The JSON text ``line`` with each escaped lone surrogate (``\ud83d`` with no low half
+    after it, a low half with no high one before it) as ``\ufffd``, the replacement character.
+
+    JSON allows them, and Python's ``json`` reads them, but pandas, DuckDB and Arrow refuse the
+    whole line (so ``datasets`` refuses the whole file): half an emoji, as a JavaScript client
+    that cut a string sends it, would make a record, or an export, load nowhere. A pair is kept,
+    and so is ``\\ud83d`` (an escaped backslash, then text). Two searches settle a line without
+    a surrogate escape.
+    """
+    if line.find(b"\\ud") < 0 and line.find(b"\\uD") < 0:
+        return line
+    found = [m.start() for m in _SURROGATE_ESCAPE.finditer(line)]
+    out = []
+    pos = 0
+    i = 0
+    while i < len(found):
+        start = found[i]
+        run = start
+        while run > 0 and line[run - 1] == 0x5C:
+            run -= 1
+        if (start - run) % 2:  # the backslash is itself escaped: text, not an escape
+            i += 1
+            continue
+        if line[start + 3] in _HIGH and i + 1 < len(found) and found[i + 1] == start + 6 and \
+                line[start + 9] in _LOW:
+            i += 2  # a pair
+            continue
+        out.append(line[pos:start])
+        out.append(b"\\ufffd")
+        pos = start + 6
+        i += 1
+    if not out:
+        return line
+    out.append(line[pos:])
+    return b"".join(out)
+
+
 def _refuse_constant(name: str) -> None:
     raise ValueError("%s is not JSON" % name)
 

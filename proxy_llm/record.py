@@ -521,6 +521,8 @@ class Encoder:
             if isinstance(model, str):
                 ex.model = model  # the exact top-level value (routing used a quick scan)
         session_id, session_source = session or self.body_session(ex, req_value)
+        if not session_id.isascii():  # (a metadata.user_id may hold a lone surrogate)
+            session_id = _no_lone_surrogates(session_id)
         sid = self.file_id(session_id)
 
         content_type = resp_h.get("content-type", "")
@@ -671,8 +673,8 @@ class Encoder:
         resp_json = resp_raw if resp_raw is not None else _dumps(resp_value)
         if resp_raw is None and type(resp_value) in (dict, list) and not nests_within(resp_json):
             resp_json = _dumps(resp_json.decode("utf-8"))
-        line = wire.scrub_json(b"".join((front, b',"request_body":', req_json, b',"response_body":', resp_json,
-                                         b"}\n")), every)
+        line = reader.lone_surrogates_replaced(wire.scrub_json(b"".join((
+            front, b',"request_body":', req_json, b',"response_body":', resp_json, b"}\n")), every))
         out = [(RECORDS, sid, line)]
         if streamed:
             stream_line = _dumps({
@@ -682,7 +684,7 @@ class Encoder:
                 "events": [e.to_json(round(t, 3)) for t, e in events],
                 "truncated": stream_truncated,
             }) + b"\n"
-            out.append((STREAMS, sid, wire.scrub_json(stream_line, every)))
+            out.append((STREAMS, sid, reader.lone_surrogates_replaced(wire.scrub_json(stream_line, every))))
         return out
 
 
@@ -691,6 +693,16 @@ def _read_answer(dialect: Any, body: bytes, accepted: bool) -> Tuple[Any, Option
     (``accepted``) is read with its floats as text (``_FLOATS_AS_TEXT``)."""
     value, raw = parse_body(body, _FLOATS_AS_TEXT if accepted else reader.STRICT_JSON)
     return value, raw, dialect.from_body(value if isinstance(value, (dict, list)) else None)
+
+
+def _no_lone_surrogates(text: str) -> str:
+    """``text`` with each lone surrogate as U+FFFD, as the line will have it
+    (reader.lone_surrogates_replaced): the session's file is named after the id the record holds."""
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
 
 
 def _error_message(value: Any, pairs: Sequence[Tuple[bytes, bytes, int]] = ()) -> Optional[str]:

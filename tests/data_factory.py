@@ -425,7 +425,10 @@ def sanitize(session_id: str) -> str:
 
 
 def dumps(obj) -> bytes:
-    return (json.dumps(obj, ensure_ascii=False) + "\n").encode("utf-8")
+    try:
+        return (json.dumps(obj, ensure_ascii=False) + "\n").encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate, escaped (as recorders before 2026-12-06 wrote it)
+        return (json.dumps(obj) + "\n").encode("ascii")
 
 
 class DataDirWriter(object):

@@ -64,6 +64,27 @@ def deep_records(root: str) -> str:
     return path
 
 
+HALF_EMOJI = b'{"model":"gpt-4o","messages":[{"role":"user","content":"cut \\ud83d here, whole \\ud83d\\ude00"}]}'
+
+
+def surrogate_records(root: str) -> str:
+    """A record file as the encoder writes it for bodies holding a lone surrogate escape (half
+    an emoji, as a JavaScript client that cut a string sends it): a request answered 2xx (its
+    bytes spliced in) and an answer; returns its path."""
+    from tests.test_record import encode, exchange
+    lines = []
+    for kw in (dict(body=HALF_EMOJI), dict(resp=b'{"id":"x","choices":[{"index":0,"message":{"role":"assistant",'
+                                                  b'"content":"\\udc00 alone"}}]}'), dict()):
+        ex = exchange(**kw)
+        ex.assign_id()
+        lines += [line for _, _, line in encode(ex)[1]]
+    os.makedirs(root)
+    path = os.path.join(root, "surrogates.jsonl")
+    with open(path, "wb") as fh:
+        fh.writelines(lines)
+    return path
+
+
 def many_files_with_late_variation(root: str) -> int:
     """40 uniform sessions, then records whose bodies and headers vary; returns the count."""
     clock = df.Clock(seed=21)
@@ -112,6 +133,29 @@ class TestPandas(unittest.TestCase):
         frame = pd.read_json(deep_records(os.path.join(self.tmp, "deep")), lines=True)
         self.assertEqual(list(frame["status_code"]), [400, 200, 200])
 
+    def test_records_of_bodies_with_a_lone_surrogate_load(self) -> None:
+        # pandas refused the file ("Unpaired high surrogate"): the escape is now U+FFFD.
+        import pandas as pd
+        frame = pd.read_json(surrogate_records(os.path.join(self.tmp, "surrogates")), lines=True)
+        self.assertEqual(frame["request_body"][0]["messages"][0]["content"], "cut \ufffd here, whole \U0001f600")
+        self.assertEqual(frame["response_body"][1]["choices"][0]["message"]["content"], "\ufffd alone")
+
+    def test_exports_of_records_holding_a_lone_surrogate_load(self) -> None:
+        # Records written before the recorder replaced them (an older data dir): every export
+        # wrote the escape back, and the one record made the whole file unloadable.
+        import pandas as pd
+        data = os.path.join(self.tmp, "old")
+        clock = df.Clock(seed=5)
+        rec = df.openai_chat(clock, "s", [{"role": "user", "content": "cut \ud83d"}], {"content": "ok \udc00"})
+        df.DataDirWriter(data).write_records([rec])
+        for fmt in ("records", "openai-chat", "sharegpt"):
+            out = os.path.join(self.tmp, fmt + ".jsonl")
+            self.assertEqual(run_export(data, out, "--format", fmt), 0)
+            with self.subTest(format=fmt):
+                self.assertEqual(len(pd.read_json(out, lines=True)), 1)
+                with open(out, "rb") as fh:
+                    self.assertIn(b"\\ufffd", fh.read())
+
     def test_torn_line_breaks_pandas_on_that_file(self) -> None:
         import pandas as pd
         torn = os.path.join(self.tmp, "torn")
@@ -152,6 +196,15 @@ class TestDuckDB(unittest.TestCase):
             rows = self.sql("select status_code from read_json('%s', format='newline_delimited'%s) "
                             "where id is not null" % (path, extra))
             self.assertEqual([int(r[0]) for r in rows], [400, 200, 200])  # JSON text at depth 1
+
+    def test_records_of_bodies_with_a_lone_surrogate_load(self) -> None:
+        # DuckDB refused the line ("no low surrogate in string"), and the README's recipe with
+        # ignore_errors dropped the row without a word.
+        path = surrogate_records(os.path.join(self.tmp, "surrogates"))
+        for extra in ("", ", maximum_depth=1, ignore_errors=true"):
+            rows = self.sql("select count(*) from read_json('%s', format='newline_delimited'%s) "
+                            "where id is not null" % (path, extra))
+            self.assertEqual(rows[0][0], 3)
 
     def test_recipe_for_varied_traffic_max_depth_1(self) -> None:
         data = os.path.join(self.tmp, "varied")

@@ -187,3 +187,26 @@ class TestDamage(ReaderTestCase):
 
 if __name__ == "__main__":
     unittest.main()
+
+
+class TestLoneSurrogates(unittest.TestCase):
+    def test_lone_surrogate_escapes_become_the_replacement_character(self) -> None:
+        import json
+        import random
+        from proxy_llm.reader import lone_surrogates_replaced
+        rnd = random.Random(3)
+        pieces = ["a", "\U0001f600", "\ud83d", "\ude00", "\\", "\\ud83d", "u", "d83d", "\"", "\n"]
+        for n in range(2000):
+            value = "".join(rnd.choice(pieces) for _ in range(rnd.randint(0, 8)))
+            line = json.dumps({"k": value, "n": [value]}, ensure_ascii=n % 2 == 0).encode("utf-8", "surrogatepass")
+            if n % 2:  # ensure_ascii=False keeps a lone surrogate as a character: escape those as JSON does
+                line = json.dumps({"k": value, "n": [value]}).encode("ascii")
+            got = lone_surrogates_replaced(line)
+            # What a strict reader gets: every surrogate that is not half of a pair replaced.
+            expected = value.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+            with self.subTest(value=value):
+                self.assertEqual(json.loads(got), {"k": expected, "n": [expected]})
+                got.decode("utf-8")  # and nothing a UTF-8 reader refuses
+                if expected == value:
+                    self.assertIs(got, line)
+
