@@ -45,7 +45,11 @@ def parse_headers(fp, _class=http.client.HTTPMessage):
     fields = take_fields(fp)
     if fields is not None:
         return message(fields, _class)
-    lines = _READ(fp)  # raises LineTooLong / HTTPException past the limits, as the original
+    return _message_of(_READ(fp), _class)  # (_READ raises past the limits, as the original)
+
+
+def _message_of(lines: List[bytes], _class):
+    """The ``HTTPMessage`` of a header block's lines (its blank line included, if it came)."""
     block = b"".join(lines)
     end = lines[-1] if lines else b""
     fields = _plain_fields(block[:-len(end)] if end in (b"\r\n", b"\n") else block)
@@ -155,12 +159,7 @@ def response_headers(fp, _class=http.client.HTTPMessage):
                 continue  # not a field line: dropped, and the block goes on
             line = m.group(1) + b":" + line[m.end():]
         kept.append(line)
-    block = b"".join(kept)
-    end = kept[-1] if kept else b""
-    fields = _plain_fields(block[:-len(end)] if end in (b"\r\n", b"\n") else block)
-    if fields is None:
-        return email.parser.Parser(_class=_class).parsestr(block.decode("iso-8859-1"))
-    return message(fields, _class)
+    return _message_of(kept, _class)
 
 
 def message(fields: List[Tuple[str, str]], _class=http.client.HTTPMessage):

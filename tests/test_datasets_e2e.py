@@ -45,23 +45,29 @@ def count_lines(path: str) -> int:
         return sum(1 for _ in fh)
 
 
-def deep_records(root: str) -> str:
-    """A record file as the encoder writes it for bodies nested too deep for the loaders (a
-    request past the json module's recursion limit, an answer past DuckDB's 128 levels), and
-    one plain record; returns its path."""
+def encoded_records(root: str, name: str, cases) -> str:
+    """A record file as the encoder writes it, one record per dict of ``test_record.exchange``
+    arguments in ``cases``; returns its path."""
     from tests.test_record import encode, exchange
     lines = []
-    for kw in (dict(body=b'{"model":"gpt-4o","x":%s%s}' % (b"[" * 5000, b"]" * 5000), status=400),
-               dict(resp=b'{"id":"x","y":%s%s}' % (b"[" * 300, b"]" * 300)),
-               dict()):
+    for kw in cases:
         ex = exchange(**kw)
         ex.assign_id()
         lines += [line for _, _, line in encode(ex)[1]]
     os.makedirs(root)
-    path = os.path.join(root, "deep.jsonl")
+    path = os.path.join(root, name)
     with open(path, "wb") as fh:
         fh.writelines(lines)
     return path
+
+
+def deep_records(root: str) -> str:
+    """A record file as the encoder writes it for bodies nested too deep for the loaders (a
+    request past the json module's recursion limit, an answer past DuckDB's 128 levels), and
+    one plain record; returns its path."""
+    return encoded_records(root, "deep.jsonl", (
+        dict(body=b'{"model":"gpt-4o","x":%s%s}' % (b"[" * 5000, b"]" * 5000), status=400),
+        dict(resp=b'{"id":"x","y":%s%s}' % (b"[" * 300, b"]" * 300)), dict()))
 
 
 HALF_EMOJI = b'{"model":"gpt-4o","messages":[{"role":"user","content":"cut \\ud83d here, whole \\ud83d\\ude00"}]}'
@@ -71,18 +77,10 @@ def surrogate_records(root: str) -> str:
     """A record file as the encoder writes it for bodies holding a lone surrogate escape (half
     an emoji, as a JavaScript client that cut a string sends it): a request answered 2xx (its
     bytes spliced in) and an answer; returns its path."""
-    from tests.test_record import encode, exchange
-    lines = []
-    for kw in (dict(body=HALF_EMOJI), dict(resp=b'{"id":"x","choices":[{"index":0,"message":{"role":"assistant",'
-                                                  b'"content":"\\udc00 alone"}}]}'), dict()):
-        ex = exchange(**kw)
-        ex.assign_id()
-        lines += [line for _, _, line in encode(ex)[1]]
-    os.makedirs(root)
-    path = os.path.join(root, "surrogates.jsonl")
-    with open(path, "wb") as fh:
-        fh.writelines(lines)
-    return path
+    return encoded_records(root, "surrogates.jsonl", (
+        dict(body=HALF_EMOJI),
+        dict(resp=b'{"id":"x","choices":[{"index":0,"message":{"role":"assistant","content":"\\udc00 alone"}}]}'),
+        dict()))
 
 
 def many_files_with_late_variation(root: str) -> int:

@@ -23,6 +23,7 @@ import unittest
 from unittest import mock
 
 from proxy_llm import reader, record, storage
+from tests.test_wire import _strings  # (every string in a JSON value, at any depth)
 from tests import support
 from tests.support import (raw_exchange, DEADLINE, ROOT, FakeUpstream, InProcessProxy, ProxyProcess, Reply, all_files, base_config, header, provider, request)
 
@@ -315,25 +316,6 @@ class MetricLabelsTest(SecurityTestCase):
         self.assertLess(len(series), 40, sorted(series))
 
 
-def _decoded_strings(value):
-    """Every string in a JSON value and in JSON text held in its strings, at any depth."""
-    if isinstance(value, str):
-        yield value
-        if value.strip()[:1] in ("{", "["):
-            try:
-                inner = json.loads(value)
-            except ValueError:
-                return
-            yield from _decoded_strings(inner)
-    elif isinstance(value, dict):
-        for k, v in value.items():
-            yield k
-            yield from _decoded_strings(v)
-    elif isinstance(value, list):
-        for v in value:
-            yield from _decoded_strings(v)
-
-
 class EscapedEchoTest(SecurityTestCase):
     """An upstream that echoes the provider key JSON-escaped (\\u0073..., \\/): a reader of the
     record, of its streams line or of an export would decode it back to the key."""
@@ -394,7 +376,7 @@ class EscapedEchoTest(SecurityTestCase):
             for line in data.splitlines():
                 for form in forms:
                     self.assertNotIn(form.encode(), line, where)
-                for text in _decoded_strings(json.loads(line)):
+                for text in _strings(json.loads(line)):
                     self.assertNotIn(key[8:], text, where)
 
 
