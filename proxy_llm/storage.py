@@ -309,7 +309,8 @@ class Recorder:
         self._thread: Optional[threading.Thread] = None
         self._closed = False
         self._close_lock = threading.Lock()
-        self._last_sync = time.monotonic()
+        self._unsynced_since: Optional[float] = None  # when the oldest line not yet synced was written
+        self.monotonic = time.monotonic  # the clock of fsync_interval (tests replace it)
         self._compressor: Optional[threading.Thread] = None
         self._to_compress: "queue.Queue[object]" = queue.Queue()
         self.busy_clock = time.perf_counter  # how long encoding takes (see _encode_all)
@@ -387,9 +388,14 @@ class Recorder:
     # -- writer thread -------------------------------------------------------------------
 
     def _run(self) -> None:
-        wait = self.fsync_interval if self.fsync_mode == "interval" else 1.0
+        idle_wait = self.fsync_interval if self.fsync_mode == "interval" else 1.0
         stopping = False
         while not stopping:
+            wait = idle_wait
+            if self.fsync_mode == "interval" and self._unsynced_since is not None:
+                # Woken in time to sync the oldest unsynced line within fsync_interval (waiting
+                # a whole interval from here made it up to two).
+                wait = max(0.0, self._unsynced_since + self.fsync_interval - self.monotonic())
             try:
                 first = self.queue.get(timeout=wait)
             except queue.Empty:
@@ -489,7 +495,8 @@ class Recorder:
             for key, lines in groups.items():
                 written += self._append(key, lines)
             if self.fsync_mode == "always" or (
-                    self.fsync_mode == "interval" and time.monotonic() - self._last_sync >= self.fsync_interval):
+                    self.fsync_mode == "interval" and self._unsynced_since is not None
+                    and self.monotonic() - self._unsynced_since >= self.fsync_interval):
                 self._sync_dirty()
         if written:
             with self._stats_lock:
@@ -524,6 +531,8 @@ class Recorder:
             f.size += size
             f.lines += len(lines)
             f.dirty = True
+            if self._unsynced_since is None:
+                self._unsynced_since = self.monotonic()
         except OSError as exc:
             if kind == RECORDS:
                 self._count_drop("write_error", len(lines))
@@ -646,7 +655,7 @@ class Recorder:
         _fsync_dir(os.path.dirname(f.path), self.ops)
         self._forget(f)
         if self.compress_rotated:
-            self._to_compress.put(f.path)
+            self._to_compress.put((f.path, f.ident))
 
     def _sync_dirty(self) -> None:
         for f in self._files.values():
@@ -656,7 +665,7 @@ class Recorder:
                 except OSError as exc:
                     self._ratelog.warning("fsync", "fsync failed for a record file: %s", exc)
                 f.dirty = False
-        self._last_sync = time.monotonic()
+        self._unsynced_since = None
 
     def _probe(self) -> None:
         """While degraded and idle, check whether the data dir is writable again."""
@@ -680,11 +689,13 @@ class Recorder:
 
     def _compress_loop(self) -> None:
         while True:
-            path = self._to_compress.get()
-            if path is _STOP:
+            item = self._to_compress.get()
+            if item is _STOP:
                 return
+            path, ident = item
             try:
-                compress_file(str(path), self.ops)
+                if compress_file(path, self.ops, ident) is None:
+                    log.warning("a sealed file was moved or replaced before it was compressed; left as it is")
             except OSError as exc:
                 self._ratelog.warning("compress", "could not compress a sealed file: %s", exc)
 
@@ -742,23 +753,41 @@ class _Marker:
         self.event = event
 
 
-def compress_file(path: str, ops: FileOps = FileOps) -> str:
+def compress_file(path: str, ops: FileOps = FileOps, ident: Optional[Tuple[int, int]] = None) -> Optional[str]:
     """gzip ``path`` crash-safely: temp file, fsync, rename, fsync dir, then remove the original.
 
     A crash before the rename leaves the original and a ``.gz.tmp`` (ignored by readers); after
     it, both ``X.jsonl`` and a complete ``X.jsonl.gz`` (readers take ``X.jsonl``). A failure
     removes the temp file and keeps the original.
+
+    With ``ident`` (the sealed file's device and inode), only that file is compressed: when the
+    path holds another one by then (its directory renamed away, and the writer's new file in a
+    new one given the same name, by the same second), nothing is done and None is returned. The
+    compressor once gzipped such a live file and removed it: the records appended after its
+    copy were lost, counted as written.
     """
     final = path + ".gz"
     tmp = final + ".tmp"
+
+    def same() -> bool:
+        try:
+            return ident is None or _ident(os.stat(path)) == ident
+        except OSError:
+            return False
+
     try:
         with open(path, "rb") as src:
+            if ident is not None and _ident(os.fstat(src.fileno())) != ident:
+                return None
             fd = ops.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
             with os.fdopen(fd, "wb") as raw:
                 with gzip.GzipFile(filename=os.path.basename(path), mode="wb", fileobj=raw, mtime=0) as gz:
                     shutil.copyfileobj(src, gz, 1024 * 1024)
                 raw.flush()
                 ops.fsync(raw.fileno())
+        if not same():
+            os.unlink(tmp)
+            return None
         os.rename(tmp, final)
     except BaseException:
         try:
@@ -767,6 +796,8 @@ def compress_file(path: str, ops: FileOps = FileOps) -> str:
             pass
         raise
     _fsync_dir(os.path.dirname(path), ops)
+    if not same():  # (replaced between the rename and now: keep it; readers take X.jsonl)
+        return None
     os.unlink(path)
     _fsync_dir(os.path.dirname(path), ops)
     return final

@@ -19,6 +19,7 @@ import tempfile
 import threading
 import time
 import unittest
+import unittest.mock
 from typing import Dict, List
 
 from proxy_llm import reader, storage
@@ -270,6 +271,36 @@ class GroupCommitTest(RecorderTestCase):
         self.assertTrue(self.ops.synced.wait(DEADLINE))
         self.assertEqual(self.ops.ops_on(path), ["open", "fsync", "write", "fsync"])
 
+    def test_fsync_interval_counts_from_the_oldest_unsynced_line(self):
+        # The writer waited a whole fsync_interval for its next idle sync from its last batch,
+        # and synced a batch only fsync_interval after the last sync: a line written just after
+        # one, with another batch 85% of an interval later, waited 1.85 intervals. (A fake clock
+        # of 100-second intervals: the real waits are long, so the steps below never race them.)
+        now = [1000.0]
+        rec = self.recorder(start=False, fsync="interval", fsync_interval=100.0)
+        rec.monotonic = lambda: now[0]
+        waits: "queue.Queue[float]" = queue.Queue()
+        get = rec.queue.get
+
+        def watched_get(timeout=None):
+            waits.put(timeout)
+            return get(timeout=timeout)
+
+        rec.queue.get = watched_get
+        rec.start()
+        self.assertEqual(waits.get(timeout=DEADLINE), 100.0)  # idle, nothing to sync
+        self.put(rec, line("s", 0))  # written at 1000
+        self.assertEqual(waits.get(timeout=DEADLINE), 100.0)
+        now[0] = 1085.0
+        self.put(rec, line("s", 1))  # not yet due
+        [path] = data_files(self.data_dir)
+        self.assertEqual(self.ops.ops_on(path), ["open", "fsync", "write", "write"])
+        self.assertAlmostEqual(waits.get(timeout=DEADLINE), 15.0)  # woken when the first is due
+        now[0] = 1100.0
+        self.put(rec, line("s", 2))  # due: synced with this batch
+        self.assertEqual(self.ops.ops_on(path), ["open", "fsync", "write", "write", "write", "fsync"])
+        self.assertEqual(waits.get(timeout=DEADLINE), 100.0)  # nothing unsynced again
+
     def test_fsync_never_leaves_syncing_to_the_os_until_close(self):
         rec = self.recorder(fsync="never")
         for n in range(3):
@@ -432,6 +463,66 @@ class RotationTest(RecorderTestCase):
         self.ops.fault = None
         self.assertEqual(storage.compress_file(path, self.ops), path + ".gz")
         self.assertEqual(sorted(os.listdir(self.tmp)), ["x.jsonl.gz"])
+
+
+class CompressMovedTest(unittest.TestCase):
+    def test_a_file_at_a_sealed_files_path_is_not_compressed_away(self):
+        # The compressor took the path alone: with the data dir moved away while it was behind,
+        # the writer's new file got the sealed one's name (same second), and the compressor
+        # gzipped it and removed it, live: the record written after its copy was lost, counted.
+        tmp = tempfile.mkdtemp(prefix="proxy_llm_compress_")
+        self.addCleanup(shutil.rmtree, tmp, True)
+        data = os.path.join(tmp, "data")
+        behind, copied, release = threading.Event(), threading.Event(), threading.Event()
+        for event in (behind, copied, release):
+            self.addCleanup(event.set)
+
+        class Ops(storage.FileOps):
+            @staticmethod
+            def fsync(fd):  # the compressor's fsync of its temp file comes right after its copy
+                if threading.current_thread().name == "proxy_llm-compress" and \
+                        os.readlink("/proc/self/fd/%d" % fd).endswith(".gz.tmp"):
+                    copied.set()
+                    release.wait(10)
+                os.fsync(fd)
+
+        compress = storage.compress_file
+
+        def late(*args):
+            behind.wait(10)
+            result = compress(*args)
+            copied.set()  # (when it left the file alone, or once released)
+            return result
+
+        def encode(item):
+            return [(RECORDS, "s", (json.dumps({"id": item, "pad": "x" * 300}) + "\n").encode())]
+
+        with unittest.mock.patch.object(storage, "compress_file", late):
+            rec = Recorder(data, encode, fsync="never", max_file_size=1024, compress_rotated=True,
+                           clock=lambda: 1800000000.0, ops=Ops())
+            rec.start()
+            self.addCleanup(rec.close)
+            for item in ("A0", "A1", "A2", "A3"):  # the fourth rotates the first file: sealed, queued
+                rec.submit(item)
+                self.assertTrue(rec.flush())
+            os.rename(data, data + ".old")  # archived by hand while the compressor is behind
+            for item in ("B0", "B1"):
+                rec.submit(item)
+                self.assertTrue(rec.flush())
+            behind.set()
+            self.assertTrue(copied.wait(10))  # it copied the path's file, or left it alone
+            rec.submit("C0")
+            self.assertTrue(rec.flush())
+            release.set()
+            rec.close()
+        ids = []
+        for root in (data, data + ".old"):
+            for path in sorted(os.listdir(os.path.join(root, "session_s"))):
+                full = os.path.join(root, "session_s", path)
+                raw = gzip.open(full).read() if path.endswith(".gz") else open(full, "rb").read()
+                ids += [json.loads(line)["id"] for line in raw.splitlines()]
+        self.assertEqual(sorted(ids), ["A0", "A1", "A2", "A3", "B0", "B1", "C0"])
+        self.assertEqual(rec.written, 7)
 
 
 class RestartTest(RecorderTestCase):
