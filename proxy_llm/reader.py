@@ -203,10 +203,15 @@ def file_sort_key(name: str) -> tuple:
 
 
 def _data_files(directory: str, stats: ReadStats | None) -> list:
-    """The ``*.jsonl``/``*.jsonl.gz`` files of one directory, time ordered, twins removed."""
+    """The ``*.jsonl``/``*.jsonl.gz`` files of one directory, time ordered, twins removed.
+
+    A directory that cannot be listed, and a name that is not a regular file (a dangling
+    symlink, a FIFO), are problems in ``stats``: they were skipped without a word."""
     try:
         names = os.listdir(directory)
-    except OSError:
+    except OSError as exc:
+        if stats is not None:
+            stats.problems.append((directory, "cannot list the directory: %s" % (exc.strerror or exc)))
         return []
     present = set(names)
     chosen = []
@@ -220,7 +225,14 @@ def _data_files(directory: str, stats: ReadStats | None) -> list:
                 continue
             chosen.append(name)
     chosen.sort(key=file_sort_key)
-    return [os.path.join(directory, name) for name in chosen if os.path.isfile(os.path.join(directory, name))]
+    out = []
+    for name in chosen:
+        path = os.path.join(directory, name)
+        if os.path.isfile(path):
+            out.append(path)
+        elif stats is not None:
+            stats.problems.append((path, "not a regular file (a dangling symlink?): not read"))
+    return out
 
 
 def session_dirs(data_dir: str) -> list:

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import tempfile
 import unittest
+from unittest import mock
 from contextlib import redirect_stderr, redirect_stdout
 
 from proxy_llm import verify
@@ -53,6 +54,31 @@ class VerifyTestCase(unittest.TestCase):
 
     def chat(self, **kw) -> dict:
         return df.openai_chat(self.clock, "extra", [{"role": "user", "content": "hi"}], {"content": "yo"}, **kw)
+
+
+class TestUnreadable(VerifyTestCase):
+    """A session dir that cannot be listed and a record file that is a dangling symlink were
+    skipped without a word: verify said OK, and stats and export counted fewer records."""
+
+    def test_a_dangling_symlink_record_file_fails_verify(self) -> None:
+        path = self.add(self.chat())
+        os.unlink(path)
+        os.symlink(os.path.join(self.tmp, "gone.jsonl"), path)
+        self.assertProblem("dangling symlink", os.path.basename(path))
+
+    def test_a_session_dir_that_cannot_be_listed_fails_verify(self) -> None:
+        path = self.add(self.chat())
+        hidden = os.path.dirname(path)
+        listdir = os.listdir
+
+        def refusing(directory="."):
+            if os.path.abspath(directory) == os.path.abspath(hidden):
+                raise PermissionError(13, "Permission denied")  # (tests run as root, who may list it)
+            return listdir(directory)
+
+        with mock.patch("os.listdir", refusing):
+            out = self.assertProblem("cannot list the directory", "Permission denied")
+        self.assertIn(os.path.basename(hidden), out)
 
 
 class TestClean(VerifyTestCase):
