@@ -519,7 +519,8 @@ class CompressMovedTest(unittest.TestCase):
         for root in (data, data + ".old"):
             for path in sorted(os.listdir(os.path.join(root, "session_s"))):
                 full = os.path.join(root, "session_s", path)
-                raw = gzip.open(full).read() if path.endswith(".gz") else open(full, "rb").read()
+                with (gzip.open(full) if path.endswith(".gz") else open(full, "rb")) as fh:
+                    raw = fh.read()
                 ids += [json.loads(line)["id"] for line in raw.splitlines()]
         self.assertEqual(sorted(ids), ["A0", "A1", "A2", "A3", "B0", "B1", "C0"])
         self.assertEqual(rec.written, 7)
