@@ -25,11 +25,11 @@ OpenAI chat message    OpenAI chat request    Responses API           Anthropic 
 ``assistant`` content  assistant content,     assistant message       ``text`` blocks        ``model`` text parts
                        refusal                items, output_text
 ``assistant``          ``tool_calls``         ``function_call`` items ``tool_use`` (input    ``functionCall``
-``tool_calls``         (function type)        (``call_id``)           dumped to JSON text)   (args as JSON text;
-                                                                                             id ``call_<m>_<k>``
-                                                                                             when absent)
-``tool``               tool (and legacy       ``function_call_output``  ``tool_result`` blocks ``functionResponse``
-                       ``function``)                                  (before the user's     (``response`` as JSON
+``tool_calls``         (function type);       (``call_id``)           dumped to JSON text)   (args as JSON text)
+                       legacy
+                       ``function_call``
+``tool``               tool; legacy           ``function_call_output``  ``tool_result`` blocks ``functionResponse``
+                       ``function``                                   (before the user's     (``response`` as JSON
                                                                       other blocks)          text)
 ``reasoning_content``  ``reasoning_content``  ``reasoning`` summary   ``thinking`` blocks    ``thought: true``
 (--include-thinking)   / ``reasoning``        texts                                          parts
@@ -39,6 +39,12 @@ image parts            ``image_url``          ``input_image``         ``image`` 
                                               tools                   ``input_schema`` ->
                                                                       ``parameters``
 =====================  =====================  ======================  =====================  =====================
+
+A call without an id (legacy ``function_call``, Gemini ``functionCall``) gets
+``call_<m>_<k>`` (message index in the conversation, call index in the message),
+the same in every record holding that history; a result without an id (legacy
+``function`` message, Gemini ``functionResponse``) answers the first unanswered
+call of the assistant message before it with that name, else the first one.
 
 A Responses API request that continues a stored conversation with
 ``previous_response_id`` carries only its new input: it is exported as it is
@@ -329,15 +335,45 @@ def _openai_message(m: dict, dropped: Counter):
     return out
 
 
+def _openai_pair(m: dict, out: list, pending: list) -> list:
+    """Ids for the calls and results of the legacy ``functions`` API, which has none: a call
+    without an id gets ``call_<m>_<k>`` (message index, call index), as Gemini calls do, and a
+    result without one answers the first unanswered call of the last assistant message with
+    its name, else the first unanswered call.  Returns the new unanswered calls."""
+    if m["role"] == "assistant":
+        for k, call in enumerate(m["tool_calls"]):
+            if not isinstance(call["id"], str) or not call["id"]:
+                call["id"] = "call_%d_%d" % (len(out), k)
+        return [[_hashable(c["name"]), c["id"]] for c in m["tool_calls"]]
+    if m["role"] != "tool":
+        return []
+    return _answer(m, m["name"], pending)
+
+
+def _answer(m: dict, name, pending: list) -> list:
+    """Give the tool message ``m`` without a ``tool_call_id`` the first of ``pending`` ([name
+    key, id] of unanswered calls) named ``name``, else the first; returns the calls left."""
+    if isinstance(m["tool_call_id"], str) and m["tool_call_id"]:
+        return [c for c in pending if c[1] != m["tool_call_id"]]
+    if pending:
+        named = [c for c in pending if c[0] == _hashable(name)]
+        chosen = (named or pending)[0]
+        m["tool_call_id"] = chosen[1]
+        return [c for c in pending if c is not chosen]
+    return pending
+
+
 def _from_openai_chat(req: dict, resp, dropped: Counter) -> Conversation:
     messages = req.get("messages")
     if not isinstance(messages, list):
         raise Skip("bad_body")
     out = []
+    pending = []  # [name, id] of the last assistant message's calls not answered yet
     for m in messages:
         if isinstance(m, dict):
             conv = _openai_message(m, dropped)
             if conv is not None:
+                pending = _openai_pair(conv, out, pending)
                 out.append(conv)
     choices = resp.get("choices") if isinstance(resp, dict) else None
     if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
@@ -347,7 +383,9 @@ def _from_openai_chat(req: dict, resp, dropped: Counter) -> Conversation:
     if not isinstance(message, dict):
         raise Skip("no_response")
     message = dict(message, role="assistant")
-    out.append(_openai_message(message, dropped))
+    conv = _openai_message(message, dropped)
+    _openai_pair(conv, out, pending)
+    out.append(conv)
     tools = []
     for tool in _list(req.get("tools")):
         fn = tool.get("function") if isinstance(tool, dict) else None
@@ -590,11 +628,10 @@ def _gemini_content(role: str, parts, out: list, dropped: Counter) -> None:
     m = _msg(role)
     tool_messages = []
     index = len(out)
-    pending = {}  # name -> [call ids] of the last assistant message, for responses without id
+    pending = []  # [name key, id] of the last assistant message's calls, for responses without id
     for prev in reversed(out):
         if prev["role"] == "assistant":
-            for call in prev["tool_calls"]:
-                pending.setdefault(_hashable(call["name"]), []).append(call["id"])
+            pending = [[_hashable(call["name"]), call["id"]] for call in prev["tool_calls"]]
             break
     for part in _list(parts):
         if not isinstance(part, dict):
@@ -615,8 +652,8 @@ def _gemini_content(role: str, parts, out: list, dropped: Counter) -> None:
                                     "arguments": _json_text(call.get("args", {}))})
         elif isinstance(result, dict):
             t = _msg("tool")
-            ids = pending.get(_hashable(result.get("name"))) or []
-            t["tool_call_id"] = result.get("id") or (ids.pop(0) if ids else None)
+            t["tool_call_id"] = result.get("id")
+            pending = _answer(t, result.get("name"), pending)
             _text(t["parts"], _json_text(result.get("response", {})))
             tool_messages.append(t)
         elif isinstance(inline, dict):

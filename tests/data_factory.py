@@ -172,6 +172,23 @@ def openai_tool_session(clock: Clock, session_id: str = "oa-tools") -> list:
     return [first, second]
 
 
+def openai_functions_session(clock: Clock, session_id: str = "oa-functions") -> list:
+    """Two calls of a loop with the legacy ``functions`` API (still accepted by Chat Completions):
+    a ``function_call`` answer without an id, then its ``role: "function"`` result."""
+    fn = {"name": "get_weather", "description": "Current weather in a city",
+          "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}
+    user = {"role": "user", "content": "Weather in Oslo?"}
+    call = {"name": "get_weather", "arguments": "{\"city\":\"Oslo\"}"}
+    first = openai_chat(clock, session_id, [user], {"content": None, "function_call": call})
+    first["request_body"]["functions"] = [fn]
+    first["response_body"]["choices"][0]["finish_reason"] = "function_call"
+    history = [user, {"role": "assistant", "content": None, "function_call": call},
+               {"role": "function", "name": "get_weather", "content": "{\"temp\": 3}"}]
+    second = openai_chat(clock, session_id, history, {"content": "It is 3 C in Oslo."})
+    second["request_body"]["functions"] = [fn]
+    return [first, second]
+
+
 # ---------------------------------------------------------------- OpenAI Responses
 
 def openai_responses(clock: Clock, session_id: str, input_, output: list, *, instructions=None,

@@ -586,6 +586,101 @@ class TestConvertUnits(unittest.TestCase):
             export.convert(rec)
 
 
+def check_fine_tuning_row(test: unittest.TestCase, row: dict) -> None:
+    """The OpenAI chat fine-tuning rules an openai-chat row must keep: tool call ids are strings
+    and arguments JSON text; every tool message answers a call of the assistant message before it
+    (only tool messages between); no assistant message without content and tool calls; no two
+    assistant messages in a row."""
+    calls = set()
+    previous = None
+    for m in row["messages"]:
+        if m["role"] == "assistant":
+            test.assertNotEqual(previous, "assistant", row)
+            test.assertTrue(m.get("content") or m.get("tool_calls") or m.get("reasoning_content"), row)
+            calls = set()
+            for call in m.get("tool_calls", []):
+                test.assertIsInstance(call["id"], str)
+                test.assertTrue(call["id"])
+                json.loads(call["function"]["arguments"])
+                calls.add(call["id"])
+        elif m["role"] == "tool":
+            test.assertIn(m["tool_call_id"], calls, row)
+        else:
+            calls = set()
+        previous = m["role"]
+
+
+class AuditCase(unittest.TestCase):
+    """Export a few hand-built records (one data dir per test)."""
+
+    def setUp(self) -> None:
+        self.tmp = tempfile.mkdtemp(prefix="export-audit-")
+        self.addCleanup(shutil.rmtree, self.tmp)
+        self.data = os.path.join(self.tmp, "data")
+        self.out = os.path.join(self.tmp, "out.jsonl")
+
+    def rows(self, recs: list, *argv: str) -> list:
+        """Rows of an export of ``recs`` (default openai-chat); the summary in ``self.summary``."""
+        shutil.rmtree(self.data, ignore_errors=True)
+        df.DataDirWriter(self.data).write_records(recs)
+        if "--format" not in argv:
+            argv = ("--format", "openai-chat") + argv
+        err = io.StringIO()
+        with redirect_stderr(err):
+            code = export.run(parse(["--data-dir", self.data, "--out", self.out] + list(argv)))
+        self.summary = err.getvalue()
+        self.assertEqual(code, 0, self.summary)
+        rows = read_jsonl(self.out)
+        if argv[1] == "openai-chat":
+            for row in rows:
+                check_fine_tuning_row(self, row)
+        return rows
+
+
+class TestLegacyFunctions(AuditCase):
+    def test_calls_get_stable_ids_and_results_answer_them(self) -> None:
+        # The ids were null (an audit's finding): invalid for fine-tuning.
+        recs = df.openai_functions_session(df.Clock(seed=31))
+        first, second = self.rows(recs)
+        call = first["messages"][-1]["tool_calls"][0]
+        self.assertEqual(call, {"id": "call_1_0", "type": "function", "function": {
+            "name": "get_weather", "arguments": "{\"city\":\"Oslo\"}"}})
+        msgs = second["messages"]
+        self.assertEqual([m["role"] for m in msgs], ["user", "assistant", "tool", "assistant"])
+        self.assertEqual(msgs[1]["tool_calls"], [call])
+        self.assertEqual(msgs[2], {"role": "tool", "content": "{\"temp\": 3}", "name": "get_weather",
+                                   "tool_call_id": "call_1_0"})
+        self.assertEqual(second["tools"][0]["function"]["name"], "get_weather")
+        rows = self.rows(recs, "--dedupe")
+        self.assertEqual(len(rows), 1)  # the first call's conversation is a prefix of the second's
+        turns = self.rows(recs, "--format", "sharegpt")[1]["conversations"]
+        self.assertEqual([t["from"] for t in turns], ["human", "function_call", "observation", "gpt"])
+
+    def test_results_answer_calls_by_name_then_order(self) -> None:
+        user = {"role": "user", "content": "Weather and time in Oslo?"}
+        calls = {"role": "assistant", "tool_calls": [
+            {"type": "function", "function": {"name": "get_weather", "arguments": "{}"}},
+            {"type": "function", "function": {"name": "get_time", "arguments": "{}"}}]}
+        results = [{"role": "function", "name": "get_time", "content": "09:30"},
+                   {"role": "function", "name": "other", "content": "3 C"}]
+        rec = df.openai_chat(df.Clock(seed=32), "f", [user, calls] + results, {"content": "3 C at 09:30."})
+        msgs = self.rows([rec])[0]["messages"]
+        self.assertEqual([c["id"] for c in msgs[1]["tool_calls"]], ["call_1_0", "call_1_1"])
+        self.assertEqual([(m["content"], m["tool_call_id"]) for m in msgs[2:4]],
+                         [("09:30", "call_1_1"), ("3 C", "call_1_0")])
+
+    def test_gemini_results_answer_calls_by_name_then_order(self) -> None:
+        calls = {"role": "model", "parts": [{"functionCall": {"name": "get_weather", "args": {}}},
+                                            {"functionCall": {"name": "get_time", "args": {}}}]}
+        results = {"role": "user", "parts": [{"functionResponse": {"name": "get_time", "response": {"t": 1}}},
+                                             {"functionResponse": {"name": "renamed", "response": {"w": 2}}}]}
+        rec = df.gemini(df.Clock(seed=33), "g", [{"role": "user", "parts": [{"text": "q"}]}, calls, results],
+                        [{"text": "ok"}])
+        msgs = self.rows([rec])[0]["messages"]
+        self.assertEqual([(m["content"], m["tool_call_id"]) for m in msgs[2:4]],
+                         [("{\"t\": 1}", "call_1_1"), ("{\"w\": 2}", "call_1_0")])
+
+
 def _refuse_constant(name: str) -> None:
     raise ValueError("%s is not JSON" % name)
 
