@@ -37,7 +37,8 @@ image parts            ``image_url``          ``input_image``         ``image`` 
 (--include-images)                            (URL/data URI)          data URI, url)         (data URI), ``fileData``
 ``tools``              function tools         ``type: function``      custom tools:          ``functionDeclarations``
                                               tools                   ``input_schema`` ->
-                                                                      ``parameters``
+                                                                      ``parameters``         (``parameters`` as
+                                                                                             JSON Schema)
 =====================  =====================  ======================  =====================  =====================
 
 A call without an id (legacy ``function_call``, Gemini ``functionCall``) gets
@@ -45,6 +46,12 @@ A call without an id (legacy ``function_call``, Gemini ``functionCall``) gets
 the same in every record holding that history; a result without an id (legacy
 ``function`` message, Gemini ``functionResponse``) answers the first unanswered
 call of the assistant message before it with that name, else the first one.
+
+Gemini ``parameters`` (OpenAPI style, upper-case types from the google-genai
+SDK) become JSON Schema: every ``type`` lower-case through ``properties``,
+``items``, ``anyOf`` and ``additionalProperties``, ``TYPE_UNSPECIFIED`` left
+out, other keys (``nullable``, ``format``, ``propertyOrdering``) kept;
+``parametersJsonSchema`` is JSON Schema already and kept as it is.
 
 A Responses API request that continues a stored conversation with
 ``previous_response_id`` carries only its new input: it is exported as it is
@@ -677,6 +684,31 @@ def _gemini_content(role: str, parts, out: list, dropped: Counter) -> None:
         out.append(m)
 
 
+def _json_schema(schema):
+    """A Gemini ``Schema`` (OpenAPI style: ``"type": "OBJECT"``, as the google-genai SDK sends
+    it) as JSON Schema: every ``type`` lower-case (``TYPE_UNSPECIFIED`` removed), through
+    ``properties``, ``items``, ``anyOf`` and ``additionalProperties``; other keys are kept."""
+    if not isinstance(schema, dict):
+        return schema
+    out = {}
+    for key, value in schema.items():
+        if key == "type":
+            if isinstance(value, str):
+                if value.upper() == "TYPE_UNSPECIFIED":
+                    continue
+                value = value.lower()
+            elif isinstance(value, list):
+                value = [v.lower() if isinstance(v, str) else v for v in value]
+        elif key == "properties" and isinstance(value, dict):
+            value = {name: _json_schema(sub) for name, sub in value.items()}
+        elif key in ("items", "additionalProperties"):
+            value = _json_schema(value)
+        elif key in ("anyOf", "any_of") and isinstance(value, list):
+            value = [_json_schema(sub) for sub in value]
+        out[key] = value
+    return out
+
+
 def _from_gemini(req: dict, resp, dropped: Counter, endpoint: str) -> Conversation:
     if ":generateContent" not in endpoint and ":streamGenerateContent" not in endpoint:
         raise Skip("not_chat")
@@ -714,7 +746,11 @@ def _from_gemini(req: dict, resp, dropped: Counter, endpoint: str) -> Conversati
         if isinstance(decls, list):
             for d in decls:
                 if isinstance(d, dict):
-                    params = _get(d, "parameters", "parametersJsonSchema", "parameters_json_schema")
+                    params = d.get("parameters")
+                    if isinstance(params, dict):
+                        params = _json_schema(params)
+                    else:  # already JSON Schema
+                        params = _get(d, "parametersJsonSchema", "parameters_json_schema")
                     tools.append(_function_tool(d.get("name"), d.get("description"), params))
         else:
             dropped.add("server_tool")

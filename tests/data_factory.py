@@ -346,6 +346,26 @@ def gemini_session(clock: Clock, session_id: str = "gem-1") -> list:
     return [first, second]
 
 
+def gemini_sdk_tools(clock: Clock, session_id: str = "gem-sdk") -> dict:
+    """A call as the google-genai SDK sends function declarations: ``parameters`` in Gemini's
+    OpenAPI-style Schema (upper-case types, ``format``, ``propertyOrdering``, ``nullable``), and
+    one declaration with ``parametersJsonSchema`` (JSON Schema already)."""
+    weather = {"name": "get_weather", "description": "Weather for a city.", "parameters": {
+        "type": "OBJECT", "required": ["city"], "propertyOrdering": ["city", "days", "units", "tags", "filter"],
+        "properties": {
+            "city": {"type": "STRING", "description": "City name"},
+            "days": {"type": "INTEGER", "format": "int32", "minimum": 1},
+            "units": {"type": "STRING", "enum": ["metric", "imperial"], "nullable": True},
+            "tags": {"type": "ARRAY", "items": {"type": "STRING"}},
+            "filter": {"type": "OBJECT", "properties": {"type": {"type": "STRING"}, "max": {"type": "NUMBER"}}},
+            "when": {"anyOf": [{"type": "STRING", "format": "date-time"}, {"type": "BOOLEAN"}]}}}}
+    lookup = {"name": "lookup", "parametersJsonSchema": {
+        "type": "object", "properties": {"q": {"type": "string"}}, "additionalProperties": False}}
+    return gemini(clock, session_id, [{"role": "user", "parts": [{"text": "Weather in Berlin?"}]}],
+                  [{"functionCall": {"name": "get_weather", "args": {"city": "Berlin"}}}],
+                  model="gemini-2.5-flash", tools=[{"functionDeclarations": [weather, lookup]}])
+
+
 # ---------------------------------------------------------------- not chat-like, errors, endings
 
 def embeddings(clock: Clock, session_id: str) -> dict:

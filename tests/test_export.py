@@ -681,6 +681,31 @@ class TestLegacyFunctions(AuditCase):
                          [("{\"t\": 1}", "call_1_1"), ("{\"w\": 2}", "call_1_0")])
 
 
+class TestGeminiSchemas(AuditCase):
+    def test_openapi_types_become_json_schema(self) -> None:
+        # The SDK's upper-case types were copied as they are (an audit's finding): not JSON Schema.
+        rec = df.gemini_sdk_tools(df.Clock(seed=34))
+        weather, lookup = self.rows([rec])[0]["tools"]
+        self.assertEqual(weather["function"]["parameters"], {
+            "type": "object", "required": ["city"], "propertyOrdering": ["city", "days", "units", "tags", "filter"],
+            "properties": {
+                "city": {"type": "string", "description": "City name"},
+                "days": {"type": "integer", "format": "int32", "minimum": 1},
+                "units": {"type": "string", "enum": ["metric", "imperial"], "nullable": True},
+                "tags": {"type": "array", "items": {"type": "string"}},
+                "filter": {"type": "object", "properties": {"type": {"type": "string"}, "max": {"type": "number"}}},
+                "when": {"anyOf": [{"type": "string", "format": "date-time"}, {"type": "boolean"}]}}})
+        self.assertEqual(lookup["function"]["parameters"],
+                         rec["request_body"]["tools"][0]["functionDeclarations"][1]["parametersJsonSchema"])
+        tools = json.loads(self.rows([rec], "--format", "sharegpt")[0]["tools"])
+        self.assertEqual(tools[0]["parameters"], weather["function"]["parameters"])
+        self.assertEqual(rec["request_body"]["tools"][0]["functionDeclarations"][0]["parameters"]["type"], "OBJECT")
+
+    def test_unspecified_type_is_left_out(self) -> None:
+        self.assertEqual(export._json_schema({"type": "TYPE_UNSPECIFIED", "description": "any"}),
+                         {"description": "any"})
+
+
 def _refuse_constant(name: str) -> None:
     raise ValueError("%s is not JSON" % name)
 
