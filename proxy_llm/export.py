@@ -53,6 +53,12 @@ SDK) become JSON Schema: every ``type`` lower-case through ``properties``,
 out, other keys (``nullable``, ``format``, ``propertyOrdering``) kept;
 ``parametersJsonSchema`` is JSON Schema already and kept as it is.
 
+A prefill (Anthropic messages ending with an assistant message; an
+OpenAI-compatible last assistant message with ``"prefix": true``, DeepSeek and
+Mistral) is continued by the answer: one assistant message, its text the
+prefill's then the answer's with no separator, the prefill's thinking and tool
+calls before the answer's; an empty answer to a prefill is ``no_response``.
+
 A Responses API request that continues a stored conversation with
 ``previous_response_id`` carries only its new input: it is exported as it is
 (the earlier turns are in the earlier records).  Text parts of one message are
@@ -391,8 +397,14 @@ def _from_openai_chat(req: dict, resp, dropped: Counter) -> Conversation:
         raise Skip("no_response")
     message = dict(message, role="assistant")
     conv = _openai_message(message, dropped)
-    _openai_pair(conv, out, pending)
-    out.append(conv)
+    last = messages[-1] if messages else None
+    if out and out[-1]["role"] == "assistant" and isinstance(last, dict) and last.get("role") == "assistant" \
+            and last.get("prefix") is True:  # DeepSeek / Mistral prefix completion
+        _continue(out[-1], [conv])
+        _openai_pair(out[-1], out[:-1], pending)
+    else:
+        _openai_pair(conv, out, pending)
+        out.append(conv)
     tools = []
     for tool in _list(req.get("tools")):
         fn = tool.get("function") if isinstance(tool, dict) else None
@@ -598,6 +610,23 @@ def _anthropic_message(role: str, content, dropped: Counter) -> list:
     return tool_messages
 
 
+def _continue(prefill: dict, answer: list) -> None:
+    """Fold the ``answer`` (its internal messages) to a prefill (a request ending with an
+    assistant message) into the prefill's message: its text continues the prefill's last text
+    with no separator; the answer's other parts, thinking and tool calls follow the prefill's.
+    Skip("no_response") when the answer is empty (only the prefill would be exported)."""
+    if len(answer) != 1 or not _assistant_has_content(answer[0]):
+        raise Skip("no_response")
+    answer = answer[0]
+    parts = answer["parts"]
+    if prefill["parts"] and parts and prefill["parts"][-1]["type"] == "text" and parts[0]["type"] == "text":
+        prefill["parts"][-1] = {"type": "text", "text": prefill["parts"][-1]["text"] + parts[0]["text"]}
+        parts = parts[1:]
+    prefill["parts"].extend(parts)
+    prefill["thinking"].extend(answer["thinking"])
+    prefill["tool_calls"].extend(answer["tool_calls"])
+
+
 def _from_anthropic(req: dict, resp, dropped: Counter) -> Conversation:
     messages = req.get("messages")
     if not isinstance(messages, list):
@@ -618,7 +647,12 @@ def _from_anthropic(req: dict, resp, dropped: Counter) -> Conversation:
             out.extend(_anthropic_message(message["role"], message.get("content"), dropped))
     if not isinstance(resp, dict) or not isinstance(resp.get("content"), list):
         raise Skip("no_response")
-    out.extend(_anthropic_message("assistant", resp["content"], dropped))
+    answer = _anthropic_message("assistant", resp["content"], dropped)
+    if out and out[-1]["role"] == "assistant" and messages and isinstance(messages[-1], dict) \
+            and messages[-1].get("role") == "assistant":
+        _continue(out[-1], answer)  # a prefill: the answer continues it
+    else:
+        out.extend(answer)
     tools = []
     for tool in _list(req.get("tools")):
         if isinstance(tool, dict) and "input_schema" in tool and tool.get("type", "custom") == "custom":

@@ -306,6 +306,17 @@ def agent_session_with_fork(clock: Clock, session_id: str = "agent-1") -> dict:
             "kept_ids": [t3["id"], f2["id"], title["id"]]}
 
 
+def anthropic_prefill(clock: Clock, session_id: str = "prefill", prefill="{",
+                      content=None, tools=None) -> dict:
+    """A call whose messages end with an assistant prefill (``"{"``) that the answer continues."""
+    if content is None:
+        content = [{"type": "text", "text": "\"city\": \"Paris\", \"country\": \"FR\"}"}]
+    messages = [{"role": "user", "content": "Give Paris as JSON with city and country."},
+                {"role": "assistant", "content": prefill}]
+    return anthropic(clock, session_id, messages, content, tools=tools, stream=False,
+                     session_source="header")
+
+
 # ---------------------------------------------------------------- Gemini
 
 def gemini(clock: Clock, session_id: str, contents: list, parts: list, *, system=None, tools=None,

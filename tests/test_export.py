@@ -706,6 +706,49 @@ class TestGeminiSchemas(AuditCase):
                          {"description": "any"})
 
 
+class TestPrefill(AuditCase):
+    def test_the_answer_continues_the_prefill_in_one_message(self) -> None:
+        # It was two assistant messages, the last a fragment (an audit's finding).
+        rec = df.anthropic_prefill(df.Clock(seed=35))
+        msgs = self.rows([rec])[0]["messages"]
+        self.assertEqual(msgs, [{"role": "user", "content": "Give Paris as JSON with city and country."},
+                                {"role": "assistant", "content": "{\"city\": \"Paris\", \"country\": \"FR\"}"}])
+        turns = self.rows([rec], "--format", "sharegpt")[0]["conversations"]
+        self.assertEqual(turns, [{"from": "human", "value": "Give Paris as JSON with city and country."},
+                                 {"from": "gpt", "value": "{\"city\": \"Paris\", \"country\": \"FR\"}"}])
+
+    def test_blocks_of_the_prefill_and_of_the_answer_are_kept_in_order(self) -> None:
+        clock = df.Clock(seed=36)
+        prefill = [{"type": "thinking", "thinking": "Plan first.", "signature": "s"},
+                   {"type": "text", "text": "Let me check"}]
+        answer = [{"type": "text", "text": " the weather."},
+                  {"type": "tool_use", "id": "toolu_9", "name": "get_weather", "input": {"city": "Paris"}}]
+        rec = df.anthropic_prefill(clock, prefill=prefill, content=answer)
+        last = self.rows([rec], "--include-thinking")[0]["messages"][-1]
+        self.assertEqual(last["content"], "Let me check the weather.")
+        self.assertEqual(last["reasoning_content"], "Plan first.")
+        self.assertEqual([c["id"] for c in last["tool_calls"]], ["toolu_9"])
+
+    def test_an_empty_answer_to_a_prefill_is_skipped(self) -> None:
+        rec = df.anthropic_prefill(df.Clock(seed=37), content=[])
+        with self.assertRaises(export.Skip) as ctx:
+            export.convert(rec)
+        self.assertEqual(ctx.exception.reason, "no_response")
+
+    def test_openai_compatible_prefix_completion(self) -> None:
+        # DeepSeek's (and Mistral's) prefix completion: "prefix": true on the last assistant message.
+        messages = [{"role": "user", "content": "Write quicksort in Python."},
+                    {"role": "assistant", "content": "```python\n", "prefix": True}]
+        rec = df.openai_chat(df.Clock(seed=38), "p", messages, {"content": "def qs(a): ...\n```"},
+                             model="deepseek-chat")
+        msgs = self.rows([rec])[0]["messages"]
+        self.assertEqual(msgs[1:], [{"role": "assistant", "content": "```python\ndef qs(a): ...\n```"}])
+        messages[-1].pop("prefix")  # without it the answer is a new message
+        rec = df.openai_chat(df.Clock(seed=38), "p", messages, {"content": "Done."})
+        self.assertEqual([m["parts"] for m in export.convert(rec).messages[1:]],
+                         [[{"type": "text", "text": "```python\n"}], [{"type": "text", "text": "Done."}]])
+
+
 def _refuse_constant(name: str) -> None:
     raise ValueError("%s is not JSON" % name)
 
