@@ -61,7 +61,8 @@ calls before the answer's; an empty answer to a prefill is ``no_response``.
 
 A Responses API request that continues a stored conversation with
 ``previous_response_id`` carries only its new input: it is exported as it is
-(the earlier turns are in the earlier records).  Text parts of one message are
+(the earlier turns are in the earlier records), but for tool results whose call
+is in an earlier record (see below).  Text parts of one message are
 joined with a newline.  Without
 ``--include-images`` every ``content`` is a string (``null`` is never written;
 an assistant message with only tool calls has no ``content`` key); with it,
@@ -76,6 +77,13 @@ the summary: ``thinking`` and ``image`` (without their flag),
 ``file``/``document`` parts, images inside tool results, server-side tools
 (``web_search``, ``googleSearch``, ...) and their blocks, non-function tool
 calls, extra choices (``n > 1``: only choice 0 is exported).
+
+Every ``tool`` message answers a call of the assistant message before it (only
+``tool`` messages between), as the fine-tuning format requires: a result whose
+call is not there (dropped, or in an earlier record) is dropped, counted
+``orphan_tool_result``.  An assistant message before the answer left with
+nothing to write (no text, no tool calls, no thinking written) is left out of
+both chat formats, counted ``empty_assistant_turn``; the messages around it stay.
 
 Skipped records (counted by reason): ``not_chat`` (embeddings, model lists,
 token counting, legacy completions, anything not a chat dialect), ``error``
@@ -818,9 +826,33 @@ def convert(record: dict, dropped: Counter | None = None) -> Conversation:
         conv = _from_anthropic(req, resp, dropped)
     else:
         conv = _from_gemini(req, resp, dropped, str(record.get("endpoint") or ""))
+    conv.messages = _pair_check(conv.messages, dropped)
     if not conv.messages or conv.messages[-1]["role"] != "assistant" or not _assistant_has_content(conv.messages[-1]):
         raise Skip("no_response")
     return conv
+
+
+def _pair_check(messages: list, dropped: Counter) -> list:
+    """The rule of the OpenAI chat format: a ``tool`` message answers a call of the assistant
+    message before it (only tool messages between).  A call still without an id (a damaged
+    record) gets ``call_<m>_<k>``; a result that answers no such call (its call was dropped, as a
+    non-function tool call is, or is not in the record) is dropped, counted ``orphan_tool_result``."""
+    out = []
+    calls = set()
+    for index, m in enumerate(messages):
+        if m["role"] == "assistant":
+            for k, call in enumerate(m["tool_calls"]):
+                if not isinstance(call["id"], str) or not call["id"]:
+                    call["id"] = "call_%d_%d" % (index, k)
+            calls = {call["id"] for call in m["tool_calls"]}
+        elif m["role"] == "tool":
+            if not isinstance(m["tool_call_id"], str) or m["tool_call_id"] not in calls:
+                dropped.add("orphan_tool_result")
+                continue
+        else:
+            calls = set()
+        out.append(m)
+    return out
 
 
 # ============================================================== rendering
@@ -844,7 +876,8 @@ def _count_excluded(m: dict, opts: Options, dropped: Counter) -> None:
 def render_openai_chat(conv: Conversation, opts: Options, dropped: Counter) -> dict:
     """The OpenAI fine-tuning row of a conversation (see module docstring)."""
     messages = []
-    for m in conv.messages:
+    last = len(conv.messages) - 1
+    for i, m in enumerate(conv.messages):
         _count_excluded(m, opts, dropped)
         out = {"role": m["role"]}
         if opts.include_images:
@@ -871,6 +904,10 @@ def render_openai_chat(conv: Conversation, opts: Options, dropped: Counter) -> d
                                      for c in m["tool_calls"]]
         if m["role"] == "tool":
             out["tool_call_id"] = m["tool_call_id"]
+        if m["role"] == "assistant" and i < last and not (
+                out.get("content") or out.get("tool_calls") or out.get("reasoning_content")):
+            dropped.add("empty_assistant_turn")  # nothing left of it (audio, thinking, ...)
+            continue
         messages.append(out)
     row = {"messages": messages}
     if conv.tools:
@@ -898,7 +935,8 @@ def render_sharegpt(conv: Conversation, opts: Options, dropped: Counter) -> dict
     turns = []
     images = []
     names = {"system": "system", "user": "human", "assistant": "gpt", "tool": "observation"}
-    for m in conv.messages:
+    last = len(conv.messages) - 1
+    for i, m in enumerate(conv.messages):
         _count_excluded(m, opts, dropped)
         pieces = []
         for p in m["parts"]:
@@ -911,6 +949,9 @@ def render_sharegpt(conv: Conversation, opts: Options, dropped: Counter) -> dict
         if m["role"] == "assistant":
             if m["thinking"] and opts.include_thinking:
                 value = "<think>\n%s\n</think>\n\n%s" % ("\n".join(m["thinking"]), value)
+            if not value and not m["tool_calls"] and i < last:
+                dropped.add("empty_assistant_turn")
+                continue
             if value or not m["tool_calls"]:
                 turns.append({"from": "gpt", "value": value})
             if m["tool_calls"]:

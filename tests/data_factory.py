@@ -189,6 +189,23 @@ def openai_functions_session(clock: Clock, session_id: str = "oa-functions") -> 
     return [first, second]
 
 
+def openai_custom_tool_call(clock: Clock, session_id: str = "oa-custom", with_function: bool = False) -> dict:
+    """A call whose history holds a ``custom`` tool call (free-form input, GPT-5's apply_patch)
+    and its result; with ``with_function``, a function call in the same message and its result."""
+    custom = {"type": "custom", "custom": {"name": "apply_patch", "description": "Apply a patch"}}
+    calls = [{"id": "call_C1", "type": "custom", "custom": {"name": "apply_patch", "input": "*** Begin Patch"}}]
+    results = [{"role": "tool", "tool_call_id": "call_C1", "content": "ok"}]
+    tools = [custom]
+    if with_function:
+        calls.append({"id": "call_F1", "type": "function",
+                      "function": {"name": "get_weather", "arguments": "{\"city\": \"Paris\"}"}})
+        results.append({"role": "tool", "tool_call_id": "call_F1", "content": "{\"temp\": 18}"})
+        tools.append(WEATHER_TOOL)
+    messages = [{"role": "user", "content": "Patch app.py"},
+                {"role": "assistant", "content": None, "tool_calls": calls}] + results
+    return openai_chat(clock, session_id, messages, {"content": "Patched."}, tools=tools, model="gpt-5")
+
+
 # ---------------------------------------------------------------- OpenAI Responses
 
 def openai_responses(clock: Clock, session_id: str, input_, output: list, *, instructions=None,

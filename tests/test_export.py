@@ -749,6 +749,54 @@ class TestPrefill(AuditCase):
                          [[{"type": "text", "text": "```python\n"}], [{"type": "text", "text": "Done."}]])
 
 
+class TestDroppedCalls(AuditCase):
+    def test_the_result_of_a_dropped_call_and_the_empty_turn_go_too(self) -> None:
+        # They stayed: a tool message answering no call and an invented empty assistant message
+        # (an audit's finding).
+        rec = df.openai_custom_tool_call(df.Clock(seed=39))
+        self.assertEqual(self.rows([rec])[0]["messages"], [{"role": "user", "content": "Patch app.py"},
+                                                           {"role": "assistant", "content": "Patched."}])
+        self.assertIn("dropped parts: empty_assistant_turn 1, orphan_tool_result 1, server_tool 1, "
+                      "tool_call:custom 1;", self.summary)
+        turns = self.rows([rec], "--format", "sharegpt")[0]["conversations"]
+        self.assertEqual([t["from"] for t in turns], ["human", "gpt"])
+        self.assertIn("empty_assistant_turn 1, orphan_tool_result 1", self.summary)
+
+    def test_the_function_call_beside_it_and_its_result_stay(self) -> None:
+        rec = df.openai_custom_tool_call(df.Clock(seed=40), with_function=True)
+        msgs = self.rows([rec])[0]["messages"]
+        self.assertEqual([m["role"] for m in msgs], ["user", "assistant", "tool", "assistant"])
+        self.assertEqual([c["id"] for c in msgs[1]["tool_calls"]], ["call_F1"])
+        self.assertEqual(msgs[2]["tool_call_id"], "call_F1")
+        self.assertIn("orphan_tool_result 1", self.summary)
+        self.assertNotIn("empty_assistant_turn", self.summary)
+
+    def test_results_after_a_user_message_or_without_a_call_are_orphans(self) -> None:
+        clock = df.Clock(seed=41)
+        call = {"role": "assistant", "tool_calls": [{"id": "c1", "type": "function",
+                                                     "function": {"name": "f", "arguments": "{}"}}]}
+        messages = [{"role": "tool", "tool_call_id": "c0", "content": "no call before"},
+                    {"role": "user", "content": "go"}, call,
+                    {"role": "tool", "tool_call_id": "c1", "content": "answer"},
+                    {"role": "user", "content": "and?"},
+                    {"role": "tool", "tool_call_id": "c1", "content": "late"}]
+        rec = df.openai_chat(clock, "o", messages, {"content": "done"})
+        msgs = self.rows([rec])[0]["messages"]
+        self.assertEqual([m["role"] for m in msgs], ["user", "assistant", "tool", "user", "assistant"])
+        self.assertIn("orphan_tool_result 2", self.summary)
+
+    def test_an_assistant_turn_with_only_thinking_is_left_out_without_the_flag(self) -> None:
+        clock = df.Clock(seed=42)
+        history = [{"role": "user", "content": "a"},
+                   {"role": "assistant", "content": [{"type": "thinking", "thinking": "hm", "signature": "s"}]},
+                   {"role": "user", "content": "b"}]
+        rec = df.anthropic(clock, "t", history, [{"type": "text", "text": "c"}])
+        self.assertEqual([m["role"] for m in self.rows([rec])[0]["messages"]], ["user", "user", "assistant"])
+        self.assertIn("dropped parts: empty_assistant_turn 1, thinking 1;", self.summary)
+        msgs = self.rows([rec], "--include-thinking")[0]["messages"]
+        self.assertEqual(msgs[1], {"role": "assistant", "content": "", "reasoning_content": "hm"})
+
+
 def _refuse_constant(name: str) -> None:
     raise ValueError("%s is not JSON" % name)
 
