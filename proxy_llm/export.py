@@ -23,7 +23,8 @@ OpenAI chat message    OpenAI chat request    Responses API           Anthropic 
 ``user``               user                   user items, string      user text/image        ``user`` text/image
                                               ``input``               blocks                 parts
 ``assistant`` content  assistant content,     assistant message       ``text`` blocks        ``model`` text parts
-                       refusal                items, output_text
+                       refusal, audio         items, output_text
+                       transcript
 ``assistant``          ``tool_calls``         ``function_call`` items ``tool_use`` (input    ``functionCall``
 ``tool_calls``         (function type);       (``call_id``)           dumped to JSON text)   (args as JSON text)
                        legacy
@@ -52,6 +53,10 @@ SDK) become JSON Schema: every ``type`` lower-case through ``properties``,
 ``items``, ``anyOf`` and ``additionalProperties``, ``TYPE_UNSPECIFIED`` left
 out, other keys (``nullable``, ``format``, ``propertyOrdering``) kept;
 ``parametersJsonSchema`` is JSON Schema already and kept as it is.
+
+An assistant ``audio`` (an answer in audio, or its ``{"id"}`` in the history)
+is counted as dropped ``audio``; its ``transcript`` is the message's text when
+it has no other.
 
 A prefill (Anthropic messages ending with an assistant message; an
 OpenAI-compatible last assistant message with ``"prefix": true``, DeepSeek and
@@ -332,6 +337,11 @@ def _openai_message(m: dict, dropped: Counter):
     if role == "assistant":
         if not out["parts"]:
             _text(out["parts"], m.get("refusal"))
+        audio = m.get("audio")
+        if isinstance(audio, dict):  # an audio answer, or its {"id"} in the history
+            dropped.add("audio")
+            if not out["parts"]:
+                _text(out["parts"], audio.get("transcript"))
         for key in ("reasoning_content", "reasoning"):
             if isinstance(m.get(key), str) and m[key]:
                 out["thinking"].append(m[key])

@@ -206,6 +206,21 @@ def openai_custom_tool_call(clock: Clock, session_id: str = "oa-custom", with_fu
     return openai_chat(clock, session_id, messages, {"content": "Patched."}, tools=tools, model="gpt-5")
 
 
+def openai_audio_session(clock: Clock, session_id: str = "oa-audio") -> list:
+    """An audio conversation: an answer in audio (``audio`` with its transcript, no content),
+    then a call whose history refers to it by ``{"audio": {"id"}}`` only, as OpenAI documents."""
+    say = {"role": "user", "content": "Say hi"}
+    audio = {"id": "audio_abc123", "expires_at": 1795003600, "data": "UklGRiQAAABXQVZF",
+             "transcript": "Hi there!"}
+    first = openai_chat(clock, session_id, [say], {"content": None, "audio": audio},
+                        model="gpt-4o-audio-preview")
+    first["request_body"].update(modalities=["text", "audio"], audio={"voice": "alloy", "format": "wav"})
+    history = [say, {"role": "assistant", "audio": {"id": "audio_abc123"}},
+               {"role": "user", "content": "Again, in text"}]
+    second = openai_chat(clock, session_id, history, {"content": "Hi again."}, model="gpt-4o-audio-preview")
+    return [first, second]
+
+
 # ---------------------------------------------------------------- OpenAI Responses
 
 def openai_responses(clock: Clock, session_id: str, input_, output: list, *, instructions=None,

@@ -797,6 +797,24 @@ class TestDroppedCalls(AuditCase):
         self.assertEqual(msgs[1], {"role": "assistant", "content": "", "reasoning_content": "hm"})
 
 
+class TestAssistantAudio(AuditCase):
+    def test_audio_is_counted_and_an_audio_only_turn_left_out(self) -> None:
+        # The turn was {"role": "assistant", "content": ""} and the audio not counted (an audit's finding).
+        first, second = df.openai_audio_session(df.Clock(seed=43))
+        self.assertEqual(self.rows([second])[0]["messages"], [
+            {"role": "user", "content": "Say hi"}, {"role": "user", "content": "Again, in text"},
+            {"role": "assistant", "content": "Hi again."}])
+        self.assertIn("dropped parts: audio 1, empty_assistant_turn 1;", self.summary)
+        turns = self.rows([second], "--format", "sharegpt")[0]["conversations"]
+        self.assertEqual([t["from"] for t in turns], ["human", "human", "gpt"])
+        self.assertIn("dropped parts: audio 1, empty_assistant_turn 1;", self.summary)
+
+    def test_an_audio_answer_is_exported_as_its_transcript(self) -> None:
+        first, _ = df.openai_audio_session(df.Clock(seed=44))
+        self.assertEqual(self.rows([first])[0]["messages"][-1], {"role": "assistant", "content": "Hi there!"})
+        self.assertIn("dropped parts: audio 1;", self.summary)
+
+
 def _refuse_constant(name: str) -> None:
     raise ValueError("%s is not JSON" % name)
 
