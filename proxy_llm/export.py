@@ -54,6 +54,10 @@ SDK) become JSON Schema: every ``type`` lower-case through ``properties``,
 out, other keys (``nullable``, ``format``, ``propertyOrdering``) kept;
 ``parametersJsonSchema`` is JSON Schema already and kept as it is.
 
+An Anthropic ``tool_result`` with ``is_error: true`` is a ``tool`` message like
+any other (the OpenAI format has no error flag; the text, usually the error,
+is kept); the flag is counted as dropped ``tool_result_is_error``.
+
 An assistant ``audio`` (an answer in audio, or its ``{"id"}`` in the history)
 is counted as dropped ``audio``; its ``transcript`` is the message's text when
 it has no other.
@@ -579,6 +583,8 @@ def _anthropic_image(block: dict, parts: list, dropped: Counter) -> None:
 def _anthropic_tool_result(block: dict, dropped: Counter) -> dict:
     m = _msg("tool")
     m["tool_call_id"] = block.get("tool_use_id")
+    if block.get("is_error") is True:  # the format has no such flag: the text is kept, the flag counted
+        dropped.add("tool_result_is_error")
     content = block.get("content")
     if isinstance(content, str):
         _text(m["parts"], content)

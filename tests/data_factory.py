@@ -338,6 +338,18 @@ def agent_session_with_fork(clock: Clock, session_id: str = "agent-1") -> dict:
             "kept_ids": [t3["id"], f2["id"], title["id"]]}
 
 
+def anthropic_tool_error(clock: Clock, session_id: str = "tool-error") -> dict:
+    """A call whose history holds a ``tool_result`` with ``is_error: true``."""
+    tools = [{"name": "get_weather", "input_schema": {"type": "object", "properties": {"city": {"type": "string"}}}}]
+    messages = [{"role": "user", "content": "Weather in Xyz?"},
+                {"role": "assistant", "content": [{"type": "tool_use", "id": "toolu_1", "name": "get_weather",
+                                                   "input": {"city": "Xyz"}}]},
+                {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_1", "is_error": True,
+                                              "content": "city not found"}]}]
+    return anthropic(clock, session_id, messages, [{"type": "text", "text": "Sorry, I do not know Xyz."}],
+                     tools=tools)
+
+
 def anthropic_prefill(clock: Clock, session_id: str = "prefill", prefill="{",
                       content=None, tools=None) -> dict:
     """A call whose messages end with an assistant prefill (``"{"``) that the answer continues."""

@@ -325,6 +325,29 @@ class TestHFDatasets(unittest.TestCase):
         else:
             self.skipTest("this datasets version infers the schema from every block")
 
+    def test_exports_of_the_audited_shapes_load(self) -> None:
+        """Legacy functions, Gemini SDK schemas, a prefill, a custom tool call, an audio history
+        and a tool error beside the mixed data dir: every chat export loads, and the tool call ids
+        are a string column (they were null for legacy function calls)."""
+        data = os.path.join(self.tmp, "audited")
+        shutil.copytree(self.data, data)
+        clock = df.Clock(seed=47)
+        recs = (df.openai_functions_session(clock) + [df.gemini_sdk_tools(clock), df.anthropic_prefill(clock),
+                df.openai_custom_tool_call(clock, with_function=True), df.anthropic_tool_error(clock)]
+                + df.openai_audio_session(clock))
+        df.DataDirWriter(data).write_records(recs, stamp="20261128_000000")
+        for name, argv in (("a_chat", ("--format", "openai-chat")),
+                           ("a_chat_all", ("--format", "openai-chat", "--include-thinking", "--include-images")),
+                           ("a_sharegpt", ("--format", "sharegpt"))):
+            out = os.path.join(self.tmp, name + ".jsonl")
+            self.assertEqual(run_export(data, out, *argv), 0)
+            ds = self.load(out, chunksize=os.path.getsize(out) + 1)
+            self.assertEqual(len(ds), count_lines(out))
+            if "openai-chat" in argv:
+                ids = [call["id"] for row in ds for m in row["messages"] for call in (m.get("tool_calls") or [])]
+                self.assertTrue(ids)
+                self.assertTrue(all(isinstance(i, str) for i in ids), ids)
+
     def test_split_files(self) -> None:
         out = os.path.join(self.tmp, "split.jsonl")
         self.assertEqual(run_export(self.data, out, "--format", "openai-chat", "--split", "0.7"), 0)

@@ -815,6 +815,17 @@ class TestAssistantAudio(AuditCase):
         self.assertIn("dropped parts: audio 1;", self.summary)
 
 
+class TestToolErrors(AuditCase):
+    def test_the_is_error_flag_is_counted(self) -> None:
+        # It was lost without a count (an audit's finding).
+        rec = df.anthropic_tool_error(df.Clock(seed=45))
+        msgs = self.rows([rec])[0]["messages"]
+        self.assertEqual(msgs[2], {"role": "tool", "content": "city not found", "tool_call_id": "toolu_1"})
+        self.assertIn("dropped parts: tool_result_is_error 1;", self.summary)
+        self.rows(df.agent_session_with_fork(df.Clock(seed=46))["records"])  # is_error false: no count
+        self.assertNotIn("is_error", self.summary)
+
+
 def _refuse_constant(name: str) -> None:
     raise ValueError("%s is not JSON" % name)
 
