@@ -385,6 +385,16 @@ class OpenAIChatEdgesTest(unittest.TestCase):
         call = self.chat.reassemble(evs).response_body["choices"][0]["message"]["tool_calls"][0]
         self.assertEqual(call, {"id": "call_1", "type": "function", "function": {"name": "f", "arguments": "{}"}})
 
+    def test_obfuscation_is_not_copied(self):
+        # OpenAI pads every chunk with a random "obfuscation" string: not part of the response.
+        for name in ("openai_chat", "openai_completions"):
+            evs = events_of(self.chunk([{"index": 0, "delta": {"content": "a"}, "text": "a"}], obfuscation="q8Zr"),
+                            self.chunk([{"index": 0, "delta": {}, "finish_reason": "stop"}], obfuscation="Ab"),
+                            "[DONE]")
+            body = DIALECTS[name].reassemble(evs).response_body
+            self.assertNotIn("obfuscation", body, name)
+            self.assertEqual(body["id"], "c1")
+
     def test_choices_out_of_order_and_sparse(self):
         evs = events_of(self.chunk([{"index": 2, "delta": {"content": "c"}}]),
                         self.chunk([{"index": 0, "delta": {"content": "a"}, "finish_reason": "stop"}]))
@@ -576,6 +586,89 @@ class MutationFuzzTest(unittest.TestCase):
                     if res.error is not None:
                         self.assertNotEqual(res.error["type"], REASSEMBLY_ERROR, res.error)
                     json.dumps(res.to_json())
+
+
+# The SDKs' own stream accumulators, called directly (no HTTP), for differential tests of
+# single edges; tests/test_dialects_sdk.py replays whole fixtures through the SDK clients.
+try:
+    from openai._models import construct_type as _oai_construct
+    from openai._streaming import SSEDecoder as _OAIDecoder
+    from openai.lib.streaming.chat._completions import ChatCompletionStreamState
+    from openai.types.chat import ChatCompletionChunk
+except Exception:  # pragma: no cover - optional (ImportError, or a moved private module)
+    ChatCompletionStreamState = None
+try:
+    from anthropic._streaming import SSEDecoder as _AntDecoder
+    from anthropic.lib.streaming._messages import accumulate_event as _ant_accumulate
+except Exception:  # pragma: no cover - optional
+    _ant_accumulate = None
+
+
+def sse_bytes(*payloads):
+    """An SSE body: one ``data:`` event per payload (str payloads sent as is); typed payloads
+    also get their ``event:`` line, as Anthropic sends them."""
+    out = []
+    for p in payloads:
+        if isinstance(p, str):
+            out.append("data: %s\n\n" % p)
+        else:
+            named = "event: %s\n" % p["type"] if isinstance(p.get("type"), str) else ""
+            out.append("%sdata: %s\n\n" % (named, json.dumps(p)))
+    return "".join(out).encode("utf-8")
+
+
+def ours_of(dialect, raw):
+    evs, _ = decode_stream("text/event-stream", [(0.0, raw)], 1 << 20)
+    return DIALECTS[dialect].reassemble([e for _, e in evs])
+
+
+def without_nulls(value):
+    if isinstance(value, dict):
+        return dict((k, without_nulls(v)) for k, v in value.items() if v is not None)
+    if isinstance(value, list):
+        return [without_nulls(v) for v in value]
+    return value
+
+
+@unittest.skipUnless(ChatCompletionStreamState is not None, "openai SDK not installed")
+class OpenAIChatSDKAccumulatorTest(unittest.TestCase):
+    """Edges compared with the openai SDK's ChatCompletionStreamState, fed as openai.Stream
+    feeds it (it stops at [DONE])."""
+
+    maxDiff = None
+
+    def chunk(self, delta, finish_reason=None, **kw):
+        d = {"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 1, "model": "gpt-4o",
+             "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}]}
+        d.update(kw)
+        return d
+
+    def sdk(self, raw):
+        state = ChatCompletionStreamState()
+        for event in _OAIDecoder().iter_bytes(iter([raw])):
+            if event.data.startswith("[DONE]"):
+                break
+            state.handle_chunk(_oai_construct(type_=ChatCompletionChunk, value=event.json()))
+        out = state.get_final_completion().to_dict()
+        for choice in out["choices"]:
+            # The stream-only "index" of tool calls: a chat.completion has none, nor do we.
+            for call in choice["message"].get("tool_calls") or ():
+                call.pop("index", None)
+            choice["message"].pop("parsed", None)
+            for call in choice["message"].get("tool_calls") or ():
+                call.get("function", {}).pop("parsed_arguments", None)
+        return without_nulls(out)
+
+    def assertSameAsSDK(self, *payloads):
+        raw = sse_bytes(*payloads)
+        mine = ours_of("openai_chat", raw).response_body
+        self.assertEqual(without_nulls(mine), self.sdk(raw))
+        return mine
+
+    def test_obfuscation_dropped(self):
+        body = self.assertSameAsSDK(self.chunk({"role": "assistant", "content": "Hi"}, obfuscation="q8Zr"),
+                                    self.chunk({}, "stop", obfuscation="Ab"), "[DONE]")
+        self.assertNotIn("obfuscation", body)
 
 
 if __name__ == "__main__":

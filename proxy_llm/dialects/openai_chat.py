@@ -16,7 +16,11 @@ reassembled body has the shape of a non-streamed ``chat.completion``:
 * ``logprobs.content`` / ``logprobs.refusal`` lists are extended;
 * ``finish_reason``: the last non-null one;
 * ``usage``: the last non-null one (the usage-only final chunk has
-  ``choices: []``); a chunk ``{"error": {...}}`` sets ``Result.error``.
+  ``choices: []``); a chunk ``{"error": {...}}`` sets ``Result.error``;
+* other top-level fields (``id``, ``created``, ``model``, ``service_tier``, ...):
+  the first non-empty value, ``system_fingerprint`` the last non-null one;
+  ``obfuscation`` (random padding OpenAI puts on every chunk) is dropped, as the
+  SDK drops it.
 
 ``Result.complete``: ``[DONE]`` was seen, or every choice has a
 ``finish_reason`` and usage was received.
@@ -93,7 +97,10 @@ def merge_delta(acc, delta):
             acc[key] = value
 
 
-_NOT_HEAD = frozenset(("choices", "usage", "object", "error"))
+# Not copied from the chunks to the body: "obfuscation" is random padding OpenAI puts on every
+# chunk (stream_options.include_obfuscation, on by default), not part of the response; the
+# SDK drops it too.
+_NOT_HEAD = frozenset(("choices", "usage", "object", "error", "obfuscation"))
 
 
 def _empty(value):
