@@ -395,6 +395,22 @@ class OpenAIChatEdgesTest(unittest.TestCase):
             self.assertNotIn("obfuscation", body, name)
             self.assertEqual(body["id"], "c1")
 
+    def test_nothing_after_done(self):
+        # The SDK stops reading at [DONE]: text, usage and errors after it never reached the client.
+        for name in ("openai_chat", "openai_completions"):
+            evs = events_of(self.chunk([{"index": 0, "delta": {"content": "Hi"}, "text": "Hi", "finish_reason": "stop"}]),
+                            "[DONE]",
+                            self.chunk([{"index": 0, "delta": {"content": " extra"}, "text": " extra"}]),
+                            self.chunk([], usage={"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}),
+                            {"error": {"type": "server_error", "message": "late"}})
+            res = DIALECTS[name].reassemble(evs)
+            choice = res.response_body["choices"][0]
+            self.assertEqual(choice["message"]["content"] if name == "openai_chat" else choice["text"], "Hi")
+            self.assertNotIn("usage", res.response_body)
+            self.assertIsNone(res.tokens_used)
+            self.assertIsNone(res.error)
+            self.assertTrue(res.complete)
+
     def test_choices_out_of_order_and_sparse(self):
         evs = events_of(self.chunk([{"index": 2, "delta": {"content": "c"}}]),
                         self.chunk([{"index": 0, "delta": {"content": "a"}, "finish_reason": "stop"}]))
@@ -669,6 +685,13 @@ class OpenAIChatSDKAccumulatorTest(unittest.TestCase):
         body = self.assertSameAsSDK(self.chunk({"role": "assistant", "content": "Hi"}, obfuscation="q8Zr"),
                                     self.chunk({}, "stop", obfuscation="Ab"), "[DONE]")
         self.assertNotIn("obfuscation", body)
+
+    def test_stops_at_done(self):
+        body = self.assertSameAsSDK(self.chunk({"role": "assistant", "content": "Hi"}, "stop"), "[DONE]",
+                                    self.chunk({"content": " extra"}),
+                                    self.chunk({}, usage={"prompt_tokens": 1, "completion_tokens": 1,
+                                                          "total_tokens": 2}))
+        self.assertEqual(body["choices"][0]["message"]["content"], "Hi")
 
 
 if __name__ == "__main__":

@@ -23,7 +23,9 @@ reassembled body has the shape of a non-streamed ``chat.completion``:
   SDK drops it.
 
 ``Result.complete``: ``[DONE]`` was seen, or every choice has a
-``finish_reason`` and usage was received.
+``finish_reason`` and usage was received. Events after ``[DONE]`` are not
+reassembled (no text, usage or error comes from them): the SDK stops reading
+there, so the client never saw them; the streams file keeps them.
 
 Where the openai SDK's stream accumulation differs (checked by
 tests/test_dialects_sdk.py): it concatenates every string, so a repeated
@@ -217,9 +219,11 @@ class OpenAIChat(Dialect):
             data = ev.data
             if not data:
                 continue
-            if data.strip() == "[DONE]":
+            if data[0] != "{" and data.strip().startswith("[DONE]"):
+                # The end, as for the SDK (it stops reading at a data starting with
+                # [DONE]): what follows is kept in streams/ but not reassembled.
                 done = True
-                continue
+                break
             chunk = loads(data)
             if not isinstance(chunk, dict):
                 continue
