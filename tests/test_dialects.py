@@ -411,6 +411,21 @@ class OpenAIChatEdgesTest(unittest.TestCase):
             self.assertIsNone(res.error)
             self.assertTrue(res.complete)
 
+    def test_name_pieces_concatenated_repeats_not(self):
+        def call(**fn):
+            return self.chunk([{"index": 0, "delta": {"tool_calls": [
+                {"index": 0, "id": "call_1", "type": "function", "function": fn}]}}])
+        evs = events_of(call(name="get_", arguments=""), call(name="weather", arguments="{}"),
+                        call(name="get_weather"), call(name="get_weather", arguments=""))
+        fn = self.chat.reassemble(evs).response_body["choices"][0]["message"]["tool_calls"][0]["function"]
+        self.assertEqual(fn, {"name": "get_weather", "arguments": "{}"})
+        # Legacy function_call likewise.
+        evs = events_of(self.chunk([{"index": 0, "delta": {"function_call": {"name": "look", "arguments": ""}}}]),
+                        self.chunk([{"index": 0, "delta": {"function_call": {"name": "_up", "arguments": "{}"}}}]),
+                        self.chunk([{"index": 0, "delta": {"function_call": {"name": "look_up"}}}]))
+        msg = self.chat.reassemble(evs).response_body["choices"][0]["message"]
+        self.assertEqual(msg["function_call"], {"name": "look_up", "arguments": "{}"})
+
     def test_choices_out_of_order_and_sparse(self):
         evs = events_of(self.chunk([{"index": 2, "delta": {"content": "c"}}]),
                         self.chunk([{"index": 0, "delta": {"content": "a"}, "finish_reason": "stop"}]))
@@ -692,6 +707,32 @@ class OpenAIChatSDKAccumulatorTest(unittest.TestCase):
                                     self.chunk({}, usage={"prompt_tokens": 1, "completion_tokens": 1,
                                                           "total_tokens": 2}))
         self.assertEqual(body["choices"][0]["message"]["content"], "Hi")
+
+    def tool_chunk(self, **call):
+        return self.chunk({"tool_calls": [dict(call, index=0)]})
+
+    def test_tool_name_in_pieces(self):
+        body = self.assertSameAsSDK(
+            self.chunk({"role": "assistant", "tool_calls": [
+                {"index": 0, "id": "call_1", "type": "function", "function": {"name": "get_", "arguments": ""}}]}),
+            self.tool_chunk(function={"name": "weather", "arguments": "{\"city\":"}),
+            self.tool_chunk(function={"arguments": " \"Paris\"}"}), self.chunk({}, "tool_calls"), "[DONE]")
+        self.assertEqual(body["choices"][0]["message"]["tool_calls"][0]["function"]["name"], "get_weather")
+
+    def test_tool_name_repeated_known_difference(self):
+        # MiniMax through NVIDIA NIM and Fireworks repeat the whole name (and id) on every chunk:
+        # the SDK doubles it ("get_weatherget_weather", naming no tool); we keep it once.
+        raw = sse_bytes(
+            self.chunk({"role": "assistant", "tool_calls": [
+                {"index": 0, "id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": ""}}]}),
+            self.tool_chunk(id="call_1", type="function", function={"name": "get_weather", "arguments": "{}"}),
+            self.chunk({}, "tool_calls"), "[DONE]")
+        mine = without_nulls(ours_of("openai_chat", raw).response_body)
+        sdk = self.sdk(raw)
+        sdk_call = sdk["choices"][0]["message"]["tool_calls"][0]
+        self.assertEqual((sdk_call["id"], sdk_call["function"]["name"]), ("call_1call_1", "get_weatherget_weather"))
+        sdk_call.update(id="call_1", function={"name": "get_weather", "arguments": "{}"})
+        self.assertEqual(mine, sdk)
 
 
 if __name__ == "__main__":

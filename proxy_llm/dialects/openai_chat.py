@@ -9,10 +9,12 @@ reassembled body has the shape of a non-streamed ``chat.completion``:
 * string fields of ``delta`` (``content``, ``refusal``, ``reasoning_content``
   of vLLM/DeepSeek, ``reasoning`` of OpenRouter/newer vLLM, ...) are
   concatenated; ``content`` and ``refusal`` are null when never sent;
-* ``delta.tool_calls[]`` are matched by their ``index`` (``id``, ``type`` and
-  ``function.name`` come in the first delta only, ``function.arguments`` is
-  concatenated), so parallel calls stay apart; a delta without ``index``
-  matches by ``id`` or starts a new call;
+* ``delta.tool_calls[]`` are matched by their ``index``, so parallel calls
+  stay apart; a delta without ``index`` matches by ``id`` or starts a new
+  call. ``function.arguments`` is concatenated; ``function.name`` too (as the
+  SDK does: a server may split it), except a piece equal to the whole name so
+  far, which is the name sent again (MiniMax through NVIDIA NIM, Fireworks and
+  others repeat it on every chunk); ``id`` and ``type``: the first one sent;
 * ``logprobs.content`` / ``logprobs.refusal`` lists are extended;
 * ``finish_reason``: the last non-null one;
 * ``usage``: the last non-null one (the usage-only final chunk has
@@ -29,7 +31,8 @@ there, so the client never saw them; the streams file keeps them.
 
 Where the openai SDK's stream accumulation differs (checked by
 tests/test_dialects_sdk.py): it concatenates every string, so a repeated
-``role`` (vLLM) or tool call ``id`` becomes doubled text, and it keeps the
+``role`` (vLLM), tool call ``id`` or ``function.name`` becomes doubled text
+(``"read_fileread_file"``, which names no tool), and it keeps the
 stream-only ``index`` on tool calls; it raises on an error chunk. We follow
 the non-streamed ``chat.completion`` shape instead.
 """
@@ -41,8 +44,9 @@ from .base import (Dialect, Pieces, Result, append_text, error_from, finalize, i
 
 __all__ = ["OpenAIChat", "openai_usage", "merge_delta"]
 
-# Keys that identify rather than stream: never concatenated.
-_IDENTITY_KEYS = frozenset(("id", "type", "name", "role", "index", "object", "call_id"))
+# Keys that identify rather than stream: never concatenated. ("name" is concatenated unless
+# repeated whole: see merge_delta.)
+_IDENTITY_KEYS = frozenset(("id", "type", "role", "index", "object", "call_id"))
 
 
 def openai_usage(usage):
@@ -68,7 +72,8 @@ def merge_delta(acc, delta):
     """Merge a streamed ``delta`` dict into ``acc`` in place.
 
     Strings concatenate (except identity keys, where the first non-empty value
-    stays), lists extend, dicts merge recursively, other values replace;
+    stays, and a ``name`` equal to the whole name so far, which is the name
+    sent again), lists extend, dicts merge recursively, other values replace;
     None never overwrites. Concatenated text is kept as :class:`Pieces`:
     call :func:`finalize` on the result.
     """
@@ -89,6 +94,8 @@ def merge_delta(acc, delta):
             if key in _IDENTITY_KEYS:
                 if not old:
                     acc[key] = value
+            elif key == "name" and value == (old if type(old) is str else "".join(old)):
+                continue  # the whole name again, not a piece of it
             else:
                 append_text(acc, key, value)
         elif isinstance(value, list) and isinstance(old, list) and not isinstance(old, Pieces):
