@@ -477,6 +477,37 @@ class AnthropicEdgesTest(unittest.TestCase):
         content = self.d.reassemble(evs).response_body["content"]
         self.assertEqual([b["input"] for b in content], [{}, [1, 2], {"k": 1}])
 
+    def test_prefilled_input_stays_when_nothing_streamed(self):
+        # The SDK parses only a non-empty buffer: an empty (or no) partial_json keeps the start's input.
+        start = {"type": "message_start", "message": {"id": "m", "type": "message", "content": []}}
+        evs = events_of(
+            start,
+            {"type": "content_block_start", "index": 0, "content_block": {"type": "tool_use", "id": "t",
+                                                                          "name": "n", "input": {"city": "Paris"}}},
+            {"type": "content_block_delta", "index": 0, "delta": {"type": "input_json_delta", "partial_json": ""}},
+            {"type": "content_block_stop", "index": 0},
+            {"type": "content_block_start", "index": 1, "content_block": {"type": "tool_use", "id": "u",
+                                                                          "name": "n", "input": {"k": 1}}},
+            {"type": "content_block_delta", "index": 1, "delta": {"type": "input_json_delta", "partial_json": " "}},
+            {"type": "content_block_start", "index": 2, "content_block": {"type": "tool_use", "id": "v",
+                                                                          "name": "n"}},
+            {"type": "content_block_delta", "index": 2, "delta": {"type": "input_json_delta", "partial_json": ""}})
+        content = self.d.reassemble(evs).response_body["content"]
+        self.assertEqual([b["input"] for b in content], [{"city": "Paris"}, {"k": 1}, {}])
+
+    def test_message_delta_null_keeps_container(self):
+        evs = events_of(
+            {"type": "message_start", "message": {"id": "m", "type": "message", "content": [],
+                                                  "stop_sequence": "X", "container": {"id": "c1"}}},
+            {"type": "message_delta", "delta": {"stop_reason": "end_turn", "stop_sequence": None,
+                                                "container": None, "future_field": None}},
+            {"type": "message_stop"})
+        body = self.d.reassemble(evs).response_body
+        self.assertEqual(body["container"], {"id": "c1"})
+        self.assertIsNone(body["stop_sequence"])  # stop_sequence is set as sent, null too
+        self.assertEqual(body["stop_reason"], "end_turn")
+        self.assertNotIn("future_field", body)
+
     def test_unknown_delta_type_keeps_text(self):
         evs = events_of(
             {"type": "message_start", "message": {"id": "m", "content": []}},
@@ -733,6 +764,66 @@ class OpenAIChatSDKAccumulatorTest(unittest.TestCase):
         self.assertEqual((sdk_call["id"], sdk_call["function"]["name"]), ("call_1call_1", "get_weatherget_weather"))
         sdk_call.update(id="call_1", function={"name": "get_weather", "arguments": "{}"})
         self.assertEqual(mine, sdk)
+
+
+@unittest.skipUnless(_ant_accumulate is not None, "anthropic SDK not installed")
+class AnthropicSDKAccumulatorTest(unittest.TestCase):
+    """Edges compared with the anthropic SDK's accumulate_event, fed as its MessageStream feeds it."""
+
+    maxDiff = None
+    START = {"type": "message_start", "message": {
+        "id": "msg_1", "type": "message", "role": "assistant", "model": "claude-sonnet-4-5", "content": [],
+        "stop_reason": None, "stop_sequence": None, "usage": {"input_tokens": 5, "output_tokens": 1}}}
+
+    def sdk(self, raw):
+        snapshot, bufs = None, {}
+        for event in _AntDecoder().iter_bytes(iter([raw])):
+            if event.event in (None, "ping") or not event.data:
+                continue
+            snapshot = _ant_accumulate(event=event.json(), current_snapshot=snapshot, json_bufs=bufs)
+        return without_nulls(snapshot.to_dict(mode="json"))
+
+    def assertSameAsSDK(self, *payloads):
+        raw = sse_bytes(*payloads)
+        mine = ours_of("anthropic_messages", raw).response_body
+        self.assertEqual(without_nulls(mine), self.sdk(raw))
+        return mine
+
+    def test_prefilled_tool_input_kept(self):
+        body = self.assertSameAsSDK(
+            self.START,
+            {"type": "content_block_start", "index": 0, "content_block": {
+                "type": "tool_use", "id": "toolu_1", "name": "f", "input": {"city": "Paris"}}},
+            {"type": "content_block_delta", "index": 0, "delta": {"type": "input_json_delta", "partial_json": ""}},
+            {"type": "content_block_stop", "index": 0},
+            {"type": "content_block_start", "index": 1, "content_block": {
+                "type": "tool_use", "id": "toolu_2", "name": "f", "input": {"city": "Rome"}}},
+            {"type": "content_block_delta", "index": 1, "delta": {"type": "input_json_delta",
+                                                                  "partial_json": "{\"city\": \"Oslo\"}"}},
+            {"type": "content_block_stop", "index": 1},
+            {"type": "message_delta", "delta": {"stop_reason": "tool_use", "stop_sequence": None},
+             "usage": {"output_tokens": 9}},
+            {"type": "message_stop"})
+        self.assertEqual([b["input"] for b in body["content"]], [{"city": "Paris"}, {"city": "Oslo"}])
+
+    def test_null_container_does_not_erase(self):
+        start = json.loads(json.dumps(self.START))
+        start["message"]["container"] = {"id": "container_1", "expires_at": "2030-01-01T00:00:00Z"}
+        text = ({"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}},
+                {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": "hi"}},
+                {"type": "content_block_stop", "index": 0})
+        body = self.assertSameAsSDK(
+            start, *text + ({"type": "message_delta", "delta": {"stop_reason": "end_turn", "stop_sequence": None,
+                                                                 "container": None},
+                              "usage": {"output_tokens": 3}}, {"type": "message_stop"}))
+        self.assertEqual(body["container"]["id"], "container_1")
+        # A container sent in the delta replaces the start's.
+        body = self.assertSameAsSDK(
+            start, *text + ({"type": "message_delta", "delta": {"stop_reason": "end_turn", "stop_sequence": None,
+                                                                 "container": {"id": "container_2",
+                                                                               "expires_at": "2030-01-02T00:00:00Z"}},
+                              "usage": {"output_tokens": 3}}, {"type": "message_stop"}))
+        self.assertEqual(body["container"]["id"], "container_2")
 
 
 if __name__ == "__main__":

@@ -17,11 +17,16 @@ Reassembly rebuilds the ``message`` object of ``message_start``:
   both agree, and appending keeps every byte should it ever be split),
   ``citations_delta`` appends to ``citations``;
 * ``input_json_delta.partial_json`` pieces are concatenated and parsed at
-  ``content_block_stop`` (or at the end of the stream): empty gives ``{}``,
-  text that is not JSON is kept as the string so nothing is lost;
-* ``message_delta``: ``delta`` fields (``stop_reason``, ``stop_sequence``,
-  ...) replace the message's; its ``usage`` fields are merged over the
-  ``message_start`` usage (``output_tokens`` is cumulative).
+  ``content_block_stop`` (or at the end of the stream); when they are empty
+  (or blank) the ``input`` of ``content_block_start`` stays, as in the SDK
+  (``{}`` if it had none); text that is not JSON is kept as the string so
+  nothing is lost;
+* ``message_delta``: ``delta`` fields replace the message's: ``stop_reason``,
+  ``stop_sequence`` and ``stop_details`` as sent, even null; any other field
+  (``container``, ...) only when not null, as the SDK does for ``container``
+  (a null does not erase the ``message_start`` value); its ``usage`` fields
+  are merged over the ``message_start`` usage (a null one is skipped;
+  ``output_tokens`` is cumulative).
 
 ``Result.complete``: ``message_stop`` was seen.
 """
@@ -71,6 +76,11 @@ def _event_error(payload):
     return {"type": "error", "message": json.dumps(payload)}
 
 
+# message_delta fields a null may set (the SDK copies these as sent); any other null one
+# (e.g. "container": null) leaves the message's value.
+_DELTA_NULLABLE = frozenset(("stop_reason", "stop_sequence", "stop_details"))
+
+
 class _Block(object):
     __slots__ = ("block", "json_parts", "closed")
 
@@ -112,7 +122,10 @@ class _Block(object):
         if self.json_parts is not None:
             text = "".join(self.json_parts)
             if not text.strip():
-                self.block["input"] = {}
+                # Nothing streamed: the start's input stays (the SDK parses only a
+                # non-empty buffer).
+                if self.block.get("input") is None:
+                    self.block["input"] = {}
             else:
                 try:
                     self.block["input"] = json.loads(text)
@@ -158,7 +171,9 @@ class AnthropicMessages(Dialect):
                     message = {}
                 delta = payload.get("delta")
                 if isinstance(delta, dict):
-                    message.update(delta)
+                    for key, value in delta.items():
+                        if value is not None or key in _DELTA_NULLABLE:
+                            message[key] = value
                 du = payload.get("usage")
                 if isinstance(du, dict):
                     for key, value in du.items():
