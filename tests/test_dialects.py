@@ -426,6 +426,16 @@ class OpenAIChatEdgesTest(unittest.TestCase):
         msg = self.chat.reassemble(evs).response_body["choices"][0]["message"]
         self.assertEqual(msg["function_call"], {"name": "look_up", "arguments": "{}"})
 
+    def test_later_empty_logprobs_list_keeps_null(self):
+        evs = events_of(
+            self.chunk([{"index": 0, "delta": {"refusal": "No"}, "logprobs": {"content": None, "refusal": [
+                {"token": "No", "logprob": -0.1, "bytes": [78, 111], "top_logprobs": []}]}}]),
+            self.chunk([{"index": 0, "delta": {"refusal": "."}, "logprobs": {"content": [], "refusal": [
+                {"token": ".", "logprob": -0.2, "bytes": [46], "top_logprobs": []}]}, "finish_reason": "stop"}]))
+        lp = self.chat.reassemble(evs).response_body["choices"][0]["logprobs"]
+        self.assertIsNone(lp["content"])
+        self.assertEqual([t["token"] for t in lp["refusal"]], ["No", "."])
+
     def test_choices_out_of_order_and_sparse(self):
         evs = events_of(self.chunk([{"index": 2, "delta": {"content": "c"}}]),
                         self.chunk([{"index": 0, "delta": {"content": "a"}, "finish_reason": "stop"}]))
@@ -572,6 +582,19 @@ class ResponsesEdgesTest(unittest.TestCase):
                          [{"id": "msg_1", "content": [{"type": "output_text", "text": "hi"}]}])
         self.assertFalse(res.complete)
 
+
+    def test_terminal_output_null_without_items_is_empty_list(self):
+        # The openai SDK puts the items it saw where a failed/incomplete response's output is
+        # null: [] when there were none.
+        for etype in ("response.failed", "response.incomplete", "response.completed"):
+            res = self.r.reassemble(events_of(
+                {"type": "response.created", "response": {"id": "resp_1", "object": "response",
+                                                          "status": "in_progress", "output": []}},
+                {"type": etype, "response": {"id": "resp_1", "object": "response", "status": "failed",
+                                             "output": None, "error": {"code": "server_error",
+                                                                       "message": "boom"}}}))
+            self.assertEqual(res.response_body["output"], [], etype)
+            self.assertTrue(res.complete)
 
 class ResponsesToolTextTest(unittest.TestCase):
     def test_custom_tool_input_and_code(self):
@@ -749,6 +772,17 @@ class OpenAIChatSDKAccumulatorTest(unittest.TestCase):
             self.tool_chunk(function={"name": "weather", "arguments": "{\"city\":"}),
             self.tool_chunk(function={"arguments": " \"Paris\"}"}), self.chunk({}, "tool_calls"), "[DONE]")
         self.assertEqual(body["choices"][0]["message"]["tool_calls"][0]["function"]["name"], "get_weather")
+
+    def test_later_empty_logprobs_list(self):
+        tok = {"token": "No", "logprob": -0.1, "bytes": [78, 111], "top_logprobs": []}
+        body = self.assertSameAsSDK(
+            self.chunk({"role": "assistant", "refusal": "No"}, logprobs=None),
+            dict(self.chunk({"refusal": "No"}), choices=[{"index": 0, "delta": {"refusal": "No"},
+                                                         "logprobs": {"content": None, "refusal": [tok]},
+                                                         "finish_reason": None}]),
+            dict(self.chunk({}), choices=[{"index": 0, "delta": {}, "logprobs": {"content": [], "refusal": [tok]},
+                                           "finish_reason": "stop"}]), "[DONE]")
+        self.assertIsNone(body["choices"][0]["logprobs"]["content"])
 
     def test_tool_name_repeated_known_difference(self):
         # MiniMax through NVIDIA NIM and Fireworks repeat the whole name (and id) on every chunk:

@@ -15,7 +15,8 @@ reassembled body has the shape of a non-streamed ``chat.completion``:
   SDK does: a server may split it), except a piece equal to the whole name so
   far, which is the name sent again (MiniMax through NVIDIA NIM, Fireworks and
   others repeat it on every chunk); ``id`` and ``type``: the first one sent;
-* ``logprobs.content`` / ``logprobs.refusal`` lists are extended;
+* ``logprobs.content`` / ``logprobs.refusal`` lists are extended (a later
+  empty list leaves a null one null, as the SDK);
 * ``finish_reason``: the last non-null one;
 * ``usage``: the last non-null one (the usage-only final chunk has
   ``choices: []``); a chunk ``{"error": {...}}`` sets ``Result.error``;
@@ -136,6 +137,9 @@ class _Choice(object):
         if isinstance(lp, dict):
             if self.logprobs is None:
                 self.logprobs = {}
+            elif [] in lp.values():
+                # A later empty list adds nothing: it leaves a null one null (as the SDK).
+                lp = dict((k, v) for k, v in lp.items() if v != [])
             merge_delta(self.logprobs, lp)
         fr = choice.get("finish_reason")
         if fr is not None:

@@ -4,8 +4,8 @@ A stream is typed events (``event: response.created`` + ``data: {"type":
 ...}``) ending with ``response.completed``, ``response.failed`` or
 ``response.incomplete``, each of which carries the whole final ``response``
 object: that object is the reassembled body as sent (when its ``output`` is
-null, as some compatible servers send it, the items seen are put there, as
-the openai SDK does).
+null, as some compatible servers send it, the items seen are put there, ``[]``
+when none, as the openai SDK does).
 
 When the stream ends before any of them, the body is rebuilt from the last
 ``response`` snapshot seen (``response.created`` / ``response.in_progress``)
@@ -230,9 +230,9 @@ class OpenAIResponses(Dialect):
                 items.apply(etype, payload)
         if final is not None:
             output = items.output()
-            if final.get("output") is None and output:
+            if final.get("output") is None:
                 # Some servers send the terminal response without its output
-                # (the openai SDK then uses the items it saw, so do we).
+                # (the openai SDK then uses the items it saw, [] when none, so do we).
                 final = dict(final)
                 final["output"] = output
             return Result(final, responses_usage(final.get("usage")), error, True)
