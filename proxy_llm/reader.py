@@ -65,12 +65,15 @@ def lone_surrogates_replaced(line: bytes) -> bytes:
     JSON allows them, and Python's ``json`` reads them, but pandas, DuckDB and Arrow refuse the
     whole line (so ``datasets`` refuses the whole file): half an emoji, as a JavaScript client
     that cut a string sends it, would make a record, or an export, load nowhere. A pair is kept,
-    and so is ``\\ud83d`` (an escaped backslash, then text). Two searches settle a line without
-    a surrogate escape.
+    and so is ``\\ud83d`` (an escaped backslash, then text). A line without a backslash is
+    settled by one memchr.
     """
-    if line.find(b"\\ud") < 0 and line.find(b"\\uD") < 0:
+    # (A search for one byte is memchr-fast; for "\\ud" the bytes module steps through the
+    # line, 70 us over 100 KB. A regex with a literal first byte does the rest at half that.)
+    first = line.find(b"\\")
+    if first < 0 or _SURROGATE_ESCAPE.search(line, first) is None:
         return line
-    found = [m.start() for m in _SURROGATE_ESCAPE.finditer(line)]
+    found = [m.start() for m in _SURROGATE_ESCAPE.finditer(line, first)]
     out = []
     pos = 0
     i = 0

@@ -331,11 +331,12 @@ def scrub_json(line: bytes, pairs: Sequence[Tuple[bytes, bytes, int]]) -> bytes:
         if out.find(raw) >= 0:
             out = out.replace(raw, redaction)
             changed = True
-    backslash = out.find(b"\\")  # (no escape without one)
-    # Then two searches of the rest (memchr-fast, where a regex would step through every byte
-    # of a long body) settle most lines: no \u00XX escape nor \/ (\\u00XX a level within is
-    # one too); _escaped_chars then keeps only the escapes of printable characters.
-    if backslash >= 0 and (special or out.find(b"\\u00", backslash) >= 0 or out.find(b"\\/", backslash) >= 0):
+    backslash = out.find(b"\\")  # (memchr: no escape without a backslash)
+    # Then one regex search from there settles most lines: no \u00XX escape of a printable
+    # character, nor \/ (\\u00XX a level within is one too). A regex with a literal first
+    # byte takes half the time of a search for "\\u00" by the bytes module, which steps
+    # through the line (70 us over 100 KB).
+    if backslash >= 0 and (special or _ESCAPE_GATE.search(out, backslash) is not None):
         escaped = _escaped_chars(out, backslash)
         if escaped or special:
             out, n = _scrub_escaped(out, pairs, escaped)
@@ -345,6 +346,7 @@ def scrub_json(line: bytes, pairs: Sequence[Tuple[bytes, bytes, int]]) -> bytes:
     return out
 
 
+_ESCAPE_GATE = re.compile(rb"\\(?:u00[2-7]|/)")
 _ESCAPED_PRINTABLE = re.compile(rb"\\u00([2-7][0-9A-Fa-f])")
 
 
