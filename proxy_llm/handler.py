@@ -281,6 +281,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
     # the HTTPMessage of BaseHTTPRequestHandler's API made from them when first asked for.
     _fields: Optional[List[Tuple[str, str]]] = None
     expect_continue = False  # a 100 Continue is owed before the body is read (handle_expect_100)
+    empty_query = False  # the target ended with a "?" and no query (proxy)
     _message = None
 
     @property
@@ -368,6 +369,8 @@ class ProxyHandler(BaseHTTPRequestHandler):
             parts = urllib.parse.urlsplit(target)
             target = (parts.path or "/") + ("?" + parts.query if parts.query else "")
         path, query = wire.split_target(target)
+        # A "?" with nothing after it is sent on as it came (the query field cannot tell it).
+        self.empty_query = not query and target.endswith("?")
         refused = wire.bad_target(path, query)
         if refused:
             self.close_connection = True  # the request body, if any, was not read
@@ -537,7 +540,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
     def send_upstream(self, ex: Exchange, headers, body: bytes):
         config = self.server.config
         pool = self.server.pools[ex.provider.name]
-        target = pool.base_path + ex.path + ("?" + ex.query if ex.query else "")
+        target = pool.base_path + ex.path + ("?" + ex.query if ex.query or self.empty_query else "")
         out_headers = self.upstream_headers(ex, headers, body)
         for attempt in (0, 1):
             # The retry is on a new connection: another idle one may be as stale as the first.

@@ -414,6 +414,15 @@ class RoutingTest(ProxyTestCase):
         [rec] = proxy.records()
         self.assertEqual((rec["endpoint"], rec["query"]), ("/v1/chat/completions", "x=1"))
 
+    def test_the_upstream_gets_the_target_as_sent(self):
+        # A "?" with nothing after it was dropped: the upstream saw another target (an audit's finding).
+        proxy = self.start_proxy()
+        for target in ("/v1/models?", "/v1/models", "/v1/models?a=1&a=2&b", "/v1/models?%20x=%2F"):
+            with self.subTest(target=target):
+                self.assertEqual(request(proxy.url, method="GET", path=target, headers={})[0], 200)
+                self.assertEqual(self.upstream.next_request().target, target)
+        self.assertEqual([r["query"] for r in proxy.records()], ["", "", "a=1&a=2&b", "%20x=%2F"])
+
     def test_no_provider_for_family_is_404_in_that_shape(self):
         proxy = self.start_proxy([provider("openai", "openai", self.upstream.url, "", ["gpt-*"])])
         status, _, body = request(proxy.url, path="/v1beta/models/gemini-2.0-flash:generateContent", body={"contents": []})
