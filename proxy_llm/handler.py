@@ -526,7 +526,10 @@ class ProxyHandler(BaseHTTPRequestHandler):
         accept = narrow_accept_encoding(wire.header_value(headers, "accept-encoding"))
         if accept is not None:
             out.append(("Accept-Encoding", accept))
-        if body or self.command in ("POST", "PUT", "PATCH"):
+        if body or self.command in ("POST", "PUT", "PATCH") or (
+                wire.header_value(headers, "content-length") is not None
+                or wire.header_value(headers, "transfer-encoding") is not None):
+            # (An empty body the client framed, on a GET or a DELETE, is framed on too.)
             out.append(("Content-Length", str(len(body))))
         if provider.api_key:
             if provider.type == "anthropic":

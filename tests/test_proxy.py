@@ -14,7 +14,8 @@ import unittest
 from unittest import mock
 
 from tests import support
-from tests.support import (chunk_event, DEADLINE, FakeUpstream, Reply, header, json_reply, provider, read_records, request, sse_reply)
+from tests.support import (chunk_event, DEADLINE, FakeUpstream, Reply, header, json_reply, provider, read_records, read_to_eof,
+                           request, sse_reply)
 
 CHAT_BODY = b'{"model":"gpt-4o","messages":[{"role":"user","content":"Hi \\u00e9 1e400"}],  "n": 12345678901234567890}'
 CHAT_REPLY = (b'{"id":"chatcmpl-1","object":"chat.completion","created":1700000000,"model":"gpt-4o-2024-08-06",'
@@ -422,6 +423,19 @@ class RoutingTest(ProxyTestCase):
                 self.assertEqual(request(proxy.url, method="GET", path=target, headers={})[0], 200)
                 self.assertEqual(self.upstream.next_request().target, target)
         self.assertEqual([r["query"] for r in proxy.records()], ["", "", "a=1&a=2&b", "%20x=%2F"])
+
+    def test_an_empty_body_the_client_framed_is_framed_on(self):
+        # "Content-Length: 0" on a GET or a DELETE was not forwarded (an audit's finding).
+        proxy = self.start_proxy()
+        for method, framed in (("GET", True), ("DELETE", True), ("GET", False), ("POST", False)):
+            with self.subTest(method=method, framed=framed):
+                sock = socket.create_connection(("127.0.0.1", proxy.port), timeout=DEADLINE)
+                self.addCleanup(sock.close)
+                sock.sendall(b"%s /v1/models HTTP/1.1\r\nHost: x\r\nConnection: close\r\n%s\r\n"
+                             % (method.encode(), b"Content-Length: 0\r\n" if framed else b""))
+                self.assertTrue(read_to_eof(sock).startswith(b"HTTP/1.1 200"))
+                seen = self.upstream.next_request()
+                self.assertEqual(seen.header("Content-Length"), "0" if framed or method == "POST" else None)
 
     def test_no_provider_for_family_is_404_in_that_shape(self):
         proxy = self.start_proxy([provider("openai", "openai", self.upstream.url, "", ["gpt-*"])])
