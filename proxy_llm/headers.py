@@ -21,6 +21,7 @@ This module imports nothing from the package.
 
 from __future__ import annotations
 
+import email.feedparser
 import email.parser
 import http.client
 import re
@@ -105,7 +106,7 @@ def strict_fields(fp) -> Optional[List[Tuple[str, str]]]:
     also splits a value at the line ends of ``str.splitlines`` (VT, FF, NEL, ...), which a
     value may hold (NEL is byte 0x85, inside UTF-8 text): here only CR and LF end a line.
     """
-    lines = _READ(fp) if _READ is not None else _read_lines(fp)
+    lines = _header_lines(fp)
     fields = []
     for line in lines:
         if line in (b"\r\n", b"\n"):
@@ -115,6 +116,12 @@ def strict_fields(fp) -> Optional[List[Tuple[str, str]]]:
             return None
         fields.append((m.group(1).decode("ascii"), m.group(2).decode("iso-8859-1")))
     return fields
+
+
+def _header_lines(fp) -> List[bytes]:
+    """The lines of a header block, its blank line included, within the standard library's
+    limits (its own reader where it has one)."""
+    return _READ(fp) if _READ is not None else _read_lines(fp)
 
 
 def _read_lines(fp) -> List[bytes]:
@@ -132,9 +139,6 @@ def _read_lines(fp) -> List[bytes]:
             return lines
 
 
-# What the email parser reads as a header line (email.feedparser's headerRE); it takes any
-# other line for the end of the header block, and every field after it for the body.
-_EMAIL_HEADER_LINE = re.compile(rb"From |[\041-\071\073-\176]*:|[\t ]")
 _BLANKS_BEFORE_COLON = re.compile(b"(%s)[ \\t]+:" % _TOKEN.encode())
 
 
@@ -147,13 +151,14 @@ def response_headers(fp, _class=http.client.HTTPMessage):
     fields = take_fields(fp)
     if fields is not None:
         return message(fields, _class)
-    lines = _READ(fp) if _READ is not None else _read_lines(fp)
     kept = []
-    for line in lines:
+    for line in _header_lines(fp):
         if line in (b"\r\n", b"\n", b""):
             kept.append(line)
             break
-        if _EMAIL_HEADER_LINE.match(line) is None:
+        # (What the email parser reads as a header line: it takes any other for the end of the
+        # block, and every field after it for the body.)
+        if email.feedparser.headerRE.match(line.decode("iso-8859-1")) is None:
             m = _BLANKS_BEFORE_COLON.match(line)
             if m is None:
                 continue  # not a field line: dropped, and the block goes on

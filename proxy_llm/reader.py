@@ -71,7 +71,7 @@ def lone_surrogates_replaced(line: bytes) -> bytes:
     # (A search for one byte is memchr-fast; for "\\ud" the bytes module steps through the
     # line, 70 us over 100 KB. A regex with a literal first byte does the rest at half that.)
     first = line.find(b"\\")
-    if first < 0 or _SURROGATE_ESCAPE.search(line, first) is None:
+    if first < 0:
         return line
     found = [m.start() for m in _SURROGATE_ESCAPE.finditer(line, first)]
     out = []

@@ -39,6 +39,16 @@ _FULL_ANSWER = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/
                 b"Connection: close\r\nRetry-After: 1\r\n\r\n%s" % (len(_FULL_BODY), _FULL_BODY))
 
 
+def _let_go(clock, how: int) -> None:
+    """Mark a client's wait late and shut its socket (``how``), which ends the wait; the
+    handler reads why from the clock. Under ``conn_lock``."""
+    clock.late = True
+    try:
+        clock.sock.shutdown(how)
+    except OSError:
+        pass
+
+
 class ProxyServer(ThreadingHTTPServer):
     # Threads of idle keep-alive clients must not keep the process alive at exit; exchanges in
     # flight are tracked and drained explicitly instead (see cli.serve).
@@ -183,12 +193,8 @@ class ProxyServer(ThreadingHTTPServer):
         with self.conn_lock:
             for clock in self.clients:
                 if clock.due and clock.sock is not None and not clock.late:
-                    clock.late = True
+                    _let_go(clock, socket.SHUT_RDWR)
                     n += 1
-                    try:
-                        clock.sock.shutdown(socket.SHUT_RDWR)
-                    except OSError:
-                        pass
         return n
 
     def cut_upstream(self, ex) -> None:
@@ -217,11 +223,7 @@ class ProxyServer(ThreadingHTTPServer):
                     # Again under the lock: the wait seen late may have ended, and another begun.
                     due = clock.due
                     if clock.sock is not None and due and now > due:
-                        clock.late = True
-                        try:
-                            clock.sock.shutdown(clock.how)
-                        except OSError:
-                            pass
+                        _let_go(clock, clock.how)
         with self._state_lock:
             exchanges = list(self.inflight)
         for ex in exchanges:

@@ -368,14 +368,16 @@ class Recorder:
         return self.queue.full()
 
     def dropped_total(self) -> int:
-        """Records lost (one per exchange); lost stream-file lines are in ``dropped`` only."""
-        with self._stats_lock:
-            return sum(n for reason, n in self.dropped.items() if not reason.startswith("stream_"))
+        """Records lost (one per exchange); lost stream-file lines are counted apart."""
+        return self._dropped(streams=False)
 
     def stream_dropped_total(self) -> int:
         """Lines of streams/ files lost (their records, written, still say ``stream_events``)."""
+        return self._dropped(streams=True)
+
+    def _dropped(self, streams: bool) -> int:
         with self._stats_lock:
-            return sum(n for reason, n in self.dropped.items() if reason.startswith("stream_"))
+            return sum(n for reason, n in self.dropped.items() if reason.startswith("stream_") == streams)
 
     def written_total(self) -> int:
         with self._stats_lock:
