@@ -673,8 +673,8 @@ class Encoder:
         resp_json = resp_raw if resp_raw is not None else _dumps(resp_value)
         if resp_raw is None and type(resp_value) in (dict, list) and not nests_within(resp_json):
             resp_json = _dumps(resp_json.decode("utf-8"))
-        line = reader.lone_surrogates_replaced(wire.scrub_json(b"".join((
-            front, b',"request_body":', req_json, b',"response_body":', resp_json, b"}\n")), every))
+        line = _finished(b"".join((front, b',"request_body":', req_json, b',"response_body":', resp_json, b"}\n")),
+                         every)
         out = [(RECORDS, sid, line)]
         if streamed:
             stream_line = _dumps({
@@ -684,8 +684,14 @@ class Encoder:
                 "events": [e.to_json(round(t, 3)) for t, e in events],
                 "truncated": stream_truncated,
             }) + b"\n"
-            out.append((STREAMS, sid, reader.lone_surrogates_replaced(wire.scrub_json(stream_line, every))))
+            out.append((STREAMS, sid, _finished(stream_line, every)))
         return out
+
+
+def _finished(line: bytes, pairs: Sequence[Tuple[bytes, bytes, int]]) -> bytes:
+    """A record or streams line as it is written: scrubbed of every secret (wire.scrub_json),
+    and no lone surrogate escape left for a loader to refuse (reader.lone_surrogates_replaced)."""
+    return reader.lone_surrogates_replaced(wire.scrub_json(line, pairs))
 
 
 def _read_answer(dialect: Any, body: bytes, accepted: bool) -> Tuple[Any, Optional[bytes], Any]:
