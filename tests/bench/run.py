@@ -722,7 +722,7 @@ def main(argv=None) -> int:
 def write_results(text: str, args) -> None:
     path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "RESULTS.md")
     head = ("# Benchmark results\n\nThe latest run of `python -m tests.bench --write-results` (see "
-            "tests/bench/run.py for what each target and figure means). Machine: %s.\n\n"
+            "tests/bench/run.py for what each target and figure means; NOTES.md for what earlier runs found). Machine: %s.\n\n"
             "How to read it: every figure is client-observed except CPU ms/req and RSS (from /proc, "
             "summed over the target's process tree: workers2 is a parent and two workers). \"added\" "
             "is the target's figure minus direct's in the same run. Ratios are of req/s. A proxy cell "
