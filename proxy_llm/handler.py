@@ -617,7 +617,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
         http10 = self.request_version == "HTTP/1.0"
         frame = not no_body and not known_length and not http10
         drop = DROP_RESPONSE if not known_length else ()
-        head = ["HTTP/1.1 %d %s" % (resp.status, resp.reason)]
+        head = ["HTTP/1.1 %d %s" % (resp.status, resp.phrase)]
         for name, value in wire.end_to_end(ex.resp_headers, drop):
             head.append("%s: %s" % (name, value))
         if frame:

@@ -97,8 +97,14 @@ class _OneSend:
         super().send(data)
 
 
-# A status line as providers send it: HTTP/1.0 or 1.1, a three-digit status, an optional reason.
-_STATUS_LINE = re.compile(rb"HTTP/1\.([01]) ([1-9][0-9][0-9])(?: ([^\r\n]*))?\r\n")
+# A status line as providers send it: HTTP/1.0 or 1.1, a three-digit status, an optional reason
+# phrase of the characters RFC 9112 4 allows in one (HTAB, SP, VCHAR, obs-text).
+_STATUS_LINE = re.compile(rb"HTTP/1\.([01]) ([1-9][0-9][0-9])(?: ([\t\x20-\x7e\x80-\xff]*))?\r\n")
+# Any other status line the standard library reads: the phrase is what follows the status code
+# and one blank, its line end aside; a character a phrase may not hold puts the standard one in
+# its place (a status line must stay one line).
+_LOOSE_STATUS = re.compile(r"\s*\S+\s+\S+(?:[ \t](.*?))?(?:\r?\n)?\Z", re.S)
+_NOT_IN_PHRASE = re.compile(r"[^\t\x20-\x7e\x80-\xff]")
 _BEGIN_HEADERS = frozenset(("transfer-encoding", "content-length", "connection", "keep-alive", "proxy-connection"))
 
 
@@ -115,14 +121,19 @@ class Response(http.client.HTTPResponse):
     framing, this one does not, on purpose (each case tested): a header block with a line it
     cannot read (it took every field after it for the body), ``Transfer-Encoding`` with blanks
     or codings before ``chunked``, and a ``Content-Length`` that is a list of one value or not
-    a number (it read to the close; now that value, or an error: a 502).
+    a number (it read to the close; now that value, or an error: a 502). It also keeps the
+    reason phrase as sent (``phrase``), which the standard one strips.
     """
 
     interim: List[Tuple[int, str, List[Tuple[str, str]]]] = []
+    # The reason phrase as the upstream sent it, for the status line the proxy writes (``reason``
+    # is stripped, as http.client has it), or the standard phrase in place of one that holds a
+    # character no phrase may (RFC 9112 4: CR, LF, NUL, another control).
+    phrase = ""
 
     def begin(self) -> None:
         """Read the response head; informational (1xx) heads before it are kept in ``interim``
-        as (status, reason, fields), to be passed on (RFC 9110 15.2). The standard ``begin``
+        as (status, phrase, fields), to be passed on (RFC 9110 15.2). The standard ``begin``
         skips 100 Continue only: any other, 103 Early Hints say, became the response, and the
         final one was never read. 100 itself is not kept (the proxy answered its client's
         ``Expect`` on its own), nor is 101 skipped (the proxy forwards no ``Upgrade``)."""
@@ -133,8 +144,22 @@ class Response(http.client.HTTPResponse):
             if not 100 <= status < 200 or status == 101:
                 return
             if status != 100:
-                self.interim.append((status, self.reason, list(self.msg.raw_items())))
+                self.interim.append((status, self.phrase, list(self.msg.raw_items())))
             self.headers = self.msg = None  # (begin reads a head only while there is none)
+
+    def _read_status(self):
+        """The standard ``_read_status`` (same results, same errors), which also sets ``phrase``
+        from the line as it came: the reason it returns has lost the blanks before it."""
+        fp = self.fp
+        self.fp = line = _KeptLine(fp)
+        try:
+            version, status, reason = super()._read_status()
+        finally:
+            if self.fp is line:  # (a line it refuses closes the connection: self.fp is None then)
+                self.fp = fp
+        m = _LOOSE_STATUS.match(line.line.decode("iso-8859-1"))
+        self.phrase = _phrase(status, (m.group(1) or "") if m is not None else None)
+        return version, status, reason
 
     def _begin(self) -> None:
         if self.headers is not None or self.debuglevel > 0:
@@ -144,7 +169,11 @@ class Response(http.client.HTTPResponse):
         if m is not None:  # a plain status line, whole in the buffer
             fp.read(m.end())
             status = int(m.group(2))
-            reason = m.group(3).decode("iso-8859-1").strip() if m.group(3) else ""
+            if m.group(3):
+                self.phrase = m.group(3).decode("iso-8859-1")
+                reason = self.phrase.strip()
+            else:
+                self.phrase = reason = ""
             version = 11 if m.group(1) == b"1" else 10
         else:  # any other, read as the standard begin reads it (and refused as it refuses)
             text, status, reason = self._read_status()
@@ -212,6 +241,31 @@ class Response(http.client.HTTPResponse):
             self.length = 0
         if not self.will_close and not self.chunked and self.length is None:
             self.will_close = True
+
+
+class _KeptLine:
+    """A response's reader that keeps the line read from it (``Response._read_status``)."""
+
+    __slots__ = ("fp", "line")
+
+    def __init__(self, fp):
+        self.fp = fp
+        self.line = b""
+
+    def readline(self, limit: int = -1) -> bytes:
+        self.line = self.fp.readline(limit)
+        return self.line
+
+    def close(self) -> None:
+        self.fp.close()
+
+
+def _phrase(status: int, phrase: Optional[str]) -> str:
+    """``phrase`` if a status line may hold it, else the standard phrase of ``status`` ("" for a
+    status without one)."""
+    if phrase is None or _NOT_IN_PHRASE.search(phrase) is not None:
+        return http.client.responses.get(status, "")
+    return phrase
 
 
 class Connection(_OneSend, http.client.HTTPConnection):

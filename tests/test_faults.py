@@ -310,6 +310,58 @@ class InterimResponseTest(FaultTestCase):
         self.assertEqual((rec["status_code"], rec["ended"], rec["response_body"]), (200, "completed", {"n": 1}))
 
 
+def _post(port: int, body: bytes = PLAIN_BODY, path: str = "/v1/chat/completions", extra: bytes = b"",
+          version: bytes = b"1.1") -> bytes:
+    """Everything a raw client gets for one request that closes its connection."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=DEADLINE)
+    try:
+        sock.sendall(b"POST %s HTTP/%s\r\nHost: x\r\nConnection: close\r\n%sContent-Length: %d\r\n\r\n%s"
+                     % (path.encode(), version, extra, len(body), body))
+        return read_to_eof(sock)
+    finally:
+        sock.close()
+
+
+class ReasonPhraseTest(FaultTestCase):
+    def test_the_reason_phrase_reaches_the_client_as_the_upstream_sent_it(self):
+        # http.client strips the phrase ("OK  " came as "OK"): the status line was not the upstream's.
+        cases = [(b"200 OK  ", b"200 OK  "), (b"429  Too   Many Requests ", b"429  Too   Many Requests "),
+                 (b"200 \tOK\t", b"200 \tOK\t"), (b"418 caf\xe9 \x85\xa0", b"418 caf\xe9 \x85\xa0"),
+                 (b"200 ", b"200 "), (b"599 Mine ", b"599 Mine ")]
+        for sent, expected in cases:
+            with self.subTest(sent=sent):
+                raw = RawUpstream(self, lambda conn, k: b"HTTP/1.1 %s\r\nContent-Length: 2\r\n\r\n{}" % sent)
+                proxy = self.start_proxy([provider("openai", "openai", raw.url, "", ["gpt-*"])])
+                data = _post(proxy.port)
+                self.assertTrue(data.startswith(b"HTTP/1.1 %s\r\n" % expected), data[:80])
+                self.assertTrue(data.endswith(b"\r\n\r\n{}"), data)
+
+    def test_a_phrase_that_would_break_the_status_line_is_replaced_by_the_standard_one(self):
+        # A status line must stay one line: CR, LF and other controls never reach the client.
+        cases = [(b"200 O\x00K", b"200 OK"), (b"404 Not\rFound", b"404 Not Found"),
+                 (b"503 Busy\x7f", b"503 Service Unavailable"), (b"200 \x1bX ", b"200 OK"),
+                 (b"599 odd\x0b", b"599 ")]
+        for sent, expected in cases:
+            with self.subTest(sent=sent):
+                raw = RawUpstream(self, lambda conn, k: b"HTTP/1.1 %s\r\nX-A: b\r\nContent-Length: 2\r\n\r\n{}" % sent)
+                proxy = self.start_proxy([provider("openai", "openai", raw.url, "", ["gpt-*"])])
+                data = _post(proxy.port)
+                head, _, body = data.partition(b"\r\n\r\n")
+                lines = head.split(b"\r\n")
+                self.assertEqual(lines[0], b"HTTP/1.1 %s" % expected)
+                self.assertIn(b"X-A: b", lines)
+                self.assertEqual(body, b"{}")
+                self.assertEqual(proxy.records()[-1]["ended"], "completed")
+
+    def test_informational_phrases_are_passed_on_as_sent_too(self):
+        early = b"HTTP/1.1 103 Early  Hints \r\nLink: </a.css>; rel=preload\r\n\r\n"
+        raw = RawUpstream(self, lambda conn, k: [early, b"HTTP/1.1 102 Pro\x00cessing\r\n\r\n",
+                                                 b"HTTP/1.1 200 Fine \r\nContent-Length: 2\r\n\r\n{}"])
+        proxy = self.start_proxy([provider("openai", "openai", raw.url, "", ["gpt-*"])])
+        data = _post(proxy.port)
+        self.assertTrue(data.startswith(early + b"HTTP/1.1 102 Processing\r\n\r\nHTTP/1.1 200 Fine \r\n"), data)
+
+
 class _Racing:
     """An exchange whose handler clears ``client_sock`` right after the watchdog first reads it
     (the race of an exchange ending during a watchdog pass)."""

@@ -289,6 +289,42 @@ class ResponseBeginTest(unittest.TestCase):
                             (b"HTTP/1.1 200 OK\r\nContent-Length: x\r\n\r\n", "HEAD")):
             self.assertEqual(_begin(upstream.Response, raw, method, 1 << 20)[6], 0)
 
+    def test_the_reason_phrase_is_kept_as_sent(self):
+        # For the status line the proxy writes: reason (as the standard begin has it) is stripped.
+        cases = [
+            (b"HTTP/1.1 200 OK  \r\n", "OK", "OK  "),
+            (b"HTTP/1.1 429  Too   Many Requests \r\n", "Too   Many Requests", " Too   Many Requests "),
+            (b"HTTP/1.1 200 \tOK\t\r\n", "OK", "\tOK\t"),
+            (b"HTTP/1.1 200 \x85caf\xe9\xa0\r\n", "caf\xe9", "\x85caf\xe9\xa0"),
+            (b"HTTP/1.1 200\r\n", "", ""),
+            (b"HTTP/1.1 200 \r\n", "", ""),
+            (b"HTTP/1.1 200 Fine \n", "Fine", "Fine "),  # (the standard begin's reading, from here on)
+            (b"HTTP/1.1\t200 Fine \r\n", "Fine", "Fine "),
+            (b"HTTP/1.1 200\tFine \r\n", "Fine", "Fine "),
+            (b"HTTP/1.2 200 Fine \r\n", "Fine", "Fine "),
+            # A phrase no status line may hold: the standard one (none for a status without one).
+            (b"HTTP/1.1 200 O\x00K\r\n", "O\x00K", "OK"),
+            (b"HTTP/1.1 404 Not\rFound\r\n", "Not\rFound", "Not Found"),
+            (b"HTTP/1.1 503 Busy\x7f\r\n", "Busy\x7f", "Service Unavailable"),
+            (b"HTTP/1.1 200 \x1bX\r\n", "\x1bX", "OK"),
+            (b"HTTP/1.1 599 odd\x0b\r\n", "odd", ""),
+            (b"HTTP/1.1 200\x0bFine\r\n", "Fine", "OK"),
+        ]
+        for line, reason, phrase in cases:
+            raw = line + b"Content-Length: 0\r\n\r\n"
+            for step in (1 << 20, 7, 1):
+                with self.subTest(line=line, step=step):
+                    resp = upstream.Response(_FakeSock(raw, step), method="POST")
+                    resp.begin()
+                    self.assertEqual((resp.reason, resp.phrase), (reason, phrase))
+                    self.assertEqual(resp.reason, _begin(http.client.HTTPResponse, raw, "POST", step)[2])
+        raw = (b"HTTP/1.1 103 Early  Hints \r\nLink: </a>\r\n\r\nHTTP/1.1 102 B\x00\r\n\r\n"
+               b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+        for step in (1 << 20, 7, 1):
+            resp = upstream.Response(_FakeSock(raw, step), method="POST")
+            resp.begin()
+            self.assertEqual(resp.interim, [(103, "Early  Hints ", [("Link", "</a>")]), (102, "Processing", [])])
+
     def test_a_plain_head_takes_the_short_way(self):
         raw = self.HEADS[0]
         with mock.patch.object(http.client.HTTPResponse, "begin", side_effect=AssertionError("standard begin")):
