@@ -30,7 +30,7 @@ from .metrics import status_class
 from .record import Exchange, is_event_stream
 from .sniff import sniff
 from .headers import message, strict_fields, take_fields
-from .upstream import connect
+from .upstream import Response, connect
 
 log = logging.getLogger("proxy_llm.handler")
 
@@ -604,10 +604,22 @@ class ProxyHandler(BaseHTTPRequestHandler):
             # The head is in. From here on the relay sets a limit around each read of the body
             # (stream_idle_timeout), and none while it writes to the client.
             ex.upstream_deadline = 0.0
+            if resp.status == 101:
+                self.check_head(ex, resp, conn)
             return resp, conn
         raise AssertionError("unreachable")
 
-    def relay(self, ex: Exchange, resp: http.client.HTTPResponse, conn: http.client.HTTPConnection) -> None:
+    def check_head(self, ex: Exchange, resp: Response, conn: http.client.HTTPConnection) -> None:
+        """Refuse, as an upstream protocol error (a 502), a head the proxy cannot relay: a 101
+        (RFC 9110 15.2.2: a server must not switch to a protocol the client did not ask for, and
+        the proxy forwards no Upgrade, so it never asked)."""
+        problem = "switched protocols (101) without being asked to: proxy_llm relays HTTP only"
+        self.let_go(ex)
+        self.server.pools[ex.provider.name].discard(conn)
+        server_metrics_error(self.server, ex, "protocol")
+        raise errors.UpstreamUnavailable("upstream %s %s" % (ex.provider.name, problem))
+
+    def relay(self, ex: Exchange, resp: Response, conn: http.client.HTTPConnection) -> None:
         """Send the upstream response to the client as it arrives; capture it on the way."""
         pool = self.server.pools[ex.provider.name]
         ex.status = resp.status

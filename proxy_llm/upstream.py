@@ -136,7 +136,8 @@ class Response(http.client.HTTPResponse):
         as (status, phrase, fields), to be passed on (RFC 9110 15.2). The standard ``begin``
         skips 100 Continue only: any other, 103 Early Hints say, became the response, and the
         final one was never read. 100 itself is not kept (the proxy answered its client's
-        ``Expect`` on its own), nor is 101 skipped (the proxy forwards no ``Upgrade``)."""
+        ``Expect`` on its own), nor is 101 skipped: the proxy forwards no ``Upgrade``, so a 101
+        is one it did not ask for, and the handler refuses it."""
         self.interim = []
         while True:
             self._begin()

@@ -362,6 +362,65 @@ class ReasonPhraseTest(FaultTestCase):
         self.assertTrue(data.startswith(early + b"HTTP/1.1 102 Processing\r\n\r\nHTTP/1.1 200 Fine \r\n"), data)
 
 
+_SWITCH = b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: h2c\r\nConnection: Upgrade\r\n\r\n\x00\x00\x12\x04\x00\x00\x00\x00\x00"
+
+
+class SwitchingProtocolsTest(FaultTestCase):
+    """RFC 9110 15.2.2: a server must not switch to a protocol the client did not ask for. The
+    proxy forwards no Upgrade, so a 101 is never one it asked for: the upstream broke the
+    protocol, and the client gets a 502 in its provider's shape (a 101 relayed on its own, as it
+    was, left the client on an HTTP connection whose upstream had left HTTP)."""
+
+    def start_raw(self):
+        # The first connection switches; any other answers as HTTP.
+        raw = RawUpstream(self, lambda conn, k: _SWITCH if conn == 0 else _json_answer(b'{"n":2}'))
+        return raw, self.start_proxy([provider("openai", "openai", raw.url, "", ["gpt-*"]),
+                                      provider("anthropic", "anthropic", raw.url, "", ["claude-*"])])
+
+    def test_an_unasked_for_101_is_a_502_in_the_providers_shape_and_recorded(self):
+        raw, proxy = self.start_raw()
+        sock = socket.create_connection(("127.0.0.1", proxy.port), timeout=DEADLINE)
+        self.addCleanup(sock.close)
+        body = b'{"model":"claude-x","messages":[]}'
+        sock.sendall(b"POST /v1/messages HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+        data = read_until(sock, b"\r\n\r\n")
+        head, _, rest = data.partition(b"\r\n\r\n")
+        self.assertTrue(head.startswith(b"HTTP/1.1 502 "), head)
+        length = int(re.search(rb"\r\nContent-Length: (\d+)", head).group(1))
+        while len(rest) < length:
+            rest += sock.recv(65536)
+        error = json.loads(rest)
+        self.assertEqual((error["type"], error["error"]["type"]), ("error", "api_error"))
+        self.assertIn("101", error["error"]["message"])
+        # The client's connection is still good HTTP: the next request is answered, upstream on
+        # a new connection (the one that switched is never pooled).
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s"
+                     % (len(PLAIN_BODY), PLAIN_BODY))
+        self.assertTrue(read_until(sock, b'{"n":2}').startswith(b"HTTP/1.1 200 OK\r\n"))
+        self.assertEqual([raw.requests.get(timeout=DEADLINE)[0] for _ in range(2)], [0, 1])
+        first, second = proxy.records()
+        self.assertEqual((first["status_code"], first["ended"], first["error"]["type"]),
+                         (502, "upstream_error", "upstream_unavailable"))
+        self.assertIn("101", first["error"]["message"])
+        self.assertEqual(first["response_body"], error)
+        self.assertEqual((second["status_code"], second["ended"]), (200, "completed"))
+        self.assertEqual(proxy.server.metrics.upstream_errors.value("anthropic", "protocol"), 1)
+
+    def test_a_101_to_a_client_that_asked_for_an_upgrade_is_a_502_too(self):
+        # Upgrade is hop-by-hop and the proxy relays HTTP only: an h2c upgrade is forwarded
+        # without it (a WebSocket handshake gets 426, UpgradeTest), so the upstream was not
+        # asked either, and what follows its 101 is not HTTP the proxy could relay.
+        raw, proxy = self.start_raw()
+        data = _post(proxy.port, extra=b"Connection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\n"
+                                       b"HTTP2-Settings: AAMAAABkAAQCAAAAAAIAAAAA\r\n")
+        self.assertTrue(data.startswith(b"HTTP/1.1 502 "), data[:80])
+        self.assertEqual(json.loads(data.partition(b"\r\n\r\n")[2])["error"]["type"], "server_error")
+        _, sent = raw.requests.get(timeout=DEADLINE)
+        self.assertNotIn(b"upgrade", sent.lower().partition(b"\r\n\r\n")[0])
+        [rec] = proxy.records()
+        self.assertEqual((rec["status_code"], rec["ended"]), (502, "upstream_error"))
+
+
 class _Racing:
     """An exchange whose handler clears ``client_sock`` right after the watchdog first reads it
     (the race of an exchange ending during a watchdog pass)."""
