@@ -30,7 +30,7 @@ from .metrics import status_class
 from .record import Exchange, is_event_stream
 from .sniff import sniff
 from .headers import message, strict_fields, take_fields
-from .upstream import Response, connect
+from .upstream import TRANSFER_CODINGS, Response, TransferCodingError, connect, decoded
 
 log = logging.getLogger("proxy_llm.handler")
 
@@ -604,7 +604,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
             # The head is in. From here on the relay sets a limit around each read of the body
             # (stream_idle_timeout), and none while it writes to the client.
             ex.upstream_deadline = 0.0
-            if resp.status == 101:
+            if resp.status == 101 or resp.codings:
                 self.check_head(ex, resp, conn)
             return resp, conn
         raise AssertionError("unreachable")
@@ -612,8 +612,15 @@ class ProxyHandler(BaseHTTPRequestHandler):
     def check_head(self, ex: Exchange, resp: Response, conn: http.client.HTTPConnection) -> None:
         """Refuse, as an upstream protocol error (a 502), a head the proxy cannot relay: a 101
         (RFC 9110 15.2.2: a server must not switch to a protocol the client did not ask for, and
-        the proxy forwards no Upgrade, so it never asked)."""
-        problem = "switched protocols (101) without being asked to: proxy_llm relays HTTP only"
+        the proxy forwards no Upgrade, so it never asked), or a body in a transfer coding it
+        cannot take off (``upstream.TRANSFER_CODINGS``)."""
+        if resp.status == 101:
+            problem = "switched protocols (101) without being asked to: proxy_llm relays HTTP only"
+        else:
+            unknown = [c for c in resp.codings if c not in TRANSFER_CODINGS]
+            if not unknown:
+                return
+            problem = "sent a body in a transfer coding proxy_llm cannot decode (%s)" % ", ".join(unknown)[:100]
         self.let_go(ex)
         self.server.pools[ex.provider.name].discard(conn)
         server_metrics_error(self.server, ex, "protocol")
@@ -686,7 +693,8 @@ class ProxyHandler(BaseHTTPRequestHandler):
                 ex.ended = "client_aborted"
                 return
             ex.client_sock = self.connection
-            read1 = resp.read1
+            # A body in gzip or deflate transfer coding (hop-by-hop, as chunked is) goes on decoded.
+            read1 = resp.read1 if not resp.codings else decoded(resp.read1, resp.codings)
             while True:
                 # The upstream's silence counts while the relay waits for it, not while a slow
                 # client holds up the write below.
@@ -697,7 +705,8 @@ class ProxyHandler(BaseHTTPRequestHandler):
                     if ex.upstream_late:
                         self.upstream_failed(ex, "timeout", "upstream stream idle for more than %s s" % idle)
                     else:
-                        self.upstream_failed(ex, "upstream_error", "upstream stream broke: %s" % type(exc).__name__)
+                        self.upstream_failed(ex, "upstream_error", "upstream stream broke: %s" % (
+                            exc if isinstance(exc, TransferCodingError) else type(exc).__name__))
                     return
                 if not data:
                     break

@@ -27,6 +27,7 @@ import ssl
 import threading
 import time
 import urllib.parse
+import zlib
 from collections import deque
 from typing import Deque, List, Optional, Tuple
 
@@ -120,9 +121,12 @@ class Response(http.client.HTTPResponse):
     tests/test_upstream.py compares the two. Where the standard ``begin`` misreads the
     framing, this one does not, on purpose (each case tested): a header block with a line it
     cannot read (it took every field after it for the body), ``Transfer-Encoding`` with blanks
-    or codings before ``chunked``, and a ``Content-Length`` that is a list of one value or not
-    a number (it read to the close; now that value, or an error: a 502). It also keeps the
-    reason phrase as sent (``phrase``), which the standard one strips.
+    or codings before ``chunked`` (it read those to the close), codings without ``chunked``
+    last (it read the body by its ``Content-Length``: it ends at the close), and a
+    ``Content-Length`` that is a list of one value or not a number (it read to the close; now
+    that value, or an error: a 502). It also keeps the reason phrase as sent (``phrase``), which
+    the standard one strips, and names the transfer codings besides chunked (``codings``), for
+    :func:`decoded` to take off.
     """
 
     interim: List[Tuple[int, str, List[Tuple[str, str]]]] = []
@@ -130,6 +134,9 @@ class Response(http.client.HTTPResponse):
     # is stripped, as http.client has it), or the standard phrase in place of one that holds a
     # character no phrase may (RFC 9112 4: CR, LF, NUL, another control).
     phrase = ""
+    # The transfer codings the body is in, besides chunked, in the order applied (RFC 9112 7):
+    # ``decoded`` takes them off. Empty for the usual body, and for any without a body.
+    codings: Tuple[str, ...] = ()
 
     def begin(self) -> None:
         """Read the response head; informational (1xx) heads before it are kept in ``interim``
@@ -208,11 +215,14 @@ class Response(http.client.HTTPResponse):
         # Chunked when chunked is the last coding (RFC 9112 6.3), blanks around it aside: the
         # standard begin wants the value "chunked" and nothing else, and read "chunked " or
         # "gzip, chunked" to the close, chunk sizes and all, handed on as the body.
-        if te and (te.lower() == "chunked" or te.rpartition(",")[2].strip(" \t").lower() == "chunked"):
+        no_body = status == 204 or status == 304 or 100 <= status < 200 or self._method == "HEAD"
+        if te and te.lower() == "chunked":
             self.chunked = True
             self.chunk_left = None
         else:
             self.chunked = False
+            if te:
+                self._transfer_codings(te, no_body)
         # HTTPResponse._check_close
         if self.version == 11:
             self.will_close = bool(connection and "close" in connection.lower())
@@ -220,8 +230,7 @@ class Response(http.client.HTTPResponse):
             self.will_close = not (keep_alive or (connection and "keep-alive" in connection.lower())
                                    or (proxy_connection and "keep-alive" in proxy_connection.lower()))
         self.length = None
-        no_body = status == 204 or status == 304 or 100 <= status < 200 or self._method == "HEAD"
-        if length and not self.chunked:
+        if length and not self.chunked and not self.codings:
             try:
                 self.length = int(length)
             except ValueError:
@@ -242,6 +251,20 @@ class Response(http.client.HTTPResponse):
             self.length = 0
         if not self.will_close and not self.chunked and self.length is None:
             self.will_close = True
+
+    def _transfer_codings(self, te: str, no_body: bool) -> None:
+        """``chunked`` and ``codings`` from a Transfer-Encoding other than "chunked" alone.
+
+        Codings other than chunked (gzip, ...) are the proxy's to take off: they are hop-by-hop
+        as chunked is. Without chunked last, the body ends at the close (RFC 9112 6.3), whatever
+        Content-Length says; identity (a coding no longer registered) is no coding at all."""
+        codings = [c.strip(" \t").lower() for c in te.split(",")]
+        if codings[-1] == "chunked":
+            self.chunked = True
+            self.chunk_left = None
+            codings.pop()
+        if not no_body:
+            self.codings = tuple([c for c in codings if c and c != "identity"])
 
 
 class _KeptLine:
@@ -267,6 +290,96 @@ def _phrase(status: int, phrase: Optional[str]) -> str:
     if phrase is None or _NOT_IN_PHRASE.search(phrase) is not None:
         return http.client.responses.get(status, "")
     return phrase
+
+
+# The transfer codings the proxy takes off a body, besides chunked (RFC 9112 7).
+TRANSFER_CODINGS = frozenset(("gzip", "x-gzip", "deflate"))
+
+
+class TransferCodingError(http.client.HTTPException):
+    """A body its transfer coding does not decode: corrupt, or cut short."""
+
+
+def decoded(read1, codings: Tuple[str, ...]):
+    """``read1`` of a body in ``codings`` (each in ``TRANSFER_CODINGS``, in the order applied),
+    with them taken off, the last applied first: each call gives at most ``n`` decoded bytes,
+    as they come (no more than one read of the body at a time), and b"" at the end."""
+    for coding in reversed(codings):
+        read1 = _Inflate(read1, coding).read1
+    return read1
+
+
+class _Inflate:
+    """One transfer coding taken off a body as it arrives (``zlib.decompressobj``).
+
+    gzip may come as several members one after the other (each decoded in turn); deflate is the
+    zlib format (RFC 9110 8.4.1.2), or raw deflate as some servers send it, told apart by the
+    first two bytes. A read that decodes to nothing yet (a gzip header) reads on: b"" is the end.
+    An end before the coding's own (a body cut short) or bytes it cannot decode raise
+    :class:`TransferCodingError`.
+    """
+
+    __slots__ = ("read_raw", "coding", "z", "pending", "done")
+
+    def __init__(self, read1, coding: str):
+        self.read_raw = read1
+        self.coding = coding
+        self.z = None  # made when the first bytes come
+        self.pending = b""  # input not decoded yet (past the output limit, or after a gzip member)
+        self.done = False
+
+    def read1(self, n: int = 65536) -> bytes:
+        if n <= 0:
+            n = 65536
+        while not self.done:
+            data = self.pending
+            if data:
+                self.pending = b""
+            else:
+                data = self.read_raw(65536)
+                if not data:
+                    return self._end()
+            z = self.z
+            if z is None:
+                if self.coding != "deflate":
+                    z = self.z = zlib.decompressobj(47)  # (47: a zlib header is taken too, as record does)
+                elif len(data) < 2:  # deflate: its first two bytes tell whether it is the zlib format
+                    more = self.read_raw(65536)
+                    self.pending = data + more
+                    if not more:
+                        return self._end()
+                    continue
+                else:
+                    zlib_header = data[0] & 0x0F == 8 and (data[0] << 8 | data[1]) % 31 == 0
+                    z = self.z = zlib.decompressobj(15 if zlib_header else -15)
+            elif z.eof:  # bytes after the end
+                if self.coding == "deflate":
+                    raise TransferCodingError("%s: bytes after the end of the coded body" % self.coding)
+                z = self.z = zlib.decompressobj(47)  # the next gzip member
+            try:
+                out = z.decompress(data, n)
+            except zlib.error:
+                raise TransferCodingError("%s: the body does not decode" % self.coding) from None
+            self.pending = z.unconsumed_tail or z.unused_data
+            if out:
+                return out
+        return b""
+
+    def _end(self) -> bytes:
+        self.done = True
+        z = self.z
+        if z is None:
+            if self.pending:  # one byte of deflate
+                self.pending = b""
+                raise TransferCodingError("%s: the body was cut short" % self.coding)
+            return b""  # no body at all: nothing to decode
+        try:
+            out = z.flush()
+        except zlib.error:
+            raise TransferCodingError("%s: the body does not decode" % self.coding) from None
+        if not z.eof:
+            raise TransferCodingError("%s: the body was cut short" % self.coding)
+        return out
 
 
 class Connection(_OneSend, http.client.HTTPConnection):

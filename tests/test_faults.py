@@ -8,6 +8,7 @@ error shape.
 from __future__ import annotations
 
 import errno
+import gzip
 import hashlib
 import http.client
 import json
@@ -21,6 +22,7 @@ import tempfile
 import threading
 import time
 import unittest
+import zlib
 from unittest import mock
 
 from proxy_llm import storage, upstream
@@ -162,7 +164,8 @@ class ClientAbortTest(FaultTestCase):
 
 class RawUpstream:
     """An upstream speaking raw bytes: ``script(connection, request)`` (both counted from 0)
-    gives what to send for each request read, and "close" to close instead. Requests land in
+    gives what to send for each request read (bytes, or a list of bytes and Events to wait for),
+    and "close" to close instead (or after the parts before it, in a list). Requests land in
     ``requests`` as (connection, head + body)."""
 
     def __init__(self, test, script):
@@ -225,6 +228,8 @@ class RawUpstream:
                 for part in answer if isinstance(answer, list) else [answer]:
                     if isinstance(part, threading.Event):
                         part.wait(DEADLINE)
+                    elif part == "close":  # after what came before it
+                        return
                     else:
                         conn.sendall(part)
 
@@ -320,6 +325,26 @@ def _post(port: int, body: bytes = PLAIN_BODY, path: str = "/v1/chat/completions
         return read_to_eof(sock)
     finally:
         sock.close()
+
+
+def _dechunk(data: bytes) -> bytes:
+    """A whole chunked body (the last chunk included, no trailers) without its framing."""
+    out = []
+    while True:
+        size, _, data = data.partition(b"\r\n")
+        n = int(size, 16)
+        if not n:
+            if data != b"\r\n":
+                raise AssertionError("not a whole chunked body: %r" % data[:80])
+            return b"".join(out)
+        out.append(data[:n])
+        if data[n:n + 2] != b"\r\n":
+            raise AssertionError("a chunk without its CRLF")
+        data = data[n + 2:]
+
+
+def _chunked(*parts: bytes) -> bytes:
+    return b"".join(b"%x\r\n%s\r\n" % (len(p), p) for p in parts if p) + b"0\r\n\r\n"
 
 
 class ReasonPhraseTest(FaultTestCase):
@@ -419,6 +444,133 @@ class SwitchingProtocolsTest(FaultTestCase):
         self.assertNotIn(b"upgrade", sent.lower().partition(b"\r\n\r\n")[0])
         [rec] = proxy.records()
         self.assertEqual((rec["status_code"], rec["ended"]), (502, "upstream_error"))
+
+
+def _sse(text: str) -> bytes:
+    return chunk_event(text)
+
+
+class TransferCodingTest(FaultTestCase):
+    """Transfer codings are hop-by-hop (RFC 9112 7): the proxy is the recipient of the
+    upstream's, takes them off, and frames the decoded body to the client as any other (the
+    gzip bytes went on, re-chunked, with no header to say how they were coded)."""
+
+    def start_raw(self, script):
+        raw = RawUpstream(self, script)
+        return raw, self.start_proxy([provider("openai", "openai", raw.url, "", ["gpt-*"]),
+                                      provider("gemini", "gemini", raw.url, "", ["gemini-*"])])
+
+    def test_gzip_before_chunked_is_decoded_and_the_body_chunked_as_usual(self):
+        packed = gzip.compress(CHAT_REPLY)
+        answer = (b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nTransfer-Encoding: gzip, chunked\r\n\r\n"
+                  + _chunked(packed[:10], packed[10:25], packed[25:]))
+        raw, proxy = self.start_raw(lambda conn, k: answer)
+        data = _post(proxy.port)
+        head, _, body = data.partition(b"\r\n\r\n")
+        self.assertIn(b"\r\nTransfer-Encoding: chunked\r\n", head + b"\r\n")
+        self.assertNotIn(b"gzip", head.lower())
+        self.assertEqual(_dechunk(body), CHAT_REPLY)
+        # An HTTP/1.0 client: the decoded body, to the close.
+        data = _post(proxy.port, version=b"1.0")
+        head, _, body = data.partition(b"\r\n\r\n")
+        self.assertNotIn(b"transfer-encoding", head.lower())
+        self.assertEqual(body, CHAT_REPLY)
+        first, second = proxy.records()
+        for rec in (first, second):
+            self.assertEqual((rec["ended"], rec["response_bytes"]), ("completed", len(CHAT_REPLY)))
+            self.assertEqual(rec["response_body"], json.loads(CHAT_REPLY))
+            self.assertIsNone(rec.get("decode_error"))
+
+    def test_other_decodable_codings(self):
+        zlibbed = zlib.compress(CHAT_REPLY)
+        raw_deflate = zlib.compressobj(wbits=-15)
+        raw_deflate = raw_deflate.compress(CHAT_REPLY) + raw_deflate.flush()
+        twice = zlib.compress(gzip.compress(CHAT_REPLY))
+        members = gzip.compress(CHAT_REPLY[:30]) + gzip.compress(CHAT_REPLY[30:])
+        cases = [
+            ("deflate, chunked", _chunked(zlibbed), CHAT_REPLY),
+            # Without the zlib header (as some servers send it), its first byte alone first.
+            ("deflate, chunked", _chunked(raw_deflate[:1], raw_deflate[1:]), CHAT_REPLY),
+            ("X-Gzip, Chunked", _chunked(gzip.compress(CHAT_REPLY)), CHAT_REPLY),
+            ("gzip , identity, deflate ,chunked", _chunked(twice), CHAT_REPLY),
+            ("gzip, chunked", _chunked(members), CHAT_REPLY),  # two gzip members, one after the other
+            ("gzip, chunked", _chunked(gzip.compress(b"")), b""),
+            ("gzip, chunked", _chunked(), b""),  # no body at all: nothing to decode
+        ]
+        for coding, body, expected in cases:
+            with self.subTest(coding=coding, body=body[:20]):
+                answer = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: %s\r\n\r\n%s" % (coding.encode(), body)
+                raw, proxy = self.start_raw(lambda conn, k: answer)
+                data = _post(proxy.port)
+                self.assertEqual(_dechunk(data.partition(b"\r\n\r\n")[2]), expected)
+                rec = proxy.records()[-1]
+                self.assertEqual((rec["ended"], rec["response_bytes"]), ("completed", len(expected)))
+
+    def test_a_body_in_transfer_codings_without_chunked_ends_at_the_close(self):
+        # RFC 9112 6.3: chunked not last, the body is read to the close, Content-Length aside.
+        packed = gzip.compress(CHAT_REPLY)
+        answer = (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\nContent-Length: 5\r\nConnection: close\r\n\r\n"
+                  + packed)
+        raw, proxy = self.start_raw(lambda conn, k: [answer, "close"])
+        data = _post(proxy.port)
+        head, _, body = data.partition(b"\r\n\r\n")
+        self.assertNotIn(b"content-length", head.lower())
+        self.assertEqual(_dechunk(body), CHAT_REPLY)
+        self.assertEqual(proxy.records()[-1]["response_body"], json.loads(CHAT_REPLY))
+
+    def test_a_gzipped_stream_is_relayed_decoded_as_it_arrives(self):
+        gate = threading.Event()
+        self.addCleanup(gate.set)
+        z = zlib.compressobj(wbits=31)
+        first = z.compress(_sse("Hel")) + z.flush(zlib.Z_SYNC_FLUSH)
+        second = z.compress(_sse("lo") + b"data: [DONE]\n\n") + z.flush()
+        head = (b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: gzip, chunked\r\n\r\n")
+        raw, proxy = self.start_raw(lambda conn, k: [head + b"%x\r\n%s\r\n" % (len(first), first), gate,
+                                                     b"%x\r\n%s\r\n0\r\n\r\n" % (len(second), second)])
+        sock = open_stream(proxy.port)
+        self.addCleanup(sock.close)
+        data = read_until(sock, _sse("Hel"))  # before the upstream sends the rest
+        gate.set()
+        data = read_until(sock, b"\r\n0\r\n\r\n", data)
+        self.assertEqual(_dechunk(data.partition(b"\r\n\r\n")[2]), _sse("Hel") + _sse("lo") + b"data: [DONE]\n\n")
+        [rec] = proxy.records()
+        self.assertEqual((rec["ended"], content_of(rec)), ("completed", "Hello"))
+        self.assertEqual(len(proxy.stream_lines()[0]["events"]), 3)
+
+    def test_an_unknown_transfer_coding_is_a_502_in_the_providers_shape(self):
+        for coding in (b"br, chunked", b"compress", b"chunked, chunked", b"gzip, x-custom, chunked"):
+            with self.subTest(coding=coding):
+                answer = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: %s\r\n\r\n%s" % (coding, _chunked(b"abc"))
+                raw, proxy = self.start_raw(lambda conn, k: answer)
+                status, _, body = request(proxy.url, path="/v1beta/models/gemini-2.0-flash:generateContent",
+                                          body={"contents": []})
+                error = json.loads(body)["error"]
+                self.assertEqual((status, error["status"]), (502, "UNAVAILABLE"))
+                self.assertIn("transfer coding", error["message"])
+                rec = proxy.records()[-1]
+                self.assertEqual((rec["status_code"], rec["ended"]), (502, "upstream_error"))
+                self.assertEqual(proxy.server.metrics.upstream_errors.value("gemini", "protocol"), 1)
+        # Without a body to decode (HEAD, 204, 304), the coding does not matter.
+        raw, proxy = self.start_raw(lambda conn, k: b"HTTP/1.1 204 No Content\r\nTransfer-Encoding: br, chunked\r\n\r\n")
+        self.assertEqual(request(proxy.url, body=PLAIN_BODY)[0], 204)
+
+    def test_a_body_its_coding_does_not_decode_is_cut_as_a_broken_stream(self):
+        packed = gzip.compress(CHAT_REPLY)
+        cases = [("corrupt", packed[:20] + b"\xff" * 8 + packed[28:]), ("cut short", packed[:-6])]
+        for name, body in cases:
+            with self.subTest(name):
+                answer = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n" + _chunked(body)
+                raw, proxy = self.start_raw(lambda conn, k: answer)
+                conn = http.client.HTTPConnection("127.0.0.1", proxy.port, timeout=DEADLINE)
+                self.addCleanup(conn.close)
+                conn.request("POST", "/v1/chat/completions", body=PLAIN_BODY)
+                resp = conn.getresponse()
+                self.assertEqual(resp.status, 200)
+                with self.assertRaises(http.client.IncompleteRead):  # no last chunk: the client sees the cut
+                    resp.read()
+                rec = proxy.records()[-1]
+                self.assertEqual((rec["ended"], rec["error"]["type"]), ("upstream_error", "upstream_error"))
+                self.assertIn("gzip", rec["error"]["message"])
 
 
 class _Racing:

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import gzip
 import http.client
 import io
 import random
 import socket
 import threading
 import unittest
+import zlib
 from unittest import mock
 
 from proxy_llm import headers, upstream
@@ -245,11 +247,15 @@ class ResponseBeginTest(unittest.TestCase):
                  "Proxy-Connection", "Content-Type", "X-Other"]
         values = ["chunked", "close", "keep-alive", "0", "12", "-1", "x", "", " 3", "Close, Upgrade", "caf\xe9"]
         lengths = ["0", "12", "", " 3", "4 "]  # (any other is refused: test_framing_the_standard_begin_misreads)
+        # (Any other is a coding for the proxy to take off, the body then read to the close:
+        # test_transfer_codings_other_than_chunked.)
+        codings = ["chunked", "Chunked", "identity", ""]
         for _ in range(600):
             lines = ["HTTP/1.%d %s" % (rnd.randint(0, 1), rnd.choice(statuses))]
             for _ in range(rnd.randint(0, 5)):
                 name = rnd.choice(names)
-                lines.append("%s: %s" % (name, rnd.choice(lengths if name.lower() == "content-length" else values)))
+                choices = {"content-length": lengths, "transfer-encoding": codings}.get(name.lower(), values)
+                lines.append("%s: %s" % (name, rnd.choice(choices)))
             raw = ("\r\n".join(lines) + "\r\n\r\n" + "x" * rnd.randint(0, 20)).encode("latin-1")
             self.assertSame(raw, rnd.choice(("POST", "GET", "HEAD")))
 
@@ -288,6 +294,34 @@ class ResponseBeginTest(unittest.TestCase):
         for raw, method in ((b"HTTP/1.1 204 No Content\r\nContent-Length: x\r\n\r\n", "POST"),
                             (b"HTTP/1.1 200 OK\r\nContent-Length: x\r\n\r\n", "HEAD")):
             self.assertEqual(_begin(upstream.Response, raw, method, 1 << 20)[6], 0)
+
+    def test_transfer_codings_other_than_chunked(self):
+        # Taken off by the proxy (handler: relay), and without chunked last the body is read to
+        # the close (RFC 9112 6.3), Content-Length or not: the standard begin read
+        # "Transfer-Encoding: gzip" by its Content-Length, and "gzip, chunked" to the close.
+        cases = [
+            (b"Transfer-Encoding: gzip, chunked", "POST", ("gzip",), True, None),
+            (b"Transfer-Encoding: X-Gzip , Identity,deflate,  chunked", "POST", ("x-gzip", "deflate"), True, None),
+            (b"Transfer-Encoding: gzip\r\nContent-Length: 5", "POST", ("gzip",), False, None),
+            (b"Transfer-Encoding: br", "POST", ("br",), False, None),  # (the handler refuses it)
+            (b"Transfer-Encoding: chunked, gzip", "POST", ("chunked", "gzip"), False, None),
+            (b"Transfer-Encoding: identity\r\nContent-Length: 5", "POST", (), False, 5),
+            (b"Transfer-Encoding: chunked", "POST", (), True, None),
+            (b"Content-Length: 5", "POST", (), False, 5),
+            (b"Transfer-Encoding: gzip, chunked", "HEAD", (), True, 0),  # no body: nothing to decode
+            (b"Transfer-Encoding: gzip\r\nContent-Length: 5", "HEAD", (), False, 0),
+        ]
+        for fields, method, codings, chunked, length in cases:
+            raw = b"HTTP/1.1 200 OK\r\n%s\r\n\r\nbody!" % fields
+            for step in (1 << 20, 7, 1):
+                with self.subTest(fields=fields, method=method, step=step):
+                    resp = upstream.Response(_FakeSock(raw, step), method=method)
+                    resp.begin()
+                    self.assertEqual((resp.codings, resp.chunked, resp.length), (codings, chunked, length))
+                    self.assertEqual(resp.will_close, length is None and not chunked)
+        resp = upstream.Response(_FakeSock(b"HTTP/1.1 204 No Content\r\nTransfer-Encoding: gzip\r\n\r\n", 7), method="GET")
+        resp.begin()
+        self.assertEqual((resp.codings, resp.length), ((), 0))
 
     def test_the_reason_phrase_is_kept_as_sent(self):
         # For the status line the proxy writes: reason (as the standard begin has it) is stripped.
@@ -335,6 +369,107 @@ class ResponseBeginTest(unittest.TestCase):
     def test_connections_use_it(self):
         self.assertIs(upstream.Connection.response_class, upstream.Response)
         self.assertIs(upstream.SecureConnection.response_class, upstream.Response)
+
+
+def _pieces(data: bytes, step: int):
+    """A body's ``read1``, handing out at most ``step`` bytes a call, and the sizes asked for."""
+    asked = []
+
+    def read1(n):
+        asked.append(n)
+        piece = data[:min(n, step)]
+        del data[:len(piece)]
+        return bytes(piece)
+
+    data = bytearray(data)
+    return read1, asked
+
+
+def _read_all(read1, n: int = 65536):
+    out = []
+    while True:
+        piece = read1(n)
+        if not piece:
+            return out
+        out.append(piece)
+
+
+class DecodedTest(unittest.TestCase):
+    """upstream.decoded: a body's transfer codings taken off as it arrives."""
+
+    TEXT = b"".join(b"data: {\"n\": %d}\n\n" % i for i in range(3000))
+
+    def deflated(self, wbits: int, data: bytes = TEXT) -> bytes:
+        z = zlib.compressobj(wbits=wbits)
+        return z.compress(data) + z.flush()
+
+    def test_every_coding_at_any_pace(self):
+        cases = [
+            (("gzip",), gzip.compress(self.TEXT)),
+            (("x-gzip",), gzip.compress(self.TEXT)),
+            (("deflate",), self.deflated(15)),
+            (("deflate",), self.deflated(-15)),  # raw deflate, as some servers send it
+            (("gzip",), gzip.compress(self.TEXT[:100]) + gzip.compress(self.TEXT[100:])),  # two members
+            (("gzip", "deflate"), self.deflated(15, gzip.compress(self.TEXT))),  # gzip, then deflate
+            (("deflate", "gzip"), gzip.compress(self.deflated(-15))),
+            (("gzip",), zlib.compress(self.TEXT)),  # the zlib format under the gzip name, taken as record takes it
+            (("gzip",), gzip.compress(b"")),
+            (("gzip",), b""),  # no body at all
+            (("deflate",), b""),
+        ]
+        for codings, body in cases:
+            for step in (1, 2, 7, 1000, 1 << 20):
+                with self.subTest(codings=codings, body=body[:10], step=step):
+                    read1, _ = _pieces(body, step)
+                    out = _read_all(upstream.decoded(read1, codings))
+                    self.assertEqual(b"".join(out), self.TEXT if len(body) > 20 else b"")
+                    self.assertTrue(all(out), "an empty piece before the end")
+
+    def test_each_read_is_bounded(self):
+        # 16 MiB of zeros is 16 KiB of gzip: no read gives more than asked for.
+        zeros = gzip.compress(bytes(16 << 20))
+        read1, asked = _pieces(zeros, 1 << 20)
+        decode = upstream.decoded(read1, ("gzip",))
+        total = 0
+        while True:
+            piece = decode(65536)
+            if not piece:
+                break
+            self.assertLessEqual(len(piece), 65536)
+            total += len(piece)
+        self.assertEqual(total, 16 << 20)
+        self.assertEqual(set(asked), {65536})
+
+    def test_a_flushed_piece_comes_out_before_the_rest_is_read(self):
+        z = zlib.compressobj(wbits=31)
+        first = z.compress(b"data: 1\n\n") + z.flush(zlib.Z_SYNC_FLUSH)
+        rest = z.compress(b"data: 2\n\n") + z.flush()
+        pieces = [first, rest]
+        decode = upstream.decoded(lambda n: pieces.pop(0) if pieces else b"", ("gzip",))
+        self.assertEqual(decode(65536), b"data: 1\n\n")
+        self.assertEqual(pieces, [rest])  # not read yet
+        self.assertEqual(decode(65536), b"data: 2\n\n")
+        self.assertEqual(decode(65536), b"")
+
+    def test_what_does_not_decode_is_an_error(self):
+        packed = gzip.compress(self.TEXT)
+        cases = [
+            (("gzip",), packed[:-4], "cut short"),
+            (("gzip",), packed[:5], "cut short"),
+            (("gzip",), packed[:40] + b"\xff" * 30 + packed[70:], "does not decode"),
+            (("gzip",), b"not gzip at all", "does not decode"),
+            (("gzip",), packed + b"trailing", "does not decode"),
+            (("deflate",), self.deflated(15) + b"x", "after the end"),
+            (("deflate",), self.deflated(15)[:-2], "cut short"),
+            (("deflate",), b"x", "cut short"),
+        ]
+        for codings, body, message in cases:
+            for step in (1, 7, 1 << 20):
+                with self.subTest(body=body[-10:], step=step):
+                    read1, _ = _pieces(body, step)
+                    with self.assertRaisesRegex(upstream.TransferCodingError, message):
+                        _read_all(upstream.decoded(read1, codings))
+        self.assertTrue(issubclass(upstream.TransferCodingError, http.client.HTTPException))
 
 
 if __name__ == "__main__":
