@@ -261,9 +261,13 @@ def record_files(data_dir: str, stats: ReadStats | None = None) -> list:
 
 
 def stream_files(data_dir: str, stats: ReadStats | None = None) -> list:
-    """Every file under ``streams/``, in reading order (DataDirError if unreadable)."""
+    """Every file under ``streams/``, in reading order (DataDirError if unreadable). No
+    ``streams/`` is no stream files: the recorder makes it with its first stream line."""
     _check_dir(data_dir)
-    return _data_files(os.path.join(data_dir, "streams"), stats)
+    directory = os.path.join(data_dir, "streams")
+    if not os.path.lexists(directory):
+        return []
+    return _data_files(directory, stats)
 
 
 def _open(path: str):

@@ -183,6 +183,8 @@ class TestDamage(ReaderTestCase):
         self.assertEqual(list(reader.iter_records(self.tmp, stats)), [])
         self.assertEqual(list(reader.iter_stream_lines(self.tmp, stats)), [])
         self.assertEqual(stats.files, 0)
+        self.assertEqual(stats.problems, [])  # (no streams/ yet is no stream files, not a problem)
+        self.assertTrue(stats.ok)
 
 
 if __name__ == "__main__":

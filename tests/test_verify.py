@@ -111,6 +111,16 @@ class TestClean(VerifyTestCase):
         self.add(rec, streams=False)
         self.assertProblem("streamed records without a stream line", rec["id"])
 
+    def test_a_data_dir_without_streams_passes(self) -> None:
+        # The recorder makes streams/ with its first stream line: a proxy that only ever saw
+        # plain requests has none, and verify failed it ("streams: cannot list the directory").
+        data = os.path.join(self.tmp, "plain")
+        df.DataDirWriter(data).write_records([self.chat()])
+        self.assertFalse(os.path.exists(os.path.join(data, "streams")))
+        code, out, _ = run_verify("--data-dir", data)
+        self.assertEqual(code, 0, out)
+        self.assertIn("1 sessions, 1 record files, 1 records, 0 stream files, 0 stream lines", out)
+
     def test_the_key_file_and_unknown_fields_are_fine(self) -> None:
         with open(os.path.join(self.data, ".proxy_llm_key"), "wb") as fh:
             fh.write(b"k" * 32)
