@@ -50,6 +50,11 @@ import threading
 import time
 from typing import Callable, Dict, Iterable, List, Optional, Tuple
 
+try:
+    import fcntl
+except ImportError:  # (not POSIX: no advisory locks, see compress_file)
+    fcntl = None  # type: ignore
+
 log = logging.getLogger("proxy_llm.storage")
 
 RECORDS = "records"
@@ -762,6 +767,11 @@ def compress_file(path: str, ops: FileOps = FileOps, ident: Optional[Tuple[int, 
     it, both ``X.jsonl`` and a complete ``X.jsonl.gz`` (readers take ``X.jsonl``). A failure
     removes the temp file and keeps the original.
 
+    The same two states exist for a moment while a compression runs. To tell them apart
+    (``verify`` on a live data dir), the original is held under an exclusive advisory lock
+    (``flock``) from before the temp file is created until after the original is removed; the
+    kernel drops the lock when the process dies, however it dies. See :func:`compressing`.
+
     With ``ident`` (the sealed file's device and inode), only that file is compressed: when the
     path holds another one by then (its directory renamed away, and the writer's new file in a
     new one given the same name, by the same second), nothing is done and None is returned. The
@@ -777,29 +787,62 @@ def compress_file(path: str, ops: FileOps = FileOps, ident: Optional[Tuple[int, 
         except OSError:
             return False
 
-    try:
-        with open(path, "rb") as src:
-            if ident is not None and _ident(os.fstat(src.fileno())) != ident:
-                return None
+    with open(path, "rb") as src:  # (closing it, at the very end, drops the lock)
+        if ident is not None and _ident(os.fstat(src.fileno())) != ident:
+            return None
+        _lock(src.fileno(), exclusive=True)
+        try:
             fd = ops.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
             with os.fdopen(fd, "wb") as raw:
                 with gzip.GzipFile(filename=os.path.basename(path), mode="wb", fileobj=raw, mtime=0) as gz:
                     shutil.copyfileobj(src, gz, 1024 * 1024)
                 raw.flush()
                 ops.fsync(raw.fileno())
-        if not same():
-            os.unlink(tmp)
+            if not same():
+                os.unlink(tmp)
+                return None
+            os.rename(tmp, final)
+        except BaseException:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+            raise
+        _fsync_dir(os.path.dirname(path), ops)
+        if not same():  # (replaced between the rename and now: keep it; readers take X.jsonl)
             return None
-        os.rename(tmp, final)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    _fsync_dir(os.path.dirname(path), ops)
-    if not same():  # (replaced between the rename and now: keep it; readers take X.jsonl)
-        return None
-    os.unlink(path)
-    _fsync_dir(os.path.dirname(path), ops)
-    return final
+        os.unlink(path)
+        _fsync_dir(os.path.dirname(path), ops)
+        return final
+
+
+def _lock(fd: int, exclusive: bool) -> bool:
+    """An advisory ``flock`` on ``fd``: True when taken. Exclusive: waits for it (the compressor;
+    the only other holder is ``compressing``, for a moment); shared: does not wait, False when
+    another holds it. True also where there are no locks (no ``fcntl``, or a file system
+    without them), so that nothing waits on them and nothing is reported held."""
+    if fcntl is None:
+        return True
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    except OSError:  # (ENOLCK, EOPNOTSUPP: a file system without advisory locks)
+        return True
+    return True
+
+
+def compressing(path: str) -> bool:
+    """Whether a live process is compressing ``path`` (an ``X.jsonl``) right now: its compressor
+    holds the file's lock (see :func:`compress_file`). False when the file is gone, when nobody
+    holds the lock, and where there are no locks. A leftover ``X.jsonl.gz.tmp``, or an
+    ``X.jsonl`` beside its ``X.jsonl.gz``, whose ``X.jsonl`` is not held when it is checked, is
+    a crash's; one that vanishes meanwhile was a compression that has just ended."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    except OSError:
+        return False
+    try:
+        return not _lock(fd, exclusive=False)
+    finally:
+        os.close(fd)  # (drops the shared lock, if taken)

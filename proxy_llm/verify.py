@@ -13,7 +13,10 @@ Problems (exit code 1):
   ``session_id``, sanitised as the layout says);
 * a file left unclean by a crash: a leftover temp file (``*.tmp``, e.g. from
   compression) or both ``X.jsonl`` and ``X.jsonl.gz``; a gzip file that cannot be
-  read to its end;
+  read to its end.  A running proxy's compression leaves the same two states for a
+  moment: while it runs, its compressor holds an advisory lock on ``X.jsonl``
+  (``storage.compress_file``), and such files are a note, "in progress", not a
+  problem; with no process holding the lock (a dead data dir) they are leftovers;
 * a stream line whose id has no record, or whose record is not a stream;
 * a streamed record without its stream line.  A record expects a stream line
   exactly when it has ``stream_events`` (older records: when it got a response
@@ -22,7 +25,8 @@ Problems (exit code 1):
   answer to a stream request (an error, or a server ignoring ``stream``) and an
   unreachable upstream have no stream line.
 
-Notes (reported, exit code unaffected): unknown files, unknown record fields.
+Notes (reported, exit code unaffected): unknown files, unknown record fields, compressions
+in progress.
 
 Exit codes: 0 clean, 1 problems found, 2 unreadable data dir.
 """
@@ -35,7 +39,7 @@ import os
 import re
 import sys
 
-from proxy_llm import reader
+from proxy_llm import reader, storage
 
 __all__ = ["add_arguments", "run", "check", "Findings", "check_record", "check_stream_line"]
 
@@ -253,6 +257,19 @@ def _rel(data_dir: str, path: str) -> str:
     return os.path.relpath(path, data_dir)
 
 
+IN_PROGRESS = "compressions in progress (the running proxy is gzipping these sealed files)"
+
+
+def _compressing(directory: str, original: str, seen: str) -> bool:
+    """Whether ``seen`` (a ``.gz.tmp``, or an ``X.jsonl`` beside its ``.gz``) belongs to a
+    compression running now: the compressor holds ``original``'s lock until it has removed it
+    (storage.compress_file). Not held, and ``seen`` is still there: a crash's leftover. Gone by
+    then: a compression that ended meanwhile, not a leftover either."""
+    if storage.compressing(os.path.join(directory, original)):
+        return True
+    return not os.path.lexists(os.path.join(directory, seen))
+
+
 def _check_files(data_dir: str, found: Findings) -> None:
     """Leftover temp files, twins and unknown files anywhere in the data dir."""
     for top, dirs, files in os.walk(data_dir):
@@ -261,11 +278,17 @@ def _check_files(data_dir: str, found: Findings) -> None:
         for name in sorted(files):
             rel = _rel(data_dir, os.path.join(top, name))
             if _TEMP_RE.search(name):
-                found.problem("leftover temp files (a crash during compression or a write)", rel)
+                if depth == 1 and name.endswith(".jsonl.gz.tmp") and _compressing(top, name[:-len(".gz.tmp")], name):
+                    found.note(IN_PROGRESS, rel)
+                else:
+                    found.problem("leftover temp files (a crash during compression or a write)", rel)
             elif depth == 0 and name in KNOWN_TOP_FILES:
                 continue
             elif depth == 1 and name.endswith(".jsonl.gz") and name[:-3] in files:
-                found.problem("both X.jsonl and X.jsonl.gz (a crash between compressing and deleting)", rel)
+                if _compressing(top, name[:-3], name[:-3]):
+                    found.note(IN_PROGRESS, rel)
+                else:
+                    found.problem("both X.jsonl and X.jsonl.gz (a crash between compressing and deleting)", rel)
             elif depth == 1 and name.endswith(reader.RECORD_SUFFIXES) and name.startswith("session_"):
                 continue
             else:

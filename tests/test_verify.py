@@ -5,7 +5,9 @@ import gzip
 import io
 import json
 import os
+import select
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -17,6 +19,7 @@ from proxy_llm import verify
 from tests import data_factory as df
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEADLINE = 20.0
 
 
 def run_verify(*argv: str, default_data_dir=None):
@@ -274,6 +277,127 @@ class TestDamage(VerifyTestCase):
         proc = subprocess.run(cmd, cwd=self.tmp, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=60)
         self.assertEqual(proc.returncode, 1)
         self.assertIn(b"leftover temp files", proc.stdout)
+
+
+# A proxy's recorder, in its own process, whose compressor stops at each of its fsyncs (1: the
+# temp file is written, 2: renamed to X.jsonl.gz, X.jsonl still there, 3: X.jsonl removed): it
+# prints the step and goes on when it reads a line (or its stdin is closed).
+LIVE_RECORDER = r"""
+import os, sys, threading
+from proxy_llm import storage
+from tests import data_factory as df
+
+class Ops(storage.FileOps):
+    steps = 0
+
+    @staticmethod
+    def fsync(fd):
+        os.fsync(fd)
+        if threading.current_thread().name == "proxy_llm-compress":
+            Ops.steps += 1
+            sys.stdout.write("%d\n" % Ops.steps)
+            sys.stdout.flush()
+            sys.stdin.readline()
+
+def encode(rec):
+    return [(storage.RECORDS, rec["session_id"], df.dumps(rec))]
+
+clock = df.Clock(seed=5)
+recorder = storage.Recorder(sys.argv[1], encode, max_file_size=1, compress_rotated=True, fsync="never", ops=Ops())
+recorder.start()
+for n in range(2):  # the second record seals the first file: it is compressed
+    recorder.submit(df.openai_chat(clock, "live", [{"role": "user", "content": "hi"}], {"content": "yo"}))
+    assert recorder.flush(20)
+recorder.close(20)
+sys.stdout.write("closed\n")
+"""
+
+
+class TestLiveCompression(unittest.TestCase):
+    """verify on a live data dir: the compressor's temp file, and the moment both X.jsonl and
+    X.jsonl.gz exist, were reported as a crash's leftovers (exit 1) while a proxy was simply
+    compressing a sealed file. The compressor holds a lock on X.jsonl while it works; a killed
+    proxy's lock is gone with it, and its files are leftovers again."""
+
+    def setUp(self) -> None:
+        self.tmp = tempfile.mkdtemp(prefix="verify-live-")
+        self.addCleanup(shutil.rmtree, self.tmp)
+
+    def start(self, name: str):
+        data = os.path.join(self.tmp, name)
+        env = dict(os.environ, PYTHONPATH=ROOT)
+        proc = subprocess.Popen([sys.executable, "-c", LIVE_RECORDER, data], cwd=ROOT, env=env,
+                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+        def stop():
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait(DEADLINE)
+            for pipe in (proc.stdin, proc.stdout, proc.stderr):
+                pipe.close()
+        self.addCleanup(stop)
+        return data, proc
+
+    def step(self, proc, go_on: bool = True) -> str:
+        """Let the child go on (when it waits), then its next line, within the deadline."""
+        if go_on:
+            proc.stdin.write(b"\n")
+            proc.stdin.flush()
+        ready, _, _ = select.select([proc.stdout], [], [], DEADLINE)
+        self.assertTrue(ready, "the child said nothing")
+        return proc.stdout.readline().decode().strip()
+
+    def kill(self, proc) -> None:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(DEADLINE)
+
+    def assertInProgress(self, data: str, name: str) -> None:
+        code, out, _ = run_verify("--data-dir", data)
+        self.assertEqual(code, 0, out)
+        self.assertIn(verify.IN_PROGRESS + " (1):\n    session_live/" + name, out)
+        self.assertNotIn("PROBLEMS", out)
+
+    def names(self, data: str) -> list:
+        return sorted(os.listdir(os.path.join(data, "session_live")))
+
+    def test_a_killed_compressions_temp_file_is_a_leftover(self) -> None:
+        data, proc = self.start("tmp")
+        self.assertEqual(self.step(proc, go_on=False), "1")
+        [tmp] = [n for n in self.names(data) if n.endswith(".gz.tmp")]
+        self.assertInProgress(data, tmp)
+        self.kill(proc)
+        code, out, _ = run_verify("--data-dir", data)
+        self.assertEqual(code, 1, out)
+        self.assertIn("leftover temp files (a crash during compression or a write) (1):\n    session_live/" + tmp, out)
+        self.assertNotIn("in progress", out)
+
+    def test_a_killed_compressions_twin_files_are_leftovers(self) -> None:
+        data, proc = self.start("twin")
+        self.assertEqual(self.step(proc, go_on=False), "1")
+        self.assertEqual(self.step(proc), "2")
+        [gz] = [n for n in self.names(data) if n.endswith(".gz")]
+        self.assertIn(gz[:-3], self.names(data))
+        self.assertInProgress(data, gz)
+        self.kill(proc)
+        code, out, _ = run_verify("--data-dir", data)
+        self.assertEqual(code, 1, out)
+        self.assertIn("both X.jsonl and X.jsonl.gz (a crash between compressing and deleting) (1):\n"
+                      "    session_live/" + gz, out)
+        self.assertNotIn("in progress", out)
+
+    def test_a_finished_compression_leaves_nothing_to_report(self) -> None:
+        data, proc = self.start("done")
+        self.assertEqual(self.step(proc, go_on=False), "1")
+        self.assertEqual(self.step(proc), "2")
+        self.assertEqual(self.step(proc), "3")
+        proc.stdin.close()  # (no more stops)
+        self.assertEqual(self.step(proc, go_on=False), "closed")
+        self.assertEqual(proc.wait(DEADLINE), 0)
+        self.assertEqual(sorted(n.endswith(".gz") for n in self.names(data)), [False, True])  # (no .tmp)
+        code, out, _ = run_verify("--data-dir", data)
+        self.assertEqual(code, 0, out)
+        self.assertIn("2 records", out)
+        self.assertNotIn("in progress", out)
 
 
 class TestUnits(unittest.TestCase):
