@@ -1,8 +1,10 @@
 """``proxy_llm export``: turn a data dir into a training or analysis dataset.
 
 Reads every record of a data dir (rotated and gzip'd files included; a torn
-last line is skipped and reported), keeps those that pass the filters, and
-writes one JSON object per line to ``--out`` (or stdout).  A summary line goes
+last line is skipped and reported; a ``*.jsonl[.gz]`` not named as the
+recorder names its files, ``notes.jsonl``, is skipped and named), keeps those
+that pass the filters, and writes one JSON object per line to ``--out`` (or
+stdout).  A summary line goes
 to stderr at the end; a progress bar too when stderr is a terminal and the
 input is large.  Output files are written to a temporary name and renamed, so
 a failed export never leaves half a file.
@@ -1401,6 +1403,10 @@ def _summary(run: _Run, outputs: list) -> str:
     if s.problems:
         parts.append("%d unreadable files (%s)" % (len(s.problems), "; ".join(
             "%s: %s" % (p, m) for p, m in s.problems[:3])))
+    if s.skipped_files:
+        parts.append("%d file%s not named as the recorder names its files skipped (%s%s)" % (
+            len(s.skipped_files), "" if len(s.skipped_files) == 1 else "s",
+            ", ".join(reader.shown(p) for p in s.skipped_files[:3]), ", ..." if len(s.skipped_files) > 3 else ""))
     if run.filtered_out:
         parts.append("%d filtered out" % run.filtered_out)
     if run.skipped:

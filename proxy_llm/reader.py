@@ -7,6 +7,12 @@ Layout (see the README's "On-disk layout")::
 
 Contracts:
 
+* Only files named as the recorder names them are read: the forms above, with
+  ``<sid>`` as ``session_file_id`` makes it, ``-N`` with N >= 1 and ``_w<K>``
+  (``storage.is_record_file_name``, ``storage.is_stream_file_name``). Any other
+  ``*.jsonl`` or ``*.jsonl.gz`` there (``notes.jsonl``, copied in by hand) is not
+  records: it is skipped and listed in ``ReadStats.skipped_files``.  (A record
+  file of another session's directory is read: ``verify`` reports it by content.)
 * Files are read in time order: session directories by name, and inside a
   directory by the time stamp in the file name, then ``-N``, then ``_w<K>``
   (plain string order would put ``..._164815-2`` before ``..._164815``).
@@ -39,6 +45,7 @@ import os
 import re
 import zlib
 
+from .storage import is_record_file_name, is_stream_file_name  # the names the recorder gives
 from .storage import safe_sid as session_file_id  # the rule the files were named by
 
 
@@ -141,6 +148,7 @@ class ReadStats(object):
     bad_lines  [(path, line_number)] lines that did not parse (not torn)
     problems   [(path, message)] files that could not be read to their end
     twins      [path] ``X.jsonl.gz`` files skipped because ``X.jsonl`` exists
+    skipped_files [path] ``*.jsonl[.gz]`` files not named as the recorder names its files: not read
     bytes_done compressed/on-disk bytes consumed so far (for progress bars)
     """
 
@@ -153,12 +161,13 @@ class ReadStats(object):
         self.bad_lines = []  # type: list
         self.problems = []  # type: list
         self.twins = []  # type: list
+        self.skipped_files = []  # type: list
         self.bytes_done = 0
 
     @property
     def ok(self) -> bool:
         """True when nothing was skipped or damaged."""
-        return not (self.torn or self.bad_lines or self.problems)
+        return not (self.torn or self.bad_lines or self.problems or self.skipped_files)
 
     def summary(self) -> str:
         """One human line, e.g. ``"3 files, 120 records, 1 torn line skipped"``."""
@@ -169,6 +178,9 @@ class ReadStats(object):
             parts.append("%d bad line%s skipped" % (len(self.bad_lines), "" if len(self.bad_lines) == 1 else "s"))
         if self.problems:
             parts.append("%d unreadable file%s" % (len(self.problems), "" if len(self.problems) == 1 else "s"))
+        if self.skipped_files:
+            parts.append("%d file%s not named as the recorder names its files skipped" % (
+                len(self.skipped_files), "" if len(self.skipped_files) == 1 else "s"))
         return ", ".join(parts)
 
     def to_json(self) -> dict:
@@ -180,6 +192,7 @@ class ReadStats(object):
             "torn": self.torn,
             "bad_lines": len(self.bad_lines),
             "problems": len(self.problems),
+            "skipped_files": len(self.skipped_files),
         }
 
 
@@ -205,11 +218,14 @@ def file_sort_key(name: str) -> tuple:
     return (match.group("base"), int(match.group("n") or 0), int(match.group("w") or 0), name)
 
 
-def _data_files(directory: str, stats: ReadStats | None) -> list:
-    """The ``*.jsonl``/``*.jsonl.gz`` files of one directory, time ordered, twins removed.
+def _data_files(directory: str, stats: ReadStats | None, own) -> list:
+    """The ``*.jsonl``/``*.jsonl.gz`` files of one directory that the recorder named (``own``,
+    a test of the name), time ordered, twins removed.
 
     A directory that cannot be listed, and a name that is not a regular file (a dangling
-    symlink, a FIFO), are problems in ``stats``: they were skipped without a word."""
+    symlink, a FIFO), are problems in ``stats``: they were skipped without a word. A
+    ``*.jsonl[.gz]`` the recorder did not name (``notes.jsonl``, copied in by hand) is not read
+    and is listed in ``stats.skipped_files``: it was read as records."""
     try:
         names = os.listdir(directory)
     except OSError as exc:
@@ -218,8 +234,11 @@ def _data_files(directory: str, stats: ReadStats | None) -> list:
         return []
     present = set(names)
     chosen = []
-    for name in names:
-        if name.endswith(".jsonl"):
+    for name in sorted(names):
+        if name.endswith(RECORD_SUFFIXES) and not own(name):
+            if stats is not None:
+                stats.skipped_files.append(os.path.join(directory, name))
+        elif name.endswith(".jsonl"):
             chosen.append(name)
         elif name.endswith(".jsonl.gz"):
             if name[: -len(".gz")] in present:
@@ -256,7 +275,7 @@ def record_files(data_dir: str, stats: ReadStats | None = None) -> list:
     """Every record file of a data dir, in reading order (DataDirError if unreadable)."""
     out = []
     for directory in session_dirs(data_dir):
-        out.extend(_data_files(directory, stats))
+        out.extend(_data_files(directory, stats, is_record_file_name))
     return out
 
 
@@ -267,7 +286,7 @@ def stream_files(data_dir: str, stats: ReadStats | None = None) -> list:
     directory = os.path.join(data_dir, "streams")
     if not os.path.lexists(directory):
         return []
-    return _data_files(directory, stats)
+    return _data_files(directory, stats, is_stream_file_name)
 
 
 def _open(path: str):

@@ -8,11 +8,13 @@ only for streams); request and response bytes.  A ``total`` row covers the
 whole data dir.
 
 Text output is three tables (sessions, models, providers) and a footer with
-what was read (files, records, torn lines skipped).  ``--json`` prints one JSON
-object instead::
+what was read (files, records, torn lines skipped).  Only files named as the
+recorder names them are read; any other ``*.jsonl[.gz]`` in a session directory
+is skipped, counted and named (relative to the data dir).  ``--json`` prints
+one JSON object instead::
 
-    {"data_dir": ..., "read": {"files", "lines", "records", "torn", "bad_lines", "problems"},
-     "total": GROUP, "sessions": {name: GROUP}, "models": {...}, "providers": {...}}
+    {"data_dir": ..., "read": {"files", "lines", "records", "torn", "bad_lines", "problems", "skipped_files"},
+     "skipped": [file], "total": GROUP, "sessions": {name: GROUP}, "models": {...}, "providers": {...}}
     GROUP = {"requests", "ended": {ending: n}, "http_errors", "status": {"2xx": n, ..., "none": n},
              "tokens": {kind: n}, "duration_ms": {"p50", "p95"}, "ttft_ms": {"p50", "p95"},
              "request_bytes", "response_bytes"}
@@ -25,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 from array import array
 
@@ -190,8 +193,15 @@ def render_table(title: str, groups: dict, total: Group) -> str:
     return "\n".join(lines)
 
 
+def skipped_names(read: reader.ReadStats, data_dir: str) -> list:
+    """The files the reader skipped as not the recorder's, relative to the data dir, as text."""
+    return [reader.shown(os.path.relpath(path, data_dir)) for path in read.skipped_files]
+
+
 def render_text(report: Report, data_dir: str) -> str:
     parts = ["%s: %s" % (data_dir, report.read.summary())]
+    for name in skipped_names(report.read, data_dir):
+        parts[0] += "\nskipped, not named as the recorder names its files: %s" % name
     if report.total.requests:
         parts.append(render_table("session", report.sessions, report.total))
         parts.append(render_table("model", report.models, report.total))
@@ -209,6 +219,7 @@ def render_json(report: Report, data_dir: str) -> str:
     return json.dumps({
         "data_dir": data_dir,
         "read": report.read.to_json(),
+        "skipped": skipped_names(report.read, data_dir),
         "total": report.total.to_json(),
         "sessions": table(report.sessions),
         "models": table(report.models),

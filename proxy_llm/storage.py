@@ -81,6 +81,14 @@ ASSIST_SHARE = 4  # past queue_size // ASSIST_SHARE queued records, request thre
 # and the reader (reader.session_file_id) use too. The recorder applies it again to every line
 # it is given, so that no encoder can make it write outside the data dir.
 _SAFE_SID = re.compile(r"[A-Za-z0-9._-]{1,64}\Z")
+# The names Recorder._create gives its files, and the only ones the readers take (a file a user
+# put in a session directory is not records): <stem>[-N][_w<K>].jsonl, gzip'd <name>.gz, where
+# the stem is session_<sid>_<YYYYMMDD_HHMMSS> for a record file (in session_<sid>/) and
+# session_<sid>_<YYYYMMDD> for a streams file (in streams/); <sid> as safe_sid makes it, -N
+# (N >= 1) when the name was taken, _w<K> for worker K of --workers (cli.build_server).
+_NAME_END = r"(?:-[1-9][0-9]*)?(?:_w(?:0|[1-9][0-9]*))?\.jsonl(?:\.gz)?\Z"
+_RECORD_NAME = re.compile(r"session_([A-Za-z0-9._-]{1,64})_[0-9]{8}_[0-9]{6}" + _NAME_END)
+_STREAM_NAME = re.compile(r"session_([A-Za-z0-9._-]{1,64})_[0-9]{8}" + _NAME_END)
 
 
 class FileOps:
@@ -103,6 +111,18 @@ def safe_sid(sid: str) -> str:
         return sid
     raw = sid.encode("utf-8", "surrogatepass") if isinstance(sid, str) else repr(sid).encode()
     return "h" + hashlib.sha256(raw).hexdigest()[:16]
+
+
+def is_record_file_name(name: str) -> bool:
+    """Whether ``name`` is a name the recorder gives a record file (plain or gzip'd)."""
+    match = _RECORD_NAME.match(name)
+    return match is not None and match.group(1) not in (".", "..")
+
+
+def is_stream_file_name(name: str) -> bool:
+    """Whether ``name`` is a name the recorder gives a file of ``streams/`` (plain or gzip'd)."""
+    match = _STREAM_NAME.match(name)
+    return match is not None and match.group(1) not in (".", "..")
 
 
 class _File:

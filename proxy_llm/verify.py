@@ -11,6 +11,8 @@ Problems (exit code 1):
 * two records, or two stream lines, with one id;
 * a record in another session's directory (``session_<sid>/`` must match its
   ``session_id``, sanitised as the layout says);
+* a ``*.jsonl`` or ``*.jsonl.gz`` in a session directory or ``streams/`` that is not
+  named as the recorder names its files (``notes.jsonl``): the readers skip it;
 * a file left unclean by a crash: a leftover temp file (``*.tmp``, e.g. from
   compression) or both ``X.jsonl`` and ``X.jsonl.gz``; a gzip file that cannot be
   read to its end.  A running proxy's compression leaves the same two states for a
@@ -257,6 +259,7 @@ def _rel(data_dir: str, path: str) -> str:
     return os.path.relpath(path, data_dir)
 
 
+SKIPPED = "files not named as the recorder names its files (not read by verify, stats or export)"
 IN_PROGRESS = "compressions in progress (the running proxy is gzipping these sealed files)"
 
 
@@ -275,6 +278,12 @@ def _check_files(data_dir: str, found: Findings) -> None:
     for top, dirs, files in os.walk(data_dir):
         dirs.sort()
         depth = 0 if os.path.abspath(top) == os.path.abspath(data_dir) else 1
+        where = os.path.relpath(top, data_dir)
+        own = None  # in a directory the reader reads: the test of the recorder's file names
+        if where == "streams":
+            own = storage.is_stream_file_name
+        elif where.startswith("session_") and os.sep not in where:
+            own = storage.is_record_file_name
         for name in sorted(files):
             rel = _rel(data_dir, os.path.join(top, name))
             if _TEMP_RE.search(name):
@@ -284,13 +293,13 @@ def _check_files(data_dir: str, found: Findings) -> None:
                     found.problem("leftover temp files (a crash during compression or a write)", rel)
             elif depth == 0 and name in KNOWN_TOP_FILES:
                 continue
-            elif depth == 1 and name.endswith(".jsonl.gz") and name[:-3] in files:
-                if _compressing(top, name[:-3], name[:-3]):
-                    found.note(IN_PROGRESS, rel)
-                else:
-                    found.problem("both X.jsonl and X.jsonl.gz (a crash between compressing and deleting)", rel)
-            elif depth == 1 and name.endswith(reader.RECORD_SUFFIXES) and name.startswith("session_"):
-                continue
+            elif own is not None and name.endswith(reader.RECORD_SUFFIXES):
+                # (a name the recorder does not give is reported by the reader: _read_problems)
+                if own(name) and name.endswith(".jsonl.gz") and name[:-3] in files:
+                    if _compressing(top, name[:-3], name[:-3]):
+                        found.note(IN_PROGRESS, rel)
+                    else:
+                        found.problem("both X.jsonl and X.jsonl.gz (a crash between compressing and deleting)", rel)
             else:
                 found.note("unknown files", rel)
         if depth == 0:
@@ -340,6 +349,8 @@ def _read_problems(data_dir: str, stats: reader.ReadStats, found: Findings, what
         found.problem("%s lines that do not parse" % what, "%s:%d" % (_rel(data_dir, path), lineno))
     for path, message in stats.problems:
         found.problem("unreadable files", "%s: %s" % (_rel(data_dir, path), message))
+    for path in stats.skipped_files:
+        found.problem(SKIPPED, _rel(data_dir, path))
 
 
 def _check_streams(data_dir: str, index: dict, found: Findings) -> None:

@@ -565,6 +565,32 @@ class DataDirWriter(object):
         return path
 
 
+# Files in the data dir's reading places that the recorder never names so (storage._create), as a
+# user leaves them: notes, a file manager's copy, a stamp cut short, "-0", a record file's name
+# in streams/.
+STRAY_NAMES = ("session_oa-tools/notes.jsonl", "session_oa-tools/session_oa-tools_20261127_164815 (copy).jsonl",
+               "session_oa-tools/session_oa-tools_20261127_1648.jsonl", "session_gem-1/gem.jsonl.gz",
+               "session_gem-1/session_gem-1_20261127_165100-0.jsonl", "streams/notes.jsonl",
+               "streams/session_gem-1_20261127_165100.jsonl")
+
+
+def write_strays(root: str, man: "Manifest") -> list:
+    """``STRAY_NAMES`` under ``root`` (a ``build_mixed`` data dir), each holding a sound record
+    (a copy of an exportable chat record under a new id) or, under streams/, a sound stream line
+    (a copy of a record's): read as data, they would count. Returns their paths, sorted."""
+    rng = random.Random(11)
+    rec = man.chat_ok[0]
+    line = stream_line([r for r in man.records if has_stream_line(r)][0])
+    paths = []
+    for name in STRAY_NAMES:
+        path = os.path.join(root, *name.split("/"))
+        obj = dict(line if name.startswith("streams/") else rec)
+        obj["id"] = ulid(T0, rng)
+        DataDirWriter.write_lines(path, [obj])
+        paths.append(path)
+    return sorted(paths)
+
+
 class Manifest(object):
     """What ``build_mixed`` wrote: the truth the tests check readers against."""
 

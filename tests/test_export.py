@@ -67,6 +67,17 @@ class TestOpenAIChat(ExportTestCase):
         self.assertIn("thinking", self.last_summary)
         self.assertIn("image 4", self.last_summary)
 
+    def test_files_the_recorder_did_not_name_are_skipped_and_named(self) -> None:
+        # notes.jsonl in a session directory was read as records: its copy of a chat record
+        # became one more training row.
+        strays = [p for p in df.write_strays(self.data, self.man)
+                  if not os.path.relpath(p, self.data).startswith("streams")]
+        rows = self.export_rows("openai-chat")
+        self.assertEqual(len(rows), len(self.man.chat_ok))
+        self.assertIn("read %d records from %d files" % (len(self.man.records), self.man.files), self.last_summary)
+        self.assertIn("%d files not named as the recorder names its files skipped (%s, ...)"
+                      % (len(strays), ", ".join(strays[:3])), self.last_summary)
+
     def test_rows_have_the_fine_tuning_shape(self) -> None:
         for row in self.export_rows("openai-chat"):
             self.assertLessEqual(set(row), {"messages", "tools"})

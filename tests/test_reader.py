@@ -56,6 +56,27 @@ class TestMixedDataDir(ReaderTestCase):
             self.assertEqual(ids, sorted(ids))  # ULIDs sort by time
 
 
+class TestStrayFiles(ReaderTestCase):
+    """A ``*.jsonl`` the recorder did not name (``notes.jsonl``, copied into a session directory
+    by hand) was read as records: stats and export counted it as traffic."""
+
+    def test_only_the_recorders_file_names_are_read_the_others_are_listed(self) -> None:
+        man = df.build_mixed(self.tmp, torn=False)
+        strays = df.write_strays(self.tmp, man)
+        stats = reader.ReadStats()
+        ids = [r["id"] for r in reader.iter_records(self.tmp, stats)]
+        lines = [line["id"] for line in reader.iter_stream_lines(self.tmp, stats)]
+        self.assertEqual(sorted(ids), sorted(r["id"] for r in man.records))
+        self.assertEqual(sorted(lines), sorted(man.stream_ids))
+        self.assertEqual(stats.skipped_files, strays)
+        self.assertEqual((stats.bad_lines, stats.problems, stats.torn), ([], [], 0))
+        self.assertFalse(stats.ok)
+        self.assertIn("%d files not named as the recorder names its files skipped" % len(strays), stats.summary())
+        self.assertEqual(reader.ReadStats().to_json()["skipped_files"], 0)
+        self.assertEqual(stats.to_json()["skipped_files"], len(strays))
+        self.assertFalse(set(reader.record_files(self.tmp) + reader.stream_files(self.tmp)) & set(strays))
+
+
 class TestFileOrder(unittest.TestCase):
     def test_suffixes_sort_after_their_base(self) -> None:
         names = ["session_a_20261127_164815_w1.jsonl", "session_a_20261127_164815-2.jsonl",

@@ -105,6 +105,24 @@ class TestStats(unittest.TestCase):
         self.assertEqual(len(total_lines), 3)
         self.assertEqual(total_lines[0].split()[1], str(len(self.man.records)))
 
+    def test_files_the_recorder_did_not_name_are_skipped_counted_and_named(self) -> None:
+        # notes.jsonl in a session directory was read as records: its copy of a chat record
+        # counted as one more request.
+        strays = [os.path.relpath(p, self.data) for p in df.write_strays(self.data, self.man)
+                  if not os.path.relpath(p, self.data).startswith("streams")]
+        report = self.json_report()
+        self.assertEqual(report["total"]["requests"], len(self.man.records))
+        self.assertEqual(report["read"]["records"], len(self.man.records))
+        self.assertEqual(report["read"]["skipped_files"], len(strays))
+        self.assertEqual(report["skipped"], strays)
+        code, out, _ = run_stats("--data-dir", self.data)
+        self.assertEqual(code, 0)
+        head = out.split("\n\n")[0].splitlines()
+        self.assertIn("%d files not named as the recorder names its files skipped" % len(strays), head[0])
+        self.assertEqual(head[1:], ["skipped, not named as the recorder names its files: " + name for name in strays])
+        self.assertEqual([line for line in out.splitlines() if line.startswith("total ")][0].split()[1],
+                         str(len(self.man.records)))
+
     def test_empty_and_missing_data_dirs(self) -> None:
         empty = os.path.join(self.tmp, "empty")
         os.mkdir(empty)

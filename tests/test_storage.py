@@ -465,6 +465,57 @@ class RotationTest(RecorderTestCase):
         self.assertEqual(sorted(os.listdir(self.tmp)), ["x.jsonl.gz"])
 
 
+class FileNameTest(RecorderTestCase):
+    """The readers take only the names the recorder gives (a notes.jsonl copied into a session
+    directory was read as records): every name it gives, and no other."""
+
+    def test_every_name_the_recorder_gives_is_one_the_readers_take(self):
+        fixed = time.mktime((2026, 11, 27, 16, 48, 15, 0, 0, 0)) - time.timezone
+        sids = ["s", "a_20261127", "x-1.v2", "team/alice:42"]  # (the last one hashed)
+        for run, suffix in enumerate(("", "", "_w3")):  # the same second: -N suffixes
+            rec = self.recorder(clock=lambda: fixed, max_file_size=300, compress_rotated=True, file_suffix=suffix)
+            for n in range(3):  # each batch rotates
+                for sid in sids:
+                    self.put(rec, [line(sid, n, 200), line(sid, n, 200, kind=STREAMS)])
+            rec.close(DEADLINE)
+        names = {"records": [], "streams": []}
+        for path in data_files(self.data_dir):
+            kind = "streams" if os.path.basename(os.path.dirname(path)) == "streams" else "records"
+            names[kind].append(os.path.basename(path))
+        for name in names["records"]:
+            self.assertTrue(storage.is_record_file_name(name), name)
+            self.assertFalse(storage.is_stream_file_name(name), name)
+        for name in names["streams"]:
+            self.assertTrue(storage.is_stream_file_name(name), name)
+            self.assertFalse(storage.is_record_file_name(name), name)
+        every = names["records"] + names["streams"]
+        for form in ("164815.jsonl.gz", "20261127.jsonl.gz", "-2.jsonl", "-3.jsonl.gz", "_w3.jsonl.gz",
+                     "-2_w3.jsonl"):
+            self.assertTrue(any(n.endswith(form) for n in every), form)
+        self.assertTrue(any(n.startswith("session_h") for n in every))
+        stats = reader.ReadStats()
+        self.assertEqual(len(list(reader.iter_records(self.data_dir, stats))), 3 * 3 * len(sids))
+        self.assertEqual(len(list(reader.iter_stream_lines(self.data_dir, stats))), 3 * 3 * len(sids))
+        self.assertEqual(stats.skipped_files, [])
+
+    def test_names_the_recorder_never_gives(self):
+        for name in ("notes.jsonl", "session_s_20261127_164815 (copy).jsonl", "session_s_20261127_1648.jsonl",
+                     "session_s_20261127_164815-0.jsonl", "session_s_20261127_164815-01.jsonl",
+                     "session_s_20261127_164815_w01.jsonl", "session_s_20261127_164815_w.jsonl",
+                     "session_s_20261127_164815.jsonl.tmp", "session_s_20261127_164815.jsonl.gz.tmp",
+                     "session_s_20261127_164815.JSONL", "session_s_20261127_164815.json",
+                     "session_s_2026112\uff17_164815.jsonl", "session_._20261127_164815.jsonl",
+                     "session_.._20261127_164815.jsonl", "session__20261127_164815.jsonl",
+                     "session_%s_20261127_164815.jsonl" % ("x" * 65), "session_a b_20261127_164815.jsonl",
+                     "Session_s_20261127_164815.jsonl", "session_s_20261127_164815.jsonl\n"):
+            self.assertFalse(storage.is_record_file_name(name), name)
+        for name in ("notes.jsonl", "session_s_20261127_164815.jsonl", "session_s_2026112.jsonl",
+                     "session_s_20261127-0.jsonl", "session_s_20261127.jsonl.gz.tmp", "session_.._20261127.jsonl"):
+            self.assertFalse(storage.is_stream_file_name(name), name)
+        self.assertTrue(storage.is_record_file_name("session_%s_20261127_164815-12_w0.jsonl.gz" % ("x" * 64)))
+        self.assertTrue(storage.is_stream_file_name("session_a_20261127_20261128-3_w1.jsonl"))
+
+
 class CompressMovedTest(unittest.TestCase):
     def test_a_file_at_a_sealed_files_path_is_not_compressed_away(self):
         # The compressor took the path alone: with the data dir moved away while it was behind,

@@ -198,6 +198,17 @@ class TestDamage(VerifyTestCase):
         os.rename(path, moved)
         self.assertProblem("records in another session's directory", "session 'extra' belongs in session_extra/")
 
+    def test_files_the_recorder_did_not_name_are_problems_not_records(self) -> None:
+        # notes.jsonl in a session directory was read as records (its record a duplicate of
+        # the one it copied, its schema checked); it is now a file the readers skip.
+        strays = df.write_strays(self.data, self.man)
+        out = self.assertProblem(verify.SKIPPED + " (%d):" % len(strays))
+        listed = out.split(verify.SKIPPED)[1].splitlines()[1:len(strays) + 1]
+        self.assertEqual(sorted(line.strip() for line in listed),
+                         sorted(os.path.relpath(p, self.data) for p in strays))
+        self.assertIn("verify: FAILED: %d problems" % len(strays), out)  # and nothing else
+        self.assertNotIn("unknown files", out)
+
     def test_unsafe_session_ids_live_under_their_hash(self) -> None:
         rec = df.openai_chat(self.clock, "team/alice:42", [{"role": "user", "content": "hi"}], {"content": "yo"})
         self.add(rec)
