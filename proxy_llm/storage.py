@@ -19,10 +19,13 @@ Durability contract (also in the README):
 * It reaches the disk at the next fsync: after every batch with ``fsync: always``, at most
   ``fsync_interval`` seconds later with ``fsync: interval`` (the default), or when the OS decides
   with ``fsync: never``. Power loss can lose what was not yet synced.
-* Files and their directory are synced when a file is created, rotated or closed, and at
-  shutdown. A write that fails half-way is cut back (``ftruncate``) to the last whole line, so a
-  file holds whole lines, except at most one torn last line after a crash in the middle of a write.
-* Every start opens new files (``O_EXCL``); a name that exists gets a ``-N`` suffix.
+* A new file's directory, and a sealed (rotated) file, are synced with the next sync (one
+  commit for every rotation since the last sync, see ``_seal``; after the batch with ``fsync:
+  never``); files are synced when closed, and at shutdown.
+* A write that fails half-way is cut back (``ftruncate``) to the last whole line, so a file
+  holds whole lines, except at most one torn last line after a crash in the middle of a write.
+* Every start opens new files (``O_EXCL``); a name that exists gets a ``-N`` suffix (see
+  ``_create``).
 
 Files are created 0600 in directories created 0700. A record that cannot be written (disk full,
 read-only, permission) is counted in ``dropped`` and the recorder reports ``degraded`` until a
@@ -68,6 +71,8 @@ MAX_OPEN_FILES = 128
 BATCH_MAX = 512
 GATHER_WINDOW = 0.002  # seconds the writer waits after a lone record for others to join it
 GATHER_BELOW = 16      # ...unless this many are queued already
+SEALED_MAX = 32        # sealed files (open descriptors) waiting for the next sync at most
+NAME_TRIES = 10000     # names tried past the one expected free before a file cannot be created
 PACE_SLICE = 0.001     # seconds of encoding after which the writer rests as long (see _encode_all)
 JOIN_MAX = 64 * 1024   # bytes: lines are joined into one piece up to this size (see _write_lines)
 try:
@@ -337,6 +342,9 @@ class Recorder:
         self._unsynced_since: Optional[float] = None  # when the oldest line not yet synced was written
         self.monotonic = time.monotonic  # the clock of fsync_interval (tests replace it)
         self._compressor: Optional[threading.Thread] = None
+        self._next_name: Dict[Tuple[str, str], Tuple[str, int]] = {}  # key -> (stem, next index), see _create
+        self._sealed: List[_File] = []  # sealed, not yet synced and closed (see _seal)
+        self._new_dirs: set = set()  # directories of files created since the last sync (see _create)
         self._to_compress: "queue.Queue[object]" = queue.Queue()
         self.busy_clock = time.perf_counter  # how long encoding takes (see _encode_all)
         self.rest = time.sleep
@@ -525,6 +533,8 @@ class Recorder:
                     self.fsync_mode == "interval" and self._unsynced_since is not None
                     and self.monotonic() - self._unsynced_since >= self.fsync_interval):
                 self._sync_dirty()
+            elif self.fsync_mode == "never" and (self._sealed or self._new_dirs):
+                self._settle()
         if written:
             with self._stats_lock:
                 self.written += written
@@ -618,29 +628,67 @@ class Recorder:
         if created_dir:
             self.ops.makedirs(directory, mode=0o700, exist_ok=True)
             _fsync_dir(os.path.dirname(directory), self.ops)
-        fd, path = self._create(directory, stem)
+            self._next_name.pop(key, None)  # (a new directory: its names start again)
+        fd, path = self._create(key, directory, stem)
         f = self._files[key] = _File(path, fd, day)
         self._limit_open(key)
         return f
 
-    def _create(self, directory: str, stem: str) -> Tuple[int, str]:
+    def _create(self, key: Tuple[str, str], directory: str, stem: str) -> Tuple[int, str]:
+        """Create the next file of ``stem``: ``<stem>.jsonl``, then ``<stem>-1.jsonl``, ...
+
+        The index goes on from this key's last file of the same stem, and is otherwise found
+        by :meth:`_first_free`. It went through every name from 0 on each rotation: a streams
+        file's stem is a whole day's, so the k-th rotation of a day tried k names (a stat and
+        an open each), the writer spent most of its time there under a small
+        ``max_file_size`` and fell behind, and past 9,999 files of a stem no name was left and
+        every line of that file was dropped.
+        """
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND | getattr(os, "O_CLOEXEC", 0)
-        for n in range(0, 10000):
-            name = "%s%s%s.jsonl" % (stem, "-%d" % n if n else "", self.file_suffix)
-            path = os.path.join(directory, name)
-            if os.path.exists(path + ".gz"):
+        last = self._next_name.get(key)
+        n = last[1] if last is not None and last[0] == stem else self._first_free(directory, stem)
+        for _ in range(NAME_TRIES):  # (names taken meanwhile by another process, or by hand)
+            path = self._name(directory, stem, n)
+            n += 1
+            if os.path.lexists(path + ".gz"):
                 continue
             try:
                 fd = self.ops.open(path, flags, 0o600)
             except FileExistsError:
                 continue
-            try:
-                self.ops.fsync(fd)
-            except OSError:
-                pass
-            _fsync_dir(directory, self.ops)
+            self._next_name[key] = (stem, n)
+            # Its directory is synced with the next sync (_settle), and the file, written at
+            # once, with its lines: syncing it empty here cost a journal commit per rotation.
+            self._new_dirs.add(directory)
+            if self._unsynced_since is None:
+                self._unsynced_since = self.monotonic()
             return fd, path
         raise OSError(errno.EEXIST, "no free file name for %s" % stem)
+
+    def _name(self, directory: str, stem: str, n: int) -> str:
+        return os.path.join(directory, "%s%s%s.jsonl" % (stem, "-%d" % n if n else "", self.file_suffix))
+
+    def _first_free(self, directory: str, stem: str) -> int:
+        """The index after the last one taken (plain or gzip'd) of ``stem`` in ``directory``, in
+        O(log n) stats: the recorder takes them in order, so an earlier run of the same day or
+        second left 0..k-1 taken. (Where some were removed by hand, this may land in a gap:
+        any free index is correct, O_EXCL makes sure of it.)"""
+        def taken(n: int) -> bool:
+            path = self._name(directory, stem, n)
+            return os.path.lexists(path) or os.path.lexists(path + ".gz")
+
+        if not taken(0):
+            return 0
+        low, high = 0, 1  # taken, and to be checked
+        while taken(high):
+            low, high = high, high * 2
+        while high - low > 1:  # low taken, high free
+            middle = (low + high) // 2
+            if taken(middle):
+                low = middle
+            else:
+                high = middle
+        return high
 
     def _limit_open(self, keep: Tuple[str, str]) -> None:
         open_files = [(k, f) for k, f in self._files.items() if f.fd is not None]
@@ -672,17 +720,21 @@ class Recorder:
                 del self._files[key]
 
     def _seal(self, f: _File) -> None:
-        """Rotation: sync and close a full (or yesterday's) file, optionally compress it."""
-        if f.fd is not None:
-            try:
-                self.ops.fsync(f.fd)
-            except OSError:
-                pass
-            self._close_file(f, sync=False)
-        _fsync_dir(os.path.dirname(f.path), self.ops)
+        """Rotation: a full (or yesterday's) file takes no more lines. It is synced, closed and
+        (``compress_rotated``) queued for compression with the next sync (:meth:`_settle`).
+
+        Rotation synced the file and its directory at once, and the new file and its directory
+        too: four fsyncs on the writer thread, each a journal commit and a wait for the GIL,
+        per rotation. Under a small ``max_file_size`` (64 KiB: a rotation every few hundred
+        small records), that was most of the writer's time. Now a sync settles every rotation
+        since the last one together: the first fsync commits, the others find little to do.
+        """
         self._forget(f)
-        if self.compress_rotated:
-            self._to_compress.put((f.path, f.ident))
+        self._sealed.append(f)
+        if self._unsynced_since is None:
+            self._unsynced_since = self.monotonic()
+        if len(self._sealed) >= SEALED_MAX:  # (open descriptors: settle now)
+            self._settle()
 
     def _sync_dirty(self) -> None:
         for f in self._files.values():
@@ -692,7 +744,23 @@ class Recorder:
                 except OSError as exc:
                     self._ratelog.warning("fsync", "fsync failed for a record file: %s", exc)
                 f.dirty = False
+        self._settle()
         self._unsynced_since = None
+
+    def _settle(self) -> None:
+        """Sync and close the files sealed since the last sync and queue them for compression;
+        sync the directories where files were created since (see :meth:`_seal`, :meth:`_create`).
+        Called with every sync, at the end of a batch that rotated with ``fsync: never``, and at
+        close."""
+        sealed, self._sealed = self._sealed, []
+        for f in sealed:
+            self._close_file(f, sync=True)
+        for directory in sorted(self._new_dirs):
+            _fsync_dir(directory, self.ops)
+        self._new_dirs.clear()
+        if self.compress_rotated:
+            for f in sealed:
+                self._to_compress.put((f.path, f.ident))
 
     def _probe(self) -> None:
         """While degraded and idle, check whether the data dir is writable again."""
@@ -744,6 +812,7 @@ class Recorder:
             self.queue.put(_STOP)
             self._thread.join(timeout)
         with self.lock:
+            self._settle()
             for f in self._files.values():
                 self._close_file(f, sync=True)
             dirs = set(os.path.dirname(f.path) for f in self._files.values())

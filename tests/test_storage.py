@@ -250,15 +250,17 @@ class GroupCommitTest(RecorderTestCase):
         for n in range(3):
             self.put(rec, line("s", n))
         [path] = data_files(self.data_dir)
-        # one fsync when the file was created, then one per batch, each after its write
-        self.assertEqual(self.ops.ops_on(path), ["open", "fsync"] + ["write", "fsync"] * 3)
+        # one fsync per batch, each after its write (none of the empty file at its creation)
+        self.assertEqual(self.ops.ops_on(path), ["open"] + ["write", "fsync"] * 3)
+        # its directory, once: with the first batch's sync
+        self.assertEqual(self.ops.ops_on(os.path.dirname(path)), ["open", "fsync", "close"])
 
     def test_fsync_interval_batches_syncs(self):
         rec = self.recorder(fsync="interval", fsync_interval=60.0)
         for n in range(5):
             self.put(rec, line("s", n))
         [path] = data_files(self.data_dir)
-        self.assertEqual(self.ops.ops_on(path), ["open", "fsync"] + ["write"] * 5)  # creation sync only
+        self.assertEqual(self.ops.ops_on(path), ["open"] + ["write"] * 5)  # (an hour to go)
         rec.close(DEADLINE)
         self.assertEqual(self.ops.ops_on(path)[-2:], ["fsync", "close"])  # synced at close
 
@@ -267,9 +269,9 @@ class GroupCommitTest(RecorderTestCase):
         self.put(rec, line("s", 0))
         [path] = data_files(self.data_dir)
         self.ops.synced.clear()
-        self.assertEqual(self.ops.ops_on(path), ["open", "fsync", "write"])
+        self.assertEqual(self.ops.ops_on(path), ["open", "write"])
         self.assertTrue(self.ops.synced.wait(DEADLINE))
-        self.assertEqual(self.ops.ops_on(path), ["open", "fsync", "write", "fsync"])
+        self.assertEqual(self.ops.ops_on(path), ["open", "write", "fsync"])
 
     def test_fsync_interval_counts_from_the_oldest_unsynced_line(self):
         # The writer waited a whole fsync_interval for its next idle sync from its last batch,
@@ -294,11 +296,11 @@ class GroupCommitTest(RecorderTestCase):
         now[0] = 1085.0
         self.put(rec, line("s", 1))  # not yet due
         [path] = data_files(self.data_dir)
-        self.assertEqual(self.ops.ops_on(path), ["open", "fsync", "write", "write"])
+        self.assertEqual(self.ops.ops_on(path), ["open", "write", "write"])
         self.assertAlmostEqual(waits.get(timeout=DEADLINE), 15.0)  # woken when the first is due
         now[0] = 1100.0
         self.put(rec, line("s", 2))  # due: synced with this batch
-        self.assertEqual(self.ops.ops_on(path), ["open", "fsync", "write", "write", "write", "fsync"])
+        self.assertEqual(self.ops.ops_on(path), ["open", "write", "write", "write", "fsync"])
         self.assertEqual(waits.get(timeout=DEADLINE), 100.0)  # nothing unsynced again
 
     def test_fsync_never_leaves_syncing_to_the_os_until_close(self):
@@ -306,19 +308,26 @@ class GroupCommitTest(RecorderTestCase):
         for n in range(3):
             self.put(rec, line("s", n))
         [path] = data_files(self.data_dir)
-        self.assertEqual(self.ops.ops_on(path), ["open", "fsync", "write", "write", "write"])
+        self.assertEqual(self.ops.ops_on(path), ["open", "write", "write", "write"])
         rec.close(DEADLINE)
         self.assertEqual(self.ops.ops_on(path)[-2:], ["fsync", "close"])
 
     def test_new_files_and_their_directories_are_synced(self):
+        # With fsync: never, at the end of the batch that made them (the others: with the next
+        # sync); the files with their lines, never empty (a commit for nothing).
         rec = self.recorder(fsync="never")
         self.put(rec, [line("s", 0), line("s", 0, kind=STREAMS)])
         session_dir = os.path.join(self.data_dir, "session_s")
         streams_dir = os.path.join(self.data_dir, "streams")
-        for d in (self.data_dir, session_dir, streams_dir):
-            self.assertIn("fsync", self.ops.ops_on(d), d)
-        for path in data_files(self.data_dir):
-            self.assertEqual(self.ops.ops_on(path)[:2], ["open", "fsync"])
+        self.assertEqual(self.ops.ops_on(self.data_dir), ["open", "fsync", "close"] * 2)  # (two new dirs)
+        for d in (session_dir, streams_dir):
+            self.assertEqual(self.ops.ops_on(d), ["open", "fsync", "close"], d)
+        paths = data_files(self.data_dir)
+        for path in paths:
+            self.assertEqual(self.ops.ops_on(path), ["open", "write"])
+        rec.close(DEADLINE)
+        for path in paths:
+            self.assertEqual(self.ops.ops_on(path), ["open", "write", "fsync", "close"])
 
 
 class PacingTest(RecorderTestCase):
@@ -514,6 +523,105 @@ class FileNameTest(RecorderTestCase):
             self.assertFalse(storage.is_stream_file_name(name), name)
         self.assertTrue(storage.is_record_file_name("session_%s_20261127_164815-12_w0.jsonl.gz" % ("x" * 64)))
         self.assertTrue(storage.is_stream_file_name("session_a_20261127_20261128-3_w1.jsonl"))
+
+
+class RotationCostTest(RecorderTestCase):
+    """Rotation under a small max_file_size with compress_rotated: what it costs the writer.
+
+    A rotation tried every name of its stem from 0 (a stat and an open each): a streams file's
+    stem is a day's, so the k-th rotation of a day went through k names, the writer fell behind
+    as the day went on, and past 9,999 files of a stem no name was left: every line for that
+    file was dropped until the next day. And each rotation synced the full file, its
+    directory, the new empty file and its directory: four commits on the writer thread.
+    """
+
+    def test_a_day_of_small_files_drops_nothing_and_a_rotation_looks_at_no_earlier_file(self):
+        fixed = time.mktime((2026, 11, 27, 16, 48, 15, 0, 0, 0)) - time.timezone
+        streams = os.path.join(self.data_dir, "streams")
+        os.makedirs(streams, mode=0o700)
+        seed = os.path.join(self.tmp, "seed.gz")
+        with gzip.open(seed, "wb"):
+            pass
+        earlier = set()  # an earlier run of the same day: 10,000 files of 64 KiB, compressed
+        for n in range(10000):
+            path = os.path.join(streams, "session_s_20261127%s.jsonl" % ("-%d" % n if n else ""))
+            os.link(seed, path + ".gz")  # (links: 10,000 new files would take seconds to make)
+            earlier.add(path)
+        probes = {"earlier": 0, "done": 0}  # names the writer looked at: the earlier run's, or its own sealed ones
+        made: Dict[str, List[str]] = {}  # directory -> this run's files, in order
+
+        def probe(path):
+            if not isinstance(path, str) or threading.current_thread().name != "proxy_llm-writer":
+                return
+            path = path[:-3] if path.endswith(".gz") else path
+            if path in earlier:
+                probes["earlier"] += 1
+            elif path in made.get(os.path.dirname(path), [])[:-1]:
+                probes["done"] += 1
+
+        class CountingOps(Ops):
+            def open(self, path, flags, mode=0o777):
+                probe(path)
+                fd = super().open(path, flags, mode)
+                if flags & os.O_CREAT and path.endswith(".jsonl"):
+                    made.setdefault(os.path.dirname(path), []).append(path)
+                return fd
+
+        stat, lstat = os.stat, os.lstat
+
+        def counting(real):
+            def call(path, *args, **kwargs):
+                probe(path)
+                return real(path, *args, **kwargs)
+            return call
+
+        self.ops = CountingOps()
+        rec = self.recorder(clock=lambda: fixed, max_file_size=64 * 1024, compress_rotated=True)
+        with unittest.mock.patch.object(os, "stat", counting(stat)), \
+                unittest.mock.patch.object(os, "lstat", counting(lstat)):
+            for n in range(1500):  # small records, each with a 2 KB stream line, at a steady pace
+                self.assertTrue(rec.submit([line("s", n, 400), line("s", n, 2000, kind=STREAMS)]))
+                if n % 25 == 24:
+                    self.assertTrue(rec.flush(DEADLINE))
+            rec.close(DEADLINE)
+        self.assertEqual(rec.dropped, {})
+        self.assertEqual(rec.written, 1500)
+        self.assertGreater(len(made[streams]), 20)  # rotations enough
+        self.assertEqual(os.path.basename(made[streams][0]), "session_s_20261127-10000.jsonl")  # after the others
+        self.assertEqual(probes["done"], 0)
+        self.assertLessEqual(probes["earlier"], 64)  # a binary search, not a walk through 10,000 names
+        for directory, paths in made.items():
+            got = [json.loads(x)["n"] for path in paths
+                   for x in lines_of(path + ".gz" if not os.path.exists(path) else path)]
+            self.assertEqual(got, list(range(1500)), directory)
+
+    def test_rotations_are_synced_together_with_the_next_sync(self):
+        now = [1000.0]
+        rec = self.recorder(start=False, fsync="interval", fsync_interval=100.0, max_file_size=1000,
+                            compress_rotated=True)
+        rec.monotonic = lambda: now[0]
+        rec.start()
+        for n in range(10):  # three lines a file: three rotations
+            self.put(rec, line("s", n, 300))
+        paths = [p for op, p in list(self.ops.calls) if op == "open" and p.endswith(".jsonl")]
+        self.assertEqual(len(paths), 4)
+        session_dir = os.path.dirname(paths[0])
+        self.assertEqual(self.ops.count("fsync", ".jsonl"), 0)  # not at each rotation
+        self.assertEqual(self.ops.ops_on(session_dir), [])
+        self.assertFalse([p for p in data_files(self.data_dir) if p.endswith(".gz")])  # (not before they are synced)
+        now[0] += 100.0
+        self.put(rec, line("s", 10, 300))  # the interval's sync settles every rotation since the last one
+        for path in paths[:3]:
+            self.assertEqual(self.ops.ops_on(path)[-2:], ["fsync", "close"], path)
+            self.assertEqual(self.ops.ops_on(path).count("fsync"), 1, path)
+        self.assertEqual(self.ops.ops_on(session_dir), ["open", "fsync", "close"])  # once for them all
+        rec.close(DEADLINE)
+        calls = list(self.ops.calls)
+        for path in paths[:3]:
+            self.assertFalse(os.path.exists(path))
+            self.assertTrue(os.path.exists(path + ".gz"))
+            self.assertLess(calls.index(("fsync", path)), calls.index(("open", path + ".gz.tmp")))  # synced, then gzip'd
+        self.assertEqual([json.loads(x)["n"] for path in paths[:3] for x in lines_of(path + ".gz")], list(range(9)))
 
 
 class CompressMovedTest(unittest.TestCase):
