@@ -40,6 +40,7 @@ log = logging.getLogger("proxy_llm.handler")
 _REQUEST_LINE = re.compile(rb"([A-Z]{1,20}) ([!-~]+) HTTP/1\.([01])\r?\n")
 _NO_MATCH = (None, None)  # a model no provider's globs match (cached like a match)
 _GEMINI_MODEL_RE = re.compile(r"/models/([^/:]+):([A-Za-z]+)$")
+_GEMINI_LABEL_RE = re.compile(r"(/v1beta|/v1)/models/[^/:]+:([A-Za-z]+)\Z")
 
 KNOWN_ENDPOINTS = frozenset((
     "/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/responses", "/v1/messages",
@@ -60,12 +61,14 @@ SMALL_BODY = 256 * 1024
 
 
 def endpoint_label(path: str) -> str:
-    """A bounded metric label for a path."""
+    """A bounded metric label for a path: one of a fixed set of endpoint shapes, else "other".
+    Nothing of the path itself but what a shape fixes: a segment before ``/models/`` (a key
+    a client put in its base URL) would be a label of its own, on the metrics page."""
     if path in KNOWN_ENDPOINTS:
         return path
-    m = _GEMINI_MODEL_RE.search(path)
+    m = _GEMINI_LABEL_RE.match(path)
     if m and m.group(2) in GEMINI_METHODS:
-        return "%s/models/*:%s" % (path.split("/models/")[0], m.group(2))
+        return "%s/models/*:%s" % (m.group(1), m.group(2))
     if path.startswith("/v1/models/"):
         return "/v1/models/*"
     if path.startswith("/v1/responses/"):
@@ -811,7 +814,11 @@ class ProxyHandler(BaseHTTPRequestHandler):
         else:
             m.endings.inc(ex.ended)
         if log.isEnabledFor(logging.DEBUG):
-            log.debug("%s %s -> %s %s %.1f ms %s", ex.method, ex.path, provider, ex.status, ex.duration, ex.ended)
+            # The path without the exchange's secrets (a key may be a segment of it): the query,
+            # which may hold ?key=, is not logged at all.
+            secrets = wire.request_secrets(ex.req_headers, ex.query) + server.provider_keys
+            log.debug("%s %s -> %s %s %.1f ms %s", ex.method, wire.log_path(ex.path, secrets), provider, ex.status,
+                      ex.duration, ex.ended)
 
 
 _IDEMPOTENT = frozenset(("GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"))

@@ -436,7 +436,7 @@ class Encoder:
         self.key = fingerprint_key
         self.session_header = session_header.lower()
         self.max_sse_event = max_sse_event
-        self.provider_pairs = wire.scrub_pairs([k for k in provider_keys if len(k) >= 8], fingerprint_key)
+        self.provider_pairs = wire.scrub_pairs([k for k in provider_keys if len(k) >= wire.SCRUB_MIN], fingerprint_key)
         self.on_result = on_result  # callback(exchange, ended, tokens_used or None): token metrics
         self.session_headers = ((self.session_header, "header"), ("x-claude-code-session-id", "claude_code"),
                                 ("session_id", "codex"), ("session-id", "codex"))
@@ -588,7 +588,7 @@ class Encoder:
         # (wire.scrub_json on the whole line).
         if ex.query:
             secrets += wire.query_secrets(ex.query)
-        every = [self.scrub_pair(s) for s in secrets if len(s) >= 8] + self.provider_pairs
+        every = [self.scrub_pair(s) for s in secrets if len(s) >= wire.SCRUB_MIN] + self.provider_pairs
         if error is None and ex.status is not None and ex.status >= 400:
             error = {"type": "http_%d" % ex.status,
                      "message": _error_message(resp_value, every) or "HTTP %d" % ex.status}

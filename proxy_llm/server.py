@@ -23,7 +23,7 @@ import socketserver
 import threading
 import time
 from http.server import ThreadingHTTPServer
-from typing import Dict, Optional, Set
+from typing import Dict, List, Optional, Set
 
 from . import __version__
 from .config import Config
@@ -94,6 +94,7 @@ class ProxyServer(ThreadingHTTPServer):
         self.conn_lock = threading.Lock()
         self.clients: Set[object] = set()  # the ClientClock of each connection (under conn_lock)
         self.model_routes: dict = {}  # model -> (provider, glob) or no match: the glob walk once per model
+        self.provider_keys: List[str] = [p.api_key for p in config.providers if p.api_key]  # kept out of log lines
         self._watchdog = threading.Thread(target=self._watch, name="proxy_llm-watchdog", daemon=True)
         self._watchdog.start()
 

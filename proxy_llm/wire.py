@@ -27,6 +27,10 @@ SECRET_HEADERS = frozenset((
     "cookie", "set-cookie", "x-proxy-key",
 ))
 
+# A secret shorter than this is redacted in its header or query parameter, but not scrubbed
+# from the rest of a record (nor from a log line's path): it would match ordinary text.
+SCRUB_MIN = 8
+
 # Client credential headers replaced when a provider has its own api_key.
 CREDENTIAL_HEADERS = frozenset(("authorization", "x-api-key", "api-key", "x-goog-api-key"))
 
@@ -261,6 +265,46 @@ def secret_value(value: str) -> str:
         if len(parts) == 2 and parts[0].lower() in _SCHEMES:
             return parts[1].strip()
     return value.strip()
+
+
+def request_secrets(headers: Iterable[Tuple[str, str]], query: str) -> List[str]:
+    """Every credential value a request carries, as the recorder collects them for the
+    exchange's scrub list: the secret part of each credential header (:func:`secret_value`),
+    then the query's (:func:`query_secrets`)."""
+    out = [secret_value(value) for name, value in headers if value and name.lower() in SECRET_HEADERS]
+    return out + query_secrets(query)
+
+
+# In a path, the value of what looks like a credential parameter: "key=", ";api_key=", and
+# "%3Fkey%3D" (a "?" the client percent-encoded): the upstream takes none for a query, so the
+# exchange's scrub list has no such value.
+_PATH_KEY_PARAM = re.compile(r"(?i)((?:key|api[_-]?key|access_token|token)(?:=|%3D))[^/&;?]*")
+# What is shaped like a provider key: Google's (AIza and 35 more), OpenAI's and Anthropic's (sk-...).
+_KEY_SHAPES = re.compile(r"AIza[0-9A-Za-z_\-]{35}|sk-[0-9A-Za-z_\-]{20,}")
+_LOGGED = "[REDACTED]"
+
+
+def log_path(path: str, secrets: Iterable[str]) -> str:
+    """A request path fit for a log line: each of ``secrets`` (those of at least
+    :data:`SCRUB_MIN` characters: the exchange's, as :func:`request_secrets` gives them, and
+    the provider keys) replaced by ``[REDACTED]``, also where the path holds it
+    percent-encoded, and so is the value of anything shaped like a credential parameter
+    (``key=``, ``%3Fkey%3D``) or a provider key (``AIza...``, ``sk-...``). (A client may put its
+    key in the path: a segment of a base URL set wrong, or after the method.)"""
+    secrets = sorted({s for s in secrets if len(s) >= SCRUB_MIN}, key=len, reverse=True)  # a longer one first
+    for secret in secrets:
+        if path.find(secret) >= 0:
+            path = path.replace(secret, _LOGGED)
+    if path.find("%") >= 0:
+        decoded = urllib.parse.unquote(path, errors="replace")
+        scrubbed = decoded
+        for secret in secrets:
+            if scrubbed.find(secret) >= 0:
+                scrubbed = scrubbed.replace(secret, _LOGGED)
+        if scrubbed != decoded:  # written again percent-encoded: no control character reaches the log
+            path = urllib.parse.quote(scrubbed, safe="/:@!$&'()*+,;=[]~")
+    path = _PATH_KEY_PARAM.sub(r"\g<1>" + _LOGGED, path)
+    return _KEY_SHAPES.sub(_LOGGED, path)
 
 
 def query_secrets(query: str) -> List[str]:

@@ -20,6 +20,7 @@ import subprocess
 import sys
 import tempfile
 import unittest
+import urllib.parse
 from unittest import mock
 
 from proxy_llm import reader, record, storage
@@ -314,6 +315,58 @@ class MetricLabelsTest(SecurityTestCase):
             self.assertFalse(any(t in labels for t in tokens), line)
             series.add(re.sub(r',?le="[^"]*"', "", line.split(" ")[0]))
         self.assertLess(len(series), 40, sorted(series))
+
+
+class KeyInPathTest(SecurityTestCase):
+    """A client whose base URL holds its key (a segment of the path), or that put it after the
+    method: the key reached a /metrics label and the DEBUG log line."""
+
+    def test_a_key_in_the_path_reaches_no_metrics_label_no_log_line_and_no_record(self):
+        rng = random.Random()
+        keys = {name: "pathkey-%s-%024x" % (name, rng.getrandbits(96)) for name in ("goog", "query", "bearer", "pct")}
+        keys["pct"] = keys["pct"].replace("-", "+", 1) + "/x"  # written percent-encoded in the path
+        shaped = "AIzaSy" + "".join(rng.choice("abcdefghijkLMNOP0123456789_-") for _ in range(33))
+        unknown = "unknown-%024x" % rng.getrandbits(96)
+        gemini = "/v1beta/models/gemini-2.0-flash:generateContent"
+        sent = [  # (path, headers): the secrets of the exchange are those of its headers and its query
+            ("/v1beta/%s/models/gemini-2.0-flash:generateContent" % keys["goog"], {"x-goog-api-key": keys["goog"]}),
+            ("%s/%s?key=%s" % (gemini, keys["query"], keys["query"]), {}),
+            ("/v1/%s/chat/completions" % keys["bearer"], {"Authorization": "Bearer " + keys["bearer"]}),
+            ("/v1/%s/chat/completions" % urllib.parse.quote(keys["pct"], safe=""),
+             {"Authorization": "Bearer " + keys["pct"]}),
+            # No secret of the exchange: a value shaped like a key, or like a ?key= parameter.
+            ("%s/%s" % (gemini, shaped), {}),
+            ("%s%%3Fkey%%3D%s" % (gemini, unknown), {}),
+        ]
+        providers = [provider("openai", "openai", self.upstream.url, "", ["gpt-*"]),
+                     provider("gemini", "gemini", self.upstream.url, "", ["gemini-*"])]
+        proxy = self.start_proxy(providers)
+        with self.assertLogs("proxy_llm.handler", "DEBUG") as logs:
+            for path, headers in sent:
+                status, _, _ = request(proxy.url, path=path, body={"model": "gpt-4o", "contents": []},
+                                       headers=dict(headers, **{"Content-Type": "application/json"}))
+                self.assertEqual(status, 200, path)
+            proxy.flush()  # every exchange finished (its line logged) and recorded
+        metrics = request(proxy.url, method="GET", path="/metrics", headers={})[2].decode()
+        self.assertIn('endpoint="other"', metrics)
+        logged = "\n".join(logs.output)
+        for secret in list(keys.values()) + [shaped, unknown]:
+            for where, text in (("metrics", metrics), ("log", logged)):
+                self.assertNotIn(secret, text, where)
+                self.assertNotIn(secret[8:], text, where)
+        self.assertEqual(logged.count(" -> "), len(sent), logged)
+        self.assertEqual(logged.count("[REDACTED]"), len(sent), logged)
+        recs = proxy.records()
+        self.assertEqual(len(recs), len(sent))
+        files = b""
+        for path in all_files(self.data_dir):
+            with open(path, "rb") as f:
+                files += f.read()
+        # In a record, a secret of the exchange is scrubbed from the path as from the rest of the
+        # line (its percent-encoded form apart: see the README).
+        for name in ("goog", "query", "bearer"):
+            self.assertNotIn(keys[name].encode(), files, name)
+        self.assertEqual(sum(1 for r in recs if "[REDACTED:" in r["endpoint"]), 3, [r["endpoint"] for r in recs])
 
 
 class EscapedEchoTest(SecurityTestCase):

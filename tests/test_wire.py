@@ -203,6 +203,29 @@ class RedactionTest(unittest.TestCase):
                                  value.split()[0] + " " + wire.redacted("sk-tab-token-12345", KEY))
         self.assertEqual(wire.secret_value("sk-plain-key-1"), "sk-plain-key-1")
 
+    def test_log_path_keeps_no_secret_of_the_exchange_nor_a_key_shaped_value(self):
+        secrets = wire.request_secrets([("Authorization", "Bearer sk-header-secret-1"), ("Accept", "x"),
+                                        ("x-goog-api-key", "path/key+01234")], "alt=sse&key=query-secret-2")
+        self.assertEqual(secrets, ["sk-header-secret-1", "path/key+01234", "query-secret-2"])
+        cases = {
+            "/v1/sk-header-secret-1/chat/completions": "/v1/[REDACTED]/chat/completions",
+            "/v1beta/models/x:generateContent/query-secret-2": "/v1beta/models/x:generateContent/[REDACTED]",
+            "/v1beta/path%2Fkey%2B01234/models/x:generateContent": "/v1beta/[REDACTED]/models/x:generateContent",
+            "/v1beta/path%2fkey+01234/models/x:generateContent": "/v1beta/[REDACTED]/models/x:generateContent",
+            "/v1beta/models/x:generateContent%3Fkey%3Dunknown-value": "/v1beta/models/x:generateContent%3Fkey%3D[REDACTED]",
+            "/v1/x;api_key=unknown-value/y": "/v1/x;api_key=[REDACTED]/y",
+            "/v1beta/models/x:generateContent/AIzaSyA0123456789abcdefghijklmnopqrstuv":
+                "/v1beta/models/x:generateContent/[REDACTED]",
+            "/v1/sk-proj-0123456789abcdefghij/chat": "/v1/[REDACTED]/chat",
+            "/v1/chat/completions": "/v1/chat/completions",
+            "/v1/short/completions": "/v1/short/completions",
+        }
+        for path, logged in cases.items():
+            with self.subTest(path=path):
+                self.assertEqual(wire.log_path(path, secrets + ["short"]), logged)
+        # A secret that holds another: the longer one is taken whole.
+        self.assertEqual(wire.log_path("/v1/abcdefgh-and-more/x", ["abcdefgh", "abcdefgh-and-more"]), "/v1/[REDACTED]/x")
+
     def test_query_values_in_every_form_and_names_percent_encoded(self):
         # The upstream decodes the query: its echo holds the decoded key, which must be scrubbed.
         self.assertEqual(wire.query_secrets("key=%41Iza-pct-key"), ["%41Iza-pct-key", "AIza-pct-key"])
@@ -433,6 +456,18 @@ class LabelTest(unittest.TestCase):
         self.assertEqual(endpoint_label("/v1/models/gpt-4o"), "/v1/models/*")
         self.assertEqual(endpoint_label("/v1/anything/%s" % ("x" * 50)), "other")
         self.assertEqual(endpoint_label("/v1beta/models/x:evilMethod"), "other")
+        self.assertEqual(endpoint_label("/v1/models/gemini-2.0-flash:generateContent"), "/v1/models/*:generateContent")
+
+    def test_no_label_holds_a_segment_of_the_path(self):
+        # A key a client put in its base URL, before /models/, was a label of its own.
+        for path in ("/v1beta/sk-path-key-0123456789/models/gemini-2.0-flash:generateContent",
+                     "/v1/sk-path-key-0123456789/models/x:streamGenerateContent",
+                     "/v1beta/projects/p/locations/l/models/x:countTokens",
+                     "/v1beta/models/x:generateContent/sk-path-key-0123456789",
+                     "/v1beta/models/x/sk-path-key-0123456789:generateContent",
+                     "/v1beta/models/x:generateContent\nsk-path-key-0123456789"):
+            with self.subTest(path=path):
+                self.assertEqual(endpoint_label(path), "other")
 
     def test_accept_encoding_is_narrowed(self):
         self.assertEqual(narrow_accept_encoding("gzip, deflate, br, zstd"), "gzip, deflate")
