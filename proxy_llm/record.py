@@ -501,6 +501,12 @@ class Encoder:
         key = self.key
         secrets: List[str] = []
         req_h = headers_dict(ex.req_headers, key, secrets, self.credentials)
+        # Every credential the request carried and every provider key (which the client never
+        # saw, so only an upstream can echo them) are scrubbed from every part of the record
+        # (wire.scrub_json on the whole line), and from the session id that names its file.
+        if ex.query:
+            secrets += wire.query_secrets(ex.query)
+        every = [self.scrub_pair(s) for s in secrets if len(s) >= wire.SCRUB_MIN] + self.provider_pairs
         resp_h = headers_dict(ex.resp_headers, key)
         req_body = _body(ex.request, req_h.get("content-encoding", ""))[0]
         req_value, req_raw = None, None
@@ -523,7 +529,7 @@ class Encoder:
         session_id, session_source = session or self.body_session(ex, req_value)
         if not session_id.isascii():  # (a metadata.user_id may hold a lone surrogate)
             session_id = _no_lone_surrogates(session_id)
-        sid = self.file_id(session_id)
+        # (The session's file id is settled once the line is: see below.)
 
         content_type = resp_h.get("content-type", "")
         event_stream = is_event_stream(content_type)
@@ -583,12 +589,6 @@ class Encoder:
         error = ex.error
         if error is None and result is not None and result.error:
             error = result.error
-        # Every credential the request carried and every provider key (which the client never
-        # saw, so only an upstream can echo them) are scrubbed from every part of the record
-        # (wire.scrub_json on the whole line).
-        if ex.query:
-            secrets += wire.query_secrets(ex.query)
-        every = [self.scrub_pair(s) for s in secrets if len(s) >= wire.SCRUB_MIN] + self.provider_pairs
         if error is None and ex.status is not None and ex.status >= 400:
             error = {"type": "http_%d" % ex.status,
                      "message": _error_message(resp_value, every) or "HTTP %d" % ex.status}
@@ -673,8 +673,18 @@ class Encoder:
         resp_json = resp_raw if resp_raw is not None else _dumps(resp_value)
         if resp_raw is None and type(resp_value) in (dict, list) and not nests_within(resp_json):
             resp_json = _dumps(resp_json.decode("utf-8"))
-        line = _finished(b"".join((front, b',"request_body":', req_json, b',"response_body":', resp_json, b"}\n")),
-                         every)
+        whole = b"".join((front, b',"request_body":', req_json, b',"response_body":', resp_json, b"}\n"))
+        line = _finished(whole, every)
+        if line is not whole:
+            # The scrub changed the line (_finished gives the same object otherwise): its
+            # session_id may have held a secret (a key in the model's place of a Gemini path,
+            # the session being the model's), which would name the session's directory and
+            # files. It is scrubbed as the line's session_id was (the same redaction).
+            raw_id = session_id.encode("utf-8", "surrogatepass")
+            scrubbed = wire.scrub(raw_id, every)
+            if scrubbed is not raw_id:
+                session_id = scrubbed.decode("utf-8", "surrogatepass")
+        sid = self.file_id(session_id)
         out = [(RECORDS, sid, line)]
         if streamed:
             stream_line = _dumps({
@@ -690,7 +700,8 @@ class Encoder:
 
 def _finished(line: bytes, pairs: Sequence[Tuple[bytes, bytes, int]]) -> bytes:
     """A record or streams line as it is written: scrubbed of every secret (wire.scrub_json),
-    and no lone surrogate escape left for a loader to refuse (reader.lone_surrogates_replaced)."""
+    and no lone surrogate escape left for a loader to refuse (reader.lone_surrogates_replaced).
+    ``line`` itself, the same object, when neither changed a byte of it."""
     return reader.lone_surrogates_replaced(wire.scrub_json(line, pairs))
 
 

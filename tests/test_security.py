@@ -23,7 +23,7 @@ import unittest
 import urllib.parse
 from unittest import mock
 
-from proxy_llm import reader, record, storage
+from proxy_llm import reader, record, storage, wire
 from tests.test_wire import _strings  # (every string in a JSON value, at any depth)
 from tests import support
 from tests.support import (raw_exchange, DEADLINE, ROOT, FakeUpstream, InProcessProxy, ProxyProcess, Reply, all_files, base_config, header, provider, request)
@@ -367,6 +367,44 @@ class KeyInPathTest(SecurityTestCase):
         for name in ("goog", "query", "bearer"):
             self.assertNotIn(keys[name].encode(), files, name)
         self.assertEqual(sum(1 for r in recs if "[REDACTED:" in r["endpoint"]), 3, [r["endpoint"] for r in recs])
+
+
+class KeyInSessionTest(SecurityTestCase):
+    def test_a_session_id_that_holds_a_secret_names_no_file_after_it(self):
+        # A key in the model's place of a Gemini path (the session is the model's when nothing
+        # else names one) named the session's directory and files after it.
+        rng = random.Random()
+        keys = ["sessionkey-%d-%024x" % (n, rng.getrandbits(96)) for n in range(3)]
+        providers = [provider("openai", "openai", self.upstream.url, "", ["gpt-*"]),
+                     provider("gemini", "gemini", self.upstream.url, "", ["gemini-*"])]
+        proxy = self.start_proxy(providers)
+        for path, headers in (("/v1beta/models/%s:generateContent" % keys[0], {"x-goog-api-key": keys[0]}),
+                              ("/v1beta/models/%s:generateContent?key=%s" % (keys[1], keys[1]), {}),
+                              ("/v1/chat/completions", {"Authorization": "Bearer " + keys[2],
+                                                        "X-Session-Id": "run-" + keys[2]})):
+            status, _, _ = request(proxy.url, path=path, body={"model": "gpt-4o", "contents": []},
+                                   headers=dict(headers, **{"Content-Type": "application/json"}))
+            self.assertEqual(status, 200, path)
+        recs = proxy.records()
+        self.assertEqual(len(recs), 3)
+        names = "\n".join(all_files(self.data_dir))
+        for key in keys:
+            self.assertNotIn(key[8:], names)
+        self.assertEqual([r["session_id"].count("[REDACTED:") for r in recs], [1, 1, 1], [r["session_id"] for r in recs])
+        self.assertEqual(len({r["session_id"] for r in recs}), 3)  # each its own session still
+
+    def test_a_line_without_a_secret_is_finished_as_the_same_object(self):
+        # The recorder checks the session id for a secret only when the scrub changed its line:
+        # free for the common record, so this must hold for every kind of clean line.
+        pairs = wire.scrub_pairs(["sk-secret-0123456789", 'has"quote-0123'], b"k" * 32)
+        for line in (b'{"a":"plain text"}\n', b'{"a":"\\u0041 \\/ \\n \\ud83d\\ude00"}\n',
+                     b'{"a":"\\u0073k-other"}\n', b'{"a":1234567890}\n'):
+            with self.subTest(line=line):
+                self.assertIs(record._finished(line, pairs), line)
+        for line in (b'{"a":"sk-secret-0123456789"}\n', b'{"a":"\\u0073k-secret-0123456789"}\n',
+                     b'{"a":"\\ud83d"}\n'):
+            with self.subTest(line=line):
+                self.assertIsNot(record._finished(line, pairs), line)
 
 
 class EscapedEchoTest(SecurityTestCase):
