@@ -400,26 +400,31 @@ def _body(cap: Capture, encoding: str) -> Tuple[bytes, Optional[str]]:
 
 
 def headers_dict(headers: Iterable[Tuple[str, str]], key: bytes, secrets: Optional[List[str]] = None,
-                 memo: Optional[Dict[str, Tuple[str, str]]] = None) -> Dict[str, str]:
+                 memo: Optional[Dict[Any, Tuple[str, List[str]]]] = None) -> Dict[str, str]:
     """Lower-case names -> values (repeats joined with ", "), credentials redacted.
 
-    The credential values found are appended to ``secrets`` when it is given. ``memo``, when
-    given, remembers each credential value's (redacted value, secret): a client sends the same
-    key with every request.
+    The credential values found (:func:`wire.header_secrets`: a Basic credential's password
+    and a cookie's value too) are appended to ``secrets`` when it is given. ``memo``, when
+    given with ``secrets``, remembers each credential header's (redacted value, secrets): a
+    client sends the same key with every request.
     """
     out: Dict[str, str] = {}
     secret_names = wire.SECRET_HEADERS
     for name, value in headers:
         lname = name.lower()
         if lname in secret_names:
-            known = memo.get(value) if memo is not None else None
-            if known is None:
-                known = (wire.redact_header(lname, value, key), wire.secret_value(value))
-                if memo is not None:
-                    _remember(memo, value, known)
-            if secrets is not None and value:
-                secrets.append(known[1])
-            value = known[0]
+            if secrets is None:  # (a response's: only redacted)
+                value = wire.redact_header(lname, value, key)
+            else:
+                # (What a value gives is the same under every name but Cookie.)
+                mkey = value if lname != "cookie" else ("cookie", value)
+                known = memo.get(mkey) if memo is not None else None
+                if known is None:
+                    known = (wire.redact_header(lname, value, key), wire.header_secrets(lname, value) if value else [])
+                    if memo is not None:
+                        _remember(memo, mkey, known)
+                secrets += known[1]
+                value = known[0]
         out[lname] = out[lname] + ", " + value if lname in out else value
     return out
 
@@ -441,7 +446,7 @@ class Encoder:
         self.session_headers = ((self.session_header, "header"), ("x-claude-code-session-id", "claude_code"),
                                 ("session_id", "codex"), ("session-id", "codex"))
         self.file_ids: Dict[str, str] = {}  # session id -> session_file_id(): the same few recur
-        self.credentials: Dict[str, Tuple[str, str]] = {}  # header value -> (redacted, secret)
+        self.credentials: Dict[Any, Tuple[str, List[str]]] = {}  # header value -> (redacted, secrets)
         self.header_forms: Dict[Tuple[str, ...], str] = {}  # header names -> their JSON object, %s per value
         self.heads: Dict[Tuple[Any, ...], bytes] = {}  # see encode(): fields session_id ... stream as JSON
         self.scrub_memo: Dict[str, Tuple[bytes, bytes, int]] = {}  # secret -> its scrub triple

@@ -6,6 +6,7 @@ is given. This module imports nothing from the package.
 
 from __future__ import annotations
 
+import base64
 import functools
 import hashlib
 import json
@@ -267,11 +268,53 @@ def secret_value(value: str) -> str:
     return value.strip()
 
 
+def header_secrets(name: str, value: str) -> List[str]:
+    """The values to scrub for a credential header (``name`` lower-case, ``value`` not empty):
+    its secret part (:func:`secret_value`) and, what an upstream may echo of it alone, for a
+    ``Basic`` credential the decoded ``user:password`` and the password, for a ``Cookie`` the
+    value of each cookie. (The header itself is redacted whole.)"""
+    secret = secret_value(value)
+    out = [secret]
+    if name == "cookie":
+        for part in value.split(";"):
+            cookie = part.partition("=")[2].strip()
+            if len(cookie) >= 2 and cookie[0] == cookie[-1] == '"':  # (RFC 6265: a value may be quoted)
+                cookie = cookie[1:-1]
+            if cookie and cookie not in out:
+                out.append(cookie)
+    elif value[:6].lower().startswith("basic") and value.split(None, 1)[0].lower() == "basic":
+        pair = _basic_pair(secret)
+        if pair:
+            out.append(pair)
+            password = pair.partition(":")[2]
+            if password and password not in out:
+                out.append(password)
+    return out
+
+
+def _basic_pair(token: str) -> Optional[str]:
+    """The ``user:password`` a Basic credential's token encodes (RFC 7617: base64; the text
+    UTF-8, else Latin-1), or None when it is not base64 of a text with a colon."""
+    try:
+        raw = base64.b64decode(token + "=" * (-len(token) % 4), validate=True)
+    except (ValueError, TypeError):  # binascii.Error is a ValueError; a str not ASCII, too
+        return None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        text = raw.decode("latin-1")
+    return text if text.find(":") >= 0 else None
+
+
 def request_secrets(headers: Iterable[Tuple[str, str]], query: str) -> List[str]:
     """Every credential value a request carries, as the recorder collects them for the
-    exchange's scrub list: the secret part of each credential header (:func:`secret_value`),
-    then the query's (:func:`query_secrets`)."""
-    out = [secret_value(value) for name, value in headers if value and name.lower() in SECRET_HEADERS]
+    exchange's scrub list: those of each credential header (:func:`header_secrets`), then the
+    query's (:func:`query_secrets`)."""
+    out: List[str] = []
+    for name, value in headers:
+        lname = name.lower()
+        if value and lname in SECRET_HEADERS:
+            out += header_secrets(lname, value)
     return out + query_secrets(query)
 
 

@@ -7,6 +7,7 @@ the log, the proxy's own error bodies and /metrics.
 
 from __future__ import annotations
 
+import base64
 import gzip
 import http.client
 import json
@@ -405,6 +406,38 @@ class KeyInSessionTest(SecurityTestCase):
                      b'{"a":"\\ud83d"}\n'):
             with self.subTest(line=line):
                 self.assertIsNot(record._finished(line, pairs), line)
+
+
+class DecodedCredentialTest(SecurityTestCase):
+    def test_a_basic_password_and_cookie_values_echoed_by_the_upstream_reach_no_file(self):
+        # The headers were redacted whole, but what an upstream may echo of them alone, the
+        # password a Basic credential encodes and the value of a cookie, was not scrubbed.
+        rng = random.Random()
+        password = "pw-%024x" % rng.getrandbits(96)
+        pair = "someone:" + password
+        cookies = ["cookieval-%024x" % rng.getrandbits(96), "quoted-%024x" % rng.getrandbits(96)]
+        echoed = [pair, password] + cookies
+        text = "you sent " + " and ".join(echoed)
+        event = json.dumps({"choices": [{"index": 0, "delta": {"content": text}}]})
+        self.replies += [
+            Reply(401, [("Content-Type", "application/json")],
+                  json.dumps({"error": {"message": text, "type": "invalid_request_error"}}).encode()),
+            support.sse_reply([b"data: " + event.encode() + b"\n\n", b"data: [DONE]\n\n"]),
+        ]
+        proxy = self.start_proxy()
+        headers = {"Authorization": "Basic " + base64.b64encode(pair.encode()).decode(),
+                   "Cookie": 'sid=%s; pref="%s"; lang=en' % tuple(cookies), "Content-Type": "application/json"}
+        for body in ({"model": "gpt-4o"}, {"model": "gpt-4o", "stream": True}):
+            request(proxy.url, body=body, headers=headers)
+        recs = proxy.records()
+        self.assertEqual([r["status_code"] for r in recs], [401, 200])
+        self.assertEqual(len(proxy.stream_lines()), 1)
+        self.assertEqual(recs[0]["error"]["message"].count("[REDACTED:"), len(echoed))
+        for path in all_files(self.data_dir):
+            with open(path, "rb") as f:
+                data = f.read()
+            for secret in echoed:
+                self.assertNotIn(secret[8:].encode(), data, path)
 
 
 class EscapedEchoTest(SecurityTestCase):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import io
 import json
 import random
@@ -202,6 +203,24 @@ class RedactionTest(unittest.TestCase):
                 self.assertEqual(wire.redact_header("Authorization", value, KEY),
                                  value.split()[0] + " " + wire.redacted("sk-tab-token-12345", KEY))
         self.assertEqual(wire.secret_value("sk-plain-key-1"), "sk-plain-key-1")
+
+    def test_what_an_upstream_may_echo_of_a_credential_header_alone(self):
+        basic = base64.b64encode("user:pässword-1".encode()).decode()
+        self.assertEqual(wire.header_secrets("authorization", "Basic " + basic),
+                         [basic, "user:pässword-1", "pässword-1"])
+        self.assertEqual(wire.header_secrets("proxy-authorization", "basic\t" + basic.rstrip("=")),
+                         [basic.rstrip("="), "user:pässword-1", "pässword-1"])
+        latin = base64.b64encode("u:pässword-1".encode("latin-1")).decode()
+        self.assertEqual(wire.header_secrets("authorization", "Basic " + latin)[1:], ["u:pässword-1", "pässword-1"])
+        for value in ("Basic !!not-base64!!", "Basic " + base64.b64encode(b"no colon").decode(), "Basic",
+                      "Bearer " + basic, basic):
+            with self.subTest(value=value):
+                self.assertEqual(len(wire.header_secrets("authorization", value)), 1)
+        self.assertEqual(wire.header_secrets("cookie", 'a=1; sid="quoted-value"; b=; c=plain=with=equals'),
+                         ['a=1; sid="quoted-value"; b=; c=plain=with=equals', "1", "quoted-value", "plain=with=equals"])
+        self.assertEqual(wire.header_secrets("x-api-key", "a=1; b=2"), ["a=1; b=2"])  # not a cookie
+        self.assertEqual(wire.request_secrets([("Cookie", "sid=cookie-value-1"), ("Authorization", "Basic " + basic)], ""),
+                         ["sid=cookie-value-1", "cookie-value-1", basic, "user:pässword-1", "pässword-1"])
 
     def test_log_path_keeps_no_secret_of_the_exchange_nor_a_key_shaped_value(self):
         secrets = wire.request_secrets([("Authorization", "Bearer sk-header-secret-1"), ("Accept", "x"),
