@@ -399,6 +399,22 @@ def _body(cap: Capture, encoding: str) -> Tuple[bytes, Optional[str]]:
     return b"".join([c for _, c in chunks]), error
 
 
+def _cut_chunks(chunks: List[Tuple[float, bytes]], pairs: Sequence[Tuple[bytes, bytes, int]]) -> List[Tuple[float, bytes]]:
+    """A body cut at ``capture_max_body``, as (arrival ms, bytes) chunks, without a tail that
+    starts a secret (wire.cut_secret_start); ``chunks`` itself when there is none."""
+    body = b"".join([c for _, c in chunks])
+    left = len(wire.cut_secret_start(body, pairs))
+    if left == len(body):
+        return chunks
+    out = []
+    for t, data in chunks:
+        if left <= 0:
+            break
+        out.append((t, data[:left]))
+        left -= len(data)
+    return out
+
+
 def headers_dict(headers: Iterable[Tuple[str, str]], key: bytes, secrets: Optional[List[str]] = None,
                  memo: Optional[Dict[Any, Tuple[str, List[str]]]] = None) -> Dict[str, str]:
     """Lower-case names -> values (repeats joined with ", "), credentials redacted.
@@ -514,6 +530,10 @@ class Encoder:
         every = [self.scrub_pair(s) for s in secrets if len(s) >= wire.SCRUB_MIN] + self.provider_pairs
         resp_h = headers_dict(ex.resp_headers, key)
         req_body = _body(ex.request, req_h.get("content-encoding", ""))[0]
+        # A body cut at capture_max_body (Capture.truncated: its sha is set) may be cut through
+        # a secret: its start goes too.
+        if ex.request.sha is not None and every:
+            req_body = wire.cut_secret_start(req_body, every)
         req_value, req_raw = None, None
         session = self.header_session(req_h)
         accepted = ex.status is not None and 200 <= ex.status < 300
@@ -560,8 +580,12 @@ class Encoder:
         if streamed:  # the events keep their arrival times
             resp_chunks, decode_error = _decompress(ex.response.parts(), resp_encoding)
             resp_body = b""  # not used: a stream that fails reassembly is kept from its chunks
+            if ex.response.sha is not None and every:  # (see req_body)
+                resp_chunks = _cut_chunks(resp_chunks, every)
         else:
             resp_body, decode_error = _body(ex.response, resp_encoding)
+            if ex.response.sha is not None and every:
+                resp_body = wire.cut_secret_start(resp_body, every)
         try:
             if streamed:
                 events, stream_truncated = dialects.decode_stream(content_type, resp_chunks, self.max_sse_event)

@@ -537,6 +537,89 @@ def _escaped_pattern(raw: bytes) -> "re.Pattern[bytes]":
     return re.compile(b"".join(parts), re.DOTALL)
 
 
+def cut_secret_start(data: bytes, pairs: Sequence[Tuple[bytes, bytes, int]]) -> bytes:
+    r"""``data``, a body cut at ``capture_max_body``, without a tail that is the start of one of
+    the secrets (pairs from :func:`scrub_pairs`). A secret the cut went through leaves its
+    first characters at the end of the part kept, which no scrub finds: that tail is taken
+    off, when it is the secret's first bytes (one or more) or its first characters in the
+    forms :func:`scrub_json` finds (JSON-escaped, at any level: ``\u0073k-pr``), an escape cut
+    short included; then again for what is left, until its end starts no secret. What is
+    left is a prefix of the body still. (A body that is starts of secrets one after the other
+    all the way, which only someone who knows them could send, would take a pass per start:
+    after ``_CUT_PASSES`` passes nothing of it is kept.)"""
+    end = len(data)
+    for _ in range(_CUT_PASSES):
+        cut = end
+        for raw, _, _ in pairs:
+            start = _secret_start(data, raw, end)
+            if start < cut:
+                cut = start
+        if cut == end:
+            return data if end == len(data) else data[:end]
+        end = cut
+    return b""
+
+
+_CUT_PASSES = 64
+# How far from the end a secret's start is looked for in its escaped forms, per character of
+# the secret (an escape is 6 bytes, 12 for a character outside the BMP, with a backslash more
+# at each level of JSON text within a string).
+_ESCAPED_REACH = 32
+# An escape cut short: a run of backslashes, a "u" and fewer than four hex digits (or a high
+# surrogate's escape and the start of its low half's).
+_PARTIAL_ESCAPE = re.compile(rb"\\+(?:u[0-9A-Fa-f]{0,4}(?:\\+(?:u[0-9A-Fa-f]{0,3})?)?)?")
+_PARTIAL_ESCAPE_AT_END = re.compile(rb"(?<!\\)" + _PARTIAL_ESCAPE.pattern + rb"\Z")
+
+
+def _secret_start(data: bytes, raw: bytes, end: int) -> int:
+    """Where a tail of ``data[:end]`` that is the start of the secret ``raw`` (not all of it)
+    begins; ``end`` when there is none."""
+    start = end
+    for k in range(min(len(raw) - 1, end), 0, -1):  # its bytes: the longest such tail
+        if data.endswith(raw[:k], 0, end):
+            start = end - k
+            break
+    reach = max(0, end - _ESCAPED_REACH * len(raw) - 16)
+    if data.find(b"\\", reach, end) >= 0:  # (an escaped form has a backslash)
+        escaped = _escaped_start(data, raw, reach, end)
+        if escaped < start:
+            start = escaped
+    return start
+
+
+@functools.lru_cache(maxsize=256)
+def _char_patterns(raw: bytes) -> Tuple["re.Pattern[bytes]", ...]:
+    """A regex per character of the secret ``raw``: its pieces of :func:`_escaped_pattern`."""
+    secret = raw.decode("utf-8", "surrogatepass")
+    last = len(secret) - 1
+    return tuple(re.compile((rb"(?<!\\)" if n == 0 else b"") + _char_forms(c, n == 0, n == last), re.DOTALL)
+                 for n, c in enumerate(secret))
+
+
+def _escaped_start(data: bytes, raw: bytes, reach: int, end: int) -> int:
+    """:func:`_secret_start` for the forms :func:`scrub_json` finds, in ``data[reach:end]``:
+    the secret's characters one by one, each as itself or escaped, up to ``end`` (or to a
+    character cut short there: an escape, or the first bytes of its UTF-8)."""
+    forms = _char_patterns(raw)
+    secret = raw.decode("utf-8", "surrogatepass")
+    for first in forms[0].finditer(data, reach, end):  # the earliest start makes the longest tail
+        p = first.end()
+        i = 1
+        while p < end and i < len(forms):
+            m = forms[i].match(data, p, end)
+            if m is None:
+                break
+            p = m.end()
+            i += 1
+        if i < len(forms) and (p == end or _PARTIAL_ESCAPE.fullmatch(data, p, end) is not None
+                               or secret[i].encode("utf-8", "surrogatepass").startswith(data[p:end])):
+            return first.start()
+    # The escape of a first character cut short (any escape cut short at the very end: it
+    # holds too little to tell which character it was).
+    m = _PARTIAL_ESCAPE_AT_END.search(data, max(reach, end - 32), end)
+    return m.start() if m is not None else end
+
+
 # Validity only: numbers stay text (no digit limit, no float conversion).
 _VALIDATOR = json.JSONDecoder(parse_int=len, parse_float=len)
 

@@ -559,5 +559,72 @@ class EncoderTest(unittest.TestCase):
                 self.assertEqual((rec["session_id"], rec["session_source"]), expected)
 
 
+class CutThroughSecretTest(unittest.TestCase):
+    """A body cut at capture_max_body where the cut goes through a secret of the exchange: its
+    first characters were left at the end of the part kept, which no scrub finds."""
+
+    SECRET = "~cut-secret-0123456789abcdef"  # "~" is in no other part of these records
+    AUTH = [("Authorization", "Bearer " + SECRET)]
+    PAD = b'{"error":{"message":"Incorrect API key provided: '
+
+    def forms(self):
+        s = self.SECRET
+        uesc = "".join("\\u%04x" % ord(c) for c in s)
+        return {"plain": s.encode(), "escaped": uesc.encode(), "partly escaped": (s[:5] + uesc[30:]).encode(),
+                "within a string": json.dumps(json.dumps(uesc))[3:-3].encode()}
+
+    def test_no_start_of_a_secret_is_left_at_the_cut_of_either_body(self):
+        for name, form in self.forms().items():
+            whole = self.PAD + form + b'","type":"invalid_request_error"}}'
+            self.assertNotIn(b"~", wire.scrub_json(b'{"a":"%s"}' % whole.replace(b'"', b'\\"'),
+                                                   wire.scrub_pairs([self.SECRET], KEY)))  # (whole: scrubbed)
+            for j in range(1, len(form)):
+                limit = len(self.PAD) + j
+                with self.subTest(name, cut=j):
+                    [rec], _ = encode(exchange(resp=whole, status=401, headers=self.AUTH, limit=limit))
+                    self.assertEqual(rec["truncated"]["response"]["kept"], limit)
+                    self.assertEqual(rec["response_body"], self.PAD.decode())
+                    [rec], _ = encode(exchange(body=whole, headers=self.AUTH, limit=limit))
+                    self.assertEqual(rec["truncated"]["request"]["kept"], limit)
+                    self.assertEqual(rec["request_body"], self.PAD.decode())
+                    # A provider key, which the client never sent, likewise.
+                    [rec], _ = encode(exchange(resp=whole, status=401, limit=limit), provider_keys=[self.SECRET])
+                    self.assertEqual(rec["response_body"], self.PAD.decode())
+
+    def test_a_stream_and_a_compressed_body_cut_through_a_secret(self):
+        s = self.SECRET.encode()
+        events = [b'data: {"choices":[{"index":0,"delta":{"content":"hello "}}]}\n\n',
+                  b'data: {"choices":[{"index":0,"delta":{"content":"' + s + b'"}}]}\n\n', b"data: [DONE]\n\n"]
+        at = len(events[0]) + events[1].index(s)
+        for j in range(1, len(s)):
+            with self.subTest("stream", cut=j):
+                ex = exchange(resp=events, ctype="text/event-stream", stream=True, headers=self.AUTH,
+                              limit=at + j)
+                _, lines = encode(ex)
+                self.assertEqual(len(lines), 2)
+                for _, _, line in lines:
+                    self.assertNotIn(b"~", line)
+        body = self.PAD + s + b'","type":"x"}}' + b" " * 200
+        packed = gzip.compress(body)
+        for limit in range(10, len(packed)):
+            with self.subTest("gzip", limit=limit):
+                ex = exchange(resp=packed, status=401, headers=self.AUTH, limit=limit,
+                              resp_headers=[("Content-Encoding", "gzip")])
+                [rec], [(_, _, line)] = encode(ex)
+                self.assertNotIn(b"~", line)
+                kept = rec["response_body"]
+                if not isinstance(kept, dict):  # (all of the JSON decoded: a value)
+                    kept = (kept or "").replace(wire.redacted(self.SECRET, KEY), self.SECRET)
+                    self.assertTrue(body.startswith(kept.encode()), kept)
+
+    def test_a_cut_that_goes_through_no_secret_keeps_every_byte(self):
+        body = self.PAD + b"~cut-secret-01" + b"x" * 100
+        for headers, limit in ((self.AUTH, len(self.PAD) + 20), ([], len(self.PAD) + 5),
+                               ([("Authorization", "Bearer ~cut")], len(self.PAD) + 3)):  # (shorter than 8)
+            with self.subTest(headers=headers, limit=limit):
+                [rec], _ = encode(exchange(resp=body, status=401, headers=headers, limit=limit))
+                self.assertEqual(rec["response_body"], body[:limit].decode())
+
+
 if __name__ == "__main__":
     unittest.main()

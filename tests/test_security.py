@@ -440,6 +440,43 @@ class DecodedCredentialTest(SecurityTestCase):
                 self.assertNotIn(secret[8:].encode(), data, path)
 
 
+class CutThroughKeyTest(SecurityTestCase):
+    def test_a_body_cut_at_capture_max_body_through_a_key_keeps_no_start_of_it(self):
+        # The cut left the key's first characters at the end of the part kept, where no scrub
+        # found them: the client's key in its request, an upstream echoing it, plain, escaped,
+        # or in a stream.
+        cap = 256
+        key = "~cut-key-%024x" % random.Random().getrandbits(96)  # "~": in no other part of a record
+        escaped = "".join("\\u%04x" % ord(c) for c in key)
+
+        def straddling(form, cut_at, head, tail):
+            return head + "x" * (cap - cut_at - len(head)) + form + tail
+
+        request_body = straddling(key, 12, '{"model":"gpt-4o","messages":[{"role":"user","content":"', '"}]}')
+        event = straddling(key, 7, 'data: {"choices":[{"index":0,"delta":{"content":"', '"}}]}\n\n')
+        self.replies += [
+            Reply(401, [("Content-Type", "application/json")],
+                  straddling(key, 20, '{"error":{"message":"', '"}}').encode()),
+            Reply(401, [("Content-Type", "application/json")],
+                  straddling(escaped, 40, '{"error":{"message":"', '"}}').encode()),
+            support.sse_reply([event[:100].encode(), event[100:].encode(), b"data: [DONE]\n\n"]),
+        ]
+        proxy = self.start_proxy(capture_max_body=cap)
+        headers = {"Authorization": "Bearer " + key, "Content-Type": "application/json"}
+        for n in range(3):
+            body = request_body if n < 2 else request_body.replace('"messages"', '"stream":true,"messages"')
+            status, _, answer = request(proxy.url, body=body.encode(), headers=headers)
+            self.assertEqual(self.upstream.next_request().body, body.encode())  # forwarded whole
+            self.assertIn(key[:20].encode() if n != 1 else escaped[:20].encode(), answer)  # relayed whole
+        recs = proxy.records()
+        self.assertEqual([sorted(r["truncated"]) for r in recs], [["request", "response"]] * 3)
+        self.assertEqual([r["truncated"]["response"]["kept"] for r in recs], [cap] * 3)
+        self.assertEqual(len(proxy.stream_lines()), 1)
+        for path in all_files(self.data_dir):
+            with open(path, "rb") as f:
+                self.assertNotIn(b"~", f.read(), path)
+
+
 class EscapedEchoTest(SecurityTestCase):
     """An upstream that echoes the provider key JSON-escaped (\\u0073..., \\/): a reader of the
     record, of its streams line or of an export would decode it back to the key."""

@@ -397,6 +397,43 @@ class ScrubJsonTest(unittest.TestCase):
                 self.scrubbed(line.encode("utf-8", "surrogatepass"), [secret])
 
 
+class CutSecretStartTest(unittest.TestCase):
+    PAD = b'{"error":{"message":"Incorrect key: '
+
+    def test_every_start_of_a_secret_in_every_form_is_cut(self):
+        for secret in ("sk-proj-ESC/key-0123456789abcd", 'has"quote\\back-012', "p\u00e4ssw\u00f6rd-\U0001F600-xyz"):
+            pairs = wire.scrub_pairs([secret, "other-secret-123"], KEY)
+            forms = {"as is": json.dumps(secret, ensure_ascii=False)[1:-1], "ascii": json.dumps(secret)[1:-1],
+                     "\\u": "".join(json.dumps(c)[1:-1] if ord(c) > 0xFFFF else _uesc(c) for c in secret),
+                     "\\/": json.dumps(secret)[1:-1].replace("/", "\\/"),
+                     "a level within": json.dumps(json.dumps(_uesc(secret[:6]) + secret[6:]))[3:-3]}
+            for name, form in forms.items():
+                form = form.encode("utf-8", "surrogatepass")
+                # (The whole form is one scrub_json finds.)
+                self.assertNotEqual(wire.scrub_json(self.PAD + form + b'"}}', pairs), self.PAD + form + b'"}}')
+                for j in range(1, len(form)):
+                    with self.subTest(secret=secret, form=name, cut=j):
+                        self.assertEqual(wire.cut_secret_start(self.PAD + form[:j], pairs), self.PAD)
+
+    def test_what_starts_no_secret_is_kept(self):
+        pairs = wire.scrub_pairs(["sk-proj-0123456789"], KEY)
+        for data in (b'{"a":"hello world', b'{"a":"\\u0041bc', b'text that ends in k', b"sk-other", b"sk-proj-1",
+                     b"", b"sk-proj-0123456789"):  # (the whole secret: the scrub's)
+            with self.subTest(data=data):
+                self.assertIs(wire.cut_secret_start(data, pairs), data)
+        self.assertEqual(wire.cut_secret_start(b"a sk-proj-0123456789 sk-p", pairs), b"a sk-proj-0123456789 ")
+
+    def test_starts_of_secrets_one_after_another_take_a_pass_each_and_are_given_up_past_a_bound(self):
+        pairs = wire.scrub_pairs(["sk-proj-0123456789", "\u00e9t\u00e9-secret"], KEY)
+        self.assertEqual(wire.cut_secret_start(b"text sk-sk-proj-", pairs), b"text ")
+        self.assertEqual(wire.cut_secret_start(b"x" * 100 + b"sk-pr" * 10 + b"\\u00e9t\\u00e9-se" * 10, pairs),
+                         b"x" * 100)
+        # Past the bound, nothing is kept (a pass each would make a body of them cost its
+        # length in passes: only someone who knows the secrets can send one).
+        self.assertEqual(wire.cut_secret_start(b"x" + b"sk-pr" * (wire._CUT_PASSES + 1), pairs), b"")
+        self.assertEqual(wire.cut_secret_start(b"x" + b"sk-pr" * (wire._CUT_PASSES - 1), pairs), b"x")
+
+
 class SniffTest(unittest.TestCase):
     def test_model_and_stream(self):
         # The model for routing; the stream flag of an object is left to the recorder (None).
