@@ -38,7 +38,9 @@ CREDENTIAL_HEADERS = frozenset(("authorization", "x-api-key", "api-key", "x-goog
 # Query parameters that carry credentials (Gemini's ?key=, and the usual others).
 # Each parameter of a query (name=value); a name is a credential's when it is one of these,
 # percent-decoded and lower-cased.
-_QUERY_PARAM_RE = re.compile(r"(^|[&;])([^&;=]*)=([^&;]*)")
+# A parameter begins the query or follows "&", ";" or a second "?" (``alt=sse?key=...``: split
+# on "&" alone, the key was the value of alt, kept in clear and never scrubbed).
+_QUERY_PARAM_RE = re.compile(r"(^|[&;?])([^&;?=]*)=([^&;?]*)")
 _QUERY_SECRET_NAMES = frozenset(("key", "api_key", "api-key", "apikey", "access_token", "token"))
 _CHUNK_SIZE_RE = re.compile(rb"^([0-9A-Fa-f]{1,16})(?:;[^\r\n]*)?\r?\n$")
 

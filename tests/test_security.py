@@ -440,6 +440,28 @@ class DecodedCredentialTest(SecurityTestCase):
                 self.assertNotIn(secret[8:].encode(), data, path)
 
 
+class SecondQuestionMarkTest(SecurityTestCase):
+    def test_a_key_after_a_second_question_mark_reaches_no_file(self):
+        # A client that appends "?key=" to a URL with a query already: the key was taken for the
+        # value of the parameter before it, kept in clear in "query" and not scrubbed from an echo.
+        key = "AIzaQmark-%024x" % random.Random().getrandbits(96)
+        self.replies.append(Reply(400, [("Content-Type", "application/json")], json.dumps(
+            {"error": {"code": 400, "message": "API key not valid: " + key, "status": "INVALID_ARGUMENT"}}).encode()))
+        proxy = self.start_proxy([provider("gemini", "gemini", self.upstream.url, "", ["gemini-*"])])
+        status, _, answer = request(proxy.url, path="/v1beta/models/gemini-2.0-flash:streamGenerateContent?alt=sse?key="
+                                    + key, body={"contents": []}, headers={"Content-Type": "application/json"})
+        self.assertEqual(status, 400)
+        self.assertIn(key.encode(), answer)  # relayed as it came
+        self.assertEqual(self.upstream.next_request().query, "alt=sse?key=" + key)  # forwarded as it came
+        recs = proxy.records()
+        self.assertEqual(len(recs), 1)
+        self.assertRegex(recs[0]["query"], r"^alt=sse\?key=\[REDACTED:[0-9a-f]{8}\]$")
+        self.assertIn("[REDACTED:", recs[0]["error"]["message"])
+        for path in all_files(self.data_dir):
+            with open(path, "rb") as f:
+                self.assertNotIn(key[8:].encode(), f.read(), path)
+
+
 class CutThroughKeyTest(SecurityTestCase):
     def test_a_body_cut_at_capture_max_body_through_a_key_keeps_no_start_of_it(self):
         # The cut left the key's first characters at the end of the part kept, where no scrub

@@ -260,6 +260,17 @@ class RedactionTest(unittest.TestCase):
                          "%6Bey=" + wire.redacted("AIzaNAMEkey123", KEY) + "&alt=sse")
         self.assertEqual(wire.query_secrets("keyword=x&monkey=y&alt=sse"), [])
 
+    def test_a_parameter_after_a_second_question_mark(self):
+        # "alt=sse?key=..." (a client appending "?key=" to a URL that had a query already): split
+        # on "&" alone, the key was the value of alt.
+        for query in ("alt=sse?key=AIzaQMARKkey123", "?key=AIzaQMARKkey123", "a=1&b=2?key=AIzaQMARKkey123&c=3"):
+            with self.subTest(query=query):
+                self.assertEqual(wire.query_secrets(query), ["AIzaQMARKkey123"])
+                redacted = wire.redact_query(query, KEY)
+                self.assertNotIn("AIzaQMARKkey123", redacted)
+                self.assertEqual(redacted, query.replace("AIzaQMARKkey123", wire.redacted("AIzaQMARKkey123", KEY)))
+        self.assertEqual(wire.redact_query("q=why?&alt=sse", KEY), "q=why?&alt=sse")
+
 
 def _uesc(text, upper=False):
     return "".join(("\\u%04X" if upper else "\\u%04x") % ord(c) for c in text)
