@@ -61,6 +61,13 @@ class UpstreamUnavailable(ProxyError):
     kind = "upstream_unavailable"
 
 
+class UpstreamProtocolError(UpstreamUnavailable):
+    """The upstream answered, but not with a head the proxy can relay: one it cannot read, a
+    101 it was not asked for, a body in a transfer coding it cannot decode."""
+
+    kind = "upstream_protocol_error"
+
+
 class UpstreamTimeout(ProxyError):
     status = 504
     kind = "upstream_timeout"

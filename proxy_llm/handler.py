@@ -599,7 +599,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
                     # It answered, but not in a head http.client reads (more than 100 header
                     # lines, a line past 64 KiB, a status line that is not HTTP).
                     server_metrics_error(self.server, ex, "protocol")
-                    raise errors.UpstreamUnavailable("upstream %s sent a response head the proxy cannot read (%s)" % (
+                    raise errors.UpstreamProtocolError("upstream %s sent a response head the proxy cannot read (%s)" % (
                         ex.provider.name, type(exc).__name__)) from None
                 server_metrics_error(self.server, ex, "connection")
                 raise errors.UpstreamUnavailable("upstream %s unreachable: %s" % (
@@ -627,7 +627,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
         self.let_go(ex)
         self.server.pools[ex.provider.name].discard(conn)
         server_metrics_error(self.server, ex, "protocol")
-        raise errors.UpstreamUnavailable("upstream %s %s" % (ex.provider.name, problem))
+        raise errors.UpstreamProtocolError("upstream %s %s" % (ex.provider.name, problem))
 
     def relay(self, ex: Exchange, resp: Response, conn: http.client.HTTPConnection) -> None:
         """Send the upstream response to the client as it arrives; capture it on the way."""

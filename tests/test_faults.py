@@ -291,8 +291,12 @@ class UnreadableHeadTest(FaultTestCase):
         proxy = self.start_proxy([provider("openai", "openai", raw.url, "", ["gpt-*"])])
         status, _, body = request(proxy.url, body=PLAIN_BODY)
         self.assertEqual(status, 502)
-        self.assertIn("response head the proxy cannot read (HTTPException)", json.loads(body)["error"]["message"])
+        error = json.loads(body)["error"]
+        self.assertIn("response head the proxy cannot read (HTTPException)", error["message"])
+        self.assertEqual(error["code"], "upstream_protocol_error")  # it answered: not "unavailable"
         self.assertEqual(proxy.server.metrics.upstream_errors.value("openai", "protocol"), 1)
+        [rec] = proxy.records()
+        self.assertEqual((rec["status_code"], rec["error"]["type"]), (502, "upstream_protocol_error"))
 
 
 class InterimResponseTest(FaultTestCase):
@@ -425,7 +429,7 @@ class SwitchingProtocolsTest(FaultTestCase):
         self.assertEqual([raw.requests.get(timeout=DEADLINE)[0] for _ in range(2)], [0, 1])
         first, second = proxy.records()
         self.assertEqual((first["status_code"], first["ended"], first["error"]["type"]),
-                         (502, "upstream_error", "upstream_unavailable"))
+                         (502, "upstream_error", "upstream_protocol_error"))
         self.assertIn("101", first["error"]["message"])
         self.assertEqual(first["response_body"], error)
         self.assertEqual((second["status_code"], second["ended"]), (200, "completed"))
@@ -548,7 +552,8 @@ class TransferCodingTest(FaultTestCase):
                 self.assertEqual((status, error["status"]), (502, "UNAVAILABLE"))
                 self.assertIn("transfer coding", error["message"])
                 rec = proxy.records()[-1]
-                self.assertEqual((rec["status_code"], rec["ended"]), (502, "upstream_error"))
+                self.assertEqual((rec["status_code"], rec["ended"], rec["error"]["type"]),
+                                 (502, "upstream_error", "upstream_protocol_error"))
                 self.assertEqual(proxy.server.metrics.upstream_errors.value("gemini", "protocol"), 1)
         # Without a body to decode (HEAD, 204, 304), the coding does not matter.
         raw, proxy = self.start_raw(lambda conn, k: b"HTTP/1.1 204 No Content\r\nTransfer-Encoding: br, chunked\r\n\r\n")
