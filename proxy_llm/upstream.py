@@ -205,8 +205,11 @@ class Response(http.client.HTTPResponse):
         first = {}  # the first value of each header begin() needs, as HTTPMessage.get() gives it
         for name, value in fields:
             lname = name.lower()
-            if lname in _BEGIN_HEADERS and lname not in first:
-                first[lname] = value
+            if lname in _BEGIN_HEADERS:
+                if lname not in first:
+                    first[lname] = value
+                elif lname == "transfer-encoding":  # (its lines are one list: RFC 9110 5.3)
+                    first[lname] += ", " + value
         te = first.get("transfer-encoding")
         length = first.get("content-length")
         connection = first.get("connection")

@@ -485,6 +485,23 @@ class TransferCodingTest(FaultTestCase):
             self.assertEqual(rec["response_body"], json.loads(CHAT_REPLY))
             self.assertIsNone(rec.get("decode_error"))
 
+    def test_codings_on_several_lines_are_one_list(self):
+        # Transfer-Encoding: gzip, then Transfer-Encoding: chunked: only the first line was read
+        # (as the standard library reads it), and the gzip'd chunks were taken for the body.
+        packed = gzip.compress(CHAT_REPLY)
+        answer = (b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nTransfer-Encoding: gzip\r\n"
+                  b"X-Other: 1\r\nTransfer-Encoding: chunked\r\n\r\n" + _chunked(packed[:10], packed[10:]))
+        raw, proxy = self.start_raw(lambda conn, k: answer)
+        head, _, body = _post(proxy.port).partition(b"\r\n\r\n")
+        self.assertNotIn(b"gzip", head.lower())
+        self.assertEqual(_dechunk(body), CHAT_REPLY)
+        [rec] = proxy.records()
+        self.assertEqual((rec["ended"], rec["response_body"]), ("completed", json.loads(CHAT_REPLY)))
+        # chunked on two lines is chunked twice: a coding the proxy cannot take off.
+        twice = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n" + _chunked(b"abc")
+        raw, proxy = self.start_raw(lambda conn, k: twice)
+        self.assertEqual(request(proxy.url, body=PLAIN_BODY)[0], 502)
+
     def test_other_decodable_codings(self):
         zlibbed = zlib.compress(CHAT_REPLY)
         raw_deflate = zlib.compressobj(wbits=-15)

@@ -254,6 +254,8 @@ class ResponseBeginTest(unittest.TestCase):
             lines = ["HTTP/1.%d %s" % (rnd.randint(0, 1), rnd.choice(statuses))]
             for _ in range(rnd.randint(0, 5)):
                 name = rnd.choice(names)
+                if name == "Transfer-Encoding" and any(line.startswith(name) for line in lines):
+                    continue  # (lines of it are one list here, the first alone there: test_faults)
                 choices = {"content-length": lengths, "transfer-encoding": codings}.get(name.lower(), values)
                 lines.append("%s: %s" % (name, rnd.choice(choices)))
             raw = ("\r\n".join(lines) + "\r\n\r\n" + "x" * rnd.randint(0, 20)).encode("latin-1")
