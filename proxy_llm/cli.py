@@ -232,6 +232,7 @@ def build_server(config: Config, worker: int = 0, reuse_port: bool = False):
                             fsync_interval=config.fsync_interval, max_file_size=config.max_file_size,
                             rotate_daily=config.rotate_daily, compress_rotated=config.compress_rotated,
                             file_suffix="_w%d" % worker if config.workers > 1 else "",
+                            share=(worker, config.workers),
                             assist_above=max(1, config.queue_size // ASSIST_SHARE))
     server = ProxyServer(config, ProxyHandler, recorder, reuse_port=reuse_port, worker=worker)
     server_box.append(server)

@@ -48,9 +48,9 @@ import logging
 import os
 import queue
 import re
-import shutil
 import threading
 import time
+import zlib
 from typing import Callable, Dict, Iterable, List, Optional, Tuple
 
 try:
@@ -94,6 +94,9 @@ _SAFE_SID = re.compile(r"[A-Za-z0-9._-]{1,64}\Z")
 _NAME_END = r"(?:-[1-9][0-9]*)?(?:_w(?:0|[1-9][0-9]*))?\.jsonl(?:\.gz)?\Z"
 _RECORD_NAME = re.compile(r"session_([A-Za-z0-9._-]{1,64})_[0-9]{8}_[0-9]{6}" + _NAME_END)
 _STREAM_NAME = re.compile(r"session_([A-Za-z0-9._-]{1,64})_[0-9]{8}" + _NAME_END)
+_WORKER_OF = re.compile(r"_w(0|[1-9][0-9]*)\.jsonl\Z")  # the _w<K> of a plain file's name
+COPY_CHUNK = 1024 * 1024  # bytes gzip'd between two looks at the stop flag (see _compress_locked)
+STOP_GRACE = 2.0  # seconds close waits for the compressor past its deadline (one chunk, a fsync)
 
 
 class FileOps:
@@ -303,7 +306,7 @@ class Recorder:
     def __init__(self, data_dir: str, encode: Encoder, queue_size: int = 10000, queue_max_bytes: int = 0,
                  size_of: Optional[Callable[[object], int]] = None, fsync: str = "interval",
                  fsync_interval: float = 1.0, max_file_size: int = 100 * 1024 * 1024, rotate_daily: bool = True,
-                 compress_rotated: bool = False, file_suffix: str = "",
+                 compress_rotated: bool = False, file_suffix: str = "", share: Tuple[int, int] = (0, 1),
                  on_written: Optional[Callable[[object], None]] = None, clock: Callable[[], float] = time.time,
                  ops: Optional[FileOps] = None, assist_above: int = 0):
         self.ops = ops if ops is not None else FileOps()
@@ -315,6 +318,8 @@ class Recorder:
         self.rotate_daily = rotate_daily
         self.compress_rotated = compress_rotated
         self.file_suffix = file_suffix
+        # (worker K, of N): the files of earlier runs this recorder settles at start (see _owns)
+        self.share = share
         self.on_written = on_written
         self.clock = clock
         self._day_start = -1.0  # the UTC day last formatted by _today, and its start
@@ -346,6 +351,12 @@ class Recorder:
         self._sealed: List[_File] = []  # sealed, not yet synced and closed (see _seal)
         self._new_dirs: set = set()  # directories of files created since the last sync (see _create)
         self._to_compress: "queue.Queue[object]" = queue.Queue()
+        # The paths this run's writer created (each added before its file exists), while the
+        # compressor sweeps the files of earlier runs (see _sweep); None after the sweep.
+        self._own_paths: Optional[set] = set() if compress_rotated else None
+        self._stop_at: Optional[float] = None  # the compressor's deadline, set by close
+        self.swept: Dict[str, int] = {}  # outcomes of the sweep (settle_file's), by the compressor thread
+        self.sweep_done = threading.Event()  # set when the sweep has ended (done, or stopped by close)
         self.busy_clock = time.perf_counter  # how long encoding takes (see _encode_all)
         self.rest = time.sleep
 
@@ -612,9 +623,13 @@ class Recorder:
                 self._forget(f)
                 f = None
             elif f.fd is None:
-                f.fd = self.ops.open(f.path, os.O_WRONLY | os.O_APPEND | getattr(os, "O_CLOEXEC", 0))
-                self._limit_open(key)
-                return f
+                if self._reopen(f):
+                    self._limit_open(key)
+                    return f
+                log.warning("a record file closed for the open-files limit was compressed by another process "
+                            "sharing the data dir; a new one is started")
+                self._forget(f)
+                f = None
             else:
                 return f
         kind, sid = key
@@ -634,6 +649,21 @@ class Recorder:
         self._limit_open(key)
         return f
 
+    def _reopen(self, f: _File) -> bool:
+        """Open again, locked (see :func:`_hold`), a file closed for the open-files limit. False
+        when it is no longer there to be appended to: another process sharing the data dir (a
+        second proxy started on it, a worker of another run) compressed it meanwhile, as a file
+        nobody held (its lines are in its ``.gz``)."""
+        try:
+            fd = self.ops.open(f.path, os.O_WRONLY | os.O_APPEND | getattr(os, "O_CLOEXEC", 0))
+        except FileNotFoundError:
+            return False
+        if _hold(fd, f.path) and _ident(os.fstat(fd)) == f.ident:
+            f.fd = fd
+            return True
+        self.ops.close(fd)
+        return False
+
     def _create(self, key: Tuple[str, str], directory: str, stem: str) -> Tuple[int, str]:
         """Create the next file of ``stem``: ``<stem>.jsonl``, then ``<stem>-1.jsonl``, ...
 
@@ -643,6 +673,10 @@ class Recorder:
         an open each), the writer spent most of its time there under a small
         ``max_file_size`` and fell behind, and past 9,999 files of a stem no name was left and
         every line of that file was dropped.
+
+        The new file is locked (shared, see :func:`_hold`) as long as it is open, so that no
+        other process's compressor takes it for a file of an earlier run; its path is noted
+        before it exists (``_own_paths``) for this run's own compressor.
         """
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND | getattr(os, "O_CLOEXEC", 0)
         last = self._next_name.get(key)
@@ -652,9 +686,17 @@ class Recorder:
             n += 1
             if os.path.lexists(path + ".gz"):
                 continue
+            own = self._own_paths
+            if own is not None:
+                own.add(path)
             try:
                 fd = self.ops.open(path, flags, 0o600)
             except FileExistsError:
+                if own is not None:
+                    own.discard(path)
+                continue
+            if not _hold(fd, path):  # (another process's compressor took it, empty, before the lock)
+                self.ops.close(fd)
                 continue
             self._next_name[key] = (stem, n)
             # Its directory is synced with the next sync (_settle), and the file, written at
@@ -783,16 +825,119 @@ class Recorder:
     # -- compression (its own thread: minutes of gzip must not stall the writer) --------
 
     def _compress_loop(self) -> None:
+        """Compress this run's sealed files as they come; in between, while none waits, settle
+        the files earlier runs left (see :meth:`_sweep`). Stops at ``close``: the sweep at once,
+        the sealed files at the deadline close sets (see :meth:`close`)."""
+        todo: Optional[List[str]] = None if self._own_paths is not None else []  # the sweep's files
+        swept = self.swept
         while True:
-            item = self._to_compress.get()
+            if self._stop_at is not None or todo == []:
+                if todo:
+                    todo = []
+                    log.info("stopping: files of earlier runs left to compress at the next start")
+                if self._own_paths is not None:
+                    self._own_paths = None  # (the sweep is over: the writer stops noting its paths)
+                    if swept:
+                        log.info("files of earlier runs settled: %s",
+                                 ", ".join("%s %d" % kv for kv in sorted(swept.items())))
+                    self.sweep_done.set()
+                item = self._to_compress.get()
+            else:
+                try:
+                    item = self._to_compress.get_nowait()
+                except queue.Empty:
+                    item = None
             if item is _STOP:
                 return
-            path, ident = item
+            if item is not None:
+                if self._past_stop():
+                    return  # (what is left is settled at the next start)
+                path, ident = item
+                try:
+                    if compress_file(path, self.ops, ident, self._past_stop) is None:
+                        log.warning("a sealed file was moved or replaced before it was compressed; left as it is")
+                except CompressionStopped:
+                    return
+                except OSError as exc:
+                    self._ratelog.warning("compress", "could not compress a sealed file: %s", exc)
+            elif todo is None:
+                todo = self._sweep()
+                todo.reverse()
+            else:
+                outcome = self._settle_old(todo.pop())
+                if outcome:
+                    swept[outcome] = swept.get(outcome, 0) + 1
+
+    def _past_stop(self) -> bool:
+        stop_at = self._stop_at
+        return stop_at is not None and time.monotonic() >= stop_at
+
+    def _closing(self) -> bool:
+        return self._stop_at is not None
+
+    def _owns(self, name: str) -> bool:
+        """Whether this recorder settles the earlier run's file ``name`` at start: worker K of N
+        takes the files of every earlier worker J with J mod N == K (a file without ``_w<J>``
+        counts as J = 0), so that with any number of workers, now and then, each file has one
+        sweeper. (Any other process may try it too: the locks keep that safe, see settle_file.)"""
+        index, count = self.share
+        match = _WORKER_OF.search(name)
+        return (int(match.group(1)) if match else 0) % max(1, count) == index
+
+    def _sweep(self) -> List[str]:
+        """The files earlier runs left in this recorder's share (see :meth:`_owns`): every plain
+        ``X.jsonl`` (sealed, or open when its run stopped: none is ever appended to again), and
+        the ``X.jsonl`` of each leftover ``X.jsonl.gz.tmp``. Not a file of this run (noted in
+        ``_own_paths`` before it is created), nor one that is not named as the recorder names
+        its files."""
+        if not locks_work(self.data_dir):
+            log.warning("no advisory locks in %s: sealed files of earlier runs are not compressed at start, as "
+                        "a file another process still writes could not be told apart", self.data_dir)
+            return []
+        found = set()
+        try:
+            tops = sorted(os.listdir(self.data_dir))
+        except OSError:
+            return []
+        own = self._own_paths or set()
+        for top in tops:
+            if top == STREAMS:
+                named = is_stream_file_name
+            elif top.startswith("session_"):
+                named = is_record_file_name
+            else:
+                continue
+            directory = os.path.join(self.data_dir, top)
             try:
-                if compress_file(path, self.ops, ident) is None:
-                    log.warning("a sealed file was moved or replaced before it was compressed; left as it is")
-            except OSError as exc:
-                self._ratelog.warning("compress", "could not compress a sealed file: %s", exc)
+                names = os.listdir(directory)
+            except OSError:
+                continue
+            for name in names:
+                if name.endswith(".jsonl.gz.tmp"):
+                    name = name[:-len(".gz.tmp")]
+                elif not name.endswith(".jsonl"):
+                    continue
+                path = os.path.join(directory, name)
+                if named(name) and self._owns(name) and path not in own:
+                    found.add(path)
+        return sorted(found)
+
+    def _settle_old(self, path: str) -> str:
+        own = self._own_paths
+        try:
+            outcome = settle_file(path, self.ops, skip=lambda p: own is not None and p in own, stop=self._closing)
+        except CompressionStopped:
+            return ""
+        except OSError as exc:
+            self._ratelog.warning("sweep", "could not compress a file of an earlier run: %s", exc)
+            return "failed"
+        if outcome == SETTLE_TWIN_KEPT:
+            log.warning("%s and its .gz, left by a crash between compressing and deleting, differ (or the .gz is "
+                        "damaged): both kept", path)
+        elif outcome == SETTLE_ORPHAN:
+            log.warning("%s.gz.tmp, left by a compression that was killed, has no original beside it: left as it is",
+                        path)
+        return outcome
 
     # -- shutdown ------------------------------------------------------------------------
 
@@ -804,10 +949,16 @@ class Recorder:
         return done.wait(timeout)
 
     def close(self, timeout: float = 10.0) -> None:
+        """Drain, sync and close; stop the compressor. Within ``timeout`` seconds (and
+        ``STOP_GRACE`` more at most for the compressor): the writer gets them to drain its
+        queue, the compressor what is left of them for the files sealed in this run. It stops at
+        the deadline between two files, or within one chunk of a file, whose temp file it then
+        removes; what it did not compress, the next start's compressor does (see _sweep)."""
         with self._close_lock:
             if self._closed:
                 return
             self._closed = True
+        deadline = time.monotonic() + timeout
         if self._thread is not None and self._thread.is_alive():
             self.queue.put(_STOP)
             self._thread.join(timeout)
@@ -819,8 +970,12 @@ class Recorder:
         for d in dirs:
             _fsync_dir(d, self.ops)
         if self._compressor is not None:
+            self._stop_at = deadline
             self._to_compress.put(_STOP)
-            self._compressor.join(timeout)
+            self._compressor.join(max(0.0, deadline - time.monotonic()) + STOP_GRACE)
+            if self._compressor.is_alive():
+                log.warning("the compressor did not stop in time (a slow disk?); a temp file it leaves is "
+                            "settled at the next start")
         lost = self.queue.qsize()
         if lost:
             self._count_drop("shutdown", lost)
@@ -849,12 +1004,20 @@ class _Marker:
         self.event = event
 
 
-def compress_file(path: str, ops: FileOps = FileOps, ident: Optional[Tuple[int, int]] = None) -> Optional[str]:
+class CompressionStopped(Exception):
+    """A compression was told to stop (``close``) while it copied: its temp file is removed,
+    the original kept as it was."""
+
+
+def compress_file(path: str, ops: FileOps = FileOps, ident: Optional[Tuple[int, int]] = None,
+                  stop: Optional[Callable[[], bool]] = None) -> Optional[str]:
     """gzip ``path`` crash-safely: temp file, fsync, rename, fsync dir, then remove the original.
 
     A crash before the rename leaves the original and a ``.gz.tmp`` (ignored by readers); after
     it, both ``X.jsonl`` and a complete ``X.jsonl.gz`` (readers take ``X.jsonl``). A failure
-    removes the temp file and keeps the original.
+    removes the temp file and keeps the original; so does ``stop`` returning True, asked before
+    each chunk of the copy (``CompressionStopped`` is raised). The next start settles what a
+    crash left (:func:`settle_file`).
 
     The same two states exist for a moment while a compression runs. To tell them apart
     (``verify`` on a live data dir), the original is held under an exclusive advisory lock
@@ -865,50 +1028,190 @@ def compress_file(path: str, ops: FileOps = FileOps, ident: Optional[Tuple[int, 
     path holds another one by then (its directory renamed away, and the writer's new file in a
     new one given the same name, by the same second), nothing is done and None is returned. The
     compressor once gzipped such a live file and removed it: the records appended after its
-    copy were lost, counted as written.
+    copy were lost, counted as written. None too when the file is no longer at its path once
+    locked (compressed meanwhile by another process's compressor).
     """
-    final = path + ".gz"
-    tmp = final + ".tmp"
-
-    def same() -> bool:
-        try:
-            return ident is None or _ident(os.stat(path)) == ident
-        except OSError:
-            return False
-
     with open(path, "rb") as src:  # (closing it, at the very end, drops the lock)
         if ident is not None and _ident(os.fstat(src.fileno())) != ident:
             return None
         _lock(src.fileno(), exclusive=True)
+        return _compress_locked(src, path, ops, stop)
+
+
+SETTLE_COMPRESSED = "compressed"
+SETTLE_TWIN_REMOVED = "twin_removed"  # X.jsonl removed: its complete X.jsonl.gz holds the same bytes
+SETTLE_TWIN_KEPT = "twin_kept"        # X.jsonl and X.jsonl.gz differ (or the .gz is damaged): both kept
+SETTLE_HELD = "held"                  # another process holds X.jsonl: being written or compressed
+SETTLE_GONE = "gone"                  # X.jsonl is not there (any more)
+SETTLE_ORPHAN = "orphan_tmp"          # an X.jsonl.gz.tmp without its X.jsonl: left alone
+SETTLE_SKIPPED = "skipped"            # skip(path) said so
+
+
+def settle_file(path: str, ops: FileOps = FileOps, skip: Optional[Callable[[str], bool]] = None,
+                stop: Optional[Callable[[], bool]] = None) -> str:
+    """Settle an earlier run's ``X.jsonl`` (``path``) and what a crash left beside it, under an
+    exclusive lock on it taken without waiting; returns one of the ``SETTLE_*`` outcomes.
+
+    * Held by another process (its writer holds each file it has open, see :func:`_hold`; a
+      compressor holds the file it compresses): left alone, ``held``.
+    * Beside a complete ``X.jsonl.gz`` holding the same bytes (a crash between the rename and
+      the removal): ``X.jsonl`` is removed. If the ``.gz`` cannot be read to its end or holds
+      other bytes, both are kept (``verify`` reports them).
+    * Otherwise compressed (:func:`compress_file`), a leftover ``X.jsonl.gz.tmp`` of a killed
+      compression removed first.
+
+    ``skip(path)``, asked once the lock is held, keeps a file out (this run's own files).
+    Where locks do not work, nothing is done (``held``): a live writer's file could not be
+    told from an earlier run's.
+    """
+    try:
+        src = open(path, "rb")
+    except FileNotFoundError:
+        return SETTLE_ORPHAN if os.path.lexists(path + ".gz.tmp") and not os.path.lexists(path + ".gz") \
+            else SETTLE_GONE
+    with src:  # (closing it drops the lock)
+        if not _try_exclusive(src.fileno()):
+            return SETTLE_HELD
         try:
-            fd = ops.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            with os.fdopen(fd, "wb") as raw:
-                with gzip.GzipFile(filename=os.path.basename(path), mode="wb", fileobj=raw, mtime=0) as gz:
-                    shutil.copyfileobj(src, gz, 1024 * 1024)
-                raw.flush()
-                ops.fsync(raw.fileno())
-            if not same():
-                os.unlink(tmp)
-                return None
-            os.rename(tmp, final)
-        except BaseException:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
-            raise
-        _fsync_dir(os.path.dirname(path), ops)
-        if not same():  # (replaced between the rename and now: keep it; readers take X.jsonl)
+            if _ident(os.stat(path)) != _ident(os.fstat(src.fileno())):
+                return SETTLE_GONE  # (compressed and removed by another, between the open and the lock)
+        except OSError:
+            return SETTLE_GONE
+        if skip is not None and skip(path):
+            return SETTLE_SKIPPED
+        final = path + ".gz"
+        if os.path.lexists(final):
+            if not _same_bytes(src, final, stop):
+                return SETTLE_TWIN_KEPT
+            _remove(final + ".tmp")
+            os.unlink(path)
+            _fsync_dir(os.path.dirname(path), ops)
+            return SETTLE_TWIN_REMOVED
+        return SETTLE_COMPRESSED if _compress_locked(src, path, ops, stop) else SETTLE_GONE
+
+
+def _compress_locked(src, path: str, ops: FileOps, stop: Optional[Callable[[], bool]]) -> Optional[str]:
+    """compress_file's work, ``src`` (``path``, open) locked by the caller."""
+    final = path + ".gz"
+    tmp = final + ".tmp"
+    ident = _ident(os.fstat(src.fileno()))
+
+    def same() -> bool:
+        try:
+            return _ident(os.stat(path)) == ident
+        except OSError:
+            return False
+
+    if not same():
+        return None
+    _remove(tmp)  # (a killed compression's: no other compressor works without the lock held here)
+    try:
+        fd = ops.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o600)
+        with os.fdopen(fd, "wb") as raw:
+            with gzip.GzipFile(filename=os.path.basename(path), mode="wb", fileobj=raw, mtime=0) as gz:
+                src.seek(0)
+                while True:
+                    chunk = src.read(COPY_CHUNK)
+                    if not chunk:
+                        break
+                    if stop is not None and stop():
+                        raise CompressionStopped(path)
+                    gz.write(chunk)
+            raw.flush()
+            ops.fsync(raw.fileno())
+        if not same():
+            os.unlink(tmp)
             return None
+        os.rename(tmp, final)
+    except BaseException:
+        _remove(tmp)
+        raise
+    _fsync_dir(os.path.dirname(path), ops)
+    if not same():  # (replaced between the rename and now: keep it; readers take X.jsonl)
+        return None
+    os.unlink(path)
+    _fsync_dir(os.path.dirname(path), ops)
+    return final
+
+
+def _same_bytes(src, gz_path: str, stop: Optional[Callable[[], bool]] = None) -> bool:
+    """Whether the gzip file ``gz_path`` reads to its end (every member's CRC and length
+    checked) and holds exactly the bytes of ``src``."""
+    src.seek(0)
+    try:
+        with gzip.open(gz_path, "rb") as gz:
+            while True:
+                if stop is not None and stop():
+                    raise CompressionStopped(gz_path)
+                want = src.read(COPY_CHUNK)
+                got = b""
+                while len(got) < len(want):
+                    more = gz.read(len(want) - len(got))
+                    if not more:
+                        return False
+                    got += more
+                if got != want:
+                    return False
+                if not want:
+                    return gz.read(1) == b""
+    except (OSError, EOFError, zlib.error):
+        return False
+
+
+def _remove(path: str) -> None:
+    try:
         os.unlink(path)
-        _fsync_dir(os.path.dirname(path), ops)
-        return final
+    except FileNotFoundError:
+        pass
+
+
+def _hold(fd: int, path: str) -> bool:
+    """The writer's lock on a file it has open for writing: shared, taken without waiting, held
+    until the file is closed. Another process's compressor, settling the files of earlier runs,
+    takes an exclusive lock without waiting and leaves alone a file it cannot lock. False when
+    such a compressor holds the file or has removed it (the writer then starts another)."""
+    if not _lock(fd, exclusive=False):
+        return False
+    try:
+        return _ident(os.stat(path)) == _ident(os.fstat(fd))
+    except OSError:
+        return False
+
+
+def _try_exclusive(fd: int) -> bool:
+    """An exclusive ``flock`` on ``fd`` without waiting: True only when it is really held (not
+    where there are no locks)."""
+    if fcntl is None:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:  # (held: BlockingIOError; no locks: ENOLCK, EOPNOTSUPP)
+        return False
+    return True
+
+
+def locks_work(directory: str) -> bool:
+    """Whether advisory locks work in ``directory`` (a lock taken on the directory itself)."""
+    if fcntl is None:
+        return False
+    try:
+        fd = os.open(directory, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
 
 
 def _lock(fd: int, exclusive: bool) -> bool:
-    """An advisory ``flock`` on ``fd``: True when taken. Exclusive: waits for it (the compressor;
-    the only other holder is ``compressing``, for a moment); shared: does not wait, False when
-    another holds it. True also where there are no locks (no ``fcntl``, or a file system
+    """An advisory ``flock`` on ``fd``: True when taken. Exclusive: waits for it (the compressor,
+    on a file this run sealed and closed; the other holders are ``compressing``, for a moment,
+    and another process's compressor settling it); shared: does not wait, False when another
+    holds it exclusively (the writer's lock, see ``_hold``, and ``compressing``). True also where there are no locks (no ``fcntl``, or a file system
     without them), so that nothing waits on them and nothing is reported held."""
     if fcntl is None:
         return True

@@ -18,7 +18,11 @@ Problems (exit code 1):
   read to its end.  A running proxy's compression leaves the same two states for a
   moment: while it runs, its compressor holds an advisory lock on ``X.jsonl``
   (``storage.compress_file``), and such files are a note, "in progress", not a
-  problem; with no process holding the lock (a dead data dir) they are leftovers;
+  problem; with no process holding the lock (a dead data dir) they are leftovers.
+  A proxy leaves none when it stops (its compressor stops between files, or removes
+  its temp file), so a leftover is a kill's or a crash's; the next start with
+  ``compress_rotated`` settles it (``storage.settle_file``), but for a ``.gz.tmp``
+  without its ``X.jsonl`` and twins whose contents differ;
 * a stream line whose id has no record, or whose record is not a stream;
 * a streamed record without its stream line.  A record expects a stream line
   exactly when it has ``stream_events`` (older records: when it got a response

@@ -16,6 +16,7 @@ What the recorder promises (README, "Durability") and what this test checks afte
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import http.client
 import json
@@ -53,14 +54,23 @@ def upstream_reply(req) -> Reply:
 
 
 def snapshot(root: str) -> Dict[str, str]:
+    """The digest of each record file's lines, by its plain name (X.jsonl, also when it is
+    X.jsonl.gz: a later start compresses an earlier run's files; of twins, X.jsonl)."""
     out = {}
     for d, _, files in os.walk(root):
-        for name in files:
+        for name in sorted(files, reverse=True):  # (X.jsonl after X.jsonl.gz: its digest kept)
             if ".jsonl" in name and not name.endswith(".tmp"):
-                path = os.path.join(d, name)
-                with open(path, "rb") as f:
-                    out[path] = hashlib.sha256(f.read()).hexdigest()
+                out[plain(os.path.join(d, name))] = digest(os.path.join(d, name))
     return out
+
+
+def plain(path: str) -> str:
+    return path[:-3] if path.endswith(".gz") else path
+
+
+def digest(path: str) -> str:
+    with (gzip.open(path, "rb") if path.endswith(".gz") else open(path, "rb")) as f:
+        return hashlib.sha256(f.read()).hexdigest()
 
 
 class Load:
@@ -170,12 +180,12 @@ class CrashTest(unittest.TestCase):
             recs = self.check_files()
             ids = {r["id"] for r in recs}
             self.assertEqual(len(ids), len(recs), "a record written twice")
-            for path, digest in before.items():  # never appended to, never rewritten
-                self.assertTrue(os.path.exists(path), "a file of an earlier run vanished: " + path)
-                with open(path, "rb") as f:
-                    self.assertEqual(hashlib.sha256(f.read()).hexdigest(), digest, path)
+            for path, lines in before.items():  # never appended to, never rewritten (maybe compressed)
+                self.assertTrue(os.path.exists(path) or os.path.exists(path + ".gz"),
+                                "a file of an earlier run vanished: " + path)
+                self.assertEqual(digest(path if os.path.exists(path) else path + ".gz"), lines, path)
             new_files = set(snapshot(self.data_dir)) - set(before)
-            new_records = sum(1 for path, _, _ in reader.iter_record_lines(self.data_dir) if path in new_files)
+            new_records = sum(1 for path, _, _ in reader.iter_record_lines(self.data_dir) if plain(path) in new_files)
             self.assertGreaterEqual(new_records, written, "records reported written were lost (run %d)" % run)
             if quiesced:
                 self.assertEqual(new_records, written)

@@ -482,10 +482,13 @@ class FileNameTest(RecorderTestCase):
         fixed = time.mktime((2026, 11, 27, 16, 48, 15, 0, 0, 0)) - time.timezone
         sids = ["s", "a_20261127", "x-1.v2", "team/alice:42"]  # (the last one hashed)
         for run, suffix in enumerate(("", "", "_w3")):  # the same second: -N suffixes
-            rec = self.recorder(clock=lambda: fixed, max_file_size=300, compress_rotated=True, file_suffix=suffix)
+            # (worker 3 of 4 leaves the plain files of the runs before alone: not its share)
+            rec = self.recorder(clock=lambda: fixed, max_file_size=300, compress_rotated=True, file_suffix=suffix,
+                                share=(3, 4) if suffix else (0, 1))
             for n in range(3):  # each batch rotates
                 for sid in sids:
                     self.put(rec, [line(sid, n, 200), line(sid, n, 200, kind=STREAMS)])
+            self.assertTrue(rec.sweep_done.wait(DEADLINE))
             rec.close(DEADLINE)
         names = {"records": [], "streams": []}
         for path in data_files(self.data_dir):
@@ -498,8 +501,9 @@ class FileNameTest(RecorderTestCase):
             self.assertTrue(storage.is_stream_file_name(name), name)
             self.assertFalse(storage.is_record_file_name(name), name)
         every = names["records"] + names["streams"]
-        for form in ("164815.jsonl.gz", "20261127.jsonl.gz", "-2.jsonl", "-3.jsonl.gz", "_w3.jsonl.gz",
-                     "-2_w3.jsonl"):
+        # (the first run's last files, -2.jsonl, were compressed by the second run at its start)
+        for form in ("164815.jsonl.gz", "20261127.jsonl.gz", "-2.jsonl.gz", "-5.jsonl", "-3.jsonl.gz",
+                     "_w3.jsonl.gz", "-2_w3.jsonl"):
             self.assertTrue(any(n.endswith(form) for n in every), form)
         self.assertTrue(any(n.startswith("session_h") for n in every))
         stats = reader.ReadStats()
@@ -683,6 +687,158 @@ class CompressMovedTest(unittest.TestCase):
                 ids += [json.loads(line)["id"] for line in raw.splitlines()]
         self.assertEqual(sorted(ids), ["A0", "A1", "A2", "A3", "B0", "B1", "C0"])
         self.assertEqual(rec.written, 7)
+
+
+class SweepTest(RecorderTestCase):
+    """At start, with compress_rotated, the compressor settles what earlier runs left: sealed
+    files never compressed (a shutdown that came first, a kill), a killed compression's temp
+    file, and X.jsonl beside its complete X.jsonl.gz. Before, no run ever picked them up: they
+    stayed plain, and verify reported the leftovers for good."""
+
+    def earlier(self, name: str, lines: List[bytes], sid: str = "s") -> str:
+        directory = os.path.join(self.data_dir, "session_" + sid)
+        os.makedirs(directory, mode=0o700, exist_ok=True)
+        path = os.path.join(directory, name)
+        with open(path, "wb") as f:
+            f.write(b"".join(lines))
+        return path
+
+    def gzip_to(self, path: str, data: bytes) -> None:
+        with gzip.open(path, "wb") as f:
+            f.write(data)
+
+    def swept(self, **kwargs) -> Recorder:
+        rec = self.recorder(compress_rotated=True, **kwargs)
+        self.assertTrue(rec.sweep_done.wait(DEADLINE))
+        return rec
+
+    def test_plain_files_temp_files_and_twins_of_earlier_runs_are_settled(self):
+        ls = [line("s", n)[2] for n in range(8)]
+        plain = self.earlier("session_s_20261127_120000.jsonl", ls[0:2])
+        killed = self.earlier("session_s_20261127_120001.jsonl", ls[2:4])  # a kill while its .gz.tmp was written
+        with open(killed + ".gz.tmp", "wb") as f:
+            f.write(gzip.compress(ls[2])[:20])
+        twin = self.earlier("session_s_20261127_120002.jsonl", ls[4:6])  # a kill between the rename and the unlink
+        self.gzip_to(twin + ".gz", b"".join(ls[4:6]))
+        torn = self.earlier("session_s_20261127_120003.jsonl", ls[6:8])  # a twin whose .gz is cut short
+        with open(torn + ".gz", "wb") as f:
+            f.write(gzip.compress(b"".join(ls[6:8]))[:-6])
+        orphan = os.path.join(self.data_dir, "session_s", "session_s_20261127_120004.jsonl.gz.tmp")
+        with open(orphan, "wb") as f:  # (its original removed by hand: not the proxy's to settle)
+            f.write(b"x")
+        rec = self.swept()
+        self.assertEqual(rec.swept, {"compressed": 2, "twin_removed": 1, "twin_kept": 1, "orphan_tmp": 1})
+        self.put(rec, line("s", 8))
+        rec.close(DEADLINE)
+        names = sorted(os.listdir(os.path.join(self.data_dir, "session_s")))
+        base = os.path.basename
+        self.assertEqual([n for n in names if "12000" in n], sorted([
+            base(plain) + ".gz", base(killed) + ".gz", base(twin) + ".gz", base(torn), base(torn) + ".gz",
+            base(orphan)]))
+        self.assertEqual(lines_of(killed + ".gz"), ls[2:4])
+        self.assertEqual(lines_of(plain + ".gz"), ls[0:2])
+        stats = reader.ReadStats()
+        self.assertEqual([r["n"] for r in reader.iter_records(self.data_dir, stats)], list(range(9)))
+        self.assertEqual(stats.twins, [torn + ".gz"])
+        self.assertTrue(any("differ (or the .gz is damaged): both kept" in m for m in self.logs.messages))
+
+    def test_a_file_another_process_holds_is_left_alone(self):
+        # A second proxy on the same data dir (by mistake, or a worker of another run): its
+        # writer holds each file it has open; the sweeper skips them. One it closed for the
+        # open-files limit is not held: swept, its lines are in its .gz, and the writer starts
+        # another when it comes back to that session.
+        done = self.earlier("session_s_20261127_110000.jsonl", [line("s", 0)[2]])
+        other_written: "queue.Queue[object]" = queue.Queue()
+        with unittest.mock.patch.object(storage, "MAX_OPEN_FILES", 1):
+            other = Recorder(self.data_dir, encode, on_written=other_written.put, clock=lambda: 1800000000.0)
+            other.start()
+            self.addCleanup(other.close, DEADLINE)
+            for item in ([line("a", 0)], [line("b", 0)]):  # a's file is closed when b's is opened
+                self.assertTrue(other.submit(item))
+                self.assertIs(other_written.get(timeout=DEADLINE), item)
+            [a_path] = data_files(os.path.join(self.data_dir, "session_a"))
+            [b_path] = data_files(os.path.join(self.data_dir, "session_b"))
+            rec = self.swept()
+            self.assertEqual(rec.swept, {"compressed": 2, "held": 1})
+            self.assertTrue(os.path.exists(done + ".gz"))
+            self.assertTrue(os.path.exists(a_path + ".gz"))
+            self.assertEqual(data_files(os.path.join(self.data_dir, "session_b")), [b_path])  # held: untouched
+            for item in ([line("a", 1)], [line("b", 1)]):
+                self.assertTrue(other.submit(item))
+                self.assertIs(other_written.get(timeout=DEADLINE), item)
+            other.close(DEADLINE)
+        rec.close(DEADLINE)
+        self.assertEqual(lines_of(b_path), [line("b", 0)[2], line("b", 1)[2]])
+        got = [(r["sid"], r["n"]) for r in reader.iter_records(self.data_dir)]
+        self.assertEqual(sorted(got), [("a", 0), ("a", 1), ("b", 0), ("b", 1), ("s", 0)])
+        self.assertEqual(other.dropped, {})
+
+    def test_this_runs_own_files_are_never_touched(self):
+        rec = self.recorder(start=False, compress_rotated=True)
+        rec.start()
+        self.put(rec, line("s", 0))  # (maybe before the sweep lists the directory)
+        [path] = data_files(self.data_dir)
+        self.assertTrue(rec.sweep_done.wait(DEADLINE))
+        self.assertEqual(data_files(self.data_dir), [path])
+        self.put(rec, line("s", 1))
+        rec.close(DEADLINE)
+        self.assertEqual(lines_of(path), [line("s", 0)[2], line("s", 1)[2]])
+
+    def test_each_worker_settles_its_share_whatever_the_worker_count_was(self):
+        # Files of a run with 4 workers, and of one without: a run with 2 workers settles
+        # them all, each file by one worker (K mod 2; no suffix counts as worker 0).
+        names = {}
+        for suffix in ("", "_w0", "_w1", "_w2", "_w3"):
+            names[suffix] = self.earlier("session_s_20261127_100000%s.jsonl" % suffix, [line("s", 0)[2]])
+        shares = []
+        for worker in (0, 1):
+            rec = self.swept(file_suffix="_w%d" % worker, share=(worker, 2))
+            shares.append(sorted(p for p in data_files(self.data_dir) if p.endswith(".gz")))
+            self.assertEqual(rec.swept, {"compressed": 2 if worker else 3})
+            rec.close(DEADLINE)
+        self.assertEqual(shares[0], sorted(names[s] + ".gz" for s in ("", "_w0", "_w2")))
+        self.assertEqual(shares[1], sorted(p + ".gz" for p in names.values()))
+
+    def test_shutdown_stops_the_compressor_in_time_and_the_next_start_finishes(self):
+        # A backlog of sealed files at shutdown: close waited 'timeout' for the compressor and
+        # returned with it still at work; the process exited in the middle of a compression
+        # (a real .gz.tmp left) and the files after it stayed plain for good.
+        at_tmp = threading.Event()
+        closing: List[float] = []
+
+        class SlowOps(Ops):
+            def open(self, path, flags, mode=0o777):
+                if path.endswith(".gz.tmp") and not at_tmp.is_set():
+                    at_tmp.set()  # the first compression waits until past close's deadline
+                    end = time.monotonic() + DEADLINE
+                    while not closing and time.monotonic() < end:
+                        time.sleep(0.01)
+                    if closing:
+                        time.sleep(max(0.0, closing[0] - time.monotonic()))
+                return super().open(path, flags, mode)
+
+        self.ops = SlowOps()
+        rec = self.recorder(compress_rotated=True, max_file_size=1, fsync="never", clock=lambda: 1800000000.0)
+        for n in range(6):  # each line seals the file before it: 5 sealed files
+            self.put(rec, line("s", n, 100))
+        self.assertTrue(rec.flush(DEADLINE))
+        self.assertTrue(at_tmp.wait(DEADLINE))
+        timeout = 0.5
+        started = time.monotonic()
+        closing.append(started + timeout + 0.2)  # (released past the deadline)
+        rec.close(timeout)
+        self.assertLess(time.monotonic() - started, timeout + storage.STOP_GRACE)
+        self.assertFalse(rec._compressor.is_alive())  # stopped, not left at work
+        files = data_files(self.data_dir)
+        self.assertEqual([p for p in files if p.endswith(".tmp")], [])
+        self.assertGreaterEqual(len([p for p in files if p.endswith(".jsonl")]), 5)  # left for later
+        self.ops = Ops()
+        rec = self.swept()
+        self.assertEqual(rec.swept, {"compressed": len([p for p in files if p.endswith(".jsonl")])})
+        rec.close(DEADLINE)
+        files = data_files(self.data_dir)
+        self.assertTrue(all(p.endswith(".jsonl.gz") for p in files), files)
+        self.assertEqual([r["n"] for r in reader.iter_records(self.data_dir)], list(range(6)))
 
 
 class RestartTest(RecorderTestCase):

@@ -15,7 +15,7 @@ import unittest
 from unittest import mock
 from contextlib import redirect_stderr, redirect_stdout
 
-from proxy_llm import verify
+from proxy_llm import storage, verify
 from tests import data_factory as df
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -395,6 +395,37 @@ class TestLiveCompression(unittest.TestCase):
         self.assertIn("both X.jsonl and X.jsonl.gz (a crash between compressing and deleting) (1):\n"
                       "    session_live/" + gz, out)
         self.assertNotIn("in progress", out)
+
+    def settle(self, data: str) -> dict:
+        """Start a recorder with compress_rotated on ``data`` and stop it once it has swept."""
+        recorder = storage.Recorder(data, lambda item: [], compress_rotated=True)
+        recorder.start()
+        try:
+            self.assertTrue(recorder.sweep_done.wait(DEADLINE))
+        finally:
+            recorder.close(DEADLINE)
+        return recorder.swept
+
+    def test_the_next_start_settles_what_a_killed_compression_left(self) -> None:
+        # Before, no run ever picked them up: the leftovers stayed, and verify failed for good.
+        # (the second file, open when the process was killed, is compressed too)
+        for steps, outcome in ((1, {"compressed": 2}), (2, {"twin_removed": 1, "compressed": 1})):
+            with self.subTest(killed_at=steps):
+                data, proc = self.start("killed%d" % steps)
+                self.assertEqual(self.step(proc, go_on=False), "1")
+                if steps == 2:
+                    self.assertEqual(self.step(proc), "2")
+                [sealed] = [n for n in self.names(data) if n.endswith(".gz.tmp" if steps == 1 else ".gz")]
+                sealed = sealed[:-len(".gz.tmp")] if steps == 1 else sealed[:-len(".gz")]
+                self.kill(proc)
+                self.assertEqual(run_verify("--data-dir", data)[0], 1)
+                swept = self.settle(data)
+                self.assertEqual(swept, outcome)
+                self.assertIn(sealed + ".gz", self.names(data))
+                self.assertEqual([n for n in self.names(data) if not n.endswith(".jsonl.gz")], [])
+                code, out, _ = run_verify("--data-dir", data)
+                self.assertEqual(code, 0, out)
+                self.assertIn("2 records", out)
 
     def test_a_finished_compression_leaves_nothing_to_report(self) -> None:
         data, proc = self.start("done")
