@@ -339,6 +339,21 @@ def serve(config: Config, worker: int = 0, reuse_port: bool = False, parent_pipe
     return 0
 
 
+def _probe_port(family: int, host: str, port: int) -> int:
+    """Bind ``(host, port)`` as one process serving alone does (``SO_REUSEADDR``, no
+    ``SO_REUSEPORT``) and let go at once; the port, 0 resolved. Raises OSError (address in use)
+    when something listens there: the workers' own ``SO_REUSEPORT`` sockets would otherwise
+    join those of another ``--workers`` proxy of the same user on that port, and the two would
+    share its connections without a word."""
+    probe = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        probe.bind((host, port))
+        return probe.getsockname()[1]
+    finally:
+        probe.close()
+
+
 def serve_workers(config: Config) -> int:
     """Run ``workers`` processes on one port with SO_REUSEPORT (the kernel spreads connections).
 
@@ -352,23 +367,27 @@ def serve_workers(config: Config) -> int:
         log.error("--workers %d needs fork() and SO_REUSEPORT, which this system lacks; use --workers 1",
                   config.workers)
         return 2
+    if config.record:
+        try:  # the key made once, here, so the workers all read the one key
+            prepare_data_dir(config.data_dir)
+        except (OSError, ValueError) as exc:  # said once, as one process says it (build_server)
+            print("proxy_llm: data_dir: cannot use %s: %s" % (config.data_dir, getattr(exc, "strerror", None) or exc),
+                  file=sys.stderr)
+            return 2
     holder = socket.socket(family, socket.SOCK_STREAM)
     holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     try:
+        port = _probe_port(family, host, port)
         holder.bind((host, port))
     except OSError as exc:
+        holder.close()
         log.error("cannot listen on %s: %s", config.listen, exc.strerror or exc)
         return 1
     port = holder.getsockname()[1]
     from dataclasses import replace
 
     config = replace(config, listen="%s:%d" % ("[%s]" % host if ":" in host else host, port))
-    if config.record:
-        try:  # the key made once, here, so the workers all read the one key
-            prepare_data_dir(config.data_dir)
-        except (OSError, ValueError):
-            pass  # each worker says why (build_server)
     gc.freeze()  # what the workers inherit is never walked by their collectors
     children = {}
     pipes = {}  # worker pid -> the end of its pipe the parent writes a byte to per signal

@@ -85,6 +85,29 @@ class CommandLineTest(unittest.TestCase):
         self.assertNotIn("Traceback", out.stderr.decode())
         self.assertIn("cannot listen on 127.0.0.1:%d" % taken.getsockname()[1], out.stderr.decode())
 
+    def test_workers_that_cannot_start_are_one_line_too(self):
+        # A data dir that cannot be used was said by every worker, and the parent exited 1
+        # (after one "exited before shutdown" line per worker), where one process exits 2.
+        tmp = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, tmp, True)
+        blocker = os.path.join(tmp, "file")
+        open(blocker, "w").close()
+        out = run("--data-dir", os.path.join(blocker, "data"), "--listen", "127.0.0.1:0", "--workers", "3")
+        self.assertEqual(out.returncode, 2, out.stderr)
+        self.assertEqual(out.stderr.decode().strip().splitlines(),
+                         ["proxy_llm: data_dir: cannot use %s: Not a directory" % os.path.join(blocker, "data")])
+        # A port another --workers proxy serves on (its sockets have SO_REUSEPORT, as this one's
+        # do): the workers joined its group and the two proxies shared the connections, unsaid.
+        taken = socket.socket()
+        self.addCleanup(taken.close)
+        taken.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        out = run("--data-dir", tmp, "--listen", "127.0.0.1:%d" % taken.getsockname()[1], "--workers", "2")
+        self.assertEqual(out.returncode, 1, out.stderr)
+        self.assertNotIn("Traceback", out.stderr.decode())
+        self.assertIn("cannot listen on 127.0.0.1:%d" % taken.getsockname()[1], out.stderr.decode())
+
     def test_shipped_config_serves_on_a_fresh_machine(self):
         tmp = tempfile.mkdtemp()
         env = {k: v for k, v in os.environ.items() if not k.endswith("_API_KEY")}
