@@ -21,7 +21,7 @@ import sys
 import threading
 import time
 import traceback
-from typing import List, Optional
+from typing import Callable, List, Optional
 
 from . import __version__
 from .config import Config, ConfigError, load, parse_listen
@@ -285,7 +285,8 @@ class _StopView:
         return self.stops.count() >= self.n
 
 
-def serve(config: Config, worker: int = 0, reuse_port: bool = False, parent_pipe: Optional[int] = None) -> int:
+def serve(config: Config, worker: int = 0, reuse_port: bool = False, parent_pipe: Optional[int] = None,
+          on_ready: Optional[Callable[[], None]] = None) -> int:
     stops = _Stops(parent_pipe)
     received = stops.received
     stop = _StopView(stops, 1)
@@ -316,6 +317,8 @@ def serve(config: Config, worker: int = 0, reuse_port: bool = False, parent_pipe
              worker, "on" if server.recorder is not None else "off", config.data_dir)
     thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.5}, name="proxy_llm-accept")
     thread.start()
+    if on_ready is not None:
+        on_ready()
     while not stop.is_set():
         time.sleep(0.1)  # the handler cannot wake an Event (see on_signal)
     server.draining.set()  # (first: once the line says so, a new request is refused)
@@ -354,11 +357,21 @@ def _probe_port(family: int, host: str, port: int) -> int:
         probe.close()
 
 
+def _exit_code(status: int) -> int:
+    """os.waitstatus_to_exitcode (Python 3.9): the exit status, or minus the signal that killed
+    the process (``status >> 8``, the fall-back once used on 3.8, made a kill -9 an exit 0)."""
+    if os.WIFSIGNALED(status):
+        return -os.WTERMSIG(status)
+    return os.WEXITSTATUS(status)
+
+
 def serve_workers(config: Config) -> int:
     """Run ``workers`` processes on one port with SO_REUSEPORT (the kernel spreads connections).
 
     The parent binds the port first (resolving port 0) and holds it without listening, so the
     workers all bind the same port; it forwards SIGTERM/SIGINT to them and exits 0 when all did.
+    A worker that exits before it listens stops the others (exit 1 or 2, as it did); one that
+    exits while serving is replaced (exit 1 at the end).
     """
     host, port = parse_listen(config.listen)
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -389,27 +402,13 @@ def serve_workers(config: Config) -> int:
 
     config = replace(config, listen="%s:%d" % ("[%s]" % host if ":" in host else host, port))
     gc.freeze()  # what the workers inherit is never walked by their collectors
-    children = {}
+    children = {}  # worker pid -> worker number
     pipes = {}  # worker pid -> the end of its pipe the parent writes a byte to per signal
-    for worker in range(config.workers):
-        read_end, write_end = os.pipe()
-        pid = os.fork()
-        if pid == 0:
-            code = 1
-            try:
-                holder.close()
-                os.close(write_end)
-                for fd in pipes.values():  # the other workers' pipes
-                    os.close(fd)
-                os.set_blocking(read_end, False)
-                code = serve(config, worker=worker, reuse_port=reuse_port, parent_pipe=read_end)
-            finally:
-                logging.shutdown()
-                os._exit(code)
-        os.close(read_end)
-        children[pid] = worker
-        pipes[pid] = write_end
+    ready = set()  # the numbers of the workers that said they listen
+    ready_read, ready_write = os.pipe()  # a worker writes its number there once it listens
+    os.set_blocking(ready_read, False)
     stopping = []
+    stop_signals = (signal.SIGTERM, signal.SIGINT)
 
     def forward(signum, frame):
         # Down the pipes, not as signals (see _Stops). (os.write of one byte to a pipe with
@@ -421,8 +420,59 @@ def serve_workers(config: Config) -> int:
             except OSError:
                 pass
 
-    for sig in (signal.SIGTERM, signal.SIGINT):
+    def start(worker: int) -> None:
+        read_end, write_end = os.pipe()
+        # No stop signal between the fork and the worker's pipe in ``pipes``: it would not be
+        # passed on to that worker, and the parent would wait for it for ever.
+        signal.pthread_sigmask(signal.SIG_BLOCK, stop_signals)
+        try:
+            pid = os.fork()
+            if pid == 0:
+                code = 1
+                try:
+                    # Until serve() counts them: the parent passes every stop on down the pipe.
+                    for sig in stop_signals:
+                        signal.signal(sig, signal.SIG_IGN)
+                    signal.pthread_sigmask(signal.SIG_UNBLOCK, stop_signals)
+                    holder.close()
+                    os.close(write_end)
+                    os.close(ready_read)
+                    for fd in pipes.values():  # the other workers' pipes
+                        os.close(fd)
+                    os.set_blocking(read_end, False)
+
+                    def listening():
+                        os.write(ready_write, bytes([worker]))
+                        os.close(ready_write)
+
+                    code = serve(config, worker=worker, reuse_port=reuse_port, parent_pipe=read_end,
+                                 on_ready=listening)
+                except Exception:
+                    traceback.print_exc()
+                finally:
+                    logging.shutdown()
+                    os._exit(code)
+            os.close(read_end)
+            ready.discard(worker)
+            children[pid] = worker
+            pipes[pid] = write_end
+        finally:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, stop_signals)
+
+    def read_ready() -> None:
+        while True:
+            try:
+                data = os.read(ready_read, 256)
+            except BlockingIOError:
+                return
+            if not data:
+                return
+            ready.update(data)
+
+    for sig in stop_signals:
         signal.signal(sig, forward)
+    for worker in range(config.workers):
+        start(worker)
     status = 0
     while children:
         try:
@@ -435,10 +485,23 @@ def serve_workers(config: Config) -> int:
         if worker is None:
             continue
         os.close(pipes.pop(pid))
-        exit_code = os.waitstatus_to_exitcode(code) if hasattr(os, "waitstatus_to_exitcode") else code >> 8
+        exit_code = _exit_code(code)
         if exit_code != 0:
-            status = 1
-        if not stopping:
-            log.error("worker %d exited (%s) before shutdown", worker, exit_code)
+            status = max(status, 1)
+        if stopping:
+            continue
+        read_ready()
+        if worker in ready:
+            # Killed (the OOM killer?) or crashed while serving: what it wrote stays in its
+            # files; a new worker with its number starts new ones.
+            log.error("worker %d exited (%s) before shutdown; starting a new worker %d", worker, exit_code, worker)
+            start(worker)
+        else:
+            # It could not start: neither could another one. Stop the rest and say why.
+            log.error("worker %d exited (%s) before it could serve; stopping the other workers", worker, exit_code)
+            status = exit_code if exit_code in (1, 2) else 1
+            forward(signal.SIGTERM, None)
+    os.close(ready_read)
+    os.close(ready_write)
     holder.close()
     return status

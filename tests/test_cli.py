@@ -11,13 +11,14 @@ import socket
 import subprocess
 import sys
 import tempfile
+import textwrap
 import threading
 import time
 import unittest
 
 from proxy_llm import cli
 from tests.support import (DEADLINE, ROOT, FakeUpstream, ProxyProcess, base_config, provider, read_records, request,
-                           sse_reply)
+                           sse_reply, wait_until)
 
 CHAT = b'{"model":"gpt-4o","stream":true,"messages":[{"role":"user","content":"hi"}]}'
 
@@ -261,6 +262,74 @@ class ServeProcessTest(unittest.TestCase):
             proc.wait_for_line(r"\bstopped\b")
         proc._reader.join(DEADLINE)  # every worker closed its end of the output pipe: all exited
         self.assertFalse(proc._reader.is_alive())
+
+    def test_a_worker_killed_while_serving_is_replaced(self):
+        # The parent said so and served on with one worker fewer for the rest of its run.
+        self.gate.set()
+        proc = self.start(workers=2)
+        pids = set()
+        deadline = time.monotonic() + DEADLINE
+        while len(pids) < 2 and time.monotonic() < deadline:
+            pids.add(json.loads(request(proc.url, method="GET", path="/health", headers={})[2])["pid"])
+        self.assertEqual(len(pids), 2)
+        for _ in range(4):
+            self.assertEqual(request(proc.url, body=CHAT, headers={"X-Session-Id": "kill"})[0], 200)
+        written = {}  # pid -> records written, as its /health says
+
+        def all_written():
+            health = json.loads(request(proc.url, method="GET", path="/health", headers={})[2])
+            written[health["pid"]] = health["records_written"]
+            return len(written) == 2 and sum(written.values()) == 4
+
+        wait_until(all_written, what="the four records written")
+        victim = min(pids)
+        os.kill(victim, signal.SIGKILL)
+        proc.wait_for_line(r"worker [01] exited \(-9\) before shutdown; starting a new worker [01]")
+        wait_until(lambda: sum("listening on" in line for line in proc.output) == 3, what="the new worker")
+        seen = set()
+        deadline = time.monotonic() + DEADLINE
+        while len(seen) < 2 and time.monotonic() < deadline:
+            seen.add(json.loads(request(proc.url, method="GET", path="/health", headers={})[2])["pid"])
+        self.assertEqual(len(seen), 2, "two workers serve again")
+        self.assertNotIn(victim, seen)
+        for _ in range(4):
+            self.assertEqual(request(proc.url, body=CHAT, headers={"X-Session-Id": "kill"})[0], 200)
+        self.assertEqual(proc.stop(), 1, "a worker was lost: not a clean run")
+        proc._reader.join(DEADLINE)  # every worker closed its end of the output pipe: all exited
+        self.assertFalse(proc._reader.is_alive())
+        records = read_records(self.data_dir)  # what the killed worker wrote is intact
+        self.assertEqual([r["ended"] for r in records], ["completed"] * 8)
+        self.assertEqual(len(set(r["id"] for r in records)), 8)
+
+    def test_a_worker_that_cannot_start_stops_the_others(self):
+        # The parent said so and went on with the others: a proxy at part strength that looked
+        # started. (A worker is made to fail by a stand-in for serve().)
+        script = textwrap.dedent("""
+            import sys, time
+            from proxy_llm import cli
+            def serve(config, worker=0, reuse_port=False, parent_pipe=None, on_ready=None):
+                if worker == 1:
+                    return 2
+                if on_ready is not None:
+                    on_ready()
+                stops = cli._Stops(parent_pipe)
+                deadline = time.monotonic() + 10
+                while not stops.count() and time.monotonic() < deadline:
+                    time.sleep(0.01)
+                sys.stderr.write("worker %d told to stop: %s\\n" % (worker, bool(stops.count())))
+                return 0
+            cli.serve = serve
+            sys.exit(cli.serve_workers(cli.load(sys.argv[1], overrides={"workers": 3})))
+        """)
+        cfg = os.path.join(self.tmp, "config.json")
+        with open(cfg, "w") as f:
+            json.dump(base_config([provider("openai", "openai", self.upstream.url, "", ["gpt-*"])], self.data_dir), f)
+        out = subprocess.run([sys.executable, "-c", script, cfg], env=dict(os.environ, PYTHONPATH=ROOT),
+                             stdin=subprocess.DEVNULL, capture_output=True, timeout=DEADLINE)
+        err = out.stderr.decode()
+        self.assertEqual(out.returncode, 2, err)
+        self.assertIn("worker 1 exited (2) before it could serve; stopping the other workers", err)
+        self.assertEqual(err.count("told to stop: True"), 2, err)
 
     def test_stop_counts_a_signal_and_the_parents_byte_as_one(self):
         read_end, write_end = os.pipe()
