@@ -96,6 +96,19 @@ class Reading(_Metric):
         return self.header() + ["%s %s" % (self.name, _num(self.read()))]
 
 
+class Info(_Metric):
+    """One sample of value 1 whose labels say what (fixed when it is made)."""
+
+    kind = "gauge"
+
+    def __init__(self, registry: "Registry", name: str, help: str, labels: Dict[str, str]):
+        super().__init__(registry, name, help, tuple(labels))
+        self.sample = "%s%s 1" % (name, _labels(tuple(labels), tuple(labels.values())))
+
+    def render(self) -> List[str]:
+        return self.header() + [self.sample]
+
+
 class Histogram(_Metric):
     kind = "histogram"
 
@@ -145,6 +158,9 @@ class Registry:
     def counter(self, name: str, help: str, labels: Sequence[str] = ()) -> Counter:
         return self._add(Counter(self, name, help, labels))
 
+    def info(self, name: str, help: str, labels: Dict[str, str]) -> Info:
+        return self._add(Info(self, name, help, labels))
+
     def reading(self, name: str, help: str, read: Callable[[], float], kind: str = "gauge") -> Reading:
         return self._add(Reading(self, name, help, read, kind))
 
@@ -170,8 +186,11 @@ class ProxyMetrics:
 
     def __init__(self, inflight: Callable[[], float], written: Callable[[], float],
                  dropped: Callable[[], float], queue_depth: Callable[[], float], connections: Callable[[], float],
-                 stream_dropped: Callable[[], float] = lambda: 0):
+                 stream_dropped: Callable[[], float] = lambda: 0, worker: int = 0, pid: int = 0):
         r = self.registry = Registry()
+        # Which process answered: with --workers, a scrape of the port reaches one of them.
+        r.info("proxy_llm_worker_info", "The process that answered: worker number and pid.",
+               {"worker": str(worker), "pid": str(pid)})
         self.requests = r.counter("proxy_llm_requests_total", "Exchanges handled, by outcome.",
                                   ("provider", "endpoint", "status_class", "model"))
         self.duration = r.histogram("proxy_llm_request_duration_seconds", "Exchange duration, request start to end.",

@@ -85,6 +85,8 @@ class ProxyServer(ThreadingHTTPServer):
             stream_dropped=lambda: recorder.stream_dropped_total() if recorder else 0,
             queue_depth=lambda: recorder.queue.qsize() if recorder else 0,
             connections=lambda: self.connections,
+            worker=worker,
+            pid=os.getpid(),
         )
         self._stop_watch = threading.Event()  # before the bind: a failed bind calls server_close()
         super().__init__((host, port), handler_class)

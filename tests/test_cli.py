@@ -390,7 +390,13 @@ class ServeProcessTest(unittest.TestCase):
         pids = []
         for conn in conns:  # 16 keep-alive connections, all open at once
             conn.request("GET", "/health")
-            pids.append(json.loads(conn.getresponse().read())["pid"])
+            health = json.loads(conn.getresponse().read())
+            pids.append(health["pid"])
+            # /metrics says which worker answered too (nothing did: counters of two processes,
+            # one per scrape, under one name), the same one as /health on that connection.
+            conn.request("GET", "/metrics")
+            self.assertIn('\nproxy_llm_worker_info{worker="%d",pid="%d"} 1\n' % (health["worker"], health["pid"]),
+                          conn.getresponse().read().decode())
         self.assertEqual(len(set(pids)), 2, "one worker took every connection")
         for _ in range(5):  # and a few more, one at a time
             request(proc.url, method="GET", path="/health", headers={})
