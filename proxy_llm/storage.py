@@ -806,7 +806,9 @@ class Recorder:
 
     def _probe(self) -> None:
         """While degraded and idle, check whether the data dir is writable again."""
-        path = os.path.join(self.data_dir, ".proxy_llm_probe")
+        # Each worker of --workers its own (its file suffix): two degraded workers probing at
+        # once on one name each removed the other's file, and failed on their own unlink.
+        path = os.path.join(self.data_dir, ".proxy_llm_probe" + self.file_suffix)
         try:
             fd = self.ops.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
             try:

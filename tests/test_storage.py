@@ -1180,6 +1180,26 @@ class FaultTest(RecorderTestCase):
         self.assertFalse(rec.degraded)
         self.assertFalse(os.path.exists(os.path.join(self.data_dir, ".proxy_llm_probe")))
 
+    def test_each_worker_probes_its_own_file(self):
+        # Two workers degraded together probed one file, each removing the other's.
+        rec = self.recorder(fsync="interval", fsync_interval=0.02, file_suffix="_w1")
+        blocked = {"on": True}
+
+        def fault(op, path, data):
+            if blocked["on"] and op in ("open", "write"):
+                raise OSError(errno.EROFS, "Read-only file system")
+        self.ops.fault = fault
+        self.put(rec, line("s", 0))
+        self.assertTrue(rec.degraded)
+        blocked["on"] = False
+        deadline = time.monotonic() + DEADLINE
+        while rec.degraded and time.monotonic() < deadline:
+            self.ops.synced.wait(0.05)
+        self.assertFalse(rec.degraded)
+        with self.ops.lock:
+            probed = [os.path.basename(p) for op, p in self.ops.calls if op == "open" and "probe" in p]
+        self.assertEqual(set(probed), {".proxy_llm_probe_w1"})
+
 
 class PermissionsTest(RecorderTestCase):
     def test_files_0600_and_dirs_0700_whatever_the_umask(self):
