@@ -204,8 +204,9 @@ def _store_key(data_dir: str, path: str, key: bytes, replace: bool) -> bool:
             pass
 
 
-def build_server(config: Config, worker: int = 0, reuse_port: bool = False):
-    """Create the recorder and the server (listening, not yet serving)."""
+def build_server(config: Config, worker: int = 0, reuse_port: bool = False, key: Optional[bytes] = None):
+    """Create the recorder and the server (listening, not yet serving). ``key``: the
+    fingerprint key (the workers' parent made it), else it is read or made here."""
     from . import headers
     from .handler import ProxyHandler
     from .record import Encoder, captured_bytes
@@ -217,7 +218,7 @@ def build_server(config: Config, worker: int = 0, reuse_port: bool = False):
     server_box = []
     if config.record:
         try:
-            key = prepare_data_dir(config.data_dir)
+            key = prepare_data_dir(config.data_dir) if key is None else key
         except (OSError, ValueError) as exc:  # a file in the way, no permission, a NUL in the name
             raise ConfigError("data_dir: cannot use %s: %s" % (config.data_dir, getattr(exc, "strerror", None) or exc)) from None
 
@@ -286,7 +287,7 @@ class _StopView:
 
 
 def serve(config: Config, worker: int = 0, reuse_port: bool = False, parent_pipe: Optional[int] = None,
-          on_ready: Optional[Callable[[], None]] = None) -> int:
+          on_ready: Optional[Callable[[], None]] = None, key: Optional[bytes] = None) -> int:
     stops = _Stops(parent_pipe)
     received = stops.received
     stop = _StopView(stops, 1)
@@ -299,7 +300,7 @@ def serve(config: Config, worker: int = 0, reuse_port: bool = False, parent_pipe
         received.append(signum)
 
     try:
-        server = build_server(config, worker, reuse_port)
+        server = build_server(config, worker, reuse_port, key)
     except ConfigError as exc:
         print("proxy_llm: %s" % exc, file=sys.stderr)
         return 2
@@ -380,9 +381,10 @@ def serve_workers(config: Config) -> int:
         log.error("--workers %d needs fork() and SO_REUSEPORT, which this system lacks; use --workers 1",
                   config.workers)
         return 2
+    key = None
     if config.record:
-        try:  # the key made once, here, so the workers all read the one key
-            prepare_data_dir(config.data_dir)
+        try:  # the key made once, here, and handed to every worker: one key for all
+            key = prepare_data_dir(config.data_dir)
         except (OSError, ValueError) as exc:  # said once, as one process says it (build_server)
             print("proxy_llm: data_dir: cannot use %s: %s" % (config.data_dir, getattr(exc, "strerror", None) or exc),
                   file=sys.stderr)
@@ -446,7 +448,7 @@ def serve_workers(config: Config) -> int:
                         os.close(ready_write)
 
                     code = serve(config, worker=worker, reuse_port=reuse_port, parent_pipe=read_end,
-                                 on_ready=listening)
+                                 on_ready=listening, key=key)
                 except Exception:
                     traceback.print_exc()
                 finally:

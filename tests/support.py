@@ -287,7 +287,7 @@ class ProxyProcess:
     """``python -m proxy_llm`` as a real subprocess; stderr is collected for inspection."""
 
     def __init__(self, config: Dict[str, Any], args: Sequence[str] = (), env: Optional[Dict[str, str]] = None,
-                 python: str = sys.executable, workers: int = 1):
+                 python: str = sys.executable, workers: int = 1, launcher: Sequence[str] = ("-m", "proxy_llm")):
         self.tmp = tempfile.mkdtemp(prefix="proxy_llm_proc_")
         self.config_path = os.path.join(self.tmp, "config.json")
         with open(self.config_path, "w") as f:
@@ -296,7 +296,7 @@ class ProxyProcess:
         full_env = dict(os.environ)
         full_env.update(env or {})
         full_env["PYTHONPATH"] = ROOT + os.pathsep + full_env.get("PYTHONPATH", "")
-        cmd = [python, "-m", "proxy_llm", "--config", self.config_path] + list(args)
+        cmd = [python] + list(launcher) + ["--config", self.config_path] + list(args)
         # Its own process group: a failed test kills the workers of --workers too, not only the
         # parent (orphaned workers would hold the output pipe and the port).
         self.proc = subprocess.Popen(cmd, cwd=self.tmp, env=full_env, stdin=subprocess.DEVNULL,

@@ -307,7 +307,7 @@ class ServeProcessTest(unittest.TestCase):
         script = textwrap.dedent("""
             import sys, time
             from proxy_llm import cli
-            def serve(config, worker=0, reuse_port=False, parent_pipe=None, on_ready=None):
+            def serve(config, worker=0, reuse_port=False, parent_pipe=None, on_ready=None, **_):
                 if worker == 1:
                     return 2
                 if on_ready is not None:
@@ -330,6 +330,36 @@ class ServeProcessTest(unittest.TestCase):
         self.assertEqual(out.returncode, 2, err)
         self.assertIn("worker 1 exited (2) before it could serve; stopping the other workers", err)
         self.assertEqual(err.count("told to stop: True"), 2, err)
+
+    def test_workers_share_one_key_even_when_it_cannot_be_stored(self):
+        # The parent's key was thrown away: when the data dir could not store it (a full disk)
+        # each worker made its own, and one client's credential had a fingerprint per worker.
+        self.gate.set()
+        script = textwrap.dedent("""
+            import errno, sys
+            from proxy_llm import cli
+            def full(*args, **kwargs):
+                raise OSError(errno.ENOSPC, "No space left on device")
+            cli._store_key = full
+            sys.exit(cli.main(sys.argv[1:]))
+        """)
+        cfg = base_config([provider("openai", "openai", self.upstream.url, "", ["gpt-*"])], self.data_dir)
+        proc = ProxyProcess(cfg, args=["--workers", "2", "--log-level", "INFO"], workers=2, launcher=("-c", script))
+        self.addCleanup(proc.cleanup)
+        workers = set()  # that recorded a request (asked on its connection)
+        deadline = time.monotonic() + DEADLINE
+        while len(workers) < 2 and time.monotonic() < deadline:
+            conn = http.client.HTTPConnection("127.0.0.1", proc.port, timeout=DEADLINE)
+            conn.request("GET", "/health")
+            workers.add(json.loads(conn.getresponse().read())["worker"])
+            conn.request("POST", "/v1/chat/completions", body=CHAT, headers={"Authorization": "Bearer sk-client-0123456789"})
+            self.assertEqual(conn.getresponse().read()[-14:], b"data: [DONE]\n\n")
+            conn.close()
+        self.assertEqual(workers, {0, 1})
+        self.assertEqual(proc.stop(), 0)
+        self.assertEqual(proc.log_text().count("cannot store the fingerprint key"), 1, "said once, by the parent")
+        records = read_records(self.data_dir)
+        self.assertEqual(len(set(r["request_headers"]["authorization"] for r in records)), 1)
 
     def test_stop_counts_a_signal_and_the_parents_byte_as_one(self):
         read_end, write_end = os.pipe()
