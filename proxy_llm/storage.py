@@ -51,6 +51,7 @@ import re
 import threading
 import time
 import zlib
+from collections import OrderedDict
 from typing import Callable, Dict, Iterable, List, Optional, Tuple
 
 try:
@@ -67,7 +68,13 @@ STREAMS = "streams"
 Encoder = Callable[[object], List[Tuple[str, str, bytes]]]
 
 _STOP = object()
-MAX_OPEN_FILES = 128
+MAX_OPEN_FILES = 128   # record and streams files kept open at most (the least recently written closed first)
+# Files remembered at most, open or closed: a session that comes back appends to its file.
+# Past it the least recently written one is forgotten (closed if open) and that session, if it
+# comes back, starts a new file, as after a rotation. A proxy in front of agents sees a new
+# session id for every task; remembering all of them made the table, and the writer's walks
+# over it (every sync, every file opened), grow for as long as the proxy ran.
+MAX_KNOWN_FILES = 4096
 BATCH_MAX = 512
 GATHER_WINDOW = 0.002  # seconds the writer waits after a lone record for others to join it
 GATHER_BELOW = 16      # ...unless this many are queued already
@@ -334,7 +341,10 @@ class Recorder:
         self.catch_up_below = min(CATCH_UP_BELOW, self.assist_above) if self.assist_above else CATCH_UP_BELOW
         # The lock guards every append, rotation and close, and the files table.
         self.lock = threading.Lock()
-        self._files: Dict[Tuple[str, str], _File] = {}
+        # Every file remembered (at most MAX_KNOWN_FILES), and those of them open (at most
+        # MAX_OPEN_FILES), each in the order of last use: the first is the least recently written.
+        self._files: "OrderedDict[Tuple[str, str], _File]" = OrderedDict()
+        self._open: "OrderedDict[Tuple[str, str], _File]" = OrderedDict()
         self._stats_lock = threading.Lock()  # protects written, dropped, degraded
         self.written = 0
         self.dropped: Dict[str, int] = {}
@@ -573,7 +583,8 @@ class Recorder:
                 try:
                     self.ops.ftruncate(f.fd, before)
                 except OSError:
-                    self._forget(f)
+                    self._forget(key)
+                self._open.pop(key, None)
                 self._close_file(f, sync=False)
                 raise
             f.size += size
@@ -615,22 +626,26 @@ class Recorder:
             too_big = f.size > 0 and f.size + incoming > self.max_file_size
             new_day = self.rotate_daily and f.day != day
             if too_big or new_day:
-                self._seal(f)
+                self._seal(key, f)
                 f = None
             elif f.replaced():  # open or closed, one stat per file per batch
                 log.warning("a record file was removed or renamed; a new one is started")
+                self._forget(key)
                 self._close_file(f, sync=False)  # (nothing to do for a closed one)
-                self._forget(f)
                 f = None
             elif f.fd is None:
                 if self._reopen(f):
-                    self._limit_open(key)
+                    self._files.move_to_end(key)
+                    self._open[key] = f
+                    self._limit_open()
                     return f
                 log.warning("a record file closed for the open-files limit was compressed by another process "
                             "sharing the data dir; a new one is started")
-                self._forget(f)
+                self._forget(key)
                 f = None
             else:
+                self._files.move_to_end(key)
+                self._open.move_to_end(key)
                 return f
         kind, sid = key
         if kind == RECORDS:
@@ -645,8 +660,8 @@ class Recorder:
             _fsync_dir(os.path.dirname(directory), self.ops)
             self._next_name.pop(key, None)  # (a new directory: its names start again)
         fd, path = self._create(key, directory, stem)
-        f = self._files[key] = _File(path, fd, day)
-        self._limit_open(key)
+        f = self._files[key] = self._open[key] = _File(path, fd, day)
+        self._limit_open()
         return f
 
     def _reopen(self, f: _File) -> bool:
@@ -698,6 +713,8 @@ class Recorder:
             if not _hold(fd, path):  # (another process's compressor took it, empty, before the lock)
                 self.ops.close(fd)
                 continue
+            if len(self._next_name) >= MAX_KNOWN_FILES and key not in self._next_name:
+                self._next_name.clear()  # (bounded: a key forgotten costs _first_free's few stats)
             self._next_name[key] = (stem, n)
             # Its directory is synced with the next sync (_settle), and the file, written at
             # once, with its lines: syncing it empty here cost a journal commit per rotation.
@@ -732,12 +749,17 @@ class Recorder:
                 high = middle
         return high
 
-    def _limit_open(self, keep: Tuple[str, str]) -> None:
-        open_files = [(k, f) for k, f in self._files.items() if f.fd is not None]
-        if len(open_files) <= MAX_OPEN_FILES:
-            return
-        for k, f in open_files[: len(open_files) - MAX_OPEN_FILES]:
-            if k != keep:
+    def _limit_open(self) -> None:
+        """After a file was opened (it is the last in both tables): close the least recently
+        written past MAX_OPEN_FILES, and forget the least recently written past MAX_KNOWN_FILES.
+        It walked every file remembered, open or not, each time a file was opened."""
+        opened = self._open
+        while len(opened) > MAX_OPEN_FILES:
+            self._close_file(opened.popitem(last=False)[1], sync=True)
+        files = self._files
+        while len(files) > MAX_KNOWN_FILES:
+            key, f = files.popitem(last=False)
+            if opened.pop(key, None) is not None:
                 self._close_file(f, sync=True)
 
     def _close_file(self, f: _File, sync: bool) -> None:
@@ -756,12 +778,11 @@ class Recorder:
                 pass
             f.fd = None
 
-    def _forget(self, f: _File) -> None:
-        for key, value in list(self._files.items()):
-            if value is f:
-                del self._files[key]
+    def _forget(self, key: Tuple[str, str]) -> None:
+        self._files.pop(key, None)
+        self._open.pop(key, None)
 
-    def _seal(self, f: _File) -> None:
+    def _seal(self, key: Tuple[str, str], f: _File) -> None:
         """Rotation: a full (or yesterday's) file takes no more lines. It is synced, closed and
         (``compress_rotated``) queued for compression with the next sync (:meth:`_settle`).
 
@@ -771,7 +792,7 @@ class Recorder:
         small records), that was most of the writer's time. Now a sync settles every rotation
         since the last one together: the first fsync commits, the others find little to do.
         """
-        self._forget(f)
+        self._forget(key)
         self._sealed.append(f)
         if self._unsynced_since is None:
             self._unsynced_since = self.monotonic()
@@ -779,7 +800,7 @@ class Recorder:
             self._settle()
 
     def _sync_dirty(self) -> None:
-        for f in self._files.values():
+        for f in self._open.values():  # (a closed file was synced when it was closed)
             if f.dirty and f.fd is not None:
                 try:
                     self.ops.fsync(f.fd)
@@ -968,6 +989,7 @@ class Recorder:
             self._settle()
             for f in self._files.values():
                 self._close_file(f, sync=True)
+            self._open.clear()
             dirs = set(os.path.dirname(f.path) for f in self._files.values())
         for d in dirs:
             _fsync_dir(d, self.ops)

@@ -841,6 +841,50 @@ class SweepTest(RecorderTestCase):
         self.assertEqual([r["n"] for r in reader.iter_records(self.data_dir)], list(range(6)))
 
 
+class ManySessionsTest(RecorderTestCase):
+    """A proxy in front of agents sees a new session id for every task, for weeks: what the
+    writer keeps per session must stay bounded, and its descriptors within MAX_OPEN_FILES."""
+
+    def open_data_fds(self) -> int:
+        n = 0
+        for fd in os.listdir("/proc/self/fd"):
+            try:
+                if os.readlink("/proc/self/fd/" + fd).startswith(self.data_dir):
+                    n += 1
+            except OSError:  # (the descriptor listdir itself used)
+                pass
+        return n
+
+    @unittest.skipUnless(os.path.isdir("/proc/self/fd"), "counts descriptors in /proc")
+    def test_sessions_remembered_and_files_open_are_bounded_the_least_recent_go_first(self):
+        known, opened = 16, 4
+        patch = unittest.mock.patch.multiple(storage, create=True, MAX_KNOWN_FILES=known, MAX_OPEN_FILES=opened)
+        patch.start()
+        self.addCleanup(patch.stop)
+        rec = self.recorder()
+        for n in range(200):  # a new session for every record, and one that keeps coming back
+            self.put(rec, [line("s%d" % n, n), line("s%d" % n, n, kind=STREAMS)])
+            self.put(rec, line("hot", n))
+            self.assertLessEqual(len(rec._files), known)
+            self.assertLessEqual(len(rec._next_name), known)
+            self.assertLessEqual(self.open_data_fds(), opened)
+        # The session written all along kept its one file, open all along (least recently
+        # written is closed and forgotten first, not first created).
+        hot = [p for p in data_files(self.data_dir) if "session_hot" in p]
+        self.assertEqual(len(hot), 1, hot)
+        self.assertEqual(len(lines_of(hot[0])), 200)
+        self.assertEqual(self.ops.ops_on(hot[0]).count("open"), 1)
+        # A session forgotten and back starts a new file; one still remembered appends to its own.
+        self.put(rec, line("s0", 1000))
+        self.put(rec, line("s199", 1000))
+        self.assertEqual(len([p for p in data_files(self.data_dir) if "session_s0_" in p and "streams" not in p]), 2)
+        self.assertEqual(len([p for p in data_files(self.data_dir) if "session_s199_" in p and "streams" not in p]), 1)
+        rec.close(DEADLINE)
+        self.assertEqual(self.open_data_fds(), 0)
+        self.assertEqual(rec.written_total(), 402)
+        self.assertEqual(sum(len(lines_of(p)) for p in data_files(self.data_dir)), 602)
+
+
 class RestartTest(RecorderTestCase):
     def test_a_new_start_never_appends_to_an_old_file(self):
         fixed = time.time()
