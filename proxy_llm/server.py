@@ -7,7 +7,8 @@ client that went away gets its upstream connection closed then, instead of at th
 and so does an exchange whose upstream is silent for longer than its time limit
 (``response_header_timeout`` before the response head, ``stream_idle_timeout`` between reads of
 the body, ``total_timeout``). It also lets go of client connections past their limits
-(``client_header_timeout``, ``client_idle_timeout``; see ``handler.ClientClock``). Sockets
+(``client_header_timeout``, ``client_idle_timeout``; see ``handler.ClientClock``), and of the
+idle upstream connections the upstream closed (``UpstreamPool.prune``). Sockets
 block, on both sides: a socket timeout would cost a ``poll`` and a GIL hand-off per send and
 receive (see ``upstream.connect``), so the limits are kept here, to within ``WATCH_INTERVAL``.
 """
@@ -260,6 +261,8 @@ class ProxyServer(ThreadingHTTPServer):
                     ex.client_gone = True
                     self.cut_upstream(ex)
         self._check_total_timeout([ex for ex, _ in watched])
+        for pool in self.pools.values():
+            pool.prune()
 
     def _check_total_timeout(self, exchanges) -> None:
         limit = self.config.total_timeout

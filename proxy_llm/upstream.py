@@ -453,6 +453,24 @@ class UpstreamPool:
         except OSError:
             pass
 
+    def prune(self) -> int:
+        """Close the idle connections the upstream closed (or sent stray bytes on); the
+        watchdog's, every pass. Upstreams close idle keep-alive connections after a while: each
+        such socket was kept, its descriptor held, until the provider's next request came to
+        take it, which for a provider used once a day was up to ``max_idle`` descriptors all
+        day. One ``poll`` for all of them; returns how many were closed."""
+        with self._lock:
+            if not self._idle:
+                return 0
+            dead = set(_ready([conn.sock for conn, _ in self._idle]))
+            if not dead:
+                return 0
+            gone = [item for item in self._idle if item[0].sock in dead]
+            self._idle = deque([item for item in self._idle if item[0].sock not in dead])
+        for conn, _ in gone:
+            self.discard(conn)
+        return len(gone)
+
     def close(self) -> None:
         with self._lock:
             self._closed = True
@@ -492,6 +510,27 @@ def _readable(sock: socket.socket) -> bool:
         return bool(select.select([sock], [], [], 0)[0])
     except (OSError, ValueError):
         return True
+
+
+def _ready(socks: List[socket.socket]) -> List[socket.socket]:
+    """Those of idle sockets ``socks`` that have something to read (see :func:`_readable`), or
+    no descriptor any more."""
+    ready = []
+    try:
+        if hasattr(select, "poll"):
+            poller = select.poll()
+            by_fd = {}
+            for sock in socks:
+                fd = sock.fileno()
+                if fd < 0:
+                    ready.append(sock)
+                    continue
+                by_fd[fd] = sock
+                poller.register(fd, select.POLLIN | select.POLLERR | select.POLLHUP)
+            return ready + [by_fd[fd] for fd, _ in poller.poll(0)]
+        return ready + select.select([s for s in socks if s.fileno() >= 0], [], [], 0)[0]
+    except (OSError, ValueError):
+        return ready
 
 
 def abort(sock: Optional[socket.socket]) -> None:

@@ -238,6 +238,13 @@ def _json_answer(body: bytes) -> bytes:
     return b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
 
 
+def _close_wait(port: int) -> int:
+    """Sockets on this host in CLOSE_WAIT (the peer closed, this end not yet) to 127.0.0.1:port."""
+    with open("/proc/net/tcp") as f:
+        rows = [line.split() for line in f.readlines()[1:]]
+    return sum(1 for row in rows if row[2] == "0100007F:%04X" % port and row[3] == "08")
+
+
 class PooledConnectionTest(FaultTestCase):
     def start_raw(self, script):
         raw = RawUpstream(self, script)
@@ -281,6 +288,47 @@ class PooledConnectionTest(FaultTestCase):
         later.set()  # the surplus comes once the answer was read: into the pooled socket
         wait_until(lambda: upstream._readable(pooled.sock), what="the surplus in the pooled socket")
         self.assertEqual(request(proxy.url, body=PLAIN_BODY)[2], b'{"n":2}')
+
+
+    @unittest.skipUnless(os.path.isdir("/proc/self/fd"), "counts descriptors in /proc")
+    def test_idle_connections_the_upstream_closed_are_let_go_of_by_the_watchdog(self):
+        # Each was kept, its descriptor held, until the provider's next request came to take
+        # it: up to max_idle descriptors per provider for as long as none came.
+        n = 6
+        hold, gone = threading.Event(), threading.Event()
+        self.addCleanup(gone.set)
+        self.addCleanup(hold.set)
+
+        def script(conn, k):
+            # The last connection stays open; the others close once the test says so.
+            return [hold, _json_answer(b'{"n":1}')] + ([] if conn == n - 1 else [gone, "close"])
+
+        raw, proxy = self.start_raw(script)
+        proxy.server._stop_watch.set()  # its passes are this test's: watch_once() below
+        proxy.server._watchdog.join(DEADLINE)
+        clients = [threading.Thread(target=request, args=(proxy.url,), kwargs={"body": PLAIN_BODY}) for _ in range(n)]
+        for t in clients:
+            t.start()
+        wait_until(lambda: raw.requests.qsize() == n, what="every request at the upstream")
+        hold.set()
+        for t in clients:
+            t.join(DEADLINE)
+        self.assertTrue(proxy.server.wait_idle(DEADLINE))
+        pool = proxy.server.pools["openai"]
+        pooled = [conn for conn, _ in pool._idle]
+        self.assertEqual(len(pooled), n)
+        gone.set()
+        wait_until(lambda: sum(upstream._readable(c.sock) for c in pooled) == n - 1, what="the upstream's closes")
+        port = int(raw.url.rsplit(":", 1)[1])
+        self.assertEqual(_close_wait(port), n - 1)  # the proxy's ends of them, still open
+        live = [c for c in pooled if not upstream._readable(c.sock)]
+        proxy.server.watch_once()
+        self.assertEqual([conn for conn, _ in pool._idle], live)  # the live one stays
+        self.assertEqual(sum(c.sock is None for c in pooled), n - 1)
+        self.assertEqual(_close_wait(port), 0)
+        status, _, body = request(proxy.url, body=PLAIN_BODY)  # and serves the next request
+        self.assertEqual((status, body), (200, b'{"n":1}'))
+        self.assertEqual([raw.requests.get_nowait()[0] for _ in range(n + 1)][-1], n - 1)
 
 
 class UnreadableHeadTest(FaultTestCase):
