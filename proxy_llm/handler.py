@@ -500,9 +500,9 @@ class ProxyHandler(BaseHTTPRequestHandler):
                 if glob is not None:
                     hit = (p, glob)
                     break
-            if len(routes) >= 4096:  # models are few; a client inventing them only resets this
-                routes.clear()
-            routes[ex.model] = hit
+            # Models are few; a client inventing them only resets this (a Memo: bounded in
+            # entries and in characters, so a megabyte-long model name is not kept 4,096 times).
+            routes.remember(ex.model, hit, len(ex.model) if ex.model else 0)
         if hit is not _NO_MATCH:
             ex.provider, ex.model_label = hit
         else:

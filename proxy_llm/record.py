@@ -52,7 +52,8 @@ _CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
 _PAIRS = [a + b for a in _CROCKFORD for b in _CROCKFORD]  # 10 bits -> two digits
 _SHIFTS = range(120, -1, -10)
 MAX_DECODED = 256 * 1024 * 1024
-MEMO_SIZE = 4096  # entries in each of the encoder's memos before it starts again
+MEMO_SIZE = 4096  # entries in each of the encoder's memos before it starts again...
+MEMO_CHARS = 1 << 22  # ...or characters in its keys and values (4 Mi), roughly counted: see Memo
 # A body nested deeper than this goes into the record as its text (a JSON string), not as JSON:
 # DuckDB refuses a line nested 128 levels deep, pandas one of 1,024, Python's json module one
 # at its recursion limit, and a refused line is a lost record for whoever loads the file.
@@ -60,13 +61,32 @@ MAX_NESTING = 100
 _HEAD_START = b'{"schema_version":%d,"id":' % SCHEMA_VERSION
 
 
-def _remember(memo: Dict[Any, Any], key: Any, value: Any) -> Any:
-    """Store ``value`` in a bounded memo and return it; a full memo starts again (a client
-    inventing keys or session ids only resets it). Called on a miss only: a hit is one get."""
-    if len(memo) >= MEMO_SIZE:
-        memo.clear()
-    memo[key] = value
-    return value
+class Memo(dict):
+    """A dict bounded in entries (``MEMO_SIZE``) and in the characters of its keys and values
+    (``MEMO_CHARS``): full, it starts again (a client inventing keys or session ids only resets
+    it). A bound on entries alone let 4,096 entries of any size stay: a client sending a
+    different megabyte-long model name (or session id, or key) with each request made the
+    memos of its record heads, session files and routes hold 4 MB per request, gigabytes
+    before the first reset. A hit is one ``get``, as on a dict; :meth:`remember` is called on a
+    miss only."""
+
+    __slots__ = ("chars",)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.chars = 0
+
+    def remember(self, key: Any, value: Any, chars: int) -> Any:
+        """Store ``value`` under ``key`` (the two holding about ``chars`` characters) and return
+        it; one larger than the whole bound is not stored."""
+        if chars > MEMO_CHARS:
+            return value
+        if len(self) >= MEMO_SIZE or self.chars + chars > MEMO_CHARS:
+            self.clear()
+            self.chars = 0
+        self.chars += chars
+        self[key] = value
+        return value
 
 
 def new_id(now: Optional[float] = None) -> str:
@@ -416,7 +436,7 @@ def _cut_chunks(chunks: List[Tuple[float, bytes]], pairs: Sequence[Tuple[bytes, 
 
 
 def headers_dict(headers: Iterable[Tuple[str, str]], key: bytes, secrets: Optional[List[str]] = None,
-                 memo: Optional[Dict[Any, Tuple[str, List[str]]]] = None) -> Dict[str, str]:
+                 memo: Optional[Memo] = None) -> Dict[str, str]:
     """Lower-case names -> values (repeats joined with ", "), credentials redacted.
 
     The credential values found (:func:`wire.header_secrets`: a Basic credential's password
@@ -437,8 +457,8 @@ def headers_dict(headers: Iterable[Tuple[str, str]], key: bytes, secrets: Option
                 known = memo.get(mkey) if memo is not None else None
                 if known is None:
                     known = (wire.redact_header(lname, value, key), wire.header_secrets(lname, value) if value else [])
-                    if memo is not None:
-                        _remember(memo, mkey, known)
+                    if memo is not None:  # (the secrets are parts of the value)
+                        memo.remember(mkey, known, 2 * len(value) + len(known[0]))
                 secrets += known[1]
                 value = known[0]
         out[lname] = out[lname] + ", " + value if lname in out else value
@@ -461,11 +481,11 @@ class Encoder:
         self.on_result = on_result  # callback(exchange, ended, tokens_used or None): token metrics
         self.session_headers = ((self.session_header, "header"), ("x-claude-code-session-id", "claude_code"),
                                 ("session_id", "codex"), ("session-id", "codex"))
-        self.file_ids: Dict[str, str] = {}  # session id -> session_file_id(): the same few recur
-        self.credentials: Dict[Any, Tuple[str, List[str]]] = {}  # header value -> (redacted, secrets)
-        self.header_forms: Dict[Tuple[str, ...], str] = {}  # header names -> their JSON object, %s per value
-        self.heads: Dict[Tuple[Any, ...], bytes] = {}  # see encode(): fields session_id ... stream as JSON
-        self.scrub_memo: Dict[str, Tuple[bytes, bytes, int]] = {}  # secret -> its scrub triple
+        self.file_ids = Memo()  # session id -> session_file_id(): the same few recur
+        self.credentials = Memo()  # header value -> (redacted, secrets)
+        self.header_forms = Memo()  # header names -> their JSON object, %s per value
+        self.heads = Memo()  # see encode(): fields session_id ... stream as JSON
+        self.scrub_memo = Memo()  # secret -> its scrub triple
 
     def headers_json(self, headers: Dict[str, str]) -> bytes:
         """``headers`` (from :func:`headers_dict`) as a JSON object.
@@ -478,8 +498,8 @@ class Encoder:
         names = tuple(headers)
         form = self.header_forms.get(names)
         if form is None:
-            form = _remember(self.header_forms, names, "{%s}" % ",".join(
-                [_encode_text(name).replace("%", "%%") + ":%s" for name in names]))
+            form = "{%s}" % ",".join([_encode_text(name).replace("%", "%%") + ":%s" for name in names])
+            self.header_forms.remember(names, form, 2 * len(form))
         try:
             return (form % tuple(map(_quote, headers.values()))).encode("utf-8")
         except (UnicodeEncodeError, TypeError):  # a lone surrogate (written escaped), a value not a str
@@ -497,14 +517,15 @@ class Encoder:
         """:func:`session_file_id`, remembered (it is a regex match, or a hash, per record)."""
         sid = self.file_ids.get(session_id)
         if sid is None:
-            sid = _remember(self.file_ids, session_id, session_file_id(session_id))
+            sid = self.file_ids.remember(session_id, session_file_id(session_id), len(session_id) + 64)
         return sid
 
     def scrub_pair(self, secret: str) -> Tuple[bytes, bytes, int]:
         """``wire.scrub_pairs([secret], key)[0]``, remembered."""
         pair = self.scrub_memo.get(secret)
         if pair is None:
-            pair = _remember(self.scrub_memo, secret, wire.scrub_pairs([secret], self.key)[0])
+            pair = wire.scrub_pairs([secret], self.key)[0]
+            self.scrub_memo.remember(secret, pair, len(secret) + len(pair[0]) + len(pair[1]))
         return pair
 
     @staticmethod
@@ -634,7 +655,7 @@ class Encoder:
                     ex.query, ex.model, stream)
         head = self.heads.get(head_key)
         if head is None:
-            head = _remember(self.heads, head_key, _dumps({
+            head = _dumps({
                 "session_id": session_id,
                 "session_source": session_source,
                 "provider": provider,
@@ -645,7 +666,8 @@ class Encoder:
                 "query": wire.redact_query(ex.query, key),
                 "model": ex.model,
                 "stream": stream,
-            })[1:-1])
+            })[1:-1]
+            self.heads.remember(head_key, head, 2 * len(head))  # (the key's strings are in the head)
         timestamp = rfc3339(ex.wall_start)
         rec: Dict[str, Any] = {
             "status_code": ex.status,

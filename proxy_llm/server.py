@@ -29,6 +29,7 @@ from typing import Dict, List, Optional, Set
 from . import __version__
 from .config import Config
 from .metrics import ProxyMetrics
+from .record import Memo
 from .storage import Recorder
 from .upstream import UpstreamPool, abort
 
@@ -96,7 +97,7 @@ class ProxyServer(ThreadingHTTPServer):
         # serving another exchange, is never cut by mistake.
         self.conn_lock = threading.Lock()
         self.clients: Set[object] = set()  # the ClientClock of each connection (under conn_lock)
-        self.model_routes: dict = {}  # model -> (provider, glob) or no match: the glob walk once per model
+        self.model_routes = Memo()  # model -> (provider, glob) or no match: the glob walk once per model
         self.provider_keys: List[str] = [p.api_key for p in config.providers if p.api_key]  # kept out of log lines
         self._watchdog = threading.Thread(target=self._watch, name="proxy_llm-watchdog", daemon=True)
         self._watchdog.start()

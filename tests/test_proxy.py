@@ -13,6 +13,7 @@ import threading
 import unittest
 from unittest import mock
 
+from proxy_llm import record
 from tests import support
 from tests.support import (chunk_event, DEADLINE, FakeUpstream, Reply, header, json_reply, provider, read_records, read_to_eof,
                            request, sse_reply)
@@ -380,6 +381,24 @@ class KeepAliveAfterEarlyAnswersTest(ProxyTestCase):
 
 
 class RoutingTest(ProxyTestCase):
+    def test_routes_remembered_are_bounded_in_characters(self):
+        # model_routes was bounded in entries only (4,096): a client sending another long model
+        # name with each request made it keep every one of them.
+        patch = mock.patch.object(record, "MEMO_CHARS", 1 << 20, create=True)
+        patch.start()
+        self.addCleanup(patch.stop)
+        proxy = self.start_proxy(record=False)
+        conn = http.client.HTTPConnection("127.0.0.1", proxy.port, timeout=DEADLINE)
+        self.addCleanup(conn.close)
+        for n in range(40):
+            for model in ("gpt-%02d-" % n + "m" * 100000, "gpt-4o"):
+                conn.request("POST", "/v1/chat/completions", body=json.dumps({"model": model}),
+                             headers={"Content-Type": "application/json"})
+                self.assertEqual(conn.getresponse().read(), CHAT_REPLY)
+                self.assertEqual(self.upstream.next_request().json()["model"], model)  # routed by its glob
+            self.assertLessEqual(sum(len(model) for model in proxy.server.model_routes), 1 << 20)
+        self.assertIn("gpt-4o", proxy.server.model_routes)  # a short name is still remembered
+
     def test_models_route_by_glob_in_order_then_by_path_family(self):
         other = FakeUpstream().start()
         self.addCleanup(other.stop)

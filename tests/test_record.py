@@ -39,6 +39,17 @@ def encode(ex, **kw):
     return [json.loads(line) for _, _, line in lines], lines
 
 
+def _chars(obj) -> int:
+    """The characters (or bytes) of every string in ``obj``: a memo, its keys and values."""
+    if isinstance(obj, (str, bytes)):
+        return len(obj)
+    if isinstance(obj, dict):
+        return sum(_chars(k) + _chars(v) for k, v in obj.items())
+    if isinstance(obj, (tuple, list)):
+        return sum(_chars(x) for x in obj)
+    return 0
+
+
 class EncoderTest(unittest.TestCase):
     def test_fields_are_all_documented(self):
         [rec], _ = encode(exchange())
@@ -542,6 +553,31 @@ class EncoderTest(unittest.TestCase):
             self.assertLessEqual(len(encoder.credentials), record.MEMO_SIZE)
             self.assertLessEqual(len(encoder.scrub_memo), record.MEMO_SIZE)
         self.assertTrue(encoder.credentials and encoder.scrub_memo)
+
+    def test_memos_are_bounded_in_characters_too(self):
+        # Bounded in entries only, 4,096 entries of any size stayed: a client sending another
+        # long model name (the session, when no header names one) or key with each request
+        # made the memos hold each of them, about 4 MB a request for a megabyte-long name.
+        patch = mock.patch.object(record, "MEMO_CHARS", 1 << 20, create=True)
+        patch.start()
+        self.addCleanup(patch.stop)
+        encoder = Encoder(KEY, "X-Session-Id", 1 << 20)
+        memos = ("file_ids", "credentials", "header_forms", "heads", "scrub_memo")
+        for n in range(120):
+            model = "gpt-%03d-" % n + "m" * 65536
+            key = "sk-%03d-" % n + "k" * 65536
+            [(_, file_id, line)] = encoder.encode(exchange(body=json.dumps({"model": model}).encode(),
+                                                           headers=[("Authorization", "Bearer " + key),
+                                                                    ("X-Long-%d-" % n + "h" * 65536, "v")]))
+            self.assertEqual(file_id, session_file_id(model))
+            rec = json.loads(line)
+            self.assertEqual((rec["model"], rec["session_id"]), (model, model))
+            self.assertNotIn(key.encode(), line)
+            for name in memos:
+                self.assertLessEqual(_chars(getattr(encoder, name)), 2 << 20, name)
+        # Short keys are still remembered.
+        encoder.encode(exchange(headers=[("X-Session-Id", "short")]))
+        self.assertIn("short", encoder.file_ids)
 
     def test_session_sources_in_order(self):
         cases = [
