@@ -482,6 +482,10 @@ class Recorder:
                     with self.lock:
                         self._sync_dirty()
                     item.event.set()
+            # Nothing of this batch is kept while the writer waits for the next: these names
+            # held the last batch's exchanges, their captured bodies (up to queue_max_bytes),
+            # until another record came, which for a proxy left idle after a burst is hours.
+            first = batch = markers = item = None
 
     def _idle(self) -> None:
         with self.lock:

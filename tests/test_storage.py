@@ -7,6 +7,7 @@ File-system calls are counted (and faults injected) at the recorder's one bounda
 from __future__ import annotations
 
 import errno
+import gc
 import gzip
 import json
 import logging
@@ -20,10 +21,12 @@ import threading
 import time
 import unittest
 import unittest.mock
+import weakref
 from typing import Dict, List
 
 from proxy_llm import reader, storage
 from proxy_llm.storage import RECORDS, STREAMS, Recorder
+from tests.support import wait_until
 
 DEADLINE = 20.0
 
@@ -883,6 +886,30 @@ class ManySessionsTest(RecorderTestCase):
         self.assertEqual(self.open_data_fds(), 0)
         self.assertEqual(rec.written_total(), 402)
         self.assertEqual(sum(len(lines_of(p)) for p in data_files(self.data_dir)), 602)
+
+
+class IdleWriterTest(RecorderTestCase):
+    def test_the_writer_keeps_nothing_of_its_last_batch_while_it_waits(self):
+        # The last batch's items (exchanges, their captured bodies: up to queue_max_bytes) were
+        # held by the writer's loop variables until another record came.
+        class Item:
+            def __init__(self, n):
+                self.lines = [line("idle", n, 1000)]
+
+        done = queue.Queue()
+        rec = Recorder(self.data_dir, lambda item: item.lines, ops=self.ops, on_written=lambda item: done.put(None))
+        self.addCleanup(rec.close, DEADLINE)
+        items = [Item(n) for n in range(3)]
+        refs = [weakref.ref(item) for item in items]
+        for item in items:
+            self.assertTrue(rec.submit(item))
+        rec.start()
+        for _ in range(len(items)):
+            done.get(timeout=DEADLINE)
+        del items, item
+        gc.collect()
+        wait_until(lambda: all(ref() is None for ref in refs), what="the written items to be let go of")
+        self.assertEqual(rec.written_total(), 3)
 
 
 class RestartTest(RecorderTestCase):
