@@ -13,7 +13,7 @@ import json
 import re
 import socket
 import urllib.parse
-from typing import Any, BinaryIO, Callable, Iterable, List, Optional, Sequence, Tuple
+from typing import Any, BinaryIO, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 # RFC 9110 section 7.6.1: connection-specific fields are never forwarded. "Proxy-Connection"
 # and "Keep-Alive" are the historic ones clients still send.
@@ -506,8 +506,39 @@ def _char_forms(c: str, first: bool, last: bool) -> bytes:
     return b"(?:" + b"|".join(forms) + b")"
 
 
-@functools.lru_cache(maxsize=1024)
+# The compiled patterns of _escaped_pattern kept: at most PATTERNS_MAX of them, and sources of
+# PATTERN_CHARS characters in all (a compiled one takes about 17 bytes per character of its
+# source, which takes 14 per character of the secret). Full, it starts again; a pattern larger
+# than that is compiled for each use. An lru_cache of 1,024 held them, and re's own cache 512
+# more: a client sending another long key with each request (64 KB fits a header line) made
+# them hold about 1 MB for every 8 KB of key, gigabytes in all.
+PATTERNS_MAX = 1024
+PATTERN_CHARS = 1 << 19
+_patterns: Dict[bytes, "re.Pattern[bytes]"] = {}
+_pattern_chars = [0]  # the characters of the sources in _patterns (a list: changed in place)
+try:  # the compiler without re's cache (which keeps what it compiles, whatever its size)
+    from re import _compiler as _sre_compiler  # type: ignore  # Python 3.11 and newer
+except ImportError:
+    import sre_compile as _sre_compiler  # type: ignore  # Python 3.8 to 3.10
+_compile_uncached = getattr(_sre_compiler, "compile", re.compile)
+
+
 def _escaped_pattern(raw: bytes) -> "re.Pattern[bytes]":
+    """:func:`_escaped_form_pattern`, remembered (see ``_patterns``)."""
+    pattern = _patterns.get(raw)
+    if pattern is None:
+        pattern = _escaped_form_pattern(raw)
+        size = len(pattern.pattern)
+        if size <= PATTERN_CHARS:
+            if len(_patterns) >= PATTERNS_MAX or _pattern_chars[0] + size > PATTERN_CHARS:
+                _patterns.clear()
+                _pattern_chars[0] = 0
+            _pattern_chars[0] += size
+            _patterns[raw] = pattern
+    return pattern
+
+
+def _escaped_form_pattern(raw: bytes) -> "re.Pattern[bytes]":
     r"""A regex for the secret ``raw`` in JSON text, each character as itself (never ``"`` nor
     ``\``, which JSON text holds only escaped, nor a control character) or escaped: ``\u`` and
     four hex digits in either case, a short escape (``\/``, ``\"``, ``\n`` ...), or for ``\`` an
@@ -536,7 +567,7 @@ def _escaped_pattern(raw: bytes) -> "re.Pattern[bytes]":
     """
     secret = raw.decode("utf-8", "surrogatepass")
     parts = [rb"(?<!\\)"] + [_char_forms(c, n == 0, n == len(secret) - 1) for n, c in enumerate(secret)]
-    return re.compile(b"".join(parts), re.DOTALL)
+    return _compile_uncached(b"".join(parts), re.DOTALL)
 
 
 def cut_secret_start(data: bytes, pairs: Sequence[Tuple[bytes, bytes, int]]) -> bytes:

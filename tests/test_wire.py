@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import base64
+import gc
 import io
 import json
 import random
 import socket
+import tracemalloc
 import unittest
+from unittest import mock
 
 from proxy_llm import wire
 from proxy_llm.handler import endpoint_label, narrow_accept_encoding
@@ -406,6 +409,31 @@ class ScrubJsonTest(unittest.TestCase):
             json.loads(line)
             with self.subTest(line=line):
                 self.scrubbed(line.encode("utf-8", "surrogatepass"), [secret])
+
+
+class ScrubMemoryTest(unittest.TestCase):
+    def test_the_escaped_forms_of_many_long_secrets_are_not_all_kept(self):
+        # Their compiled patterns (about 1 MB for 8 KB of key) were kept by an lru_cache of
+        # 1,024 and by re's own cache of 512: a client sending another long key with each
+        # request made them hold gigabytes. Counted: the bytes still allocated after the loop.
+        patch = mock.patch.object(wire, "PATTERN_CHARS", 1 << 13, create=True)
+        patch.start()
+        self.addCleanup(patch.stop)
+        wire.scrub_json(b'{"a":"\\u0041"}', wire.scrub_pairs(["warm-up-AAAA"], KEY))
+        tracemalloc.start()
+        self.addCleanup(tracemalloc.stop)
+        gc.collect()
+        before = tracemalloc.get_traced_memory()[0]
+        for n in range(60):
+            secret = "sk-%02d-" % n + "ABC" * 100
+            escaped = secret.replace("A", "\\u0041")  # (as a JSON line may hold it)
+            line = ('{"echo":"%s","also":"%s"}' % (secret, escaped)).encode()
+            out = wire.scrub_json(line, wire.scrub_pairs([secret], KEY))
+            self.assertEqual(out, ('{"echo":"%s","also":"%s"}' % ((wire.redacted(secret, KEY),) * 2)).encode())
+        gc.collect()
+        kept = tracemalloc.get_traced_memory()[0] - before
+        # Each pattern is ~4 KB of source and ~70 KB compiled: at most two are kept (4 MB were).
+        self.assertLess(kept, 1 << 20)
 
 
 class CutSecretStartTest(unittest.TestCase):
