@@ -424,8 +424,9 @@ def serve_workers(config: Config) -> int:
 
     def start(worker: int) -> None:
         read_end, write_end = os.pipe()
-        # No stop signal between the fork and the worker's pipe in ``pipes``: it would not be
-        # passed on to that worker, and the parent would wait for it for ever.
+        # No stop signal between the fork and the worker's pipe in ``pipes`` (it would not be
+        # passed on to that worker, and the parent would wait for it for ever); the stops that
+        # came before (between a worker's death and its replacement) are passed on below.
         signal.pthread_sigmask(signal.SIG_BLOCK, stop_signals)
         try:
             pid = os.fork()
@@ -458,6 +459,8 @@ def serve_workers(config: Config) -> int:
             ready.discard(worker)
             children[pid] = worker
             pipes[pid] = write_end
+            if stopping:  # a stop that came before its pipe was in ``pipes`` (a replacement's)
+                os.write(write_end, b"x" * min(len(stopping), 2))
         finally:
             signal.pthread_sigmask(signal.SIG_UNBLOCK, stop_signals)
 

@@ -361,6 +361,47 @@ class ServeProcessTest(unittest.TestCase):
         records = read_records(self.data_dir)
         self.assertEqual(len(set(r["request_headers"]["authorization"] for r in records)), 1)
 
+    def test_a_stop_just_before_a_worker_is_replaced_reaches_the_new_one(self):
+        # A SIGTERM after the parent saw a worker die, and before it started the new one, was
+        # passed on to the workers it had: the new one was never told, and the parent waited
+        # for it for ever. (Stand-ins for serve() and for the moment of the signal.)
+        script = textwrap.dedent("""
+            import os, signal, sys, time
+            from proxy_llm import cli
+            blocks = []
+            real_mask = signal.pthread_sigmask
+            def mask(how, sigs):
+                if how == signal.SIG_BLOCK:
+                    blocks.append(1)
+                    if len(blocks) == 3:  # the parent is about to start worker 1 again
+                        os.kill(os.getpid(), signal.SIGTERM)
+                return real_mask(how, sigs)
+            signal.pthread_sigmask = mask
+            def serve(config, worker=0, reuse_port=False, parent_pipe=None, on_ready=None, **_):
+                on_ready()
+                if worker == 1 and len(blocks) == 2:
+                    return 1  # dies while serving: replaced
+                stops = cli._Stops(parent_pipe)
+                deadline = time.monotonic() + 10
+                while not stops.count() and time.monotonic() < deadline:
+                    time.sleep(0.01)
+                sys.stderr.write("worker %d told to stop: %s\\n" % (worker, bool(stops.count())))
+                return 0
+            cli.serve = serve
+            sys.exit(cli.serve_workers(cli.load(sys.argv[1], overrides={"workers": 2})))
+        """)
+        cfg = os.path.join(self.tmp, "config.json")
+        with open(cfg, "w") as f:
+            json.dump(base_config([provider("openai", "openai", self.upstream.url, "", ["gpt-*"])], self.data_dir), f)
+        started = time.monotonic()
+        out = subprocess.run([sys.executable, "-c", script, cfg], env=dict(os.environ, PYTHONPATH=ROOT),
+                             stdin=subprocess.DEVNULL, capture_output=True, timeout=DEADLINE)
+        err = out.stderr.decode()
+        self.assertIn("worker 1 exited (1) before shutdown; starting a new worker 1", err)
+        self.assertEqual(err.count("told to stop: True"), 2, err)
+        self.assertEqual(out.returncode, 1, err)
+        self.assertLess(time.monotonic() - started, 8.0)
+
     def test_stop_counts_a_signal_and_the_parents_byte_as_one(self):
         read_end, write_end = os.pipe()
         self.addCleanup(os.close, write_end)
