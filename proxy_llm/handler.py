@@ -95,7 +95,8 @@ class ClientClock:
     a read then ends (SHUT_RD; the handler can still answer), a write fails (SHUT_RDWR).
 
     Each wait for request bytes is bounded by ``idle`` (client_idle_timeout); while
-    ``header_deadline`` is set (from the first byte of a request until its headers are parsed)
+    ``header_deadline`` is set (from the accept, or on a kept-alive connection from the first
+    byte of a request, until its headers are parsed)
     the total is bounded too, so a client dribbling header bytes cannot hold a thread past
     client_header_timeout. Each write is bounded by ``idle`` as well: a client that stops
     reading is let go.
@@ -181,6 +182,10 @@ class ProxyHandler(BaseHTTPRequestHandler):
         super().setup()  # self.connection, Nagle's algorithm off
         self.rfile.close()
         self.clock = ClientClock(self.connection, self.server.config.client_idle_timeout)
+        # A new connection owes its first request's head within client_header_timeout of the
+        # accept, its first byte included: one that sent nothing was kept for client_idle_timeout
+        # (4 times as long by default), a thread and a place under max_connections each.
+        self.clock.header_deadline = time.perf_counter() + self.server.config.client_header_timeout
         self.rfile = io.BufferedReader(_ClientReader(self.clock), 65536)
         self.wfile = _ClientWriter(self.clock)
         self.server.watch_client(self.clock)
@@ -192,19 +197,22 @@ class ProxyHandler(BaseHTTPRequestHandler):
             self.server.unwatch_client(self.clock)  # before the server closes the socket
 
     def handle_one_request(self) -> None:
-        # The header deadline starts at the first byte of a request: an idle keep-alive
-        # connection only waits under client_idle_timeout.
+        # On a kept-alive connection the header deadline starts at the first byte of a request:
+        # an idle keep-alive connection only waits under client_idle_timeout. (A new one's
+        # first request is timed from the accept: see setup.)
         clock = self.clock
-        clock.header_deadline = None
+        first = clock.header_deadline is not None
         try:
             if not self.rfile.peek(1):
                 self.close_connection = True
                 return
-        except OSError:  # idle timeout, reset
+        except OSError:  # idle or header timeout, reset
             self.close_connection = True
             return
-        clock.header_deadline = time.perf_counter() + self.server.config.client_header_timeout
+        if not first:
+            clock.header_deadline = time.perf_counter() + self.server.config.client_header_timeout
         super().handle_one_request()
+        clock.header_deadline = None
 
     def parse_request(self) -> bool:
         """``BaseHTTPRequestHandler.parse_request`` for a plain request line, with the same

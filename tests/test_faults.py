@@ -1070,6 +1070,17 @@ class LimitsTest(FaultTestCase):
         self.assertLess(elapsed, 2.5)
         self.assertEqual(self.upstream.requests.qsize(), 0)
 
+    def test_a_new_connection_that_sends_nothing_is_closed_after_client_header_timeout(self):
+        # It was kept for client_idle_timeout (4 times as long by default), a thread and a place
+        # under max_connections each: here the idle timeout outlasts the socket's own deadline.
+        proxy = self.start_proxy(client_header_timeout=0.3, client_idle_timeout=DEADLINE * 3)
+        silent = [socket.create_connection(("127.0.0.1", proxy.port), timeout=DEADLINE) for _ in range(3)]
+        for sock in silent:
+            self.assertEqual(read_to_eof(sock), b"")  # closed by the proxy, with nothing said
+            sock.close()
+        wait_until(lambda: proxy.server.connections == 0, what="their threads and places let go")
+        self.assertEqual(self.upstream.requests.qsize(), 0)
+
     def test_idle_keep_alive_wait_is_not_cut_by_the_header_deadline(self):
         proxy = self.start_proxy(client_header_timeout=0.2, client_idle_timeout=5.0)
         conn = http.client.HTTPConnection("127.0.0.1", proxy.port, timeout=DEADLINE)
