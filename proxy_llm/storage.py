@@ -1172,13 +1172,7 @@ def _same_bytes(src, gz_path: str, stop: Optional[Callable[[], bool]] = None) ->
                 if stop is not None and stop():
                     raise CompressionStopped(gz_path)
                 want = src.read(COPY_CHUNK)
-                got = b""
-                while len(got) < len(want):
-                    more = gz.read(len(want) - len(got))
-                    if not more:
-                        return False
-                    got += more
-                if got != want:
+                if gz.read(len(want)) != want:  # (a buffered read: all of it, or the end)
                     return False
                 if not want:
                     return gz.read(1) == b""
@@ -1209,13 +1203,7 @@ def _hold(fd: int, path: str) -> bool:
 def _try_exclusive(fd: int) -> bool:
     """An exclusive ``flock`` on ``fd`` without waiting: True only when it is really held (not
     where there are no locks)."""
-    if fcntl is None:
-        return False
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:  # (held: BlockingIOError; no locks: ENOLCK, EOPNOTSUPP)
-        return False
-    return True
+    return _flock(fd, exclusive=True, wait=False) is True
 
 
 def locks_work(directory: str) -> bool:
@@ -1227,10 +1215,7 @@ def locks_work(directory: str) -> bool:
     except OSError:
         return False
     try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        return True
-    except OSError:
-        return False
+        return _flock(fd, exclusive=False, wait=False) is True
     finally:
         os.close(fd)
 
@@ -1239,16 +1224,24 @@ def _lock(fd: int, exclusive: bool) -> bool:
     """An advisory ``flock`` on ``fd``: True when taken. Exclusive: waits for it (the compressor,
     on a file this run sealed and closed; the other holders are ``compressing``, for a moment,
     and another process's compressor settling it); shared: does not wait, False when another
-    holds it exclusively (the writer's lock, see ``_hold``, and ``compressing``). True also where there are no locks (no ``fcntl``, or a file system
-    without them), so that nothing waits on them and nothing is reported held."""
+    holds it exclusively (the writer's lock, see ``_hold``, and ``compressing``). True also where
+    there are no locks (no ``fcntl``, or a file system without them), so that nothing waits on
+    them and nothing is reported held."""
+    return _flock(fd, exclusive, wait=exclusive) is not False
+
+
+def _flock(fd: int, exclusive: bool, wait: bool) -> Optional[bool]:
+    """``flock`` on ``fd``, the one call of _lock, _try_exclusive and locks_work: True when
+    taken, False when another holds it (and ``wait`` is off), None where there are no advisory
+    locks (no ``fcntl``; ENOLCK, EOPNOTSUPP from a file system without them)."""
     if fcntl is None:
-        return True
+        return None
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH | fcntl.LOCK_NB)
+        fcntl.flock(fd, (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | (0 if wait else fcntl.LOCK_NB))
     except BlockingIOError:
         return False
-    except OSError:  # (ENOLCK, EOPNOTSUPP: a file system without advisory locks)
-        return True
+    except OSError:
+        return None
     return True
 
 
