@@ -5,7 +5,7 @@ take the environment variable (unset is an error that names the key, so typos su
 ``${VAR:-default}`` gives a default, ``$$`` is a literal ``$``. Then ``PROXY_LLM_LISTEN``,
 ``PROXY_LLM_DATA_DIR`` and ``PROXY_LLM_LOG_LEVEL`` override the file, and command-line flags
 override both. Every problem raises :class:`ConfigError` with a one-line message naming the file
-and the key (or the line, for invalid JSON).
+and the key (or the line, for invalid JSON), the environment variable and the key, or the flag.
 
 This module imports nothing from the package.
 """
@@ -251,7 +251,13 @@ def load(
 
 
 def _fail(where: Mapping[str, str], key: str, message: str) -> ConfigError:
-    return ConfigError("%s: %s: %s" % (where.get(key.split("[")[0].split(".")[0], "config"), key, message))
+    """The one-line error about ``key``, prefixed by where its value came from: the file or
+    ``$VAR`` and then the key (``config.json: providers[1].base_url: ...``), or the flag alone,
+    which names its key itself (``--workers: must be at least 1``, not ``--workers: workers: ...``)."""
+    origin = where.get(key.split("[")[0].split(".")[0], "config")
+    if origin.startswith("--"):
+        return ConfigError("%s: %s" % (origin, message))
+    return ConfigError("%s: %s: %s" % (origin, key, message))
 
 
 def _number(merged: Dict[str, Any], where: Mapping[str, str], key: str, kind: type, minimum: float, optional: bool = False,

@@ -65,6 +65,8 @@ class CommandLineTest(unittest.TestCase):
                 out = run(*argv)
                 self.assertEqual((out.returncode, out.stderr.decode().strip()),
                                  (2, "proxy_llm: %s: an empty path" % argv[-2]))
+        out = run("--workers", "0")  # the flag names its key: not "--workers: workers: ..."
+        self.assertEqual((out.returncode, out.stderr.decode().strip()), (2, "proxy_llm: --workers: must be at least 1"))
 
     def test_a_data_dir_or_a_port_that_cannot_be_used_is_one_line(self):
         # Each was a traceback: a file in the data dir's way ("cannot listen", exit 1, blaming

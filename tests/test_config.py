@@ -122,6 +122,25 @@ class LoadTest(unittest.TestCase):
                 self.assertIn(path, str(cm.exception))
                 self.assertNotIn("\n", str(cm.exception))
 
+    def test_an_error_names_where_the_value_came_from_once(self):
+        # A flag's error named the key twice ("--workers: workers: must be at least 1").
+        path = write({"providers": [OPENAI], "workers": 0})
+        self.addCleanup(os.unlink, path)
+        env = {"OPENAI_API_KEY": "k"}
+        cases = [
+            ({"workers": 0}, {}, "--workers: must be at least 1"),
+            ({"workers": 0, "log_level": "loud"}, {}, "--log-level: must be one of DEBUG, INFO, WARNING, ERROR, CRITICAL"),
+            ({"workers": 1, "listen": "nope"}, {}, "--listen: expected HOST:PORT"),
+            ({"workers": 1, "data_dir": 7}, {}, "--data-dir: must be a string"),
+            ({"workers": 1}, {"PROXY_LLM_LISTEN": "nope"}, "$PROXY_LLM_LISTEN: listen: expected HOST:PORT"),
+            ({}, {}, "%s: workers: must be at least 1" % path),
+        ]
+        for overrides, extra_env, expected in cases:
+            with self.subTest(expected=expected):
+                with self.assertRaises(ConfigError) as cm:
+                    config.load(path, env=dict(env, **extra_env), overrides=overrides)
+                self.assertEqual(str(cm.exception), expected)
+
     def test_errors_do_not_repeat_values_that_may_be_secrets(self):
         # A $VAR may hold a key; an error about the setting it went into must not print it.
         secret = "sk-PLANTED-0123456789"
