@@ -208,7 +208,7 @@ def build_server(config: Config, worker: int = 0, reuse_port: bool = False, key:
     """Create the recorder and the server (listening, not yet serving). ``key``: the
     fingerprint key (the workers' parent made it), else it is read or made here."""
     from . import headers
-    from .handler import ProxyHandler
+    from .handler import ProxyHandler, ReserveHandler
     from .record import Encoder, captured_bytes
     from .server import ProxyServer
     from .storage import ASSIST_SHARE, Recorder
@@ -235,7 +235,8 @@ def build_server(config: Config, worker: int = 0, reuse_port: bool = False, key:
                             file_suffix="_w%d" % worker if config.workers > 1 else "",
                             share=(worker, config.workers),
                             assist_above=max(1, config.queue_size // ASSIST_SHARE))
-    server = ProxyServer(config, ProxyHandler, recorder, reuse_port=reuse_port, worker=worker)
+    server = ProxyServer(config, ProxyHandler, recorder, reuse_port=reuse_port, worker=worker,
+                         reserve_handler_class=ReserveHandler)
     server_box.append(server)
     if recorder is not None:
         recorder.start()

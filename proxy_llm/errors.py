@@ -78,6 +78,14 @@ class Overloaded(ProxyError):
     kind = "proxy_unavailable"
 
 
+# A connection past max_connections: answered whole, at once, with no request read (so in no
+# provider's shape), then closed.
+_LIMIT_BODY = b'{"error":{"message":"proxy connection limit reached","type":"proxy_unavailable"}}'
+CONNECTION_LIMIT_ANSWER = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+                           b"Content-Length: %d\r\nConnection: close\r\nRetry-After: 1\r\n\r\n%s"
+                           % (len(_LIMIT_BODY), _LIMIT_BODY))
+
+
 _GEMINI_STATUS = {400: "INVALID_ARGUMENT", 401: "UNAUTHENTICATED", 404: "NOT_FOUND", 408: "DEADLINE_EXCEEDED",
                   413: "INVALID_ARGUMENT", 426: "FAILED_PRECONDITION", 431: "INVALID_ARGUMENT", 500: "INTERNAL",
                   502: "UNAVAILABLE", 503: "UNAVAILABLE", 504: "DEADLINE_EXCEEDED"}

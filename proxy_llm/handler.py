@@ -76,6 +76,9 @@ def endpoint_label(path: str) -> str:
     return "other"
 
 
+LOCAL_PATHS = ("/health", "/metrics")  # answered by the proxy itself
+
+
 def narrow_accept_encoding(value: Optional[str]) -> Optional[str]:
     """Keep only the codings the recorder can decode (gzip, deflate, identity)."""
     if value is None:
@@ -319,7 +322,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
     # BaseHTTPRequestHandler dispatches on do_<METHOD>.
     def do_GET(self) -> None:
         self.headers_done()
-        if self.path in ("/health", "/metrics"):
+        if self.path in LOCAL_PATHS:
             self.answer_local()
         else:
             self.proxy()
@@ -830,6 +833,24 @@ class ProxyHandler(BaseHTTPRequestHandler):
 
 
 _IDEMPOTENT = frozenset(("GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"))
+
+
+class ReserveHandler(ProxyHandler):
+    """A connection past ``max_connections``, on the server's reserve (``health_reserve``):
+    its one request is answered if it is for ``/health`` or ``/metrics`` (a load balancer's or
+    an orchestrator's probe of a busy proxy), with the connection limit's 503 otherwise, as a
+    connection past the cap gets; then the connection is closed. Nothing is forwarded or
+    recorded."""
+
+    def do_GET(self) -> None:
+        self.headers_done()
+        self.close_connection = True
+        if self.path in LOCAL_PATHS:
+            self.answer_local()
+        else:
+            self.wfile.write(errors.CONNECTION_LIMIT_ANSWER)
+
+    do_POST = do_PUT = do_PATCH = do_DELETE = do_HEAD = do_OPTIONS = do_GET  # type: ignore
 
 
 def replayable(method: str, headers: List[Tuple[str, str]]) -> bool:

@@ -28,6 +28,7 @@ from typing import Dict, List, Optional, Set
 
 from . import __version__
 from .config import Config
+from .errors import CONNECTION_LIMIT_ANSWER
 from .metrics import ProxyMetrics
 from .record import Memo
 from .storage import Recorder
@@ -36,9 +37,6 @@ from .upstream import UpstreamPool, abort
 log = logging.getLogger("proxy_llm.server")
 
 WATCH_INTERVAL = 0.25
-_FULL_BODY = b'{"error":{"message":"proxy connection limit reached","type":"proxy_unavailable"}}'
-_FULL_ANSWER = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nContent-Length: %d\r\n"
-                b"Connection: close\r\nRetry-After: 1\r\n\r\n%s" % (len(_FULL_BODY), _FULL_BODY))
 
 
 def _let_go(clock, how: int) -> None:
@@ -59,9 +57,16 @@ class ProxyServer(ThreadingHTTPServer):
     # The default backlog of 5 drops connections under bursts.
     request_queue_size = 1024
     allow_reuse_address = True
+    # Connections taken past max_connections for /health and /metrics only (handled by
+    # ``reserve_handler_class``: one request, then closed; anything else gets the cap's 503).
+    # Without them a busy proxy refused its load balancer's or orchestrator's probe like any
+    # other connection, and was restarted as dead, losing every exchange in flight. Bounded
+    # like the cap: a thread each, under client_header_timeout and client_idle_timeout; past
+    # them, the cap's 503 as before.
+    health_reserve = 8
 
     def __init__(self, config: Config, handler_class, recorder: Optional[Recorder] = None,
-                 reuse_port: bool = False, worker: int = 0):
+                 reuse_port: bool = False, worker: int = 0, reserve_handler_class=None):
         host, port = config.host_port
         self.address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
         self.reuse_port = reuse_port
@@ -72,13 +77,15 @@ class ProxyServer(ThreadingHTTPServer):
         self.pools: Dict[str, UpstreamPool] = {
             p.name: UpstreamPool(p.base_url, config.connect_timeout) for p in config.providers
         }
-        # A plain lock (cheaper to take than a Condition's) protects inflight, connections and
-        # _idle_waiters; _idle, on the same lock, is notified only when someone waits for it.
+        # A plain lock (cheaper to take than a Condition's) protects inflight, connections,
+        # reserved and _idle_waiters; _idle, on the same lock, is notified only when someone waits for it.
         self._state_lock = threading.Lock()
         self._idle = threading.Condition(self._state_lock)
         self._idle_waiters = 0
         self.inflight: Set[object] = set()
         self.connections = 0
+        self.reserve_handler_class = reserve_handler_class  # None: no reserve
+        self.reserved = 0  # connections on the reserve (see health_reserve)
         self.draining = threading.Event()
         self.metrics = ProxyMetrics(
             inflight=lambda: len(self.inflight),
@@ -116,21 +123,36 @@ class ProxyServer(ThreadingHTTPServer):
 
     def process_request(self, request, client_address) -> None:
         with self._state_lock:
-            full = self.connections >= self.config.max_connections
-            if not full:
+            if self.connections < self.config.max_connections:
                 self.connections += 1
-        if full:
+                target = self.process_request_thread
+            elif self.reserved < self.health_reserve and self.reserve_handler_class is not None:
+                self.reserved += 1
+                target = self.process_reserve_thread
+            else:
+                target = None
+        if target is None:
             # One thread per connection: past the cap, answer at once instead of queueing.
             try:
-                request.sendall(_FULL_ANSWER)
+                request.sendall(CONNECTION_LIMIT_ANSWER)
             except OSError:
                 pass
             self.shutdown_request(request, counted=False)
             return
         # ThreadingMixIn.process_request, with a name that says whose thread it is.
-        thread = threading.Thread(target=self.process_request_thread, args=(request, client_address),
-                                  name="proxy_llm-conn", daemon=True)
+        thread = threading.Thread(target=target, args=(request, client_address), name="proxy_llm-conn", daemon=True)
         thread.start()
+
+    def process_reserve_thread(self, request, client_address) -> None:
+        """``process_request_thread`` for a connection on the reserve (see health_reserve)."""
+        try:
+            self.reserve_handler_class(request, client_address, self)
+        except Exception:
+            self.handle_error(request, client_address)
+        finally:
+            self.shutdown_request(request, counted=False)
+            with self._state_lock:
+                self.reserved -= 1
 
     def shutdown_request(self, request, counted: bool = True) -> None:  # type: ignore[override]
         if counted:

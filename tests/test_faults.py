@@ -1153,7 +1153,11 @@ class LimitsTest(FaultTestCase):
         idle = [socket.create_connection(("127.0.0.1", proxy.port), timeout=DEADLINE) for _ in range(3)]
         wait_until(lambda: proxy.server.connections == 3, what="3 connections counted")
         extra = socket.create_connection(("127.0.0.1", proxy.port), timeout=DEADLINE)
-        resp = http.client.HTTPResponse(extra)  # answered at once, before the request is read
+        # (On the reserve for /health and /metrics, so answered once its request is read: see
+        # the test below.)
+        extra.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s"
+                      % (len(PLAIN_BODY), PLAIN_BODY))
+        resp = http.client.HTTPResponse(extra)
         resp.begin()
         self.assertEqual(resp.status, 503)
         self.assertEqual(json.loads(resp.read())["error"]["type"], "proxy_unavailable")
@@ -1165,6 +1169,51 @@ class LimitsTest(FaultTestCase):
         for sock in idle:
             sock.close()
         wait_until(lambda: proxy.server.connections == 0, what="all connections released")
+
+    def test_health_and_metrics_are_answered_when_the_connection_cap_is_full(self):
+        # A probe of a busy proxy was refused like any other connection: its orchestrator took
+        # the proxy for dead and restarted it, losing every exchange in flight.
+        proxy = self.start_proxy(max_connections=3)
+        held = [socket.create_connection(("127.0.0.1", proxy.port), timeout=DEADLINE) for _ in range(3)]
+        self.addCleanup(lambda: [sock.close() for sock in held])
+        wait_until(lambda: proxy.server.connections == 3, what="the cap full")
+
+        def ask(raw: bytes) -> http.client.HTTPResponse:
+            sock = socket.create_connection(("127.0.0.1", proxy.port), timeout=DEADLINE)
+            self.addCleanup(sock.close)
+            sock.sendall(raw)
+            resp = http.client.HTTPResponse(sock)
+            resp.begin()
+            return resp
+
+        resp = ask(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        self.assertEqual((resp.status, resp.getheader("Connection")), (200, "close"))
+        health = json.loads(resp.read())
+        self.assertEqual((health["status"], health["connections"]), ("ok", 3))
+        resp = ask(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+        self.assertEqual(resp.status, 200)
+        self.assertIn(b"\nproxy_llm_open_connections 3\n", resp.read())
+        # Anything else on a reserve connection: the cap's answer, nothing forwarded.
+        resp = ask(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s"
+                   % (len(PLAIN_BODY), PLAIN_BODY))
+        self.assertEqual((resp.status, resp.getheader("Retry-After")), (503, "1"))
+        self.assertEqual(json.loads(resp.read())["error"]["type"], "proxy_unavailable")
+        wait_until(lambda: proxy.server.reserved == 0, what="the reserve let go")
+        # The reserve is bounded: with it held too, a probe gets the cap's 503 at once.
+        reserve = proxy.server.health_reserve
+        held += [socket.create_connection(("127.0.0.1", proxy.port), timeout=DEADLINE) for _ in range(reserve)]
+        wait_until(lambda: proxy.server.reserved == reserve, what="the reserve full")
+        sock = socket.create_connection(("127.0.0.1", proxy.port), timeout=DEADLINE)
+        self.addCleanup(sock.close)
+        resp = http.client.HTTPResponse(sock)  # answered before the request is sent
+        resp.begin()
+        self.assertEqual(resp.status, 503)
+        self.assertEqual(json.loads(resp.read())["error"]["type"], "proxy_unavailable")
+        self.assertEqual((proxy.server.connections, proxy.server.reserved), (3, reserve))
+        for sock in held:
+            sock.close()
+        wait_until(lambda: (proxy.server.connections, proxy.server.reserved) == (0, 0), what="all let go")
+        self.assertEqual(self.upstream.requests.qsize(), 0)
 
 
 class FaultyOps(storage.FileOps):
