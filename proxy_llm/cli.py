@@ -21,7 +21,7 @@ import sys
 import threading
 import time
 import traceback
-from typing import Callable, List, Optional
+from typing import Callable, Dict, List, Optional
 
 from . import __version__
 from .config import Config, ConfigError, load, parse_listen
@@ -367,13 +367,41 @@ def _exit_code(status: int) -> int:
     return os.WEXITSTATUS(status)
 
 
+# A worker of --workers that dies while serving is replaced at once; if it died before within
+# RESTART_WINDOW seconds, after RESTART_BACKOFF seconds, doubled for each such death; its
+# RESTART_LIMIT-th death within the window stops the proxy (exit 1). A worker that crashes soon
+# after every start (a bug its first requests trigger, memory the OOM killer takes back at once)
+# was replaced in a tight loop for ever, each time losing what it had in flight.
+RESTART_LIMIT = 5
+RESTART_WINDOW = 60.0
+RESTART_BACKOFF = 0.5
+
+
+class _Restarts:
+    """The recent deaths of each worker number of ``--workers``, and what they call for."""
+
+    def __init__(self) -> None:
+        self.deaths: Dict[int, List[float]] = {}  # worker number -> time.monotonic() of each
+
+    def delay(self, worker: int, now: float) -> Optional[float]:
+        """Seconds to wait before replacing ``worker``, which died while serving at ``now``;
+        None: it died RESTART_LIMIT times within RESTART_WINDOW, give up."""
+        recent = [t for t in self.deaths.get(worker, ()) if now - t < RESTART_WINDOW]
+        recent.append(now)
+        self.deaths[worker] = recent
+        if len(recent) >= RESTART_LIMIT:
+            return None
+        return 0.0 if len(recent) == 1 else RESTART_BACKOFF * 2 ** (len(recent) - 2)
+
+
 def serve_workers(config: Config) -> int:
     """Run ``workers`` processes on one port with SO_REUSEPORT (the kernel spreads connections).
 
     The parent binds the port first (resolving port 0) and holds it without listening, so the
     workers all bind the same port; it forwards SIGTERM/SIGINT to them and exits 0 when all did.
     A worker that exits before it listens stops the others (exit 1 or 2, as it did); one that
-    exits while serving is replaced (exit 1 at the end).
+    exits while serving is replaced (exit 1 at the end), after a backoff if it died recently,
+    and one that keeps dying stops the others (exit 1; see RESTART_LIMIT).
     """
     host, port = parse_listen(config.listen)
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -479,13 +507,28 @@ def serve_workers(config: Config) -> int:
         signal.signal(sig, forward)
     for worker in range(config.workers):
         start(worker)
+    restarts = _Restarts()
+    due: Dict[int, float] = {}  # worker number -> time.monotonic() its replacement starts at
     status = 0
-    while children:
-        try:
-            pid, code = os.waitpid(-1, 0)
-        except ChildProcessError:
+    while children or due:
+        if stopping:
+            due.clear()  # a stop during a backoff: no replacement
+        now = time.monotonic()
+        for worker in [w for w, t in due.items() if t <= now]:
+            del due[worker]
+            start(worker)
+        if not children and not due:
             break
-        except InterruptedError:
+        pid = 0
+        if children:
+            try:
+                pid, code = os.waitpid(-1, os.WNOHANG if due else 0)
+            except ChildProcessError:
+                break
+            except InterruptedError:
+                continue
+        if pid == 0:  # a replacement waits: look again at its time, or 0.1 s on for a stop
+            time.sleep(min(0.1, max(0.0, min(due.values()) - time.monotonic())))
             continue
         worker = children.pop(pid, None)
         if worker is None:
@@ -500,8 +543,19 @@ def serve_workers(config: Config) -> int:
         if worker in ready:
             # Killed (the OOM killer?) or crashed while serving: what it wrote stays in its
             # files; a new worker with its number starts new ones.
-            log.error("worker %d exited (%s) before shutdown; starting a new worker %d", worker, exit_code, worker)
-            start(worker)
+            delay = restarts.delay(worker, time.monotonic())
+            if delay is None:
+                log.error("worker %d exited (%s) while serving %d times within %d s; giving up: stopping the other "
+                          "workers", worker, exit_code, RESTART_LIMIT, RESTART_WINDOW)
+                status = 1
+                forward(signal.SIGTERM, None)
+            elif delay:
+                log.error("worker %d exited (%s) before shutdown; starting a new worker %d in %g s", worker, exit_code,
+                          worker, delay)
+                due[worker] = time.monotonic() + delay
+            else:
+                log.error("worker %d exited (%s) before shutdown; starting a new worker %d", worker, exit_code, worker)
+                start(worker)
         else:
             # It could not start: neither could another one. Stop the rest and say why.
             log.error("worker %d exited (%s) before it could serve; stopping the other workers", worker, exit_code)

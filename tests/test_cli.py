@@ -406,6 +406,103 @@ class ServeProcessTest(unittest.TestCase):
         self.assertEqual(err.count("told to stop: True"), 2, err)
         self.assertEqual(out.returncode, 1, err)  # (each stand-in says False after 10 s untold)
 
+    # Stand-ins whose worker 1 dies while serving in its first ``deaths`` lives (every life, if
+    # None), each life's start written to the file "lives" next to the config; worker 0 serves.
+    KEEPS_DYING = textwrap.dedent("""
+        import os, signal, sys, time
+        from proxy_llm import cli
+        LIVES = os.path.join(os.path.dirname(sys.argv[1]), "lives")
+        def serve(config, worker=0, reuse_port=False, parent_pipe=None, on_ready=None, **_):
+            on_ready()
+            if worker == 0:
+                return wait_for_stop(worker, parent_pipe)
+            with open(LIVES, "a+") as f:
+                f.write("%r %d\\n" % (time.monotonic(), os.getpid()))
+                f.seek(0)
+                life = len(f.readlines())
+            if DEATHS is not None and life > DEATHS or life > 12:  # (12: a run without a limit ends)
+                if DEATHS is None or STOP_WHEN_HEALTHY:
+                    os.kill(os.getppid(), signal.SIGTERM)
+                return wait_for_stop(worker, parent_pipe)
+            return 1
+        cli.serve = serve
+    """)
+
+    def lives(self):
+        """The start time of each life of the stand-ins' worker 1."""
+        with open(os.path.join(self.tmp, "lives")) as f:
+            return [float(line.split()[0]) for line in f]
+
+    def run_dying(self, deaths, backoff, stop_when_healthy=True, extra=""):
+        script = self.KEEPS_DYING + textwrap.dedent("""
+            DEATHS, STOP_WHEN_HEALTHY = %r, %r
+            cli.RESTART_BACKOFF = %r
+        """ % (deaths, stop_when_healthy, backoff)) + textwrap.dedent(extra) + textwrap.dedent("""
+            sys.exit(cli.serve_workers(cli.load(sys.argv[1], overrides={"workers": 2})))
+        """)
+        return self.run_stand_in(script)
+
+    def test_a_worker_that_keeps_dying_while_serving_stops_the_proxy(self):
+        # It was replaced at once, for ever, a fork and a start per crash.
+        out, err = self.run_dying(None, 0.05)
+        self.assertEqual(out.returncode, 1, err)
+        self.assertIn("giving up", err)
+        self.assertIn("worker 1 exited (1) while serving %d times within %d s; giving up: stopping the other workers"
+                      % (cli.RESTART_LIMIT, cli.RESTART_WINDOW), err)
+        self.assertEqual(err.count("told to stop: True"), 1, err)  # worker 0, drained
+        lives = self.lives()
+        self.assertEqual(len(lives), cli.RESTART_LIMIT, err)
+        gaps = [b - a for a, b in zip(lives, lives[1:])]  # the first replacement at once, then 0.05, 0.1, 0.2 s
+        for i, gap in enumerate(gaps[1:]):
+            self.assertGreaterEqual(gap, 0.05 * 2 ** i, gaps)
+
+    def test_a_worker_that_dies_and_then_serves_is_replaced_after_a_backoff(self):
+        out, err = self.run_dying(2, 0.5)
+        self.assertIn("worker 1 exited (1) before shutdown; starting a new worker 1\n", err)
+        self.assertIn("worker 1 exited (1) before shutdown; starting a new worker 1 in 0.5 s\n", err)
+        self.assertNotIn("giving up", err)
+        self.assertEqual(err.count("told to stop: True"), 2, err)  # worker 0, and worker 1's third life
+        self.assertEqual(out.returncode, 1, err)  # a worker was lost: not a clean run
+        lives = self.lives()
+        self.assertEqual(len(lives), 3)
+        self.assertGreaterEqual(lives[2] - lives[1], 0.5)
+
+    def test_a_stop_during_a_backoff_ends_the_run_without_the_replacement(self):
+        # Worker 0 stops the parent once worker 1's second life is gone, its replacement due
+        # in 60 s, past the run's deadline: the stop must not wait for it.
+        extra = """
+            def serve0(config, worker=0, reuse_port=False, parent_pipe=None, on_ready=None, **_):
+                if worker == 1:
+                    return serve(config, worker, reuse_port, parent_pipe, on_ready)
+                on_ready()
+                deadline = time.monotonic() + 10
+                while time.monotonic() < deadline:
+                    try:
+                        with open(LIVES) as f:
+                            pids = [int(line.split()[1]) for line in f]
+                    except FileNotFoundError:
+                        pids = []
+                    if len(pids) >= 2 and not os.path.exists("/proc/%d" % pids[1]):  # (reaped)
+                        os.kill(os.getppid(), signal.SIGTERM)
+                        break
+                    time.sleep(0.01)
+                return wait_for_stop(worker, parent_pipe)
+            cli.serve = serve0
+        """
+        out, err = self.run_dying(2, 60.0, stop_when_healthy=False, extra=extra)
+        self.assertIn("starting a new worker 1 in 60 s", err)
+        self.assertEqual(err.count("told to stop: True"), 1, err)
+        self.assertEqual(len(self.lives()), 2)
+        self.assertEqual(out.returncode, 1, err)
+
+    def test_restart_backoff_and_limit_within_the_window(self):
+        restarts = cli._Restarts()
+        delays = [restarts.delay(1, 100.0 + i) for i in range(cli.RESTART_LIMIT)]
+        self.assertEqual(delays, [0.0] + [cli.RESTART_BACKOFF * 2 ** i for i in range(cli.RESTART_LIMIT - 2)] + [None])
+        self.assertEqual(restarts.delay(0, 104.0), 0.0, "each worker number on its own")
+        later = 104.0 + cli.RESTART_WINDOW
+        self.assertEqual(restarts.delay(1, later), 0.0, "deaths past the window forgotten")
+
     def test_stop_counts_a_signal_and_the_parents_byte_as_one(self):
         read_end, write_end = os.pipe()
         self.addCleanup(os.close, write_end)
