@@ -13,7 +13,10 @@ Implements the parsing rules of the WHATWG HTML "Server-sent events" section
 * a blank line ends an event; :meth:`SSEDecoder.close` flushes a last event
   that had no trailing blank line (the specification would drop it; a
   recorder must not);
-* a leading UTF-8 byte order mark is ignored.
+* one UTF-8 byte order mark is dropped at the very start of the stream, and
+  there only (the specification decodes the stream with "UTF-8 decode", which
+  takes off one leading BOM): after a blank line, or a second one, it is text,
+  and a line it starts is a field of an unknown name, ignored.
 
 Differences from the specification, on purpose: a block made only of comments
 (``: keep-alive``) or with an empty data buffer is still returned as an
@@ -39,7 +42,7 @@ DEFAULT_MAX_EVENT_SIZE = 8 * 1024 * 1024
 # One line end: CRLF, CR or LF. A bare CR at the very end of a read may be the
 # first half of a CRLF; the decoder remembers it (see SSEDecoder._pending_cr).
 _LINE_END = re.compile(b"\r\n|\r|\n")
-_BOM = "\ufeff"
+_BOM = b"\xef\xbb\xbf"
 
 
 class Event(object):
@@ -122,7 +125,8 @@ class SSEDecoder(object):
         self._event_size = 0  # raw bytes held for the current event (incl. the unfinished line)
         self._skipping = False  # the current event went over the bound; drop until blank line
         self._pending_cr = False  # the last read ended with CR: a leading LF is its pair
-        self._started = False  # past the first line (for the BOM rule)
+        self._started = False  # past the stream's first bytes (for the BOM rule)
+        self._head = b""  # the stream's first bytes, while they may still be a BOM
         self._skip_line_nonempty = False  # while skipping: the current line had bytes
         self._reset_block()
 
@@ -143,6 +147,10 @@ class SSEDecoder(object):
         if not data:
             return out
         data = bytes(data)
+        if not self._started:
+            data = self._start(data)
+            if not data:
+                return out
         pos = 0
         n = len(data)
         if (not self._line_parts and not self._has_lines and not self._skipping and not self._pending_cr
@@ -188,6 +196,10 @@ class SSEDecoder(object):
         Such an event is marked ``unterminated`` (the clients never saw it dispatched).
         """
         out = []  # type: list
+        if not self._started and self._head:  # one or two bytes of a BOM, and nothing after
+            self._started = True
+            out = self.feed(self._head)
+            self._head = b""
         self._pending_cr = False
         if self._line_parts and not self._skipping:
             self._end_line(b"", out)
@@ -204,29 +216,41 @@ class SSEDecoder(object):
 
     # -- internals -----------------------------------------------------
 
+    def _start(self, data):
+        """``data`` without the BOM the stream may begin with; b"" while the first bytes, held
+        in ``_head``, may still be one (a read of one or two bytes of it). Taken off the bytes
+        before any line is split, not off the first line that has a field: a BOM after blank
+        lines is not at the start of the stream, and stays."""
+        head = self._head + data if self._head else data
+        if len(head) < 3 and _BOM.startswith(head):
+            self._head = head
+            return b""
+        self._started = True
+        self._head = b""
+        return head[3:] if head[:3] == _BOM else head
+
     def _whole_events(self, blocks, out):
         # ``blocks``: complete events separated by blank lines, LF only, no line end after the
         # last one. Extra blank lines show up as LFs at the ends of a block: with no line held
         # they are no-ops, as in _end_line.
         # The usual blocks, one "data: " line (OpenAI, Gemini) or "event: " then "data: "
-        # (Anthropic), past the first line (the BOM rule), are made into their Event at once:
-        # what _field and _dispatch make of them, a third of the work.
+        # (Anthropic), are made into their Event at once: what _field and _dispatch make of
+        # them, a third of the work.
         field = self._field
         for block in blocks.split(b"\n\n"):
             block = block.strip(b"\n")
             if not block:
                 continue
-            if self._started:
-                if block[:6] == b"data: " and block.find(b"\n") < 0:
-                    text = block.decode("utf-8", "replace")
-                    out.append(Event(text[6:], None, None, None, [], text + "\n"))
+            if block[:6] == b"data: " and block.find(b"\n") < 0:
+                text = block.decode("utf-8", "replace")
+                out.append(Event(text[6:], None, None, None, [], text + "\n"))
+                continue
+            if block[:7] == b"event: ":
+                head, _, rest = block.partition(b"\n")
+                if rest[:6] == b"data: " and rest.find(b"\n") < 0:
+                    out.append(Event(rest.decode("utf-8", "replace")[6:], head.decode("utf-8", "replace")[7:],
+                                     None, None, [], block.decode("utf-8", "replace") + "\n"))
                     continue
-                if block[:7] == b"event: ":
-                    head, _, rest = block.partition(b"\n")
-                    if rest[:6] == b"data: " and rest.find(b"\n") < 0:
-                        out.append(Event(rest.decode("utf-8", "replace")[6:], head.decode("utf-8", "replace")[7:],
-                                         None, None, [], block.decode("utf-8", "replace") + "\n"))
-                        continue
             for line in block.split(b"\n"):
                 field(line)
             self._raw = [block, b"\n"]
@@ -284,10 +308,6 @@ class SSEDecoder(object):
 
     def _field(self, line):
         text = line.decode("utf-8", "replace")
-        if not self._started:
-            self._started = True
-            if text.startswith(_BOM):
-                text = text[1:]
         if text.startswith(":"):
             self._comments.append(text[1:])
             return

@@ -102,6 +102,25 @@ class ForwardingTest(ProxyTestCase):
         self.assertTrue(all("t" in e for e in line["events"]))
         self.assertTrue(os.path.isdir(os.path.join(self.data_dir, "session_run-42")))
 
+    def test_a_bom_after_the_start_of_a_stream_is_relayed_and_recorded_as_text(self):
+        # Only a BOM that opens the stream is dropped by an SSE client (WHATWG HTML 9.2.6); one
+        # after a blank line starts a line whose field ("\ufeffdata") the client ignores. The
+        # client gets every byte as sent, and the record what the client made of them.
+        bom = b"\xef\xbb\xbf"
+        for lead, contents in ((bom, ["Hel", "lo"]), (b"\n" + bom, ["", "lo"])):
+            with self.subTest(lead=lead):
+                events = [lead + chunk_event("Hel"), chunk_event("lo", "stop"), b"data: [DONE]\n\n"]
+                self.replies.append(sse_reply(events))
+                proxy = self.start_proxy(data_dir=os.path.join(self.tmp, str(len(lead))))
+                status, _, body = request(proxy.url, body={"model": "gpt-4o", "stream": True, "messages": []})
+                self.assertEqual((status, body), (200, b"".join(events)))
+                [rec] = proxy.records()
+                self.assertEqual(rec["response_body"]["choices"][0]["message"]["content"], "".join(contents))
+                [line] = proxy.stream_lines()
+                got = [json.loads(e["data"])["choices"][0]["delta"].get("content", "") if e["data"] else ""
+                       for e in line["events"][:2]]
+                self.assertEqual(got, contents)
+
     def test_first_event_reaches_the_client_before_the_backend_finishes(self):
         release = threading.Event()
         self.replies.append(sse_reply([chunk_event("first"), release, chunk_event("", "stop"), b"data: [DONE]\n\n"]))

@@ -71,6 +71,29 @@ class SSEDecoderTest(unittest.TestCase):
     def test_bom_ignored(self):
         self.assertEqual(self.decode(b"\xef\xbb\xbfdata: 1\n\n")[0].data, "1")
 
+    def test_bom_only_at_the_very_start_of_the_stream(self):
+        # WHATWG HTML 9.2.6 decodes the stream with "UTF-8 decode", which takes off one BOM
+        # before the first byte and nowhere else: after leading blank lines it is text, and the
+        # line it starts a field named "\ufeffdata", ignored. It was dropped from the first line
+        # that had a field, blank lines before it or not.
+        bom = b"\xef\xbb\xbf"
+        cases = [
+            (bom + b"data: 1\n\n", ["1"]),
+            (bom + b"\ndata: 1\n\n", ["1"]),  # the BOM off, its line is blank: nothing to end
+            (b"\n" + bom + b"data: 1\n\n", [""]),
+            (b"\r\n\r\n" + bom + b"data: 1\r\n\r\n", [""]),
+            (b"\r" + bom + b"data: 1\r\r", [""]),
+            (bom + bom + b"data: 1\n\n", [""]),  # one BOM only
+            (b"data: 1\n\n" + bom + b"data: 2\n\n", ["1", ""]),
+            (bom[:2], [""]),  # the stream ends inside what could have been one: text (U+FFFD)
+            (bom[:2] + b"data: 1\n\n", [""]),
+        ]
+        for data, want in cases:
+            for i in range(len(data) + 1):
+                for j in range(i, len(data) + 1):
+                    got = feed_all(SSEDecoder(), split_at(data, [i, j]))
+                    self.assertEqual([e.data for e in got], want, (data, i, j))
+
     def test_id_and_retry_rules(self):
         ev = self.decode(b"id: a\x00b\nretry: 12x\ndata: 1\n\n")[0]
         self.assertIsNone(ev.id)
