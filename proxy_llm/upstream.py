@@ -106,6 +106,13 @@ _STATUS_LINE = re.compile(rb"HTTP/1\.([01]) ([1-9][0-9][0-9])(?: ([\t\x20-\x7e\x
 # its place (a status line must stay one line).
 _LOOSE_STATUS = re.compile(r"\s*\S+\s+\S+(?:[ \t](.*?))?(?:\r?\n)?\Z", re.S)
 _NOT_IN_PHRASE = re.compile(r"[^\t\x20-\x7e\x80-\xff]")
+# The status lines of those the proxy relays: RFC 9112 4 with the leniency it allows a recipient
+# (words apart by any of SP, HTAB, VT, FF and bare CR, blanks before the line), a status of
+# three digits. The standard parser splits on whatever str.split() takes for white space (\x1c
+# to \x1f, \x85, \xa0 too) and reads the status with int() ("+200", "2_00" and "0200" are 200):
+# a line no HTTP client would read as that status would reach the client as a plain one.
+_LENIENT_STATUS = re.compile(rb"[ \t\x0b\x0c\r]*HTTP/[\x21-\x7e]*[ \t\x0b\x0c\r]+[0-9]{3}"
+                             rb"(?:[ \t\x0b\x0c\r][^\n]*)?\n?\Z")
 _BEGIN_HEADERS = frozenset(("transfer-encoding", "content-length", "connection", "keep-alive", "proxy-connection"))
 
 
@@ -157,7 +164,9 @@ class Response(http.client.HTTPResponse):
 
     def _read_status(self):
         """The standard ``_read_status`` (same results, same errors), which also sets ``phrase``
-        from the line as it came: the reason it returns has lost the blanks before it."""
+        from the line as it came: the reason it returns has lost the blanks before it. A line
+        it takes that is not a status line to RFC 9112 4, leniency included, is refused too
+        (``BadStatusLine``: the client gets a 502), rather than passed on as another status."""
         fp = self.fp
         self.fp = line = _KeptLine(fp)
         try:
@@ -165,6 +174,8 @@ class Response(http.client.HTTPResponse):
         finally:
             if self.fp is line:  # (a line it refuses closes the connection: self.fp is None then)
                 self.fp = fp
+        if _LENIENT_STATUS.match(line.line) is None:
+            raise http.client.BadStatusLine(line.line.decode("iso-8859-1"))
         m = _LOOSE_STATUS.match(line.line.decode("iso-8859-1"))
         self.phrase = _phrase(status, (m.group(1) or "") if m is not None else None)
         return version, status, reason

@@ -430,6 +430,22 @@ class ReasonPhraseTest(FaultTestCase):
                 self.assertEqual(body, b"{}")
                 self.assertEqual(proxy.records()[-1]["ended"], "completed")
 
+    def test_a_status_line_that_is_not_one_to_http_is_a_502_not_a_plain_status(self):
+        # Read with str.split() and int(), "HTTP/1.1\x1c404 Gone" and "HTTP/1.1 +404" reached the
+        # client as a clean "404": a status line no HTTP client would have read so.
+        for sent in (b"HTTP/1.1\x1c404 Gone", b"HTTP/1.1 404\x1fGone", b"HTTP/1.1 +404 Gone", b"HTTP/1.1 0404 Gone"):
+            with self.subTest(sent=sent):
+                raw = RawUpstream(self, lambda conn, k: b"%s\r\nContent-Length: 2\r\n\r\n{}" % sent)
+                proxy = self.start_proxy([provider("anthropic", "anthropic", raw.url, "", ["claude-*"])])
+                data = _post(proxy.port, b'{"model": "claude-x"}', "/v1/messages")
+                head, _, body = data.partition(b"\r\n\r\n")
+                self.assertTrue(head.startswith(b"HTTP/1.1 502 Bad Gateway\r\n"), head[:80])
+                self.assertEqual(json.loads(body)["type"], "error")
+                rec = proxy.records()[-1]
+                self.assertEqual((rec["status_code"], rec["ended"], rec["error"]["type"]),
+                                 (502, "upstream_error", "upstream_protocol_error"))
+                self.assertEqual(proxy.server.metrics.upstream_errors.value("anthropic", "protocol"), 1)
+
     def test_informational_phrases_are_passed_on_as_sent_too(self):
         early = b"HTTP/1.1 103 Early  Hints \r\nLink: </a.css>; rel=preload\r\n\r\n"
         raw = RawUpstream(self, lambda conn, k: [early, b"HTTP/1.1 102 Pro\x00cessing\r\n\r\n",

@@ -325,6 +325,28 @@ class ResponseBeginTest(unittest.TestCase):
         resp.begin()
         self.assertEqual((resp.codings, resp.length), ((), 0))
 
+    def test_a_status_line_apart_by_what_is_not_http_white_space_is_refused(self):
+        # RFC 9112 4: words apart by SP (a recipient may take HTAB, VT, FF and bare CR too), a
+        # status of three digits. The standard parser splits on str.split()'s white space (\x1c
+        # to \x1f, \x85, \xa0) and reads the status with int(): each of these was a plain 200.
+        refused = [b"HTTP/1.1\x1c200 OK", b"HTTP/1.1 \x1f200 OK", b"\x1cHTTP/1.1 200 OK", b"HTTP/1.1\x85200 OK",
+                   b"HTTP/1.1 200\x1cOK", b"HTTP/1.1 200\xa0OK", b"HTTP/1.\x1d200 OK", b"HTTP/1.1 +200 OK",
+                   b"HTTP/1.1 2_00 OK", b"HTTP/1.1 0200 OK"]
+        for line in refused:
+            raw = line + b"\r\nContent-Length: 0\r\n\r\n"
+            for step in (1 << 20, 7, 1):
+                with self.subTest(line=line, step=step):
+                    self.assertEqual(_begin(upstream.Response, raw, "POST", step)[:2], ("error", http.client.BadStatusLine))
+                    self.assertEqual(_begin(http.client.HTTPResponse, raw, "POST", step)[0], 200)
+        # The leniency RFC 9112 allows stays, and a phrase holding such a byte is the standard one.
+        kept = [(b" HTTP/1.1\t200\x0bFine", "OK"), (b"HTTP/1.1\r200\x0cFine", "OK"), (b"HTTP/1.1  200  Fine", " Fine"),
+                (b"HTTP/1.1 200 O\x1cK", "OK"), (b"HTTP/1.1 200 \x85Fine\xa0", "\x85Fine\xa0")]
+        for line, phrase in kept:
+            with self.subTest(line=line):
+                resp = upstream.Response(_FakeSock(line + b"\r\nContent-Length: 0\r\n\r\n", 7), method="POST")
+                resp.begin()
+                self.assertEqual((resp.status, resp.phrase), (200, phrase))
+
     def test_the_reason_phrase_is_kept_as_sent(self):
         # For the status line the proxy writes: reason (as the standard begin has it) is stripped.
         cases = [
