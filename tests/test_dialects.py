@@ -364,7 +364,7 @@ class OpenAIChatEdgesTest(unittest.TestCase):
         return d
 
     def test_tool_calls_without_index(self):
-        # Some compatible servers omit "index": match by id, else a new call.
+        # Some compatible servers omit "index": match by id, else a new call (with an id).
         evs = events_of(
             self.chunk([{"index": 0, "delta": {"tool_calls": [
                 {"id": "a", "type": "function", "function": {"name": "f", "arguments": "{}"}},
@@ -375,6 +375,43 @@ class OpenAIChatEdgesTest(unittest.TestCase):
         calls = self.chat.reassemble(evs).response_body["choices"][0]["message"]["tool_calls"]
         self.assertEqual([(c["id"], c["function"]["name"], c["function"]["arguments"]) for c in calls],
                          [("a", "f", "{}"), ("b", "g", '{"x": 1}')])
+
+    def test_tool_call_and_choice_index_as_a_string_is_the_same_index(self):
+        # Some compatible servers send "index": "0": it was taken for no index, so each delta
+        # without an id was a call of its own, and choice "1" went into choice 0.
+        def tool(index, **call):
+            call["index"] = index
+            return self.chunk([{"index": 0, "delta": {"tool_calls": [call]}}])
+        evs = events_of(
+            tool("0", id="a", type="function", function={"name": "f", "arguments": ""}),
+            tool("1", id="b", type="function", function={"name": "g", "arguments": "["}),
+            tool(0, function={"arguments": "{\"x\":"}), tool("0", function={"arguments": " 1}"}),
+            tool("01", function={"arguments": "]"}),
+            self.chunk([{"index": "1", "delta": {"content": "second"}}]), "[DONE]")
+        choices = self.chat.reassemble(evs).response_body["choices"]
+        self.assertEqual([(c["id"], c["function"]["name"], c["function"]["arguments"]) for c in
+                          choices[0]["message"]["tool_calls"]], [("a", "f", '{"x": 1}'), ("b", "g", "[]")])
+        self.assertEqual([(c["index"], c["message"]["content"]) for c in choices], [(0, None), (1, "second")])
+        # Anything else is no index (never an error, never a lost record).
+        for odd in ("x", "-1", "\u0661", 1.5, [], {}, True):
+            with self.subTest(index=odd):
+                res = self.chat.reassemble(events_of(tool(odd, id="a", function={"name": "f", "arguments": "{}"}), "[DONE]"))
+                self.assertEqual(res.response_body["choices"][0]["message"]["tool_calls"][0]["id"], "a")
+
+    def test_tool_call_deltas_without_index_or_id_continue_the_last_call(self):
+        # Gemini's OpenAI-compatible API sends a call's arguments in deltas with neither: each
+        # was a new call with no id and no name.
+        def tool(**call):
+            return self.chunk([{"index": 0, "delta": {"tool_calls": [call]}}])
+        evs = events_of(tool(id="a", type="function", function={"name": "f", "arguments": "{\"x\""}),
+                        tool(function={"arguments": ": 1}"}),
+                        tool(id="b", type="function", function={"name": "g", "arguments": "{"}),
+                        tool(function={"arguments": "}"}), tool(extra_content={"google": {"thought_signature": "s"}}),
+                        "[DONE]")
+        calls = self.chat.reassemble(evs).response_body["choices"][0]["message"]["tool_calls"]
+        self.assertEqual([(c["id"], c["function"]["name"], c["function"]["arguments"]) for c in calls],
+                         [("a", "f", '{"x": 1}'), ("b", "g", "{}")])
+        self.assertEqual(calls[1]["extra_content"], {"google": {"thought_signature": "s"}})
 
     def test_repeated_name_and_id_not_concatenated(self):
         evs = events_of(

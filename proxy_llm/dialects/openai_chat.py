@@ -4,14 +4,19 @@ A stream is ``chat.completion.chunk`` objects, ``data: [DONE]`` last. The
 reassembled body has the shape of a non-streamed ``chat.completion``:
 
 * one accumulator per ``choices[].index`` (``n > 1`` never merges choices);
+  an index sent as a string of digits (``"1"``, as some OpenAI-compatible
+  servers send it) is that number;
 * ``delta.role``: the first one sent (some servers repeat it on every chunk;
   concatenating would give ``"assistantassistant"``);
 * string fields of ``delta`` (``content``, ``refusal``, ``reasoning_content``
   of vLLM/DeepSeek, ``reasoning`` of OpenRouter/newer vLLM, ...) are
   concatenated; ``content`` and ``refusal`` are null when never sent;
-* ``delta.tool_calls[]`` are matched by their ``index``, so parallel calls
-  stay apart; a delta without ``index`` matches by ``id`` or starts a new
-  call. ``function.arguments`` is concatenated; ``function.name`` too (as the
+* ``delta.tool_calls[]`` are matched by their ``index`` (``"0"`` is 0), so
+  parallel calls stay apart; a delta without one (Ollama, Gemini's
+  OpenAI-compatible API) matches by ``id``, starts a new call with an ``id``
+  not seen yet, and without an ``id`` continues the last call begun (Gemini
+  sends a call's arguments so). ``function.arguments`` is concatenated;
+  ``function.name`` too (as the
   SDK does: a server may split it), except a piece equal to the whole name so
   far, which is the name sent again (MiniMax through NVIDIA NIM, Fireworks and
   others repeat it on every chunk); ``id`` and ``type``: the first one sent;
@@ -117,6 +122,17 @@ def _empty(value):
     return value is None or value == "" or value == 0 or value == [] or value == {}
 
 
+def _index(value):
+    """A stream's ``index`` (of a choice, of a tool call) as an int, or None for none: an int,
+    or a string of digits, the same index (some OpenAI-compatible servers send ``"0"``: read
+    as no index, each of its tool call deltas was a call of its own)."""
+    if type(value) is int:
+        return value
+    if type(value) is str and value.isdigit() and value.isascii():
+        return int(value)
+    return None
+
+
 class _Choice(object):
     __slots__ = ("index", "message", "tool_calls", "calls_by_index", "logprobs", "finish_reason", "extra")
 
@@ -167,21 +183,28 @@ class _Choice(object):
                 merge_delta(msg, {key: value})
 
     def _add_tool_call(self, call):
-        index = call.get("index")
-        target = None
-        if is_int(index):
+        index = _index(call.get("index"))
+        if index is not None:
             target = self.calls_by_index.get(index)
-        elif call.get("id"):
-            for _, acc in self.tool_calls:
-                if acc.get("id") == call.get("id"):
-                    target = acc
-                    break
+        else:
+            target = self._unindexed(call.get("id"))
         if target is None:
             target = {}
             self.tool_calls.append((index, target))
-            if is_int(index):
+            if index is not None:
                 self.calls_by_index[index] = target
         merge_delta(target, dict((k, v) for k, v in call.items() if k != "index"))
+
+    def _unindexed(self, call_id):
+        """The call a tool call delta without an index adds to: the one with its ``id``; without
+        an ``id``, the last call begun (Gemini's OpenAI-compatible API sends a call's arguments
+        in such deltas: each was a call of its own, with no name). None: a new call."""
+        if call_id:
+            for _, acc in self.tool_calls:
+                if acc.get("id") == call_id:
+                    return acc
+            return None
+        return self.tool_calls[-1][1] if self.tool_calls else None
 
     def build(self):
         msg = self.message
@@ -265,8 +288,8 @@ class OpenAIChat(Dialect):
             for choice in choices_sent if isinstance(choices_sent, list) else ():
                 if not isinstance(choice, dict):
                     continue
-                index = choice.get("index")
-                if not is_int(index):
+                index = _index(choice.get("index"))
+                if index is None:
                     index = 0
                 acc = choices.get(index)
                 if acc is None:
