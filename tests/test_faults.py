@@ -548,6 +548,8 @@ class TransferCodingTest(FaultTestCase):
             self.assertEqual((rec["ended"], rec["response_bytes"]), ("completed", len(CHAT_REPLY)))
             self.assertEqual(rec["response_body"], json.loads(CHAT_REPLY))
             self.assertIsNone(rec.get("decode_error"))
+            # The upstream's head as it came (README, response_headers): the coding is that hop's.
+            self.assertEqual(rec["response_headers"]["transfer-encoding"], "gzip, chunked")
 
     def test_codings_on_several_lines_are_one_list(self):
         # Transfer-Encoding: gzip, then Transfer-Encoding: chunked: only the first line was read
