@@ -477,7 +477,8 @@ class Encoder:
         self.key = fingerprint_key
         self.session_header = session_header.lower()
         self.max_sse_event = max_sse_event
-        self.provider_pairs = wire.scrub_pairs([k for k in provider_keys if len(k) >= wire.SCRUB_MIN], fingerprint_key)
+        self.provider_keys = [k for k in provider_keys if len(k) >= wire.SCRUB_MIN]
+        self.provider_pairs = wire.scrub_pairs(self.provider_keys, fingerprint_key)
         self.on_result = on_result  # callback(exchange, ended, tokens_used or None): token metrics
         self.session_headers = ((self.session_header, "header"), ("x-claude-code-session-id", "claude_code"),
                                 ("session_id", "codex"), ("session-id", "codex"))
@@ -486,6 +487,7 @@ class Encoder:
         self.header_forms = Memo()  # header names -> their JSON object, %s per value
         self.heads = Memo()  # see encode(): fields session_id ... stream as JSON
         self.scrub_memo = Memo()  # secret -> its scrub triple
+        self.paths = Memo()  # request path -> (endpoint, scrub triples): see path_parts()
 
     def headers_json(self, headers: Dict[str, str]) -> bytes:
         """``headers`` (from :func:`headers_dict`) as a JSON object.
@@ -528,6 +530,19 @@ class Encoder:
             self.scrub_memo.remember(secret, pair, len(secret) + len(pair[0]) + len(pair[1]))
         return pair
 
+    def path_parts(self, path: str) -> Tuple[str, List[Tuple[bytes, bytes, int]]]:
+        """(the record's ``endpoint``, scrub triples) of a request path, remembered: what
+        :func:`wire.path_secrets` finds in it alone (a key a client put in its base URL, which
+        no header nor query carries) redacted in the endpoint and scrubbed from the whole line,
+        under the fingerprint of the secret (its decoded form's, for a form percent-encoded)."""
+        parts = self.paths.get(path)
+        if parts is None:
+            found = wire.path_secrets(path, self.provider_keys)
+            pairs = wire.form_pairs(found, self.key)
+            endpoint = wire.redact_path(path, found, self.key)
+            parts = self.paths.remember(path, (endpoint, pairs), 3 * len(path) + len(endpoint))
+        return parts
+
     @staticmethod
     def body_session(ex: Exchange, request_value: Any) -> Tuple[str, str]:
         """(session id, source) when no header named one: metadata.user_id, the model, default."""
@@ -549,6 +564,13 @@ class Encoder:
         if ex.query:
             secrets += wire.query_secrets(ex.query)
         every = [self.scrub_pair(s) for s in secrets if len(s) >= wire.SCRUB_MIN] + self.provider_pairs
+        # A key the path holds (a base URL set wrong): shaped like one, a credential parameter's
+        # value, or, percent-encoded, a secret of the exchange (most paths: a memo hit, a memchr).
+        endpoint, path_pairs = self.path_parts(ex.path)
+        if path_pairs:
+            every += path_pairs
+        if secrets and ex.path.find("%") >= 0:
+            every += wire.form_pairs(wire.encoded_secrets(ex.path, secrets), key)
         resp_h = headers_dict(ex.resp_headers, key)
         req_body = _body(ex.request, req_h.get("content-encoding", ""))[0]
         # A body cut at capture_max_body (Capture.truncated: its sha is set) may be cut through
@@ -661,7 +683,7 @@ class Encoder:
                 "provider": provider,
                 "provider_type": ex.provider_type,
                 "dialect": dialect.name,
-                "endpoint": ex.path,
+                "endpoint": endpoint,
                 "method": ex.method,
                 "query": wire.redact_query(ex.query, key),
                 "model": ex.model,

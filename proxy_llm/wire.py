@@ -322,34 +322,119 @@ def request_secrets(headers: Iterable[Tuple[str, str]], query: str) -> List[str]
 
 # In a path, the value of what looks like a credential parameter: "key=", ";api_key=", and
 # "%3Fkey%3D" (a "?" the client percent-encoded): the upstream takes none for a query, so the
-# exchange's scrub list has no such value.
-_PATH_KEY_PARAM = re.compile(r"(?i)((?:key|api[_-]?key|access_token|token)(?:=|%3D))[^/&;?]*")
-# What is shaped like a provider key: Google's (AIza and 35 more), OpenAI's and Anthropic's (sk-...).
-_KEY_SHAPES = re.compile(r"AIza[0-9A-Za-z_\-]{35}|sk-[0-9A-Za-z_\-]{20,}")
+# exchange's scrub list has no such value. (Group 1 the name and its "=", group 2 the value.)
+_PATH_KEY_PARAM = re.compile(r"(?i)((?:key|api[_-]?key|access_token|token)(?:=|%3D))([^/&;?]*)")
+# What is shaped like a provider key: Google's (AIza and 35 more), OpenAI's and Anthropic's
+# (sk-...), not inside a longer word: "task-classification-model" holds "sk-" and 20 more.
+_KEY_SHAPES = re.compile(r"(?<![0-9A-Za-z_\-])(?:AIza[0-9A-Za-z_\-]{35}|sk-[0-9A-Za-z_\-]{20,})")
+_PERCENT_ESCAPE = re.compile(r"%[0-9A-Fa-f]{2}")
 _LOGGED = "[REDACTED]"
+
+
+def path_secrets(path: str, known: Sequence[str] = ()) -> Dict[str, str]:
+    """The secrets a request path holds that a scrub of the exchange's own (``known``) as
+    they are would miss, as {the form the path holds: the secret}: what is shaped like a
+    provider key (``AIza...``, ``sk-...``) or is the value of a credential parameter (``key=``,
+    ``%3Fkey%3D``), of :data:`SCRUB_MIN` characters or more, each also where the path holds it
+    percent-encoded (then the secret decoded is one more form: what an upstream echoes), and
+    each of ``known`` held percent-encoded (:func:`encoded_secrets`). A client may put its key
+    in the path: a segment of a base URL set wrong, or after the method.
+
+    The common path (no ``%``, nothing shaped like a key) costs two regex scans; callers that
+    see a path again remember the answer."""
+    out: Dict[str, str] = {}
+    for m in _KEY_SHAPES.finditer(path):
+        out[m.group()] = m.group()
+    for m in _PATH_KEY_PARAM.finditer(path):
+        value = m.group(2)
+        if len(value) >= SCRUB_MIN:
+            out[value] = urllib.parse.unquote(value, errors="replace") if value.find("%") >= 0 else value
+    if path.find("%") >= 0:
+        decoded, starts = _percent_decoded(path)
+        text = decoded.decode("latin-1")  # (a byte a character: its offsets are the bytes')
+        spans = [m.span() for m in _KEY_SHAPES.finditer(text)]
+        spans += [m.span(2) for m in _PATH_KEY_PARAM.finditer(text) if m.end(2) - m.start(2) >= SCRUB_MIN]
+        for start, end in spans:
+            secret = decoded[start:end].decode("utf-8", "replace")
+            out[path[starts[start]:starts[end]]] = secret
+            out.setdefault(secret, secret)
+        out.update(encoded_secrets(path, known, decoded, starts))
+    for secret in known:  # (scrubbed as they are by the caller)
+        out.pop(secret, None)
+    return out
+
+
+def encoded_secrets(path: str, known: Iterable[str], decoded: Optional[bytes] = None,
+                    starts: Optional[List[int]] = None) -> Dict[str, str]:
+    """Each of ``known`` (those of :data:`SCRUB_MIN` characters or more) that ``path`` holds
+    percent-encoded, some characters or all, as {the form the path holds: the secret}; empty
+    for a path without ``%``. (``decoded`` and ``starts``: :func:`_percent_decoded`'s, when
+    the caller has them.)"""
+    out: Dict[str, str] = {}
+    if path.find("%") < 0:
+        return out
+    if decoded is None or starts is None:
+        decoded, starts = _percent_decoded(path)
+    for secret in known:
+        if len(secret) < SCRUB_MIN:
+            continue
+        raw = secret.encode("utf-8", "surrogatepass")
+        i = decoded.find(raw)
+        while i >= 0:
+            form = path[starts[i]:starts[i + len(raw)]]
+            if form != secret:
+                out[form] = secret
+            i = decoded.find(raw, i + 1)
+    return out
+
+
+def _percent_decoded(path: str) -> Tuple[bytes, List[int]]:
+    """``path`` percent-decoded to bytes (an escape that is not two hex digits kept as it is),
+    and where in ``path`` each of its bytes starts (one more: the end), so that a span of the
+    decoded bytes gives the span of the path that holds it."""
+    out = bytearray()
+    starts: List[int] = []
+    pos = 0
+    for m in _PERCENT_ESCAPE.finditer(path):
+        for i in range(pos, m.start()):
+            starts.append(i)
+        out += path[pos:m.start()].encode("latin-1", "replace")
+        starts.append(m.start())
+        out.append(int(path[m.start() + 1:m.end()], 16))
+        pos = m.end()
+    starts.extend(range(pos, len(path) + 1))
+    out += path[pos:].encode("latin-1", "replace")
+    return bytes(out), starts
+
+
+def redact_path(path: str, found: Dict[str, str], key: bytes) -> str:
+    """``path`` for a record's ``endpoint``: each form of ``found`` (from :func:`path_secrets`)
+    replaced by ``[REDACTED:<fingerprint>]`` of its secret, and so is the value of every
+    credential parameter, a short one too (as :func:`redact_query` has a query's)."""
+    return _path_redacted(path, found, lambda secret: redacted(secret, key))
 
 
 def log_path(path: str, secrets: Iterable[str]) -> str:
     """A request path fit for a log line: each of ``secrets`` (those of at least
     :data:`SCRUB_MIN` characters: the exchange's, as :func:`request_secrets` gives them, and
     the provider keys) replaced by ``[REDACTED]``, also where the path holds it
-    percent-encoded, and so is the value of anything shaped like a credential parameter
-    (``key=``, ``%3Fkey%3D``) or a provider key (``AIza...``, ``sk-...``). (A client may put its
-    key in the path: a segment of a base URL set wrong, or after the method.)"""
-    secrets = sorted({s for s in secrets if len(s) >= SCRUB_MIN}, key=len, reverse=True)  # a longer one first
+    percent-encoded, and so is what :func:`path_secrets` finds and the value of every
+    credential parameter, a short one too."""
+    secrets = [s for s in secrets if len(s) >= SCRUB_MIN]
+    found = path_secrets(path, secrets)
     for secret in secrets:
-        if path.find(secret) >= 0:
-            path = path.replace(secret, _LOGGED)
-    if path.find("%") >= 0:
-        decoded = urllib.parse.unquote(path, errors="replace")
-        scrubbed = decoded
-        for secret in secrets:
-            if scrubbed.find(secret) >= 0:
-                scrubbed = scrubbed.replace(secret, _LOGGED)
-        if scrubbed != decoded:  # written again percent-encoded: no control character reaches the log
-            path = urllib.parse.quote(scrubbed, safe="/:@!$&'()*+,;=[]~")
-    path = _PATH_KEY_PARAM.sub(r"\g<1>" + _LOGGED, path)
-    return _KEY_SHAPES.sub(_LOGGED, path)
+        found[secret] = secret
+    return _path_redacted(path, found, lambda secret: _LOGGED)
+
+
+def _path_redacted(path: str, found: Dict[str, str], redaction: Callable[[str], str]) -> str:
+    for form in sorted(found, key=len, reverse=True):  # a longer one first: it may hold another
+        if path.find(form) >= 0:
+            path = path.replace(form, redaction(found[form]))
+    if path.find("=") >= 0 or path.find("%") >= 0:  # (a parameter needs one or the other)
+        path = _PATH_KEY_PARAM.sub(lambda m: m.group(0) if not m.group(2) or m.group(2).startswith("[REDACTED")
+                                   else m.group(1) + redaction(m.group(2)), path)
+    return path
 
 
 def query_secrets(query: str) -> List[str]:
@@ -386,6 +471,14 @@ def scrub_pairs(secrets: Iterable[str], key: bytes) -> List[Tuple[bytes, bytes, 
     is scrubbed: the secret and its redaction as bytes, and how it can appear in a JSON line
     (``PLAIN``, ``UNICODE`` or ``ESCAPED``; see :func:`scrub_json`)."""
     return [(s.encode("utf-8", "surrogatepass"), redacted(s, key).encode("ascii"), _kind(s)) for s in secrets]
+
+
+def form_pairs(found: Dict[str, str], key: bytes) -> List[Tuple[bytes, bytes, int]]:
+    """:func:`scrub_pairs` for ``found``, {a form: the secret it is} (:func:`path_secrets`):
+    each form replaced by the redaction of its secret, so that a key percent-encoded in a path
+    has the fingerprint of the key."""
+    return [(form.encode("utf-8", "surrogatepass"), redacted(secret, key).encode("ascii"), _kind(form))
+            for form, secret in found.items()]
 
 
 def scrub(data: bytes, pairs: Iterable[Tuple[bytes, bytes, int]]) -> bytes:

@@ -430,6 +430,54 @@ class EncoderTest(unittest.TestCase):
                 self.assertEqual(rec["request_body"]["tool_output"],
                                  "OPENAI_API_KEY=%s\n" % wire.redacted(provider, KEY))
 
+    def test_a_key_that_only_the_path_holds_is_redacted_in_the_endpoint_and_scrubbed_from_the_line(self):
+        # A base URL set wrong puts the key in the path, in no header, query or config: the
+        # record's endpoint (and a 404 that quotes the path) kept it in clear.
+        goog = "AIzaSyA0123456789abcdefghijklmnopqrstuv"
+        oai = "sk-proj-0123456789abcdefghijklmn"
+        header = "sk-header-secret-0123"
+        cases = [  # (path, headers, the secrets, the endpoint recorded: "%s" per redaction)
+            ("/%s/v1beta/models/gemini-2.0-flash:generateContent" % goog, [], [goog],
+             "/%s/v1beta/models/gemini-2.0-flash:generateContent"),
+            ("/v1/%s/chat/completions" % oai, [], [oai], "/v1/%s/chat/completions"),
+            ("/v1/chat/completions;key=unknown-value", [], ["unknown-value"], "/v1/chat/completions;key=%s"),
+            # A secret of the exchange percent-encoded in the path: under its header's fingerprint.
+            ("/v1/%73k-header-secret-0123/chat/completions", [("Authorization", "Bearer " + header)], [header],
+             "/v1/%s/chat/completions"),
+        ]
+        enc = Encoder(KEY, "X-Session-Id", 1 << 20)
+        for path, headers, secrets, endpoint in cases:
+            echo = json.dumps({"error": {"message": "no route for %s (%s)" % (path, secrets[0])}}).encode()
+            ex = exchange(path=path, headers=headers, resp=echo, status=404)
+            ex.assign_id()
+            with self.subTest(path=path):
+                [(_, sid, line)] = enc.encode(ex)
+                rec = json.loads(line)
+                self.assertEqual(rec["endpoint"], endpoint % tuple(wire.redacted(s, KEY) for s in secrets))
+                self.assertEqual(rec["error"]["message"], "no route for %s (%s)" % (
+                    rec["endpoint"], wire.redacted(secrets[0], KEY)))
+                for secret in secrets:
+                    self.assertNotIn(secret[3:].encode(), line)
+        # A Gemini model that is a key (a key in the model's place): neither its session's
+        # file nor the record's session id, model or endpoint hold it.
+        ex = exchange(path="/v1beta/models/%s:generateContent" % goog, body=b'{"contents":[]}')
+        ex.model = goog
+        ex.assign_id()
+        [(_, sid, line)] = enc.encode(ex)
+        self.assertNotIn(goog[4:], sid)
+        self.assertNotIn(goog[4:].encode(), line)
+        rec = json.loads(line)
+        self.assertEqual((rec["session_id"], rec["model"], rec["endpoint"]), (
+            wire.redacted(goog, KEY), wire.redacted(goog, KEY), "/v1beta/models/%s:generateContent" % wire.redacted(goog, KEY)))
+        # A plain path is the endpoint as it came; the work is done once per path.
+        for _ in range(2):
+            [rec], _ = encode(exchange(path="/v1/models/task-classification-model-large-v2"))
+            self.assertEqual(rec["endpoint"], "/v1/models/task-classification-model-large-v2")
+        self.assertEqual(len(enc.paths), len(cases) + 1)
+        for _ in range(3):
+            enc.encode(exchange(path=cases[0][0]))
+        self.assertEqual(len(enc.paths), len(cases) + 1)
+
     def test_the_message_of_a_text_error_is_scrubbed_before_it_is_cut(self):
         # A key across the 200th character: cut first, its first part would stay, which the
         # scrub of the whole line does not find.

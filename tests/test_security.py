@@ -364,11 +364,77 @@ class KeyInPathTest(SecurityTestCase):
         for path in all_files(self.data_dir):
             with open(path, "rb") as f:
                 files += f.read()
-        # In a record, a secret of the exchange is scrubbed from the path as from the rest of the
-        # line (its percent-encoded form apart: see the README).
-        for name in ("goog", "query", "bearer"):
-            self.assertNotIn(keys[name].encode(), files, name)
-        self.assertEqual(sum(1 for r in recs if "[REDACTED:" in r["endpoint"]), 3, [r["endpoint"] for r in recs])
+        # In a record, every one is redacted from the path: a secret of the exchange (also
+        # percent-encoded, under its header's fingerprint), and, though no header nor query
+        # carried them, the value shaped like a key and the ?key= parameter's value.
+        for secret in list(keys.values()) + [shaped, unknown]:
+            self.assertNotIn(secret[8:].encode(), files)
+        self.assertEqual([r["endpoint"].count("[REDACTED:") for r in recs], [1] * len(sent), [r["endpoint"] for r in recs])
+        for rec in recs:  # a key in a header and in the path, percent-encoded or not: one fingerprint
+            auth = rec["request_headers"].get("authorization")
+            if auth:
+                self.assertEqual(rec["endpoint"], "/v1/%s/chat/completions" % auth[len("Bearer "):])
+
+
+class KeyInPathProcessTest(unittest.TestCase):
+    """End to end: keys that only the path carries (a base URL set wrong), through the real
+    entry point at DEBUG, an upstream that quotes the path it got, and the subcommands that
+    read the records: the data dir, the log, /metrics, export, stats and verify hold none."""
+
+    def test_a_key_only_the_path_holds_reaches_no_file_log_line_export_or_stats(self):
+        rng = random.Random()
+        goog = "AIzaSy" + "".join(rng.choice("abcdefghijkLMNOP0123456789_-") for _ in range(33))
+        oai = "sk-proj-%032x" % rng.getrandbits(128)
+        param = "param-%024x" % rng.getrandbits(96)
+        header = "sk-header-%024x" % rng.getrandbits(96)
+        tmp = tempfile.mkdtemp(prefix="proxy_llm_pathkey_")
+        self.addCleanup(shutil.rmtree, tmp, True)
+        data_dir = os.path.join(tmp, "data")
+
+        def quote_the_path(req):
+            body = json.dumps({"error": {"message": "no such path: " + req.target, "type": "invalid_request_error"}})
+            return Reply(404, [("Content-Type", "application/json")], body.encode())
+        upstream = FakeUpstream(quote_the_path).start()
+        self.addCleanup(upstream.stop)
+        proc = ProxyProcess(base_config([provider("openai", "openai", upstream.url, "", ["gpt-*"]),
+                                         provider("gemini", "gemini", upstream.url, "", ["gemini-*"])], data_dir),
+                            args=["--log-level", "DEBUG"])
+        self.addCleanup(proc.cleanup)
+        url = "http://127.0.0.1:%d" % proc.port
+        sent = [
+            ("/%s/v1beta/models/gemini-2.0-flash:generateContent" % goog, {}),  # not under /v1: the proxy's 404
+            ("/v1beta/models/%s:generateContent" % goog, {}),  # the model's place: the session's too
+            ("/v1/%s/chat/completions" % oai, {}),
+            ("/v1/chat/completions;key=" + param, {}),
+            ("/v1/%%73%s/chat/completions" % header[1:], {"Authorization": "Bearer " + header}),
+        ]
+        for path, headers in sent:
+            status, _, answer = request(url, path=path, body={"model": "gpt-4o", "contents": []},
+                                        headers=dict(headers, **{"Content-Type": "application/json"}))
+            self.assertEqual(status, 404, answer)
+        metrics = request(url, method="GET", path="/metrics", headers={})[2]
+        self.assertEqual(proc.stop(), 0)
+        outputs = {"log": proc.log_text().encode("utf-8"), "metrics": metrics}
+        for path in all_files(data_dir):
+            with open(path, "rb") as f:
+                outputs[path] = f.read()
+        outputs["file names"] = "\n".join(all_files(data_dir)).encode()
+        env = dict(os.environ, PYTHONPATH=ROOT)
+        for args in (["export", "--format", "records"], ["stats"], ["stats", "--json"], ["verify"]):
+            done = subprocess.run([sys.executable, "-m", "proxy_llm"] + args + ["--data-dir", data_dir], cwd=tmp,
+                                  env=env, stdin=subprocess.DEVNULL, capture_output=True, timeout=DEADLINE)
+            self.assertEqual(done.returncode, 0, done.stderr)
+            outputs[" ".join(args)] = done.stdout
+            outputs[" ".join(args) + " (stderr)"] = done.stderr
+        recorded = len(sent) - 1
+        self.assertEqual(outputs["log"].count(b" -> "), recorded, outputs["log"])
+        self.assertEqual(len(outputs["export --format records"].splitlines()), recorded)
+        for where, data in outputs.items():
+            for secret in (goog, oai, param, header):
+                self.assertNotIn(secret[8:].encode(), data, where)
+        recs = support.read_records(data_dir)
+        self.assertEqual([r["endpoint"].count("[REDACTED:") for r in recs], [1] * recorded, [r["endpoint"] for r in recs])
+        self.assertTrue(all("[REDACTED:" in r["error"]["message"] for r in recs), [r["error"] for r in recs])
 
 
 class KeyInSessionTest(SecurityTestCase):

@@ -248,6 +248,49 @@ class RedactionTest(unittest.TestCase):
         # A secret that holds another: the longer one is taken whole.
         self.assertEqual(wire.log_path("/v1/abcdefgh-and-more/x", ["abcdefgh", "abcdefgh-and-more"]), "/v1/[REDACTED]/x")
 
+    def test_a_key_that_only_the_path_holds_is_found_and_redacted_with_its_fingerprint(self):
+        # A record's endpoint kept such a key in clear: no header, query or config carried it.
+        goog = "AIzaSyA0123456789abcdefghijklmnopqrstuv"
+        oai = "sk-proj-0123456789abcdefghijklmn"
+        cases = {  # path: ({form in the path: the secret}, the endpoint with "%s" per redaction)
+            "/%s/v1beta/models/gemini-2.0-flash:generateContent" % goog:
+                ({goog: goog}, "/%s/v1beta/models/gemini-2.0-flash:generateContent"),
+            "/v1/%s/chat/completions" % oai: ({oai: oai}, "/v1/%s/chat/completions"),
+            "/v1/chat/completions;key=unknown-value": ({"unknown-value": "unknown-value"}, "/v1/chat/completions;key=%s"),
+            # Percent-encoded: the form as the path holds it, and the key decoded (an upstream's echo).
+            "/v1/x%2F" + oai + "/chat": ({oai: oai}, "/v1/x%%2F%s/chat"),
+            "/v1/%73" + oai[1:] + "/chat": ({"%73" + oai[1:]: oai, oai: oai}, "/v1/%s/chat"),
+            "/v1beta/models/x:generateContent%3Fkey%3Dunknown-value": (
+                {"unknown-value": "unknown-value"}, "/v1beta/models/x:generateContent%%3Fkey%%3D%s"),
+        }
+        for path, (found, endpoint) in cases.items():
+            with self.subTest(path=path):
+                self.assertEqual(wire.path_secrets(path), found)
+                secret = next(iter(found.values()))
+                self.assertEqual(wire.redact_path(path, found, KEY), endpoint % wire.redacted(secret, KEY))
+                self.assertNotIn(secret, wire.log_path(path, []))
+        # A short credential parameter's value is redacted in its place, not scrubbed elsewhere.
+        self.assertEqual(wire.path_secrets("/v1/chat/completions;key=abc"), {})
+        self.assertEqual(wire.redact_path("/v1/chat/completions;key=abc", {}, KEY),
+                         "/v1/chat/completions;key=" + wire.redacted("abc", KEY))
+        # Not inside a longer word (a model named "task-..." holds "sk-" and 20 more), nor a plain path.
+        for path in ("/v1/models/task-classification-model-large-v2", "/v1/chat/completions", "/v1/models/%41bc"):
+            with self.subTest(path=path):
+                self.assertEqual(wire.path_secrets(path), {})
+                self.assertEqual(wire.redact_path(path, {}, KEY), path)
+                self.assertEqual(wire.log_path(path, []), path)
+        # A secret of the exchange percent-encoded, some characters or all: its form in the path,
+        # under the secret's fingerprint; as it is, it is the caller's to scrub.
+        known = ["path/key+01234", "sk-header-secret-1"]
+        path = "/v1/path%2Fkey%2B01234/a/%73k-header-secret-1/b/sk-header-secret-1"
+        found = {"path%2Fkey%2B01234": "path/key+01234", "%73k-header-secret-1": "sk-header-secret-1"}
+        self.assertEqual(wire.encoded_secrets(path, known), found)
+        self.assertEqual(wire.path_secrets(path, known), found)
+        self.assertEqual(wire.encoded_secrets(path.replace("%", "-"), known), {})
+        self.assertEqual([(r, red) for r, red, _ in wire.form_pairs(found, KEY)],
+                         [(b"path%2Fkey%2B01234", wire.redacted("path/key+01234", KEY).encode()),
+                          (b"%73k-header-secret-1", wire.redacted("sk-header-secret-1", KEY).encode())])
+
     def test_query_values_in_every_form_and_names_percent_encoded(self):
         # The upstream decodes the query: its echo holds the decoded key, which must be scrubbed.
         self.assertEqual(wire.query_secrets("key=%41Iza-pct-key"), ["%41Iza-pct-key", "AIza-pct-key"])
