@@ -544,9 +544,13 @@ def _escaped_chars(line: bytes, start: int) -> Optional[set]:
     return {int(h, 16) if h else 0x2F for h in found}
 
 
-@functools.lru_cache(maxsize=1024)
-def _secret_chars(raw: bytes) -> frozenset:
-    return frozenset(raw)
+def _holds_any(raw: bytes, chars: set) -> bool:
+    """Whether the secret ``raw`` holds one of ``chars`` (ints): a memchr each (the line's
+    escaped characters are a few; a set of a long secret's bytes would be made per record)."""
+    for c in chars:
+        if raw.find(c) >= 0:
+            return True
+    return False
 
 
 def _scrub_escaped(line: bytes, pairs: Iterable[Tuple[bytes, bytes, int]],
@@ -556,10 +560,9 @@ def _scrub_escaped(line: bytes, pairs: Iterable[Tuple[bytes, bytes, int]],
     how many were replaced.)"""
     count = 0
     for raw, redaction, kind in pairs:
-        if kind == PLAIN and (not escaped or escaped.isdisjoint(_secret_chars(raw))):
+        if kind == PLAIN and (not escaped or not _holds_any(raw, escaped)):
             continue
-        # (A redaction holds no backslash: as a template it is itself.)
-        line, n = _escaped_pattern(raw).subn(redaction, line)
+        line, n = _sub_escaped(line, raw, redaction, kind == ESCAPED)
         count += n
     return line, count
 
@@ -573,7 +576,14 @@ def _hex4(code: int) -> bytes:
 
 
 def _char_forms(c: str, first: bool, last: bool) -> bytes:
-    """A regex for ``c`` in JSON text at any level of nesting (see :func:`_escaped_pattern`)."""
+    r"""A regex for ``c`` in JSON text at any level of nesting: itself (never ``"`` nor ``\``,
+    which JSON text holds only escaped, nor a control character; the first character after
+    an even run of backslashes too, which the match then takes), or escaped: ``\u`` and four
+    hex digits in either case, a short escape (``\/``, ``\"``, ``\n`` ...), or for ``\`` an
+    even run of backslashes. An escape's backslash is one or more (``\\+``): JSON text held in a
+    string has its backslashes doubled (``\\u0073`` in an event's data in a streams line,
+    ``\\\\u0073`` a level deeper). These are the forms :func:`_escaped_end` follows, one
+    character after another; :func:`_start_pattern` finds with them where a secret may start."""
     code = ord(c)
     forms = []
     if code >= 0x20 and c != '"' and c != "\\":
@@ -588,79 +598,224 @@ def _char_forms(c: str, first: bool, last: bool) -> bytes:
     elif c == "\\":
         if not last:  # an even run (the next form takes what it needs of the rest)
             forms.append(rb"(?:\\\\)+")
-        else:
-            # The run whole when even; when odd (its last backslash escapes what follows), either
-            # the whole run and that escape, if what the run's pairs make a level within is
-            # itself an odd run (\\\" is \" there: an escaped quote), or all but the escape
-            # (\\\\\" is \\" there: a backslash, and the quote that ends the string).
+        else:  # (see _last_backslash_ends)
             forms.append(rb"(?:\\\\)+(?!\\)")
             forms.append(rb"(?:\\\\\\\\)*\\\\\\(?:u[0-9A-Fa-f]{4}|[^\\u])")
             forms.append(rb"(?:\\\\\\\\)+(?=\\[^\\])")
     return b"(?:" + b"|".join(forms) + b")"
 
 
-# The compiled patterns of _escaped_pattern kept: at most PATTERNS_MAX of them, and sources of
-# PATTERN_CHARS characters in all (a compiled one takes about 17 bytes per character of its
-# source, which takes 14 per character of the secret). Full, it starts again; a pattern larger
-# than that is compiled for each use. An lru_cache of 1,024 held them, and re's own cache 512
-# more: a client sending another long key with each request (64 KB fits a header line) made
-# them hold about 1 MB for every 8 KB of key, gigabytes in all.
-PATTERNS_MAX = 1024
-PATTERN_CHARS = 1 << 19
-_patterns: Dict[bytes, "re.Pattern[bytes]"] = {}
-_pattern_chars = [0]  # the characters of the sources in _patterns (a list: changed in place)
-try:  # the compiler without re's cache (which keeps what it compiles, whatever its size)
-    from re import _compiler as _sre_compiler  # type: ignore  # Python 3.11 and newer
-except ImportError:
-    import sre_compile as _sre_compiler  # type: ignore  # Python 3.8 to 3.10
-_compile_uncached = getattr(_sre_compiler, "compile", re.compile)
+# The compiled patterns of _start_pattern, keyed by the characters they find: at most
+# STARTS_MAX (full, it starts again), each of two characters at most, so a few KB. (A
+# pattern of the whole secret, an alternation group per character, took 35 us a character
+# to compile: 0.3 s on the writer thread for a new 8 KB key with each request.)
+STARTS_MAX = 1024
+START_CHARS = 2  # the characters a start pattern finds (one where a body ends: cut_secret_start)
+_starts: Dict[Tuple[bytes, bool], "re.Pattern[bytes]"] = {}
 
 
-def _escaped_pattern(raw: bytes) -> "re.Pattern[bytes]":
-    """:func:`_escaped_form_pattern`, remembered (see ``_patterns``)."""
-    pattern = _patterns.get(raw)
+def _char_end(raw: bytes, i: int) -> int:
+    """Where the character whose UTF-8 starts at ``raw[i]`` ends."""
+    lead = raw[i]
+    return i + (1 if lead < 0xC0 else 2 if lead < 0xE0 else 3 if lead < 0xF0 else 4)
+
+
+def _start_pattern(raw: bytes, chars: int) -> "re.Pattern[bytes]":
+    """A regex that finds, without taking it, each place where the secret ``raw`` may start in
+    JSON text: its first ``chars`` characters in the forms of :func:`_char_forms`, not after a
+    backslash (where a form starts in the middle of an escape). Remembered (``_starts``)."""
+    head = 0
+    for _ in range(chars):
+        if head < len(raw):
+            head = _char_end(raw, head)
+    key = (raw[:head], head == len(raw))
+    pattern = _starts.get(key)
     if pattern is None:
-        pattern = _escaped_form_pattern(raw)
-        size = len(pattern.pattern)
-        if size <= PATTERN_CHARS:
-            if len(_patterns) >= PATTERNS_MAX or _pattern_chars[0] + size > PATTERN_CHARS:
-                _patterns.clear()
-                _pattern_chars[0] = 0
-            _pattern_chars[0] += size
-            _patterns[raw] = pattern
+        text = key[0].decode("utf-8", "surrogatepass")
+        last = len(text) - 1 if key[1] else -1
+        forms = b"".join(_char_forms(c, n == 0, n == last) for n, c in enumerate(text))
+        pattern = re.compile(rb"(?<!\\)(?=" + forms + b")", re.DOTALL)
+        if len(_starts) >= STARTS_MAX:
+            _starts.clear()
+        _starts[key] = pattern
     return pattern
 
 
-def _escaped_form_pattern(raw: bytes) -> "re.Pattern[bytes]":
-    r"""A regex for the secret ``raw`` in JSON text, each character as itself (never ``"`` nor
-    ``\``, which JSON text holds only escaped, nor a control character) or escaped: ``\u`` and
-    four hex digits in either case, a short escape (``\/``, ``\"``, ``\n`` ...), or for ``\`` an
-    even run of backslashes. An escape's backslash is one or more (``\\+``): JSON text held in a
-    string has its backslashes doubled (``\\u0073`` in an event's data in a streams line,
-    ``\\\\u0073`` a level deeper), so one pattern finds the secret at any level.
+def _sub_escaped(line: bytes, raw: bytes, redaction: bytes, strict: bool) -> Tuple[bytes, int]:
+    """``line`` with each match of :func:`_escaped_end` for the secret ``raw``, leftmost first,
+    replaced by ``redaction``, and their count. Only where :func:`_start_pattern` finds the
+    secret's first characters is it followed further. ``strict``: the secret is ``ESCAPED``
+    (see :func:`_escaped_end`)."""
+    starts = _start_pattern(raw, START_CHARS)
+    out = []
+    pos = 0
+    end = len(line)
+    m = starts.search(line)
+    while m is not None:
+        start = m.start()
+        stop = _escaped_end(line, raw, start, end, strict, False)
+        if stop < 0:
+            m = starts.search(line, start + 1)
+        else:
+            out.append(line[pos:start])
+            out.append(redaction)
+            pos = stop
+            m = starts.search(line, stop)
+    if not out:
+        return line, 0
+    out.append(line[pos:])
+    return b"".join(out), len(out) // 2
+
+
+_RUN = re.compile(rb"\\+")
+_UNIT = re.compile(rb"u([0-9A-Fa-f]{4})")
+_LOW_UNIT = re.compile(rb"\\+u([Dd][C-Fc-f][0-9A-Fa-f]{2})")
+_SHORT_DECODED = {v[0]: k.encode("ascii") for k, v in _SHORT_ESCAPES.items()}
+_NOT_ITSELF = re.compile(rb'["\x00-\x1f]')  # what JSON text holds only escaped (with "\")
+_U_ESCAPES = re.compile(rb"(?:\\+u[0-9A-Fa-f]{4})+")
+_ESCAPES_AT_ONCE = 1024
+
+
+def _decoded(escapes: bytes) -> bytes:
+    """The UTF-8 of what \\u escapes (a match of ``_U_ESCAPES``) stand for: surrogate pairs joined,
+    a half alone kept (as :func:`_escapes_at` decodes them one by one, a pair first)."""
+    units = _RUN.sub(b"\\\\", escapes).decode("unicode_escape")
+    return units.encode("utf-16-le", "surrogatepass").decode("utf-16-le", "surrogatepass").encode(
+        "utf-8", "surrogatepass")
+
+
+def _escapes_at(line: bytes, e: int, end: int) -> List[Tuple[bytes, int]]:
+    """What an escape whose backslashes end at ``line[e]`` stands for (the UTF-8 of a
+    character), with where it ends: none, one, or for the high half of a surrogate pair followed
+    by a low half, the pair's character and the half alone (a secret may hold a lone one)."""
+    if e >= end:
+        return []
+    x = line[e]
+    if x != 0x75:  # "u"
+        d = _SHORT_DECODED.get(x)
+        return [] if d is None else [(d, e + 1)]
+    m = _UNIT.match(line, e, end)
+    if m is None:
+        return []
+    code = int(m.group(1), 16)
+    one = (chr(code).encode("utf-8", "surrogatepass"), m.end())
+    if 0xD800 <= code < 0xDC00:
+        low = _LOW_UNIT.match(line, m.end(), end)
+        if low is not None:
+            pair = 0x10000 + ((code - 0xD800) << 10) + int(low.group(1), 16) - 0xDC00
+            return [(chr(pair).encode("utf-8"), low.end()), one]
+    return [one]
+
+
+def _last_backslash_ends(line: bytes, p: int, run: int, end: int) -> List[int]:
+    """Where a secret's last character, ``\\``, may end when written by the backslashes
+    ``line[p:run]`` (they end there): the run whole when even; when odd (its last backslash
+    escapes what follows), either the whole run and that escape, if what the run's pairs make a
+    level within is itself an odd run (``\\\\\\"`` is ``\\"`` there: an escaped quote), or all but
+    the escape (``\\\\\\\\\\"`` is ``\\\\"`` there: a backslash, and the quote that ends the string)."""
+    r = run - p
+    if r % 2 == 0:
+        return [run]
+    if r % 4 == 3:
+        if run < end and line[run] != 0x75:
+            return [run + 1]
+        m = _UNIT.match(line, run, end)
+        return [] if m is None else [m.end()]
+    return [run - 1] if r >= 5 and run < len(line) else []
+
+
+def _escaped_end(line: bytes, raw: bytes, start: int, end: int, strict: bool, partial: bool) -> int:
+    r"""Where the secret ``raw`` ends in ``line[:end]`` if it starts at ``start`` (not after a
+    backslash), written in JSON text at any level, each character in one of the forms of
+    :func:`_char_forms`; -1 if it does not. ``strict``: check that what stands for itself holds
+    no ``"`` nor control character (a secret that holds one: ``ESCAPED``). ``partial``: not the
+    secret whole but a start of it that ``end`` cuts (one character or more, the next cut short
+    perhaps: an escape, or the first bytes of its UTF-8): ``end`` if there is one, else -1.
+
+    The characters are followed one after another: a run of the secret's bytes as themselves
+    is compared whole (up to the line's next backslash), an escape is decoded. Only a ``\`` of
+    the secret leaves a choice (how much of a run of backslashes it takes): those are tried in
+    turn, each place once. The work is the length of what matches, whatever the secret's.
 
     Why cutting a match out leaves the line valid JSON, and the text within its strings too:
-    a match never starts right after a backslash (the look-behind), so it starts at the first
-    backslash of a run or at a character that follows one that is not a backslash. Either is
-    the start of a token at every level: a run of backslashes is a run at every level within
-    (halved, the quote's or backslash's own escape apart), and what precedes it ends a token
-    (an escape ends with a character that is not a backslash). Within a match every run is
-    taken whole: each escaped form starts with all of its run (the form before it ended with a
-    character that is not a backslash, or is the even run of a ``\`` that this form continues)
-    and ends with the escape's last character, so each is whole tokens at every level; a
-    character as itself follows the end of a form, or at the start of the match a run the
-    match takes, even (literal backslashes): it is a token of its own. At the outer level
-    the span is therefore whole tokens. At a level within, it may end inside a token whose
-    backslash it took: the rest is hex digits or a letter, text again, never a quote. A secret
-    that ends with ``\`` is the exception: its last run is taken whole, and with the escape its
-    odd end starts when the pairs before make an odd run a level within (``\\\"`` is ``\"``
-    there), or without it (``\\\\\"`` is ``\\"`` there: the quote ends the string); two
-    levels or more within, a string that held the secret may be left invalid JSON text (it is
-    never left holding the secret).
+    a match never starts right after a backslash, so it starts at the first backslash of a run
+    or at a character that follows one that is not a backslash. Either is the start of a token
+    at every level: a run of backslashes is a run at every level within (halved, the quote's or
+    backslash's own escape apart), and what precedes it ends a token (an escape ends with a
+    character that is not a backslash). Within a match every run is taken whole: each escaped
+    form starts with all of its run (the form before it ended with a character that is not a
+    backslash, or is the even run of a ``\`` that this form continues) and ends with the escape's
+    last character, so each is whole tokens at every level; a character as itself follows the
+    end of a form, or at the start of the match a run the match takes, even (literal
+    backslashes): it is a token of its own. At the outer level the span is therefore whole
+    tokens. At a level within, it may end inside a token whose backslash it took: the rest is
+    hex digits or a letter, text again, never a quote. A secret that ends with ``\`` is the
+    exception (:func:`_last_backslash_ends`): two levels or more within, a string that held
+    the secret may be left invalid JSON text (it is never left holding the secret).
     """
-    secret = raw.decode("utf-8", "surrogatepass")
-    parts = [rb"(?<!\\)"] + [_char_forms(c, n == 0, n == len(secret) - 1) for n, c in enumerate(secret)]
-    return _compile_uncached(b"".join(parts), re.DOTALL)
+    n = len(raw)
+    stack = [(start, 0)]
+    seen = set()
+    reach = 16
+    while stack:
+        p, i = stack.pop()
+        while i < n:
+            if p >= end:
+                if partial and i:
+                    return end
+                break
+            c = raw[i]
+            if line[p] != 0x5C:  # the secret's bytes as themselves, up to the line's next backslash
+                if c == 0x5C:
+                    break
+                stop = min(end, p + n - i)
+                q = line.find(b"\\", p, stop)
+                if q < 0:
+                    q = stop
+                k = q - p
+                # (Most starts differ at once: their first bytes first, before a copy of k.)
+                if not line.startswith(raw[i:i + min(k, 16)], p) or (
+                        k > 16 and not line.startswith(raw[i:i + k], p)):
+                    break
+                if strict and _NOT_ITSELF.search(line, p, q) is not None:
+                    break
+                p = q
+                i += k
+                continue
+            if partial and i and _PARTIAL_ESCAPE.fullmatch(line, p, end) is not None:
+                return end  # (an escape cut short: it may be the next character's)
+            if i:  # \u escapes one after another, decoded at once where they leave no choice (no backslash):
+                # a few first, twice as many each time they match (most starts differ at once), up
+                # to _ESCAPES_AT_ONCE (the regex engine keeps a state for each one it repeats)
+                m = _U_ESCAPES.match(line, p, min(end, p + 6 * min(n - i, reach)))
+                if m is not None:
+                    d = _decoded(m.group())
+                    if raw.startswith(d, i) and d.find(b"\\") < 0:
+                        p = m.end()
+                        i += len(d)
+                        reach = min(2 * reach, _ESCAPES_AT_ONCE)
+                        continue
+            run = _RUN.match(line, p, end).end()
+            ways = []
+            if i == 0 and c != 0x5C and (run - p) % 2 == 0:
+                ways.append((run, 0))  # literal backslashes, then the first character as itself
+            for d, e in _escapes_at(line, run, end):
+                if raw.startswith(d, i):
+                    ways.append((e, i + len(d)))
+            if c == 0x5C:
+                if i + 1 < n:  # an even part of the run (the next character takes the rest)
+                    ways += [(p + 2 * k, i + 1) for k in range((run - p) // 2, 0, -1)]
+                else:
+                    ways += [(e, n) for e in _last_backslash_ends(line, p, run, end)]
+            for way in reversed(ways):  # (the first tried first)
+                if way not in seen:
+                    seen.add(way)
+                    stack.append(way)
+            break
+        else:
+            if not partial:
+                return p
+    return -1
 
 
 def cut_secret_start(data: bytes, pairs: Sequence[Tuple[bytes, bytes, int]]) -> bytes:
@@ -676,8 +831,8 @@ def cut_secret_start(data: bytes, pairs: Sequence[Tuple[bytes, bytes, int]]) -> 
     end = len(data)
     for _ in range(_CUT_PASSES):
         cut = end
-        for raw, _, _ in pairs:
-            start = _secret_start(data, raw, end)
+        for raw, _, kind in pairs:
+            start = _secret_start(data, raw, end, kind)
             if start < cut:
                 cut = start
         if cut == end:
@@ -697,7 +852,7 @@ _PARTIAL_ESCAPE = re.compile(rb"\\+(?:u[0-9A-Fa-f]{0,4}(?:\\+(?:u[0-9A-Fa-f]{0,3
 _PARTIAL_ESCAPE_AT_END = re.compile(rb"(?<!\\)" + _PARTIAL_ESCAPE.pattern + rb"\Z")
 
 
-def _secret_start(data: bytes, raw: bytes, end: int) -> int:
+def _secret_start(data: bytes, raw: bytes, end: int, kind: int) -> int:
     """Where a tail of ``data[:end]`` that is the start of the secret ``raw`` (not all of it)
     begins; ``end`` when there is none."""
     start = end
@@ -707,43 +862,26 @@ def _secret_start(data: bytes, raw: bytes, end: int) -> int:
             break
     reach = max(0, end - _ESCAPED_REACH * len(raw) - 16)
     if data.find(b"\\", reach, end) >= 0:  # (an escaped form has a backslash)
-        escaped = _escaped_start(data, raw, reach, end)
+        escaped = _escaped_start(data, raw, reach, end, kind == ESCAPED)
         if escaped < start:
             start = escaped
     return start
 
 
-@functools.lru_cache(maxsize=256)
-def _char_patterns(raw: bytes) -> Tuple["re.Pattern[bytes]", ...]:
-    """A regex per character of the secret ``raw``: its pieces of :func:`_escaped_pattern`."""
-    secret = raw.decode("utf-8", "surrogatepass")
-    last = len(secret) - 1
-    return tuple(re.compile((rb"(?<!\\)" if n == 0 else b"") + _char_forms(c, n == 0, n == last), re.DOTALL)
-                 for n, c in enumerate(secret))
-
-
-def _escaped_start(data: bytes, raw: bytes, reach: int, end: int) -> int:
+def _escaped_start(data: bytes, raw: bytes, reach: int, end: int, strict: bool) -> int:
     """:func:`_secret_start` for the forms :func:`scrub_json` finds, in ``data[reach:end]``:
     the secret's characters one by one, each as itself or escaped, up to ``end`` (or to a
     character cut short there: an escape, or the first bytes of its UTF-8)."""
-    forms = _char_patterns(raw)
-    secret = raw.decode("utf-8", "surrogatepass")
-    for first in forms[0].finditer(data, reach, end):  # the earliest start makes the longest tail
-        p = first.end()
-        i = 1
-        while p < end and i < len(forms):
-            m = forms[i].match(data, p, end)
-            if m is None:
-                break
-            p = m.end()
-            i += 1
-        if i < len(forms) and (p == end or _PARTIAL_ESCAPE.fullmatch(data, p, end) is not None
-                               or secret[i].encode("utf-8", "surrogatepass").startswith(data[p:end])):
-            return first.start()
     # The escape of a first character cut short (any escape cut short at the very end: it
     # holds too little to tell which character it was).
     m = _PARTIAL_ESCAPE_AT_END.search(data, max(reach, end - 32), end)
-    return m.start() if m is not None else end
+    cut = m.start() if m is not None else end
+    for first in _start_pattern(raw, 1).finditer(data, reach, end):  # the earliest start makes the longest tail
+        if first.start() >= cut:
+            break
+        if _escaped_end(data, raw, first.start(), end, strict, True) >= 0:
+            return first.start()
+    return cut
 
 
 # Validity only: numbers stay text (no digit limit, no float conversion).

@@ -459,9 +459,6 @@ class ScrubMemoryTest(unittest.TestCase):
         # Their compiled patterns (about 1 MB for 8 KB of key) were kept by an lru_cache of
         # 1,024 and by re's own cache of 512: a client sending another long key with each
         # request made them hold gigabytes. Counted: the bytes still allocated after the loop.
-        patch = mock.patch.object(wire, "PATTERN_CHARS", 1 << 13, create=True)
-        patch.start()
-        self.addCleanup(patch.stop)
         wire.scrub_json(b'{"a":"\\u0041"}', wire.scrub_pairs(["warm-up-AAAA"], KEY))
         tracemalloc.start()
         self.addCleanup(tracemalloc.stop)
@@ -475,8 +472,53 @@ class ScrubMemoryTest(unittest.TestCase):
             self.assertEqual(out, ('{"echo":"%s","also":"%s"}' % ((wire.redacted(secret, KEY),) * 2)).encode())
         gc.collect()
         kept = tracemalloc.get_traced_memory()[0] - before
-        # Each pattern is ~4 KB of source and ~70 KB compiled: at most two are kept (4 MB were).
+        # (A pattern of a whole secret was ~4 KB of source and ~70 KB compiled: 4 MB were kept.)
         self.assertLess(kept, 1 << 20)
+
+    def test_a_long_secret_escaped_in_a_mix_of_forms_is_scrubbed_at_a_cost_bounded_by_the_line(self):
+        # A client sending a new long credential with each request (a JWT, a session token:
+        # 1-4 KB is common, a header line holds 64 KB) had the writer compile a pattern of the
+        # whole secret, a group of alternatives per character, to find it JSON-escaped:
+        # 0.3 s and a 15 MB peak for 8 KB, 4 s and 120 MB for 64 KB, on every record of a line
+        # with a \/ in it. Counted without a clock: the memory the scrub takes at its peak, a
+        # few times the line's (a pattern's compiler took 1.8 KB a character of the secret).
+        rng = random.Random(20260607)
+        alphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/-_."
+
+        def mixed(secret):  # each character as itself, \u-escaped in either case, or \/
+            out = []
+            for c in secret:
+                r = rng.random()
+                out.append(c if r < 0.4 else "\\u%04x" % ord(c) if r < 0.7 else "\\u%04X" % ord(c)
+                           if c != "/" or r < 0.85 else "\\/")
+            return "".join(out)
+        for n in (8192, 65536):
+            secret = "".join(rng.choice(alphabet) for _ in range(n))
+            red = wire.redacted(secret, KEY).encode()
+            bodies = {"mixed": '{"error":{"message":"bad key %s."}}' % mixed(secret),
+                      "all \\u": '{"error":{"message":"bad key %s"}}' % _uesc(secret, upper=True),
+                      "half as itself": '{"m":"bad key %s%s"}' % (secret[:n // 2], _uesc(secret[n // 2:]))}
+            for name, body in bodies.items():
+                for level, line in ((1, '{"response_body":%s,"n":1}' % body),
+                                    (2, json.dumps({"events": [{"data": body}], "a": "\\/"}))):
+                    with self.subTest(n=n, form=name, level=level):
+                        line = line.encode()
+                        pairs = wire.scrub_pairs([secret], KEY)
+                        gc.collect()
+                        tracemalloc.start()
+                        try:
+                            out = wire.scrub_json(line, pairs)
+                            peak = tracemalloc.get_traced_memory()[1]
+                        finally:
+                            tracemalloc.stop()
+                        self.assertLess(peak, 16 * len(line) + (1 << 20))
+                        self.assertEqual(out.count(red), 1)
+                        for s in _strings(json.loads(out)):
+                            self.assertNotIn(secret, s)
+                        # A body cut through it keeps none of its start either.
+                        start = line.find(b"bad key ") + 8
+                        cut = line[:start + len(line) // 3]
+                        self.assertEqual(wire.cut_secret_start(cut, pairs), line[:start])
 
 
 class CutSecretStartTest(unittest.TestCase):
