@@ -8,6 +8,7 @@ import io
 import json
 import random
 import socket
+import sys
 import tracemalloc
 import unittest
 from unittest import mock
@@ -546,6 +547,31 @@ class CutSecretStartTest(unittest.TestCase):
             with self.subTest(data=data):
                 self.assertIs(wire.cut_secret_start(data, pairs), data)
         self.assertEqual(wire.cut_secret_start(b"a sk-proj-0123456789 sk-p", pairs), b"a sk-proj-0123456789 ")
+
+    def test_a_long_secret_is_looked_for_at_the_end_without_a_step_per_length(self):
+        # The tail that is a secret's first bytes was looked for one length after another, each
+        # comparison copying the secret's start: for a 64 KB secret and a body cut past 64 KB,
+        # 64 Ki steps and 2 GB copied (0.1 s). Counted without a clock: the lines of wire run.
+        secret = "".join(random.Random(8).choice("ABCDEFGHabcdefgh0123456789") for _ in range(65536))
+        pairs = wire.scrub_pairs([secret], KEY)
+        for data, kept in ((b"y" * 100000, 100000), (b"y" * 100000 + secret[:40000].encode(), 100000),
+                           (secret[:-1].encode(), 0)):
+            lines = [0]
+
+            def trace(frame, event, arg):
+                if frame.f_globals is vars(wire):
+                    lines[0] += 1
+                    return trace
+                return None
+            before = sys.gettrace()
+            sys.settrace(trace)
+            try:
+                out = wire.cut_secret_start(data, pairs)
+            finally:
+                sys.settrace(before)
+            with self.subTest(size=len(data)):
+                self.assertEqual(out, data[:kept])
+                self.assertLess(lines[0], 1000)
 
     def test_starts_of_secrets_one_after_another_take_a_pass_each_and_are_given_up_past_a_bound(self):
         pairs = wire.scrub_pairs(["sk-proj-0123456789", "\u00e9t\u00e9-secret"], KEY)
