@@ -209,21 +209,34 @@ def _hmac_states(key: bytes) -> Tuple[Any, Any]:
     return hashlib.sha256(key.translate(_XOR_IPAD)), hashlib.sha256(key.translate(_XOR_OPAD))
 
 
-@functools.lru_cache(maxsize=1024)
+# The longest secret whose fingerprint is kept (_cached_fingerprint): 1,024 of them kept
+# whole, 64 KB each (a header line holds that much), were 64 MB; a longer one is hashed again.
+FINGERPRINT_CACHED_CHARS = 512
+
+
 def fingerprint(secret: str, key: bytes) -> str:
-    """A short keyed fingerprint: tells keys apart without revealing them (cached: the same
-    few keys come back on every request).
+    """A short keyed fingerprint: tells keys apart without revealing them (cached for a secret
+    of up to FINGERPRINT_CACHED_CHARS characters: the same few keys come back on every request).
 
     It is HMAC-SHA256, from the key's two hash states copied (half of what ``hmac.digest``
     costs, which prepares them again for every call): a cookie, new with every response of
     some providers, gets a fingerprint every time.
     """
+    if len(secret) <= FINGERPRINT_CACHED_CHARS:
+        return _cached_fingerprint(secret, key)
+    return _fingerprint(secret, key)
+
+
+def _fingerprint(secret: str, key: bytes) -> str:
     inner, outer = _hmac_states(key)
     inner = inner.copy()
     inner.update(secret.encode("utf-8", "surrogatepass"))
     outer = outer.copy()
     outer.update(inner.digest())
     return outer.hexdigest()[:8]
+
+
+_cached_fingerprint = functools.lru_cache(maxsize=1024)(_fingerprint)
 
 
 def redacted(secret: str, key: bytes) -> str:

@@ -183,6 +183,21 @@ class RedactionTest(unittest.TestCase):
                     self.assertEqual(wire.fingerprint(secret, key), expected)
                     self.assertEqual(wire.fingerprint(secret, key), expected)  # the states are not used up
 
+    def test_a_long_secret_s_fingerprint_is_not_kept(self):
+        # A client sending a new 64 KB key with each request: 1,024 of them kept whole were 64 MB.
+        import hmac
+
+        before = wire._cached_fingerprint.cache_info().currsize
+        for i in range(20):
+            secret = ("%d-" % i) + "y" * (64 * 1024)
+            expected = hmac.digest(KEY, secret.encode(), "sha256").hex()[:8]
+            self.assertEqual(wire.fingerprint(secret, KEY), expected)
+        self.assertEqual(wire._cached_fingerprint.cache_info().currsize, before)
+        short = "z" * wire.FINGERPRINT_CACHED_CHARS
+        wire.fingerprint(short, KEY)
+        wire.fingerprint(short, KEY)
+        self.assertGreaterEqual(wire._cached_fingerprint.cache_info().hits, 1)
+
     def test_query(self):
         q = wire.redact_query("alt=sse&key=AIzaSECRET&api_key=x2&token=t&keyword=ok", KEY)
         self.assertNotIn("AIzaSECRET", q)
