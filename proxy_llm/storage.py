@@ -19,9 +19,10 @@ Durability contract (also in the README):
 * It reaches the disk at the next fsync: after every batch with ``fsync: always``, at most
   ``fsync_interval`` seconds later with ``fsync: interval`` (the default), or when the OS decides
   with ``fsync: never``. Power loss can lose what was not yet synced.
-* A new file's directory, and a sealed (rotated) file, are synced with the next sync (one
-  commit for every rotation since the last sync, see ``_seal``; after the batch with ``fsync:
-  never``); files are synced when closed, and at shutdown.
+* A new file's directory, a new session directory's entry in the data dir, and a sealed
+  (rotated) file, are synced with the next sync (one commit for every rotation since the last
+  sync, see ``_seal``; each directory once for every entry made in it, see ``_directory``; after
+  the batch with ``fsync: never``); files are synced when closed, and at shutdown.
 * A write that fails half-way is cut back (``ftruncate``) to the last whole line, so a file
   holds whole lines, except at most one torn last line after a crash in the middle of a write.
 * Every start opens new files (``O_EXCL``); a name that exists gets a ``-N`` suffix (see
@@ -143,14 +144,14 @@ def is_stream_file_name(name: str) -> bool:
 class _File:
     __slots__ = ("path", "fd", "size", "day", "dirty", "lines", "ident")
 
-    def __init__(self, path: str, fd: int, day: str):
+    def __init__(self, path: str, fd: int, day: str, ident: Tuple[int, int]):
         self.path = path
         self.fd: Optional[int] = fd
         self.size = 0
         self.day = day
         self.dirty = False
         self.lines = 0
-        self.ident = _ident(os.fstat(fd))
+        self.ident = ident  # (device, inode), as _hold found it
 
     def replaced(self) -> bool:
         """The file is no longer at its path: removed or renamed by hand (to free space, or by
@@ -359,7 +360,8 @@ class Recorder:
         self._compressor: Optional[threading.Thread] = None
         self._next_name: Dict[Tuple[str, str], Tuple[str, int]] = {}  # key -> (stem, next index), see _create
         self._sealed: List[_File] = []  # sealed, not yet synced and closed (see _seal)
-        self._new_dirs: set = set()  # directories of files created since the last sync (see _create)
+        self._new_dirs: set = set()  # directories with entries made since the last sync (see _create, _directory)
+        self._dirs: set = set()  # directories this writer made or found (see _directory)
         self._to_compress: "queue.Queue[object]" = queue.Queue()
         # The paths this run's writer created (each added before its file exists), while the
         # compressor sweeps the files of earlier runs (see _sweep); None after the sweep.
@@ -658,15 +660,50 @@ class Recorder:
         else:
             directory = os.path.join(self.data_dir, "streams")
             stem = "session_%s_%s" % (sid, day)
-        created_dir = not os.path.isdir(directory)
-        if created_dir:
-            self.ops.makedirs(directory, mode=0o700, exist_ok=True)
-            _fsync_dir(os.path.dirname(directory), self.ops)
-            self._next_name.pop(key, None)  # (a new directory: its names start again)
-        fd, path = self._create(key, directory, stem)
-        f = self._files[key] = self._open[key] = _File(path, fd, day)
+        made = self._directory(key, directory)
+        try:
+            fd, path, ident = self._create(key, directory, stem, made)
+        except FileNotFoundError:
+            if directory not in self._dirs:
+                raise
+            # Its directory was removed (by hand) since this writer made or found it: again.
+            self._dirs.discard(directory)
+            made = self._directory(key, directory)
+            fd, path, ident = self._create(key, directory, stem, made)
+        f = self._files[key] = self._open[key] = _File(path, fd, day, ident)
         self._limit_open()
         return f
+
+    def _directory(self, key: Tuple[str, str], directory: str) -> bool:
+        """Make ``directory`` (0700) unless this writer made or found it before; True when it
+        made it now, and so knows it empty. Its entry in the data dir is synced with the next
+        sync, together with the entry of the file made in it (see :meth:`_settle`).
+
+        With a new session per record (an agent that starts one per task, a client whose
+        session header changes every request), every record makes a directory and a file. Each
+        looked the directory up first (a stat), ``makedirs`` looked the data dir up again, the
+        data dir was synced at once (an open, a journal commit and a close), and the new file's
+        name was looked for in the empty directory (three more stats): the data dir is now
+        synced once per sync for all of them, and a directory made now is known to be empty.
+        A directory known here and removed since (by hand) is made again (see _file_for).
+        """
+        dirs = self._dirs
+        if directory in dirs:
+            return False
+        try:
+            self.ops.makedirs(directory, mode=0o700)
+            made = True
+        except FileExistsError:
+            if not os.path.isdir(directory):
+                raise  # (a file in its place: this record cannot be written, and is counted)
+            made = False
+        if made:
+            self._new_dirs.add(os.path.dirname(directory))
+            self._next_name.pop(key, None)  # (a new directory: its names start again)
+        if len(dirs) >= MAX_KNOWN_FILES:
+            dirs.clear()  # (bounded: a directory forgotten costs a makedirs that finds it)
+        dirs.add(directory)
+        return made
 
     def _reopen(self, f: _File) -> bool:
         """Open again, locked (see :func:`_hold`), a file closed for the open-files limit. False
@@ -677,21 +714,23 @@ class Recorder:
             fd = self.ops.open(f.path, os.O_WRONLY | os.O_APPEND | getattr(os, "O_CLOEXEC", 0))
         except FileNotFoundError:
             return False
-        if _hold(fd, f.path) and _ident(os.fstat(fd)) == f.ident:
+        if _hold(fd, f.path) == f.ident:
             f.fd = fd
             return True
         self.ops.close(fd)
         return False
 
-    def _create(self, key: Tuple[str, str], directory: str, stem: str) -> Tuple[int, str]:
-        """Create the next file of ``stem``: ``<stem>.jsonl``, then ``<stem>-1.jsonl``, ...
+    def _create(self, key: Tuple[str, str], directory: str, stem: str,
+                empty: bool = False) -> Tuple[int, str, Tuple[int, int]]:
+        """Create the next file of ``stem``: ``<stem>.jsonl``, then ``<stem>-1.jsonl``, ...;
+        returns its descriptor, path and (device, inode).
 
-        The index goes on from this key's last file of the same stem, and is otherwise found
-        by :meth:`_first_free`. It went through every name from 0 on each rotation: a streams
-        file's stem is a whole day's, so the k-th rotation of a day tried k names (a stat and
-        an open each), the writer spent most of its time there under a small
-        ``max_file_size`` and fell behind, and past 9,999 files of a stem no name was left and
-        every line of that file was dropped.
+        The index goes on from this key's last file of the same stem, is 0 in a directory made
+        ``empty`` just now (nothing to look for), and is otherwise found by :meth:`_first_free`.
+        It went through every name from 0 on each rotation: a streams file's stem is a whole
+        day's, so the k-th rotation of a day tried k names (a stat and an open each), the writer
+        spent most of its time there under a small ``max_file_size`` and fell behind, and past
+        9,999 files of a stem no name was left and every line of that file was dropped.
 
         The new file is locked (shared, see :func:`_hold`) as long as it is open, so that no
         other process's compressor takes it for a file of an earlier run; its path is noted
@@ -699,12 +738,16 @@ class Recorder:
         """
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND | getattr(os, "O_CLOEXEC", 0)
         last = self._next_name.get(key)
-        n = last[1] if last is not None and last[0] == stem else self._first_free(directory, stem)
+        if empty:
+            n = 0
+        else:
+            n = last[1] if last is not None and last[0] == stem else self._first_free(directory, stem)
         for _ in range(NAME_TRIES):  # (names taken meanwhile by another process, or by hand)
             path = self._name(directory, stem, n)
             n += 1
-            if os.path.lexists(path + ".gz"):
+            if not empty and os.path.lexists(path + ".gz"):
                 continue
+            empty = False  # (past the first name tried, another process has been there: look)
             own = self._own_paths
             if own is not None:
                 own.add(path)
@@ -714,7 +757,8 @@ class Recorder:
                 if own is not None:
                     own.discard(path)
                 continue
-            if not _hold(fd, path):  # (another process's compressor took it, empty, before the lock)
+            ident = _hold(fd, path)
+            if ident is None:  # (another process's compressor took it, empty, before the lock)
                 self.ops.close(fd)
                 continue
             if len(self._next_name) >= MAX_KNOWN_FILES and key not in self._next_name:
@@ -725,7 +769,7 @@ class Recorder:
             self._new_dirs.add(directory)
             if self._unsynced_since is None:
                 self._unsynced_since = self.monotonic()
-            return fd, path
+            return fd, path, ident
         raise OSError(errno.EEXIST, "no free file name for %s" % stem)
 
     def _name(self, directory: str, stem: str, n: int) -> str:
@@ -1187,17 +1231,19 @@ def _remove(path: str) -> None:
         pass
 
 
-def _hold(fd: int, path: str) -> bool:
+def _hold(fd: int, path: str) -> Optional[Tuple[int, int]]:
     """The writer's lock on a file it has open for writing: shared, taken without waiting, held
-    until the file is closed. Another process's compressor, settling the files of earlier runs,
-    takes an exclusive lock without waiting and leaves alone a file it cannot lock. False when
-    such a compressor holds the file or has removed it (the writer then starts another)."""
+    until the file is closed; returns the file's (device, inode). Another process's compressor,
+    settling the files of earlier runs, takes an exclusive lock without waiting and leaves alone
+    a file it cannot lock. None when such a compressor holds the file or has removed it (the
+    writer then starts another)."""
     if not _lock(fd, exclusive=False):
-        return False
+        return None
     try:
-        return _ident(os.stat(path)) == _ident(os.fstat(fd))
+        ident = _ident(os.fstat(fd))
+        return ident if _ident(os.stat(path)) == ident else None
     except OSError:
-        return False
+        return None
 
 
 def _try_exclusive(fd: int) -> bool:

@@ -40,6 +40,7 @@ class Ops(storage.FileOps):
         self.calls: List[tuple] = []
         self.fault = None
         self.synced = threading.Event()  # set on every fsync of a .jsonl file
+        self.made: List[tuple] = []  # (index in calls, path) of each makedirs
 
     def _log(self, op: str, fd: int) -> str:
         with self.lock:
@@ -84,6 +85,12 @@ class Ops(storage.FileOps):
     def close(self, fd):
         self._log("close", fd)
         os.close(fd)
+
+    def makedirs(self, path, mode=0o777, exist_ok=False):
+        self._check("makedirs", path)
+        os.makedirs(path, mode, exist_ok)
+        with self.lock:
+            self.made.append((len(self.calls), path))  # (where it came among the calls)
 
     def count(self, op: str, path_suffix: str = ".jsonl") -> int:
         with self.lock:
@@ -322,7 +329,7 @@ class GroupCommitTest(RecorderTestCase):
         self.put(rec, [line("s", 0), line("s", 0, kind=STREAMS)])
         session_dir = os.path.join(self.data_dir, "session_s")
         streams_dir = os.path.join(self.data_dir, "streams")
-        self.assertEqual(self.ops.ops_on(self.data_dir), ["open", "fsync", "close"] * 2)  # (two new dirs)
+        self.assertEqual(self.ops.ops_on(self.data_dir), ["open", "fsync", "close"])  # (once for both new dirs)
         for d in (session_dir, streams_dir):
             self.assertEqual(self.ops.ops_on(d), ["open", "fsync", "close"], d)
         paths = data_files(self.data_dir)
@@ -886,6 +893,42 @@ class ManySessionsTest(RecorderTestCase):
         self.assertEqual(self.open_data_fds(), 0)
         self.assertEqual(rec.written_total(), 402)
         self.assertEqual(sum(len(lines_of(p)) for p in data_files(self.data_dir)), 602)
+
+
+    def test_a_batch_of_new_sessions_lands_each_in_its_own_file_and_each_directory_is_synced_once(self):
+        # With a new session per record, the data dir was synced at once for every directory
+        # made (an open, a journal commit and a close per record, on the writer thread); it is
+        # synced once with the next sync, with the session directories and the files.
+        opened = 16
+        patch = unittest.mock.patch.object(storage, "MAX_OPEN_FILES", opened)
+        patch.start()
+        self.addCleanup(patch.stop)
+        rec = self.recorder(start=False, fsync="interval", fsync_interval=100.0)
+        sessions = ["task-%03d" % n for n in range(100)]
+        for n, sid in enumerate(sessions):
+            self.assertTrue(rec.submit(line(sid, n)))
+        flushed = threading.Event()
+        rec.queue.put(storage._Marker(flushed))  # (one batch: the records, then a sync)
+        rec.start()
+        self.assertTrue(flushed.wait(DEADLINE))
+        self.assertEqual(rec.written_total(), len(sessions))
+        with self.ops.lock:
+            calls = list(self.ops.calls)
+            made = [(i, path) for i, path in self.ops.made if path != self.data_dir]
+        self.assertEqual(len(made), len(sessions))
+        self.assertEqual(self.ops.ops_on(self.data_dir), ["open", "fsync", "close"])
+        self.assertGreaterEqual(calls.index(("fsync", self.data_dir)), made[-1][0])  # (after every directory made)
+        for n, sid in enumerate(sessions):
+            directory = os.path.join(self.data_dir, "session_" + sid)
+            [name] = os.listdir(directory)
+            path = os.path.join(directory, name)
+            self.assertTrue(storage.is_record_file_name(name), name)
+            self.assertEqual([json.loads(x)["n"] for x in lines_of(path)], [n])
+            self.assertEqual(self.ops.ops_on(directory), ["open", "fsync", "close"], directory)
+            self.assertGreater(calls.index(("fsync", directory)), calls.index(("open", path)))
+            self.assertEqual(self.ops.ops_on(path).count("fsync"), 1, path)  # (closed for the limit, or synced)
+        rec.close(DEADLINE)
+        self.assertEqual(len(data_files(self.data_dir)), len(sessions))
 
 
 class IdleWriterTest(RecorderTestCase):
