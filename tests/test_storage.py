@@ -930,6 +930,34 @@ class ManySessionsTest(RecorderTestCase):
         rec.close(DEADLINE)
         self.assertEqual(len(data_files(self.data_dir)), len(sessions))
 
+    def test_shutdown_syncs_no_directory_again(self):
+        # close() synced the directory of every file remembered (up to MAX_KNOWN_FILES), each
+        # synced already with the sync after its file was made.
+        rec = self.recorder(fsync="interval", fsync_interval=100.0)
+        sessions = ["task-%03d" % n for n in range(20)]
+        for n, sid in enumerate(sessions):
+            self.put(rec, [line(sid, n), line(sid, n, kind=STREAMS)])
+        self.assertTrue(rec.flush(DEADLINE))
+        self.put(rec, line("late", 0))  # (made after the last sync: synced at close)
+        with self.ops.lock:
+            synced = len(self.ops.calls)
+        rec.close(DEADLINE)
+        with self.ops.lock:
+            at_close = [(op, os.path.basename(path)) for op, path in self.ops.calls[synced:]]
+        dirs = [os.path.join(self.data_dir, "session_" + sid) for sid in sessions + ["late"]]
+        dirs.append(os.path.join(self.data_dir, STREAMS))
+        for d in dirs:
+            self.assertEqual(self.ops.ops_on(d), ["open", "fsync", "close"], d)  # (once, with a sync)
+        self.assertEqual(self.ops.ops_on(self.data_dir), ["open", "fsync", "close"] * 2)
+        late = [name for op, name in at_close if op == "fsync" and name.startswith("session_late_")]
+        self.assertEqual(len(late), 1)
+        self.assertEqual(sorted(at_close), sorted([("close", "data"), ("fsync", "data"), ("open", "data"),
+                                                   ("close", "session_late"), ("fsync", "session_late"),
+                                                   ("open", "session_late"), ("fsync", late[0])]
+                                                  + [("close", name) for name in
+                                                     [os.path.basename(p) for p in data_files(self.data_dir)]]))
+        self.assertEqual(len(data_files(self.data_dir)), 41)
+
 
 class IdleWriterTest(RecorderTestCase):
     def test_the_writer_keeps_nothing_of_its_last_batch_while_it_waits(self):
