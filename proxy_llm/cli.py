@@ -3,7 +3,7 @@
 ``main(argv) -> int``; exit codes: 0 ok, 1 runtime failure (e.g. the port is taken), 2 bad
 usage or configuration (one line on stderr, no traceback, before anything listens).
 
-Shutdown order (SIGTERM or SIGINT): stop accepting; let exchanges in flight finish for up to
+Shutdown order (SIGTERM, SIGINT, or SIGHUP unless it was ignored at start): stop accepting; let exchanges in flight finish for up to
 ``shutdown_timeout`` seconds; cut what is left (each records itself as ``shutdown``); drain the
 recorder; sync and close the files; exit 0. A second signal skips the wait: exchanges are cut at
 once and the recorder gets a short best-effort flush.
@@ -21,7 +21,7 @@ import sys
 import threading
 import time
 import traceback
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 from . import __version__
 from .config import Config, ConfigError, load, parse_listen
@@ -243,9 +243,36 @@ def build_server(config: Config, worker: int = 0, reuse_port: bool = False, key:
     return server
 
 
+def stop_signals() -> Tuple[int, ...]:
+    """The signals that stop the proxy: SIGTERM, SIGINT and SIGHUP.
+
+    SIGHUP is what a closing terminal or a dropped ssh session sends: its default action killed
+    the process with no drain (the exchanges in flight unrecorded, the records queued lost, the
+    files not synced). It is one only when it was not ignored at start: ``nohup`` (and a
+    daemon's launcher) start a process with SIGHUP ignored so that it outlives its terminal,
+    and the proxy goes on ignoring it then."""
+    hup = getattr(signal, "SIGHUP", None)
+    if hup is None or signal.getsignal(hup) == signal.SIG_IGN:
+        return (signal.SIGTERM, signal.SIGINT)
+    return (signal.SIGTERM, signal.SIGINT, hup)
+
+
+def stop_count(signums: List[int]) -> int:
+    """How many stops the signals ``signums`` ask for (1 "drain", 2 "hurry"): one per SIGTERM or
+    SIGINT; SIGHUPs are one stop in all, and never the second. A closing terminal sends SIGHUP
+    twice (the shell passes its own on to its jobs, then the kernel signals the foreground group
+    as the shell exits): one request to stop, which must not skip the drain."""
+    hup = getattr(signal, "SIGHUP", None)
+    others = 0
+    for signum in signums:
+        if signum != hup:
+            others += 1
+    return others or min(1, len(signums))
+
+
 class _Stops:
-    """How many times the process was told to stop: 1 is "drain", 2 is "hurry". Lock-free (a
-    signal handler only appends to ``received``).
+    """How many times the process was told to stop: 1 is "drain", 2 is "hurry" (see
+    :func:`stop_count`). Lock-free (a signal handler only appends to ``received``).
 
     A worker of ``--workers`` is told by its own signals and by the parent, which writes a byte
     down the worker's pipe for every signal it gets (and closes it by dying). The larger count
@@ -273,7 +300,7 @@ class _Stops:
                 if not data:
                     os.close(self.pipe)
                     self.pipe = None
-        return max(len(self.received), self.piped)
+        return max(stop_count(self.received), self.piped)
 
 
 class _StopView:
@@ -288,7 +315,10 @@ class _StopView:
 
 
 def serve(config: Config, worker: int = 0, reuse_port: bool = False, parent_pipe: Optional[int] = None,
-          on_ready: Optional[Callable[[], None]] = None, key: Optional[bytes] = None) -> int:
+          on_ready: Optional[Callable[[], None]] = None, key: Optional[bytes] = None,
+          signals: Optional[Tuple[int, ...]] = None) -> int:
+    """Serve until told to stop, then stop in order (see the module's docstring). ``signals``:
+    the stop signals (a worker's, which its parent chose: see :func:`stop_signals`)."""
     stops = _Stops(parent_pipe)
     received = stops.received
     stop = _StopView(stops, 1)
@@ -300,6 +330,8 @@ def serve(config: Config, worker: int = 0, reuse_port: bool = False, parent_pipe
         # deadlocks the process (seen with SIGTERM then SIGINT in quick succession).
         received.append(signum)
 
+    if signals is None:
+        signals = stop_signals()
     try:
         server = build_server(config, worker, reuse_port, key)
     except ConfigError as exc:
@@ -308,7 +340,7 @@ def serve(config: Config, worker: int = 0, reuse_port: bool = False, parent_pipe
     except OSError as exc:
         log.error("cannot listen on %s: %s", config.listen, exc.strerror or exc)
         return 1
-    for sig in (signal.SIGTERM, signal.SIGINT):
+    for sig in signals:
         signal.signal(sig, on_signal)
     from .server import tune_gc
 
@@ -398,7 +430,8 @@ def serve_workers(config: Config) -> int:
     """Run ``workers`` processes on one port with SO_REUSEPORT (the kernel spreads connections).
 
     The parent binds the port first (resolving port 0) and holds it without listening, so the
-    workers all bind the same port; it forwards SIGTERM/SIGINT to them and exits 0 when all did.
+    workers all bind the same port; it forwards the stop signals (SIGTERM, SIGINT, SIGHUP: see
+    :func:`stop_signals`) to them and exits 0 when all did.
     A worker that exits before it listens stops the others (exit 1 or 2, as it did); one that
     exits while serving is replaced (exit 1 at the end), after a backoff if it died recently,
     and one that keeps dying stops the others (exit 1; see RESTART_LIMIT).
@@ -439,12 +472,16 @@ def serve_workers(config: Config) -> int:
     ready_read, ready_write = os.pipe()  # a worker writes its number there once it listens
     os.set_blocking(ready_read, False)
     stopping = []
-    stop_signals = (signal.SIGTERM, signal.SIGINT)
+    signals = stop_signals()  # (before any is handled: SIGHUP's disposition at start)
 
     def forward(signum, frame):
         # Down the pipes, not as signals (see _Stops). (os.write of one byte to a pipe with
-        # room never blocks; a worker gone leaves a broken pipe, ignored.)
+        # room never blocks; a worker gone leaves a broken pipe, ignored.) One byte per stop
+        # counted: a SIGHUP again is none (see stop_count).
+        before = stop_count(stopping)
         stopping.append(signum)
+        if stop_count(stopping) == before:
+            return
         for pid, fd in list(pipes.items()):
             try:
                 os.write(fd, b"x")
@@ -456,16 +493,16 @@ def serve_workers(config: Config) -> int:
         # No stop signal between the fork and the worker's pipe in ``pipes`` (it would not be
         # passed on to that worker, and the parent would wait for it for ever); the stops that
         # came before (between a worker's death and its replacement) are passed on below.
-        signal.pthread_sigmask(signal.SIG_BLOCK, stop_signals)
+        signal.pthread_sigmask(signal.SIG_BLOCK, signals)
         try:
             pid = os.fork()
             if pid == 0:
                 code = 1
                 try:
                     # Until serve() counts them: the parent passes every stop on down the pipe.
-                    for sig in stop_signals:
+                    for sig in signals:
                         signal.signal(sig, signal.SIG_IGN)
-                    signal.pthread_sigmask(signal.SIG_UNBLOCK, stop_signals)
+                    signal.pthread_sigmask(signal.SIG_UNBLOCK, signals)
                     holder.close()
                     os.close(write_end)
                     os.close(ready_read)
@@ -478,7 +515,7 @@ def serve_workers(config: Config) -> int:
                         os.close(ready_write)
 
                     code = serve(config, worker=worker, reuse_port=reuse_port, parent_pipe=read_end,
-                                 on_ready=listening, key=key)
+                                 on_ready=listening, key=key, signals=signals)
                 except Exception:
                     traceback.print_exc()
                 finally:
@@ -489,9 +526,9 @@ def serve_workers(config: Config) -> int:
             children[pid] = worker
             pipes[pid] = write_end
             if stopping:  # a stop that came before its pipe was in ``pipes`` (a replacement's)
-                os.write(write_end, b"x" * min(len(stopping), 2))
+                os.write(write_end, b"x" * min(stop_count(stopping), 2))
         finally:
-            signal.pthread_sigmask(signal.SIG_UNBLOCK, stop_signals)
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, signals)
 
     def read_ready() -> None:
         while True:
@@ -503,7 +540,7 @@ def serve_workers(config: Config) -> int:
                 return
             ready.update(data)
 
-    for sig in stop_signals:
+    for sig in signals:
         signal.signal(sig, forward)
     for worker in range(config.workers):
         start(worker)

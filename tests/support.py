@@ -5,6 +5,7 @@ queues and deadlines.
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import http.client
 import http.server
@@ -287,7 +288,10 @@ class ProxyProcess:
     """``python -m proxy_llm`` as a real subprocess; stderr is collected for inspection."""
 
     def __init__(self, config: Dict[str, Any], args: Sequence[str] = (), env: Optional[Dict[str, str]] = None,
-                 python: str = sys.executable, workers: int = 1, launcher: Sequence[str] = ("-m", "proxy_llm")):
+                 python: str = sys.executable, workers: int = 1, launcher: Sequence[str] = ("-m", "proxy_llm"),
+                 sighup: Optional[Any] = None):
+        """``sighup``: SIGHUP's disposition the process starts with (``signal.SIG_IGN`` as under
+        ``nohup``, ``signal.SIG_DFL``); None: this process's own, inherited."""
         self.tmp = tempfile.mkdtemp(prefix="proxy_llm_proc_")
         self.config_path = os.path.join(self.tmp, "config.json")
         with open(self.config_path, "w") as f:
@@ -299,8 +303,9 @@ class ProxyProcess:
         cmd = [python] + list(launcher) + ["--config", self.config_path] + list(args)
         # Its own process group: a failed test kills the workers of --workers too, not only the
         # parent (orphaned workers would hold the output pipe and the port).
-        self.proc = subprocess.Popen(cmd, cwd=self.tmp, env=full_env, stdin=subprocess.DEVNULL,
-                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+        with inherited_sighup(sighup):
+            self.proc = subprocess.Popen(cmd, cwd=self.tmp, env=full_env, stdin=subprocess.DEVNULL,
+                                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
         self.lines: "queue.Queue[Optional[str]]" = queue.Queue()
         self.output: List[str] = []
         self._reader = threading.Thread(target=self._read, daemon=True)
@@ -365,6 +370,21 @@ class ProxyProcess:
         self.proc.wait()
         self.proc.stdout.close()
         shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def inherited_sighup(disposition: Optional[Any]):
+    """SIGHUP's disposition for the processes started in the block to inherit: an ignored signal
+    stays ignored across exec (which is all ``nohup`` does), a handled one is reset to the
+    default. None leaves this process's own. (Main thread only, as signal.signal is.)"""
+    if disposition is None:
+        yield
+        return
+    old = signal.signal(signal.SIGHUP, disposition)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGHUP, old)
 
 
 def request(url: str, method: str = "POST", path: str = "/v1/chat/completions", body: Any = None,

@@ -520,6 +520,14 @@ class ServeProcessTest(unittest.TestCase):
         lone.received += [signal.SIGTERM, signal.SIGTERM]
         self.assertEqual(lone.count(), 2)
 
+    def test_sighups_are_one_stop_and_never_the_second(self):
+        # A closing terminal sends SIGHUP twice (the shell's, then the kernel's): counted as
+        # two, they cut every exchange in flight instead of draining.
+        hup, term = signal.SIGHUP, signal.SIGTERM
+        for signums, count in (([], 0), ([hup], 1), ([hup, hup], 1), ([hup, term], 1), ([term, hup], 1),
+                               ([term, hup, term], 2), ([term, term], 2)):
+            self.assertEqual(cli.stop_count(signums), count, signums)
+
     def test_a_parent_gone_is_one_stop(self):
         read_end, write_end = os.pipe()
         os.set_blocking(read_end, False)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import http.client
 import json
 import os
+import select
 import shutil
 import signal
 import socket
@@ -19,7 +20,7 @@ import unittest
 
 from proxy_llm import reader
 from tests.support import (read_until, read_to_eof, DEADLINE, FakeUpstream, ProxyProcess, Reply, base_config, provider,
-                           request, wait_until)
+                           read_records, request, wait_until)
 
 STREAMS = 100
 LAST_CHUNK = b"\r\n0\r\n\r\n"
@@ -190,6 +191,110 @@ class ShutdownTest(unittest.TestCase):
                 proc.proc.send_signal(sig)
             self.assertEqual(proc.proc.wait(DEADLINE), 0)
             proc.cleanup()
+
+class HangupTest(unittest.TestCase):
+    """SIGHUP (a terminal closing, an ssh session dropping) stops the proxy as SIGTERM does; its
+    default action killed it with no drain: the stream in flight and the records still queued
+    were never written. Under ``nohup`` (SIGHUP ignored at start) it is ignored, as before."""
+
+    QUICK = 20  # exchanges completed just before the signal: their records may still be queued
+
+    def setUp(self):
+        self.tmp = tempfile.mkdtemp(prefix="proxy_llm_hangup_")
+        self.addCleanup(shutil.rmtree, self.tmp, True)
+        self.data_dir = os.path.join(self.tmp, "data")
+        self.release = threading.Event()
+        self.addCleanup(self.release.set)
+        self.upstream = FakeUpstream(lambda req: Reply(
+            200, [("Content-Type", "text/event-stream")],
+            [event("start "), self.release, event("end"), event("", "stop"), b"data: [DONE]\n\n"])
+            if b'"stream":true' in req.body else Reply(200, [("Content-Type", "application/json")],
+                                                       b'{"id":"q","object":"chat.completion","choices":[]}'))
+        self.upstream.server.handle_error = lambda request, address: None
+        self.upstream.start()
+        self.addCleanup(self.upstream.stop)
+
+    def start(self, workers: int = 1, sighup=signal.SIG_DFL) -> ProxyProcess:
+        cfg = base_config([provider("openai", "openai", self.upstream.url, "", ["gpt-*"])], self.data_dir,
+                          shutdown_timeout=DEADLINE)
+        proc = ProxyProcess(cfg, args=["--workers", str(workers)], workers=workers, sighup=sighup)
+        self.addCleanup(proc.cleanup)
+        return proc
+
+    def open_stream(self, proc: ProxyProcess):
+        body = b'{"model":"gpt-4o","stream":true,"messages":[]}'
+        sock = socket.create_connection(("127.0.0.1", proc.port), timeout=DEADLINE)
+        self.addCleanup(sock.close)
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nX-Session-Id: slow\r\n"
+                     b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+        return sock, read_until(sock, b"start")
+
+    def quick_exchanges(self, proc: ProxyProcess) -> None:
+        conn = http.client.HTTPConnection("127.0.0.1", proc.port, timeout=DEADLINE)
+        try:
+            for _ in range(self.QUICK):
+                conn.request("POST", "/v1/chat/completions", body=b'{"model":"gpt-4o","messages":[]}',
+                             headers={"X-Session-Id": "quick"})
+                resp = conn.getresponse()
+                self.assertEqual(resp.status, 200)
+                resp.read()
+        finally:
+            conn.close()
+
+    def hang_up_and_drain(self, proc: ProxyProcess, hang_up) -> None:
+        """``hang_up()`` twice, as a closing terminal does (the shell passes its SIGHUP on to its
+        jobs, then the kernel signals the foreground group as the shell exits): one request to
+        stop, not a second signal that cuts what is in flight."""
+        sock, data = self.open_stream(proc)
+        self.quick_exchanges(proc)
+        hang_up()
+        proc.wait_for_line(r"shutting down: 1 exchanges in flight")
+        hang_up()  # (after the first was taken: two at once would be one pending signal)
+        # A second stop would cut the stream within the main loop's 0.1 s: it is kept ten times
+        # as long before its end is released.
+        self.assertEqual(select.select([sock], [], [], 1.0)[0], [], "the stream was cut")
+        self.release.set()
+        self.assertIn(b"[DONE]", read_until(sock, LAST_CHUNK, data))  # drained, not cut
+        self.assertEqual(proc.proc.wait(DEADLINE), 0)
+        recs = read_records(self.data_dir)
+        self.assertEqual(sorted((r["session_id"], r["ended"]) for r in recs),
+                         [("quick", "completed")] * self.QUICK + [("slow", "completed")])
+        self.assertEqual(len({r["id"] for r in recs}), self.QUICK + 1)
+        [slow] = [r for r in recs if r["session_id"] == "slow"]
+        self.assertEqual(slow["response_body"]["choices"][0]["message"]["content"], "start end")
+
+    def test_sighup_drains_and_records_every_exchange(self):
+        proc = self.start()
+        self.hang_up_and_drain(proc, lambda: proc.send_signal(signal.SIGHUP))
+        self.assertIn("stopped", proc.log_text())
+
+    def test_sighup_to_the_process_group_of_workers_drains(self):
+        proc = self.start(workers=2)
+
+        # The terminal's process group: the parent and every worker.
+        self.hang_up_and_drain(proc, lambda: os.killpg(proc.proc.pid, signal.SIGHUP))
+        proc._reader.join(DEADLINE)  # every worker closed its end of the output pipe: all exited
+        self.assertEqual(proc.log_text().count("stopped"), 2)
+
+    def test_under_nohup_sighup_is_ignored(self):
+        # nohup starts the proxy with SIGHUP ignored, so that it outlives its terminal: it must
+        # keep serving, one process and --workers alike. A SIGHUP taken would start the drain
+        # within the main loop's 0.1 s; the proxy is watched serving for ten times that.
+        for workers in (1, 2):
+            with self.subTest(workers=workers):
+                self.data_dir = os.path.join(self.tmp, "data%d" % workers)
+                proc = self.start(workers=workers, sighup=signal.SIG_IGN)
+                os.killpg(proc.proc.pid, signal.SIGHUP)
+                watched_until = time.monotonic() + 1.0
+                while time.monotonic() < watched_until:
+                    status, _, body = request(proc.url, "GET", "/health", headers={})
+                    self.assertEqual((status, json.loads(body)["status"]), (200, "ok"))
+                self.assertEqual(request(proc.url, body=b'{"model":"gpt-4o","messages":[]}')[0], 200)
+                self.assertNotIn("shutting down", proc.log_text())
+                self.assertEqual(proc.stop(signal.SIGTERM), 0)
+                self.assertEqual(proc.log_text().count("shutting down: "), workers)  # on SIGTERM
+                self.assertEqual([r["ended"] for r in read_records(self.data_dir)], ["completed"])
+
 
 if __name__ == "__main__":
     unittest.main()
