@@ -103,9 +103,12 @@ class ClientClock:
     the total is bounded too, so a client dribbling header bytes cannot hold a thread past
     client_header_timeout. Each write is bounded by ``idle`` as well: a client that stops
     reading is let go.
+
+    ``stopped``: the shutdown let go of the client (``ProxyServer.cut_waiting_clients``), so a
+    read or write that fails from then on is the proxy's stop, not the client's abort.
     """
 
-    __slots__ = ("sock", "idle", "due", "how", "late", "header_deadline")
+    __slots__ = ("sock", "idle", "due", "how", "late", "header_deadline", "stopped")
 
     def __init__(self, sock: socket.socket, idle: float):
         self.sock: Optional[socket.socket] = sock  # None once the handler let go of it
@@ -114,6 +117,7 @@ class ClientClock:
         self.how = socket.SHUT_RD
         self.late = False
         self.header_deadline: Optional[float] = None
+        self.stopped = False
 
 
 class _ClientReader(io.RawIOBase):
@@ -810,8 +814,11 @@ class ProxyHandler(BaseHTTPRequestHandler):
 
     def finish_exchange(self, ex: Exchange) -> None:
         ex.assign_id()
-        if ex.cancelled and ex.ended == "client_aborted":
-            ex.ended = "shutdown"  # a write that failed because the shutdown let go of the client
+        if ex.ended == "client_aborted" and (ex.cancelled or self.clock.stopped):
+            # A read or write that failed because the shutdown let go of the client: also that
+            # of an exchange begun after the shutdown cut those in flight (a 503 refusal), which
+            # is not ``cancelled``.
+            ex.ended = "shutdown"
         ex.endpoint_label = endpoint_label(ex.path)
         server = self.server
         m = server.metrics

@@ -220,6 +220,7 @@ class ProxyServer(ThreadingHTTPServer):
         with self.conn_lock:
             for clock in self.clients:
                 if clock.due and clock.sock is not None and not clock.late:
+                    clock.stopped = True  # (what then fails on it is recorded as shutdown)
                     _let_go(clock, socket.SHUT_RDWR)
                     n += 1
         return n

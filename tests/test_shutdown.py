@@ -19,8 +19,8 @@ import time
 import unittest
 
 from proxy_llm import reader
-from tests.support import (read_until, read_to_eof, DEADLINE, FakeUpstream, ProxyProcess, Reply, base_config, provider,
-                           read_records, request, wait_until)
+from tests.support import (read_until, read_to_eof, DEADLINE, FakeUpstream, InProcessProxy, ProxyProcess, Reply,
+                           base_config, provider, read_records, request, wait_until)
 
 STREAMS = 100
 LAST_CHUNK = b"\r\n0\r\n\r\n"
@@ -191,6 +191,54 @@ class ShutdownTest(unittest.TestCase):
                 proc.proc.send_signal(sig)
             self.assertEqual(proc.proc.wait(DEADLINE), 0)
             proc.cleanup()
+
+class RefusalCutTest(unittest.TestCase):
+    """In-process: the shutdown's own steps, each at a moment the test picks."""
+
+    def setUp(self):
+        self.tmp = tempfile.mkdtemp(prefix="proxy_llm_refusal_")
+        self.addCleanup(shutil.rmtree, self.tmp, True)
+        self.upstream = FakeUpstream().start()
+        self.addCleanup(self.upstream.stop)
+        cfg = base_config([provider("openai", "openai", self.upstream.url, "", ["gpt-*"])],
+                          os.path.join(self.tmp, "data"))
+        self.proxy = InProcessProxy(cfg).__enter__()
+        self.addCleanup(self.proxy.stop)
+
+    def test_a_refusal_whose_answer_the_shutdown_cuts_is_recorded_as_shutdown(self):
+        # A request on a kept-alive connection while the proxy drains is answered 503. When a
+        # second signal's cut let go of its client in the middle of that answer, its record said
+        # client_aborted: it came after the cut of the exchanges in flight, so it was not marked
+        # cancelled, and the client had done nothing.
+        server = self.proxy.server
+        client = socket.socket()
+        self.addCleanup(client.close)
+        client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        client.settimeout(DEADLINE)
+        client.connect(("127.0.0.1", self.proxy.port))
+        client.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        read_until(client, b'"connections"')  # answered: its handler waits for the next request
+        wait_until(lambda: len(server.clients) == 1, what="the connection watched")
+        [clock] = list(server.clients)
+        server.draining.set()  # (the first signal)
+        # A client that reads nothing: the proxy's side of the connection is filled to the brim
+        # (its send buffer fixed, else the kernel grows it), so that the 503 waits in its write.
+        # Full when a send is refused and no room comes back: the client's window is shut.
+        clock.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        while True:
+            try:
+                clock.sock.send(b"\0" * 1024, socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                if not select.select([], [clock.sock], [], 0.2)[1]:
+                    break
+        client.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n{}")
+        wait_until(lambda: len(server.inflight) == 1 and clock.due, what="the refusal waiting in its write")
+        server.cut_waiting_clients()  # what the shutdown repeats after a second signal's cut
+        self.proxy.flush()
+        [rec] = read_records(self.proxy.data_dir)
+        self.assertEqual((rec["status_code"], rec["ended"], rec["error"]["type"]),
+                         (503, "shutdown", "proxy_unavailable"))
+
 
 class HangupTest(unittest.TestCase):
     """SIGHUP (a terminal closing, an ssh session dropping) stops the proxy as SIGTERM does; its
