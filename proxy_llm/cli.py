@@ -3,10 +3,12 @@
 ``main(argv) -> int``; exit codes: 0 ok, 1 runtime failure (e.g. the port is taken), 2 bad
 usage or configuration (one line on stderr, no traceback, before anything listens).
 
-Shutdown order (SIGTERM, SIGINT, or SIGHUP unless it was ignored at start): stop accepting; let exchanges in flight finish for up to
-``shutdown_timeout`` seconds; cut what is left (each records itself as ``shutdown``); drain the
-recorder; sync and close the files; exit 0. A second signal skips the wait: exchanges are cut at
-once and the recorder gets a short best-effort flush.
+Shutdown order (SIGTERM, SIGINT, or SIGHUP unless it was ignored at start): stop accepting; let
+exchanges in flight finish for up to ``shutdown_timeout`` seconds; cut what is left (each
+records itself as ``shutdown``); take no new exchange (a request on a kept-alive connection is
+no longer answered) and let the last refusals end; drain the recorder; sync and close the
+files; exit 0. A second signal skips the wait: exchanges are cut at once and the recorder gets
+a short best-effort flush.
 """
 
 from __future__ import annotations
@@ -366,9 +368,14 @@ def serve(config: Config, worker: int = 0, reuse_port: bool = False, parent_pipe
     if not server.wait_idle(config.shutdown_timeout, interrupted=hurry):
         cut = server.cancel_inflight()
         log.warning("cut %d exchanges still in flight", cut)
-        deadline = time.monotonic() + 2.0
-        while not server.wait_idle(0.05) and time.monotonic() < deadline:
-            server.cut_waiting_clients()  # a handler that began a wait on its client since
+    # Then no exchange begins: one begun while the recorder closes could not be recorded (a
+    # request on a kept-alive connection was answered 503 then, and its record dropped). Those
+    # begun since the wait (503 refusals) end first, their clients let go of if they hold them
+    # up (a client not reading).
+    server.stop_taking()
+    deadline = time.monotonic() + 2.0
+    while not server.wait_idle(0.05) and time.monotonic() < deadline:
+        server.cut_waiting_clients()  # a handler that began a wait on its client since
     if server.recorder is not None:
         server.recorder.close(timeout=2.0 if hurry.is_set() else 30.0)
     server.server_close()

@@ -405,7 +405,12 @@ class ProxyHandler(BaseHTTPRequestHandler):
         recording = server.recorder is not None
         ex = Exchange(self.command, path, query, headers, config.capture_max_body if recording else -1)
         ex.family = errors.family_of(path)
-        server.track(ex)
+        if not server.track(ex):
+            # The drain is over and the recorder closing: a request still coming on a kept-alive
+            # connection is not answered (its connection closes, as the process's exit would
+            # close it), since its record could not be written.
+            self.close_connection = True
+            return
         try:
             self.exchange(ex, headers)
         finally:

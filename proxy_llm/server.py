@@ -87,6 +87,7 @@ class ProxyServer(ThreadingHTTPServer):
         self.reserve_handler_class = reserve_handler_class  # None: no reserve
         self.reserved = 0  # connections on the reserve (see health_reserve)
         self.draining = threading.Event()
+        self.taking = True  # exchanges may begin (under _state_lock; see stop_taking)
         self.metrics = ProxyMetrics(
             inflight=lambda: len(self.inflight),
             written=lambda: recorder.written_total() if recorder else 0,
@@ -174,9 +175,20 @@ class ProxyServer(ThreadingHTTPServer):
 
     # -- exchanges -----------------------------------------------------------------------
 
-    def track(self, exchange) -> None:
+    def track(self, exchange) -> bool:
+        """Count an exchange in flight; False, and not counted, once :meth:`stop_taking` ran."""
         with self._state_lock:
+            if not self.taking:
+                return False
             self.inflight.add(exchange)
+            return True
+
+    def stop_taking(self) -> None:
+        """No exchange begins from now on (the end of the drain: the recorder is about to
+        close, and an exchange begun later could not be recorded). Those tracked before end as
+        usual: ``wait_idle`` waits for them."""
+        with self._state_lock:
+            self.taking = False
 
     def untrack(self, exchange) -> None:
         with self._state_lock:

@@ -14,6 +14,7 @@ import shutil
 import signal
 import socket
 import tempfile
+import textwrap
 import threading
 import time
 import unittest
@@ -179,6 +180,50 @@ class ShutdownTest(unittest.TestCase):
         self.assertEqual(by_end, sorted([("completed", 200, 32), ("refused", 503, 0), ("shutdown", 503, 40),
                                          ("shutdown", 200, len(big_body))]))
         self.assertIn("cut 2 exchanges", proc.log_text())
+
+    def test_no_request_is_answered_once_the_recorder_closes(self):
+        # The drain ended, the recorder closed (for up to 30 s with a backlog), and meanwhile a
+        # request on a kept-alive connection was still answered 503, with a record id, and its
+        # record dropped ("closed"). Now it is not answered: its connection closes. (A stand-in
+        # for a slow close holds it open until the test says.)
+        self.release.set()
+        go = os.path.join(self.tmp, "go")
+        script = textwrap.dedent("""
+            import os, sys, time
+            from proxy_llm import cli, storage
+            real_close = storage.Recorder.close
+            def close(self, timeout=10.0):
+                sys.stderr.write("closing the recorder\\n")
+                sys.stderr.flush()
+                deadline = time.monotonic() + 20
+                while not os.path.exists(os.environ["GO_FILE"]) and time.monotonic() < deadline:
+                    time.sleep(0.01)
+                return real_close(self, timeout)
+            storage.Recorder.close = close
+            sys.exit(cli.main(sys.argv[1:]))
+        """)
+        cfg = base_config([provider("openai", "openai", self.upstream.url, "", ["gpt-*"])], self.data_dir)
+        proc = ProxyProcess(cfg, launcher=("-c", script), env={"GO_FILE": go})
+        self.addCleanup(proc.cleanup)
+        kept = http.client.HTTPConnection("127.0.0.1", proc.port, timeout=DEADLINE)
+        self.addCleanup(kept.close)
+        answered = []  # the record ids the client was given
+
+        def ask() -> None:
+            kept.request("POST", "/v1/chat/completions", body=b'{"model":"gpt-4o","stream":true,"messages":[]}')
+            resp = kept.getresponse()
+            resp.read()
+            answered.append(resp.getheader("X-Proxy-Record-Id"))
+
+        ask()
+        proc.send_signal(signal.SIGTERM)
+        proc.wait_for_line("closing the recorder")
+        with self.assertRaises(http.client.RemoteDisconnected):
+            ask()
+        open(go, "w").close()
+        self.assertEqual(proc.proc.wait(DEADLINE), 0)
+        self.assertEqual(sorted(r["id"] for r in self.records()), sorted(answered))
+        self.assertNotIn("records dropped", proc.log_text())
 
     def test_regression_signals_back_to_back_never_hang_shutdown(self):
         # The handler used to call Event.set(); a signal arriving while the handler ran re-entered
