@@ -332,8 +332,11 @@ def serve(config: Config, worker: int = 0, reuse_port: bool = False, parent_pipe
         # deadlocks the process (seen with SIGTERM then SIGINT in quick succession).
         received.append(signum)
 
-    if signals is None:
-        signals = stop_signals()
+    # Before the server and its recorder are built: a stop that comes while they start is
+    # counted, and they are stopped in order once started. (It killed the process with the
+    # writer and the compressor at work, or raised KeyboardInterrupt through the start.)
+    for sig in signals if signals is not None else stop_signals():
+        signal.signal(sig, on_signal)
     try:
         server = build_server(config, worker, reuse_port, key)
     except ConfigError as exc:
@@ -342,8 +345,6 @@ def serve(config: Config, worker: int = 0, reuse_port: bool = False, parent_pipe
     except OSError as exc:
         log.error("cannot listen on %s: %s", config.listen, exc.strerror or exc)
         return 1
-    for sig in signals:
-        signal.signal(sig, on_signal)
     from .server import tune_gc
 
     tune_gc()

@@ -13,6 +13,8 @@ import select
 import shutil
 import signal
 import socket
+import subprocess
+import sys
 import tempfile
 import textwrap
 import threading
@@ -20,7 +22,7 @@ import time
 import unittest
 
 from proxy_llm import reader
-from tests.support import (read_until, read_to_eof, DEADLINE, FakeUpstream, InProcessProxy, ProxyProcess, Reply,
+from tests.support import (ROOT, read_until, read_to_eof, DEADLINE, FakeUpstream, InProcessProxy, ProxyProcess, Reply,
                            base_config, provider, read_records, request, wait_until)
 
 STREAMS = 100
@@ -224,6 +226,35 @@ class ShutdownTest(unittest.TestCase):
         self.assertEqual(proc.proc.wait(DEADLINE), 0)
         self.assertEqual(sorted(r["id"] for r in self.records()), sorted(answered))
         self.assertNotIn("records dropped", proc.log_text())
+
+    def test_a_signal_during_start_up_stops_the_proxy_in_order(self):
+        # The handlers were installed once the server and its recorder had started: a SIGTERM
+        # before killed the process (exit -15) with the writer and the compressor at work, and
+        # a SIGINT raised KeyboardInterrupt through the start. (A stand-in for the moment: the
+        # signal comes as the recorder starts.)
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            with self.subTest(signal=sig):
+                script = textwrap.dedent("""
+                    import os, sys
+                    from proxy_llm import cli, storage
+                    real_start = storage.Recorder.start
+                    def start(self):
+                        os.kill(os.getpid(), %d)
+                        real_start(self)
+                    storage.Recorder.start = start
+                    sys.exit(cli.main(sys.argv[1:]))
+                """ % sig)
+                path = os.path.join(self.tmp, "config.json")
+                with open(path, "w") as f:
+                    json.dump(base_config([provider("openai", "openai", self.upstream.url, "", ["gpt-*"])],
+                                          self.data_dir, compress_rotated=True), f)
+                out = subprocess.run([sys.executable, "-c", script, "--config", path],
+                                     env=dict(os.environ, PYTHONPATH=ROOT), stdin=subprocess.DEVNULL,
+                                     capture_output=True, timeout=DEADLINE)
+                err = out.stderr.decode()
+                self.assertEqual(out.returncode, 0, err)
+                self.assertIn("shutting down: 0 exchanges in flight", err)
+                self.assertIn("stopped", err)
 
     def test_regression_signals_back_to_back_never_hang_shutdown(self):
         # The handler used to call Event.set(); a signal arriving while the handler ran re-entered
