@@ -11,7 +11,6 @@ import socket
 import sys
 import tracemalloc
 import unittest
-from unittest import mock
 
 from proxy_llm import wire
 from proxy_llm.handler import endpoint_label, narrow_accept_encoding
