@@ -377,6 +377,13 @@ def serve(config: Config, worker: int = 0, reuse_port: bool = False, parent_pipe
     deadline = time.monotonic() + 2.0
     while not server.wait_idle(0.05) and time.monotonic() < deadline:
         server.cut_waiting_clients()  # a handler that began a wait on its client since
+    if server.inflight:  # handlers that did not end in time (see record_unfinished)
+        from .handler import record_unfinished
+
+        left = record_unfinished(server)
+        if left:
+            log.warning("recorded %d exchanges whose handlers did not end in time (connecting to an upstream?) "
+                        "as shutdown", left)
     if server.recorder is not None:
         server.recorder.close(timeout=2.0 if hurry.is_set() else 30.0)
     server.server_close()

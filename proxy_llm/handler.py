@@ -574,6 +574,9 @@ class ProxyHandler(BaseHTTPRequestHandler):
             sent = False
             try:
                 if conn.sock is None:
+                    # (Kept before a connect, which no cut reaches: a shutdown that cannot wait
+                    # for it records the exchange with its request: record_unfinished.)
+                    ex.capture_request(body)
                     connect(conn)  # within connect_timeout; the socket blocks from then on
                 # The socket itself, not the connection: http.client lets go of the socket of a
                 # response that ends with a close (the response reads it), and it must be cut too.
@@ -818,30 +821,57 @@ class ProxyHandler(BaseHTTPRequestHandler):
             ex.ended = "client_aborted"
 
     def finish_exchange(self, ex: Exchange) -> None:
-        ex.assign_id()
+        if not ex.claim():
+            return  # the shutdown recorded it (record_unfinished): this handler ended too late
         if ex.ended == "client_aborted" and (ex.cancelled or self.clock.stopped):
             # A read or write that failed because the shutdown let go of the client: also that
             # of an exchange begun after the shutdown cut those in flight (a 503 refusal), which
             # is not ``cancelled``.
             ex.ended = "shutdown"
-        ex.endpoint_label = endpoint_label(ex.path)
-        server = self.server
-        m = server.metrics
-        provider = ex.provider.name if ex.provider is not None else "none"
-        sse = ex.status is not None and is_event_stream(
-            ", ".join([v for n, v in ex.resp_headers if n.lower() == "content-type"]))
-        ttft = ex.ttft / 1000.0 if (ex.stream or sse) and ex.ttft is not None else None
-        m.exchange(provider, ex.endpoint_label, status_class(ex.status), ex.model_label, ex.duration / 1000.0, ttft)
-        if server.recorder is not None:
-            server.recorder.submit(ex)
-        else:
-            m.endings.inc(ex.ended)
-        if log.isEnabledFor(logging.DEBUG):
-            # The path without the exchange's secrets (a key may be a segment of it): the query,
-            # which may hold ?key=, is not logged at all.
-            secrets = wire.request_secrets(ex.req_headers, ex.query) + server.provider_keys
-            log.debug("%s %s -> %s %s %.1f ms %s", ex.method, wire.log_path(ex.path, secrets), provider, ex.status,
-                      ex.duration, ex.ended)
+        record_exchange(self.server, ex)
+
+
+def record_unfinished(server) -> int:
+    """At shutdown, once the wait for the exchanges cut has run out: record, as ``shutdown``,
+    each exchange still in flight, as it stands, and return how many. A handler may not end in
+    time: one still connecting to its upstream (a connect or a DNS lookup, which no cut
+    reaches, up to ``connect_timeout``) got no record when the process exited, and nothing
+    counted it. Its handler, if it ends before the exit, records nothing (Exchange.claim)."""
+    with server._state_lock:
+        left = list(server.inflight)
+    n = 0
+    for ex in left:
+        if not ex.claim():
+            continue  # its handler is recording it
+        ex.duration = ex.elapsed_ms()
+        ex.cancelled = True
+        if ex.error is None:
+            ex.ended = "shutdown"
+        record_exchange(server, ex)
+        n += 1
+    return n
+
+
+def record_exchange(server, ex: Exchange) -> None:
+    """Count an exchange that ended in the metrics and queue its record."""
+    ex.assign_id()
+    ex.endpoint_label = endpoint_label(ex.path)
+    m = server.metrics
+    provider = ex.provider.name if ex.provider is not None else "none"
+    sse = ex.status is not None and is_event_stream(
+        ", ".join([v for n, v in ex.resp_headers if n.lower() == "content-type"]))
+    ttft = ex.ttft / 1000.0 if (ex.stream or sse) and ex.ttft is not None else None
+    m.exchange(provider, ex.endpoint_label, status_class(ex.status), ex.model_label, ex.duration / 1000.0, ttft)
+    if server.recorder is not None:
+        server.recorder.submit(ex)
+    else:
+        m.endings.inc(ex.ended)
+    if log.isEnabledFor(logging.DEBUG):
+        # The path without the exchange's secrets (a key may be a segment of it): the query,
+        # which may hold ?key=, is not logged at all.
+        secrets = wire.request_secrets(ex.req_headers, ex.query) + server.provider_keys
+        log.debug("%s %s -> %s %s %.1f ms %s", ex.method, wire.log_path(ex.path, secrets), provider, ex.status,
+                  ex.duration, ex.ended)
 
 
 _IDEMPOTENT = frozenset(("GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"))

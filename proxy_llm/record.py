@@ -171,7 +171,7 @@ class Exchange:
         "id", "wall_start", "t0", "method", "path", "query", "req_headers", "request", "provider",
         "provider_type", "family", "model", "model_label", "stream", "status", "resp_headers", "response",
         "ended", "error", "ttft", "duration", "endpoint_label", "upstream_sock", "cancelled",
-        "client_sock", "client_gone", "timed_out", "upstream_deadline", "upstream_late",
+        "client_sock", "client_gone", "timed_out", "upstream_deadline", "upstream_late", "unclaimed",
     )
 
     def __init__(self, method: str, path: str, query: str, req_headers: List[Tuple[str, str]], capture_limit: int):
@@ -206,6 +206,8 @@ class Exchange:
         # (0.0: not waiting on the upstream) and sets upstream_late.
         self.upstream_deadline = 0.0
         self.upstream_late = False
+        # Who records the exchange: the first to take this list's item (see claim()).
+        self.unclaimed = [True]
 
     def assign_id(self) -> str:
         """The record id (a ULID of the start time). Made once the upstream has the request:
@@ -213,6 +215,16 @@ class Exchange:
         if self.id is None:
             self.id = new_id(self.wall_start)
         return self.id
+
+    def claim(self) -> bool:
+        """True for the first caller only: the one that records the exchange. Its handler, as
+        it ends; or the shutdown, for a handler that did not end in time (one still connecting
+        to its upstream, which no cut reaches): exactly one record either way. (``list.pop`` is
+        one step under the GIL: no lock.)"""
+        try:
+            return self.unclaimed.pop()
+        except IndexError:
+            return False
 
     def capture_request(self, body: bytes) -> None:
         """Keep the request body, once (the handler calls this after the send, which may be

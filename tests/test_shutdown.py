@@ -316,6 +316,44 @@ class RefusalCutTest(unittest.TestCase):
                          (503, "shutdown", "proxy_unavailable"))
 
 
+class UnfinishedTest(unittest.TestCase):
+    """An exchange whose handler has not ended when the shutdown's last wait runs out (still
+    connecting to an upstream: no cut reaches a connect) is recorded by the shutdown, once."""
+
+    def test_an_exchange_still_connecting_at_the_stop_is_recorded_as_shutdown(self):
+        tmp = tempfile.mkdtemp(prefix="proxy_llm_unfinished_")
+        self.addCleanup(shutil.rmtree, tmp, True)
+        data_dir = os.path.join(tmp, "data")
+        # An upstream whose accept queue is full: a connect to it waits (its SYN unanswered).
+        listener = socket.socket()
+        self.addCleanup(listener.close)
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(0)
+        filler = socket.create_connection(listener.getsockname(), timeout=DEADLINE)
+        self.addCleanup(filler.close)
+        url = "http://127.0.0.1:%d" % listener.getsockname()[1]
+        cfg = base_config([provider("openai", "openai", url, "", ["gpt-*"])], data_dir,
+                          connect_timeout=600, shutdown_timeout=0.5)
+        proc = ProxyProcess(cfg)
+        self.addCleanup(proc.cleanup)
+        client = socket.create_connection(("127.0.0.1", proc.port), timeout=DEADLINE)
+        self.addCleanup(client.close)
+        body = b'{"model":"gpt-4o","messages":[{"role":"user","content":"hi"}]}'
+        client.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s"
+                       % (len(body), body))
+
+        def connecting() -> bool:
+            status, _, answer = request(proc.url, "GET", "/health")
+            return json.loads(answer)["inflight"] == 1
+        wait_until(connecting, what="the exchange waiting on its connect")
+        proc.send_signal(signal.SIGTERM)
+        self.assertEqual(proc.stop(timeout=DEADLINE), 0)
+        [rec] = read_records(data_dir)
+        self.assertEqual((rec["status_code"], rec["ended"], rec["error"]["type"]), (None, "shutdown", "shutdown"))
+        self.assertEqual(rec["request_body"], json.loads(body))
+        self.assertIn("recorded 1 exchanges whose handlers did not end in time", proc.log_text())
+
+
 class HangupTest(unittest.TestCase):
     """SIGHUP (a terminal closing, an ssh session dropping) stops the proxy as SIGTERM does; its
     default action killed it with no drain: the stream in flight and the records still queued
