@@ -14,6 +14,7 @@ This module imports nothing from the package.
 from __future__ import annotations
 
 import json
+import re
 from typing import Tuple
 
 
@@ -98,12 +99,27 @@ _OPENAI_TYPE = {400: "invalid_request_error", 401: "invalid_request_error", 404:
                 500: "server_error", 502: "server_error", 503: "server_error", 504: "timeout"}
 
 
+# The methods of Gemini's models API (``/models/<model>:<method>``). The Google Gen AI SDK sends
+# them under /v1/ as well as /v1beta/ (google-genai 3.x defaults to /v1/), and a /v1/ path ending
+# in one is Gemini's. Only these names: an OpenAI fine-tuned model's id holds colons too
+# (/v1/models/ft:gpt-4o-mini:org:name:id).
+GEMINI_METHODS = frozenset(("generateContent", "streamGenerateContent", "countTokens", "embedContent",
+                            "batchEmbedContents"))
+_GEMINI_METHOD_RE = re.compile(r":([A-Za-z]+)\Z")
+
+
 def family_of(path: str) -> str:
     """The provider family whose API a path belongs to, for routing and error shapes."""
     if path.startswith("/v1/messages"):
         return "anthropic"
-    if path.startswith("/v1beta/") or ":generateContent" in path or ":streamGenerateContent" in path:
+    if path.startswith("/v1beta/"):
         return "gemini"
+    if ":" in path:
+        if ":generateContent" in path or ":streamGenerateContent" in path:
+            return "gemini"
+        m = _GEMINI_METHOD_RE.search(path)
+        if m is not None and m.group(1) in GEMINI_METHODS:
+            return "gemini"
     return "openai"
 
 

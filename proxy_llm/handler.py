@@ -47,8 +47,7 @@ KNOWN_ENDPOINTS = frozenset((
     "/v1/messages/count_tokens", "/v1/models", "/v1/moderations", "/v1/audio/speech",
     "/v1/audio/transcriptions", "/v1/images/generations",
 ))
-GEMINI_METHODS = frozenset(("generateContent", "streamGenerateContent", "countTokens", "embedContent",
-                            "batchEmbedContents"))
+GEMINI_METHODS = errors.GEMINI_METHODS
 # Request headers never forwarded, besides the hop-by-hop ones: the proxy sets Host and
 # Content-Length itself, has already answered Expect, and narrows Accept-Encoding.
 DROP_REQUEST = frozenset(("host", "content-length", "expect", "accept-encoding", "x-proxy-key"))

@@ -490,6 +490,30 @@ class RoutingTest(ProxyTestCase):
         self.assertEqual(recs[1]["request_body"], {"model": "claude-x"})
         self.assertEqual(len(recs[1]["id"]), 26)
 
+    def test_gemini_methods_under_v1_go_to_gemini(self):
+        # The Google Gen AI SDK (3.x) sends its models API under /v1/: countTokens, embedContent and
+        # batchEmbedContents were taken for OpenAI paths, sent to the first openai provider with
+        # its key in place of the client's Gemini key, and failed there (a walkthrough's finding).
+        gemini = FakeUpstream().start()
+        self.addCleanup(gemini.stop)
+        proxy = self.start_proxy([provider("openai", "openai", self.upstream.url, "sk-server-key-123", ["gpt-*"]),
+                                  provider("gemini", "gemini", gemini.url, "", ["gemini-*"])])
+        paths = ["/v1/models/gemini-2.0-flash:countTokens", "/v1/models/gemini-embedding-001:embedContent",
+                 "/v1/models/gemini-embedding-001:batchEmbedContents", "/v1/models/learnlm-2.0:countTokens"]
+        for path in paths:
+            request(proxy.url, path=path, body={"contents": []}, headers={"x-goog-api-key": "client-gemini-key"})
+        # An OpenAI fine-tuned model's id holds colons: its path stays OpenAI's.
+        request(proxy.url, method="GET", path="/v1/models/ft:gpt-4o-mini:org:name:abc123", headers={})
+        recs = proxy.records()
+        self.assertEqual([(r["provider"], r["model"]) for r in recs],
+                         [("gemini", "gemini-2.0-flash"), ("gemini", "gemini-embedding-001"),
+                          ("gemini", "gemini-embedding-001"), ("gemini", "learnlm-2.0"), ("openai", None)])
+        for path in paths:
+            seen = gemini.next_request()
+            self.assertEqual((seen.path, seen.header("x-goog-api-key"), seen.header("Authorization")),
+                             (path, "client-gemini-key", None))
+        self.assertEqual(self.upstream.next_request().header("Authorization"), "Bearer sk-server-key-123")
+
     def test_provider_key_replaces_client_credentials(self):
         proxy = self.start_proxy([provider("openai", "openai", self.upstream.url, "sk-server-key-123", ["gpt-*"]),
                                   provider("anthropic", "anthropic", self.upstream.url, "ant-server-key-123", ["claude-*"]),
