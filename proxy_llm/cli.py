@@ -26,7 +26,7 @@ import traceback
 from typing import Callable, Dict, List, Optional, Tuple
 
 from . import __version__
-from .config import Config, ConfigError, load, parse_listen
+from .config import LOG_LEVELS, Config, ConfigError, load, parse_listen
 
 log = logging.getLogger("proxy_llm")
 
@@ -45,7 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="config file (default: ./config.json; $PROXY_LLM_CONFIG)")
     parser.add_argument("--listen", metavar="HOST:PORT", help="address to listen on (port 0 picks a free port)")
     parser.add_argument("--data-dir", metavar="DIR", help="where records are written")
-    parser.add_argument("--log-level", metavar="LEVEL", help="DEBUG, INFO, WARNING, ERROR")
+    parser.add_argument("--log-level", metavar="LEVEL", help=", ".join(LOG_LEVELS))
     parser.add_argument("--workers", metavar="N", type=int, help="worker processes sharing the port (default 1)")
     parser.add_argument("--version", action="version", version="proxy_llm " + __version__)
     return parser

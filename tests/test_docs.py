@@ -44,6 +44,13 @@ class ReadmeTest(unittest.TestCase):
         for var in ("PROXY_LLM_LISTEN", "PROXY_LLM_DATA_DIR", "PROXY_LLM_LOG_LEVEL", "PROXY_LLM_CONFIG"):
             self.assertIn("`%s`" % var, self.text)
 
+    def test_log_level_help_names_every_level(self):
+        # The help said "DEBUG, INFO, WARNING, ERROR": CRITICAL, which the README's table and the
+        # config take, was missing.
+        action = [a for a in cli.build_parser()._actions if "--log-level" in a.option_strings][0]
+        self.assertEqual([lvl for lvl in config.LOG_LEVELS if lvl not in action.help], [])
+        self.assertIn("`log_level` | `\"INFO\"` | %s |" % ", ".join("`%s`" % lvl for lvl in config.LOG_LEVELS), self.text)
+
     def test_every_metric(self):
         metrics = ProxyMetrics(*(lambda: 0,) * 5)
         self.assertDocumented(metrics.registry.names(), "metrics")
