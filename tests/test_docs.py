@@ -61,6 +61,35 @@ class ReadmeTest(unittest.TestCase):
         self.assertDocumented(record.SESSION_SOURCES, "session sources")
         self.assertDocumented(record.ENDINGS, "endings")
 
+    def test_every_error_type_of_the_proxys_own(self):
+        # The error row named four of the proxy's types and "the 4xx refusals' types"; a bug's
+        # proxy_error, and the types early endings and upstream error bodies give, were unnamed.
+        from proxy_llm import errors
+
+        kinds, todo = set(), [errors.ProxyError]
+        while todo:
+            cls = todo.pop()
+            kinds.add(cls.kind)
+            todo.extend(cls.__subclasses__())
+        row = [line for line in self.text.splitlines() if line.startswith("| `error` |")][0]
+        self.assertEqual([k for k in sorted(kinds) if "`%s`" % k not in row], [])
+        self.assertEqual([e for e in record.ENDINGS if e != "completed" and e != "refused" and "`%s`" % e not in row], [])
+
+    def test_every_field_of_a_streams_event(self):
+        # An event's unterminated flag was written to streams/ files and named nowhere.
+        from proxy_llm.sse import SSEDecoder
+
+        decoder = SSEDecoder()
+        events = decoder.feed(b": note\nid: 7\nretry: 100\nevent: e\ndata: x\n\ndata: cut")
+        events += decoder.close()
+        keys = set()
+        for event in events:
+            keys.update(event.to_json(1.0))
+        self.assertEqual(keys, {"t", "event", "data", "id", "retry", "comments", "unterminated"})
+        start = self.text.index("A line of `streams/*.jsonl` holds")
+        paragraph = self.text[start:self.text.index("\n\n", start)]
+        self.assertEqual([k for k in sorted(keys) if '"%s"' % k not in paragraph], [])
+
     def test_shipped_config_is_the_one_shown(self):
         import json
 
