@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import unittest
 
 from proxy_llm import cli, config, record
 from proxy_llm.metrics import ProxyMetrics
+from tests import support
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -36,6 +38,16 @@ class ReadmeTest(unittest.TestCase):
         self.assertDocumented(config.DEFAULTS, "config keys")
         self.assertDocumented(config.PROVIDER_KEYS, "provider keys")
 
+    def test_config_table_gives_each_key_its_default(self):
+        rows = table(self.text, "| key | default | meaning |")
+        self.assertEqual([r[0] for r in rows], ["`%s`" % k for k in config.DEFAULTS])
+        for key, default, _ in rows:
+            key = key.strip("`")
+            shown = "(required)" if key == "providers" else json.loads(default.strip("`"))
+            with self.subTest(key=key):
+                self.assertEqual(shown, "(required)" if key == "providers" else config.DEFAULTS[key])
+                self.assertEqual(type(shown), type(config.DEFAULTS[key]) if key != "providers" else str)
+
     def test_every_flag_and_environment_variable(self):
         flags = re.findall(r"(--[a-z][a-z-]+)", cli.build_parser().format_help())
         self.assertTrue(flags)
@@ -54,6 +66,13 @@ class ReadmeTest(unittest.TestCase):
     def test_every_metric(self):
         metrics = ProxyMetrics(*(lambda: 0,) * 5)
         self.assertDocumented(metrics.registry.names(), "metrics")
+
+    def test_metrics_table_is_the_page(self):
+        rows = table(self.text, "| metric | type | labels |")
+        page = ProxyMetrics(*(lambda: 0,) * 5).render().decode()
+        kinds = dict(re.findall(r"^# TYPE (\S+) (\S+)$", page, re.M))
+        self.assertEqual(sorted(r[0].strip("`") for r in rows), sorted(kinds))
+        self.assertEqual({r[0].strip("`"): r[1].split()[0] for r in rows}, kinds)
 
     def test_every_record_field_session_source_and_ending(self):
         self.assertDocumented(record.FIELDS, "record fields")
@@ -90,13 +109,66 @@ class ReadmeTest(unittest.TestCase):
         paragraph = self.text[start:self.text.index("\n\n", start)]
         self.assertEqual([k for k in sorted(keys) if '"%s"' % k not in paragraph], [])
 
-    def test_shipped_config_is_the_one_shown(self):
-        import json
+    def test_record_field_table_is_record_fields(self):
+        rows = table(self.text, "| field | type | meaning |")
+        self.assertEqual([r[0].strip("`") for r in rows], list(record.FIELDS))
+        self.assertEqual(set(r[1] for r in rows) - set(FIELD_TYPES), set())
 
+    def test_shipped_config_is_the_one_shown(self):
         with open(os.path.join(ROOT, "config.json")) as f:
             shipped = json.load(f)
         blocks = re.findall(r"```json\n(.*?)```", self.text, re.S)
         self.assertIn(shipped, [json.loads(b) for b in blocks])
+
+
+FIELD_TYPES = {"int": (int,), "string": (str,), "string or null": (str, type(None)), "int or null": (int, type(None)),
+               "bool": (bool,), "number": (int, float), "object": (dict,), "any": (object,)}
+
+
+def table(text: str, head: str) -> list:
+    """The rows of the README table under ``head``, as lists of cells."""
+    start = text.index(head + "\n")
+    rows = []
+    for line in text[start:].splitlines()[2:]:
+        if not line.startswith("|"):
+            break
+        rows.append([c.strip() for c in line.strip("|").split(" | ")])
+    return rows
+
+
+class RealRecordTest(support.ProxyTestCase):
+    """The record field table and /health's keys against what a running proxy writes and says."""
+
+    def test_records_hold_the_fields_of_the_table_with_their_types(self):
+        types = {r[0].strip("`"): r[1] for r in table(readme(), "| field | type | meaning |")}
+        usage = b'data: {"id":"c","object":"chat.completion.chunk","choices":[],"usage":{"prompt_tokens":1,' \
+                b'"completion_tokens":1,"total_tokens":2}}\n\n'
+        self.replies.append(support.sse_reply([support.chunk_event("Hi"), support.chunk_event("", "stop"), usage,
+                                               b"data: [DONE]\n\n"]))
+        self.replies.append(support.json_reply({"error": {"message": "no", "type": "invalid_request_error"}}, 400))
+        proxy = self.start_proxy()
+        support.request(proxy.url, body={"model": "gpt-4o", "stream": True, "messages": []})
+        support.request(proxy.url, body={"model": "gpt-4o", "messages": []})
+        support.request(proxy.url, path="/v1/messages", body=b"x" * 10, headers={"Content-Length": "10",
+                                                                               "Transfer-Encoding": "chunked"})
+        recs = proxy.records()
+        self.assertEqual(len(recs), 3)
+        for rec in recs:
+            self.assertEqual([k for k in rec if k not in types], [], "fields the README does not list")
+            for key, value in rec.items():
+                with self.subTest(field=key, ended=rec["ended"]):
+                    expected = FIELD_TYPES[types[key]]
+                    self.assertIsInstance(value, expected)
+                    if bool not in expected:
+                        self.assertNotIsInstance(value, bool)
+        self.assertEqual({"stream_events", "ttft_ms", "error", "tokens_used"} - set().union(*recs), set())
+
+    def test_health_keys_are_the_documented_ones(self):
+        row = [line for line in readme().splitlines() if line.startswith("| `GET /health` |")][0]
+        keys = re.sub(r"\(`ok`.*?\)", "", row.split(" 503 only")[0])  # (the status values)
+        listed = re.findall(r"`([a-z_]+)`", keys)
+        proxy = self.start_proxy()
+        self.assertEqual(sorted(proxy.server.health()), sorted(listed))
 
 
 if __name__ == "__main__":
