@@ -443,8 +443,15 @@ class OpenAISDKTest(ProxiedSDKCase):
                 if via.error is not None:
                     continue
                 self.assertTrue(via.chunks)
-                parsed = openai.types.chat.ChatCompletion.construct(**rec["response_body"])
-                self.assertEqual(chat_summary(parsed.model_dump(mode="json", warnings=False)), chat_summary_of_chunks(via.chunks))
+                if fx.name in UNINDEXED_TOOL_CALLS:
+                    # The SDK's chunks, summed by index as chat_summary_of_chunks sums them,
+                    # are not the message these streams make (a call's index a string, or
+                    # none): the record holds the fixture's expected reassembly.
+                    self.assertEqual(rec["response_body"], fx.expected["response_body"])
+                else:
+                    parsed = openai.types.chat.ChatCompletion.construct(**rec["response_body"])
+                    self.assertEqual(chat_summary(parsed.model_dump(mode="json", warnings=False)),
+                                     chat_summary_of_chunks(via.chunks))
                 usage = [c.usage for c in via.chunks if c.usage is not None]
                 self.assertEqual(rec.get("tokens_used"), openai_tokens(usage[-1] if usage else None))
 
@@ -873,6 +880,12 @@ def chat_summary(body: Dict[str, Any], sdk_accumulated: bool = False) -> Dict[st
         }
     return {"id": body.get("id"), "model": body.get("model"), "created": body.get("created"),
             "system_fingerprint": body.get("system_fingerprint"), "choices": choices, "usage": body.get("usage")}
+
+
+# Streams whose tool call deltas carry an index as a string ("0") or none (Gemini's
+# OpenAI-compatible API): the SDK's stream helper fails on them (test_dialects_sdk), and a sum
+# of the chunks by index is not their message.
+UNINDEXED_TOOL_CALLS = frozenset(("tool_calls_string_index", "tool_calls_no_index"))
 
 
 def chat_summary_of_chunks(chunks: List[Any]) -> Dict[str, Any]:
