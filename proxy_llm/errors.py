@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import json
 import re
-from typing import Tuple
+import urllib.parse
+from typing import Iterable, Optional, Tuple
 
 
 class ProxyError(Exception):
@@ -108,19 +109,75 @@ GEMINI_METHODS = frozenset(("generateContent", "streamGenerateContent", "countTo
 _GEMINI_METHOD_RE = re.compile(r":([A-Za-z]+)\Z")
 
 
-def family_of(path: str) -> str:
-    """The provider family whose API a path belongs to, for routing and error shapes."""
+# OpenAI's own endpoints, which no other provider's API has under /v1/: the path alone places
+# them (the hot path, with /v1/messages, never looks at a header). Every other /v1/ path that is
+# not Anthropic's or Gemini's by its shape (/v1/models, /v1/models/<id>, /v1/files, /v1/batches,
+# ...: every provider has these, or may) is placed by the request's headers (request_family).
+OPENAI_PATHS = frozenset(("/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/responses",
+                          "/v1/moderations", "/v1/audio/speech", "/v1/audio/transcriptions",
+                          "/v1/audio/translations", "/v1/images/generations", "/v1/images/edits",
+                          "/v1/images/variations"))
+# A query parameter's name (what wire's credential scrub takes for one): Gemini's ?key=.
+_QUERY_NAME_RE = re.compile(r"(?:^|[&;?])([^&;?=]*)=")
+
+
+def family_of(path: str, headers: Optional[Iterable[Tuple[str, str]]] = None, query: str = "") -> str:
+    """The provider family whose API a request belongs to, for routing and error shapes.
+
+    The path decides when it can: ``/v1/messages*`` is Anthropic's, ``/v1beta/*`` and a Gemini
+    model method Gemini's, an :data:`OPENAI_PATHS` one OpenAI's. Any other path is one several
+    APIs share (``GET /v1/models`` from the Anthropic SDK, ``/v1/models/gemini-...`` from the
+    Google Gen AI SDK): the request's ``headers`` and ``query`` decide (:func:`request_family`),
+    OpenAI's when they are not given or say nothing."""
     if path.startswith("/v1/messages"):
         return "anthropic"
     if path.startswith("/v1beta/"):
         return "gemini"
+    if path in OPENAI_PATHS:
+        return "openai"
     if ":" in path:
         if ":generateContent" in path or ":streamGenerateContent" in path:
             return "gemini"
         m = _GEMINI_METHOD_RE.search(path)
         if m is not None and m.group(1) in GEMINI_METHODS:
             return "gemini"
+    return "openai" if headers is None else request_family(headers, query)
+
+
+def request_family(headers: Iterable[Tuple[str, str]], query: str = "") -> str:
+    """The API a request's credentials and version headers say it speaks: ``anthropic-version``,
+    or ``x-api-key`` without ``Authorization`` (the Anthropic SDKs), is Anthropic's;
+    ``x-goog-api-key`` or a ``key=`` query parameter (the Google Gen AI SDK, curl after Google's
+    documentation) Gemini's; anything else OpenAI's. ``anthropic-version`` wins: an Anthropic
+    request says so explicitly, whatever else it carries."""
+    x_api_key = authorization = gemini = False
+    for name, _ in headers:
+        name = name.lower()
+        if name == "anthropic-version":
+            return "anthropic"
+        if name == "x-goog-api-key":
+            gemini = True
+        elif name == "x-api-key":
+            x_api_key = True
+        elif name == "authorization":
+            authorization = True
+    if gemini or (query and has_key_param(query)):
+        return "gemini"
+    if x_api_key and not authorization:
+        return "anthropic"
     return "openai"
+
+
+def has_key_param(query: str) -> bool:
+    """Whether a query holds Gemini's ``key=`` parameter, its name read as a server reads it
+    (percent-decoded: ``%6Bey=`` is ``key=``)."""
+    for m in _QUERY_NAME_RE.finditer(query):
+        name = m.group(1)
+        if name.find("%") >= 0 or name.find("+") >= 0:
+            name = urllib.parse.unquote_plus(name)
+        if name.lower() == "key":
+            return True
+    return False
 
 
 def render(family: str, status: int, message: str, kind: str = "") -> Tuple[bytes, str]:

@@ -391,19 +391,23 @@ class ProxyHandler(BaseHTTPRequestHandler):
         refused = wire.bad_target(path, query)
         if refused:
             self.close_connection = True  # the request body, if any, was not read
-            body, ctype = errors.render(errors.family_of(path), 400, "invalid request target: %s" % refused)
+            body, ctype = errors.render(errors.family_of(path, self.header_fields(), query), 400,
+                                        "invalid request target: %s" % refused)
             self.send_simple(400, body, ctype)
             return
         if not (path.startswith("/v1/") or path.startswith("/v1beta/") or path in ("/v1", "/v1beta")):
             self.close_connection = True  # the request body, if any, was not read
-            body, ctype = errors.render(errors.family_of(path), 404, "unknown path %s: proxy_llm forwards /v1/ and /v1beta/" % path[:200])
+            body, ctype = errors.render(errors.family_of(path, self.header_fields(), query), 404,
+                                        "unknown path %s: proxy_llm forwards /v1/ and /v1beta/" % path[:200])
             self.send_simple(404, body, ctype)
             return
         self.proxy_key_in_auth = False
         headers = self.header_fields()
         recording = server.recorder is not None
         ex = Exchange(self.command, path, query, headers, config.capture_max_body if recording else -1)
-        ex.family = errors.family_of(path)
+        # The path places the request (a POST to /v1/chat/completions or /v1/messages looks at
+        # no header); one every API has (/v1/models) is placed by its headers.
+        ex.family = errors.family_of(path, headers, query)
         if not server.track(ex):
             # The drain is over and the recorder closing: a request still coming on a kept-alive
             # connection is not answered (its connection closes, as the process's exit would
