@@ -54,7 +54,19 @@ DROP_REQUEST = frozenset(("host", "content-length", "expect", "accept-encoding",
 DROP_RESPONSE = frozenset(("content-length",))
 _DROP = wire.HOP_BY_HOP | DROP_REQUEST
 _DROP_WITH_CREDENTIALS = _DROP | wire.CREDENTIAL_HEADERS
-_DROP_WITH_AUTHORIZATION = _DROP | {"authorization"}
+# The credential headers of one API that a provider of another type never gets, even when the
+# client's credentials pass through (no api_key): Anthropic's x-api-key, Gemini's
+# x-goog-api-key, Azure's api-key (which Azure OpenAI and Anthropic on Azure take, Gemini not).
+# Dropped, not refused: a provider that needs a credential answers without one as it would, and
+# one that needs none (a local server speaking the Messages API) still works. Authorization is
+# every API's header: only a token shaped like another API's key goes (foreign_authorization).
+FOREIGN_CREDENTIALS = {"openai": ("x-api-key", "x-goog-api-key"), "anthropic": ("x-goog-api-key",),
+                       "gemini": ("x-api-key", "api-key")}
+_DROP_FOREIGN = {t: _DROP | frozenset(names) for t, names in FOREIGN_CREDENTIALS.items()}
+_DROP_FOREIGN_AND_AUTHORIZATION = {t: drop | {"authorization"} for t, drop in _DROP_FOREIGN.items()}
+# The key shapes of the APIs that have one of their own, as a Bearer token: Anthropic's keys and
+# OAuth tokens (sk-ant-api03-, sk-ant-oat01-), Google's keys (AIza). OpenAI's sk- is everyone's.
+_KEY_OWNERS = (("sk-ant-", "anthropic"), ("AIza", "gemini"))
 DECODABLE = frozenset(("gzip", "x-gzip", "deflate", "identity"))
 SMALL_BODY = 256 * 1024
 
@@ -542,10 +554,10 @@ class ProxyHandler(BaseHTTPRequestHandler):
         provider = ex.provider
         if provider.api_key:
             drop = _DROP_WITH_CREDENTIALS
-        elif self.proxy_key_in_auth:
-            drop = _DROP_WITH_AUTHORIZATION
+        elif self.proxy_key_in_auth or (ex.family != provider.type and foreign_authorization(headers, provider.type)):
+            drop = _DROP_FOREIGN_AND_AUTHORIZATION[provider.type]
         else:
-            drop = _DROP
+            drop = _DROP_FOREIGN[provider.type]
         out = wire.end_to_end(headers, drop)
         pool = self.server.pools[provider.name]
         out.insert(0, ("Host", pool.host_header))
@@ -569,7 +581,10 @@ class ProxyHandler(BaseHTTPRequestHandler):
     def send_upstream(self, ex: Exchange, headers, body: bytes):
         config = self.server.config
         pool = self.server.pools[ex.provider.name]
-        target = pool.base_path + ex.path + ("?" + ex.query if ex.query or self.empty_query else "")
+        query = ex.query
+        if query and ex.provider.type != "gemini":
+            query = wire.without_key_param(query)  # Gemini's key never goes to another API
+        target = pool.base_path + ex.path + ("?" + query if query or self.empty_query else "")
         out_headers = self.upstream_headers(ex, headers, body)
         for attempt in (0, 1):
             # The retry is on a new connection: another idle one may be as stale as the first.
@@ -906,6 +921,22 @@ def replayable(method: str, headers: List[Tuple[str, str]]) -> bool:
     for name, _ in headers:
         if name.lower() in ("idempotency-key", "x-idempotency-key"):
             return True
+    return False
+
+
+def foreign_authorization(headers: List[Tuple[str, str]], provider_type: str) -> bool:
+    """Whether an ``Authorization`` header carries, as a Bearer token, a key shaped like the key
+    of an API other than ``provider_type``'s. Asked only of a request routed (by its model) to a
+    provider of another type than its own API: an OpenAI-type provider may be Anthropic's or
+    Google's OpenAI-compatible endpoint, and take their keys from OpenAI clients."""
+    for name, value in headers:
+        if name.lower() == "authorization":
+            token = value.strip()
+            if token[:7].lower() == "bearer ":
+                token = token[7:].lstrip()
+            for prefix, owner in _KEY_OWNERS:
+                if token.startswith(prefix) and owner != provider_type:
+                    return True
     return False
 
 

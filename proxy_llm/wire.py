@@ -467,6 +467,35 @@ def query_secrets(query: str) -> List[str]:
     return out
 
 
+_QUERY_SEPARATOR_RE = re.compile(r"([&;?])")
+
+
+def without_key_param(query: str) -> str:
+    """``query`` without Gemini's ``key=`` parameter, for a provider of another API, to which
+    that key must never go; the other parameters and their separators as they came, and the
+    query itself when it has none. A parameter is read as the scrub reads it (after ``&``,
+    ``;`` or a second ``?``; its name percent-decoded: ``%6Bey=`` is ``key=``)."""
+    if query.find("=") < 0:
+        return query
+    pieces = _QUERY_SEPARATOR_RE.split(query)  # parameter, separator, parameter, ...
+    kept: List[str] = []
+    for i in range(0, len(pieces), 2):
+        part = pieces[i]
+        eq = part.find("=")
+        if eq >= 0:
+            name = part[:eq]
+            if name.find("%") >= 0 or name.find("+") >= 0:
+                name = urllib.parse.unquote_plus(name)
+            if name.lower() == "key":
+                continue
+        if kept:
+            kept.append(pieces[i - 1])
+        kept.append(part)
+    if len(kept) == len(pieces):
+        return query
+    return "".join(kept)
+
+
 # How a secret can appear in a JSON line (see scrub_json).
 PLAIN = 0       # printable ASCII but " and \: as is, or \u00XX / \/ escaped
 UNICODE = 1     # not ASCII (a header value's Latin-1): as is, or \u escaped

@@ -661,7 +661,11 @@ class CanaryTest(unittest.TestCase):
         dead.close()
         cfg = base_config([provider("openai", "openai", upstream.url, "", ["gpt-*"]),
                            provider("anthropic", "anthropic", upstream.url, canary["provider"], ["claude-*"]),
-                           provider("gemini", "gemini", dead_url, "", ["gemini-*"])],
+                           provider("gemini", "gemini", dead_url, "", ["gemini-*"]),
+                           # Keyless, for the credentials of their APIs to flow (an openai provider
+                           # gets neither Anthropic's nor Gemini's).
+                           provider("anthropic-pass", "anthropic", upstream.url, "", ["sonnet-pass-*"]),
+                           provider("gemini-pass", "gemini", upstream.url, "", ["gemma-pass-*"])],
                           data_dir, max_file_size=1024, compress_rotated=True, fsync="always", max_request_body=4096)
         proc = ProxyProcess(cfg, args=["--log-level", "DEBUG"])
         self.addCleanup(proc.cleanup)
@@ -677,6 +681,9 @@ class CanaryTest(unittest.TestCase):
             relayed.append(request(url, path="/v1/chat/completions" + query, body={"model": "gpt-4o", "stream": True},
                                    headers=creds))
         relayed.append(request(url, path="/v1/messages" + query, body={"model": "claude-x"}, headers=creds))
+        relayed.append(request(url, path="/v1/messages" + query, body={"model": "sonnet-pass-1"}, headers=creds))
+        relayed.append(request(url, path="/v1beta/models/gemma-pass-1:generateContent" + query, body={"contents": []},
+                               headers=creds))
         other = dict(creds, Authorization="Bearer " + canary["auth2"])
         relayed.append(request(url, path="/v1/chat/completions", body={"model": "gpt-4o"}, headers=other))
         for path, body in (("/v1beta/models/gemini-2.0-flash:generateContent" + query, {"contents": []}),  # 502
@@ -696,6 +703,12 @@ class CanaryTest(unittest.TestCase):
         echoed = b"".join(body for _, _, body in relayed)
         for name in ("auth", "xapikey", "apikey", "goog", "cookie", "query", "provider"):
             self.assertIn(canary[name].encode(), echoed, name)
+        for req in received:  # but no provider got another API's credential
+            seen = "; ".join("%s: %s" % kv for kv in req.headers) + " target=" + req.target
+            foreign = {"/v1/chat/": ("xapikey", "goog", "query"), "/v1/messa": ("goog", "query"),
+                       "/v1beta/m": ("xapikey", "apikey")}[req.path[:9]]
+            for name in foreign:
+                self.assertNotIn(canary[name], seen, "%s reached %s" % (name, req.path))
 
         outputs = {"log": proc.log_text().encode("utf-8"), "metrics": metrics, "health": health}
         for n, body in enumerate(proxy_bodies):
@@ -719,7 +732,7 @@ class CanaryTest(unittest.TestCase):
         stats = reader.ReadStats()
         recs = list(reader.iter_records(data_dir, stats))
         self.assertTrue(stats.ok, stats.summary())
-        self.assertEqual(len(recs), 13)  # 10 relayed, 502, 413, 400 (the 404 is not under /v1)
+        self.assertEqual(len(recs), 15)  # 12 relayed, 502, 413, 400 (the 404 is not under /v1)
         auth = [r["request_headers"].get("authorization") for r in recs if r["endpoint"] == "/v1/chat/completions"
                 and r["status_code"] != 413]
         fingerprints = {v for v in auth if v}
@@ -729,13 +742,13 @@ class CanaryTest(unittest.TestCase):
         # Every record of a request sent with the full set of credentials (all but the raw 400,
         # whose record may come first in its file: records are written as exchanges end).
         full = [r for r in recs if "x-api-key" in r["request_headers"]]
-        self.assertEqual(len(full), 12, [(r["endpoint"], r["status_code"]) for r in recs])
+        self.assertEqual(len(full), 14, [(r["endpoint"], r["status_code"]) for r in recs])
         for rec in full:
             if rec["query"]:
                 self.assertRegex(rec["query"], r"^key=\[REDACTED:[0-9a-f]{8}\]$")
             for name in ("x-api-key", "api-key", "x-goog-api-key", "proxy-authorization", "cookie"):
                 self.assertIn("[REDACTED:", rec["request_headers"][name])
-        self.assertEqual(sum(1 for r in full if r["query"]), 11)  # all but "other"
+        self.assertEqual(sum(1 for r in full if r["query"]), 13)  # all but "other"
 
 
 if __name__ == "__main__":

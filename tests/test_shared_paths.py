@@ -52,6 +52,9 @@ def family_reply(family: str):
 
     def answer(req: Request):
         path = req.path.split("/v1/", 1)[-1].split("/v1beta/", 1)[-1]
+        if path.endswith(":generateContent"):
+            return json_reply({"candidates": [{"content": {"role": "model", "parts": [{"text": "from-" + family}]},
+                                               "finishReason": "STOP", "index": 0}]})
         if path == "models":
             if family == "openai":
                 return json_reply({"object": "list", "data": [
@@ -70,6 +73,10 @@ def family_reply(family: str):
                 return json_reply({"id": model + "-from-anthropic", "type": "model", "display_name": "C",
                                    "created_at": "2025-01-01T00:00:00Z"})
             return json_reply({"name": "models/%s-from-gemini" % model, "displayName": "G"})
+        if path == "messages":  # (a server behind any type may speak the Messages API: vLLM, Ollama)
+            return json_reply({"id": "msg_1", "type": "message", "role": "assistant", "model": "m",
+                               "content": [{"type": "text", "text": "from-" + family}], "stop_reason": "end_turn",
+                               "stop_sequence": None, "usage": {"input_tokens": 1, "output_tokens": 1}})
         return json_reply({"ok": True, "provider": family})
 
     return answer
@@ -251,6 +258,87 @@ class NoProviderOfTheFamilyTest(SharedPathCase):
         self.assertEqual(self.received()["openai"], [])
 
 
+def cross_providers(upstreams: Dict[str, FakeUpstream]) -> List[dict]:
+    """Providers whose model globs route a request away from its API's type: an openai-type
+    "local" (a server speaking every API, as vLLM, Ollama or LiteLLM do) for qwen-* and gpt-*."""
+    return [provider("local", "openai", upstreams["openai"].url, models=["qwen-*", "gpt-*"]),
+            provider("anthropic", "anthropic", upstreams["anthropic"].url, models=["claude-*"]),
+            provider("gemini", "gemini", upstreams["gemini"].url, models=["gemini-*"])]
+
+
+class ForeignCredentialTest(SharedPathCase):
+    """Whatever routes a request to a provider of another type than its API's (here, model
+    globs), the client's credential of its own API does not go with it; a provider's own
+    credentials do. The openai-type provider stands for a local server that speaks every API
+    (vLLM, Ollama, LiteLLM)."""
+
+    def providers(self) -> List[dict]:
+        return cross_providers(self.upstreams)
+
+    def forward(self, method: str, path: str, headers: Dict[str, str], model: Optional[str], to: str) -> Request:
+        body = json.dumps({"model": model, "max_tokens": 5, "messages": []}).encode() if model else b"{}"
+        status, _, answer = self.send(method, path, dict(headers, **{"Content-Type": "application/json"}), body)
+        self.assertEqual(status, 200, answer)
+        got = self.received()
+        self.assertEqual({f: len(r) for f, r in got.items()}, {f: int(f == to) for f in FAMILIES})
+        return got[to][0]
+
+    def test_an_anthropic_request_routed_to_another_type_carries_no_anthropic_key(self):
+        for headers in (ANTHROPIC_X_API_KEY, ANTHROPIC_BEARER,
+                        dict(ANTHROPIC_X_API_KEY, **{"Authorization": "Bearer " + ANTHROPIC_KEY})):
+            with self.subTest(headers=sorted(headers)):
+                req = self.forward("POST", "/v1/messages", headers, "qwen-3", "openai")
+                self.assertIsNone(req.header("x-api-key"))
+                self.assertIsNone(req.header("authorization"))
+                self.assertEqual(req.header("anthropic-version"), ANTHROPIC_VERSION)  # not a credential
+                self.assertNoForeignKey("openai", req)
+        with self.subTest("to a gemini provider"):
+            req = self.forward("POST", "/v1/messages", ANTHROPIC_BEARER, "gemini-2.5-flash", "gemini")
+            self.assertIsNone(req.header("authorization"))
+        with self.subTest("a token of the server's own goes on"):
+            # A key that is not another API's (a local server's own, given to an Anthropic
+            # client as its auth token) passes through: only another API's credentials stay.
+            req = self.forward("POST", "/v1/messages", {"Authorization": "Bearer local-server-key",
+                                                        "anthropic-version": ANTHROPIC_VERSION}, "qwen-3", "openai")
+            self.assertEqual(req.header("authorization"), "Bearer local-server-key")
+
+    def test_a_gemini_request_routed_to_another_type_carries_no_gemini_key(self):
+        path = "/v1beta/models/qwen-3:generateContent?alt=json&key=%s&x=1" % GEMINI_KEY
+        req = self.forward("POST", path, dict(GEMINI_HEADER, **{"api-key": "azure-key-1"}), None, "openai")
+        self.assertEqual(req.target, "/v1beta/models/qwen-3:generateContent?alt=json&x=1")
+        self.assertIsNone(req.header("x-goog-api-key"))
+        self.assertEqual(req.header("api-key"), "azure-key-1")  # Azure's: an openai provider's own
+        self.assertNoForeignKey("openai", req)
+        for query, left in (("k%65y=" + GEMINI_KEY, ""), ("alt=json;key=" + GEMINI_KEY, "?alt=json"),
+                            ("alt=json?key=" + GEMINI_KEY, "?alt=json")):
+            with self.subTest(query=query):
+                req = self.forward("POST", "/v1/models/claude-x:generateContent?" + query, GEMINI_HEADER, None,
+                                   "anthropic")
+                self.assertEqual(req.target, "/v1/models/claude-x:generateContent" + left)
+                self.assertIsNone(req.header("x-goog-api-key"))
+
+    def test_each_provider_gets_the_credentials_it_takes_and_no_other(self):
+        """OpenAI clients of Anthropic's and Google's OpenAI-compatible endpoints send those
+        providers' keys as Bearer tokens: to an anthropic or gemini provider, or to an openai one
+        (which may be that endpoint), they go on; the other APIs' own headers do not. Each API's
+        own requests keep their credentials."""
+        req = self.forward("POST", "/v1/messages", dict(ANTHROPIC_X_API_KEY, **{"api-key": ANTHROPIC_KEY}),
+                           "claude-x", "anthropic")  # (the Anthropic SDK on Azure Foundry sends both)
+        self.assertEqual((req.header("x-api-key"), req.header("api-key")), (ANTHROPIC_KEY, ANTHROPIC_KEY))
+        req = self.forward("POST", "/v1beta/models/gemini-2.5-flash:generateContent?key=" + GEMINI_KEY,
+                           GEMINI_HEADER, None, "gemini")
+        self.assertEqual((req.header("x-goog-api-key"), req.query), (GEMINI_KEY, "key=" + GEMINI_KEY))
+        for model, to, key in (("claude-x", "anthropic", ANTHROPIC_KEY), ("gemini-2.5-flash", "gemini", GEMINI_KEY),
+                               ("gpt-x", "openai", GEMINI_KEY), ("gpt-x", "openai", ANTHROPIC_KEY)):
+            with self.subTest(model=model, key=key[:6]):
+                req = self.forward("POST", "/v1/chat/completions",
+                                   {"Authorization": "Bearer " + key, "x-api-key": ANTHROPIC_KEY,
+                                    "x-goog-api-key": GEMINI_KEY, "api-key": "azure-key-1"}, model, to)
+                self.assertEqual(req.header("authorization"), "Bearer " + key)
+                self.assertEqual(req.header("x-api-key"), ANTHROPIC_KEY if to == "anthropic" else None)
+                self.assertEqual(req.header("x-goog-api-key"), GEMINI_KEY if to == "gemini" else None)
+                self.assertEqual(req.header("api-key"), None if to == "gemini" else "azure-key-1")
+
 @unittest.skipUnless(anthropic is not None and openai is not None and genai is not None,
                      "the official SDKs (anthropic, openai, google-genai) are not installed")
 class SDKSharedPathTest(SharedPathCase):
@@ -285,6 +373,39 @@ class SDKSharedPathTest(SharedPathCase):
             self.assertEqual(client.models.retrieve("gpt-4o").id, "gpt-4o-from-openai")
             for req in self.assertOnlyReached("openai", 2):
                 self.assertEqual(req.header("authorization"), "Bearer " + OPENAI_KEY)
+
+
+@unittest.skipUnless(anthropic is not None and genai is not None,
+                     "the official SDKs (anthropic, google-genai) are not installed")
+class SDKForeignCredentialTest(SharedPathCase):
+    """The official SDKs, through the proxy as a subprocess, asking for a model that an
+    openai-type provider serves: their keys stay behind."""
+
+    def providers(self) -> List[dict]:
+        return cross_providers(self.upstreams)
+
+    start_proxy = SDKSharedPathTest.start_proxy
+
+    def test_sdk_requests_routed_to_another_type_carry_no_key_of_their_api(self):
+        for kwargs in ({"api_key": ANTHROPIC_KEY}, {"auth_token": ANTHROPIC_KEY}):
+            with self.subTest(sdk="anthropic", auth=sorted(kwargs)):
+                client = anthropic.Anthropic(base_url=self.proxy.url, max_retries=0, timeout=10.0, **kwargs)
+                self.addCleanup(client.close)
+                message = client.messages.create(model="qwen-3", max_tokens=5,
+                                                 messages=[{"role": "user", "content": "hi"}])
+                self.assertEqual(message.content[0].text, "from-openai")
+                req, = self.assertOnlyReached("openai")
+                self.assertEqual(req.path, "/v1/messages")
+                self.assertIsNone(req.header("x-api-key"))
+                self.assertIsNone(req.header("authorization"))
+        with self.subTest(sdk="google-genai"):
+            client = genai.Client(api_key=GEMINI_KEY, http_options=genai_types.HttpOptions(
+                base_url=self.proxy.url, timeout=10000, retry_options=genai_types.HttpRetryOptions(attempts=1)))
+            self.addCleanup(client.close)
+            self.assertEqual(client.models.generate_content(model="qwen-3", contents="hi").text, "from-openai")
+            req, = self.assertOnlyReached("openai")
+            self.assertTrue(req.path.endswith("/models/qwen-3:generateContent"), req.path)
+            self.assertIsNone(req.header("x-goog-api-key"))
 
 
 if __name__ == "__main__":
