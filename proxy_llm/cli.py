@@ -8,7 +8,8 @@ exchanges in flight finish for up to ``shutdown_timeout`` seconds; cut what is l
 records itself as ``shutdown``); take no new exchange (a request on a kept-alive connection is
 no longer answered) and let the last refusals end; drain the recorder; sync and close the
 files; exit 0. A second signal skips the wait: exchanges are cut at once and the recorder gets
-a short best-effort flush.
+a short best-effort flush (``RECORDER_HURRIED`` seconds), also when it comes while the recorder
+is already closing.
 """
 
 from __future__ import annotations
@@ -33,6 +34,10 @@ log = logging.getLogger("proxy_llm")
 SUBCOMMANDS = ("export", "stats", "verify")
 INTERNAL_ERROR = 3  # the exit status of a subcommand that failed on a bug
 CONFIG_DEFAULT = "config.json"
+# Seconds the recorder gets to drain and close at shutdown, and what is left of them after a
+# second stop signal, also one that comes while it closes (see storage.Recorder.close).
+RECORDER_CLOSE = 30.0
+RECORDER_HURRIED = 2.0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -385,7 +390,7 @@ def serve(config: Config, worker: int = 0, reuse_port: bool = False, parent_pipe
             log.warning("recorded %d exchanges whose handlers did not end in time (connecting to an upstream?) "
                         "as shutdown", left)
     if server.recorder is not None:
-        server.recorder.close(timeout=2.0 if hurry.is_set() else 30.0)
+        server.recorder.close(timeout=RECORDER_CLOSE, hurry=hurry.is_set, hurry_timeout=RECORDER_HURRIED)
     server.server_close()
     log.info("stopped")
     return 0

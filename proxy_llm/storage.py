@@ -104,7 +104,8 @@ _RECORD_NAME = re.compile(r"session_([A-Za-z0-9._-]{1,64})_[0-9]{8}_[0-9]{6}" + 
 _STREAM_NAME = re.compile(r"session_([A-Za-z0-9._-]{1,64})_[0-9]{8}" + _NAME_END)
 _WORKER_OF = re.compile(r"_w(0|[1-9][0-9]*)\.jsonl\Z")  # the _w<K> of a plain file's name
 COPY_CHUNK = 1024 * 1024  # bytes gzip'd between two looks at the stop flag (see _compress_locked)
-STOP_GRACE = 2.0  # seconds close waits for the compressor past its deadline (one chunk, a fsync)
+STOP_GRACE = 2.0  # seconds close waits for the writer or the compressor past its deadline (one chunk, a fsync)
+HURRY_POLL = 0.05  # seconds between two looks at close's ``hurry`` (a second stop signal) while it waits
 
 
 class FileOps:
@@ -355,6 +356,12 @@ class Recorder:
         self._thread: Optional[threading.Thread] = None
         self._closed = False
         self._close_lock = threading.Lock()
+        self._hurry: Optional[Callable[[], bool]] = None  # close's (see close)
+        self._hurry_timeout = 0.0
+        # close's deadline (monotonic), set before _closed: the writer drains until then, and
+        # stops between two slices of encoding past it (see _past_drain); a hurry moves it closer.
+        self._drain_until = float("inf")
+        self._files_closed = False  # (under lock) close has closed every file: nothing more is written
         self._unsynced_since: Optional[float] = None  # when the oldest line not yet synced was written
         self.monotonic = time.monotonic  # the clock of fsync_interval (tests replace it)
         self._compressor: Optional[threading.Thread] = None
@@ -479,6 +486,8 @@ class Recorder:
             except Exception:  # a bug here must not stop recording for good
                 log.exception("the writer failed on a batch of %d records; they are dropped", len(batch))
                 self._count_drop("writer_error", len(batch))
+            if self._closed and self._past_drain():
+                stopping = True  # (close counts what is still queued as dropped at shutdown)
             for item in markers:
                 if isinstance(item, _Marker):
                     with self.lock:
@@ -512,7 +521,9 @@ class Recorder:
           ``CATCH_UP_BELOW`` records: the requests are coming faster than it writes, and resting
           would only let the queue fill up. Each slice stays below the interpreter's switch
           interval, which bounds how long a relaying thread waits either way;
-        * never rests once the recorder is closing: shutdown drains at full speed.
+        * never rests once the recorder is closing: shutdown drains at full speed, and stops
+          at close's deadline (looked at once a slice): the records of the batch not encoded by
+          then are counted as dropped at shutdown, as those left in the queue are.
         """
         groups: Dict[Tuple[str, str], List[bytes]] = {}
         clock = self.busy_clock
@@ -526,13 +537,18 @@ class Recorder:
             if type(item) is _Encoded:  # a request thread encoded it (see submit)
                 lines = item.lines
             else:
-                if busy >= slice_ and not self._closed:
-                    if backlog() < catch_up:
-                        rest(busy)
-                        slice_ = PACE_SLICE
-                    else:
-                        rest(0)
-                        slice_ = CATCH_UP_SLICE
+                if busy >= slice_:
+                    if not self._closed:
+                        if backlog() < catch_up:
+                            rest(busy)
+                            slice_ = PACE_SLICE
+                        else:
+                            rest(0)
+                            slice_ = CATCH_UP_SLICE
+                    elif self._past_drain():  # (close's deadline came: this record and the
+                        self._count_drop("shutdown", 1)  # batch's others not encoded yet)
+                        slice_ = -1.0
+                        continue
                     busy = 0.0
                 t = clock()
                 try:
@@ -554,6 +570,9 @@ class Recorder:
         groups = self._encode_all(batch)
         written = 0
         with self.lock:
+            if self._files_closed:  # (a writer late past close's deadline: it would open them again)
+                self._count_drop("shutdown", sum(len(lines) for (kind, _), lines in groups.items() if kind == RECORDS))
+                groups = {}
             for key, lines in groups.items():
                 written += self._append(key, lines)
             if self.fsync_mode == "always" or (
@@ -1019,20 +1038,36 @@ class Recorder:
         self.queue.put(marker)
         return done.wait(timeout)
 
-    def close(self, timeout: float = 10.0) -> None:
+    def close(self, timeout: float = 10.0, hurry: Optional[Callable[[], bool]] = None,
+              hurry_timeout: float = 2.0) -> None:
         """Drain, sync and close; stop the compressor. Within ``timeout`` seconds (and
-        ``STOP_GRACE`` more at most for the compressor): the writer gets them to drain its
-        queue, the compressor what is left of them for the files sealed in this run. It stops at
-        the deadline between two files, or within one chunk of a file, whose temp file it then
-        removes; what it did not compress, the next start's compressor does (see _sweep)."""
+        ``STOP_GRACE`` more at most for each of the writer and the compressor): the writer gets
+        them to drain its queue, the compressor what is left of them for the files sealed in
+        this run. The writer stops at the deadline between two slices of encoding; what it has
+        not written is counted as dropped (``shutdown``). The compressor stops at the deadline
+        between two files, or within one chunk of a file, whose temp file it then removes; what
+        it did not compress, the next start's compressor does (see _sweep).
+
+        ``hurry`` (a second stop signal) is looked at while close waits: once it is true, what
+        is left of ``timeout`` is cut to ``hurry_timeout``, for the writer and the compressor
+        alike. The deadline was fixed when close began: a second signal that came while the
+        writer drained a backlog, or while the compressor worked, did not shorten it."""
         with self._close_lock:
             if self._closed:
                 return
+            self._drain_until = time.monotonic() + timeout  # (before _closed: see _past_drain)
             self._closed = True
-        deadline = time.monotonic() + timeout
-        if self._thread is not None and self._thread.is_alive():
+        self._hurry, self._hurry_timeout = hurry, hurry_timeout
+        self._check_hurry()
+        writer = self._thread
+        if writer is not None and writer.is_alive():
+            backlog = self.queue.qsize() + self._held  # (those the writer took and has not encoded too)
+            if backlog:
+                log.info("writing %d queued records before closing the recorder", backlog)
             self.queue.put(_STOP)
-            self._thread.join(timeout)
+            self._wait(writer)
+            if writer.is_alive():
+                log.warning("the writer did not stop in time (a slow disk?); what it still holds is dropped")
         with self.lock:
             # (_settle syncs the directories of the files made since the last sync, each synced
             # with the sync after its file was made: closing a file changes no directory. Every
@@ -1042,21 +1077,65 @@ class Recorder:
             for f in self._files.values():
                 self._close_file(f, sync=True)
             self._open.clear()
+            self._files_closed = True
         if self._compressor is not None:
-            self._stop_at = deadline
+            self._stop_at = self._drain_until
             self._to_compress.put(_STOP)
-            self._compressor.join(max(0.0, deadline - time.monotonic()) + STOP_GRACE)
+            self._wait(self._compressor)
             if self._compressor.is_alive():
                 log.warning("the compressor did not stop in time (a slow disk?); a temp file it leaves is "
                             "settled at the next start")
-        lost = self.queue.qsize()
+        lost = self._left_queued(writer)
         if lost:
             self._count_drop("shutdown", lost)
-            log.error("%d queued records were not written at shutdown", lost)
         with self._stats_lock:
+            cut = self.dropped.get("shutdown", 0)
             dropped = sorted(self.dropped.items())
+        if cut:
+            log.error("%d queued records were not written at shutdown", cut)
         if dropped:  # the run's losses, in one line at stop (each was counted when it happened)
             log.warning("records dropped in this run: %s", ", ".join("%s %d" % kv for kv in dropped))
+
+    def _past_drain(self) -> bool:
+        """Past close's deadline (the writer's: see close)."""
+        return time.monotonic() >= self._drain_until
+
+    def _check_hurry(self) -> None:
+        """Cut what is left of close's deadline to ``hurry_timeout`` once ``hurry`` says so."""
+        hurry = self._hurry
+        if hurry is None or not hurry():
+            return
+        self._hurry = None  # (once)
+        until = time.monotonic() + self._hurry_timeout
+        if until < self._drain_until:
+            self._drain_until = until
+            if self._stop_at is not None:
+                self._stop_at = until
+            log.info("stopping the recorder within %g s", self._hurry_timeout)
+
+    def _wait(self, thread: threading.Thread) -> None:
+        """Join ``thread`` until close's deadline and ``STOP_GRACE`` more (it stops at the
+        deadline, within a slice or a chunk), looking at ``hurry`` meanwhile."""
+        while thread.is_alive():
+            self._check_hurry()
+            left = self._drain_until + STOP_GRACE - time.monotonic()
+            if left <= 0:
+                return
+            thread.join(min(left, HURRY_POLL) if self._hurry is not None else left)
+
+    def _left_queued(self, writer: Optional[threading.Thread]) -> int:
+        """The records still queued once the writer has stopped (its stop marker and flush
+        markers are not records); those a writer still at work may yet take, counted as lost."""
+        if writer is not None and writer.is_alive():
+            return self.queue.qsize()
+        n = 0
+        while True:
+            try:
+                item = self.queue.get_nowait()
+            except queue.Empty:
+                return n
+            if item is not _STOP and not isinstance(item, _Marker):
+                n += 1
 
 
 class _Encoded:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import http.client
 import json
 import os
+import re
 import select
 import shutil
 import signal
@@ -134,6 +135,56 @@ class ShutdownTest(unittest.TestCase):
         self.assertEqual({r["ended"] for r in recs}, {"shutdown"})
 
 
+    def test_a_second_signal_while_the_recorder_closes_cuts_its_drain_short(self):
+        # The recorder's close deadline (30 s) was fixed when the close began: a second signal
+        # that came while the writer drained a backlog did not shorten it, and the proxy went on
+        # writing for up to 30 s. Now what is left is about 2 s, and every record not written is
+        # counted as dropped at shutdown. (A stand-in for a slow writer: each record takes 0.2 s
+        # to encode, so that the requests leave a backlog of most of them.)
+        self.release.set()
+        script = textwrap.dedent("""
+            import sys, time
+            from proxy_llm import cli, storage
+            real_start = storage.Recorder.start
+            def start(self):
+                encode = self.encode
+                def slow(item):
+                    time.sleep(0.2)
+                    return encode(item)
+                self.encode = slow
+                real_start(self)
+            storage.Recorder.start = start
+            sys.exit(cli.main(sys.argv[1:]))
+        """)
+        cfg = base_config([provider("openai", "openai", self.upstream.url, "", ["gpt-*"])], self.data_dir,
+                          fsync="always")
+        proc = ProxyProcess(cfg, launcher=("-c", script))
+        self.addCleanup(proc.cleanup)
+        sent = 60
+        conn = http.client.HTTPConnection("127.0.0.1", proc.port, timeout=DEADLINE)
+        self.addCleanup(conn.close)
+        for _ in range(sent):
+            conn.request("POST", "/v1/chat/completions", body=b'{"model":"gpt-4o","stream":true,"messages":[]}')
+            resp = conn.getresponse()
+            self.assertEqual(resp.status, 200)
+            resp.read()
+        conn.close()
+        proc.send_signal(signal.SIGTERM)
+        backlog = int(proc.wait_for_line(r"writing \d+ queued records before closing").split("writing ")[1].split()[0])
+        self.assertGreater(backlog, 20)  # (at 0.2 s each, more than 4 s of writing left)
+        started = time.monotonic()
+        proc.send_signal(signal.SIGINT)
+        self.assertEqual(proc.proc.wait(DEADLINE), 0)
+        self.assertLess(time.monotonic() - started, 2.0 + 2.0)
+        proc.stop()
+        text = proc.log_text()
+        self.assertIn("stopping the recorder within 2 s", text)
+        written = self.records()  # whole lines only (no torn line: records() checks)
+        self.assertLess(len(written), sent)
+        dropped = int(re.search(r"records dropped in this run: shutdown (\d+)\n", text).group(1))
+        self.assertEqual(len(written) + dropped, sent)
+        self.assertIn("%d queued records were not written at shutdown" % dropped, text)
+
     def test_exchanges_waiting_on_their_clients_are_cut_and_recorded(self):
         # Cutting the upstreams did not unblock a handler reading a body that stopped coming or
         # writing to a client that stopped reading: the process exited without their records.
@@ -194,13 +245,13 @@ class ShutdownTest(unittest.TestCase):
             import os, sys, time
             from proxy_llm import cli, storage
             real_close = storage.Recorder.close
-            def close(self, timeout=10.0):
+            def close(self, *args, **kwargs):
                 sys.stderr.write("closing the recorder\\n")
                 sys.stderr.flush()
                 deadline = time.monotonic() + 20
                 while not os.path.exists(os.environ["GO_FILE"]) and time.monotonic() < deadline:
                     time.sleep(0.01)
-                return real_close(self, timeout)
+                return real_close(self, *args, **kwargs)
             storage.Recorder.close = close
             sys.exit(cli.main(sys.argv[1:]))
         """)

@@ -851,6 +851,78 @@ class SweepTest(RecorderTestCase):
         self.assertEqual([r["n"] for r in reader.iter_records(self.data_dir)], list(range(6)))
 
 
+class HurryTest(RecorderTestCase):
+    """A second stop signal while the recorder closes (close's ``hurry``): close's deadline was
+    fixed when it began, so a signal that came while the writer drained a backlog, or while
+    the compressor worked, did not shorten it (30 s at shutdown). Now what is left is cut to
+    ``hurry_timeout``; what the writer has not written by then is counted as dropped."""
+
+    def test_a_hurry_during_the_drain_cuts_the_writer_short_and_counts_the_rest(self):
+        sent = 200
+        rec = self.recorder(start=False, fsync="always", queue_size=1000)
+        encoded = []
+
+        def slow(item):  # a slow writer (a slow disk, big records): 4 s for the backlog
+            time.sleep(0.02)
+            encoded.append(item)
+            return encode(item)
+
+        rec.encode = slow
+        for n in range(sent):
+            self.assertTrue(rec.submit(line("s", n)))
+        rec.start()
+        hurried: List[float] = []
+
+        def hurry() -> bool:  # the second signal comes once the writer is at work on the backlog
+            if not hurried and len(encoded) >= 10:
+                hurried.append(time.monotonic())
+            return bool(hurried)
+
+        rec.close(30.0, hurry=hurry, hurry_timeout=0.5)
+        self.assertTrue(hurried)
+        self.assertLess(time.monotonic() - hurried[0], 0.5 + 1.0)
+        self.assertFalse(rec._thread.is_alive())
+        written = [json.loads(text)["n"] for path in data_files(self.data_dir) for text in lines_of(path)]
+        self.assertEqual(written, list(range(len(written))))  # whole lines, in order, none twice
+        self.assertTrue(10 <= len(written) < sent, len(written))
+        self.assertEqual(rec.written_total(), len(written))
+        self.assertEqual(rec.dropped, {"shutdown": sent - len(written)})  # every other record counted
+        self.assertIn("%d queued records were not written at shutdown" % (sent - len(written)), self.logs.messages)
+
+    def test_a_hurry_while_the_compressor_works_stops_it_short(self):
+        begun: List[str] = []
+
+        class SlowOps(Ops):
+            def open(self, path, flags, mode=0o777):
+                if path.endswith(".gz.tmp"):  # a slow disk: each compression takes 0.2 s
+                    begun.append(path)
+                    time.sleep(0.2)
+                return super().open(path, flags, mode)
+
+        self.ops = SlowOps()
+        rec = self.recorder(compress_rotated=True, max_file_size=1, fsync="never", clock=lambda: 1800000000.0)
+        sent = 41
+        for n in range(sent):  # each line seals the file before it: 40 sealed files, 8 s of gzip
+            self.put(rec, line("s", n, 100))
+        at_close = len(begun)
+        hurried: List[float] = []
+
+        def hurry() -> bool:  # the second signal comes while the compressor works for close
+            if not hurried and rec._stop_at is not None and len(begun) >= at_close + 2:
+                hurried.append(time.monotonic())
+            return bool(hurried)
+
+        rec.close(30.0, hurry=hurry, hurry_timeout=0.5)
+        self.assertTrue(hurried)
+        self.assertLess(time.monotonic() - hurried[0], 0.5 + 1.0)
+        self.assertFalse(rec._compressor.is_alive())  # stopped, not left at work
+        files = data_files(self.data_dir)
+        self.assertEqual([p for p in files if p.endswith(".tmp")], [])
+        self.assertGreater(len([p for p in files if p.endswith(".jsonl")]), 1)  # left for the next start
+        self.assertEqual(sorted(r["n"] for r in reader.iter_records(self.data_dir)), list(range(sent)))
+        self.assertEqual(rec.dropped, {})
+
+
 class ManySessionsTest(RecorderTestCase):
     """A proxy in front of agents sees a new session id for every task, for weeks: what the
     writer keeps per session must stay bounded, and its descriptors within MAX_OPEN_FILES."""
