@@ -908,6 +908,7 @@ class ReserveHandler(ProxyHandler):
         if self.path in LOCAL_PATHS:
             self.answer_local()
         else:
+            self.server.metrics.refused.inc()
             self.wfile.write(errors.CONNECTION_LIMIT_ANSWER)
 
     do_POST = do_PUT = do_PATCH = do_DELETE = do_HEAD = do_OPTIONS = do_GET  # type: ignore

@@ -186,7 +186,8 @@ class ProxyMetrics:
 
     def __init__(self, inflight: Callable[[], float], written: Callable[[], float],
                  dropped: Callable[[], float], queue_depth: Callable[[], float], connections: Callable[[], float],
-                 stream_dropped: Callable[[], float] = lambda: 0, worker: int = 0, pid: int = 0):
+                 stream_dropped: Callable[[], float] = lambda: 0, worker: int = 0, pid: int = 0,
+                 reserved: Callable[[], float] = lambda: 0):
         r = self.registry = Registry()
         # Which process answered: with --workers, a scrape of the port reaches one of them.
         r.info("proxy_llm_worker_info", "The process that answered: worker number and pid.",
@@ -202,6 +203,12 @@ class ProxyMetrics:
         self.endings = r.counter("proxy_llm_exchange_endings_total", "Exchanges by how they ended.", ("ended",))
         r.reading("proxy_llm_inflight_requests", "Exchanges in progress.", inflight)
         r.reading("proxy_llm_open_connections", "Client connections open.", connections)
+        # Past max_connections: the reserve for /health and /metrics, and what is refused (a
+        # 503 at once, or on the reserve for another path). Counted on the refusal only.
+        r.reading("proxy_llm_reserve_connections", "Connections past max_connections on the reserve for /health "
+                  "and /metrics.", reserved)
+        self.refused = r.counter("proxy_llm_connections_refused_total", "Client connections answered 503 because "
+                                 "max_connections was reached (past the reserve, or on it for another path).")
         r.reading("proxy_llm_records_written_total", "Records written to disk.", written, "counter")
         r.reading("proxy_llm_records_dropped_total", "Records lost: queue full, encode or write failure.", dropped, "counter")
         r.reading("proxy_llm_stream_lines_dropped_total", "Lines of streams/ files lost (a write failure): their "

@@ -95,6 +95,7 @@ class ProxyServer(ThreadingHTTPServer):
             stream_dropped=lambda: recorder.stream_dropped_total() if recorder else 0,
             queue_depth=lambda: recorder.queue.qsize() if recorder else 0,
             connections=lambda: self.connections,
+            reserved=lambda: self.reserved,
             worker=worker,
             pid=os.getpid(),
         )
@@ -134,6 +135,7 @@ class ProxyServer(ThreadingHTTPServer):
                 target = None
         if target is None:
             # One thread per connection: past the cap, answer at once instead of queueing.
+            self.metrics.refused.inc()
             try:
                 request.sendall(CONNECTION_LIMIT_ANSWER)
             except OSError:

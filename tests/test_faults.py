@@ -23,6 +23,7 @@ import threading
 import time
 import unittest
 import zlib
+from typing import Dict, Tuple
 from unittest import mock
 
 from proxy_llm import storage, upstream
@@ -1231,6 +1232,50 @@ class LimitsTest(FaultTestCase):
         for sock in held:
             sock.close()
         wait_until(lambda: (proxy.server.connections, proxy.server.reserved) == (0, 0), what="all let go")
+        self.assertEqual(self.upstream.requests.qsize(), 0)
+
+
+    def test_refused_connections_are_counted_and_the_reserve_is_shown(self):
+        # A connection the cap refused was counted nowhere, and the reserve's use was not shown.
+        proxy = self.start_proxy(max_connections=2)
+        held = [socket.create_connection(("127.0.0.1", proxy.port), timeout=DEADLINE) for _ in range(2)]
+        self.addCleanup(lambda: [sock.close() for sock in held])
+        wait_until(lambda: proxy.server.connections == 2, what="the cap full")
+
+        def ask(raw: bytes) -> Tuple[int, bytes]:
+            sock = socket.create_connection(("127.0.0.1", proxy.port), timeout=DEADLINE)
+            self.addCleanup(sock.close)
+            sock.sendall(raw)
+            resp = http.client.HTTPResponse(sock)
+            resp.begin()
+            return resp.status, resp.read()
+
+        def scrape() -> Dict[str, str]:
+            status, page = ask(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+            self.assertEqual(status, 200)
+            return dict(line.split(" ", 1) for line in page.decode().splitlines() if not line.startswith("#"))
+
+        page = scrape()  # (itself on the reserve)
+        self.assertEqual((page["proxy_llm_connections_refused_total"], page["proxy_llm_reserve_connections"]),
+                         ("0", "1"))
+        for _ in range(2):  # on the reserve, another path: refused
+            self.assertEqual(ask(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n{}")[0],
+                             503)
+        reserve = proxy.server.health_reserve
+        wait_until(lambda: proxy.server.reserved == 0, what="the reserve let go")
+        on_reserve = [socket.create_connection(("127.0.0.1", proxy.port), timeout=DEADLINE) for _ in range(reserve)]
+        self.addCleanup(lambda: [sock.close() for sock in on_reserve])
+        wait_until(lambda: proxy.server.reserved == reserve, what="the reserve full")
+        sock = socket.create_connection(("127.0.0.1", proxy.port), timeout=DEADLINE)  # refused at once
+        self.addCleanup(sock.close)
+        resp = http.client.HTTPResponse(sock)
+        resp.begin()
+        self.assertEqual(resp.status, 503)
+        on_reserve.pop().close()
+        wait_until(lambda: proxy.server.reserved == reserve - 1, what="a reserve connection let go")
+        page = scrape()
+        self.assertEqual((page["proxy_llm_connections_refused_total"], page["proxy_llm_reserve_connections"]),
+                         ("3", str(reserve)))
         self.assertEqual(self.upstream.requests.qsize(), 0)
 
 
