@@ -27,7 +27,7 @@ import traceback
 from typing import Callable, Dict, List, Optional, Tuple
 
 from . import __version__
-from .config import LOG_LEVELS, Config, ConfigError, load, parse_listen
+from .config import LOG_LEVELS, Config, ConfigError, data_dir_error, load, parse_listen
 
 log = logging.getLogger("proxy_llm")
 
@@ -227,7 +227,7 @@ def build_server(config: Config, worker: int = 0, reuse_port: bool = False, key:
         try:
             key = prepare_data_dir(config.data_dir) if key is None else key
         except (OSError, ValueError) as exc:  # a file in the way, no permission, a NUL in the name
-            raise ConfigError("data_dir: cannot use %s: %s" % (config.data_dir, getattr(exc, "strerror", None) or exc)) from None
+            raise data_dir_error(config, getattr(exc, "strerror", None) or str(exc)) from None
 
         def on_result(ex, ended, tokens_used):
             server_box[0].metrics.recorded(ended, ex.provider.name if ex.provider is not None else "none",
@@ -468,8 +468,7 @@ def serve_workers(config: Config) -> int:
         try:  # the key made once, here, and handed to every worker: one key for all
             key = prepare_data_dir(config.data_dir)
         except (OSError, ValueError) as exc:  # said once, as one process says it (build_server)
-            print("proxy_llm: data_dir: cannot use %s: %s" % (config.data_dir, getattr(exc, "strerror", None) or exc),
-                  file=sys.stderr)
+            print("proxy_llm: %s" % data_dir_error(config, getattr(exc, "strerror", None) or str(exc)), file=sys.stderr)
             return 2
     holder = socket.socket(family, socket.SOCK_STREAM)
     holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)

@@ -119,6 +119,9 @@ class Config:
     proxy_keys: Tuple[str, ...] = ()
     workers: int = 1
     source: str = field(default="<defaults>", compare=False)
+    # Where data_dir came from, as config errors name it (the file, $PROXY_LLM_DATA_DIR or
+    # --data-dir): the data dir is checked at start, after validation (see data_dir_error).
+    data_dir_origin: str = field(default="<defaults>", compare=False)
 
     @property
     def host_port(self) -> Tuple[str, int]:
@@ -379,7 +382,16 @@ def validate(merged: Dict[str, Any], where: Mapping[str, str], source: str) -> C
         built.append(Provider(name=name, type=ptype, base_url=base_url, api_key=api_key.strip(), models=tuple(models)))
 
     values = {k: merged[k] for k in DEFAULTS if k not in ("providers", "proxy_keys")}
-    return Config(providers=tuple(built), proxy_keys=keys, source=source, **values)
+    return Config(providers=tuple(built), proxy_keys=keys, source=source,
+                  data_dir_origin=where.get("data_dir", source), **values)
+
+
+def data_dir_error(config: Config, reason: str) -> ConfigError:
+    """The one-line error for a ``data_dir`` that cannot be used at start (a file in its way,
+    no permission), prefixed by where its value came from as every config error is (see
+    :func:`_fail`): ``config.json: data_dir: cannot use ...``, ``$PROXY_LLM_DATA_DIR: data_dir:
+    cannot use ...``, ``--data-dir: cannot use ...``. The path is named: it says where to look."""
+    return _fail({"data_dir": config.data_dir_origin}, "data_dir", "cannot use %s: %s" % (config.data_dir, reason))
 
 
 def load_env_expanded(data: Dict[str, Any], env: Mapping[str, str]) -> Dict[str, Any]:

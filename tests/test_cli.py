@@ -78,7 +78,7 @@ class CommandLineTest(unittest.TestCase):
         out = run("--data-dir", os.path.join(blocker, "data"), "--listen", "127.0.0.1:0")
         self.assertEqual(out.returncode, 2, out.stderr)
         self.assertEqual(out.stderr.decode().strip().splitlines(),
-                         ["proxy_llm: data_dir: cannot use %s: Not a directory" % os.path.join(blocker, "data")])
+                         ["proxy_llm: --data-dir: cannot use %s: Not a directory" % os.path.join(blocker, "data")])
         taken = socket.socket()
         self.addCleanup(taken.close)
         taken.bind(("127.0.0.1", 0))
@@ -87,6 +87,31 @@ class CommandLineTest(unittest.TestCase):
         self.assertEqual(out.returncode, 1, out.stderr)
         self.assertNotIn("Traceback", out.stderr.decode())
         self.assertIn("cannot listen on 127.0.0.1:%d" % taken.getsockname()[1], out.stderr.decode())
+
+    def test_a_data_dir_that_cannot_be_used_names_where_it_came_from(self):
+        # "data_dir: cannot use ..." named no origin, where every other config error does: the
+        # file and the key, the variable and the key, or the flag (see config._fail).
+        tmp = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, tmp, True)
+        open(os.path.join(tmp, "file"), "w").close()
+        path = os.path.join(tmp, "config.json")
+        with open(path, "w") as f:
+            json.dump({"listen": "127.0.0.1:0", "data_dir": "file/data",
+                       "providers": [{"name": "o", "type": "openai", "base_url": "http://127.0.0.1:9"}]}, f)
+        blocked = os.path.join(tmp, "file", "data")
+        for workers in ("1", "2"):
+            with self.subTest(workers=workers):
+                out = run("--config", path, "--workers", workers)
+                self.assertEqual((out.returncode, out.stderr.decode()),
+                                 (2, "proxy_llm: %s: data_dir: cannot use %s: Not a directory\n" % (path, blocked)))
+                out = run("--config", path, "--workers", workers, env={"PROXY_LLM_DATA_DIR": blocked + "2"})
+                self.assertEqual((out.returncode, out.stderr.decode()),
+                                 (2, "proxy_llm: $PROXY_LLM_DATA_DIR: data_dir: cannot use %s2: Not a directory\n"
+                                  % blocked))
+                out = run("--config", path, "--workers", workers, "--data-dir", blocked + "3",
+                          env={"PROXY_LLM_DATA_DIR": blocked + "2"})
+                self.assertEqual((out.returncode, out.stderr.decode()),
+                                 (2, "proxy_llm: --data-dir: cannot use %s3: Not a directory\n" % blocked))
 
     def test_workers_that_cannot_start_are_one_line_too(self):
         # A data dir that cannot be used was said by every worker, and the parent exited 1
@@ -98,7 +123,7 @@ class CommandLineTest(unittest.TestCase):
         out = run("--data-dir", os.path.join(blocker, "data"), "--listen", "127.0.0.1:0", "--workers", "3")
         self.assertEqual(out.returncode, 2, out.stderr)
         self.assertEqual(out.stderr.decode().strip().splitlines(),
-                         ["proxy_llm: data_dir: cannot use %s: Not a directory" % os.path.join(blocker, "data")])
+                         ["proxy_llm: --data-dir: cannot use %s: Not a directory" % os.path.join(blocker, "data")])
         # A port another --workers proxy serves on (its sockets have SO_REUSEPORT, as this one's
         # do): the workers joined its group and the two proxies shared the connections, unsaid.
         taken = socket.socket()
