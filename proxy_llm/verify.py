@@ -31,8 +31,10 @@ Problems (exit code 1):
   answer to a stream request (an error, or a server ignoring ``stream``) and an
   unreachable upstream have no stream line.
 
-Notes (reported, exit code unaffected): unknown files, unknown record fields, compressions
-in progress.
+Notes (reported, exit code unaffected): unknown files (not the data dir's
+``.proxy_llm_key``, nor a ``.gitkeep`` or ``.gitignore`` at its top, which version control
+puts there: the repository's own ``data/`` holds a ``.gitkeep``), unknown record fields,
+compressions in progress.
 
 Exit codes: 0 clean, 1 problems found, 2 unreadable data dir.
 """
@@ -58,7 +60,9 @@ TOKEN_KEYS = ("prompt_tokens", "completion_tokens", "total_tokens", "cached_toke
               "cache_creation_tokens", "reasoning_tokens")
 SECRET_HEADERS = ("authorization", "proxy-authorization", "x-api-key", "api-key", "x-goog-api-key",
                   "cookie", "set-cookie", "x-proxy-key")
-KNOWN_TOP_FILES = (".proxy_llm_key",)
+# Files of the data dir's top level that are neither records nor a problem: the fingerprint key,
+# and what version control keeps there (the repository's data/ holds a .gitkeep).
+KNOWN_TOP_FILES = (".proxy_llm_key", ".gitkeep", ".gitignore")
 MAX_LISTED = 20
 
 _ULID_RE = re.compile(r"^[0-9A-HJKMNP-TV-Z]{26}$")

@@ -135,6 +135,28 @@ class TestClean(VerifyTestCase):
         self.assertIn("unknown record fields (1):\n    some_new_field", out)
         self.assertNotIn(".proxy_llm_key", out)
 
+    def test_files_version_control_keeps_in_the_data_dir_are_fine(self) -> None:
+        # The shipped default data dir (data/ in the repository) holds a .gitkeep, which verify
+        # listed as an unknown file.
+        for name in (".gitkeep", ".gitignore"):
+            open(os.path.join(self.data, name), "w").close()
+        open(os.path.join(self.data, "notes.txt"), "w").close()
+        code, out, _ = self.verify()
+        self.assertEqual(code, 0, out)
+        self.assertIn("unknown files (1):\n    notes.txt\n", out)
+        self.assertNotIn(".git", out)
+
+    def test_the_repositorys_own_data_dir_is_clean(self) -> None:
+        # As the repository ships it (data/ holds only its .gitkeep: whatever a local run wrote
+        # there is ignored by git, and not copied here).
+        shipped = os.path.join(ROOT, "data", ".gitkeep")
+        self.assertTrue(os.path.exists(shipped))
+        data = os.path.join(self.tmp, "shipped")
+        os.mkdir(data)
+        shutil.copy(shipped, data)
+        self.assertEqual(run_verify("--data-dir", data)[:2], (0, "verify: %s\n  0 sessions, 0 record files, 0 records, "
+                                                             "0 stream files, 0 stream lines\nverify: OK\n" % data))
+
     def test_default_data_dir_and_missing_dir(self) -> None:
         self.assertEqual(run_verify(default_data_dir=self.data)[0], 0)
         code, out, err = run_verify("--data-dir", os.path.join(self.tmp, "nope"))
