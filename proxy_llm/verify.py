@@ -7,7 +7,10 @@ Problems (exit code 1):
 * a record without a schema field, or with a field of the wrong type or value
   (schema_version 1: see the README's field list);
 * a credential header (``authorization``, ``x-api-key``, ...) whose value is not
-  redacted (the value itself is never printed);
+  redacted, or an ``endpoint`` that holds a key (a value shaped like a provider key, or
+  a ``key=`` parameter's, not redacted: records written before 2026-12-06 kept a key
+  a client put in its base URL; ``wire.endpoint_unredacted``); the value itself is
+  never printed;
 * two records, or two stream lines, with one id;
 * a record in another session's directory (``session_<sid>/`` must match its
   ``session_id``, sanitised as the layout says);
@@ -47,7 +50,7 @@ import os
 import re
 import sys
 
-from proxy_llm import reader, storage
+from proxy_llm import reader, storage, wire
 
 __all__ = ["add_arguments", "run", "check", "Findings", "check_record", "check_stream_line"]
 
@@ -172,6 +175,9 @@ def check_record(rec: dict) -> list:
     for part in (encoding if isinstance(encoding, dict) else ()):
         if not _is_base64(rec.get(part + "_body")):
             problems.append("%s_body: expected base64 (body_encoding)" % part)
+    endpoint = rec.get("endpoint")
+    if _is_str(endpoint) and wire.endpoint_unredacted(endpoint):
+        problems.append("endpoint: credential not redacted (as versions before 2026-12-06 left it)")
     headers = rec.get("request_headers")
     for name, value in (headers.items() if isinstance(headers, dict) else ()):
         if not _is_str(value):

@@ -427,6 +427,15 @@ def redact_path(path: str, found: Dict[str, str], key: bytes) -> str:
     return _path_redacted(path, found, lambda secret: redacted(secret, key))
 
 
+def endpoint_unredacted(endpoint: str) -> bool:
+    """Whether a record's ``endpoint`` still holds what :func:`redact_path` takes out of a path:
+    a value shaped like a provider key, or a credential parameter's value, that is not a
+    ``[REDACTED...]`` already. Records written before 2026-12-06 kept them (``verify`` reports
+    such a record; the value is never shown)."""
+    found = {form: secret for form, secret in path_secrets(endpoint).items() if not secret.startswith("[REDACTED")}
+    return _path_redacted(endpoint, found, lambda secret: _LOGGED) != endpoint
+
+
 def log_path(path: str, secrets: Iterable[str]) -> str:
     """A request path fit for a log line: each of ``secrets`` (those of at least
     :data:`SCRUB_MIN` characters: the exchange's, as :func:`request_secrets` gives them, and

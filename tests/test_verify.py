@@ -213,6 +213,33 @@ class TestDamage(VerifyTestCase):
                                  "request_headers.authorization: credential not redacted")
         self.assertNotIn("sk-live", out)
 
+    def test_an_endpoint_that_still_holds_a_key_is_flagged_without_printing_it(self) -> None:
+        # Before 2026-12-06 a key a client put in its base URL stayed in the record's endpoint.
+        from proxy_llm import wire
+
+        paths = ["/v1/sk-proj-abcdefghij0123456789XYZ/chat/completions",
+                 "/v1/chat/completions;key=hunter2hunter2",
+                 "/v1/chat/completions;api_key=q1w2e",
+                 "/v1beta/models/gemini-2.0-flash:generateContent%3Fkey%3DAIzaSyA0123456789abcdefghijklmnopqrstuv"]
+        for path in paths:
+            with self.subTest(path=path):
+                rec = self.chat()
+                rec["endpoint"] = path
+                self.add(rec, streams=False)
+                out = self.assertProblem("records that do not match the schema",
+                                         "endpoint: credential not redacted")
+                for secret in ("sk-proj", "hunter2", "q1w2e", "AIzaSy"):
+                    self.assertNotIn(secret, out)
+                # As today's recorder writes it: redacted, and clean.
+                shutil.rmtree(self.data)
+                self.man = df.build_mixed(self.data, torn=False)
+                rec["endpoint"] = wire.redact_path(path, wire.path_secrets(path), b"k" * 32)
+                self.assertIn("[REDACTED:", rec["endpoint"])
+                self.add(rec, streams=False)
+                self.assertEqual(self.verify()[0], 0, self.verify()[1])
+                shutil.rmtree(self.data)
+                self.man = df.build_mixed(self.data, torn=False)
+
     def test_record_in_the_wrong_session_directory(self) -> None:
         rec = self.chat()
         path = self.add(rec, streams=False)
