@@ -40,19 +40,27 @@ def event(text: str, finish=None) -> bytes:
 
 
 
-class ShutdownTest(unittest.TestCase):
+class StreamingUpstreamCase(unittest.TestCase):
+    """A temp data dir, and an upstream whose streams hold after their first event until
+    ``release`` is set (``reply``: its answer to a request)."""
+
     def setUp(self):
         self.tmp = tempfile.mkdtemp(prefix="proxy_llm_shutdown_")
         self.addCleanup(shutil.rmtree, self.tmp, True)
         self.data_dir = os.path.join(self.tmp, "data")
         self.release = threading.Event()
         self.addCleanup(self.release.set)
-        self.upstream = FakeUpstream(lambda req: Reply(
-            200, [("Content-Type", "text/event-stream")],
-            [event("start "), self.release, event("end"), event("", "stop"), b"data: [DONE]\n\n"]))
+        self.upstream = FakeUpstream(self.reply)
         self.upstream.server.handle_error = lambda request, address: None  # cut connections are the point
         self.upstream.start()
         self.addCleanup(self.upstream.stop)
+
+    def reply(self, req) -> Reply:
+        return Reply(200, [("Content-Type", "text/event-stream")],
+                     [event("start "), self.release, event("end"), event("", "stop"), b"data: [DONE]\n\n"])
+
+
+class ShutdownTest(StreamingUpstreamCase):
 
     def start(self, **extra) -> ProxyProcess:
         cfg = base_config([provider("openai", "openai", self.upstream.url, "", ["gpt-*"])], self.data_dir, **extra)
@@ -405,27 +413,17 @@ class UnfinishedTest(unittest.TestCase):
         self.assertIn("recorded 1 exchanges whose handlers did not end in time", proc.log_text())
 
 
-class HangupTest(unittest.TestCase):
+class HangupTest(StreamingUpstreamCase):
     """SIGHUP (a terminal closing, an ssh session dropping) stops the proxy as SIGTERM does; its
     default action killed it with no drain: the stream in flight and the records still queued
     were never written. Under ``nohup`` (SIGHUP ignored at start) it is ignored, as before."""
 
     QUICK = 20  # exchanges completed just before the signal: their records may still be queued
 
-    def setUp(self):
-        self.tmp = tempfile.mkdtemp(prefix="proxy_llm_hangup_")
-        self.addCleanup(shutil.rmtree, self.tmp, True)
-        self.data_dir = os.path.join(self.tmp, "data")
-        self.release = threading.Event()
-        self.addCleanup(self.release.set)
-        self.upstream = FakeUpstream(lambda req: Reply(
-            200, [("Content-Type", "text/event-stream")],
-            [event("start "), self.release, event("end"), event("", "stop"), b"data: [DONE]\n\n"])
-            if b'"stream":true' in req.body else Reply(200, [("Content-Type", "application/json")],
-                                                       b'{"id":"q","object":"chat.completion","choices":[]}'))
-        self.upstream.server.handle_error = lambda request, address: None
-        self.upstream.start()
-        self.addCleanup(self.upstream.stop)
+    def reply(self, req) -> Reply:
+        if b'"stream":true' in req.body:
+            return super().reply(req)
+        return Reply(200, [("Content-Type", "application/json")], b'{"id":"q","object":"chat.completion","choices":[]}')
 
     def start(self, workers: int = 1, sighup=signal.SIG_DFL) -> ProxyProcess:
         cfg = base_config([provider("openai", "openai", self.upstream.url, "", ["gpt-*"])], self.data_dir,
