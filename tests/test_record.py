@@ -337,6 +337,20 @@ class EncoderTest(unittest.TestCase):
                 self.assertEqual(rec["response_body"], answer)  # its own bytes, floats and all
                 self.assertNotIn("1.5", json.dumps(rec.get("tokens_used")))
 
+    def test_nesting_is_measured_through_escapes_beside_quotes(self):
+        # The skeleton nests_within measures keeps each escape a pair (its letter as x): a
+        # string that ends in an escape (\n", \\") ends at that quote, and an escaped quote
+        # after an escape (\n\") does not end its string. A skeleton of backslashes, quotes and
+        # brackets alone would read \n" as an escaped quote, and \n\" as \\ and a quote.
+        within = record.nests_within
+        deep = b"[" * 101 + b"]" * 101
+        for escape in (b"\\n", b"\\t", b"\\r\\b\\f", b"\\u00e9", b"\\/", b"\\\\", b"\\\\\\n"):
+            with self.subTest(escape=escape):
+                self.assertFalse(within(b'["a%s",%s]' % (escape, deep)))  # 102 levels
+                self.assertTrue(within(b'["a%s\\"%s"]' % (escape, b"[" * 300)))  # one level, text
+                self.assertTrue(within(b'["a%s\\"%s",%s]' % (escape, b"]" * 300, deep[2:-2])))  # 100
+                self.assertFalse(within(b'["a%s\\"%s",%s]' % (escape, b"]" * 300, deep)))  # 102
+
     def test_nesting_matches_the_depth_a_parser_finds(self):
         # Differential: seeded JSON texts past the counting shortcut (many brackets), with
         # brackets, quotes and backslashes in strings, at depths around the limit, some
