@@ -667,6 +667,19 @@ class SniffTest(unittest.TestCase):
                     if model_is_exact(body):
                         self.assertEqual(sniff(body)[0], model)
 
+    def test_a_model_key_given_twice_is_found_from_either_end(self):
+        # model_is_exact searches back from the end: the key given twice, even where the two
+        # share a quote ('"model"model"', not JSON, but a 2xx body is not parsed first), or
+        # once in the middle of a long body, is not exact; once near either end is.
+        pad = b"x" * 20000
+        self.assertFalse(model_is_exact(b'{"a":"%s","model"model":"m"}' % pad))
+        self.assertFalse(model_is_exact(b'{"model"model":"m","a":"%s"}' % pad))
+        self.assertFalse(model_is_exact(b'{"model":"m","a":"%s","model":"n"}' % pad))
+        self.assertFalse(model_is_exact(b'{"a":"%s","model":"m","b":"%s"}' % (pad, pad)))
+        self.assertTrue(model_is_exact(b'{"a":"%s","model":"m"}' % pad))
+        self.assertTrue(model_is_exact(b'{"model":"m","a":"%s"}' % pad))
+        self.assertTrue(model_is_exact(b'{"a":"%s"}' % pad))
+
 
 class LabelTest(unittest.TestCase):
     def test_endpoint_labels_are_bounded(self):
