@@ -796,11 +796,26 @@ class Encoder:
         return out
 
 
+# Any escape that wire.scrub_json's escaped forms (\u00XX, \/) or a surrogate (\uD8xx-\uDFxx)
+# begins with: wire._ESCAPE_GATE's and reader._SURROGATE_ESCAPE's searches in one.
+_SPECIAL_ESCAPE = re.compile(rb"\\(?:u(?:00[2-7][0-9A-Fa-f]|[dD][89a-fA-F])|/)")
+
+
 def _finished(line: bytes, pairs: Sequence[Tuple[bytes, bytes, int]]) -> bytes:
     """A record or streams line as it is written: scrubbed of every secret (wire.scrub_json),
     and no lone surrogate escape left for a loader to refuse (reader.lone_surrogates_replaced).
-    ``line`` itself, the same object, when neither changed a byte of it."""
-    return reader.lone_surrogates_replaced(wire.scrub_json(line, pairs))
+    ``line`` itself, the same object, when neither changed a byte of it.
+
+    A line with backslashes (an agent's request: code and its output, quoted) is searched once
+    for the escapes that either pass looks for, not once by each (a regex scan of the whole
+    line, several times a memchr's cost): most have none, and then neither search is made
+    (the scrub's plain replacements make no escape, so a line they changed is searched anew).
+    """
+    first = line.find(b"\\")
+    if first >= 0 and _SPECIAL_ESCAPE.search(line, first) is not None:
+        return reader.lone_surrogates_replaced(wire.scrub_json(line, pairs))
+    out = wire.scrub_json(line, pairs, escapes=False)
+    return out if out is line else reader.lone_surrogates_replaced(out)
 
 
 def _read_answer(dialect: Any, body: bytes, accepted: bool) -> Tuple[Any, Optional[bytes], Any]:

@@ -541,7 +541,7 @@ def scrub(data: bytes, pairs: Iterable[Tuple[bytes, bytes, int]]) -> bytes:
     return data
 
 
-def scrub_json(line: bytes, pairs: Sequence[Tuple[bytes, bytes, int]]) -> bytes:
+def scrub_json(line: bytes, pairs: Sequence[Tuple[bytes, bytes, int]], escapes: bool = True) -> bytes:
     """Replace each secret in the JSON text ``line`` by its redaction, in every form JSON may
     give it: as its own bytes, and escaped (``\\u0073``, ``\\/``, ``\\"``; a few characters or
     all; at any level of JSON text held in a string, such as an event's data in a streams line
@@ -550,7 +550,8 @@ def scrub_json(line: bytes, pairs: Sequence[Tuple[bytes, bytes, int]]) -> bytes:
     The common case costs a search per secret and one ``memchr`` for a backslash: a line
     without escapes cannot hold an escaped secret. Only a line holding ``\\u00`` or ``\\/`` escapes
     of a character of some secret, or a secret that is not ``PLAIN``, is searched by
-    :func:`_escaped_pattern`. A line the replacements made invalid (a secret that is also a
+    :func:`_escaped_pattern` (``escapes`` false: the caller's own search found neither in
+    ``line``, see record._finished, and this one is not made). A line the replacements made invalid (a secret that is also a
     number in it: ``"created":1234567890``) is scrubbed again, token by token
     (:func:`_scrub_tokens`), so that no record is lost to its redaction. A line holding no
     secret is returned itself, the same object (the recorder tells by that, at no cost, that
@@ -571,7 +572,8 @@ def scrub_json(line: bytes, pairs: Sequence[Tuple[bytes, bytes, int]]) -> bytes:
     # character, nor \/ (\\u00XX a level within is one too). A regex with a literal first
     # byte takes half the time of a search for "\\u00" by the bytes module, which steps
     # through the line (70 us over 100 KB).
-    if backslash >= 0 and (special or _ESCAPE_GATE.search(out, backslash) is not None):
+    # (The plain replacements above make no escape: a redaction holds no backslash.)
+    if backslash >= 0 and (special or (escapes and _ESCAPE_GATE.search(out, backslash) is not None)):
         escaped = _escaped_chars(out, backslash)
         if escaped or special:
             out, n = _scrub_escaped(out, pairs, escaped)
