@@ -24,6 +24,9 @@ Differences from the specification, on purpose: a block made only of comments
 whose ``data`` is empty. ``Event.id`` is the ``id:`` of that block only, not
 the stream's "last event id".
 
+:func:`decode_chunks` decodes a whole captured stream (the recorder's case) as feeding it
+read by read would, events and their read times alike, most streams at once.
+
 Memory is bounded: an event (its raw bytes, including a line still waiting
 for its line end) larger than ``max_event_size`` is dropped whole, the rest of
 its bytes are skipped without being stored until the next blank line, and
@@ -34,8 +37,11 @@ input.
 from __future__ import annotations
 
 import re
+from bisect import bisect_left
+from itertools import accumulate, repeat
+from operator import add
 
-__all__ = ["Event", "SSEDecoder", "DEFAULT_MAX_EVENT_SIZE"]
+__all__ = ["Event", "SSEDecoder", "decode_chunks", "feed_chunks", "DEFAULT_MAX_EVENT_SIZE"]
 
 DEFAULT_MAX_EVENT_SIZE = 8 * 1024 * 1024
 
@@ -160,7 +166,8 @@ class SSEDecoder(object):
             # the same _field(), and no event can pass the bound (the read itself does not).
             end = data.rfind(b"\n\n")
             if end >= 0:
-                self._whole_events(data[:end], out)
+                data_end = data[:end]
+                self._whole_events(data_end, data_end.split(b"\n\n"), out)
                 pos = end + 2
         if self._pending_cr:
             self._pending_cr = False
@@ -229,15 +236,17 @@ class SSEDecoder(object):
         self._head = b""
         return head[3:] if head[:3] == _BOM else head
 
-    def _whole_events(self, blocks, out):
-        # ``blocks``: complete events separated by blank lines, LF only, no line end after the
-        # last one. Extra blank lines show up as LFs at the ends of a block: with no line held
-        # they are no-ops, as in _end_line.
+    def _whole_events(self, data, blocks, out):
+        # ``data``: complete events, LF only, no line end after the last line of the last one;
+        # ``blocks``: ``data`` split on its blank lines (b"\n\n"). Extra blank lines show up as
+        # LFs at the ends of a block: with no line held they are no-ops, as in _end_line.
+        if self._uniform_events(data, len(blocks), out):
+            return
         # The usual blocks, one "data: " line (OpenAI, Gemini) or "event: " then "data: "
         # (Anthropic), are made into their Event at once: what _field and _dispatch make of
         # them, a third of the work.
         field = self._field
-        for block in blocks.split(b"\n\n"):
+        for block in blocks:
             block = block.strip(b"\n")
             if not block:
                 continue
@@ -255,6 +264,37 @@ class SSEDecoder(object):
                 field(line)
             self._raw = [block, b"\n"]
             self._dispatch(out)
+
+    @staticmethod
+    def _uniform_events(data, count, out):
+        """Add the events of ``data`` (``count`` blocks, as for _whole_events) to ``out`` and
+        return True when every block is one ``data: `` line, or every one an ``event: `` line
+        then a ``data: `` line: a provider's stream, nearly always. False (and nothing added)
+        for any other.
+
+        Those are settled for the whole stream at once, with a few C calls, instead of block by
+        block. ``data`` is decoded whole: a LF is never part of a UTF-8 sequence, so the text's
+        lines are those of the bytes, each decoded as it is on its own (a sequence a LF cuts
+        gets the one U+FFFD it gets at the end of a line).
+        """
+        lines = data.decode("utf-8", "replace").split("\n")
+        per = (len(lines) + 1) // count  # lines of a block, and its blank line
+        # The only empty lines the blank lines between blocks, each after ``per - 1`` lines.
+        if (per * count != len(lines) + 1 or not 2 <= per <= 3 or lines.count("") != count - 1
+                or lines[per - 1::per].count("") != count - 1):
+            return False
+        datas = lines[per - 2::per]
+        if not all(map(str.startswith, datas, repeat("data: "))):
+            return False
+        if per == 2:
+            out += [Event(line[6:], None, None, None, [], line + "\n") for line in datas]
+            return True
+        names = lines[::3]
+        if not all(map(str.startswith, names, repeat("event: "))):
+            return False
+        out += [Event(line[6:], name[7:], None, None, [], name + "\n" + line + "\n")
+                for name, line in zip(names, datas)]
+        return True
 
     def _add_partial(self, chunk):
         if not chunk:
@@ -337,3 +377,63 @@ class SSEDecoder(object):
             raw=raw,
         ))
         self._reset_block()
+
+
+def decode_chunks(chunks, max_event_size=DEFAULT_MAX_EVENT_SIZE):
+    # type: (list, int) -> tuple
+    """A whole captured stream: ``chunks`` are ``(t, bytes)`` in arrival order. Returns
+    ``([(t, Event), ...], truncated)``: what feeding the chunks one by one to an
+    :class:`SSEDecoder`, then closing it, gives, each event stamped with the ``t`` of the chunk
+    whose feed returned it (the ones close returns, with the last chunk's).
+
+    The writer decodes every stream it records, and a stream mostly comes one event a read:
+    fed read by read, every event costs a feed. A body of LF-terminated events with one blank
+    line between them (what the providers send) is split at once instead, each event taking
+    the time of the chunk that holds the LF of its blank line, where a feed would have
+    completed it. Any other body (CR line ends, a leading BOM, more than one blank line in a
+    row, an event that may pass the bound) is fed chunk by chunk.
+    """
+    decoder = SSEDecoder(max_event_size)
+    datas = [data for _, data in chunks]
+    body = b"".join(datas)
+    end = body.rfind(b"\n\n")
+    if end > 0 and body[:1] != b"\xef" and body[end - 1:end] != b"\n" and body.find(b"\r") < 0:
+        # A block between blank lines with a line (an event of ignored fields too) is one event,
+        # no bigger than the block and one LF; each block is one unless extra blank lines made
+        # one of only LFs. (No LF ends a block: split finds the first LFs of a run, and the
+        # last blank line is the first of its run.)
+        whole = body[:end]
+        blocks = whole.split(b"\n\n")
+        if max(map(len, blocks)) < decoder.max_event_size:
+            events = []  # type: list
+            decoder._started = True
+            decoder._whole_events(whole, blocks, events)
+            if len(events) == len(blocks):
+                # The blank line's LF of block i is at sum(len(block j) + 2, j <= i) - 1: its
+                # chunk is the first whose running end passes it.
+                past = accumulate(map(add, map(len, blocks), repeat(2)))
+                ends = list(accumulate(map(len, datas)))
+                timed = list(zip(map([t for t, _ in chunks].__getitem__, map(bisect_left, repeat(ends), past)),
+                                 events))
+                rest = body[end + 2:]
+                if rest:  # no blank line in it: its feed completes none, the close one at most
+                    last = chunks[-1][0]
+                    timed += [(last, ev) for ev in decoder.feed(rest) + decoder.close()]
+                return timed, decoder.truncated
+            decoder = SSEDecoder(max_event_size)
+    return feed_chunks(decoder, chunks)
+
+
+def feed_chunks(decoder, chunks):
+    # type: (object, list) -> tuple
+    """``([(t, Event), ...], truncated)`` of ``chunks`` (``(t, bytes)``) fed one by one to
+    ``decoder`` (an :class:`SSEDecoder`, or one with its interface), then closed: each event
+    stamped with the ``t`` of the chunk that completed it, those of the close with the last."""
+    out = []  # type: list
+    t = 0.0
+    for t, data in chunks:
+        for ev in decoder.feed(data):
+            out.append((t, ev))
+    for ev in decoder.close():
+        out.append((t, ev))
+    return out, decoder.truncated

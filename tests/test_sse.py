@@ -7,7 +7,7 @@ import unittest
 
 from proxy_llm.dialects import decode_stream
 from proxy_llm.dialects.streams import JSONArrayDecoder, LineDecoder
-from proxy_llm.sse import Event, SSEDecoder
+from proxy_llm.sse import Event, SSEDecoder, decode_chunks, feed_chunks
 from tests.support import split_at
 
 
@@ -157,6 +157,38 @@ class SSEDecoderTest(unittest.TestCase):
             got = feed_all(fast, split_at(data, cuts))
             self.assertEqual(got, want, (case, data, cuts, bound))
             self.assertEqual(fast.truncated, slow.truncated, (case, data))
+
+    def test_decode_chunks_is_feeding_read_by_read(self):
+        # decode_chunks splits a whole stream at once when it can: the events, the time of the
+        # read each one was completed in, and the truncation flag must be those of feeding the
+        # reads one by one, whatever the reads and the blocks look like.
+        rng = random.Random(8642)
+        lines = [b"data: {\"a\": 1}", b"data:x", b"data: ", b"event: delta", b"event: e", b"id: 7", b"retry: 15",
+                 b": keep-alive", b"data: \xe4\xb8\x96 \xff\xe4\xb8", b"\xef\xbb\xbfdata: bom", b"field: x",
+                 b"data: " + b"y" * 40, b"data: [DONE]"]
+        shapes = (b"data: {\"n\": %d}", b"event: e%d\ndata: {\"n\": 1}")
+        for case in range(900):
+            blocks = []
+            shape = rng.choice(shapes + (None,))  # one of the providers' shapes in every block, or any
+            for _ in range(rng.randrange(1, 8)):
+                if shape is not None and rng.random() < 0.9:
+                    block = shape % case
+                else:
+                    block = b"\n".join(rng.choice(lines) for _ in range(rng.randrange(1, 4)))
+                blocks.append(block + b"\n" * rng.choice((2, 2, 2, 2, 2, 2, 3, 4)))
+            data = (b"\n" * rng.choice((0, 0, 0, 1, 2))) + b"".join(blocks)
+            if rng.random() < 0.3:
+                data += rng.choice(lines) + rng.choice((b"", b"\n"))  # an event still open
+            if rng.random() < 0.05:
+                data = data.replace(b"\n", b"\r\n", 1)
+            if rng.random() < 0.05:
+                data = b"\xef\xbb\xbf" + data
+            cuts = sorted(rng.randrange(len(data) + 1) for _ in range(rng.randrange(0, 12)))
+            chunks = [(0.5 + i, piece) for i, piece in enumerate(split_at(data, cuts))]
+            bound = rng.choice((16, 40, 1 << 20))
+            want = feed_chunks(SSEDecoder(bound), chunks)
+            self.assertEqual(decode_chunks(chunks, bound), want, (case, data, cuts, bound))
+        self.assertEqual(decode_chunks([], 64), ([], False))
 
     def test_random_garbage_never_raises_and_stays_bounded(self):
         rng = random.Random(1234)

@@ -116,19 +116,12 @@ def decode_stream(content_type, chunks, max_event_size=sse.DEFAULT_MAX_EVENT_SIZ
     if media not in _KNOWN_MEDIA and not media.endswith("+json"):
         media = _sniff(chunks)
     if media == "text/event-stream":
-        decoder = sse.SSEDecoder(max_event_size)
-    elif media == "application/json" or media.endswith("+json"):
+        return sse.decode_chunks(chunks, max_event_size)
+    if media == "application/json" or media.endswith("+json"):
         decoder = JSONArrayDecoder(max_event_size)
     else:
         decoder = LineDecoder(max_event_size)
-    out = []
-    t = 0.0
-    for t, data in chunks or ():
-        for ev in decoder.feed(data):
-            out.append((t, ev))
-    for ev in decoder.close():
-        out.append((t, ev))
-    return out, decoder.truncated
+    return sse.feed_chunks(decoder, chunks)
 
 
 _KNOWN_MEDIA = frozenset(("text/event-stream", "application/json", "application/x-ndjson",
