@@ -785,15 +785,41 @@ class Encoder:
         sid = self.file_id(session_id)
         out = [(RECORDS, sid, line)]
         if streamed:
-            stream_line = _dumps({
-                "id": ex.id,
-                "session_id": session_id,
-                "timestamp": timestamp,
-                "events": [e.to_json(round(t, 3)) for t, e in events],
-                "truncated": stream_truncated,
-            }) + b"\n"
+            stream_line = _streams_line(ex.id, session_id, timestamp, events, stream_truncated)
             out.append((STREAMS, sid, _finished(stream_line, every)))
         return out
+
+
+def _streams_line(ident: Optional[str], session_id: str, timestamp: str, events: List[Tuple[float, Any]],
+                  truncated: bool) -> bytes:
+    """A stream's line in streams/ (STREAM_FIELDS): what ``_dumps`` makes of the dict of those
+    fields, each event as its ``Event.to_json`` with its time in ms rounded to the microsecond.
+
+    A stream has hundreds of events, nearly all with only an event name and data: those are put
+    together from their JSON strings, not made into a dict each for the encoder (which escapes
+    their three keys again every time): a third less. The times are encoded together, as one
+    list, and split on its commas (a number has none).
+    """
+    rounded = [round(t, 3) for t, _ in events]
+    try:
+        parts = [_EVENT_FORM % (text, "null" if e.event is None else _quote(e.event), _quote(e.data))
+                 if e.id is None and e.retry is None and not e.comments and not e.unterminated
+                 else _encode_text(e.to_json(t))
+                 for t, text, (_, e) in zip(rounded, _encode_text(rounded)[1:-1].split(","), events)]
+        return ('{"id":%s,"session_id":%s,"timestamp":%s,"events":[%s],"truncated":%s}\n' % (
+            _encode_text(ident), _encode_text(session_id), _encode_text(timestamp), ",".join(parts),
+            _encode_text(truncated))).encode("utf-8")
+    except (UnicodeEncodeError, TypeError):  # a lone surrogate, written escaped; a field not a str
+        return _dumps({
+            "id": ident,
+            "session_id": session_id,
+            "timestamp": timestamp,
+            "events": [e.to_json(t) for t, (_, e) in zip(rounded, events)],
+            "truncated": truncated,
+        }) + b"\n"
+
+
+_EVENT_FORM = '{"t":%s,"event":%s,"data":%s}'  # an event with no other field, as to_json has it
 
 
 # Any escape that wire.scrub_json's escaped forms (\u00XX, \/) or a surrogate (\uD8xx-\uDFxx)

@@ -91,6 +91,28 @@ class EncoderTest(unittest.TestCase):
         self.assertEqual(rec["response_body"]["choices"][0]["message"]["content"], "par")
         self.assertEqual(rec["stream_events"], 1)
 
+    def test_streams_line_is_the_json_of_its_fields(self):
+        # The streams line is put together from the events' JSON strings: byte for byte what
+        # json.dumps makes of the dict of its fields, for events of every kind (an event name or
+        # none, id, retry, comments, unterminated, text outside ASCII) and a session id with a
+        # lone surrogate (the whole line escaped then), times rounded to the microsecond.
+        from proxy_llm.sse import Event
+        plain = [Event('{"a":"\u00e9\\"x"}'), Event("d", "message_start"), Event("", None)]
+        odd = [Event("d", "e", "7"), Event("d", None, None, 1500), Event("", None, None, None, ["ping"]), Event("x")]
+        odd[-1].unterminated = True
+        times = [0.0, 1.0004999, 2.0005, 12345.6789, 1e-07, 3]
+        for events in (plain, plain + odd, odd, []):
+            for session_id in ("s", "caf\u00e9", "half \ud83d"):
+                timed = [(times[i % len(times)], e) for i, e in enumerate(events)]
+                want = {"id": "01J", "session_id": session_id, "timestamp": "2026-01-01T00:00:00.000000Z",
+                        "events": [e.to_json(round(t, 3)) for t, e in timed], "truncated": bool(events)}
+                try:
+                    text = json.dumps(want, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+                except UnicodeEncodeError:
+                    text = json.dumps(want, separators=(",", ":")).encode("ascii")
+                got = record._streams_line("01J", session_id, want["timestamp"], timed, bool(events))
+                self.assertEqual(got, text + b"\n", (events, session_id))
+
     def test_unterminated_last_event_is_kept_in_the_streams_file_but_not_reassembled(self):
         ex = exchange(resp=[b'data: {"id":"c","choices":[{"index":0,"delta":{"content":"seen"}}]}\n\n',
                             b'data: {"id":"c","choices":[{"index":0,"delta":{"content":" unseen"}}]}'],
