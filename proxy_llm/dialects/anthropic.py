@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import json
 
-from .base import Dialect, Result, append_text, error_from, finalize, is_int, loads, make_usage, typed_payloads
+from .base import Dialect, Pieces, Result, append_text, error_from, finalize, is_int, loads, make_usage
 
 __all__ = ["AnthropicMessages", "AnthropicCountTokens", "anthropic_usage"]
 
@@ -93,7 +93,12 @@ class _Block(object):
         dtype = delta.get("type")
         block = self.block
         if dtype == "text_delta":
-            append_text(block, "text", delta.get("text"))
+            piece = delta.get("text")
+            text = block.get("text")
+            if type(text) is Pieces and type(piece) is str:
+                text.append(piece)  # (append_text's work, without the call: nearly every event)
+            else:
+                append_text(block, "text", piece)
         elif dtype == "input_json_delta":
             piece = delta.get("partial_json")
             if self.json_parts is None:
@@ -145,8 +150,22 @@ class AnthropicMessages(Dialect):
         usage = {}  # type: dict
         error = None
         stopped = False
-        for etype, payload, _ in typed_payloads(events):
-            if etype == "message_start":
+        for ev in events:
+            # (typed_payloads, inline: this runs for every event of every stream.)
+            data = ev.data
+            if not data:
+                continue
+            payload = loads(data)
+            if not isinstance(payload, dict):
+                continue
+            etype = payload.get("type") or ev.event
+            if etype == "content_block_delta":  # (first: nearly every event is one)
+                index = payload.get("index")
+                acc = blocks.get(index) if type(index) is int else None  # (_block: JSON's ints)
+                delta = payload.get("delta")
+                if acc is not None and isinstance(delta, dict):
+                    acc.delta(delta)
+            elif etype == "message_start":
                 msg = payload.get("message")
                 if isinstance(msg, dict):
                     message = dict(msg)
@@ -157,11 +176,6 @@ class AnthropicMessages(Dialect):
                 block = payload.get("content_block")
                 if is_int(index) and isinstance(block, dict):
                     blocks[index] = _Block(dict(block))
-            elif etype == "content_block_delta":
-                acc = _block(blocks, payload)
-                delta = payload.get("delta")
-                if acc is not None and isinstance(delta, dict):
-                    acc.delta(delta)
             elif etype == "content_block_stop":
                 acc = _block(blocks, payload)
                 if acc is not None:

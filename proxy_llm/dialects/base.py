@@ -10,6 +10,7 @@ an input shape nobody foresaw becomes ``Result.error`` of type
 from __future__ import annotations
 
 import json
+from operator import attrgetter
 
 __all__ = ["Result", "Dialect", "REASSEMBLY_ERROR", "loads", "typed_payloads", "is_int", "error_from",
            "make_usage", "get", "Pieces", "append_text", "finalize"]
@@ -74,7 +75,14 @@ class Dialect(object):
         skips it: the record holds what the client received.
         """
         try:
-            return self._reassemble([e for e in events or () if not getattr(e, "unterminated", False)])
+            events = list(events or ())
+            try:
+                cut = any(map(_UNTERMINATED, events))  # (a C loop: this runs for every stream)
+            except AttributeError:  # an event of another kind
+                cut = True
+            if cut:
+                events = [e for e in events if not getattr(e, "unterminated", False)]
+            return self._reassemble(events)
         except Exception as exc:  # noqa: BLE001 - contract: report, never raise
             return _failed(exc)
 
@@ -100,6 +108,9 @@ class Dialect(object):
 
     def __repr__(self):
         return "<dialect %s>" % self.name
+
+
+_UNTERMINATED = attrgetter("unterminated")
 
 
 def _failed(exc, body=None):

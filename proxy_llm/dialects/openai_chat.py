@@ -112,10 +112,11 @@ def merge_delta(acc, delta):
             acc[key] = value
 
 
-# Not copied from the chunks to the body: "obfuscation" is random padding OpenAI puts on every
-# chunk (stream_options.include_obfuscation, on by default), not part of the response; the
-# SDK drops it too.
-_NOT_HEAD = frozenset(("choices", "usage", "object", "error", "obfuscation"))
+# Not copied from the chunks to the body as the first non-empty value: "obfuscation" is random
+# padding OpenAI puts on every chunk (stream_options.include_obfuscation, on by default), not
+# part of the response, and the SDK drops it too; "system_fingerprint" is the last one sent,
+# copied on its own.
+_NOT_HEAD = frozenset(("choices", "usage", "object", "error", "obfuscation", "system_fingerprint"))
 
 
 def _empty(value):
@@ -133,6 +134,10 @@ def _index(value):
     return None
 
 
+# The fields of a streamed choice that _Choice.add reads by name; any other goes to its extra.
+_CHOICE_KEYS = frozenset(("index", "delta", "logprobs", "finish_reason"))
+
+
 class _Choice(object):
     __slots__ = ("index", "message", "tool_calls", "calls_by_index", "logprobs", "finish_reason", "extra")
 
@@ -148,7 +153,14 @@ class _Choice(object):
     def add(self, choice):
         delta = choice.get("delta")
         if isinstance(delta, dict):
-            self._add_delta(delta)
+            msg = self.message
+            for key, value in delta.items():
+                if type(value) is str:
+                    old = msg.get(key)
+                    if type(old) is Pieces and key not in _IDENTITY_KEYS and key != "name":
+                        old.append(value)  # a piece of text: what merge_delta would do, at once
+                        continue
+                self._add_delta_field(key, value)
         lp = choice.get("logprobs")
         if isinstance(lp, dict):
             if self.logprobs is None:
@@ -160,27 +172,28 @@ class _Choice(object):
         fr = choice.get("finish_reason")
         if fr is not None:
             self.finish_reason = fr
+        if _CHOICE_KEYS.issuperset(choice):  # (a C loop; nearly every chunk)
+            return
         for key, value in choice.items():
-            if key in ("index", "delta", "logprobs", "finish_reason"):
+            if key in _CHOICE_KEYS:
                 continue
             # The last non-empty value (Azure sends content_filter_results
             # per chunk, then {} on the last one).
             if key not in self.extra or not _empty(value):
                 self.extra[key] = value
 
-    def _add_delta(self, delta):
+    def _add_delta_field(self, key, value):
         msg = self.message
-        for key, value in delta.items():
-            if key == "role":
-                if value and not msg.get("role"):
-                    msg["role"] = value
-            elif key == "tool_calls":
-                if isinstance(value, list):
-                    for call in value:
-                        if isinstance(call, dict):
-                            self._add_tool_call(call)
-            else:
-                merge_delta(msg, {key: value})
+        if key == "role":
+            if value and not msg.get("role"):
+                msg["role"] = value
+        elif key == "tool_calls":
+            if isinstance(value, list):
+                for call in value:
+                    if isinstance(call, dict):
+                        self._add_tool_call(call)
+        else:
+            merge_delta(msg, {key: value})
 
     def _add_tool_call(self, call):
         index = _index(call.get("index"))
@@ -243,7 +256,10 @@ class OpenAIChat(Dialect):
 
     def _reassemble(self, events):
         head = {}  # type: dict  # id, created, model, ...: first non-null value of each
-        settled = set()  # type: set  # keys of head holding a non-empty value
+        # Keys a chunk's top level may have that the head takes nothing more from: those not
+        # copied, and those of head holding a non-empty value (that value stays). A chunk with
+        # only such keys (nearly every one: a C test) needs no look at its keys one by one.
+        settled = set(_NOT_HEAD)  # type: set
         choices = {}  # type: dict
         usage = None
         error = None
@@ -269,28 +285,33 @@ class OpenAIChat(Dialect):
                 if not chunk.get("choices"):
                     continue
             seen_chunk = True
-            for key, value in chunk.items():
-                if key in settled or key in _NOT_HEAD:
-                    continue
-                if key == "system_fingerprint":
-                    # The SDK keeps the last chunk's; a null one does not erase it.
-                    if value is not None or key not in head:
+            if "system_fingerprint" in chunk:
+                # The SDK keeps the last chunk's; a null one does not erase it. (Its place in
+                # head does not matter: it goes into the body by name.)
+                value = chunk["system_fingerprint"]
+                if value is not None or "system_fingerprint" not in head:
+                    head["system_fingerprint"] = value
+            if not settled.issuperset(chunk):
+                for key, value in chunk.items():
+                    if key in settled:
+                        continue
+                    if key not in head or (_empty(head[key]) and not _empty(value)):
+                        # First non-empty value: Azure's first chunk (prompt
+                        # filter results) has id "", model "" and created 0.
                         head[key] = value
-                elif key not in head or (_empty(head[key]) and not _empty(value)):
-                    # First non-empty value: Azure's first chunk (prompt
-                    # filter results) has id "", model "" and created 0.
-                    head[key] = value
-                    if not _empty(value):
-                        settled.add(key)  # (its value stays: no need to look again)
+                        if not _empty(value):
+                            settled.add(key)  # (its value stays: no need to look again)
             if isinstance(chunk.get("usage"), dict):
                 usage = chunk["usage"]
             choices_sent = chunk.get("choices")
             for choice in choices_sent if isinstance(choices_sent, list) else ():
                 if not isinstance(choice, dict):
                     continue
-                index = _index(choice.get("index"))
-                if index is None:
-                    index = 0
+                index = choice.get("index")
+                if type(index) is not int:
+                    index = _index(index)
+                    if index is None:
+                        index = 0
                 acc = choices.get(index)
                 if acc is None:
                     acc = choices[index] = self.choice_class(index)
