@@ -582,8 +582,10 @@ class ProxyHandler(BaseHTTPRequestHandler):
         config = self.server.config
         pool = self.server.pools[ex.provider.name]
         query = ex.query
-        if query and ex.provider.type != "gemini":
-            query = wire.without_key_param(query)  # Gemini's key never goes to another API
+        if query and (ex.provider.type != "gemini" or ex.provider.api_key):
+            # Gemini's key never goes to another API, nor next to a provider's own key (which
+            # replaces the client's credentials, as it does their headers).
+            query = wire.without_key_param(query)
         target = pool.base_path + ex.path + ("?" + query if query or self.empty_query else "")
         out_headers = self.upstream_headers(ex, headers, body)
         for attempt in (0, 1):

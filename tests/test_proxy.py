@@ -528,6 +528,12 @@ class RoutingTest(ProxyTestCase):
         self.assertEqual(seen.header("anthropic-version"), "2023-06-01")
         request(proxy.url, path="/v1beta/models/gemini-2.0-flash:generateContent", body={"contents": []}, headers={"x-goog-api-key": "client"})
         self.assertEqual(self.upstream.next_request().header("x-goog-api-key"), "goog-server-key-123")
+        # Gemini's key in the query is the client's credential too: it goes, the provider's is sent.
+        request(proxy.url, path="/v1beta/models/gemini-2.0-flash:generateContent?alt=sse&key=client-query-key",
+                body={"contents": []})
+        seen = self.upstream.next_request()
+        self.assertEqual((seen.target, seen.header("x-goog-api-key")),
+                         ("/v1beta/models/gemini-2.0-flash:generateContent?alt=sse", "goog-server-key-123"))
 
     def test_without_provider_key_client_credentials_pass_untouched(self):
         proxy = self.start_proxy()
