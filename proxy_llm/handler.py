@@ -598,6 +598,12 @@ class ProxyHandler(BaseHTTPRequestHandler):
                     # for it records the exchange with its request: record_unfinished.)
                     ex.capture_request(body)
                     connect(conn)  # within connect_timeout; the socket blocks from then on
+                    if ex.cancelled:
+                        # The shutdown cut or recorded it while it connected: the request does
+                        # not go out after the stop (an upstream call nobody answers for).
+                        pool.discard(conn)
+                        server_metrics_error(self.server, ex, "shutdown")
+                        raise errors.Overloaded("proxy_llm is shutting down")
                 # The socket itself, not the connection: http.client lets go of the socket of a
                 # response that ends with a close (the response reads it), and it must be cut too.
                 ex.upstream_sock = conn.sock
@@ -815,6 +821,11 @@ class ProxyHandler(BaseHTTPRequestHandler):
             server_metrics_error(self.server, ex, ended)
 
     def answer_error(self, ex: Exchange, exc: ProxyError) -> None:
+        if not ex.unclaimed:
+            # The shutdown recorded it as it stood, unanswered (record_unfinished), and its
+            # record may be in the writer's hands: the client gets what the record says, nothing.
+            self.close_connection = True
+            return
         if ex.client_gone:  # the watchdog cut the upstream because the client left: nobody to answer
             self.close_connection = True
             ex.ended = "client_aborted"

@@ -412,6 +412,54 @@ class UnfinishedTest(unittest.TestCase):
         self.assertEqual(rec["request_body"], json.loads(body))
         self.assertIn("recorded 1 exchanges whose handlers did not end in time", proc.log_text())
 
+    def test_an_exchange_the_shutdown_recorded_is_not_sent_once_its_connect_ends(self):
+        # In-process, the shutdown's steps at moments the test picks. The exchange recorded by
+        # the shutdown (status null, shutdown) while its handler connected: when the connect
+        # then ended (the upstream took it before the exit, the recorder still closing), the
+        # handler sent the request on, an upstream call after the stop, and relayed the answer
+        # to a client whose record said it got none.
+        tmp = tempfile.mkdtemp(prefix="proxy_llm_unfinished_")
+        self.addCleanup(shutil.rmtree, tmp, True)
+        data_dir = os.path.join(tmp, "data")
+        listener = socket.socket()
+        self.addCleanup(listener.close)
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(0)
+        listener.settimeout(DEADLINE)
+        filler = socket.create_connection(listener.getsockname(), timeout=DEADLINE)
+        self.addCleanup(filler.close)
+        url = "http://127.0.0.1:%d" % listener.getsockname()[1]
+        proxy = InProcessProxy(base_config([provider("openai", "openai", url, "", ["gpt-*"])], data_dir,
+                                           connect_timeout=600)).__enter__()
+        self.addCleanup(proxy.stop)
+        server = proxy.server
+        client = socket.create_connection(("127.0.0.1", proxy.port), timeout=DEADLINE)
+        self.addCleanup(client.close)
+        body = b'{"model":"gpt-4o","messages":[{"role":"user","content":"hi"}]}'
+        client.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s"
+                       % (len(body), body))
+        wait_until(lambda: len(server.inflight) == 1, what="the exchange in flight")
+        server.draining.set()
+        server.cancel_inflight()
+        server.stop_taking()
+        from proxy_llm.handler import record_unfinished
+        self.assertEqual(record_unfinished(server), 1)
+        self.assertTrue(server.recorder.flush(DEADLINE))
+        # The upstream takes the connection now (the SYN the full queue dropped comes again).
+        held, _ = listener.accept()
+        held.close()
+        upstream, _ = listener.accept()
+        self.addCleanup(upstream.close)
+        upstream.settimeout(DEADLINE)
+        self.assertEqual(upstream.recv(65536), b"", "the request went upstream after the shutdown recorded it")
+        upstream.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}")  # (had it gone)
+        self.assertEqual(read_to_eof(client), b"")  # answered nothing, as its record says
+        wait_until(lambda: not server.inflight, what="the handler's end")
+        proxy.stop()
+        [rec] = read_records(data_dir)
+        self.assertEqual((rec["status_code"], rec["ended"]), (None, "shutdown"))
+        self.assertEqual(rec["request_body"], json.loads(body))
+
 
 class HangupTest(StreamingUpstreamCase):
     """SIGHUP (a terminal closing, an ssh session dropping) stops the proxy as SIGTERM does; its
