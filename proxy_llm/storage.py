@@ -362,6 +362,7 @@ class Recorder:
         # stops between two slices of encoding past it (see _past_drain); a hurry moves it closer.
         self._drain_until = float("inf")
         self._files_closed = False  # (under lock) close has closed every file: nothing more is written
+        self._stop_taken = False  # the writer took close's stop marker off the queue
         self._unsynced_since: Optional[float] = None  # when the oldest line not yet synced was written
         self.monotonic = time.monotonic  # the clock of fsync_interval (tests replace it)
         self._compressor: Optional[threading.Thread] = None
@@ -479,6 +480,8 @@ class Recorder:
             markers = [item for item in batch if item is _STOP or isinstance(item, _Marker)]
             if markers:
                 stopping = any(item is _STOP for item in markers)
+                if stopping:
+                    self._stop_taken = True  # (see _left_queued)
                 batch = [item for item in batch if item is not _STOP and not isinstance(item, _Marker)]
             try:
                 self.queue.taken(batch)
@@ -1127,7 +1130,9 @@ class Recorder:
         """The records still queued once the writer has stopped (its stop marker and flush
         markers are not records); those a writer still at work may yet take, counted as lost."""
         if writer is not None and writer.is_alive():
-            return self.queue.qsize()
+            # Close's stop marker, unless the writer took it, is no record: counted, a writer
+            # late on its last record made two drops of it, with the one it counts itself.
+            return max(0, self.queue.qsize() - (0 if self._stop_taken else 1))
         n = 0
         while True:
             try:

@@ -889,6 +889,33 @@ class HurryTest(RecorderTestCase):
         self.assertEqual(rec.dropped, {"shutdown": sent - len(written)})  # every other record counted
         self.assertIn("%d queued records were not written at shutdown" % (sent - len(written)), self.logs.messages)
 
+    def test_a_writer_late_past_close_counts_its_stop_marker_as_no_record(self):
+        # The writer is still at work on the last record (one slow to encode: a huge stream)
+        # when close's wait runs out, nothing else queued. Close counted what the queue held,
+        # its own stop marker, as a record lost, and the writer then counted the record it
+        # could no longer write: two drops for one record.
+        encoding, release = threading.Event(), threading.Event()
+        self.addCleanup(release.set)
+        rec = self.recorder(start=False)
+
+        def slow(item):
+            encoding.set()
+            release.wait(DEADLINE)
+            return encode(item)
+
+        rec.encode = slow
+        rec.start()
+        self.assertTrue(rec.submit(line("s", 0)))
+        self.assertTrue(encoding.wait(DEADLINE))
+        with unittest.mock.patch.object(storage, "STOP_GRACE", 0.1):
+            rec.close(0.1)
+        self.assertTrue(rec._thread.is_alive())  # (still encoding)
+        release.set()
+        rec._thread.join(DEADLINE)
+        self.assertFalse(rec._thread.is_alive())
+        self.assertEqual(rec.written_total(), 0)
+        self.assertEqual(rec.dropped, {"shutdown": 1})
+
     def test_a_hurry_while_the_compressor_works_stops_it_short(self):
         begun: List[str] = []
 
