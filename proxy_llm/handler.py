@@ -546,8 +546,12 @@ class ProxyHandler(BaseHTTPRequestHandler):
                     ex.provider = p
                     break
         if ex.provider is None:
+            # (The path and model as a log line has them: cut short, a key they held would leave
+            # its start in the record's answer, where no scrub finds a key cut short.)
+            secrets = wire.request_secrets(ex.req_headers, ex.query) + self.server.provider_keys
             raise errors.NotFound("no provider configured for %s%s" % (
-                ex.path[:200], " (model %s)" % ex.model[:100] if ex.model else ""))
+                wire.log_path(ex.path, secrets)[:200],
+                " (model %s)" % wire.log_path(ex.model, secrets)[:100] if ex.model else ""))
         ex.provider_type = ex.provider.type
 
     def upstream_headers(self, ex: Exchange, headers: List[Tuple[str, str]], body: bytes) -> List[Tuple[str, str]]:

@@ -376,6 +376,28 @@ class KeyInPathTest(SecurityTestCase):
                 self.assertEqual(rec["endpoint"], "/v1/%s/chat/completions" % auth[len("Bearer "):])
 
 
+class KeyCutInNotFoundTest(SecurityTestCase):
+    def test_a_key_the_404s_message_would_cut_is_not_left_in_part(self):
+        # A request of an API no provider serves gets a 404 naming its path, cut at 200
+        # characters: a key that the cut went through left its start in the record's answer
+        # (the scrub of the whole line finds the key whole, not its start).
+        key = "sk-proj-" + "".join(random.Random().choice("ABCDEFGHJKLMNPQRSTUVWXYZ0123456789") for _ in range(40))
+        path = "/v1/models/%s/%s" % ("x" * 170, key)
+        self.assertLess(path.index(key), 200)
+        self.assertGreater(path.index(key) + len(key), 200)  # (the cut goes through it)
+        proxy = self.start_proxy([provider("openai", "openai", self.upstream.url, "", ["gpt-*"])])
+        status, _, answer = request(proxy.url, method="GET", path=path,
+                                    headers={"anthropic-version": "2023-06-01", "x-api-key": "client-key-1234"})
+        self.assertEqual(status, 404)
+        self.assertNotIn(key[:12].encode(), answer)
+        proxy.flush()
+        [rec] = proxy.records()
+        self.assertEqual(rec["status_code"], 404)
+        line = json.dumps(rec)
+        self.assertNotIn(key[:12], line)
+        self.assertIn("no provider configured", line)
+
+
 class KeyInPathProcessTest(unittest.TestCase):
     """End to end: keys that only the path carries (a base URL set wrong), through the real
     entry point at DEBUG, an upstream that quotes the path it got, and the subcommands that
