@@ -379,27 +379,38 @@ class UnfinishedTest(unittest.TestCase):
     """An exchange whose handler has not ended when the shutdown's last wait runs out (still
     connecting to an upstream: no cut reaches a connect) is recorded by the shutdown, once."""
 
-    def test_an_exchange_still_connecting_at_the_stop_is_recorded_as_shutdown(self):
+    BODY = b'{"model":"gpt-4o","messages":[{"role":"user","content":"hi"}]}'
+
+    def setUp(self):
         tmp = tempfile.mkdtemp(prefix="proxy_llm_unfinished_")
         self.addCleanup(shutil.rmtree, tmp, True)
-        data_dir = os.path.join(tmp, "data")
+        self.data_dir = os.path.join(tmp, "data")
         # An upstream whose accept queue is full: a connect to it waits (its SYN unanswered).
-        listener = socket.socket()
+        self.listener = listener = socket.socket()
         self.addCleanup(listener.close)
         listener.bind(("127.0.0.1", 0))
         listener.listen(0)
+        listener.settimeout(DEADLINE)
         filler = socket.create_connection(listener.getsockname(), timeout=DEADLINE)
         self.addCleanup(filler.close)
-        url = "http://127.0.0.1:%d" % listener.getsockname()[1]
-        cfg = base_config([provider("openai", "openai", url, "", ["gpt-*"])], data_dir,
+        self.url = "http://127.0.0.1:%d" % listener.getsockname()[1]
+
+    def send(self, port: int) -> socket.socket:
+        """A client that sends the request (it waits on the upstream's connect)."""
+        client = socket.create_connection(("127.0.0.1", port), timeout=DEADLINE)
+        self.addCleanup(client.close)
+        client.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s"
+                       % (len(self.BODY), self.BODY))
+        return client
+
+    def test_an_exchange_still_connecting_at_the_stop_is_recorded_as_shutdown(self):
+        data_dir = self.data_dir
+        cfg = base_config([provider("openai", "openai", self.url, "", ["gpt-*"])], data_dir,
                           connect_timeout=600, shutdown_timeout=0.5)
         proc = ProxyProcess(cfg)
         self.addCleanup(proc.cleanup)
-        client = socket.create_connection(("127.0.0.1", proc.port), timeout=DEADLINE)
-        self.addCleanup(client.close)
-        body = b'{"model":"gpt-4o","messages":[{"role":"user","content":"hi"}]}'
-        client.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s"
-                       % (len(body), body))
+        self.send(proc.port)
+        body = self.BODY
 
         def connecting() -> bool:
             status, _, answer = request(proc.url, "GET", "/health")
@@ -418,26 +429,12 @@ class UnfinishedTest(unittest.TestCase):
         # then ended (the upstream took it before the exit, the recorder still closing), the
         # handler sent the request on, an upstream call after the stop, and relayed the answer
         # to a client whose record said it got none.
-        tmp = tempfile.mkdtemp(prefix="proxy_llm_unfinished_")
-        self.addCleanup(shutil.rmtree, tmp, True)
-        data_dir = os.path.join(tmp, "data")
-        listener = socket.socket()
-        self.addCleanup(listener.close)
-        listener.bind(("127.0.0.1", 0))
-        listener.listen(0)
-        listener.settimeout(DEADLINE)
-        filler = socket.create_connection(listener.getsockname(), timeout=DEADLINE)
-        self.addCleanup(filler.close)
-        url = "http://127.0.0.1:%d" % listener.getsockname()[1]
-        proxy = InProcessProxy(base_config([provider("openai", "openai", url, "", ["gpt-*"])], data_dir,
+        data_dir, listener, body = self.data_dir, self.listener, self.BODY
+        proxy = InProcessProxy(base_config([provider("openai", "openai", self.url, "", ["gpt-*"])], data_dir,
                                            connect_timeout=600)).__enter__()
         self.addCleanup(proxy.stop)
         server = proxy.server
-        client = socket.create_connection(("127.0.0.1", proxy.port), timeout=DEADLINE)
-        self.addCleanup(client.close)
-        body = b'{"model":"gpt-4o","messages":[{"role":"user","content":"hi"}]}'
-        client.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s"
-                       % (len(body), body))
+        client = self.send(proxy.port)
         wait_until(lambda: len(server.inflight) == 1, what="the exchange in flight")
         server.draining.set()
         server.cancel_inflight()
