@@ -1403,8 +1403,9 @@ class FaultTest(RecorderTestCase):
         q.taken(taken)
         self.assertEqual(q.bytes, 0)
 
-    def test_probe_clears_degraded_when_the_dir_is_writable_again(self):
-        rec = self.recorder(fsync="interval", fsync_interval=0.02)
+    def degrade_then_recover(self, rec: Recorder) -> None:
+        """A write fails (EROFS): ``rec`` is degraded; the dir writable again, its idle probe
+        (every fsync_interval) clears that."""
         blocked = {"on": True}
 
         def fault(op, path, data):
@@ -1419,24 +1420,14 @@ class FaultTest(RecorderTestCase):
         while rec.degraded and time.monotonic() < deadline:
             self.ops.synced.wait(0.05)  # the idle probe runs every fsync_interval
         self.assertFalse(rec.degraded)
+
+    def test_probe_clears_degraded_when_the_dir_is_writable_again(self):
+        self.degrade_then_recover(self.recorder(fsync="interval", fsync_interval=0.02))
         self.assertFalse(os.path.exists(os.path.join(self.data_dir, ".proxy_llm_probe")))
 
     def test_each_worker_probes_its_own_file(self):
         # Two workers degraded together probed one file, each removing the other's.
-        rec = self.recorder(fsync="interval", fsync_interval=0.02, file_suffix="_w1")
-        blocked = {"on": True}
-
-        def fault(op, path, data):
-            if blocked["on"] and op in ("open", "write"):
-                raise OSError(errno.EROFS, "Read-only file system")
-        self.ops.fault = fault
-        self.put(rec, line("s", 0))
-        self.assertTrue(rec.degraded)
-        blocked["on"] = False
-        deadline = time.monotonic() + DEADLINE
-        while rec.degraded and time.monotonic() < deadline:
-            self.ops.synced.wait(0.05)
-        self.assertFalse(rec.degraded)
+        self.degrade_then_recover(self.recorder(fsync="interval", fsync_interval=0.02, file_suffix="_w1"))
         with self.ops.lock:
             probed = [os.path.basename(p) for op, p in self.ops.calls if op == "open" and "probe" in p]
         self.assertEqual(set(probed), {".proxy_llm_probe_w1"})
