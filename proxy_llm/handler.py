@@ -872,10 +872,8 @@ def record_unfinished(server) -> int:
     time: one still connecting to its upstream (a connect or a DNS lookup, which no cut
     reaches, up to ``connect_timeout``) got no record when the process exited, and nothing
     counted it. Its handler, if it ends before the exit, records nothing (Exchange.claim)."""
-    with server._state_lock:
-        left = list(server.inflight)
     n = 0
-    for ex in left:
+    for ex in server.in_flight():
         if not ex.claim():
             continue  # its handler is recording it
         ex.duration = ex.elapsed_ms()

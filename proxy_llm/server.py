@@ -213,10 +213,14 @@ class ProxyServer(ThreadingHTTPServer):
                 self._idle_waiters -= 1
         return True
 
+    def in_flight(self) -> list:
+        """The exchanges in flight now (a copy: handlers add and drop theirs meanwhile)."""
+        with self._state_lock:
+            return list(self.inflight)
+
     def cancel_inflight(self) -> int:
         """Cut every exchange in flight; each records itself as ``shutdown``."""
-        with self._state_lock:
-            exchanges = list(self.inflight)
+        exchanges = self.in_flight()
         for ex in exchanges:
             ex.cancelled = True
             self.cut_upstream(ex)
@@ -266,8 +270,7 @@ class ProxyServer(ThreadingHTTPServer):
                     due = clock.due
                     if clock.sock is not None and due and now > due:
                         _let_go(clock, clock.how)
-        with self._state_lock:
-            exchanges = list(self.inflight)
+        exchanges = self.in_flight()
         for ex in exchanges:
             deadline = ex.upstream_deadline
             if deadline and now > deadline and not ex.upstream_late:
