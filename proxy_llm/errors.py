@@ -170,7 +170,8 @@ def request_family(headers: Iterable[Tuple[str, str]], query: str = "") -> str:
 
 def has_key_param(query: str) -> bool:
     """Whether a query holds Gemini's ``key=`` parameter, its name read as a server reads it
-    (percent-decoded: ``%6Bey=`` is ``key=``)."""
+    (percent-decoded: ``%6Bey=`` is ``key=``), as wire._param_name reads it for the scrub and
+    wire.without_key_param (this module imports nothing from the package)."""
     for m in _QUERY_NAME_RE.finditer(query):
         name = m.group(1)
         if name.find("%") >= 0 or name.find("+") >= 0:

@@ -257,13 +257,18 @@ def redact_header(name: str, value: str, key: bytes) -> str:
     return redacted(value, key)
 
 
-def _query_param(match: "re.Match[str]") -> bool:
-    """Whether a ``name=value`` match of ``_QUERY_PARAM_RE`` names a credential parameter,
-    its name read as a server reads it (percent-decoded: ``%6Bey=`` is ``key=``)."""
-    name = match.group(2)
+def _param_name(name: str) -> str:
+    """A query parameter's name as a server reads it: percent-decoded (``%6Bey`` is ``key``),
+    ``+`` a space, lower-cased."""
     if name.find("%") >= 0 or name.find("+") >= 0:
         name = urllib.parse.unquote_plus(name)
-    return name.lower() in _QUERY_SECRET_NAMES
+    return name.lower()
+
+
+def _query_param(match: "re.Match[str]") -> bool:
+    """Whether a ``name=value`` match of ``_QUERY_PARAM_RE`` names a credential parameter
+    (:func:`_param_name`)."""
+    return _param_name(match.group(2)) in _QUERY_SECRET_NAMES
 
 
 def redact_query(query: str, key: bytes) -> str:
@@ -483,7 +488,8 @@ def without_key_param(query: str) -> str:
     """``query`` without Gemini's ``key=`` parameter, for a provider of another API, to which
     that key must never go; the other parameters and their separators as they came, and the
     query itself when it has none. A parameter is read as the scrub reads it (after ``&``,
-    ``;`` or a second ``?``; its name percent-decoded: ``%6Bey=`` is ``key=``)."""
+    ``;`` or a second ``?``; its name by :func:`_param_name`: ``%6Bey=`` is ``key=``). (errors,
+    which imports nothing from the package, reads names the same way: has_key_param.)"""
     if query.find("=") < 0:
         return query
     pieces = _QUERY_SEPARATOR_RE.split(query)  # parameter, separator, parameter, ...
@@ -491,12 +497,8 @@ def without_key_param(query: str) -> str:
     for i in range(0, len(pieces), 2):
         part = pieces[i]
         eq = part.find("=")
-        if eq >= 0:
-            name = part[:eq]
-            if name.find("%") >= 0 or name.find("+") >= 0:
-                name = urllib.parse.unquote_plus(name)
-            if name.lower() == "key":
-                continue
+        if eq >= 0 and _param_name(part[:eq]) == "key":
+            continue
         if kept:
             kept.append(pieces[i - 1])
         kept.append(part)
