@@ -825,7 +825,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
             server_metrics_error(self.server, ex, ended)
 
     def answer_error(self, ex: Exchange, exc: ProxyError) -> None:
-        if not ex.unclaimed:
+        if ex.claimed:
             # The shutdown recorded it as it stood, unanswered (record_unfinished), and its
             # record may be in the writer's hands: the client gets what the record says, nothing.
             self.close_connection = True

@@ -226,6 +226,11 @@ class Exchange:
         except IndexError:
             return False
 
+    @property
+    def claimed(self) -> bool:
+        """Someone took the right to record it (see claim())."""
+        return not self.unclaimed
+
     def capture_request(self, body: bytes) -> None:
         """Keep the request body, once (the handler calls this after the send, which may be
         retried, and again when the request never left)."""
