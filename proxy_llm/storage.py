@@ -1071,16 +1071,28 @@ class Recorder:
             self._wait(writer)
             if writer.is_alive():
                 log.warning("the writer did not stop in time (a slow disk?); what it still holds is dropped")
-        with self.lock:
-            # (_settle syncs the directories of the files made since the last sync, each synced
-            # with the sync after its file was made: closing a file changes no directory. Every
-            # remembered file's directory was synced here again, up to 4,096 fsyncs at each stop
-            # after a day of a new session per task, out of the compressor's share of timeout.)
-            self._settle()
-            for f in self._files.values():
-                self._close_file(f, sync=True)
-            self._open.clear()
+        if self._take_lock():
+            try:
+                # (_settle syncs the directories of the files made since the last sync, each
+                # synced with the sync after its file was made: closing a file changes no
+                # directory. Every remembered file's directory was synced here again, up to 4,096
+                # fsyncs at each stop after a day of a new session per task, out of the
+                # compressor's share of timeout.)
+                self._settle()
+                for f in self._files.values():
+                    self._close_file(f, sync=True)
+                self._open.clear()
+                self._files_closed = True
+            finally:
+                self.lock.release()
+        else:
+            # The writer is stuck in a write or a sync, holding the lock: a hung disk (a network
+            # file system whose server went away). Waiting for it, the process never stopped.
+            # Its files stay open (the OS closes them at exit); a writer that comes back later
+            # writes no more (_files_closed, read under the lock it then holds).
             self._files_closed = True
+            log.error("the writer is stuck writing or syncing a file (a hung disk?): the recorder's files "
+                      "are left to the system to close, and what they hold may not be on disk")
         if self._compressor is not None:
             self._stop_at = self._drain_until
             self._to_compress.put(_STOP)
@@ -1115,6 +1127,17 @@ class Recorder:
             if self._stop_at is not None:
                 self._stop_at = until
             log.info("stopping the recorder within %g s", self._hurry_timeout)
+
+    def _take_lock(self) -> bool:
+        """Take the writer's lock by close's deadline and ``STOP_GRACE`` more (looking at
+        ``hurry`` meanwhile, as _wait does); False if the writer still holds it then."""
+        while True:
+            self._check_hurry()
+            left = self._drain_until + STOP_GRACE - time.monotonic()
+            if self.lock.acquire(timeout=max(0.0, min(left, HURRY_POLL) if self._hurry is not None else left)):
+                return True
+            if left <= HURRY_POLL or self._hurry is None:
+                return False
 
     def _wait(self, thread: threading.Thread) -> None:
         """Join ``thread`` until close's deadline and ``STOP_GRACE`` more (it stops at the

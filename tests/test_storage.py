@@ -916,6 +916,38 @@ class HurryTest(RecorderTestCase):
         self.assertEqual(rec.written_total(), 0)
         self.assertEqual(rec.dropped, {"shutdown": 1})
 
+    def test_a_writer_stuck_in_a_sync_does_not_hold_the_stop(self):
+        # A hung disk (a network file system whose server went away): the writer blocks in an
+        # fsync, holding the lock its files are closed under. Close waited for that lock with no
+        # deadline, so the process never stopped; now it gives up on it at its deadline.
+        syncing, release = threading.Event(), threading.Event()
+        self.addCleanup(release.set)
+
+        def hang(op, path, data):
+            if op == "fsync" and path.endswith(".jsonl"):
+                syncing.set()
+                release.wait(DEADLINE)
+
+        self.ops.fault = hang
+        rec = self.recorder(fsync="always")
+        self.assertTrue(rec.submit(line("s", 0)))
+        self.assertTrue(syncing.wait(DEADLINE))
+        closed = threading.Event()
+
+        def close():
+            rec.close(0.1)
+            closed.set()
+
+        with unittest.mock.patch.object(storage, "STOP_GRACE", 0.1):
+            threading.Thread(target=close, daemon=True).start()
+            returned = closed.wait(DEADLINE)
+        release.set()  # (the disk comes back: the writer ends, and so would a close still waiting)
+        self.assertTrue(returned, "close waited for a writer stuck in an fsync")
+        self.assertTrue(any("stuck writing or syncing" in m for m in self.logs.messages), self.logs.messages)
+        rec._thread.join(DEADLINE)
+        self.assertFalse(rec._thread.is_alive())
+        self.assertTrue(rec._files_closed)
+
     def test_a_hurry_while_the_compressor_works_stops_it_short(self):
         begun: List[str] = []
 
