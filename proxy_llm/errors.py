@@ -117,6 +117,29 @@ OPENAI_PATHS = frozenset(("/v1/chat/completions", "/v1/completions", "/v1/embedd
                           "/v1/moderations", "/v1/audio/speech", "/v1/audio/transcriptions",
                           "/v1/audio/translations", "/v1/images/generations", "/v1/images/edits",
                           "/v1/images/variations"))
+# The path prefixes the proxy forwards, each with the API family the prefix alone settles (None:
+# the path's shape and the request's headers do, family_of). A path under none of them, or that is
+# not one of them without its last slash (``/v1beta``), is the proxy's 404. The one table of both
+# the routing gate (handler) and family_of. Gemini's: the Google Gen AI SDK's api_version picks
+# /v1/, /v1beta/ or /v1alpha/ (one wire format); a file upload starts at /upload/<version>/files
+# and sends its chunks to the URL the start answered with (the same path, the session in the
+# query); a generated file's download_uri is under /download/<version>/.
+FORWARDED_PREFIXES = (
+    ("/v1/", None),
+    ("/v1beta/", "gemini"), ("/v1alpha/", "gemini"),
+    ("/upload/v1/", "gemini"), ("/upload/v1beta/", "gemini"), ("/upload/v1alpha/", "gemini"),
+    ("/download/v1/", "gemini"), ("/download/v1beta/", "gemini"), ("/download/v1alpha/", "gemini"),
+)
+FORWARDED = tuple(prefix for prefix, _ in FORWARDED_PREFIXES)  # (str.startswith takes a tuple)
+FORWARDED_ROOTS = frozenset(prefix[:-1] for prefix in FORWARDED)
+_PREFIX_FAMILIES = tuple((prefix, family) for prefix, family in FORWARDED_PREFIXES if family is not None)
+
+
+def forwarded(path: str) -> bool:
+    """Whether the proxy forwards a request for ``path`` (see :data:`FORWARDED_PREFIXES`)."""
+    return path.startswith(FORWARDED) or path in FORWARDED_ROOTS
+
+
 # A query parameter's name (what wire's credential scrub takes for one): Gemini's ?key=.
 _QUERY_NAME_RE = re.compile(r"(?:^|[&;?])([^&;?=]*)=")
 
@@ -124,17 +147,21 @@ _QUERY_NAME_RE = re.compile(r"(?:^|[&;?])([^&;?=]*)=")
 def family_of(path: str, headers: Optional[Iterable[Tuple[str, str]]] = None, query: str = "") -> str:
     """The provider family whose API a request belongs to, for routing and error shapes.
 
-    The path decides when it can: ``/v1/messages*`` is Anthropic's, ``/v1beta/*`` and a Gemini
-    model method Gemini's, an :data:`OPENAI_PATHS` one OpenAI's. Any other path is one several
-    APIs share (``GET /v1/models`` from the Anthropic SDK, ``/v1/models/gemini-...`` from the
-    Google Gen AI SDK): the request's ``headers`` and ``query`` decide (:func:`request_family`),
-    OpenAI's when they are not given or say nothing."""
+    The path decides when it can: ``/v1/messages*`` is Anthropic's, an :data:`OPENAI_PATHS` one
+    OpenAI's, one under a prefix of :data:`FORWARDED_PREFIXES` that names a family that family's
+    (``/v1beta/*``, ``/v1alpha/*``, ``/upload/v1beta/*`` ...: Gemini's), a Gemini model method
+    Gemini's. Any other path is one several APIs share (``GET /v1/models`` from the Anthropic
+    SDK, ``/v1/models/gemini-...`` from the Google Gen AI SDK): the request's ``headers`` and
+    ``query`` decide (:func:`request_family`), OpenAI's when they are not given or say nothing.
+    (The two hot paths, ``/v1/chat/completions`` and ``/v1/messages``, are settled first.)"""
     if path.startswith("/v1/messages"):
         return "anthropic"
-    if path.startswith("/v1beta/"):
-        return "gemini"
     if path in OPENAI_PATHS:
         return "openai"
+    if not path.startswith("/v1/"):
+        for prefix, family in _PREFIX_FAMILIES:
+            if path.startswith(prefix):
+                return family
     if ":" in path:
         if ":generateContent" in path or ":streamGenerateContent" in path:
             return "gemini"

@@ -1,12 +1,13 @@
 """The request handler: routing, forwarding, the relay loop and the capture tee.
 
-For each request under ``/v1/`` or ``/v1beta/`` the handler reads the body, finds ``model`` and
-``stream`` (a byte scan; a full parse only when the scan is ambiguous), picks a provider, sends
-the request upstream on a pooled ``http.client`` connection and relays the response: status and
-end-to-end headers as received, then the body as it arrives (``read1``), each piece written to
-the client in one ``write`` (re-framed as a chunk when the length is not known in advance). The
-relayed bytes are appended to the exchange's capture; all parsing happens later on the
-recorder's thread. ``/health`` and ``/metrics`` are answered locally.
+For each request under a forwarded prefix (``/v1/``, ``/v1beta/`` ...: errors.FORWARDED_PREFIXES)
+the handler reads the body, finds ``model`` and ``stream`` (a byte scan; a full parse only when
+the scan is ambiguous), picks a provider, sends the request upstream on a pooled
+``http.client`` connection and relays the response: status and end-to-end headers as received,
+then the body as it arrives (``read1``), each piece written to the client in one ``write``
+(re-framed as a chunk when the length is not known in advance). The relayed bytes are appended
+to the exchange's capture; all parsing happens later on the recorder's thread. ``/health`` and
+``/metrics`` are answered locally.
 """
 
 from __future__ import annotations
@@ -40,12 +41,15 @@ log = logging.getLogger("proxy_llm.handler")
 _REQUEST_LINE = re.compile(rb"([A-Z]{1,20}) ([!-~]+) HTTP/1\.([01])\r?\n")
 _NO_MATCH = (None, None)  # a model no provider's globs match (cached like a match)
 _GEMINI_MODEL_RE = re.compile(r"/models/([^/:]+):([A-Za-z]+)$")
-_GEMINI_LABEL_RE = re.compile(r"(/v1beta|/v1)/models/[^/:]+:([A-Za-z]+)\Z")
+_GEMINI_LABEL_RE = re.compile(r"(/v1beta|/v1alpha|/v1)/models/[^/:]+:([A-Za-z]+)\Z")
+_FORWARDED_TEXT = ", ".join(errors.FORWARDED)  # (the 404's message)
 
 KNOWN_ENDPOINTS = frozenset((
     "/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/responses", "/v1/messages",
     "/v1/messages/count_tokens", "/v1/models", "/v1/moderations", "/v1/audio/speech",
     "/v1/audio/transcriptions", "/v1/images/generations",
+    # Gemini's file uploads: the start and each chunk (the session is in the query).
+    "/upload/v1/files", "/upload/v1beta/files", "/upload/v1alpha/files",
 ))
 GEMINI_METHODS = errors.GEMINI_METHODS
 # Request headers never forwarded, besides the hop-by-hop ones: the proxy sets Host and
@@ -407,10 +411,10 @@ class ProxyHandler(BaseHTTPRequestHandler):
                                         "invalid request target: %s" % refused)
             self.send_simple(400, body, ctype)
             return
-        if not (path.startswith("/v1/") or path.startswith("/v1beta/") or path in ("/v1", "/v1beta")):
+        if not (path.startswith("/v1/") or errors.forwarded(path)):  # (the hot path: the first test)
             self.close_connection = True  # the request body, if any, was not read
             body, ctype = errors.render(errors.family_of(path, self.header_fields(), query), 404,
-                                        "unknown path %s: proxy_llm forwards /v1/ and /v1beta/" % path[:200])
+                                        "unknown path %s: proxy_llm forwards %s" % (path[:200], _FORWARDED_TEXT))
             self.send_simple(404, body, ctype)
             return
         self.proxy_key_in_auth = False

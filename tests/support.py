@@ -5,8 +5,10 @@ queues and deadlines.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import glob
+import hashlib
 import http.client
 import http.server
 import json
@@ -77,6 +79,84 @@ def json_reply(obj: Any, status: int = 200, headers: Sequence[Tuple[str, str]] =
 
 def sse_reply(events: Sequence[Union[bytes, threading.Event, str]], headers: Sequence[Tuple[str, str]] = ()) -> Reply:
     return Reply(200, [("Content-Type", "text/event-stream"), ("Cache-Control", "no-cache")] + list(headers), list(events))
+
+
+class ResumableUploads:
+    """Gemini's Files API upload endpoint as a handler for :class:`FakeUpstream`: Google's
+    resumable protocol (the Files API reference, ``media.upload``), as the Google Gen AI SDK and
+    curl after Google's documentation speak it.
+
+    * start: ``POST /upload/<version>/files`` with ``X-Goog-Upload-Protocol: resumable``,
+      ``X-Goog-Upload-Command: start``, ``X-Goog-Upload-Header-Content-Length`` and ``-Type`` and
+      a JSON body (``{"file": {"display_name": ...}}``) -> 200, no body, ``X-Goog-Upload-Status:
+      active``, ``X-Goog-Upload-URL`` (this server's origin as the request's ``Host`` names it,
+      the same path, ``upload_id=`` and ``upload_protocol=resumable``; the ``key=`` first when the
+      start carried one, as Google echoes it) and ``X-Goog-Upload-Chunk-Granularity``;
+    * each chunk: ``POST`` to that URL with ``X-Goog-Upload-Command: upload`` (``upload,
+      finalize`` for the last) and ``X-Goog-Upload-Offset`` (the bytes sent before it) -> 200,
+      ``X-Goog-Upload-Status: active``, no body; the finalize -> ``X-Goog-Upload-Status: final``
+      and the file, ``{"file": {...}}``; ``query`` -> ``X-Goog-Upload-Size-Received``.
+
+    A start with no key (``x-goog-api-key`` or ``key=``) is a 403; an unknown session, a wrong
+    offset or a bad command a 400. ``files`` holds each finished file's bytes by name."""
+
+    GRANULARITY = 8 * 1024 * 1024
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()  # guards sessions and files (the server is threaded)
+        self.sessions: Dict[str, Dict[str, Any]] = {}
+        self.files: Dict[str, bytes] = {}
+
+    @staticmethod
+    def error(status: int, message: str, code: str) -> Reply:
+        return json_reply({"error": {"code": status, "message": message, "status": code}}, status)
+
+    def __call__(self, req: Request) -> Reply:
+        params = dict(p.partition("=")[::2] for p in req.query.split("&") if p)
+        command = (req.header("X-Goog-Upload-Command") or "").lower()
+        if command == "start":
+            if req.header("X-Goog-Upload-Protocol") != "resumable" or not req.path.startswith("/upload/"):
+                return self.error(400, "not a resumable upload", "INVALID_ARGUMENT")
+            if not (req.header("x-goog-api-key") or params.get("key")):
+                return self.error(403, "Method doesn't allow unregistered callers", "PERMISSION_DENIED")
+            with self.lock:
+                upload_id = "AHxI-upload-%d" % (len(self.sessions) + 1)
+                self.sessions[upload_id] = {"parts": [], "received": 0, "meta": req.json().get("file") or {},
+                                            "mime": req.header("X-Goog-Upload-Header-Content-Type")}
+            query = ("key=%s&" % params["key"] if params.get("key") else "") + \
+                "upload_id=%s&upload_protocol=resumable" % upload_id
+            return Reply(200, [("X-GUploader-UploadID", upload_id), ("X-Goog-Upload-Status", "active"),
+                               ("X-Goog-Upload-URL", "http://%s%s?%s" % (req.header("Host"), req.path, query)),
+                               ("X-Goog-Upload-Chunk-Granularity", str(self.GRANULARITY)),
+                               ("X-Goog-Upload-Header-Content-Length", req.header("X-Goog-Upload-Header-Content-Length") or ""),
+                               ("X-Goog-Upload-Header-Content-Type", req.header("X-Goog-Upload-Header-Content-Type") or ""),
+                               ("Content-Type", "text/plain; charset=utf-8")])
+        with self.lock:
+            session = self.sessions.get(params.get("upload_id", ""))
+            if session is None:
+                return self.error(400, "unknown upload session", "INVALID_ARGUMENT")
+            if command == "query":
+                return Reply(200, [("X-Goog-Upload-Status", "active"),
+                                   ("X-Goog-Upload-Size-Received", str(session["received"]))])
+            if command not in ("upload", "upload, finalize") or req.header("X-Goog-Upload-Offset") != str(session["received"]):
+                return self.error(400, "bad command or offset", "INVALID_ARGUMENT")
+            session["parts"].append(req.body)
+            session["received"] += len(req.body)
+            if command == "upload":
+                return Reply(200, [("X-GUploader-UploadID", params["upload_id"]), ("X-Goog-Upload-Status", "active")])
+            data = b"".join(session.pop("parts"))
+            name = "files/upload%d" % (len(self.files) + 1)
+            self.files[name] = data
+        digest = base64.b64encode(hashlib.sha256(data).hexdigest().encode("ascii")).decode("ascii")
+        file = {"name": name, "displayName": session["meta"].get("display_name") or session["meta"].get("displayName"),
+                "mimeType": session["mime"], "sizeBytes": str(len(data)), "createTime": "2026-12-06T10:00:00.000000Z",
+                "updateTime": "2026-12-06T10:00:00.000000Z", "expirationTime": "2026-12-08T10:00:00.000000Z",
+                "sha256Hash": digest, "uri": "https://generativelanguage.googleapis.com/v1beta/" + name,
+                "state": "ACTIVE", "source": "UPLOADED"}
+        file = dict((k, v) for k, v in file.items() if v is not None)
+        # Google's answer is indented JSON.
+        return Reply(200, [("Content-Type", "application/json; charset=UTF-8"), ("X-Goog-Upload-Status", "final")],
+                     json.dumps({"file": file}, indent=2).encode("utf-8"))
 
 
 class FakeUpstream:

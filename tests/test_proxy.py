@@ -542,6 +542,153 @@ class RoutingTest(ProxyTestCase):
         self.assertEqual(self.upstream.next_request().header("Authorization"), "Bearer oauth-token-from-claude-code")
 
 
+class GeminiPrefixesTest(ProxyTestCase):
+    """Gemini's paths outside /v1/ and /v1beta/: /v1alpha/ (the Google Gen AI SDK's
+    api_version="v1alpha"), the Files API's resumable uploads (/upload/<version>/files, then each
+    chunk to the URL the start answered with) and downloads (/download/<version>/files/...). All
+    were the proxy's 404 ("unknown path") before; a client of the proxy could not upload a file."""
+
+    GOOG_KEY = "AIza" + "Sy0uPl0adKeyN0tReal-abcdefghijklmno"  # shaped like Google's keys (39 characters)
+
+    def setUp(self):
+        super().setUp()
+        self.uploads = support.ResumableUploads()
+        self.gemini = FakeUpstream(self.uploads).start()
+        self.addCleanup(self.gemini.stop)
+
+    def start(self, **extra):
+        # An openai provider first: a request the path does not place would go there.
+        return self.start_proxy([provider("openai", "openai", self.upstream.url),
+                                 provider("gemini", "gemini", self.gemini.url)], **extra)
+
+    def upload(self, proxy, data, chunk, query=""):
+        """Google's documented curl sequence, through the proxy: the start, then ``data`` in
+        chunks of ``chunk`` bytes to the upload URL with its origin made the proxy's (as the SDK
+        does with a base_url). The key goes in ``query`` if given, else in x-goog-api-key.
+        Returns every (status, headers, body) the client got."""
+        start_body = {"file": {"display_name": "photo"}}
+        headers = {"Content-Type": "application/json", "X-Goog-Upload-Protocol": "resumable",
+                   "X-Goog-Upload-Command": "start", "X-Goog-Upload-Header-Content-Length": str(len(data)),
+                   "X-Goog-Upload-Header-Content-Type": "image/png"}
+        if not query:
+            headers["x-goog-api-key"] = self.GOOG_KEY
+        answers = [request(proxy.url, path="/upload/v1beta/files" + query, body=start_body, headers=headers)]
+        url = header(answers[0][1], "X-Goog-Upload-URL")
+        self.assertTrue(url.startswith(self.gemini.url + "/upload/v1beta/files?"), url)
+        target = url[len(self.gemini.url):]
+        for offset in range(0, len(data), chunk):
+            last = offset + chunk >= len(data)
+            answers.append(request(proxy.url, path=target, body=data[offset:offset + chunk], headers={
+                "Content-Type": "application/octet-stream", "X-Goog-Upload-Offset": str(offset),
+                "X-Goog-Upload-Command": "upload, finalize" if last else "upload"}))
+        return answers
+
+    def test_a_resumable_upload_is_forwarded_untouched_and_recorded_chunk_by_chunk(self):
+        proxy = self.start()
+        data = bytes(range(256)) * 300 + b"\xff\xfe tail"  # not UTF-8: recorded in base64
+        chunk = 30000
+        with self.assertLogs("proxy_llm", "DEBUG") as logs:
+            answers = self.upload(proxy, data, chunk, query="?key=" + self.GOOG_KEY)
+            recs = proxy.records()
+        # The upstream got the file whole, the key in the chunks' query (no api_key configured:
+        # the client's credentials pass), and nothing reached the openai provider.
+        [(name, got)] = self.uploads.files.items()
+        self.assertEqual(got, data)
+        self.assertTrue(self.upstream.requests.empty())
+        seen = [self.gemini.next_request() for _ in answers]
+        self.assertEqual(seen[0].target, "/upload/v1beta/files?key=" + self.GOOG_KEY)
+        self.assertTrue(all(s.query.startswith("key=%s&upload_id=" % self.GOOG_KEY) for s in seen[1:]))
+        # The client got the protocol's headers and the final file as the upstream sent them.
+        statuses = [a[0] for a in answers]
+        self.assertEqual(statuses, [200] * len(answers))
+        self.assertEqual([header(a[1], "X-Goog-Upload-Status") for a in answers],
+                         ["active"] * (len(answers) - 1) + ["final"])
+        self.assertEqual(header(answers[0][1], "X-Goog-Upload-Chunk-Granularity"), "8388608")
+        final = json.loads(answers[-1][2])
+        self.assertEqual((final["file"]["name"], final["file"]["sizeBytes"]), (name, str(len(data))))
+        self.assertEqual(answers[-1][2][:3], b'{\n ')  # its own bytes, not re-serialised
+        # One record per exchange, each with its id, each the gemini provider's.
+        self.assertEqual(len(recs), len(answers))
+        by_id = dict((r["id"], r) for r in recs)
+        ordered = [by_id[header(a[1], "X-Proxy-Record-Id")] for a in answers]
+        for rec in ordered:
+            self.assertEqual((rec["provider"], rec["provider_type"], rec["endpoint"], rec["status_code"], rec["ended"]),
+                             ("gemini", "gemini", "/upload/v1beta/files", 200, "completed"))
+        self.assertEqual(ordered[0]["request_body"], {"file": {"display_name": "photo"}})
+        chunks = [base64.b64decode(rec["request_body"]) for rec in ordered[1:]]
+        self.assertEqual(b"".join(chunks), data)
+        self.assertEqual([rec.get("body_encoding") for rec in ordered[1:]], [{"request": "base64"}] * len(chunks))
+        self.assertEqual(ordered[-1]["response_body"], final)
+        # The key was in the start's query, the upload URL the upstream answered with, and every
+        # chunk's query: in no file and no log line.
+        self.assertIn("[REDACTED", ordered[1]["query"])
+        self.assertIn("[REDACTED", ordered[0]["response_headers"]["x-goog-upload-url"])
+        for path in support.all_files(self.data_dir):
+            with open(path, "rb") as f:
+                self.assertNotIn(self.GOOG_KEY.encode(), f.read(), path)
+        self.assertNotIn(self.GOOG_KEY, "\n".join(logs.output))
+        self.assertTrue(any("/upload/v1beta/files" in line for line in logs.output))
+        status, _, metrics = request(proxy.url, method="GET", path="/metrics", headers={})
+        self.assertIn(b'endpoint="/upload/v1beta/files"', metrics)
+
+    def test_a_chunk_past_the_limits(self):
+        # Past capture_max_body a chunk goes on whole and its record keeps a prefix, the size and
+        # the SHA-256; past max_request_body it is refused, 413 in Gemini's shape, recorded.
+        proxy = self.start(capture_max_body=1000, max_request_body=5000)
+        data = os.urandom(4000)
+        answers = self.upload(proxy, data, 4000)
+        self.assertEqual(self.uploads.files and list(self.uploads.files.values()), [data])
+        rec = [r for r in proxy.records() if r["id"] == header(answers[1][1], "X-Proxy-Record-Id")][0]
+        self.assertEqual(rec["truncated"]["request"]["size"], 4000)
+        self.assertEqual(len(base64.b64decode(rec["request_body"])), 1000)
+        status, headers, body = self.upload(proxy, os.urandom(6000), 6000)[1]
+        self.assertEqual((status, json.loads(body)["error"]["status"]), (413, "INVALID_ARGUMENT"))
+        rec = [r for r in proxy.records() if r["id"] == header(headers, "X-Proxy-Record-Id")][0]
+        self.assertEqual((rec["endpoint"], rec["status_code"], rec["ended"]), ("/upload/v1beta/files", 413, "refused"))
+
+    def test_v1alpha_and_downloads_go_to_gemini(self):
+        # v1alpha is v1beta's wire format; a download's answer is the file's bytes.
+        body = {"candidates": [{"content": {"parts": [{"text": "hi"}], "role": "model"}, "finishReason": "STOP"}],
+                "usageMetadata": {"promptTokenCount": 3, "candidatesTokenCount": 1, "totalTokenCount": 4}}
+        self.gemini.handler = lambda req: (
+            Reply(200, [("Content-Type", "application/octet-stream")], b"\x89PNG\r\n\x1a\n\x00")
+            if req.path.startswith("/download/") else json_reply(body))
+        proxy = self.start()
+        paths = ["/v1alpha/models/gemini-2.5-flash:generateContent", "/v1alpha/models/gemini-2.5-flash:countTokens",
+                 "/download/v1beta/files/abc123:download?alt=media", "/download/v1/files/abc123:download?alt=media"]
+        for path in paths:
+            method = "GET" if path.startswith("/download/") else "POST"
+            status, _, _ = request(proxy.url, method=method, path=path, body=None if method == "GET" else {"contents": []},
+                                   headers={"x-goog-api-key": self.GOOG_KEY})
+            self.assertEqual(status, 200, path)
+            self.assertEqual(self.gemini.next_request().target, path)
+        self.assertTrue(self.upstream.requests.empty())
+        recs = proxy.records()
+        self.assertEqual([(r["provider"], r["dialect"], r["model"]) for r in recs],
+                         [("gemini", "gemini", "gemini-2.5-flash"), ("gemini", "generic", "gemini-2.5-flash"),
+                          ("gemini", "generic", None), ("gemini", "generic", None)])
+        self.assertEqual(recs[0]["tokens_used"]["total_tokens"], 4)
+        self.assertEqual(base64.b64decode(recs[2]["response_body"]), b"\x89PNG\r\n\x1a\n\x00")
+        self.assertEqual(recs[2]["body_encoding"], {"response": "base64"})
+
+    def test_other_paths_stay_the_proxys_404(self):
+        proxy = self.start()
+        for path in ("/upload/files", "/upload/v2/files", "/v1alphax/models/m:generateContent", "/download/files/a",
+                     "/uploads/v1beta/files", "/v2/models"):
+            with self.subTest(path=path):
+                status, _, body = request(proxy.url, path=path, body={}, headers={"x-goog-api-key": self.GOOG_KEY})
+                self.assertEqual(status, 404)
+                self.assertIn("unknown path", json.loads(body)["error"]["message"])
+        self.assertTrue(self.gemini.requests.empty() and self.upstream.requests.empty())
+        self.assertEqual(proxy.records(), [])
+        # With no gemini provider, an upload is the 404 of a family nobody serves, in its shape.
+        proxy.stop()
+        proxy = self.start_proxy([provider("openai", "openai", self.upstream.url)])
+        status, _, body = request(proxy.url, path="/upload/v1beta/files", body={})
+        self.assertEqual((status, json.loads(body)["error"]["status"]), (404, "NOT_FOUND"))
+        self.assertTrue(self.upstream.requests.empty())
+
+
 class FailureTest(ProxyTestCase):
     def test_unreachable_upstream_is_502_in_provider_shape_and_recorded(self):
         sock = socket.socket()

@@ -28,6 +28,9 @@ Each SDK's tests skip themselves when it is not importable.
 
 from __future__ import annotations
 
+import base64
+import importlib
+import io
 import json
 import os
 import re
@@ -36,8 +39,8 @@ import tempfile
 import unittest
 from typing import Any, Callable, Dict, List, Optional
 
-from tests.sdk_replay import HEADER, Fixture, ReplayUpstream, fixtures
-from tests.support import FIXTURES, ProxyProcess, base_config, provider, read_records, wait_until
+from tests.sdk_replay import HEADER, Fixture, ReplayUpstream, find, fixtures, handle as replay
+from tests.support import FIXTURES, ProxyProcess, ResumableUploads, base_config, provider, read_records, wait_until
 
 try:
     import openai
@@ -786,10 +789,14 @@ class GeminiSDKTest(ProxiedSDKCase):
         super().setUpClass()
         cls.direct = cls.client(cls.upstream.url)
         cls.via = cls.client(cls.proxy.url)
+        # The Files API's uploads carry no X-Fixture (the SDK sends the chunks with its upload
+        # headers only): the upstream answers them as Google's resumable protocol does.
+        cls.uploads = ResumableUploads()
+        cls.upstream.handler = lambda req: cls.uploads(req) if req.path.startswith("/upload/") else replay(req)
 
     @classmethod
-    def client(cls, url: str):
-        options = genai_types.HttpOptions(base_url=url, timeout=int(TIMEOUT * 1000),
+    def client(cls, url: str, api_version: Optional[str] = None):
+        options = genai_types.HttpOptions(base_url=url, timeout=int(TIMEOUT * 1000), api_version=api_version,
                                           retry_options=genai_types.HttpRetryOptions(attempts=1),
                                           client_args={"event_hooks": cls.log.hooks()})
         c = genai.Client(api_key="gemini-test-e2e", http_options=options)
@@ -852,6 +859,79 @@ class GeminiSDKTest(ProxiedSDKCase):
                 self.assertTrue(via.chunks)
                 self.assertEqual(gemini_summary([self.parse_record(rec)]), gemini_summary(via.chunks))
                 self.assertEqual(rec.get("tokens_used"), gemini_tokens(via.chunks[-1].usage_metadata))
+
+    def test_v1alpha(self):
+        # http_options api_version="v1alpha": v1beta's wire format under /v1alpha/, which was the
+        # proxy's own 404 ("unknown path") before.
+        direct, via_client = self.client(self.upstream.url, "v1alpha"), self.client(self.proxy.url, "v1alpha")
+        fx = find("gemini/body_cached")
+
+        def call(client, out):
+            result = client.models.generate_content(model=self.MODEL, contents=USER, config=self.config(fx))
+            out.set_headers(result.sdk_http_response.headers)
+            out.final = result
+
+        via, rec = self.both(call, direct, via_client, dump=gemini_dump)
+        self.assertIsNone(via.error)
+        self.check_record(fx, rec, "gemini", stream=False, via=via)
+        self.assertEqual(rec["endpoint"], "/v1alpha/models/%s:generateContent" % self.MODEL)
+        self.assertEqual(gemini_dump(self.parse_record(rec)), gemini_dump(via.final))
+        fx = find("gemini/sse_text")
+
+        def stream(client, out):
+            for chunk in client.models.generate_content_stream(model=self.MODEL, contents=USER, config=self.config(fx)):
+                out.chunks.append(chunk)
+            out.set_headers(self.log.last.headers)
+
+        via, rec = self.both(stream, direct, via_client, dump=gemini_dump)
+        self.assertIsNone(via.error)
+        self.check_record(fx, rec, "gemini", stream=True, via=via)
+        self.assertEqual(rec["endpoint"], "/v1alpha/models/%s:streamGenerateContent" % self.MODEL)
+        self.assertEqual(gemini_summary([self.parse_record(rec)]), gemini_summary(via.chunks))
+
+    def test_files_upload(self):
+        # client.files.upload: the start (POST /upload/v1/files), then the file in chunks to the
+        # X-Goog-Upload-URL the start answered with. The SDK sends the chunks through the proxy
+        # when the upload's own http_options name it as base_url (it then puts that origin in
+        # the upload URL); with the client's base_url alone it sends them to the URL as given.
+        chunk = getattr(importlib.import_module("google.genai._api_client"), "CHUNK_SIZE", 8 * 1024 * 1024)
+        data = os.urandom(chunk + 1000)  # two chunks: "upload", then "upload, finalize"
+        made = {}
+        for name, client, url in (("direct", self.direct, self.upstream.url), ("via", self.via, self.proxy.url)):
+            self.drain_requests()
+            made[name] = client.files.upload(file=io.BytesIO(data), config=genai_types.UploadFileConfig(
+                mime_type="application/octet-stream", display_name="blob",
+                http_options=genai_types.HttpOptions(base_url=url)))
+            seen = [self.upstream.requests.get_nowait() for _ in range(3)]
+            self.assertTrue(self.upstream.requests.empty())
+            self.assertEqual([r.header("X-Goog-Upload-Command") for r in seen], ["start", "upload", "upload, finalize"])
+            self.assertEqual(self.uploads.files[made[name].name], data)
+            self.assertEqual(b"".join(r.body for r in seen[1:]), data)
+        # The SDK's File is the same either way, but for the name the upstream gave each upload.
+        direct, via = (gemini_dump(made[k]) for k in ("direct", "via"))
+        for value in (direct, via):
+            value.pop("name")
+            value.pop("uri")
+        self.assertEqual(via, direct)
+        self.assertEqual(made["via"].size_bytes, len(data))
+        # Three records, one per exchange: the start, and each chunk in base64.
+        recs: List[Dict[str, Any]] = []
+
+        def written() -> bool:
+            recs[:] = [r for r in read_records(self.data_dir) if r["endpoint"].startswith("/upload/")]
+            return len(recs) >= 3
+
+        wait_until(written, DEADLINE, "the upload's records")
+        start, first, last = recs
+        self.assertEqual([r["endpoint"] for r in recs], ["/upload/v1/files"] * 3)
+        self.assertEqual([(r["provider_type"], r["status_code"], r["ended"]) for r in recs], [("gemini", 200, "completed")] * 3)
+        self.assertEqual(start["request_body"]["file"]["display_name"], "blob")
+        self.assertEqual(start["response_headers"]["x-goog-upload-status"], "active")
+        self.assertIn("upload_id=", first["query"])
+        self.assertEqual(base64.b64decode(first["request_body"]) + base64.b64decode(last["request_body"]), data)
+        self.assertEqual(last["body_encoding"], {"request": "base64"})
+        self.assertEqual(last["response_body"]["file"]["name"], made["via"].name)
+        self.assertNotIn("gemini-test-e2e", json.dumps(recs))
 
 
 def chat_summary(body: Dict[str, Any], sdk_accumulated: bool = False) -> Dict[str, Any]:
