@@ -164,7 +164,7 @@ def is_int(value):
 def error_from(body):
     """The ``{"type", "message"}`` of an error object in ``body``, or None.
 
-    Understands OpenAI (``{"error": {"type"|"code", "message"}}``), Anthropic
+    Understands OpenAI and Azure OpenAI (``{"error": {"type"|"code", "message"}}``), Anthropic
     (``{"type": "error", "error": {"type", "message"}}``) and Google
     (``{"error": {"code", "status", "message"}}``, also inside a list).
     """
@@ -178,7 +178,10 @@ def error_from(body):
         return None
     err = body.get("error")
     if isinstance(err, dict):
-        etype = err.get("type") or err.get("status") or err.get("code") or "error"
+        # Google's "status" is a name (INVALID_ARGUMENT); Azure OpenAI's is the HTTP status
+        # (400, next to its "code": "content_filter"), which names no error: the code does.
+        status = err.get("status")
+        etype = err.get("type") or (status if isinstance(status, str) else None) or err.get("code") or "error"
         msg = err.get("message")
         return {"type": str(etype), "message": msg if isinstance(msg, str) else json.dumps(err)}
     if isinstance(err, str) and err:
