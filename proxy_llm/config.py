@@ -21,7 +21,7 @@ import urllib.parse
 from dataclasses import dataclass, field
 from typing import Any, Dict, Mapping, Optional, Tuple
 
-PROVIDER_TYPES = ("openai", "anthropic", "gemini")
+PROVIDER_TYPES = ("openai", "anthropic", "gemini", "azure")
 FSYNC_MODES = ("interval", "always", "never")
 ON_RECORD_ERROR = ("fail_open", "fail_closed")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
@@ -305,6 +305,18 @@ def _validate_url(url: Any, where: Mapping[str, str], key: str) -> str:
     return url.rstrip("/")
 
 
+def _check_azure_url(url: str, where: Mapping[str, str], key: str) -> None:
+    """An azure provider's base_url is the resource's endpoint (``AZURE_OPENAI_ENDPOINT``), to
+    which the client's path, ``/openai/...`` included, is appended: one that already ends in
+    ``/openai``, or names a deployment or the v1 API (an SDK's base_url, copied), would send
+    ``/openai/openai/...``, which Azure answers 404 on every request."""
+    path = urllib.parse.urlsplit(url).path
+    if path.endswith("/openai") or "/openai/" in path:
+        raise _fail(where, key, "an azure provider's base_url is the resource's endpoint "
+                                "(https://<resource>.openai.azure.com), without /openai...: "
+                                "clients' paths begin with /openai/")
+
+
 def validate(merged: Dict[str, Any], where: Mapping[str, str], source: str) -> Config:
     """Check types and values of a merged configuration and freeze it."""
     for key in ("listen", "data_dir", "session_header", "log_level", "fsync", "on_record_error"):
@@ -368,6 +380,8 @@ def validate(merged: Dict[str, Any], where: Mapping[str, str], source: str) -> C
         if ptype not in PROVIDER_TYPES:
             raise _fail(where, key + ".type", "must be one of %s" % ", ".join(PROVIDER_TYPES))
         base_url = _validate_url(p.get("base_url"), where, key + ".base_url")
+        if ptype == "azure":
+            _check_azure_url(base_url, where, key + ".base_url")
         api_key = p.get("api_key", "")
         if api_key is None:
             api_key = ""

@@ -4,7 +4,8 @@ The proxy answers for itself only when it must (bad request framing, no provider
 unreachable or too slow, limits). Every such answer is JSON in the shape the client's SDK
 already parses, so the SDK raises its usual typed exception with our message:
 
-* OpenAI:    ``{"error": {"message", "type", "param": null, "code"}}``
+* OpenAI:    ``{"error": {"message", "type", "param": null, "code"}}`` (Azure OpenAI's too: the
+  ``azure`` family answers in OpenAI's shape, as Azure does)
 * Anthropic: ``{"type": "error", "error": {"type", "message"}}``
 * Gemini:    ``{"error": {"code", "message", "status"}}``
 
@@ -119,19 +120,24 @@ OPENAI_PATHS = frozenset(("/v1/chat/completions", "/v1/completions", "/v1/embedd
                           "/v1/images/variations"))
 # The path prefixes the proxy forwards, each with the API family the prefix alone settles (None:
 # the path's shape and the request's headers do, family_of). A path under none of them, or that is
-# not one of them without its last slash (``/v1beta``), is the proxy's 404. The one table of both
+# not an API version's root (``/v1beta``), is the proxy's 404. The one table of both
 # the routing gate (handler) and family_of. Gemini's: the Google Gen AI SDK's api_version picks
 # /v1/, /v1beta/ or /v1alpha/ (one wire format); a file upload starts at /upload/<version>/files
 # and sends its chunks to the URL the start answered with (the same path, the session in the
-# query); a generated file's download_uri is under /download/<version>/.
+# query); a generated file's download_uri is under /download/<version>/. Azure OpenAI's paths
+# (/openai/deployments/<deployment>/..., /openai/v1/...) are the azure family's, served by azure
+# providers only (handler.route).
 FORWARDED_PREFIXES = (
     ("/v1/", None),
     ("/v1beta/", "gemini"), ("/v1alpha/", "gemini"),
     ("/upload/v1/", "gemini"), ("/upload/v1beta/", "gemini"), ("/upload/v1alpha/", "gemini"),
     ("/download/v1/", "gemini"), ("/download/v1beta/", "gemini"), ("/download/v1alpha/", "gemini"),
+    ("/openai/", "azure"),
 )
 FORWARDED = tuple(prefix for prefix, _ in FORWARDED_PREFIXES)  # (str.startswith takes a tuple)
-FORWARDED_ROOTS = frozenset(prefix[:-1] for prefix in FORWARDED)
+# An API version's root without its last slash (GET /v1beta) is forwarded too; /openai and the
+# file prefixes' roots are no endpoint of anyone's.
+FORWARDED_ROOTS = frozenset(("/v1", "/v1beta", "/v1alpha"))
 _PREFIX_FAMILIES = tuple((prefix, family) for prefix, family in FORWARDED_PREFIXES if family is not None)
 
 
@@ -149,7 +155,7 @@ def family_of(path: str, headers: Optional[Iterable[Tuple[str, str]]] = None, qu
 
     The path decides when it can: ``/v1/messages*`` is Anthropic's, an :data:`OPENAI_PATHS` one
     OpenAI's, one under a prefix of :data:`FORWARDED_PREFIXES` that names a family that family's
-    (``/v1beta/*``, ``/v1alpha/*``, ``/upload/v1beta/*`` ...: Gemini's), a Gemini model method
+    (``/v1beta/*``, ``/v1alpha/*``, ``/upload/v1beta/*`` ...: Gemini's; ``/openai/*`` Azure OpenAI's), a Gemini model method
     Gemini's. Any other path is one several APIs share (``GET /v1/models`` from the Anthropic
     SDK, ``/v1/models/gemini-...`` from the Google Gen AI SDK): the request's ``headers`` and
     ``query`` decide (:func:`request_family`), OpenAI's when they are not given or say nothing.

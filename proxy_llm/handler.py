@@ -1,8 +1,8 @@
 """The request handler: routing, forwarding, the relay loop and the capture tee.
 
-For each request under a forwarded prefix (``/v1/``, ``/v1beta/`` ...: errors.FORWARDED_PREFIXES)
-the handler reads the body, finds ``model`` and ``stream`` (a byte scan; a full parse only when
-the scan is ambiguous), picks a provider, sends the request upstream on a pooled
+For each request under a forwarded prefix (``/v1/``, ``/v1beta/``, Azure OpenAI's ``/openai/``
+...: errors.FORWARDED_PREFIXES) the handler reads the body, finds ``model`` and ``stream`` (a
+byte scan; a full parse only when the scan is ambiguous), picks a provider, sends the request upstream on a pooled
 ``http.client`` connection and relays the response: status and end-to-end headers as received,
 then the body as it arrives (``read1``), each piece written to the client in one ``write``
 (re-framed as a chunk when the length is not known in advance). The relayed bytes are appended
@@ -43,6 +43,8 @@ _NO_MATCH = (None, None)  # a model no provider's globs match (cached like a mat
 _GEMINI_MODEL_RE = re.compile(r"/models/([^/:]+):([A-Za-z]+)$")
 _GEMINI_LABEL_RE = re.compile(r"(/v1beta|/v1alpha|/v1)/models/[^/:]+:([A-Za-z]+)\Z")
 _FORWARDED_TEXT = ", ".join(errors.FORWARDED)  # (the 404's message)
+# Azure OpenAI's deployment paths: /openai/deployments/<deployment>/chat/completions, ...
+_AZURE_DEPLOYMENT_RE = re.compile(r"/openai/deployments/([^/]+)(/.*)\Z")
 
 KNOWN_ENDPOINTS = frozenset((
     "/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/responses", "/v1/messages",
@@ -65,7 +67,7 @@ _DROP_WITH_CREDENTIALS = _DROP | wire.CREDENTIAL_HEADERS
 # one that needs none (a local server speaking the Messages API) still works. Authorization is
 # every API's header: only a token shaped like another API's key goes (foreign_authorization).
 FOREIGN_CREDENTIALS = {"openai": ("x-api-key", "x-goog-api-key"), "anthropic": ("x-goog-api-key",),
-                       "gemini": ("x-api-key", "api-key")}
+                       "gemini": ("x-api-key", "api-key"), "azure": ("x-api-key", "x-goog-api-key")}
 _DROP_FOREIGN = {t: _DROP | frozenset(names) for t, names in FOREIGN_CREDENTIALS.items()}
 _DROP_FOREIGN_AND_AUTHORIZATION = {t: drop | {"authorization"} for t, drop in _DROP_FOREIGN.items()}
 # The key shapes of the APIs that have one of their own, as a Bearer token: Anthropic's keys and
@@ -88,7 +90,19 @@ def endpoint_label(path: str) -> str:
         return "/v1/models/*"
     if path.startswith("/v1/responses/"):
         return "/v1/responses/*"
+    if path.startswith("/openai/"):
+        return _azure_label(path)
     return "other"
+
+
+def _azure_label(path: str) -> str:
+    """An Azure OpenAI path's label: ``/openai/deployments/*`` (the deployment a client names
+    is not a label of its own) or ``/openai``, then the OpenAI endpoint it is, else "other"."""
+    m = _AZURE_DEPLOYMENT_RE.match(path)
+    rest = "/v1" + m.group(2) if m else path[len("/openai"):]
+    if rest not in KNOWN_ENDPOINTS and rest not in errors.OPENAI_PATHS:
+        return "other"
+    return ("/openai/deployments/*" + m.group(2)) if m else path
 
 
 LOCAL_PATHS = ("/health", "/metrics")  # answered by the proxy itself
@@ -522,41 +536,69 @@ class ProxyHandler(BaseHTTPRequestHandler):
         raise errors.Unauthorized("a valid proxy key is required (Authorization: Bearer or X-Proxy-Key)")
 
     def route(self, ex: Exchange, body: bytes) -> None:
+        """Pick the provider: the first whose ``models`` globs match the request's model, else
+        the first of the request's family. Azure OpenAI's paths (``/openai/...``, family
+        ``azure``) go to azure providers only (:meth:`azure_route`), and azure providers serve
+        nothing else: their globs are not matched for other paths."""
         providers = self.server.config.providers
+        hit = None
         if ex.family == "gemini":
             m = _GEMINI_MODEL_RE.search(ex.path)
             if m:
                 ex.model = m.group(1)
                 ex.stream = m.group(2) == "streamGenerateContent"
+        elif ex.family == "azure":
+            hit = self.azure_route(ex, body)
         else:
             ex.model, ex.stream = sniff(body)
-        routes = self.server.model_routes
-        hit = routes.get(ex.model)
         if hit is None:
-            hit = _NO_MATCH
-            for p in providers:
-                glob = p.matches(ex.model)
-                if glob is not None:
-                    hit = (p, glob)
-                    break
-            # Models are few; a client inventing them only resets this (a Memo: bounded in
-            # entries and in characters, so a megabyte-long model name is not kept 4,096 times).
-            routes.remember(ex.model, hit, len(ex.model) if ex.model else 0)
+            routes = self.server.model_routes
+            hit = routes.get(ex.model)
+            if hit is None:
+                # Models are few; a client inventing them only resets this (a Memo: bounded in
+                # entries and in characters, so a megabyte-long model name is not kept 4,096 times).
+                hit = routes.remember(ex.model, first_match(providers, ex.model, azure=False),
+                                      len(ex.model) if ex.model else 0)
         if hit is not _NO_MATCH:
             ex.provider, ex.model_label = hit
         else:
             for p in providers:
-                if p.type == ex.family:
+                if p.type == ex.family:  # (for an azure path, the first azure provider)
                     ex.provider = p
                     break
         if ex.provider is None:
-            # (The path and model as a log line has them: cut short, a key they held would leave
-            # its start in the record's answer, where no scrub finds a key cut short.)
-            secrets = wire.request_secrets(ex.req_headers, ex.query) + self.server.provider_keys
-            raise errors.NotFound("no provider configured for %s%s" % (
-                wire.log_path(ex.path, secrets)[:200],
-                " (model %s)" % wire.log_path(ex.model, secrets)[:100] if ex.model else ""))
+            raise self.no_provider(ex)
         ex.provider_type = ex.provider.type
+
+    def azure_route(self, ex: Exchange, body: bytes):
+        """The model and glob hit of an Azure OpenAI request (``/openai/...``), among the azure
+        providers only: its paths are no other API's, and its ``api-key`` is for Azure alone.
+
+        The deployment a path names (``/openai/deployments/<deployment>/...``) is the model
+        Azure runs, whatever the body says: the azure providers' globs match it. The v1 API's
+        paths (``/openai/v1/...``) name none: the body's model, the deployment there, is
+        matched. The record's model is the body's, else the deployment."""
+        ex.model, ex.stream = sniff(body)
+        m = _AZURE_DEPLOYMENT_RE.match(ex.path)
+        name = m.group(1) if m else ex.model
+        if ex.model is None:
+            ex.model = name
+        routes = self.server.model_routes
+        key = ("azure", name)  # (apart from the other paths' keys, which are models: str or None)
+        hit = routes.get(key)
+        if hit is None:
+            hit = routes.remember(key, first_match(self.server.config.providers, name, azure=True),
+                                  len(name) if name else 0)
+        return hit
+
+    def no_provider(self, ex: Exchange) -> errors.NotFound:
+        """The 404 of a request no provider serves."""
+        # (The path and model as a log line has them: cut short, a key they held would leave
+        # its start in the record's answer, where no scrub finds a key cut short.)
+        secrets = wire.request_secrets(ex.req_headers, ex.query) + self.server.provider_keys
+        return errors.NotFound("no %sprovider configured for %s%s" % (
+            "azure " if ex.family == "azure" else "", wire.log_path(ex.path, secrets)[:200],
+            " (model %s)" % wire.log_path(ex.model, secrets)[:100] if ex.model else ""))
 
     def upstream_headers(self, ex: Exchange, headers: List[Tuple[str, str]], body: bytes) -> List[Tuple[str, str]]:
         provider = ex.provider
@@ -582,6 +624,8 @@ class ProxyHandler(BaseHTTPRequestHandler):
                 out.append(("x-api-key", provider.api_key))
             elif provider.type == "gemini":
                 out.append(("x-goog-api-key", provider.api_key))
+            elif provider.type == "azure":  # (a client's Entra ID token, Authorization, went with the rest)
+                out.append(("api-key", provider.api_key))
             else:
                 out.append(("Authorization", "Bearer " + provider.api_key))
         return out
@@ -942,6 +986,17 @@ def replayable(method: str, headers: List[Tuple[str, str]]) -> bool:
         if name.lower() in ("idempotency-key", "x-idempotency-key"):
             return True
     return False
+
+
+def first_match(providers, model: Optional[str], azure: bool):
+    """``(provider, glob)`` of the first provider whose ``models`` globs match ``model``, among
+    the azure providers (``azure``) or the others; ``_NO_MATCH`` when none does."""
+    for p in providers:
+        if (p.type == "azure") is azure:
+            glob = p.matches(model)
+            if glob is not None:
+                return p, glob
+    return _NO_MATCH
 
 
 def foreign_authorization(headers: List[Tuple[str, str]], provider_type: str) -> bool:

@@ -58,7 +58,7 @@ session_file_id = reader.session_file_id  # re-exported for tests and callers
 
 ENDINGS = reader.ENDINGS
 SESSION_SOURCES = ("header", "claude_code", "codex", "metadata_user_id", "model", "default")
-PROVIDER_TYPES = ("openai", "anthropic", "gemini")
+PROVIDER_TYPES = ("openai", "anthropic", "gemini", "azure")
 TOKEN_KEYS = ("prompt_tokens", "completion_tokens", "total_tokens", "cached_tokens",
               "cache_creation_tokens", "reasoning_tokens")
 SECRET_HEADERS = ("authorization", "proxy-authorization", "x-api-key", "api-key", "x-goog-api-key",

@@ -178,6 +178,43 @@ class LoadTest(unittest.TestCase):
         cfg = config.load(path, env={"OPENAI_API_KEY": "k"})
         self.assertEqual(cfg.proxy_keys, ("pk-1",))
 
+    def test_azure_provider(self):
+        """An azure provider's base_url is the resource's endpoint, or a gateway's base path;
+        one that ends in /openai, or names a deployment or the v1 API, is refused at once (each
+        request would go to /openai/openai/..., a 404 from Azure), without repeating the URL."""
+        azure = {"name": "azure", "type": "azure", "api_key": "${AZURE_OPENAI_API_KEY:-}", "models": ["gpt-4o*"]}
+        for url in ("https://res.openai.azure.com", "https://res.openai.azure.com/",
+                    "https://res.cognitiveservices.azure.com", "https://apim.example.net/llm"):
+            with self.subTest(url=url):
+                path = write({"providers": [dict(azure, base_url=url)]})
+                self.addCleanup(os.unlink, path)
+                cfg = config.load(path, env={"AZURE_OPENAI_API_KEY": "k"})
+                self.assertEqual((cfg.providers[0].type, cfg.providers[0].api_key), ("azure", "k"))
+                self.assertEqual(cfg.providers[0].base_url, url.rstrip("/"))
+        for url in ("https://res.openai.azure.com/openai", "https://res.openai.azure.com/openai/",
+                    "https://res.openai.azure.com/openai/v1/", "https://res.openai.azure.com/openai/deployments/gpt-4o",
+                    "https://apim.example.net/llm/openai"):
+            with self.subTest(url=url):
+                path = write({"providers": [OPENAI, dict(azure, base_url=url)]})
+                self.addCleanup(os.unlink, path)
+                with self.assertRaises(ConfigError) as cm:
+                    config.load(path, env={"OPENAI_API_KEY": "k", "AZURE_OPENAI_API_KEY": "k"})
+                msg = str(cm.exception)
+                self.assertEqual(msg, "%s: providers[1].base_url: an azure provider's base_url is the resource's "
+                                      "endpoint (https://<resource>.openai.azure.com), without /openai...: clients' "
+                                      "paths begin with /openai/" % path)
+        with self.subTest("an openai provider's base path is its own"):
+            path = write({"providers": [dict(OPENAI, base_url="https://gateway.example.net/openai")]})
+            self.addCleanup(os.unlink, path)
+            self.assertEqual(config.load(path, env={"OPENAI_API_KEY": "k"}).providers[0].base_url,
+                             "https://gateway.example.net/openai")
+        with self.subTest("the types are listed"):
+            path = write({"providers": [dict(azure, type="azure-openai", base_url="https://res.openai.azure.com")]})
+            self.addCleanup(os.unlink, path)
+            with self.assertRaises(ConfigError) as cm:
+                config.load(path, env={})
+            self.assertIn("providers[0].type: must be one of openai, anthropic, gemini, azure", str(cm.exception))
+
     def test_provider_globs(self):
         p = config.Provider("o", "openai", "http://x", models=("gpt-*", "o[0-9]*"))
         self.assertEqual(p.matches("gpt-4o"), "gpt-*")

@@ -40,7 +40,8 @@ import unittest
 from typing import Any, Callable, Dict, List, Optional
 
 from tests.sdk_replay import HEADER, Fixture, ReplayUpstream, find, fixtures, handle as replay
-from tests.support import FIXTURES, ProxyProcess, ResumableUploads, base_config, provider, read_records, wait_until
+from tests.support import (FIXTURES, ProxyProcess, ResumableUploads, all_files, base_config, provider, read_records,
+                           wait_until)
 
 try:
     import openai
@@ -247,6 +248,7 @@ class ProxiedSDKCase(unittest.TestCase):
     """A replaying upstream and the proxy subprocess in front of it, shared by a class."""
 
     maxDiff = None
+    LOG_LEVEL = "INFO"  # (DEBUG logs a line per exchange)
 
     @classmethod
     def setUpClass(cls) -> None:
@@ -255,9 +257,10 @@ class ProxiedSDKCase(unittest.TestCase):
         cls.upstream = ReplayUpstream().start()
         cls.addClassCleanup(cls.upstream.stop)
         cls.data_dir = os.path.join(cls.tmp, "data")
-        # No model globs: each request goes to the provider of its API family.
-        providers = [provider(name, name, cls.upstream.url) for name in ("openai", "anthropic", "gemini")]
-        cls.proxy = ProxyProcess(base_config(providers, cls.data_dir))
+        # No model globs: each request goes to the provider of its API family (Azure OpenAI's
+        # paths, /openai/..., to the azure provider).
+        providers = [provider(name, name, cls.upstream.url) for name in ("openai", "anthropic", "gemini", "azure")]
+        cls.proxy = ProxyProcess(base_config(providers, cls.data_dir, log_level=cls.LOG_LEVEL))
         cls.addClassCleanup(cls.proxy.cleanup)
         cls.addClassCleanup(cls.stop_proxy)
         cls.log = ResponseLog()
@@ -378,6 +381,8 @@ class ProxiedSDKCase(unittest.TestCase):
 
 @unittest.skipUnless(openai is not None, "openai is not installed")
 class OpenAISDKTest(ProxiedSDKCase):
+    PROVIDER_TYPE = "openai"  # the provider the calls are routed to
+    MODELS_PATH = "/v1/models"
     TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "Weather in a city",
                                                "parameters": {"type": "object", "properties": {"location": {"type": "string"}},
                                                               "required": ["location"]}}}]
@@ -418,7 +423,7 @@ class OpenAISDKTest(ProxiedSDKCase):
                     out.final = raw.parse()
 
                 via, rec = self.both(call, self.direct, self.via)
-                self.check_record(fx, rec, "openai", stream=False, via=via)
+                self.check_record(fx, rec, self.PROVIDER_TYPE, stream=False, via=via)
                 if fx.expected and fx.expected.get("error") is not None and via.error is not None:
                     self.check_error_body(fx, via, rec)
                     continue
@@ -441,7 +446,7 @@ class OpenAISDKTest(ProxiedSDKCase):
                         out.chunks.append(chunk)
 
                 via, rec = self.both(call, self.direct, self.via)
-                self.check_record(fx, rec, "openai", stream=True, via=via)
+                self.check_record(fx, rec, self.PROVIDER_TYPE, stream=True, via=via)
                 self.check_stream_ending(fx, rec, via)
                 if via.error is not None:
                     continue
@@ -471,7 +476,7 @@ class OpenAISDKTest(ProxiedSDKCase):
                         out.final = stream.get_final_completion()
 
                 via, rec = self.both(call, self.direct, self.via)
-                self.check_record(fx, rec, "openai", stream=True, via=via)
+                self.check_record(fx, rec, self.PROVIDER_TYPE, stream=True, via=via)
                 self.check_stream_ending(fx, rec, via)
                 if via.error is not None:
                     continue
@@ -496,7 +501,7 @@ class OpenAISDKTest(ProxiedSDKCase):
                     out.final = raw.parse()
 
                 via, rec = self.both(call, self.direct, self.via)
-                self.check_record(fx, rec, "openai", stream=False, via=via)
+                self.check_record(fx, rec, self.PROVIDER_TYPE, stream=False, via=via)
                 if via.error is not None:
                     self.check_error_body(fx, via, rec)
                     continue
@@ -517,7 +522,7 @@ class OpenAISDKTest(ProxiedSDKCase):
                         out.chunks.append(event)
 
                 via, rec = self.both(call, self.direct, self.via)
-                self.check_record(fx, rec, "openai", stream=True, via=via)
+                self.check_record(fx, rec, self.PROVIDER_TYPE, stream=True, via=via)
                 self.check_stream_ending(fx, rec, via)
                 terminal = [e.response for e in via.chunks if e.type in RESPONSES_TERMINAL]
                 if via.error is not None or not terminal:
@@ -544,7 +549,7 @@ class OpenAISDKTest(ProxiedSDKCase):
                         out.final = stream.get_final_response()
 
                 via, rec = self.both(call, self.direct, self.via)
-                self.check_record(fx, rec, "openai", stream=True, via=via)
+                self.check_record(fx, rec, self.PROVIDER_TYPE, stream=True, via=via)
                 self.check_stream_ending(fx, rec, via)
                 if via.error is not None:
                     continue
@@ -566,7 +571,7 @@ class OpenAISDKTest(ProxiedSDKCase):
                     out.final = raw.parse()
 
                 via, rec = self.both(call, self.direct, self.via)
-                self.check_record(fx, rec, "openai", stream=False, via=via)
+                self.check_record(fx, rec, self.PROVIDER_TYPE, stream=False, via=via)
                 if via.error is not None:
                     self.check_error_body(fx, via, rec)
                     continue
@@ -588,7 +593,7 @@ class OpenAISDKTest(ProxiedSDKCase):
                         out.chunks.append(chunk)
 
                 via, rec = self.both(call, self.direct, self.via)
-                self.check_record(fx, rec, "openai", stream=True, via=via)
+                self.check_record(fx, rec, self.PROVIDER_TYPE, stream=True, via=via)
                 self.check_stream_ending(fx, rec, via)
                 if via.error is not None:
                     continue
@@ -609,7 +614,7 @@ class OpenAISDKTest(ProxiedSDKCase):
                     out.final = raw.parse()
 
                 via, rec = self.both(call, self.direct, self.via)
-                self.check_record(fx, rec, "openai", stream=False, via=via)
+                self.check_record(fx, rec, self.PROVIDER_TYPE, stream=False, via=via)
                 if via.error is not None:
                     self.check_error_body(fx, via, rec)
                     continue
@@ -632,15 +637,68 @@ class OpenAISDKTest(ProxiedSDKCase):
                     out.chunks = list(raw.parse())
 
                 via, rec = self.both(call, self.direct, self.via)
-                self.check_record(fx, rec, "openai", stream=False, via=via)
+                self.check_record(fx, rec, self.PROVIDER_TYPE, stream=False, via=via)
                 self.assertIsNone(via.error)
-                self.assertEqual(rec["endpoint"], "/v1/models")
+                self.assertEqual(rec["endpoint"], self.MODELS_PATH)
                 self.assertEqual(rec["method"], "GET")
                 self.assertEqual(rec["response_body"], via.body)
                 self.assertEqual([m.model_dump(mode="json", warnings=False) for m in via.chunks],
                                  [openai.types.Model.construct(**m).model_dump(mode="json", warnings=False) for m in rec["response_body"]["data"]])
                 self.assertNotIn("tokens_used", rec)
 
+
+
+@unittest.skipUnless(openai is not None, "openai is not installed")
+class AzureOpenAISDKTest(OpenAISDKTest):
+    """Every call of :class:`OpenAISDKTest` made by the ``AzureOpenAI`` client (Azure's dated
+    API versions): chat, completions and embeddings to ``/openai/deployments/<model>/...``,
+    responses and models to ``/openai/...``, each with ``?api-version=`` and the key in
+    ``api-key``; the proxy sends them to its azure provider, whose ``base_url`` is the
+    resource's endpoint."""
+
+    PROVIDER_TYPE = "azure"
+    MODELS_PATH = "/openai/models"
+    LOG_LEVEL = "DEBUG"  # a line per exchange, which must not hold the key
+    API_VERSION = "2024-10-21"
+    API_KEY = "0123456789abcdef0123456789abcdef"  # shaped as Azure's keys: 32 hex digits
+
+    @classmethod
+    def client(cls, url: str, **azure: Any):
+        c = openai.AzureOpenAI(api_key=cls.API_KEY, azure_endpoint=url, api_version=cls.API_VERSION, max_retries=0,
+                               timeout=TIMEOUT, http_client=openai.DefaultHttpxClient(event_hooks=cls.log.hooks()),
+                               **azure)
+        cls.addClassCleanup(c.close)
+        return c
+
+    def test_deployment_client_and_the_key(self):
+        """A client bound to a deployment (``azure_deployment``) sends it in the path and the
+        model the caller names in the body: the record's model is the body's, its endpoint names
+        the deployment. The api-key reaches the upstream, and no record, stream line or log."""
+        fx = next(f for f in self.fixtures_for("openai_chat", streamed=True) if f.name == "azure_content_filter")
+        direct = self.client(self.upstream.url, azure_deployment="prod-4o")
+        via_client = self.client(self.proxy.url, azure_deployment="prod-4o")
+
+        def call(client, out):
+            raw = client.chat.completions.with_raw_response.create(stream=True, **self.chat_kwargs(fx))
+            out.set_headers(raw.headers)
+            out.chunks.extend(raw.parse())
+
+        via, rec = self.both(call, direct, via_client)
+        self.assertEqual(via.request["target"],
+                         "/openai/deployments/prod-4o/chat/completions?api-version=" + self.API_VERSION)
+        self.assertEqual(dict(via.request["headers"])["api-key"], self.API_KEY)
+        self.check_record(fx, rec, "azure", stream=True, via=via)
+        self.check_stream_ending(fx, rec, via)
+        self.assertEqual((rec["model"], rec["query"]), ("gpt-4o", "api-version=" + self.API_VERSION))
+        self.assertEqual(rec["response_body"], fx.expected["response_body"])
+        self.assertEqual(rec["tokens_used"], fx.expected["tokens_used"])
+        for path in all_files(self.data_dir):
+            with open(path, "rb") as f:
+                self.assertNotIn(self.API_KEY.encode(), f.read(), path)
+        # (The exchange's log line, read from the proxy's stderr by a thread of the test.)
+        wait_until(lambda: "/openai/deployments/prod-4o/chat/completions" in self.proxy.log_text(), DEADLINE,
+                   "the exchange's log line")
+        self.assertNotIn(self.API_KEY, self.proxy.log_text())
 
 
 @unittest.skipUnless(anthropic is not None, "anthropic is not installed")
