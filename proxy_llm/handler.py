@@ -2,12 +2,13 @@
 
 For each request under a forwarded prefix (``/v1/``, ``/v1beta/``, Azure OpenAI's ``/openai/``
 ...: errors.FORWARDED_PREFIXES) the handler reads the body, finds ``model`` and ``stream`` (a
-byte scan; a full parse only when the scan is ambiguous), picks a provider, sends the request upstream on a pooled
-``http.client`` connection and relays the response: status and end-to-end headers as received,
-then the body as it arrives (``read1``), each piece written to the client in one ``write``
-(re-framed as a chunk when the length is not known in advance). The relayed bytes are appended
-to the exchange's capture; all parsing happens later on the recorder's thread. ``/health`` and
-``/metrics`` are answered locally.
+byte scan; a full parse only when the scan is ambiguous), picks a provider, sends the request
+upstream on a pooled ``http.client`` connection and relays the response: status and
+end-to-end headers as received (but for the upload URL of a Gemini file upload, given the
+proxy's origin: upload_urls), then the body as it arrives (``read1``), each piece written to
+the client in one ``write`` (re-framed as a chunk when the length is not known in advance). The
+relayed bytes are appended to the exchange's capture; all parsing happens later on the
+recorder's thread. ``/health`` and ``/metrics`` are answered locally.
 """
 
 from __future__ import annotations
@@ -45,6 +46,8 @@ _GEMINI_LABEL_RE = re.compile(r"(/v1beta|/v1alpha|/v1)/models/[^/:]+:([A-Za-z]+)
 _FORWARDED_TEXT = ", ".join(errors.FORWARDED)  # (the 404's message)
 # Azure OpenAI's deployment paths: /openai/deployments/<deployment>/chat/completions, ...
 _AZURE_DEPLOYMENT_RE = re.compile(r"/openai/deployments/([^/]+)(/.*)\Z")
+# A Host header fit to be the authority of a URL the proxy hands out (ProxyHandler.client_origin).
+_AUTHORITY_RE = re.compile(r"(?:[A-Za-z0-9._~-]+|\[[0-9A-Fa-f:.]+\])(?::[0-9]{1,5})?\Z")
 
 KNOWN_ENDPOINTS = frozenset((
     "/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/responses", "/v1/messages",
@@ -735,13 +738,16 @@ class ProxyHandler(BaseHTTPRequestHandler):
         pool = self.server.pools[ex.provider.name]
         ex.status = resp.status
         ex.resp_headers = list(resp.msg.raw_items())
+        fields = ex.resp_headers
+        if ex.family == "gemini" and ex.path.startswith("/upload/"):
+            fields = self.upload_urls(ex, fields)  # (the record keeps the upstream's)
         no_body = self.command == "HEAD" or resp.status in (204, 304) or 100 <= resp.status < 200
         known_length = resp.length is not None and not resp.chunked
         http10 = self.request_version == "HTTP/1.0"
         frame = not no_body and not known_length and not http10
         drop = DROP_RESPONSE if not known_length else ()
         head = ["HTTP/1.1 %d %s" % (resp.status, resp.phrase)]
-        for name, value in wire.end_to_end(ex.resp_headers, drop):
+        for name, value in wire.end_to_end(fields, drop):
             head.append("%s: %s" % (name, value))
         if frame:
             head.append("Transfer-Encoding: chunked")
@@ -850,6 +856,61 @@ class ProxyHandler(BaseHTTPRequestHandler):
                 pool.discard(conn)
                 if not complete:
                     self.close_connection = True
+
+    def upload_urls(self, ex: Exchange, fields: List[Tuple[str, str]]) -> List[Tuple[str, str]]:
+        """``fields``, the upstream's answer to a Gemini upload request, with the upload URL it
+        names made the proxy's: the one header the proxy changes.
+
+        A resumable upload's start answers with the URL each chunk of the file goes to:
+        ``X-Goog-Upload-URL`` (Google's upload protocol: the Gen AI SDKs, Google's curl example),
+        or ``Location`` on a 2xx (``uploadType=resumable``, the protocol of Google's API client
+        libraries). That URL is on the provider's origin, and a client sends the file there,
+        past the proxy (the Google Gen AI SDK does, with the client's base_url alone): its bytes
+        were not recorded, and where only the proxy may reach the provider the upload failed.
+        So a URL under the provider's base_url (scheme, host, port, base path) that the proxy
+        forwards is given the proxy's origin as the client addressed it (:meth:`client_origin`),
+        the path under the base and the query kept; for a provider with an api_key, without a
+        ``key=``, which can then only be that key's echo. Any other URL goes on as it came.
+        Returns ``fields`` itself when nothing changes."""
+        pool = self.server.pools[ex.provider.name]
+        out = None
+        origin = None
+        for i, (name, value) in enumerate(fields):
+            lname = name.lower()
+            if lname != "x-goog-upload-url" and (lname != "location" or not 200 <= ex.status < 300):
+                continue  # (a redirect's Location is passed on as any redirect is)
+            where = wire.under_base(value, pool.scheme, pool.host, pool.port, pool.base_path)
+            if where is None:
+                continue
+            path, query, fragment = where
+            if not errors.forwarded(path) or wire.bad_target(path, query):
+                continue  # the proxy would not forward it: the client had better go there
+            if query and ex.provider.api_key:
+                query = wire.without_key_param(query)
+            if origin is None:
+                origin = self.client_origin(ex)
+                if origin is None:
+                    return fields
+            url = "http://%s%s%s%s" % (origin, path, "?" + query if query else "", "#" + fragment if fragment else "")
+            if out is None:
+                out = list(fields)
+            out[i] = (name, url)
+        return fields if out is None else out
+
+    def client_origin(self, ex: Exchange) -> Optional[str]:
+        """The proxy's host and port as the client addressed them: the request's ``Host`` when
+        it is a plain ``host[:port]``, else the address the client's connection reached (None
+        if the connection is gone)."""
+        host = wire.header_value(ex.req_headers, "host")
+        if host is not None:
+            host = host.strip()
+            if _AUTHORITY_RE.match(host):
+                return host
+        try:
+            address = self.connection.getsockname()
+        except OSError:  # (the connection is gone: there is nobody to answer)
+            return None
+        return "%s:%d" % ("[%s]" % address[0] if ":" in address[0] else address[0], address[1])
 
     def let_go(self, ex: Exchange) -> None:
         """The relay is done with the upstream connection: from now on nothing cuts it for

@@ -1041,6 +1041,32 @@ def bad_target(path: str, query: str) -> Optional[str]:
     return None
 
 
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+def under_base(url: str, scheme: str, host: str, port: int, base_path: str) -> Optional[Tuple[str, str, str]]:
+    """Where ``url`` lies under a base URL (``scheme``, ``host`` lower-case without brackets,
+    ``port``, ``base_path`` without its last slash, as ``upstream.UpstreamPool`` holds them):
+    (the path after the base, the query, the fragment), or None when ``url`` is elsewhere: another
+    scheme, host or port, outside the base path, with userinfo, or not a URL at all. The path
+    and query are as they came, never decoded."""
+    try:
+        parts = urllib.parse.urlsplit(url.strip())
+        url_port = parts.port
+    except ValueError:  # a port that is not a number, a bracket that does not close
+        return None
+    if parts.scheme != scheme or parts.netloc.find("@") >= 0 or (parts.hostname or "") != host:
+        return None
+    if (url_port if url_port is not None else _DEFAULT_PORTS.get(scheme)) != port:
+        return None
+    path = parts.path
+    if base_path:
+        if not path.startswith(base_path) or path[len(base_path):len(base_path) + 1] not in ("", "/"):
+            return None
+        path = path[len(base_path):]
+    return path or "/", parts.query, parts.fragment
+
+
 def split_target(target: str) -> Tuple[str, str]:
     """Split a request target into (path, query)."""
     path, _, query = target.partition("?")

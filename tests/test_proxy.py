@@ -11,6 +11,7 @@ import socket
 import stat
 import threading
 import unittest
+import urllib.parse
 from unittest import mock
 
 from proxy_llm import record
@@ -563,9 +564,9 @@ class GeminiPrefixesTest(ProxyTestCase):
 
     def upload(self, proxy, data, chunk, query=""):
         """Google's documented curl sequence, through the proxy: the start, then ``data`` in
-        chunks of ``chunk`` bytes to the upload URL with its origin made the proxy's (as the SDK
-        does with a base_url). The key goes in ``query`` if given, else in x-goog-api-key.
-        Returns every (status, headers, body) the client got."""
+        chunks of ``chunk`` bytes to the upload URL the client got, as it is (as the Google Gen
+        AI SDK does with the client's base_url alone). The key goes in ``query`` if given, else
+        in x-goog-api-key. Returns every (status, headers, body) the client got."""
         start_body = {"file": {"display_name": "photo"}}
         headers = {"Content-Type": "application/json", "X-Goog-Upload-Protocol": "resumable",
                    "X-Goog-Upload-Command": "start", "X-Goog-Upload-Header-Content-Length": str(len(data)),
@@ -573,12 +574,11 @@ class GeminiPrefixesTest(ProxyTestCase):
         if not query:
             headers["x-goog-api-key"] = self.GOOG_KEY
         answers = [request(proxy.url, path="/upload/v1beta/files" + query, body=start_body, headers=headers)]
-        url = header(answers[0][1], "X-Goog-Upload-URL")
-        self.assertTrue(url.startswith(self.gemini.url + "/upload/v1beta/files?"), url)
-        target = url[len(self.gemini.url):]
+        url = urllib.parse.urlsplit(header(answers[0][1], "X-Goog-Upload-URL"))
+        origin, target = "%s://%s" % (url.scheme, url.netloc), "%s?%s" % (url.path, url.query)
         for offset in range(0, len(data), chunk):
             last = offset + chunk >= len(data)
-            answers.append(request(proxy.url, path=target, body=data[offset:offset + chunk], headers={
+            answers.append(request(origin, path=target, body=data[offset:offset + chunk], headers={
                 "Content-Type": "application/octet-stream", "X-Goog-Upload-Offset": str(offset),
                 "X-Goog-Upload-Command": "upload, finalize" if last else "upload"}))
         return answers
@@ -598,6 +598,10 @@ class GeminiPrefixesTest(ProxyTestCase):
         seen = [self.gemini.next_request() for _ in answers]
         self.assertEqual(seen[0].target, "/upload/v1beta/files?key=" + self.GOOG_KEY)
         self.assertTrue(all(s.query.startswith("key=%s&upload_id=" % self.GOOG_KEY) for s in seen[1:]))
+        # The upload URL reached the client with the proxy's origin (the upstream's before: the
+        # chunks went past the proxy, unrecorded), its path and query as the upstream sent them
+        # (the key in it is the client's own).
+        self.assertEqual(header(answers[0][1], "X-Goog-Upload-URL"), proxy.url + seen[1].target)
         # The client got the protocol's headers and the final file as the upstream sent them.
         statuses = [a[0] for a in answers]
         self.assertEqual(statuses, [200] * len(answers))
@@ -622,7 +626,9 @@ class GeminiPrefixesTest(ProxyTestCase):
         # The key was in the start's query, the upload URL the upstream answered with, and every
         # chunk's query: in no file and no log line.
         self.assertIn("[REDACTED", ordered[1]["query"])
-        self.assertIn("[REDACTED", ordered[0]["response_headers"]["x-goog-upload-url"])
+        # The record says what the provider answered: the upstream's URL, not the client's.
+        self.assertTrue(ordered[0]["response_headers"]["x-goog-upload-url"].startswith(
+            self.gemini.url + "/upload/v1beta/files?key=[REDACTED"), ordered[0]["response_headers"])
         for path in support.all_files(self.data_dir):
             with open(path, "rb") as f:
                 self.assertNotIn(self.GOOG_KEY.encode(), f.read(), path)
@@ -630,6 +636,95 @@ class GeminiPrefixesTest(ProxyTestCase):
         self.assertTrue(any("/upload/v1beta/files" in line for line in logs.output))
         status, _, metrics = request(proxy.url, method="GET", path="/metrics", headers={})
         self.assertIn(b'endpoint="/upload/v1beta/files"', metrics)
+
+    def test_only_a_url_under_the_providers_base_url_is_made_the_proxys(self):
+        # The upstream answers with the URL the test asks for (X-Want), in X-Goog-Upload-URL or,
+        # with X-Want-Location, in Location. The provider's base_url has a path: a URL under it
+        # reaches the client on the proxy's origin, as the client addressed it (its Host),
+        # without the base path; any other URL as the upstream sent it.
+        def answer(req):
+            name = "Location" if req.header("X-Want-Location") else "X-Goog-Upload-URL"
+            return Reply(int(req.header("X-Want-Status") or 200), [(name, req.header("X-Want")), ("Content-Length", "0")])
+
+        self.gemini.handler = answer
+        proxy = self.start_proxy([provider("gemini", "gemini", self.gemini.url + "/gw")])
+        base, port = self.gemini.url + "/gw", self.gemini.port
+        here = "/upload/v1beta/files?upload_id=AHxI-1&upload_protocol=resumable"
+        rewritten = [
+            (base + here, proxy.url + here),
+            (base + "/upload/v1alpha/files?upload_id=2", proxy.url + "/upload/v1alpha/files?upload_id=2"),
+            (base + "/upload/v1beta/files", proxy.url + "/upload/v1beta/files"),
+            (" %s " % (base + here), proxy.url + here),
+        ]
+        kept = [
+            "http://127.0.0.1:%d/upload/v1beta/files?upload_id=3" % port,  # outside the base path
+            "http://127.0.0.1:%d/gwx/upload/v1beta/files?upload_id=3" % port,
+            "http://127.0.0.1:%d/gw/upload/v1beta/files?upload_id=3" % (port + 1 if port < 65535 else port - 1),
+            "https://127.0.0.1:%d/gw/upload/v1beta/files?upload_id=3" % port,
+            "http://localhost:%d/gw/upload/v1beta/files?upload_id=3" % port,  # another host name
+            "http://user@127.0.0.1:%d/gw/upload/v1beta/files?upload_id=3" % port,
+            base + "/elsewhere/files?upload_id=3",  # a path the proxy does not forward
+            base + "/upload/v1beta/../files?upload_id=3",  # nor refuses to
+            "https://upload.example.com/upload/v1beta/files?upload_id=3",
+            "/upload/v1beta/files?upload_id=3", "not a url", "http://127.0.0.1:x/gw/upload/v1beta/files",
+        ]
+        for sent, expected in rewritten + [(url, url) for url in kept]:
+            with self.subTest(url=sent):
+                status, headers, _ = request(proxy.url, path="/upload/v1beta/files", body=b"",
+                                             headers={"X-Want": sent, "x-goog-api-key": self.GOOG_KEY})
+                self.assertEqual((status, header(headers, "X-Goog-Upload-URL")), (200, expected))
+        # As the client addressed the proxy: its Host.
+        _, headers, _ = request(proxy.url, path="/upload/v1beta/files", body=b"",
+                                headers={"X-Want": base + here, "Host": "proxy.example:8080"})
+        self.assertEqual(header(headers, "X-Goog-Upload-URL"), "http://proxy.example:8080" + here)
+        # Location: on a 2xx (uploadType=resumable's start), not on a redirect.
+        for status, expected in ((200, proxy.url + here), (201, proxy.url + here), (302, base + here)):
+            _, headers, _ = request(proxy.url, path="/upload/v1beta/files?uploadType=resumable", body=b"",
+                                    headers={"X-Want": base + here, "X-Want-Location": "1", "X-Want-Status": str(status)})
+            self.assertEqual(header(headers, "Location"), expected, status)
+        # Only the answers to an upload are looked at.
+        _, headers, _ = request(proxy.url, path="/v1beta/files", body=b"", headers={"X-Want": base + here})
+        self.assertEqual(header(headers, "X-Goog-Upload-URL"), base + here)
+        # Each record keeps what the upstream answered.
+        recs = proxy.records()
+        self.assertEqual(len(recs), len(rewritten) + len(kept) + 5)
+        self.assertEqual(recs[0]["response_headers"]["x-goog-upload-url"], base + here)
+        self.assertEqual(recs[len(rewritten) + len(kept)]["response_headers"]["x-goog-upload-url"], base + here)
+
+    def test_a_provider_keys_echo_never_reaches_the_client(self):
+        # With a provider's api_key the upstream gets that key (x-goog-api-key), never the
+        # client's; an upstream that echoes it in the upload URL (as Google echoes a ?key=) has
+        # it taken out of the URL the client gets. The chunks still go through the proxy, which
+        # adds the provider's key to each.
+        provider_key = "AIza" + "SyPr0v1derKeyN0tReal-abcdefghijklmnop"
+
+        def echoing(req):
+            answer = self.uploads(req)
+            if req.header("X-Goog-Upload-Command") == "start":
+                answer.headers = [(n, v.replace("?", "?key=%s&" % req.header("x-goog-api-key"), 1)
+                                   if n == "X-Goog-Upload-URL" else v) for n, v in answer.headers]
+            return answer
+
+        self.gemini.handler = echoing
+        proxy = self.start_proxy([provider("gemini", "gemini", self.gemini.url, provider_key)])
+        data = os.urandom(5000)
+        answers = self.upload(proxy, data, 2000)
+        self.assertEqual([a[0] for a in answers], [200] * 4)
+        self.assertEqual(list(self.uploads.files.values()), [data])
+        url = header(answers[0][1], "X-Goog-Upload-URL")
+        self.assertTrue(url.startswith(proxy.url + "/upload/v1beta/files?upload_id="), url)
+        for status, headers, body in answers:
+            self.assertNotIn(provider_key, repr(headers) + body.decode("latin-1"))
+        seen = [self.gemini.next_request() for _ in answers]
+        self.assertEqual([s.header("x-goog-api-key") for s in seen], [provider_key] * 4)
+        self.assertTrue(all(s.query.startswith("upload_id=") for s in seen[1:]), [s.query for s in seen])
+        # The record keeps the upstream's URL, the key scrubbed.
+        recs = proxy.records()
+        self.assertEqual(len(recs), 4)
+        self.assertIn("key=[REDACTED", recs[0]["response_headers"]["x-goog-upload-url"])
+        for path in support.all_files(self.data_dir):
+            with open(path, "rb") as f:
+                self.assertNotIn(provider_key.encode(), f.read(), path)
 
     def test_a_chunk_past_the_limits(self):
         # Past capture_max_body a chunk goes on whole and its record keeps a prefix, the size and

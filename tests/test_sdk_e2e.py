@@ -949,17 +949,19 @@ class GeminiSDKTest(ProxiedSDKCase):
 
     def test_files_upload(self):
         # client.files.upload: the start (POST /upload/v1/files), then the file in chunks to the
-        # X-Goog-Upload-URL the start answered with. The SDK sends the chunks through the proxy
-        # when the upload's own http_options name it as base_url (it then puts that origin in
-        # the upload URL); with the client's base_url alone it sends them to the URL as given.
+        # X-Goog-Upload-URL the start answered with. With the client's base_url alone (no
+        # http_options of the upload's own) the SDK sends the chunks to that URL as given: the
+        # proxy gives it its own origin, so that they go through it (they went to the provider
+        # directly before, unrecorded).
         chunk = getattr(importlib.import_module("google.genai._api_client"), "CHUNK_SIZE", 8 * 1024 * 1024)
         data = os.urandom(chunk + 1000)  # two chunks: "upload", then "upload, finalize"
         made = {}
         for name, client, url in (("direct", self.direct, self.upstream.url), ("via", self.via, self.proxy.url)):
             self.drain_requests()
             made[name] = client.files.upload(file=io.BytesIO(data), config=genai_types.UploadFileConfig(
-                mime_type="application/octet-stream", display_name="blob",
-                http_options=genai_types.HttpOptions(base_url=url)))
+                mime_type="application/octet-stream", display_name="blob"))
+            # The SDK's last request, the finalize, went to the base_url's origin.
+            self.assertEqual(str(self.log.last.request.url).split("/upload/")[0], url)
             seen = [self.upstream.requests.get_nowait() for _ in range(3)]
             self.assertTrue(self.upstream.requests.empty())
             self.assertEqual([r.header("X-Goog-Upload-Command") for r in seen], ["start", "upload", "upload, finalize"])
@@ -981,6 +983,9 @@ class GeminiSDKTest(ProxiedSDKCase):
 
         wait_until(written, DEADLINE, "the upload's records")
         start, first, last = recs
+        # Every chunk through the proxy: the finalize's answer carried the last record's id.
+        self.assertEqual(self.log.last.headers.get("x-proxy-record-id"), last["id"])
+        self.assertEqual(start["response_headers"]["x-goog-upload-url"].split("/upload/")[0], self.upstream.url)
         self.assertEqual([r["endpoint"] for r in recs], ["/upload/v1/files"] * 3)
         self.assertEqual([(r["provider_type"], r["status_code"], r["ended"]) for r in recs], [("gemini", 200, "completed")] * 3)
         self.assertEqual(start["request_body"]["file"]["display_name"], "blob")
