@@ -1044,7 +1044,8 @@ class Recorder:
     def close(self, timeout: float = 10.0, hurry: Optional[Callable[[], bool]] = None,
               hurry_timeout: float = 2.0) -> None:
         """Drain, sync and close; stop the compressor. Within ``timeout`` seconds (and
-        ``STOP_GRACE`` more at most for each of the writer and the compressor): the writer gets
+        ``STOP_GRACE`` more at most for each of the writer, the last sync of the files and the
+        compressor; a sync still blocked then, a hung disk, is left to the system): the writer gets
         them to drain its queue, the compressor what is left of them for the files sealed in
         this run. The writer stops at the deadline between two slices of encoding; what it has
         not written is counted as dropped (``shutdown``). The compressor stops at the deadline
@@ -1071,24 +1072,16 @@ class Recorder:
             self._wait(writer)
             if writer.is_alive():
                 log.warning("the writer did not stop in time (a slow disk?); what it still holds is dropped")
-        if self._take_lock():
-            try:
-                # (_settle syncs the directories of the files made since the last sync, each
-                # synced with the sync after its file was made: closing a file changes no
-                # directory. Every remembered file's directory was synced here again, up to 4,096
-                # fsyncs at each stop after a day of a new session per task, out of the
-                # compressor's share of timeout.)
-                self._settle()
-                for f in self._files.values():
-                    self._close_file(f, sync=True)
-                self._open.clear()
-                self._files_closed = True
-            finally:
-                self.lock.release()
-        else:
-            # The writer is stuck in a write or a sync, holding the lock: a hung disk (a network
-            # file system whose server went away). Waiting for it, the process never stopped.
-            # Its files stay open (the OS closes them at exit); a writer that comes back later
+        # The last sync and close of the files, on a thread of their own: on a hung disk (a
+        # network file system whose server went away) the writer may be stuck in a write or a
+        # sync, holding the lock they are closed under, or the sync of a file it left unsynced
+        # (fsync "never", or a disk that hung since its last sync) blocks here. Waiting for
+        # either, the process never stopped.
+        closer = threading.Thread(target=self._close_files, name="proxy_llm-close", daemon=True)
+        closer.start()
+        self._wait(closer, STOP_GRACE)
+        if closer.is_alive():
+            # The files stay open (the OS closes them at exit); a writer that comes back later
             # writes no more (_files_closed, read under the lock it then holds).
             self._files_closed = True
             log.error("the writer is stuck writing or syncing a file (a hung disk?): the recorder's files "
@@ -1128,23 +1121,28 @@ class Recorder:
                 self._stop_at = until
             log.info("stopping the recorder within %g s", self._hurry_timeout)
 
-    def _take_lock(self) -> bool:
-        """Take the writer's lock by close's deadline and ``STOP_GRACE`` more (looking at
-        ``hurry`` meanwhile, as _wait does); False if the writer still holds it then."""
-        while True:
-            self._check_hurry()
-            left = self._drain_until + STOP_GRACE - time.monotonic()
-            if self.lock.acquire(timeout=max(0.0, min(left, HURRY_POLL) if self._hurry is not None else left)):
-                return True
-            if left <= HURRY_POLL or self._hurry is None:
-                return False
+    def _close_files(self) -> None:
+        """Close's last sync: settle, sync and close every file (see close, which runs this
+        on a thread of its own and waits for it by its deadline)."""
+        with self.lock:
+            # (_settle syncs the directories of the files made since the last sync, each synced
+            # with the sync after its file was made: closing a file changes no directory. Every
+            # remembered file's directory was synced here again, up to 4,096 fsyncs at each stop
+            # after a day of a new session per task, out of the compressor's share of timeout.)
+            self._settle()
+            for f in self._files.values():
+                self._close_file(f, sync=True)
+            self._open.clear()
+            self._files_closed = True
 
-    def _wait(self, thread: threading.Thread) -> None:
+    def _wait(self, thread: threading.Thread, floor: float = 0.0) -> None:
         """Join ``thread`` until close's deadline and ``STOP_GRACE`` more (it stops at the
-        deadline, within a slice or a chunk), looking at ``hurry`` meanwhile."""
+        deadline, within a slice or a chunk), looking at ``hurry`` meanwhile; for ``floor``
+        seconds from now at least (the last sync, after a writer that took all of that)."""
+        least = time.monotonic() + floor
         while thread.is_alive():
             self._check_hurry()
-            left = self._drain_until + STOP_GRACE - time.monotonic()
+            left = max(self._drain_until + STOP_GRACE, least) - time.monotonic()
             if left <= 0:
                 return
             thread.join(min(left, HURRY_POLL) if self._hurry is not None else left)

@@ -948,6 +948,39 @@ class HurryTest(RecorderTestCase):
         self.assertFalse(rec._thread.is_alive())
         self.assertTrue(rec._files_closed)
 
+    def test_a_disk_that_hangs_in_closes_own_sync_does_not_hold_the_stop(self):
+        # The same hung disk, met by close itself: with fsync "never" (or a disk that hung since
+        # the writer's last sync) the writer's writes went to the page cache and it stopped in
+        # time, and close's last sync of the files, made on close's own thread, blocked with no
+        # deadline: the process never stopped. Now that sync is waited for by the deadline too.
+        syncing, release = threading.Event(), threading.Event()
+        self.addCleanup(release.set)
+
+        def hang(op, path, data):
+            if op == "fsync" and path.endswith(".jsonl"):
+                syncing.set()
+                release.wait(DEADLINE)
+
+        self.ops.fault = hang
+        rec = self.recorder(fsync="never")
+        self.put(rec, line("s", 0))
+        closed = threading.Event()
+
+        def close():
+            rec.close(0.1)
+            closed.set()
+
+        with unittest.mock.patch.object(storage, "STOP_GRACE", 0.1):
+            threading.Thread(target=close, daemon=True).start()
+            returned = closed.wait(DEADLINE)
+        self.assertTrue(syncing.is_set())  # (close's sync was the one that hung)
+        release.set()
+        self.assertTrue(returned, "close waited for its own sync on a hung disk")
+        self.assertFalse(rec._thread.is_alive())
+        self.assertTrue(any("stuck writing or syncing" in m for m in self.logs.messages), self.logs.messages)
+        self.assertTrue(rec._files_closed)
+        self.assertEqual(rec.written_total(), 1)
+
     def test_a_hurry_while_the_compressor_works_stops_it_short(self):
         begun: List[str] = []
 
