@@ -1289,7 +1289,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        help="session id (or its directory name without session_)")
     group.add_argument("--model", action="append", metavar="PATTERN", help="model name or glob, e.g. 'gpt-4o*'")
     group.add_argument("--provider", action="append", metavar="NAME",
-                       help="provider name or type (openai, anthropic, gemini)")
+                       help="provider name or type (openai, anthropic, gemini, azure)")
     group.add_argument("--endpoint", action="append", metavar="PATTERN",
                        help="endpoint path or glob, e.g. /v1/messages")
     group.add_argument("--since", metavar="WHEN", help="ISO date or datetime (UTC unless an offset is given), inclusive")
