@@ -61,8 +61,7 @@ SESSION_SOURCES = ("header", "claude_code", "codex", "metadata_user_id", "model"
 PROVIDER_TYPES = ("openai", "anthropic", "gemini", "azure")
 TOKEN_KEYS = ("prompt_tokens", "completion_tokens", "total_tokens", "cached_tokens",
               "cache_creation_tokens", "reasoning_tokens")
-SECRET_HEADERS = ("authorization", "proxy-authorization", "x-api-key", "api-key", "x-goog-api-key",
-                  "cookie", "set-cookie", "x-proxy-key")
+SECRET_HEADERS = tuple(sorted(wire.SECRET_HEADERS))
 # Files of the data dir's top level that are neither records nor a problem: the fingerprint key,
 # and what version control keeps there (the repository's data/ holds a .gitkeep).
 KNOWN_TOP_FILES = (".proxy_llm_key", ".gitkeep", ".gitignore")

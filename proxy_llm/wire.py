@@ -23,9 +23,13 @@ HOP_BY_HOP = frozenset((
 ))
 
 # Credentials: never written to a record, a stream file or a log line.
+# Besides the providers' own, the keys of the gateways a base_url may point at (Azure API
+# Management's subscription key, Cloudflare AI Gateway's token, Helicone's and Portkey's keys):
+# forwarded as they came, but redacted and scrubbed like the others.
 SECRET_HEADERS = frozenset((
     "authorization", "x-api-key", "api-key", "x-goog-api-key", "proxy-authorization",
     "cookie", "set-cookie", "x-proxy-key",
+    "ocp-apim-subscription-key", "cf-aig-authorization", "helicone-auth", "x-portkey-api-key",
 ))
 
 # A secret shorter than this is redacted in its header or query parameter, but not scrubbed

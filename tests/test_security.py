@@ -534,6 +534,38 @@ class DecodedCredentialTest(SecurityTestCase):
                 self.assertNotIn(secret[8:].encode(), data, path)
 
 
+class GatewayKeyTest(SecurityTestCase):
+    def test_a_gateways_key_is_forwarded_but_reaches_no_file(self):
+        # A base_url may be a gateway in front of the provider (Azure API Management, Cloudflare
+        # AI Gateway, Helicone, Portkey), which takes its own key in a header of its own: those
+        # were recorded in clear. They go on to the gateway as they came.
+        rng = random.Random()
+        keys = {"Ocp-Apim-Subscription-Key": "%032x" % rng.getrandbits(128),
+                "cf-aig-authorization": "Bearer cfaig-%024x" % rng.getrandbits(96),
+                "Helicone-Auth": "Bearer sk-helicone-%024x" % rng.getrandbits(96),
+                "x-portkey-api-key": "pk-%024x" % rng.getrandbits(96)}
+        values = [v.split()[-1] for v in keys.values()]
+        text = "you sent " + " and ".join(values)
+        self.replies.append(support.json_reply({"id": "x", "choices": [{"index": 0, "message": {"content": text}}]}))
+        proxy = self.start_proxy()
+        headers = dict(keys, **{"Content-Type": "application/json"})
+        status, _, answer = request(proxy.url, body={"model": "gpt-4o"}, headers=headers)
+        self.assertEqual(status, 200)
+        self.assertIn(text.encode(), answer)  # (the client gets the answer as it came)
+        got = self.upstream.requests.get(timeout=DEADLINE)
+        for name, value in keys.items():
+            self.assertEqual(header(got.headers, name), value, name)
+        rec = proxy.records()[0]
+        for name in keys:
+            self.assertIn("[REDACTED:", rec["request_headers"][name.lower()], name)
+        self.assertEqual(rec["response_body"]["choices"][0]["message"]["content"].count("[REDACTED:"), len(values))
+        for path in all_files(self.data_dir):
+            with open(path, "rb") as f:
+                data = f.read()
+            for secret in values:
+                self.assertNotIn(secret[6:].encode(), data, path)
+
+
 class SecondQuestionMarkTest(SecurityTestCase):
     def test_a_key_after_a_second_question_mark_reaches_no_file(self):
         # A client that appends "?key=" to a URL with a query already: the key was taken for the
