@@ -105,8 +105,11 @@ _OPENAI_TYPE = {400: "invalid_request_error", 401: "invalid_request_error", 404:
 # them under /v1/ as well as /v1beta/ (google-genai 3.x defaults to /v1/), and a /v1/ path ending
 # in one is Gemini's. Only these names: an OpenAI fine-tuned model's id holds colons too
 # (/v1/models/ft:gpt-4o-mini:org:name:id).
+# Besides the content and embedding methods: the Batch API's (batchGenerateContent,
+# asyncBatchEmbedContent) and Imagen's and Veo's (predict, predictLongRunning).
 GEMINI_METHODS = frozenset(("generateContent", "streamGenerateContent", "countTokens", "embedContent",
-                            "batchEmbedContents"))
+                            "batchEmbedContents", "batchGenerateContent", "asyncBatchEmbedContent", "predict",
+                            "predictLongRunning"))
 _GEMINI_METHOD_RE = re.compile(r":([A-Za-z]+)\Z")
 
 

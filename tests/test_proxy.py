@@ -14,7 +14,7 @@ import unittest
 import urllib.parse
 from unittest import mock
 
-from proxy_llm import record
+from proxy_llm import handler, record
 from tests import support
 from tests.support import (chunk_event, DEADLINE, FakeUpstream, Reply, header, json_reply, provider, read_records, read_to_eof,
                            request, sse_reply)
@@ -514,6 +514,25 @@ class RoutingTest(ProxyTestCase):
             self.assertEqual((seen.path, seen.header("x-goog-api-key"), seen.header("Authorization")),
                              (path, "client-gemini-key", None))
         self.assertEqual(self.upstream.next_request().header("Authorization"), "Bearer sk-server-key-123")
+
+    def test_gemini_batch_and_media_methods_are_gemini_paths(self):
+        # The Batch API's and Imagen's and Veo's methods under /v1/ (the Google Gen AI SDK 3.x
+        # sends them there), from a client that leaves the key to the provider (no Gemini header
+        # to place them): taken for OpenAI paths, they went to the openai provider, and each was
+        # labelled "other" in the metrics.
+        gemini = FakeUpstream().start()
+        self.addCleanup(gemini.stop)
+        proxy = self.start_proxy([provider("openai", "openai", self.upstream.url, "sk-server-key-123", ["gpt-*"]),
+                                  provider("gemini", "gemini", gemini.url, "goog-server-key-123", [])])
+        methods = ["batchGenerateContent", "asyncBatchEmbedContent", "predict", "predictLongRunning"]
+        for method in methods:
+            request(proxy.url, path="/v1/models/some-model:" + method, body={"requests": []}, headers={})
+            seen = gemini.next_request()
+            self.assertEqual((seen.path, seen.header("x-goog-api-key")),
+                             ("/v1/models/some-model:" + method, "goog-server-key-123"))
+        self.assertEqual([(r["provider"], r["model"]) for r in proxy.records()], [("gemini", "some-model")] * 4)
+        self.assertEqual([handler.endpoint_label("/v1beta/models/m:" + m) for m in methods],
+                         ["/v1beta/models/*:" + m for m in methods])
 
     def test_provider_key_replaces_client_credentials(self):
         proxy = self.start_proxy([provider("openai", "openai", self.upstream.url, "sk-server-key-123", ["gpt-*"]),
