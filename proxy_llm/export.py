@@ -168,6 +168,7 @@ import time
 from datetime import datetime, timedelta, timezone
 
 from proxy_llm import reader
+from proxy_llm.depth import too_deep
 
 __all__ = ["add_arguments", "run", "convert", "Skip", "Conversation", "FORMATS"]
 
@@ -942,8 +943,10 @@ def _finite(text: str) -> float:
 
 def _call_value(call: dict):
     try:  # arguments that hold NaN or Infinity stay text, as other text that is not JSON
+        if isinstance(call["arguments"], str) and too_deep(call["arguments"]):  # (see depth)
+            raise RecursionError
         args = json.loads(call["arguments"], parse_float=_finite, parse_constant=_finite)
-    except ValueError:
+    except (ValueError, RecursionError):  # (nested past the recursion limit: text too)
         args = call["arguments"]
     return {"name": call["name"], "arguments": args}
 

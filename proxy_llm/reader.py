@@ -45,6 +45,7 @@ import os
 import re
 import zlib
 
+from .depth import too_deep
 from .storage import is_record_file_name, is_stream_file_name  # the names the recorder gives
 from .storage import safe_sid as session_file_id  # the rule the files were named by
 
@@ -333,6 +334,8 @@ def _iter_file(path: str, stats: ReadStats):
                 stats.lines += 1
                 try:
                     # As json.loads(line), without NaN and Infinity (UnicodeDecodeError is a ValueError).
+                    if too_deep(line):  # (see depth)
+                        raise RecursionError
                     obj = STRICT_JSON.decode(line.decode(json.detect_encoding(line), "surrogatepass"))
                 except (ValueError, RecursionError):
                     obj = None

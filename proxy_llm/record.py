@@ -28,6 +28,7 @@ import zlib
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 from . import dialects, reader, wire
+from .depth import MAX_NESTING, nests_within, too_deep
 from .sniff import model_is_exact, sniff_stream
 from .storage import RECORDS, STREAMS
 from .storage import safe_sid as session_file_id  # the rule lives with the files
@@ -54,10 +55,6 @@ _SHIFTS = range(120, -1, -10)
 MAX_DECODED = 256 * 1024 * 1024
 MEMO_SIZE = 4096  # entries in each of the encoder's memos before it starts again...
 MEMO_CHARS = 1 << 22  # ...or characters in its keys and values (4 Mi), roughly counted: see Memo
-# A body nested deeper than this goes into the record as its text (a JSON string), not as JSON:
-# DuckDB refuses a line nested 128 levels deep, pandas one of 1,024, Python's json module one
-# at its recursion limit, and a refused line is a lost record for whoever loads the file.
-MAX_NESTING = 100
 _HEAD_START = b'{"schema_version":%d,"id":' % SCHEMA_VERSION
 
 
@@ -280,6 +277,8 @@ def parse_body(raw: bytes, decoder: json.JSONDecoder = reader.STRICT_JSON) -> Tu
         text = raw.decode("utf-8")
     except UnicodeDecodeError:
         return Binary(raw), None
+    if too_deep(raw):  # (see depth)
+        return text, None
     try:
         value = decoder.decode(text)  # (no NaN or Infinity: see reader)
     except (ValueError, RecursionError):  # nested past the recursion limit: valid, but text here
@@ -318,74 +317,6 @@ def accepted_json(raw: bytes) -> Optional[bytes]:
     if body.find(b"\n") >= 0 or body.find(b"\r") >= 0:
         body = body.replace(b"\r", b" ").replace(b"\n", b" ")
     return body
-
-
-# Everything in JSON text but brackets and quotes (see nests_within).
-_NOT_STRUCTURE = bytes(sorted(set(range(256)) - set(b'[]{}"')))
-# The skeleton of a text with escapes keeps, besides, the backslashes and every letter an escape
-# may have after one (as x), so that each escape stays a pair in it (see nests_within).
-_ESCAPE_LETTERS = bytes.maketrans(b"/bfnrtu", b"xxxxxxx")
-_NOT_ESCAPE_SKELETON = bytes(sorted(set(range(256)) - set(b'[]{}"\\/bfnrtu')))
-_INNERMOST = re.compile(rb"\[\]|\{\}")  # one scan a pass: one level a pass, never two
-
-
-def nests_within(data: bytes, limit: int = MAX_NESTING) -> bool:
-    """True when the JSON text ``data`` nests arrays and objects at most ``limit`` levels deep.
-
-    A level needs an opening bracket: a body with no more than ``limit`` of them is settled by
-    counting, for a long one with searches that stop at the limit. A body with more brackets
-    (an agent's request: tools with their schemas, a long history of tool calls) is measured
-    on its skeleton: its brackets and quotes, the escaped ones dropped, then the strings
-    (brackets in a prompt are text), then the innermost pairs, a level or two a pass.
-
-    Each step is a C scan, and only the first reads the whole text: a translate to the
-    skeleton, in which, when the text has escapes, each escape stays a pair (its backslash and
-    its letter, ``x`` for any but a quote or a backslash), so that dropping ``\\\\`` then
-    ``\\"`` from the skeleton, left to right as a parser reads, drops what it would from the
-    text; the other escapes then go with their ``x`` (two passes over the text cost as much as
-    the whole measure of its skeleton). Two quotes side by side in the skeleton are dropped by
-    a plain replace, which is exact: nothing structural stands between them, so whether they
-    are one empty string or the end of one string and the start of the next, dropping them
-    changes no bracket's place in or out of a string, nor which quotes pair up after. What is
-    left of the strings (the rare ones that hold brackets) goes with a split on the quote, every
-    other part kept (a regex's per-match work costs twice that). A pass of two replaces, for
-    ``[]`` and for ``{}``, takes off at least one level and at most two: emptied within
-    ``limit // 2`` passes, the text nests within ``limit``; otherwise the regex, one level a
-    pass, settles it.
-    """
-    if len(data) <= 2 * limit:
-        return True
-    if len(data) <= 4096:
-        if data.count(b"[") + data.count(b"{") <= limit:
-            return True
-    else:
-        opens = 0
-        for bracket in (b"[", b"{"):
-            i = data.find(bracket)
-            while i >= 0 and opens <= limit:
-                opens += 1
-                i = data.find(bracket, i + 1)
-        if opens <= limit:
-            return True
-    if data.find(b"\\") >= 0:
-        skeleton = data.translate(_ESCAPE_LETTERS, _NOT_ESCAPE_SKELETON)
-        if skeleton.find(b"\\\\") >= 0:
-            skeleton = skeleton.replace(b"\\\\", b"")
-        skeleton = skeleton.replace(b'\\"', b"").translate(None, b"\\x").replace(b'""', b"")
-    else:
-        skeleton = data.translate(None, _NOT_STRUCTURE).replace(b'""', b"")
-    if skeleton.find(b'"') >= 0:
-        skeleton = b"".join(skeleton.split(b'"')[::2])
-    rest = skeleton
-    for _ in range(limit // 2):
-        rest = rest.replace(b"[]", b"").replace(b"{}", b"")
-        if not rest:
-            return True
-    for _ in range(limit):
-        if not skeleton:
-            return True
-        skeleton = _INNERMOST.sub(b"", skeleton)
-    return not skeleton
 
 
 _CODINGS = ("gzip", "x-gzip", "deflate")
@@ -768,13 +699,13 @@ class Encoder:
                          b',"response_headers":', self.headers_json(resp_h)))
         # A body nested too deep to load (MAX_NESTING) goes in as its text; so does a rebuilt
         # stream body, as its JSON text.
-        if req_raw is not None and not nests_within(req_raw):
+        if req_raw is not None and not nests_within(req_raw, MAX_NESTING):
             req_raw, req_value = None, req_body.decode("utf-8")
-        if resp_raw is not None and not nests_within(resp_raw):
+        if resp_raw is not None and not nests_within(resp_raw, MAX_NESTING):
             resp_raw, resp_value = None, resp_body.decode("utf-8")
         req_json = req_raw if req_raw is not None else _dumps(req_value)
         resp_json = resp_raw if resp_raw is not None else _dumps(resp_value)
-        if resp_raw is None and type(resp_value) in (dict, list) and not nests_within(resp_json):
+        if resp_raw is None and type(resp_value) in (dict, list) and not nests_within(resp_json, MAX_NESTING):
             resp_json = _dumps(resp_json.decode("utf-8"))
         whole = b"".join((front, b',"request_body":', req_json, b',"response_body":', resp_json, b"}\n"))
         line = _finished(whole, every)

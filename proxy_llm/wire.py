@@ -961,6 +961,7 @@ _VALIDATOR = json.JSONDecoder(parse_int=len, parse_float=len)
 
 
 def _is_json(line: bytes) -> bool:
+    # (A record or streams line: what it holds from outside nests at most depth.PARSE_LIMIT deep.)
     try:
         _VALIDATOR.decode(line.decode("utf-8"))
     except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import json
 
+from ..depth import too_deep
 from .base import Dialect, Pieces, Result, append_text, error_from, finalize, is_int, loads, make_usage
 
 __all__ = ["AnthropicMessages", "AnthropicCountTokens", "anthropic_usage"]
@@ -133,6 +134,8 @@ class _Block(object):
                     self.block["input"] = {}
             else:
                 try:
+                    if too_deep(text):  # (see depth)
+                        raise RecursionError
                     self.block["input"] = json.loads(text)
                 except (ValueError, RecursionError):
                     self.block["input"] = text

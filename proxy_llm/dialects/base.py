@@ -12,6 +12,8 @@ from __future__ import annotations
 import json
 from operator import attrgetter
 
+from ..depth import too_deep
+
 __all__ = ["Result", "Dialect", "REASSEMBLY_ERROR", "loads", "typed_payloads", "is_int", "error_from",
            "make_usage", "get", "Pieces", "append_text", "finalize"]
 
@@ -129,6 +131,8 @@ def loads(text):
     anything else (whitespace around it, more after it, a BOM, not JSON) goes through
     ``json.loads``.
     """
+    if text and too_deep(text):  # (see depth)
+        return None
     if type(text) is str:
         try:
             value, end = _SCAN(text, 0)
