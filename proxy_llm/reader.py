@@ -43,6 +43,7 @@ import gzip
 import json
 import os
 import re
+import sys
 import zlib
 
 from .depth import too_deep
@@ -115,6 +116,11 @@ def _refuse_constant(name: str) -> None:
 # into a record (record.parse_body), and here a line holding one is a bad line, reported as
 # such. One decoder for all (json.loads with arguments builds a new one per call).
 STRICT_JSON = json.JSONDecoder(parse_constant=_refuse_constant)
+# A record line nests no deeper than the records' rule (depth.MAX_NESTING) and the line's own
+# few levels: only a line no recorder wrote can go deeper. Measuring every line first costs an
+# agent's record a third of its parse, so it is done only where such a line can abort the
+# interpreter, not merely fail its parse (see depth).
+_DEPTH_GUARD = sys.version_info < (3, 9)
 
 __all__ = [
     "DataDirError",
@@ -334,7 +340,7 @@ def _iter_file(path: str, stats: ReadStats):
                 stats.lines += 1
                 try:
                     # As json.loads(line), without NaN and Infinity (UnicodeDecodeError is a ValueError).
-                    if too_deep(line):  # (see depth)
+                    if _DEPTH_GUARD and too_deep(line):  # (Python 3.8: see depth)
                         raise RecursionError
                     obj = STRICT_JSON.decode(line.decode(json.detect_encoding(line), "surrogatepass"))
                 except (ValueError, RecursionError):
