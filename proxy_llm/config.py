@@ -17,6 +17,7 @@ import ipaddress
 import json
 import os
 import re
+import ssl
 import urllib.parse
 from dataclasses import dataclass, field
 from typing import Any, Dict, Mapping, Optional, Tuple
@@ -59,7 +60,7 @@ DEFAULTS: Dict[str, Any] = {
     "workers": 1,
 }
 
-PROVIDER_KEYS = ("name", "type", "base_url", "api_key", "models")
+PROVIDER_KEYS = ("name", "type", "base_url", "api_key", "models", "ca_file")
 
 _VAR_RE = re.compile(
     r"\$(?:\$|\{(?P<braced>[A-Za-z_][A-Za-z0-9_]*)(?P<default>:-[^}$]*)?\}|(?P<bare>[A-Za-z_][A-Za-z0-9_]*)"
@@ -78,6 +79,9 @@ class Provider:
     base_url: str
     api_key: str = ""
     models: Tuple[str, ...] = ()
+    # A PEM bundle that replaces the system's for this provider's TLS ("": the system's, which
+    # OpenSSL takes from $SSL_CERT_FILE / $SSL_CERT_DIR when set): an absolute path.
+    ca_file: str = ""
 
     def matches(self, model: Optional[str]) -> Optional[str]:
         """Return the first glob of ``models`` matching ``model``, or None."""
@@ -317,6 +321,33 @@ def _check_azure_url(url: str, where: Mapping[str, str], key: str) -> None:
                                 "clients' paths begin with /openai/")
 
 
+def _validate_ca_file(p: Dict[str, Any], base_url: str, where: Mapping[str, str], key: str, source: str) -> str:
+    """A provider's ``ca_file``, checked at start: an https provider's, a file that holds PEM
+    certificates (a missing one, an unreadable one, or one without a certificate would make
+    every request a 502, found one request at a time). A relative path is relative to the
+    config file's directory (as data_dir is). Returns the absolute path, or "" for none."""
+    ca_file = p.get("ca_file", "")
+    if ca_file is None or ca_file == "":
+        return ""
+    if not isinstance(ca_file, str):
+        raise _fail(where, key, "must be a string (a path to a PEM file)")
+    if not base_url.startswith("https://"):
+        raise _fail(where, key, "only an https base_url uses a ca_file")
+    path = os.path.expanduser(ca_file)
+    if not os.path.isabs(path) and source != "<defaults>":
+        path = os.path.join(os.path.dirname(os.path.abspath(source)), path)
+    path = os.path.normpath(path)
+    try:
+        with open(path, "rb"):  # (the error a missing or unreadable file gives, in its words)
+            pass
+        ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_verify_locations(cafile=path)
+    except ssl.SSLError:
+        raise _fail(where, key, "%s holds no PEM certificate" % path) from None
+    except (OSError, ValueError) as exc:
+        raise _fail(where, key, "cannot read %s: %s" % (path, getattr(exc, "strerror", None) or exc)) from None
+    return path
+
+
 def validate(merged: Dict[str, Any], where: Mapping[str, str], source: str) -> Config:
     """Check types and values of a merged configuration and freeze it."""
     for key in ("listen", "data_dir", "session_header", "log_level", "fsync", "on_record_error"):
@@ -393,7 +424,9 @@ def validate(merged: Dict[str, Any], where: Mapping[str, str], source: str) -> C
         models = p.get("models", [])
         if not isinstance(models, list) or not all(isinstance(m, str) and m for m in models):
             raise _fail(where, key + ".models", "must be a list of glob strings")
-        built.append(Provider(name=name, type=ptype, base_url=base_url, api_key=api_key.strip(), models=tuple(models)))
+        ca_file = _validate_ca_file(p, base_url, where, key + ".ca_file", source)
+        built.append(Provider(name=name, type=ptype, base_url=base_url, api_key=api_key.strip(), models=tuple(models),
+                              ca_file=ca_file))
 
     values = {k: merged[k] for k in DEFAULTS if k not in ("providers", "proxy_keys")}
     return Config(providers=tuple(built), proxy_keys=keys, source=source,

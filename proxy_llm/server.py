@@ -75,7 +75,7 @@ class ProxyServer(ThreadingHTTPServer):
         self.worker = worker
         self.started = time.time()
         self.pools: Dict[str, UpstreamPool] = {
-            p.name: UpstreamPool(p.base_url, config.connect_timeout) for p in config.providers
+            p.name: UpstreamPool(p.base_url, config.connect_timeout, ca_file=p.ca_file) for p in config.providers
         }
         # A plain lock (cheaper to take than a Condition's) protects inflight, connections,
         # reserved and _idle_waiters; _idle, on the same lock, is notified only when someone waits for it.

@@ -408,7 +408,10 @@ class UpstreamPool:
     """Idle keep-alive connections to one provider (LIFO, at most ``max_idle``)."""
 
     def __init__(self, base_url: str, connect_timeout: float = 10.0, max_idle: int = 64,
-                 ssl_context: Optional[ssl.SSLContext] = None):
+                 ssl_context: Optional[ssl.SSLContext] = None, ca_file: str = ""):
+        """``ca_file``: a PEM bundle trusted instead of the system's (``create_default_context``
+        loads the system's only when given none): a corporate CA that inspects TLS, or a
+        private one. Certificates and host names are checked as ever."""
         parts = urllib.parse.urlsplit(base_url)
         self.scheme = parts.scheme
         self.host = parts.hostname or ""
@@ -420,7 +423,7 @@ class UpstreamPool:
         self.connect_timeout = connect_timeout
         self.max_idle = max_idle
         if self.scheme == "https" and ssl_context is None:
-            ssl_context = ssl.create_default_context()
+            ssl_context = ssl.create_default_context(cafile=ca_file or None)
         self.ssl_context = ssl_context
         self._idle: Deque[Tuple[http.client.HTTPConnection, float]] = deque()  # (conn, idle since)
         self._lock = threading.Lock()  # protects _idle and _closed

@@ -215,6 +215,40 @@ class LoadTest(unittest.TestCase):
                 config.load(path, env={})
             self.assertIn("providers[0].type: must be one of openai, anthropic, gemini, azure", str(cm.exception))
 
+    def test_ca_file_is_checked_at_start(self):
+        """A provider's ca_file is a PEM bundle checked when the config loads: a missing,
+        unreadable or certificate-less file stops start-up naming the key and the path, not
+        the first request's 502. A relative path is the config file's directory's."""
+        tmp = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, tmp)
+        pem = os.path.join(ROOT, "tests", "tls_upstream.pem")
+        shutil.copy(pem, os.path.join(tmp, "corp-ca.pem"))
+        with open(os.path.join(tmp, "empty.pem"), "w") as f:
+            f.write("not a certificate\n")
+        cfg_path = os.path.join(tmp, "config.json")
+
+        def load(ca_file, base_url="https://api.openai.com"):
+            with open(cfg_path, "w") as f:
+                json.dump({"providers": [dict(OPENAI, base_url=base_url, ca_file=ca_file)]}, f)
+            return config.load(cfg_path, env={"OPENAI_API_KEY": "k"})
+
+        self.assertEqual(load("corp-ca.pem").providers[0].ca_file, os.path.join(tmp, "corp-ca.pem"))
+        self.assertEqual(load(pem).providers[0].ca_file, pem)
+        self.assertEqual(load("").providers[0].ca_file, "")
+        cases = [
+            ("missing.pem", "https://api.openai.com",
+             "providers[0].ca_file: cannot read %s: No such file or directory" % os.path.join(tmp, "missing.pem")),
+            (tmp, "https://api.openai.com", "providers[0].ca_file: cannot read %s: Is a directory" % tmp),
+            ("empty.pem", "https://api.openai.com",
+             "providers[0].ca_file: %s holds no PEM certificate" % os.path.join(tmp, "empty.pem")),
+            (["corp-ca.pem"], "https://api.openai.com", "providers[0].ca_file: must be a string (a path to a PEM file)"),
+            ("corp-ca.pem", "http://127.0.0.1:9", "providers[0].ca_file: only an https base_url uses a ca_file"),
+        ]
+        for ca_file, base_url, expected in cases:
+            with self.subTest(ca_file=ca_file), self.assertRaises(ConfigError) as cm:
+                load(ca_file, base_url)
+            self.assertEqual(str(cm.exception), "%s: %s" % (cfg_path, expected))
+
     def test_provider_globs(self):
         p = config.Provider("o", "openai", "http://x", models=("gpt-*", "o[0-9]*"))
         self.assertEqual(p.matches("gpt-4o"), "gpt-*")

@@ -65,6 +65,20 @@ class TlsUpstreamTest(support.ProxyTestCase):
         self.assertEqual((rec["ended"], rec["error"]["type"]), ("timeout", "timeout"))
         self.assertEqual(content_of(rec), "Hel")
 
+    def test_a_providers_ca_file_is_trusted(self):
+        """A provider's ca_file (a corporate CA that inspects TLS, a private one) is the bundle
+        its connections trust: the fake upstream's certificate, which the system's bundle
+        refuses (test_an_untrusted_certificate_is_refused), is taken, with no context set by
+        hand. Another provider, without one, still trusts the system's bundle only."""
+        proxy = self.start_tls_proxy(trusted=False, providers=[
+            support.provider("openai", "openai", self.upstream.url, "", ["gpt-*"]),
+            dict(support.provider("anthropic", "anthropic", self.upstream.url, "", ["claude-*"]), ca_file=FIXTURE)])
+        status, _, body = support.request(proxy.url, path="/v1/messages", body=b'{"model":"claude-x"}')
+        self.assertEqual((status, body), (200, CHAT_REPLY))
+        status, _, body = support.request(proxy.url, body=PLAIN_BODY)
+        self.assertEqual(status, 502, body)
+        self.assertIn(b"certificate verify failed", body)
+
     def test_an_untrusted_certificate_is_refused(self):
         proxy = self.start_tls_proxy(trusted=False)
         conn = http.client.HTTPConnection("127.0.0.1", proxy.port, timeout=DEADLINE)
