@@ -217,7 +217,7 @@ def build_server(config: Config, worker: int = 0, reuse_port: bool = False, key:
     from . import headers
     from .handler import ProxyHandler, ReserveHandler
     from .record import Encoder, captured_bytes
-    from .server import ProxyServer
+    from .server import ProxyServer, held_secrets
     from .storage import ASSIST_SHARE, Recorder
 
     headers.install()  # the same header blocks, parsed faster (see proxy_llm/headers.py)
@@ -234,7 +234,7 @@ def build_server(config: Config, worker: int = 0, reuse_port: bool = False, key:
                                            ex.model_label, tokens_used)
 
         encoder = Encoder(key, config.session_header, config.max_sse_event,
-                          provider_keys=[p.api_key for p in config.providers if p.api_key], on_result=on_result)
+                          provider_keys=held_secrets(config), on_result=on_result)
         recorder = Recorder(config.data_dir, encoder.encode, queue_size=config.queue_size,
                             queue_max_bytes=config.queue_max_bytes, size_of=captured_bytes, fsync=config.fsync,
                             fsync_interval=config.fsync_interval, max_file_size=config.max_file_size,
@@ -357,6 +357,11 @@ def serve(config: Config, worker: int = 0, reuse_port: bool = False, parent_pipe
     shown = "[%s]" % host if ":" in host else host
     log.info("proxy_llm %s listening on http://%s:%d (worker %d, recording %s, data dir %s)", __version__, shown, port,
              worker, "on" if server.recorder is not None else "off", config.data_dir)
+    if worker == 0:  # (once: the workers' pools are alike)
+        for name, pool in server.pools.items():
+            if pool.proxy is not None:  # (its name: host and port, never the credentials)
+                log.info("provider %s: through the egress proxy %s (%s)", name, pool.proxy.name,
+                         "a CONNECT tunnel" if pool.scheme == "https" else "absolute-form requests")
     thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.5}, name="proxy_llm-accept")
     thread.start()
     if on_ready is not None:

@@ -3,8 +3,9 @@
 The file is JSON. After it is parsed, every string value is expanded: ``$VAR`` and ``${VAR}``
 take the environment variable (unset is an error that names the key, so typos surface at start),
 ``${VAR:-default}`` gives a default, ``$$`` is a literal ``$``. Then ``PROXY_LLM_LISTEN``,
-``PROXY_LLM_DATA_DIR`` and ``PROXY_LLM_LOG_LEVEL`` override the file, and command-line flags
-override both. Every problem raises :class:`ConfigError` with a one-line message naming the file
+``PROXY_LLM_DATA_DIR``, ``PROXY_LLM_LOG_LEVEL`` and ``PROXY_LLM_UPSTREAM_PROXY`` override the
+file, and command-line flags override both (no flag takes a proxy URL: a command line is
+visible to every user of the host, and the URL may hold a password). Every problem raises :class:`ConfigError` with a one-line message naming the file
 and the key (or the line, for invalid JSON), the environment variable and the key, or the flag.
 
 This module imports nothing from the package.
@@ -35,6 +36,8 @@ DEFAULTS: Dict[str, Any] = {
     "data_dir": "./data",
     "session_header": "X-Session-Id",
     "providers": [],
+    "upstream_proxy": "",
+    "no_proxy": [],
     "log_level": "INFO",
     "record": True,
     "fsync": "interval",
@@ -60,7 +63,7 @@ DEFAULTS: Dict[str, Any] = {
     "workers": 1,
 }
 
-PROVIDER_KEYS = ("name", "type", "base_url", "api_key", "models", "ca_file")
+PROVIDER_KEYS = ("name", "type", "base_url", "api_key", "models", "ca_file", "proxy")
 
 _VAR_RE = re.compile(
     r"\$(?:\$|\{(?P<braced>[A-Za-z_][A-Za-z0-9_]*)(?P<default>:-[^}$]*)?\}|(?P<bare>[A-Za-z_][A-Za-z0-9_]*)"
@@ -82,6 +85,10 @@ class Provider:
     # A PEM bundle that replaces the system's for this provider's TLS ("": the system's, which
     # OpenSSL takes from $SSL_CERT_FILE / $SSL_CERT_DIR when set): an absolute path.
     ca_file: str = ""
+    # The egress proxy this provider is reached through, resolved (its own ``proxy``, else
+    # ``upstream_proxy`` unless bypassed: see resolve_proxy): "" for a direct connection. It
+    # may hold the proxy's password, so it is left out of the repr.
+    proxy: str = field(default="", repr=False)
 
     def matches(self, model: Optional[str]) -> Optional[str]:
         """Return the first glob of ``models`` matching ``model``, or None."""
@@ -99,6 +106,8 @@ class Config:
     data_dir: str = DEFAULTS["data_dir"]
     session_header: str = DEFAULTS["session_header"]
     providers: Tuple[Provider, ...] = ()
+    upstream_proxy: str = field(default="", repr=False)  # (may hold a password)
+    no_proxy: Tuple[str, ...] = ()
     log_level: str = DEFAULTS["log_level"]
     record: bool = True
     fsync: str = "interval"
@@ -246,7 +255,8 @@ def load(
         base = os.path.dirname(os.path.abspath(path))
         merged["data_dir"] = os.path.normpath(os.path.join(base, os.path.expanduser(raw["data_dir"])))
     where = dict.fromkeys(merged, source)
-    for key, var in (("listen", "PROXY_LLM_LISTEN"), ("data_dir", "PROXY_LLM_DATA_DIR"), ("log_level", "PROXY_LLM_LOG_LEVEL")):
+    for key, var in (("listen", "PROXY_LLM_LISTEN"), ("data_dir", "PROXY_LLM_DATA_DIR"), ("log_level", "PROXY_LLM_LOG_LEVEL"),
+                     ("upstream_proxy", "PROXY_LLM_UPSTREAM_PROXY")):
         if env.get(var):
             merged[key] = env[var]
             where[key] = "$" + var
@@ -348,6 +358,107 @@ def _validate_ca_file(p: Dict[str, Any], base_url: str, where: Mapping[str, str]
     return path
 
 
+# Proxy schemes people write that proxy_llm does not speak: named in the error (any other scheme
+# is not, since what urlsplit takes for one may be the user name of a URL without a scheme).
+_OTHER_PROXIES = ("https", "socks", "socks4", "socks4a", "socks5", "socks5h")
+
+
+def _validate_proxy(value: Any, where: Mapping[str, str], key: str) -> str:
+    """An egress proxy URL, ``http://[user:password@]host[:port]`` (port 80 if none), or "" for
+    none. Errors never repeat the value: it may hold a password (and come from a $VAR)."""
+    if not isinstance(value, str):
+        raise _fail(where, key, "must be a string (http://[user:password@]host:port, or \"\" for none)")
+    if value == "":
+        return ""
+    expected = "not a proxy URL (expected http://[user:password@]host:port)"
+    if not _URL_CHARS.match(value):
+        raise _fail(where, key, "not a proxy URL (visible ASCII only: percent-encode the rest)")
+    try:
+        parts = urllib.parse.urlsplit(value)
+        port = parts.port
+    except ValueError:
+        raise _fail(where, key, "not a proxy URL (bad host or port)") from None
+    if parts.scheme in _OTHER_PROXIES:
+        raise _fail(where, key, "%s:// proxies are not supported: give an http:// proxy (https providers are "
+                                "tunnelled through it with CONNECT, so TLS still runs end to end)" % parts.scheme)
+    if parts.scheme != "http" or not parts.hostname or parts.path not in ("", "/") or parts.query or parts.fragment:
+        raise _fail(where, key, expected)
+    if port == 0:
+        raise _fail(where, key, "not a proxy URL (bad port)")
+    return value
+
+
+def _no_proxy_entries(value: Any, where: Mapping[str, str]) -> Tuple[str, ...]:
+    """``no_proxy``: a list of strings, or one comma-separated string (what ``$NO_PROXY``
+    holds, for ``"${NO_PROXY:-}"``). Each entry is ``*`` (every host), a host name (also
+    matching its subdomains; a leading ``.`` or ``*.`` is the same), an IP address or a
+    network (``10.0.0.0/8``); lower-cased, blanks dropped."""
+    if isinstance(value, str):
+        value = value.split(",")
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise _fail(where, "no_proxy", "must be a list of strings, or a comma-separated string")
+    entries = []
+    for entry in value:
+        entry = entry.strip().lower()
+        if entry.startswith("*."):
+            entry = entry[1:]
+        entry = entry.lstrip(".") if entry != "." else ""
+        if entry.startswith("[") and entry.endswith("]"):
+            entry = entry[1:-1]
+        if not entry:
+            continue
+        if "/" in entry:
+            try:
+                ipaddress.ip_network(entry, strict=False)
+            except ValueError:
+                raise _fail(where, "no_proxy", "an entry with a / is not a network (10.0.0.0/8)") from None
+        elif ":" in entry and not _is_ip(entry):
+            raise _fail(where, "no_proxy", "entries name hosts, not ports (host.example.com, not host:port)")
+        entries.append(entry)
+    return tuple(entries)
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
+def bypasses_proxy(host: str, no_proxy: Tuple[str, ...]) -> bool:
+    """True if a provider at ``host`` is reached directly, not through ``upstream_proxy``: a
+    loopback host (127.0.0.0/8, ::1, localhost and its subdomains: RFC 6761 6.3), which no
+    egress proxy can reach as this machine, or one ``no_proxy`` names (see _no_proxy_entries)."""
+    host = host.lower()
+    if is_loopback(host) or host.endswith(".localhost"):
+        return True
+    address = None
+    if _is_ip(host):
+        address = ipaddress.ip_address(host)
+    for entry in no_proxy:
+        if entry == "*" or host == entry or host.endswith("." + entry):
+            return True
+        if "/" in entry and address is not None and address in ipaddress.ip_network(entry, strict=False):
+            return True
+        if address is not None and _is_ip(entry) and address == ipaddress.ip_address(entry):
+            return True  # (an address written another way: ::1 and 0:0::1)
+    return False
+
+
+def resolve_proxy(p: Dict[str, Any], base_url: str, upstream_proxy: str, no_proxy: Tuple[str, ...],
+                  where: Mapping[str, str], key: str) -> str:
+    """The egress proxy of one provider: its own ``proxy`` when it has one ("" for a direct
+    connection), which applies whatever its host (the user named it for this provider); else
+    ``upstream_proxy``, unless :func:`bypasses_proxy`."""
+    own = p.get("proxy")
+    if own is not None:
+        return _validate_proxy(own, where, key)
+    if not upstream_proxy or bypasses_proxy(urllib.parse.urlsplit(base_url).hostname or "", no_proxy):
+        return ""
+    return upstream_proxy
+
+
 def validate(merged: Dict[str, Any], where: Mapping[str, str], source: str) -> Config:
     """Check types and values of a merged configuration and freeze it."""
     for key in ("listen", "data_dir", "session_header", "log_level", "fsync", "on_record_error"):
@@ -389,6 +500,9 @@ def validate(merged: Dict[str, Any], where: Mapping[str, str], source: str) -> C
     if not is_loopback(host) and not keys:
         raise _fail(where, "listen", "%s is not a loopback address: set proxy_keys so clients must authenticate" % host)
 
+    upstream_proxy = _validate_proxy(merged["upstream_proxy"], where, "upstream_proxy")
+    no_proxy = _no_proxy_entries(merged["no_proxy"], where)
+
     providers = merged["providers"]
     if not isinstance(providers, list) or not providers:
         raise _fail(where, "providers", "at least one provider is required")
@@ -425,11 +539,12 @@ def validate(merged: Dict[str, Any], where: Mapping[str, str], source: str) -> C
         if not isinstance(models, list) or not all(isinstance(m, str) and m for m in models):
             raise _fail(where, key + ".models", "must be a list of glob strings")
         ca_file = _validate_ca_file(p, base_url, where, key + ".ca_file", source)
+        proxy = resolve_proxy(p, base_url, upstream_proxy, no_proxy, where, key + ".proxy")
         built.append(Provider(name=name, type=ptype, base_url=base_url, api_key=api_key.strip(), models=tuple(models),
-                              ca_file=ca_file))
+                              ca_file=ca_file, proxy=proxy))
 
-    values = {k: merged[k] for k in DEFAULTS if k not in ("providers", "proxy_keys")}
-    return Config(providers=tuple(built), proxy_keys=keys, source=source,
+    values = {k: merged[k] for k in DEFAULTS if k not in ("providers", "proxy_keys", "upstream_proxy", "no_proxy")}
+    return Config(providers=tuple(built), proxy_keys=keys, upstream_proxy=upstream_proxy, no_proxy=no_proxy, source=source,
                   data_dir_origin=where.get("data_dir", source), **values)
 
 

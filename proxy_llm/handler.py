@@ -32,7 +32,7 @@ from .metrics import status_class
 from .record import Exchange, is_event_stream
 from .sniff import sniff
 from .headers import message, strict_fields, take_fields
-from .upstream import TRANSFER_CODINGS, Response, TransferCodingError, connect, decoded
+from .upstream import TRANSFER_CODINGS, EgressProxyError, Response, TransferCodingError, connect, decoded
 
 log = logging.getLogger("proxy_llm.handler")
 
@@ -641,7 +641,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
             # Gemini's key never goes to another API, nor next to a provider's own key (which
             # replaces the client's credentials, as it does their headers).
             query = wire.without_key_param(query)
-        target = pool.base_path + ex.path + ("?" + query if query or self.empty_query else "")
+        target = pool.target_base + ex.path + ("?" + query if query or self.empty_query else "")
         out_headers = self.upstream_headers(ex, headers, body)
         for attempt in (0, 1):
             # The retry is on a new connection: another idle one may be as stale as the first.
@@ -689,7 +689,8 @@ class ProxyHandler(BaseHTTPRequestHandler):
                 if ex.upstream_late or isinstance(exc, socket.timeout):
                     # Cut by the watchdog (response_header_timeout), or connect_timeout passed.
                     server_metrics_error(self.server, ex, "timeout")
-                    raise errors.UpstreamTimeout("upstream %s did not answer in time" % ex.provider.name) from None
+                    raise errors.UpstreamTimeout("upstream %s did not answer in time%s" % (
+                        ex.provider.name, pool.via)) from None
                 if isinstance(exc, (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError)):
                     if reused and attempt == 0 and not ex.cut and (not sent or replayable(self.command, headers)):
                         # A stale keep-alive connection: retry once on a fresh one. Not a POST
@@ -697,17 +698,19 @@ class ProxyHandler(BaseHTTPRequestHandler):
                         # the call, and the client's own retry policy decides.
                         continue
                     server_metrics_error(self.server, ex, "connection")
-                    raise errors.UpstreamUnavailable("upstream %s closed the connection: %s" % (
-                        ex.provider.name, type(exc).__name__)) from None
+                    raise errors.UpstreamUnavailable("upstream %s closed the connection%s: %s" % (
+                        ex.provider.name, pool.via, type(exc).__name__)) from None
                 if isinstance(exc, http.client.HTTPException) and sent:
                     # It answered, but not in a head http.client reads (more than 100 header
                     # lines, a line past 64 KiB, a status line that is not HTTP).
                     server_metrics_error(self.server, ex, "protocol")
-                    raise errors.UpstreamProtocolError("upstream %s sent a response head the proxy cannot read (%s)" % (
-                        ex.provider.name, type(exc).__name__)) from None
+                    raise errors.UpstreamProtocolError("upstream %s sent a response head the proxy cannot read%s (%s)" % (
+                        ex.provider.name, pool.via, type(exc).__name__)) from None
                 server_metrics_error(self.server, ex, "connection")
-                raise errors.UpstreamUnavailable("upstream %s unreachable: %s" % (
-                    ex.provider.name, exc.strerror if isinstance(exc, OSError) and exc.strerror else type(exc).__name__)) from None
+                # (An EgressProxyError names the proxy itself: the tunnel it refused, its 407.)
+                raise errors.UpstreamUnavailable("upstream %s unreachable%s: %s" % (
+                    ex.provider.name, "" if isinstance(exc, EgressProxyError) else pool.via,
+                    exc.strerror if isinstance(exc, OSError) and exc.strerror else type(exc).__name__)) from None
             # The head is in. From here on the relay sets a limit around each read of the body
             # (stream_idle_timeout), and none while it writes to the client.
             ex.upstream_deadline = 0.0

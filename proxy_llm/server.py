@@ -32,7 +32,7 @@ from .errors import CONNECTION_LIMIT_ANSWER
 from .metrics import ProxyMetrics
 from .record import Memo
 from .storage import Recorder
-from .upstream import UpstreamPool, abort
+from .upstream import EgressProxy, UpstreamPool, abort
 
 log = logging.getLogger("proxy_llm.server")
 
@@ -75,7 +75,8 @@ class ProxyServer(ThreadingHTTPServer):
         self.worker = worker
         self.started = time.time()
         self.pools: Dict[str, UpstreamPool] = {
-            p.name: UpstreamPool(p.base_url, config.connect_timeout, ca_file=p.ca_file) for p in config.providers
+            p.name: UpstreamPool(p.base_url, config.connect_timeout, ca_file=p.ca_file, proxy=p.proxy)
+            for p in config.providers
         }
         # A plain lock (cheaper to take than a Condition's) protects inflight, connections,
         # reserved and _idle_waiters; _idle, on the same lock, is notified only when someone waits for it.
@@ -107,7 +108,8 @@ class ProxyServer(ThreadingHTTPServer):
         self.conn_lock = threading.Lock()
         self.clients: Set[object] = set()  # the ClientClock of each connection (under conn_lock)
         self.model_routes = Memo()  # model -> (provider, glob) or no match: the glob walk once per model
-        self.provider_keys: List[str] = [p.api_key for p in config.providers if p.api_key]  # kept out of log lines
+        # Kept out of log lines: provider keys, and the egress proxies' passwords (see held_secrets()).
+        self.provider_keys: List[str] = held_secrets(config)
         self._watchdog = threading.Thread(target=self._watch, name="proxy_llm-watchdog", daemon=True)
         self._watchdog.start()
 
@@ -363,6 +365,17 @@ def tune_gc() -> None:
     gc.freeze()
     young, middle, _ = gc.get_threshold()
     gc.set_threshold(young, middle, FULL_GC_EVERY)
+
+
+def held_secrets(config: Config) -> List[str]:
+    """What the proxy itself holds that no file or log line may show: every provider key, and
+    of each egress proxy with credentials its password and Basic token (``EgressProxy``:
+    sent only to the proxy, so only a proxy or an upstream that echoes them puts them in an
+    answer). Scrubbed from records (the encoder's ``provider_keys``) and from log lines."""
+    out = [p.api_key for p in config.providers if p.api_key]
+    for url in dict.fromkeys(p.proxy for p in config.providers if p.proxy):
+        out.extend(s for s in EgressProxy(url).secrets if s not in out)
+    return out
 
 
 def _client_gone(sock: socket.socket) -> bool:

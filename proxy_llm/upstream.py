@@ -15,10 +15,17 @@ after a response started.
 One ``ssl.SSLContext`` is built per provider at start (building one costs ~16 ms) and shared by
 its connections. The pool never follows redirects and only ever connects to the configured
 ``base_url``: no part of the client's request chooses the host.
+
+A provider may be reached through an HTTP egress proxy (:class:`EgressProxy`): an https one
+through a CONNECT tunnel per connection (:class:`TunnelConnection`; TLS runs end to end inside
+it, and the tunnel is pooled and reused like any connection), an http one with each request in
+absolute form (:class:`ForwardConnection`). A direct connection is the same object as without
+a proxy: the proxy's work is done by other classes, on connections that have one.
 """
 
 from __future__ import annotations
 
+import base64
 import http.client
 import re
 import select
@@ -404,14 +411,127 @@ class SecureConnection(_OneSend, http.client.HTTPSConnection):
     response_class = Response
 
 
+class EgressProxyError(OSError):
+    """The egress proxy would not carry the request: it refused the CONNECT (407, 403, 502
+    ...), answered it with something that is not an HTTP head, or asked an absolute-form
+    request for credentials (407). An ``OSError`` whose ``strerror`` is the message, as the
+    handler words an upstream that cannot be reached (a 502, ``upstream_unavailable``)."""
+
+    def __init__(self, message: str):
+        super().__init__(None, message)
+
+
+class EgressProxy:
+    """An HTTP proxy a provider is reached through (``upstream_proxy``, a provider's ``proxy``;
+    validated by config: ``http://[user:password@]host[:port]``).
+
+    ``name`` (host:port) is what messages say; the user info becomes ``authorization``, sent
+    as ``Proxy-Authorization: Basic`` (RFC 7617; UTF-8) on each CONNECT or absolute-form
+    request, and ``secrets`` (the password, as written and percent-decoded, and the Basic
+    token) are scrubbed from records and log lines with the provider keys."""
+
+    __slots__ = ("host", "port", "name", "authorization", "secrets")
+
+    def __init__(self, url: str):
+        parts = urllib.parse.urlsplit(url)
+        self.host = parts.hostname or ""
+        self.port = parts.port or 80
+        self.name = "%s:%d" % ("[%s]" % self.host if ":" in self.host else self.host, self.port)
+        self.authorization = ""
+        self.secrets: List[str] = []
+        if parts.username is not None or parts.password is not None:
+            password = urllib.parse.unquote(parts.password or "")
+            token = base64.b64encode(("%s:%s" % (urllib.parse.unquote(parts.username or ""), password))
+                                     .encode("utf-8")).decode("ascii")
+            self.authorization = "Basic " + token
+            self.secrets = [s for s in (password, parts.password, token) if s]
+
+
+def open_tunnel(sock: socket.socket, host: str, port: int, proxy: EgressProxy) -> None:
+    """Ask the proxy on ``sock`` for a tunnel to ``host``:``port`` (RFC 9110 9.3.6): any 2xx
+    opens it; any other answer raises :class:`EgressProxyError` naming the proxy and its
+    status, a head that cannot be read too (a proxy that closes without answering, one that
+    is not HTTP). The socket's timeout (``connect_timeout``) bounds the wait.
+
+    Not ``http.client``'s ``set_tunnel``: its refusal is an ``OSError`` without a status to
+    tell apart from any other, and before 3.12 it sends HTTP/1.0 without ``Host`` and an IPv6
+    address without brackets, header by header. One write here; the head is read by
+    :class:`Response`, with its limits."""
+    authority = "%s:%d" % ("[%s]" % host if ":" in host else host, port)
+    head = "CONNECT %s HTTP/1.1\r\nHost: %s\r\n" % (authority, authority)
+    if proxy.authorization:
+        head += "Proxy-Authorization: %s\r\n" % proxy.authorization
+    sock.sendall((head + "\r\n").encode("latin-1"))
+    resp = Response(sock, method="CONNECT")
+    try:
+        resp.begin()
+    except http.client.HTTPException as exc:
+        raise EgressProxyError("the egress proxy %s did not answer CONNECT with an HTTP head (%s)" % (
+            proxy.name, type(exc).__name__)) from None
+    finally:
+        resp.close()  # (its reader only: the socket stays open, for the tunnel)
+    if not 200 <= resp.status < 300:
+        raise EgressProxyError("the egress proxy %s refused the tunnel: %d %s" % (
+            proxy.name, resp.status, resp.phrase.strip()[:100]))
+
+
+class TunnelConnection(_OneSend, http.client.HTTPConnection):
+    """HTTPS to ``host``:``port`` through ``proxy``'s CONNECT tunnel: connected to the proxy
+    (within ``timeout``, as a direct connection), the tunnel opened (:func:`open_tunnel`,
+    within the same timeout), then TLS inside it, checked against ``host`` (not the proxy)."""
+
+    response_class = Response
+    default_port = 443
+
+    def __init__(self, host: str, port: int, proxy: EgressProxy, timeout: float, context: ssl.SSLContext):
+        super().__init__(host, port, timeout=timeout)
+        self.proxy = proxy
+        self.tls_context = context
+
+    def connect(self) -> None:
+        sock = socket.create_connection((self.proxy.host, self.proxy.port), self.timeout)
+        try:
+            open_tunnel(sock, self.host, self.port, self.proxy)
+            self.sock = self.tls_context.wrap_socket(sock, server_hostname=self.host)
+        except BaseException:
+            sock.close()
+            raise
+
+
+class ForwardConnection(_OneSend, http.client.HTTPConnection):
+    """HTTP through ``proxy``: connected to the proxy, each request in absolute form (the
+    pool's ``target_base``; RFC 9112 3.2.2) with the proxy's ``Proxy-Authorization``. A 407
+    is the proxy's (no provider asks for proxy credentials) and raises
+    :class:`EgressProxyError`; any other answer is relayed as the provider's (a proxy's 403
+    or 502 cannot be told apart from one the provider sent)."""
+
+    response_class = Response
+
+    def __init__(self, proxy: EgressProxy, timeout: float):
+        super().__init__(proxy.host, proxy.port, timeout=timeout)
+        self.proxy = proxy
+        self.proxy_headers = [("Proxy-Authorization", proxy.authorization)] if proxy.authorization else []
+
+    def put_headers(self, headers) -> None:
+        super().put_headers(headers + self.proxy_headers if self.proxy_headers else headers)
+
+    def getresponse(self):
+        resp = super().getresponse()
+        if resp.status == 407:
+            raise EgressProxyError("the egress proxy %s refused the request: 407 %s" % (
+                self.proxy.name, resp.phrase.strip()[:100]))
+        return resp
+
+
 class UpstreamPool:
     """Idle keep-alive connections to one provider (LIFO, at most ``max_idle``)."""
 
     def __init__(self, base_url: str, connect_timeout: float = 10.0, max_idle: int = 64,
-                 ssl_context: Optional[ssl.SSLContext] = None, ca_file: str = ""):
+                 ssl_context: Optional[ssl.SSLContext] = None, ca_file: str = "", proxy: str = ""):
         """``ca_file``: a PEM bundle trusted instead of the system's (``create_default_context``
         loads the system's only when given none): a corporate CA that inspects TLS, or a
-        private one. Certificates and host names are checked as ever."""
+        private one. Certificates and host names are checked as ever. ``proxy``: the egress
+        proxy's URL (see :class:`EgressProxy`), "" for a direct connection."""
         parts = urllib.parse.urlsplit(base_url)
         self.scheme = parts.scheme
         self.host = parts.hostname or ""
@@ -425,12 +545,24 @@ class UpstreamPool:
         if self.scheme == "https" and ssl_context is None:
             ssl_context = ssl.create_default_context(cafile=ca_file or None)
         self.ssl_context = ssl_context
+        # The egress proxy, or None; ``via``, what an error message adds about it.
+        self.proxy = EgressProxy(proxy) if proxy else None
+        self.via = " via the egress proxy %s" % self.proxy.name if self.proxy is not None else ""
+        # The request target's start: the base path, or through a proxy to an http provider
+        # the absolute URL (RFC 9112 3.2.2).
+        self.target_base = self.base_path
+        if self.proxy is not None and self.scheme == "http":
+            self.target_base = "http://%s%s" % (self.host_header, self.base_path)
         self._idle: Deque[Tuple[http.client.HTTPConnection, float]] = deque()  # (conn, idle since)
         self._lock = threading.Lock()  # protects _idle and _closed
 
         self._closed = False
 
     def _new(self) -> http.client.HTTPConnection:
+        if self.proxy is not None:
+            if self.scheme == "https":
+                return TunnelConnection(self.host, self.port, self.proxy, self.connect_timeout, self.ssl_context)
+            return ForwardConnection(self.proxy, self.connect_timeout)
         if self.scheme == "https":
             return SecureConnection(self.host, self.port, timeout=self.connect_timeout,
                                                context=self.ssl_context)

@@ -18,6 +18,7 @@ import re
 import shutil
 import signal
 import socket
+import socketserver
 import ssl
 import subprocess
 import sys
@@ -25,6 +26,7 @@ import tempfile
 import threading
 import time
 import unittest
+import urllib.parse
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -266,6 +268,150 @@ class FakeUpstream:
 
     def next_request(self, timeout: float = DEADLINE) -> Request:
         return self.requests.get(timeout=timeout)
+
+
+class EgressProxy:
+    """An HTTP forward proxy on 127.0.0.1:0, as on a locked-down host's way out: CONNECT
+    tunnels (bytes relayed both ways until either side closes) and absolute-form requests
+    (forwarded in origin form, the answer relayed as it comes). ``hosts`` maps names to the
+    addresses it connects to (its own DNS: the proxy resolves, not the client).
+
+    ``credentials`` ("user:password"), when set, is required as ``Proxy-Authorization: Basic``
+    (407 otherwise); ``refuse`` (a status) answers everything with it. ``seen`` holds (method,
+    target, Proxy-Authorization or None) per request head; ``tunnels`` counts tunnels opened."""
+
+    def __init__(self, credentials: Optional[str] = None, refuse: Optional[int] = None,
+                 hosts: Optional[Dict[str, str]] = None):
+        self.credentials = credentials
+        self.refuse = refuse
+        self.hosts = hosts or {}
+        self.seen: List[Tuple[str, str, Optional[str]]] = []
+        self.tunnels = 0
+        self.lock = threading.Lock()  # protects seen, tunnels, open_socks
+        self.open_socks: List[socket.socket] = []
+        proxy = self
+
+        class Handler(socketserver.StreamRequestHandler):
+            def handle(self):
+                proxy.track(self.connection)
+                while proxy.serve_one(self.rfile, self.connection):
+                    pass
+
+        class Server(socketserver.ThreadingTCPServer):
+            daemon_threads = True
+            allow_reuse_address = True
+            request_queue_size = 128
+
+        self.server = Server(("127.0.0.1", 0), Handler)
+        self.port = self.server.server_address[1]
+        self.url = "http://127.0.0.1:%d" % self.port
+        self.thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+
+    def start(self) -> "EgressProxy":
+        self.thread.start()
+        return self
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+        with self.lock:
+            socks, self.open_socks = self.open_socks, []
+        for sock in socks:  # (ends the relays)
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        self.thread.join(DEADLINE)
+
+    def track(self, sock: socket.socket) -> None:
+        with self.lock:
+            self.open_socks.append(sock)
+
+    def url_with(self, credentials: str) -> str:
+        return "http://%s@127.0.0.1:%d" % (credentials, self.port)
+
+    def serve_one(self, rfile, client: socket.socket) -> bool:
+        """One request head and what follows it; False when the connection is done."""
+        line = rfile.readline(65537)
+        if not line:
+            return False
+        method, target, _ = line.decode("latin-1").split(" ", 2)
+        headers = []
+        while True:
+            h = rfile.readline(65537)
+            if h in (b"\r\n", b"\n", b""):
+                break
+            name, _, value = h.decode("latin-1").partition(":")
+            headers.append((name.strip(), value.strip()))
+        auth = header(headers, "proxy-authorization")
+        with self.lock:
+            self.seen.append((method, target, auth))
+        expected = "Basic " + base64.b64encode(self.credentials.encode()).decode() if self.credentials else None
+        if expected is not None and auth != expected:
+            self.answer(client, 407, "Proxy Authentication Required", [("Proxy-Authenticate", 'Basic realm="corp"')])
+            return False
+        if self.refuse is not None:
+            self.answer(client, self.refuse, http.client.responses.get(self.refuse, "Refused"), [])
+            return False
+        if method == "CONNECT":
+            host, _, port = target.rpartition(":")
+            upstream = socket.create_connection((self.hosts.get(host, host), int(port)), timeout=DEADLINE)
+            self.track(upstream)
+            with self.lock:
+                self.tunnels += 1
+            client.sendall(b"HTTP/1.1 200 Connection established\r\n\r\n")
+            self.relay(rfile, client, upstream)
+            return False
+        parts = urllib.parse.urlsplit(target)
+        body = rfile.read(int(header(headers, "content-length") or 0))
+        upstream = socket.create_connection((self.hosts.get(parts.hostname, parts.hostname), parts.port or 80),
+                                            timeout=DEADLINE)
+        self.track(upstream)
+        kept = [(n, v) for n, v in headers if n.lower() not in ("proxy-authorization", "proxy-connection", "connection")]
+        head = "%s %s HTTP/1.1\r\n" % (method, parts.path + ("?" + parts.query if parts.query else ""))
+        head += "".join("%s: %s\r\n" % kv for kv in kept + [("Connection", "close")]) + "\r\n"
+        upstream.sendall(head.encode("latin-1") + body)
+        with upstream:
+            while True:  # the answer, to the upstream's close (it was asked to)
+                data = upstream.recv(65536)
+                if not data:
+                    return True
+                client.sendall(data)
+
+    @staticmethod
+    def answer(client: socket.socket, status: int, reason: str, headers: List[Tuple[str, str]]) -> None:
+        body = b"<html>%d</html>" % status
+        head = "HTTP/1.1 %d %s\r\n" % (status, reason) + "".join("%s: %s\r\n" % kv for kv in headers)
+        head += "Content-Length: %d\r\nConnection: close\r\n\r\n" % len(body)
+        client.sendall(head.encode("latin-1") + body)
+
+    @staticmethod
+    def relay(rfile, client: socket.socket, upstream: socket.socket) -> None:
+        """Bytes both ways until either side closes. (The client sends nothing before the
+        tunnel's 200, so the reader holds nothing of it yet.)"""
+        client.settimeout(None)
+        upstream.settimeout(None)
+
+        def pump(src, dst):
+            try:
+                while True:
+                    data = src.recv(65536)
+                    if not data:
+                        break
+                    dst.sendall(data)
+            except OSError:
+                pass
+            for sock in (src, dst):
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+        back = threading.Thread(target=pump, args=(upstream, client), daemon=True)
+        back.start()
+        pump(client, upstream)
+        back.join(DEADLINE)
+        upstream.close()
 
 
 def base_config(providers: List[Dict[str, Any]], data_dir: str, **extra: Any) -> Dict[str, Any]:

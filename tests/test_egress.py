@@ -1,0 +1,348 @@
+"""Providers reached through an HTTP egress proxy (``upstream_proxy``, a provider's ``proxy``).
+
+A real forward proxy (``support.EgressProxy``) on 127.0.0.1: https providers through its
+CONNECT tunnel (TLS to the fake upstream inside it, tests/tls_upstream.pem trusted by
+``ca_file``), http ones in absolute form. Its credentials go to it alone, and to no file or
+log line.
+"""
+
+from __future__ import annotations
+
+import base64
+import http.client
+import json
+import os
+import socket
+import ssl
+import subprocess
+import sys
+import tempfile
+import unittest
+
+from proxy_llm import config
+from proxy_llm.config import ConfigError
+from tests import support
+from tests.support import DEADLINE, chunk_event, sse_reply
+from tests.test_faults import CHAT_BODY, CHAT_REPLY, PLAIN_BODY, content_of
+from tests.test_tls import FIXTURE
+
+PASSWORD = "pr0xy-Passw0rd-7f3a91"
+WRONG = "wr0ng-Passw0rd-c2d4e8"
+STREAM = [chunk_event("Hel"), chunk_event("lo", "stop"), b"data: [DONE]\n\n"]
+
+
+def token(credentials: str) -> str:
+    return base64.b64encode(credentials.encode()).decode()
+
+
+def read(path: str) -> bytes:
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def exchange(proxy, body: bytes, path: str = "/v1/chat/completions"):
+    """(status, headers but the record id, body) of one request, as a client reads them."""
+    conn = http.client.HTTPConnection("127.0.0.1", proxy.port, timeout=DEADLINE)
+    try:
+        conn.request("POST", path, body=body, headers={"Content-Type": "application/json"})
+        resp = conn.getresponse()
+        data = resp.read()
+    finally:
+        conn.close()
+    assert proxy.server.wait_idle(DEADLINE)  # the upstream connection is back in its pool
+    return resp.status, [(k, v) for k, v in resp.getheaders() if k != "X-Proxy-Record-Id"], data
+
+
+def openai(name, url, models, **extra):
+    return dict(support.provider(name, "openai", url, "", models), **extra)
+
+
+class Egress:
+    """A started ``support.EgressProxy``, stopped at cleanup."""
+
+    def start_egress(self, **kwargs) -> support.EgressProxy:
+        egress = support.EgressProxy(**kwargs).start()
+        self.addCleanup(egress.stop)
+        return egress
+
+
+class TunnelTest(Egress, support.ProxyTestCase):
+    """https providers through a CONNECT tunnel."""
+
+    def setUp(self):
+        super().setUp()
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(FIXTURE)
+        self.upstream = support.FakeUpstream(self.reply, tls=context).start()
+        self.addCleanup(self.upstream.stop)
+        self.upstream.server.handle_error = lambda request, address: None
+
+    def default_reply(self):
+        return support.Reply(200, [("Content-Type", "application/json")], CHAT_REPLY)
+
+    def test_requests_and_a_stream_through_one_tunnel_as_if_direct(self):
+        egress = self.start_egress(credentials="alice:" + PASSWORD)
+        proxy = self.start_proxy(providers=[
+            openai("openai", self.upstream.url, ["gpt-*"], ca_file=FIXTURE, proxy=egress.url_with("alice:" + PASSWORD)),
+            openai("direct", self.upstream.url, ["direct-*"], ca_file=FIXTURE)])
+        tunnelled = [exchange(proxy, PLAIN_BODY)]
+        self.replies.append(sse_reply(STREAM))
+        tunnelled.append(exchange(proxy, CHAT_BODY))
+        tunnelled.append(exchange(proxy, PLAIN_BODY))
+        direct = [exchange(proxy, PLAIN_BODY.replace(b"gpt-4o", b"direct-4o"))]
+        self.replies.append(sse_reply(STREAM))
+        direct.append(exchange(proxy, CHAT_BODY.replace(b"gpt-4o", b"direct-4o")))
+        self.assertEqual(tunnelled[:2], direct, "the client saw a difference")
+        self.assertEqual([(t[0], t[2]) for t in tunnelled], [(200, CHAT_REPLY), (200, b"".join(STREAM)),
+                                                             (200, CHAT_REPLY)])
+        # One tunnel for the three: kept alive and pooled as a direct connection is.
+        self.assertEqual(egress.tunnels, 1)
+        self.assertEqual(egress.seen, [("CONNECT", "127.0.0.1:%d" % self.upstream.port,
+                                        "Basic " + token("alice:" + PASSWORD))])
+        for _ in range(5):
+            req = self.upstream.next_request()
+            self.assertIsNone(req.header("Proxy-Authorization"))
+            self.assertEqual(req.header("Host"), "127.0.0.1:%d" % self.upstream.port)
+        recs = proxy.records()
+        self.assertEqual([(r["provider"], r["ended"]) for r in recs],
+                         [("openai", "completed")] * 3 + [("direct", "completed")] * 2)
+        self.assertEqual(content_of(recs[1]), "Hello")
+        for path in support.all_files(proxy.data_dir):
+            data = read(path)
+            for secret in (PASSWORD, token("alice:" + PASSWORD)):
+                self.assertNotIn(secret.encode(), data, path)
+
+    def test_a_refused_tunnel_is_a_502_in_the_providers_shape(self):
+        """407 (wrong credentials), 403 (a policy), 502 (the proxy cannot reach the provider):
+        the client gets its provider's error shape naming the proxy and its answer, recorded
+        once; nothing reaches the upstream."""
+        cases = [("407 Proxy Authentication Required", dict(credentials="alice:" + PASSWORD)),
+                 ("403 Forbidden", dict(refuse=403)), ("502 Bad Gateway", dict(refuse=502))]
+        for answer, kwargs in cases:
+            with self.subTest(answer=answer):
+                egress = self.start_egress(**kwargs)
+                url = egress.url_with("alice:" + WRONG)
+                proxy = self.start_proxy(data_dir=os.path.join(self.tmp, answer[:3]), providers=[
+                    openai("openai", self.upstream.url, ["gpt-*"], ca_file=FIXTURE, proxy=url),
+                    dict(support.provider("anthropic", "anthropic", self.upstream.url, "", ["claude-*"]),
+                         ca_file=FIXTURE, proxy=url)])
+                message = "upstream %%s unreachable: the egress proxy 127.0.0.1:%d refused the tunnel: %s" % (
+                    egress.port, answer)
+                status, _, body = exchange(proxy, PLAIN_BODY)
+                self.assertEqual(status, 502)
+                self.assertEqual(json.loads(body)["error"]["message"], message % "openai")
+                self.assertEqual(json.loads(body)["error"]["type"], "server_error")
+                status, _, body = exchange(proxy, b'{"model":"claude-x","max_tokens":1}', "/v1/messages")
+                self.assertEqual((status, json.loads(body)["type"]), (502, "error"))
+                self.assertEqual(json.loads(body)["error"], {"type": "api_error", "message": message % "anthropic"})
+                recs = proxy.records()
+                self.assertEqual([(r["ended"], r["error"]["type"], r["error"]["message"]) for r in recs],
+                                 [("upstream_error", "upstream_unavailable", message % p) for p in ("openai", "anthropic")])
+                self.assertTrue(self.upstream.requests.empty(), "a request went past a refusing proxy")
+                self.assertEqual([s[0] for s in egress.seen], ["CONNECT", "CONNECT"])
+
+    def test_the_certificate_is_checked_against_the_provider_through_the_global_proxy(self):
+        """upstream_proxy carries a provider that is not on loopback; the proxy resolves its
+        name (the host may have no DNS of its own), and TLS inside the tunnel is checked
+        against that name, not the proxy's: tests/tls_upstream.pem is for 127.0.0.1 only."""
+        egress = self.start_egress(hosts={"api.provider.test": "127.0.0.1"})
+        url = "https://api.provider.test:%d" % self.upstream.port
+        proxy = self.start_proxy(providers=[openai("openai", url, ["gpt-*"], ca_file=FIXTURE)],
+                                 upstream_proxy=egress.url)
+        status, _, body = exchange(proxy, PLAIN_BODY)
+        self.assertEqual(status, 502, body)
+        message = json.loads(body)["error"]["message"]
+        self.assertTrue(message.startswith("upstream openai unreachable via the egress proxy 127.0.0.1:%d: "
+                                           % egress.port), message)
+        self.assertIn("certificate verify failed", message)
+        self.assertIn("api.provider.test", message)
+        self.assertEqual(egress.seen, [("CONNECT", "api.provider.test:%d" % self.upstream.port, None)])
+        self.assertTrue(self.upstream.requests.empty())
+
+    def test_a_proxy_that_does_not_answer_connect_is_a_timeout(self):
+        """connect_timeout bounds the CONNECT's answer too: a proxy that takes the connection
+        and says nothing gives a 504, recorded as a timeout."""
+        silent = socket.socket()
+        self.addCleanup(silent.close)
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)  # (never accepted: the connection is made, nothing is ever answered)
+        url = "http://127.0.0.1:%d" % silent.getsockname()[1]
+        proxy = self.start_proxy(providers=[openai("openai", self.upstream.url, ["gpt-*"], ca_file=FIXTURE, proxy=url)],
+                                 connect_timeout=0.3)
+        status, _, body = exchange(proxy, PLAIN_BODY)
+        self.assertEqual(status, 504, body)
+        self.assertEqual(json.loads(body)["error"]["message"],
+                         "upstream openai did not answer in time via the egress proxy 127.0.0.1:%d"
+                         % silent.getsockname()[1])
+        [rec] = proxy.records()
+        self.assertEqual(rec["ended"], "timeout")
+
+
+class ForwardTest(Egress, support.ProxyTestCase):
+    """http providers through the proxy, in absolute form; loopback providers past it."""
+
+    def test_an_http_provider_through_the_global_proxy_in_absolute_form(self):
+        egress = self.start_egress(credentials="alice:" + PASSWORD, hosts={"api.provider.test": "127.0.0.1"})
+        url = "http://api.provider.test:%d/base" % self.upstream.port
+        proxy = self.start_proxy(providers=[openai("openai", url, ["gpt-*"])],
+                                 upstream_proxy=egress.url_with("alice:" + PASSWORD))
+        self.replies.append(support.json_reply({"id": "a"}))
+        self.replies.append(sse_reply(STREAM))
+        self.assertEqual(exchange(proxy, PLAIN_BODY)[2], b'{"id": "a"}')
+        self.assertEqual(exchange(proxy, CHAT_BODY)[2], b"".join(STREAM))
+        target = "http://api.provider.test:%d/base/v1/chat/completions" % self.upstream.port
+        self.assertEqual(egress.seen, [("POST", target, "Basic " + token("alice:" + PASSWORD))] * 2)
+        for _ in range(2):
+            req = self.upstream.next_request()
+            self.assertEqual((req.target, req.header("Host")), ("/base/v1/chat/completions",
+                                                                "api.provider.test:%d" % self.upstream.port))
+            self.assertIsNone(req.header("Proxy-Authorization"))
+        self.assertEqual([r["ended"] for r in proxy.records()], ["completed", "completed"])
+
+    def test_a_407_to_an_absolute_form_request_is_a_502(self):
+        egress = self.start_egress(credentials="alice:" + PASSWORD)
+        proxy = self.start_proxy(providers=[openai("openai", self.upstream.url, ["gpt-*"],
+                                                   proxy=egress.url_with("alice:" + WRONG))])
+        status, _, body = exchange(proxy, PLAIN_BODY)
+        self.assertEqual(status, 502)
+        self.assertEqual(json.loads(body)["error"]["message"], "upstream openai unreachable: the egress proxy "
+                         "127.0.0.1:%d refused the request: 407 Proxy Authentication Required" % egress.port)
+        [rec] = proxy.records()
+        self.assertEqual((rec["ended"], rec["status_code"]), ("upstream_error", 502))
+        self.assertTrue(self.upstream.requests.empty())
+
+    def test_loopback_providers_bypass_the_global_proxy(self):
+        """A provider on this machine is reached directly, whatever upstream_proxy says (no
+        egress proxy reaches this host's loopback); one that names the proxy itself is not."""
+        egress = self.start_egress()
+        port = self.upstream.port
+        proxy = self.start_proxy(providers=[
+            openai("ip", "http://127.0.0.1:%d" % port, ["gpt-*"]),
+            openai("name", "http://localhost:%d" % port, ["local-*"]),
+            openai("own", "http://127.0.0.1:%d" % port, ["own-*"], proxy=egress.url)], upstream_proxy=egress.url)
+        self.assertEqual(exchange(proxy, PLAIN_BODY)[0], 200)
+        self.assertEqual(exchange(proxy, PLAIN_BODY.replace(b"gpt-4o", b"local-1"))[0], 200)
+        self.assertEqual(egress.seen, [])
+        self.assertEqual(exchange(proxy, PLAIN_BODY.replace(b"gpt-4o", b"own-1"))[0], 200)
+        self.assertEqual(egress.seen, [("POST", "http://127.0.0.1:%d/v1/chat/completions" % port, None)])
+
+
+class SecretTest(Egress, support.ProxyTestCase):
+    def test_the_proxy_password_is_in_no_file_log_line_or_page(self):
+        """The proxy as a subprocess at DEBUG: a tunnel, a refused tunnel, an absolute-form
+        request, and a client that put the password in its path (scrubbed as a provider key
+        is); the password and its Basic token are in no record, no log line, neither /health
+        nor /metrics."""
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(FIXTURE)
+        tls = support.FakeUpstream(lambda req: support.json_reply({"ok": True}), tls=context).start()
+        self.addCleanup(tls.stop)
+        tls.server.handle_error = lambda request, address: None
+        egress = self.start_egress(credentials="alice:" + PASSWORD, hosts={"api.provider.test": "127.0.0.1"})
+        cfg = support.base_config([
+            openai("openai", tls.url, ["gpt-*"], ca_file=FIXTURE, proxy=egress.url_with("alice:" + PASSWORD)),
+            openai("wrong", tls.url, ["wrong-*"], ca_file=FIXTURE, proxy=egress.url_with("alice:" + WRONG)),
+            openai("plain", "http://api.provider.test:%d" % self.upstream.port, ["plain-*"])],
+            self.data_dir, log_level="DEBUG", upstream_proxy="${CORP_PROXY}")
+        proc = support.ProxyProcess(cfg, env={"CORP_PROXY": egress.url_with("alice:" + PASSWORD)})
+        self.addCleanup(proc.cleanup)
+        statuses = []
+        for model in ("gpt-4o", "wrong-1", "plain-1"):
+            statuses.append(support.request(proc.url, body={"model": model, "messages": []})[0])
+        self.assertEqual(statuses, [200, 502, 200])
+        support.request(proc.url, path="/v1/%s/chat/completions" % PASSWORD, body={"model": "plain-1"})
+        pages = [support.request(proc.url, "GET", page)[2] for page in ("/health", "/metrics")]
+        self.assertEqual(proc.stop(), 0)
+        log = proc.log_text()
+        self.assertIn("provider openai: through the egress proxy 127.0.0.1:%d (a CONNECT tunnel)" % egress.port, log)
+        recs = support.read_records(self.data_dir)
+        self.assertEqual(len(recs), 4)
+        self.assertIn("refused the tunnel: 407", json.dumps(recs))
+        files = [(p, read(p)) for p in support.all_files(self.data_dir)]
+        for secret in (PASSWORD, WRONG, token("alice:" + PASSWORD), token("alice:" + WRONG)):
+            self.assertNotIn(secret, log)
+            for path, data in files:
+                self.assertNotIn(secret.encode(), data, path)
+            for page in pages:
+                self.assertNotIn(secret.encode(), page)
+
+
+class EgressConfigTest(unittest.TestCase):
+    def load(self, env=None, **cfg):
+        cfg.setdefault("providers", [openai("openai", "https://api.openai.com", ["gpt-*"])])
+        fd, path = tempfile.mkstemp(suffix=".json")
+        with os.fdopen(fd, "w") as f:
+            json.dump(cfg, f)
+        self.addCleanup(os.unlink, path)
+        self.path = path
+        return config.load(path, env=env or {})
+
+    def test_which_providers_go_through_the_proxy(self):
+        corp = "http://alice:%s@proxy.corp:3128" % PASSWORD
+        urls = (("openai", "https://api.openai.com"), ("ip", "http://127.0.0.1:9"), ("ip2", "http://127.8.0.1:9"),
+                ("v6", "http://[::1]:9"), ("name", "http://localhost:9"), ("sub", "http://llm.localhost:9"),
+                ("internal", "https://llm.corp.example"), ("net", "http://10.1.2.3:8000"),
+                ("suffix", "https://gpu.lab.internal"))
+        providers = [openai(name, url, []) for name, url in urls] + [
+            openai("own", "http://127.0.0.1:9", [], proxy="http://other:8080"),
+             openai("none", "https://api.anthropic.com", [], proxy=""),
+             openai("null", "https://api.anthropic.com", [], proxy=None)]
+        cfg = self.load(providers=providers, upstream_proxy="${HTTPS_PROXY:-}", no_proxy="${NO_PROXY:-}",
+                        env={"HTTPS_PROXY": corp, "NO_PROXY": "corp.example, 10.0.0.0/8,*.internal"})
+        self.assertEqual({p.name: p.proxy for p in cfg.providers},
+                         {"openai": corp, "ip": "", "ip2": "", "v6": "", "name": "", "sub": "", "internal": "",
+                          "net": "", "suffix": "", "own": "http://other:8080", "none": "", "null": corp})
+        self.assertEqual(cfg.no_proxy, ("corp.example", "10.0.0.0/8", "internal"))
+        self.assertNotIn(PASSWORD, repr(cfg))
+        self.assertEqual(self.load(providers=providers, no_proxy=["*"], upstream_proxy=corp).providers[0].proxy, "")
+        cfg = self.load(env={"PROXY_LLM_UPSTREAM_PROXY": corp}, upstream_proxy="http://ignored:1")
+        self.assertEqual((cfg.upstream_proxy, cfg.providers[0].proxy), (corp, corp))
+        self.assertEqual(self.load().providers[0].proxy, "")
+
+    def test_bad_proxies_are_refused_without_the_password(self):
+        cases = [
+            ({"upstream_proxy": "https://alice:%s@proxy:3128" % PASSWORD}, "upstream_proxy: https:// proxies are not "
+             "supported: give an http:// proxy (https providers are tunnelled through it with CONNECT, so TLS still "
+             "runs end to end)"),
+            ({"upstream_proxy": "socks5h://alice:%s@proxy:1080" % PASSWORD}, "upstream_proxy: socks5h:// proxies"),
+            ({"upstream_proxy": "alice:%s@proxy:3128" % PASSWORD}, "upstream_proxy: not a proxy URL (expected "
+             "http://[user:password@]host:port)"),
+            ({"upstream_proxy": "http://alice:%s@proxy:3128/path" % PASSWORD}, "upstream_proxy: not a proxy URL"),
+            ({"upstream_proxy": "http://alice:%s@proxy:99999" % PASSWORD}, "upstream_proxy: not a proxy URL (bad host"),
+            ({"upstream_proxy": "http://alice:%s@proxy:0" % PASSWORD}, "upstream_proxy: not a proxy URL (bad port)"),
+            ({"upstream_proxy": "http://alice:%s @proxy" % PASSWORD}, "upstream_proxy: not a proxy URL (visible"),
+            ({"upstream_proxy": 3128}, "upstream_proxy: must be a string"),
+            ({"no_proxy": [1]}, "no_proxy: must be a list of strings"),
+            ({"no_proxy": "10.0.0.0/33"}, "no_proxy: an entry with a / is not a network"),
+            ({"no_proxy": "host:8080"}, "no_proxy: entries name hosts, not ports"),
+            ({"providers": [openai("openai", "https://api.openai.com", [], proxy="socks5://a:%s@h:1" % PASSWORD)]},
+             "providers[0].proxy: socks5:// proxies are not supported"),
+        ]
+        for cfg, expected in cases:
+            with self.subTest(cfg=cfg), self.assertRaises(ConfigError) as cm:
+                self.load(**cfg)
+            self.assertTrue(str(cm.exception).startswith("%s: %s" % (self.path, expected)), str(cm.exception))
+            self.assertNotIn(PASSWORD, str(cm.exception))
+        with self.assertRaises(ConfigError) as cm:
+            self.load(env={"PROXY_LLM_UPSTREAM_PROXY": "socks5://alice:%s@h:1" % PASSWORD})
+        self.assertTrue(str(cm.exception).startswith("$PROXY_LLM_UPSTREAM_PROXY: upstream_proxy: socks5:// proxies"))
+        self.assertNotIn(PASSWORD, str(cm.exception))
+
+    def test_start_up_refuses_a_socks_proxy_in_one_line_without_the_password(self):
+        tmp = tempfile.mkdtemp()
+        self.addCleanup(__import__("shutil").rmtree, tmp)
+        path = os.path.join(tmp, "config.json")
+        with open(path, "w") as f:
+            json.dump(support.base_config([openai("openai", "https://api.openai.com", [])], tmp,
+                                          upstream_proxy="socks5://alice:%s@proxy:1080" % PASSWORD), f)
+        env = dict(os.environ, PYTHONPATH=support.ROOT)
+        done = subprocess.run([sys.executable, "-m", "proxy_llm", "--config", path, "--log-level", "DEBUG"], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=DEADLINE)
+        self.assertEqual(done.returncode, 2)
+        self.assertEqual(done.stdout.decode(), "proxy_llm: %s: upstream_proxy: socks5:// proxies are not supported: "
+                         "give an http:// proxy (https providers are tunnelled through it with CONNECT, so TLS still "
+                         "runs end to end)\n" % path)
+
+
+if __name__ == "__main__":
+    unittest.main()
