@@ -389,24 +389,10 @@ class EgressProxy:
     def relay(rfile, client: socket.socket, upstream: socket.socket) -> None:
         """Bytes both ways until either side closes. (The client sends nothing before the
         tunnel's 200, so the reader holds nothing of it yet.)"""
+        from tests.bench.relay import pump  # (the benchmark's relay: one copy of it)
+
         client.settimeout(None)
         upstream.settimeout(None)
-
-        def pump(src, dst):
-            try:
-                while True:
-                    data = src.recv(65536)
-                    if not data:
-                        break
-                    dst.sendall(data)
-            except OSError:
-                pass
-            for sock in (src, dst):
-                try:
-                    sock.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
-
         back = threading.Thread(target=pump, args=(upstream, client), daemon=True)
         back.start()
         pump(client, upstream)

@@ -24,7 +24,7 @@ from proxy_llm.config import ConfigError
 from tests import support
 from tests.support import DEADLINE, chunk_event, sse_reply
 from tests.test_faults import CHAT_BODY, CHAT_REPLY, PLAIN_BODY, content_of
-from tests.test_tls import FIXTURE
+from tests.test_tls import FIXTURE, TlsUpstreamCase
 
 PASSWORD = "pr0xy-Passw0rd-7f3a91"
 WRONG = "wr0ng-Passw0rd-c2d4e8"
@@ -66,19 +66,8 @@ class Egress:
         return egress
 
 
-class TunnelTest(Egress, support.ProxyTestCase):
+class TunnelTest(Egress, TlsUpstreamCase):
     """https providers through a CONNECT tunnel."""
-
-    def setUp(self):
-        super().setUp()
-        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        context.load_cert_chain(FIXTURE)
-        self.upstream = support.FakeUpstream(self.reply, tls=context).start()
-        self.addCleanup(self.upstream.stop)
-        self.upstream.server.handle_error = lambda request, address: None
-
-    def default_reply(self):
-        return support.Reply(200, [("Content-Type", "application/json")], CHAT_REPLY)
 
     def test_requests_and_a_stream_through_one_tunnel_as_if_direct(self):
         egress = self.start_egress(credentials="alice:" + PASSWORD)

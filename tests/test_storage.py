@@ -916,10 +916,9 @@ class HurryTest(RecorderTestCase):
         self.assertEqual(rec.written_total(), 0)
         self.assertEqual(rec.dropped, {"shutdown": 1})
 
-    def test_a_writer_stuck_in_a_sync_does_not_hold_the_stop(self):
-        # A hung disk (a network file system whose server went away): the writer blocks in an
-        # fsync, holding the lock its files are closed under. Close waited for that lock with no
-        # deadline, so the process never stopped; now it gives up on it at its deadline.
+    def hung_disk(self):
+        """A disk whose every sync of a record file blocks until the returned ``release`` is set
+        (set at cleanup); ``syncing`` is set once one blocks."""
         syncing, release = threading.Event(), threading.Event()
         self.addCleanup(release.set)
 
@@ -929,9 +928,11 @@ class HurryTest(RecorderTestCase):
                 release.wait(DEADLINE)
 
         self.ops.fault = hang
-        rec = self.recorder(fsync="always")
-        self.assertTrue(rec.submit(line("s", 0)))
-        self.assertTrue(syncing.wait(DEADLINE))
+        return syncing, release
+
+    def close_in_time(self, rec: Recorder) -> bool:
+        """Close ``rec`` (a 0.1 s deadline and grace) on a thread of its own: whether it
+        returned within the test's deadline."""
         closed = threading.Event()
 
         def close():
@@ -940,7 +941,17 @@ class HurryTest(RecorderTestCase):
 
         with unittest.mock.patch.object(storage, "STOP_GRACE", 0.1):
             threading.Thread(target=close, daemon=True).start()
-            returned = closed.wait(DEADLINE)
+            return closed.wait(DEADLINE)
+
+    def test_a_writer_stuck_in_a_sync_does_not_hold_the_stop(self):
+        # A hung disk (a network file system whose server went away): the writer blocks in an
+        # fsync, holding the lock its files are closed under. Close waited for that lock with no
+        # deadline, so the process never stopped; now it gives up on it at its deadline.
+        syncing, release = self.hung_disk()
+        rec = self.recorder(fsync="always")
+        self.assertTrue(rec.submit(line("s", 0)))
+        self.assertTrue(syncing.wait(DEADLINE))
+        returned = self.close_in_time(rec)
         release.set()  # (the disk comes back: the writer ends, and so would a close still waiting)
         self.assertTrue(returned, "close waited for a writer stuck in an fsync")
         self.assertTrue(any("stuck writing or syncing" in m for m in self.logs.messages), self.logs.messages)
@@ -953,26 +964,10 @@ class HurryTest(RecorderTestCase):
         # the writer's last sync) the writer's writes went to the page cache and it stopped in
         # time, and close's last sync of the files, made on close's own thread, blocked with no
         # deadline: the process never stopped. Now that sync is waited for by the deadline too.
-        syncing, release = threading.Event(), threading.Event()
-        self.addCleanup(release.set)
-
-        def hang(op, path, data):
-            if op == "fsync" and path.endswith(".jsonl"):
-                syncing.set()
-                release.wait(DEADLINE)
-
-        self.ops.fault = hang
+        syncing, release = self.hung_disk()
         rec = self.recorder(fsync="never")
         self.put(rec, line("s", 0))
-        closed = threading.Event()
-
-        def close():
-            rec.close(0.1)
-            closed.set()
-
-        with unittest.mock.patch.object(storage, "STOP_GRACE", 0.1):
-            threading.Thread(target=close, daemon=True).start()
-            returned = closed.wait(DEADLINE)
+        returned = self.close_in_time(rec)
         self.assertTrue(syncing.is_set())  # (close's sync was the one that hung)
         release.set()
         self.assertTrue(returned, "close waited for its own sync on a hung disk")

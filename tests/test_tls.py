@@ -19,7 +19,9 @@ from tests.test_faults import CHAT_BODY, CHAT_REPLY, PLAIN_BODY, content_of, ope
 FIXTURE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tls_upstream.pem")
 
 
-class TlsUpstreamTest(support.ProxyTestCase):
+class TlsUpstreamCase(support.ProxyTestCase):
+    """A fake upstream serving TLS with the test certificate (see the module docstring)."""
+
     def setUp(self):
         super().setUp()
         context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
@@ -39,6 +41,8 @@ class TlsUpstreamTest(support.ProxyTestCase):
                 pool.ssl_context = ssl.create_default_context(cafile=FIXTURE)
         return proxy
 
+
+class TlsUpstreamTest(TlsUpstreamCase):
     def test_a_request_and_a_stream_over_one_tls_connection(self):
         proxy = self.start_tls_proxy()
         status, _, body = support.request(proxy.url, body=PLAIN_BODY)

@@ -20,7 +20,9 @@ import threading
 from tests.bench.forwarder import parse_addresses
 
 
-def _pump(src: socket.socket, dst: socket.socket) -> None:
+def pump(src: socket.socket, dst: socket.socket) -> None:
+    """Bytes from ``src`` to ``dst`` until either side closes, then both shut (the test suite's
+    egress proxy relays its tunnels with this too)."""
     try:
         while True:
             data = src.recv(65536)
@@ -45,9 +47,9 @@ def _serve(client: socket.socket, upstream: tuple) -> None:
         return
     for s in (client, up):
         s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    back = threading.Thread(target=_pump, args=(up, client), daemon=True)
+    back = threading.Thread(target=pump, args=(up, client), daemon=True)
     back.start()
-    _pump(client, up)
+    pump(client, up)
     back.join()
     client.close()
     up.close()
