@@ -302,14 +302,22 @@ _URL_CHARS = re.compile(r"[!-~]+\Z")
 _HEADER_VALUE = re.compile("[\t\x20-\x7e\xa0-\xff]*\\Z")
 
 
-def _validate_url(url: Any, where: Mapping[str, str], key: str) -> str:
-    if not isinstance(url, str) or not _URL_CHARS.match(url):
-        raise _fail(where, key, "not a URL (visible ASCII only: percent-encode the rest)")
+def _split_url(url: str, where: Mapping[str, str], key: str, what: str) -> Tuple[urllib.parse.SplitResult, Optional[int]]:
+    """A URL's parts and port, or the error saying it is not ``what`` ("a URL", "a proxy
+    URL"), without repeating it."""
+    if not _URL_CHARS.match(url):
+        raise _fail(where, key, "not %s (visible ASCII only: percent-encode the rest)" % what)
     try:
         parts = urllib.parse.urlsplit(url)
-        port = parts.port
+        return parts, parts.port
     except ValueError:
-        raise _fail(where, key, "not a URL (bad host or port)") from None
+        raise _fail(where, key, "not %s (bad host or port)" % what) from None
+
+
+def _validate_url(url: Any, where: Mapping[str, str], key: str) -> str:
+    if not isinstance(url, str):
+        raise _fail(where, key, "not a URL (visible ASCII only: percent-encode the rest)")
+    parts, port = _split_url(url, where, key, "a URL")
     if parts.scheme not in ("http", "https") or not parts.hostname or parts.query or parts.fragment:
         raise _fail(where, key, "not a URL (expected http(s)://host[:port][/base-path])")
     if parts.username is not None or parts.password is not None:
@@ -371,13 +379,7 @@ def _validate_proxy(value: Any, where: Mapping[str, str], key: str) -> str:
     if value == "":
         return ""
     expected = "not a proxy URL (expected http://[user:password@]host:port)"
-    if not _URL_CHARS.match(value):
-        raise _fail(where, key, "not a proxy URL (visible ASCII only: percent-encode the rest)")
-    try:
-        parts = urllib.parse.urlsplit(value)
-        port = parts.port
-    except ValueError:
-        raise _fail(where, key, "not a proxy URL (bad host or port)") from None
+    parts, port = _split_url(value, where, key, "a proxy URL")
     if parts.scheme in _OTHER_PROXIES:
         raise _fail(where, key, "%s:// proxies are not supported: give an http:// proxy (https providers are "
                                 "tunnelled through it with CONNECT, so TLS still runs end to end)" % parts.scheme)
