@@ -80,7 +80,7 @@ class Provider:
     name: str
     type: str
     base_url: str
-    api_key: str = ""
+    api_key: str = field(default="", repr=False)  # (a secret: never in a repr, a log line's or a traceback's)
     models: Tuple[str, ...] = ()
     # A PEM bundle that replaces the system's for this provider's TLS ("": the system's, which
     # OpenSSL takes from $SSL_CERT_FILE / $SSL_CERT_DIR when set): an absolute path.
@@ -129,7 +129,7 @@ class Config:
     client_idle_timeout: float = 120.0
     max_connections: int = 4096
     shutdown_timeout: float = 25.0
-    proxy_keys: Tuple[str, ...] = ()
+    proxy_keys: Tuple[str, ...] = field(default=(), repr=False)  # (secrets, as api_key)
     workers: int = 1
     source: str = field(default="<defaults>", compare=False)
     # Where data_dir came from, as config errors name it (the file, $PROXY_LLM_DATA_DIR or

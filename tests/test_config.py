@@ -153,6 +153,19 @@ class LoadTest(unittest.TestCase):
                     config.load(path, env={"OPENAI_API_KEY": "k", "SECRET": secret})
                 self.assertNotIn(secret, str(cm.exception))
 
+    def test_a_loaded_configs_repr_holds_no_secret(self):
+        # A Config or a Provider in a log line or a traceback's locals (a debugger, a crash
+        # reporter) printed every provider key and proxy key.
+        path = write({"providers": [OPENAI], "listen": "0.0.0.0:8080", "proxy_keys": ["pk-PLANTED-proxy-key"],
+                      "upstream_proxy": "http://user:PLANTED-password@egress.example:3128"})
+        self.addCleanup(os.unlink, path)
+        cfg = config.load(path, env={"OPENAI_API_KEY": "sk-PLANTED-provider-key"})
+        self.assertEqual(cfg.providers[0].api_key, "sk-PLANTED-provider-key")
+        self.assertIn("egress.example", cfg.providers[0].proxy)
+        for shown in (repr(cfg), str(cfg), repr(cfg.providers[0])):
+            self.assertNotIn("PLANTED", shown)
+            self.assertIn("openai", shown)
+
     def test_queue_max_bytes_reaches_the_recorder(self):
         path = write({"providers": [OPENAI], "queue_max_bytes": 1024})
         self.addCleanup(os.unlink, path)
