@@ -623,12 +623,23 @@ class RotationCostTest(RecorderTestCase):
         self.assertEqual(self.ops.count("fsync", ".jsonl"), 0)  # not at each rotation
         self.assertEqual(self.ops.ops_on(session_dir), [])
         self.assertFalse([p for p in data_files(self.data_dir) if p.endswith(".gz")])  # (not before they are synced)
+        # The sync queues the sealed files for the compressor, which syncs their directory after
+        # each rename and removal: it waits for the writer's calls to be counted before its own
+        # (it once ran first, and the directory's calls were more than the writer's one sync).
+        counted = threading.Event()
+        self.addCleanup(counted.set)
+
+        def hold_compressor(op, path, data):
+            if op == "open" and path == session_dir and threading.current_thread().name == "proxy_llm-compress":
+                counted.wait(DEADLINE)
+        self.ops.fault = hold_compressor
         now[0] += 100.0
         self.put(rec, line("s", 10, 300))  # the interval's sync settles every rotation since the last one
         for path in paths[:3]:
             self.assertEqual(self.ops.ops_on(path)[-2:], ["fsync", "close"], path)
             self.assertEqual(self.ops.ops_on(path).count("fsync"), 1, path)
         self.assertEqual(self.ops.ops_on(session_dir), ["open", "fsync", "close"])  # once for them all
+        counted.set()
         rec.close(DEADLINE)
         calls = list(self.ops.calls)
         for path in paths[:3]:
