@@ -275,7 +275,9 @@ class GroupCommitTest(RecorderTestCase):
         self.assertEqual(self.ops.ops_on(path)[-2:], ["fsync", "close"])  # synced at close
 
     def test_fsync_interval_syncs_within_the_interval_when_idle(self):
-        rec = self.recorder(fsync="interval", fsync_interval=0.05)
+        # (Half a second: the look before the sync must come first, and a test thread held up
+        # for 50 ms on a loaded machine would have seen the sync already.)
+        rec = self.recorder(fsync="interval", fsync_interval=0.5)
         self.put(rec, line("s", 0))
         [path] = data_files(self.data_dir)
         self.ops.synced.clear()
