@@ -302,10 +302,10 @@ _URL_CHARS = re.compile(r"[!-~]+\Z")
 _HEADER_VALUE = re.compile("[\t\x20-\x7e\xa0-\xff]*\\Z")
 
 
-def _split_url(url: str, where: Mapping[str, str], key: str, what: str) -> Tuple[urllib.parse.SplitResult, Optional[int]]:
+def _split_url(url: Any, where: Mapping[str, str], key: str, what: str) -> Tuple[urllib.parse.SplitResult, Optional[int]]:
     """A URL's parts and port, or the error saying it is not ``what`` ("a URL", "a proxy
     URL"), without repeating it."""
-    if not _URL_CHARS.match(url):
+    if not isinstance(url, str) or not _URL_CHARS.match(url):
         raise _fail(where, key, "not %s (visible ASCII only: percent-encode the rest)" % what)
     try:
         parts = urllib.parse.urlsplit(url)
@@ -315,8 +315,6 @@ def _split_url(url: str, where: Mapping[str, str], key: str, what: str) -> Tuple
 
 
 def _validate_url(url: Any, where: Mapping[str, str], key: str) -> str:
-    if not isinstance(url, str):
-        raise _fail(where, key, "not a URL (visible ASCII only: percent-encode the rest)")
     parts, port = _split_url(url, where, key, "a URL")
     if parts.scheme not in ("http", "https") or not parts.hostname or parts.query or parts.fragment:
         raise _fail(where, key, "not a URL (expected http(s)://host[:port][/base-path])")

@@ -32,7 +32,7 @@ from .metrics import status_class
 from .record import Exchange, is_event_stream
 from .sniff import sniff
 from .headers import message, strict_fields, take_fields
-from .upstream import TRANSFER_CODINGS, EgressProxyError, Response, TransferCodingError, connect, decoded
+from .upstream import TRANSFER_CODINGS, EgressProxyError, Response, TransferCodingError, UpstreamPool, connect, decoded
 
 log = logging.getLogger("proxy_llm.handler")
 
@@ -541,27 +541,36 @@ class ProxyHandler(BaseHTTPRequestHandler):
     def route(self, ex: Exchange, body: bytes) -> None:
         """Pick the provider: the first whose ``models`` globs match the request's model, else
         the first of the request's family. Azure OpenAI's paths (``/openai/...``, family
-        ``azure``) go to azure providers only (:meth:`azure_route`), and azure providers serve
-        nothing else: their globs are not matched for other paths."""
+        ``azure``) go to azure providers only, and azure providers serve nothing else: their
+        globs are not matched for other paths.
+
+        For Azure, the deployment a path names (``/openai/deployments/<deployment>/...``) is
+        the model Azure runs, whatever the body says: the azure providers' globs match it. The
+        v1 API's paths (``/openai/v1/...``) name none: the body's model, the deployment there,
+        is matched. The record's model is the body's, else the deployment."""
         providers = self.server.config.providers
-        hit = None
         if ex.family == "gemini":
             m = _GEMINI_MODEL_RE.search(ex.path)
             if m:
                 ex.model = m.group(1)
                 ex.stream = m.group(2) == "streamGenerateContent"
-        elif ex.family == "azure":
-            hit = self.azure_route(ex, body)
         else:
             ex.model, ex.stream = sniff(body)
+        name = key = ex.model
+        azure = ex.family == "azure"
+        if azure:
+            m = _AZURE_DEPLOYMENT_RE.match(ex.path)
+            if m:
+                name = m.group(1)
+            if ex.model is None:
+                ex.model = name
+            key = ("azure", name)  # (apart from the other paths' keys, which are models: str or None)
+        routes = self.server.model_routes
+        hit = routes.get(key)
         if hit is None:
-            routes = self.server.model_routes
-            hit = routes.get(ex.model)
-            if hit is None:
-                # Models are few; a client inventing them only resets this (a Memo: bounded in
-                # entries and in characters, so a megabyte-long model name is not kept 4,096 times).
-                hit = routes.remember(ex.model, first_match(providers, ex.model, azure=False),
-                                      len(ex.model) if ex.model else 0)
+            # Models are few; a client inventing them only resets this (a Memo: bounded in
+            # entries and in characters, so a megabyte-long model name is not kept 4,096 times).
+            hit = routes.remember(key, first_match(providers, name, azure), len(name) if name else 0)
         if hit is not _NO_MATCH:
             ex.provider, ex.model_label = hit
         else:
@@ -572,27 +581,6 @@ class ProxyHandler(BaseHTTPRequestHandler):
         if ex.provider is None:
             raise self.no_provider(ex)
         ex.provider_type = ex.provider.type
-
-    def azure_route(self, ex: Exchange, body: bytes):
-        """The model and glob hit of an Azure OpenAI request (``/openai/...``), among the azure
-        providers only: its paths are no other API's, and its ``api-key`` is for Azure alone.
-
-        The deployment a path names (``/openai/deployments/<deployment>/...``) is the model
-        Azure runs, whatever the body says: the azure providers' globs match it. The v1 API's
-        paths (``/openai/v1/...``) name none: the body's model, the deployment there, is
-        matched. The record's model is the body's, else the deployment."""
-        ex.model, ex.stream = sniff(body)
-        m = _AZURE_DEPLOYMENT_RE.match(ex.path)
-        name = m.group(1) if m else ex.model
-        if ex.model is None:
-            ex.model = name
-        routes = self.server.model_routes
-        key = ("azure", name)  # (apart from the other paths' keys, which are models: str or None)
-        hit = routes.get(key)
-        if hit is None:
-            hit = routes.remember(key, first_match(self.server.config.providers, name, azure=True),
-                                  len(name) if name else 0)
-        return hit
 
     def no_provider(self, ex: Exchange) -> errors.NotFound:
         """The 404 of a request no provider serves."""
@@ -743,7 +731,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
         ex.resp_headers = list(resp.msg.raw_items())
         fields = ex.resp_headers
         if ex.family == "gemini" and ex.path.startswith("/upload/"):
-            fields = self.upload_urls(ex, fields)  # (the record keeps the upstream's)
+            fields = self.upload_urls(ex, pool, fields)  # (the record keeps the upstream's)
         no_body = self.command == "HEAD" or resp.status in (204, 304) or 100 <= resp.status < 200
         known_length = resp.length is not None and not resp.chunked
         http10 = self.request_version == "HTTP/1.0"
@@ -860,7 +848,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
                 if not complete:
                     self.close_connection = True
 
-    def upload_urls(self, ex: Exchange, fields: List[Tuple[str, str]]) -> List[Tuple[str, str]]:
+    def upload_urls(self, ex: Exchange, pool: UpstreamPool, fields: List[Tuple[str, str]]) -> List[Tuple[str, str]]:
         """``fields``, the upstream's answer to a Gemini upload request, with the upload URL it
         names made the proxy's: the one header the proxy changes.
 
@@ -875,7 +863,6 @@ class ProxyHandler(BaseHTTPRequestHandler):
         the path under the base and the query kept; for a provider with an api_key, without a
         ``key=``, which can then only be that key's echo. Any other URL goes on as it came.
         Returns ``fields`` itself when nothing changes."""
-        pool = self.server.pools[ex.provider.name]
         out = None
         origin = None
         for i, (name, value) in enumerate(fields):
