@@ -73,6 +73,10 @@ FOREIGN_CREDENTIALS = {"openai": ("x-api-key", "x-goog-api-key"), "anthropic": (
                        "gemini": ("x-api-key", "api-key"), "azure": ("x-api-key", "x-goog-api-key")}
 _DROP_FOREIGN = {t: _DROP | frozenset(names) for t, names in FOREIGN_CREDENTIALS.items()}
 _DROP_FOREIGN_AND_AUTHORIZATION = {t: drop | {"authorization"} for t, drop in _DROP_FOREIGN.items()}
+# The headers a client may present its proxy key in (check_proxy_key), in the order they are
+# tried: its own, then where each SDK puts its key. The one that carried it is not forwarded.
+PROXY_KEY_HEADERS = ("x-proxy-key", "authorization", "x-api-key", "api-key", "x-goog-api-key")
+_DROP_FOREIGN_AND = {(t, name): drop | {name} for t, drop in _DROP_FOREIGN.items() for name in PROXY_KEY_HEADERS}
 # The key shapes of the APIs that have one of their own, as a Bearer token: Anthropic's keys and
 # OAuth tokens (sk-ant-api03-, sk-ant-oat01-), Google's keys (AIza). OpenAI's sk- is everyone's.
 _KEY_OWNERS = (("sk-ant-", "anthropic"), ("AIza", "gemini"))
@@ -434,7 +438,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
                                         "unknown path %s: proxy_llm forwards %s" % (path[:200], _FORWARDED_TEXT))
             self.send_simple(404, body, ctype)
             return
-        self.proxy_key_in_auth = False
+        self.proxy_key_header = None
         headers = self.header_fields()
         recording = server.recorder is not None
         ex = Exchange(self.command, path, query, headers, config.capture_max_body if recording else -1)
@@ -519,24 +523,28 @@ class ProxyHandler(BaseHTTPRequestHandler):
         self.relay(ex, resp, conn)
 
     def check_proxy_key(self, headers: List[Tuple[str, str]]) -> None:
-        """With ``proxy_keys`` set, require one (X-Proxy-Key or Authorization: Bearer)."""
+        """With ``proxy_keys`` set, require one: in X-Proxy-Key, or where the client's SDK puts
+        its own key (``Authorization: Bearer``, ``x-api-key``, ``api-key``, ``x-goog-api-key``),
+        so that any SDK can take the proxy key as its key. The header that carried it is then
+        not forwarded (upstream_headers); the others are, a provider key among them."""
         keys = self.server.config.proxy_keys
         if not keys:
             return
-        candidates = []
-        presented = wire.header_value(headers, "x-proxy-key")
-        if presented:
-            candidates.append(("x-proxy-key", presented.strip()))
-        auth = wire.header_value(headers, "authorization")
-        if auth and auth[:7].lower() == "bearer ":
-            candidates.append(("authorization", auth[7:].strip()))
-        for source, candidate in candidates:
+        for name in PROXY_KEY_HEADERS:
+            candidate = wire.header_value(headers, name)
+            if not candidate:
+                continue
+            candidate = candidate.strip()
+            if name == "authorization":
+                if candidate[:7].lower() != "bearer ":
+                    continue
+                candidate = candidate[7:].strip()
             value = candidate.encode("utf-8", "surrogatepass")
             if any(hmac.compare_digest(value, key.encode("utf-8")) for key in keys):
-                # A proxy key is never forwarded; Authorization is dropped if it carried it.
-                self.proxy_key_in_auth = source == "authorization"
+                self.proxy_key_header = name
                 return
-        raise errors.Unauthorized("a valid proxy key is required (Authorization: Bearer or X-Proxy-Key)")
+        raise errors.Unauthorized("a valid proxy key is required (X-Proxy-Key, Authorization: Bearer, "
+                                  "x-api-key, api-key or x-goog-api-key)")
 
     def route(self, ex: Exchange, body: bytes) -> None:
         """Pick the provider: the first whose ``models`` globs match the request's model, else
@@ -595,7 +603,12 @@ class ProxyHandler(BaseHTTPRequestHandler):
         provider = ex.provider
         if provider.api_key:
             drop = _DROP_WITH_CREDENTIALS
-        elif self.proxy_key_in_auth or (ex.family != provider.type and foreign_authorization(headers, provider.type)):
+        elif self.proxy_key_header not in (None, "x-proxy-key"):
+            # The proxy key came in a header of the client's SDK: that one goes.
+            drop = _DROP_FOREIGN_AND[provider.type, self.proxy_key_header]
+            if ex.family != provider.type and foreign_authorization(headers, provider.type):
+                drop = drop | {"authorization"}
+        elif ex.family != provider.type and foreign_authorization(headers, provider.type):
             drop = _DROP_FOREIGN_AND_AUTHORIZATION[provider.type]
         else:
             drop = _DROP_FOREIGN[provider.type]

@@ -110,6 +110,114 @@ class ListenTest(SecurityTestCase):
         self.assertEqual(status, 200)
         self.assertIn((b"pk-secret-0123456789", b"pk-secret-0123456789"), calls)
 
+    def test_an_sdk_may_present_the_proxy_key_as_its_own_key(self):
+        # Each SDK puts its key in its own header (Anthropic's x-api-key, Azure's api-key,
+        # Gemini's x-goog-api-key): the proxy key is taken from any of them, and that header is
+        # not forwarded, while a provider key the client sends in another one still is.
+        key = "pk-sdk-%032x" % random.Random(11).getrandbits(128)
+        gemini_path = "/v1beta/models/gemini-2.0-flash:generateContent"
+        proxy = self.start_proxy([provider("openai", "openai", self.upstream.url, "", ["gpt-*"]),
+                                  provider("anthropic", "anthropic", self.upstream.url, "", ["claude-*"]),
+                                  provider("gemini", "gemini", self.upstream.url, "", ["gemini-*"])],
+                                 proxy_keys=[key])
+        cases = (
+            ("/v1/messages", {"model": "claude-x", "max_tokens": 1, "messages": []}, "x-api-key",
+             ("Authorization", "Bearer client-own-token")),
+            ("/v1/chat/completions", {"model": "gpt-4o", "messages": []}, "api-key",
+             ("Authorization", "Bearer sk-client-own-key")),
+            (gemini_path, {"contents": []}, "x-goog-api-key", ("X-Other", "kept")),
+            ("/v1/messages", {"model": "claude-x", "max_tokens": 1, "messages": []}, "Authorization",
+             ("x-api-key", "client-own-key")),
+        )
+        for path, body, name, (other, other_value) in cases:
+            with self.subTest(header=name):
+                presented = "Bearer " + key if name == "Authorization" else key
+                status, _, answer = request(proxy.url, path=path, body=body,
+                                            headers={name: "wrong-" + key, other: other_value})
+                self.assertEqual(status, 401, answer)
+                status, _, answer = request(proxy.url, path=path, body=body,
+                                            headers={name: presented, other: other_value})
+                self.assertEqual(status, 200, answer)
+                seen = self.upstream.next_request()
+                self.assertEqual(seen.path, path)
+                self.assertIsNone(seen.header(name))
+                self.assertEqual(seen.header(other), other_value)
+        self.assertEqual(self.upstream.requests.qsize(), 0)  # no refused request was forwarded
+        proxy.stop()
+        for path in all_files(self.data_dir):
+            with open(path, "rb") as f:
+                self.assertNotIn(key.encode(), f.read(), path)
+
+
+def _fixture(folder: str, name: str) -> bytes:
+    with open(os.path.join(support.FIXTURES, folder, name), "rb") as f:
+        return f.read()
+
+
+class SdkProxyKeyTest(SecurityTestCase):
+    """Each official SDK, given the proxy key as its own key, gets through, and the upstream
+    sees the provider key of config.json in its place (skips the SDKs not installed)."""
+
+    KEYS = {"openai": "sk-provider-openai-0123456789", "azure": "azure-provider-key-0123456789",
+            "anthropic": "sk-ant-provider-0123456789", "gemini": "AIza-provider-gemini-0123456789"}
+    PROXY_KEY = "pk-sdk-client-0123456789abcdef"
+
+    def setUp(self):
+        super().setUp()
+        answers = {"/v1/chat/completions": _fixture("openai_chat", "body_tool_calls.json"),
+                   "/openai/deployments/dep/chat/completions": _fixture("openai_chat", "body_tool_calls.json"),
+                   "/v1/messages": _fixture("anthropic_messages", "body_tool_use.json"),
+                   "/v1/models/gemini-2.0-flash:generateContent": _fixture("gemini", "body_cached.json")}
+        self.upstream.handler = lambda req: Reply(200, [("Content-Type", "application/json")],
+                                                  answers[req.path.split("?")[0]])
+        url = self.upstream.url
+        self.proxy = self.start_proxy([provider("openai", "openai", url, self.KEYS["openai"], ["gpt-*"]),
+                                       provider("azure", "azure", url, self.KEYS["azure"], ["*"]),
+                                       provider("anthropic", "anthropic", url, self.KEYS["anthropic"], ["claude-*"]),
+                                       provider("gemini", "gemini", url, self.KEYS["gemini"], ["gemini-*"])],
+                                      proxy_keys=[self.PROXY_KEY])
+
+    def sdk(self, name: str):
+        try:
+            if name == "google.genai":
+                from google import genai
+                return genai
+            return __import__(name)
+        except ImportError:
+            self.skipTest("%s is not installed" % name)
+
+    def seen(self, header_name: str, provider_type: str) -> None:
+        seen = self.upstream.next_request()
+        for name in wire.CREDENTIAL_HEADERS:
+            value = seen.header(name)
+            self.assertNotIn(self.PROXY_KEY, value or "", name)
+        self.assertIn(self.KEYS[provider_type], seen.header(header_name) or "")
+
+    def test_openai(self):
+        openai = self.sdk("openai")
+        client = openai.OpenAI(api_key=self.PROXY_KEY, base_url=self.proxy.url + "/v1", max_retries=0)
+        client.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "Hi"}])
+        self.seen("authorization", "openai")
+
+    def test_azure_openai(self):
+        openai = self.sdk("openai")
+        client = openai.AzureOpenAI(api_key=self.PROXY_KEY, azure_endpoint=self.proxy.url, api_version="2024-10-21",
+                                    max_retries=0)
+        client.chat.completions.create(model="dep", messages=[{"role": "user", "content": "Hi"}])
+        self.seen("api-key", "azure")
+
+    def test_anthropic(self):
+        anthropic = self.sdk("anthropic")
+        client = anthropic.Anthropic(api_key=self.PROXY_KEY, base_url=self.proxy.url, max_retries=0)
+        client.messages.create(model="claude-x", max_tokens=16, messages=[{"role": "user", "content": "Hi"}])
+        self.seen("x-api-key", "anthropic")
+
+    def test_google_genai(self):
+        genai = self.sdk("google.genai")
+        client = genai.Client(api_key=self.PROXY_KEY, http_options={"base_url": self.proxy.url})
+        client.models.generate_content(model="gemini-2.0-flash", contents="Hi")
+        self.seen("x-goog-api-key", "gemini")
+
 
 class UpstreamOnlyTest(SecurityTestCase):
     def setUp(self):
