@@ -115,6 +115,49 @@ def _azure_label(path: str) -> str:
 LOCAL_PATHS = ("/health", "/metrics")  # answered by the proxy itself
 
 
+def forwarded_origin(headers: List[Tuple[str, str]]) -> Tuple[Optional[str], Optional[str]]:
+    """(scheme, host[:port]) of the request a reverse proxy in front of this one received, as
+    the request's forwarding fields give them, each None when none does: ``Forwarded``'s
+    ``proto=`` and ``host=`` (RFC 7239, its first element: the proxy nearest the client), else
+    the first value of ``X-Forwarded-Proto`` and of ``X-Forwarded-Host``. A value is taken only
+    when it is fit for a URL the proxy hands out: ``http`` or ``https``; a plain ``host[:port]``
+    (no path, userinfo, blanks or controls); a field that holds neither is ignored.
+
+    Only the upload URL the proxy gives a client reads them (ProxyHandler.upload_urls): behind
+    a proxy that terminates TLS, the client reaches this one over https, on another origin. The
+    fields themselves are forwarded upstream as any other."""
+    scheme = host = None
+    value = wire.header_value(headers, "forwarded")
+    if value is not None:
+        params = wire.forwarded_element(value)
+        if params is not None:
+            scheme, host = _scheme(params.get("proto")), _authority(params.get("host"))
+    if scheme is None:
+        value = wire.header_value(headers, "x-forwarded-proto")
+        scheme = _scheme(value.split(",", 1)[0]) if value is not None else None
+    if host is None:
+        value = wire.header_value(headers, "x-forwarded-host")
+        host = _authority(value.split(",", 1)[0]) if value is not None else None
+    return scheme, host
+
+
+def _scheme(value: Optional[str]) -> Optional[str]:
+    """``value`` as a scheme of a URL the proxy hands out (http or https), else None."""
+    value = value.strip(" \t").lower() if value is not None else None
+    return value if value in ("http", "https") else None
+
+
+def _authority(value: Optional[str]) -> Optional[str]:
+    """``value`` when it is a plain ``host[:port]`` (the port at most 65535), else None."""
+    if value is None:
+        return None
+    value = value.strip(" \t")
+    if not _AUTHORITY_RE.match(value):
+        return None
+    port = value.rpartition(":")[2] if not value.endswith("]") else ""
+    return value if not port.isdigit() or int(port) <= 65535 else None
+
+
 def narrow_accept_encoding(value: Optional[str]) -> Optional[str]:
     """Keep only the codings the recorder can decode (gzip, deflate, identity)."""
     if value is None:
@@ -894,26 +937,32 @@ class ProxyHandler(BaseHTTPRequestHandler):
                 origin = self.client_origin(ex)
                 if origin is None:
                     return fields
-            url = "http://%s%s%s%s" % (origin, path, "?" + query if query else "", "#" + fragment if fragment else "")
+            url = "%s%s%s%s" % (origin, path, "?" + query if query else "", "#" + fragment if fragment else "")
             if out is None:
                 out = list(fields)
             out[i] = (name, url)
         return fields if out is None else out
 
     def client_origin(self, ex: Exchange) -> Optional[str]:
-        """The proxy's host and port as the client addressed them: the request's ``Host`` when
-        it is a plain ``host[:port]``, else the address the client's connection reached (None
-        if the connection is gone)."""
-        host = wire.header_value(ex.req_headers, "host")
-        if host is not None:
-            host = host.strip()
-            if _AUTHORITY_RE.match(host):
-                return host
-        try:
-            address = self.connection.getsockname()
-        except OSError:  # (the connection is gone: there is nobody to answer)
-            return None
-        return "%s:%d" % ("[%s]" % address[0] if ":" in address[0] else address[0], address[1])
+        """The proxy's origin as the client addressed it, ``scheme://host[:port]`` (None if the
+        connection is gone). The scheme and the host a reverse proxy in front received, each as
+        the request's forwarding fields give it (:func:`forwarded_origin`); else ``http``, and
+        the request's ``Host`` when it is a plain ``host[:port]``, else the address the client's
+        connection reached."""
+        scheme, host = forwarded_origin(ex.req_headers)
+        if host is None:
+            host = wire.header_value(ex.req_headers, "host")
+            if host is not None:
+                host = host.strip()
+                if not _AUTHORITY_RE.match(host):
+                    host = None
+        if host is None:
+            try:
+                address = self.connection.getsockname()
+            except OSError:  # (the connection is gone: there is nobody to answer)
+                return None
+            host = "%s:%d" % ("[%s]" % address[0] if ":" in address[0] else address[0], address[1])
+        return "%s://%s" % (scheme or "http", host)
 
     def let_go(self, ex: Exchange) -> None:
         """The relay is done with the upstream connection: from now on nothing cuts it for

@@ -1072,6 +1072,36 @@ def under_base(url: str, scheme: str, host: str, port: int, base_path: str) -> O
     return path or "/", parts.query, parts.fragment
 
 
+# RFC 7239 section 4: forwarded-pair = token "=" value, value = token / quoted-string; pairs
+# separated by ";", elements by ",". An unquoted value may hold ":" and brackets (host=a:8443,
+# for=[::1]), which the grammar wants quoted but reverse proxies configured by hand send bare.
+_FORWARDED_PAIR = re.compile(r'[ \t]*(?:([!#$%&\'*+.^_`|~0-9A-Za-z-]+)=("(?:[^"\\]|\\.)*"|[!#$%&\'*+.^_`|~0-9A-Za-z:\[\]-]*))?'
+                             r'[ \t]*(;|,|\Z)')
+_QUOTED_PAIR = re.compile(r"\\(.)")
+
+
+def forwarded_element(value: str) -> Optional[Dict[str, str]]:
+    """The parameters of the first element of a ``Forwarded`` field value (RFC 7239: the one
+    the proxy nearest the client added), names lower-cased, quoted values unquoted; None when
+    that element is not well formed, or names a parameter twice (section 4 forbids it)."""
+    params: Dict[str, str] = {}
+    pos = 0
+    while True:
+        m = _FORWARDED_PAIR.match(value, pos)
+        if m is None:
+            return None
+        if m.group(1) is not None:  # (an empty pair, "a=1;;b=2", the grammar allows)
+            name, val = m.group(1).lower(), m.group(2)
+            if val.startswith('"'):
+                val = _QUOTED_PAIR.sub(r"\1", val[1:-1])
+            if name in params:
+                return None
+            params[name] = val
+        if m.group(3) != ";":
+            return params
+        pos = m.end()
+
+
 def split_target(target: str) -> Tuple[str, str]:
     """Split a request target into (path, query)."""
     path, _, query = target.partition("?")

@@ -710,6 +710,64 @@ class GeminiPrefixesTest(ProxyTestCase):
         self.assertEqual(recs[0]["response_headers"]["x-goog-upload-url"], base + here)
         self.assertEqual(recs[len(rewritten) + len(kept)]["response_headers"]["x-goog-upload-url"], base + here)
 
+    def test_the_upload_url_is_on_the_origin_a_reverse_proxy_in_front_received(self):
+        # Behind a reverse proxy that terminates TLS, the client reaches the proxy over https,
+        # perhaps on another host: the forwarding fields it adds say so (Forwarded, RFC 7239,
+        # else X-Forwarded-Proto / -Host), and the upload URL the client gets takes its scheme
+        # and host from them (it was always http:// and the Host before). A value unfit for a
+        # URL is ignored. The fields themselves reach the upstream untouched.
+        proxy = self.start()
+        here = "127.0.0.1:%d" % proxy.port
+        cases = [
+            ({"X-Forwarded-Proto": "https"}, "https://" + here),
+            ({"X-Forwarded-Proto": "HTTPS , http", "X-Forwarded-Host": "llm.example.com, inner.local"},
+             "https://llm.example.com"),
+            ({"X-Forwarded-Host": "llm.example.com:8443"}, "http://llm.example.com:8443"),
+            ({"Forwarded": 'for=192.0.2.60;proto=https;host="llm.example.com:8443", for=10.0.0.1;proto=http;host=inner'},
+             "https://llm.example.com:8443"),
+            ({"Forwarded": "proto=https; host=[2001:db8::1]:8443"}, "https://[2001:db8::1]:8443"),
+            # Forwarded first, each of its parameters on its own.
+            ({"Forwarded": "proto=https;host=a.example", "X-Forwarded-Proto": "http", "X-Forwarded-Host": "b.example"},
+             "https://a.example"),
+            ({"Forwarded": "for=192.0.2.60;proto=https", "X-Forwarded-Host": "b.example"}, "https://b.example"),
+            # Ignored: a scheme but http(s), a host with a path, userinfo, a blank, a control
+            # character, a port past 65535, not ASCII; a Forwarded not well formed, or naming a
+            # parameter twice (the X-Forwarded- fields are then read).
+            ({"X-Forwarded-Proto": "ftp"}, "http://" + here),
+            ({"X-Forwarded-Proto": "https:"}, "http://" + here),
+            ({"X-Forwarded-Proto": "javascript"}, "http://" + here),
+            ({"X-Forwarded-Host": "evil.example/path"}, "http://" + here),
+            ({"X-Forwarded-Host": "user@evil.example"}, "http://" + here),
+            ({"X-Forwarded-Host": "evil .example"}, "http://" + here),
+            ({"X-Forwarded-Host": "evil.example\x01"}, "http://" + here),
+            ({"X-Forwarded-Host": "evil.example\x1f"}, "http://" + here),
+            ({"X-Forwarded-Host": "evil.example:99999"}, "http://" + here),
+            ({"X-Forwarded-Host": "\xe9vil.example"}, "http://" + here),
+            ({"X-Forwarded-Host": ""}, "http://" + here),
+            ({"Forwarded": 'proto=https;host="evil.example/x"'}, "https://" + here),
+            ({"Forwarded": "proto=https;host=evil.example/x"}, "http://" + here),  # (a bare / is not a token)
+            ({"Forwarded": "proto=https;proto=http"}, "http://" + here),
+            ({"Forwarded": "proto https", "X-Forwarded-Proto": "https"}, "https://" + here),
+            ({"Forwarded": 'host="evil example"', "X-Forwarded-Host": "b.example"}, "http://b.example"),
+        ]
+        for fields, origin in cases:
+            with self.subTest(fields=fields):
+                headers = {"Content-Type": "application/json", "X-Goog-Upload-Protocol": "resumable",
+                           "X-Goog-Upload-Command": "start", "x-goog-api-key": self.GOOG_KEY}
+                headers.update(fields)
+                status, got, _ = request(proxy.url, path="/upload/v1beta/files", body={"file": {}}, headers=headers)
+                seen = self.gemini.next_request()
+                self.assertEqual(status, 200)
+                url = header(got, "X-Goog-Upload-URL")
+                self.assertTrue(url.startswith(origin + "/upload/v1beta/files?upload_id="), url)
+                for name, value in fields.items():
+                    self.assertEqual(seen.header(name), value, name)
+        # Each record keeps the URL the upstream answered with, and the fields as they came.
+        recs = proxy.records()
+        self.assertEqual(len(recs), len(cases))
+        self.assertTrue(all(r["response_headers"]["x-goog-upload-url"].startswith(self.gemini.url) for r in recs))
+        self.assertEqual(recs[0]["request_headers"]["x-forwarded-proto"], "https")
+
     def test_a_provider_keys_echo_never_reaches_the_client(self):
         # With a provider's api_key the upstream gets that key (x-goog-api-key), never the
         # client's; an upstream that echoes it in the upload URL (as Google echoes a ?key=) has
