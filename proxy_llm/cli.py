@@ -222,6 +222,7 @@ def build_server(config: Config, worker: int = 0, reuse_port: bool = False, key:
 
     headers.install()  # the same header blocks, parsed faster (see proxy_llm/headers.py)
     recorder = None
+    encoder = None
     server_box = []
     if config.record:
         try:
@@ -243,7 +244,8 @@ def build_server(config: Config, worker: int = 0, reuse_port: bool = False, key:
                             share=(worker, config.workers),
                             assist_above=max(1, config.queue_size // ASSIST_SHARE))
     server = ProxyServer(config, ProxyHandler, recorder, reuse_port=reuse_port, worker=worker,
-                         reserve_handler_class=ReserveHandler)
+                         reserve_handler_class=ReserveHandler,
+                         uploads=encoder.uploads if encoder is not None else None)
     server_box.append(server)
     if recorder is not None:
         recorder.start()

@@ -918,7 +918,8 @@ class ProxyHandler(BaseHTTPRequestHandler):
         forwards is given the proxy's origin as the client addressed it (:meth:`client_origin`),
         the path under the base and the query kept; for a provider with an api_key, without a
         ``key=``, which can then only be that key's echo. Any other URL goes on as it came.
-        Returns ``fields`` itself when nothing changes."""
+        The start's session headers are kept for the records of the upload's chunks, which
+        carry none (record.UploadSessions). Returns ``fields`` itself when nothing changes."""
         out = None
         origin = None
         for i, (name, value) in enumerate(fields):
@@ -941,6 +942,8 @@ class ProxyHandler(BaseHTTPRequestHandler):
             if out is None:
                 out = list(fields)
             out[i] = (name, url)
+            if self.server.uploads is not None:  # (the chunks' records join the start's session)
+                self.server.uploads.started(path, query, ex.req_headers, ex.query)
         return fields if out is None else out
 
     def client_origin(self, ex: Exchange) -> Optional[str]:

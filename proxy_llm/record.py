@@ -23,8 +23,10 @@ import json
 import logging
 import random
 import re
+import threading
 import time
 import zlib
+from collections import OrderedDict
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 from . import dialects, reader, wire
@@ -84,6 +86,74 @@ class Memo(dict):
         self.chars += chars
         self[key] = value
         return value
+
+
+UPLOADS_SIZE = 1024  # Gemini uploads whose start's session UploadSessions remembers...
+UPLOADS_CHARS = 1 << 20  # ...and characters of what it keeps of their starts (1 Mi), roughly counted
+
+
+def upload_key(path: str, query: str) -> str:
+    """What names one Gemini upload among the requests to its URL: the URL's ``upload_id=``
+    parameter (Google's session id), else the whole path and query."""
+    if query.find("upload_id=") >= 0:
+        for part in query.split("&"):
+            if part.startswith("upload_id=") and len(part) > 10:
+                return part
+    return path + "?" + query
+
+
+class UploadSessions:
+    """The session of each Gemini upload in progress, for the records of its chunks.
+
+    A resumable upload is a start, then its chunks, each a request to the upload URL the start
+    was answered with. The Google Gen AI SDK sends the chunks with none of the client's
+    headers: without this, a chunk's record named no session and was in ``default``, away from
+    its start's. When the handler gives a client an upload URL (handler.upload_urls) it hands
+    the start's session headers here (:meth:`started`), and the encoder of a chunk's record
+    that names no session of its own resolves the session from them (:meth:`get`), as it did
+    the start's: the same id, the same source, and the start's credentials scrubbed from it.
+
+    Bounded in uploads (``UPLOADS_SIZE``) and in the characters kept (``UPLOADS_CHARS``): the
+    oldest upload goes first (an upload is minutes long; a client inventing upload URLs only
+    pushes the old ones out). A start that named no session is not kept (its chunks' records
+    are in ``default`` either way). Thread-safe: request threads add, the writer reads (and
+    request threads too, when they help it: storage.Recorder.submit)."""
+
+    def __init__(self, names: Iterable[str]):
+        self.names = frozenset(name.lower() for name in names)  # the headers that name a session
+        self.kept = self.names | wire.CREDENTIAL_HEADERS  # what the record's resolution reads
+        self.lock = threading.Lock()  # guards entries and chars
+        self.entries: "OrderedDict[str, Tuple[List[Tuple[str, str]], str, int]]" = OrderedDict()
+        self.chars = 0
+
+    def started(self, path: str, query: str, headers: Sequence[Tuple[str, str]], start_query: str) -> None:
+        """An upload's URL (``path``, ``query``: as the client got it) was handed to a client
+        whose start carried ``headers`` and ``start_query``: remember what of them names its
+        session, and the credentials they carried (which the chunks' records scrub, as the
+        start's does)."""
+        kept = [(name, value) for name, value in headers if name.lower() in self.kept]
+        if not any(name.lower() in self.names for name, _ in kept):
+            return
+        key = upload_key(path, query)
+        chars = len(key) + len(start_query) + sum([len(name) + len(value) for name, value in kept])
+        if chars > UPLOADS_CHARS:
+            return
+        with self.lock:
+            old = self.entries.pop(key, None)
+            if old is not None:
+                self.chars -= old[2]
+            while self.entries and (len(self.entries) >= UPLOADS_SIZE or self.chars + chars > UPLOADS_CHARS):
+                self.chars -= self.entries.popitem(last=False)[1][2]
+            self.entries[key] = (kept, start_query, chars)
+            self.chars += chars
+
+    def get(self, path: str, query: str) -> Optional[Tuple[List[Tuple[str, str]], str]]:
+        """(the start's session and credential headers, its query) for a request to an upload
+        URL (``path``, ``query``), or None when no start the proxy answered named its session."""
+        key = upload_key(path, query)
+        with self.lock:
+            entry = self.entries.get(key)
+        return None if entry is None else (entry[0], entry[1])
 
 
 def new_id(now: Optional[float] = None) -> str:
@@ -449,6 +519,8 @@ class Encoder:
         self.heads = Memo()  # see encode(): fields session_id ... stream as JSON
         self.scrub_memo = Memo()  # secret -> its scrub triple
         self.paths = Memo()  # request path -> (endpoint, scrub triples): see path_parts()
+        # The session of each Gemini upload whose URL the proxy handed out (handler.upload_urls).
+        self.uploads = UploadSessions([name for name, _ in self.session_headers])
 
     def headers_json(self, headers: Dict[str, str]) -> bytes:
         """``headers`` (from :func:`headers_dict`) as a JSON object.
@@ -475,6 +547,20 @@ class Encoder:
             if value:
                 return value, source
         return None
+
+    def upload_session(self, ex: Exchange, secrets: List[str]) -> Optional[Tuple[str, str]]:
+        """(session id, source) of a request to a Gemini upload URL that names no session of
+        its own (a chunk: the SDK sends it with none of the client's headers): its start's, as
+        :meth:`header_session` reads it from the start's headers, or None. The credentials the
+        start carried join ``secrets``: the id may hold one, which the start's record scrubs."""
+        start = self.uploads.get(ex.path, ex.query)
+        if start is None:
+            return None
+        headers, query = start
+        start_h = headers_dict(headers, self.key, secrets, self.credentials)
+        if query:
+            secrets += wire.query_secrets(query)
+        return self.header_session(start_h)
 
     def file_id(self, session_id: str) -> str:
         """:func:`session_file_id`, remembered (it is a regex match, or a hash, per record)."""
@@ -519,6 +605,9 @@ class Encoder:
         key = self.key
         secrets: List[str] = []
         req_h = headers_dict(ex.req_headers, key, secrets, self.credentials)
+        session = self.header_session(req_h)
+        if session is None and self.uploads.entries and ex.path.startswith("/upload/"):
+            session = self.upload_session(ex, secrets)  # (a chunk of an upload: its start's)
         # Every credential the request carried and every provider key (which the client never
         # saw, so only an upstream can echo them) are scrubbed from every part of the record
         # (wire.scrub_json on the whole line), and from the session id that names its file.
@@ -539,7 +628,6 @@ class Encoder:
         if ex.request.sha is not None and every:
             req_body = wire.cut_secret_start(req_body, every)
         req_value, req_raw = None, None
-        session = self.header_session(req_h)
         accepted = ex.status is not None and 200 <= ex.status < 300
         dialect = dialects.select(ex.provider_type or ex.family, ex.method, ex.path)
         # Only a model API's 2xx vouches for the body: an endpoint this proxy does not know may

@@ -66,12 +66,15 @@ class ProxyServer(ThreadingHTTPServer):
     health_reserve = 8
 
     def __init__(self, config: Config, handler_class, recorder: Optional[Recorder] = None,
-                 reuse_port: bool = False, worker: int = 0, reserve_handler_class=None):
+                 reuse_port: bool = False, worker: int = 0, reserve_handler_class=None, uploads=None):
         host, port = config.host_port
         self.address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
         self.reuse_port = reuse_port
         self.config = config
         self.recorder = recorder
+        # The record.UploadSessions its encoder reads (None: nothing is recorded): the handler
+        # gives it the session of each Gemini upload whose URL it hands a client.
+        self.uploads = uploads
         self.worker = worker
         self.started = time.time()
         self.pools: Dict[str, UpstreamPool] = {

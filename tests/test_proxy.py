@@ -581,25 +581,28 @@ class GeminiPrefixesTest(ProxyTestCase):
         return self.start_proxy([provider("openai", "openai", self.upstream.url),
                                  provider("gemini", "gemini", self.gemini.url)], **extra)
 
-    def upload(self, proxy, data, chunk, query=""):
+    def upload(self, proxy, data, chunk, query="", start_headers=(), chunk_headers=()):
         """Google's documented curl sequence, through the proxy: the start, then ``data`` in
         chunks of ``chunk`` bytes to the upload URL the client got, as it is (as the Google Gen
         AI SDK does with the client's base_url alone). The key goes in ``query`` if given, else
-        in x-goog-api-key. Returns every (status, headers, body) the client got."""
+        in x-goog-api-key; ``start_headers`` and ``chunk_headers`` are sent too. Returns every
+        (status, headers, body) the client got."""
         start_body = {"file": {"display_name": "photo"}}
         headers = {"Content-Type": "application/json", "X-Goog-Upload-Protocol": "resumable",
                    "X-Goog-Upload-Command": "start", "X-Goog-Upload-Header-Content-Length": str(len(data)),
                    "X-Goog-Upload-Header-Content-Type": "image/png"}
         if not query:
             headers["x-goog-api-key"] = self.GOOG_KEY
+        headers.update(start_headers)
         answers = [request(proxy.url, path="/upload/v1beta/files" + query, body=start_body, headers=headers)]
         url = urllib.parse.urlsplit(header(answers[0][1], "X-Goog-Upload-URL"))
         origin, target = "%s://%s" % (url.scheme, url.netloc), "%s?%s" % (url.path, url.query)
         for offset in range(0, len(data), chunk):
             last = offset + chunk >= len(data)
-            answers.append(request(origin, path=target, body=data[offset:offset + chunk], headers={
-                "Content-Type": "application/octet-stream", "X-Goog-Upload-Offset": str(offset),
-                "X-Goog-Upload-Command": "upload, finalize" if last else "upload"}))
+            headers = {"Content-Type": "application/octet-stream", "X-Goog-Upload-Offset": str(offset),
+                       "X-Goog-Upload-Command": "upload, finalize" if last else "upload"}
+            headers.update(chunk_headers)
+            answers.append(request(origin, path=target, body=data[offset:offset + chunk], headers=headers))
         return answers
 
     def test_a_resumable_upload_is_forwarded_untouched_and_recorded_chunk_by_chunk(self):
@@ -767,6 +770,55 @@ class GeminiPrefixesTest(ProxyTestCase):
         self.assertEqual(len(recs), len(cases))
         self.assertTrue(all(r["response_headers"]["x-goog-upload-url"].startswith(self.gemini.url) for r in recs))
         self.assertEqual(recs[0]["request_headers"]["x-forwarded-proto"], "https")
+
+    def test_an_uploads_chunks_are_recorded_in_its_starts_session(self):
+        # The chunks of an upload carry none of the client's headers (the Google Gen AI SDK
+        # sends them with its upload headers only): their records were in the session
+        # "default", the start's in the session it named. Each chunk's record now joins the
+        # session of the upload it belongs to (its upload_id), with the same source, unless it
+        # names a session of its own; an upload whose start named none stays in "default".
+        proxy = self.start()
+        data = os.urandom(5000)
+        secret_session = "run-" + self.GOOG_KEY  # (a session id holding the start's key)
+        uploads = [
+            ({"X-Session-Id": "upload-run-a"}, {}, [("upload-run-a", "header")] * 4),
+            ({"x-claude-code-session-id": "cc-b"}, {}, [("cc-b", "claude_code")] * 4),
+            ({"X-Session-Id": "upload-run-c"}, {"X-Session-Id": "own-c"},
+             [("upload-run-c", "header")] + [("own-c", "header")] * 3),
+            ({}, {}, [("default", "default")] * 4),
+            ({"X-Session-Id": secret_session}, {}, None),
+        ]
+        ids = []
+        for start_headers, chunk_headers, _ in uploads:
+            answers = self.upload(proxy, data, 2000, start_headers=start_headers, chunk_headers=chunk_headers)
+            self.assertEqual([a[0] for a in answers], [200] * 4)
+            ids.append([header(a[1], "X-Proxy-Record-Id") for a in answers])
+        # Two uploads in flight at once: each chunk joins its own upload's start.
+        starts = []
+        for name in ("x", "y"):
+            status, got, _ = request(proxy.url, path="/upload/v1beta/files", body={"file": {}}, headers={
+                "X-Goog-Upload-Protocol": "resumable", "X-Goog-Upload-Command": "start",
+                "x-goog-api-key": self.GOOG_KEY, "X-Session-Id": "both-" + name})
+            starts.append(urllib.parse.urlsplit(header(got, "X-Goog-Upload-URL")))
+        both = []
+        for offset, url in ((0, starts[1]), (0, starts[0]), (100, starts[1])):
+            _, got, _ = request("%s://%s" % (url.scheme, url.netloc), path=url.path + "?" + url.query,
+                                body=os.urandom(100), headers={"X-Goog-Upload-Command": "upload",
+                                                               "X-Goog-Upload-Offset": str(offset)})
+            both.append(header(got, "X-Proxy-Record-Id"))
+        by_id = dict((r["id"], r) for r in proxy.records())
+        for (_, _, expected), upload_ids in zip(uploads, ids):
+            got = [(by_id[i]["session_id"], by_id[i]["session_source"]) for i in upload_ids]
+            if expected is None:  # the start's key scrubbed from every record's id, the same way
+                self.assertEqual(set(got), {(got[0][0], "header")})
+                self.assertTrue(got[0][0].startswith("run-[REDACTED:"), got[0][0])
+            else:
+                self.assertEqual(got, expected)
+        self.assertEqual([by_id[i]["session_id"] for i in both], ["both-y", "both-x", "both-y"])
+        for path in support.all_files(self.data_dir):
+            self.assertNotIn(self.GOOG_KEY, path)
+            with open(path, "rb") as f:
+                self.assertNotIn(self.GOOG_KEY.encode(), f.read(), path)
 
     def test_a_provider_keys_echo_never_reaches_the_client(self):
         # With a provider's api_key the upstream gets that key (x-goog-api-key), never the

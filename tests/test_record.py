@@ -678,6 +678,43 @@ class EncoderTest(unittest.TestCase):
                 [rec], _ = encode(exchange(body=body, headers=headers))
                 self.assertEqual((rec["session_id"], rec["session_source"]), expected)
 
+    def test_an_upload_chunk_takes_its_starts_session_within_bounds(self):
+        # The uploads remembered for their chunks (UploadSessions) are bounded in entries and in
+        # characters, the oldest going first; a chunk of one pushed out is in "default", as
+        # before. A start that named no session is not kept.
+        patches = [mock.patch.object(record, "UPLOADS_SIZE", 8), mock.patch.object(record, "UPLOADS_CHARS", 4000)]
+        for patch in patches:
+            patch.start()
+            self.addCleanup(patch.stop)
+        encoder = Encoder(KEY, "X-Session-Id", 1 << 20)
+        uploads = encoder.uploads
+
+        def chunk(n):
+            ex = exchange(body=b"\x00\x01", path="/upload/v1beta/files")
+            ex.query = "upload_id=u-%d&upload_protocol=resumable" % n
+            [(_, _, line)] = encoder.encode(ex)
+            rec = json.loads(line)
+            return rec["session_id"], rec["session_source"]
+
+        uploads.started("/upload/v1beta/files", "upload_id=u-none", [("Host", "p")], "")
+        self.assertEqual(len(uploads.entries), 0)
+        for n in range(20):
+            uploads.started("/upload/v1beta/files", "upload_id=u-%d&upload_protocol=resumable" % n,
+                            [("Host", "p"), ("X-Session-Id", "s-%d" % n), ("x-goog-api-key", "k")], "")
+            self.assertLessEqual(len(uploads.entries), 8)
+        self.assertEqual(chunk(19), ("s-19", "header"))
+        self.assertEqual(chunk(12), ("s-12", "header"))
+        self.assertEqual(chunk(11), ("default", "default"))
+        long_id = "L" * 1500  # two fit in 4,000 characters, not three
+        for n in range(20, 23):
+            uploads.started("/upload/v1beta/files", "upload_id=u-%d" % n, [("X-Session-Id", long_id)], "")
+            self.assertLessEqual(uploads.chars, 4000)
+        self.assertEqual(sorted(uploads.entries), ["upload_id=u-21", "upload_id=u-22"])
+        self.assertEqual(chunk(22), (long_id, "header"))
+        uploads.started("/upload/v1beta/files", "upload_id=u-big", [("X-Session-Id", "B" * 5000)], "")
+        self.assertNotIn("upload_id=u-big", uploads.entries)  # larger than the whole bound
+
+
 
 class CutThroughSecretTest(unittest.TestCase):
     """A body cut at capture_max_body where the cut goes through a secret of the exchange: its

@@ -853,10 +853,10 @@ class GeminiSDKTest(ProxiedSDKCase):
         cls.upstream.handler = lambda req: cls.uploads(req) if req.path.startswith("/upload/") else replay(req)
 
     @classmethod
-    def client(cls, url: str, api_version: Optional[str] = None):
+    def client(cls, url: str, api_version: Optional[str] = None, headers: Optional[Dict[str, str]] = None):
         options = genai_types.HttpOptions(base_url=url, timeout=int(TIMEOUT * 1000), api_version=api_version,
                                           retry_options=genai_types.HttpRetryOptions(attempts=1),
-                                          client_args={"event_hooks": cls.log.hooks()})
+                                          client_args={"event_hooks": cls.log.hooks()}, headers=headers)
         c = genai.Client(api_key="gemini-test-e2e", http_options=options)
         cls.addClassCleanup(c.close)
         return c
@@ -978,7 +978,7 @@ class GeminiSDKTest(ProxiedSDKCase):
         recs: List[Dict[str, Any]] = []
 
         def written() -> bool:
-            recs[:] = [r for r in read_records(self.data_dir) if r["endpoint"].startswith("/upload/")]
+            recs[:] = [r for r in read_records(self.data_dir) if r["endpoint"] == "/upload/v1/files"]
             return len(recs) >= 3
 
         wait_until(written, DEADLINE, "the upload's records")
@@ -995,6 +995,42 @@ class GeminiSDKTest(ProxiedSDKCase):
         self.assertEqual(last["body_encoding"], {"request": "base64"})
         self.assertEqual(last["response_body"]["file"]["name"], made["via"].name)
         self.assertNotIn("gemini-test-e2e", json.dumps(recs))
+
+    def test_files_upload_in_a_session(self):
+        # A client whose http_options name a session (X-Session-Id): the SDK sends that header
+        # with the start, not with the chunks (it sends them with its upload headers only), whose
+        # records were in the session "default" for that. Each now joins its upload's start's.
+        # (Under v1beta: test_files_upload's records are the proxy's /upload/v1/ ones.)
+        client = self.client(self.proxy.url, "v1beta", headers={"X-Session-Id": "sdk-upload-run"})
+        chunk = getattr(importlib.import_module("google.genai._api_client"), "CHUNK_SIZE", 8 * 1024 * 1024)
+        data = os.urandom(chunk + 1000)
+        self.drain_requests()
+        made = client.files.upload(file=io.BytesIO(data), config=genai_types.UploadFileConfig(
+            mime_type="application/octet-stream", display_name="in-a-session"))
+        seen = [self.upstream.requests.get_nowait() for _ in range(3)]
+        self.assertEqual([r.header("X-Session-Id") for r in seen], ["sdk-upload-run", None, None])
+        self.assertEqual(self.uploads.files[made.name], data)
+        finalize = self.log.last.headers.get("x-proxy-record-id")
+        recs: List[Dict[str, Any]] = []
+
+        def written() -> bool:
+            recs[:] = [r for r in read_records(self.data_dir) if r["id"] == finalize]
+            return bool(recs)
+
+        wait_until(written, DEADLINE, "the finalize's record")
+        self.assertEqual(recs[0]["response_body"]["file"]["name"], made.name)
+        upload_id = recs[0]["query"]
+
+        def session_records() -> bool:
+            recs[:] = [r for r in read_records(self.data_dir) if r["session_id"] == "sdk-upload-run"]
+            return len(recs) >= 3
+
+        wait_until(session_records, DEADLINE, "the upload's records in its session")
+        self.assertEqual([(r["endpoint"], r["session_source"]) for r in recs], [("/upload/v1beta/files", "header")] * 3)
+        self.assertEqual(recs[0]["request_headers"]["x-session-id"], "sdk-upload-run")
+        self.assertEqual([r["query"] for r in recs[1:]], [upload_id] * 2)
+        self.assertEqual([r["request_headers"].get("x-session-id") for r in recs[1:]], [None, None])
+        self.assertEqual(base64.b64decode(recs[1]["request_body"]) + base64.b64decode(recs[2]["request_body"]), data)
 
 
 def chat_summary(body: Dict[str, Any], sdk_accumulated: bool = False) -> Dict[str, Any]:
