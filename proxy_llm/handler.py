@@ -468,6 +468,11 @@ class ProxyHandler(BaseHTTPRequestHandler):
         path, query = wire.split_target(target)
         # A "?" with nothing after it is sent on as it came (the query field cannot tell it).
         self.empty_query = not query and target.endswith("?")
+        self.upload_passed = False
+        if query and server.upload_secret is not None and path.startswith("/upload/"):
+            # A chunk of an upload whose URL the proxy handed out (upload_urls): its pass is
+            # taken off the query, which goes on and into the record as the upstream gave it.
+            query, self.upload_passed = wire.take_upload_pass(server.upload_secret, path, query)
         refused = wire.bad_target(path, query)
         if refused:
             self.close_connection = True  # the request body, if any, was not read
@@ -586,6 +591,8 @@ class ProxyHandler(BaseHTTPRequestHandler):
             if any(hmac.compare_digest(value, key.encode("utf-8")) for key in keys):
                 self.proxy_key_header = name
                 return
+        if self.upload_passed:  # (an upload URL the proxy handed out: see wire.UPLOAD_PASS)
+            return
         raise errors.Unauthorized("a valid proxy key is required (X-Proxy-Key, Authorization: Bearer, "
                                   "x-api-key, api-key or x-goog-api-key)")
 
@@ -938,12 +945,14 @@ class ProxyHandler(BaseHTTPRequestHandler):
                 origin = self.client_origin(ex)
                 if origin is None:
                     return fields
+            if self.server.uploads is not None:  # (the chunks' records join the start's session)
+                self.server.uploads.started(path, query, ex.req_headers, ex.query)
+            if self.server.upload_secret is not None:  # (the chunks carry no proxy key)
+                query = wire.with_upload_pass(self.server.upload_secret, path, query)
             url = "%s%s%s%s" % (origin, path, "?" + query if query else "", "#" + fragment if fragment else "")
             if out is None:
                 out = list(fields)
             out[i] = (name, url)
-            if self.server.uploads is not None:  # (the chunks' records join the start's session)
-                self.server.uploads.started(path, query, ex.req_headers, ex.query)
         return fields if out is None else out
 
     def client_origin(self, ex: Exchange) -> Optional[str]:

@@ -33,6 +33,7 @@ from .metrics import ProxyMetrics
 from .record import Memo
 from .storage import Recorder
 from .upstream import EgressProxy, UpstreamPool, abort
+from .wire import upload_secret
 
 log = logging.getLogger("proxy_llm.server")
 
@@ -75,6 +76,9 @@ class ProxyServer(ThreadingHTTPServer):
         # The record.UploadSessions its encoder reads (None: nothing is recorded): the handler
         # gives it the session of each Gemini upload whose URL it hands a client.
         self.uploads = uploads
+        # With proxy_keys set, the key of the pass an upload URL the proxy hands out carries
+        # (handler.UPLOAD_PASS): from the proxy keys, so that every worker reads the same.
+        self.upload_secret = upload_secret(config.proxy_keys) if config.proxy_keys else None
         self.worker = worker
         self.started = time.time()
         self.pools: Dict[str, UpstreamPool] = {

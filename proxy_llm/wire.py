@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import functools
 import hashlib
+import hmac
 import json
 import re
 import socket
@@ -509,6 +510,47 @@ def without_key_param(query: str) -> str:
     if len(kept) == len(pieces):
         return query
     return "".join(kept)
+
+
+# The parameter of the pass an upload URL the proxy hands out carries, with proxy_keys set
+# (handler.ProxyHandler.upload_urls): Google's upload URL is a capability of its own, and the
+# Google Gen AI SDK sends the file's chunks there with none of the client's headers, its key
+# included. The pass lets those requests in without a proxy key, for that URL only.
+UPLOAD_PASS = "proxy_llm_upload"
+
+
+def upload_secret(proxy_keys: Sequence[str]) -> bytes:
+    """The key of the passes of upload URLs: made from the proxy keys (every worker has the
+    same), so that a pass holds as long as the keys do."""
+    return hashlib.sha256(b"proxy_llm upload pass\0" + b"\0".join(
+        k.encode("utf-8", "surrogatepass") for k in proxy_keys)).digest()
+
+
+def upload_pass(secret: bytes, path: str, query: str) -> str:
+    """The pass of the upload URL ``path?query`` (32 hex digits of an HMAC-SHA256)."""
+    return hmac.new(secret, ("%s?%s" % (path, query)).encode("utf-8", "surrogatepass"),
+                    hashlib.sha256).hexdigest()[:32]
+
+
+def with_upload_pass(secret: bytes, path: str, query: str) -> str:
+    """``query`` with the pass of ``path?query`` as its last parameter."""
+    return "%s%s%s=%s" % (query, "&" if query else "", UPLOAD_PASS, upload_pass(secret, path, query))
+
+
+def take_upload_pass(secret: bytes, path: str, query: str) -> Tuple[str, bool]:
+    """(``query`` without the pass parameter, whether it held a good pass for ``path`` and the
+    rest of ``query``): the pass is the proxy's, never sent on, good or not."""
+    if query.find(UPLOAD_PASS) < 0:
+        return query, False
+    pieces = query.split("&")
+    kept = [p for p in pieces if not p.startswith(UPLOAD_PASS + "=")]
+    if len(kept) == len(pieces):
+        return query, False
+    rest = "&".join(kept)
+    passes = [p[len(UPLOAD_PASS) + 1:] for p in pieces if p.startswith(UPLOAD_PASS + "=")]
+    good = len(passes) == 1 and hmac.compare_digest(passes[0].encode("ascii", "replace"),
+                                                    upload_pass(secret, path, rest).encode("ascii"))
+    return rest, good
 
 
 # How a secret can appear in a JSON line (see scrub_json).

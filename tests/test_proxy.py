@@ -14,7 +14,7 @@ import unittest
 import urllib.parse
 from unittest import mock
 
-from proxy_llm import handler, record
+from proxy_llm import handler, record, wire
 from tests import support
 from tests.support import (chunk_event, DEADLINE, FakeUpstream, Reply, header, json_reply, provider, read_records, read_to_eof,
                            request, sse_reply)
@@ -894,6 +894,38 @@ class GeminiPrefixesTest(ProxyTestCase):
         self.assertEqual(recs[0]["tokens_used"]["total_tokens"], 4)
         self.assertEqual(base64.b64decode(recs[2]["response_body"]), b"\x89PNG\r\n\x1a\n\x00")
         self.assertEqual(recs[2]["body_encoding"], {"response": "base64"})
+
+    def test_with_proxy_keys_an_upload_url_carries_its_own_pass(self):
+        # The Google Gen AI SDK sends the chunks with none of the client's headers (its key
+        # included): with proxy_keys set, every chunk was the proxy's 401, and no file could be
+        # uploaded. The URL the proxy hands out now carries a pass for that URL alone.
+        proxy_key = "pk-upload-0123456789abcdef"
+        proxy = self.start(proxy_keys=[proxy_key])
+        data = bytes(range(256)) * 40
+        answers = self.upload(proxy, data, 4000, start_headers={"X-Proxy-Key": proxy_key})
+        self.assertEqual([a[0] for a in answers], [200] * 4)
+        self.assertEqual(list(self.uploads.files.values()), [data])
+        url = urllib.parse.urlsplit(header(answers[0][1], "X-Goog-Upload-URL"))
+        query = url.query.split("&")
+        self.assertTrue(query[-1].startswith(wire.UPLOAD_PASS + "="), url.query)
+        seen = [self.gemini.next_request() for _ in answers]
+        # The pass goes no further: the upstream gets its own URL's query, the record too.
+        self.assertEqual([s.query for s in seen[1:]], ["&".join(query[:-1])] * 3)
+        self.assertNotIn(wire.UPLOAD_PASS, json.dumps(proxy.records()))
+        # Only for that URL, and only a good pass: anything else still needs a proxy key.
+        other_id = "&".join(query[:-1]).replace("upload_id=", "upload_id=X")
+        bad = (url.query[:-1] + ("0" if url.query[-1] != "0" else "1"), other_id + "&" + query[-1],
+               url.query + "&" + query[-1], "&".join(query[:-1]))
+        for q in bad:
+            with self.subTest(query=q):
+                status, _, body = request(proxy.url, path="%s?%s" % (url.path, q), body=b"x",
+                                          headers={"X-Goog-Upload-Command": "query"})
+                self.assertEqual(status, 401, body)
+                self.assertEqual(json.loads(body)["error"]["status"], "UNAUTHENTICATED")
+        status, _, _ = request(proxy.url, path="/v1beta/models/gemini-2.5-flash:generateContent?" + query[-1],
+                               body={"contents": []})
+        self.assertEqual(status, 401)  # (a pass lets in nothing but uploads)
+        self.assertTrue(self.gemini.requests.empty())
 
     def test_other_paths_stay_the_proxys_404(self):
         proxy = self.start()

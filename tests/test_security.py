@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import gzip
 import http.client
+import io
 import json
 import os
 import random
@@ -217,6 +218,27 @@ class SdkProxyKeyTest(SecurityTestCase):
         client = genai.Client(api_key=self.PROXY_KEY, http_options={"base_url": self.proxy.url})
         client.models.generate_content(model="gemini-2.0-flash", contents="Hi")
         self.seen("x-goog-api-key", "gemini")
+
+    def test_google_genai_upload(self):
+        # The SDK sends an upload's chunks to the URL the start was answered with, with none of
+        # the client's headers: no key, as Google's upload URL is a capability of its own.
+        genai = self.sdk("google.genai")
+        uploads = support.ResumableUploads()
+        answer = self.upstream.handler
+        self.upstream.handler = lambda req: uploads(req) if req.path.startswith("/upload/") else answer(req)
+        client = genai.Client(api_key=self.PROXY_KEY, http_options={"base_url": self.proxy.url})
+        data = os.urandom(1000)
+        made = client.files.upload(file=io.BytesIO(data), config={"mime_type": "application/octet-stream"})
+        self.assertEqual(uploads.files[made.name], data)
+        self.seen("x-goog-api-key", "gemini")
+        chunk = self.upstream.next_request()  # let in by the pass its URL carries, which goes no further
+        self.assertIn("upload_id=", chunk.query)
+        self.assertNotIn(wire.UPLOAD_PASS, chunk.query)
+        self.assertEqual(chunk.header("x-goog-api-key"), self.KEYS["gemini"])
+        self.proxy.stop()
+        for path in all_files(self.data_dir):
+            with open(path, "rb") as f:
+                self.assertNotIn(wire.UPLOAD_PASS.encode(), f.read(), path)
 
 
 class UpstreamOnlyTest(SecurityTestCase):
