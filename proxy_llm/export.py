@@ -132,8 +132,9 @@ the traffic: the required scalar fields typed as in the record (``id``,
 ``timestamp``, ``session_id``, ``model``, ``status_code``, ``ended``,
 ``duration``, ...); headers, bodies and every optional field (``error``,
 ``tokens_used``, ``ttft_ms``, ``truncated``, ``stream_truncated``,
-``reassembly_error``, ``decode_error``, ``body_encoding``) as JSON text, always a string
-(``json.loads`` gives the value back, ``"null"`` when absent); fields this
+``reassembly_error``, ``decode_error``, ``body_encoding``, ``stream_events``) as
+JSON text, always a string (``json.loads`` gives the value back, ``"null"`` when
+absent); fields this
 version does not know in ``extra`` (JSON text of an object).
 
 ``--dedupe``: agents resend the whole history on every call, so a session of
@@ -189,7 +190,7 @@ TYPED_FIELDS = (
 JSON_TEXT_FIELDS = (
     "request_headers", "request_body", "response_headers", "response_body",
     "error", "tokens_used", "ttft_ms", "truncated", "stream_truncated",
-    "reassembly_error", "decode_error", "body_encoding",
+    "reassembly_error", "decode_error", "body_encoding", "stream_events",
 )
 
 

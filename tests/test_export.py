@@ -241,6 +241,19 @@ class TestRecordsFormat(ExportTestCase):
             orig = [r for r in self.man.records if r["id"] == row["id"]][0]
             self.assertEqual(json.loads(row["request_headers"]), orig["request_headers"])
 
+    def test_every_field_of_the_schema_is_a_column_not_extra(self) -> None:
+        # stream_events, a field of the schema, went to extra as "a field this version does
+        # not know" (its records' rows held {"stream_events": N} there, the others "{}").
+        from proxy_llm import record
+
+        columns = set(export.TYPED_FIELDS) | set(export.JSON_TEXT_FIELDS)
+        self.assertEqual([f for f in record.FIELDS if f not in columns], [])
+        self.assertEqual(sorted(columns - set(record.FIELDS)), [])
+        rec = df.openai_chat(df.Clock(seed=4), "streamed", [{"role": "user", "content": "hi"}], {"content": "yo"})
+        rec["stream_events"] = 3
+        row = export.render_record(rec)
+        self.assertEqual((row["extra"], row["stream_events"]), ("{}", "3"))
+
     def test_unknown_fields_are_kept(self) -> None:
         rec = df.openai_chat(df.Clock(seed=3), "extra", [{"role": "user", "content": "hi"}], {"content": "yo"})
         rec["future_field"] = {"a": 1}
