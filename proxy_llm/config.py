@@ -196,17 +196,55 @@ def _expand_tree(value: Any, env: Mapping[str, str], where: str, depth: int = 0)
     return value
 
 
-def _refuse_constant(name: str) -> None:
-    raise ValueError("%s is not a number JSON allows" % name)
+class _NotANumber:
+    """What the decoder makes of a number it refuses (``NaN``, ``Infinity``, an integer past
+    the interpreter's digit limit), kept in its place so that the error can name its key:
+    the decoder's hooks are not told where they are, and an exception raised in one named
+    neither the key nor the line."""
+
+    __slots__ = ("message",)
+
+    def __init__(self, message: str):
+        self.message = message
 
 
-_DECODER = json.JSONDecoder(parse_constant=_refuse_constant)
+def _refuse_constant(name: str) -> _NotANumber:
+    return _NotANumber("%s is not a number JSON allows" % name)
+
+
+def _parse_int(text: str) -> Any:
+    try:
+        return int(text)
+    except ValueError as exc:  # past sys.get_int_max_str_digits() (3.11+)
+        return _NotANumber(str(exc))
+
+
+def _not_a_number(data: Any) -> Optional[Tuple[str, str]]:
+    """The first refused number in a parsed file, as (key, message); None when there is none.
+    Iterative: the file may nest as deep as the decoder took."""
+    todo = [("", data)]
+    while todo:
+        where, value = todo.pop()
+        if isinstance(value, _NotANumber):
+            return where, value.message
+        if isinstance(value, dict):
+            items = [("%s.%s" % (where, k) if where else k, v) for k, v in value.items()]
+        elif isinstance(value, list):
+            items = [("%s[%d]" % (where, i), v) for i, v in enumerate(value)]
+        else:
+            continue
+        todo.extend(reversed(items))
+    return None
+
+
+_DECODER = json.JSONDecoder(parse_constant=_refuse_constant, parse_int=_parse_int)
 _MAX_SECONDS = 10.0 ** 7  # ~116 days: past any timeout, within what a socket and a sleep take
 _MAX_WORKERS = 256
 
 
 def read_file(path: str) -> Dict[str, Any]:
-    """Parse the JSON config file; errors name the file and the line."""
+    """Parse the JSON config file; errors name the file and the line (the key, for a number
+    JSON does not allow)."""
     try:
         with open(path, "r", encoding="utf-8") as f:
             text = f.read()
@@ -218,11 +256,14 @@ def read_file(path: str) -> Dict[str, Any]:
         data = _DECODER.decode(text)
     except json.JSONDecodeError as exc:
         raise ConfigError("%s: line %d column %d: invalid JSON: %s" % (path, exc.lineno, exc.colno, exc.msg)) from None
-    except (ValueError, RecursionError) as exc:  # NaN, Infinity; a number of thousands of digits; nesting
+    except (ValueError, RecursionError) as exc:  # nesting
         raise ConfigError("%s: invalid JSON: %s" % (path, type(exc).__name__ if isinstance(exc, RecursionError)
                                                     else exc)) from None
     if not isinstance(data, dict):
         raise ConfigError("%s: the top level must be a JSON object" % path)
+    refused = _not_a_number(data)
+    if refused is not None:
+        raise ConfigError("%s: %s: invalid JSON: %s" % (path, refused[0], refused[1]))
     return data
 
 
