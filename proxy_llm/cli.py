@@ -24,7 +24,7 @@ import sys
 import threading
 import time
 import traceback
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from . import __version__
 from .config import LOG_LEVELS, Config, ConfigError, data_dir_error, load, parse_listen
@@ -93,14 +93,21 @@ def main(argv: Optional[List[str]] = None) -> int:
     return serve(config)
 
 
-def run_subcommand(name: str, argv: List[str]) -> int:
+def subcommand_parser(name: str) -> Tuple[Any, argparse.ArgumentParser]:
+    """The module of subcommand ``name`` and its argument parser."""
     import importlib
 
     module = importlib.import_module("proxy_llm." + name)
     parser = argparse.ArgumentParser(prog="proxy_llm " + name)
     parser.add_argument("--config", metavar="PATH", default=None,
-                        help="config file whose data_dir is the default --data-dir (default ./config.json)")
+                        help="config file whose data_dir is the default --data-dir (default: ./config.json; "
+                             "$PROXY_LLM_CONFIG)")
     module.add_arguments(parser)
+    return module, parser
+
+
+def run_subcommand(name: str, argv: List[str]) -> int:
+    module, parser = subcommand_parser(name)
     args = parser.parse_args(argv)
     default_dir = "./data"
     try:

@@ -114,6 +114,21 @@ class ReadmeTest(unittest.TestCase):
         self.assertEqual([r[0].strip("`") for r in rows], list(record.FIELDS))
         self.assertEqual(set(r[1] for r in rows) - set(FIELD_TYPES), set())
 
+    def test_subcommand_flags_both_ways(self):
+        # Each subcommand's options are in its part of the README, and every flag that part
+        # names is an option of one of them.
+        start = self.text.index("## From recordings to datasets")
+        part = self.text[start:self.text.index("### Loading the files", start)]
+        named = set(re.findall(r"(?<![\w-])(--[a-z][a-z-]*)", part))
+        options = set()
+        for name in cli.SUBCOMMANDS:
+            _, parser = cli.subcommand_parser(name)
+            own = set(o for a in parser._actions for o in a.option_strings if o.startswith("--")) - {"--help"}
+            with self.subTest(subcommand=name):
+                self.assertEqual(sorted(own - named), [])
+            options |= own
+        self.assertEqual(sorted(named - options), [])
+
     def test_shipped_config_is_the_one_shown(self):
         with open(os.path.join(ROOT, "config.json")) as f:
             shipped = json.load(f)
