@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
+import tempfile
 import unittest
 
 from proxy_llm import cli, config, record
@@ -114,6 +116,51 @@ class ReadmeTest(unittest.TestCase):
         self.assertEqual([r[0].strip("`") for r in rows], list(record.FIELDS))
         self.assertEqual(set(r[1] for r in rows) - set(FIELD_TYPES), set())
 
+    def test_flag_table_is_the_parser_both_ways(self):
+        # The table's flags against the parser's options, both ways; and each flag and variable
+        # overrides the key its row names (run, not read: a config loaded with it set).
+        rows = table(self.text, "| environment | flag | overrides |", split="|")
+        parser = cli.build_parser()
+        options = set(o for a in parser._actions for o in a.option_strings if o.startswith("--"))
+        shown = set(re.findall(r"(--[a-z][a-z-]*)", " ".join(r[1] for r in rows)))
+        self.assertEqual(sorted(shown), sorted(options))
+        tmp = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, tmp)
+        path = os.path.join(tmp, "config.json")
+        with open(path, "w") as f:
+            json.dump({"providers": [{"name": "o", "type": "openai", "base_url": "http://127.0.0.1:9"}]}, f)
+        values = {"listen": "127.0.0.1:1234", "data_dir": os.path.join(tmp, "d"), "log_level": "DEBUG",
+                  "upstream_proxy": "http://proxy.example:3128", "workers": 3}
+        checked = 0
+        for env, flag, overrides in rows:
+            key = re.findall(r"`([a-z_]+)`", overrides)
+            if not key:
+                continue
+            key = key[0]
+            with self.subTest(key=key):
+                self.assertIn(key, values, "a row overrides a key this test has no value for")
+                value = values[key]
+                if env:
+                    var = env.strip("`")
+                    self.assertEqual(getattr(config.load(path, env={var: str(value)}), key), value)
+                if flag:
+                    name = flag.strip("`").split()[0]
+                    args = parser.parse_args([name, str(value)])
+                    self.assertEqual(getattr(cli.load_config(args), key), value)
+                checked += 1
+        self.assertEqual(checked, len(values))
+
+    def test_every_environment_variable_the_code_reads_is_in_the_table(self):
+        rows = table(self.text, "| environment | flag | overrides |", split="|")
+        shown = set(r[0].strip("`") for r in rows if r[0])
+        read = set()
+        package = os.path.join(ROOT, "proxy_llm")
+        for name in sorted(os.listdir(package)):
+            if name.endswith(".py"):
+                with open(os.path.join(package, name), encoding="utf-8") as f:
+                    read.update(re.findall(r"PROXY_LLM_[A-Z_]+", f.read()))
+        self.assertEqual(sorted(shown), sorted(read))
+
     def test_subcommand_flags_both_ways(self):
         # Each subcommand's options are in its part of the README, and every flag that part
         # names is an option of one of them.
@@ -129,6 +176,88 @@ class ReadmeTest(unittest.TestCase):
             options |= own
         self.assertEqual(sorted(named - options), [])
 
+    def test_export_formats_both_ways(self):
+        from proxy_llm import export
+
+        start = self.text.index("Formats:\n")
+        bullets = re.findall(r"^\* `([a-z-]+)`:", self.text[start:self.text.index("\n\n`--dedupe`", start)], re.M)
+        self.assertEqual(bullets, list(export.FORMATS))
+
+    def test_provider_key_table_is_the_provider_keys(self):
+        rows = table(self.text, "| key | meaning |")
+        self.assertEqual(sorted(r[0].strip("`") for r in rows), sorted(config.PROVIDER_KEYS))
+
+    def test_config_values_named_in_the_key_table(self):
+        # The values a key takes, listed in its row, against the ones the config accepts.
+        rows = {r[0].strip("`"): r[2] for r in table(self.text, "| key | default | meaning |")}
+        for key, accepted in (("fsync", config.FSYNC_MODES), ("on_record_error", config.ON_RECORD_ERROR),
+                              ("log_level", config.LOG_LEVELS)):
+            with self.subTest(key=key):
+                listed = [v for v in re.findall(r"`([a-zA-Z_]+)`", rows[key]) if v not in config.DEFAULTS]
+                self.assertEqual(sorted(set(listed)), sorted(accepted))
+        row = [r for r in table(self.text, "| key | meaning |") if r[0] == "`type`"][0]
+        self.assertEqual(sorted(set(re.findall(r"`([a-z]+)`", row[1]))), sorted(config.PROVIDER_TYPES))
+
+    def test_metric_labels_are_the_pages(self):
+        # The labels a row names (the backquoted names before any colon, outside parentheses)
+        # against the labels each metric has.
+        rows = table(self.text, "| metric | type | labels |")
+        metrics = ProxyMetrics(*(lambda: 0,) * 5)
+        labels = {m.name: list(m.labelnames) for m in metrics.registry._metrics}
+        for name, _, cell in rows:
+            name = name.strip("`")
+            bare = re.sub(r"\([^()]*\)", "", cell).split(":")[0]
+            shown = re.findall(r"`([a-z_]+)`", bare) if re.match(r"\s*(`[a-z_]+`\s*,?\s*)*$", bare) else []
+            with self.subTest(metric=name):
+                self.assertEqual(shown, labels[name])
+
+    def test_enumerations_of_the_record_fields(self):
+        # The values a record field takes, as its row (or the paragraph on endings) lists them,
+        # against the code's.
+        from proxy_llm import dialects, reader, verify
+
+        rows = {r[0].strip("`"): r[2] for r in table(self.text, "| field | type | meaning |")}
+        dialect_names = set(dialects.DIALECTS)
+        cases = (("session_source", record.SESSION_SOURCES), ("provider_type", config.PROVIDER_TYPES),
+                 ("dialect", dialect_names))
+        for field, values in cases:
+            with self.subTest(field=field):
+                self.assertEqual(sorted(set(re.findall(r"`([a-z_]+)`", rows[field]))), sorted(values))
+        start = self.text.index("`ended` is one of ")
+        sentence = self.text[start:self.text.index("Every ending", start)]
+        endings = re.findall(r"`([a-z_]+)`", re.sub(r"\([^()]*\)", "", sentence))[1:]
+        self.assertEqual(endings, list(reader.ENDINGS))
+        self.assertEqual(list(record.SESSION_SOURCES), list(verify.SESSION_SOURCES))
+        self.assertEqual(list(config.PROVIDER_TYPES), list(verify.PROVIDER_TYPES))
+
+    def test_token_kinds(self):
+        from proxy_llm import verify
+
+        start = self.text.index("`tokens_used` has ")
+        sentence = self.text[start:self.text.index(".", start)]
+        self.assertEqual(re.findall(r"`([a-z_]+)`", sentence)[1:], list(verify.TOKEN_KEYS))
+        row = table(self.text, "| metric | type | labels |")
+        kinds = [r[2] for r in row if r[0] == "`proxy_llm_tokens_total`"][0]
+        kinds = re.findall(r"`([a-z_]+)`", kinds[kinds.index("`kind`"):])[1:]
+        self.assertEqual(kinds, [k for k in verify.TOKEN_KEYS if k != "total_tokens"])
+        rows = table(self.text, "| tokens_used | OpenAI chat, completions, embeddings (`usage`) | OpenAI Responses "
+                                "(`response.usage`) | Anthropic Messages (`usage`, merged over the stream) | Gemini "
+                                "(`usageMetadata`, the last one) |")
+        self.assertEqual([r[0].strip("`") for r in rows], list(verify.TOKEN_KEYS))
+
+    def test_error_shapes_are_the_rendered_ones(self):
+        from proxy_llm import errors
+
+        start = self.text.index("Error shapes: ")
+        line = self.text[start:self.text.index("\n\n", start)].replace("\n", " ")
+        shapes = dict(re.findall(r"(OpenAI|Anthropic|Gemini) `(\{.*?\}\})`", line))
+        self.assertEqual(sorted(shapes), ["Anthropic", "Gemini", "OpenAI"])
+        for family, shape in shapes.items():
+            body, _ = errors.render(family.lower(), 404, "m", "k")
+            with self.subTest(family=family):
+                shown = re.sub(r'\s|:\s*"[^"]*"', "", shape).replace('"', "")  # (without constants)
+                self.assertEqual(shape_of(json.loads(body)), shown)
+
     def test_shipped_config_is_the_one_shown(self):
         with open(os.path.join(ROOT, "config.json")) as f:
             shipped = json.load(f)
@@ -140,14 +269,25 @@ FIELD_TYPES = {"int": (int,), "string": (str,), "string or null": (str, type(Non
                "bool": (bool,), "number": (int, float), "object": (dict,), "any": (object,)}
 
 
-def table(text: str, head: str) -> list:
-    """The rows of the README table under ``head``, as lists of cells."""
+def shape_of(obj) -> str:
+    """``{"error": {"type": ..., "message": ...}}`` as the README writes a shape:
+    ``{error:{type,message}}`` (an object's scalar keys bare, its objects' keys nested)."""
+    parts = []
+    for key, value in obj.items():
+        parts.append("%s:%s" % (key, shape_of(value)) if isinstance(value, dict) else key)
+    return "{%s}" % ",".join(parts)
+
+
+def table(text: str, head: str, split: str = " | ") -> list:
+    """The rows of the README table under ``head``, as lists of cells (split on ``split``: on
+    " | " by default, since a cell may hold a ``|`` of its own; "|" for a table with empty cells)."""
     start = text.index(head + "\n")
     rows = []
     for line in text[start:].splitlines()[2:]:
         if not line.startswith("|"):
             break
-        rows.append([c.strip() for c in line.strip("|").split(" | ")])
+        rows.append([c.strip() for c in line.strip()[1:-1].split(split)] if split == "|"
+                    else [c.strip() for c in line.strip("|").split(split)])
     return rows
 
 
