@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import re
@@ -175,6 +177,26 @@ class ReadmeTest(unittest.TestCase):
                 self.assertEqual(sorted(own - named), [])
             options |= own
         self.assertEqual(sorted(named - options), [])
+
+    def test_subcommand_exit_statuses_are_their_helps(self):
+        # The README said export's 2 was "bad usage" (an unreadable data dir is one too, as its
+        # --help said) and gave stats' none. Each subcommand's --help states its exit statuses;
+        # the README's part on it states the same, and a data dir that is not there is a 2.
+        parts = {"export": ("### `export`", "Filters ("), "stats": ("### `stats` and `verify`", "`verify` checks"),
+                 "verify": ("`verify` checks", "`verify` may run")}
+        missing = os.path.join(tempfile.mkdtemp(), "none")
+        self.addCleanup(shutil.rmtree, os.path.dirname(missing))
+        for name in cli.SUBCOMMANDS:
+            start, end = parts[name]
+            start = self.text.index(start)
+            part = " ".join(self.text[start:self.text.index(end, start + 1)].split())
+            epilog = cli.subcommand_parser(name)[1].epilog
+            statuses = epilog[epilog.index("Exit status: "):].rstrip(".")
+            with self.subTest(subcommand=name):
+                self.assertIn(statuses, part)
+                with contextlib.redirect_stderr(io.StringIO()), contextlib.redirect_stdout(io.StringIO()):
+                    code = cli.main([name, "--data-dir", missing] + (["--format", "records"] if name == "export" else []))
+                self.assertEqual(code, 2)
 
     def test_export_formats_both_ways(self):
         from proxy_llm import export
