@@ -340,6 +340,26 @@ class RealRecordTest(support.ProxyTestCase):
                         self.assertNotIsInstance(value, bool)
         self.assertEqual({"stream_events", "ttft_ms", "error", "tokens_used"} - set().union(*recs), set())
 
+    def test_record_false_keeps_the_metrics_its_row_does_not_name(self):
+        # The row said "forward and keep metrics": proxy_llm_tokens_total, counted from the
+        # bodies a proxy that records nothing never reads, stays empty. The metrics with a
+        # sample after the same exchanges, recording on and off: those only recording keeps
+        # are the ones the row names.
+        def sampled(record):
+            self.replies.append(support.json_reply({"id": "c", "choices": [], "usage": {
+                "prompt_tokens": 2, "completion_tokens": 1, "total_tokens": 3}}))
+            proxy = self.start_proxy(data_dir=os.path.join(self.tmp, str(record)), record=record)
+            self.assertEqual(support.request(proxy.url, body={"model": "gpt-4o", "messages": []})[0], 200)
+            proxy.flush()
+            page = proxy.server.metrics.render().decode()
+            proxy.stop()
+            return set(re.findall(r"^(proxy_llm_[a-z_]+?)(?:_bucket|_sum|_count)?[{ ]", page, re.M))
+
+        only_recording = sampled(True) - sampled(False)
+        self.assertTrue(only_recording)
+        row = [r[2] for r in table(readme(), "| key | default | meaning |") if r[0] == "`record`"][0]
+        self.assertEqual(sorted(re.findall(r"`(proxy_llm_[a-z_]+)`", row)), sorted(only_recording))
+
     def test_health_keys_are_the_documented_ones(self):
         row = [line for line in readme().splitlines() if line.startswith("| `GET /health` |")][0]
         keys = re.sub(r"\(`ok`.*?\)", "", row.split(" 503 only")[0])  # (the status values)
