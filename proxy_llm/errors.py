@@ -142,6 +142,9 @@ FORWARDED = tuple(prefix for prefix, _ in FORWARDED_PREFIXES)  # (str.startswith
 # file prefixes' roots are no endpoint of anyone's.
 FORWARDED_ROOTS = frozenset(("/v1", "/v1beta", "/v1alpha"))
 _PREFIX_FAMILIES = tuple((prefix, family) for prefix, family in FORWARDED_PREFIXES if family is not None)
+# The roots of the prefixes a family owns are that family's (GET /v1beta is Gemini's, as every
+# path under /v1beta/ is); /v1, shared, is placed by the request's headers as /v1/ paths are.
+_ROOT_FAMILIES = dict((prefix[:-1], family) for prefix, family in _PREFIX_FAMILIES if prefix[:-1] in FORWARDED_ROOTS)
 
 
 def forwarded(path: str) -> bool:
@@ -157,7 +160,7 @@ def family_of(path: str, headers: Optional[Iterable[Tuple[str, str]]] = None, qu
     """The provider family whose API a request belongs to, for routing and error shapes.
 
     The path decides when it can: ``/v1/messages*`` is Anthropic's, an :data:`OPENAI_PATHS` one
-    OpenAI's, one under a prefix of :data:`FORWARDED_PREFIXES` that names a family that family's
+    OpenAI's, one under a prefix of :data:`FORWARDED_PREFIXES` that names a family (or that prefix's root) that family's
     (``/v1beta/*``, ``/v1alpha/*``, ``/upload/v1beta/*`` ...: Gemini's; ``/openai/*`` Azure OpenAI's), a Gemini model method
     Gemini's. Any other path is one several APIs share (``GET /v1/models`` from the Anthropic
     SDK, ``/v1/models/gemini-...`` from the Google Gen AI SDK): the request's ``headers`` and
@@ -171,6 +174,8 @@ def family_of(path: str, headers: Optional[Iterable[Tuple[str, str]]] = None, qu
         for prefix, family in _PREFIX_FAMILIES:
             if path.startswith(prefix):
                 return family
+        if path in _ROOT_FAMILIES:
+            return _ROOT_FAMILIES[path]
     if ":" in path:
         if ":generateContent" in path or ":streamGenerateContent" in path:
             return "gemini"

@@ -485,8 +485,12 @@ class RoutingTest(ProxyTestCase):
         self.assertEqual(json.loads(body)["type"], "error")
         status, _, body = request(proxy.url, path="/favicon.ico", method="GET", headers={})
         self.assertEqual(status, 404)
+        # Gemini's API root: its 404, not a request sent to the openai provider (it was).
+        status, _, body = request(proxy.url, path="/v1beta", method="GET", headers={})
+        self.assertEqual((status, json.loads(body)["error"].get("status")), (404, "NOT_FOUND"))
+        self.assertTrue(self.upstream.requests.empty())
         recs = proxy.records()
-        self.assertEqual(len(recs), 2)
+        self.assertEqual(len(recs), 3)
         # A request that never left still has its body and an id in its record.
         self.assertEqual(recs[1]["request_body"], {"model": "claude-x"})
         self.assertEqual(len(recs[1]["id"]), 26)

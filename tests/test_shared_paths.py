@@ -215,7 +215,9 @@ class FamilyOfTest(unittest.TestCase):
         anthropic_headers = list(ANTHROPIC_X_API_KEY.items())
         for path, family in (("/v1/chat/completions", "openai"), ("/v1/responses", "openai"),
                              ("/v1/embeddings", "openai"), ("/v1/messages", "anthropic"),
-                             ("/v1beta/models", "gemini"), ("/v1/models/gemini-2.5-flash:generateContent", "gemini")):
+                             ("/v1beta/models", "gemini"), ("/v1/models/gemini-2.5-flash:generateContent", "gemini"),
+                             # An API version's root of Gemini's is Gemini's: /v1beta went to OpenAI.
+                             ("/v1beta", "gemini"), ("/v1alpha", "gemini")):
             with self.subTest(path=path):
                 self.assertEqual(family_of(path, list(GEMINI_HEADER.items()) if family != "gemini" else
                                            anthropic_headers, "key=x"), family)
