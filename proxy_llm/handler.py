@@ -49,10 +49,8 @@ _AZURE_DEPLOYMENT_RE = re.compile(r"/openai/deployments/([^/]+)(/.*)\Z")
 # A Host header fit to be the authority of a URL the proxy hands out (ProxyHandler.client_origin).
 _AUTHORITY_RE = re.compile(r"(?:[A-Za-z0-9._~-]+|\[[0-9A-Fa-f:.]+\])(?::[0-9]{1,5})?\Z")
 
-KNOWN_ENDPOINTS = frozenset((
-    "/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/responses", "/v1/messages",
-    "/v1/messages/count_tokens", "/v1/models", "/v1/moderations", "/v1/audio/speech",
-    "/v1/audio/transcriptions", "/v1/images/generations",
+KNOWN_ENDPOINTS = errors.OPENAI_PATHS | frozenset((  # (OpenAI's own, as under Azure's /openai/)
+    "/v1/messages", "/v1/messages/count_tokens", "/v1/models",
     # Gemini's file uploads: the start and each chunk (the session is in the query).
     "/upload/v1/files", "/upload/v1beta/files", "/upload/v1alpha/files",
 ))

@@ -691,6 +691,16 @@ class LabelTest(unittest.TestCase):
         self.assertEqual(endpoint_label("/v1beta/models/x:evilMethod"), "other")
         self.assertEqual(endpoint_label("/v1/models/gemini-2.0-flash:generateContent"), "/v1/models/*:generateContent")
 
+    def test_every_openai_endpoint_is_a_label_under_v1_as_under_azure(self):
+        # /v1/audio/translations, /v1/images/edits and /v1/images/variations were "other", while
+        # Azure OpenAI's paths to the same endpoints had labels of their own.
+        from proxy_llm.errors import OPENAI_PATHS
+
+        for path in sorted(OPENAI_PATHS):
+            with self.subTest(path=path):
+                self.assertEqual(endpoint_label(path), path)
+                self.assertEqual(endpoint_label("/openai/deployments/d" + path[3:]), "/openai/deployments/*" + path[3:])
+
     def test_no_label_holds_a_segment_of_the_path(self):
         # A key a client put in its base URL, before /models/, was a label of its own.
         for path in ("/v1beta/sk-path-key-0123456789/models/gemini-2.0-flash:generateContent",
