@@ -198,6 +198,19 @@ class ReadmeTest(unittest.TestCase):
                     code = cli.main([name, "--data-dir", missing] + (["--format", "records"] if name == "export" else []))
                 self.assertEqual(code, 2)
 
+    def test_endpoint_table_is_what_the_proxy_forwards_and_answers(self):
+        from proxy_llm import errors, handler
+
+        rows = table(self.text, "| path | answer |")
+        forwarded = re.findall(r"`(/[^`]*)`", rows[0][0])
+        versions = re.findall(r"`(v[0-9a-z]+)`", rows[0][0].split("(`<version>`:")[1])
+        paths = set()
+        for path in forwarded:
+            paths.update(path.replace("<version>", v) for v in versions) if "<version>" in path else paths.add(path)
+        self.assertEqual(sorted(p[:-1] for p in paths), sorted(errors.FORWARDED))
+        local = [re.match(r"`GET (/[a-z]+)`", r[0]).group(1) for r in rows[1:]]
+        self.assertEqual(local, list(handler.LOCAL_PATHS))
+
     def test_export_formats_both_ways(self):
         from proxy_llm import export
 
