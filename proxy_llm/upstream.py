@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import base64
 import http.client
+import io
 import re
 import select
 import socket
@@ -447,11 +448,38 @@ class EgressProxy:
             self.secrets = [s for s in (password, parts.password, token) if s]
 
 
-def open_tunnel(sock: socket.socket, host: str, port: int, proxy: EgressProxy) -> None:
+class _Until(io.RawIOBase):
+    """A socket read until ``deadline`` (``time.monotonic``), as :class:`Response` reads it
+    (``makefile``): each read waits at most for what is left. A socket timeout bounds each
+    read alone, so a proxy that sent its answer a byte at a time, each byte within the timeout,
+    held the CONNECT (and the request, and a shutdown waiting for its connect) as long as it
+    went on."""
+
+    def __init__(self, sock: socket.socket, deadline: float):
+        super().__init__()
+        self.sock = sock
+        self.deadline = deadline
+
+    def makefile(self, mode: str = "rb") -> io.BufferedReader:
+        return io.BufferedReader(self)
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        left = self.deadline - time.monotonic()
+        if left <= 0:
+            raise socket.timeout("timed out")
+        self.sock.settimeout(left)
+        return self.sock.recv_into(buffer)
+
+
+def open_tunnel(sock: socket.socket, host: str, port: int, proxy: EgressProxy, deadline: float) -> None:
     """Ask the proxy on ``sock`` for a tunnel to ``host``:``port`` (RFC 9110 9.3.6): any 2xx
     opens it; any other answer raises :class:`EgressProxyError` naming the proxy and its
     status, a head that cannot be read too (a proxy that closes without answering, one that
-    is not HTTP). The socket's timeout (``connect_timeout``) bounds the wait.
+    is not HTTP). The whole answer head must be in by ``deadline`` (``time.monotonic``), or
+    ``socket.timeout`` is raised, however the proxy spreads it over time.
 
     Not ``http.client``'s ``set_tunnel``: its refusal is an ``OSError`` without a status to
     tell apart from any other, and before 3.12 it sends HTTP/1.0 without ``Host`` and an IPv6
@@ -462,7 +490,7 @@ def open_tunnel(sock: socket.socket, host: str, port: int, proxy: EgressProxy) -
     if proxy.authorization:
         head += "Proxy-Authorization: %s\r\n" % proxy.authorization
     sock.sendall((head + "\r\n").encode("latin-1"))
-    resp = Response(sock, method="CONNECT")
+    resp = Response(_Until(sock, deadline), method="CONNECT")
     try:
         resp.begin()
     except http.client.HTTPException as exc:
@@ -477,8 +505,8 @@ def open_tunnel(sock: socket.socket, host: str, port: int, proxy: EgressProxy) -
 
 class TunnelConnection(_OneSend, http.client.HTTPConnection):
     """HTTPS to ``host``:``port`` through ``proxy``'s CONNECT tunnel: connected to the proxy
-    (within ``timeout``, as a direct connection), the tunnel opened (:func:`open_tunnel`,
-    within the same timeout), then TLS inside it, checked against ``host`` (not the proxy)."""
+    and the tunnel opened (:func:`open_tunnel`) within ``timeout`` in all, then TLS inside it,
+    checked against ``host`` (not the proxy), each of its reads within what is left of it."""
 
     response_class = Response
     default_port = 443
@@ -489,9 +517,14 @@ class TunnelConnection(_OneSend, http.client.HTTPConnection):
         self.tls_context = context
 
     def connect(self) -> None:
+        deadline = time.monotonic() + self.timeout
         sock = socket.create_connection((self.proxy.host, self.proxy.port), self.timeout)
         try:
-            open_tunnel(sock, self.host, self.port, self.proxy)
+            open_tunnel(sock, self.host, self.port, self.proxy, deadline)
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise socket.timeout("timed out")
+            sock.settimeout(left)
             self.sock = self.tls_context.wrap_socket(sock, server_hostname=self.host)
         except BaseException:
             sock.close()

@@ -12,11 +12,14 @@ import base64
 import http.client
 import json
 import os
+import queue
 import socket
 import ssl
 import subprocess
 import sys
 import tempfile
+import threading
+import time
 import unittest
 
 from proxy_llm import config
@@ -165,6 +168,55 @@ class TunnelTest(Egress, TlsUpstreamCase):
                          % silent.getsockname()[1])
         [rec] = proxy.records()
         self.assertEqual(rec["ended"], "timeout")
+
+
+    def test_a_proxy_that_dribbles_its_connect_answer_is_cut_at_connect_timeout(self):
+        """connect_timeout bounds the whole CONNECT exchange, not each read of its answer: a
+        proxy that sends its answer a byte every 50 ms (each well within the timeout, 22 s in
+        all) gives a 504 once the timeout has passed. It held the request to the end before."""
+        listener = socket.socket()
+        self.addCleanup(listener.close)
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(8)
+        answer = b"HTTP/1.1 200 Connection established\r\nX-Pad: " + b"x" * 400 + b"\r\n\r\n"
+        stop = threading.Event()
+        self.addCleanup(stop.set)
+        sent = queue.Queue()
+
+        def dribble():
+            conn, _ = listener.accept()
+            n = 0
+            with conn:
+                conn.recv(65536)  # (the CONNECT head, in one write)
+                while n < len(answer) and not stop.wait(0.05):
+                    try:
+                        conn.sendall(answer[n:n + 1])
+                    except OSError:  # the proxy gave up on it
+                        break
+                    n += 1
+            sent.put(n)
+
+        thread = threading.Thread(target=dribble, daemon=True)
+        thread.start()
+        self.addCleanup(thread.join, DEADLINE)
+        url = "http://alice:%s@127.0.0.1:%d" % (PASSWORD, listener.getsockname()[1])
+        proxy = self.start_proxy(providers=[openai("openai", self.upstream.url, ["gpt-*"], ca_file=FIXTURE, proxy=url)],
+                                 connect_timeout=0.5)
+        started = time.monotonic()
+        status, _, body = exchange(proxy, PLAIN_BODY)
+        elapsed = time.monotonic() - started
+        self.assertEqual(status, 504, body)
+        self.assertEqual(json.loads(body)["error"], {
+            "message": "upstream openai did not answer in time via the egress proxy 127.0.0.1:%d"
+                       % listener.getsockname()[1], "type": "timeout", "param": None, "code": "upstream_timeout"})
+        self.assertLess(elapsed, 5.0, "the dribbling proxy held the request")
+        # The proxy was still sending when it was cut, after several bytes (each read got one
+        # within the timeout: a timeout per read never passed).
+        n = sent.get(timeout=DEADLINE)
+        self.assertTrue(3 <= n < len(answer), n)
+        [rec] = proxy.records()
+        self.assertEqual((rec["ended"], rec["status_code"], rec["error"]["type"]),
+                         ("timeout", 504, "upstream_timeout"))
 
 
 class ForwardTest(Egress, support.ProxyTestCase):
