@@ -21,7 +21,7 @@ import re
 import ssl
 import urllib.parse
 from dataclasses import dataclass, field
-from typing import Any, Dict, Mapping, Optional, Tuple
+from typing import Any, Dict, Mapping, Optional, Tuple, Union
 
 PROVIDER_TYPES = ("openai", "anthropic", "gemini", "azure")
 FSYNC_MODES = ("interval", "always", "never")
@@ -431,32 +431,86 @@ def _validate_proxy(value: Any, where: Mapping[str, str], key: str) -> str:
 
 def _no_proxy_entries(value: Any, where: Mapping[str, str]) -> Tuple[str, ...]:
     """``no_proxy``: a list of strings, or one comma-separated string (what ``$NO_PROXY``
-    holds, for ``"${NO_PROXY:-}"``). Each entry is ``*`` (every host), a host name (also
-    matching its subdomains; a leading ``.`` or ``*.`` is the same), an IP address or a
-    network (``10.0.0.0/8``); lower-cased, blanks dropped."""
+    holds, for ``"${NO_PROXY:-}"``), read as curl and Go's ``httpproxy`` read ``NO_PROXY``
+    (see :func:`no_proxy_entry`). Each entry is checked and kept in its normal form (lower
+    case, without ``*.``, a leading ``.`` or blanks); an entry that could never match (a bad
+    port or network, a ``*`` inside a name) stops start-up rather than pass unnoticed."""
     if isinstance(value, str):
         value = value.split(",")
     if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
         raise _fail(where, "no_proxy", "must be a list of strings, or a comma-separated string")
     entries = []
     for entry in value:
-        entry = entry.strip().lower()
-        if entry.startswith("*."):
-            entry = entry[1:]
-        entry = entry.lstrip(".") if entry != "." else ""
-        if entry.startswith("[") and entry.endswith("]"):
-            entry = entry[1:-1]
-        if not entry:
-            continue
-        if "/" in entry:
-            try:
-                ipaddress.ip_network(entry, strict=False)
-            except ValueError:
-                raise _fail(where, "no_proxy", "an entry with a / is not a network (10.0.0.0/8)") from None
-        elif ":" in entry and not _is_ip(entry):
-            raise _fail(where, "no_proxy", "entries name hosts, not ports (host.example.com, not host:port)")
-        entries.append(entry)
+        try:
+            parsed = no_proxy_entry(entry)
+        except ValueError as exc:
+            raise _fail(where, "no_proxy", "\"%s\": %s" % (entry.strip(), exc)) from None
+        if parsed is not None:
+            kind, host, port = parsed
+            if kind == "*":
+                host = "*"
+            elif kind == "ip" and ":" in host and port:
+                host = "[%s]" % host
+            entries.append(host + (":%d" % port if port else ""))
     return tuple(entries)
+
+
+# A host name in a no_proxy entry (an internationalised one in its ASCII form): letters,
+# digits, - and _, in labels apart by dots.
+_NO_PROXY_NAME = re.compile(r"[a-z0-9_-]+(?:\.[a-z0-9_-]+)*\Z")
+
+
+def no_proxy_entry(entry: str) -> Optional[Tuple[str, str, int]]:
+    """One ``no_proxy`` entry as (kind, host, port), port 0 for any; None for a blank one.
+
+    The forms curl and Go's ``httpproxy`` take, case-insensitive: ``*`` (every host: kind
+    "*"); a network, ``10.0.0.0/8`` or ``fd00::/8`` ("net"); an IP address, IPv6 bare or in
+    brackets ("ip": compared as addresses, so ``::1`` is ``0:0::1``); else a host name
+    ("name"), which also matches its subdomains on label boundaries (``example.com`` matches
+    ``api.example.com``, not ``badexample.com``), with ``.example.com`` and ``*.example.com``
+    the same entry. Any but a network may end in ``:port`` (``[::1]:8080`` for IPv6): it then
+    matches that port only. Raises ValueError saying what is wrong."""
+    entry = entry.strip().lower()
+    if entry in ("", "."):
+        return None
+    if entry == "*":
+        return ("*", "", 0)
+    if "/" in entry:
+        try:
+            return ("net", str(ipaddress.ip_network(entry, strict=False)), 0)
+        except ValueError:
+            raise ValueError("an entry with a / is not a network (10.0.0.0/8, fd00::/8)") from None
+    host, port = entry, None
+    if entry.startswith("["):  # [IPv6] or [IPv6]:port
+        host, bracket, rest = entry[1:].partition("]")
+        if not bracket or not _is_ip(host) or not (rest == "" or rest.startswith(":")):
+            raise ValueError("not an IPv6 entry ([::1] or [::1]:8080)")
+        port = rest[1:] if rest else None
+    elif entry.count(":") == 1:  # host:port (more colons: an IPv6 address, without a port)
+        host, _, port = entry.partition(":")
+    number = 0
+    if port is not None:
+        if not (port.isdigit() and port.isascii() and 0 < int(port) < 65536):
+            raise ValueError("not a port (1 to 65535)")
+        number = int(port)
+    address = _address(host)
+    if address is not None:
+        return ("ip", address.compressed, number)
+    if host.startswith("*."):
+        host = host[1:]
+    host = host.lstrip(".").rstrip(".")
+    if not host:
+        raise ValueError("no host")
+    if "*" in host:
+        raise ValueError("a * stands alone (every host) or begins a name (*.example.com)")
+    if not host.isascii():  # (an internationalised name: base_url holds it in its ASCII form)
+        try:
+            host = host.encode("idna").decode("ascii")
+        except UnicodeError:
+            raise ValueError("not a host name") from None
+    if not _NO_PROXY_NAME.match(host):
+        raise ValueError("not a host name")
+    return ("name", host, number)
 
 
 def _is_ip(host: str) -> bool:
@@ -467,23 +521,41 @@ def _is_ip(host: str) -> bool:
     return True
 
 
-def bypasses_proxy(host: str, no_proxy: Tuple[str, ...]) -> bool:
-    """True if a provider at ``host`` is reached directly, not through ``upstream_proxy``: a
-    loopback host (127.0.0.0/8, ::1, localhost and its subdomains: RFC 6761 6.3), which no
-    egress proxy can reach as this machine, or one ``no_proxy`` names (see _no_proxy_entries)."""
-    host = host.lower()
-    if is_loopback(host) or host.endswith(".localhost"):
-        return True
-    address = None
-    if _is_ip(host):
+def _address(host: str) -> Optional[Union[ipaddress.IPv4Address, ipaddress.IPv6Address]]:
+    """The IP address ``host`` is, or None for a name; an IPv4-mapped IPv6 address
+    (``::ffff:10.0.0.1``) is the IPv4 address it maps, as Go compares them."""
+    try:
         address = ipaddress.ip_address(host)
+    except ValueError:
+        return None
+    return getattr(address, "ipv4_mapped", None) or address
+
+
+def bypasses_proxy(host: str, port: int, no_proxy: Tuple[str, ...]) -> bool:
+    """True if a provider at ``host``:``port`` (the port its scheme implies when the URL has
+    none) is reached directly, not through ``upstream_proxy``: a loopback host (127.0.0.0/8,
+    ::1, localhost and its subdomains: RFC 6761 6.3), which no egress proxy can reach as this
+    machine, or one a ``no_proxy`` entry matches (see :func:`no_proxy_entry`). A host name
+    is matched by name entries only, an IP address by address and network entries only: no
+    name is resolved (as curl and Go do it). Once per provider, at start."""
+    host = host.lower().rstrip(".")
+    address = _address(host)
+    if is_loopback(host) or host.endswith(".localhost") or (address is not None and address.is_loopback):
+        return True
     for entry in no_proxy:
-        if entry == "*" or host == entry or host.endswith("." + entry):
+        kind, value, entry_port = no_proxy_entry(entry)  # (already checked: never None here)
+        if kind == "*":
             return True
-        if "/" in entry and address is not None and address in ipaddress.ip_network(entry, strict=False):
+        if entry_port and entry_port != port:
+            continue
+        if kind == "name":
+            if address is None and (host == value or host.endswith("." + value)):
+                return True
+        elif kind == "net":
+            if address is not None and address in ipaddress.ip_network(value):
+                return True
+        elif address is not None and address == _address(value):
             return True
-        if address is not None and _is_ip(entry) and address == ipaddress.ip_address(entry):
-            return True  # (an address written another way: ::1 and 0:0::1)
     return False
 
 
@@ -495,7 +567,9 @@ def resolve_proxy(p: Dict[str, Any], base_url: str, upstream_proxy: str, no_prox
     own = p.get("proxy")
     if own is not None:
         return _validate_proxy(own, where, key)
-    if not upstream_proxy or bypasses_proxy(urllib.parse.urlsplit(base_url).hostname or "", no_proxy):
+    parts = urllib.parse.urlsplit(base_url)
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    if not upstream_proxy or bypasses_proxy(parts.hostname or "", port, no_proxy):
         return ""
     return upstream_proxy
 

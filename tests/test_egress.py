@@ -268,6 +268,27 @@ class ForwardTest(Egress, support.ProxyTestCase):
         self.assertEqual(egress.seen, [("POST", "http://127.0.0.1:%d/v1/chat/completions" % port, None)])
 
 
+    def test_a_provider_no_proxy_names_goes_direct_and_another_through_the_proxy(self):
+        """no_proxy with ports: ``0.0.0.0:<port>`` keeps the provider at that address and port
+        off the proxy (a connection to 0.0.0.0 reaches this host's 127.0.0.1 on Linux and
+        macOS, and 0.0.0.0 is no loopback address: only no_proxy keeps it off), while
+        ``API.provider.test:1`` names another port of the other provider's host, which goes
+        through the proxy. Such entries were refused at start before."""
+        egress = self.start_egress(hosts={"api.provider.test": "127.0.0.1"})
+        port = self.upstream.port
+        proxy = self.start_proxy(providers=[
+            openai("direct", "http://0.0.0.0:%d" % port, ["gpt-*"]),
+            openai("proxied", "http://api.provider.test:%d" % port, ["other-*"])],
+            upstream_proxy=egress.url, no_proxy="API.provider.test:1, 0.0.0.0:%d" % port)
+        self.assertEqual(exchange(proxy, PLAIN_BODY)[0], 200)
+        self.assertEqual(exchange(proxy, PLAIN_BODY.replace(b"gpt-4o", b"other-1"))[0], 200)
+        self.assertEqual(egress.seen, [("POST", "http://api.provider.test:%d/v1/chat/completions" % port, None)])
+        self.assertEqual([self.upstream.next_request().header("Host") for _ in range(2)],
+                         ["0.0.0.0:%d" % port, "api.provider.test:%d" % port])
+        self.assertEqual([(r["provider"], r["ended"]) for r in proxy.records()],
+                         [("direct", "completed"), ("proxied", "completed")])
+
+
 class SecretTest(Egress, support.ProxyTestCase):
     def test_the_proxy_password_is_in_no_file_log_line_or_page(self):
         """The proxy as a subprocess at DEBUG: a tunnel, a refused tunnel, an absolute-form
@@ -306,6 +327,107 @@ class SecretTest(Egress, support.ProxyTestCase):
                 self.assertNotIn(secret.encode(), data, path)
             for page in pages:
                 self.assertNotIn(secret.encode(), page)
+
+
+# (no_proxy, a provider's base_url, reached directly): the conventions of curl and Go's
+# httpproxy. Case-insensitive; a name matches itself and its subdomains on label boundaries
+# (with or without a leading . or *.); a port, the provider's port only (its scheme's
+# default when its URL has none); addresses and networks compared as addresses, and only with
+# addresses (no name is resolved); IPv6 bare or in brackets.
+NO_PROXY_CASES = [
+    ("*", "https://api.openai.com", True),
+    ("example.com", "https://example.com", True),
+    ("example.com", "https://api.example.com", True),
+    ("example.com", "https://a.b.example.com:8443", True),
+    ("example.com", "https://badexample.com", False),
+    ("example.com", "https://example.com.evil.test", False),
+    ("api.example.com", "https://example.com", False),
+    ("EXAMPLE.Com", "https://api.example.COM", True),
+    (".example.com", "https://example.com", True),
+    (".example.com", "https://api.example.com", True),
+    ("*.example.com", "https://api.example.com", True),
+    ("*.example.com", "https://example.com", True),
+    ("example.com.", "https://api.example.com", True),
+    ("example.com:8443", "https://example.com:8443", True),
+    ("example.com:8443", "https://example.com", False),
+    ("example.com:443", "https://example.com", True),
+    ("example.com:443", "http://example.com", False),
+    ("example.com:80", "http://example.com", True),
+    (".example.com:8443", "https://api.example.com:8443", True),
+    (".example.com:8443", "https://api.example.com:443", False),
+    ("*.example.com:8443", "https://api.example.com:8443", True),
+    ("127.0.0.1", "http://127.0.0.1:9", True),  # (loopback anyway)
+    ("192.168.1.10", "http://192.168.1.10:8000", True),
+    ("192.168.1.10", "http://192.168.1.100:8000", False),
+    ("1.10", "http://192.168.1.10:8000", False),  # (a name: never an address's suffix)
+    ("192.168.1.10:8000", "http://192.168.1.10:8000", True),
+    ("192.168.1.10:8000", "http://192.168.1.10:8001", False),
+    ("192.168.1.10", "http://gpu.example.com", False),  # (no name is resolved)
+    ("10.0.0.0/8", "http://10.1.2.3:8000", True),
+    ("10.0.0.0/8", "http://11.1.2.3:8000", False),
+    ("10.1.2.3/8", "http://10.200.0.1", True),
+    ("10.0.0.0/8", "http://ten.example.com", False),
+    ("2001:db8::1", "http://[2001:db8::1]:8000", True),
+    ("[2001:DB8::1]", "http://[2001:db8:0:0::1]:8000", True),
+    ("[2001:db8::1]:8080", "http://[2001:db8::1]:8080", True),
+    ("[2001:db8::1]:8080", "http://[2001:db8::1]:8081", False),
+    ("2001:db8::/32", "http://[2001:db8:5::7]", True),
+    ("2001:db8::/32", "http://[2001:db9::7]", False),
+    ("10.0.0.0/8", "http://[::ffff:a00:1]", True),  # (an IPv4-mapped address is the IPv4 one)
+    ("::ffff:10.0.0.1", "http://10.0.0.1", True),
+    ("", "http://[::ffff:127.0.0.1]:9", True),  # (loopback)
+    ("bücher.example", "https://xn--bcher-kva.example", True),
+    ("a.test, , .,b.test:8443", "https://b.test:8443", True),
+    ("", "https://api.openai.com", False),
+]
+
+NO_PROXY_ERRORS = [
+    ("host:", '"host:": not a port (1 to 65535)'),
+    ("host:0", '"host:0": not a port'),
+    ("host:99999", '"host:99999": not a port'),
+    ("host:http", '"host:http": not a port'),
+    (":8080", '":8080": no host'),
+    ("a*.example.com", '"a*.example.com": a * stands alone (every host) or begins a name (*.example.com)'),
+    ("*:443", '"*:443": a * stands alone'),
+    ("[::1", '"[::1": not an IPv6 entry ([::1] or [::1]:8080)'),
+    ("[gpu]:80", '"[gpu]:80": not an IPv6 entry'),
+    ("10.0.0.0/33", '"10.0.0.0/33": an entry with a / is not a network (10.0.0.0/8, fd00::/8)'),
+    ("10.0.0.0/8:80", '"10.0.0.0/8:80": an entry with a / is not a network'),
+    ("<local>", '"<local>": not a host name'),
+    ("a..b", '"a..b": not a host name'),
+]
+
+
+class NoProxyTest(unittest.TestCase):
+    def load(self, no_proxy, base_url):
+        """The proxy of a provider at ``base_url`` under ``upstream_proxy`` and ``no_proxy``."""
+        fd, path = tempfile.mkstemp(suffix=".json")
+        with os.fdopen(fd, "w") as f:
+            json.dump({"providers": [openai("p", base_url, [])], "upstream_proxy": "http://proxy.corp:3128",
+                       "no_proxy": no_proxy}, f)
+        self.addCleanup(os.unlink, path)
+        self.path = path
+        return config.load(path, env={})
+
+    def test_matching(self):
+        for no_proxy, url, direct in NO_PROXY_CASES:
+            for value in (no_proxy, no_proxy.split(",")):  # (a string, or a list)
+                with self.subTest(no_proxy=value, url=url):
+                    self.assertEqual(self.load(value, url).providers[0].proxy,
+                                     "" if direct else "http://proxy.corp:3128")
+
+    def test_entries_are_kept_in_their_normal_form(self):
+        cfg = self.load(" Example.COM:8443,*.b.test,.c.test.,[2001:DB8::1]:8080,[2001:db8::1],10.1.2.3/8,*,bücher.example",
+                        "https://api.openai.com")
+        self.assertEqual(cfg.no_proxy, ("example.com:8443", "b.test", "c.test", "[2001:db8::1]:8080", "2001:db8::1",
+                                        "10.0.0.0/8", "*", "xn--bcher-kva.example"))
+
+    def test_an_entry_that_cannot_match_stops_start_up_naming_it(self):
+        for entry, expected in NO_PROXY_ERRORS:
+            with self.subTest(entry=entry), self.assertRaises(ConfigError) as cm:
+                self.load("ok.test," + entry, "https://api.openai.com")
+            self.assertTrue(str(cm.exception).startswith("%s: no_proxy: %s" % (self.path, expected)),
+                            str(cm.exception))
 
 
 class EgressConfigTest(unittest.TestCase):
@@ -354,8 +476,7 @@ class EgressConfigTest(unittest.TestCase):
             ({"upstream_proxy": "http://alice:%s @proxy" % PASSWORD}, "upstream_proxy: not a proxy URL (visible"),
             ({"upstream_proxy": 3128}, "upstream_proxy: must be a string"),
             ({"no_proxy": [1]}, "no_proxy: must be a list of strings"),
-            ({"no_proxy": "10.0.0.0/33"}, "no_proxy: an entry with a / is not a network"),
-            ({"no_proxy": "host:8080"}, "no_proxy: entries name hosts, not ports"),
+            ({"no_proxy": "10.0.0.0/33"}, "no_proxy: \"10.0.0.0/33\": an entry with a / is not a network"),
             ({"providers": [openai("openai", "https://api.openai.com", [], proxy="socks5://a:%s@h:1" % PASSWORD)]},
              "providers[0].proxy: socks5:// proxies are not supported"),
         ]
