@@ -447,6 +447,17 @@ class EgressProxy:
             self.authorization = "Basic " + token
             self.secrets = [s for s in (password, parts.password, token) if s]
 
+    def says(self, phrase: str) -> str:
+        """A reason phrase of the proxy's, for a message: its secrets replaced by
+        ``[REDACTED]`` (however short: a phrase garbled is no loss), then cut to 100
+        characters. The message goes to the client in the error's body, which its SDK puts
+        in an exception and a log: a proxy that echoes its credentials in its refusal (``407
+        bad credentials Basic dXNlcjp...``) put them there, or, cut, a part of them that no
+        scrub of the record finds."""
+        for secret in sorted(self.secrets, key=len, reverse=True):
+            phrase = phrase.replace(secret, "[REDACTED]")
+        return phrase.strip()[:100]
+
 
 class _Until(io.RawIOBase):
     """A socket read until ``deadline`` (``time.monotonic``), as :class:`Response` reads it
@@ -500,7 +511,7 @@ def open_tunnel(sock: socket.socket, host: str, port: int, proxy: EgressProxy, d
         resp.close()  # (its reader only: the socket stays open, for the tunnel)
     if not 200 <= resp.status < 300:
         raise EgressProxyError("the egress proxy %s refused the tunnel: %d %s" % (
-            proxy.name, resp.status, resp.phrase.strip()[:100]))
+            proxy.name, resp.status, proxy.says(resp.phrase)))
 
 
 class TunnelConnection(_OneSend, http.client.HTTPConnection):
@@ -552,7 +563,7 @@ class ForwardConnection(_OneSend, http.client.HTTPConnection):
         resp = super().getresponse()
         if resp.status == 407:
             raise EgressProxyError("the egress proxy %s refused the request: 407 %s" % (
-                self.proxy.name, resp.phrase.strip()[:100]))
+                self.proxy.name, self.proxy.says(resp.phrase)))
         return resp
 
 

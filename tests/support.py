@@ -277,13 +277,17 @@ class EgressProxy:
     addresses it connects to (its own DNS: the proxy resolves, not the client).
 
     ``credentials`` ("user:password"), when set, is required as ``Proxy-Authorization: Basic``
-    (407 otherwise); ``refuse`` (a status) answers everything with it. ``seen`` holds (method,
-    target, Proxy-Authorization or None) per request head; ``tunnels`` counts tunnels opened."""
+    (407 otherwise); ``refuse`` (a status) answers everything with it. ``reflect``, when set,
+    is the start of those refusals' reason phrase, followed by the Proxy-Authorization it got
+    and the user name in it (``reflect + "Basic dXNl... user alice"``), as a proxy that
+    echoes credentials would. ``seen`` holds (method, target, Proxy-Authorization or None)
+    per request head; ``tunnels`` counts tunnels opened."""
 
     def __init__(self, credentials: Optional[str] = None, refuse: Optional[int] = None,
-                 hosts: Optional[Dict[str, str]] = None):
+                 hosts: Optional[Dict[str, str]] = None, reflect: Optional[str] = None):
         self.credentials = credentials
         self.refuse = refuse
+        self.reflect = reflect
         self.hosts = hosts or {}
         self.seen: List[Tuple[str, str, Optional[str]]] = []
         self.tunnels = 0
@@ -348,10 +352,11 @@ class EgressProxy:
             self.seen.append((method, target, auth))
         expected = "Basic " + base64.b64encode(self.credentials.encode()).decode() if self.credentials else None
         if expected is not None and auth != expected:
-            self.answer(client, 407, "Proxy Authentication Required", [("Proxy-Authenticate", 'Basic realm="corp"')])
+            self.answer(client, 407, self.reason("Proxy Authentication Required", auth),
+                        [("Proxy-Authenticate", 'Basic realm="corp"')])
             return False
         if self.refuse is not None:
-            self.answer(client, self.refuse, http.client.responses.get(self.refuse, "Refused"), [])
+            self.answer(client, self.refuse, self.reason(http.client.responses.get(self.refuse, "Refused"), auth), [])
             return False
         if method == "CONNECT":
             host, _, port = target.rpartition(":")
@@ -377,6 +382,13 @@ class EgressProxy:
                 if not data:
                     return True
                 client.sendall(data)
+
+    def reason(self, standard: str, auth: Optional[str]) -> str:
+        """A refusal's reason phrase: the standard one, or with ``reflect`` the credentials."""
+        if self.reflect is None:
+            return standard
+        user = base64.b64decode(auth.split(" ", 1)[1]).decode().split(":")[0] if auth else ""
+        return "%s%s user %s" % (self.reflect, auth, user)
 
     @staticmethod
     def answer(client: socket.socket, status: int, reason: str, headers: List[Tuple[str, str]]) -> None:

@@ -329,6 +329,49 @@ class SecretTest(Egress, support.ProxyTestCase):
                 self.assertNotIn(secret.encode(), page)
 
 
+    def test_a_proxy_that_echoes_its_credentials_in_a_refusal(self):
+        """A proxy whose refusal's reason phrase holds the Proxy-Authorization it got and the
+        user name in it (407 to a tunnel and to an absolute-form request, its token cut by the
+        100 characters a message keeps; 403 to a tunnel): the client's error body, the records
+        and the log at DEBUG hold no credential, nor a part of one (the proxy's phrase went
+        into the message as it came, and the record's scrub did not find a token cut short)."""
+        pad = "Proxy Authentication Required, " + "x" * 42 + " "  # (100 characters end 20 into the token)
+        egress = self.start_egress(credentials="alice:" + PASSWORD, reflect=pad)
+        forbidding = self.start_egress(refuse=403, reflect="Forbidden for ")
+        cfg = support.base_config([
+            openai("tunnel", "https://127.0.0.1:9", ["gpt-*"], ca_file=FIXTURE, proxy=egress.url_with("alice:" + WRONG)),
+            openai("forward", "http://api.provider.test:9", ["plain-*"], proxy=egress.url_with("alice:" + WRONG)),
+            openai("policy", "https://127.0.0.1:9", ["policy-*"], ca_file=FIXTURE,
+                   proxy=forbidding.url_with("alice:" + PASSWORD))],
+            self.data_dir, log_level="DEBUG")
+        proc = support.ProxyProcess(cfg)
+        self.addCleanup(proc.cleanup)
+        bodies = []
+        for model in ("gpt-4o", "plain-1", "policy-1"):
+            status, _, body = support.request(proc.url, body={"model": model, "messages": []})
+            self.assertEqual(status, 502, body)
+            bodies.append(body)
+        self.assertEqual(proc.stop(), 0)
+        messages = [json.loads(b)["error"]["message"] for b in bodies]
+        cut = (pad + "Basic [REDACTED] user alice")[:100]
+        self.assertEqual(messages[:2], [
+            "upstream tunnel unreachable: the egress proxy 127.0.0.1:%d refused the tunnel: 407 %s" % (egress.port, cut),
+            "upstream forward unreachable: the egress proxy 127.0.0.1:%d refused the request: 407 %s" % (egress.port, cut)])
+        self.assertEqual(messages[2:], [
+            "upstream %s unreachable: the egress proxy 127.0.0.1:%d refused the tunnel: 403 Forbidden for Basic "
+            "[REDACTED] user alice" % ("policy", forbidding.port)])
+        log = proc.log_text()
+        files = [(p, read(p)) for p in support.all_files(self.data_dir)]
+        self.assertEqual(len(support.read_records(self.data_dir)), 3)
+        for secret in (PASSWORD, WRONG, token("alice:" + PASSWORD), token("alice:" + WRONG)):
+            for part in (secret, secret[:12]):
+                self.assertNotIn(part, log)
+                for path, data in files:
+                    self.assertNotIn(part.encode(), data, path)
+                for body in bodies:
+                    self.assertNotIn(part.encode(), body)
+
+
 # (no_proxy, a provider's base_url, reached directly): the conventions of curl and Go's
 # httpproxy. Case-insensitive; a name matches itself and its subdomains on label boundaries
 # (with or without a leading . or *.); a port, the provider's port only (its scheme's
