@@ -429,7 +429,9 @@ class EgressProxy:
     ``name`` (host:port) is what messages say; the user info becomes ``authorization``, sent
     as ``Proxy-Authorization: Basic`` (RFC 7617; UTF-8) on each CONNECT or absolute-form
     request, and ``secrets`` (the password, as written and percent-decoded, and the Basic
-    token) are scrubbed from records and log lines with the provider keys."""
+    token) are scrubbed from records and log lines with the provider keys. Without a
+    password the user name is the secret (a token as the user name, as some proxies take
+    it: ``http://<token>@proxy:3128``), and is scrubbed in its place."""
 
     __slots__ = ("host", "port", "name", "authorization", "secrets")
 
@@ -445,7 +447,11 @@ class EgressProxy:
             token = base64.b64encode(("%s:%s" % (urllib.parse.unquote(parts.username or ""), password))
                                      .encode("utf-8")).decode("ascii")
             self.authorization = "Basic " + token
-            self.secrets = [s for s in (password, parts.password, token) if s]
+            if password:
+                self.secrets = [s for s in (password, parts.password, token) if s]
+            else:
+                self.secrets = [s for s in (urllib.parse.unquote(parts.username or ""), parts.username, token) if s]
+            self.secrets = list(dict.fromkeys(self.secrets))
 
     def says(self, phrase: str) -> str:
         """A reason phrase of the proxy's, for a message: its secrets replaced by

@@ -334,20 +334,24 @@ class SecretTest(Egress, support.ProxyTestCase):
         user name in it (407 to a tunnel and to an absolute-form request, its token cut by the
         100 characters a message keeps; 403 to a tunnel): the client's error body, the records
         and the log at DEBUG hold no credential, nor a part of one (the proxy's phrase went
-        into the message as it came, and the record's scrub did not find a token cut short)."""
+        into the message as it came, and the record's scrub did not find a token cut short).
+        A user name without a password is the credential (a token as the user name): it was
+        not scrubbed."""
+        user_token = "tok3n-as-user-9b8c7d6e5f"
         pad = "Proxy Authentication Required, " + "x" * 42 + " "  # (100 characters end 20 into the token)
         egress = self.start_egress(credentials="alice:" + PASSWORD, reflect=pad)
         forbidding = self.start_egress(refuse=403, reflect="Forbidden for ")
         cfg = support.base_config([
             openai("tunnel", "https://127.0.0.1:9", ["gpt-*"], ca_file=FIXTURE, proxy=egress.url_with("alice:" + WRONG)),
             openai("forward", "http://api.provider.test:9", ["plain-*"], proxy=egress.url_with("alice:" + WRONG)),
+            openai("user", "https://127.0.0.1:9", ["user-*"], ca_file=FIXTURE, proxy=forbidding.url_with(user_token)),
             openai("policy", "https://127.0.0.1:9", ["policy-*"], ca_file=FIXTURE,
                    proxy=forbidding.url_with("alice:" + PASSWORD))],
             self.data_dir, log_level="DEBUG")
         proc = support.ProxyProcess(cfg)
         self.addCleanup(proc.cleanup)
         bodies = []
-        for model in ("gpt-4o", "plain-1", "policy-1"):
+        for model in ("gpt-4o", "plain-1", "user-1", "policy-1"):
             status, _, body = support.request(proc.url, body={"model": model, "messages": []})
             self.assertEqual(status, 502, body)
             bodies.append(body)
@@ -359,11 +363,13 @@ class SecretTest(Egress, support.ProxyTestCase):
             "upstream forward unreachable: the egress proxy 127.0.0.1:%d refused the request: 407 %s" % (egress.port, cut)])
         self.assertEqual(messages[2:], [
             "upstream %s unreachable: the egress proxy 127.0.0.1:%d refused the tunnel: 403 Forbidden for Basic "
-            "[REDACTED] user alice" % ("policy", forbidding.port)])
+            "[REDACTED] user %s" % (name, forbidding.port, user) for name, user in (("user", "[REDACTED]"),
+                                                                                   ("policy", "alice"))])
         log = proc.log_text()
         files = [(p, read(p)) for p in support.all_files(self.data_dir)]
-        self.assertEqual(len(support.read_records(self.data_dir)), 3)
-        for secret in (PASSWORD, WRONG, token("alice:" + PASSWORD), token("alice:" + WRONG)):
+        self.assertEqual(len(support.read_records(self.data_dir)), 4)
+        for secret in (PASSWORD, WRONG, token("alice:" + PASSWORD), token("alice:" + WRONG), user_token,
+                       token(user_token + ":")):
             for part in (secret, secret[:12]):
                 self.assertNotIn(part, log)
                 for path, data in files:
