@@ -77,8 +77,10 @@ is in an earlier record (see below).  Text parts of one message are
 joined with a newline.  Without
 ``--include-images`` every ``content`` is a string (``null`` is never written;
 an assistant message with only tool calls has no ``content`` key); with it,
-every ``content`` is a list of ``{"type": "text"}`` / ``{"type": "image_url"}``
-parts, so that one dataset has one schema.  Thinking goes to the assistant
+every ``content`` but a ``tool`` message's is a list of ``{"type": "text"}`` /
+``{"type": "image_url"}`` parts (OpenAI's file validation takes a tool message's content as a
+string only: "Input should be a valid string"; ``datasets`` reads the mixed column as JSON).
+Thinking goes to the assistant
 message's ``reasoning_content`` (the key vLLM, DeepSeek and the Qwen chat
 templates read) only with ``--include-thinking``.
 
@@ -900,7 +902,7 @@ def render_openai_chat(conv: Conversation, opts: Options, dropped: Counter) -> d
     for i, m in enumerate(conv.messages):
         _count_excluded(m, opts, dropped)
         out = {"role": m["role"]}
-        if opts.include_images:
+        if opts.include_images and m["role"] != "tool":  # a tool message's content: a string only
             parts = []
             for p in m["parts"]:
                 if p["type"] == "text":

@@ -4,6 +4,7 @@ import argparse
 import io
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -115,7 +116,7 @@ class TestOpenAIChat(ExportTestCase):
         self.assertEqual(msgs[1]["content"], [
             {"type": "text", "text": "What's the weather in Paris? Here is a photo."},
             {"type": "image_url", "image_url": {"url": "https://example.com/paris.jpg"}}])
-        self.assertEqual(msgs[3], {"role": "tool", "content": [{"type": "text", "text": "{\"temp\": 18, \"sky\": \"clear\"}"}],
+        self.assertEqual(msgs[3], {"role": "tool", "content": "{\"temp\": 18, \"sky\": \"clear\"}",
                                    "tool_call_id": "call_abc123"})
         self.assertEqual(msgs[4]["content"], [{"type": "text", "text": "It is 18 C and clear in Paris."}])
         self.assertEqual([t["function"]["name"] for t in rows[1]["tools"]], ["get_weather", "search"])
@@ -167,12 +168,12 @@ class TestOpenAIChat(ExportTestCase):
         self.assertEqual(json.loads(msgs[3]["content"]), {"time": "09:30"})
         self.assertEqual(msgs[2]["tool_calls"][0]["function"]["arguments"], "{\"zone\": \"Asia/Tokyo\"}")
 
-    def test_include_images_makes_every_content_a_list(self) -> None:
+    def test_include_images_makes_every_content_but_a_tool_message_s_a_list(self) -> None:
         rows = self.export_rows("openai-chat", "--include-images")
         for row in rows:
             for m in row["messages"]:
                 if "content" in m:
-                    self.assertIsInstance(m["content"], list)
+                    self.assertIsInstance(m["content"], str if m["role"] == "tool" else list)
         gem = [r for r in rows if r["messages"][0]["content"] == [{"type": "text", "text": "Be brief."}]][0]
         self.assertEqual(gem["messages"][1]["content"][1],
                          {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo="}})
@@ -634,6 +635,225 @@ def check_fine_tuning_row(test: unittest.TestCase, row: dict) -> None:
         previous = m["role"]
 
 
+# ----------------------------------------------------------------- format validators
+#
+# The rules the documented readers apply, checked strictly on every exported row.  Sources:
+# OpenAI's fine-tuning input schema (FineTuneChatRequestInput: row keys messages, tools,
+# parallel_tool_calls, functions; system, user, assistant (with weight 0/1), tool and function
+# messages), its function-calling and vision fine-tuning guides (tool_calls with the arguments as
+# JSON text; images as image_url parts of user messages only, http(s) or base64 data URLs of
+# JPEG, PNG or WEBP), the errors its file validation returns ("At least one of content or
+# function_call must be set"; a tool message's "content: Input should be a valid string"), the
+# cookbook's "Data preparation and analysis for chat model fine-tuning" checks (every message has
+# a role, content text, at least one assistant message); and LLaMA-Factory's sharegpt reader
+# (SharegptDatasetConverter: a system turn only first, then human/observation at even and
+# gpt/function_call at odd positions, an even number of turns; a function_call value is
+# {"name", "arguments"} JSON or a list of them; tools as JSON text).
+
+OPENAI_ROW_KEYS = {"messages", "tools", "parallel_tool_calls", "functions"}
+OPENAI_MESSAGE_KEYS = {
+    "system": {"role", "content", "name"},
+    "user": {"role", "content", "name"},
+    "assistant": {"role", "content", "name", "tool_calls", "function_call", "weight", "refusal", "audio"},
+    "tool": {"role", "content", "tool_call_id"},
+    "function": {"role", "content", "name"},
+}
+IMAGE_URL = re.compile(r"^(https?://\S+|data:image/(jpeg|png|webp);base64,[A-Za-z0-9+/]+={0,2})$")
+
+
+def _json_object_text(text) -> bool:
+    if not isinstance(text, str):
+        return False
+    try:
+        return isinstance(json.loads(text), dict)
+    except ValueError:
+        return False
+
+
+def _text_parts_problems(content, where: str, images: bool) -> list:
+    """Problems of a content that is a list of parts (text, and image_url where ``images``)."""
+    if not content:
+        return ["%s: an empty list of parts" % where]
+    out = []
+    for part in content:
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind == "text":
+            if set(part) != {"type", "text"} or not isinstance(part["text"], str):
+                out.append("%s: a bad text part %r" % (where, part))
+        elif kind == "image_url" and images:
+            image = part.get("image_url")
+            url = image.get("url") if isinstance(image, dict) else None
+            if set(part) != {"type", "image_url"} or not isinstance(url, str) or not IMAGE_URL.match(url):
+                out.append("%s: a bad image part %r" % (where, part))
+        else:
+            out.append("%s: a part the format does not take there: %r" % (where, part))
+    if not any(isinstance(p, dict) and (p.get("text") or p.get("type") == "image_url") for p in content):
+        out.append("%s: no text or image in the parts" % where)
+    return out
+
+
+def openai_chat_problems(row, thinking: bool = False) -> list:
+    """Every way ``row`` breaks the OpenAI chat fine-tuning format (``[]``: none).  With
+    ``thinking``, the assistant's ``reasoning_content`` (--include-thinking) is allowed."""
+    if not isinstance(row, dict) or not set(row) <= OPENAI_ROW_KEYS or "messages" not in row:
+        return ["row keys %r" % (sorted(row) if isinstance(row, dict) else row)]
+    messages = row["messages"]
+    if not isinstance(messages, list) or not messages:
+        return ["no messages"]
+    out = []
+    calls = None  # ids of the calls of the assistant message the tool messages answer
+    answered = set()
+    seen_other = False
+    for i, m in enumerate(messages):
+        where = "message %d" % i
+        role = m.get("role") if isinstance(m, dict) else None
+        if role not in OPENAI_MESSAGE_KEYS:
+            out.append("%s: role %r" % (where, role))
+            continue
+        allowed = OPENAI_MESSAGE_KEYS[role] | ({"reasoning_content"} if thinking and role == "assistant" else set())
+        if not set(m) <= allowed:
+            out.append("%s: keys %r" % (where, sorted(set(m) - allowed)))
+        content = m.get("content")
+        if role == "system":
+            if seen_other:
+                out.append("%s: a system message after the conversation began" % where)
+        else:
+            seen_other = True
+        if role in ("system", "user"):
+            if isinstance(content, list):
+                out += _text_parts_problems(content, where, images=role == "user")
+            elif not isinstance(content, str) or not content:
+                out.append("%s: content %r" % (where, content))
+        if role == "assistant":
+            tool_calls = m.get("tool_calls")
+            if isinstance(content, list):
+                out += _text_parts_problems(content, where, images=False)
+            elif content is not None and not isinstance(content, str):
+                out.append("%s: content %r" % (where, content))
+            if not content and not tool_calls and not m.get("function_call"):
+                out.append("%s: an assistant message with neither content nor tool calls" % where)
+            if "reasoning_content" in m and (not isinstance(m["reasoning_content"], str) or not m["reasoning_content"]):
+                out.append("%s: reasoning_content %r" % (where, m["reasoning_content"]))
+            if "weight" in m and m["weight"] not in (0, 1):
+                out.append("%s: weight %r" % (where, m["weight"]))
+            if tool_calls is not None and (not isinstance(tool_calls, list) or not tool_calls):
+                out.append("%s: tool_calls %r" % (where, tool_calls))
+            calls = set()
+            answered = set()
+            for call in tool_calls or []:
+                fn = call.get("function") if isinstance(call, dict) else None
+                if not isinstance(fn, dict) or set(call) != {"id", "type", "function"} or call["type"] != "function" \
+                        or not isinstance(call["id"], str) or not call["id"] or call["id"] in calls:
+                    out.append("%s: tool call %r" % (where, call))
+                    continue
+                calls.add(call["id"])
+                if set(fn) != {"name", "arguments"} or not isinstance(fn["name"], str) or not fn["name"]:
+                    out.append("%s: function %r" % (where, fn))
+                if not _json_object_text(fn.get("arguments")):
+                    out.append("%s: arguments not the JSON text of an object: %r" % (where, fn.get("arguments")))
+        elif role == "tool":
+            if not isinstance(content, str):
+                out.append("%s: tool content %r (a string only)" % (where, content))
+            if calls is None or m.get("tool_call_id") not in calls or m.get("tool_call_id") in answered:
+                out.append("%s: tool_call_id %r answers no call of the assistant message before it"
+                           % (where, m.get("tool_call_id")))
+            answered.add(m.get("tool_call_id"))
+        else:
+            calls = None
+    roles = [m.get("role") for m in messages if isinstance(m, dict)]
+    if "assistant" not in roles:
+        out.append("no assistant message")
+    elif roles[-1] != "assistant":
+        out.append("the last message is %r, not the answer" % roles[-1])
+    if "user" not in roles:
+        out.append("no user message")
+    for a, b in zip(roles, roles[1:]):
+        if a == b == "assistant":
+            out.append("two assistant messages in a row")
+    tools = row.get("tools")
+    if tools is not None:
+        if not isinstance(tools, list) or not tools:
+            out.append("tools %r" % (tools,))
+        names = set()
+        for tool in tools or []:
+            fn = tool.get("function") if isinstance(tool, dict) else None
+            if not isinstance(fn, dict) or set(tool) != {"type", "function"} or tool["type"] != "function" \
+                    or not isinstance(fn.get("name"), str) or not fn["name"] \
+                    or not set(fn) <= {"name", "description", "parameters", "strict"} \
+                    or ("parameters" in fn and not isinstance(fn["parameters"], dict)):
+                out.append("tool %r" % (tool,))
+            elif fn["name"] in names:
+                out.append("tool %r listed twice" % fn["name"])
+            else:
+                names.add(fn["name"])
+    return out
+
+
+SHAREGPT_FROM = {"system", "human", "gpt", "function_call", "observation"}
+
+
+def _function_call_problems(value: str, where: str) -> list:
+    try:
+        calls = json.loads(value)
+    except ValueError:
+        return ["%s: function_call value not JSON" % where]
+    calls = calls if isinstance(calls, list) and calls else [calls]
+    out = []
+    for call in calls:
+        if not isinstance(call, dict) or set(call) != {"name", "arguments"} or not isinstance(call["name"], str) \
+                or not call["name"] or not isinstance(call["arguments"], dict):
+            out.append("%s: function_call %r" % (where, call))
+    return out
+
+
+def sharegpt_problems(row, images: bool = False) -> list:
+    """Every way ``row`` breaks the sharegpt format as LLaMA-Factory reads it (``[]``: none)."""
+    keys = {"conversations", "tools"} | ({"images"} if images else set())
+    if not isinstance(row, dict) or set(row) != keys:
+        return ["row keys %r" % (sorted(row) if isinstance(row, dict) else row)]
+    turns = row["conversations"]
+    if not isinstance(turns, list):
+        return ["conversations %r" % (turns,)]
+    out = []
+    for i, t in enumerate(turns):
+        if not isinstance(t, dict) or set(t) != {"from", "value"} or t["from"] not in SHAREGPT_FROM \
+                or not isinstance(t["value"], str):
+            out.append("turn %d: %r" % (i, t))
+    if out:
+        return out
+    if turns and turns[0]["from"] == "system":
+        turns = turns[1:]
+    if not turns:
+        return ["no turns"]
+    for i, t in enumerate(turns):
+        where = "turn %d" % i
+        expected = ("human", "observation") if i % 2 == 0 else ("gpt", "function_call")
+        if t["from"] not in expected:
+            out.append("%s: %r where %s must be" % (where, t["from"], " or ".join(expected)))
+        if t["from"] == "function_call":
+            out += _function_call_problems(t["value"], where)
+        elif t["from"] in ("human", "gpt") and not t["value"]:
+            out.append("%s: an empty %s turn" % (where, t["from"]))
+    if len(turns) % 2:
+        out.append("an odd number of turns (%d)" % len(turns))
+    tools = row["tools"]
+    if not isinstance(tools, str):
+        out.append("tools %r (JSON text)" % (tools,))
+    elif tools:
+        try:
+            listed = json.loads(tools)
+        except ValueError:
+            listed = None
+        if not isinstance(listed, list) or not all(isinstance(f, dict) and isinstance(f.get("name"), str)
+                                                    for f in listed):
+            out.append("tools %r" % tools)
+    if images:
+        placeholders = sum(t["value"].count("<image>") for t in row["conversations"])
+        if not isinstance(row["images"], list) or placeholders != len(row["images"]):
+            out.append("%d <image> for images %r" % (placeholders, row["images"]))
+    return out
+
+
 class AuditCase(unittest.TestCase):
     """Export a few hand-built records (one data dir per test)."""
 
@@ -848,6 +1068,30 @@ class TestToolErrors(AuditCase):
         self.assertIn("dropped parts: tool_result_is_error 1;", self.summary)
         self.rows(df.agent_session_with_fork(df.Clock(seed=46))["records"])  # is_error false: no count
         self.assertNotIn("is_error", self.summary)
+
+
+class TestFormatRules(AuditCase):
+    """Rows the documented readers take: each test a rule an export broke."""
+
+    def assertValid(self, rows: list, *argv: str) -> None:
+        for row in rows:
+            if "--format" in argv and argv[argv.index("--format") + 1] == "sharegpt":
+                problems = sharegpt_problems(row, images="--include-images" in argv)
+            else:
+                problems = openai_chat_problems(row, thinking="--include-thinking" in argv)
+            self.assertEqual(problems, [], json.dumps(row))
+
+    def test_a_tool_message_content_is_a_string_with_images(self) -> None:
+        # Every content was a list of parts with --include-images, a tool message's too, which
+        # OpenAI's file validation refuses ("Input should be a valid string").
+        clock = df.Clock(seed=61)
+        recs = df.openai_tool_session(clock) + df.gemini_session(clock) + [df.anthropic_tool_error(clock)]
+        rows = self.rows(recs, "--include-images")
+        tools = [m for row in rows for m in row["messages"] if m["role"] == "tool"]
+        self.assertEqual([m["content"] for m in tools], ['{"temp": 18, "sky": "clear"}', '{"time": "09:30"}',
+                                                         "city not found"])
+        self.assertIsInstance(rows[0]["messages"][1]["content"], list)
+        self.assertValid(rows, "--include-images")
 
 
 def _refuse_constant(name: str) -> None:
