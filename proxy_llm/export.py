@@ -48,7 +48,8 @@ A call without an id (legacy ``function_call``, Gemini ``functionCall``) gets
 ``call_<m>_<k>`` (message index in the conversation, call index in the message),
 the same in every record holding that history; a result without an id (legacy
 ``function`` message, Gemini ``functionResponse``) answers the first unanswered
-call of the assistant message before it with that name, else the first one.
+call of the assistant message before it with that name, else the first one; a
+``tool`` message has no ``name`` key (OpenAI's tool message takes none): the name only pairs.
 
 Gemini ``parameters`` (OpenAPI style, upper-case types from the google-genai
 SDK) become JSON Schema: every ``type`` lower-case through ``properties``,
@@ -915,7 +916,7 @@ def render_openai_chat(conv: Conversation, opts: Options, dropped: Counter) -> d
             text = _parts_text(m["parts"])
             if text or not m["tool_calls"]:
                 out["content"] = text
-        if m["name"]:
+        if m["name"] and m["role"] != "tool":  # a tool message has no name (its call has)
             out["name"] = m["name"]
         if m["role"] == "assistant":
             if m["thinking"] and opts.include_thinking:
