@@ -105,7 +105,9 @@ token counting, legacy completions, anything not a chat dialect), ``error``
 (a body was cut at capture time, ``capture_max_body``), ``bad_body`` (a body without the
 dialect's shape), ``no_response`` (no assistant message in the response),
 ``empty_answer`` (the answer would export as nothing: thinking only without
-``--include-thinking``, or only non-text parts), ``non_finite`` (a NaN or Infinity
+``--include-thinking``, or only non-text parts), ``bad_tool_arguments`` (a call's
+arguments are not the JSON text of an object; an empty text is written ``{}``),
+``non_finite`` (a NaN or Infinity
 number, which JSON cannot hold: the output stays strict JSON; any format).
 The recorder puts an ``error`` in every record that did not end ``completed``,
 so the partial answers of aborted streams are skipped as ``error`` as well.
@@ -850,9 +852,30 @@ def convert(record: dict, dropped: Counter | None = None) -> Conversation:
     else:
         conv = _from_gemini(req, resp, dropped, str(record.get("endpoint") or ""))
     conv.messages = _pair_check(conv.messages, dropped)
+    for m in conv.messages:
+        for call in m["tool_calls"]:
+            call["arguments"] = _arguments(call["arguments"])
     if not conv.messages or conv.messages[-1]["role"] != "assistant" or not _assistant_has_content(conv.messages[-1]):
         raise Skip("no_response")
     return conv
+
+
+def _arguments(text) -> str:
+    """A call's arguments as the format takes them, the JSON text of an object (the readers
+    ``json.loads`` it): an empty text (a call without arguments, as some OpenAI-compatible
+    servers send it) is ``{}``; anything else that is not a JSON object (a model's broken JSON,
+    NaN, a list, nested past what a parser takes) is Skip("bad_tool_arguments")."""
+    if isinstance(text, str) and not text.strip():
+        return "{}"
+    try:
+        if not isinstance(text, str) or too_deep(text):
+            raise ValueError("not JSON text")
+        value = json.loads(text, parse_float=_finite, parse_constant=_finite)
+    except (ValueError, RecursionError):
+        raise Skip("bad_tool_arguments")
+    if not isinstance(value, dict):
+        raise Skip("bad_tool_arguments")
+    return text
 
 
 def _pair_check(messages: list, dropped: Counter) -> list:

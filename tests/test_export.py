@@ -539,6 +539,9 @@ class TestGoldenResponses(unittest.TestCase):
                     try:
                         conv = export.convert(rec, dropped)
                     except export.Skip as skip:
+                        if skip.reason == "bad_tool_arguments":  # a call cut mid-arguments
+                            self.assertIs(expected.get("complete"), False, "good arguments were refused")
+                            continue
                         self.assertEqual(skip.reason, "no_response")
                         self.assertTrue(expected.get("error"), "a good answer was skipped")
                         continue
@@ -1095,6 +1098,26 @@ class TestFormatRules(AuditCase):
         self.assertValid(rows, "--include-images")
 
 
+    def test_arguments_are_the_json_text_of_an_object(self) -> None:
+        # An empty text (a call without arguments) was written as it was, and broken JSON too:
+        # neither is JSON, which the readers parse.
+        clock = df.Clock(seed=62)
+        user = [{"role": "user", "content": "now"}]
+
+        def call(arguments: str) -> dict:
+            return df.openai_chat(clock, "a", user, {"content": None, "tool_calls": [
+                {"id": "c1", "type": "function", "function": {"name": "now", "arguments": arguments}}]})
+        empty = df.openai_responses(clock, "a", "now", [
+            {"type": "function_call", "call_id": "c2", "name": "now", "arguments": ""}])
+        recs = [call(""), call(" "), empty, call("{\"tz\": \"UT"), call("[1]"), call("{\"x\": NaN}")]
+        rows = self.rows(recs)
+        self.assertEqual([r["messages"][-1]["tool_calls"][0]["function"]["arguments"] for r in rows],
+                         ["{}", "{}", "{}"])
+        self.assertIn("3 skipped (bad_tool_arguments 3)", self.summary)
+        self.assertValid(rows)
+        turns = [r["conversations"][-1] for r in self.rows(recs, "--format", "sharegpt")]
+        self.assertEqual({t["value"] for t in turns}, {'{"name": "now", "arguments": {}}'})
+
 def _refuse_constant(name: str) -> None:
     raise ValueError("%s is not JSON" % name)
 
@@ -1226,23 +1249,25 @@ class TestDamagedRecords(unittest.TestCase):
                 df.openai_chat(clock, "d", user, {"content": "", "tool_calls": [
                     {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{\"x\": NaN}"}}]})]
         self.write([df.openai_chat(clock, "d", user, {"content": "placeholder"})])
-        expect = {"openai-chat": (2, 2), "sharegpt": (2, 2), "records": (3, 1)}
+        expect = {"openai-chat": ("3 skipped (bad_tool_arguments 1, non_finite 2)", 1),
+                  "sharegpt": ("3 skipped (bad_tool_arguments 1, non_finite 2)", 1),
+                  "records": ("3 skipped (non_finite 3)", 1)}
         for fmt, (skipped, written) in expect.items():
             for extra in ([], ["--dedupe"]):
                 with self.subTest(fmt, extra=extra), \
                         mock.patch.object(export.reader, "iter_records", lambda *a: iter(recs)):
                     code, err = self.run_export("--format", fmt, *extra)
                     self.assertEqual(code, 0, err)
-                    self.assertIn("%d skipped (non_finite %d)" % (skipped, skipped), err)
+                    self.assertIn(skipped, err)
                     self.assertEqual(len(strict_rows(self.out)), written)
 
-    def test_sharegpt_keeps_non_finite_arguments_as_text(self) -> None:
+    def test_non_finite_arguments_are_skipped(self) -> None:
+        # They were kept as text: arguments a strict reader's json.loads refuses.
         rec = df.openai_chat(df.Clock(seed=16), "d", [{"role": "user", "content": "hi"}], {"content": "", "tool_calls": [
             {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{\"x\": NaN, \"y\": 1e999}"}}]})
-        conv = export.convert(rec)
-        row = export.render_sharegpt(conv, export.Options(), export.Counter())
-        call = json.loads(row["conversations"][-1]["value"], parse_constant=_refuse_constant)
-        self.assertEqual(call, {"name": "f", "arguments": "{\"x\": NaN, \"y\": 1e999}"})
+        with self.assertRaises(export.Skip) as ctx:
+            export.convert(rec)
+        self.assertEqual(ctx.exception.reason, "bad_tool_arguments")
 
     def test_encoding_refuses_non_finite_numbers(self) -> None:
         for value in (float("nan"), float("inf"), float("-inf")):
