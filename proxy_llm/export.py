@@ -96,7 +96,7 @@ Every ``tool`` message answers a call of the assistant message before it (only
 ``tool`` messages between), as the fine-tuning format requires: a result whose
 call is not there (dropped, or in an earlier record) is dropped, counted
 ``orphan_tool_result``.  An assistant message before the answer left with
-nothing to write (no text, no tool calls, no thinking written) is left out of
+neither text nor tool calls (thinking only, even with ``--include-thinking``) is left out of
 both chat formats, counted ``empty_assistant_turn``; the messages around it stay.
 
 Skipped records (counted by reason): ``not_chat`` (embeddings, model lists,
@@ -104,8 +104,8 @@ token counting, legacy completions, anything not a chat dialect), ``error``
 (no status, a non-2xx status, or an ``error`` in the record), ``truncated``
 (a body was cut at capture time, ``capture_max_body``), ``bad_body`` (a body without the
 dialect's shape), ``no_response`` (no assistant message in the response),
-``empty_answer`` (the answer would export as nothing: thinking only without
-``--include-thinking``, or only non-text parts), ``bad_tool_arguments`` (a call's
+``empty_answer`` (the answer has neither text nor tool calls: thinking only, with
+or without ``--include-thinking``, or only non-text parts), ``bad_tool_arguments`` (a call's
 arguments are not the JSON text of an object; an empty text is written ``{}``),
 ``non_finite`` (a NaN or Infinity
 number, which JSON cannot hold: the output stays strict JSON; any format).
@@ -950,9 +950,12 @@ def render_openai_chat(conv: Conversation, opts: Options, dropped: Counter) -> d
                                      for c in m["tool_calls"]]
         if m["role"] == "tool":
             out["tool_call_id"] = m["tool_call_id"]
-        if m["role"] == "assistant" and i < last and not (
-                out.get("content") or out.get("tool_calls") or out.get("reasoning_content")):
-            dropped.add("empty_assistant_turn")  # nothing left of it (audio, thinking, ...)
+        if m["role"] == "assistant" and i < last and not (out.get("content") or out.get("tool_calls")):
+            # Nothing left of it (audio, thinking, ...): OpenAI refuses an assistant message with
+            # neither content nor tool calls, whatever reasoning_content it holds.
+            dropped.add("empty_assistant_turn")
+            if opts.include_thinking:
+                dropped.add("thinking", len(m["thinking"]))
             continue
         messages.append(out)
     row = {"messages": messages}
@@ -995,11 +998,13 @@ def render_sharegpt(conv: Conversation, opts: Options, dropped: Counter) -> dict
                 images.append(p["url"])
         value = "\n".join(pieces)
         if m["role"] == "assistant":
+            if not value and not m["tool_calls"] and i < last:  # as in render_openai_chat
+                dropped.add("empty_assistant_turn")
+                if opts.include_thinking:
+                    dropped.add("thinking", len(m["thinking"]))
+                continue
             if m["thinking"] and opts.include_thinking:
                 value = "<think>\n%s\n</think>\n\n%s" % ("\n".join(m["thinking"]), value)
-            if not value and not m["tool_calls"] and i < last:
-                dropped.add("empty_assistant_turn")
-                continue
             if value or not m["tool_calls"]:
                 turns.append({"from": "gpt", "value": value})
             if m["tool_calls"]:
@@ -1359,12 +1364,13 @@ class _Run(object):
         self.keep = None  # set of ids from the dedupe pass, or None
 
     def conversation(self, rec: dict, dropped: Counter) -> Conversation:
-        """``convert`` plus the answer check that depends on the flags (Skip("empty_answer")
-        when the final assistant message would render to nothing, e.g. thinking only)."""
+        """``convert`` plus the answer check (Skip("empty_answer") when the final assistant
+        message has neither text nor tool calls, e.g. thinking only: OpenAI refuses an assistant
+        message without content or tool calls, and thinking alone is no answer to train on)."""
         conv = convert(rec, dropped)
         last = conv.messages[-1]
         has_text = any(p["type"] == "text" for p in last["parts"])
-        if not (has_text or last["tool_calls"] or (last["thinking"] and self.opts.include_thinking)):
+        if not (has_text or last["tool_calls"]):
             raise Skip("empty_answer")
         return conv
 

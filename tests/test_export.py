@@ -588,7 +588,7 @@ class TestConvertUnits(unittest.TestCase):
         export.convert(rec, dropped)
         self.assertEqual(dropped, {"redacted_thinking": 1})
 
-    def test_thinking_only_answer_is_empty_without_the_flag(self) -> None:
+    def test_thinking_only_answer_is_empty_with_or_without_the_flag(self) -> None:
         data = tempfile.mkdtemp(prefix="export-think-")
         self.addCleanup(shutil.rmtree, data)
         rec = df.anthropic(df.Clock(), "think", [{"role": "user", "content": "x"}],
@@ -600,12 +600,13 @@ class TestConvertUnits(unittest.TestCase):
             code = export.run(parse(["--data-dir", data, "--format", "openai-chat", "--out", out]))
         self.assertEqual(code, 1)
         self.assertIn("1 skipped (empty_answer 1)", err.getvalue())
-        with redirect_stderr(io.StringIO()):
+        err = io.StringIO()
+        with redirect_stderr(err):
             code = export.run(parse(["--data-dir", data, "--format", "openai-chat", "--out", out,
                                      "--include-thinking"]))
-        self.assertEqual(code, 0)
-        self.assertEqual(read_jsonl(out)[0]["messages"][-1], {"role": "assistant", "content": "",
-                                                              "reasoning_content": "hmm"})
+        # It was written as {"content": "", "reasoning_content": "hmm"}, which OpenAI refuses.
+        self.assertEqual(code, 1)
+        self.assertIn("1 skipped (empty_answer 1)", err.getvalue())
 
     def test_gemini_count_tokens_is_not_chat(self) -> None:
         rec = df.gemini(df.Clock(), "s", [{"role": "user", "parts": [{"text": "x"}]}], [{"text": "y"}])
@@ -1033,7 +1034,7 @@ class TestDroppedCalls(AuditCase):
         self.assertEqual([m["role"] for m in msgs], ["user", "assistant", "tool", "user", "assistant"])
         self.assertIn("orphan_tool_result 2", self.summary)
 
-    def test_an_assistant_turn_with_only_thinking_is_left_out_without_the_flag(self) -> None:
+    def test_an_assistant_turn_with_only_thinking_is_left_out_with_or_without_the_flag(self) -> None:
         clock = df.Clock(seed=42)
         history = [{"role": "user", "content": "a"},
                    {"role": "assistant", "content": [{"type": "thinking", "thinking": "hm", "signature": "s"}]},
@@ -1041,8 +1042,13 @@ class TestDroppedCalls(AuditCase):
         rec = df.anthropic(clock, "t", history, [{"type": "text", "text": "c"}])
         self.assertEqual([m["role"] for m in self.rows([rec])[0]["messages"]], ["user", "user", "assistant"])
         self.assertIn("dropped parts: empty_assistant_turn 1, thinking 1;", self.summary)
+        # With the flag it was {"content": "", "reasoning_content": "hm"}: neither content nor
+        # tool calls, which OpenAI refuses.
         msgs = self.rows([rec], "--include-thinking")[0]["messages"]
-        self.assertEqual(msgs[1], {"role": "assistant", "content": "", "reasoning_content": "hm"})
+        self.assertEqual([m["role"] for m in msgs], ["user", "user", "assistant"])
+        self.assertIn("dropped parts: empty_assistant_turn 1, thinking 1;", self.summary)
+        turns = self.rows([rec], "--format", "sharegpt", "--include-thinking")[0]["conversations"]
+        self.assertEqual([t["from"] for t in turns], ["human", "human", "gpt"])
 
 
 class TestAssistantAudio(AuditCase):
