@@ -107,6 +107,9 @@ dialect's shape), ``no_response`` (no assistant message in the response),
 ``empty_answer`` (the answer has neither text nor tool calls: thinking only, with
 or without ``--include-thinking``, or only non-text parts), ``bad_tool_arguments`` (a call's
 arguments are not the JSON text of an object; an empty text is written ``{}``),
+``empty_user_turn`` (a user message with nothing to write: only images without
+``--include-images``, documents, audio; the answer would answer nothing), ``no_user_turn``
+(no user message at all, e.g. only tool results after a ``previous_response_id``),
 ``non_finite`` (a NaN or Infinity
 number, which JSON cannot hold: the output stays strict JSON; any format).
 The recorder puts an ``error`` in every record that did not end ``completed``,
@@ -851,7 +854,7 @@ def convert(record: dict, dropped: Counter | None = None) -> Conversation:
         conv = _from_anthropic(req, resp, dropped)
     else:
         conv = _from_gemini(req, resp, dropped, str(record.get("endpoint") or ""))
-    conv.messages = _pair_check(conv.messages, dropped)
+    conv.messages = [m for m in _pair_check(conv.messages, dropped) if m["role"] != "system" or m["parts"]]
     for m in conv.messages:
         for call in m["tool_calls"]:
             call["arguments"] = _arguments(call["arguments"])
@@ -1372,6 +1375,14 @@ class _Run(object):
         has_text = any(p["type"] == "text" for p in last["parts"])
         if not (has_text or last["tool_calls"]):
             raise Skip("empty_answer")
+        users = 0
+        for m in conv.messages:
+            if m["role"] == "user":
+                users += 1
+                if not any(p["type"] == "text" or self.opts.include_images for p in m["parts"]):
+                    raise Skip("empty_user_turn")  # only images (without the flag), documents, audio
+        if not users:
+            raise Skip("no_user_turn")  # e.g. only tool results after a previous_response_id
         return conv
 
     def rows(self, progress: Progress, offset: int = 0):

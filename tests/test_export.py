@@ -1124,6 +1124,27 @@ class TestFormatRules(AuditCase):
         turns = [r["conversations"][-1] for r in self.rows(recs, "--format", "sharegpt")]
         self.assertEqual({t["value"] for t in turns}, {'{"name": "now", "arguments": {}}'})
 
+    def test_every_message_has_content_and_a_user_asks(self) -> None:
+        # An image-only user message was written with content "" without --include-images, an
+        # Anthropic system of non-text blocks as an empty system message, and a Responses call
+        # holding only a tool result after previous_response_id as an answer to no one.
+        clock = df.Clock(seed=63)
+        image = {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": "iVBORw0KGgo="}}
+        photo = df.anthropic(clock, "u", [{"role": "user", "content": [image]}], [{"type": "text", "text": "A cat."}])
+        system = df.anthropic(clock, "u", [{"role": "user", "content": "hi"}], [{"type": "text", "text": "yo"}],
+                              system=[{"type": "image", "source": {}}])
+        tail = df.openai_responses(clock, "u", [{"type": "function_call_output", "call_id": "c0", "output": "3"}],
+                                   [{"type": "message", "role": "assistant",
+                                     "content": [{"type": "output_text", "text": "It is 3."}]}])
+        tail["request_body"]["previous_response_id"] = "resp_0"
+        rows = self.rows([photo, system, tail])
+        self.assertEqual(rows, [{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}])
+        self.assertIn("2 skipped (empty_user_turn 1, no_user_turn 1)", self.summary)
+        rows = self.rows([photo, system, tail], "--include-images")
+        self.assertEqual(len(rows), 2)
+        self.assertValid(rows, "--include-images")
+        self.assertValid(self.rows([photo, system, tail], "--format", "sharegpt"), "--format", "sharegpt")
+
 def _refuse_constant(name: str) -> None:
     raise ValueError("%s is not JSON" % name)
 
