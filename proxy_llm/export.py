@@ -127,12 +127,18 @@ openai-chat message               sharegpt turn
 ``assistant`` text                ``{"from": "gpt", "value": text}``; thinking (with
                                   --include-thinking) as a ``<think>...</think>\\n\\n`` prefix
 ``assistant`` ``tool_calls``      ``{"from": "function_call", "value": "{\\"name\\": ...,
-                                  \\"arguments\\": {...}}"}`` (a JSON list for parallel calls),
-                                  after the ``gpt`` turn when the message also had text
-``tool``                          ``{"from": "observation", "value": content}``
+                                  \\"arguments\\": {...}}"}`` (a JSON list for parallel calls);
+                                  the message's text and thinking are dropped (counted)
+``tool``                          ``{"from": "observation", "value": content}``; the results
+                                  of parallel calls in one turn, a JSON list of their texts
 ``tools``                         ``"tools"``: JSON text of the list of function objects
                                   (``name``, ``description``, ``parameters``), ``""`` if none
 ================================  =========================================================
+
+Turns follow LLaMA-Factory's order (one system turn first, then human/observation and
+gpt/function_call in turn): human turns in a row and leading system messages are joined
+with a newline; a system message later is ``system_not_first``, any other order the format
+cannot hold (a user message right after tool results) ``sharegpt_order``, both skipped.
 
 ``records``: the filtered records themselves as one fixed set of columns, so
 that pandas, DuckDB, pyarrow and ``datasets`` infer one schema however varied
@@ -985,8 +991,16 @@ def _call_value(call: dict):
 
 
 def render_sharegpt(conv: Conversation, opts: Options, dropped: Counter) -> dict:
-    """The sharegpt row of a conversation (see module docstring)."""
-    turns = []
+    """The sharegpt row of a conversation (see module docstring), in the order LLaMA-Factory's
+    reader takes: one system turn first, then human or observation and gpt or function_call in
+    turn.  An assistant message with tool calls is one function_call turn (its text and thinking
+    have no place there: counted ``tool_call_text`` and ``thinking``); the results of parallel
+    calls are one observation turn (a JSON list of their texts); human turns in a row (an empty
+    assistant turn between them was left out) are one.  Skip("system_not_first") for a system
+    message after the conversation began, Skip("sharegpt_order") for any other order the format
+    cannot hold (a user message right after tool results, a conversation opening with the
+    assistant)."""
+    turns = []  # [from, [values]]: consecutive human or observation values join into one turn
     images = []
     names = {"system": "system", "user": "human", "assistant": "gpt", "tool": "observation"}
     last = len(conv.messages) - 1
@@ -1000,23 +1014,39 @@ def render_sharegpt(conv: Conversation, opts: Options, dropped: Counter) -> dict
                 pieces.append("<image>")
                 images.append(p["url"])
         value = "\n".join(pieces)
+        kind = names[m["role"]]
         if m["role"] == "assistant":
             if not value and not m["tool_calls"] and i < last:  # as in render_openai_chat
                 dropped.add("empty_assistant_turn")
                 if opts.include_thinking:
                     dropped.add("thinking", len(m["thinking"]))
                 continue
-            if m["thinking"] and opts.include_thinking:
-                value = "<think>\n%s\n</think>\n\n%s" % ("\n".join(m["thinking"]), value)
-            if value or not m["tool_calls"]:
-                turns.append({"from": "gpt", "value": value})
             if m["tool_calls"]:
+                dropped.add("tool_call_text", 1 if value else 0)
+                if opts.include_thinking:
+                    dropped.add("thinking", len(m["thinking"]))
                 calls = [_call_value(c) for c in m["tool_calls"]]
-                payload = calls[0] if len(calls) == 1 else calls
-                turns.append({"from": "function_call", "value": _dumps(payload)})
+                kind, value = "function_call", _dumps(calls[0] if len(calls) == 1 else calls)
+            elif m["thinking"] and opts.include_thinking:
+                value = "<think>\n%s\n</think>\n\n%s" % ("\n".join(m["thinking"]), value)
+        elif m["role"] == "system" and turns and turns[-1][0] != "system":
+            raise Skip("system_not_first")
+        if turns and turns[-1][0] == kind and kind in ("system", "human", "observation"):
+            turns[-1][1].append(value)
         else:
-            turns.append({"from": names[m["role"]], "value": value})
-    row = {"conversations": turns,
+            turns.append([kind, [value]])
+    out = []
+    for kind, values in turns:
+        if kind == "observation" and len(values) > 1:
+            value = _dumps(values)
+        else:
+            value = "\n".join(values)
+        out.append({"from": kind, "value": value})
+    body = out[1:] if out and out[0]["from"] == "system" else out
+    if len(body) % 2 or any(t["from"] not in (("human", "observation"), ("gpt", "function_call"))[k % 2]
+                            for k, t in enumerate(body)):
+        raise Skip("sharegpt_order")
+    row = {"conversations": out,
            "tools": _dumps([t["function"] for t in conv.tools]) if conv.tools else ""}
     if opts.include_images:
         row["images"] = images

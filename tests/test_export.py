@@ -198,11 +198,14 @@ class TestSharegpt(ExportTestCase):
         self.assertEqual(tools[0]["name"], "get_weather")
         self.assertIn("parameters", tools[0])
 
-    def test_text_and_tool_call_in_one_message_gives_gpt_then_function_call(self) -> None:
+    def test_text_and_tool_call_in_one_message_gives_one_function_call(self) -> None:
+        # It gave a gpt turn then a function_call turn, two turns where LLaMA-Factory's reader
+        # takes one (it refused the row); the text and thinking are dropped and counted.
         rows = self.export_rows("sharegpt", "--session", "agent-1", "--include-thinking")
         first = rows[0]["conversations"]
-        self.assertEqual([t["from"] for t in first], ["system", "human", "gpt", "function_call"])
-        self.assertEqual(first[2]["value"], "<think>\nI should read app.py first.\n</think>\n\nLet me read it.")
+        self.assertEqual([t["from"] for t in first], ["system", "human", "function_call"])
+        self.assertEqual(json.loads(first[2]["value"]), {"name": "read_file", "arguments": {"path": "app.py"}})
+        self.assertIn("thinking 4, tool_call_text 7", self.last_summary)
 
     def test_rows_without_tools_have_an_empty_tools_string(self) -> None:
         rows = self.export_rows("sharegpt", "--model", "claude-haiku-*")
@@ -409,7 +412,9 @@ class TestCommand(ExportTestCase):
     def test_stdout_when_no_out(self) -> None:
         code, err, out = self.export("--data-dir", self.data, "--format", "sharegpt")
         self.assertEqual(code, 0)
-        self.assertEqual(len(out.splitlines()), len(self.man.chat_ok))
+        # (the agent's fork, a user message right after a tool result, is no sharegpt row)
+        self.assertEqual(len(out.splitlines()), len(self.man.chat_ok) - 1)
+        self.assertIn("sharegpt_order 1)", err)
         self.assertIn("to stdout", err)
 
     def test_default_data_dir_is_used(self) -> None:
@@ -1048,7 +1053,7 @@ class TestDroppedCalls(AuditCase):
         self.assertEqual([m["role"] for m in msgs], ["user", "user", "assistant"])
         self.assertIn("dropped parts: empty_assistant_turn 1, thinking 1;", self.summary)
         turns = self.rows([rec], "--format", "sharegpt", "--include-thinking")[0]["conversations"]
-        self.assertEqual([t["from"] for t in turns], ["human", "human", "gpt"])
+        self.assertEqual([t["from"] for t in turns], ["human", "gpt"])
 
 
 class TestAssistantAudio(AuditCase):
@@ -1060,7 +1065,7 @@ class TestAssistantAudio(AuditCase):
             {"role": "assistant", "content": "Hi again."}])
         self.assertIn("dropped parts: audio 1, empty_assistant_turn 1;", self.summary)
         turns = self.rows([second], "--format", "sharegpt")[0]["conversations"]
-        self.assertEqual([t["from"] for t in turns], ["human", "human", "gpt"])
+        self.assertEqual(turns, [{"from": "human", "value": "Say hi\nAgain, in text"}, {"from": "gpt", "value": "Hi again."}])
         self.assertIn("dropped parts: audio 1, empty_assistant_turn 1;", self.summary)
 
     def test_an_audio_answer_is_exported_as_its_transcript(self) -> None:
@@ -1144,6 +1149,45 @@ class TestFormatRules(AuditCase):
         self.assertEqual(len(rows), 2)
         self.assertValid(rows, "--include-images")
         self.assertValid(self.rows([photo, system, tail], "--format", "sharegpt"), "--format", "sharegpt")
+
+    def test_sharegpt_turns_alternate_as_llama_factory_reads_them(self) -> None:
+        # Parallel results were one observation turn each, text beside calls a gpt turn before
+        # the function_call, two system messages two system turns: rows LLaMA-Factory's
+        # reader refuses ("Invalid role tag"), as it does the two skipped here.
+        clock = df.Clock(seed=64)
+        calls = [{"id": "c%d" % k, "type": "function", "function": {"name": "get_weather",
+                                                                   "arguments": "{\"city\": \"%s\"}" % c}}
+                 for k, c in enumerate("AB")]
+        chat = df.openai_chat(clock, "s", [
+            {"role": "user", "content": "A and B?"}, {"role": "assistant", "content": "Both.", "tool_calls": calls},
+            {"role": "tool", "tool_call_id": "c0", "content": "1"}, {"role": "tool", "tool_call_id": "c1", "content": "2"}],
+            {"content": "1 and 2."}, tools=[df.WEATHER_TOOL])
+        gem_calls = {"role": "model", "parts": [{"functionCall": {"name": "t", "args": {"z": z}}} for z in "AB"]}
+        gem_results = {"role": "user", "parts": [{"functionResponse": {"name": "t", "response": {"t": k}}}
+                                                 for k in (1, 2)]}
+        gem = df.gemini(clock, "s", [{"role": "user", "parts": [{"text": "A and B?"}]}, gem_calls, gem_results],
+                        [{"text": "1 and 2."}], stream=True)
+        two_systems = df.openai_responses(clock, "s", [{"role": "developer", "content": "Be brief."}, "hi"], [
+            {"type": "message", "role": "assistant", "content": [{"type": "output_text", "text": "yo"}]}],
+            instructions="You are kind.")
+        late_system = df.openai_chat(clock, "s", [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},
+                                                  {"role": "system", "content": "Be terse."},
+                                                  {"role": "user", "content": "c"}], {"content": "d"})
+        recs = [chat, gem, two_systems, late_system, df.agent_session_with_fork(clock)["records"][-1]]
+        rows = self.rows(recs, "--format", "sharegpt")
+        self.assertValid(rows, "--format", "sharegpt")
+        self.assertIn("2 skipped (sharegpt_order 1, system_not_first 1)", self.summary)
+        self.assertIn("tool_call_text 1", self.summary)
+        self.assertEqual([[(t["from"], t["value"]) for t in row["conversations"]] for row in rows], [
+            [("human", "A and B?"),
+             ("function_call", '[{"name": "get_weather", "arguments": {"city": "A"}}, '
+                               '{"name": "get_weather", "arguments": {"city": "B"}}]'),
+             ("observation", '["1", "2"]'), ("gpt", "1 and 2.")],
+            [("human", "A and B?"),
+             ("function_call", '[{"name": "t", "arguments": {"z": "A"}}, {"name": "t", "arguments": {"z": "B"}}]'),
+             ("observation", '["{\\"t\\": 1}", "{\\"t\\": 2}"]'), ("gpt", "1 and 2.")],
+            [("system", "You are kind.\nBe brief."), ("human", "hi"), ("gpt", "yo")]])
+        self.assertEqual(len(self.rows(recs)), 5)  # all valid in openai-chat, which holds them
 
 def _refuse_constant(name: str) -> None:
     raise ValueError("%s is not JSON" % name)
