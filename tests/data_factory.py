@@ -656,3 +656,119 @@ def build_mixed(root: str, torn: bool = True) -> Manifest:
     man.add(media)
     man.files += 1
     return man
+
+
+# ---------------------------------------------------------------- every shape, for the format rules
+
+FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures")
+_FIXTURE_REQUESTS = {
+    "openai_chat": ("openai", "/v1/chat/completions",
+                    {"model": "m", "messages": [{"role": "user", "content": "hi"}], "tools": [WEATHER_TOOL]}),
+    "openai_responses": ("openai", "/v1/responses", {"model": "m", "input": "hi", "tools": [
+        {"type": "function", "name": "get_weather", "parameters": {"type": "object"}}]}),
+    "anthropic_messages": ("anthropic", "/v1/messages", {"model": "m", "max_tokens": 9, "system": "Be kind.",
+                                                         "messages": [{"role": "user", "content": "hi"}]}),
+    "gemini": ("gemini", "/v1beta/models/m:streamGenerateContent",
+               {"contents": [{"role": "user", "parts": [{"text": "hi"}]}]}),
+}
+
+
+def golden_records(clock: Clock) -> list:
+    """A record per golden fixture of the chat dialects (tests/fixtures/<dialect>/*.expected.json),
+    streamed and not: its reassembled answer to a short request; an answer the fixture marks
+    incomplete ended ``upstream_eof``, as the recorder would have it."""
+    import glob
+    out = []
+    for dialect, (provider_type, endpoint, req) in sorted(_FIXTURE_REQUESTS.items()):
+        for path in sorted(glob.glob(os.path.join(FIXTURES, dialect, "*.expected.json"))):
+            with open(path, encoding="utf-8") as fh:
+                expected = json.load(fh)
+            for stream in (False, True):
+                out.append(record(clock, session_id="golden-" + os.path.basename(path).split(".")[0],
+                                  provider_type=provider_type, dialect=dialect, endpoint=endpoint, model="m",
+                                  request_body=copy.deepcopy(req), response_body=expected["response_body"],
+                                  stream=stream, error=expected.get("error"),
+                                  ended="completed" if expected.get("complete", True) else "upstream_eof"))
+    return out
+
+
+def mixed_provider_records(clock: Clock) -> list:
+    """Tool loops of every dialect with the shapes the fine-tuning formats are strict about:
+    parallel calls and results, text and thinking beside calls, an empty argument text, a
+    developer message, a system message late in the conversation, Anthropic tool results
+    beside text, an image-only user message, a thinking-only turn, Gemini parallel calls."""
+    recs = []
+    calls = [{"id": "c%d" % k, "type": "function", "function": {
+        "name": "get_weather", "arguments": "{\"location\": \"%s\"}" % city}} for k, city in enumerate("AB")]
+    history = [{"role": "developer", "content": "Use metric."}, {"role": "user", "content": "Weather in A and B?"},
+               {"role": "assistant", "content": "Checking both.", "tool_calls": calls},
+               {"role": "tool", "tool_call_id": "c0", "content": "18"}, {"role": "tool", "tool_call_id": "c1", "content": "20"}]
+    recs.append(openai_chat(clock, "mix-oa", history[:2], {"content": "Checking both.", "tool_calls": calls},
+                            tools=[WEATHER_TOOL], stream=True))
+    recs.append(openai_chat(clock, "mix-oa", history, {"content": "18 and 20."}, tools=[WEATHER_TOOL]))
+    recs.append(openai_chat(clock, "mix-oa", [{"role": "user", "content": "Time?"}], {"content": None, "tool_calls": [
+        {"id": "c9", "type": "function", "function": {"name": "now", "arguments": ""}}]}))
+    recs.append(openai_chat(clock, "mix-oa", [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},
+                                              {"role": "system", "content": "Be terse."},
+                                              {"role": "user", "content": "c"}], {"content": "d"}, stream=True))
+    recs.append(openai_chat(clock, "mix-oa", [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": "https://example.com/cat.png"}}]}], {"content": "A cat."}))
+    recs.append(openai_chat(clock, "mix-oa", [{"role": "user", "content": "q"},
+                                              {"role": "assistant", "content": "", "reasoning_content": "hmm"},
+                                              {"role": "user", "content": "q2"}],
+                            {"content": "a", "reasoning_content": "so"}))
+    lookup = {"type": "function", "name": "lookup", "parameters": {"type": "object"}}
+    recs.append(openai_responses(clock, "mix-resp", [
+        {"role": "developer", "content": "Be brief."}, {"role": "user", "content": "Orders 1 and 2?"},
+        {"type": "reasoning", "id": "rs_1", "summary": [], "encrypted_content": "gAAA"},
+        {"type": "function_call", "call_id": "k1", "name": "lookup", "arguments": "{}"},
+        {"type": "function_call", "call_id": "k2", "name": "lookup", "arguments": "{\"o\": 2}"},
+        {"type": "function_call_output", "call_id": "k1", "output": "shipped"},
+        {"type": "function_call_output", "call_id": "k2", "output": [{"type": "input_text", "text": "lost"}]}],
+        [{"type": "message", "role": "assistant", "content": [{"type": "output_text", "text": "1 shipped, 2 lost."}]}],
+        instructions="You are a support agent.", tools=[lookup], stream=True))
+    reads = [{"type": "thinking", "thinking": "Read both.", "signature": "s1"}, {"type": "text", "text": "Reading."},
+             {"type": "tool_use", "id": "t1", "name": "read_file", "input": {"path": "a"}},
+             {"type": "tool_use", "id": "t2", "name": "read_file", "input": {"path": "b"}}]
+    ask = {"role": "user", "content": "Read a and b."}
+    results = {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t1", "content": "A"},
+                                           {"type": "tool_result", "tool_use_id": "t2",
+                                            "content": [{"type": "text", "text": "B"}]}]}
+    recs.append(anthropic(clock, "mix-an", [ask], reads, system="Be exact.", tools=[READ_TOOL], stream=False))
+    recs.append(anthropic(clock, "mix-an", [ask, {"role": "assistant", "content": reads}, results], [
+        {"type": "thinking", "thinking": "Both read.", "signature": "s2"}, {"type": "redacted_thinking", "data": "x"},
+        {"type": "text", "text": "A and B."}], system="Be exact.", tools=[READ_TOOL]))
+    beside = copy.deepcopy(results)
+    beside["content"].append({"type": "text", "text": "Also read c."})
+    recs.append(anthropic(clock, "mix-an", [ask, {"role": "assistant", "content": reads}, beside],
+                          [{"type": "text", "text": "Reading c."}], system="Be exact.", tools=[READ_TOOL]))
+    recs.append(anthropic(clock, "mix-an", [{"role": "user", "content": [{"type": "image", "source": {
+        "type": "base64", "media_type": "image/png", "data": "iVBORw0KGgo="}}]}], [{"type": "text", "text": "A cat."}]))
+    recs.append(anthropic(clock, "mix-an", [{"role": "user", "content": "q"}, {"role": "assistant", "content": [
+        {"type": "thinking", "thinking": "t", "signature": "s"}]}, {"role": "user", "content": "go on"}],
+        [{"type": "text", "text": "ok"}]))
+    g_tools = [{"functionDeclarations": [{"name": "get_time", "parameters": {
+        "type": "OBJECT", "properties": {"zone": {"type": "STRING"}}}}]}]
+    contents = [{"role": "user", "parts": [{"text": "Time in A and B?"}]},
+                {"role": "model", "parts": [{"text": "Two zones.", "thought": True},
+                                            {"functionCall": {"name": "get_time", "args": {"zone": "A"}}},
+                                            {"functionCall": {"name": "get_time", "args": {"zone": "B"}}}]},
+                {"role": "user", "parts": [{"functionResponse": {"name": "get_time", "response": {"t": 1}}},
+                                           {"functionResponse": {"name": "get_time", "response": {"t": 2}}}]}]
+    recs.append(gemini(clock, "mix-gem", contents[:1], contents[1]["parts"], tools=g_tools))
+    recs.append(gemini(clock, "mix-gem", contents, [{"text": "1 and 2."}], tools=g_tools, stream=True))
+    return recs
+
+
+def build_formats(root: str) -> None:
+    """``build_mixed`` plus the audited shapes, every golden fixture and the mixed-provider
+    records: the data dir the format-rule tests export."""
+    build_mixed(root, torn=False)
+    clock = Clock(seed=99)
+    out = DataDirWriter(root)
+    audited = (openai_functions_session(clock) + [gemini_sdk_tools(clock), anthropic_prefill(clock),
+               openai_custom_tool_call(clock, with_function=True), anthropic_tool_error(clock)]
+               + openai_audio_session(clock))
+    out.write_records(audited, stamp="20261128_000000")
+    out.write_records(golden_records(clock), stamp="20261128_000100")
+    out.write_records(mixed_provider_records(clock), stamp="20261128_000200")

@@ -26,7 +26,7 @@ import unittest
 
 from proxy_llm import export
 from tests import data_factory as df
-from tests.test_export import parse
+from tests.test_export import openai_chat_problems, parse, sharegpt_problems
 
 
 def _has(name: str) -> bool:
@@ -347,6 +347,30 @@ class TestHFDatasets(unittest.TestCase):
                 ids = [call["id"] for row in ds for m in row["messages"] for call in (m.get("tool_calls") or [])]
                 self.assertTrue(ids)
                 self.assertTrue(all(isinstance(i, str) for i in ids), ids)
+
+    def test_exports_of_every_shape_load_and_keep_their_format(self) -> None:
+        """Every golden fixture, the mixed-provider tool loops and the audited shapes: each chat
+        export loads, and every row, as ``datasets`` gives it back, keeps its format's rules."""
+        data = os.path.join(self.tmp, "formats")
+        df.build_formats(data)
+        for name, argv in (("f_chat", ("--format", "openai-chat")),
+                           ("f_chat_all", ("--format", "openai-chat", "--include-thinking", "--include-images")),
+                           ("f_sharegpt", ("--format", "sharegpt")),
+                           ("f_sharegpt_all", ("--format", "sharegpt", "--include-thinking", "--include-images"))):
+            out = os.path.join(self.tmp, name + ".jsonl")
+            self.assertEqual(run_export(data, out, *argv), 0)
+            ds = self.load(out, chunksize=os.path.getsize(out) + 1)
+            self.assertEqual(len(ds), count_lines(out))
+            with self.subTest(name):
+                for row in ds:
+                    if "openai-chat" in argv:
+                        # (absent keys come back as None: the struct's other messages have them)
+                        row = {k: v for k, v in row.items() if v is not None}
+                        row["messages"] = [{k: v for k, v in m.items() if v is not None} for m in row["messages"]]
+                        problems = openai_chat_problems(row, thinking=True)
+                    else:
+                        problems = sharegpt_problems(row, images="--include-images" in argv)
+                    self.assertEqual(problems, [], row)
 
     def test_split_files(self) -> None:
         out = os.path.join(self.tmp, "split.jsonl")

@@ -620,30 +620,6 @@ class TestConvertUnits(unittest.TestCase):
             export.convert(rec)
 
 
-def check_fine_tuning_row(test: unittest.TestCase, row: dict) -> None:
-    """The OpenAI chat fine-tuning rules an openai-chat row must keep: tool call ids are strings
-    and arguments JSON text; every tool message answers a call of the assistant message before it
-    (only tool messages between); no assistant message without content and tool calls; no two
-    assistant messages in a row."""
-    calls = set()
-    previous = None
-    for m in row["messages"]:
-        if m["role"] == "assistant":
-            test.assertNotEqual(previous, "assistant", row)
-            test.assertTrue(m.get("content") or m.get("tool_calls") or m.get("reasoning_content"), row)
-            calls = set()
-            for call in m.get("tool_calls", []):
-                test.assertIsInstance(call["id"], str)
-                test.assertTrue(call["id"])
-                json.loads(call["function"]["arguments"])
-                calls.add(call["id"])
-        elif m["role"] == "tool":
-            test.assertIn(m["tool_call_id"], calls, row)
-        else:
-            calls = set()
-        previous = m["role"]
-
-
 # ----------------------------------------------------------------- format validators
 #
 # The rules the documented readers apply, checked strictly on every exported row.  Sources:
@@ -712,7 +688,6 @@ def openai_chat_problems(row, thinking: bool = False) -> list:
     out = []
     calls = None  # ids of the calls of the assistant message the tool messages answer
     answered = set()
-    seen_other = False
     for i, m in enumerate(messages):
         where = "message %d" % i
         role = m.get("role") if isinstance(m, dict) else None
@@ -723,11 +698,6 @@ def openai_chat_problems(row, thinking: bool = False) -> list:
         if not set(m) <= allowed:
             out.append("%s: keys %r" % (where, sorted(set(m) - allowed)))
         content = m.get("content")
-        if role == "system":
-            if seen_other:
-                out.append("%s: a system message after the conversation began" % where)
-        else:
-            seen_other = True
         if role in ("system", "user"):
             if isinstance(content, list):
                 out += _text_parts_problems(content, where, images=role == "user")
@@ -884,9 +854,11 @@ class AuditCase(unittest.TestCase):
         self.summary = err.getvalue()
         self.assertEqual(code, 0, self.summary)
         rows = read_jsonl(self.out)
-        if argv[1] == "openai-chat":
-            for row in rows:
-                check_fine_tuning_row(self, row)
+        for row in rows:
+            if argv[1] == "openai-chat":
+                self.assertEqual(openai_chat_problems(row, thinking="--include-thinking" in argv), [], row)
+            elif argv[1] == "sharegpt":
+                self.assertEqual(sharegpt_problems(row, images="--include-images" in argv), [], row)
         return rows
 
 
@@ -1188,6 +1160,88 @@ class TestFormatRules(AuditCase):
              ("observation", '["{\\"t\\": 1}", "{\\"t\\": 2}"]'), ("gpt", "1 and 2.")],
             [("system", "You are kind.\nBe brief."), ("human", "hi"), ("gpt", "yo")]])
         self.assertEqual(len(self.rows(recs)), 5)  # all valid in openai-chat, which holds them
+
+class TestDocumentedFormats(unittest.TestCase):
+    """Every row of every chat export, with every shaping flag, of a data dir holding every golden
+    fixture (streamed and not), the mixed-provider tool loops and the audited shapes keeps the
+    rules of the format it claims (the validators above)."""
+
+    FLAGS = ((), ("--include-thinking",), ("--include-images",), ("--include-thinking", "--include-images"),
+             ("--dedupe",))
+
+    @classmethod
+    def setUpClass(cls) -> None:
+        cls.tmp = tempfile.mkdtemp(prefix="export-formats-")
+        cls.data = os.path.join(cls.tmp, "data")
+        df.build_formats(cls.data)
+
+    @classmethod
+    def tearDownClass(cls) -> None:
+        shutil.rmtree(cls.tmp)
+
+    def test_every_row_keeps_the_format_s_rules(self) -> None:
+        out = os.path.join(self.tmp, "out.jsonl")
+        for fmt in ("openai-chat", "sharegpt"):
+            for flags in self.FLAGS:
+                with self.subTest(fmt, flags=flags):
+                    err = io.StringIO()
+                    with redirect_stderr(err):
+                        code = export.run(parse(["--data-dir", self.data, "--format", fmt, "--out", out] + list(flags)))
+                    self.assertEqual(code, 0, err.getvalue())
+                    rows = read_jsonl(out)
+                    self.assertGreater(len(rows), 40)
+                    for row in rows:
+                        if fmt == "openai-chat":
+                            problems = openai_chat_problems(row, thinking="--include-thinking" in flags)
+                        else:
+                            problems = sharegpt_problems(row, images="--include-images" in flags)
+                        self.assertEqual(problems, [], json.dumps(row)[:2000])
+
+    def test_the_validators_refuse_what_the_readers_refuse(self) -> None:
+        """The validators are no rubber stamp: each rule refuses a row that breaks it."""
+        call = {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+        good = {"messages": [{"role": "system", "content": "s"}, {"role": "user", "content": "q"},
+                             {"role": "assistant", "tool_calls": [call]},
+                             {"role": "tool", "tool_call_id": "c1", "content": "r"},
+                             {"role": "assistant", "content": "a"}],
+                "tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]}
+        self.assertEqual(openai_chat_problems(good), [])
+        bad = {
+            "arguments as an object": (2, {"tool_calls": [dict(call, function={"name": "f", "arguments": {}})]}),
+            "arguments not JSON": (2, {"tool_calls": [dict(call, function={"name": "f", "arguments": "{"})]}),
+            "no content nor calls": (2, {"tool_calls": None, "content": ""}),
+            "tool without id": (3, {"tool_call_id": None}),
+            "tool content a list": (3, {"content": [{"type": "text", "text": "r"}]}),
+            "tool with a name": (3, {"name": "f"}),
+            "empty user": (1, {"content": ""}),
+            "image in the answer": (4, {"content": [{"type": "image_url", "image_url": {"url": "https://x/y.png"}}]}),
+            "unknown key": (4, {"reasoning_content": "t"}),
+            "bad weight": (4, {"weight": 2}),
+        }
+        for name, (index, change) in bad.items():
+            row = json.loads(json.dumps(good))
+            row["messages"][index].update(change)
+            row["messages"][index] = {k: v for k, v in row["messages"][index].items() if v is not None}
+            with self.subTest(name):
+                self.assertNotEqual(openai_chat_problems(row), [])
+        self.assertNotEqual(openai_chat_problems(dict(good, messages=good["messages"][:-1])), [])  # ends with tool
+        self.assertNotEqual(openai_chat_problems(dict(good, messages=good["messages"][:2])), [])  # no answer
+        self.assertNotEqual(openai_chat_problems(dict(good, extra=1)), [])
+        self.assertEqual(openai_chat_problems(dict(good, parallel_tool_calls=False)), [])
+        turns = [{"from": "system", "value": "s"}, {"from": "human", "value": "q"},
+                 {"from": "function_call", "value": '{"name": "f", "arguments": {}}'},
+                 {"from": "observation", "value": "r"}, {"from": "gpt", "value": "a"}]
+        self.assertEqual(sharegpt_problems({"conversations": turns, "tools": ""}), [])
+        for name, broken in {
+                "two observations": turns[:4] + [turns[3]] + turns[4:],
+                "gpt then function_call": turns[:2] + [{"from": "gpt", "value": "x"}] + turns[2:],
+                "late system": turns[:2] + [turns[0]] + turns[2:],
+                "human after observation": turns[:4] + [turns[1], turns[4]],
+                "arguments as text": turns[:2] + [{"from": "function_call", "value": '{"name": "f", "arguments": "{}"}'}]
+                + turns[3:],
+                "ends with a human": turns[:2]}.items():
+            with self.subTest(name):
+                self.assertNotEqual(sharegpt_problems({"conversations": broken, "tools": ""}), [])
 
 def _refuse_constant(name: str) -> None:
     raise ValueError("%s is not JSON" % name)
