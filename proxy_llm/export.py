@@ -1415,6 +1415,16 @@ class _Run(object):
             raise Skip("no_user_turn")  # e.g. only tool results after a previous_response_id
         return conv
 
+    def line(self, rec: dict, conv: Conversation | None, dropped: Counter) -> bytes:
+        """The exported line of a record (its conversation ``conv`` for the chat formats), or
+        Skip when the format cannot hold it (sharegpt's order, a number JSON cannot hold)."""
+        fmt = self.args.format
+        if fmt == "openai-chat":
+            return encode_line(render_openai_chat(conv, self.opts, dropped))
+        if fmt == "sharegpt":
+            return encode_line(render_sharegpt(conv, self.opts, dropped))
+        return encode_line(render_record(rec))
+
     def rows(self, progress: Progress, offset: int = 0):
         """Yield (split key bytes, encoded row) for every exported row; counts go to the summary."""
         fmt = self.args.format
@@ -1433,22 +1443,17 @@ class _Run(object):
                     if fmt != "records":
                         self.skipped.add(skip.reason)
                         continue
+            try:
+                line = self.line(rec, conv, dropped)
+            except Skip as skip:  # (before the dedupe's verdict: such a record superseded nothing)
+                self.skipped.add(skip.reason)
+                continue
             if self.keep is not None and conv is not None and rid not in self.keep:
                 self.superseded += 1
                 continue
             key = None
             if self.args.split is not None:
                 key = opening_digest(conv) if conv is not None else rid.encode("utf-8", "surrogatepass")
-            try:
-                if fmt == "openai-chat":
-                    line = encode_line(render_openai_chat(conv, self.opts, dropped))
-                elif fmt == "sharegpt":
-                    line = encode_line(render_sharegpt(conv, self.opts, dropped))
-                else:
-                    line = encode_line(render_record(rec))
-            except Skip as skip:
-                self.skipped.add(skip.reason)
-                continue
             if fmt != "records":
                 for kind, n in dropped.items():
                     self.dropped.add(kind, n)
@@ -1464,6 +1469,9 @@ class _Run(object):
                 continue
             try:
                 conv = self.conversation(rec, Counter())
+                # A record the format cannot hold is not written: it supersedes nothing (its
+                # earlier, shorter versions were in neither output before).
+                self.line(rec, conv, Counter())
             except Skip:
                 continue
             deduper.add(rec.get("session_id"), str(rec.get("id")), conv)

@@ -301,6 +301,24 @@ class TestDedupe(ExportTestCase):
         self.export_rows("openai-chat", "--include-images", "--dedupe")
         self.assertIn("dropped parts: server_tool 2, thinking 2;", self.last_summary)
 
+    def test_a_row_the_format_cannot_hold_supersedes_nothing(self) -> None:
+        # The later record of a session repeats the first and goes on, with a system message
+        # in the middle, which sharegpt cannot hold (system_not_first): it is skipped, and the
+        # first, shorter one is written. (It was superseded by the skipped one: neither was.)
+        clock = df.Clock(seed=12)
+        first = [{"role": "user", "content": "first question"}]
+        a = df.openai_chat(clock, "s-held", first, {"content": "first answer"})
+        later = first + [{"role": "assistant", "content": "first answer"},
+                         {"role": "system", "content": "be brief"}, {"role": "user", "content": "more?"}]
+        b = df.openai_chat(clock, "s-held", later, {"content": "no"})
+        df.DataDirWriter(self.data).write_records([a, b], stamp="20261128_000000")
+        rows = self.export_rows("sharegpt", "--session", "s-held", "--dedupe")
+        self.assertEqual([r["conversations"][-1]["value"] for r in rows], ["first answer"])
+        self.assertIn("system_not_first", self.last_summary)
+        self.assertNotIn("superseded", self.last_summary)
+        rows = self.export_rows("openai-chat", "--session", "s-held", "--dedupe")  # (it holds both)
+        self.assertEqual([r["messages"][-1]["content"] for r in rows], ["no"])
+
     def test_dedupe_is_independent_of_the_thinking_flag(self) -> None:
         plain = self.export_rows("openai-chat", "--dedupe")
         thinking = self.export_rows("openai-chat", "--dedupe", "--include-thinking")
