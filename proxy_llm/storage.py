@@ -53,7 +53,7 @@ import threading
 import time
 import zlib
 from collections import OrderedDict
-from typing import Callable, Dict, Iterable, List, Optional, Tuple
+from typing import Callable, Dict, Hashable, Iterable, List, Optional, Tuple
 
 try:
     import fcntl
@@ -231,26 +231,43 @@ def _write_lines(fd: int, lines: List[bytes], ops: FileOps = FileOps) -> None:
 
 
 class RateLimitedLog:
-    """Log at most once per ``interval`` seconds per key; counts what it suppressed."""
+    """Log at most once per ``interval`` seconds per key; counts what it suppressed.
 
-    def __init__(self, logger: logging.Logger, interval: float = 10.0):
+    The first message of a key is logged at once; the next ones within ``interval`` of the
+    last logged are counted, and the next one logged after that says how many: "... (and 41
+    more in the last 12 s)", the time since the last line of its key. Suppressed messages are
+    not formatted (logging formats only what it emits). ``clock`` (``time.monotonic``) is
+    what a test drives instead of sleeping."""
+
+    def __init__(self, logger: logging.Logger, interval: float = 10.0, clock: Callable[[], float] = time.monotonic):
         self.logger = logger
         self.interval = interval
-        self._last: Dict[str, float] = {}
-        self._suppressed: Dict[str, int] = {}
+        self.clock = clock
+        self._last: Dict[Hashable, float] = {}
+        self._suppressed: Dict[Hashable, int] = {}
         self._lock = threading.Lock()  # protects _last and _suppressed
 
-    def warning(self, key: str, message: str, *args) -> None:
-        now = time.monotonic()
+    def warning(self, key: Hashable, message: str, *args) -> bool:
+        return self.log(logging.WARNING, key, message, *args)
+
+    def info(self, key: Hashable, message: str, *args) -> bool:
+        return self.log(logging.INFO, key, message, *args)
+
+    def log(self, level: int, key: Hashable, message: str, *args) -> bool:
+        """Log ``message % args`` at ``level`` unless ``key`` logged one within ``interval``;
+        whether it was logged. (Keys are few: a kind of trouble, or one per provider and kind.)"""
+        now = self.clock()
         with self._lock:
-            if now - self._last.get(key, -1e9) < self.interval:
+            last = self._last.get(key)
+            if last is not None and now - last < self.interval:
                 self._suppressed[key] = self._suppressed.get(key, 0) + 1
-                return
+                return False
             self._last[key] = now
             suppressed = self._suppressed.pop(key, 0)
         if suppressed:
-            message += " (%d similar messages suppressed)" % suppressed
-        self.logger.warning(message, *args)
+            message += " (and %d more in the last %.0f s)" % (suppressed, now - last)
+        self.logger.log(level, message, *args)
+        return True
 
 
 class RecordQueue:

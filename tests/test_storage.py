@@ -1535,5 +1535,30 @@ class PermissionsTest(RecorderTestCase):
         self.assertNotEqual(storage.safe_sid("../x"), storage.safe_sid("../y"))
 
 
+class RateLimitedLogTest(unittest.TestCase):
+    """The limiter the recorder's warnings and the operator's notices (proxy_llm.notices) share,
+    on a clock the test moves: no sleep."""
+
+    def test_the_first_at_once_then_one_per_interval_with_the_count_left_out(self):
+        clock = unittest.mock.Mock(return_value=1000.0)
+        logger = logging.getLogger("proxy_llm.test_ratelog")
+        ratelog = storage.RateLimitedLog(logger, 10.0, clock)
+        with self.assertLogs(logger, "INFO") as logs:
+            self.assertTrue(ratelog.warning(("openai", "upstream_unavailable"), "down: %s", "a"))
+            for _ in range(41):
+                clock.return_value += 0.2
+                self.assertFalse(ratelog.warning(("openai", "upstream_unavailable"), "down: %s", "b"))
+            self.assertTrue(ratelog.warning(("openai", "timeout"), "slow"))  # another kind: its own limit
+            self.assertTrue(ratelog.info(("anthropic", "auth"), "refused"))  # another provider too
+            clock.return_value = 1012.0
+            self.assertTrue(ratelog.warning(("openai", "upstream_unavailable"), "down: %s", "c"))
+            clock.return_value += 1.0
+            self.assertFalse(ratelog.warning(("openai", "upstream_unavailable"), "down: %s", "d"))
+        self.assertEqual(logs.output, ["WARNING:proxy_llm.test_ratelog:down: a",
+                                       "WARNING:proxy_llm.test_ratelog:slow",
+                                       "INFO:proxy_llm.test_ratelog:refused",
+                                       "WARNING:proxy_llm.test_ratelog:down: c (and 41 more in the last 12 s)"])
+
+
 if __name__ == "__main__":
     unittest.main()
