@@ -26,7 +26,7 @@ import urllib.parse
 from http.server import BaseHTTPRequestHandler
 from typing import List, Optional, Tuple
 
-from . import errors, wire
+from . import errors, notices, wire
 from .errors import ProxyError
 from .metrics import status_class
 from .record import Exchange, is_event_stream
@@ -546,6 +546,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
                                             "use the HTTP API")
             if server.recorder is not None and config.on_record_error == "fail_closed" and (
                     server.recorder.degraded or server.recorder.queue_full()):
+                notices.refusing(ex.provider, "recording is failing and on_record_error is fail_closed")
                 raise errors.Overloaded("recording is failing and on_record_error is fail_closed")
             # Watched from here on: a client that leaves while the upstream is still thinking
             # gets its upstream request cut too (not only once the response is streaming).
@@ -733,11 +734,19 @@ class ProxyHandler(BaseHTTPRequestHandler):
                     raise errors.Overloaded("proxy_llm is shutting down") from None
                 if ex.timed_out:
                     server_metrics_error(self.server, ex, "timeout")
+                    self.tell(ex, "upstream_timeout", "did not answer within total_timeout (%s s)" %
+                              config.total_timeout)
                     raise errors.UpstreamTimeout("upstream %s did not answer within total_timeout" %
                                                  ex.provider.name) from None
                 if ex.upstream_late or isinstance(exc, socket.timeout):
                     # Cut by the watchdog (response_header_timeout), or connect_timeout passed.
                     server_metrics_error(self.server, ex, "timeout")
+                    if ex.upstream_late:
+                        self.tell(ex, "upstream_timeout", "sent no response head within response_header_timeout "
+                                  "(%s s)" % config.response_header_timeout)
+                    else:
+                        self.tell(ex, "upstream_timeout", "not connected within connect_timeout (%s s)" %
+                                  config.connect_timeout, exc)
                     raise errors.UpstreamTimeout("upstream %s did not answer in time%s" % (
                         ex.provider.name, pool.via)) from None
                 if isinstance(exc, (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError)):
@@ -747,15 +756,18 @@ class ProxyHandler(BaseHTTPRequestHandler):
                         # the call, and the client's own retry policy decides.
                         continue
                     server_metrics_error(self.server, ex, "connection")
+                    self.tell(ex, "upstream_unavailable", "closed the connection before answering", exc)
                     raise errors.UpstreamUnavailable("upstream %s closed the connection%s: %s" % (
                         ex.provider.name, pool.via, type(exc).__name__)) from None
                 if isinstance(exc, http.client.HTTPException) and sent:
                     # It answered, but not in a head http.client reads (more than 100 header
                     # lines, a line past 64 KiB, a status line that is not HTTP).
                     server_metrics_error(self.server, ex, "protocol")
+                    self.tell(ex, "upstream_protocol_error", "sent a response head the proxy cannot read", exc)
                     raise errors.UpstreamProtocolError("upstream %s sent a response head the proxy cannot read%s (%s)" % (
                         ex.provider.name, pool.via, type(exc).__name__)) from None
                 server_metrics_error(self.server, ex, "connection")
+                self.tell(ex, "upstream_unavailable", "unreachable", exc)
                 # (An EgressProxyError names the proxy itself: the tunnel it refused, its 407.)
                 raise errors.UpstreamUnavailable("upstream %s unreachable%s: %s" % (
                     ex.provider.name, "" if isinstance(exc, EgressProxyError) else pool.via,
@@ -783,6 +795,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
         self.let_go(ex)
         self.server.pools[ex.provider.name].discard(conn)
         server_metrics_error(self.server, ex, "protocol")
+        self.tell(ex, "upstream_protocol_error", problem)
         raise errors.UpstreamProtocolError("upstream %s %s" % (ex.provider.name, problem))
 
     def relay(self, ex: Exchange, resp: Response, conn: http.client.HTTPConnection) -> None:
@@ -831,7 +844,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
                     if ex.upstream_late:
                         self.upstream_failed(ex, "timeout", "upstream stalled while sending the body")
                     else:
-                        self.upstream_failed(ex, "upstream_error", "upstream failed while sending the body: %s" % type(exc).__name__)
+                        self.upstream_failed(ex, "upstream_error", "upstream failed while sending the body: %s" % type(exc).__name__, exc)
                     # The client gets what it would have got directly: the head and the bytes
                     # that came, then the close (upstream_failed set it) short of the length.
                     data = exc.partial if isinstance(exc, http.client.IncompleteRead) else b""
@@ -868,7 +881,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
                         self.upstream_failed(ex, "timeout", "upstream stream idle for more than %s s" % idle)
                     else:
                         self.upstream_failed(ex, "upstream_error", "upstream stream broke: %s" % (
-                            exc if isinstance(exc, TransferCodingError) else type(exc).__name__))
+                            exc if isinstance(exc, TransferCodingError) else type(exc).__name__), exc)
                     return
                 if not data:
                     break
@@ -981,19 +994,36 @@ class ProxyHandler(BaseHTTPRequestHandler):
         with self.server.conn_lock:
             ex.upstream_sock = None
 
-    def upstream_failed(self, ex: Exchange, ended: str, message: str) -> None:
-        """The relay stopped early: name the ending (the client's abort or shutdown win)."""
+    def upstream_failed(self, ex: Exchange, ended: str, message: str, exc: Optional[BaseException] = None) -> None:
+        """The relay stopped early: name the ending (the client's abort or shutdown win).
+        ``message`` is the record's ("upstream <what>[: <exception class>]"), ``exc`` what
+        the read raised, for the operator's line (tell)."""
         self.close_connection = True
         if ex.cancelled:
             ended, message = "shutdown", "the proxy shut down before the exchange ended"
         elif ex.client_gone:
             ended, message = "client_aborted", "the client closed the connection"
         elif ex.timed_out:
-            ended, message = "timeout", "total_timeout passed"
+            ended, message, exc = "timeout", "total_timeout passed", None
         ex.ended = ended
         if ended != "client_aborted":
             ex.error = {"type": ended, "message": message}
             server_metrics_error(self.server, ex, ended)
+            if ended != "shutdown":
+                # The line's phrase is the record's, without "upstream " and the class (the
+                # line gives the exception whole).
+                what = message[9:] if message.startswith("upstream ") else message
+                if exc is not None:
+                    what = what.partition(": ")[0]
+                self.tell(ex, ended, what, exc)
+
+    def tell(self, ex: Exchange, kind: str, what: str, exc: Optional[BaseException] = None) -> None:
+        """The operator's WARNING line of an exchange that failed on the upstream's side
+        (notices.upstream_failed: rate-limited per provider and ``kind``, the record's error
+        type), with the exchange's secrets and the proxy's kept out of the exception's text.
+        Only ever called on a failure branch."""
+        secrets = wire.request_secrets(ex.req_headers, ex.query) + self.server.provider_keys if exc is not None else ()
+        notices.upstream_failed(ex.provider, kind, what, exc, secrets)
 
     def answer_error(self, ex: Exchange, exc: ProxyError) -> None:
         if ex.claimed:

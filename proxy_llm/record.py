@@ -29,7 +29,7 @@ import zlib
 from collections import OrderedDict
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
-from . import dialects, reader, wire
+from . import dialects, notices, reader, wire
 from .depth import MAX_NESTING, nests_within, too_deep
 from .sniff import model_is_exact, sniff_stream
 from .storage import RECORDS, STREAMS
@@ -707,6 +707,7 @@ class Encoder:
                 and 200 <= (ex.status or 0) < 300 and dialect is not dialects.GENERIC):
             # (A stream of an API without a dialect has no terminal event to miss.)
             ended = "upstream_eof"
+            notices.upstream_failed(ex.provider, ended, "stream ended without its terminal event")
         error = ex.error
         if error is None and result is not None and result.error:
             error = result.error
@@ -750,6 +751,12 @@ class Encoder:
                 rec["ttft_ms"] = round(ex.ttft, 3)
         if error is not None:
             rec["error"] = error
+            if (ex.status == 401 or ex.status == 403) and (
+                    ex.error is None or ex.error.get("type") != "authentication_error"):
+                # The upstream's (the proxy's own 401, a wrong proxy key, sets ex.error as
+                # errors.Unauthorized): the operator is told once in a while, on this error branch.
+                notices.key_refused(ex.provider, ex.status, error.get("type") if isinstance(error, dict) else None,
+                                    secrets + self.provider_keys)
         tokens_used = result.tokens_used if result is not None else None
         if tokens_used:
             rec["tokens_used"] = tokens_used

@@ -14,10 +14,11 @@ PKG = os.path.join(ROOT, "proxy_llm")
 # Modules that must not import anything from the package (STYLE.md: they stand alone).
 LEAVES = {"config", "wire", "sse", "metrics", "storage", "errors", "headers", "sniff", "depth"}
 # Modules that may import only these from the package.
-ONLY = {"upstream": {"headers"}}
+ONLY = {"upstream": {"headers"}, "notices": {"storage", "upstream"}}
 # Lower layers may not import higher ones.
 FORBIDDEN = {
     "record": {"handler", "server", "cli"},
+    "notices": {"record", "handler", "server", "cli"},
     "handler": {"server", "cli"},
     "server": {"cli"},
     "dialects": {"record", "handler", "server", "cli", "storage"},

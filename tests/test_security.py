@@ -913,6 +913,13 @@ class CanaryTest(unittest.TestCase):
         for d, _, _ in os.walk(data_dir):
             self.assertEqual(stat.S_IMODE(os.stat(d).st_mode), 0o700, d)
         self.assertIn(b"DEBUG", outputs["log"])
+        # The operator's lines (proxy_llm.notices) are in the log searched: the unreachable
+        # provider's WARNING, and the 401s (whose bodies echo every credential) told at INFO.
+        self.assertRegex(outputs["log"], rb"WARNING proxy_llm\.upstream: upstream gemini \(127\.0\.0\.1:\d+\) "
+                                         rb"unreachable: ConnectionRefusedError: ")
+        for name, advice in (("openai", b"it has no api_key"), ("anthropic", b"check its api_key")):
+            self.assertRegex(outputs["log"], rb"INFO proxy_llm\.upstream: provider %s answered 401 \(\w+\): %s" % (
+                name.encode(), advice))
         for where, data in outputs.items():
             for name, secret in canary.items():
                 self.assertNotIn(secret.encode(), data, "%s leaked into %s" % (name, where))
