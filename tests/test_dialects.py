@@ -729,6 +729,10 @@ try:
     from anthropic.lib.streaming._messages import accumulate_event as _ant_accumulate
 except Exception:  # pragma: no cover - optional
     _ant_accumulate = None
+try:
+    from anthropic.lib.streaming._beta_messages import accumulate_event as _ant_beta_accumulate
+except Exception:  # pragma: no cover - optional (or an SDK without these beta features)
+    _ant_beta_accumulate = None
 
 
 def sse_bytes(*payloads):
@@ -851,18 +855,22 @@ class AnthropicSDKAccumulatorTest(unittest.TestCase):
         "id": "msg_1", "type": "message", "role": "assistant", "model": "claude-sonnet-4-5", "content": [],
         "stop_reason": None, "stop_sequence": None, "usage": {"input_tokens": 5, "output_tokens": 1}}}
 
-    def sdk(self, raw):
+    def sdk(self, raw, beta=False):
         snapshot, bufs = None, {}
         for event in _AntDecoder().iter_bytes(iter([raw])):
             if event.event in (None, "ping") or not event.data:
                 continue
-            snapshot = _ant_accumulate(event=event.json(), current_snapshot=snapshot, json_bufs=bufs)
+            if beta:
+                snapshot = _ant_beta_accumulate(event=event.json(), current_snapshot=snapshot, request_headers={},
+                                                json_bufs=bufs)
+            else:
+                snapshot = _ant_accumulate(event=event.json(), current_snapshot=snapshot, json_bufs=bufs)
         return without_nulls(snapshot.to_dict(mode="json"))
 
-    def assertSameAsSDK(self, *payloads):
+    def assertSameAsSDK(self, *payloads, **kw):
         raw = sse_bytes(*payloads)
         mine = ours_of("anthropic_messages", raw).response_body
-        self.assertEqual(without_nulls(mine), self.sdk(raw))
+        self.assertEqual(without_nulls(mine), self.sdk(raw, kw.get("beta", False)))
         return mine
 
     def test_prefilled_tool_input_kept(self):
@@ -900,6 +908,38 @@ class AnthropicSDKAccumulatorTest(unittest.TestCase):
                                                                                "expires_at": "2030-01-02T00:00:00Z"}},
                               "usage": {"output_tokens": 3}}, {"type": "message_stop"}))
         self.assertEqual(body["container"]["id"], "container_2")
+
+    @unittest.skipUnless(_ant_beta_accumulate is not None, "anthropic SDK without the beta accumulator")
+    def test_beta_message_delta_fields_compaction_and_fallback(self):
+        """The beta features' stream shapes, as the beta client accumulates them: the
+        context_management and input_transformations a message_delta carries beside its delta go
+        to the message (a null one leaves the start's); a compaction_delta sets its block's
+        content and encrypted_content; a fallback block names the model that served the rest."""
+        start = json.loads(json.dumps(self.START))
+        start["message"]["input_transformations"] = []
+        body = self.assertSameAsSDK(
+            start,
+            {"type": "content_block_start", "index": 0, "content_block": {"type": "compaction", "content": None}},
+            {"type": "content_block_delta", "index": 0, "delta": {
+                "type": "compaction_delta", "content": "Summary: the user asked for a haiku.",
+                "encrypted_content": "Eo0BCkYIBxgCKkB1"}},
+            {"type": "content_block_stop", "index": 0},
+            {"type": "content_block_start", "index": 1, "content_block": {
+                "type": "fallback", "from": {"model": "claude-sonnet-4-5"}, "to": {"model": "claude-opus-4-1-20250805"},
+                "trigger": {"type": "refusal"}}},
+            {"type": "content_block_stop", "index": 1},
+            {"type": "content_block_start", "index": 2, "content_block": {"type": "text", "text": ""}},
+            {"type": "content_block_delta", "index": 2, "delta": {"type": "text_delta", "text": "Autumn moon"}},
+            {"type": "content_block_stop", "index": 2},
+            {"type": "message_delta", "delta": {"stop_reason": "end_turn", "stop_sequence": None},
+             "context_management": {"applied_edits": [{"type": "clear_tool_uses_20250919", "cleared_tool_uses": 2,
+                                                       "cleared_input_tokens": 4100}]},
+             "input_transformations": None, "usage": {"output_tokens": 12}},
+            {"type": "message_stop"}, beta=True)
+        self.assertEqual(body["content"][0]["content"], "Summary: the user asked for a haiku.")
+        self.assertEqual(body["model"], "claude-opus-4-1-20250805")
+        self.assertEqual(body["context_management"]["applied_edits"][0]["cleared_tool_uses"], 2)
+        self.assertEqual(body["input_transformations"], [])
 
 
 if __name__ == "__main__":

@@ -725,8 +725,15 @@ class AnthropicSDKTest(ProxiedSDKCase):
                     tools=self.TOOLS, thinking={"type": "enabled", "budget_tokens": 1024},
                     extra_headers={HEADER: fx.id})
 
-    def parse_record(self, rec: Dict[str, Any]) -> Dict[str, Any]:
-        return anthropic.types.Message.construct(**rec["response_body"]).model_dump(mode="json", warnings=False)
+    @staticmethod
+    def messages(client, fx: Fixture):
+        """The client's messages API for this fixture: a ``beta_`` fixture holds what only a beta
+        feature sends (``context_management``, ...), which the beta client reads."""
+        return client.beta.messages if fx.name.startswith("beta_") else client.messages
+
+    def parse_record(self, rec: Dict[str, Any], fx: Optional[Fixture] = None) -> Dict[str, Any]:
+        model = anthropic.types.beta.BetaMessage if fx is not None and fx.name.startswith("beta_") else anthropic.types.Message
+        return model.construct(**rec["response_body"]).model_dump(mode="json", warnings=False)
 
     def test_messages_create(self):
         for fx in self.fixtures_for("anthropic_messages", streamed=False):
@@ -753,7 +760,7 @@ class AnthropicSDKTest(ProxiedSDKCase):
             with self.subTest(fixture=fx.id):
 
                 def call(client, out):
-                    raw = client.messages.with_raw_response.create(stream=True, **self.kwargs(fx))
+                    raw = self.messages(client, fx).with_raw_response.create(stream=True, **self.kwargs(fx))
                     out.set_headers(raw.headers)
                     for event in raw.parse():
                         out.chunks.append(event)
@@ -765,7 +772,7 @@ class AnthropicSDKTest(ProxiedSDKCase):
                     self.check_stream_error(fx, via, rec)
                     continue
                 message = anthropic_message_of_events(via.chunks)
-                self.assertEqual(anthropic_summary(self.parse_record(rec)), anthropic_summary(message))
+                self.assertEqual(anthropic_summary(self.parse_record(rec, fx)), anthropic_summary(message))
                 self.assertEqual(rec.get("tokens_used"), anthropic_tokens(message["usage"]))
 
     def test_messages_stream_helper(self):
@@ -773,7 +780,7 @@ class AnthropicSDKTest(ProxiedSDKCase):
             with self.subTest(fixture=fx.id):
 
                 def call(client, out):
-                    with client.messages.stream(**self.kwargs(fx)) as stream:
+                    with self.messages(client, fx).stream(**self.kwargs(fx)) as stream:
                         out.set_headers(stream.response.headers)
                         for event in stream:
                             out.chunks.append(event)
@@ -786,7 +793,7 @@ class AnthropicSDKTest(ProxiedSDKCase):
                     self.check_stream_error(fx, via, rec)
                     continue
                 final = via.final.model_dump(mode="json", warnings=False)
-                self.assertEqual(anthropic_summary(self.parse_record(rec), partial_parse=True), anthropic_summary(final))
+                self.assertEqual(anthropic_summary(self.parse_record(rec, fx), partial_parse=True), anthropic_summary(final))
                 self.assertEqual(rec.get("tokens_used"), anthropic_tokens(via.final.usage))
 
     def test_unterminated_last_event(self):
@@ -1156,7 +1163,7 @@ def drop_none(value: Any) -> Any:
 def anthropic_summary(message: Dict[str, Any], partial_parse: bool = False) -> Dict[str, Any]:
     """The parts of an Anthropic message that matter: every content block (text, citations,
     thinking and its signature, redacted thinking, tool_use and its parsed input, server tool
-    blocks), the stop reason and the usage.
+    blocks), the stop reason, the usage, the container and the context management applied.
 
     ``partial_parse``: a stream cut inside a tool's input leaves JSON text that does not parse.
     The record keeps that text as received (a string ``input``); the SDK's stream helper shows
@@ -1174,7 +1181,9 @@ def anthropic_summary(message: Dict[str, Any], partial_parse: bool = False) -> D
         blocks.append(drop_none(block))
     return {"id": message.get("id"), "model": message.get("model"), "role": message.get("role"),
             "content": blocks, "stop_reason": message.get("stop_reason"),
-            "stop_sequence": message.get("stop_sequence"), "usage": drop_none(message.get("usage"))}
+            "stop_sequence": message.get("stop_sequence"), "usage": drop_none(message.get("usage")),
+            "container": drop_none(message.get("container")),
+            "context_management": drop_none(message.get("context_management"))}
 
 
 def anthropic_message_of_events(events: List[Any]) -> Dict[str, Any]:
@@ -1205,6 +1214,9 @@ def anthropic_message_of_events(events: List[Any]) -> Dict[str, Any]:
                 block["citations"] = (block.get("citations") or []) + [delta["citation"]]
         elif kind == "message_delta":
             message.update(dict((k, v) for k, v in e["delta"].items() if k in ("stop_reason", "stop_sequence")))
+            for key, value in list(e["delta"].items()) + list(e.items()):
+                if key in ("container", "context_management") and value is not None:
+                    message[key] = value
             usage = dict(message.get("usage") or {})
             usage.update(dict((k, v) for k, v in (e.get("usage") or {}).items() if v is not None))
             message["usage"] = usage

@@ -15,7 +15,12 @@ Reassembly rebuilds the ``message`` object of ``message_start``:
   ``signature_delta`` appends ``signature`` (byte for byte; the anthropic
   SDK replaces instead: the API sends one signature_delta per block, so
   both agree, and appending keeps every byte should it ever be split),
-  ``citations_delta`` appends to ``citations``;
+  ``citations_delta`` appends to ``citations``; ``compaction_delta`` sets
+  ``content`` and ``encrypted_content`` (the whole summary comes in one, and
+  the SDK replaces);
+* a ``fallback`` block (a model handing the turn over to the next, beta)
+  makes its ``to.model`` the message's ``model``, as the SDK does: the model
+  that served the rest of the answer;
 * ``input_json_delta.partial_json`` pieces are concatenated and parsed at
   ``content_block_stop`` (or at the end of the stream); when they are empty
   (or blank) the ``input`` of ``content_block_start`` stays, as in the SDK
@@ -24,9 +29,11 @@ Reassembly rebuilds the ``message`` object of ``message_start``:
 * ``message_delta``: ``delta`` fields replace the message's: ``stop_reason``,
   ``stop_sequence`` and ``stop_details`` as sent, even null; any other field
   (``container``, ...) only when not null, as the SDK does for ``container``
-  (a null does not erase the ``message_start`` value); its ``usage`` fields
-  are merged over the ``message_start`` usage (a null one is skipped;
-  ``output_tokens`` is cumulative).
+  (a null does not erase the ``message_start`` value); the event's own
+  fields beside ``delta`` and ``usage`` (``context_management``,
+  ``input_transformations``, beta) likewise go to the message when not null;
+  its ``usage`` fields are merged over the ``message_start`` usage (a null
+  one is skipped; ``output_tokens`` is cumulative).
 
 ``Result.complete``: ``message_stop`` was seen.
 """
@@ -36,7 +43,7 @@ from __future__ import annotations
 import json
 
 from ..depth import too_deep
-from .base import Dialect, Pieces, Result, append_text, error_from, finalize, is_int, loads, make_usage
+from .base import Dialect, Pieces, Result, append_text, error_from, finalize, get, is_int, loads, make_usage
 
 __all__ = ["AnthropicMessages", "AnthropicCountTokens", "anthropic_usage"]
 
@@ -80,6 +87,11 @@ def _event_error(payload):
 # message_delta fields a null may set (the SDK copies these as sent); any other null one
 # (e.g. "container": null) leaves the message's value.
 _DELTA_NULLABLE = frozenset(("stop_reason", "stop_sequence", "stop_details"))
+# A message_delta event's members that are not fields of the message (its other members, such
+# as the beta context_management, are: the SDK copies them over when not null).
+_DELTA_EVENT = frozenset(("type", "delta", "usage"))
+# What a compaction_delta sets on its block (the SDK replaces both, even with null).
+_COMPACTION = ("content", "encrypted_content")
 
 
 class _Block(object):
@@ -117,6 +129,9 @@ class _Block(object):
                 if not isinstance(cites, list):
                     cites = block["citations"] = []
                 cites.append(citation)
+        elif dtype == "compaction_delta":
+            for key in _COMPACTION:
+                block[key] = delta.get(key)
         else:
             # A delta type this code does not know: merge its string fields
             # the way the known ones work, so the text is not lost.
@@ -179,6 +194,12 @@ class AnthropicMessages(Dialect):
                 block = payload.get("content_block")
                 if is_int(index) and isinstance(block, dict):
                     blocks[index] = _Block(dict(block))
+                    if block.get("type") == "fallback":
+                        served = get(block, "to", "model")
+                        if isinstance(served, str):
+                            if message is None:
+                                message = {}
+                            message["model"] = served
             elif etype == "content_block_stop":
                 acc = _block(blocks, payload)
                 if acc is not None:
@@ -191,6 +212,9 @@ class AnthropicMessages(Dialect):
                     for key, value in delta.items():
                         if value is not None or key in _DELTA_NULLABLE:
                             message[key] = value
+                for key, value in payload.items():
+                    if value is not None and key not in _DELTA_EVENT:
+                        message[key] = value
                 du = payload.get("usage")
                 if isinstance(du, dict):
                     for key, value in du.items():
