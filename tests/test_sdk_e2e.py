@@ -1239,14 +1239,16 @@ def gemini_dump(obj: Any) -> Any:
 
 def gemini_summary(responses: List[Any]) -> Dict[str, Any]:
     """The parts of Gemini responses that matter, concatenated over stream chunks: per candidate
-    the text, the thought text, function calls, thought signatures (base64), finish reason."""
+    the text, the thought text, function calls, thought signatures (base64), the other parts
+    (code executed and its result, ...) in order, finish reason, the last grounding and citation
+    metadata."""
     candidates: Dict[int, Dict[str, Any]] = {}
     for response in responses:
         data = gemini_dump(response)
         for cand in data.get("candidates") or []:
             acc = candidates.setdefault(cand.get("index") or 0, {
                 "role": None, "text": "", "thought": "", "function_calls": [], "thought_signatures": [],
-                "finish_reason": None})
+                "other_parts": [], "finish_reason": None, "grounding_metadata": None, "citation_metadata": None})
             content = cand.get("content") or {}
             acc["role"] = content.get("role") or acc["role"]
             for part in content.get("parts") or []:
@@ -1256,8 +1258,15 @@ def gemini_summary(responses: List[Any]) -> Dict[str, Any]:
                     acc["function_calls"].append(drop_none(part["function_call"]))
                 if part.get("thought_signature") is not None:
                     acc["thought_signatures"].append(part["thought_signature"])
+                other = drop_none(dict((k, v) for k, v in part.items()
+                                       if k not in ("text", "thought", "function_call", "thought_signature")))
+                if other:
+                    acc["other_parts"].append(other)
             if cand.get("finish_reason"):
                 acc["finish_reason"] = cand["finish_reason"]
+            for key in ("grounding_metadata", "citation_metadata"):
+                if cand.get(key) is not None:
+                    acc[key] = drop_none(cand[key])
     last = gemini_dump(responses[-1]) if responses else {}
     return {"candidates": candidates, "usage_metadata": last.get("usage_metadata"),
             "model_version": last.get("model_version"), "response_id": last.get("response_id"),
