@@ -348,6 +348,13 @@ class UsageTest(unittest.TestCase):
                                                         "totalTokenCount": 14}}).tokens_used,
                          {"prompt_tokens": 4, "completion_tokens": 10, "total_tokens": 14,
                           "reasoning_tokens": 10})
+        # The tool-use prompt (grounding search results, code output) is input: in the total,
+        # not in promptTokenCount.
+        self.assertEqual(g.from_body({"usageMetadata": {"promptTokenCount": 4, "toolUsePromptTokenCount": 30,
+                                                        "candidatesTokenCount": 6, "totalTokenCount": 40}}).tokens_used,
+                         {"prompt_tokens": 34, "completion_tokens": 6, "total_tokens": 40})
+        self.assertEqual(g.from_body({"usageMetadata": {"toolUsePromptTokenCount": 30}}).tokens_used,
+                         {"prompt_tokens": 30})
 
     def test_responses(self):
         res = DIALECTS["openai_responses"].from_body({"object": "response", "usage": {

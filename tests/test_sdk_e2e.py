@@ -228,8 +228,9 @@ def gemini_tokens(usage: Any) -> Optional[Dict[str, int]]:
     if usage is None:
         return None
     want = {}
-    if usage.prompt_token_count is not None:
-        want["prompt_tokens"] = usage.prompt_token_count
+    prompt = [usage.prompt_token_count, usage.tool_use_prompt_token_count]
+    if any(p is not None for p in prompt):
+        want["prompt_tokens"] = sum(p for p in prompt if p is not None)
     parts = [usage.candidates_token_count, usage.thoughts_token_count]
     if any(p is not None for p in parts):
         want["completion_tokens"] = sum(p for p in parts if p is not None)

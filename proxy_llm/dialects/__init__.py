@@ -21,7 +21,7 @@ total when sent, else ``prompt_tokens + completion_tokens`` when both exist.
 
 | tokens_used | OpenAI chat, completions, embeddings (`usage`) | OpenAI Responses (`response.usage`) | Anthropic Messages (`usage`, merged over the stream) | Gemini (`usageMetadata`, the last one) |
 | --- | --- | --- | --- | --- |
-| prompt_tokens | `prompt_tokens` (includes cached) | `input_tokens` (includes cached) | `input_tokens + cache_creation_input_tokens + cache_read_input_tokens` | `promptTokenCount` (includes cached) |
+| prompt_tokens | `prompt_tokens` (includes cached) | `input_tokens` (includes cached) | `input_tokens + cache_creation_input_tokens + cache_read_input_tokens` | `promptTokenCount + toolUsePromptTokenCount` (includes cached) |
 | completion_tokens | `completion_tokens` | `output_tokens` (includes reasoning) | `output_tokens` | `candidatesTokenCount + thoughtsTokenCount` |
 | total_tokens | `total_tokens` | `total_tokens` | prompt_tokens + completion_tokens | `totalTokenCount` |
 | cached_tokens | `prompt_tokens_details.cached_tokens` (DeepSeek: `prompt_cache_hit_tokens`) | `input_tokens_details.cached_tokens` | `cache_read_input_tokens` | `cachedContentTokenCount` |

@@ -29,7 +29,11 @@ __all__ = ["Gemini", "gemini_usage"]
 def gemini_usage(meta):
     """tokens_used from ``usageMetadata``.
 
-    ``promptTokenCount`` includes ``cachedContentTokenCount``; completion is
+    prompt is ``promptTokenCount + toolUsePromptTokenCount`` (those sent): the
+    tool-use prompt (search results, code output fed back to the model) is
+    input the model read, billed as input, and counted in ``totalTokenCount``
+    but not in ``promptTokenCount``; ``promptTokenCount`` includes
+    ``cachedContentTokenCount``. completion is
     ``candidatesTokenCount + thoughtsTokenCount`` (those sent);
     ``reasoning_tokens`` is ``thoughtsTokenCount``.
     """
@@ -38,8 +42,12 @@ def gemini_usage(meta):
     cands = meta.get("candidatesTokenCount")
     thoughts = meta.get("thoughtsTokenCount")
     sent = [v for v in (cands, thoughts) if is_int(v)]
+    prompt = meta.get("promptTokenCount")
+    tool_prompt = meta.get("toolUsePromptTokenCount")
+    if is_int(tool_prompt):
+        prompt = prompt + tool_prompt if is_int(prompt) else tool_prompt
     return make_usage(
-        prompt=meta.get("promptTokenCount"),
+        prompt=prompt,
         completion=sum(sent) if sent else None,
         total=meta.get("totalTokenCount"),
         cached=meta.get("cachedContentTokenCount"),
