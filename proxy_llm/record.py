@@ -31,6 +31,7 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tupl
 
 from . import dialects, notices, reader, wire
 from .depth import MAX_NESTING, nests_within, too_deep
+from .memo import Memo
 from .sniff import model_is_exact, sniff_stream
 from .storage import RECORDS, STREAMS
 from .storage import safe_sid as session_file_id  # the rule lives with the files
@@ -56,36 +57,14 @@ _PAIRS = [a + b for a in _CROCKFORD for b in _CROCKFORD]  # 10 bits -> two digit
 _SHIFTS = range(120, -1, -10)
 MAX_DECODED = 256 * 1024 * 1024
 MEMO_SIZE = 4096  # entries in each of the encoder's memos before it starts again...
-MEMO_CHARS = 1 << 22  # ...or characters in its keys and values (4 Mi), roughly counted: see Memo
+MEMO_CHARS = 1 << 22  # ...or characters in its keys and values (4 Mi), roughly counted: see memo.Memo
 _HEAD_START = b'{"schema_version":%d,"id":' % SCHEMA_VERSION
 
 
-class Memo(dict):
-    """A dict bounded in entries (``MEMO_SIZE``) and in the characters of its keys and values
-    (``MEMO_CHARS``): full, it starts again (a client inventing keys or session ids only resets
-    it). A bound on entries alone let 4,096 entries of any size stay: a client sending a
-    different megabyte-long model name (or session id, or key) with each request made the
-    memos of its record heads, session files and routes hold 4 MB per request, gigabytes
-    before the first reset. A hit is one ``get``, as on a dict; :meth:`remember` is called on a
-    miss only."""
-
-    __slots__ = ("chars",)
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.chars = 0
-
-    def remember(self, key: Any, value: Any, chars: int) -> Any:
-        """Store ``value`` under ``key`` (the two holding about ``chars`` characters) and return
-        it; one larger than the whole bound is not stored."""
-        if chars > MEMO_CHARS:
-            return value
-        if len(self) >= MEMO_SIZE or self.chars + chars > MEMO_CHARS:
-            self.clear()
-            self.chars = 0
-        self.chars += chars
-        self[key] = value
-        return value
+def bounded_memo() -> Memo:
+    """A memo of the encoder's or of the server's routes, bounded by ``MEMO_SIZE`` and
+    ``MEMO_CHARS`` (as they are when it is made)."""
+    return Memo(MEMO_SIZE, MEMO_CHARS)
 
 
 UPLOADS_SIZE = 1024  # Gemini uploads whose start's session UploadSessions remembers...
@@ -513,12 +492,12 @@ class Encoder:
         self.on_result = on_result  # callback(exchange, ended, tokens_used or None): token metrics
         self.session_headers = ((self.session_header, "header"), ("x-claude-code-session-id", "claude_code"),
                                 ("session_id", "codex"), ("session-id", "codex"))
-        self.file_ids = Memo()  # session id -> session_file_id(): the same few recur
-        self.credentials = Memo()  # header value -> (redacted, secrets)
-        self.header_forms = Memo()  # header names -> their JSON object, %s per value
-        self.heads = Memo()  # see encode(): fields session_id ... stream as JSON
-        self.scrub_memo = Memo()  # secret -> its scrub triple
-        self.paths = Memo()  # request path -> (endpoint, scrub triples): see path_parts()
+        self.file_ids = bounded_memo()  # session id -> session_file_id(): the same few recur
+        self.credentials = bounded_memo()  # header value -> (redacted, secrets)
+        self.header_forms = bounded_memo()  # header names -> their JSON object, %s per value
+        self.heads = bounded_memo()  # see encode(): fields session_id ... stream as JSON
+        self.scrub_memo = bounded_memo()  # secret -> its scrub triple
+        self.paths = bounded_memo()  # request path -> (endpoint, scrub triples): see path_parts()
         # The session of each Gemini upload whose URL the proxy handed out (handler.upload_urls).
         self.uploads = UploadSessions([name for name, _ in self.session_headers])
 

@@ -30,7 +30,7 @@ from . import __version__
 from .config import Config
 from .errors import CONNECTION_LIMIT_ANSWER
 from .metrics import ProxyMetrics
-from .record import Memo
+from .record import bounded_memo
 from .storage import Recorder
 from .upstream import EgressProxy, UpstreamPool, abort
 from .wire import upload_secret
@@ -114,7 +114,7 @@ class ProxyServer(ThreadingHTTPServer):
         # serving another exchange, is never cut by mistake.
         self.conn_lock = threading.Lock()
         self.clients: Set[object] = set()  # the ClientClock of each connection (under conn_lock)
-        self.model_routes = Memo()  # model -> (provider, glob) or no match: the glob walk once per model
+        self.model_routes = bounded_memo()  # model -> (provider, glob) or no match: the glob walk once per model
         # Kept out of log lines: provider keys, and the egress proxies' passwords (see held_secrets()).
         self.provider_keys: List[str] = held_secrets(config)
         self._watchdog = threading.Thread(target=self._watch, name="proxy_llm-watchdog", daemon=True)

@@ -194,6 +194,17 @@ class SelectTest(unittest.TestCase):
         for ptype, method, path, want in cases:
             self.assertEqual(select(ptype, method, path).name, want, path)
 
+    def test_paths_remembered_are_bounded_in_characters(self):
+        # The paths select() remembers were bounded in entries only (1,024): a client sending
+        # another long path (a request line may be 64 KB) with each request made the writer
+        # keep every one of them, 64 MB at the bound. They share record's Memo now.
+        for n in range(200):
+            path = "/v1/chat/completions/%03d/" % n + "p" * 16384
+            self.assertEqual(select("openai", "POST", path).name, "generic")
+            self.assertLessEqual(sum(len(p) for p in dialects._SELECTED if p), 1 << 20)
+        self.assertEqual(select("openai", "POST", "/v1/chat/completions").name, "openai_chat")
+        self.assertIn("/v1/chat/completions", dialects._SELECTED)  # a short path is still remembered
+
     def test_registry_names(self):
         self.assertEqual(set(DIALECTS), {
             "openai_chat", "openai_completions", "openai_responses", "openai_embeddings",

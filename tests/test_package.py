@@ -12,7 +12,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PKG = os.path.join(ROOT, "proxy_llm")
 
 # Modules that must not import anything from the package (STYLE.md: they stand alone).
-LEAVES = {"config", "wire", "sse", "metrics", "storage", "errors", "headers", "sniff", "depth"}
+LEAVES = {"config", "wire", "sse", "metrics", "storage", "errors", "headers", "sniff", "depth", "memo"}
 # Modules that may import only these from the package.
 ONLY = {"upstream": {"headers"}, "notices": {"storage", "upstream"}}
 # Lower layers may not import higher ones.

@@ -37,6 +37,7 @@ None there (the count stays in ``response_body``).
 from __future__ import annotations
 
 from .. import sse
+from ..memo import Memo
 from .anthropic import AnthropicCountTokens, AnthropicMessages
 from .base import REASSEMBLY_ERROR, Dialect, Result
 from .gemini import Gemini
@@ -86,13 +87,12 @@ def select(provider_type, method, path):
         if test(p):
             found = dialect
             break
-    if len(_SELECTED) >= 1024:  # paths are few; a client inventing them only resets this
-        _SELECTED.clear()
-    _SELECTED[path] = found
-    return found
+    return _SELECTED.remember(path, found, len(path) if path else 0)
 
 
-_SELECTED = {}  # type: dict
+# Paths are few; a client inventing them only resets this. Bounded in characters too: a
+# request line may be 64 KB long, and 1,024 of them were 64 MB kept on the writer.
+_SELECTED = Memo(1024, 1 << 20)
 
 
 def decode_stream(content_type, chunks, max_event_size=sse.DEFAULT_MAX_EVENT_SIZE):
