@@ -360,11 +360,11 @@ def serve(config: Config, worker: int = 0, reuse_port: bool = False, parent_pipe
         log.error("cannot listen on %s: %s", config.listen, exc.strerror or exc)
         return 1
     from .server import tune_gc
+    from .upstream import authority
 
     tune_gc()
-    host, port = server.server_address[:2]
-    shown = "[%s]" % host if ":" in host else host
-    log.info("proxy_llm %s listening on http://%s:%d (worker %d, recording %s, data dir %s)", __version__, shown, port,
+    log.info("proxy_llm %s listening on http://%s (worker %d, recording %s, data dir %s)", __version__,
+             authority(*server.server_address[:2]),
              worker, "on" if server.recorder is not None else "off", config.data_dir)
     if worker == 0:  # (once: the workers' pools are alike)
         for name, pool in server.pools.items():
@@ -497,7 +497,9 @@ def serve_workers(config: Config) -> int:
     port = holder.getsockname()[1]
     from dataclasses import replace
 
-    config = replace(config, listen="%s:%d" % ("[%s]" % host if ":" in host else host, port))
+    from .upstream import authority
+
+    config = replace(config, listen=authority(host, port))
     gc.freeze()  # what the workers inherit is never walked by their collectors
     children = {}  # worker pid -> worker number
     pipes = {}  # worker pid -> the end of its pipe the parent writes a byte to per signal

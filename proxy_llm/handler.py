@@ -32,7 +32,8 @@ from .metrics import status_class
 from .record import Exchange, is_event_stream
 from .sniff import sniff
 from .headers import message, strict_fields, take_fields
-from .upstream import TRANSFER_CODINGS, EgressProxyError, Response, TransferCodingError, UpstreamPool, connect, decoded
+from .upstream import (TRANSFER_CODINGS, EgressProxyError, Response, TransferCodingError, UpstreamPool, authority,
+                       connect, decoded)
 
 log = logging.getLogger("proxy_llm.handler")
 
@@ -984,7 +985,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
                 address = self.connection.getsockname()
             except OSError:  # (the connection is gone: there is nobody to answer)
                 return None
-            host = "%s:%d" % ("[%s]" % address[0] if ":" in address[0] else address[0], address[1])
+            host = authority(address[0], address[1])
         return "%s://%s" % (scheme or "http", host)
 
     def let_go(self, ex: Exchange) -> None:

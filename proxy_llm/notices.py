@@ -31,7 +31,7 @@ import urllib.parse
 from typing import Iterable, Optional
 
 from .storage import RateLimitedLog
-from .upstream import EgressProxy, TransferCodingError
+from .upstream import EgressProxy, TransferCodingError, authority
 
 log = logging.getLogger("proxy_llm.upstream")
 
@@ -50,7 +50,7 @@ def where(provider) -> str:
     info. (Worked out per line: lines are few, and rate-limited.)"""
     parts = urllib.parse.urlsplit(provider.base_url)
     host = parts.hostname or ""
-    text = "%s:%d" % ("[%s]" % host if ":" in host else host, parts.port or (443 if parts.scheme == "https" else 80))
+    text = authority(host, parts.port or (443 if parts.scheme == "https" else 80))
     if provider.proxy:
         text += " via the egress proxy " + EgressProxy(provider.proxy).name
     return text

@@ -412,6 +412,14 @@ class SecureConnection(_OneSend, http.client.HTTPSConnection):
     response_class = Response
 
 
+def authority(host: str, port: Optional[int] = None) -> str:
+    """``host`` as a URL, a Host header or a log line names it: an IPv6 address in brackets
+    (RFC 3986 3.2.2), then ``:port`` when ``port`` is given."""
+    if ":" in host:
+        host = "[%s]" % host
+    return host if port is None else "%s:%d" % (host, port)
+
+
 class EgressProxyError(OSError):
     """The egress proxy would not carry the request: it refused the CONNECT (407, 403, 502
     ...), answered it with something that is not an HTTP head, or asked an absolute-form
@@ -439,7 +447,7 @@ class EgressProxy:
         parts = urllib.parse.urlsplit(url)
         self.host = parts.hostname or ""
         self.port = parts.port or 80
-        self.name = "%s:%d" % ("[%s]" % self.host if ":" in self.host else self.host, self.port)
+        self.name = authority(self.host, self.port)
         self.authorization = ""
         self.secrets: List[str] = []
         if parts.username is not None or parts.password is not None:
@@ -502,8 +510,8 @@ def open_tunnel(sock: socket.socket, host: str, port: int, proxy: EgressProxy, d
     tell apart from any other, and before 3.12 it sends HTTP/1.0 without ``Host`` and an IPv6
     address without brackets, header by header. One write here; the head is read by
     :class:`Response`, with its limits."""
-    authority = "%s:%d" % ("[%s]" % host if ":" in host else host, port)
-    head = "CONNECT %s HTTP/1.1\r\nHost: %s\r\n" % (authority, authority)
+    target = authority(host, port)
+    head = "CONNECT %s HTTP/1.1\r\nHost: %s\r\n" % (target, target)
     if proxy.authorization:
         head += "Proxy-Authorization: %s\r\n" % proxy.authorization
     sock.sendall((head + "\r\n").encode("latin-1"))
@@ -588,8 +596,7 @@ class UpstreamPool:
         self.port = parts.port or (443 if parts.scheme == "https" else 80)
         self.base_path = parts.path.rstrip("/")
         default_port = 443 if self.scheme == "https" else 80
-        host = "[%s]" % self.host if ":" in self.host else self.host
-        self.host_header = host if self.port == default_port else "%s:%d" % (host, self.port)
+        self.host_header = authority(self.host, None if self.port == default_port else self.port)
         self.connect_timeout = connect_timeout
         self.max_idle = max_idle
         if self.scheme == "https" and ssl_context is None:

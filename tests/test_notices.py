@@ -56,6 +56,14 @@ def anthropic_401() -> Reply:
     return json_reply({"type": "error", "error": {"type": "authentication_error", "message": "invalid x-api-key"}}, 401)
 
 
+class WhereTest(unittest.TestCase):
+    def test_an_ipv6_provider_and_proxy_are_named_in_brackets(self):
+        provider = mock.Mock(base_url="https://[fd00::5]/v1", proxy="http://user:pw@[::1]:3128")
+        self.assertEqual(notices.where(provider), "[fd00::5]:443 via the egress proxy [::1]:3128")
+        provider = mock.Mock(base_url="http://api.example.test:8080", proxy="")
+        self.assertEqual(notices.where(provider), "api.example.test:8080")
+
+
 class NoticeCase(support.ProxyTestCase):
     """An in-process proxy whose notices go through a rate limiter on a clock the test moves."""
 

@@ -82,6 +82,27 @@ def _our_request(port, headers, body, counted):
     conn.close()
 
 
+class AuthorityTest(unittest.TestCase):
+    def test_an_ipv6_host_is_bracketed_wherever_a_host_is_named(self):
+        # Written out five times before (the pool's Host header, CONNECT, the egress proxy's
+        # name, the proxy's own origin, its listen address): now all of them call this.
+        cases = [
+            (("api.example.test", None), "api.example.test"),
+            (("api.example.test", 8443), "api.example.test:8443"),
+            (("127.0.0.1", 80), "127.0.0.1:80"),
+            (("::1", None), "[::1]"),
+            (("::1", 8080), "[::1]:8080"),
+            (("fe80::1%eth0", 3128), "[fe80::1%eth0]:3128"),
+        ]
+        for args, want in cases:
+            with self.subTest(args=args):
+                self.assertEqual(upstream.authority(*args), want)
+        self.assertEqual(upstream.UpstreamPool("http://[::1]:8080/v1").host_header, "[::1]:8080")
+        self.assertEqual(upstream.UpstreamPool("https://[::1]/v1").host_header, "[::1]")
+        self.assertEqual(upstream.UpstreamPool("https://[::1]:443/v1").host_header, "[::1]")
+        self.assertEqual(upstream.EgressProxy("http://u:p@[::1]:3128").name, "[::1]:3128")
+
+
 class ConnectionTest(unittest.TestCase):
     HEADERS = [("Host", "api.example"), ("Content-Type", "application/json"), ("X-Latin", "caf\xe9"),
                ("Folded", "one\r\n two"), ("A", ""), ("A", "again"), ("Content-Length", "0")]
