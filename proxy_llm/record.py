@@ -397,20 +397,30 @@ def _decompress(chunks: List[Tuple[float, bytes]], encoding: str) -> Tuple[List[
     wbits = 47 if encoding != "deflate" else 15  # 47: gzip or zlib header, auto-detected
     out = []
     total = 0
+    ended = False  # a member (a whole gzip or zlib stream) was decoded to its end
     try:
         d = zlib.decompressobj(wbits)
         for t, data in chunks:
-            piece = d.decompress(data, MAX_DECODED - total)
-            total += len(piece)
-            if piece:
-                out.append((t, piece))
-            if total >= MAX_DECODED:
-                return out, "decoded body exceeds %d bytes" % MAX_DECODED
+            while data:
+                if d.eof:
+                    # Another member after the first (RFC 1952 2.2: a gzip file is a series of
+                    # them, and clients decode them all): a new decoder for the bytes left.
+                    ended = True
+                    d = zlib.decompressobj(wbits)
+                piece = d.decompress(data, MAX_DECODED - total)
+                total += len(piece)
+                if piece:
+                    out.append((t, piece))
+                if total >= MAX_DECODED:
+                    return out, "decoded body exceeds %d bytes" % MAX_DECODED
+                data = d.unused_data if d.eof else b""
         tail = d.flush()
         if tail:
             out.append((chunks[-1][0] if chunks else 0.0, tail))
         return out, None
     except zlib.error:
+        if ended:  # bytes after the last whole member that are none: ignored, as clients do
+            return out, None
         if encoding == "deflate":  # some servers send raw deflate without the zlib header
             try:
                 d = zlib.decompressobj(-15)

@@ -565,6 +565,32 @@ class EncoderTest(unittest.TestCase):
         [rec], _ = encode(exchange(resp=b"not gzip", resp_headers=[("Content-Encoding", "gzip")]))
         self.assertIn("decode_error", rec)
 
+    def test_a_gzip_body_of_several_members_is_recorded_whole(self):
+        # A gzip body may be a series of members (RFC 1952 2.2; a server compressing each
+        # flush on its own sends one per flush), and clients decode them all: the record held
+        # the first member alone, with no decode_error, and lost the rest of the answer.
+        body = json.dumps({"id": "m", "choices": [], "usage": {"prompt_tokens": 2, "completion_tokens": 3,
+                                                              "total_tokens": 5}}).encode()
+        members = [gzip.compress(body[:9]), gzip.compress(body[9:30]), gzip.compress(body[30:])]
+        packed = b"".join(members)
+        for parts in ([packed], members, [packed[:25], packed[25:31], packed[31:]]):
+            with self.subTest(reads=len(parts)):
+                [rec], _ = encode(exchange(resp=parts, resp_headers=[("Content-Encoding", "gzip")]))
+                self.assertNotIn("decode_error", rec)
+                self.assertEqual(rec["response_body"], json.loads(body))
+                self.assertEqual(rec["tokens_used"]["total_tokens"], 5)
+        # A stream whose events came each in a member of its own.
+        events = [b'data: {"id":"s","choices":[{"index":0,"delta":{"content":"%s"}}]}\n\n' % w for w in (b"a", b"b")]
+        events.append(b"data: [DONE]\n\n")
+        [rec, streamed], _ = encode(exchange(resp=[gzip.compress(e) for e in events], ctype="text/event-stream",
+                                             resp_headers=[("Content-Encoding", "gzip")], stream=True))
+        self.assertEqual((rec["stream_events"], len(streamed["events"])), (3, 3))
+        self.assertEqual(rec["response_body"]["choices"][0]["message"]["content"], "ab")
+        # Bytes after the last whole member that are no member are left, as clients leave them.
+        [rec], _ = encode(exchange(resp=packed + b"trailing", resp_headers=[("Content-Encoding", "gzip")]))
+        self.assertNotIn("decode_error", rec)
+        self.assertEqual(rec["response_body"], json.loads(body))
+
     def test_stacked_codings_are_taken_off_one_by_one(self):
         # "gzip, gzip" was recorded as base64 of the compressed bytes: unreadable, and a key the
         # upstream echoed in it was never scrubbed.
