@@ -378,6 +378,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
     _fields: Optional[List[Tuple[str, str]]] = None
     expect_continue = False  # a 100 Continue is owed before the body is read (handle_expect_100)
     empty_query = False  # the target ended with a "?" and no query (proxy)
+    interim_passed = False  # an informational head went to the client (pass_interim)
     _message = None
 
     @property
@@ -694,6 +695,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
             query = wire.without_key_param(query)
         target = pool.target_base + ex.path + ("?" + query if query or self.empty_query else "")
         out_headers = self.upstream_headers(ex, headers, body)
+        self.interim_passed = False
         for attempt in (0, 1):
             # The retry is on a new connection: another idle one may be as stale as the first.
             conn, reused = pool.acquire(fresh=attempt == 1)
@@ -723,7 +725,12 @@ class ProxyHandler(BaseHTTPRequestHandler):
                 # it thinks, not before (cold, each costs the client several microseconds).
                 ex.assign_id()
                 ex.capture_request(body)
-                resp = conn.getresponse()
+                # 103 Early Hints and the like go to the client as they come (pass_interim).
+                conn.on_interim = self.pass_interim if self.request_version != "HTTP/1.0" else None
+                try:
+                    resp = conn.getresponse()
+                finally:
+                    conn.on_interim = None  # (a pooled connection holds no finished handler)
             except (OSError, http.client.HTTPException) as exc:
                 pool.discard(conn)
                 # The proxy's own cuts first: what the upstream socket then says (a reset, an
@@ -751,7 +758,8 @@ class ProxyHandler(BaseHTTPRequestHandler):
                     raise errors.UpstreamTimeout("upstream %s did not answer in time%s" % (
                         ex.provider.name, pool.via)) from None
                 if isinstance(exc, (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError)):
-                    if reused and attempt == 0 and not ex.cut and (not sent or replayable(self.command, headers)):
+                    if reused and attempt == 0 and not ex.cut and not self.interim_passed and (
+                            not sent or replayable(self.command, headers)):
                         # A stale keep-alive connection: retry once on a fresh one. Not a POST
                         # the upstream may have read whole (RFC 9110 9.2.2): it may have run
                         # the call, and the client's own retry policy decides.
@@ -780,6 +788,20 @@ class ProxyHandler(BaseHTTPRequestHandler):
                 self.check_head(ex, resp, conn)
             return resp, conn
         raise AssertionError("unreachable")
+
+    def pass_interim(self, status: int, phrase: str, fields: List[Tuple[str, str]]) -> None:
+        """An informational head (103 Early Hints, 102 Processing) goes to the client as soon as
+        it is read, with its end-to-end fields (RFC 9110 15.2): its point is to come before the
+        final response (Early Hints, to start the preloads while the server thinks). Until
+        2026-12-07 it waited for the final head and went with it. Not to HTTP/1.0 clients,
+        which have no informational responses. A client gone is found by the final head's write."""
+        self.interim_passed = True
+        head = "HTTP/1.1 %d %s\r\n%s\r\n" % (status, phrase, "".join(
+            ["%s: %s\r\n" % field for field in wire.end_to_end(fields)]))
+        try:
+            self.wfile.write(head.encode("latin-1"))
+        except OSError:
+            pass
 
     def check_head(self, ex: Exchange, resp: Response, conn: http.client.HTTPConnection) -> None:
         """Refuse, as an upstream protocol error (a 502), a head the proxy cannot relay: a 101
@@ -823,10 +845,6 @@ class ProxyHandler(BaseHTTPRequestHandler):
             head.append("Connection: close")
         head.append("X-Proxy-Record-Id: " + ex.id)
         head_bytes = ("\r\n".join(head) + "\r\n\r\n").encode("latin-1")
-        if resp.interim and not http10:  # 103 Early Hints and the like, first, as they came
-            head_bytes = "".join(["HTTP/1.1 %d %s\r\n%s\r\n" % (status, reason, "".join(
-                ["%s: %s\r\n" % field for field in wire.end_to_end(fields)])) for status, reason, fields
-                in resp.interim]).encode("latin-1") + head_bytes
         write = self.wfile.write
         capture = ex.response.add
         t0 = ex.t0

@@ -70,6 +70,14 @@ class _OneSend:
 
     _hold = False
     _held = None
+    # The next response's ``on_interim`` (None: its informational heads are only kept).
+    on_interim = None
+
+    def response_class(self, sock, *args, **kwargs) -> "Response":
+        """A :class:`Response` (what ``getresponse`` makes), given this ``on_interim``."""
+        resp = Response(sock, *args, **kwargs)
+        resp.on_interim = self.on_interim
+        return resp
 
     def put_headers(self, headers) -> None:
         """``putheader`` for every (name, value), checked and encoded as one block."""
@@ -145,6 +153,9 @@ class Response(http.client.HTTPResponse):
     """
 
     interim: List[Tuple[int, str, List[Tuple[str, str]]]] = []
+    # Called with each informational head (status, phrase, fields) as it is read, so that it
+    # reaches the client then, not with the final head (set by ``_OneSend.response_class``).
+    on_interim = None
     # The reason phrase as the upstream sent it, for the status line the proxy writes (``reason``
     # is stripped, as http.client has it), or the standard phrase in place of one that holds a
     # character no phrase may (RFC 9112 4: CR, LF, NUL, another control).
@@ -167,7 +178,10 @@ class Response(http.client.HTTPResponse):
             if not 100 <= status < 200 or status == 101:
                 return
             if status != 100:
-                self.interim.append((status, self.phrase, list(self.msg.raw_items())))
+                head = (status, self.phrase, list(self.msg.raw_items()))
+                self.interim.append(head)
+                if self.on_interim is not None:
+                    self.on_interim(*head)
             self.headers = self.msg = None  # (begin reads a head only while there is none)
 
     def _read_status(self):
@@ -405,11 +419,11 @@ class _Inflate:
 
 
 class Connection(_OneSend, http.client.HTTPConnection):
-    response_class = Response
+    """HTTP to a provider."""
 
 
 class SecureConnection(_OneSend, http.client.HTTPSConnection):
-    response_class = Response
+    """HTTPS to a provider."""
 
 
 def authority(host: str, port: Optional[int] = None) -> str:
@@ -533,7 +547,6 @@ class TunnelConnection(_OneSend, http.client.HTTPConnection):
     and the tunnel opened (:func:`open_tunnel`) within ``timeout`` in all, then TLS inside it,
     checked against ``host`` (not the proxy), each of its reads within what is left of it."""
 
-    response_class = Response
     default_port = 443
 
     def __init__(self, host: str, port: int, proxy: EgressProxy, timeout: float, context: ssl.SSLContext):
@@ -562,8 +575,6 @@ class ForwardConnection(_OneSend, http.client.HTTPConnection):
     is the proxy's (no provider asks for proxy credentials) and raises
     :class:`EgressProxyError`; any other answer is relayed as the provider's (a proxy's 403
     or 502 cannot be told apart from one the provider sent)."""
-
-    response_class = Response
 
     def __init__(self, proxy: EgressProxy, timeout: float):
         super().__init__(proxy.host, proxy.port, timeout=timeout)

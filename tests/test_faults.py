@@ -367,6 +367,47 @@ class InterimResponseTest(FaultTestCase):
         [rec] = proxy.records()
         self.assertEqual((rec["status_code"], rec["ended"], rec["response_body"]), (200, "completed", {"n": 1}))
 
+    def test_an_early_hint_reaches_the_client_before_the_final_response_is_sent(self):
+        # A 103 waited for the final head and went with it: Early Hints came no earlier than the
+        # answer they are to come before. The upstream sends the final head only once the client
+        # has the 103.
+        early = b"HTTP/1.1 103 Early Hints\r\nLink: </a.css>; rel=preload\r\n\r\n"
+        hinted = threading.Event()
+        raw = RawUpstream(self, lambda conn, k: [early, hinted, _json_answer(b'{"n":1}')])
+        proxy = self.start_proxy([provider("openai", "openai", raw.url, "", ["gpt-*"])])
+        sock = socket.create_connection(("127.0.0.1", proxy.port), timeout=DEADLINE)
+        self.addCleanup(sock.close)
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s"
+                     % (len(PLAIN_BODY), PLAIN_BODY))
+        sock.settimeout(5.0)  # (the 103 comes at once, or after the upstream's answer: never)
+        try:
+            data = read_until(sock, b"\r\n\r\n")
+        except socket.timeout:
+            self.fail("the 103 did not reach the client before the upstream's final response")
+        finally:
+            hinted.set()
+        self.assertEqual(data, early)
+        sock.settimeout(DEADLINE)
+        data = read_until(sock, b'{"n":1}', data)
+        self.assertIn(b"\r\n\r\nHTTP/1.1 200 OK\r\n", data)
+        [rec] = proxy.records()
+        self.assertEqual((rec["status_code"], rec["ended"], rec["response_body"]), (200, "completed", {"n": 1}))
+
+    def test_a_connection_closed_after_an_early_hint_is_not_retried(self):
+        # The upstream answered (a 103 the client has): a close after it is the upstream's
+        # failure, not a stale pooled connection to retry, which sent the client a second 103.
+        early = b"HTTP/1.1 103 Early Hints\r\nLink: </a.css>; rel=preload\r\n\r\n"
+        raw = RawUpstream(self, lambda conn, k: _json_answer(b'{"n":1}') if conn == 0 and k == 0 else
+                          ([early, "close"] if conn == 0 else [early, _json_answer(b'{"n":2}')]))
+        proxy = self.start_proxy([provider("openai", "openai", raw.url, "", ["gpt-*"])])
+        self.assertIn(b'{"n":1}', _post(proxy.port))
+        sock = socket.create_connection(("127.0.0.1", proxy.port), timeout=DEADLINE)
+        self.addCleanup(sock.close)
+        sock.sendall(b"GET /v1/models HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        data = read_to_eof(sock)
+        self.assertEqual(data.count(b"HTTP/1.1 103 "), 1, data)
+        self.assertIn(b"\r\n\r\nHTTP/1.1 502 Bad Gateway\r\n", data)
+
 
 def _post(port: int, body: bytes = PLAIN_BODY, path: str = "/v1/chat/completions", extra: bytes = b"",
           version: bytes = b"1.1") -> bytes:

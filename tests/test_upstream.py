@@ -412,8 +412,12 @@ class ResponseBeginTest(unittest.TestCase):
         self.assertEqual(got[-1], b"{}")
 
     def test_connections_use_it(self):
-        self.assertIs(upstream.Connection.response_class, upstream.Response)
-        self.assertIs(upstream.SecureConnection.response_class, upstream.Response)
+        for cls in (upstream.Connection, upstream.SecureConnection):
+            conn = cls("127.0.0.1", 1)
+            conn.on_interim = seen = []
+            resp = conn.response_class(_FakeSock(b"HTTP/1.1 200 OK\r\n\r\n", 1), method="GET")
+            self.assertIsInstance(resp, upstream.Response)
+            self.assertIs(resp.on_interim, seen)  # (the handler's, for 103s as they come)
 
 
 def _pieces(data: bytes, step: int):
