@@ -53,6 +53,8 @@ ALLOWED = {
     "response: Content-Length of a body without a length": "beside Transfer-Encoding it is none (RFC 9112 6.3): dropped",
     "response: framing": "chunk sizes, extensions and the HTTP version are the connection's",
     "response: transfer codings": "gzip/deflate transfer codings are hop-by-hop: decoded by the proxy",
+    "response: timing of a small body of known length": "up to 256 KiB, sent with the head once all in "
+                                                         "(not waited on piece by piece here)",
     "response: trailer fields": "the chunked framing's, dropped with it (http.client reads and discards them)",
     "request: hop-by-hop fields": "dropped (RFC 9110 7.6.1)",
     "request: Expect": "answered by the proxy itself (100 Continue when it reads the body)",
