@@ -50,6 +50,9 @@ def _let_go(clock, how: int) -> None:
         pass
 
 
+ACCEPT_WAIT = 0.5  # seconds an accept waits for a connection poll said was there (server_bind)
+
+
 class ProxyServer(ThreadingHTTPServer):
     # Threads of idle keep-alive clients must not keep the process alive at exit; exchanges in
     # flight are tracked and drained explicitly instead (see cli.serve).
@@ -126,6 +129,13 @@ class ProxyServer(ThreadingHTTPServer):
         if self.reuse_port and hasattr(socket, "SO_REUSEPORT"):
             self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         socketserver.TCPServer.server_bind(self)
+        # serve_forever accepts once poll says a connection waits; one that is gone by then
+        # (the kernel may drop it from the queue) left accept blocked until the next client
+        # came, and shutdown() waiting on it: a stop hung on an idle proxy. With a timeout,
+        # such an accept gives up (an OSError socketserver passes over) and the loop goes on.
+        # (A timeout, not non-blocking: accept then makes the client's socket blocking on
+        # every platform, where some pass O_NONBLOCK on from the listener.)
+        self.socket.settimeout(ACCEPT_WAIT)
         host, port = self.server_address[:2]
         self.server_name = host
         self.server_port = port

@@ -29,6 +29,8 @@ import unittest
 import urllib.parse
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
+from proxy_llm.server import ACCEPT_WAIT
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIXTURES = os.path.join(ROOT, "tests", "fixtures")
 DEADLINE = 20.0
@@ -243,6 +245,7 @@ class FakeUpstream:
 
         self.server = Server(("127.0.0.1", 0), Handler)
         self.server.daemon_threads = True
+        self.server.socket.settimeout(ACCEPT_WAIT)  # (an accept of a connection gone: see server.ACCEPT_WAIT)
         if tls is not None:  # HTTPS: each accepted connection does the TLS handshake first
             self.server.socket = tls.wrap_socket(self.server.socket, server_side=True)
         self.port = self.server.server_address[1]
@@ -307,6 +310,7 @@ class EgressProxy:
             request_queue_size = 128
 
         self.server = Server(("127.0.0.1", 0), Handler)
+        self.server.socket.settimeout(ACCEPT_WAIT)
         self.port = self.server.server_address[1]
         self.url = "http://127.0.0.1:%d" % self.port
         self.thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)

@@ -23,6 +23,7 @@ import time
 import unittest
 
 from proxy_llm import reader
+from tests import support
 from tests.support import (ROOT, read_until, read_to_eof, DEADLINE, FakeUpstream, InProcessProxy, ProxyProcess, Reply,
                            base_config, provider, read_records, request, wait_until)
 
@@ -326,6 +327,30 @@ class ShutdownTest(StreamingUpstreamCase):
                 proc.proc.send_signal(sig)
             self.assertEqual(proc.proc.wait(DEADLINE), 0)
             proc.cleanup()
+
+class AcceptTest(support.ProxyTestCase):
+    def test_an_accept_with_no_connection_waiting_does_not_hold_the_loop(self):
+        # serve_forever accepts once poll says a connection waits; if it is gone by then, a
+        # blocking accept waited for the next client, and shutdown() (a stop, SIGTERM) with it:
+        # seen as a hung test run, its upstream's accept blocked on an empty queue. Here the
+        # loop's one accept runs with no connection waiting at all.
+        from proxy_llm import server as server_mod
+
+        proxy = self.start_proxy([support.provider("openai", "openai", self.upstream.url)])
+        for srv in (proxy.server, self.upstream.server):
+            with self.subTest(server=type(srv).__name__):
+                done = threading.Event()
+
+                def accept_once():
+                    srv._handle_request_noblock()
+                    done.set()
+                worker = threading.Thread(target=accept_once, daemon=True)
+                worker.start()
+                returned = done.wait(server_mod.ACCEPT_WAIT * 4 + 1)
+                if not returned:  # (let the blocked accept go, and the serving loop's, before failing)
+                    for _ in range(2):
+                        socket.create_connection(srv.server_address[:2]).close()
+                self.assertTrue(returned, "accept blocked with no connection waiting")
 
 class RefusalCutTest(unittest.TestCase):
     """In-process: the shutdown's own steps, each at a moment the test picks."""
