@@ -31,7 +31,7 @@ import urllib.parse
 from typing import Iterable, Optional
 
 from .storage import RateLimitedLog
-from .upstream import EgressProxy, TransferCodingError, authority
+from .upstream import EgressProxy, TransferCodingError, authority, redact
 
 log = logging.getLogger("proxy_llm.upstream")
 
@@ -71,15 +71,6 @@ def reason(exc: BaseException, secrets: Iterable[str] = ()) -> str:
         return name
     text = redact(text, secrets)
     return "%s: %s" % (name, text[:REASON_MAX]) if text else name
-
-
-def redact(text: str, secrets: Iterable[str]) -> str:
-    """``text`` with each of ``secrets`` (the longest first, each of 4 characters or more: a
-    line garbled is no loss) replaced by ``[REDACTED]``."""
-    for secret in sorted((s for s in secrets if s and len(s) >= 4), key=len, reverse=True):
-        if secret in text:
-            text = text.replace(secret, "[REDACTED]")
-    return text
 
 
 def upstream_failed(provider, kind: str, what: str, exc: Optional[BaseException] = None,

@@ -37,7 +37,7 @@ import time
 import urllib.parse
 import zlib
 from collections import deque
-from typing import Deque, List, Optional, Tuple
+from typing import Deque, Iterable, List, Optional, Tuple
 
 from .headers import message, response_headers, take_fields
 
@@ -482,9 +482,17 @@ class EgressProxy:
         in an exception and a log: a proxy that echoes its credentials in its refusal (``407
         bad credentials Basic dXNlcjp...``) put them there, or, cut, a part of them that no
         scrub of the record finds."""
-        for secret in sorted(self.secrets, key=len, reverse=True):
-            phrase = phrase.replace(secret, "[REDACTED]")
-        return phrase.strip()[:100]
+        return redact(phrase, self.secrets, shortest=1).strip()[:100]
+
+
+def redact(text: str, secrets: Iterable[str], shortest: int = 4) -> str:
+    """``text`` for a message or a log line: each of ``secrets`` of ``shortest`` characters or
+    more replaced by ``[REDACTED]``, the longest first (it may hold a shorter one); a text
+    garbled by a short one is no loss."""
+    for secret in sorted((s for s in secrets if s and len(s) >= shortest), key=len, reverse=True):
+        if secret in text:
+            text = text.replace(secret, "[REDACTED]")
+    return text
 
 
 class _Until(io.RawIOBase):
