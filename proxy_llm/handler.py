@@ -645,7 +645,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
         """The 404 of a request no provider serves."""
         # (The path and model as a log line has them: cut short, a key they held would leave
         # its start in the record's answer, where no scrub finds a key cut short.)
-        secrets = wire.request_secrets(ex.req_headers, ex.query) + self.server.provider_keys
+        secrets = exchange_secrets(self.server, ex)
         return errors.NotFound("no %sprovider configured for %s%s" % (
             "azure " if ex.family == "azure" else "", wire.log_path(ex.path, secrets)[:200],
             " (model %s)" % wire.log_path(ex.model, secrets)[:100] if ex.model else ""))
@@ -1041,7 +1041,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
         (notices.upstream_failed: rate-limited per provider and ``kind``, the record's error
         type), with the exchange's secrets and the proxy's kept out of the exception's text.
         Only ever called on a failure branch."""
-        secrets = wire.request_secrets(ex.req_headers, ex.query) + self.server.provider_keys if exc is not None else ()
+        secrets = exchange_secrets(self.server, ex) if exc is not None else ()
         notices.upstream_failed(ex.provider, kind, what, exc, secrets)
 
     def answer_error(self, ex: Exchange, exc: ProxyError) -> None:
@@ -1105,6 +1105,12 @@ def record_unfinished(server) -> int:
     return n
 
 
+def exchange_secrets(server, ex: Exchange) -> List[str]:
+    """What a message or a log line about ``ex`` must not hold: every credential the request
+    carried (headers, query) and every key the proxy holds (provider keys, egress passwords)."""
+    return wire.request_secrets(ex.req_headers, ex.query) + server.provider_keys
+
+
 def record_exchange(server, ex: Exchange) -> None:
     """Count an exchange that ended in the metrics and queue its record."""
     ex.assign_id()
@@ -1122,7 +1128,7 @@ def record_exchange(server, ex: Exchange) -> None:
     if log.isEnabledFor(logging.DEBUG):
         # The path without the exchange's secrets (a key may be a segment of it): the query,
         # which may hold ?key=, is not logged at all.
-        secrets = wire.request_secrets(ex.req_headers, ex.query) + server.provider_keys
+        secrets = exchange_secrets(server, ex)
         log.debug("%s %s -> %s %s %.1f ms %s", ex.method, wire.log_path(ex.path, secrets), provider, ex.status,
                   ex.duration, ex.ended)
 
