@@ -495,6 +495,15 @@ def redact(text: str, secrets: Iterable[str], shortest: int = 4) -> str:
     return text
 
 
+def wait_until(sock: socket.socket, deadline: float) -> None:
+    """Give ``sock``'s next operations what is left until ``deadline`` (``time.monotonic``) as
+    their timeout; ``socket.timeout`` if nothing is left."""
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise socket.timeout("timed out")
+    sock.settimeout(left)
+
+
 class _Until(io.RawIOBase):
     """A socket read until ``deadline`` (``time.monotonic``), as :class:`Response` reads it
     (``makefile``): each read waits at most for what is left. A socket timeout bounds each
@@ -514,10 +523,7 @@ class _Until(io.RawIOBase):
         return True
 
     def readinto(self, buffer) -> int:
-        left = self.deadline - time.monotonic()
-        if left <= 0:
-            raise socket.timeout("timed out")
-        self.sock.settimeout(left)
+        wait_until(self.sock, self.deadline)
         return self.sock.recv_into(buffer)
 
 
@@ -567,10 +573,7 @@ class TunnelConnection(_OneSend, http.client.HTTPConnection):
         sock = socket.create_connection((self.proxy.host, self.proxy.port), self.timeout)
         try:
             open_tunnel(sock, self.host, self.port, self.proxy, deadline)
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise socket.timeout("timed out")
-            sock.settimeout(left)
+            wait_until(sock, deadline)
             self.sock = self.tls_context.wrap_socket(sock, server_hostname=self.host)
         except BaseException:
             sock.close()
