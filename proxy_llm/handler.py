@@ -71,11 +71,14 @@ _DROP_WITH_CREDENTIALS = _DROP | wire.CREDENTIAL_HEADERS
 FOREIGN_CREDENTIALS = {"openai": ("x-api-key", "x-goog-api-key"), "anthropic": ("x-goog-api-key",),
                        "gemini": ("x-api-key", "api-key"), "azure": ("x-api-key", "x-goog-api-key")}
 _DROP_FOREIGN = {t: _DROP | frozenset(names) for t, names in FOREIGN_CREDENTIALS.items()}
-_DROP_FOREIGN_AND_AUTHORIZATION = {t: drop | {"authorization"} for t, drop in _DROP_FOREIGN.items()}
 # The headers a client may present its proxy key in (check_proxy_key), in the order they are
 # tried: its own, then where each SDK puts its key. The one that carried it is not forwarded.
 PROXY_KEY_HEADERS = ("x-proxy-key", "authorization", "x-api-key", "api-key", "x-goog-api-key")
+# What a provider without an api_key is not sent, by (its type, the header that carried the
+# proxy key: x-proxy-key, always dropped, when none did), and the same with Authorization too
+# (a token shaped like another API's key: foreign_authorization).
 _DROP_FOREIGN_AND = {(t, name): drop | {name} for t, drop in _DROP_FOREIGN.items() for name in PROXY_KEY_HEADERS}
+_DROP_FOREIGN_AND_AUTHORIZATION = {key: drop | {"authorization"} for key, drop in _DROP_FOREIGN_AND.items()}
 # The key shapes of the APIs that have one of their own, as a Bearer token: Anthropic's keys and
 # OAuth tokens (sk-ant-api03-, sk-ant-oat01-), Google's keys (AIza). OpenAI's sk- is everyone's.
 _KEY_OWNERS = (("sk-ant-", "anthropic"), ("AIza", "gemini"))
@@ -654,15 +657,12 @@ class ProxyHandler(BaseHTTPRequestHandler):
         provider = ex.provider
         if provider.api_key:
             drop = _DROP_WITH_CREDENTIALS
-        elif self.proxy_key_header not in (None, "x-proxy-key"):
-            # The proxy key came in a header of the client's SDK: that one goes.
-            drop = _DROP_FOREIGN_AND[provider.type, self.proxy_key_header]
+        else:  # (the header that carried the proxy key, if one of the SDK's, goes too)
+            carrier = provider.type, self.proxy_key_header or "x-proxy-key"
             if ex.family != provider.type and foreign_authorization(headers, provider.type):
-                drop = drop | {"authorization"}
-        elif ex.family != provider.type and foreign_authorization(headers, provider.type):
-            drop = _DROP_FOREIGN_AND_AUTHORIZATION[provider.type]
-        else:
-            drop = _DROP_FOREIGN[provider.type]
+                drop = _DROP_FOREIGN_AND_AUTHORIZATION[carrier]
+            else:
+                drop = _DROP_FOREIGN_AND[carrier]
         out = wire.end_to_end(headers, drop)
         pool = self.server.pools[provider.name]
         out.insert(0, ("Host", pool.host_header))
