@@ -542,13 +542,14 @@ def take_upload_pass(secret: bytes, path: str, query: str) -> Tuple[str, bool]:
     rest of ``query``): the pass is the proxy's, never sent on, good or not."""
     if query.find(UPLOAD_PASS) < 0:
         return query, False
-    pieces = query.split("&")
-    kept = [p for p in pieces if not p.startswith(UPLOAD_PASS + "=")]
-    if len(kept) == len(pieces):
+    kept: List[str] = []
+    passes: List[str] = []
+    for part in query.split("&"):
+        (passes if part.startswith(UPLOAD_PASS + "=") else kept).append(part)
+    if not passes:
         return query, False
     rest = "&".join(kept)
-    passes = [p[len(UPLOAD_PASS) + 1:] for p in pieces if p.startswith(UPLOAD_PASS + "=")]
-    good = len(passes) == 1 and hmac.compare_digest(passes[0].encode("ascii", "replace"),
+    good = len(passes) == 1 and hmac.compare_digest(passes[0][len(UPLOAD_PASS) + 1:].encode("ascii", "replace"),
                                                     upload_pass(secret, path, rest).encode("ascii"))
     return rest, good
 
