@@ -228,19 +228,18 @@ def build_server(config: Config, worker: int = 0, reuse_port: bool = False, key:
     from .storage import ASSIST_SHARE, Recorder
 
     headers.install()  # the same header blocks, parsed faster (see proxy_llm/headers.py)
-    recorder = None
-    encoder = None
+    recorder = tally = None
     server_box = []
+
+    def on_result(ex, ended, tokens_used):
+        server_box[0].metrics.recorded(ended, ex.provider.name if ex.provider is not None else "none",
+                                       ex.model_label, tokens_used)
+
     if config.record:
         try:
             key = prepare_data_dir(config.data_dir) if key is None else key
         except (OSError, ValueError) as exc:  # a file in the way, no permission, a NUL in the name
             raise data_dir_error(config, getattr(exc, "strerror", None) or str(exc)) from None
-
-        def on_result(ex, ended, tokens_used):
-            server_box[0].metrics.recorded(ended, ex.provider.name if ex.provider is not None else "none",
-                                           ex.model_label, tokens_used)
-
         encoder = Encoder(key, config.session_header, config.max_sse_event,
                           provider_keys=held_secrets(config), on_result=on_result)
         recorder = Recorder(config.data_dir, encoder.encode, queue_size=config.queue_size,
@@ -250,12 +249,20 @@ def build_server(config: Config, worker: int = 0, reuse_port: bool = False, key:
                             file_suffix="_w%d" % worker if config.workers > 1 else "",
                             share=(worker, config.workers),
                             assist_above=max(1, config.queue_size // ASSIST_SHARE))
+    else:
+        # Recording off still counts: how each exchange ended and the tokens its answer reports,
+        # read off the request threads as a record's are (the answer kept in memory until then,
+        # up to capture_max_body), and nothing written.
+        encoder = Encoder(os.urandom(32), config.session_header, config.max_sse_event,
+                          provider_keys=held_secrets(config), on_result=on_result)
+        tally = Recorder(None, encoder.count, queue_size=config.queue_size, queue_max_bytes=config.queue_max_bytes,
+                         size_of=captured_bytes, fsync="never",
+                         assist_above=max(1, config.queue_size // ASSIST_SHARE))
     server = ProxyServer(config, ProxyHandler, recorder, reuse_port=reuse_port, worker=worker,
                          reserve_handler_class=ReserveHandler,
-                         uploads=encoder.uploads if encoder is not None else None)
+                         uploads=encoder.uploads if recorder is not None else None, tally=tally)
     server_box.append(server)
-    if recorder is not None:
-        recorder.start()
+    (recorder or tally).start()
     return server
 
 
@@ -405,6 +412,8 @@ def serve(config: Config, worker: int = 0, reuse_port: bool = False, parent_pipe
                         "as shutdown", left)
     if server.recorder is not None:
         server.recorder.close(timeout=RECORDER_CLOSE, hurry=hurry.is_set, hurry_timeout=RECORDER_HURRIED)
+    if server.tally is not None:  # (counts, gone with the process: no long wait for them)
+        server.tally.close(timeout=RECORDER_HURRIED)
     server.server_close()
     log.info("stopped")
     return 0

@@ -493,6 +493,8 @@ class ProxyHandler(BaseHTTPRequestHandler):
         headers = self.header_fields()
         recording = server.recorder is not None
         ex = Exchange(self.command, path, query, headers, config.capture_max_body if recording else -1)
+        if server.tally is not None:  # recording off: the answer is kept for its token counts only
+            ex.response.limit = config.capture_max_body
         # The path places the request (a POST to /v1/chat/completions or /v1/messages looks at
         # no header); one every API has (/v1/models) is placed by its headers.
         ex.family = errors.family_of(path, headers, query)
@@ -1123,6 +1125,8 @@ def record_exchange(server, ex: Exchange) -> None:
     m.exchange(provider, ex.endpoint_label, status_class(ex.status), ex.model_label, ex.duration / 1000.0, ttft)
     if server.recorder is not None:
         server.recorder.submit(ex)
+    elif server.tally is not None:
+        server.tally.submit(ex)
     else:
         m.endings.inc(ex.ended)
     if log.isEnabledFor(logging.DEBUG):

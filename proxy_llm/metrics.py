@@ -187,7 +187,7 @@ class ProxyMetrics:
     def __init__(self, inflight: Callable[[], float], written: Callable[[], float],
                  dropped: Callable[[], float], queue_depth: Callable[[], float], connections: Callable[[], float],
                  stream_dropped: Callable[[], float] = lambda: 0, worker: int = 0, pid: int = 0,
-                 reserved: Callable[[], float] = lambda: 0):
+                 reserved: Callable[[], float] = lambda: 0, uncounted: Callable[[], float] = lambda: 0):
         r = self.registry = Registry()
         # Which process answered: with --workers, a scrape of the port reaches one of them.
         r.info("proxy_llm_worker_info", "The process that answered: worker number and pid.",
@@ -214,6 +214,8 @@ class ProxyMetrics:
         r.reading("proxy_llm_stream_lines_dropped_total", "Lines of streams/ files lost (a write failure): their "
                   "records say stream_events all the same.", stream_dropped, "counter")
         r.reading("proxy_llm_record_queue_depth", "Records waiting for the writer thread.", queue_depth)
+        r.reading("proxy_llm_token_counts_dropped_total", "record: false: exchanges left out of proxy_llm_tokens_total "
+                  "and proxy_llm_exchange_endings_total (the queue of answers to read was full).", uncounted, "counter")
         self.upstream_errors = r.counter("proxy_llm_upstream_errors_total", "Upstream failures by kind.",
                                          ("provider", "kind"))
 

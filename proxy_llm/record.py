@@ -590,6 +590,91 @@ class Encoder:
             return ex.model, "model"
         return "default", "default"
 
+    def read_answer(self, ex: Exchange, dialect: Any, content_type: str, resp_encoding: str, event_stream: bool,
+                    accepted: bool, every: Sequence[Tuple[bytes, bytes, int]]) -> tuple:
+        """An answer read as a record and the token metrics read it: (streamed, events,
+        stream_truncated, value, raw JSON or None, body, the dialect's result or None, the
+        reassembly error, the decoding error, ``ended``: ``upstream_eof`` for a stream that
+        ended without its terminal event). ``every``: the scrub triples (a cut body's start)."""
+        events: List[Tuple[float, Any]] = []
+        stream_truncated = False
+        resp_raw = None
+        result = None
+        reassembly_error = None
+        # A stream is what the upstream sent as one: SSE, or Gemini's streamed JSON array. A
+        # server that ignores "stream": true and answers with plain JSON is recorded as plain JSON.
+        streamed = ex.status is not None and (event_stream or (
+            ex.stream and ex.family == "gemini" and accepted))
+        if streamed:  # the events keep their arrival times
+            resp_chunks, decode_error = _decompress(ex.response.parts(), resp_encoding)
+            resp_body = b""  # not used: a stream that fails reassembly is kept from its chunks
+            if ex.response.sha is not None and every:  # (a body cut through a secret: its start goes)
+                resp_chunks = _cut_chunks(resp_chunks, every)
+        else:
+            resp_body, decode_error = _body(ex.response, resp_encoding)
+            if ex.response.sha is not None and every:
+                resp_body = wire.cut_secret_start(resp_body, every)
+        try:
+            if streamed:
+                events, stream_truncated = dialects.decode_stream(content_type, resp_chunks, self.max_sse_event)
+                result = dialect.reassemble([e for _, e in events])
+                resp_value = result.response_body
+            else:
+                resp_value, resp_raw, result = _read_answer(dialect, resp_body, accepted)
+                if accepted and result.error and type(resp_value) in (dict, list):
+                    # An error in a 2xx answer (rare) may quote the value: read it with its floats.
+                    resp_value, resp_raw, result = _read_answer(dialect, resp_body, False)
+        except Exception as exc:  # a dialect bug must not lose the record: keep raw, say why
+            log.exception("reassembly failed for record %s", ex.id)
+            reassembly_error = "%s: %s" % (type(exc).__name__, exc)
+            result = None
+        if result is not None and result.error and result.error.get("type") == dialects.REASSEMBLY_ERROR:
+            # The dialect caught its own bug: not the upstream's error, and the raw body stays.
+            reassembly_error = result.error.get("message") or "reassembly failed"
+            result = None
+        if reassembly_error is not None:
+            if streamed:
+                resp_value = b"".join([c for _, c in resp_chunks]).decode("utf-8", "replace")
+            else:
+                resp_value, resp_raw = parse_body(resp_body)
+
+        ended = ex.ended
+        if (ended == "completed" and streamed and result is not None and not result.complete
+                and 200 <= (ex.status or 0) < 300 and dialect is not dialects.GENERIC):
+            # (A stream of an API without a dialect has no terminal event to miss.)
+            ended = "upstream_eof"
+            notices.upstream_failed(ex.provider, ended, "stream ended without its terminal event")
+        return (streamed, events, stream_truncated, resp_value, resp_raw, resp_body, result, reassembly_error,
+                decode_error, ended)
+
+    def count(self, ex: Exchange) -> List[Tuple[str, str, bytes]]:
+        """``record: false``: the exchange counted in the metrics (``on_result``: how it ended,
+        and the tokens its answer reports, read as :meth:`encode` reads them), and no line.
+        Only the answer was kept (handler.ProxyHandler.proxy): the model is routing's,
+        and a stream is what the upstream sent as one."""
+        content_type = encoding = ""
+        for name, value in ex.resp_headers:
+            lname = name.lower()
+            if lname == "content-type":
+                content_type = content_type + ", " + value if content_type else value
+            elif lname == "content-encoding":
+                encoding = encoding + ", " + value if encoding else value
+        event_stream = is_event_stream(content_type)
+        if ex.stream is None:
+            ex.stream = event_stream
+        accepted = ex.status is not None and 200 <= ex.status < 300
+        dialect = dialects.select(ex.provider_type or ex.family, ex.method, ex.path)
+        answer = self.read_answer(ex, dialect, content_type, encoding, event_stream, accepted, ())
+        result = answer[6]
+        if (ex.status == 401 or ex.status == 403) and (
+                ex.error is None or ex.error.get("type") != "authentication_error"):  # (as encode tells it)
+            error = ex.error or (result.error if result is not None and result.error else None)
+            notices.key_refused(ex.provider, ex.status, error.get("type") if isinstance(error, dict) else None,
+                                wire.request_secrets(ex.req_headers, ex.query) + self.provider_keys)
+        if self.on_result is not None:
+            self.on_result(ex, answer[9], (result.tokens_used or None) if result is not None else None)
+        return []
+
     def encode(self, ex: Exchange) -> List[Tuple[str, str, bytes]]:
         key = self.key
         secrets: List[str] = []
@@ -648,55 +733,9 @@ class Encoder:
                 # A 2xx answer that is not a stream almost always means none was asked for:
                 # look near the ends only (where the SDKs put the key), not through the body.
                 ex.stream = sniff_stream(req_body, whole=not accepted)
-        resp_encoding = resp_h.get("content-encoding", "")
-        events: List[Tuple[float, Any]] = []
-        stream_truncated = False
-        resp_raw = None
-        result = None
-        reassembly_error = None
-        # A stream is what the upstream sent as one: SSE, or Gemini's streamed JSON array. A
-        # server that ignores "stream": true and answers with plain JSON is recorded as plain JSON.
-        streamed = ex.status is not None and (event_stream or (
-            ex.stream and ex.family == "gemini" and accepted))
-        if streamed:  # the events keep their arrival times
-            resp_chunks, decode_error = _decompress(ex.response.parts(), resp_encoding)
-            resp_body = b""  # not used: a stream that fails reassembly is kept from its chunks
-            if ex.response.sha is not None and every:  # (see req_body)
-                resp_chunks = _cut_chunks(resp_chunks, every)
-        else:
-            resp_body, decode_error = _body(ex.response, resp_encoding)
-            if ex.response.sha is not None and every:
-                resp_body = wire.cut_secret_start(resp_body, every)
-        try:
-            if streamed:
-                events, stream_truncated = dialects.decode_stream(content_type, resp_chunks, self.max_sse_event)
-                result = dialect.reassemble([e for _, e in events])
-                resp_value = result.response_body
-            else:
-                resp_value, resp_raw, result = _read_answer(dialect, resp_body, accepted)
-                if accepted and result.error and type(resp_value) in (dict, list):
-                    # An error in a 2xx answer (rare) may quote the value: read it with its floats.
-                    resp_value, resp_raw, result = _read_answer(dialect, resp_body, False)
-        except Exception as exc:  # a dialect bug must not lose the record: keep raw, say why
-            log.exception("reassembly failed for record %s", ex.id)
-            reassembly_error = "%s: %s" % (type(exc).__name__, exc)
-            result = None
-        if result is not None and result.error and result.error.get("type") == dialects.REASSEMBLY_ERROR:
-            # The dialect caught its own bug: not the upstream's error, and the raw body stays.
-            reassembly_error = result.error.get("message") or "reassembly failed"
-            result = None
-        if reassembly_error is not None:
-            if streamed:
-                resp_value = b"".join([c for _, c in resp_chunks]).decode("utf-8", "replace")
-            else:
-                resp_value, resp_raw = parse_body(resp_body)
-
-        ended = ex.ended
-        if (ended == "completed" and streamed and result is not None and not result.complete
-                and 200 <= (ex.status or 0) < 300 and dialect is not dialects.GENERIC):
-            # (A stream of an API without a dialect has no terminal event to miss.)
-            ended = "upstream_eof"
-            notices.upstream_failed(ex.provider, ended, "stream ended without its terminal event")
+        (streamed, events, stream_truncated, resp_value, resp_raw, resp_body, result, reassembly_error, decode_error,
+         ended) = self.read_answer(ex, dialect, content_type, resp_h.get("content-encoding", ""), event_stream,
+                                   accepted, every)
         error = ex.error
         if error is None and result is not None and result.error:
             error = result.error

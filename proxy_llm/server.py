@@ -70,12 +70,16 @@ class ProxyServer(ThreadingHTTPServer):
     health_reserve = 8
 
     def __init__(self, config: Config, handler_class, recorder: Optional[Recorder] = None,
-                 reuse_port: bool = False, worker: int = 0, reserve_handler_class=None, uploads=None):
+                 reuse_port: bool = False, worker: int = 0, reserve_handler_class=None, uploads=None,
+                 tally: Optional[Recorder] = None):
         host, port = config.host_port
         self.address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
         self.reuse_port = reuse_port
         self.config = config
         self.recorder = recorder
+        # record: false: a Recorder with no files, whose thread reads each answer for the token
+        # metrics (record.Encoder.count); None when recording (the recorder counts them).
+        self.tally = tally
         # The record.UploadSessions its encoder reads (None: nothing is recorded): the handler
         # gives it the session of each Gemini upload whose URL it hands a client.
         self.uploads = uploads
@@ -105,6 +109,7 @@ class ProxyServer(ThreadingHTTPServer):
             dropped=lambda: recorder.dropped_total() if recorder else 0,
             stream_dropped=lambda: recorder.stream_dropped_total() if recorder else 0,
             queue_depth=lambda: recorder.queue.qsize() if recorder else 0,
+            uncounted=lambda: tally.dropped_total() if tally else 0,
             connections=lambda: self.connections,
             reserved=lambda: self.reserved,
             worker=worker,

@@ -329,14 +329,17 @@ class Recorder:
     (up to ``timeout`` seconds), syncs and closes every file.
     """
 
-    def __init__(self, data_dir: str, encode: Encoder, queue_size: int = 10000, queue_max_bytes: int = 0,
+    def __init__(self, data_dir: Optional[str], encode: Encoder, queue_size: int = 10000, queue_max_bytes: int = 0,
                  size_of: Optional[Callable[[object], int]] = None, fsync: str = "interval",
                  fsync_interval: float = 1.0, max_file_size: int = 100 * 1024 * 1024, rotate_daily: bool = True,
                  compress_rotated: bool = False, file_suffix: str = "", share: Tuple[int, int] = (0, 1),
                  on_written: Optional[Callable[[object], None]] = None, clock: Callable[[], float] = time.time,
                  ops: Optional[FileOps] = None, assist_above: int = 0):
         self.ops = ops if ops is not None else FileOps()
-        self.data_dir = os.path.abspath(data_dir)
+        # None: no files (record: false's tally, whose encode counts an exchange in the metrics
+        # and gives no line): the queue, the writer thread and the drain all the same.
+        self.data_dir = os.path.abspath(data_dir) if data_dir is not None else None
+        self.noun = "record" if data_dir is not None else "token count"  # (in log lines)
         self.encode = encode
         self.fsync_mode = fsync
         self.fsync_interval = fsync_interval
@@ -400,7 +403,8 @@ class Recorder:
     # -- request-thread side -------------------------------------------------------------
 
     def start(self) -> None:
-        self.ops.makedirs(self.data_dir, mode=0o700, exist_ok=True)
+        if self.data_dir is not None:
+            self.ops.makedirs(self.data_dir, mode=0o700, exist_ok=True)
         self._thread = threading.Thread(target=self._run, name="proxy_llm-writer", daemon=True)
         self._thread.start()
         if self.compress_rotated:
@@ -430,8 +434,8 @@ class Recorder:
         except queue.Full:
             self._count_drop("queue_full", 1)
             q = self.queue
-            self._ratelog.warning("queue_full", "record queue full (%d records, %d of at most %d bytes): record dropped",
-                                  q.qsize(), q.bytes, q.maxbytes)
+            self._ratelog.warning("queue_full", "%s queue full (%d queued, %d of at most %d bytes): %s dropped",
+                                  self.noun, q.qsize(), q.bytes, q.maxbytes, self.noun)
             return False
 
     def _encode_here(self, item: object) -> object:
@@ -1084,7 +1088,7 @@ class Recorder:
         if writer is not None and writer.is_alive():
             backlog = self.queue.qsize() + self._held  # (those the writer took and has not encoded too)
             if backlog:
-                log.info("writing %d queued records before closing the recorder", backlog)
+                log.info("writing %d queued %ss before closing the %s writer", backlog, self.noun, self.noun)
             self.queue.put(_STOP)
             self._wait(writer)
             if writer.is_alive():
@@ -1117,9 +1121,9 @@ class Recorder:
             cut = self.dropped.get("shutdown", 0)
             dropped = sorted(self.dropped.items())
         if cut:
-            log.error("%d queued records were not written at shutdown", cut)
+            log.error("%d queued %ss were not written at shutdown", cut, self.noun)
         if dropped:  # the run's losses, in one line at stop (each was counted when it happened)
-            log.warning("records dropped in this run: %s", ", ".join("%s %d" % kv for kv in dropped))
+            log.warning("%ss dropped in this run: %s", self.noun, ", ".join("%s %d" % kv for kv in dropped))
 
     def _past_drain(self) -> bool:
         """Past close's deadline (the writer's: see close)."""

@@ -456,6 +456,8 @@ class InProcessProxy:
         assert self.server.wait_idle(DEADLINE), "exchanges still in flight"
         if self.server.recorder is not None:
             assert self.server.recorder.flush(DEADLINE), "recorder did not flush in time"
+        if self.server.tally is not None:
+            assert self.server.tally.flush(DEADLINE), "the token counts were not read in time"
 
     def stop(self) -> None:
         if self.server.draining.is_set():
@@ -467,6 +469,8 @@ class InProcessProxy:
         self.server.wait_idle(DEADLINE)
         if self.server.recorder is not None:
             self.server.recorder.close(DEADLINE)
+        if self.server.tally is not None:
+            self.server.tally.close(DEADLINE)
         self.server.server_close()
         shutil.rmtree(self.tmp, ignore_errors=True)
 

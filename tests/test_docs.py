@@ -353,11 +353,10 @@ class RealRecordTest(support.ProxyTestCase):
                         self.assertNotIsInstance(value, bool)
         self.assertEqual({"stream_events", "ttft_ms", "error", "tokens_used"} - set().union(*recs), set())
 
-    def test_record_false_keeps_the_metrics_its_row_does_not_name(self):
-        # The row said "forward and keep metrics": proxy_llm_tokens_total, counted from the
-        # bodies a proxy that records nothing never reads, stays empty. The metrics with a
-        # sample after the same exchanges, recording on and off: those only recording keeps
-        # are the ones the row names.
+    def test_record_false_keeps_the_metrics_its_row_names(self):
+        # The row said "forward and keep metrics" while proxy_llm_tokens_total, read from the
+        # bodies, stayed empty with record: false. The metrics with a sample after the same
+        # exchanges, recording on and off: recording off keeps every one, and the row's.
         def sampled(record):
             self.replies.append(support.json_reply({"id": "c", "choices": [], "usage": {
                 "prompt_tokens": 2, "completion_tokens": 1, "total_tokens": 3}}))
@@ -368,10 +367,12 @@ class RealRecordTest(support.ProxyTestCase):
             proxy.stop()
             return set(re.findall(r"^(proxy_llm_[a-z_]+?)(?:_bucket|_sum|_count)?[{ ]", page, re.M))
 
-        only_recording = sampled(True) - sampled(False)
-        self.assertTrue(only_recording)
+        off = sampled(False)
+        self.assertEqual(sampled(True) - off, set())
         row = [r[2] for r in table(readme(), "| key | default | meaning |") if r[0] == "`record`"][0]
-        self.assertEqual(sorted(re.findall(r"`(proxy_llm_[a-z_]+)`", row)), sorted(only_recording))
+        named = set(re.findall(r"`(proxy_llm_[a-z_]+)`", row))
+        self.assertEqual(named, {"proxy_llm_tokens_total", "proxy_llm_exchange_endings_total"})
+        self.assertEqual(named - off, set())
 
     def test_health_keys_are_the_documented_ones(self):
         row = [line for line in readme().splitlines() if line.startswith("| `GET /health` |")][0]

@@ -96,6 +96,13 @@ class UpstreamFailureLineTest(NoticeCase):
         self.assertEqual(second, first + " (and 3 more in the last 12 s)")
 
     def test_a_provider_key_refused_is_told_once_in_a_while_other_4xx_and_2xx_never(self):
+        self.check_key_refused_told(record=True)
+
+    def test_a_provider_key_refused_is_told_with_recording_off_too(self):
+        # (Its answer is read for the token metrics all the same: record.Encoder.count.)
+        self.check_key_refused_told(record=False)
+
+    def check_key_refused_told(self, record: bool):
         self.replies += [
             anthropic_401(),
             anthropic_401(),
@@ -107,7 +114,7 @@ class UpstreamFailureLineTest(NoticeCase):
         url = self.upstream.url
         proxy = self.start_proxy([provider("openai", "openai", url, "", ["gpt-*"]),
                                   provider("anthropic", "anthropic", url, "sk-ant-api03-" + "k" * 40, ["claude-*"]),
-                                  provider("gemini", "gemini", url, "", ["gemini-*"])])
+                                  provider("gemini", "gemini", url, "", ["gemini-*"])], record=record)
         with self.assertLogs("proxy_llm.upstream", "INFO") as logs:
             notices.log.info("(start)")  # (assertLogs wants one line at least)
             for path, body, status in (("/v1/messages", {"model": "claude-x"}, 401),

@@ -1,0 +1,156 @@
+"""``record: false``: nothing written, and the metrics still read from the answers.
+
+A proxy that records nothing still counts how each exchange ended and the tokens its answer
+reports (``proxy_llm_tokens_total``), read off the request threads as a record's are. These
+tests hold it to what recording on counts for the same answers: every golden fixture of every
+dialect, streamed and not, through two proxies side by side.
+"""
+from __future__ import annotations
+
+import gzip
+import http.client
+import json
+import os
+import re
+import shutil
+import tempfile
+import unittest
+from unittest import mock
+
+from proxy_llm import notices
+from proxy_llm.notices import RateLimitedLog
+from tests import sdk_replay
+from tests.sdk_replay import HEADER, ReplayUpstream
+from tests.support import DEADLINE, InProcessProxy, ProxyTestCase, Reply, base_config, provider, request, sse_reply
+
+# (path, model, the request's body) per dialect folder of tests/fixtures, by kind of answer.
+_PATHS = {
+    "openai_chat": "/v1/chat/completions",
+    "openai_completions": "/v1/completions",
+    "openai_embeddings": "/v1/embeddings",
+    "openai_responses": "/v1/responses",
+    "anthropic_messages": "/v1/messages",
+    "anthropic_count_tokens": "/v1/messages/count_tokens",
+}
+
+
+def fixture_request(fx) -> tuple:
+    """(path, body) of a request the fixture answers, as a client of its API sends it."""
+    if fx.dialect == "gemini":
+        method = "generateContent" if fx.kind == "json" else "streamGenerateContent"
+        path = "/v1beta/models/gemini-2.0-flash:%s%s" % (method, "?alt=sse" if fx.kind == "sse" else "")
+        return path, {"contents": [{"role": "user", "parts": [{"text": "hi"}]}]}
+    model = "claude-x" if fx.dialect.startswith("anthropic") else "gpt-4o"
+    body = {"model": model, "messages": [{"role": "user", "content": "hi"}]}
+    if fx.streamed:
+        body["stream"] = True
+    return _PATHS[fx.dialect], body
+
+
+def counted(page: bytes) -> list:
+    """The lines of a /metrics page that the answers' reading counts."""
+    return sorted(line for line in page.decode().splitlines()
+                  if line.startswith(("proxy_llm_tokens_total{", "proxy_llm_exchange_endings_total{")))
+
+
+class GoldenCountsTest(unittest.TestCase):
+    def test_record_off_counts_every_fixture_as_recording_on_does(self):
+        patcher = mock.patch.object(notices, "RATELOG", RateLimitedLog(notices.log, notices.INTERVAL))
+        patcher.start()  # (one of its own: no line left out for those of the tests before)
+        self.addCleanup(patcher.stop)
+        upstream = ReplayUpstream().start()
+        self.addCleanup(upstream.stop)
+        tmp = tempfile.mkdtemp(prefix="proxy_llm_test_")
+        self.addCleanup(shutil.rmtree, tmp, True)
+        providers = [provider("openai", "openai", upstream.url, "", ["gpt-*"]),
+                     provider("anthropic", "anthropic", upstream.url, "", ["claude-*"]),
+                     provider("gemini", "gemini", upstream.url, "", ["gemini-*"])]
+        proxies = {}
+        for record in (True, False):
+            proxy = InProcessProxy(base_config(providers, os.path.join(tmp, "data_%s" % record),
+                                               record=record)).__enter__()
+            self.addCleanup(proxy.stop)
+            proxies[record] = proxy
+        # What the reading of a record: false exchange had kept: the answer only.
+        kept = []
+        count = proxies[False].server.tally.encode
+
+        def spy(ex):
+            kept.append((ex.request.chunks, ex.response.body() != b"" or ex.response.size == 0))
+            return count(ex)
+
+        proxies[False].server.tally.encode = spy
+        fixtures = [fx for dialect in sorted(os.listdir(sdk_replay.FIXTURES)) if dialect != "generic"
+                    for fx in sdk_replay.fixtures(dialect)]
+        self.assertGreater(len(fixtures), 50)
+        with self.assertLogs("proxy_llm.upstream", "WARNING") as logs:  # (the cut streams are told)
+            for fx in fixtures:
+                path, body = fixture_request(fx)
+                answers = set()
+                for proxy in proxies.values():
+                    status, _, data = request(proxy.url, path=path, body=body, headers={
+                        "Content-Type": "application/json", HEADER: fx.id})
+                    answers.add((status, data))
+                self.assertEqual(len(answers), 1, fx.id)  # (and neither proxy changed a byte: see test_proxy)
+            for proxy in proxies.values():
+                proxy.flush()
+        self.assertTrue(all("without its terminal event" in line for line in logs.output), logs.output)
+        # (The cut streams of each provider are told once: 10 s between two lines of one.)
+        self.assertEqual(len(logs.output), 3, logs.output)
+        on, off = (counted(proxies[record].server.metrics.render()) for record in (True, False))
+        self.assertEqual(off, on)
+        tokens = [line for line in on if line.startswith("proxy_llm_tokens_total")]
+        for provider_name in ("openai", "anthropic", "gemini"):
+            self.assertTrue([line for line in tokens if 'provider="%s"' % provider_name in line], provider_name)
+        ended = sum(float(line.rsplit(" ", 1)[1]) for line in off if line.startswith("proxy_llm_exchange_endings"))
+        self.assertEqual(ended, len(fixtures))  # one count per exchange
+        self.assertIn('ended="upstream_eof"', "\n".join(off))  # the cut streams' (the fixtures' incomplete ones)
+        self.assertEqual(kept, [([], True)] * len(fixtures))
+        self.assertFalse(os.path.exists(os.path.join(tmp, "data_False")))
+        health = proxies[False].server.health()
+        self.assertEqual((health["recording"], health["records_written"]), (False, 0))
+
+
+class RecordOffTest(ProxyTestCase):
+    def metrics(self, proxy) -> str:
+        status, _, body = request(proxy.url, method="GET", path="/metrics", headers={})
+        self.assertEqual(status, 200)
+        return body.decode()
+
+    def test_a_compressed_answer_is_read_and_passed_on_as_it_came(self):
+        answer = json.dumps({"id": "c", "object": "chat.completion", "choices": [], "usage": {
+            "prompt_tokens": 12, "completion_tokens": 4, "total_tokens": 16}}).encode()
+        packed = gzip.compress(answer)
+        self.replies.append(Reply(200, [("Content-Type", "application/json"), ("Content-Encoding", "gzip")], packed))
+        proxy = self.start_proxy(record=False)
+        conn = http.client.HTTPConnection("127.0.0.1", proxy.port, timeout=DEADLINE)
+        self.addCleanup(conn.close)
+        conn.request("POST", "/v1/chat/completions", body=b'{"model":"gpt-4o","messages":[]}',
+                     headers={"Content-Type": "application/json", "Accept-Encoding": "gzip"})
+        resp = conn.getresponse()
+        self.assertEqual((resp.status, resp.getheader("Content-Encoding"), resp.read()), (200, "gzip", packed))
+        proxy.flush()
+        text = self.metrics(proxy)
+        self.assertIn('proxy_llm_tokens_total{provider="openai",model="gpt-*",kind="prompt_tokens"} 12', text)
+        self.assertIn('proxy_llm_tokens_total{provider="openai",model="gpt-*",kind="completion_tokens"} 4', text)
+        self.assertIn('proxy_llm_exchange_endings_total{ended="completed"} 1', text)
+        self.assertFalse(os.path.exists(self.data_dir))
+
+    def test_an_exchange_the_counting_could_not_take_is_counted_as_left_out(self):
+        self.replies.append(sse_reply([b'data: {"id":"c","object":"chat.completion.chunk","choices":[],'
+                                       b'"usage":{"prompt_tokens":3,"completion_tokens":2,"total_tokens":5}}\n\n',
+                                       b"data: [DONE]\n\n"]))
+        proxy = self.start_proxy(record=False)
+        self.assertEqual(request(proxy.url, body={"model": "gpt-4o", "stream": True})[0], 200)
+        proxy.flush()
+        proxy.server.tally.close(DEADLINE)  # (as at shutdown: what comes after is not taken)
+        self.assertEqual(request(proxy.url, body={"model": "gpt-4o"})[0], 200)
+        text = self.metrics(proxy)
+        self.assertIn("proxy_llm_token_counts_dropped_total 1\n", text)
+        self.assertIn('proxy_llm_tokens_total{provider="openai",model="gpt-*",kind="prompt_tokens"} 3', text)
+        self.assertIn('proxy_llm_exchange_endings_total{ended="completed"} 1', text)
+        self.assertEqual(re.findall(r"proxy_llm_records_(?:written|dropped)_total (\d+)", text), ["0", "0"])
+
+
+if __name__ == "__main__":
+    unittest.main()
