@@ -415,6 +415,9 @@ def serve(config: Config, worker: int = 0, reuse_port: bool = False, parent_pipe
     if server.tally is not None:  # (counts, gone with the process: no long wait for them)
         server.tally.close(timeout=RECORDER_HURRIED)
     server.server_close()
+    from . import notices
+
+    notices.RATELOG.flush()  # (the upstreams' last lines held back, if any)
     log.info("stopped")
     return 0
 

@@ -245,7 +245,8 @@ class RateLimitedLog:
         self.clock = clock
         self._last: Dict[Hashable, float] = {}
         self._suppressed: Dict[Hashable, int] = {}
-        self._lock = threading.Lock()  # protects _last and _suppressed
+        self._held: Dict[Hashable, tuple] = {}  # key -> the last suppressed (level, message, args)
+        self._lock = threading.Lock()  # protects _last, _suppressed and _held
 
     def warning(self, key: Hashable, message: str, *args) -> bool:
         return self.log(logging.WARNING, key, message, *args)
@@ -261,13 +262,30 @@ class RateLimitedLog:
             last = self._last.get(key)
             if last is not None and now - last < self.interval:
                 self._suppressed[key] = self._suppressed.get(key, 0) + 1
+                self._held[key] = (level, message, args)
                 return False
             self._last[key] = now
             suppressed = self._suppressed.pop(key, 0)
+            self._held.pop(key, None)
         if suppressed:
             message += " (and %d more in the last %.0f s)" % (suppressed, now - last)
         self.logger.log(level, message, *args)
         return True
+
+    def flush(self) -> int:
+        """Log, for each key whose last lines were held back, the last of them and how many
+        there were (at stop: else a trouble that went on until the end, or stopped within
+        ``interval`` of its last line, was never told in full). How many lines it logged."""
+        now = self.clock()
+        with self._lock:
+            held = [(key, self._suppressed.pop(key, 0), self._last.get(key, now)) + entry
+                    for key, entry in self._held.items()]
+            self._held.clear()
+        for key, count, last, level, message, args in held:
+            if count > 1:  # (this line is one of them: the same form as log's)
+                message += " (and %d more in the last %.0f s)" % (count - 1, now - last)
+            self.logger.log(level, message, *args)
+        return len(held)
 
 
 class RecordQueue:
@@ -1117,6 +1135,7 @@ class Recorder:
         lost = self._left_queued(writer)
         if lost:
             self._count_drop("shutdown", lost)
+        self._ratelog.flush()  # (the queue's and the disk's last warnings held back, if any)
         with self._stats_lock:
             cut = self.dropped.get("shutdown", 0)
             dropped = sorted(self.dropped.items())

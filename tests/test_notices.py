@@ -328,12 +328,16 @@ class FailureLinesProcessTest(unittest.TestCase):
             r"WARNING flaky \(127\.0\.0\.1:%d\) stream ended without its terminal event \(upstream_eof\)" % upstream.port,
             r"INFO provider anthropic answered 401 \(authentication_error\): check its api_key",
         ]
-        got = [m.group(1) + " " + m.group(2) for m in
-               re.finditer(r" (WARNING|INFO) proxy_llm\.upstream: (?:upstream )?(.*)", log)]
-        self.assertEqual(len(got), len(wanted), "\n".join(got))
-        for pattern in wanted:
-            matching = [line for line in got if re.fullmatch(pattern, line)]
-            self.assertEqual(len(matching), 1, "%s in:\n%s" % (pattern, "\n".join(got)))
+        # Each line as it came; the second of each, held back, at stop (RateLimitedLog.flush).
+        served, stop, stopping = log.partition(" INFO proxy_llm: shutting down")
+        self.assertTrue(stop, log)
+        for part in (served, stopping):
+            got = [m.group(1) + " " + m.group(2) for m in
+                   re.finditer(r" (WARNING|INFO) proxy_llm\.upstream: (?:upstream )?(.*)", part)]
+            self.assertEqual(len(got), len(wanted), "\n".join(got))
+            for pattern in wanted:
+                matching = [line for line in got if re.fullmatch(pattern, line)]
+                self.assertEqual(len(matching), 1, "%s in:\n%s" % (pattern, "\n".join(got)))
         # Nothing else at INFO or above but start and stop: no line for the 2xx, nor the 404.
         others = [line for line in log.splitlines() if " proxy_llm.upstream: " not in line]
         for line in others:

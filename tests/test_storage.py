@@ -1559,6 +1559,37 @@ class RateLimitedLogTest(unittest.TestCase):
                                        "INFO:proxy_llm.test_ratelog:refused",
                                        "WARNING:proxy_llm.test_ratelog:down: c (and 41 more in the last 12 s)"])
 
+    def test_flush_tells_the_lines_held_back_once(self):
+        # At stop: a trouble that went on to the end (or ended within the interval of its last
+        # line) was never told in full; its last line held back and how many there were.
+        clock = unittest.mock.Mock(return_value=1000.0)
+        logger = logging.getLogger("proxy_llm.test_ratelog")
+        ratelog = storage.RateLimitedLog(logger, 10.0, clock)
+        with self.assertLogs(logger, "INFO") as logs:
+            ratelog.warning("down", "down: %s", "a")
+            for letter in "bcd":
+                clock.return_value += 1.0
+                ratelog.warning("down", "down: %s", letter)
+            ratelog.info("auth", "refused %d", 1)
+            clock.return_value += 1.0
+            ratelog.info("auth", "refused %d", 2)
+            ratelog.warning("timeout", "slow")  # (none held back)
+            clock.return_value += 1.0
+            self.assertEqual(ratelog.flush(), 2)
+            self.assertEqual(ratelog.flush(), 0)  # (told once)
+            clock.return_value += 20.0
+            self.assertTrue(ratelog.warning("down", "down: %s", "e"))  # (a count flushed is not said again)
+        self.assertEqual(sorted(logs.output), sorted([
+            "WARNING:proxy_llm.test_ratelog:down: a",
+            "INFO:proxy_llm.test_ratelog:refused 1",
+            "WARNING:proxy_llm.test_ratelog:slow",
+            "WARNING:proxy_llm.test_ratelog:down: d (and 2 more in the last 5 s)",
+            "INFO:proxy_llm.test_ratelog:refused 2",
+            "WARNING:proxy_llm.test_ratelog:down: e"]))
+        self.assertEqual(logs.output[:3], ["WARNING:proxy_llm.test_ratelog:down: a",
+                                           "INFO:proxy_llm.test_ratelog:refused 1",
+                                           "WARNING:proxy_llm.test_ratelog:slow"])
+
 
 if __name__ == "__main__":
     unittest.main()
