@@ -128,7 +128,9 @@ openai-chat message               sharegpt turn
                                   --include-thinking) as a ``<think>...</think>\\n\\n`` prefix
 ``assistant`` ``tool_calls``      ``{"from": "function_call", "value": "{\\"name\\": ...,
                                   \\"arguments\\": {...}}"}`` (a JSON list for parallel calls);
-                                  the message's text and thinking are dropped (counted)
+                                  thinking (with --include-thinking) as the same prefix; the
+                                  message's text is dropped, counted ``tool_call_text`` (the
+                                  reader parses all but the thinking as JSON)
 ``tool``                          ``{"from": "observation", "value": content}``; the results
                                   of parallel calls in one turn, a JSON list of their texts
 ``tools``                         ``"tools"``: JSON text of the list of function objects
@@ -990,11 +992,30 @@ def _call_value(call: dict):
     return {"name": call["name"], "arguments": args}
 
 
+# LLaMA-Factory's default thought words (a template's ``thought_words``): its reader takes the
+# first such block off a gpt or function_call turn as the thinking, and parses the rest of a
+# function_call turn as the JSON of the calls.
+THINK_OPEN, THINK_CLOSE = "<think>\n", "\n</think>\n\n"
+
+
+def _with_thinking(thinking: list, value: str, dropped: Counter) -> str:
+    """``value`` after the thinking in LLaMA-Factory's thought words.  A thinking text that holds
+    the closing words would end the block early (the reader takes the first match) and leave the
+    rest in the answer, or in the JSON of a function_call turn, which the reader then refuses:
+    such thinking is left out, counted ``thinking``."""
+    text = "\n".join(thinking)
+    if THINK_CLOSE in text:
+        dropped.add("thinking", len(thinking))
+        return value
+    return THINK_OPEN + text + THINK_CLOSE + value
+
+
 def render_sharegpt(conv: Conversation, opts: Options, dropped: Counter) -> dict:
     """The sharegpt row of a conversation (see module docstring), in the order LLaMA-Factory's
     reader takes: one system turn first, then human or observation and gpt or function_call in
-    turn.  An assistant message with tool calls is one function_call turn (its text and thinking
-    have no place there: counted ``tool_call_text`` and ``thinking``); the results of parallel
+    turn.  An assistant message with tool calls is one function_call turn: its thinking (with
+    --include-thinking) goes before the JSON in the thought words, as for a gpt turn, but its text
+    has no place there (the reader parses the rest as JSON): counted ``tool_call_text``; the results of parallel
     calls are one observation turn (a JSON list of their texts); human turns in a row (an empty
     assistant turn between them was left out) are one.  Skip("system_not_first") for a system
     message after the conversation began, Skip("sharegpt_order") for any other order the format
@@ -1023,12 +1044,10 @@ def render_sharegpt(conv: Conversation, opts: Options, dropped: Counter) -> dict
                 continue
             if m["tool_calls"]:
                 dropped.add("tool_call_text", 1 if value else 0)
-                if opts.include_thinking:
-                    dropped.add("thinking", len(m["thinking"]))
                 calls = [_call_value(c) for c in m["tool_calls"]]
                 kind, value = "function_call", _dumps(calls[0] if len(calls) == 1 else calls)
-            elif m["thinking"] and opts.include_thinking:
-                value = "<think>\n%s\n</think>\n\n%s" % ("\n".join(m["thinking"]), value)
+            if m["thinking"] and opts.include_thinking:
+                value = _with_thinking(m["thinking"], value, dropped)
         elif m["role"] == "system" and turns and turns[-1][0] != "system":
             raise Skip("system_not_first")
         if turns and turns[-1][0] == kind and kind in ("system", "human", "observation"):

@@ -760,6 +760,32 @@ def mixed_provider_records(clock: Clock) -> list:
     return recs
 
 
+def text_beside_calls(clock: Clock, thinking: str = "Need the weather.") -> list:
+    """An answer of each chat dialect holding thinking, text ("Let me check.") and a call of
+    get_weather for Paris in one assistant turn, as the providers send it."""
+    ask = "Weather in Paris?"
+    g_tool = [{"functionDeclarations": [{"name": "get_weather", "parameters": {"type": "OBJECT"}}]}]
+    return [
+        openai_chat(clock, "beside-oa", [{"role": "user", "content": ask}], {
+            "content": "Let me check.", "reasoning_content": thinking, "tool_calls": [
+                {"id": "c1", "type": "function", "function": {"name": "get_weather",
+                                                              "arguments": "{\"city\": \"Paris\"}"}}]},
+            tools=[WEATHER_TOOL]),
+        openai_responses(clock, "beside-resp", ask, [
+            {"type": "reasoning", "id": "rs_1", "summary": [{"type": "summary_text", "text": thinking}]},
+            {"type": "message", "role": "assistant", "content": [{"type": "output_text", "text": "Let me check."}]},
+            {"type": "function_call", "call_id": "c1", "name": "get_weather", "arguments": "{\"city\": \"Paris\"}"}],
+            tools=[{"type": "function", "name": "get_weather", "parameters": {"type": "object"}}]),
+        anthropic(clock, "beside-an", [{"role": "user", "content": ask}], [
+            {"type": "thinking", "thinking": thinking, "signature": "s"}, {"type": "text", "text": "Let me check."},
+            {"type": "tool_use", "id": "c1", "name": "get_weather", "input": {"city": "Paris"}}],
+            tools=[{"name": "get_weather", "input_schema": {"type": "object"}}]),
+        gemini(clock, "beside-gem", [{"role": "user", "parts": [{"text": ask}]}], [
+            {"text": thinking, "thought": True}, {"text": "Let me check."},
+            {"functionCall": {"name": "get_weather", "args": {"city": "Paris"}}}], tools=g_tool),
+    ]
+
+
 def build_formats(root: str) -> None:
     """``build_mixed`` plus the audited shapes, every golden fixture and the mixed-provider
     records: the data dir the format-rule tests export."""
@@ -772,3 +798,4 @@ def build_formats(root: str) -> None:
     out.write_records(audited, stamp="20261128_000000")
     out.write_records(golden_records(clock), stamp="20261128_000100")
     out.write_records(mixed_provider_records(clock), stamp="20261128_000200")
+    out.write_records(text_beside_calls(clock), stamp="20261128_000300")

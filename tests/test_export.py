@@ -200,12 +200,15 @@ class TestSharegpt(ExportTestCase):
 
     def test_text_and_tool_call_in_one_message_gives_one_function_call(self) -> None:
         # It gave a gpt turn then a function_call turn, two turns where LLaMA-Factory's reader
-        # takes one (it refused the row); the text and thinking are dropped and counted.
+        # takes one (it refused the row); the text is dropped and counted, the thinking kept.
         rows = self.export_rows("sharegpt", "--session", "agent-1", "--include-thinking")
         first = rows[0]["conversations"]
         self.assertEqual([t["from"] for t in first], ["system", "human", "function_call"])
-        self.assertEqual(json.loads(first[2]["value"]), {"name": "read_file", "arguments": {"path": "app.py"}})
-        self.assertIn("thinking 4, tool_call_text 7", self.last_summary)
+        thinking, _, calls = first[2]["value"].partition("\n</think>\n\n")
+        self.assertTrue(thinking.startswith("<think>\n"), first[2]["value"])
+        self.assertEqual(json.loads(calls), {"name": "read_file", "arguments": {"path": "app.py"}})
+        self.assertIn("dropped parts: tool_call_text 7", self.last_summary)
+        self.assertNotIn("thinking", self.last_summary)
 
     def test_rows_without_tools_have_an_empty_tools_string(self) -> None:
         rows = self.export_rows("sharegpt", "--model", "claude-haiku-*")
@@ -790,6 +793,11 @@ SHAREGPT_FROM = {"system", "human", "gpt", "function_call", "observation"}
 
 
 def _function_call_problems(value: str, where: str) -> list:
+    # As LLaMA-Factory's FunctionFormatter reads it: the first block in the template's thought
+    # words (by default these) is the thinking; the rest must be the JSON of the calls.
+    thought = re.search(r"<think>\n(.*?)\n</think>\n\n", value, re.DOTALL)
+    if thought:
+        value = value.replace(thought.group(0), "")
     try:
         calls = json.loads(value)
     except ValueError:
@@ -1046,6 +1054,47 @@ class TestDroppedCalls(AuditCase):
         self.assertEqual([t["from"] for t in turns], ["human", "gpt"])
 
 
+class TestTextBesideCalls(AuditCase):
+    """One answer per dialect (df.text_beside_calls): thinking, text and a call in one turn."""
+
+    def test_openai_chat_keeps_text_and_thinking_beside_the_calls_from_every_dialect(self) -> None:
+        recs = df.text_beside_calls(df.Clock(seed=61))
+        rows = self.rows(recs, "--include-thinking")
+        self.assertEqual(len(rows), 4)
+        for i, row in enumerate(rows):
+            with self.subTest(i):
+                answer = row["messages"][-1]
+                self.assertEqual(answer["content"], "Let me check.")
+                self.assertEqual(answer["reasoning_content"], "Need the weather.")
+                self.assertEqual([(c["function"]["name"], json.loads(c["function"]["arguments"]))
+                                  for c in answer["tool_calls"]], [("get_weather", {"city": "Paris"})])
+        self.assertNotIn("dropped parts", self.summary)
+
+    def test_sharegpt_keeps_the_thinking_before_the_calls_and_counts_the_text(self) -> None:
+        # The thinking was dropped as the text is, though LLaMA-Factory reads it there: its
+        # function formatter takes the thought words off before it parses the calls.
+        recs = df.text_beside_calls(df.Clock(seed=62))
+        rows = self.rows(recs, "--format", "sharegpt", "--include-thinking")
+        self.assertEqual(len(rows), 4)
+        for i, row in enumerate(rows):
+            with self.subTest(i):
+                self.assertEqual(row["conversations"][-1], {"from": "function_call", "value": (
+                    '<think>\nNeed the weather.\n</think>\n\n{"name": "get_weather", "arguments": {"city": "Paris"}}')})
+        self.assertIn("dropped parts: tool_call_text 4;", self.summary)
+        rows = self.rows(recs, "--format", "sharegpt")
+        for row in rows:
+            self.assertEqual(row["conversations"][-1]["value"], '{"name": "get_weather", "arguments": {"city": "Paris"}}')
+        self.assertIn("dropped parts: thinking 4, tool_call_text 4;", self.summary)
+
+    def test_thinking_holding_the_closing_words_is_left_out(self) -> None:
+        # LLaMA-Factory's reader takes the first closing words as the block's end: the rest of
+        # the thinking would go before the JSON, which it then refuses.
+        recs = df.text_beside_calls(df.Clock(seed=63), thinking="a\n</think>\n\nb")
+        for row in self.rows(recs, "--format", "sharegpt", "--include-thinking"):
+            self.assertEqual(row["conversations"][-1]["value"], '{"name": "get_weather", "arguments": {"city": "Paris"}}')
+        self.assertIn("dropped parts: thinking 4, tool_call_text 4;", self.summary)
+
+
 class TestAssistantAudio(AuditCase):
     def test_audio_is_counted_and_an_audio_only_turn_left_out(self) -> None:
         # The turn was {"role": "assistant", "content": ""} and the audio not counted (an audit's finding).
@@ -1250,6 +1299,8 @@ class TestDocumentedFormats(unittest.TestCase):
                  {"from": "function_call", "value": '{"name": "f", "arguments": {}}'},
                  {"from": "observation", "value": "r"}, {"from": "gpt", "value": "a"}]
         self.assertEqual(sharegpt_problems({"conversations": turns, "tools": ""}), [])
+        thought = dict(turns[2], value="<think>\nhm\n</think>\n\n" + turns[2]["value"])
+        self.assertEqual(sharegpt_problems({"conversations": turns[:2] + [thought] + turns[3:], "tools": ""}), [])
         for name, broken in {
                 "two observations": turns[:4] + [turns[3]] + turns[4:],
                 "gpt then function_call": turns[:2] + [{"from": "gpt", "value": "x"}] + turns[2:],
@@ -1257,6 +1308,10 @@ class TestDocumentedFormats(unittest.TestCase):
                 "human after observation": turns[:4] + [turns[1], turns[4]],
                 "arguments as text": turns[:2] + [{"from": "function_call", "value": '{"name": "f", "arguments": "{}"}'}]
                 + turns[3:],
+                "text before the calls": turns[:2] + [{"from": "function_call", "value": "Let me see.\n" + turns[2]["value"]}]
+                + turns[3:],
+                "thinking cut short": turns[:2] + [{"from": "function_call", "value": "<think>\na\n</think>\n\nb\n</think>"
+                                                   "\n\n" + turns[2]["value"]}] + turns[3:],
                 "ends with a human": turns[:2]}.items():
             with self.subTest(name):
                 self.assertNotEqual(sharegpt_problems({"conversations": broken, "tools": ""}), [])
