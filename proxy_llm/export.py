@@ -88,9 +88,23 @@ templates read) only with ``--include-thinking``.
 Never silently dropped: whatever is left out is counted by kind and listed in
 the summary: ``thinking`` and ``image`` (without their flag),
 ``redacted_thinking`` and encrypted reasoning (cannot be exported), ``audio``,
-``file``/``document`` parts, images inside tool results, server-side tools
-(``web_search``, ``googleSearch``, ...) and their blocks, non-function tool
-calls, extra choices (``n > 1``: only choice 0 is exported).
+``file``/``document`` parts, images inside tool results, declarations of tools
+other than functions (``web_search``, ``googleSearch``, ...: ``server_tool``),
+Responses ``mcp_list_tools`` items, extra choices (``n > 1``: only choice 0 is
+exported).
+
+A conversation holding a call of a tool other than a function, or its result, is
+skipped as ``unsupported_tool_call`` (both chat formats): the call and its result
+cannot be written as a function call and a ``tool`` message (no function was
+declared; the results of a provider's search are not in the record or are
+encrypted; a custom tool's input is free text), and dropped they would leave an
+answer resting on a search, a run or an action with no trace of it.  That is:
+Responses API built-in tool items (see ``_unsupported_item``), Anthropic
+``server_tool_use``, ``mcp_tool_use`` and ``*_tool_result`` blocks (web search,
+web fetch, code execution), Gemini ``executableCode``/``codeExecutionResult``
+parts and an answer grounded on Google Search or URL context (its metadata; a
+grounded turn of the history leaves none), an OpenAI chat ``custom`` tool call
+and a search model's answer (``url_citation`` annotations).
 
 Every ``tool`` message answers a call of the assistant message before it (only
 ``tool`` messages between), as the fine-tuning format requires: a result whose
@@ -105,8 +119,9 @@ token counting, legacy completions, anything not a chat dialect), ``error``
 (a body was cut at capture time, ``capture_max_body``), ``bad_body`` (a body without the
 dialect's shape), ``no_response`` (no assistant message in the response),
 ``empty_answer`` (the answer has neither text nor tool calls: thinking only, with
-or without ``--include-thinking``, or only non-text parts), ``bad_tool_arguments`` (a call's
-arguments are not the JSON text of an object; an empty text is written ``{}``),
+or without ``--include-thinking``, or only non-text parts), ``unsupported_tool_call``
+(above), ``bad_tool_arguments`` (a call's arguments are not the JSON text of an
+object; an empty text is written ``{}``),
 ``empty_user_turn`` (a user message with nothing to write: only images without
 ``--include-images``, documents, audio; the answer would answer nothing), ``no_user_turn``
 (no user message at all, e.g. only tool results after a ``previous_response_id``),
@@ -370,11 +385,15 @@ def _openai_message(m: dict, dropped: Counter):
             if isinstance(m.get(key), str) and m[key]:
                 out["thinking"].append(m[key])
                 break
+        if any(isinstance(a, dict) and a.get("type") == "url_citation" for a in _list(m.get("annotations"))):
+            raise Skip("unsupported_tool_call")  # a search model's answer: the search left no call
         for call in _list(m.get("tool_calls")):
             if not isinstance(call, dict):
                 continue
             fn = call.get("function")
-            if call.get("type", "function") != "function" or not isinstance(fn, dict):
+            if call.get("type", "function") != "function":
+                raise Skip("unsupported_tool_call")  # a custom (free-form) tool's call
+            if not isinstance(fn, dict):
                 dropped.add("tool_call:%s" % call.get("type"))
                 continue
             out["tool_calls"].append({"id": call.get("id"), "name": fn.get("name"),
@@ -548,8 +567,21 @@ class _ResponsesBuilder(object):
                 self.pending_thinking.append("\n".join(texts))
             elif item.get("encrypted_content"):
                 self.dropped.add("encrypted_reasoning")
+        elif _unsupported_item(kind):
+            raise Skip("unsupported_tool_call")
         else:
             self.dropped.add("item:%s" % kind)
+
+
+def _unsupported_item(kind) -> bool:
+    """Whether a Responses API item is a call (or its output) of a tool other than a function:
+    built-in tools the provider runs (``web_search_call``, ``file_search_call``,
+    ``code_interpreter_call``, ``image_generation_call``, ``mcp_call`` and the MCP approvals),
+    and tools the client runs with no function form (``computer_call``, ``local_shell_call``,
+    ``custom_tool_call`` and their ``*_output``).  Dropped, they would leave an answer resting
+    on a search, a run or an action with no trace of it.  ``mcp_list_tools`` only lists tools."""
+    return isinstance(kind, str) and kind != "mcp_list_tools" and (
+        kind.endswith("_call") or kind.endswith("_call_output") or kind.startswith("mcp_"))
 
 
 def _from_responses(req: dict, resp, dropped: Counter) -> Conversation:
@@ -647,7 +679,10 @@ def _anthropic_message(role: str, content, dropped: Counter) -> list:
             tool_messages.append(_anthropic_tool_result(block, dropped))
         elif kind == "document":
             dropped.add("document")
-        else:  # server_tool_use, web_search_tool_result, container_upload, ...
+        elif kind in ("server_tool_use", "mcp_tool_use", "mcp_tool_result") \
+                or (isinstance(kind, str) and kind.endswith("_tool_result")):
+            raise Skip("unsupported_tool_call")  # web search, web fetch, code execution, MCP, ...
+        else:  # container_upload, search_result, ...
             dropped.add("block:%s" % kind)
     if role == "assistant" or m["parts"] or not tool_messages:
         return tool_messages + [m]
@@ -756,10 +791,22 @@ def _gemini_content(role: str, parts, out: list, dropped: Counter) -> None:
                 dropped.add("file")
         elif any(k in part for k in ("executableCode", "codeExecutionResult",
                                      "executable_code", "code_execution_result")):
-            dropped.add("code_execution")
+            raise Skip("unsupported_tool_call")  # code execution, run by the provider
     out.extend(tool_messages)
     if role == "assistant" or m["parts"] or not tool_messages:
         out.append(m)
+
+
+def _grounded(candidate: dict) -> bool:
+    """Whether a Gemini answer rests on a Google Search or URL context the provider ran: its
+    ``groundingMetadata`` names queries or sources, or its ``urlContextMetadata`` URLs (the
+    answer's parts hold no trace of them)."""
+    grounding = _get(candidate, "groundingMetadata", "grounding_metadata")
+    if isinstance(grounding, dict) and any(_get(grounding, *keys) for keys in (
+            ("webSearchQueries", "web_search_queries"), ("groundingChunks", "grounding_chunks"))):
+        return True
+    urls = _get(candidate, "urlContextMetadata", "url_context_metadata")
+    return isinstance(urls, dict) and bool(_get(urls, "urlMetadata", "url_metadata"))
 
 
 def _json_schema(schema):
@@ -812,6 +859,8 @@ def _from_gemini(req: dict, resp, dropped: Counter, endpoint: str) -> Conversati
         if isinstance(candidates, list) and candidates and isinstance(candidates[0], dict):
             if body is bodies[0]:
                 dropped.add("choice", len(candidates) - 1)
+            if _grounded(candidates[0]):
+                raise Skip("unsupported_tool_call")
             content = candidates[0].get("content")
             if isinstance(content, dict) and isinstance(content.get("parts"), list):
                 reply_parts.extend(content["parts"])
@@ -892,8 +941,8 @@ def _arguments(text) -> str:
 def _pair_check(messages: list, dropped: Counter) -> list:
     """The rule of the OpenAI chat format: a ``tool`` message answers a call of the assistant
     message before it (only tool messages between).  A call still without an id (a damaged
-    record) gets ``call_<m>_<k>``; a result that answers no such call (its call was dropped, as a
-    non-function tool call is, or is not in the record) is dropped, counted ``orphan_tool_result``."""
+    record) gets ``call_<m>_<k>``; a result that answers no such call (its call is not in the
+    record, or was damaged) is dropped, counted ``orphan_tool_result``."""
     out = []
     calls = set()
     for index, m in enumerate(messages):

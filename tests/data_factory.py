@@ -786,6 +786,52 @@ def text_beside_calls(clock: Clock, thinking: str = "Need the weather.") -> list
     ]
 
 
+def builtin_tool_records(clock: Clock) -> list:
+    """Conversations resting on a tool the chat formats cannot hold, one per shape: the Responses
+    API's built-in tool items (the wire example of tests/fixtures/openai_responses/builtin_tools)
+    in an answer, and in a later request's input as a client that keeps its own state resends
+    them; an Anthropic web search in the history; a Gemini code execution; a Gemini answer
+    grounded on Google Search; an OpenAI chat custom tool call; a search model's answer."""
+    with open(os.path.join(FIXTURES, "openai_responses", "builtin_tools.expected.json"), encoding="utf-8") as fh:
+        output = json.load(fh)["response_body"]["output"]
+    search = {"type": "web_search", "search_context_size": "low"}
+    ask = {"role": "user", "content": "Euro rate, and a coin icon?"}
+    answer = [item for item in output if item["type"] == "message"]
+    search_item = [item for item in output if item["type"] == "web_search_call"]
+    an_search = [{"type": "server_tool_use", "id": "srvtoolu_1", "name": "web_search", "input": {"query": "ECB rate"}},
+                 {"type": "web_search_tool_result", "tool_use_id": "srvtoolu_1", "content": [
+                     {"type": "web_search_result", "url": "https://www.ecb.europa.eu/", "title": "ECB",
+                      "encrypted_content": "EqQB", "page_age": None}]},
+                 {"type": "text", "text": "The euro is at 1.17 dollars."}]
+    grounded = gemini(clock, "builtin-gem-search", [{"role": "user", "parts": [{"text": "Euro rate?"}]}],
+                      [{"text": "The euro is at 1.17 dollars."}], tools=[{"googleSearch": {}}])
+    grounded["response_body"]["candidates"][0]["groundingMetadata"] = {
+        "webSearchQueries": ["euro dollar rate"], "groundingChunks": [{"web": {"uri": "https://x.example/", "title": "x"}}]}
+    search_model = openai_chat(clock, "builtin-oa-search", [{"role": "user", "content": "Euro rate?"}], {
+        "content": "The euro is at 1.17 dollars (ECB).", "annotations": [{"type": "url_citation", "url_citation": {
+            "start_index": 28, "end_index": 33, "url": "https://www.ecb.europa.eu/", "title": "ECB"}}]},
+        model="gpt-4o-search-preview")
+    return [
+        openai_responses(clock, "builtin-resp", [ask], copy.deepcopy(output), tools=[search], stream=True),
+        openai_responses(clock, "builtin-resp", [ask] + search_item + answer + [
+            {"role": "user", "content": "Thanks!"}], [
+            {"type": "message", "role": "assistant", "content": [{"type": "output_text", "text": "You're welcome."}]}],
+            tools=[search]),
+        anthropic(clock, "builtin-an", [{"role": "user", "content": "Euro rate?"},
+                                        {"role": "assistant", "content": an_search},
+                                        {"role": "user", "content": "Thanks!"}],
+                  [{"type": "text", "text": "You're welcome."}],
+                  tools=[{"type": "web_search_20250305", "name": "web_search", "max_uses": 1}]),
+        gemini(clock, "builtin-gem-code", [{"role": "user", "parts": [{"text": "Sum 1..100?"}]}], [
+            {"executableCode": {"language": "PYTHON", "code": "print(sum(range(101)))"}},
+            {"codeExecutionResult": {"outcome": "OUTCOME_OK", "output": "5050\n"}}, {"text": "5050."}],
+            tools=[{"codeExecution": {}}]),
+        grounded,
+        openai_custom_tool_call(clock, "builtin-oa-custom", with_function=True),
+        search_model,
+    ]
+
+
 def build_formats(root: str) -> None:
     """``build_mixed`` plus the audited shapes, every golden fixture and the mixed-provider
     records: the data dir the format-rule tests export."""
@@ -799,3 +845,4 @@ def build_formats(root: str) -> None:
     out.write_records(golden_records(clock), stamp="20261128_000100")
     out.write_records(mixed_provider_records(clock), stamp="20261128_000200")
     out.write_records(text_beside_calls(clock), stamp="20261128_000300")
+    out.write_records(builtin_tool_records(clock), stamp="20261128_000400")
