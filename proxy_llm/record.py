@@ -640,8 +640,11 @@ class Encoder:
 
         ended = ex.ended
         if (ended == "completed" and streamed and result is not None and not result.complete
-                and 200 <= (ex.status or 0) < 300 and dialect is not dialects.GENERIC):
-            # (A stream of an API without a dialect has no terminal event to miss.)
+                and 200 <= (ex.status or 0) < 300 and dialect is not dialects.GENERIC
+                and ex.response.sha is None):
+            # (A stream of an API without a dialect has no terminal event to miss; one kept cut
+            # at capture_max_body, Capture.truncated, had its terminal event past the cut: it
+            # came whole, and its relay saw it end as the upstream ended it.)
             ended = "upstream_eof"
             notices.upstream_failed(ex.provider, ended, "stream ended without its terminal event")
         return (streamed, events, stream_truncated, resp_value, resp_raw, resp_body, result, reassembly_error,

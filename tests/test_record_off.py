@@ -21,7 +21,8 @@ from proxy_llm import notices
 from proxy_llm.notices import RateLimitedLog
 from tests import sdk_replay
 from tests.sdk_replay import HEADER, ReplayUpstream
-from tests.support import DEADLINE, InProcessProxy, ProxyTestCase, Reply, base_config, provider, request, sse_reply
+from tests.support import (DEADLINE, InProcessProxy, ProxyTestCase, Reply, base_config, chunk_event, provider,
+                           request, sse_reply)
 
 # (path, model, the request's body) per dialect folder of tests/fixtures, by kind of answer.
 _PATHS = {
@@ -135,6 +136,32 @@ class RecordOffTest(ProxyTestCase):
         self.assertIn('proxy_llm_tokens_total{provider="openai",model="gpt-*",kind="completion_tokens"} 4', text)
         self.assertIn('proxy_llm_exchange_endings_total{ended="completed"} 1', text)
         self.assertFalse(os.path.exists(self.data_dir))
+
+    def test_a_whole_stream_longer_than_capture_max_body_ended_as_it_came(self):
+        # Its terminal event lay past the kept part: read from that part, the stream looked cut
+        # (upstream_eof, and a WARNING "stream ended without its terminal event") though its
+        # client got it whole; recording off counted every such stream "completed" before it
+        # read the answers, and the records said upstream_eof.
+        events = [chunk_event("x" * 200) for _ in range(20)] + [chunk_event("", "stop"), b"data: [DONE]\n\n"]
+        patcher = mock.patch.object(notices, "RATELOG", RateLimitedLog(notices.log, notices.INTERVAL))
+        patcher.start()
+        self.addCleanup(patcher.stop)
+        for record in (False, True):
+            self.replies.append(sse_reply(events))
+            proxy = self.start_proxy(data_dir=os.path.join(self.tmp, "data_%s" % record), record=record,
+                                     capture_max_body=1000)
+            with self.assertLogs("proxy_llm.upstream", "INFO") as logs:
+                notices.log.info("(start)")  # (assertLogs wants one line at least)
+                status, _, body = request(proxy.url, body={"model": "gpt-4o", "stream": True})
+                proxy.flush()
+            self.assertEqual((status, body), (200, b"".join(events)))
+            self.assertEqual(logs.output, ["INFO:proxy_llm.upstream:(start)"])
+            self.assertIn('proxy_llm_exchange_endings_total{ended="completed"} 1\n', self.metrics(proxy))
+            if record:
+                rec, = proxy.records()
+                self.assertEqual((rec["ended"], "error" in rec, rec["truncated"]["response"]["kept"]),
+                                 ("completed", False, 1000))
+            proxy.stop()
 
     def test_an_exchange_the_counting_could_not_take_is_counted_as_left_out(self):
         self.replies.append(sse_reply([b'data: {"id":"c","object":"chat.completion.chunk","choices":[],'
