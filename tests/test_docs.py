@@ -374,6 +374,28 @@ class RealRecordTest(support.ProxyTestCase):
         self.assertEqual(named, {"proxy_llm_tokens_total", "proxy_llm_exchange_endings_total"})
         self.assertEqual(named - off, set())
 
+    def test_upstream_eof_is_told_with_recording_off_as_its_logs_line_says(self):
+        # The Logs section said a stream ended without its terminal event was "found by the
+        # recorder, so with `record: true` only": recording off reads the answers too now.
+        from proxy_llm import notices
+        from proxy_llm.storage import RateLimitedLog
+        from unittest import mock
+
+        patcher = mock.patch.object(notices, "RATELOG", RateLimitedLog(notices.log, notices.INTERVAL))
+        patcher.start()
+        self.addCleanup(patcher.stop)
+        self.replies.append(support.sse_reply([support.chunk_event("hi")]))  # (no finish, no [DONE])
+        proxy = self.start_proxy(record=False)
+        with self.assertLogs("proxy_llm.upstream", "WARNING") as logs:
+            self.assertEqual(support.request(proxy.url, body={"model": "gpt-4o", "stream": True})[0], 200)
+            proxy.flush()
+        self.assertEqual(len(logs.output), 1)
+        self.assertIn("stream ended without its terminal event (upstream_eof)", logs.output[0])
+        logs_section = readme().split("\n### Logs\n", 1)[1].split("\n## ", 1)[0]
+        told = re.search(r"\(`upstream_eof`[^)]*\)", logs_section)
+        self.assertIsNotNone(told, "the Logs section names upstream_eof")
+        self.assertNotIn("`record: true` only", re.sub(r"\s+", " ", told.group(0)))
+
     def test_health_keys_are_the_documented_ones(self):
         row = [line for line in readme().splitlines() if line.startswith("| `GET /health` |")][0]
         keys = re.sub(r"\(`ok`.*?\)", "", row.split(" 503 only")[0])  # (the status values)
