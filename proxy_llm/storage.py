@@ -357,7 +357,8 @@ class Recorder:
         # None: no files (record: false's tally, whose encode counts an exchange in the metrics
         # and gives no line): the queue, the writer thread and the drain all the same.
         self.data_dir = os.path.abspath(data_dir) if data_dir is not None else None
-        self.noun = "record" if data_dir is not None else "token count"  # (in log lines)
+        # What its log lines say: a tally's lose no record, and touch no disk.
+        self.says = _RECORDER_SAYS if data_dir is not None else _TALLY_SAYS
         self.encode = encode
         self.fsync_mode = fsync
         self.fsync_interval = fsync_interval
@@ -452,8 +453,7 @@ class Recorder:
         except queue.Full:
             self._count_drop("queue_full", 1)
             q = self.queue
-            self._ratelog.warning("queue_full", "%s queue full (%d queued, %d of at most %d bytes): %s dropped",
-                                  self.noun, q.qsize(), q.bytes, q.maxbytes, self.noun)
+            self._ratelog.warning("queue_full", self.says["full"], q.qsize(), q.bytes, q.maxbytes)
             return False
 
     def _encode_here(self, item: object) -> object:
@@ -1106,11 +1106,11 @@ class Recorder:
         if writer is not None and writer.is_alive():
             backlog = self.queue.qsize() + self._held  # (those the writer took and has not encoded too)
             if backlog:
-                log.info("writing %d queued %ss before closing the %s writer", backlog, self.noun, self.noun)
+                log.info(self.says["drain"], backlog)
             self.queue.put(_STOP)
             self._wait(writer)
             if writer.is_alive():
-                log.warning("the writer did not stop in time (a slow disk?); what it still holds is dropped")
+                log.warning(self.says["late"])
         # The last sync and close of the files, on a thread of their own: on a hung disk (a
         # network file system whose server went away) the writer may be stuck in a write or a
         # sync, holding the lock they are closed under, or the sync of a file it left unsynced
@@ -1139,10 +1139,10 @@ class Recorder:
         with self._stats_lock:
             cut = self.dropped.get("shutdown", 0)
             dropped = sorted(self.dropped.items())
-        if cut:
-            log.error("%d queued %ss were not written at shutdown", cut, self.noun)
+        if cut:  # (records lost are an ERROR; counts a stopping process no longer shows, not one)
+            log.log(logging.ERROR if self.data_dir is not None else logging.WARNING, self.says["cut"], cut)
         if dropped:  # the run's losses, in one line at stop (each was counted when it happened)
-            log.warning("%ss dropped in this run: %s", self.noun, ", ".join("%s %d" % kv for kv in dropped))
+            log.warning(self.says["dropped"], ", ".join("%s %d" % kv for kv in dropped))
 
     def _past_drain(self) -> bool:
         """Past close's deadline (the writer's: see close)."""
@@ -1202,6 +1202,24 @@ class Recorder:
                 return n
             if item is not _STOP and not isinstance(item, _Marker):
                 n += 1
+
+
+# The lines a Recorder's queue and stop write: a recorder's (records, files), and record: false's
+# tally's (the answers it reads for the token metrics: nothing written, no disk).
+_RECORDER_SAYS = {
+    "full": "record queue full (%d records, %d of at most %d bytes): record dropped",
+    "drain": "writing %d queued records before closing the recorder",
+    "late": "the writer did not stop in time (a slow disk?); what it still holds is dropped",
+    "cut": "%d queued records were not written at shutdown",
+    "dropped": "records dropped in this run: %s",
+}
+_TALLY_SAYS = {
+    "full": "token metrics' queue full (%d answers, %d of at most %d bytes): an answer left out of them",
+    "drain": "reading %d queued answers for the token metrics before stopping",
+    "late": "the token metrics' reader did not stop in time; the answers it holds are not counted",
+    "cut": "%d queued answers were not counted in the token metrics at shutdown",
+    "dropped": "answers left out of the token metrics in this run: %s",
+}
 
 
 class _Encoded:

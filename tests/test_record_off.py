@@ -14,6 +14,7 @@ import os
 import re
 import shutil
 import tempfile
+import time
 import unittest
 from unittest import mock
 
@@ -162,6 +163,37 @@ class RecordOffTest(ProxyTestCase):
                 self.assertEqual((rec["ended"], "error" in rec, rec["truncated"]["response"]["kept"]),
                                  ("completed", False, 1000))
             proxy.stop()
+
+    def test_its_lines_at_stop_say_what_was_left_out_in_its_own_words(self):
+        # The recorder's lines, their noun changed: "writing 6 queued token counts before
+        # closing the token count writer", and at ERROR "5 queued token counts were not written
+        # at shutdown": nothing is written with record: false, and no record is lost.
+        proxy = self.start_proxy(record=False)
+        tally = proxy.server.tally
+        tally.assist_above = 0  # (the request threads leave it all to its thread)
+        count = tally.encode
+        first = []
+
+        def held(ex):  # the first answer holds its thread until close's deadline has passed
+            if not first:
+                first.append(ex)
+                while not (tally._closed and tally._past_drain()):
+                    time.sleep(0.005)
+            return count(ex)
+
+        tally.encode = held
+        for _ in range(6):
+            self.assertEqual(request(proxy.url, body={"model": "gpt-4o"})[0], 200)
+        self.assertTrue(proxy.server.wait_idle(DEADLINE))
+        with self.assertLogs("proxy_llm.storage", "INFO") as logs:
+            tally.close(0.2)
+        self.assertEqual(logs.output, [
+            "INFO:proxy_llm.storage:reading 6 queued answers for the token metrics before stopping",
+            "WARNING:proxy_llm.storage:5 queued answers were not counted in the token metrics at shutdown",
+            "WARNING:proxy_llm.storage:answers left out of the token metrics in this run: shutdown 5"])
+        text = self.metrics(proxy)
+        self.assertIn("proxy_llm_token_counts_dropped_total 5\n", text)
+        self.assertIn('proxy_llm_exchange_endings_total{ended="completed"} 1\n', text)
 
     def test_an_exchange_the_counting_could_not_take_is_counted_as_left_out(self):
         self.replies.append(sse_reply([b'data: {"id":"c","object":"chat.completion.chunk","choices":[],'
