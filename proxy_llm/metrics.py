@@ -215,7 +215,8 @@ class ProxyMetrics:
                   "records say stream_events all the same.", stream_dropped, "counter")
         r.reading("proxy_llm_record_queue_depth", "Records waiting for the writer thread.", queue_depth)
         r.reading("proxy_llm_token_counts_dropped_total", "record: false: exchanges left out of proxy_llm_tokens_total "
-                  "and proxy_llm_exchange_endings_total (the queue of answers to read was full).", uncounted, "counter")
+                  "and proxy_llm_exchange_endings_total (the queue of answers to read was full, or closed at shutdown).",
+                  uncounted, "counter")
         self.upstream_errors = r.counter("proxy_llm_upstream_errors_total", "Upstream failures by kind.",
                                          ("provider", "kind"))
 

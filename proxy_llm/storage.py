@@ -424,7 +424,8 @@ class Recorder:
     def start(self) -> None:
         if self.data_dir is not None:
             self.ops.makedirs(self.data_dir, mode=0o700, exist_ok=True)
-        self._thread = threading.Thread(target=self._run, name="proxy_llm-writer", daemon=True)
+        self._thread = threading.Thread(target=self._run, name="proxy_llm-writer" if self.data_dir is not None
+                                        else "proxy_llm-tally", daemon=True)
         self._thread.start()
         if self.compress_rotated:
             self._compressor = threading.Thread(target=self._compress_loop, name="proxy_llm-compress", daemon=True)
