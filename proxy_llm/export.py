@@ -104,7 +104,11 @@ Responses API built-in tool items (see ``_unsupported_item``), Anthropic
 web fetch, code execution), Gemini ``executableCode``/``codeExecutionResult``
 parts and an answer grounded on Google Search or URL context (its metadata; a
 grounded turn of the history leaves none), an OpenAI chat ``custom`` tool call
-and a search model's answer (``url_citation`` annotations).
+and a search model's answer (``url_citation`` annotations).  So is an ordinary
+call of a tool the provider defines and the client runs (``_check_builtin_calls``:
+Anthropic ``bash_20250124``, ``text_editor_*``, ``computer_*``, ...; Gemini
+``computerUse``): its declaration is no function (counted ``server_tool``) and
+its schema is the model's own, so the row would call a tool it does not list.
 
 Every ``tool`` message answers a call of the assistant message before it (only
 ``tool`` messages between), as the fine-tuning format requires: a result whose
@@ -733,11 +737,16 @@ def _from_anthropic(req: dict, resp, dropped: Counter) -> Conversation:
     else:
         out.extend(answer)
     tools = []
+    builtin = set()  # names of the tools Anthropic defines (bash, computer, text editor, ...)
     for tool in _list(req.get("tools")):
         if isinstance(tool, dict) and "input_schema" in tool and tool.get("type", "custom") == "custom":
             tools.append(_function_tool(tool.get("name"), tool.get("description"), tool.get("input_schema")))
         else:
             dropped.add("server_tool")
+            if isinstance(tool, dict):
+                builtin.add(_hashable(tool.get("name")))
+    # The client runs these, called by ordinary tool_use blocks; their schema is the model's own.
+    _check_builtin_calls(out, tools, builtin)
     return Conversation(out, tools)
 
 
@@ -868,8 +877,11 @@ def _from_gemini(req: dict, resp, dropped: Counter, endpoint: str) -> Conversati
         raise Skip("no_response")
     _gemini_content("assistant", reply_parts, out, dropped)
     tools = []
+    computer_use = False
     for tool in _list(req.get("tools")):
         decls = _get(tool, "functionDeclarations", "function_declarations") if isinstance(tool, dict) else None
+        if isinstance(tool, dict) and _get(tool, "computerUse", "computer_use") is not None:
+            computer_use = True
         if isinstance(decls, list):
             for d in decls:
                 if isinstance(d, dict):
@@ -881,7 +893,26 @@ def _from_gemini(req: dict, resp, dropped: Counter, endpoint: str) -> Conversati
                     tools.append(_function_tool(d.get("name"), d.get("description"), params))
         else:
             dropped.add("server_tool")
+    # Computer use: the model calls its predefined functions (click_at, ...) by ordinary
+    # functionCall parts, declared by none of the request's functionDeclarations.
+    _check_builtin_calls(out, tools, ANY if computer_use else set())
     return Conversation(out, tools)
+
+
+ANY = None  # every name: see _check_builtin_calls
+
+
+def _check_builtin_calls(messages: list, tools: list, builtin) -> None:
+    """Skip("unsupported_tool_call") when a call of ``messages`` is not to a declared function
+    but to a tool the provider defines and the client runs (its names ``builtin``, or ANY name
+    not declared): its declaration is not a function (dropped, counted ``server_tool``), so
+    the row would call a tool its ``tools`` do not hold, whose schema is the model's own."""
+    declared = {_hashable(tool["function"]["name"]) for tool in tools}
+    for m in messages:
+        for call in m["tool_calls"]:
+            name = _hashable(call["name"])
+            if name not in declared and (builtin is ANY or name in builtin):
+                raise Skip("unsupported_tool_call")
 
 
 def convert(record: dict, dropped: Counter | None = None) -> Conversation:

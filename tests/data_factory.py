@@ -832,6 +832,42 @@ def builtin_tool_records(clock: Clock) -> list:
     ]
 
 
+def client_builtin_tool_records(clock: Clock) -> list:
+    """Conversations resting on a tool the provider defines and the client runs, called by an
+    ordinary call whose tool is no function: Anthropic's bash and text editor in the history
+    (as Claude Code sends them) and computer use in the answer; Gemini computer use in the
+    history and in the answer."""
+    bash = {"type": "bash_20250124", "name": "bash"}
+    editor = {"type": "text_editor_20250728", "name": "str_replace_based_edit_tool", "max_characters": 10000}
+    computer = {"type": "computer_20250124", "name": "computer", "display_width_px": 1024,
+                "display_height_px": 768}
+    run = [{"role": "user", "content": "Run the tests."},
+           {"role": "assistant", "content": [
+               {"type": "tool_use", "id": "toolu_b1", "name": "bash", "input": {"command": "pytest -q"}}]},
+           {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_b1", "content": "3 passed"}]}]
+    browse = gemini(clock, "client-builtin-gem", [
+        {"role": "user", "parts": [{"text": "Open example.com"}]},
+        {"role": "model", "parts": [{"functionCall": {"name": "open_web_browser", "args": {}}}]},
+        {"role": "user", "parts": [{"functionResponse": {"name": "open_web_browser", "response": {
+            "url": "https://example.com/"}}}]}],
+        [{"text": "It is open."}], tools=[{"computerUse": {"environment": "ENVIRONMENT_BROWSER"}}],
+        model="gemini-2.5-computer-use-preview-10-2025")
+    click = gemini(clock, "client-builtin-gem", [{"role": "user", "parts": [{"text": "Click Sign in"}]}],
+                   [{"functionCall": {"name": "click_at", "args": {"x": 500, "y": 300}}}],
+                   tools=[{"computerUse": {"environment": "ENVIRONMENT_BROWSER"}}],
+                   model="gemini-2.5-computer-use-preview-10-2025")
+    return [
+        anthropic(clock, "client-builtin-an", run, [{"type": "text", "text": "All 3 tests pass."}],
+                  tools=[bash, editor]),
+        anthropic(clock, "client-builtin-an", [{"role": "user", "content": "Screenshot, please."}], [
+            {"type": "text", "text": "Taking one."},
+            {"type": "tool_use", "id": "toolu_c1", "name": "computer", "input": {"action": "screenshot"}}],
+            tools=[computer, READ_TOOL]),
+        browse,
+        click,
+    ]
+
+
 def build_formats(root: str) -> None:
     """``build_mixed`` plus the audited shapes, every golden fixture and the mixed-provider
     records: the data dir the format-rule tests export."""
@@ -846,3 +882,4 @@ def build_formats(root: str) -> None:
     out.write_records(mixed_provider_records(clock), stamp="20261128_000200")
     out.write_records(text_beside_calls(clock), stamp="20261128_000300")
     out.write_records(builtin_tool_records(clock), stamp="20261128_000400")
+    out.write_records(client_builtin_tool_records(clock), stamp="20261128_000500")

@@ -1141,6 +1141,56 @@ class TestUnsupportedToolCalls(AuditCase):
         self.assertIn("dropped parts: encrypted_reasoning 1, item:mcp_list_tools 1, server_tool 1;", self.summary)
 
 
+class TestClientBuiltinToolCalls(AuditCase):
+    """Calls of a tool the provider defines and the client runs, by an ordinary call: Anthropic's
+    bash, text editor and computer (tool_use), Gemini computer use (functionCall)."""
+
+    def test_every_shape_is_skipped_in_both_chat_formats(self) -> None:
+        # They were exported as function calls while their declarations were dropped (counted
+        # server_tool): the row called a tool its tools list did not hold.
+        recs = df.client_builtin_tool_records(df.Clock(seed=78))
+        plain = df.openai_chat(df.Clock(seed=79), "plain", [{"role": "user", "content": "hi"}], {"content": "yo"})
+        for fmt in ("openai-chat", "sharegpt"):
+            with self.subTest(fmt):
+                rows = self.rows(recs + [plain], "--format", fmt)
+                self.assertEqual(len(rows), 1)
+                self.assertIn("; %d skipped (unsupported_tool_call %d);" % (len(recs), len(recs)), self.summary)
+
+    def test_the_turns_before_the_call_stay_with_dedupe(self) -> None:
+        clock = df.Clock(seed=80)
+        bash = {"type": "bash_20250124", "name": "bash"}
+        hello = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": [{"type": "text", "text": "hello"}]}]
+        first = df.anthropic(clock, "s", hello[:1], hello[1]["content"], tools=[bash])
+        second = df.anthropic(clock, "s", hello + [{"role": "user", "content": "Run the tests."}], [
+            {"type": "tool_use", "id": "toolu_1", "name": "bash", "input": {"command": "pytest -q"}}], tools=[bash])
+        for fmt, key in (("openai-chat", "messages"), ("sharegpt", "conversations")):
+            with self.subTest(fmt):
+                rows = self.rows([first, second], "--format", fmt, "--dedupe")
+                self.assertEqual(len(rows), 1)
+                self.assertEqual(len(rows[0][key]), 2)
+                self.assertIn("1 skipped (unsupported_tool_call 1)", self.summary)
+
+    def test_declared_but_not_called_or_beside_a_called_function_still_exports(self) -> None:
+        # The declaration alone changes no turn; a call of a custom tool declared beside it is a
+        # function call like any other.
+        clock = df.Clock(seed=81)
+        bash = {"type": "bash_20250124", "name": "bash"}
+        computer = {"computerUse": {"environment": "ENVIRONMENT_BROWSER"}}
+        lookup = {"functionDeclarations": [{"name": "lookup", "parameters": {"type": "OBJECT"}}]}
+        recs = [df.anthropic(clock, "a", [{"role": "user", "content": "hi"}], [{"type": "text", "text": "yo"}],
+                             tools=[bash]),
+                df.anthropic(clock, "b", [{"role": "user", "content": "Read a.py"}], [
+                    {"type": "tool_use", "id": "toolu_1", "name": "read_file", "input": {"path": "a.py"}}],
+                    tools=[bash, df.READ_TOOL]),
+                df.gemini(clock, "c", [{"role": "user", "parts": [{"text": "Look up 42"}]}],
+                          [{"functionCall": {"name": "lookup", "args": {}}}], tools=[computer, lookup])]
+        rows = self.rows(recs)
+        self.assertEqual([row["messages"][-1].get("tool_calls", [{}])[0].get("function", {}).get("name")
+                          for row in rows], [None, "read_file", "lookup"])
+        self.assertIn("dropped parts: server_tool 3;", self.summary)
+        self.assertNotIn("skipped", self.summary)
+
+
 class TestAssistantAudio(AuditCase):
     def test_audio_is_counted_and_an_audio_only_turn_left_out(self) -> None:
         # The turn was {"role": "assistant", "content": ""} and the audio not counted (an audit's finding).
