@@ -74,7 +74,11 @@ calls before the answer's; an empty answer to a prefill is ``no_response``.
 A Responses API request that continues a stored conversation with
 ``previous_response_id`` carries only its new input: it is exported as it is
 (the earlier turns are in the earlier records), but for tool results whose call
-is in an earlier record (see below).  Text parts of one message are
+is in an earlier record (see below).  So is one whose input opens with
+``item_reference`` items (before any other item they stand for those earlier
+turns, counted ``item_reference``); one further in leaves a hole in the
+conversation: it is skipped as ``item_reference``, and an input item of a type
+this version does not know as ``unknown_item``.  Text parts of one message are
 joined with a newline.  Without
 ``--include-images`` every ``content`` is a string (``null`` is never written;
 an assistant message with only tool calls has no ``content`` key); with it,
@@ -129,6 +133,8 @@ object; an empty text is written ``{}``),
 ``empty_user_turn`` (a user message with nothing to write: only images without
 ``--include-images``, documents, audio; the answer would answer nothing), ``no_user_turn``
 (no user message at all, e.g. only tool results after a ``previous_response_id``),
+``item_reference`` and ``unknown_item`` (a Responses API input item the record does
+not hold, or of a type this version does not know: above),
 ``non_finite`` (a NaN or Infinity
 number, which JSON cannot hold: the output stays strict JSON; any format).
 The recorder puts an ``error`` in every record that did not end ``completed``,
@@ -493,6 +499,7 @@ class _ResponsesBuilder(object):
         self.dropped = dropped
         self.pending_thinking = []
         self.open_assistant = None
+        self.started = False  # an item other than an item_reference has been read
 
     def _assistant(self) -> dict:
         if self.open_assistant is None:
@@ -539,8 +546,14 @@ class _ResponsesBuilder(object):
             item = {"role": "user", "content": item}
         if not isinstance(item, dict):
             return
-        kind = item.get("type", "message")
         role = item.get("role")
+        kind = item.get("type")
+        if kind is None:  # an EasyInputMessage has a role and no type; a reference may be {"id"} alone
+            kind = "item_reference" if role is None and "id" in item else "message"
+        if kind == "item_reference":
+            self._reference()
+            return
+        self.started = True
         if kind == "message" and role == "assistant":
             self._content(item.get("content"), self._assistant()["parts"])
         elif kind == "message" and role in ("user", "system", "developer"):
@@ -571,10 +584,21 @@ class _ResponsesBuilder(object):
                 self.pending_thinking.append("\n".join(texts))
             elif item.get("encrypted_content"):
                 self.dropped.add("encrypted_reasoning")
+        elif kind == "mcp_list_tools":  # lists the tools of an MCP server: no turn
+            self.dropped.add("item:mcp_list_tools")
         elif _unsupported_item(kind):
             raise Skip("unsupported_tool_call")
-        else:
-            self.dropped.add("item:%s" % kind)
+        else:  # a type this version does not know: what it says is not in the row
+            raise Skip("unknown_item")
+
+    def _reference(self) -> None:
+        """An ``item_reference`` stands for an item stored by the provider, not in the record.
+        Before any other item of the input it stands for earlier turns, as a
+        ``previous_response_id`` does (they are in the earlier records): it is left out,
+        counted.  After one, the conversation has a hole where it stands: Skip("item_reference")."""
+        if self.started:
+            raise Skip("item_reference")
+        self.dropped.add("item_reference")
 
 
 def _unsupported_item(kind) -> bool:

@@ -868,6 +868,22 @@ def client_builtin_tool_records(clock: Clock) -> list:
     ]
 
 
+def item_reference_records(clock: Clock) -> list:
+    """Responses API requests holding items the record does not: an ``item_reference`` (typed,
+    and as a bare ``{"id"}``) after the user's message, standing for the reasoning and the call
+    of the earlier answer (as a client of a stored conversation sends them); an item of a type
+    this version does not know."""
+    ask = {"role": "user", "content": "Where is my order 42?"}
+    result = {"type": "function_call_output", "call_id": "call_r1", "output": "{\"status\": \"shipped\"}"}
+    answer = [{"type": "message", "role": "assistant", "content": [{"type": "output_text", "text": "It has shipped."}]}]
+    return [
+        openai_responses(clock, "item-ref", [ask, {"type": "item_reference", "id": "rs_1"},
+                                             {"type": "item_reference", "id": "fc_1"}, result], answer),
+        openai_responses(clock, "item-ref", [ask, {"id": "rs_1"}, {"id": "fc_1"}, result], answer),
+        openai_responses(clock, "item-ref", [ask, {"type": "some_future_item", "id": "fi_1"}], answer),
+    ]
+
+
 def build_formats(root: str) -> None:
     """``build_mixed`` plus the audited shapes, every golden fixture and the mixed-provider
     records: the data dir the format-rule tests export."""
@@ -882,4 +898,4 @@ def build_formats(root: str) -> None:
     out.write_records(mixed_provider_records(clock), stamp="20261128_000200")
     out.write_records(text_beside_calls(clock), stamp="20261128_000300")
     out.write_records(builtin_tool_records(clock), stamp="20261128_000400")
-    out.write_records(client_builtin_tool_records(clock), stamp="20261128_000500")
+    out.write_records(client_builtin_tool_records(clock) + item_reference_records(clock), stamp="20261128_000500")

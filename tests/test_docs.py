@@ -218,6 +218,16 @@ class ReadmeTest(unittest.TestCase):
         bullets = re.findall(r"^\* `([a-z-]+)`:", self.text[start:self.text.index("\n\n`--dedupe`", start)], re.M)
         self.assertEqual(bullets, list(export.FORMATS))
 
+    def test_export_skip_reasons_both_ways(self):
+        # The reasons a summary counts were named only here and there in the prose; two were new.
+        with open(os.path.join(ROOT, "proxy_llm", "export.py"), encoding="utf-8") as f:
+            raised = set(re.findall(r'Skip\("([a-z_]+)"\)', f.read()))
+        start = self.text.index("Skipped records, counted by reason in the summary:\n")
+        listed = re.findall(r"^\* (`[a-z_]+`(?:, `[a-z_]+`)*):", self.text[start:self.text.index("\n\n", start + 60)], re.M)
+        listed = [name for item in listed for name in re.findall(r"`([a-z_]+)`", item)]
+        self.assertEqual(len(listed), len(set(listed)))
+        self.assertEqual(sorted(listed), sorted(raised))
+
     def test_provider_key_table_is_the_provider_keys(self):
         rows = table(self.text, "| key | meaning |")
         self.assertEqual(sorted(r[0].strip("`") for r in rows), sorted(config.PROVIDER_KEYS))

@@ -1191,6 +1191,55 @@ class TestClientBuiltinToolCalls(AuditCase):
         self.assertNotIn("skipped", self.summary)
 
 
+class TestItemReferences(AuditCase):
+    """Responses API input items the record does not hold (df.item_reference_records)."""
+
+    def test_a_reference_after_the_first_item_or_an_unknown_item_is_skipped(self) -> None:
+        # The conversation was exported without them, counted item:item_reference (a bare
+        # {"id"} as item:message): the user's question, then the call's result with its call
+        # left out (orphan_tool_result), then the answer.
+        recs = df.item_reference_records(df.Clock(seed=82))
+        plain = df.openai_chat(df.Clock(seed=83), "plain", [{"role": "user", "content": "hi"}], {"content": "yo"})
+        for fmt in ("openai-chat", "sharegpt"):
+            with self.subTest(fmt):
+                self.assertEqual(len(self.rows(recs + [plain], "--format", fmt)), 1)
+                self.assertIn("; 3 skipped (item_reference 2, unknown_item 1);", self.summary)
+                self.assertNotIn("dropped parts", self.summary)
+
+    def test_leading_references_are_the_earlier_turns_as_with_previous_response_id(self) -> None:
+        # Before any other item they stand for the stored conversation this request continues,
+        # as a previous_response_id does: the new input is exported as it is, the references
+        # counted; a result whose call they hold is dropped, as after a previous_response_id.
+        clock = df.Clock(seed=84)
+        answer = [{"type": "message", "role": "assistant", "content": [{"type": "output_text", "text": "Yes."}]}]
+        recs = [df.openai_responses(clock, "s", [{"type": "item_reference", "id": "msg_1"}, {"id": "msg_2"},
+                                                 {"role": "user", "content": "And Paris?"}], answer),
+                df.openai_responses(clock, "t", [{"type": "item_reference", "id": "fc_1"}, {
+                    "type": "function_call_output", "call_id": "call_1", "output": "ok"}], answer)]
+        for fmt, key in (("openai-chat", "messages"), ("sharegpt", "conversations")):
+            with self.subTest(fmt):
+                rows = self.rows(recs, "--format", fmt)
+                self.assertEqual(len(rows), 1)
+                self.assertEqual(len(rows[0][key]), 2)
+                self.assertIn("1 skipped (no_user_turn 1);", self.summary)
+                self.assertIn("dropped parts: item_reference 2;", self.summary)
+
+    def test_a_skipped_one_supersedes_nothing_with_dedupe(self) -> None:
+        clock = df.Clock(seed=85)
+        ask = {"role": "user", "content": "Where is my order 42?"}
+        call = {"type": "function_call", "call_id": "call_r1", "name": "lookup", "arguments": "{}"}
+        first = df.openai_responses(clock, "item-ref", [ask], [call],
+                                    tools=[{"type": "function", "name": "lookup", "parameters": {"type": "object"}}])
+        second = df.item_reference_records(clock)[0]
+        second["request_body"]["tools"] = first["request_body"]["tools"]
+        for fmt, key in (("openai-chat", "messages"), ("sharegpt", "conversations")):
+            with self.subTest(fmt):
+                rows = self.rows([first, second], "--format", fmt, "--dedupe")
+                self.assertEqual(len(rows), 1)
+                self.assertEqual(len(rows[0][key]), 2)
+                self.assertIn("1 skipped (item_reference 1)", self.summary)
+
+
 class TestAssistantAudio(AuditCase):
     def test_audio_is_counted_and_an_audio_only_turn_left_out(self) -> None:
         # The turn was {"role": "assistant", "content": ""} and the audio not counted (an audit's finding).
