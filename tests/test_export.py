@@ -895,6 +895,16 @@ class AuditCase(unittest.TestCase):
                 self.assertEqual(sharegpt_problems(row, images="--include-images" in argv), [], row)
         return rows
 
+    def assertDedupeKeepsTheFirst(self, recs: list, reason: str) -> None:
+        """With --dedupe, a session's second exchange skipped for ``reason`` supersedes nothing:
+        its first (two turns) is the one row, in both chat formats."""
+        for fmt, key in (("openai-chat", "messages"), ("sharegpt", "conversations")):
+            with self.subTest(fmt):
+                rows = self.rows(recs, "--format", fmt, "--dedupe")
+                self.assertEqual(len(rows), 1)
+                self.assertEqual(len(rows[0][key]), 2)
+                self.assertIn("1 skipped (%s 1)" % reason, self.summary)
+
 
 class TestLegacyFunctions(AuditCase):
     def test_calls_get_stable_ids_and_results_answer_them(self) -> None:
@@ -1163,12 +1173,7 @@ class TestClientBuiltinToolCalls(AuditCase):
         first = df.anthropic(clock, "s", hello[:1], hello[1]["content"], tools=[bash])
         second = df.anthropic(clock, "s", hello + [{"role": "user", "content": "Run the tests."}], [
             {"type": "tool_use", "id": "toolu_1", "name": "bash", "input": {"command": "pytest -q"}}], tools=[bash])
-        for fmt, key in (("openai-chat", "messages"), ("sharegpt", "conversations")):
-            with self.subTest(fmt):
-                rows = self.rows([first, second], "--format", fmt, "--dedupe")
-                self.assertEqual(len(rows), 1)
-                self.assertEqual(len(rows[0][key]), 2)
-                self.assertIn("1 skipped (unsupported_tool_call 1)", self.summary)
+        self.assertDedupeKeepsTheFirst([first, second], "unsupported_tool_call")
 
     def test_declared_but_not_called_or_beside_a_called_function_still_exports(self) -> None:
         # The declaration alone changes no turn; a call of a custom tool declared beside it is a
@@ -1232,12 +1237,7 @@ class TestItemReferences(AuditCase):
                                     tools=[{"type": "function", "name": "lookup", "parameters": {"type": "object"}}])
         second = df.item_reference_records(clock)[0]
         second["request_body"]["tools"] = first["request_body"]["tools"]
-        for fmt, key in (("openai-chat", "messages"), ("sharegpt", "conversations")):
-            with self.subTest(fmt):
-                rows = self.rows([first, second], "--format", fmt, "--dedupe")
-                self.assertEqual(len(rows), 1)
-                self.assertEqual(len(rows[0][key]), 2)
-                self.assertIn("1 skipped (item_reference 1)", self.summary)
+        self.assertDedupeKeepsTheFirst([first, second], "item_reference")
 
 
 class TestAssistantAudio(AuditCase):
