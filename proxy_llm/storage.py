@@ -230,6 +230,9 @@ def _write_lines(fd: int, lines: List[bytes], ops: FileOps = FileOps) -> None:
             pieces[0] = memoryview(pieces[0])[n:]
 
 
+_MORE = " (and %d more in the last %.0f s)"  # RateLimitedLog's count of the lines it held back
+
+
 class RateLimitedLog:
     """Log at most once per ``interval`` seconds per key; counts what it suppressed.
 
@@ -268,7 +271,7 @@ class RateLimitedLog:
             suppressed = self._suppressed.pop(key, 0)
             self._held.pop(key, None)
         if suppressed:
-            message += " (and %d more in the last %.0f s)" % (suppressed, now - last)
+            message += _MORE % (suppressed, now - last)
         self.logger.log(level, message, *args)
         return True
 
@@ -282,8 +285,8 @@ class RateLimitedLog:
                     for key, entry in self._held.items()]
             self._held.clear()
         for key, count, last, level, message, args in held:
-            if count > 1:  # (this line is one of them: the same form as log's)
-                message += " (and %d more in the last %.0f s)" % (count - 1, now - last)
+            if count > 1:  # (this line is one of them)
+                message += _MORE % (count - 1, now - last)
             self.logger.log(level, message, *args)
         return len(held)
 
@@ -424,8 +427,7 @@ class Recorder:
     def start(self) -> None:
         if self.data_dir is not None:
             self.ops.makedirs(self.data_dir, mode=0o700, exist_ok=True)
-        self._thread = threading.Thread(target=self._run, name="proxy_llm-writer" if self.data_dir is not None
-                                        else "proxy_llm-tally", daemon=True)
+        self._thread = threading.Thread(target=self._run, name=self.says["thread"], daemon=True)
         self._thread.start()
         if self.compress_rotated:
             self._compressor = threading.Thread(target=self._compress_loop, name="proxy_llm-compress", daemon=True)
@@ -1140,8 +1142,8 @@ class Recorder:
         with self._stats_lock:
             cut = self.dropped.get("shutdown", 0)
             dropped = sorted(self.dropped.items())
-        if cut:  # (records lost are an ERROR; counts a stopping process no longer shows, not one)
-            log.log(logging.ERROR if self.data_dir is not None else logging.WARNING, self.says["cut"], cut)
+        if cut:
+            log.log(self.says["cut_level"], self.says["cut"], cut)
         if dropped:  # the run's losses, in one line at stop (each was counted when it happened)
             log.warning(self.says["dropped"], ", ".join("%s %d" % kv for kv in dropped))
 
@@ -1208,6 +1210,8 @@ class Recorder:
 # The lines a Recorder's queue and stop write: a recorder's (records, files), and record: false's
 # tally's (the answers it reads for the token metrics: nothing written, no disk).
 _RECORDER_SAYS = {
+    "thread": "proxy_llm-writer",
+    "cut_level": logging.ERROR,  # records lost
     "full": "record queue full (%d records, %d of at most %d bytes): record dropped",
     "drain": "writing %d queued records before closing the recorder",
     "late": "the writer did not stop in time (a slow disk?); what it still holds is dropped",
@@ -1215,6 +1219,8 @@ _RECORDER_SAYS = {
     "dropped": "records dropped in this run: %s",
 }
 _TALLY_SAYS = {
+    "thread": "proxy_llm-tally",
+    "cut_level": logging.WARNING,  # counts that a stopping process no longer shows
     "full": "token metrics' queue full (%d answers, %d of at most %d bytes): an answer left out of them",
     "drain": "reading %d queued answers for the token metrics before stopping",
     "late": "the token metrics' reader did not stop in time; the answers it holds are not counted",
