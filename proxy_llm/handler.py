@@ -29,7 +29,7 @@ from typing import List, Optional, Tuple
 from . import errors, notices, wire
 from .errors import ProxyError
 from .metrics import status_class
-from .record import Exchange, is_event_stream
+from .record import Exchange, is_event_stream, joined_headers
 from .sniff import sniff
 from .headers import message, strict_fields, take_fields
 from .upstream import (TRANSFER_CODINGS, EgressProxyError, Response, TransferCodingError, UpstreamPool, authority,
@@ -461,7 +461,6 @@ class ProxyHandler(BaseHTTPRequestHandler):
 
     def proxy(self) -> None:
         server = self.server
-        config = server.config
         target = self.path
         if target[:1] != "/" and (target[:7].lower() == "http://" or target[:8].lower() == "https://"):
             # RFC 9112 3.2.2: a server accepts the absolute form too. Its authority is ignored:
@@ -491,10 +490,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
             return
         self.proxy_key_header = None
         headers = self.header_fields()
-        recording = server.recorder is not None
-        ex = Exchange(self.command, path, query, headers, config.capture_max_body if recording else -1)
-        if server.tally is not None:  # recording off: the answer is kept for its token counts only
-            ex.response.limit = config.capture_max_body
+        ex = Exchange(self.command, path, query, headers, *server.capture_limits)
         # The path places the request (a POST to /v1/chat/completions or /v1/messages looks at
         # no header); one every API has (/v1/models) is placed by its headers.
         ex.family = errors.family_of(path, headers, query)
@@ -1113,6 +1109,9 @@ def exchange_secrets(server, ex: Exchange) -> List[str]:
     return wire.request_secrets(ex.req_headers, ex.query) + server.provider_keys
 
 
+_CONTENT_TYPE = ("content-type",)
+
+
 def record_exchange(server, ex: Exchange) -> None:
     """Count an exchange that ended in the metrics and queue its record."""
     ex.assign_id()
@@ -1120,15 +1119,10 @@ def record_exchange(server, ex: Exchange) -> None:
     m = server.metrics
     provider = ex.provider.name if ex.provider is not None else "none"
     sse = ex.status is not None and is_event_stream(
-        ", ".join([v for n, v in ex.resp_headers if n.lower() == "content-type"]))
+        joined_headers(ex.resp_headers, _CONTENT_TYPE).get("content-type", ""))
     ttft = ex.ttft / 1000.0 if (ex.stream or sse) and ex.ttft is not None else None
     m.exchange(provider, ex.endpoint_label, status_class(ex.status), ex.model_label, ex.duration / 1000.0, ttft)
-    if server.recorder is not None:
-        server.recorder.submit(ex)
-    elif server.tally is not None:
-        server.tally.submit(ex)
-    else:
-        m.endings.inc(ex.ended)
+    server.counts.submit(ex)  # (its ending and tokens are counted there, once read)
     if log.isEnabledFor(logging.DEBUG):
         # The path without the exchange's secrets (a key may be a segment of it): the query,
         # which may hold ?key=, is not logged at all.

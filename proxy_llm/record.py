@@ -220,7 +220,8 @@ class Exchange:
         "client_sock", "client_gone", "timed_out", "upstream_deadline", "upstream_late", "unclaimed",
     )
 
-    def __init__(self, method: str, path: str, query: str, req_headers: List[Tuple[str, str]], capture_limit: int):
+    def __init__(self, method: str, path: str, query: str, req_headers: List[Tuple[str, str]], capture_limit: int,
+                 response_limit: Optional[int] = None):
         self.id: Optional[str] = None  # set by assign_id(), once the request is on its way
         self.wall_start = time.time()
         self.t0 = time.perf_counter()
@@ -229,7 +230,8 @@ class Exchange:
         self.query = query
         self.req_headers = req_headers
         self.request = Capture(capture_limit)
-        self.response = Capture(capture_limit)
+        # (record: false keeps the answer only, for the token metrics: see cli.build_server)
+        self.response = Capture(capture_limit if response_limit is None else response_limit)
         self.provider = None          # config.Provider or None
         self.provider_type: Optional[str] = None
         self.family = "openai"
@@ -485,6 +487,36 @@ def headers_dict(headers: Iterable[Tuple[str, str]], key: bytes, secrets: Option
     return out
 
 
+def joined_headers(headers: Iterable[Tuple[str, str]], names: Tuple[str, ...]) -> Dict[str, str]:
+    """The values of the headers ``names`` (lower-case) that ``headers`` hold, in one pass, each
+    with its repeats joined with ", " as :func:`headers_dict` joins them (and nothing redacted:
+    none of these is a credential)."""
+    found: Dict[str, str] = {}
+    for name, value in headers:
+        name = name.lower()
+        if name in names:
+            found[name] = found[name] + ", " + value if name in found else value
+    return found
+
+
+_READ_HEADERS = ("content-type", "content-encoding")  # what reading an answer needs of its head
+
+
+def answer_error(ex: Exchange, result: Any, value: Any, ended: str,
+                 pairs: Sequence[Tuple[bytes, bytes, int]]) -> Optional[Dict[str, Any]]:
+    """A record's ``error``: the exchange's own (the proxy's), else the upstream's the dialect
+    read in the answer (``result``), else the HTTP status's (its message from the answer's
+    ``value``, scrubbed of ``pairs``), else how it ended early; None for a whole exchange."""
+    error = ex.error
+    if error is None and result is not None and result.error:
+        error = result.error
+    if error is None and ex.status is not None and ex.status >= 400:
+        error = {"type": "http_%d" % ex.status, "message": _error_message(value, pairs) or "HTTP %d" % ex.status}
+    if error is None and ended not in ("completed",):
+        error = {"type": ended, "message": "the exchange ended early (%s)" % ended}
+    return error
+
+
 def is_event_stream(content_type: str) -> bool:
     return content_type.split(";", 1)[0].strip().lower() == "text/event-stream"
 
@@ -655,28 +687,30 @@ class Encoder:
         and the tokens its answer reports, read as :meth:`encode` reads them), and no line.
         Only the answer was kept (handler.ProxyHandler.proxy): the model is routing's,
         and a stream is what the upstream sent as one."""
-        content_type = encoding = ""
-        for name, value in ex.resp_headers:
-            lname = name.lower()
-            if lname == "content-type":
-                content_type = content_type + ", " + value if content_type else value
-            elif lname == "content-encoding":
-                encoding = encoding + ", " + value if encoding else value
+        found = joined_headers(ex.resp_headers, _READ_HEADERS)
+        content_type = found.get("content-type", "")
         event_stream = is_event_stream(content_type)
         if ex.stream is None:
             ex.stream = event_stream
         accepted = ex.status is not None and 200 <= ex.status < 300
         dialect = dialects.select(ex.provider_type or ex.family, ex.method, ex.path)
-        answer = self.read_answer(ex, dialect, content_type, encoding, event_stream, accepted, ())
-        result = answer[6]
-        if (ex.status == 401 or ex.status == 403) and (
-                ex.error is None or ex.error.get("type") != "authentication_error"):  # (as encode tells it)
-            error = ex.error or (result.error if result is not None and result.error else None)
-            notices.key_refused(ex.provider, ex.status, error.get("type") if isinstance(error, dict) else None,
-                                wire.request_secrets(ex.req_headers, ex.query) + self.provider_keys)
+        (_, _, _, resp_value, _, _, result, _, _, ended) = self.read_answer(
+            ex, dialect, content_type, found.get("content-encoding", ""), event_stream, accepted, ())
+        if ex.status == 401 or ex.status == 403:
+            self.tell_refused(ex, answer_error(ex, result, resp_value, ended, ()),
+                              wire.request_secrets(ex.req_headers, ex.query))
         if self.on_result is not None:
-            self.on_result(ex, answer[9], (result.tokens_used or None) if result is not None else None)
+            self.on_result(ex, ended, (result.tokens_used or None) if result is not None else None)
         return []
+
+    def tell_refused(self, ex: Exchange, error: Any, secrets: List[str]) -> None:
+        """An upstream's 401 or 403 (``ex.status``), its ``error`` as the record has it, told to the
+        operator once in a while (notices.key_refused), none of ``secrets`` (the request's
+        credentials) nor the provider keys in the line. Not the proxy's own 401 (a wrong proxy
+        key sets ``ex.error`` as errors.Unauthorized)."""
+        if ex.error is None or ex.error.get("type") != "authentication_error":
+            notices.key_refused(ex.provider, ex.status, error.get("type") if isinstance(error, dict) else None,
+                                secrets + self.provider_keys)
 
     def encode(self, ex: Exchange) -> List[Tuple[str, str, bytes]]:
         key = self.key
@@ -739,14 +773,7 @@ class Encoder:
         (streamed, events, stream_truncated, resp_value, resp_raw, resp_body, result, reassembly_error, decode_error,
          ended) = self.read_answer(ex, dialect, content_type, resp_h.get("content-encoding", ""), event_stream,
                                    accepted, every)
-        error = ex.error
-        if error is None and result is not None and result.error:
-            error = result.error
-        if error is None and ex.status is not None and ex.status >= 400:
-            error = {"type": "http_%d" % ex.status,
-                     "message": _error_message(resp_value, every) or "HTTP %d" % ex.status}
-        if error is None and ended not in ("completed",):
-            error = {"type": ended, "message": "the exchange ended early (%s)" % ended}
+        error = answer_error(ex, result, resp_value, ended, every)
 
         # The line is put together from parts, in FIELDS order: the fields that are the same for
         # every record of one client, session, route and model (session_id ... stream) are
@@ -782,12 +809,8 @@ class Encoder:
                 rec["ttft_ms"] = round(ex.ttft, 3)
         if error is not None:
             rec["error"] = error
-            if (ex.status == 401 or ex.status == 403) and (
-                    ex.error is None or ex.error.get("type") != "authentication_error"):
-                # The upstream's (the proxy's own 401, a wrong proxy key, sets ex.error as
-                # errors.Unauthorized): the operator is told once in a while, on this error branch.
-                notices.key_refused(ex.provider, ex.status, error.get("type") if isinstance(error, dict) else None,
-                                    secrets + self.provider_keys)
+            if ex.status == 401 or ex.status == 403:  # (on this error branch only: see tell_refused)
+                self.tell_refused(ex, error, secrets)
         tokens_used = result.tokens_used if result is not None else None
         if tokens_used:
             rec["tokens_used"] = tokens_used

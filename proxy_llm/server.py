@@ -80,6 +80,11 @@ class ProxyServer(ThreadingHTTPServer):
         # record: false: a Recorder with no files, whose thread reads each answer for the token
         # metrics (record.Encoder.count); None when recording (the recorder counts them).
         self.tally = tally
+        # Where an exchange that ended goes (handler.record_exchange), and the bytes of its
+        # (request, response) kept for it: recording off keeps the answer only.
+        self.counts = recorder if recorder is not None else tally
+        self.capture_limits = (config.capture_max_body if recorder is not None else -1,
+                               config.capture_max_body if self.counts is not None else -1)
         # The record.UploadSessions its encoder reads (None: nothing is recorded): the handler
         # gives it the session of each Gemini upload whose URL it hands a client.
         self.uploads = uploads
