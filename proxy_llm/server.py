@@ -345,7 +345,10 @@ class ProxyServer(ThreadingHTTPServer):
                 self.cut_upstream(ex)
 
     def health(self) -> dict:
+        """``/health``. The queue's depth and bytes are those of the exchanges waiting for the
+        writer, or, with ``record: false``, for their token counts (``self.counts``)."""
         rec = self.recorder
+        counts = self.counts
         status = "ok"
         if self.draining.is_set():
             status = "draining"
@@ -361,8 +364,9 @@ class ProxyServer(ThreadingHTTPServer):
             "records_written": rec.written_total() if rec else 0,
             "records_dropped": rec.dropped_total() if rec else 0,
             "stream_lines_dropped": rec.stream_dropped_total() if rec else 0,
-            "record_queue_depth": rec.queue.qsize() if rec else 0,
-            "record_queue_bytes": rec.queue.bytes if rec else 0,
+            "record_queue_depth": counts.queue.qsize() if counts else 0,
+            "record_queue_bytes": counts.queue.bytes if counts else 0,
+            "token_counts_dropped": self.tally.dropped_total() if self.tally else 0,
             "last_record_error": rec.last_error if rec else "",
             "inflight": len(self.inflight),
             "connections": self.connections,

@@ -14,6 +14,7 @@ import os
 import re
 import shutil
 import tempfile
+import threading
 import time
 import unittest
 from unittest import mock
@@ -195,6 +196,37 @@ class RecordOffTest(ProxyTestCase):
         self.assertIn("proxy_llm_token_counts_dropped_total 5\n", text)
         self.assertIn('proxy_llm_exchange_endings_total{ended="completed"} 1\n', text)
 
+    def test_health_shows_the_answers_waiting_for_their_counts(self):
+        proxy = self.start_proxy(record=False)
+        tally = proxy.server.tally
+        tally.assist_above = 0  # (the request threads leave it all to its thread)
+        count = tally.encode
+        reading, release = threading.Event(), threading.Event()
+
+        def held(ex):  # the first answer holds the counting thread
+            if not reading.is_set():
+                reading.set()
+                release.wait(DEADLINE)
+            return count(ex)
+
+        tally.encode = held
+        self.addCleanup(release.set)
+        self.assertEqual(request(proxy.url, body={"model": "gpt-4o"})[0], 200)
+        self.assertTrue(reading.wait(DEADLINE))
+        for _ in range(3):
+            self.assertEqual(request(proxy.url, body={"model": "gpt-4o"})[0], 200)
+        self.assertTrue(proxy.server.wait_idle(DEADLINE))
+        status, _, body = request(proxy.url, method="GET", path="/health", headers={})
+        health = json.loads(body)
+        self.assertEqual((status, health["status"], health["recording"]), (200, "ok", False))
+        self.assertEqual(health["record_queue_depth"], 3)
+        self.assertGreater(health["record_queue_bytes"], 0)  # (the answers, kept until read)
+        release.set()
+        proxy.flush()
+        health = proxy.server.health()
+        self.assertEqual((health["record_queue_depth"], health["record_queue_bytes"]), (0, 0))
+        self.assertIn('proxy_llm_exchange_endings_total{ended="completed"} 4\n', self.metrics(proxy))
+
     def test_an_exchange_the_counting_could_not_take_is_counted_as_left_out(self):
         self.replies.append(sse_reply([b'data: {"id":"c","object":"chat.completion.chunk","choices":[],'
                                        b'"usage":{"prompt_tokens":3,"completion_tokens":2,"total_tokens":5}}\n\n',
@@ -206,6 +238,10 @@ class RecordOffTest(ProxyTestCase):
         self.assertEqual(request(proxy.url, body={"model": "gpt-4o"})[0], 200)
         text = self.metrics(proxy)
         self.assertIn("proxy_llm_token_counts_dropped_total 1\n", text)
+        status, _, body = request(proxy.url, method="GET", path="/health", headers={})
+        health = json.loads(body)
+        self.assertEqual((status, health["recording"], health["token_counts_dropped"]), (200, False, 1))
+        self.assertEqual((health["records_written"], health["records_dropped"]), (0, 0))
         self.assertIn('proxy_llm_tokens_total{provider="openai",model="gpt-*",kind="prompt_tokens"} 3', text)
         self.assertIn('proxy_llm_exchange_endings_total{ended="completed"} 1', text)
         self.assertEqual(re.findall(r"proxy_llm_records_(?:written|dropped)_total (\d+)", text), ["0", "0"])
