@@ -55,6 +55,42 @@ class EncoderTest(unittest.TestCase):
         [rec], _ = encode(exchange())
         self.assertLessEqual(set(rec), set(FIELDS))
 
+    def test_the_outcome_fields_are_what_the_json_module_writes(self):
+        # status_code ... body_encoding are put together by forms (record._OUTCOME,
+        # _tokens_field), not by the json module: each line must hold them as it would.
+        usage = b'"usage":{"prompt_tokens":3,"completion_tokens":4,"total_tokens":7}'
+        stream = [b'data: {"id":"c","choices":[{"index":0,"delta":{"content":"hi"}}],' + usage + b'}\n\n',
+                  b"data: [DONE]\n\n"]
+        cases = {
+            "plain": exchange(resp=b'{"id":"x","choices":[],' + usage + b'}'),
+            "no status": exchange(status=None),
+            "an error": exchange(status=429, resp=b'{"error":{"message":"slow \\u00e9 down","type":"rate"}}'),
+            "a stream": exchange(resp=stream, ctype="text/event-stream", stream=True),
+            "cut, not UTF-8": exchange(body=b"\xff\xfe" + b"x" * 64, limit=16),
+        }
+        cases["a stream"].ttft = 12.3456789
+        cases["no status"].ended = "client_aborted"
+        for ex in cases.values():
+            ex.duration = 1234.5675
+        seen = set()
+        start, end = FIELDS.index("status_code"), FIELDS.index("body_encoding") + 1
+        for name, ex in cases.items():
+            with self.subTest(name):
+                [rec, *_], [(_, _, line), *_] = encode(ex)
+                outcome = {k: rec[k] for k in FIELDS[start:end] if k in rec}
+                seen.update(outcome)
+                self.assertIn(json.dumps(outcome, ensure_ascii=False, separators=(",", ":")).encode()[1:-1], line)
+                self.assertEqual(rec["duration"], round(1234.5675, 3))
+        self.assertLessEqual(set(FIELDS[start:end]) - {"stream_truncated", "reassembly_error", "decode_error"}, seen)
+        self.assertEqual(encode(cases["plain"])[0][0]["tokens_used"],
+                         {"prompt_tokens": 3, "completion_tokens": 4, "total_tokens": 7})
+        self.assertIn("ttft_ms", encode(cases["a stream"])[0][0])
+        # A tokens_used not make_usage's (a bool, a float) is encoded, never put in by %d.
+        self.assertEqual(record._tokens_field({"prompt_tokens": True, "total_tokens": 1.5}),
+                         b',"tokens_used":{"prompt_tokens":true,"total_tokens":1.5}')
+        self.assertEqual(record._tokens_field({"prompt_tokens": 2, "total_tokens": 5}),
+                         b',"tokens_used":{"prompt_tokens":2,"total_tokens":5}')
+
     def test_dialect_failure_keeps_the_raw_body_and_says_why(self):
         events = [b'data: {"choices":[{"index":0,"delta":{"content":"hi"}}]}\n\n', b"data: [DONE]\n\n"]
         ex = exchange(resp=events, ctype="text/event-stream", stream=True)
