@@ -18,6 +18,7 @@ the key, streamed events and headers alike.
 from __future__ import annotations
 
 import base64
+import collections
 import hashlib
 import json
 import logging
@@ -27,7 +28,7 @@ import threading
 import time
 import zlib
 from collections import OrderedDict
-from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Deque, Dict, Iterable, List, Optional, Sequence, Tuple
 
 from . import dialects, notices, reader, wire
 from .depth import MAX_NESTING, nests_within, too_deep
@@ -159,8 +160,15 @@ def rfc3339(t: float) -> str:
     return "%s.%06dZ" % (cached[1], int((t - second) * 1e6))
 
 
+TAIL_MAX = 1 << 20  # bytes of an answer kept past capture_max_body: its last part (Capture.tail)
+
+
 class Capture:
-    """A body kept up to ``limit`` bytes; past it, only the size and a SHA-256 go on.
+    """A body kept up to ``limit`` bytes; past it, only the size and a SHA-256 go on, and, with
+    ``tail`` (an answer's capture), the last ``TAIL_MAX`` bytes or so: where a stream ends, with
+    its usage and its terminal event, which the record's ``tokens_used`` and ``ended`` are read
+    from (:func:`_read_past_cut`). ``tail_cut``: chunks before the tail's were dropped (the
+    tail does not go on from the kept part).
 
     ``add`` runs on the request thread for every relayed chunk: two appends and, once the limit
     is passed, a hash update. Arrival times and bytes are two lists rather than one list of
@@ -168,15 +176,19 @@ class Capture:
     collector to count and walk, thousands a second with many streams open.
     """
 
-    __slots__ = ("limit", "times", "chunks", "kept", "size", "sha")
+    __slots__ = ("limit", "times", "chunks", "kept", "size", "sha", "keeps_tail", "tail", "tail_bytes", "tail_cut")
 
-    def __init__(self, limit: int):
+    def __init__(self, limit: int, tail: bool = False):
         self.limit = limit
         self.times: List[float] = []   # ms since the exchange began, one per kept chunk
         self.chunks: List[bytes] = []
         self.kept = 0
         self.size = 0
         self.sha = None
+        self.keeps_tail = tail
+        self.tail: Optional[Deque[bytes]] = None  # (made once the limit is passed)
+        self.tail_bytes = 0
+        self.tail_cut = False
 
     def add(self, t: float, data: bytes) -> None:
         self.size += len(data)
@@ -196,7 +208,22 @@ class Capture:
                 self.times.append(t)
                 self.chunks.append(data[:room])
                 self.kept += room
+            self.sha.update(data)
+            if self.keeps_tail:
+                self.tail = collections.deque()
+                self._keep_tail(data[room:] if room > 0 else data)
+            return
         self.sha.update(data)
+        if self.keeps_tail:
+            self._keep_tail(data)
+
+    def _keep_tail(self, data: bytes) -> None:
+        tail = self.tail
+        tail.append(data)
+        self.tail_bytes += len(data)
+        while self.tail_bytes - len(tail[0]) >= TAIL_MAX:  # (at least TAIL_MAX stay)
+            self.tail_bytes -= len(tail.popleft())
+            self.tail_cut = True
 
     @property
     def truncated(self) -> bool:
@@ -231,7 +258,7 @@ class Exchange:
         self.req_headers = req_headers
         self.request = Capture(capture_limit)
         # (record: false keeps the answer only, for the token metrics: see cli.build_server)
-        self.response = Capture(capture_limit if response_limit is None else response_limit)
+        self.response = Capture(capture_limit if response_limit is None else response_limit, tail=True)
         self.provider = None          # config.Provider or None
         self.provider_type: Optional[str] = None
         self.family = "openai"
@@ -296,7 +323,7 @@ class Exchange:
 
 def captured_bytes(ex: Exchange) -> int:
     """The body bytes a queued exchange holds in memory (the recorder's byte bound)."""
-    return ex.request.kept + ex.response.kept
+    return ex.request.kept + ex.response.kept + ex.response.tail_bytes
 
 
 
@@ -646,11 +673,24 @@ class Encoder:
             resp_body, decode_error = _body(ex.response, resp_encoding)
             if ex.response.sha is not None and every:
                 resp_body = wire.cut_secret_start(resp_body, every)
+        end_seen = ex.response.sha is None  # (a stream cut at capture_max_body: see below)
         try:
             if streamed:
                 events, stream_truncated = dialects.decode_stream(content_type, resp_chunks, self.max_sse_event)
                 result = dialect.reassemble([e for _, e in events])
                 resp_value = result.response_body
+                if not end_seen and event_stream and not resp_encoding and ex.response.tail:
+                    # Its usage and terminal event lie past the kept part: read with its last
+                    # part (Capture.tail), the kept part's reading keeps its body.
+                    try:
+                        whole = _read_past_cut(dialect, content_type, events, ex.response, self.max_sse_event)
+                    except Exception:  # (a dialect bug: the kept part's reading stands)
+                        log.exception("reading the end of record %s failed", ex.id)
+                        whole = None
+                    if whole is not None and not (whole.error and whole.error.get("type") == dialects.REASSEMBLY_ERROR):
+                        end_seen = True
+                        result.tokens_used, result.complete = whole.tokens_used, whole.complete
+                        result.error = result.error or whole.error
             else:
                 resp_value, resp_raw, result = _read_answer(dialect, resp_body, accepted)
                 if accepted and result.error and type(resp_value) in (dict, list):
@@ -672,11 +712,10 @@ class Encoder:
 
         ended = ex.ended
         if (ended == "completed" and streamed and result is not None and not result.complete
-                and 200 <= (ex.status or 0) < 300 and dialect is not dialects.GENERIC
-                and ex.response.sha is None):
-            # (A stream of an API without a dialect has no terminal event to miss; one kept cut
-            # at capture_max_body, Capture.truncated, had its terminal event past the cut: it
-            # came whole, and its relay saw it end as the upstream ended it.)
+                and 200 <= (ex.status or 0) < 300 and dialect is not dialects.GENERIC and end_seen):
+            # (A stream of an API without a dialect has no terminal event to miss; one cut at
+            # capture_max_body, Capture.truncated, is judged by its last part, Capture.tail,
+            # when that could be read: otherwise its relay saw it end as the upstream ended it.)
             ended = "upstream_eof"
             notices.upstream_failed(ex.provider, ended, "stream ended without its terminal event")
         return (streamed, events, stream_truncated, resp_value, resp_raw, resp_body, result, reassembly_error,
@@ -903,6 +942,50 @@ def _tokens_field(tokens: Dict[str, Any]) -> bytes:
         if len(_TOKEN_FORMS) < 256:  # (make_usage's names give a few dozen lists at most)
             _TOKEN_FORMS[names] = form
     return form % values
+
+
+_EVENT_ENDS = (b"\r\n\r\n", b"\n\n", b"\r\r")  # a blank line, by the line ends one stream uses
+
+
+def _read_past_cut(dialect: Any, content_type: str, events: List[Tuple[float, Any]], cap: Capture,
+                   max_event: int) -> Any:
+    """The dialect's reading of an SSE stream longer than capture_max_body: its kept ``events``
+    and those of its last part (``cap.tail``), the part between them missing, or None when no
+    whole event of the tail can be told. Only the ending is read from it (``tokens_used``,
+    ``complete``, an ``error`` event): the usage and the terminal event come last.
+
+    The event the cut split is read whole when the tail goes on from the kept part (its start
+    is what follows the kept part's last blank line); a tail whose first chunks were dropped
+    (``tail_cut``) is read from its first blank line on. The kept part's unterminated last
+    event is skipped by the reassembly, as any is (sse.Event.unterminated)."""
+    data = b"".join(cap.tail)
+    start = None if cap.tail_cut else _after_last_event(cap.chunks, max_event)
+    if start is None:
+        ends = [(i + len(end)) for end in _EVENT_ENDS for i in (data.find(end),) if i >= 0]
+        if not ends:
+            return None
+        data = data[min(ends):]
+    else:
+        data = start + data
+    past, _ = dialects.decode_stream(content_type, [(0.0, data)], max_event)
+    return dialect.reassemble([e for _, e in events] + [e for _, e in past])
+
+
+def _after_last_event(chunks: List[bytes], limit: int) -> Optional[bytes]:
+    """The bytes after the last blank line of ``chunks`` joined (all of them when there is
+    none), looked for in the last ``limit`` bytes only; None when that is not enough."""
+    window: List[bytes] = []
+    size = 0
+    for chunk in reversed(chunks):
+        window.append(chunk)
+        size += len(chunk)
+        if size >= limit:
+            break
+    data = b"".join(reversed(window))
+    ends = [(i + len(end)) for end in _EVENT_ENDS for i in (data.rfind(end),) if i >= 0]
+    if ends:
+        return data[max(ends):]
+    return data if size < limit else None
 
 
 def _streams_line(ident: Optional[str], session_id: str, timestamp: str, events: List[Tuple[float, Any]],

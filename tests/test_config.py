@@ -188,8 +188,10 @@ class LoadTest(unittest.TestCase):
         self.assertIs(server.recorder.queue.size_of, captured_bytes)
         ex = Exchange("POST", "/v1/chat/completions", "", [], 100)
         ex.capture_request(b"x" * 60)
-        ex.response.add(1.0, b"y" * 150)  # 100 kept of 150: the rest is only hashed
-        self.assertEqual(captured_bytes(ex), 160)
+        ex.response.add(1.0, b"y" * 150)  # 100 kept of 150, and the rest as the answer's tail
+        self.assertEqual(captured_bytes(ex), 210)
+        ex.request.add(0.0, b"z" * 100)  # (40 more kept of the request's 100: it keeps no tail)
+        self.assertEqual((captured_bytes(ex), ex.request.tail), (250, None))
 
     def test_non_loopback_is_allowed_with_proxy_keys(self):
         path = write({"providers": [OPENAI], "listen": "0.0.0.0:8080", "proxy_keys": ["pk-1"]})

@@ -13,10 +13,11 @@ import unittest
 import zlib
 from unittest import mock
 
-from proxy_llm import dialects, record, verify, wire
+from proxy_llm import dialects, notices, record, verify, wire
 from proxy_llm.config import Provider
 from proxy_llm.record import FIELDS, Capture, Encoder, Exchange, session_file_id
 from proxy_llm.sniff import sniff
+from proxy_llm.storage import RateLimitedLog
 
 KEY = b"fingerprint-key-0123456789abcdef"
 OPENAI = Provider("openai", "openai", "http://upstream")
@@ -843,6 +844,103 @@ class CutThroughSecretTest(unittest.TestCase):
             with self.subTest(headers=headers, limit=limit):
                 [rec], _ = encode(exchange(resp=body, status=401, headers=headers, limit=limit))
                 self.assertEqual(rec["response_body"], body[:limit].decode())
+
+
+def _openai_chunk(body: str) -> bytes:
+    return b'data: {"id":"c","object":"chat.completion.chunk","created":1,"model":"gpt-4o",%s}\n\n' % body.encode()
+
+
+OPENAI_LONG = ([_openai_chunk('"choices":[{"index":0,"delta":{"content":"word%d "},"finish_reason":null}]' % i)
+                for i in range(100)]
+               + [_openai_chunk('"choices":[{"index":0,"delta":{},"finish_reason":"stop"}]'),
+                  _openai_chunk('"choices":[],"usage":{"prompt_tokens":9,"completion_tokens":300,"total_tokens":309}'),
+                  b"data: [DONE]\n\n"])
+ANTHROPIC_LONG = (
+    [b'event: message_start\ndata: {"type":"message_start","message":{"id":"msg_1","type":"message",'
+     b'"role":"assistant","content":[],"model":"claude-x","stop_reason":null,"stop_sequence":null,'
+     b'"usage":{"input_tokens":25,"output_tokens":1}}}\n\n',
+     b'event: content_block_start\ndata: {"type":"content_block_start","index":0,'
+     b'"content_block":{"type":"text","text":""}}\n\n']
+    + [b'event: content_block_delta\ndata: {"type":"content_block_delta","index":0,'
+       b'"delta":{"type":"text_delta","text":"word%d "}}\n\n' % i for i in range(100)]
+    + [b'event: content_block_stop\ndata: {"type":"content_block_stop","index":0}\n\n',
+       b'event: message_delta\ndata: {"type":"message_delta","delta":{"stop_reason":"end_turn",'
+       b'"stop_sequence":null},"usage":{"output_tokens":300}}\n\n',
+       b'event: message_stop\ndata: {"type":"message_stop"}\n\n'])
+
+
+class StreamPastCaptureTest(unittest.TestCase):
+    """A stream longer than capture_max_body: its usage and terminal event come last, past the
+    kept part. They are read from its last part (Capture.tail): the record's tokens_used and
+    ended, and recording off's token counts, are the whole stream's."""
+
+    def stream(self, events, limit, anthropic=False):
+        ex = exchange(resp=events, ctype="text/event-stream", stream=True, limit=limit,
+                      path="/v1/messages" if anthropic else "/v1/chat/completions",
+                      body=b'{"model":"claude-x","stream":true}' if anthropic else b'{"model":"gpt-4o","stream":true}')
+        if anthropic:
+            ex.provider, ex.provider_type, ex.family = Provider("anthropic", "anthropic", "http://upstream"), \
+                "anthropic", "anthropic"
+        return ex
+
+    def test_the_usage_past_the_kept_part_is_the_records(self):
+        for anthropic, events, tokens in ((False, OPENAI_LONG, (9, 300)), (True, ANTHROPIC_LONG, (25, 300))):
+            with self.subTest(anthropic=anthropic):
+                ex = self.stream(events, 2000, anthropic)
+                self.assertTrue(ex.response.truncated)
+                [rec, _], _ = encode(ex)
+                self.assertEqual((rec["ended"], "error" in rec), ("completed", False))
+                self.assertEqual((rec["tokens_used"]["prompt_tokens"], rec["tokens_used"]["completion_tokens"]), tokens)
+                self.assertEqual(rec["truncated"]["response"]["kept"], 2000)
+                # The body is the kept part's reading: the start of the text, not its end.
+                text = json.dumps(rec["response_body"])
+                self.assertIn("word0 ", text)
+                self.assertNotIn("word99 ", text)
+
+    def test_recording_off_counts_them_too(self):
+        seen = []
+        encoder = Encoder(KEY, "X-Session-Id", 1 << 20, on_result=lambda ex, ended, tokens: seen.append((ended, tokens)))
+        self.assertEqual(encoder.count(self.stream(OPENAI_LONG, 2000)), [])
+        self.assertEqual(seen, [("completed", {"prompt_tokens": 9, "completion_tokens": 300, "total_tokens": 309})])
+
+    def test_a_stream_cut_past_the_kept_part_ended_early(self):
+        # It stopped before its finish, usage and [DONE]: not "completed", as a stream that
+        # fits is not (it was counted completed, its end unread).
+        ex = self.stream(OPENAI_LONG[:80], 2000)
+        self.assertTrue(ex.response.truncated)
+        # (A fresh limiter: the notice is told once in 10 s per provider, process-wide.)
+        with mock.patch.object(notices, "RATELOG", RateLimitedLog(notices.log, notices.INTERVAL)), \
+                self.assertLogs("proxy_llm.upstream", "WARNING"):
+            [rec, _], _ = encode(ex)
+        self.assertEqual((rec["ended"], rec["error"]["type"]), ("upstream_eof", "upstream_eof"))
+        self.assertNotIn("tokens_used", rec)
+
+    def test_a_tail_whose_start_was_dropped_is_read_from_its_first_whole_event(self):
+        with mock.patch.object(record, "TAIL_MAX", 700):
+            ex = self.stream(OPENAI_LONG, 2000)
+        self.assertTrue(ex.response.tail_cut)
+        self.assertLess(ex.response.tail_bytes, 1200)
+        [rec, _], _ = encode(ex)
+        self.assertEqual((rec["ended"], rec["tokens_used"]["total_tokens"]), ("completed", 309))
+        self.assertEqual(record.captured_bytes(ex), ex.request.kept + 2000 + ex.response.tail_bytes)
+
+    def test_the_event_the_cut_splits_is_read_whole(self):
+        # The cut falls inside the usage event: its start is kept, its end is the tail's.
+        before = sum(map(len, OPENAI_LONG[:-2]))
+        for limit in (before + 1, before + 20, before + len(OPENAI_LONG[-2]) - 1):
+            with self.subTest(limit=limit):
+                [rec, _], _ = encode(self.stream(OPENAI_LONG, limit))
+                self.assertEqual((rec["ended"], rec["tokens_used"]["total_tokens"]), ("completed", 309))
+
+    def test_crlf_streams_and_a_stream_that_fits(self):
+        crlf = [e.replace(b"\n", b"\r\n") for e in OPENAI_LONG]
+        [rec, _], _ = encode(self.stream(crlf, 2000))
+        self.assertEqual((rec["ended"], rec["tokens_used"]["total_tokens"]), ("completed", 309))
+        ex = self.stream(OPENAI_LONG, 1 << 20)
+        self.assertEqual((ex.response.truncated, ex.response.tail), (False, None))
+        [rec, _], _ = encode(ex)
+        self.assertNotIn("truncated", rec)
+        self.assertEqual(rec["tokens_used"]["total_tokens"], 309)
 
 
 if __name__ == "__main__":

@@ -144,7 +144,10 @@ class RecordOffTest(ProxyTestCase):
         # (upstream_eof, and a WARNING "stream ended without its terminal event") though its
         # client got it whole; recording off counted every such stream "completed" before it
         # read the answers, and the records said upstream_eof.
-        events = [chunk_event("x" * 200) for _ in range(20)] + [chunk_event("", "stop"), b"data: [DONE]\n\n"]
+        # Its usage, past the kept part too, is read from the stream's last part (Capture.tail).
+        usage = (b'data: {"id":"c","object":"chat.completion.chunk","choices":[],'
+                 b'"usage":{"prompt_tokens":3,"completion_tokens":2,"total_tokens":5}}\n\n')
+        events = [chunk_event("x" * 200) for _ in range(20)] + [chunk_event("", "stop"), usage, b"data: [DONE]\n\n"]
         patcher = mock.patch.object(notices, "RATELOG", RateLimitedLog(notices.log, notices.INTERVAL))
         patcher.start()
         self.addCleanup(patcher.stop)
@@ -158,9 +161,12 @@ class RecordOffTest(ProxyTestCase):
                 proxy.flush()
             self.assertEqual((status, body), (200, b"".join(events)))
             self.assertEqual(logs.output, ["INFO:proxy_llm.upstream:(start)"])
-            self.assertIn('proxy_llm_exchange_endings_total{ended="completed"} 1\n', self.metrics(proxy))
+            text = self.metrics(proxy)
+            self.assertIn('proxy_llm_exchange_endings_total{ended="completed"} 1\n', text)
+            self.assertIn('proxy_llm_tokens_total{provider="openai",model="gpt-*",kind="completion_tokens"} 2\n', text)
             if record:
                 rec, = proxy.records()
+                self.assertEqual(rec["tokens_used"], {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5})
                 self.assertEqual((rec["ended"], "error" in rec, rec["truncated"]["response"]["kept"]),
                                  ("completed", False, 1000))
             proxy.stop()
