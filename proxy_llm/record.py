@@ -679,7 +679,8 @@ class Encoder:
                 events, stream_truncated = dialects.decode_stream(content_type, resp_chunks, self.max_sse_event)
                 result = dialect.reassemble([e for _, e in events])
                 resp_value = result.response_body
-                if not end_seen and event_stream and not resp_encoding and ex.response.tail:
+                if (not end_seen and event_stream and ex.response.tail
+                        and resp_encoding.strip().lower() in ("", "identity")):  # (as _decompress reads it)
                     # Its usage and terminal event lie past the kept part: read with its last
                     # part (Capture.tail), the kept part's reading keeps its body.
                     try:
