@@ -194,6 +194,7 @@ class Capture:
         self.size += len(data)
         if self.limit < 0:  # recording off: count only
             return
+        rest = data  # (what is past the limit: the tail's)
         if self.sha is None:
             room = self.limit - self.kept
             if len(data) <= room:
@@ -208,17 +209,16 @@ class Capture:
                 self.times.append(t)
                 self.chunks.append(data[:room])
                 self.kept += room
-            self.sha.update(data)
-            if self.keeps_tail:
-                self.tail = collections.deque()
-                self._keep_tail(data[room:] if room > 0 else data)
-            return
+                if self.keeps_tail:  # (the tail goes on from the kept part)
+                    rest = data[room:]
         self.sha.update(data)
         if self.keeps_tail:
-            self._keep_tail(data)
+            self._keep_tail(rest)
 
     def _keep_tail(self, data: bytes) -> None:
         tail = self.tail
+        if tail is None:
+            tail = self.tail = collections.deque()
         tail.append(data)
         self.tail_bytes += len(data)
         while self.tail_bytes - len(tail[0]) >= TAIL_MAX:  # (at least TAIL_MAX stay)
@@ -688,7 +688,7 @@ class Encoder:
                     except Exception:  # (a dialect bug: the kept part's reading stands)
                         log.exception("reading the end of record %s failed", ex.id)
                         whole = None
-                    if whole is not None and not (whole.error and whole.error.get("type") == dialects.REASSEMBLY_ERROR):
+                    if whole is not None and not _dialect_failed(whole):
                         end_seen = True
                         result.tokens_used, result.complete = whole.tokens_used, whole.complete
                         result.error = result.error or whole.error
@@ -701,7 +701,7 @@ class Encoder:
             log.exception("reassembly failed for record %s", ex.id)
             reassembly_error = "%s: %s" % (type(exc).__name__, exc)
             result = None
-        if result is not None and result.error and result.error.get("type") == dialects.REASSEMBLY_ERROR:
+        if result is not None and _dialect_failed(result):
             # The dialect caught its own bug: not the upstream's error, and the raw body stays.
             reassembly_error = result.error.get("message") or "reassembly failed"
             result = None
@@ -962,10 +962,10 @@ def _read_past_cut(dialect: Any, content_type: str, events: List[Tuple[float, An
     data = b"".join(cap.tail)
     start = None if cap.tail_cut else _after_last_event(cap.chunks, max_event)
     if start is None:
-        ends = [(i + len(end)) for end in _EVENT_ENDS for i in (data.find(end),) if i >= 0]
-        if not ends:
+        first = _event_end(data, last=False)
+        if first < 0:
             return None
-        data = data[min(ends):]
+        data = data[first:]
     else:
         data = start + data
     past, _ = dialects.decode_stream(content_type, [(0.0, data)], max_event)
@@ -983,10 +983,22 @@ def _after_last_event(chunks: List[bytes], limit: int) -> Optional[bytes]:
         if size >= limit:
             break
     data = b"".join(reversed(window))
-    ends = [(i + len(end)) for end in _EVENT_ENDS for i in (data.rfind(end),) if i >= 0]
-    if ends:
-        return data[max(ends):]
+    end = _event_end(data, last=True)
+    if end >= 0:
+        return data[end:]
     return data if size < limit else None
+
+
+def _event_end(data: bytes, last: bool) -> int:
+    """Where the first (``last``: the last) blank line of ``data`` ends, -1 when it has none."""
+    ends = [i + len(blank) for blank in _EVENT_ENDS for i in ((data.rfind if last else data.find)(blank),) if i >= 0]
+    return (max(ends) if last else min(ends)) if ends else -1
+
+
+def _dialect_failed(result: Any) -> bool:
+    """Whether a dialect's result is its own bug caught (dialects.REASSEMBLY_ERROR), not an
+    upstream's error."""
+    return bool(result.error) and result.error.get("type") == dialects.REASSEMBLY_ERROR
 
 
 def _streams_line(ident: Optional[str], session_id: str, timestamp: str, events: List[Tuple[float, Any]],
