@@ -187,7 +187,8 @@ class ProxyMetrics:
     def __init__(self, inflight: Callable[[], float], written: Callable[[], float],
                  dropped: Callable[[], float], queue_depth: Callable[[], float], connections: Callable[[], float],
                  stream_dropped: Callable[[], float] = lambda: 0, worker: int = 0, pid: int = 0,
-                 reserved: Callable[[], float] = lambda: 0, uncounted: Callable[[], float] = lambda: 0):
+                 reserved: Callable[[], float] = lambda: 0, uncounted: Callable[[], float] = lambda: 0,
+                 queue_bytes: Callable[[], float] = lambda: 0):
         r = self.registry = Registry()
         # Which process answered: with --workers, a scrape of the port reaches one of them.
         r.info("proxy_llm_worker_info", "The process that answered: worker number and pid.",
@@ -213,7 +214,10 @@ class ProxyMetrics:
         r.reading("proxy_llm_records_dropped_total", "Records lost: queue full, encode or write failure.", dropped, "counter")
         r.reading("proxy_llm_stream_lines_dropped_total", "Lines of streams/ files lost (a write failure): their "
                   "records say stream_events all the same.", stream_dropped, "counter")
-        r.reading("proxy_llm_record_queue_depth", "Records waiting for the writer thread.", queue_depth)
+        r.reading("proxy_llm_record_queue_depth", "Records waiting for the writer thread (record: false: answers "
+                  "waiting to be read for the token metrics).", queue_depth)
+        r.reading("proxy_llm_record_queue_bytes", "Body bytes the records waiting for the writer thread hold "
+                  "(record: false: the answers').", queue_bytes)
         r.reading("proxy_llm_token_counts_dropped_total", "record: false: exchanges left out of proxy_llm_tokens_total "
                   "and proxy_llm_exchange_endings_total (the queue of answers to read was full, or closed at shutdown).",
                   uncounted, "counter")

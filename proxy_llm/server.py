@@ -24,7 +24,7 @@ import socketserver
 import threading
 import time
 from http.server import ThreadingHTTPServer
-from typing import Dict, List, Optional, Set
+from typing import Callable, Dict, List, Optional, Set
 
 from . import __version__
 from .config import Config
@@ -108,13 +108,25 @@ class ProxyServer(ThreadingHTTPServer):
         self.reserved = 0  # connections on the reserve (see health_reserve)
         self.draining = threading.Event()
         self.taking = True  # exchanges may begin (under _state_lock; see stop_taking)
+        # What /health and /metrics both show of the recording, read the same way by each.
+        counts = self.counts
+        self.readings: Dict[str, Callable[[], int]] = {
+            "records_written": lambda: recorder.written_total() if recorder else 0,
+            "records_dropped": lambda: recorder.dropped_total() if recorder else 0,
+            "stream_lines_dropped": lambda: recorder.stream_dropped_total() if recorder else 0,
+            "record_queue_depth": lambda: counts.queue.qsize() if counts else 0,
+            "record_queue_bytes": lambda: counts.queue.bytes if counts else 0,
+            "token_counts_dropped": lambda: tally.dropped_total() if tally else 0,
+        }
+        read = self.readings
         self.metrics = ProxyMetrics(
             inflight=lambda: len(self.inflight),
-            written=lambda: recorder.written_total() if recorder else 0,
-            dropped=lambda: recorder.dropped_total() if recorder else 0,
-            stream_dropped=lambda: recorder.stream_dropped_total() if recorder else 0,
-            queue_depth=lambda: recorder.queue.qsize() if recorder else 0,
-            uncounted=lambda: tally.dropped_total() if tally else 0,
+            written=read["records_written"],
+            dropped=read["records_dropped"],
+            stream_dropped=read["stream_lines_dropped"],
+            queue_depth=read["record_queue_depth"],
+            queue_bytes=read["record_queue_bytes"],
+            uncounted=read["token_counts_dropped"],
             connections=lambda: self.connections,
             reserved=lambda: self.reserved,
             worker=worker,
@@ -345,32 +357,29 @@ class ProxyServer(ThreadingHTTPServer):
                 self.cut_upstream(ex)
 
     def health(self) -> dict:
-        """``/health``. The queue's depth and bytes are those of the exchanges waiting for the
-        writer, or, with ``record: false``, for their token counts (``self.counts``)."""
+        """``/health``. Its recording figures are :attr:`readings`, as /metrics has them: the
+        queue's depth and bytes are those of the exchanges waiting for the writer, or, with
+        ``record: false``, for their token counts (``self.counts``)."""
         rec = self.recorder
-        counts = self.counts
         status = "ok"
         if self.draining.is_set():
             status = "draining"
         elif rec is not None and rec.degraded:
             status = "degraded"
-        return {
+        health = {
             "status": status,
             "version": __version__,
             "uptime_s": round(time.time() - self.started, 3),
             "worker": self.worker,
             "pid": os.getpid(),
             "recording": rec is not None,
-            "records_written": rec.written_total() if rec else 0,
-            "records_dropped": rec.dropped_total() if rec else 0,
-            "stream_lines_dropped": rec.stream_dropped_total() if rec else 0,
-            "record_queue_depth": counts.queue.qsize() if counts else 0,
-            "record_queue_bytes": counts.queue.bytes if counts else 0,
-            "token_counts_dropped": self.tally.dropped_total() if self.tally else 0,
-            "last_record_error": rec.last_error if rec else "",
-            "inflight": len(self.inflight),
-            "connections": self.connections,
         }
+        for name, read in self.readings.items():
+            health[name] = read()
+        health["last_record_error"] = rec.last_error if rec else ""
+        health["inflight"] = len(self.inflight)
+        health["connections"] = self.connections
+        return health
 
     def server_close(self) -> None:
         self._stop_watch.set()

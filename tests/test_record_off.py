@@ -227,10 +227,17 @@ class RecordOffTest(ProxyTestCase):
         self.assertEqual((status, health["status"], health["recording"]), (200, "ok", False))
         self.assertEqual(health["record_queue_depth"], 3)
         self.assertGreater(health["record_queue_bytes"], 0)  # (the answers, kept until read)
+        # /metrics reads the same queue (its depth stayed 0 with recording off).
+        text = self.metrics(proxy)
+        self.assertIn("proxy_llm_record_queue_depth 3\n", text)
+        self.assertIn("proxy_llm_record_queue_bytes %d\n" % health["record_queue_bytes"], text)
         release.set()
         proxy.flush()
         health = proxy.server.health()
         self.assertEqual((health["record_queue_depth"], health["record_queue_bytes"]), (0, 0))
+        text = self.metrics(proxy)
+        self.assertIn("proxy_llm_record_queue_depth 0\n", text)
+        self.assertIn("proxy_llm_record_queue_bytes 0\n", text)
         self.assertIn('proxy_llm_exchange_endings_total{ended="completed"} 4\n', self.metrics(proxy))
 
     def test_an_exchange_the_counting_could_not_take_is_counted_as_left_out(self):
