@@ -34,7 +34,7 @@ from . import dialects, notices, reader, wire
 from .depth import MAX_NESTING, nests_within, too_deep
 from .memo import Memo
 from .sniff import model_is_exact, sniff_stream
-from .storage import RECORDS, STREAMS
+from .storage import RECORDS, STREAMS, Pieces
 from .storage import safe_sid as session_file_id  # the rule lives with the files
 
 log = logging.getLogger("proxy_llm.record")
@@ -902,8 +902,11 @@ class Encoder:
         resp_json = resp_raw if resp_raw is not None else _dumps(resp_value)
         if resp_raw is None and type(resp_value) in (dict, list) and not nests_within(resp_json, MAX_NESTING):
             resp_json = _dumps(resp_json.decode("utf-8"))
-        whole = b"".join((front, b',"request_body":', req_json, b',"response_body":', resp_json, b"}\n"))
-        line = _finished(whole, every)
+        parts = (front, b',"request_body":', req_json, b',"response_body":', resp_json, b"}\n")
+        line = whole = _as_pieces(parts, every) if len(req_json) + len(resp_json) >= PIECES_FROM else None
+        if line is None:
+            whole = b"".join(parts)
+            line = _finished(whole, every)
         if line is not whole:
             # The scrub changed the line (_finished gives the same object otherwise): its
             # session_id may have held a secret (a key in the model's place of a Gemini path,
@@ -1053,6 +1056,63 @@ def _finished(line: bytes, pairs: Sequence[Tuple[bytes, bytes, int]]) -> bytes:
         return reader.lone_surrogates_replaced(wire.scrub_json(line, pairs))
     out = wire.scrub_json(line, pairs, escapes=False)
     return out if out is line else reader.lone_surrogates_replaced(out)
+
+
+# A record whose bodies come to this many bytes is written as its parts (storage.Pieces), not
+# copied into one line first, when nothing in it is for the scrub to change (see _as_pieces).
+PIECES_FROM = 64 * 1024
+_PART_ALONE = 16 * 1024  # (a part this long is written as it is; shorter ones between are joined)
+
+
+def _as_pieces(parts: Sequence[bytes], pairs: Sequence[Tuple[bytes, bytes, int]]) -> Optional[Pieces]:
+    """The line ``parts`` make, in order, as :class:`storage.Pieces` (the long ones as they
+    are, the runs of short ones between them joined), when :func:`_finished` would give their
+    joined line unchanged: else None, and the line is joined and scrubbed as any other.
+
+    Unchanged is: no part holds an escape that either of ``_finished``'s passes looks for
+    (``_SPECIAL_ESCAPE``), and none of ``pairs``' secrets, all plain (``wire.PLAIN``: found as
+    their own bytes only when the line has no such escape), occurs in the line. An escape
+    cannot span two parts: the encoder's own parts begin with a comma or a brace and end with
+    a colon, a brace or the line's end, and a body ends with a whole JSON token (or, let in
+    unparsed, with its closing brace: record.accepted_json). A secret can span a seam:
+    each seam is searched too (the last bytes of a part and the first of the next, a secret's
+    length less one of each), and a part between two seams is longer than any secret, so no
+    secret spans two seams (else None).
+    """
+    for part in parts:
+        first = part.find(b"\\")
+        if first >= 0 and _SPECIAL_ESCAPE.search(part, first) is not None:
+            return None
+    longest = 0
+    for raw, _, kind in pairs:
+        if kind != wire.PLAIN:
+            return None
+        longest = max(longest, len(raw))
+    out: List[bytes] = []
+    run: List[bytes] = []
+    for part in parts:
+        if len(part) >= _PART_ALONE:
+            if run:
+                out.append(b"".join(run))
+                run = []
+            out.append(part)
+        else:
+            run.append(part)
+    if run:
+        out.append(b"".join(run))
+    if len(out) < 2 or any([len(part) < longest for part in out[1:-1]]):
+        return None
+    for raw, _, _ in pairs:
+        for part in out:
+            if part.find(raw) >= 0:
+                return None
+    if longest > 1:
+        seams = [a[1 - longest:] + b[:longest - 1] for a, b in zip(out, out[1:])]
+        for raw, _, _ in pairs:
+            for seam in seams:
+                if seam.find(raw) >= 0:
+                    return None
+    return Pieces(out)
 
 
 def _read_answer(dialect: Any, body: bytes, accepted: bool) -> Tuple[Any, Optional[bytes], Any]:

@@ -207,7 +207,7 @@ class EncodeBenchTest(unittest.TestCase):
     def test_exchanges_encode_to_the_requests_sent(self):
         sent = [body for _, body in run.small_requests("127.0.0.1", 8080)]
         enc = encode.encoder()
-        recs = [json.loads(line) for ex in encode.exchanges(4) for _, _, line in enc.encode(ex)]
+        recs = [json.loads(bytes(line)) for ex in encode.exchanges(4) for _, _, line in enc.encode(ex)]
         self.assertEqual([r["request_body"] for r in recs], [json.loads(b) for b in sent] * 2)
         self.assertEqual([r["provider"] for r in recs], ["openai", "anthropic"] * 2)
         self.assertEqual({r["tokens_used"]["total_tokens"] for r in recs}, {33})
@@ -216,7 +216,7 @@ class EncodeBenchTest(unittest.TestCase):
 
     def test_real_headers_vary_and_are_recorded_redacted(self):
         enc = encode.encoder()
-        recs = [json.loads(line) for ex in encode.exchanges(4, real_headers=True) for _, _, line in enc.encode(ex)]
+        recs = [json.loads(bytes(line)) for ex in encode.exchanges(4, real_headers=True) for _, _, line in enc.encode(ex)]
         openai, anthropic = recs[0], recs[1]
         self.assertEqual(openai["request_headers"]["x-stainless-lang"], "python")
         self.assertRegex(openai["response_headers"]["set-cookie"], r"^\[REDACTED:\w{8}\], \[REDACTED:\w{8}\]$")
@@ -225,13 +225,13 @@ class EncodeBenchTest(unittest.TestCase):
 
     def test_agent_embeddings_and_stream_exchanges_are_what_they_say(self):
         enc = encode.encoder()
-        [agent] = [json.loads(line) for ex in encode.exchanges(1, agent=True) for _, _, line in enc.encode(ex)]
+        [agent] = [json.loads(bytes(line)) for ex in encode.exchanges(1, agent=True) for _, _, line in enc.encode(ex)]
         self.assertEqual(len(agent["request_body"]["tools"]), 20)
         self.assertGreater(agent["request_bytes"], 50000)
-        [emb] = [json.loads(line) for ex in encode.exchanges(1, embeddings=True) for _, _, line in enc.encode(ex)]
+        [emb] = [json.loads(bytes(line)) for ex in encode.exchanges(1, embeddings=True) for _, _, line in enc.encode(ex)]
         self.assertEqual((emb["endpoint"], len(emb["response_body"]["data"][0]["embedding"])), ("/v1/embeddings", 1536))
         self.assertEqual(emb["tokens_used"]["prompt_tokens"], 100)
-        lines = [(kind, json.loads(line)) for ex in encode.exchanges(2, stream=5) for kind, _, line in enc.encode(ex)]
+        lines = [(kind, json.loads(bytes(line))) for ex in encode.exchanges(2, stream=5) for kind, _, line in enc.encode(ex)]
         records = [rec for kind, rec in lines if kind == "records"]
         self.assertEqual([r["ended"] for r in records], ["completed", "completed"])
         self.assertEqual(records[0]["response_body"]["choices"][0]["message"]["content"],

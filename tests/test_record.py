@@ -13,7 +13,7 @@ import unittest
 import zlib
 from unittest import mock
 
-from proxy_llm import dialects, notices, record, verify, wire
+from proxy_llm import dialects, notices, record, storage, verify, wire
 from proxy_llm.config import Provider
 from proxy_llm.record import FIELDS, Capture, Encoder, Exchange, session_file_id
 from proxy_llm.sniff import sniff
@@ -36,7 +36,8 @@ def exchange(body=b'{"model":"gpt-4o"}', resp=b'{"id":"x","choices":[]}', ctype=
 
 
 def encode(ex, **kw):
-    lines = Encoder(KEY, "X-Session-Id", 1 << 20, **kw).encode(ex)
+    # (bytes(): a record with a big body comes as its parts, storage.Pieces)
+    lines = [(kind, sid, bytes(line)) for kind, sid, line in Encoder(KEY, "X-Session-Id", 1 << 20, **kw).encode(ex)]
     return [json.loads(line) for _, _, line in lines], lines
 
 
@@ -954,3 +955,89 @@ class StreamPastCaptureTest(unittest.TestCase):
 
 if __name__ == "__main__":
     unittest.main()
+
+
+class BigRecordAsPartsTest(unittest.TestCase):
+    """A record whose bodies come to record.PIECES_FROM bytes or more is written as its parts
+    (storage.Pieces: the body's own bytes object among them, not copied into one line), when
+    the scrub would change nothing in it; else it is one line, scrubbed, as before. Either way
+    its bytes are those of the one line."""
+
+    KEYS = ["provider-key-abcdef"]
+
+    def lines(self, ex, whole_line=False, keys=None):
+        keys = self.KEYS if keys is None else keys
+        with mock.patch.object(record, "PIECES_FROM", 1 << 62 if whole_line else record.PIECES_FROM):
+            return Encoder(KEY, "X-Session-Id", 1 << 20, provider_keys=keys).encode(ex)
+
+    def big(self, text=b"", **kw):
+        pad = b"x" * (record.PIECES_FROM + 100)
+        return exchange(body=b'{"model":"gpt-4o","messages":[{"role":"user","content":"' + text + pad + b'"}]}', **kw)
+
+    def test_a_big_record_is_written_as_its_parts_and_reads_as_the_line(self):
+        ex = self.big(headers=[("Authorization", "Bearer sk-client-0123456789")])
+        [(kind, sid, line)] = self.lines(ex)
+        self.assertIs(type(line), storage.Pieces)
+        self.assertTrue(any(part is ex.request.chunks[0] for part in line.parts))  # (not copied)
+        [(_, _, joined)] = self.lines(ex, whole_line=True)
+        self.assertIs(type(joined), bytes)
+        self.assertEqual((bytes(line), len(line)), (joined, len(joined)))
+        self.assertEqual(json.loads(bytes(line))["request_body"]["messages"][0]["content"][:3], "xxx")
+        self.assertNotIn(b"sk-client-0123456789", bytes(line))
+
+    def test_a_big_record_the_scrub_changes_is_one_line_as_before(self):
+        secret = b"sk-client-0123456789"
+        cases = {
+            "the client's key in the body": (self.big(secret, headers=[("Authorization", "Bearer " + secret.decode())]),
+                                             secret),
+            "a provider key in the answer": (self.big(resp=b'{"id":"provider-key-abcdef","choices":[]}'),
+                                             b"provider-key-abcdef"),
+            "an escaped character (the escapes' pass)": (self.big(b"\\u0041"), None),
+            "a key not plain ASCII": (self.big(), None),
+        }
+        for name, (ex, gone) in cases.items():
+            with self.subTest(name):
+                keys = ["provider-key-\u00e9abcdef"] if "not plain" in name else None
+                [(_, _, line)] = self.lines(ex, keys=keys)
+                [(_, _, joined)] = self.lines(ex, whole_line=True, keys=keys)
+                self.assertIs(type(line), bytes)
+                self.assertEqual(line, joined)
+                if gone is not None:
+                    self.assertNotIn(gone, line)
+                    json.loads(line)
+
+    def test_a_secret_across_two_parts_keeps_the_record_one_line(self):
+        pad = b"a" * 20000
+        pairs = wire.scrub_pairs(["SECRET-0123"], KEY)
+        self.assertIsInstance(record._as_pieces((pad, b"b" * 20000, b"}"), pairs), storage.Pieces)
+        for cut in range(1, len("SECRET-0123")):
+            with self.subTest(cut=cut):  # across each seam, cut at every place
+                left, right = b"SECRET-0123"[:cut], b"SECRET-0123"[cut:]
+                self.assertIsNone(record._as_pieces((pad + left, right + pad, b"}"), pairs))
+                self.assertIsNone(record._as_pieces((pad, pad + left, right + b"}\n"), pairs))
+        # A part between two seams shorter than a secret could let one span both: one line.
+        self.assertIsNone(record._as_pieces((pad, b"x" * 4, pad), wire.scrub_pairs(["x" * 20], KEY)))
+        # Nothing long enough to stand alone: one line.
+        self.assertIsNone(record._as_pieces((b"{", b"}"), pairs))
+
+    def test_records_as_parts_are_the_lines_they_would_be(self):
+        # Differential: big records with secrets (the client's, the provider's, none), in the
+        # body or not, escapes, CRLF and non-ASCII text, each encoded both ways.
+        rng = random.Random(5)
+        pieces = 0
+        for n in range(60):
+            secret = "sk-client-%08d" % rng.randrange(10 ** 8)
+            bits = [b"plain text ", b"\\n", b"\\u00e9", b"\\u0041", b"\xc3\xa9", secret.encode(),
+                    b"\\u0073" + secret[1:].encode(),  # (its escaped form: the escapes' pass finds it)
+                    b"provider-key-abcdef", b"\\/", b"[]{}", b"\\\\"]
+            text = b"".join(rng.choice(bits) for _ in range(rng.randrange(0, 6)))
+            resp = rng.choice([b'{"id":"x","choices":[]}',
+                               b'{"id":"' + b"y" * rng.choice([10, record.PIECES_FROM]) + b'","choices":[]}'])
+            ex = self.big(text, resp=resp, headers=[("Authorization", "Bearer " + secret)])
+            [(_, sid, line)] = self.lines(ex)
+            [(_, sid_whole, joined)] = self.lines(ex, whole_line=True)
+            self.assertEqual((bytes(line), sid), (joined, sid_whole), text)
+            self.assertNotIn(secret.encode(), joined)
+            pieces += type(line) is storage.Pieces
+        self.assertGreater(pieces, 10)
+        self.assertLess(pieces, 60)

@@ -207,6 +207,53 @@ class GroupCommitTest(RecorderTestCase):
         self.assertEqual(calls, [[2 * small, len(line("s", 2, big)[2]), small, len(line("s", 4, big)[2]),
                                   len(line("s", 5, big)[2]), small]])
 
+    def test_a_line_given_as_its_parts_goes_out_as_those_parts(self):
+        # A record with a big body comes as storage.Pieces (record._as_pieces): its parts are
+        # buffers of the batch's one writev, in their place, and its size counts as a line's.
+        rec = self.recorder(start=False)
+        whole = line("s", 1, storage.JOIN_MAX)[2]
+        parts = (whole[:10], whole[10:-100], whole[-100:])
+        rec.submit(line("s", 0))
+        rec.submit((RECORDS, "s", storage.Pieces(parts)))
+        rec.submit(line("s", 2))
+        calls = self.sized_writes()
+        rec.start()
+        self.assertTrue(rec.flush(DEADLINE))
+        [path] = data_files(self.data_dir)
+        self.assertEqual([json.loads(x)["n"] for x in lines_of(path)], [0, 1, 2])
+        with open(path, "rb") as f:
+            self.assertEqual(f.read(), line("s", 0)[2] + whole + line("s", 2)[2])
+        small = len(line("s", 0)[2])
+        self.assertEqual(calls, [[small, 10, len(whole) - 110, 100, small]])
+        self.assertEqual((rec.written_total(), len(storage.Pieces(parts)), bytes(storage.Pieces(parts))),
+                         (3, len(whole), whole))
+
+    def test_a_line_given_as_its_parts_survives_short_writes_and_no_writev(self):
+        for writev in ("short", None):
+            with self.subTest(writev=writev):
+                rec = self.recorder(start=False)
+                whole = line("s", 1, storage.JOIN_MAX)[2]
+                rec.submit(line("s", 0))
+                rec.submit((RECORDS, "s", storage.Pieces((whole[:7], whole[7:-3], whole[-3:]))))
+                rec.submit(line("s", 2, storage.JOIN_MAX))
+                original = self.ops.writev
+                if writev is None:
+                    self.ops.writev = None
+                else:
+                    def short_writev(fd, bufs, original=original):  # half the first buffer per call
+                        first = bytes(bufs[0])
+                        return original(fd, [first[:max(1, len(first) // 2)]])
+                    self.ops.writev = short_writev
+                self.addCleanup(setattr, self.ops, "writev", original)
+                rec.start()
+                self.assertTrue(rec.flush(DEADLINE))
+                rec.close(DEADLINE)
+                [path] = data_files(self.data_dir)
+                with open(path, "rb") as f:
+                    self.assertEqual(f.read(), line("s", 0)[2] + whole + line("s", 2, storage.JOIN_MAX)[2])
+                os.remove(path)
+                self.ops.writev = original
+
     def test_small_lines_are_joined_up_to_the_limit(self):
         rec = self.recorder(start=False)
         size = storage.JOIN_MAX // 3
