@@ -1074,10 +1074,9 @@ def _as_pieces(parts: Sequence[bytes], pairs: Sequence[Tuple[bytes, bytes, int]]
     their own bytes only when the line has no such escape), occurs in the line. An escape
     cannot span two parts: the encoder's own parts begin with a comma or a brace and end with
     a colon, a brace or the line's end, and a body ends with a whole JSON token (or, let in
-    unparsed, with its closing brace: record.accepted_json). A secret can span a seam:
-    each seam is searched too (the last bytes of a part and the first of the next, a secret's
-    length less one of each), and a part between two seams is longer than any secret, so no
-    secret spans two seams (else None).
+    unparsed, with its closing brace: record.accepted_json). A secret can span seams: around
+    each, the bytes within a secret's length less one on either side (across short parts too)
+    are searched as well.
     """
     for part in parts:
         first = part.find(b"\\")
@@ -1100,19 +1099,42 @@ def _as_pieces(parts: Sequence[bytes], pairs: Sequence[Tuple[bytes, bytes, int]]
             run.append(part)
     if run:
         out.append(b"".join(run))
-    if len(out) < 2 or any([len(part) < longest for part in out[1:-1]]):
+    if len(out) < 2:
         return None
     for raw, _, _ in pairs:
         for part in out:
             if part.find(raw) >= 0:
                 return None
     if longest > 1:
-        seams = [a[1 - longest:] + b[:longest - 1] for a, b in zip(out, out[1:])]
+        seams = [_seam(out, i, longest - 1) for i in range(len(out) - 1)]
         for raw, _, _ in pairs:
             for seam in seams:
                 if seam.find(raw) >= 0:
                     return None
     return Pieces(out)
+
+
+def _seam(parts: List[bytes], i: int, reach: int) -> bytes:
+    """The ``reach`` bytes of ``parts`` before the end of ``parts[i]`` and the ``reach`` after
+    it (fewer at the line's ends), across as many parts as they take: any run of at most
+    ``reach + 1`` bytes of the joined line that crosses that seam lies within."""
+    before: List[bytes] = []
+    left = reach
+    j = i
+    while left > 0 and j >= 0:
+        piece = parts[j][-left:]
+        before.append(piece)
+        left -= len(piece)
+        j -= 1
+    after: List[bytes] = []
+    left = reach
+    j = i + 1
+    while left > 0 and j < len(parts):
+        piece = parts[j][:left]
+        after.append(piece)
+        left -= len(piece)
+        j += 1
+    return b"".join(before[::-1] + after)
 
 
 def _read_answer(dialect: Any, body: bytes, accepted: bool) -> Tuple[Any, Optional[bytes], Any]:

@@ -718,6 +718,7 @@ class EncoderTest(unittest.TestCase):
                                                            headers=[("Authorization", "Bearer " + key),
                                                                     ("X-Long-%d-" % n + "h" * 65536, "v")]))
             self.assertEqual(file_id, session_file_id(model))
+            line = bytes(line)  # (a body of 64 KB: it comes as its parts, storage.Pieces)
             rec = json.loads(line)
             self.assertEqual((rec["model"], rec["session_id"]), (model, model))
             self.assertNotIn(key.encode(), line)
@@ -984,6 +985,14 @@ class BigRecordAsPartsTest(unittest.TestCase):
         self.assertEqual((bytes(line), len(line)), (joined, len(joined)))
         self.assertEqual(json.loads(bytes(line))["request_body"]["messages"][0]["content"][:3], "xxx")
         self.assertNotIn(b"sk-client-0123456789", bytes(line))
+        # Both bodies big (a short part between them, shorter than the secrets): parts too.
+        ex = self.big(resp=b'{"id":"' + b"y" * record.PIECES_FROM + b'","choices":[]}',
+                      headers=[("Authorization", "Bearer sk-client-0123456789")])
+        [(_, _, line)] = self.lines(ex)
+        [(_, _, joined)] = self.lines(ex, whole_line=True)
+        self.assertIs(type(line), storage.Pieces)
+        self.assertEqual(bytes(line), joined)
+        self.assertTrue(any(part is ex.response.chunks[0] for part in line.parts))
 
     def test_a_big_record_the_scrub_changes_is_one_line_as_before(self):
         secret = b"sk-client-0123456789"
@@ -1015,8 +1024,17 @@ class BigRecordAsPartsTest(unittest.TestCase):
                 left, right = b"SECRET-0123"[:cut], b"SECRET-0123"[cut:]
                 self.assertIsNone(record._as_pieces((pad + left, right + pad, b"}"), pairs))
                 self.assertIsNone(record._as_pieces((pad, pad + left, right + b"}\n"), pairs))
-        # A part between two seams shorter than a secret could let one span both: one line.
-        self.assertIsNone(record._as_pieces((pad, b"x" * 4, pad), wire.scrub_pairs(["x" * 20], KEY)))
+        # Across a part shorter than the secret, two seams at once, cut at every place.
+        for start in range(1, 8):
+            with self.subTest(short_part_at=start):
+                secret = b"SECRET-0123"
+                parts = (pad + secret[:start], secret[start:start + 3], secret[start + 3:] + pad)
+                self.assertEqual(b"".join(parts).count(secret), 1)
+                self.assertIsNone(record._as_pieces(parts, pairs))
+                self.assertIsInstance(record._as_pieces((pad, secret[start:start + 3], pad), pairs), storage.Pieces)
+        self.assertEqual(record._seam([b"abc", b"d", b"efg"], 0, 3), b"abcdef")
+        self.assertEqual(record._seam([b"abc", b"d", b"efg"], 1, 2), b"cdef")
+        self.assertEqual(record._seam([b"ab", b"cd"], 0, 5), b"abcd")
         # Nothing long enough to stand alone: one line.
         self.assertIsNone(record._as_pieces((b"{", b"}"), pairs))
 
