@@ -903,7 +903,7 @@ class Encoder:
         if resp_raw is None and type(resp_value) in (dict, list) and not nests_within(resp_json, MAX_NESTING):
             resp_json = _dumps(resp_json.decode("utf-8"))
         parts = (front, b',"request_body":', req_json, b',"response_body":', resp_json, b"}\n")
-        line = whole = _as_pieces(parts, every) if len(req_json) + len(resp_json) >= PIECES_FROM else None
+        line = whole = _as_pieces(parts, every) if max(len(req_json), len(resp_json)) >= PIECES_FROM else None
         if line is None:
             whole = b"".join(parts)
             line = _finished(whole, every)
@@ -1058,10 +1058,10 @@ def _finished(line: bytes, pairs: Sequence[Tuple[bytes, bytes, int]]) -> bytes:
     return out if out is line else reader.lone_surrogates_replaced(out)
 
 
-# A record whose bodies come to this many bytes is written as its parts (storage.Pieces), not
-# copied into one line first, when nothing in it is for the scrub to change (see _as_pieces).
-PIECES_FROM = 64 * 1024
-_PART_ALONE = 16 * 1024  # (a part this long is written as it is; shorter ones between are joined)
+# A record with a body this long is written as its parts (storage.Pieces), not copied into one
+# line first, when nothing in it is for the scrub to change (see _as_pieces); a part this long
+# is written as it is, the shorter ones between such parts joined.
+PIECES_FROM = 16 * 1024
 
 
 def _as_pieces(parts: Sequence[bytes], pairs: Sequence[Tuple[bytes, bytes, int]]) -> Optional[Pieces]:
@@ -1078,10 +1078,6 @@ def _as_pieces(parts: Sequence[bytes], pairs: Sequence[Tuple[bytes, bytes, int]]
     each, the bytes within a secret's length less one on either side (across short parts too)
     are searched as well.
     """
-    for part in parts:
-        first = part.find(b"\\")
-        if first >= 0 and _SPECIAL_ESCAPE.search(part, first) is not None:
-            return None
     longest = 0
     for raw, _, kind in pairs:
         if kind != wire.PLAIN:
@@ -1090,7 +1086,7 @@ def _as_pieces(parts: Sequence[bytes], pairs: Sequence[Tuple[bytes, bytes, int]]
     out: List[bytes] = []
     run: List[bytes] = []
     for part in parts:
-        if len(part) >= _PART_ALONE:
+        if len(part) >= PIECES_FROM:
             if run:
                 out.append(b"".join(run))
                 run = []
@@ -1101,6 +1097,10 @@ def _as_pieces(parts: Sequence[bytes], pairs: Sequence[Tuple[bytes, bytes, int]]
         out.append(b"".join(run))
     if len(out) < 2:
         return None
+    for part in out:
+        first = part.find(b"\\")
+        if first >= 0 and _SPECIAL_ESCAPE.search(part, first) is not None:
+            return None
     for raw, _, _ in pairs:
         for part in out:
             if part.find(raw) >= 0:
