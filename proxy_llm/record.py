@@ -903,7 +903,7 @@ class Encoder:
         if resp_raw is None and type(resp_value) in (dict, list) and not nests_within(resp_json, MAX_NESTING):
             resp_json = _dumps(resp_json.decode("utf-8"))
         parts = (front, b',"request_body":', req_json, b',"response_body":', resp_json, b"}\n")
-        line = whole = _as_pieces(parts, every) if max(len(req_json), len(resp_json)) >= PIECES_FROM else None
+        line = whole = _as_pieces(parts, every)
         if line is None:
             whole = b"".join(parts)
             line = _finished(whole, every)
@@ -1051,70 +1051,59 @@ def _finished(line: bytes, pairs: Sequence[Tuple[bytes, bytes, int]]) -> bytes:
     line, several times a memchr's cost): most have none, and then neither search is made
     (the scrub's plain replacements make no escape, so a line they changed is searched anew).
     """
-    first = line.find(b"\\")
-    if first >= 0 and _SPECIAL_ESCAPE.search(line, first) is not None:
+    if _special_escape(line):
         return reader.lone_surrogates_replaced(wire.scrub_json(line, pairs))
     out = wire.scrub_json(line, pairs, escapes=False)
     return out if out is line else reader.lone_surrogates_replaced(out)
 
 
-# A record with a body this long is written as its parts (storage.Pieces), not copied into one
-# line first, when nothing in it is for the scrub to change (see _as_pieces); a part this long
-# is written as it is, the shorter ones between such parts joined.
+def _special_escape(data: bytes) -> bool:
+    """Whether ``data`` holds an escape that :func:`_finished`'s passes look for
+    (``_SPECIAL_ESCAPE``): a memchr for a backslash, and the regex only from the first."""
+    first = data.find(b"\\")
+    return first >= 0 and _SPECIAL_ESCAPE.search(data, first) is not None
+
+
+# A record with a part this long (a body, nearly always) is written as its parts (storage.Pieces),
+# not copied into one line first, when nothing in it is for the scrub to change (see _as_pieces).
 PIECES_FROM = 16 * 1024
 
 
 def _as_pieces(parts: Sequence[bytes], pairs: Sequence[Tuple[bytes, bytes, int]]) -> Optional[Pieces]:
-    """The line ``parts`` make, in order, as :class:`storage.Pieces` (the long ones as they
-    are, the runs of short ones between them joined), when :func:`_finished` would give their
-    joined line unchanged: else None, and the line is joined and scrubbed as any other.
+    """The line ``parts`` make, in order, as :class:`storage.Pieces`, when one part is
+    ``PIECES_FROM`` bytes or more and :func:`_finished` would give their joined line unchanged:
+    else None, and the line is joined and scrubbed as any other.
 
     Unchanged is: no part holds an escape that either of ``_finished``'s passes looks for
-    (``_SPECIAL_ESCAPE``), and none of ``pairs``' secrets, all plain (``wire.PLAIN``: found as
-    their own bytes only when the line has no such escape), occurs in the line. An escape
+    (:func:`_special_escape`), and none of ``pairs``' secrets, all plain (``wire.PLAIN``: found
+    as their own bytes only when the line has no such escape), occurs in the line. An escape
     cannot span two parts: the encoder's own parts begin with a comma or a brace and end with
     a colon, a brace or the line's end, and a body ends with a whole JSON token (or, let in
     unparsed, with its closing brace: record.accepted_json). A secret can span seams: around
-    each, the bytes within a secret's length less one on either side (across short parts too)
-    are searched as well.
+    each, the bytes within a secret's length less one on either side (across short parts too,
+    :func:`_seam`) are searched as well.
     """
+    if max(map(len, parts)) < PIECES_FROM:
+        return None
     longest = 0
     for raw, _, kind in pairs:
         if kind != wire.PLAIN:
             return None
         longest = max(longest, len(raw))
-    out: List[bytes] = []
-    run: List[bytes] = []
     for part in parts:
-        if len(part) >= PIECES_FROM:
-            if run:
-                out.append(b"".join(run))
-                run = []
-            out.append(part)
-        else:
-            run.append(part)
-    if run:
-        out.append(b"".join(run))
-    if len(out) < 2:
-        return None
-    for part in out:
-        first = part.find(b"\\")
-        if first >= 0 and _SPECIAL_ESCAPE.search(part, first) is not None:
+        if _special_escape(part):
             return None
-    for raw, _, _ in pairs:
-        for part in out:
-            if part.find(raw) >= 0:
-                return None
+    texts = list(parts)
     if longest > 1:
-        seams = [_seam(out, i, longest - 1) for i in range(len(out) - 1)]
-        for raw, _, _ in pairs:
-            for seam in seams:
-                if seam.find(raw) >= 0:
-                    return None
-    return Pieces(out)
+        texts += [_seam(parts, i, longest - 1) for i in range(len(parts) - 1)]
+    for raw, _, _ in pairs:
+        for text in texts:
+            if text.find(raw) >= 0:
+                return None
+    return Pieces(parts)
 
 
-def _seam(parts: List[bytes], i: int, reach: int) -> bytes:
+def _seam(parts: Sequence[bytes], i: int, reach: int) -> bytes:
     """The ``reach`` bytes of ``parts`` before the end of ``parts[i]`` and the ``reach`` after
     it (fewer at the line's ends), across as many parts as they take: any run of at most
     ``reach + 1`` bytes of the joined line that crosses that seam lies within."""
