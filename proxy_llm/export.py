@@ -777,7 +777,12 @@ def _from_anthropic(req: dict, resp, dropped: Counter) -> Conversation:
 # ---------------------------------------------------------------- Gemini
 
 def _gemini_content(role: str, parts, out: list, dropped: Counter) -> None:
-    """Append the internal messages of one Gemini ``content`` to ``out``."""
+    """Append the internal messages of one Gemini ``content`` to ``out``.
+
+    In a model turn, consecutive text parts of one kind (thought or not) are one text, joined
+    as they are, as the provider streams a turn in pieces and the recorder's reassembly (and
+    the SDK's ``text``) joins them: a history that holds the turn as it was streamed, a part
+    or a content per chunk, then reads as the answer that turn's record holds."""
     m = _msg(role)
     tool_messages = []
     index = len(out)
@@ -786,6 +791,7 @@ def _gemini_content(role: str, parts, out: list, dropped: Counter) -> None:
         if prev["role"] == "assistant":
             pending = [[_hashable(call["name"]), call["id"]] for call in prev["tool_calls"]]
             break
+    last = None  # (model turn) the kind of the part before: "text", "thought", or None
     for part in _list(parts):
         if not isinstance(part, dict):
             continue
@@ -793,12 +799,21 @@ def _gemini_content(role: str, parts, out: list, dropped: Counter) -> None:
         result = _get(part, "functionResponse", "function_response")
         inline = _get(part, "inlineData", "inline_data")
         file_data = _get(part, "fileData", "file_data")
+        kind = None
         if isinstance(part.get("text"), str):
-            if part.get("thought"):
-                if part["text"]:
-                    m["thinking"].append(part["text"])
+            text = part["text"]
+            kind = "thought" if part.get("thought") else "text"
+            if not text:
+                kind = last  # (an empty part, as a signature's, joins nothing and parts nothing)
+            elif role != "assistant" or kind != last:
+                if kind == "thought":
+                    m["thinking"].append(text)
+                else:
+                    _text(m["parts"], text)
+            elif kind == "thought":
+                m["thinking"][-1] += text
             else:
-                _text(m["parts"], part["text"])
+                m["parts"][-1]["text"] += text
         elif isinstance(call, dict):
             call_id = call.get("id") or "call_%d_%d" % (index, len(m["tool_calls"]))
             m["tool_calls"].append({"id": call_id, "name": call.get("name"),
@@ -825,6 +840,7 @@ def _gemini_content(role: str, parts, out: list, dropped: Counter) -> None:
         elif any(k in part for k in ("executableCode", "codeExecutionResult",
                                      "executable_code", "code_execution_result")):
             raise Skip("unsupported_tool_call")  # code execution, run by the provider
+        last = kind
     out.extend(tool_messages)
     if role == "assistant" or m["parts"] or not tool_messages:
         out.append(m)
@@ -881,10 +897,18 @@ def _from_gemini(req: dict, resp, dropped: Counter, endpoint: str) -> Conversati
             if isinstance(part, dict):
                 _text(m["parts"], part.get("text"))
         out.append(m)
+    # The SDK's chat keeps a streamed answer as a model content per chunk: consecutive model
+    # contents are one turn, as the answer was one.
+    turns = []  # [role, parts]
     for content in contents:
         if isinstance(content, dict):
             role = "assistant" if content.get("role") == "model" else "user"
-            _gemini_content(role, content.get("parts"), out, dropped)
+            if role == "assistant" and turns and turns[-1][0] == role:
+                turns[-1][1] = turns[-1][1] + _list(content.get("parts"))
+            else:
+                turns.append([role, _list(content.get("parts"))])
+    for role, parts in turns:
+        _gemini_content(role, parts, out, dropped)
     bodies = resp if isinstance(resp, list) else [resp]
     reply_parts = []
     for body in bodies:

@@ -951,6 +951,41 @@ class TestLegacyFunctions(AuditCase):
                          [("{\"t\": 1}", "call_1_1"), ("{\"w\": 2}", "call_1_0")])
 
 
+class TestGeminiStreamedTurns(AuditCase):
+    def test_a_turn_kept_as_streamed_is_one_turn(self) -> None:
+        # google-genai's chat keeps a streamed answer as a model content per chunk (an audit's
+        # finding: each became an assistant message, and --dedupe kept every record).
+        clock = df.Clock(seed=35)
+        q1 = {"role": "user", "parts": [{"text": "Why blue?"}, {"text": "Briefly."}]}
+        first = df.gemini(clock, "g", [q1], [{"text": "Hmm, light", "thought": True}, {"text": "Rayleigh scattering."}])
+        history = [q1, {"role": "model", "parts": [{"text": "Hmm,", "thought": True}]},
+                   {"role": "model", "parts": [{"text": " light", "thought": True}, {"text": "Rayleigh"}]},
+                   {"role": "model", "parts": [{"text": "", "thoughtSignature": "c2ln"}]},
+                   {"role": "model", "parts": [{"text": " scattering."}]},
+                   {"role": "user", "parts": [{"text": "And the sea?"}]}]
+        second = df.gemini(clock, "g", history, [{"text": "It reflects"}, {"text": " the sky."}])
+        rows = self.rows([first, second], "--dedupe", "--include-thinking")
+        self.assertEqual(len(rows), 1, self.summary)
+        self.assertEqual([(m["role"], m["content"], m.get("reasoning_content")) for m in rows[0]["messages"]], [
+            ("user", "Why blue?\nBriefly.", None),  # (a user's parts: joined with a newline, as ever)
+            ("assistant", "Rayleigh scattering.", "Hmm, light"),
+            ("user", "And the sea?", None),
+            ("assistant", "It reflects the sky.", None)])
+        rows = self.rows([first, second], "--dedupe", "--format", "sharegpt")
+        self.assertEqual([turn["value"] for turn in rows[0]["conversations"]],
+                         ["Why blue?\nBriefly.", "Rayleigh scattering.", "And the sea?", "It reflects the sky."])
+
+    def test_texts_either_side_of_a_call_stay_apart(self) -> None:
+        calls = {"role": "model", "parts": [{"text": "Checking."}, {"functionCall": {"name": "f", "args": {}}},
+                                            {"text": "Done checking."}]}
+        results = {"role": "user", "parts": [{"functionResponse": {"name": "f", "response": {"ok": 1}}}]}
+        rec = df.gemini(df.Clock(seed=36), "g", [{"role": "user", "parts": [{"text": "q"}]}, calls, results],
+                        [{"text": "ok"}])
+        msgs = self.rows([rec])[0]["messages"]
+        self.assertEqual(msgs[1]["content"], "Checking.\nDone checking.")
+        self.assertEqual(msgs[1]["tool_calls"][0]["function"]["name"], "f")
+
+
 class TestGeminiSchemas(AuditCase):
     def test_openapi_types_become_json_schema(self) -> None:
         # The SDK's upper-case types were copied as they are (an audit's finding): not JSON Schema.

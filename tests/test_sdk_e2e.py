@@ -29,6 +29,7 @@ Each SDK's tests skip themselves when it is not importable.
 from __future__ import annotations
 
 import base64
+import contextlib
 import importlib
 import io
 import json
@@ -39,9 +40,11 @@ import tempfile
 import unittest
 from typing import Any, Callable, Dict, List, Optional
 
+from proxy_llm import export
 from tests.sdk_replay import HEADER, Fixture, ReplayUpstream, find, fixtures, handle as replay
 from tests.support import (FIXTURES, ProxyProcess, ResumableUploads, all_files, base_config, provider, read_records,
                            wait_until)
+from tests.test_export import parse as export_args
 
 try:
     import openai
@@ -954,6 +957,41 @@ class GeminiSDKTest(ProxiedSDKCase):
         self.check_record(fx, rec, "gemini", stream=True, via=via)
         self.assertEqual(rec["endpoint"], "/v1alpha/models/%s:streamGenerateContent" % self.MODEL)
         self.assertEqual(gemini_summary([self.parse_record(rec)]), gemini_summary(via.chunks))
+
+    def test_chat_stream_history_exports_as_one_conversation(self):
+        # google-genai's chat keeps a streamed answer in its history as a model content per
+        # chunk, and sends it so with the next message: the export reads those contents as one
+        # turn, the answer the turn's own record holds, so --dedupe keeps one conversation.
+        fx = find("gemini/sse_text")
+        session = "gemini-chat-%s" % os.urandom(4).hex()
+        chat = self.via.chats.create(model=self.MODEL, config=genai_types.GenerateContentConfig(
+            http_options=genai_types.HttpOptions(headers={HEADER: fx.id, "X-Session-Id": session})))
+        questions = ("Why is the sky blue?", "And the sea?")
+        answers = []
+        for question in questions:
+            answers.append("".join(chunk.text or "" for chunk in chat.send_message_stream(question)))
+            last = json.loads(self.take_request().body)
+        self.assertGreater(len(last["contents"]), 3, "the SDK's history no longer holds a content per chunk")
+        self.assertTrue(all(answers))
+        wait_until(lambda: len([r for r in read_records(self.data_dir) if r["session_id"] == session]) == 2,
+                   DEADLINE, "two records of the chat")
+        want = [("user", questions[0]), ("assistant", answers[0]), ("user", questions[1]), ("assistant", answers[1])]
+        for fmt, key, role, text in (("openai-chat", "messages", "role", "content"),
+                                     ("sharegpt", "conversations", "from", "value")):
+            with self.subTest(fmt):
+                out = os.path.join(self.tmp, "chat-%s.jsonl" % fmt)
+                err = io.StringIO()
+                with contextlib.redirect_stderr(err):
+                    code = export.run(export_args(["--data-dir", self.data_dir, "--out", out, "--format", fmt,
+                                                   "--session", session, "--dedupe"]))
+                self.assertEqual(code, 0, err.getvalue())
+                with open(out, encoding="utf-8") as f:
+                    rows = [json.loads(line) for line in f]
+                self.assertEqual(len(rows), 1, err.getvalue())
+                got = [(m[role], m[text]) for m in rows[0][key]]
+                if fmt == "sharegpt":
+                    got = [("user" if who == "human" else "assistant", said) for who, said in got]
+                self.assertEqual(got, want)
 
     def test_files_upload(self):
         # client.files.upload: the start (POST /upload/v1/files), then the file in chunks to the
