@@ -643,8 +643,20 @@ class Recorder:
             if self._files_closed:  # (a writer late past close's deadline: it would open them again)
                 self._count_drop("shutdown", sum(len(lines) for (kind, _), lines in groups.items() if kind == RECORDS))
                 groups = {}
+            lost = set()  # the sessions whose records of this batch could not be written
             for key, lines in groups.items():
-                written += self._append(key, lines)
+                if key[0] == RECORDS:
+                    n = self._append(key, lines)
+                    if not n:
+                        lost.add(key[1])
+                    written += n
+                elif key[1] in lost:
+                    # Their records are lost (a file's group goes in one write, or none of it
+                    # does; its streams group comes after it): a line of events no record
+                    # names would be an orphan in streams/.
+                    self._count_drop("stream_write_error", len(lines))
+                else:
+                    self._append(key, lines)
             if self.fsync_mode == "always" or (
                     self.fsync_mode == "interval" and self._unsynced_since is not None
                     and self.monotonic() - self._unsynced_since >= self.fsync_interval):
@@ -697,12 +709,14 @@ class Recorder:
                 self.last_error = "%s: %s" % (errno.errorcode.get(exc.errno or 0, "error"), exc.strerror or exc)
             self._ratelog.warning("write_" + kind, "cannot write %s lines to %s: %s", kind, self.data_dir, self.last_error)
             return 0
-        if self.degraded:
+        if kind != RECORDS:
+            return 0
+        if self.degraded:  # (records are written again: a streams line says nothing of them)
             with self._stats_lock:
                 self.degraded = False
                 self.last_error = ""
-            log.warning("recording resumed in %s", self.data_dir)
-        return len(lines) if kind == RECORDS else 0
+            self._ratelog.warning("resumed", "recording resumed in %s", self.data_dir)
+        return len(lines)
 
     def _today(self, now: float) -> str:
         """The UTC day of ``now``, YYYYMMDD; formatted again only when ``now`` leaves the day

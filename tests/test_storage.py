@@ -1336,6 +1336,36 @@ class FaultTest(RecorderTestCase):
         self.assertEqual(rec.dropped, {"write_error": 1, "stream_write_error": 1})
         self.assertEqual(rec.dropped_total(), 1)
 
+    def test_a_disk_too_full_for_records_stays_degraded_and_keeps_their_streams_lines_out(self):
+        # A nearly full disk with streamed traffic: the big record lines failed, each small
+        # streams line still fitted, and its success cleared `degraded` (so /health said ok and
+        # fail_closed kept serving while every record was lost) and left an orphan line.
+        rec = self.recorder(start=False)
+
+        def records_do_not_fit(op, path, data):
+            if op in ("write", "writev") and os.sep + "streams" + os.sep not in path:
+                raise OSError(errno.ENOSPC, "No space left on device")
+        self.ops.fault = records_do_not_fit
+        for n in range(3):  # one batch: two sessions, a streamed exchange of each and a plain one
+            rec.submit([line("s", n), line("s", n, kind=STREAMS)] if n < 2 else line("t", n))
+            rec.submit([line("t", n), line("t", n, kind=STREAMS)] if n < 2 else line("s", n))
+        rec.start()
+        self.assertTrue(rec.flush(DEADLINE))
+        self.assertTrue(rec.degraded)
+        self.assertIn("ENOSPC", rec.last_error)
+        self.assertEqual(rec.dropped, {"write_error": 6, "stream_write_error": 4})
+        self.assertEqual([p for p in data_files(self.data_dir) if lines_of(p)], [])
+        for _ in range(6):
+            self.written.get(timeout=DEADLINE)
+        self.ops.fault = None
+        self.put(rec, [line("s", 9), line("s", 9, kind=STREAMS)])
+        self.assertFalse(rec.degraded)
+        self.assertEqual(rec.last_error, "")
+        written = {os.path.basename(os.path.dirname(p)): [json.loads(x)["n"] for x in lines_of(p)]
+                   for p in data_files(self.data_dir) if lines_of(p)}
+        self.assertEqual(sorted(written.values()), [[9], [9]], written)
+        self.assertEqual(sum("recording resumed" in m for m in self.logs.messages), 1, self.logs.messages)
+
     def test_a_file_that_cannot_be_cut_back_is_abandoned(self):
         rec = self.recorder()
         self.put(rec, line("s", 0))
