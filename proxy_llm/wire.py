@@ -314,7 +314,19 @@ def header_secrets(name: str, value: str) -> List[str]:
             password = pair.partition(":")[2]
             if password and password not in out:
                 out.append(password)
+    elif name in _AUTHORIZATION:
+        # Any other scheme (RFC 9110's credentials: a scheme, then a token68 or parameters),
+        # "Key <token>" or "Api-Key <token>": its token alone too, which an upstream may echo.
+        parts = value.split(None, 1)
+        if len(parts) == 2 and _AUTH_SCHEME.match(parts[0]) and parts[0].lower() not in _SCHEMES:
+            token = parts[1].strip()
+            if token and token not in out:
+                out.append(token)
     return out
+
+
+_AUTHORIZATION = ("authorization", "proxy-authorization")
+_AUTH_SCHEME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+\Z")  # RFC 9110's token
 
 
 def _basic_pair(token: str) -> Optional[str]:

@@ -664,6 +664,30 @@ class DecodedCredentialTest(SecurityTestCase):
                 self.assertNotIn(secret[8:].encode(), data, path)
 
 
+    def test_the_token_of_another_authorization_scheme_echoed_alone_reaches_no_file(self):
+        # "Authorization: Key <token>" (fal.ai's form), "Api-Key <token>": the header was
+        # redacted, but the token echoed alone in the answer and a header stayed.
+        rng = random.Random()
+        for scheme in ("Key", "Api-Key"):
+            with self.subTest(scheme=scheme):
+                token = "tok-%024x" % rng.getrandbits(96)
+                self.replies += [Reply(200, [("Content-Type", "application/json"), ("X-Echo", token)],
+                                       json.dumps({"choices": [{"index": 0, "message": {
+                                           "role": "assistant", "content": "your key " + token}}]}).encode())]
+                data_dir = os.path.join(self.tmp, scheme)
+                proxy = self.start_proxy(data_dir=data_dir)
+                request(proxy.url, body={"model": "gpt-4o"}, headers={
+                    "Authorization": "%s %s" % (scheme, token), "Content-Type": "application/json"})
+                [rec] = proxy.records()
+                self.assertIn("[REDACTED:", rec["response_body"]["choices"][0]["message"]["content"])
+                self.assertIn("[REDACTED:", rec["response_headers"]["x-echo"])
+                files = all_files(data_dir)
+                self.assertTrue(files)
+                for path in files:
+                    with open(path, "rb") as f:
+                        self.assertNotIn(token[4:].encode(), f.read(), path)
+
+
 class GatewayKeyTest(SecurityTestCase):
     def test_a_gateways_key_is_forwarded_but_reaches_no_file(self):
         # A base_url may be a gateway in front of the provider (Azure API Management, Cloudflare

@@ -237,6 +237,13 @@ class RedactionTest(unittest.TestCase):
         self.assertEqual(wire.header_secrets("cookie", 'a=1; sid="quoted-value"; b=; c=plain=with=equals'),
                          ['a=1; sid="quoted-value"; b=; c=plain=with=equals', "1", "quoted-value", "plain=with=equals"])
         self.assertEqual(wire.header_secrets("x-api-key", "a=1; b=2"), ["a=1; b=2"])  # not a cookie
+        # Other schemes (an audit's finding: the token of "Key <token>" alone was not scrubbed).
+        for name, value in (("authorization", "Key fal-token-123456"), ("proxy-authorization", "Api-Key\tfal-token-123456"),
+                            ("authorization", "Digest  fal-token-123456 ")):
+            with self.subTest(value=value):
+                self.assertEqual(wire.header_secrets(name, value), [value.strip(), "fal-token-123456"])
+        self.assertEqual(wire.header_secrets("x-api-key", "Key fal-token-123456"), ["Key fal-token-123456"])
+        self.assertEqual(wire.header_secrets("authorization", "a:b fal-token-123456"), ["a:b fal-token-123456"])
         self.assertEqual(wire.request_secrets([("Cookie", "sid=cookie-value-1"), ("Authorization", "Basic " + basic)], ""),
                          ["sid=cookie-value-1", "cookie-value-1", basic, "user:pässword-1", "pässword-1"])
 
