@@ -356,6 +356,13 @@ class RecordQueue:
                 self.bytes += size
         self._q.put(item)
 
+    def put_past_bound(self, item: "_Encoded") -> None:
+        """Queue a record already encoded, whatever the bounds (Recorder.submit)."""
+        if self.maxbytes:
+            with self._lock:
+                self.bytes += item.size
+        self._q.put(item)
+
     def taken(self, items: Iterable[object]) -> None:
         """The writer took these records (no control items) off the queue."""
         if self.maxbytes:
@@ -475,6 +482,12 @@ class Recorder:
         if (self.assist_above and self.queue.qsize() + self._held >= self.assist_above and not self.degraded
                 and not self.queue.full()):  # (a record that will be dropped is not worth encoding)
             item = self._encode_here(item)
+            if type(item) is _Encoded:
+                # Its ending and tokens are counted (the encoder's on_result): it is queued,
+                # though other threads may have filled the queue while it was encoded (by
+                # one record each at most, as the queue's bound allows).
+                self.queue.put_past_bound(item)
+                return True
         try:
             self.queue.put_nowait(item)
             return True

@@ -1439,6 +1439,34 @@ class FaultTest(RecorderTestCase):
         self.assertEqual(rec.queue.bytes, 0)
         self.assertEqual(sorted(n for n, name in encoded_by.items() if name != here), list(range(10)))
 
+    def test_a_record_encoded_here_is_queued_though_the_queue_filled_meanwhile(self):
+        # Encoding counts the exchange's ending and tokens (the metrics): a record encoded by
+        # its request thread was dropped when other threads filled the queue in the meantime,
+        # counted in the endings and in records_dropped both (an audit's finding).
+        rec = self.recorder(start=False, queue_size=8, queue_max_bytes=1 << 20,
+                            size_of=lambda item: len(item[2]), assist_above=2)
+        counted = []
+
+        def encode_while_others_fill_the_queue(item):
+            counted.append(json.loads(item[2])["n"])
+            if counted[-1] == 5:  # three other request threads fill the queue meanwhile
+                for n in (6, 7, 8):
+                    self.assertTrue(rec.queue.put_nowait(line("s", n)) is None)
+            return encode(item)
+        rec.encode = encode_while_others_fill_the_queue
+        for n in range(6):
+            self.assertTrue(rec.submit(line("s", n)))
+        self.assertEqual(rec.queue.qsize(), 9)  # (one past its bound: one racing thread's)
+        self.assertEqual(rec.assisted, 4)
+        self.assertFalse(rec.submit(line("s", 9)))  # full: dropped, not encoded
+        self.assertEqual(counted, [2, 3, 4, 5])
+        rec.start()
+        self.assertTrue(rec.flush(DEADLINE))
+        [path] = data_files(self.data_dir)
+        self.assertEqual(sorted(json.loads(x)["n"] for x in lines_of(path)), list(range(9)))
+        self.assertEqual((rec.written_total(), rec.dropped), (9, {"queue_full": 1}))
+        self.assertEqual(rec.queue.bytes, 0)
+
     def test_records_the_writer_took_but_has_not_encoded_count_as_backlog(self):
         # The writer takes a batch off the queue at once: the queue looks empty while the
         # writer still has the whole batch to encode. Request threads go on helping then.
