@@ -717,8 +717,12 @@ class Encoder:
             # (A stream of an API without a dialect has no terminal event to miss; one cut at
             # capture_max_body, Capture.truncated, is judged by its last part, Capture.tail,
             # when that could be read: otherwise its relay saw it end as the upstream ended it.)
-            ended = "upstream_eof"
-            notices.upstream_failed(ex.provider, ended, "stream ended without its terminal event")
+            if result.error:  # it ended on an error event of its own (Anthropic's overloaded_error)
+                ended = "upstream_error"
+                notices.upstream_failed(ex.provider, ended, "stream ended with an error event")
+            else:
+                ended = "upstream_eof"
+                notices.upstream_failed(ex.provider, ended, "stream ended without its terminal event")
         return (streamed, events, stream_truncated, resp_value, resp_raw, resp_body, result, reassembly_error,
                 decode_error, ended)
 

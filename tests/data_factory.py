@@ -676,7 +676,8 @@ _FIXTURE_REQUESTS = {
 def golden_records(clock: Clock) -> list:
     """A record per golden fixture of the chat dialects (tests/fixtures/<dialect>/*.expected.json),
     streamed and not: its reassembled answer to a short request; an answer the fixture marks
-    incomplete ended ``upstream_eof``, as the recorder would have it."""
+    incomplete ended ``upstream_eof`` (``upstream_error`` when it ended on an error event), as the
+    recorder would have it."""
     import glob
     out = []
     for dialect, (provider_type, endpoint, req) in sorted(_FIXTURE_REQUESTS.items()):
@@ -688,7 +689,8 @@ def golden_records(clock: Clock) -> list:
                                   provider_type=provider_type, dialect=dialect, endpoint=endpoint, model="m",
                                   request_body=copy.deepcopy(req), response_body=expected["response_body"],
                                   stream=stream, error=expected.get("error"),
-                                  ended="completed" if expected.get("complete", True) else "upstream_eof"))
+                                  ended="completed" if expected.get("complete", True) else
+                                  "upstream_error" if expected.get("error") else "upstream_eof"))
     return out
 
 

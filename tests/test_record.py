@@ -129,6 +129,21 @@ class EncoderTest(unittest.TestCase):
         self.assertEqual(rec["response_body"]["choices"][0]["message"]["content"], "par")
         self.assertEqual(rec["stream_events"], 1)
 
+    def test_stream_that_ends_on_an_error_event_is_upstream_error(self):
+        # Anthropic's way of telling an overload mid-stream: an error event, then the end. It
+        # was upstream_eof, told as a stream cut without its terminal event (an audit's finding).
+        resp = [b'event: message_start\ndata: {"type":"message_start","message":{"id":"m","type":"message",'
+                b'"role":"assistant","content":[],"model":"claude","stop_reason":null,"usage":{"input_tokens":3,'
+                b'"output_tokens":1}}}\n\n',
+                b'event: error\ndata: {"type":"error","error":{"type":"overloaded_error","message":"Overloaded"}}\n\n']
+        ex = exchange(path="/v1/messages", resp=resp, ctype="text/event-stream", stream=True)
+        ex.provider_type = ex.family = "anthropic"
+        ex.provider = Provider("overloaded", "anthropic", "http://upstream")  # (lines are rate-limited per provider)
+        with self.assertLogs("proxy_llm.upstream", "WARNING") as logs:
+            (rec, _), _ = encode(ex)
+        self.assertEqual((rec["ended"], rec["error"]), ("upstream_error", {"type": "overloaded_error", "message": "Overloaded"}))
+        self.assertIn("stream ended with an error event (upstream_error)", logs.output[0])
+
     def test_streams_line_is_the_json_of_its_fields(self):
         # The streams line is put together from the events' JSON strings: byte for byte what
         # json.dumps makes of the dict of its fields, for events of every kind (an event name or

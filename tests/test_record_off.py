@@ -97,9 +97,11 @@ class GoldenCountsTest(unittest.TestCase):
                 self.assertEqual(len(answers), 1, fx.id)  # (and neither proxy changed a byte: see test_proxy)
             for proxy in proxies.values():
                 proxy.flush()
-        self.assertTrue(all("without its terminal event" in line for line in logs.output), logs.output)
-        # (The cut streams of each provider are told once: 10 s between two lines of one.)
-        self.assertEqual(len(logs.output), 3, logs.output)
+        told = sorted(line.split(" stream ended ")[1] for line in logs.output)
+        # (The cut streams of each provider are told once, and those that ended on an error
+        # event of their own once: 10 s between two lines of one kind.)
+        self.assertEqual(told, ["with an error event (upstream_error)"] * 3
+                         + ["without its terminal event (upstream_eof)"] * 3, logs.output)
         on, off = (counted(proxies[record].server.metrics.render()) for record in (True, False))
         self.assertEqual(off, on)
         tokens = [line for line in on if line.startswith("proxy_llm_tokens_total")]

@@ -355,7 +355,8 @@ class ProxiedSDKCase(unittest.TestCase):
         """
         self.assertEqual(rec["status_code"], 200)
         expected = fx.expected or {}
-        want_ended = "completed" if expected.get("complete") else "upstream_eof"
+        want_ended = ("completed" if expected.get("complete") else
+                      "upstream_error" if expected.get("error") is not None else "upstream_eof")
         if via.error is not None and rec["ended"] == "client_aborted":
             return
         self.assertEqual(rec["ended"], want_ended)
