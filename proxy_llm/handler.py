@@ -717,8 +717,17 @@ class ProxyHandler(BaseHTTPRequestHandler):
                 ex.upstream_deadline = time.perf_counter() + config.response_header_timeout
                 conn.putrequest(self.command, target, skip_host=True, skip_accept_encoding=True)
                 conn.put_headers(out_headers)
-                conn.send_request_body(body)
-                sent = True
+                cut_short = None
+                try:
+                    conn.send_request_body(body)
+                except (BrokenPipeError, ConnectionResetError) as exc:
+                    # The upstream may have answered before it read the whole body, and closed:
+                    # a 401 or a 413 of a server that does not read what it refuses. Its answer
+                    # waits in the socket, as a client reading while it sends would get it.
+                    if conn.sock is None:
+                        raise
+                    cut_short = exc
+                sent = cut_short is None
                 # The upstream has the request: what is not needed to send it is done while
                 # it thinks, not before (cold, each costs the client several microseconds).
                 ex.assign_id()
@@ -727,8 +736,14 @@ class ProxyHandler(BaseHTTPRequestHandler):
                 conn.on_interim = self.pass_interim if self.request_version != "HTTP/1.0" else None
                 try:
                     resp = conn.getresponse()
+                except (OSError, http.client.HTTPException):
+                    if cut_short is not None:  # no answer: the send's own failure (a stale connection's)
+                        raise cut_short from None
+                    raise
                 finally:
                     conn.on_interim = None  # (a pooled connection holds no finished handler)
+                if cut_short is not None:
+                    resp.will_close = True  # (the connection is broken: never pooled again)
             except (OSError, http.client.HTTPException) as exc:
                 pool.discard(conn)
                 # The proxy's own cuts first: what the upstream socket then says (a reset, an

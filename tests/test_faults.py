@@ -794,6 +794,43 @@ class WatchdogTest(FaultTestCase):
 
 
 class UpstreamFaultTest(FaultTestCase):
+    def test_an_answer_sent_before_the_body_was_read_reaches_the_client(self):
+        # A server that refuses a big body without reading it (Go's net/http reads 256 KB
+        # before it closes; auth middleware; a 413) answers and closes: the proxy's send of the
+        # body then fails, and it answered 502 upstream_unavailable instead of the provider's
+        # answer, which a client reading while it sends gets (an audit's finding, with curl).
+        answer = b'{"error":{"message":"body too large","type":"invalid_request_error"}}'
+        listener = socket.socket()
+        self.addCleanup(listener.close)
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # (the body fills it at once)
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(4)
+        heads = queue.Queue()
+
+        def refuse():
+            conn, _ = listener.accept()
+            with conn:
+                head = read_until(conn, b"\r\n\r\n")
+                heads.put(head)
+                conn.sendall(b"HTTP/1.1 413 Payload Too Large\r\nContent-Type: application/json\r\n"
+                             b"Connection: close\r\nContent-Length: %d\r\n\r\n%s" % (len(answer), answer))
+                conn.shutdown(socket.SHUT_WR)
+            # (closed with the body unread: a reset, which fails the proxy's send)
+        thread = threading.Thread(target=refuse, daemon=True)
+        thread.start()
+        proxy = self.start_proxy([provider("openai", "openai", "http://127.0.0.1:%d" % listener.getsockname()[1],
+                                           "", ["gpt-*"])], capture_max_body=1 << 20)
+        body = b'{"model":"gpt-4o","input":"%s"}' % (b"x" * (12 << 20))
+        status, headers, data = request(proxy.url, body=body)
+        self.assertEqual((status, data), (413, answer))
+        self.assertEqual(header(headers, "Content-Type"), "application/json")
+        thread.join(DEADLINE)
+        self.assertTrue(heads.get_nowait().startswith(b"POST /v1/chat/completions"))
+        [rec] = proxy.records()
+        self.assertEqual((rec["status_code"], rec["ended"], rec["request_bytes"]), (413, "completed", len(body)))
+        self.assertEqual(rec["error"]["type"], "invalid_request_error")
+        self.assertEqual(len(proxy.server.pools["openai"]._idle), 0)  # (its connection is not kept)
+
     def test_upstream_reset_mid_stream(self):
         self.replies.append(sse_reply([chunk_event("Hel"), chunk_event("lo"), "RESET"]))
         proxy = self.start_proxy()
