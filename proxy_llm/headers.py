@@ -147,7 +147,9 @@ def response_headers(fp, _class=http.client.HTTPMessage):
     lines RFC 9112 lets a proxy mend mended first: the blanks between a field's name and its
     colon are taken out (5.1: a proxy must), and a line that is not a field line at all is
     dropped alone. The email parser stopped at either and took every field after it, the
-    framing ones among them, for the body."""
+    framing ones among them, for the body. A bare CR in a line (not before its LF) is a space
+    (2.2: a recipient may replace it so): the email parser ended the line there, and took the
+    rest of the block for the body, or the rest of the line for a field of its own."""
     fields = take_fields(fp)
     if fields is not None:
         return message(fields, _class)
@@ -156,6 +158,9 @@ def response_headers(fp, _class=http.client.HTTPMessage):
         if line in (b"\r\n", b"\n", b""):
             kept.append(line)
             break
+        end = 2 if line.endswith(b"\r\n") else 1 if line.endswith(b"\n") else 0
+        if line.find(b"\r", 0, len(line) - end) >= 0:
+            line = line[:len(line) - end].replace(b"\r", b" ") + line[len(line) - end:]
         # (What the email parser reads as a header line: it takes any other for the end of the
         # block, and every field after it for the body.)
         if email.feedparser.headerRE.match(line.decode("iso-8859-1")) is None:

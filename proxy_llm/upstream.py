@@ -241,7 +241,9 @@ class Response(http.client.HTTPResponse):
             if lname in _BEGIN_HEADERS:
                 if lname not in first:
                     first[lname] = value
-                elif lname == "transfer-encoding":  # (its lines are one list: RFC 9110 5.3)
+                elif lname == "transfer-encoding" or lname == "content-length":
+                    # (Its lines are one list, RFC 9110 5.3: Content-Length's then has to be
+                    # one value given again, below, as on one line.)
                     first[lname] += ", " + value
         te = first.get("transfer-encoding")
         length = first.get("content-length")
@@ -267,14 +269,9 @@ class Response(http.client.HTTPResponse):
                                    or (proxy_connection and "keep-alive" in proxy_connection.lower()))
         self.length = None
         if length and not self.chunked and not self.codings:
-            try:
+            if length.isdigit() and length.isascii():  # (int() takes "+2", " 2" and "0_2" too)
                 self.length = int(length)
-            except ValueError:
-                self.length = None
-            else:
-                if self.length < 0:
-                    self.length = None
-            if self.length is None and not no_body:
+            elif not no_body:
                 # RFC 9112 6.3: a list of one value given again ("7, 7") is that value; any
                 # other is an error, not a body to read to the close (the standard begin's
                 # reading, which a keep-alive upstream answers with silence).
