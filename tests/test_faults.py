@@ -332,6 +332,34 @@ class PooledConnectionTest(FaultTestCase):
         self.assertEqual([raw.requests.get_nowait()[0] for _ in range(n + 1)][-1], n - 1)
 
 
+class KnownLengthStreamTest(FaultTestCase):
+    def test_events_of_a_stream_with_a_content_length_go_on_as_they_come(self):
+        # A body of a known length up to 256 KB went in one write with its head, once read
+        # whole: a text/event-stream with a Content-Length (a buffering gateway's, a replay
+        # server's) reached the client all at once at its end, its head too (an audit's finding).
+        events = [b"data: {\"n\":%d}\n\n" % n for n in range(2)] + [b"data: [DONE]\n\n"]
+        gates = [threading.Event() for _ in events[1:]]
+        for gate in gates:
+            self.addCleanup(gate.set)
+        head = (b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nContent-Length: %d\r\n\r\n"
+                % sum(map(len, events)))
+        raw = RawUpstream(self, lambda conn, k: [head + events[0], gates[0], events[1], gates[1], events[2]])
+        proxy = self.start_proxy([provider("openai", "openai", raw.url, "", ["gpt-*"])])
+        conn = http.client.HTTPConnection("127.0.0.1", proxy.port, timeout=DEADLINE)
+        self.addCleanup(conn.close)
+        conn.request("POST", "/v1/chat/completions", body=b'{"model":"gpt-4o","stream":true}',
+                     headers={"Content-Type": "application/json"})
+        resp = conn.getresponse()  # (the head, before the body's end)
+        self.assertEqual((resp.status, resp.length), (200, sum(map(len, events))))
+        for event, gate in zip(events, gates + [None]):
+            self.assertEqual(resp.read(len(event)), event)  # each before the next is sent
+            if gate is not None:
+                gate.set()
+        self.assertEqual(resp.read(), b"")
+        [rec] = proxy.records()
+        self.assertEqual((rec["ended"], rec["stream_events"]), ("completed", 3))
+
+
 class UnreadableHeadTest(FaultTestCase):
     def test_a_head_past_the_standard_librarys_limits_is_named_as_such(self):
         # It was "upstream ... unreachable: HTTPException", for an upstream that had answered.
