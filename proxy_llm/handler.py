@@ -865,8 +865,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
         idle = self.server.config.stream_idle_timeout
         complete = False
         try:
-            if no_body or (known_length and resp.length <= SMALL_BODY and not is_event_stream(
-                    joined_headers(fields, _CONTENT_TYPE).get("content-type", ""))):
+            if no_body or (known_length and resp.length <= SMALL_BODY and not is_event_stream(resp.content_type)):
                 # One write for headers and a small body (not events, even of a known length:
                 # each goes on as it comes).
                 ex.upstream_deadline = perf_counter() + idle

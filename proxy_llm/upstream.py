@@ -129,7 +129,8 @@ _NOT_IN_PHRASE = re.compile(r"[^\t\x20-\x7e\x80-\xff]")
 # a line no HTTP client would read as that status would reach the client as a plain one.
 _LENIENT_STATUS = re.compile(rb"[ \t\x0b\x0c\r]*HTTP/[\x21-\x7e]*[ \t\x0b\x0c\r]+[0-9]{3}"
                              rb"(?:[ \t\x0b\x0c\r][^\n]*)?\n?\Z")
-_BEGIN_HEADERS = frozenset(("transfer-encoding", "content-length", "connection", "keep-alive", "proxy-connection"))
+_BEGIN_HEADERS = frozenset(("transfer-encoding", "content-length", "connection", "keep-alive", "proxy-connection",
+                            "content-type"))
 
 
 class Response(http.client.HTTPResponse):
@@ -153,6 +154,9 @@ class Response(http.client.HTTPResponse):
     """
 
     interim: List[Tuple[int, str, List[Tuple[str, str]]]] = []
+    # The first Content-Type's value ("" for none), read with the framing's fields: the relay
+    # goes on with an event stream as it comes, whatever its length.
+    content_type = ""
     # Called with each informational head (status, phrase, fields) as it is read, so that it
     # reaches the client then, not with the final head (set by ``_OneSend.response_class``).
     on_interim = None
@@ -247,6 +251,7 @@ class Response(http.client.HTTPResponse):
                     first[lname] += ", " + value
         te = first.get("transfer-encoding")
         length = first.get("content-length")
+        self.content_type = first.get("content-type", "")
         connection = first.get("connection")
         keep_alive = first.get("keep-alive")
         proxy_connection = first.get("proxy-connection")
