@@ -84,6 +84,7 @@ _DROP_FOREIGN_AND_AUTHORIZATION = {key: drop | {"authorization"} for key, drop i
 _KEY_OWNERS = (("sk-ant-", "anthropic"), ("AIza", "gemini"))
 DECODABLE = frozenset(("gzip", "x-gzip", "deflate", "identity"))
 SMALL_BODY = 256 * 1024
+EMPTY_LINES_MAX = 16  # empty lines skipped before a request line (handler.parse_request)
 
 
 def endpoint_label(path: str) -> str:
@@ -307,9 +308,16 @@ class ProxyHandler(BaseHTTPRequestHandler):
         results (command, path, request_version, headers, close_connection, Expect), less
         work; any other line is left to it."""
         self.expect_continue = False
-        if self.raw_requestline in (b"\r\n", b"\n"):
-            # RFC 9112 2.2: an empty line before a request line is ignored (a client's stray
-            # CRLF after a body), not taken for a bad request that silently closes the connection.
+        blanks = 0
+        while self.raw_requestline in (b"\r\n", b"\n"):
+            # RFC 9112 2.2: empty lines before a request line are ignored (a client's stray
+            # CRLFs after a body), not taken for a bad request that silently closes the
+            # connection; past EMPTY_LINES_MAX of them, a 400.
+            blanks += 1
+            if blanks > EMPTY_LINES_MAX:
+                self.requestline = self.request_version = self.command = ""
+                self.send_error(400, "Bad request line")
+                return False
             self.raw_requestline = self.rfile.readline(65537)
             if len(self.raw_requestline) > 65536:
                 self.requestline = self.request_version = self.command = ""

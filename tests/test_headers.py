@@ -234,8 +234,14 @@ class ParseRequestTest(unittest.TestCase):
                     self.assertEqual(got[1:], want[1:])
             ok, *_, answer, left = parsed(blank, ProxyHandler.parse_request)  # then the end
             self.assertEqual((ok, answer, left), (False, b"", b""))
-        # One empty line only, as the RFC asks at least.
-        self.assertFalse(parsed(b"\r\n\r\n" + REQUESTS[0], ProxyHandler.parse_request)[0])
+        # Several (two stray CRLFs dropped the request, unanswered: an audit's finding), up to
+        # EMPTY_LINES_MAX; past them, a 400, not a silent close.
+        got = parsed(b"\r\n\n" * 8 + REQUESTS[0], ProxyHandler.parse_request)
+        self.assertTrue(got[0])
+        self.assertEqual(got[1:], parsed(REQUESTS[0], BaseHTTPRequestHandler.parse_request)[1:])
+        ok, *_, answer, left = parsed(b"\r\n" * 17 + REQUESTS[0], ProxyHandler.parse_request)
+        self.assertFalse(ok)
+        self.assertTrue(answer.startswith(b"HTTP/1.1 400 "), answer[:40])
 
 
 if __name__ == "__main__":
