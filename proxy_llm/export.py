@@ -124,7 +124,9 @@ both chat formats, counted ``empty_assistant_turn``; the messages around it stay
 Skipped records (counted by reason): ``not_chat`` (embeddings, model lists,
 token counting, legacy completions, anything not a chat dialect), ``error``
 (no status, a non-2xx status, or an ``error`` in the record), ``truncated``
-(a body was cut at capture time, ``capture_max_body``), ``bad_body`` (a body without the
+(a body was cut at capture time, ``capture_max_body``, or a stream's event past
+``max_sse_event`` left out), ``max_tokens`` (the answer stopped at its token limit,
+cut mid-way), ``bad_body`` (a body without the
 dialect's shape), ``no_response`` (no assistant message in the response),
 ``empty_answer`` (the answer has neither text nor tool calls: thinking only, with
 or without ``--include-thinking``, or only non-text parts), ``unsupported_tool_call``
@@ -977,11 +979,13 @@ def convert(record: dict, dropped: Counter | None = None) -> Conversation:
     status = record.get("status_code")
     if not isinstance(status, int) or not 200 <= status < 300 or record.get("error"):
         raise Skip("error")
-    if isinstance(record.get("truncated"), dict) and record["truncated"]:
-        raise Skip("truncated")
+    if (isinstance(record.get("truncated"), dict) and record["truncated"]) or record.get("stream_truncated") is True:
+        raise Skip("truncated")  # (a body cut at capture_max_body; an event past max_sse_event left out)
     req, resp = record.get("request_body"), record.get("response_body")
     if not isinstance(req, dict):
         raise Skip("bad_body")
+    if _stopped_at_max_tokens(dialect, resp):
+        raise Skip("max_tokens")
     if dialect == "openai_chat":
         conv = _from_openai_chat(req, resp, dropped)
     elif dialect == "openai_responses":
@@ -997,6 +1001,30 @@ def convert(record: dict, dropped: Counter | None = None) -> Conversation:
     if not conv.messages or conv.messages[-1]["role"] != "assistant" or not _assistant_has_content(conv.messages[-1]):
         raise Skip("no_response")
     return conv
+
+
+def _stopped_at_max_tokens(dialect: str, resp) -> bool:
+    """Whether the answer stopped at its token limit, cut mid-way: OpenAI chat's
+    ``finish_reason: "length"``, a Responses ``status: "incomplete"`` for
+    ``max_output_tokens``, Anthropic's ``stop_reason: "max_tokens"`` (or the context window's),
+    Gemini's ``finishReason: "MAX_TOKENS"`` (a JSON-array stream's last)."""
+    if isinstance(resp, list):  # (Gemini's streamed JSON array, as an older record holds it)
+        resp = resp[-1] if resp else None
+    if not isinstance(resp, dict):
+        return False
+    if dialect == "openai_chat":
+        choices = resp.get("choices")
+        first = choices[0] if isinstance(choices, list) and choices else None
+        return isinstance(first, dict) and first.get("finish_reason") == "length"
+    if dialect == "openai_responses":
+        details = resp.get("incomplete_details")
+        return resp.get("status") == "incomplete" and isinstance(details, dict) and (
+            details.get("reason") == "max_output_tokens")
+    if dialect == "anthropic_messages":
+        return resp.get("stop_reason") in ("max_tokens", "model_context_window_exceeded")
+    candidates = resp.get("candidates")
+    first = candidates[0] if isinstance(candidates, list) and candidates else None
+    return isinstance(first, dict) and _get(first, "finishReason", "finish_reason") == "MAX_TOKENS"
 
 
 def _arguments(text) -> str:

@@ -541,8 +541,9 @@ class TestGoldenResponses(unittest.TestCase):
         "openai_responses/reasoning_summary": ('"reasoning_content"', {}),
         "anthropic_messages/thinking_signature": ("27 * 453 = 12,231", {"redacted_thinking": 1}),
         "gemini/sse_function_calls": ('"name": "get_weather"', {}),
-        "gemini/sse_two_candidates": ("Roses are red", {"choice": 1}),
     }
+    # Answers that stopped at their token limit, cut mid-way: skipped as max_tokens.
+    MAX_TOKENS = {"openai_chat/usage_no_done", "openai_responses/incomplete", "gemini/sse_two_candidates"}
 
     # Answers resting on a tool the chat formats cannot hold: skipped as unsupported_tool_call.
     UNSUPPORTED = {"openai_chat/search_annotations", "openai_responses/builtin_tools",
@@ -553,6 +554,7 @@ class TestGoldenResponses(unittest.TestCase):
         import glob
         seen = set()
         unsupported = set()
+        cut = set()
         for dialect, req in self.REQUESTS.items():
             paths = sorted(glob.glob(os.path.join(ROOT, "tests", "fixtures", dialect, "*.expected.json")))
             if not paths:
@@ -572,6 +574,9 @@ class TestGoldenResponses(unittest.TestCase):
                         if skip.reason == "unsupported_tool_call":
                             unsupported.add(name)
                             continue
+                        if skip.reason == "max_tokens":
+                            cut.add(name)
+                            continue
                         if skip.reason == "bad_tool_arguments":  # a call cut mid-arguments
                             self.assertIs(expected.get("complete"), False, "good arguments were refused")
                             continue
@@ -589,6 +594,7 @@ class TestGoldenResponses(unittest.TestCase):
                         self.assertEqual(dict(dropped), counts)
         self.assertEqual(seen, set(self.EXPECT))
         self.assertEqual(unsupported, self.UNSUPPORTED)
+        self.assertEqual(cut, self.MAX_TOKENS)
 
 
 class TestConvertUnits(unittest.TestCase):
@@ -608,6 +614,40 @@ class TestConvertUnits(unittest.TestCase):
         with self.assertRaises(export.Skip) as ctx:
             export.convert(rec)
         self.assertEqual(ctx.exception.reason, "truncated")
+
+    def test_a_stream_with_an_event_left_out_is_skipped_as_truncated(self) -> None:
+        # An event past max_sse_event is left out of the reassembly (stream_truncated): the
+        # answer had a hole and was exported as whole (an audit's finding).
+        rec = df.openai_chat(df.Clock(), "s", [{"role": "user", "content": "x"}], {"content": "Start.  End."},
+                             stream=True, stream_truncated=True)
+        with self.assertRaises(export.Skip) as ctx:
+            export.convert(rec)
+        self.assertEqual(ctx.exception.reason, "truncated")
+
+    def test_an_answer_cut_at_its_token_limit_is_skipped(self) -> None:
+        # Exported as a finished turn, it taught a model to stop mid-sentence (an audit's finding).
+        clock = df.Clock(seed=3)
+        user = [{"role": "user", "content": "Tell me a story"}]
+        chat = df.openai_chat(clock, "s", user, {"content": "Once upon a"})
+        responses = df.openai_responses(clock, "s", "Tell me a story", [
+            {"type": "message", "role": "assistant", "content": [{"type": "output_text", "text": "Once upon a"}]}])
+        claude = df.anthropic(clock, "s", user, [{"type": "text", "text": "Once upon a"}])
+        gem = df.gemini(clock, "s", [{"role": "user", "parts": [{"text": "Tell me a story"}]}], [{"text": "Once upon a"}])
+        cuts = [(chat, lambda r: r["response_body"]["choices"][0].update(finish_reason="length")),
+                (responses, lambda r: r["response_body"].update(status="incomplete",
+                                                                incomplete_details={"reason": "max_output_tokens"})),
+                (claude, lambda r: r["response_body"].update(stop_reason="max_tokens")),
+                (gem, lambda r: r["response_body"]["candidates"][0].update(finishReason="MAX_TOKENS"))]
+        for rec, cut in cuts:
+            with self.subTest(rec["dialect"]):
+                self.assertEqual(export.convert(rec).messages[-1]["parts"][0]["text"], "Once upon a")
+                cut(rec)
+                with self.assertRaises(export.Skip) as ctx:
+                    export.convert(rec)
+                self.assertEqual(ctx.exception.reason, "max_tokens")
+        # Not a cut: Responses' incomplete for a content filter is another matter (exported).
+        responses["response_body"]["incomplete_details"] = {"reason": "content_filter"}
+        self.assertEqual(len(export.convert(responses).messages), 2)
 
     def test_extra_choices_and_redacted_thinking_are_counted(self) -> None:
         clock = df.Clock()
