@@ -1687,6 +1687,8 @@ def _validate(args, default_data_dir) -> str:
         raise UsageError("no data dir: pass --data-dir")
     if args.out == "":  # (an unset variable in a script?): not stdout, quietly
         raise UsageError("--out: an empty path")
+    if args.out == "-":  # stdout, as the tools' convention has it (not a file named "-")
+        args.out = None
     if args.split is not None:
         if not 0.0 < args.split < 1.0:
             raise UsageError("--split: %s is not between 0 and 1" % args.split)
@@ -1695,12 +1697,28 @@ def _validate(args, default_data_dir) -> str:
     return data_dir
 
 
+def _check_outputs(paths, files) -> None:
+    """UsageError when an output path is one of the record files the export reads: the export
+    would replace the recording it is made from."""
+    for path in paths:
+        if path is None or not os.path.exists(path):
+            continue
+        for record_file in files:
+            try:
+                same = os.path.samefile(path, record_file)
+            except OSError:
+                continue
+            if same:
+                raise UsageError("--out: %s is a record file of the data dir: the export would replace it" % path)
+
+
 def run(args, default_data_dir=None) -> int:
     """Run export; 0 rows written, 1 nothing matched, 2 bad usage or unreadable data dir."""
     try:
         data_dir = _validate(args, default_data_dir)
         run_ = _Run(args, data_dir)
         files = reader.record_files(data_dir)
+        _check_outputs(split_paths(args.out) if args.split is not None else [args.out], files)
     except (UsageError, reader.DataDirError) as exc:
         sys.stderr.write("proxy_llm export: %s\n" % exc)
         return 2

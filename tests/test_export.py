@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import argparse
+import glob
 import io
 import json
 import os
@@ -437,6 +438,29 @@ class TestCommand(ExportTestCase):
         self.assertEqual(len(out.splitlines()), len(self.man.chat_ok) - 1)
         self.assertIn("sharegpt_order 1)", err)
         self.assertIn("to stdout", err)
+
+    def test_out_dash_is_stdout(self) -> None:
+        # (A file named "-" was written: an audit's finding.)
+        cwd = os.getcwd()
+        os.chdir(self.tmp)
+        self.addCleanup(os.chdir, cwd)
+        code, err, out = self.export("--data-dir", self.data, "--format", "records", "--out", "-")
+        self.assertEqual(code, 0, err)
+        self.assertEqual(len(out.splitlines()), len(self.man.records))
+        self.assertFalse(os.path.exists(os.path.join(self.tmp, "-")))
+
+    def test_out_may_not_be_a_record_file_it_reads(self) -> None:
+        # It replaced the recording with the export's rows, exit 0 (an audit's finding).
+        record_file = sorted(glob.glob(os.path.join(self.data, "session_*", "*.jsonl")))[0]
+        with open(record_file, "rb") as fh:
+            before = fh.read()
+        for argv in (("--out", record_file), ("--out", os.path.join(self.data, ".", os.path.relpath(
+                record_file, self.data)))):
+            code, err, _ = self.export("--data-dir", self.data, "--format", "records", *argv)
+            self.assertEqual(code, 2, err)
+            self.assertIn("is a record file of the data dir", err)
+        with open(record_file, "rb") as fh:
+            self.assertEqual(fh.read(), before)
 
     def test_default_data_dir_is_used(self) -> None:
         code, _, out = self.export("--format", "records", default_data_dir=self.data)
