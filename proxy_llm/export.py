@@ -1667,6 +1667,10 @@ def _summary(run: _Run, outputs: list) -> str:
         parts.append("%d file%s not named as the recorder names its files skipped (%s%s)" % (
             len(s.skipped_files), "" if len(s.skipped_files) == 1 else "s",
             ", ".join(reader.shown(p) for p in s.skipped_files[:3]), ", ..." if len(s.skipped_files) > 3 else ""))
+    if s.twins:  # (a compression cut short leaves both; verify says whether they differ)
+        parts.append("%d .jsonl.gz twin%s of a plain file read once, as the plain one (%s%s)" % (
+            len(s.twins), "" if len(s.twins) == 1 else "s",
+            ", ".join(reader.shown(p) for p in s.twins[:3]), ", ..." if len(s.twins) > 3 else ""))
     if run.filtered_out:
         parts.append("%d filtered out" % run.filtered_out)
     if run.skipped:

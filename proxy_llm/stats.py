@@ -14,7 +14,7 @@ is skipped, counted and named (relative to the data dir).  ``--json`` prints
 one JSON object instead::
 
     {"data_dir": ..., "read": {"files", "lines", "records", "torn", "bad_lines", "problems", "skipped_files"},
-     "skipped": [file], "total": GROUP, "sessions": {name: GROUP}, "models": {...}, "providers": {...}}
+     "skipped": [file], "twins": [file], "total": GROUP, "sessions": {name: GROUP}, "models": {...}, "providers": {...}}
     GROUP = {"requests", "ended": {ending: n}, "http_errors", "status": {"2xx": n, ..., "none": n},
              "tokens": {kind: n}, "duration_ms": {"p50", "p95"}, "ttft_ms": {"p50", "p95"},
              "request_bytes", "response_bytes"}
@@ -198,10 +198,17 @@ def skipped_names(read: reader.ReadStats, data_dir: str) -> list:
     return [reader.shown(os.path.relpath(path, data_dir)) for path in read.skipped_files]
 
 
+def twin_names(read: reader.ReadStats, data_dir: str) -> list:
+    """The ``X.jsonl.gz`` files not read because ``X.jsonl`` is, relative to the data dir."""
+    return [reader.shown(os.path.relpath(path, data_dir)) for path in read.twins]
+
+
 def render_text(report: Report, data_dir: str) -> str:
     parts = ["%s: %s" % (data_dir, report.read.summary())]
     for name in skipped_names(report.read, data_dir):
         parts[0] += "\nskipped, not named as the recorder names its files: %s" % name
+    for name in twin_names(report.read, data_dir):
+        parts[0] += "\nread once, as the plain file beside it (a compression cut short): %s" % name
     if report.total.requests:
         parts.append(render_table("session", report.sessions, report.total))
         parts.append(render_table("model", report.models, report.total))
@@ -220,6 +227,7 @@ def render_json(report: Report, data_dir: str) -> str:
         "data_dir": data_dir,
         "read": report.read.to_json(),
         "skipped": skipped_names(report.read, data_dir),
+        "twins": twin_names(report.read, data_dir),
         "total": report.total.to_json(),
         "sessions": table(report.sessions),
         "models": table(report.models),

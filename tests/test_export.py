@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import argparse
 import glob
+import gzip
 import io
 import json
 import os
@@ -461,6 +462,17 @@ class TestCommand(ExportTestCase):
             self.assertIn("is a record file of the data dir", err)
         with open(record_file, "rb") as fh:
             self.assertEqual(fh.read(), before)
+
+    def test_a_twin_is_named_in_the_summary(self) -> None:
+        # X.jsonl.gz beside X.jsonl (a compression cut short) is read once, as the plain file:
+        # the summary said nothing of it (an audit's finding); verify compares the two.
+        record_file = sorted(glob.glob(os.path.join(self.data, "session_*", "*.jsonl")))[0]
+        with open(record_file, "rb") as src, gzip.open(record_file + ".gz", "wb") as dst:
+            dst.write(src.read())
+        code, err, out = self.export("--data-dir", self.data, "--format", "records")
+        self.assertEqual(code, 0, err)
+        self.assertEqual(len(out.splitlines()), len(self.man.records))
+        self.assertIn("1 .jsonl.gz twin of a plain file read once, as the plain one (%s.gz)" % record_file, err)
 
     def test_default_data_dir_is_used(self) -> None:
         code, _, out = self.export("--format", "records", default_data_dir=self.data)

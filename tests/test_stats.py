@@ -1,6 +1,8 @@
 from __future__ import annotations
 
 import argparse
+import glob
+import gzip
 import io
 import json
 import os
@@ -122,6 +124,19 @@ class TestStats(unittest.TestCase):
         self.assertEqual(head[1:], ["skipped, not named as the recorder names its files: " + name for name in strays])
         self.assertEqual([line for line in out.splitlines() if line.startswith("total ")][0].split()[1],
                          str(len(self.man.records)))
+
+    def test_a_twin_is_read_once_and_named(self) -> None:
+        plain = sorted(glob.glob(os.path.join(self.data, "session_*", "*.jsonl")))[0]
+        with open(plain, "rb") as src, gzip.open(plain + ".gz", "wb") as dst:
+            dst.write(src.read())
+        twin = os.path.relpath(plain + ".gz", self.data)
+        report = self.json_report()
+        self.assertEqual(report["total"]["requests"], len(self.man.records))
+        self.assertEqual(report["twins"], [twin])
+        code, out, _ = run_stats("--data-dir", self.data)
+        self.assertEqual(code, 0)
+        self.assertIn("\nread once, as the plain file beside it (a compression cut short): " + twin,
+                      out.split("\n\n")[0])
 
     def test_empty_and_missing_data_dirs(self) -> None:
         empty = os.path.join(self.tmp, "empty")
