@@ -982,7 +982,9 @@ def convert(record: dict, dropped: Counter | None = None) -> Conversation:
     if (isinstance(record.get("truncated"), dict) and record["truncated"]) or record.get("stream_truncated") is True:
         raise Skip("truncated")  # (a body cut at capture_max_body; an event past max_sse_event left out)
     req, resp = record.get("request_body"), record.get("response_body")
-    if not isinstance(req, dict):
+    if not isinstance(req, dict) or not isinstance(resp, (dict, list)):
+        # (A body kept as its text: not JSON, nested past what the loaders take, a stream
+        # whose reassembly failed.)
         raise Skip("bad_body")
     if _stopped_at_max_tokens(dialect, resp):
         raise Skip("max_tokens")

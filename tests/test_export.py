@@ -651,6 +651,15 @@ class TestConvertUnits(unittest.TestCase):
             export.convert(rec)
         self.assertEqual(ctx.exception.reason, "truncated")
 
+    def test_an_answer_kept_as_text_is_a_bad_body(self) -> None:
+        # (Nested past what the loaders take, not JSON, a stream whose reassembly failed: it was
+        # skipped as no_response, an answer without an assistant message: an audit's finding.)
+        rec = df.openai_chat(df.Clock(), "s", [{"role": "user", "content": "x"}], {"content": "y"})
+        rec["response_body"] = json.dumps(rec["response_body"])
+        with self.assertRaises(export.Skip) as ctx:
+            export.convert(rec)
+        self.assertEqual(ctx.exception.reason, "bad_body")
+
     def test_a_stream_with_an_event_left_out_is_skipped_as_truncated(self) -> None:
         # An event past max_sse_event is left out of the reassembly (stream_truncated): the
         # answer had a hole and was exported as whole (an audit's finding).
