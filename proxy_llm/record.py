@@ -1175,7 +1175,8 @@ def _compact_encoder(ensure_ascii: bool) -> Callable[[Any], str]:
     the encoding. The C encoder made once here is used when this interpreter has one that gives
     the same text as the public API on a sample; otherwise the public API, made once.
     """
-    public = json.JSONEncoder(ensure_ascii=ensure_ascii, separators=(",", ":"), check_circular=False)
+    public = json.JSONEncoder(ensure_ascii=ensure_ascii, separators=(",", ":"), check_circular=False,
+                              allow_nan=False)
     make = getattr(json.encoder, "c_make_encoder", None)
     quote = json.encoder.c_encode_basestring_ascii if ensure_ascii else json.encoder.c_encode_basestring
     if make is None or quote is None:
@@ -1183,7 +1184,7 @@ def _compact_encoder(ensure_ascii: bool) -> Callable[[Any], str]:
     try:
         # (markers, default, encoder, indent, key_separator, item_separator, sort_keys,
         #  skipkeys, allow_nan): JSONEncoder.iterencode's own call, in every Python since 3.2.
-        encoder = make(None, public.default, quote, None, ":", ",", False, False, True)
+        encoder = make(None, public.default, quote, None, ":", ",", False, False, False)
         join = "".join
 
         def encode(value: Any) -> str:
@@ -1209,3 +1210,27 @@ def _dumps(value: Any) -> bytes:
     except UnicodeEncodeError:
         # A lone surrogate cannot be UTF-8 encoded; \u-escapes keep it as valid JSON.
         return _encode_ascii(value).encode("ascii")
+    except ValueError:
+        # A number JSON cannot hold, NaN or Infinity: read from a stream's events (a literal
+        # NaN some servers write for a logprob, or 1e400) into a rebuilt body. Written as its
+        # name, a string, so that the line stays JSON (and loads: every loader refuses NaN).
+        return _dumps(_finite(value))
+
+
+def _finite(value: Any) -> Any:
+    """``value`` with every float that is NaN or infinite as the string JSON's extension
+    names it ("NaN", "Infinity", "-Infinity"), in lists and dicts at any depth."""
+    if type(value) is float:
+        if value != value:
+            return "NaN"
+        if value in (_INF, -_INF):
+            return "Infinity" if value > 0 else "-Infinity"
+        return value
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_finite(v) for v in value]
+    return value
+
+
+_INF = float("inf")

@@ -13,7 +13,7 @@ import unittest
 import zlib
 from unittest import mock
 
-from proxy_llm import dialects, notices, record, storage, verify, wire
+from proxy_llm import dialects, notices, reader, record, storage, verify, wire
 from proxy_llm.config import Provider
 from proxy_llm.record import FIELDS, Capture, Encoder, Exchange, session_file_id
 from proxy_llm.sniff import sniff
@@ -143,6 +143,38 @@ class EncoderTest(unittest.TestCase):
             (rec, _), _ = encode(ex)
         self.assertEqual((rec["ended"], rec["error"]), ("upstream_error", {"type": "overloaded_error", "message": "Overloaded"}))
         self.assertIn("stream ended with an error event (upstream_error)", logs.output[0])
+
+    def test_numbers_json_cannot_hold_are_written_as_their_names(self):
+        # A literal NaN or -Infinity in an event (a server's json.dumps of a -inf logprob), or
+        # 1e400 in a tool's streamed input, went into the rebuilt body and the line held NaN:
+        # verify, stats and export then dropped the record as a bad line (an audit's finding).
+        chat = [b'data: {"id":"c","object":"chat.completion.chunk","created":1,"model":"gpt-4o","choices":[{"index":0,'
+                b'"delta":{"role":"assistant","content":"a"},"logprobs":{"content":[{"token":"a","logprob":-Infinity,'
+                b'"bytes":[97],"top_logprobs":[{"token":"b","logprob":NaN,"bytes":[98]}]}]},"finish_reason":"stop"}]}\n\n',
+                b'data: [DONE]\n\n']
+        (rec, _), lines = encode(exchange(resp=chat, ctype="text/event-stream", stream=True))
+        for _, _, line in lines:
+            reader.STRICT_JSON.decode(line.decode("utf-8"))  # (raises on NaN or Infinity)
+        logprobs = rec["response_body"]["choices"][0]["logprobs"]["content"][0]
+        self.assertEqual((logprobs["logprob"], logprobs["top_logprobs"][0]["logprob"]), ("-Infinity", "NaN"))
+        self.assertEqual(rec["response_body"]["choices"][0]["message"]["content"], "a")
+        tool = [b'event: message_start\ndata: {"type":"message_start","message":{"id":"m","type":"message",'
+                b'"role":"assistant","content":[],"model":"claude","stop_reason":null,"usage":{"input_tokens":3,'
+                b'"output_tokens":1}}}\n\n',
+                b'event: content_block_start\ndata: {"type":"content_block_start","index":0,"content_block":'
+                b'{"type":"tool_use","id":"t","name":"f","input":{}}}\n\n',
+                b'event: content_block_delta\ndata: {"type":"content_block_delta","index":0,"delta":'
+                b'{"type":"input_json_delta","partial_json":"{\\"x\\": 1e400, \\"y\\": 2}"}}\n\n',
+                b'event: content_block_stop\ndata: {"type":"content_block_stop","index":0}\n\n',
+                b'event: message_delta\ndata: {"type":"message_delta","delta":{"stop_reason":"tool_use"},'
+                b'"usage":{"output_tokens":5}}\n\n',
+                b'event: message_stop\ndata: {"type":"message_stop"}\n\n']
+        ex = exchange(path="/v1/messages", resp=tool, ctype="text/event-stream", stream=True)
+        ex.provider_type = ex.family = "anthropic"
+        (rec, _), lines = encode(ex)
+        reader.STRICT_JSON.decode(lines[0][2].decode("utf-8"))
+        self.assertEqual(rec["response_body"]["content"][0]["input"], {"x": "Infinity", "y": 2})
+        self.assertEqual(rec["ended"], "completed")
 
     def test_streams_line_is_the_json_of_its_fields(self):
         # The streams line is put together from the events' JSON strings: byte for byte what
