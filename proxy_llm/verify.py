@@ -177,12 +177,16 @@ def check_record(rec: dict) -> list:
     endpoint = rec.get("endpoint")
     if _is_str(endpoint) and wire.endpoint_unredacted(endpoint):
         problems.append("endpoint: credential not redacted (as versions before 2026-12-06 left it)")
-    headers = rec.get("request_headers")
-    for name, value in (headers.items() if isinstance(headers, dict) else ()):
-        if not _is_str(value):
-            problems.append("request_headers.%s: expected a string" % name)
-        elif name in SECRET_HEADERS and "[REDACTED:" not in value:
-            problems.append("request_headers.%s: credential not redacted" % name)
+    query = rec.get("query")
+    if _is_str(query) and wire.query_unredacted(query):
+        problems.append("query: credential not redacted")
+    for field in ("request_headers", "response_headers"):
+        headers = rec.get(field)
+        for name, value in (headers.items() if isinstance(headers, dict) else ()):
+            if not _is_str(value):
+                problems.append("%s.%s: expected a string" % (field, name))
+            elif name in SECRET_HEADERS and "[REDACTED:" not in value:
+                problems.append("%s.%s: credential not redacted" % (field, name))
     return problems
 
 
@@ -345,7 +349,7 @@ def _check_records(data_dir: str, found: Findings) -> dict:
             found.problem("duplicate record ids", "%s: %s" % (where, rid))
             continue
         index[rid] = (expects_stream_line(rec), rec.get("stream") is True or _is_event_stream(rec),
-                      rec.get("session_id"))
+                      rec.get("session_id"), rec.get("stream_events"))
     _read_problems(data_dir, stats, found, "record")
     found.counts["sessions"] = len(reader.session_dirs(data_dir))
     found.counts["record files"] = stats.files
@@ -387,10 +391,13 @@ def _check_streams(data_dir: str, index: dict, found: Findings) -> None:
             found.problem("stream lines whose record is not a stream", "%s: %s" % (where, sid))
         elif entry[2] != line.get("session_id"):
             found.problem("stream lines whose session differs from the record's", "%s: %s" % (where, sid))
+        elif _is_int(entry[3]) and isinstance(line.get("events"), list) and len(line["events"]) != entry[3]:
+            found.problem("stream lines whose events differ from the record's stream_events",
+                          "%s: %s: %d events, stream_events %d" % (where, sid, len(line["events"]), entry[3]))
     _read_problems(data_dir, stats, found, "stream")
     found.counts["stream files"] = stats.files
     found.counts["stream lines"] = stats.records
-    for rid, (expected, _, _) in index.items():
+    for rid, (expected, _, _, _) in index.items():
         if expected and rid not in seen:
             found.problem("streamed records without a stream line", rid)
 

@@ -458,6 +458,13 @@ def endpoint_unredacted(endpoint: str) -> bool:
     return _path_redacted(endpoint, found, lambda secret: _LOGGED) != endpoint
 
 
+def query_unredacted(query: str) -> bool:
+    """Whether a record's ``query`` holds a credential parameter's value (``key=``, ...) that
+    :func:`redact_query` would have redacted and that is not ``[REDACTED...]``."""
+    return any(_query_param(m) and m.group(3) and not m.group(3).startswith("[REDACTED")
+               for m in _QUERY_PARAM_RE.finditer(query))
+
+
 def log_path(path: str, secrets: Iterable[str]) -> str:
     """A request path fit for a log line: each of ``secrets`` (those of at least
     :data:`SCRUB_MIN` characters: the exchange's, as :func:`request_secrets` gives them, and

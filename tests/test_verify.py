@@ -302,6 +302,36 @@ class TestDamage(VerifyTestCase):
         self.add(rec, streams=False)
         self.assertProblem("streamed records without a stream line", rec["id"])
 
+    def test_credentials_in_the_answers_headers_or_the_query(self) -> None:
+        # Only request_headers and endpoint were checked (an audit's finding).
+        for field, value, problem in (
+                ("response_headers", {"set-cookie": "sid=abc"}, "response_headers.set-cookie: credential not redacted"),
+                ("response_headers", {"x-api-key": "sk-x"}, "response_headers.x-api-key: credential not redacted"),
+                ("query", "alt=sse&key=AIzaSyD-plain-key", "query: credential not redacted")):
+            with self.subTest(field=field, value=value):
+                rec = self.chat()
+                if isinstance(value, dict):
+                    rec[field].update(value)
+                else:
+                    rec[field] = value
+                self.assertEqual([p for p in verify.check_record(rec) if "credential" in p], [problem])
+                redacted = "key=[REDACTED:0a1b2c3d]" if field == "query" else {
+                    name: "[REDACTED:0a1b2c3d]" for name in value}
+                if isinstance(redacted, dict):
+                    rec[field].update(redacted)
+                else:
+                    rec[field] = redacted
+                self.assertEqual(verify.check_record(rec), [])
+
+    def test_stream_line_whose_events_differ_from_the_records_count(self) -> None:
+        # The README says verify checks the stream files match their records' stream_events;
+        # only the line's presence was checked (an audit's finding).
+        rec = self.chat(stream=True)
+        rec["stream_events"] = len(df.stream_line(rec)["events"]) + 1  # (the line written has 3)
+        self.add(rec)
+        self.assertProblem("stream lines whose events differ from the record's stream_events",
+                           "%s: 3 events, stream_events 4" % rec["id"])
+
     def test_stream_line_for_a_record_that_is_not_a_stream(self) -> None:
         rec = self.chat(stream=False)
         self.add(rec)
