@@ -146,8 +146,14 @@ KEY_SIZE = 32
 
 def prepare_data_dir(data_dir: str) -> bytes:
     """Make the data dir (0700) if needed and return its fingerprint key. Raises OSError or
-    ValueError (a NUL in the name) when the dir cannot be used."""
+    ValueError (a NUL in the name) when the dir cannot be used: also when a file cannot be
+    made in it (no permission, a read-only file system), which the key, once stored, never
+    showed (the proxy served, every record lost, ``fail_closed`` too). A full disk is no
+    reason not to start: an empty file is made, and recording resumes when space returns."""
     os.makedirs(data_dir, mode=0o700, exist_ok=True)
+    probe = os.path.join(data_dir, ".proxy_llm_probe.%d" % os.getpid())
+    os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+    os.unlink(probe)
     return fingerprint_key(data_dir)
 
 

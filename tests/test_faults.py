@@ -18,6 +18,7 @@ import re
 import shutil
 import socket
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -1529,6 +1530,22 @@ class RealFullDiskTest(DataDirTestCase):
                     self.assertEqual(exc.errno, errno.ENOSPC)
         return path
 
+    def test_a_data_dir_that_cannot_be_written_stops_start_up(self):
+        # It was taken: the key already stored (or not storable, a warning), the proxy served
+        # with every record lost, fail_closed too (an audit's finding). The README says exit 2.
+        data_dir = os.path.join(self.mnt, "data")
+        os.mkdir(data_dir, 0o700)
+        subprocess.run(["mount", "-o", "remount,ro", self.mnt], check=True)
+        self.addCleanup(subprocess.run, ["mount", "-o", "remount,rw", self.mnt])
+        for workers in ("1", "2"):
+            with self.subTest(workers=workers):
+                out = subprocess.run([sys.executable, "-m", "proxy_llm", "--listen", "127.0.0.1:0", "--data-dir", data_dir,
+                                      "--workers", workers], cwd=support.ROOT, capture_output=True, timeout=DEADLINE,
+                                     env=dict(os.environ, PYTHONPATH=support.ROOT))
+                self.assertEqual((out.returncode, out.stderr.decode()),
+                                 (2, "proxy_llm: --data-dir: cannot use %s: Read-only file system\n" % data_dir))
+        self.assertEqual(os.listdir(data_dir), [])
+
     def test_full_disk_fail_open_then_space_returns(self):
         proxy = self.start_proxy(data_dir=os.path.join(self.mnt, "data"))
         self.big_replies(6)
@@ -1550,9 +1567,9 @@ class RealFullDiskTest(DataDirTestCase):
     def test_read_only_data_dir_fail_open_then_writable_again(self):
         data_dir = os.path.join(self.mnt, "data")
         os.mkdir(data_dir, 0o700)
-        # Linux refuses to remount read-only while files are open for writing: start read-only.
-        subprocess.run(["mount", "-o", "remount,ro", self.mnt], check=True)
         proxy = self.start_proxy(data_dir=data_dir, fsync_interval=0.05)
+        # (Linux refuses to remount read-only while files are open for writing: none is yet.)
+        subprocess.run(["mount", "-o", "remount,ro", self.mnt], check=True)
         for sid in ("a", "b", "a"):
             headers = {"X-Session-Id": sid, "Content-Type": "application/json"}
             status, _, body = request(proxy.url, body=PLAIN_BODY, headers=headers)
