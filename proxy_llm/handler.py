@@ -718,6 +718,11 @@ class ProxyHandler(BaseHTTPRequestHandler):
                         pool.discard(conn)
                         server_metrics_error(self.server, ex, "shutdown")
                         raise errors.Overloaded("proxy_llm is shutting down")
+                    if ex.client_gone:
+                        # Nor after its client left while it connected (the watchdog saw it):
+                        # a call nobody reads, billed all the same. The connection is kept.
+                        pool.release(conn)
+                        raise errors.ProxyError("the client closed the connection")
                 # The socket itself, not the connection: http.client lets go of the socket of a
                 # response that ends with a close (the response reads it), and it must be cut too.
                 ex.upstream_sock = conn.sock

@@ -100,6 +100,33 @@ class ClientAbortTest(FaultTestCase):
         [line] = proxy.stream_lines()
         self.assertEqual(len(line["events"]), 1)
 
+    def test_a_request_whose_client_left_while_it_connected_is_not_sent(self):
+        # The watchdog saw the client go, but only a shutdown was looked for once connected:
+        # the call went out, nobody to read it, and its record said completed (an audit's finding).
+        from proxy_llm import handler
+        entered, gate = threading.Event(), threading.Event()
+        self.addCleanup(gate.set)
+        real = handler.connect
+
+        def slow_connect(conn):  # (a TLS handshake, an egress proxy's CONNECT, a full accept queue)
+            entered.set()
+            gate.wait(DEADLINE)
+            real(conn)
+        self.replies.append(Reply(200, [("Content-Type", "application/json")], CHAT_REPLY))
+        proxy = self.start_proxy()
+        with mock.patch.object(handler, "connect", slow_connect):
+            sock = open_stream(proxy.port, PLAIN_BODY)
+            self.assertTrue(entered.wait(DEADLINE))
+            sock.close()
+            wait_until(lambda: [ex.client_gone for ex in proxy.server.in_flight()] == [True], what="the watchdog")
+            gate.set()
+            self.assertTrue(proxy.server.wait_idle(DEADLINE))
+        [rec] = proxy.records()
+        self.assertEqual((rec["ended"], rec["status_code"]), ("client_aborted", None))
+        self.assertEqual(self.upstream.requests.qsize(), 0)  # never sent
+        status, _, body = request(proxy.url, body=PLAIN_BODY)  # (its connection, kept, serves the next)
+        self.assertEqual((status, body), (200, CHAT_REPLY))
+
     def test_client_gone_before_upstream_headers_closes_upstream_within_a_second(self):
         gate = threading.Event()
         self.addCleanup(gate.set)
