@@ -184,13 +184,15 @@ class ClientClock:
     byte of a request, until its headers are parsed)
     the total is bounded too, so a client dribbling header bytes cannot hold a thread past
     client_header_timeout. Each write is bounded by ``idle`` as well: a client that stops
-    reading is let go.
+    reading is let go, but not one reading slowly (``probe``, ``more_for``, ``more_until``: the
+    watchdog's look at the bytes it has not taken yet, server._still_reading).
 
     ``stopped``: the shutdown let go of the client (``ProxyServer.cut_waiting_clients``), so a
     read or write that fails from then on is the proxy's stop, not the client's abort.
     """
 
-    __slots__ = ("sock", "idle", "due", "how", "late", "header_deadline", "stopped")
+    __slots__ = ("sock", "idle", "due", "how", "late", "header_deadline", "stopped", "probe", "more_for",
+                 "more_until")
 
     def __init__(self, sock: socket.socket, idle: float):
         self.sock: Optional[socket.socket] = sock  # None once the handler let go of it
@@ -200,6 +202,11 @@ class ClientClock:
         self.late = False
         self.header_deadline: Optional[float] = None
         self.stopped = False
+        # The watchdog's: (due, unsent bytes) at its last look at a slow write, and the time it
+        # gave that write (due more_for) past its due, its client still reading (server.py).
+        self.probe: Optional[Tuple[float, int]] = None
+        self.more_for = 0.0
+        self.more_until = 0.0
 
 
 class _ClientReader(io.RawIOBase):
@@ -235,13 +242,16 @@ class _ClientReader(io.RawIOBase):
 
 
 class _ClientWriter(io.BufferedIOBase):
-    """socketserver's unbuffered writer (one ``sendall`` per write), each write bounded by the
-    :class:`ClientClock`."""
+    """socketserver's unbuffered writer (one ``send`` per write, as ``sendall`` makes it when
+    the socket takes it all), each write bounded by the :class:`ClientClock`: a client that
+    reads nothing for client_idle_timeout is let go. A send the socket takes in part (the
+    client reads slower than the proxy writes) starts the wait again for the rest: a client
+    reading slowly but steadily is not idle (it was cut when one write took that long)."""
 
     def __init__(self, clock: ClientClock):
         super().__init__()
         self.clock = clock
-        self.sendall = clock.sock.sendall
+        self.send = clock.sock.send
 
     def writable(self) -> bool:
         return True
@@ -251,7 +261,12 @@ class _ClientWriter(io.BufferedIOBase):
         clock.how = socket.SHUT_RDWR
         clock.due = time.perf_counter() + clock.idle
         try:
-            self.sendall(data)
+            sent = self.send(data)
+            if sent < len(data):
+                rest = memoryview(data)[sent:]
+                while rest:
+                    clock.due = time.perf_counter() + clock.idle
+                    rest = rest[self.send(rest):]
         finally:
             clock.due = 0.0
         return len(data)

@@ -21,10 +21,19 @@ import os
 import select
 import socket
 import socketserver
+import struct
 import threading
 import time
 from http.server import ThreadingHTTPServer
 from typing import Callable, Dict, List, Optional, Set
+
+try:  # (the bytes a socket has not sent yet: Linux, and most Unix systems)
+    import fcntl
+    import termios
+    _OUTQ = termios.TIOCOUTQ
+except (ImportError, AttributeError):
+    fcntl = None
+    _OUTQ = None
 
 from . import __version__
 from .config import Config
@@ -48,6 +57,43 @@ def _let_go(clock, how: int) -> None:
         clock.sock.shutdown(how)
     except OSError:
         pass
+
+
+def _overdue(clock, now: float) -> bool:
+    """Whether ``clock``'s wait is past its ``due`` (and past the time the watchdog gave a
+    write to a client still reading it: :func:`_still_reading`)."""
+    due = clock.due
+    return bool(due) and now > due and not (clock.more_for == due and now <= clock.more_until)
+
+
+def _unsent(sock) -> Optional[int]:
+    """The bytes written to ``sock`` that the peer has not taken yet; None where unknown."""
+    if _OUTQ is None:
+        return None
+    try:
+        return struct.unpack("i", fcntl.ioctl(sock.fileno(), _OUTQ, b"\0\0\0\0"))[0]
+    except (OSError, AttributeError, ValueError):  # (a socket let go of meanwhile)
+        return None
+
+
+def _still_reading(clock, due: float, now: float) -> bool:
+    """Whether the client of a write past its ``due`` has taken bytes since the watchdog last
+    looked (the socket's unsent bytes went down); if so, the write gets ``idle`` more (half of
+    it after a first look), given as ``more_until`` for this write only (``more_for``: its
+    ``due``), so that a later wait never inherits it. The kernel wakes a blocked send only once
+    much of its buffer is free: a client reading a few KB a second makes no send return for
+    longer than client_idle_timeout, though it never stops reading."""
+    unsent = _unsent(clock.sock)
+    if unsent is None:
+        return False
+    probe = clock.probe
+    clock.probe = (due, unsent)
+    known = probe is not None and probe[0] == due
+    if known and unsent >= probe[1]:
+        return False  # nothing taken since the last look
+    clock.more_until = now + (clock.idle if known else clock.idle / 2)
+    clock.more_for = due
+    return True
 
 
 ACCEPT_WAIT = 0.5  # seconds an accept waits for a connection poll said was there (server_bind)
@@ -303,14 +349,24 @@ class ProxyServer(ThreadingHTTPServer):
         now = time.perf_counter()
         with self.conn_lock:
             clocks = list(self.clients)
-        late = [clock for clock in clocks if clock.due and now > clock.due and not clock.late]
+        late = [clock for clock in clocks if _overdue(clock, now) and not clock.late]
         if late:
             with self.conn_lock:
                 for clock in late:
                     # Again under the lock: the wait seen late may have ended, and another begun.
                     due = clock.due
-                    if clock.sock is not None and due and now > due:
+                    if clock.sock is not None and _overdue(clock, now):
+                        if clock.how == socket.SHUT_RDWR and _still_reading(clock, due, now):
+                            continue  # a slow reader, not an idle one
                         _let_go(clock, clock.how)
+        for clock in clocks:
+            # A write half-way to its due: how much is unsent, for _still_reading to compare.
+            due = clock.due
+            if due and clock.how == socket.SHUT_RDWR and now > due - clock.idle / 2 and (
+                    clock.probe is None or clock.probe[0] != due):
+                unsent = _unsent(clock.sock)
+                if unsent is not None:
+                    clock.probe = (due, unsent)
         exchanges = self.in_flight()
         for ex in exchanges:
             deadline = ex.upstream_deadline

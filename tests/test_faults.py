@@ -1288,6 +1288,32 @@ class LimitsTest(FaultTestCase):
         self.assertEqual(rec["ended"], "client_aborted")
         self.assertEqual(proxy.server.clients, set())
 
+    def test_a_client_reading_slowly_but_steadily_is_not_let_go(self):
+        # client_idle_timeout bounded each write: a client that read 32 KB a second never
+        # paused for 0.5 s, but a 64 KB write to it took 2 s, and it was cut as idle, its
+        # record client_aborted (an audit's finding).
+        stop = threading.Event()
+        self.addCleanup(stop.set)
+        part = chunk_event("x" * (64 * 1024))
+        self.replies.append(Reply(200, [("Content-Type", "text/event-stream")], Endless(part, stop)))
+        proxy = self.start_proxy(client_idle_timeout=0.5, stream_idle_timeout=60.0)
+        sock = open_stream(proxy.port, rcvbuf=4096)
+        self.addCleanup(sock.close)
+        self.assertTrue(read_until(sock, b"\r\n\r\n").startswith(b"HTTP/1.1 200"))
+        pace = threading.Event()  # (never set: the pace of a slow reader)
+        end = time.monotonic() + 3.0  # six times client_idle_timeout
+        got = 0
+        while time.monotonic() < end:
+            data = sock.recv(3200)
+            self.assertTrue(data, "cut after %d bytes" % got)
+            got += len(data)
+            pace.wait(0.1)
+        [clock] = list(proxy.server.clients)
+        self.assertFalse(clock.late)
+        sock.close()  # then it goes, as ever
+        wait_until(lambda: proxy.server.connections == 0, what="the connection let go")
+        self.assertEqual(proxy.records()[0]["ended"], "client_aborted")
+
     def test_client_sockets_have_no_timeout(self):
         # The limits are the watchdog's, as for upstream sockets.
         proxy = self.start_proxy()
