@@ -522,6 +522,7 @@ def serve_workers(config: Config) -> int:
     children = {}  # worker pid -> worker number
     pipes = {}  # worker pid -> the end of its pipe the parent writes a byte to per signal
     ready = set()  # the numbers of the workers that said they listen
+    served = set()  # the numbers that have listened once: a replacement's start is no first start
     ready_read, ready_write = os.pipe()  # a worker writes its number there once it listens
     os.set_blocking(ready_read, False)
     stopping = []
@@ -592,6 +593,7 @@ def serve_workers(config: Config) -> int:
             if not data:
                 return
             ready.update(data)
+            served.update(data)
 
     for sig in signals:
         signal.signal(sig, forward)
@@ -630,9 +632,11 @@ def serve_workers(config: Config) -> int:
         if stopping:
             continue
         read_ready()
-        if worker in ready:
-            # Killed (the OOM killer?) or crashed while serving: what it wrote stays in its
-            # files; a new worker with its number starts new ones.
+        if worker in ready or worker in served:
+            # Killed (the OOM killer?) or crashed while serving, or a replacement before it
+            # listened (killed again while it imported: the first start of its number proved the
+            # port and the data dir): what it wrote stays in its files; a new worker with its
+            # number starts new ones.
             delay = restarts.delay(worker, time.monotonic())
             if delay is None:
                 log.error("worker %d exited (%s) while serving %d times within %d s; giving up: stopping the other "

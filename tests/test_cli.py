@@ -492,6 +492,33 @@ class ServeProcessTest(unittest.TestCase):
         self.assertEqual(len(lives), 3)
         self.assertGreaterEqual(lives[2] - lives[1], 0.5)
 
+    def test_a_replacement_that_dies_before_it_listens_is_replaced_too(self):
+        # Killed again while it imported (the OOM killer): it went down the first start's
+        # branch, "before it could serve", and the whole proxy stopped (an audit's finding).
+        extra = """
+            def serve1(config, worker=0, reuse_port=False, parent_pipe=None, on_ready=None, **_):
+                if worker == 0:
+                    on_ready()
+                    return wait_for_stop(worker, parent_pipe)
+                with open(LIVES, "a+") as f:
+                    f.write("%r %d\\n" % (time.monotonic(), os.getpid()))
+                    f.seek(0)
+                    life = len(f.readlines())
+                if life == 2:
+                    return 1  # the replacement, before it listens
+                on_ready()
+                if life == 1:
+                    return 1  # dies while serving
+                os.kill(os.getppid(), signal.SIGTERM)
+                return wait_for_stop(worker, parent_pipe)
+            cli.serve = serve1
+        """
+        out, err = self.run_dying(None, 0.05, extra=extra)
+        self.assertNotIn("before it could serve", err)
+        self.assertIn("worker 1 exited (1) before shutdown; starting a new worker 1 in 0.05 s\n", err)
+        self.assertEqual(len(self.lives()), 3, err)
+        self.assertEqual(err.count("told to stop: True"), 2, err)  # worker 0, and worker 1's third life
+
     def test_a_stop_during_a_backoff_ends_the_run_without_the_replacement(self):
         # Worker 0 stops the parent once worker 1's second life is gone, its replacement due
         # in 60 s, past the run's deadline: the stop must not wait for it.
