@@ -68,7 +68,7 @@ def config_path(args: argparse.Namespace) -> str:
 def load_config(args: argparse.Namespace) -> Config:
     path = config_path(args)
     overrides = {"listen": args.listen, "log_level": args.log_level, "workers": args.workers,
-                 "data_dir": os.path.abspath(args.data_dir) if args.data_dir else None}
+                 "data_dir": os.path.abspath(os.path.expanduser(args.data_dir)) if args.data_dir else None}
     return load(path, overrides=overrides)
 
 
@@ -115,7 +115,9 @@ def run_subcommand(name: str, argv: List[str]) -> int:
     except ConfigError as exc:
         print("proxy_llm: %s" % exc, file=sys.stderr)
         return 2
-    if os.path.exists(path) or args.config:
+    if getattr(args, "data_dir", None):
+        args.data_dir = os.path.expanduser(args.data_dir)  # (no shell expands "--data-dir=~/x")
+    if os.path.exists(path) or args.config or os.environ.get("PROXY_LLM_CONFIG"):  # (a file named: it must be there)
         try:
             default_dir = load(path).data_dir
         except ConfigError as exc:
@@ -288,15 +290,17 @@ def stop_signals() -> Tuple[int, ...]:
 
 def stop_count(signums: List[int]) -> int:
     """How many stops the signals ``signums`` ask for (1 "drain", 2 "hurry"): one per SIGTERM or
-    SIGINT; SIGHUPs are one stop in all, and never the second. A closing terminal sends SIGHUP
-    twice (the shell passes its own on to its jobs, then the kernel signals the foreground group
-    as the shell exits): one request to stop, which must not skip the drain."""
+    SIGINT; SIGHUPs are one stop in all, the first, and never the second. A closing terminal
+    sends SIGHUP twice (the shell passes its own on to its jobs, then the kernel signals the
+    foreground group as the shell exits): one request to stop, which must not skip the drain.
+    A SIGTERM or SIGINT after a SIGHUP is a second stop (an ssh session dropped, then the
+    operator's ``kill``: until 2026-12-07 the SIGHUP then counted for nothing)."""
     hup = getattr(signal, "SIGHUP", None)
     others = 0
     for signum in signums:
         if signum != hup:
             others += 1
-    return others or min(1, len(signums))
+    return others + (1 if signums and signums[0] == hup else 0)
 
 
 class _Stops:

@@ -237,7 +237,18 @@ def _not_a_number(data: Any) -> Optional[Tuple[str, str]]:
     return None
 
 
-_DECODER = json.JSONDecoder(parse_constant=_refuse_constant, parse_int=_parse_int)
+def _no_duplicates(pairs):
+    """An object's pairs as a dict; a key given twice is refused (the parser kept the last,
+    without a word: two "providers" arrays, the first one lost)."""
+    out = {}
+    for key, value in pairs:
+        if key in out:
+            raise ValueError("duplicate key %s" % json.dumps(key))
+        out[key] = value
+    return out
+
+
+_DECODER = json.JSONDecoder(parse_constant=_refuse_constant, parse_int=_parse_int, object_pairs_hook=_no_duplicates)
 _MAX_SECONDS = 10.0 ** 7  # ~116 days: past any timeout, within what a socket and a sleep take
 _MAX_WORKERS = 256
 
@@ -246,7 +257,7 @@ def read_file(path: str) -> Dict[str, Any]:
     """Parse the JSON config file; errors name the file and the line (the key, for a number
     JSON does not allow)."""
     try:
-        with open(path, "r", encoding="utf-8") as f:
+        with open(path, "r", encoding="utf-8-sig") as f:  # (a BOM, as Notepad writes it, is no JSON error)
             text = f.read()
     except FileNotFoundError:
         raise ConfigError("%s: no such config file" % path) from None
@@ -293,6 +304,8 @@ def load(
     merged = dict(DEFAULTS)
     merged.update(raw)
     if path is not None and "data_dir" in raw and isinstance(raw["data_dir"], str):
+        if not raw["data_dir"].strip():  # (it meant the file's directory: an unset variable?)
+            raise ConfigError("%s: data_dir: an empty path" % source)
         base = os.path.dirname(os.path.abspath(path))
         merged["data_dir"] = os.path.normpath(os.path.join(base, os.path.expanduser(raw["data_dir"])))
     where = dict.fromkeys(merged, source)
@@ -305,6 +318,9 @@ def load(
         if value is not None:
             merged[key] = value
             where[key] = "--" + key.replace("_", "-")
+    if where["data_dir"] != source and isinstance(merged["data_dir"], str):
+        # (~ is the shell's, and none expands it in "--data-dir=~/x" or a unit's Environment=)
+        merged["data_dir"] = os.path.expanduser(merged["data_dir"])
     return validate(merged, where, source)
 
 
@@ -378,6 +394,20 @@ def _check_azure_url(url: str, where: Mapping[str, str], key: str) -> None:
                                 "clients' paths begin with /openai/")
 
 
+_VERSION_SUFFIX = re.compile(r"/v[0-9]+(?:alpha|beta)?[0-9]*/?\Z")
+
+
+def _check_version_suffix(url: str, where: Mapping[str, str], key: str) -> None:
+    """A base_url is where the client's path goes: it already begins with the API version
+    (``/v1/chat/completions``, ``/v1beta/models/...``). One that ends in a version, as an SDK's
+    base_url does (``OPENAI_BASE_URL``, vLLM's ``http://host:8000/v1``), would send
+    ``/v1/v1/...``, which every server answers 404."""
+    path = urllib.parse.urlsplit(url).path
+    if _VERSION_SUFFIX.search(path):
+        raise _fail(where, key, "ends in an API version (%s): clients' paths begin with it, so leave it out "
+                                "(the SDK's base_url has it, the proxy's does not)" % path.rstrip("/").rsplit("/", 1)[1])
+
+
 def _validate_ca_file(p: Dict[str, Any], base_url: str, where: Mapping[str, str], key: str, source: str) -> str:
     """A provider's ``ca_file``, checked at start: an https provider's, a file that holds PEM
     certificates (a missing one, an unreadable one, or one without a certificate would make
@@ -388,7 +418,7 @@ def _validate_ca_file(p: Dict[str, Any], base_url: str, where: Mapping[str, str]
         return ""
     if not isinstance(ca_file, str):
         raise _fail(where, key, "must be a string (a path to a PEM file)")
-    if not base_url.startswith("https://"):
+    if urllib.parse.urlsplit(base_url).scheme.lower() != "https":  # (HTTPS://, as the pool reads it)
         raise _fail(where, key, "only an https base_url uses a ca_file")
     path = os.path.expanduser(ca_file)
     if not os.path.isabs(path) and source != "<defaults>":
@@ -574,6 +604,9 @@ def resolve_proxy(p: Dict[str, Any], base_url: str, upstream_proxy: str, no_prox
     return upstream_proxy
 
 
+_HEADER_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")  # RFC 9110's token
+
+
 def validate(merged: Dict[str, Any], where: Mapping[str, str], source: str) -> Config:
     """Check types and values of a merged configuration and freeze it."""
     for key in ("listen", "data_dir", "session_header", "log_level", "fsync", "on_record_error"):
@@ -605,6 +638,8 @@ def validate(merged: Dict[str, Any], where: Mapping[str, str], source: str) -> C
     merged["total_timeout"] = _number(merged, where, "total_timeout", float, 0.001, optional=True, maximum=_MAX_SECONDS)
     if not merged["session_header"].strip():
         raise _fail(where, "session_header", "must not be empty")
+    if _HEADER_NAME.fullmatch(merged["session_header"]) is None:  # ("X-Session-Id ", "X-Session-Id:")
+        raise _fail(where, "session_header", "not a header name (letters, digits and !#$%&'*+-.^_`|~ only)")
 
     keys = merged["proxy_keys"]
     if not isinstance(keys, list) or not all(isinstance(k, str) for k in keys):
@@ -642,6 +677,8 @@ def validate(merged: Dict[str, Any], where: Mapping[str, str], source: str) -> C
         base_url = _validate_url(p.get("base_url"), where, key + ".base_url")
         if ptype == "azure":
             _check_azure_url(base_url, where, key + ".base_url")
+        else:
+            _check_version_suffix(base_url, where, key + ".base_url")
         api_key = p.get("api_key", "")
         if api_key is None:
             api_key = ""

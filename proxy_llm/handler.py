@@ -116,6 +116,7 @@ def _azure_label(path: str) -> str:
 
 
 LOCAL_PATHS = ("/health", "/metrics")  # answered by the proxy itself
+LOCAL_QUERIES = tuple(path + "?" for path in LOCAL_PATHS)  # the same, with a query (a probe's cache buster)
 
 
 def forwarded_origin(headers: List[Tuple[str, str]]) -> Tuple[Optional[str], Optional[str]]:
@@ -431,7 +432,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
     # BaseHTTPRequestHandler dispatches on do_<METHOD>.
     def do_GET(self) -> None:
         self.headers_done()
-        if self.path in LOCAL_PATHS:
+        if self.path in LOCAL_PATHS or self.path.startswith(LOCAL_QUERIES):
             self.answer_local()
         else:
             self.proxy()
@@ -446,7 +447,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
         if wire.header_value(fields, "transfer-encoding") or (wire.header_value(fields, "content-length") or "0") != "0":
             # Its body is not read: left on the connection, it would be read as the next request.
             self.close_connection = True
-        if self.path == "/health":
+        if self.path.split("?", 1)[0] == "/health":  # (its query, a probe's cache buster, asks nothing)
             health = server.health()
             body = json.dumps(health).encode("utf-8")
             status = 503 if health["status"] in ("degraded",) and server.config.on_record_error == "fail_closed" else 200
@@ -1188,7 +1189,7 @@ class ReserveHandler(ProxyHandler):
     def do_GET(self) -> None:
         self.headers_done()
         self.close_connection = True
-        if self.path in LOCAL_PATHS:
+        if self.path in LOCAL_PATHS or self.path.startswith(LOCAL_QUERIES):
             self.answer_local()
         else:
             self.server.metrics.refused.inc()

@@ -116,6 +116,17 @@ class LoadTest(unittest.TestCase):
             ({"providers": [OPENAI], "max_request_body": "big"}, "max_request_body: must be an integer"),
             ({"providers": [OPENAI], "record": "yes"}, "record: must be true or false"),
             ({"providers": [OPENAI], "queue_max_bytes": -1}, "queue_max_bytes: must be"),
+            # An audit's findings (2026-12-07): each was taken, quietly.
+            ('{"providers": [%s], "providers": []}' % json.dumps(OPENAI), 'invalid JSON: duplicate key "providers"'),
+            ({"providers": [OPENAI], "data_dir": ""}, "data_dir: an empty path"),  # (was the file's dir)
+            ({"providers": [OPENAI], "data_dir": " "}, "data_dir: an empty path"),
+            ({"providers": [OPENAI], "session_header": "X-Session-Id "}, "session_header: not a header name"),
+            ({"providers": [OPENAI], "session_header": "X-Session-Id:"}, "session_header: not a header name"),
+            ({"providers": [dict(OPENAI, base_url="http://127.0.0.1:8000/v1")]},
+             "providers[0].base_url: ends in an API version (v1)"),
+            ({"providers": [dict(OPENAI, base_url="https://openrouter.ai/api/v1/")]}, "ends in an API version (v1)"),
+            ({"providers": [dict(OPENAI, type="gemini", base_url="https://g.example/v1beta")]},
+             "ends in an API version (v1beta)"),
         ]
         for content, expected in cases:
             with self.subTest(expected=expected):
@@ -127,6 +138,24 @@ class LoadTest(unittest.TestCase):
                 self.assertTrue(any(e in str(cm.exception) for e in expected), (expected, str(cm.exception)))
                 self.assertIn(path, str(cm.exception))
                 self.assertNotIn("\n", str(cm.exception))
+
+    def test_a_bom_a_tilde_and_a_scheme_in_capitals(self):
+        # A BOM (Notepad's) was "invalid JSON: Expecting value" at line 1 column 1; ~ in a flag
+        # or variable was a directory named "~"; "HTTPS://" was no https for a ca_file (an audit).
+        path = write("\ufeff" + json.dumps({"providers": [OPENAI]}))
+        self.addCleanup(os.unlink, path)
+        with open(path, "rb") as fh:
+            self.assertTrue(fh.read().startswith(b"\xef\xbb\xbf"))
+        self.assertEqual(config.load(path, env={"OPENAI_API_KEY": "k"}).providers[0].name, "openai")
+        home = os.path.expanduser("~")
+        self.assertEqual(config.load(path, env={"OPENAI_API_KEY": "k", "PROXY_LLM_DATA_DIR": "~/records"}).data_dir,
+                         os.path.join(home, "records"))
+        self.assertEqual(config.load(path, env={"OPENAI_API_KEY": "k"}, overrides={"data_dir": "~/x"}).data_dir,
+                         os.path.join(home, "x"))
+        pem = os.path.join(ROOT, "tests", "tls_upstream.pem")
+        path = write({"providers": [dict(OPENAI, base_url="HTTPS://api.openai.com", ca_file=pem)]})
+        self.addCleanup(os.unlink, path)
+        self.assertEqual(config.load(path, env={"OPENAI_API_KEY": "k"}).providers[0].ca_file, pem)
 
     def test_an_error_names_where_the_value_came_from_once(self):
         # A flag's error named the key twice ("--workers: workers: must be at least 1").

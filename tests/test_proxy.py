@@ -1043,6 +1043,13 @@ class LocalEndpointsTest(ProxyTestCase):
                      'proxy_llm_exchange_endings_total{ended="completed"} 2'):
             self.assertIn(name, text)
         self.assertNotIn('kind="total_tokens"', text)  # a sum of the other kinds, not a kind
+        # A probe's query (a cache buster, Prometheus' params): the same pages, not a 404.
+        status, _, body = request(proxy.url, method="GET", path="/health?probe=1", headers={})
+        self.assertEqual((status, json.loads(body)["status"]), (200, "ok"))
+        status, _, body = request(proxy.url, method="GET", path="/metrics?name[]=x", headers={})
+        self.assertEqual(status, 200)
+        self.assertIn(b"proxy_llm_records_written_total 2", body)
+        self.assertEqual(len(proxy.records()), 2)  # (answered by the proxy: no records)
 
 
 class FilesTest(ProxyTestCase):
