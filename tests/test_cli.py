@@ -65,6 +65,9 @@ class CommandLineTest(unittest.TestCase):
                 out = run(*argv)
                 self.assertEqual((out.returncode, out.stderr.decode().strip()),
                                  (2, "proxy_llm: %s: an empty path" % argv[-2]))
+        missing = os.path.join(tempfile.gettempdir(), "no-such-proxy-llm-config.json")
+        out = run("stats", env={"PROXY_LLM_CONFIG": missing})  # (it read ./data, quietly: an audit's finding)
+        self.assertEqual((out.returncode, out.stderr.decode().strip()), (2, "proxy_llm: %s: no such config file" % missing))
         out = run("--workers", "0")  # the flag names its key: not "--workers: workers: ..."
         self.assertEqual((out.returncode, out.stderr.decode().strip()), (2, "proxy_llm: --workers: must be at least 1"))
 
