@@ -711,6 +711,10 @@ class Encoder:
             else:
                 resp_value, resp_raw = parse_body(resp_body)
 
+        if result is not None and result.tokens_used and ex.method != "POST":
+            # A stored answer read again (GET /v1/responses/{id}, a background response, a
+            # stream resumed): its usage was spent, and counted, by the request that ran it.
+            result.tokens_used = None
         ended = ex.ended
         if (ended == "completed" and streamed and result is not None and not result.complete
                 and 200 <= (ex.status or 0) < 300 and dialect is not dialects.GENERIC and end_seen):

@@ -189,6 +189,10 @@ class SelectTest(unittest.TestCase):
             ("gemini", "POST", "/v1beta/models/gemini-2.0-flash:generateContent", "gemini"),
             ("gemini", "POST", "/v1beta/models/gemini-2.0-flash:streamGenerateContent", "gemini"),
             ("openai", "GET", "/v1/models", "generic"),
+            # OpenAI's own .../messages (stored completions, Assistants): not Anthropic's (an audit).
+            ("openai", "GET", "/v1/chat/completions/chatcmpl-1/messages", "generic"),
+            ("openai", "POST", "/v1/threads/thread_1/messages", "generic"),
+            ("anthropic", "POST", "/gateway/anthropic/v1/messages", "anthropic_messages"),
             (None, None, None, "generic"),
         ]
         for ptype, method, path, want in cases:

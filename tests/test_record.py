@@ -129,6 +129,21 @@ class EncoderTest(unittest.TestCase):
         self.assertEqual(rec["response_body"]["choices"][0]["message"]["content"], "par")
         self.assertEqual(rec["stream_events"], 1)
 
+    def test_a_stored_answer_read_again_carries_no_tokens(self):
+        # GET /v1/responses/{id} (a background response, a resumed stream) returns the usage of
+        # the request that ran the model: counted again on every read, under no model (an audit).
+        resp = (b'{"id":"resp_1","object":"response","status":"completed","model":"gpt-4.1","output":[],'
+                b'"usage":{"input_tokens":10,"output_tokens":5,"total_tokens":15}}')
+        for method, want in (("POST", {"prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15}),
+                             ("GET", None)):
+            with self.subTest(method=method):
+                ex = exchange(path="/v1/responses" if method == "POST" else "/v1/responses/resp_1", resp=resp,
+                              body=b'{"model":"gpt-4.1","input":"hi"}' if method == "POST" else b"")
+                ex.method = method
+                counted = []
+                (rec,), _ = encode(ex, on_result=lambda ex, ended, tokens: counted.append(tokens))
+                self.assertEqual((rec.get("tokens_used"), counted), (want, [want]))
+
     def test_stream_that_ends_on_an_error_event_is_upstream_error(self):
         # Anthropic's way of telling an overload mid-stream: an error event, then the end. It
         # was upstream_eof, told as a stream cut without its terminal event (an audit's finding).

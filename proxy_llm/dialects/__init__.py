@@ -57,7 +57,8 @@ GENERIC = Dialect()
 # breaks ties (see select). More specific suffixes come first.
 _RULES = (
     (lambda p: p.endswith("/messages/count_tokens"), AnthropicCountTokens()),
-    (lambda p: p.endswith("/messages"), AnthropicMessages()),
+    # (/v1/messages, not OpenAI's /v1/chat/completions/{id}/messages or /v1/threads/{id}/messages)
+    (lambda p: p.endswith("/v1/messages"), AnthropicMessages()),
     (lambda p: p.endswith("/chat/completions"), OpenAIChat()),
     (lambda p: p.endswith("/completions"), OpenAICompletions()),
     (lambda p: p.endswith("/embeddings"), OpenAIEmbeddings()),
