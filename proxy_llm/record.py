@@ -667,7 +667,15 @@ class Encoder:
         if streamed:  # the events keep their arrival times
             resp_chunks, decode_error = _decompress(ex.response.parts(), resp_encoding)
             resp_body = b""  # not used: a stream that fails reassembly is kept from its chunks
-            if ex.response.sha is not None and every:  # (a body cut through a secret: its start goes)
+            if decode_error is not None:
+                # A coding the proxy cannot take off (br, zstd), or a broken one: no event can be
+                # told from those bytes (read as events they made junk and an upstream_eof), so
+                # the body is kept as a plain answer's is, its bytes as they came (base64).
+                streamed = False
+                resp_body = b"".join([c for _, c in resp_chunks])
+                if ex.response.sha is not None and every:
+                    resp_body = wire.cut_secret_start(resp_body, every)
+            elif ex.response.sha is not None and every:  # (a body cut through a secret: its start goes)
                 resp_chunks = _cut_chunks(resp_chunks, every)
         else:
             resp_body, decode_error = _body(ex.response, resp_encoding)

@@ -217,6 +217,8 @@ def expects_stream_line(rec: dict) -> bool:
     """
     if "stream_events" in rec:
         return True
+    if rec.get("decode_error"):  # (a stream in a coding not taken off is kept as its bytes: no events)
+        return False
     status = rec.get("status_code")
     if not _is_int(status):
         return False

@@ -129,6 +129,23 @@ class EncoderTest(unittest.TestCase):
         self.assertEqual(rec["response_body"]["choices"][0]["message"]["content"], "par")
         self.assertEqual(rec["stream_events"], 1)
 
+    def test_a_stream_in_a_coding_the_proxy_cannot_take_off_is_kept_as_it_came(self):
+        # Content-Encoding: br on an SSE answer: read as events, its bytes made junk events, an
+        # upstream_eof with an error, and no body at all (an audit's finding).
+        br = [bytes([0x1b, 0x8f, 0x00, 0xf8, 0xa5, 0x94, 0xc4]), bytes(range(200, 256))]
+        for ctype in ("text/event-stream", "application/json"):  # (the second: Gemini's JSON array)
+            with self.subTest(ctype=ctype):
+                ex = exchange(resp=br, ctype=ctype, stream=True, resp_headers=[("Content-Encoding", "br")])
+                recs, _ = encode(ex)
+                self.assertEqual(len(recs), 1)  # (no line in streams/: no event was told)
+                [rec] = recs
+                self.assertEqual((rec["ended"], rec["decode_error"]), ("completed", "content-encoding br not decoded"))
+                self.assertNotIn("error", rec)
+                self.assertEqual(rec["body_encoding"], {"response": "base64"})
+                self.assertEqual(base64.b64decode(rec["response_body"]), b"".join(br))
+                self.assertNotIn("stream_events", rec)
+                self.assertFalse(verify.expects_stream_line(rec))  # (verify asks for no line in streams/)
+
     def test_a_stored_answer_read_again_carries_no_tokens(self):
         # GET /v1/responses/{id} (a background response, a resumed stream) returns the usage of
         # the request that ran the model: counted again on every read, under no model (an audit).
