@@ -649,15 +649,12 @@ class ProxyHandler(BaseHTTPRequestHandler):
             if ex.model is None:
                 ex.model = name
             key = ("azure", name)  # (apart from the other paths' keys, which are models: str or None)
-        elif ex.family == "gemini":
-            key = ("gemini", name)
         routes = self.server.model_routes
         hit = routes.get(key)
         if hit is None:
             # Models are few; a client inventing them only resets this (a Memo: bounded in
             # entries and in characters, so a megabyte-long model name is not kept 4,096 times).
-            hit = routes.remember(key, first_match(providers, name, azure, ex.family == "gemini"),
-                                  len(name) if name else 0)
+            hit = routes.remember(key, first_match(providers, name, azure), len(name) if name else 0)
         if hit is not _NO_MATCH:
             ex.provider, ex.model_label = hit
         else:
@@ -1212,13 +1209,11 @@ def replayable(method: str, headers: List[Tuple[str, str]]) -> bool:
     return False
 
 
-def first_match(providers, model: Optional[str], azure: bool, gemini: bool = False):
+def first_match(providers, model: Optional[str], azure: bool):
     """``(provider, glob)`` of the first provider whose ``models`` globs match ``model``, among
-    the azure providers (``azure``) or the others, only the gemini ones for a path of Gemini's
-    own API (``gemini``: no other provider speaks it, and the shipped config's OpenAI glob
-    ``text-embedding-*`` took Gemini's ``text-embedding-004``); ``_NO_MATCH`` when none does."""
+    the azure providers (``azure``) or the others; ``_NO_MATCH`` when none does."""
     for p in providers:
-        if (p.type == "azure") is azure and (not gemini or p.type == "gemini"):
+        if (p.type == "azure") is azure:
             glob = p.matches(model)
             if glob is not None:
                 return p, glob

@@ -441,24 +441,6 @@ class RoutingTest(ProxyTestCase):
         self.assertEqual(other.next_request().json()["model"], "llama-3-8b")
         self.assertEqual([r["provider"] for r in proxy.records()], ["local", "local", "anthropic", "anthropic", "local", "local"])
 
-    def test_a_path_of_geminis_own_api_goes_to_a_gemini_provider_only(self):
-        # The shipped config's OpenAI glob text-embedding-* took Gemini's text-embedding-004:
-        # embedContent went to the OpenAI upstream, its x-goog-api-key dropped (an audit's finding).
-        other = FakeUpstream().start()
-        self.addCleanup(other.stop)
-        proxy = self.start_proxy([provider("openai", "openai", other.url, "", ["gpt-*", "text-embedding-*"]),
-                                  provider("gemini", "gemini", self.upstream.url, "", ["gemini-*"])])
-        for action in ("embedContent", "batchEmbedContents"):
-            path = "/v1beta/models/text-embedding-004:" + action
-            status, _, _ = request(proxy.url, path=path, body={"content": {"parts": [{"text": "hi"}]}},
-                                   headers={"Content-Type": "application/json", "x-goog-api-key": "AIza-client-key-0123"})
-            self.assertEqual(status, 200)
-            seen = self.upstream.next_request()
-            self.assertEqual((seen.path, seen.header("x-goog-api-key")), (path, "AIza-client-key-0123"))
-        request(proxy.url, body={"model": "text-embedding-3-small", "input": "hi"}, path="/v1/embeddings")
-        self.assertEqual(other.next_request().path, "/v1/embeddings")  # (the OpenAI path keeps its glob)
-        self.assertEqual([r["provider"] for r in proxy.records()], ["gemini", "gemini", "openai"])
-
     def test_absolute_form_targets_go_to_the_configured_upstream(self):
         proxy = self.start_proxy()
         sock = socket.create_connection(("127.0.0.1", proxy.port), timeout=DEADLINE)
