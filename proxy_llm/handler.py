@@ -30,7 +30,7 @@ from . import errors, notices, wire
 from .errors import ProxyError
 from .metrics import status_class
 from .record import Exchange, is_event_stream, joined_headers
-from .sniff import sniff
+from .sniff import model_elsewhere, sniff
 from .headers import message, strict_fields, take_fields
 from .upstream import (TRANSFER_CODINGS, EgressProxyError, Response, TransferCodingError, UpstreamPool, authority,
                        connect, decoded)
@@ -640,6 +640,9 @@ class ProxyHandler(BaseHTTPRequestHandler):
                 ex.stream = m.group(2) == "streamGenerateContent"
         else:
             ex.model, ex.stream = sniff(body)
+            if ex.model is None and ex.stream is None and body:  # (compressed, or a form)
+                found = joined_headers(ex.req_headers, _BODY_HEADERS)
+                ex.model = model_elsewhere(body, found.get("content-type", ""), found.get("content-encoding", ""))
         name = key = ex.model
         azure = ex.family == "azure"
         if azure:
@@ -1155,6 +1158,7 @@ def exchange_secrets(server, ex: Exchange) -> List[str]:
 
 
 _CONTENT_TYPE = ("content-type",)
+_BODY_HEADERS = ("content-type", "content-encoding")
 
 
 def record_exchange(server, ex: Exchange) -> None:

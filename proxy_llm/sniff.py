@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import re
+import zlib
 from typing import Optional, Tuple
 
 # A JSON string, unrolled for speed ("normal* (escaped normal*)*").
@@ -97,7 +98,9 @@ def sniff(body: bytes) -> Tuple[Optional[str], Optional[bool]]:
     recorder settles it from the parsed body, or with :func:`sniff_stream` for one it splices unparsed.
     """
     if not body or body.lstrip()[:1] != b"{":
-        return None, False
+        # (Not a JSON object: not looked into. A compressed or multipart body may still ask for
+        # a stream, which the recorder then tells from the answer: None, not False.)
+        return None, None
     m = _find(body, b'"model"', _MODEL_VALUE)
     model = None
     if m is not None:
@@ -108,6 +111,34 @@ def sniff(body: bytes) -> Tuple[Optional[str], Optional[bool]]:
         except ValueError:
             model = None
     return model, None
+
+
+_FORM_MODEL = re.compile(rb'(?i)content-disposition:[ \t]*form-data;[ \t]*name="model"[^\r\n]*\r\n'
+                         rb'(?:[^\r\n]+\r\n)*\r\n([^\r\n]{1,256})\r\n')
+DECODED_MAX = 1 << 20  # bytes of a compressed body decoded to find its model
+
+
+def model_elsewhere(body: bytes, content_type: str, content_encoding: str) -> Optional[str]:
+    """The ``model`` of a body :func:`sniff` does not look into: a JSON body sent compressed
+    (``Content-Encoding: gzip`` or ``deflate``, its first :data:`DECODED_MAX` bytes decoded),
+    or a multipart form's ``model`` field (an audio transcription, an image edit: within its
+    first or last 64 KB, where the SDKs put their fields). None when there is none."""
+    coding = content_encoding.strip().lower()
+    if coding in ("gzip", "x-gzip", "deflate"):
+        try:
+            d = zlib.decompressobj(47 if coding != "deflate" else 15)
+            return sniff(d.decompress(body, DECODED_MAX))[0]
+        except zlib.error:
+            return None
+    if content_type[:19].lower() == "multipart/form-data":
+        for part in (body[:65536], body[-65536:]):
+            m = _FORM_MODEL.search(part)
+            if m is not None:
+                try:
+                    return m.group(1).decode("utf-8")
+                except UnicodeDecodeError:
+                    return None
+    return None
 
 
 def model_is_exact(body: bytes) -> bool:

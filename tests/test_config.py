@@ -64,6 +64,12 @@ class LoadTest(unittest.TestCase):
         self.assertEqual([p.name for p in cfg.providers], ["openai", "anthropic", "gemini"])
         self.assertTrue(all(p.api_key == "" for p in cfg.providers))
         self.assertEqual(cfg.data_dir, os.path.join(ROOT, "data"))
+        # OpenAI's embedding models, not Gemini's text-embedding-004: the glob text-embedding-*
+        # sent its embedContent calls to OpenAI (an audit's finding).
+        from proxy_llm.handler import first_match
+        self.assertEqual(first_match(cfg.providers, "text-embedding-3-small", False)[0].name, "openai")
+        self.assertEqual(first_match(cfg.providers, "text-embedding-ada-002", False)[0].name, "openai")
+        self.assertEqual(first_match(cfg.providers, "text-embedding-004", False)[0], None)
 
     def test_precedence_file_env_flags(self):
         path = write({"listen": "127.0.0.1:1111", "log_level": "debug", "providers": [OPENAI]})

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import gzip
+import zlib
 import http.client
 import json
 import os
@@ -440,6 +441,33 @@ class RoutingTest(ProxyTestCase):
         request(proxy.url, body={"model": "llama-3-8b"})
         self.assertEqual(other.next_request().json()["model"], "llama-3-8b")
         self.assertEqual([r["provider"] for r in proxy.records()], ["local", "local", "anthropic", "anthropic", "local", "local"])
+
+    def test_the_model_of_a_compressed_body_or_a_form_routes_it(self):
+        # A gzip'd body's model (and a multipart form's model field) were not seen: the request
+        # went to the first provider of the path's family, and the record said model null,
+        # session default, stream false for a stream (an audit's findings).
+        other = FakeUpstream(lambda req: json_reply({"text": "hi"}) if req.path.endswith("/transcriptions")
+                             else sse_reply([chunk_event("Hi"), b"data: [DONE]\n\n"])).start()
+        self.addCleanup(other.stop)
+        proxy = self.start_proxy([provider("openai", "openai", self.upstream.url, "", ["gpt-*"]),
+                                  provider("local", "openai", other.url, "", ["claude-*", "whisper-*"])])
+        body = json.dumps({"model": "claude-sonnet-4-5", "stream": True, "messages": []}).encode()
+        for coding, packed in (("gzip", gzip.compress(body)), ("deflate", zlib.compress(body))):
+            status, _, _ = request(proxy.url, body=packed, headers={"Content-Type": "application/json",
+                                                                   "Content-Encoding": coding})
+            self.assertEqual(status, 200)
+            self.assertEqual(other.next_request().body, packed)  # (forwarded as it came)
+        form = (b'--b\r\nContent-Disposition: form-data; name="file"; filename="a.wav"\r\n'
+                b'Content-Type: audio/wav\r\n\r\nRIFF\x00\x01\r\n--b\r\n'
+                b'Content-Disposition: form-data; name="model"\r\n\r\nwhisper-large-v3\r\n--b--\r\n')
+        status, _, _ = request(proxy.url, path="/v1/audio/transcriptions", body=form,
+                               headers={"Content-Type": "multipart/form-data; boundary=b"})
+        self.assertEqual(status, 200)
+        self.assertEqual(other.next_request().body, form)
+        recs = proxy.records()
+        self.assertEqual([(r["provider"], r["model"], r["stream"]) for r in recs],
+                         [("local", "claude-sonnet-4-5", True)] * 2 + [("local", "whisper-large-v3", False)])
+        self.assertEqual(recs[0]["session_id"], "claude-sonnet-4-5")
 
     def test_absolute_form_targets_go_to_the_configured_upstream(self):
         proxy = self.start_proxy()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import gc
+import gzip
 import io
 import json
 import random
@@ -11,10 +12,11 @@ import socket
 import sys
 import tracemalloc
 import unittest
+import zlib
 
 from proxy_llm import wire
 from proxy_llm.handler import endpoint_label, narrow_accept_encoding
-from proxy_llm.sniff import model_is_exact, sniff, sniff_stream
+from proxy_llm.sniff import model_elsewhere, model_is_exact, sniff, sniff_stream
 from proxy_llm.record import Binary, new_id, parse_body, session_file_id
 
 KEY = b"k" * 32
@@ -612,8 +614,10 @@ class SniffTest(unittest.TestCase):
         self.assertEqual(sniff(b'{"stream":false,"model":"m\\u00e9"}'), ("m\u00e9", None))
         self.assertEqual(sniff(b'{"model": 4, "stream": true}'), (None, None))
         self.assertEqual(sniff(b'{"messages":[]}'), (None, None))
-        self.assertEqual(sniff(b"not json"), (None, False))
-        self.assertEqual(sniff(b""), (None, False))
+        # Not an object: not looked into, so the stream is unknown (a gzip'd or multipart body
+        # may ask for one; the recorder tells it from the answer): it was False (an audit).
+        self.assertEqual(sniff(b"not json"), (None, None))
+        self.assertEqual(sniff(b""), (None, None))
         # "model" inside a string value is escaped, so it cannot be mistaken for the key.
         self.assertEqual(sniff(b'{"messages":[{"content":"say \\"model\\": \\"x\\""}],"model":"real"}'), ("real", None))
         # A nested "model" key before the top-level one: the bracket count tells them apart.
@@ -621,6 +625,19 @@ class SniffTest(unittest.TestCase):
         self.assertEqual(sniff(body), ("top", None))
         self.assertTrue(sniff_stream(body))
         self.assertFalse(sniff_stream(b'{"model":"m","x":{"stream":true}}'))
+
+    def test_the_model_of_a_compressed_body_or_a_form(self):
+        body = json.dumps({"model": "claude-x", "messages": []}).encode()
+        self.assertEqual(model_elsewhere(gzip.compress(body), "application/json", "gzip"), "claude-x")
+        self.assertEqual(model_elsewhere(zlib.compress(body), "application/json", " Deflate"), "claude-x")
+        self.assertIsNone(model_elsewhere(b"\x1f\x8b broken", "application/json", "gzip"))
+        self.assertIsNone(model_elsewhere(body, "application/json", "br"))  # (no decoder: routed by path)
+        form = (b'--b\r\nContent-Disposition: form-data; name="model"\r\nContent-Type: text/plain\r\n\r\n'
+                b'whisper-1\r\n--b--\r\n')
+        self.assertEqual(model_elsewhere(form, "multipart/form-data; boundary=b", ""), "whisper-1")
+        self.assertEqual(model_elsewhere(b"x" * 200000 + form, "Multipart/Form-Data; boundary=b", ""), "whisper-1")
+        self.assertIsNone(model_elsewhere(form.replace(b'"model"', b'"models"'), "multipart/form-data", ""))
+        self.assertIsNone(model_elsewhere(form, "application/x-www-form-urlencoded", ""))
 
     def test_large_bodies_with_the_key_at_either_end_or_nested(self):
         history = [{"role": "user", "content": "{[ \"model\": \"no\" ]} " * 40} for _ in range(100)]
