@@ -31,7 +31,8 @@ from .errors import ProxyError
 from .metrics import status_class
 from .record import Exchange, is_event_stream, joined_headers
 from .sniff import model_elsewhere, sniff
-from .headers import message, strict_fields, take_fields
+from . import headers as headers_mod
+from .headers import StrictMessage, message, strict_fields, take_fields
 from .upstream import (TRANSFER_CODINGS, EgressProxyError, Response, TransferCodingError, UpstreamPool, authority,
                        connect, decoded)
 
@@ -282,6 +283,9 @@ class ProxyHandler(BaseHTTPRequestHandler):
 
     # The client socket blocks (no socket timeout): its limits are kept by a ClientClock.
     timeout = None
+    # The standard library's parse_request, for a request line this one leaves to it, reads
+    # the header block strictly too (headers.StrictMessage).
+    MessageClass = StrictMessage
 
     def setup(self) -> None:
         super().setup()  # self.connection, Nagle's algorithm off
@@ -345,6 +349,13 @@ class ProxyHandler(BaseHTTPRequestHandler):
                 return False
         m = _REQUEST_LINE.fullmatch(self.raw_requestline)
         if m is None:
+            if http.client.parse_headers is not headers_mod.parse_headers:
+                # (headers.install() not in effect: the standard library would read the block
+                # leniently, a request smuggled past a bad line; refused instead.)
+                self.requestline = self.raw_requestline.rstrip(b"\r\n").decode("iso-8859-1")
+                self.request_version = self.command = ""
+                self.send_error(400, "Bad request line")
+                return False
             return super().parse_request()
         command, target, minor = m.groups()
         self.command = command.decode("ascii")
@@ -443,9 +454,16 @@ class ProxyHandler(BaseHTTPRequestHandler):
 
     def answer_local(self) -> None:
         server = self.server
-        fields = self.header_fields()
-        if wire.header_value(fields, "transfer-encoding") or (wire.header_value(fields, "content-length") or "0") != "0":
-            # Its body is not read: left on the connection, it would be read as the next request.
+        lengths = []
+        for name, value in self.header_fields():
+            name = name.lower()
+            if name == "transfer-encoding":  # (empty too: a front end may read it otherwise)
+                lengths.append("chunked")
+            elif name == "content-length":
+                lengths.append(value.strip())
+        if lengths and lengths != ["0"]:
+            # Its body is not read: left on the connection, it would be read as the next
+            # request (so would one behind a second Content-Length, which a front end may read).
             self.close_connection = True
         if self.path.split("?", 1)[0] == "/health":  # (its query, a probe's cache buster, asks nothing)
             health = server.health()
@@ -466,6 +484,10 @@ class ProxyHandler(BaseHTTPRequestHandler):
     def send_error(self, code: int, message: Optional[str] = None, explain: Optional[str] = None) -> None:
         """Errors found while parsing the request line or headers: JSON, never HTML."""
         self.close_connection = True
+        if code == 431 and explain and explain.startswith("Bad header line"):
+            # (headers.BadHeaderLine, raised in the standard library's parse_request, which
+            # answers any header error as 431 "Too many headers")
+            code, message = 400, explain
         path = getattr(self, "path", "") or ""
         body, ctype = errors.render(errors.family_of(path), code, message or self.responses.get(code, ("error",))[0])
         try:

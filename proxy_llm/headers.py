@@ -41,8 +41,30 @@ _MAX_FIELDS = getattr(http.client, "_MAXHEADERS", 100)
 _FIELD = re.compile("(%s):[ \t]*([^\r\n\x00\x0b\x0c\x1c-\x1e\x85]*)\r?\n" % _TOKEN)
 
 
+class StrictMessage(http.client.HTTPMessage):
+    """A request's header block as the proxy reads it, whoever reads it: ``ProxyHandler``
+    parses a plain request line itself, with :func:`strict_fields`, and leaves any other to the
+    standard library, which reads the block with ``http.client.parse_headers(fp,
+    _class=MessageClass)``; with this class :func:`parse_headers` reads it strictly too. The
+    email parser took a line that is not a field line for the block's end, every field after
+    it (Content-Length too) for the body, which the proxy then read as a second request and
+    forwarded: a request smuggled past the check by a request line with two blanks in it."""
+
+    strict = True
+
+
+class BadHeaderLine(http.client.HTTPException):
+    """A request's header line that is not a field line (see :func:`strict_fields`)."""
+
+
 def parse_headers(fp, _class=http.client.HTTPMessage):
-    """Read a header block from ``fp`` and return it as an ``HTTPMessage`` (see the module)."""
+    """Read a header block from ``fp`` and return it as an ``HTTPMessage`` (see the module);
+    strictly for a :class:`StrictMessage` (raises :class:`BadHeaderLine`)."""
+    if getattr(_class, "strict", False):
+        fields = strict_fields(fp)
+        if fields is None:
+            raise BadHeaderLine("Bad header line (RFC 9112 section 5)")
+        return message(fields, _class)
     fields = take_fields(fp)
     if fields is not None:
         return message(fields, _class)

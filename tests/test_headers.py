@@ -132,9 +132,13 @@ class ParseHeadersTest(unittest.TestCase):
         self.assertIs(http.client.parse_headers, headers._ORIGINAL)
 
 
-def parsed(raw: bytes, parse) -> tuple:
-    """Run ``parse`` (a parse_request) on a handler holding the request ``raw``, socket-less."""
+def parsed(raw: bytes, parse, lenient: bool = False) -> tuple:
+    """Run ``parse`` (a parse_request) on a handler holding the request ``raw``, socket-less
+    (``lenient``: its header block read by the standard library's own message class, as a
+    plain ``BaseHTTPRequestHandler`` reads it)."""
     h = ProxyHandler.__new__(ProxyHandler)
+    if lenient:
+        h.MessageClass = http.client.HTTPMessage
     h.rfile = io.BufferedReader(io.BytesIO(raw), 8192)
     h.wfile = io.BytesIO()
     h.client_address = ("127.0.0.1", 0)
@@ -175,6 +179,20 @@ REQUESTS = [
 
 
 class ParseRequestTest(unittest.TestCase):
+    def setUp(self) -> None:
+        # As build_server does: a request line left to the standard library has its header
+        # block read by headers.parse_headers (strictly, for the handler's StrictMessage).
+        original = http.client.parse_headers
+        self.addCleanup(setattr, http.client, "parse_headers", original)
+        self.assertTrue(headers.install())
+
+    def test_a_line_left_to_the_standard_library_is_refused_without_the_strict_reader(self):
+        headers.uninstall()
+        ok, *_, answer, left = parsed(b"POST  /v1/chat/completions HTTP/1.1\r\nHost: x\r\n\r\n",
+                                      ProxyHandler.parse_request)
+        self.assertFalse(ok)
+        self.assertTrue(answer.startswith(b"HTTP/1.1 400 "), answer[:40])
+
     """ProxyHandler.parse_request (a fast path for plain request lines) gives the standard
     library's results: command, path, version, keep-alive, headers, answers, bytes left."""
 
@@ -194,11 +212,20 @@ class ParseRequestTest(unittest.TestCase):
             raw = (b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n" + bad +
                    b"\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
             with self.subTest(line=bad):
-                self.assertEqual(parsed(raw, BaseHTTPRequestHandler.parse_request)[0], True)  # what it did
+                self.assertEqual(parsed(raw, BaseHTTPRequestHandler.parse_request, lenient=True)[0], True)  # what it did
                 ok, *_, answer, left = parsed(raw, ProxyHandler.parse_request)
                 self.assertFalse(ok)
                 self.assertTrue(answer.startswith(b"HTTP/1.1 400 "), answer[:40])
                 self.assertIn(b"Connection: close", answer)
+                # The same behind a request line left to the standard library (two blanks, a
+                # tab, HTTP/1.10): its block was read leniently, and the body smuggled.
+                for line in (b"POST  /v1/chat/completions HTTP/1.1", b"POST\t/v1/chat/completions HTTP/1.1",
+                             b"POST /v1/chat/completions HTTP/1.10"):
+                    other = raw.replace(b"POST /v1/chat/completions HTTP/1.1", line, 1)
+                    ok, *_, answer, left = parsed(other, ProxyHandler.parse_request)
+                    self.assertFalse(ok, line)
+                    self.assertTrue(answer.startswith(b"HTTP/1.1 400 "), answer[:60])
+                    self.assertIn(b"Bad header line", answer)
 
     def test_a_value_keeps_the_bytes_the_email_parser_splits_lines_at(self):
         # NEL is byte 0x85, the second byte of UTF-8 "\u00c5"; VT and FF are values' bytes too.

@@ -261,7 +261,17 @@ class UpstreamOnlyTest(SecurityTestCase):
                     b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nX-A: b\r\n Transfer-Encoding: chunked\r\n"
                     + framing,
                     b"GET /health HTTP/1.1\r\nHost: x\r\n" + framing,
-                    b"POST /metrics HTTP/1.1\r\nHost: x\r\n" + framing):
+                    b"POST /metrics HTTP/1.1\r\nHost: x\r\n" + framing,
+                    # A request line the proxy leaves to the standard library (two blanks, a
+                    # tab, HTTP/1.10) had its header block read leniently (an audit's finding).
+                    b"POST  /v1/chat/completions HTTP/1.1\r\nHost: x\r\nX Foo: a\r\n" + framing,
+                    b"POST\t/v1/chat/completions HTTP/1.1\r\nHost: x\r\nJunk\r\n" + framing,
+                    b"POST /v1/chat/completions HTTP/1.10\r\nHost: x\r\nX-A: b\r\n Transfer-Encoding: chunked\r\n"
+                    + framing,
+                    b"POST /v1/chat/completions  HTTP/1.1\r\nHost: x\r\nX-A: b\x00c\r\n" + framing,
+                    # Two Content-Length to a local endpoint: the first was read, "0".
+                    b"GET /health HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n" + framing,
+                    b"GET /health HTTP/1.1\r\nHost: x\r\nTransfer-Encoding:\r\n" + framing):
             with self.subTest(raw=raw[:60]):
                 data = raw_exchange(proxy.port, raw)
                 self.assertEqual(data.count(b"HTTP/1.1 "), 1, data[:200])  # one answer, then the close
