@@ -727,14 +727,27 @@ def _readable(sock: socket.socket) -> bool:
     """True if an idle socket has something to read (EOF, a reset or stray bytes).
 
     ``poll`` rather than ``select``: select() cannot take descriptors past FD_SETSIZE (1024),
-    which a proxy holding 2,000 streams has.
+    which a proxy holding 2,000 streams has. A TLS socket may hold bytes the kernel no longer
+    has: decrypted from the record that carried the last answer, past what it read (``pending``),
+    which ``poll`` cannot see: the next client was given them (an audit's finding).
     """
     try:
+        if _pending(sock):
+            return True
         if hasattr(select, "poll"):
             poller = select.poll()
             poller.register(sock, select.POLLIN | select.POLLERR | select.POLLHUP)
             return bool(poller.poll(0))
         return bool(select.select([sock], [], [], 0)[0])
+    except (OSError, ValueError):
+        return True
+
+
+def _pending(sock: socket.socket) -> bool:
+    """Whether a TLS socket holds decrypted bytes not read yet (always False for plain TCP)."""
+    pending = getattr(sock, "pending", None)
+    try:
+        return pending is not None and pending() > 0
     except (OSError, ValueError):
         return True
 
@@ -749,12 +762,13 @@ def _ready(socks: List[socket.socket]) -> List[socket.socket]:
             by_fd = {}
             for sock in socks:
                 fd = sock.fileno()
-                if fd < 0:
+                if fd < 0 or _pending(sock):
                     ready.append(sock)
                     continue
                 by_fd[fd] = sock
                 poller.register(fd, select.POLLIN | select.POLLERR | select.POLLHUP)
             return ready + [by_fd[fd] for fd, _ in poller.poll(0)]
+        socks = [s for s in socks if s not in ready]
         return ready + select.select([s for s in socks if s.fileno() >= 0], [], [], 0)[0]
     except (OSError, ValueError):
         return ready

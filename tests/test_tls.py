@@ -10,13 +10,20 @@ from __future__ import annotations
 
 import http.client
 import os
+import re
+import socket
 import ssl
+import threading
 
 from tests import support
 from tests.support import DEADLINE, chunk_event, read_to_eof, read_until, sse_reply
 from tests.test_faults import CHAT_BODY, CHAT_REPLY, PLAIN_BODY, content_of, open_stream
 
 FIXTURE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tls_upstream.pem")
+
+
+def _answer(body: bytes) -> bytes:
+    return b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
 
 
 class TlsUpstreamCase(support.ProxyTestCase):
@@ -57,6 +64,55 @@ class TlsUpstreamTest(TlsUpstreamCase):
         recs = proxy.records()
         self.assertEqual([r["ended"] for r in recs], ["completed", "completed"])
         self.assertEqual([content_of(r) for r in recs], ["Hello!", "Hello"])
+
+    def test_bytes_past_an_answer_in_its_tls_record_never_reach_the_next_client(self):
+        # Decrypted with the answer, past what http.client read, they waited in the SSL object,
+        # where poll cannot see them: the pooled connection was reused, and the next client got
+        # them as its answer (an audit's finding). Over TCP the pool's check already caught it.
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(FIXTURE)
+        listener = socket.socket()
+        self.addCleanup(listener.close)
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(4)
+        injected = _answer(b'{"answer":"INJECTED"}')
+        connections = []
+
+        def serve():
+            while True:
+                try:
+                    raw, _ = listener.accept()
+                except OSError:
+                    return
+                conn = context.wrap_socket(raw, server_side=True)
+                connections.append(conn)
+                threading.Thread(target=answer, args=(conn, len(connections) == 1), daemon=True).start()
+
+        def answer(conn, first):
+            with conn:
+                while True:
+                    try:
+                        head = read_until(conn, b"\r\n\r\n")
+                    except (OSError, AssertionError):
+                        return
+                    length = int(re.search(rb"(?i)content-length: *(\d+)", head).group(1))
+                    body = head.split(b"\r\n\r\n", 1)[1]
+                    while len(body) < length:
+                        body += conn.recv(65536)
+                    if first:  # one write, one TLS record: the answer, padding, another answer
+                        conn.sendall(_answer(b'{"answer":"real first"}') + b" " * 9000 + injected)
+                        first = False
+                    else:
+                        conn.sendall(_answer(b'{"answer":"real second"}'))
+        threading.Thread(target=serve, daemon=True).start()
+        proxy = self.start_proxy([support.provider("openai", "openai", "https://127.0.0.1:%d" % listener.getsockname()[1],
+                                                   "", ["gpt-*"])])
+        for pool in proxy.server.pools.values():
+            pool.ssl_context = ssl.create_default_context(cafile=FIXTURE)
+        self.assertEqual(support.request(proxy.url, body=PLAIN_BODY)[2], b'{"answer":"real first"}')
+        self.assertTrue(proxy.server.wait_idle(DEADLINE))
+        self.assertEqual(support.request(proxy.url, body=PLAIN_BODY)[2], b'{"answer":"real second"}')
+        self.assertEqual(len(connections), 2)
 
     def test_a_silent_tls_upstream_is_cut_by_the_watchdog(self):
         self.replies.append(sse_reply([chunk_event("Hel"), "HANG"]))
