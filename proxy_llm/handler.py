@@ -535,6 +535,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
             self.send_simple(404, body, ctype)
             return
         self.proxy_key_header = None
+        self.proxy_key_others = ()  # more headers the client put the proxy key in (rare)
         headers = self.header_fields()
         ex = Exchange(self.command, path, query, headers, *server.capture_limits)
         # The path places the request (a POST to /v1/chat/completions or /v1/messages looks at
@@ -626,18 +627,13 @@ class ProxyHandler(BaseHTTPRequestHandler):
         keys = self.server.config.proxy_keys
         if not keys:
             return
-        for name in PROXY_KEY_HEADERS:
-            candidate = wire.header_value(headers, name)
-            if not candidate:
-                continue
-            candidate = candidate.strip()
-            if name == "authorization":
-                if candidate[:7].lower() != "bearer ":
-                    continue
-                candidate = candidate[7:].strip()
-            value = candidate.encode("utf-8", "surrogatepass")
-            if any(hmac.compare_digest(value, key.encode("utf-8")) for key in keys):
+        for i, name in enumerate(PROXY_KEY_HEADERS):
+            if _carries_proxy_key(headers, name, keys):
                 self.proxy_key_header = name
+                # The key in another header too (an SDK's own key set to it, and X-Proxy-Key):
+                # none of them goes on (the second one did: an audit's finding).
+                self.proxy_key_others = tuple(other for other in PROXY_KEY_HEADERS[i + 1:]
+                                              if _carries_proxy_key(headers, other, keys))
                 return
         if self.upload_passed:  # (an upload URL the proxy handed out: see wire.UPLOAD_PASS)
             return
@@ -710,6 +706,8 @@ class ProxyHandler(BaseHTTPRequestHandler):
                 drop = _DROP_FOREIGN_AND_AUTHORIZATION[carrier]
             else:
                 drop = _DROP_FOREIGN_AND[carrier]
+            if self.proxy_key_others:
+                drop = drop.union(self.proxy_key_others)
         out = wire.end_to_end(headers, drop)
         pool = self.server.pools[provider.name]
         out.insert(0, ("Host", pool.host_header))
@@ -1233,6 +1231,21 @@ def replayable(method: str, headers: List[Tuple[str, str]]) -> bool:
         if name.lower() in ("idempotency-key", "x-idempotency-key"):
             return True
     return False
+
+
+def _carries_proxy_key(headers: List[Tuple[str, str]], name: str, keys: List[str]) -> bool:
+    """Whether the header ``name`` (one of PROXY_KEY_HEADERS) holds one of the proxy ``keys``
+    (``Authorization`` as a Bearer token), compared in constant time."""
+    candidate = wire.header_value(headers, name)
+    if not candidate:
+        return False
+    candidate = candidate.strip()
+    if name == "authorization":
+        if candidate[:7].lower() != "bearer ":
+            return False
+        candidate = candidate[7:].strip()
+    value = candidate.encode("utf-8", "surrogatepass")
+    return any(hmac.compare_digest(value, key.encode("utf-8")) for key in keys)
 
 
 def first_match(providers, model: Optional[str], azure: bool):

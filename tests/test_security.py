@@ -143,6 +143,15 @@ class ListenTest(SecurityTestCase):
                 self.assertEqual(seen.path, path)
                 self.assertIsNone(seen.header(name))
                 self.assertEqual(seen.header(other), other_value)
+        # The key in two headers: the second went on to the provider (an audit's finding).
+        for path, body, headers in (("/v1/messages", {"model": "claude-x", "max_tokens": 1, "messages": []},
+                                     {"x-api-key": key, "Authorization": "Bearer " + key}),
+                                    (gemini_path, {"contents": []}, {"X-Proxy-Key": key, "x-goog-api-key": key})):
+            with self.subTest(headers=sorted(headers)):
+                self.assertEqual(request(proxy.url, path=path, body=body, headers=headers)[0], 200)
+                seen = self.upstream.next_request()
+                self.assertEqual([h for h in headers if seen.header(h) is not None], [])
+                self.assertNotIn(key, repr(seen.headers))
         self.assertEqual(self.upstream.requests.qsize(), 0)  # no refused request was forwarded
         proxy.stop()
         for path in all_files(self.data_dir):
