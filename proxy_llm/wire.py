@@ -1087,7 +1087,9 @@ _ASCII = frozenset(range(128))
 
 
 _VISIBLE_ASCII = re.compile(r"[!-~]*\Z")
-_DOT_SEGMENT = re.compile(r"(?i)(?:^|/)(?:\.|%2e){1,2}(?:/|$)")
+# A dot segment, between separators as servers read them: "/", and what one decodes or takes for
+# one ("%2f", a backslash, "%5c"), a ";" starting path parameters ("..;/": Tomcat, Jetty).
+_DOT_SEGMENT = re.compile(r"(?i)(?:^|/|\\|%2f|%5c)(?:\.|%2e){1,2}(?:/|\\|%2f|%5c|;|$)")
 
 
 def bad_target(path: str, query: str) -> Optional[str]:
@@ -1095,8 +1097,9 @@ def bad_target(path: str, query: str) -> Optional[str]:
 
     Only visible ASCII (RFC 9112 3.2: anything else, a space or a control character, would be
     sent upstream in a request line of its own making), no fragment, and no dot segment in the
-    path (``/v1/../admin``, ``%2e%2e`` too): appended to a provider's base URL, with its key,
-    it would reach whatever path the upstream makes of it, past the base path.
+    path (``/v1/../admin``, ``%2e%2e``, ``..%2f``, ``..\\`` and ``..;/`` too): appended to a
+    provider's base URL, with its key, it would reach whatever path the upstream makes of it,
+    past the base path.
     """
     if not (_VISIBLE_ASCII.match(path) and _VISIBLE_ASCII.match(query)):
         return "only visible ASCII characters are allowed"

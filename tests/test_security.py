@@ -296,7 +296,10 @@ class UpstreamOnlyTest(SecurityTestCase):
         proxy = self.start_proxy()
         for target in (b"/v1/../../internal/admin", b"/v1/%2e%2e/%2E%2e/internal", b"/v1/./chat/completions",
                        b"/v1/chat/caf\xc3\xa9", b"/v1/chat/\x7f", b"/v1/chat/completions#frag",
-                       b"http://h/v1/chat/\xff"):
+                       b"http://h/v1/chat/\xff",
+                       # What a server decodes to, or takes for, a separator (an audit's finding):
+                       b"/v1/..%2fadmin", b"/v1/%2e%2e%2Fadmin", b"/v1/..%5cadmin", b"/v1/..\\..\\admin",
+                       b"/v1/..;/..;/admin"):
             with self.subTest(target=target):
                 data = raw_exchange(proxy.port, b"POST %s HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s"
                                     % (target, len(PLAIN_BODY), PLAIN_BODY))

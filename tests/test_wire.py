@@ -607,6 +607,16 @@ class CutSecretStartTest(unittest.TestCase):
         self.assertEqual(wire.cut_secret_start(b"x" + b"sk-pr" * (wire._CUT_PASSES - 1), pairs), b"x")
 
 
+class TargetTest(unittest.TestCase):
+    def test_dot_segments_between_any_separator_a_server_reads(self):
+        for path in ("/v1/../x", "/v1/..%2fadmin", "/v1/%2E%2E%2Fadmin", "/v1/..%5cadmin", "/v1/..\\admin",
+                     "/v1/..;/admin", "/v1/.;x", "/v1/x/%2e"):
+            self.assertIsNotNone(wire.bad_target(path, ""), path)
+        for path in ("/v1/a..b/c", "/v1/files/file-1.2.jsonl", "/v1/.well-known", "/v1/models/gemini-1.5:generateContent",
+                     "/v1/x%2fy", "/v1/..x"):
+            self.assertIsNone(wire.bad_target(path, ""), path)
+
+
 class SniffTest(unittest.TestCase):
     def test_model_and_stream(self):
         # The model for routing; the stream flag of an object is left to the recorder (None).
