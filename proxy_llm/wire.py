@@ -141,10 +141,17 @@ def read_body(rfile: BinaryIO, headers: Iterable[Tuple[str, str]], limit: int,
     except OSError:  # a reset
         raise BodyError(400, "the connection failed while reading the request body", b"".join(parts),
                         gone=True) from None
-    return parts[0] if len(parts) == 1 else b"".join(parts)
+    if len(parts) == 1:
+        return parts[0] if type(parts[0]) is bytes else bytes(parts[0])
+    return b"".join(parts)
 
 
 READ_MAX = 1 << 20
+# Reads shorter than SMALL_READ are gathered into one bytearray of up to GATHER_MAX bytes: a body
+# sent in 2-byte chunks (or in tiny TCP segments) was a bytes object per read, some 28 times the
+# body's size in memory, 900 MB for a body within the 32 MiB limit (an audit's finding).
+SMALL_READ = 4096
+GATHER_MAX = 1 << 20
 
 
 def _read_into(rfile: BinaryIO, n: int, parts: List[bytes]) -> int:
@@ -157,7 +164,13 @@ def _read_into(rfile: BinaryIO, n: int, parts: List[bytes]) -> int:
         data = rfile.read1(min(n - got, READ_MAX))
         if not data:
             break
-        parts.append(data)
+        if len(data) < SMALL_READ and parts and len(parts[-1]) < GATHER_MAX:
+            last = parts[-1]
+            if type(last) is not bytearray:
+                last = parts[-1] = bytearray(last)
+            last += data
+        else:
+            parts.append(data)
         got += len(data)
     return got
 
