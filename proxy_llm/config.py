@@ -184,6 +184,26 @@ def expand(value: str, env: Mapping[str, str], where: str) -> str:
     return _VAR_RE.sub(substitute, value)
 
 
+_NUMBER_TEXT = re.compile(r"[0-9]+(?:\.[0-9]+)?\Z")
+
+
+def _typed(key: str, value: Any) -> Any:
+    """A top-level string that was a ``$VAR`` template, as the type its setting takes: true or
+    false for a switch, a number for a size, a count or a time (as an environment variable's
+    value is read). Anything else is left as it is, for validate to refuse."""
+    default = DEFAULTS.get(key)
+    if not isinstance(value, str):
+        return value
+    text = value.strip()
+    if isinstance(default, bool):
+        return {"true": True, "false": False}.get(text.lower(), value)
+    if key == "total_timeout" and not text:  # (${TOTAL_TIMEOUT:-}: none, its default)
+        return None
+    if (isinstance(default, (int, float)) or key == "total_timeout") and _NUMBER_TEXT.match(text):
+        return float(text) if "." in text else int(text)
+    return value
+
+
 def _expand_tree(value: Any, env: Mapping[str, str], where: str, depth: int = 0) -> Any:
     if depth > 32:  # no setting nests this deep
         raise ConfigError("%s: nested too deep" % (where or "config"))
@@ -297,10 +317,13 @@ def load(
     for key in raw:
         if key not in DEFAULTS:
             raise ConfigError("%s: %s: unknown key" % (source, key))
+    templated = [key for key, value in raw.items() if isinstance(value, str) and "$" in value]
     try:
         raw = _expand_tree(raw, env, "")
     except ConfigError as exc:
         raise ConfigError("%s: %s" % (source, exc)) from None
+    for key in templated:  # ("queue_size": "${QUEUE_SIZE:-10000}": a number, once expanded)
+        raw[key] = _typed(key, raw[key])
     merged = dict(DEFAULTS)
     merged.update(raw)
     if path is not None and "data_dir" in raw and isinstance(raw["data_dir"], str):

@@ -163,6 +163,26 @@ class LoadTest(unittest.TestCase):
         self.addCleanup(os.unlink, path)
         self.assertEqual(config.load(path, env={"OPENAI_API_KEY": "k"}).providers[0].ca_file, pem)
 
+    def test_a_number_or_a_switch_from_a_variable(self):
+        # "${QUEUE_SIZE:-10000}" was "must be an integer", "${RECORD:-false}" "must be true or
+        # false": a setting could not come from the environment by a template (an audit's finding).
+        path = write({"providers": [OPENAI], "queue_size": "${QS:-100}", "record": "${REC:-false}",
+                      "fsync_interval": "$FI", "total_timeout": "${TT:-}", "workers": "${W:-2}"})
+        self.addCleanup(os.unlink, path)
+        cfg = config.load(path, env={"OPENAI_API_KEY": "k", "FI": "0.5"})
+        self.assertEqual((cfg.queue_size, cfg.record, cfg.fsync_interval, cfg.total_timeout, cfg.workers),
+                         (100, False, 0.5, None, 2))
+        for env, expected in (({"QS": "1e3"}, "queue_size: must be an integer"), ({"REC": "yes"}, "record: must be true"),
+                              ({"QS": "-5"}, "queue_size: must be an integer")):
+            with self.subTest(env=env):
+                with self.assertRaises(ConfigError) as cm:
+                    config.load(path, env=dict(env, OPENAI_API_KEY="k", FI="0.5"))
+                self.assertIn(expected, str(cm.exception))
+        path = write({"providers": [OPENAI], "queue_size": "100"})  # (no template: a string, as ever)
+        self.addCleanup(os.unlink, path)
+        with self.assertRaises(ConfigError):
+            config.load(path, env={"OPENAI_API_KEY": "k"})
+
     def test_an_error_names_where_the_value_came_from_once(self):
         # A flag's error named the key twice ("--workers: workers: must be at least 1").
         path = write({"providers": [OPENAI], "workers": 0})
