@@ -21,6 +21,7 @@ import os
 import signal
 import socket
 import sys
+import tempfile
 import threading
 import time
 import traceback
@@ -153,8 +154,8 @@ def prepare_data_dir(data_dir: str) -> bytes:
     showed (the proxy served, every record lost, ``fail_closed`` too). A full disk is no
     reason not to start: an empty file is made, and recording resumes when space returns."""
     os.makedirs(data_dir, mode=0o700, exist_ok=True)
-    probe = os.path.join(data_dir, ".proxy_llm_probe.%d" % os.getpid())
-    os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+    fd, probe = tempfile.mkstemp(prefix=".proxy_llm_probe.", dir=data_dir)  # (a name of its own: none left blocks)
+    os.close(fd)
     os.unlink(probe)
     return fingerprint_key(data_dir)
 
@@ -199,8 +200,6 @@ def fingerprint_key(data_dir: str) -> bytes:
 
 def _store_key(data_dir: str, path: str, key: bytes, replace: bool) -> bool:
     """Put ``key`` at ``path`` whole; False if another process put its own there first."""
-    import tempfile
-
     fd, tmp = tempfile.mkstemp(prefix=KEY_FILE + ".", suffix=".tmp", dir=data_dir)  # 0600
     try:
         with os.fdopen(fd, "wb") as f:

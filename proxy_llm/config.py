@@ -326,9 +326,11 @@ def load(
         raw[key] = _typed(key, raw[key])
     merged = dict(DEFAULTS)
     merged.update(raw)
+    empty_data_dir = False
     if path is not None and "data_dir" in raw and isinstance(raw["data_dir"], str):
-        if not raw["data_dir"].strip():  # (it meant the file's directory: an unset variable?)
-            raise ConfigError("%s: data_dir: an empty path" % source)
+        # (Empty, it meant the file's directory: an unset variable? Refused below, unless the
+        # environment or a flag gives one.)
+        empty_data_dir = not raw["data_dir"].strip()
         base = os.path.dirname(os.path.abspath(path))
         merged["data_dir"] = os.path.normpath(os.path.join(base, os.path.expanduser(raw["data_dir"])))
     where = dict.fromkeys(merged, source)
@@ -341,6 +343,8 @@ def load(
         if value is not None:
             merged[key] = value
             where[key] = "--" + key.replace("_", "-")
+    if empty_data_dir and where["data_dir"] == source:
+        raise ConfigError("%s: data_dir: an empty path" % source)
     if where["data_dir"] != source and isinstance(merged["data_dir"], str):
         # (~ is the shell's, and none expands it in "--data-dir=~/x" or a unit's Environment=)
         merged["data_dir"] = os.path.expanduser(merged["data_dir"])

@@ -768,8 +768,9 @@ def _ready(socks: List[socket.socket]) -> List[socket.socket]:
                 by_fd[fd] = sock
                 poller.register(fd, select.POLLIN | select.POLLERR | select.POLLHUP)
             return ready + [by_fd[fd] for fd, _ in poller.poll(0)]
-        socks = [s for s in socks if s not in ready]
-        return ready + select.select([s for s in socks if s.fileno() >= 0], [], [], 0)[0]
+        ready = [s for s in socks if s.fileno() < 0 or _pending(s)]
+        rest = [s for s in socks if s not in ready]
+        return ready + (select.select(rest, [], [], 0)[0] if rest else [])
     except (OSError, ValueError):
         return ready
 

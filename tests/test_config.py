@@ -145,6 +145,17 @@ class LoadTest(unittest.TestCase):
                 self.assertIn(path, str(cm.exception))
                 self.assertNotIn("\n", str(cm.exception))
 
+    def test_an_empty_data_dir_in_the_file_may_be_given_by_the_environment_or_a_flag(self):
+        # (Refused before the overrides were read: a review's finding.)
+        path = write({"providers": [OPENAI], "data_dir": "${DATA_DIR:-}"})
+        self.addCleanup(os.unlink, path)
+        with self.assertRaises(ConfigError):
+            config.load(path, env={"OPENAI_API_KEY": "k"})
+        self.assertEqual(config.load(path, env={"OPENAI_API_KEY": "k", "PROXY_LLM_DATA_DIR": "/srv/records"}).data_dir,
+                         "/srv/records")
+        self.assertEqual(config.load(path, env={"OPENAI_API_KEY": "k"}, overrides={"data_dir": "/srv/x"}).data_dir,
+                         "/srv/x")
+
     def test_a_bom_a_tilde_and_a_scheme_in_capitals(self):
         # A BOM (Notepad's) was "invalid JSON: Expecting value" at line 1 column 1; ~ in a flag
         # or variable was a directory named "~"; "HTTPS://" was no https for a ca_file (an audit).
