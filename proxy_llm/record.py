@@ -705,6 +705,11 @@ class Encoder:
                 if accepted and result.error and type(resp_value) in (dict, list):
                     # An error in a 2xx answer (rare) may quote the value: read it with its floats.
                     resp_value, resp_raw, result = _read_answer(dialect, resp_body, False)
+                if (accepted and not end_seen and ex.response.tail and not result.tokens_used
+                        and not decode_error and resp_encoding.strip().lower() in ("", "identity")):
+                    # An answer longer than capture_max_body (a big embeddings batch): its usage,
+                    # last, is in the part kept past the cut (Capture.tail).
+                    result.tokens_used = _usage_past_cut(dialect, ex.response) or result.tokens_used
         except Exception as exc:  # a dialect bug must not lose the record: keep raw, say why
             log.exception("reassembly failed for record %s", ex.id)
             reassembly_error = "%s: %s" % (type(exc).__name__, exc)
@@ -989,6 +994,35 @@ def _read_past_cut(dialect: Any, content_type: str, events: List[Tuple[float, An
         data = start + data
     past, _ = dialects.decode_stream(content_type, [(0.0, data)], max_event)
     return dialect.reassemble([e for _, e in events] + [e for _, e in past])
+
+
+_USAGE_KEYS = (b'"usage"', b'"usageMetadata"')
+
+
+def _usage_past_cut(dialect: Any, cap: Capture) -> Optional[Dict[str, Any]]:
+    """The token counts of a non-streamed answer cut at capture_max_body, from its last part
+    (``cap.tail``): the last ``"usage"`` (``"usageMetadata"``, Gemini's) object there, read as
+    the dialect reads a whole answer's. None when the tail holds none that parses."""
+    data = b"".join(cap.tail)
+    for key in _USAGE_KEYS:
+        at = data.rfind(key)
+        if at < 0:
+            continue
+        colon = data.find(b":", at + len(key))
+        if colon < 0:
+            continue
+        try:
+            value, _ = _RAW_DECODER.raw_decode(data[colon + 1:].decode("utf-8", "replace").lstrip())
+        except (ValueError, RecursionError):
+            continue
+        if isinstance(value, dict):
+            found = dialect.from_body({key[1:-1].decode("ascii"): value})
+            if not _dialect_failed(found) and found.tokens_used:
+                return found.tokens_used
+    return None
+
+
+_RAW_DECODER = json.JSONDecoder()
 
 
 def _after_last_event(chunks: List[bytes], limit: int) -> Optional[bytes]:

@@ -146,6 +146,25 @@ class EncoderTest(unittest.TestCase):
                 self.assertNotIn("stream_events", rec)
                 self.assertFalse(verify.expects_stream_line(rec))  # (verify asks for no line in streams/)
 
+    def test_an_answer_cut_at_capture_max_body_keeps_its_usage(self):
+        # Its usage comes last, past the kept part: a big embeddings batch had no tokens_used,
+        # and stats undercounted (an audit's finding). Read from the part kept past the cut.
+        vectors = ",".join('{"object":"embedding","index":%d,"embedding":[%s]}' % (i, ",".join(["0.0123"] * 50))
+                           for i in range(40))
+        resp = ('{"object":"list","data":[%s],"model":"text-embedding-3-small",'
+                '"usage":{"prompt_tokens":80,"total_tokens":80}}' % vectors).encode()
+        ex = exchange(path="/v1/embeddings", body=b'{"model":"text-embedding-3-small","input":["a"]}',
+                      resp=[resp[i:i + 997] for i in range(0, len(resp), 997)], limit=2000)
+        (rec,), _ = encode(ex)
+        self.assertIn("response", rec["truncated"])
+        self.assertEqual(rec["tokens_used"], {"prompt_tokens": 80, "total_tokens": 80})
+        # A "usage" inside the text before it is not the one read: the last one is.
+        chat = ('{"id":"c","object":"chat.completion","choices":[{"index":0,"message":{"role":"assistant",'
+                '"content":"%s \\"usage\\": {\\"prompt_tokens\\": 1}"},"finish_reason":"stop"}],'
+                '"usage":{"prompt_tokens":9,"completion_tokens":4000,"total_tokens":4009}}' % ("x" * 5000)).encode()
+        (rec,), _ = encode(exchange(resp=[chat[:3000], chat[3000:]], limit=1000))
+        self.assertEqual(rec["tokens_used"], {"prompt_tokens": 9, "completion_tokens": 4000, "total_tokens": 4009})
+
     def test_a_stored_answer_read_again_carries_no_tokens(self):
         # GET /v1/responses/{id} (a background response, a resumed stream) returns the usage of
         # the request that ran the model: counted again on every read, under no model (an audit).
