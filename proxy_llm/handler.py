@@ -454,14 +454,8 @@ class ProxyHandler(BaseHTTPRequestHandler):
 
     def answer_local(self) -> None:
         server = self.server
-        lengths = []
-        for name, value in self.header_fields():
-            name = name.lower()
-            if name == "transfer-encoding":  # (empty too: a front end may read it otherwise)
-                lengths.append("chunked")
-            elif name == "content-length":
-                lengths.append(value.strip())
-        if lengths and lengths != ["0"]:
+        te, cl = wire.framing_fields(self.header_fields())
+        if te or (cl and [v.strip() for v in cl] != ["0"]):  # (an empty TE too: a front end may read it)
             # Its body is not read: left on the connection, it would be read as the next
             # request (so would one behind a second Content-Length, which a front end may read).
             self.close_connection = True

@@ -25,7 +25,7 @@ import struct
 import threading
 import time
 from http.server import ThreadingHTTPServer
-from typing import Callable, Dict, List, Optional, Set
+from typing import Callable, Dict, List, Optional, Set, Tuple
 
 try:  # (the bytes a socket has not sent yet: Linux, and most Unix systems)
     import fcntl
@@ -76,6 +76,16 @@ def _unsent(sock) -> Optional[int]:
         return None
 
 
+def _look(clock, due: float) -> Tuple[Optional[Tuple[float, int]], Optional[int]]:
+    """Store ``(due, the socket's unsent bytes)`` as ``clock.probe``, and return the probe it
+    replaces and those bytes (None, and nothing stored, where they cannot be known)."""
+    unsent = _unsent(clock.sock)
+    probe = clock.probe
+    if unsent is not None:
+        clock.probe = (due, unsent)
+    return probe, unsent
+
+
 def _still_reading(clock, due: float, now: float) -> bool:
     """Whether the client of a write past its ``due`` has taken bytes since the watchdog last
     looked (the socket's unsent bytes went down); if so, the write gets ``idle`` more (half of
@@ -83,11 +93,9 @@ def _still_reading(clock, due: float, now: float) -> bool:
     ``due``), so that a later wait never inherits it. The kernel wakes a blocked send only once
     much of its buffer is free: a client reading a few KB a second makes no send return for
     longer than client_idle_timeout, though it never stops reading."""
-    unsent = _unsent(clock.sock)
+    probe, unsent = _look(clock, due)
     if unsent is None:
         return False
-    probe = clock.probe
-    clock.probe = (due, unsent)
     known = probe is not None and probe[0] == due
     if known and unsent >= probe[1]:
         return False  # nothing taken since the last look
@@ -364,9 +372,7 @@ class ProxyServer(ThreadingHTTPServer):
             due = clock.due
             if due and clock.how == socket.SHUT_RDWR and now > due - clock.idle / 2 and (
                     clock.probe is None or clock.probe[0] != due):
-                unsent = _unsent(clock.sock)
-                if unsent is not None:
-                    clock.probe = (due, unsent)
+                _look(clock, due)
         exchanges = self.in_flight()
         for ex in exchanges:
             deadline = ex.upstream_deadline

@@ -755,22 +755,20 @@ def _pending(sock: socket.socket) -> bool:
 def _ready(socks: List[socket.socket]) -> List[socket.socket]:
     """Those of idle sockets ``socks`` that have something to read (see :func:`_readable`), or
     no descriptor any more."""
-    ready = []
+    ready, rest = [], []
     try:
+        for sock in socks:
+            (ready if sock.fileno() < 0 or _pending(sock) else rest).append(sock)
+        if not rest:
+            return ready
         if hasattr(select, "poll"):
             poller = select.poll()
             by_fd = {}
-            for sock in socks:
-                fd = sock.fileno()
-                if fd < 0 or _pending(sock):
-                    ready.append(sock)
-                    continue
-                by_fd[fd] = sock
-                poller.register(fd, select.POLLIN | select.POLLERR | select.POLLHUP)
+            for sock in rest:
+                by_fd[sock.fileno()] = sock
+                poller.register(sock.fileno(), select.POLLIN | select.POLLERR | select.POLLHUP)
             return ready + [by_fd[fd] for fd, _ in poller.poll(0)]
-        ready = [s for s in socks if s.fileno() < 0 or _pending(s)]
-        rest = [s for s in socks if s not in ready]
-        return ready + (select.select(rest, [], [], 0)[0] if rest else [])
+        return ready + select.select(rest, [], [], 0)[0]
     except (OSError, ValueError):
         return ready
 

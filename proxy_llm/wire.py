@@ -84,6 +84,19 @@ def end_to_end(headers: Sequence[Tuple[str, str]], drop: Iterable[str] = ()) -> 
     return out
 
 
+def framing_fields(headers: Iterable[Tuple[str, str]]) -> Tuple[List[str], List[str]]:
+    """The values of a request's Transfer-Encoding and Content-Length lines, each in order."""
+    te: List[str] = []
+    cl: List[str] = []
+    for name, value in headers:
+        lname = name.lower()
+        if lname == "content-length":
+            cl.append(value)
+        elif lname == "transfer-encoding":
+            te.append(value)
+    return te, cl
+
+
 def read_body(rfile: BinaryIO, headers: Iterable[Tuple[str, str]], limit: int,
               ready: Optional[Callable[[], None]] = None) -> bytes:
     """Read a request body framed by Content-Length or chunked transfer coding.
@@ -96,14 +109,7 @@ def read_body(rfile: BinaryIO, headers: Iterable[Tuple[str, str]], limit: int,
     Content-Length and Transfer-Encoding (RFC 9112 section 6.3: a request smuggling vector).
     A connection that closes early raises BodyError(400).
     """
-    te: List[str] = []
-    cl: List[str] = []
-    for name, value in headers:
-        lname = name.lower()
-        if lname == "content-length":
-            cl.append(value)
-        elif lname == "transfer-encoding":
-            te.append(value)
+    te, cl = framing_fields(headers)
     if te:
         if cl:
             raise BodyError(400, "request has both Content-Length and Transfer-Encoding")

@@ -1270,9 +1270,9 @@ class LimitsTest(FaultTestCase):
         wait_until(lambda: proxy.server.connections == 0, what="the connection let go")
         self.assertEqual(proxy.server.clients, set())
 
-    def test_a_client_that_stops_reading_is_let_go_after_client_idle_timeout(self):
-        # The relay is blocked writing to a client that reads nothing: the write is bounded by
-        # client_idle_timeout, and the exchange is recorded as the client's abort.
+    def endless_stream_to_a_small_window(self):
+        """(proxy, client socket): an endless stream of 64 KB events relayed, client_idle_timeout
+        0.5 s, to a client with a 4 KB receive buffer that has read the head only."""
         stop = threading.Event()
         self.addCleanup(stop.set)
         part = chunk_event("x" * (64 * 1024))
@@ -1281,6 +1281,12 @@ class LimitsTest(FaultTestCase):
         sock = open_stream(proxy.port, rcvbuf=4096)
         self.addCleanup(sock.close)
         self.assertTrue(read_until(sock, b"\r\n\r\n").startswith(b"HTTP/1.1 200"))
+        return proxy, sock
+
+    def test_a_client_that_stops_reading_is_let_go_after_client_idle_timeout(self):
+        # The relay is blocked writing to a client that reads nothing: the write is bounded by
+        # client_idle_timeout, and the exchange is recorded as the client's abort.
+        proxy, sock = self.endless_stream_to_a_small_window()
         started = time.monotonic()
         wait_until(lambda: proxy.server.connections == 0, what="the connection let go")
         self.assertGreater(time.monotonic() - started, 0.3)
@@ -1292,14 +1298,7 @@ class LimitsTest(FaultTestCase):
         # client_idle_timeout bounded each write: a client that read 32 KB a second never
         # paused for 0.5 s, but a 64 KB write to it took 2 s, and it was cut as idle, its
         # record client_aborted (an audit's finding).
-        stop = threading.Event()
-        self.addCleanup(stop.set)
-        part = chunk_event("x" * (64 * 1024))
-        self.replies.append(Reply(200, [("Content-Type", "text/event-stream")], Endless(part, stop)))
-        proxy = self.start_proxy(client_idle_timeout=0.5, stream_idle_timeout=60.0)
-        sock = open_stream(proxy.port, rcvbuf=4096)
-        self.addCleanup(sock.close)
-        self.assertTrue(read_until(sock, b"\r\n\r\n").startswith(b"HTTP/1.1 200"))
+        proxy, sock = self.endless_stream_to_a_small_window()
         pace = threading.Event()  # (never set: the pace of a slow reader)
         end = time.monotonic() + 3.0  # six times client_idle_timeout
         got = 0
