@@ -794,7 +794,7 @@ class Encoder:
         if secrets and ex.path.find("%") >= 0:
             every += wire.form_pairs(wire.encoded_secrets(ex.path, secrets), key)
         resp_h = headers_dict(ex.resp_headers, key)
-        req_body = _body(ex.request, req_h.get("content-encoding", ""))[0]
+        req_body, req_decode_error = _body(ex.request, req_h.get("content-encoding", ""))
         # A body cut at capture_max_body (Capture.truncated: its sha is set) may be cut through
         # a secret: its start goes too.
         if ex.request.sha is not None and every:
@@ -891,6 +891,9 @@ class Encoder:
             more["stream_truncated"] = True
         if reassembly_error:
             more["reassembly_error"] = reassembly_error
+        if req_decode_error:  # a request body the proxy could not decode: kept as it came
+            decode_error = ("request: %s; response: %s" % (req_decode_error, decode_error) if decode_error
+                            else "request: " + req_decode_error)
         if decode_error:
             more["decode_error"] = decode_error
         if self.on_result is not None:

@@ -146,6 +146,26 @@ class EncoderTest(unittest.TestCase):
                 self.assertNotIn("stream_events", rec)
                 self.assertFalse(verify.expects_stream_line(rec))  # (verify asks for no line in streams/)
 
+    def test_a_request_body_the_proxy_cannot_decode_says_so(self):
+        # A br body, and a broken gzip one: kept as they came, in base64, and told in decode_error
+        # (it said nothing: an audit's finding), the answer's own error after the request's.
+        broken = gzip.compress(b'{"model":"gpt-4o"}')[:10] + b"\xff" * 12  # (a gzip head, then no deflate)
+        for coding, body, resp_coding, want in (
+                ("br", b"\x1b\x8f\x00\xf8\xa5\x94", None, "request: content-encoding br not decoded"),
+                ("gzip", broken, None, "request: body could not be decoded (gzip)"),
+                ("br", b"\x1b\x8f\x00\xf8", "zstd",
+                 "request: content-encoding br not decoded; response: content-encoding zstd not decoded")):
+            with self.subTest(coding=coding, resp_coding=resp_coding):
+                resp_headers = [("Content-Encoding", resp_coding)] if resp_coding else []
+                ex = exchange(body=body, headers=[("Content-Encoding", coding)], resp_headers=resp_headers,
+                              resp=b"\x28\xb5\x2f\xfd" if resp_coding else b'{"id":"x","choices":[]}')
+                ex.assign_id()
+                [rec], _ = encode(ex)
+                self.assertEqual(rec["decode_error"], want)
+                self.assertEqual(base64.b64decode(rec["request_body"]), body)
+                self.assertEqual(rec["body_encoding"]["request"], "base64")
+                self.assertEqual(verify.check_record(rec), [])
+
     def test_an_answer_cut_at_capture_max_body_keeps_its_usage(self):
         # Its usage comes last, past the kept part: a big embeddings batch had no tokens_used,
         # and stats undercounted (an audit's finding). Read from the part kept past the cut.
