@@ -383,13 +383,17 @@ class ProxyHandler(BaseHTTPRequestHandler):
         self._message = None
         self._fields = fields
         connection = expect = None
+        hosts = 0
         for name, value in fields:  # the first of each, as HTTPMessage.get()
             lname = name.lower()
             if lname == "connection":
                 if connection is None:
                     connection = value.lower()
+            elif lname == "host":
+                hosts += 1
             elif lname == "expect" and expect is None:
                 expect = value.lower()
+        self.host_count = hosts
         if connection == "close":
             self.close_connection = True
         elif connection == "keep-alive":
@@ -418,6 +422,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
     empty_query = False  # the target ended with a "?" and no query (proxy)
     interim_passed = False  # an informational head went to the client (pass_interim)
     _message = None
+    host_count: Optional[int] = None  # the request's Host fields, counted by the fast parse_request
 
     @property
     def headers(self):
@@ -566,8 +571,19 @@ class ProxyHandler(BaseHTTPRequestHandler):
             except errors.Unauthorized:
                 self.close_connection = True  # the request body was not read
                 raise
+            hosts = self.host_count
+            if hosts is None:  # (a request line the standard library parsed)
+                hosts = sum(1 for name, _ in headers if name.lower() == "host")
+            if hosts > 1 or (not hosts and self.request_version != "HTTP/1.0"):
+                # RFC 9112 3.2: an HTTP/1.1 request without Host, or any with two, is refused.
+                # Two may be read as two different origins by a server in front or behind.
+                self.close_connection = True  # the request body was not read
+                raise errors.BadRequest("a request needs exactly one Host header (RFC 9112 section 3.2)"
+                                        if hosts else "an HTTP/1.1 request needs a Host header (RFC 9112 "
+                                        "section 3.2)")
             try:
-                body = wire.read_body(self.rfile, headers, config.max_request_body, self.continue_body)
+                body = wire.read_body(self.rfile, headers, config.max_request_body, self.continue_body,
+                                      self.request_version == "HTTP/1.0")
             except wire.BodyError as exc:  # (a reset or a timeout too: its bytes go into the record)
                 self.close_connection = True
                 body = exc.partial

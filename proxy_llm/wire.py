@@ -98,7 +98,7 @@ def framing_fields(headers: Iterable[Tuple[str, str]]) -> Tuple[List[str], List[
 
 
 def read_body(rfile: BinaryIO, headers: Iterable[Tuple[str, str]], limit: int,
-              ready: Optional[Callable[[], None]] = None) -> bytes:
+              ready: Optional[Callable[[], None]] = None, http10: bool = False) -> bytes:
     """Read a request body framed by Content-Length or chunked transfer coding.
 
     ``headers``: the request's (name, value) pairs. ``ready``, if given, is called once the
@@ -106,11 +106,15 @@ def read_body(rfile: BinaryIO, headers: Iterable[Tuple[str, str]], limit: int,
     answer ``Expect: 100-continue`` (a body refused on its stated length is never asked for).
 
     Raises BodyError(413) past ``limit`` bytes, BodyError(400) on bad framing, including both
-    Content-Length and Transfer-Encoding (RFC 9112 section 6.3: a request smuggling vector).
+    Content-Length and Transfer-Encoding (RFC 9112 section 6.3: a request smuggling vector),
+    and a Transfer-Encoding in an HTTP/1.0 request (``http10``; section 6.1: its framing is
+    faulty, whatever else it says).
     A connection that closes early raises BodyError(400).
     """
     te, cl = framing_fields(headers)
     if te:
+        if http10:
+            raise BodyError(400, "Transfer-Encoding in an HTTP/1.0 request (RFC 9112 section 6.1)")
         if cl:
             raise BodyError(400, "request has both Content-Length and Transfer-Encoding")
         # Stripped of spaces and tabs only: str.strip() would also take \x0b or \x85 off

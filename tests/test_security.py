@@ -290,6 +290,47 @@ class UpstreamOnlyTest(SecurityTestCase):
             seen.append(self.upstream.requests.get().path)
         self.assertFalse([p for p in seen if "smuggled" in p], seen)
 
+    def test_host_and_framing_the_rfc_asks_a_server_to_refuse(self):
+        # RFC 9112 3.2 and 6.1: an HTTP/1.1 request with no Host, any with two (which a server in
+        # front or behind may read as two origins), and an HTTP/1.0 one with a Transfer-Encoding
+        # were forwarded (an audit's finding). Each is now a 400 in the provider's shape, with a
+        # record, and the connection closed; the same requests framed as the RFC asks go on.
+        body = b'{"model":"gpt-4o","messages":[]}'
+        chunked = b"Transfer-Encoding: chunked\r\n\r\n%x\r\n%s\r\n0\r\n\r\n" % (len(body), body)
+        sized = b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
+        proxy = self.start_proxy()
+        cases = (
+            (b"POST /v1/chat/completions HTTP/1.1\r\n" + sized, 400, "Host"),
+            (b"POST /v1/chat/completions HTTP/1.1\r\nHost: a\r\nHost: b\r\n" + sized, 400, "Host"),
+            (b"POST /v1/chat/completions HTTP/1.0\r\nHost: a\r\nhost: a\r\n" + sized, 400, "Host"),
+            (b"POST  /v1/chat/completions HTTP/1.1\r\n" + sized, 400, "Host"),  # (the standard library's parse)
+            (b"POST /v1/chat/completions HTTP/1.0\r\nHost: a\r\n" + chunked, 400, "HTTP/1.0"),
+            (b"POST /v1/chat/completions HTTP/1.0\r\n" + sized, 200, None),  # (1.0 needs no Host)
+            (b"POST /v1/chat/completions HTTP/1.1\r\nHost: a\r\n" + chunked, 200, None),
+        )
+        for raw, status, says in cases:
+            with self.subTest(raw=raw[:70]):
+                data = raw_exchange(proxy.port, raw + b"GET /v1/models?second=1 HTTP/1.1\r\nHost: a\r\n"
+                                                b"Connection: close\r\n\r\n")
+                head, _, answer = data.partition(b"\r\n\r\n")
+                self.assertRegex(head, rb"^HTTP/1\.[01] %d " % status)
+                if says is not None:
+                    answers = re.findall(rb"HTTP/1\.[01] \d{3} ", data)
+                    self.assertEqual(len(answers), 1, data[:300])  # one answer, then the close
+                    self.assertIn(b"connection: close", head.lower())
+                    error = json.loads(answer)["error"]
+                    self.assertEqual(error["type"], "invalid_request_error")
+                    self.assertIn(says, error["message"])
+        recs = proxy.records()
+        self.assertEqual([r["status_code"] for r in recs if r["endpoint"] == "/v1/chat/completions"],
+                         [400, 400, 400, 400, 400, 200, 200])
+        seen = []
+        while not self.upstream.requests.empty():
+            seen.append(self.upstream.requests.get())
+        self.assertEqual([r.body for r in seen if r.path == "/v1/chat/completions"], [body, body])
+        # After a refusal the connection closed unread; HTTP/1.0's closes too, 1.1's goes on.
+        self.assertEqual(len([r for r in seen if "second" in r.query]), 1)
+
     def test_targets_that_are_not_plain_paths_are_refused(self):
         # Appended to a base URL with a provider key, a dot segment reaches whatever path the
         # upstream makes of it; a byte outside visible ASCII was a 500 (or a 502) after routing.
