@@ -72,9 +72,12 @@ class _Replay(http.server.BaseHTTPRequestHandler):
         self.end_headers()
         # Several writes at odd offsets, so the SDK's own decoder sees splits.
         step = max(1, len(body) // 7)
-        for i in range(0, len(body), step):
-            self.wfile.write(body[i:i + step])
-            self.wfile.flush()
+        try:
+            for i in range(0, len(body), step):
+                self.wfile.write(body[i:i + step])
+                self.wfile.flush()
+        except (BrokenPipeError, ConnectionResetError):  # an SDK that stops reading early closes
+            pass
         self.close_connection = True
 
     def log_message(self, *args):

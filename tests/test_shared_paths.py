@@ -142,9 +142,9 @@ class SharedPathCase(unittest.TestCase):
         return request(self.proxy.url, method, path, body, headers)
 
 
-# How each SDK asks for a shared path (checked against anthropic 2.14, openai 3.57, google-genai
-# 3.6: the Anthropic SDK sends its key as x-api-key or, lately, Authorization: Bearer, always with
-# anthropic-version; google-genai sends x-goog-api-key to /v1/ by default).
+# How each SDK asks for a shared path (checked against anthropic 2.14 and 2.17, openai 3.57 and
+# 3.63, google-genai 3.6: the Anthropic SDK sends its key as x-api-key or, lately, Authorization:
+# Bearer, always with anthropic-version; google-genai sends x-goog-api-key to /v1/ by default).
 ANTHROPIC_X_API_KEY = {"x-api-key": ANTHROPIC_KEY, "anthropic-version": ANTHROPIC_VERSION}
 ANTHROPIC_BEARER = {"Authorization": "Bearer " + ANTHROPIC_KEY, "anthropic-version": ANTHROPIC_VERSION}
 GEMINI_HEADER = {"x-goog-api-key": GEMINI_KEY}
