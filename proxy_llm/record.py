@@ -814,7 +814,11 @@ class Encoder:
         if isinstance(req_value, dict):
             model = req_value.get("model")
             if isinstance(model, str):
-                ex.model = model  # the exact top-level value (routing used a quick scan)
+                if ex.family != "gemini":
+                    ex.model = model  # the exact top-level value (routing used a quick scan)
+                elif ex.model is None:  # (Gemini names its model in the path, else in the body as
+                    # a resource name, "models/<model>", as in cachedContents)
+                    ex.model = model[7:] if model.startswith("models/") else model
         session_id, session_source = session or self.body_session(ex, req_value)
         if not session_id.isascii():  # (a metadata.user_id may hold a lone surrogate)
             session_id = _no_lone_surrogates(session_id)

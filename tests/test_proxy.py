@@ -534,14 +534,20 @@ class RoutingTest(ProxyTestCase):
         paths = ["/v1/models/gemini-2.0-flash:countTokens", "/v1/models/gemini-embedding-001:embedContent",
                  "/v1/models/gemini-embedding-001:batchEmbedContents", "/v1/models/learnlm-2.0:countTokens"]
         for path in paths:
-            request(proxy.url, path=path, body={"contents": []}, headers={"x-goog-api-key": "client-gemini-key"})
+            # (embedContent's body names the model too, as a resource name: the path's is kept)
+            body = {"model": "models/gemini-embedding-001", "content": {}} if "embedContent" in path else {"contents": []}
+            request(proxy.url, path=path, body=body, headers={"x-goog-api-key": "client-gemini-key"})
+        # A method with no model in its path: the body's resource name, without "models/".
+        request(proxy.url, path="/v1beta/cachedContents", body={"model": "models/gemini-2.0-flash-001", "contents": []},
+                headers={"x-goog-api-key": "client-gemini-key"})
         # An OpenAI fine-tuned model's id holds colons: its path stays OpenAI's.
         request(proxy.url, method="GET", path="/v1/models/ft:gpt-4o-mini:org:name:abc123", headers={})
         recs = proxy.records()
         self.assertEqual([(r["provider"], r["model"]) for r in recs],
                          [("gemini", "gemini-2.0-flash"), ("gemini", "gemini-embedding-001"),
-                          ("gemini", "gemini-embedding-001"), ("gemini", "learnlm-2.0"), ("openai", None)])
-        for path in paths:
+                          ("gemini", "gemini-embedding-001"), ("gemini", "learnlm-2.0"),
+                          ("gemini", "gemini-2.0-flash-001"), ("openai", None)])
+        for path in paths + ["/v1beta/cachedContents"]:
             seen = gemini.next_request()
             self.assertEqual((seen.path, seen.header("x-goog-api-key"), seen.header("Authorization")),
                              (path, "client-gemini-key", None))
