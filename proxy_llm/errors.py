@@ -54,6 +54,12 @@ class UpgradeRefused(ProxyError):
     kind = "websocket_unsupported"
 
 
+class RequestTimeout(ProxyError):
+    """The request body stopped arriving for ``client_idle_timeout`` (the SDKs retry a 408)."""
+    status = 408
+    kind = "request_timeout"
+
+
 class BodyTooLarge(ProxyError):
     status = 413
     kind = "request_too_large"

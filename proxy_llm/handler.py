@@ -590,7 +590,8 @@ class ProxyHandler(BaseHTTPRequestHandler):
                 left = exc.gone
                 if ex.cancelled:  # the shutdown let go of the client (server.cut_waiting_clients)
                     raise errors.Overloaded("proxy_llm is shutting down") from None
-                raise {413: errors.BodyTooLarge}.get(exc.status, errors.BadRequest)(exc.message) from None
+                raise {413: errors.BodyTooLarge, 408: errors.RequestTimeout}.get(
+                    exc.status, errors.BadRequest)(exc.message) from None
             except OSError:  # the client gone before the 100 Continue
                 self.close_connection = True
                 raise errors.BadRequest("the connection failed before the request body was read") from None

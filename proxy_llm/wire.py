@@ -109,7 +109,8 @@ def read_body(rfile: BinaryIO, headers: Iterable[Tuple[str, str]], limit: int,
     Content-Length and Transfer-Encoding (RFC 9112 section 6.3: a request smuggling vector),
     and a Transfer-Encoding in an HTTP/1.0 request (``http10``; section 6.1: its framing is
     faulty, whatever else it says).
-    A connection that closes early raises BodyError(400).
+    A connection that closes early raises BodyError(400), a body that stops arriving for the
+    socket's timeout BodyError(408).
     """
     te, cl = framing_fields(headers)
     if te:
@@ -147,7 +148,7 @@ def read_body(rfile: BinaryIO, headers: Iterable[Tuple[str, str]], limit: int,
             raise BodyError(400, "request body ended after %d of %d bytes" % (sum(map(len, parts)), length),
                             b"".join(parts), gone=True)
     except socket.timeout:
-        raise BodyError(400, "timed out reading the request body", b"".join(parts)) from None
+        raise BodyError(408, "timed out reading the request body", b"".join(parts)) from None
     except OSError:  # a reset
         raise BodyError(400, "the connection failed while reading the request body", b"".join(parts),
                         gone=True) from None
