@@ -328,6 +328,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
         results (command, path, request_version, headers, close_connection, Expect), less
         work; any other line is left to it."""
         self.expect_continue = False
+        self.host_count = None  # (counted below on the fast path; a kept-alive connection's last is stale)
         blanks = 0
         while self.raw_requestline in (b"\r\n", b"\n"):
             # RFC 9112 2.2: empty lines before a request line are ignored (a client's stray

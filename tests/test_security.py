@@ -321,13 +321,18 @@ class UpstreamOnlyTest(SecurityTestCase):
                     error = json.loads(answer)["error"]
                     self.assertEqual(error["type"], "invalid_request_error")
                     self.assertIn(says, error["message"])
+        # On a kept-alive connection, a request the standard library parses is counted anew, not
+        # given the Host count of the request before it.
+        data = raw_exchange(proxy.port, b"POST /v1/chat/completions HTTP/1.1\r\nHost: a\r\n" + sized
+                            + b"POST  /v1/chat/completions HTTP/1.1\r\n" + sized)
+        self.assertEqual([int(s) for s in re.findall(rb"HTTP/1\.1 (\d{3}) ", data)], [200, 400])
         recs = proxy.records()
         self.assertEqual([r["status_code"] for r in recs if r["endpoint"] == "/v1/chat/completions"],
-                         [400, 400, 400, 400, 400, 200, 200])
+                         [400, 400, 400, 400, 400, 200, 200, 200, 400])
         seen = []
         while not self.upstream.requests.empty():
             seen.append(self.upstream.requests.get())
-        self.assertEqual([r.body for r in seen if r.path == "/v1/chat/completions"], [body, body])
+        self.assertEqual([r.body for r in seen if r.path == "/v1/chat/completions"], [body, body, body])
         # After a refusal the connection closed unread; HTTP/1.0's closes too, 1.1's goes on.
         self.assertEqual(len([r for r in seen if "second" in r.query]), 1)
 
