@@ -1655,6 +1655,12 @@ class _Run(object):
         self.keep = deduper.keep_ids()
 
 
+def _files(paths: list, what: str) -> str:
+    """``"<n> <what> (<the first three>, ...)"``, ``what`` holding a ``%s`` for the plural."""
+    return "%d %s (%s%s)" % (len(paths), what % ("" if len(paths) == 1 else "s"),
+                             ", ".join(reader.shown(p) for p in paths[:3]), ", ..." if len(paths) > 3 else "")
+
+
 def _summary(run: _Run, outputs: list) -> str:
     s = run.stats
     parts = ["export: read %d records from %d files" % (s.records, s.files)]
@@ -1666,13 +1672,9 @@ def _summary(run: _Run, outputs: list) -> str:
         parts.append("%d unreadable files (%s)" % (len(s.problems), "; ".join(
             "%s: %s" % (p, m) for p, m in s.problems[:3])))
     if s.skipped_files:
-        parts.append("%d file%s not named as the recorder names its files skipped (%s%s)" % (
-            len(s.skipped_files), "" if len(s.skipped_files) == 1 else "s",
-            ", ".join(reader.shown(p) for p in s.skipped_files[:3]), ", ..." if len(s.skipped_files) > 3 else ""))
+        parts.append(_files(s.skipped_files, "file%s not named as the recorder names its files skipped"))
     if s.twins:  # (a compression cut short leaves both; verify says whether they differ)
-        parts.append("%d .jsonl.gz twin%s of a plain file read once, as the plain one (%s%s)" % (
-            len(s.twins), "" if len(s.twins) == 1 else "s",
-            ", ".join(reader.shown(p) for p in s.twins[:3]), ", ..." if len(s.twins) > 3 else ""))
+        parts.append(_files(s.twins, ".jsonl.gz twin%s of a plain file read once, as the plain one"))
     if run.filtered_out:
         parts.append("%d filtered out" % run.filtered_out)
     if run.skipped:

@@ -328,7 +328,6 @@ class ProxyHandler(BaseHTTPRequestHandler):
         results (command, path, request_version, headers, close_connection, Expect), less
         work; any other line is left to it."""
         self.expect_continue = False
-        self.host_count = None  # (counted below on the fast path; a kept-alive connection's last is stale)
         blanks = 0
         while self.raw_requestline in (b"\r\n", b"\n"):
             # RFC 9112 2.2: empty lines before a request line are ignored (a client's stray
@@ -384,17 +383,13 @@ class ProxyHandler(BaseHTTPRequestHandler):
         self._message = None
         self._fields = fields
         connection = expect = None
-        hosts = 0
         for name, value in fields:  # the first of each, as HTTPMessage.get()
             lname = name.lower()
             if lname == "connection":
                 if connection is None:
                     connection = value.lower()
-            elif lname == "host":
-                hosts += 1
             elif lname == "expect" and expect is None:
                 expect = value.lower()
-        self.host_count = hosts
         if connection == "close":
             self.close_connection = True
         elif connection == "keep-alive":
@@ -423,7 +418,6 @@ class ProxyHandler(BaseHTTPRequestHandler):
     empty_query = False  # the target ended with a "?" and no query (proxy)
     interim_passed = False  # an informational head went to the client (pass_interim)
     _message = None
-    host_count: Optional[int] = None  # the request's Host fields, counted by the fast parse_request
 
     @property
     def headers(self):
@@ -572,9 +566,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
             except errors.Unauthorized:
                 self.close_connection = True  # the request body was not read
                 raise
-            hosts = self.host_count
-            if hosts is None:  # (a request line the standard library parsed)
-                hosts = sum(1 for name, _ in headers if name.lower() == "host")
+            hosts = sum(1 for name, _ in headers if name.lower() == "host")  # (whichever parser read them)
             if hosts > 1 or (not hosts and self.request_version != "HTTP/1.0"):
                 # RFC 9112 3.2: an HTTP/1.1 request without Host, or any with two, is refused.
                 # Two may be read as two different origins by a server in front or behind.

@@ -1448,15 +1448,14 @@ def _same_bytes(src, gz_path: str, stop: Optional[Callable[[], bool]] = None) ->
                 n = src.readinto(want)
                 if not n:
                     return gz.read(1) == b""
-                if _read_fully(gz, got, n) != n or got_view[:n] != want_view[:n]:
+                if _read_fully(gz, got_view, n) != n or got_view[:n] != want_view[:n]:
                     return False
     except (OSError, EOFError, zlib.error):
         return False
 
 
-def _read_fully(f, buf: bytearray, n: int) -> int:
-    """Read up to ``n`` bytes of ``f`` into ``buf``; fewer only at its end."""
-    view = memoryview(buf)
+def _read_fully(f, view: memoryview, n: int) -> int:
+    """Read up to ``n`` bytes of ``f`` into ``view``; fewer only at its end."""
     got = 0
     while got < n:
         k = f.readinto(view[got:n])
