@@ -868,14 +868,14 @@ class Encoder:
         # write their dict (FIELDS order), from a few forms: an integer or a float by the bytes
         # format, tokens_used by a form per list of its names (_tokens_field). The json module's
         # encoder spends more on a dict this small than on its values (28,000 instructions
-        # against 12,000). The rare fields after them are encoded as a dict.
+        # against 12,000), the durations by _rounded. The rare fields after them are encoded as a dict.
         status = ex.status
         ended_json = _ENDED.get(ended) or _dumps(ended)
-        duration = round(ex.duration, 3)
+        duration = _rounded(ex.duration)
         fields = [_OUTCOME % (status, ended_json, duration) if status is not None
                   else _OUTCOME_NO_STATUS % (ended_json, duration)]
         if (streamed or ex.stream) and ex.ttft is not None:
-            fields.append(b',"ttft_ms":%a' % round(ex.ttft, 3))
+            fields.append(b',"ttft_ms":' + _rounded(ex.ttft))
         if error is not None:
             fields.append(b',"error":' + _dumps(error))
             if ex.status == 401 or ex.status == 403:  # (on this error branch only: see tell_refused)
@@ -953,10 +953,25 @@ class Encoder:
 
 
 # The fields of every record from status_code to duration: status, ended (JSON), duration.
-_OUTCOME = b'"status_code":%d,"ended":%s,"duration":%a'
-_OUTCOME_NO_STATUS = b'"status_code":null,"ended":%s,"duration":%a'
+_OUTCOME = b'"status_code":%d,"ended":%s,"duration":%s'
+_OUTCOME_NO_STATUS = b'"status_code":null,"ended":%s,"duration":%s'
 _ENDED = {ended: b'"%s"' % ended.encode("ascii") for ended in ENDINGS}
 _TOKEN_FORMS: Dict[Tuple[str, ...], bytes] = {}  # tokens_used's names -> its field's form
+
+
+def _rounded(value: Any) -> bytes:
+    """``round(value, 3)`` as the json module writes it (its repr), for a duration in ms.
+
+    A float below 1e9 is written as its ``%.3f`` without the trailing zeros (but the one after
+    the point): the same digits, as ``round`` takes them (both are dtoa's correctly rounded
+    mode 3), and repr writes that float back as those digits, since a decimal of 15
+    significant digits or fewer is the shortest that gives its float. Without ``round``'s
+    conversion back and repr's search: about half the instructions (3,500 fewer a record).
+    Anything else (an int, huge, NaN) goes the long way."""
+    if type(value) is float and -1e9 < value < 1e9:
+        text = (b"%.3f" % value).rstrip(b"0")
+        return text + b"0" if text[-1] == 46 else text  # (46: "1." is "1.0")
+    return b"%a" % round(value, 3)
 
 
 def _tokens_field(tokens: Dict[str, Any]) -> bytes:

@@ -92,6 +92,15 @@ class EncoderTest(unittest.TestCase):
                          b',"tokens_used":{"prompt_tokens":true,"total_tokens":1.5}')
         self.assertEqual(record._tokens_field({"prompt_tokens": 2, "total_tokens": 5}),
                          b',"tokens_used":{"prompt_tokens":2,"total_tokens":5}')
+        # The durations by record._rounded: round(x, 3) as the json module writes it.
+        rng = random.Random(3)
+        values = [0.0, -0.0, 0.0005, 0.00049999, 1e-7, 5e-324, 0.001, 0.9995, 1.0, 2.675, 12.3456, 12.3455,
+                  1234.5675, 99999.9999, 999999999.9995, 999999999.9994999, -1.2345, 1e9, 1e12, 1e16, 1e300,
+                  5, 0, True, 10 ** 20]
+        values += [rng.uniform(0, 10) ** rng.uniform(-9, 9.5) for _ in range(2000)]
+        values += [rng.randrange(10 ** 9) / 1000 + 0.0005 for _ in range(2000)]
+        for value in values:
+            self.assertEqual(record._rounded(value), json.dumps(round(value, 3)).encode(), value)
 
     def test_dialect_failure_keeps_the_raw_body_and_says_why(self):
         events = [b'data: {"choices":[{"index":0,"delta":{"content":"hi"}}]}\n\n', b"data: [DONE]\n\n"]
