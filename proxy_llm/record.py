@@ -931,7 +931,9 @@ class Encoder:
         if resp_raw is None and type(resp_value) in (dict, list) and not nests_within(resp_json, MAX_NESTING):
             resp_json = _dumps(resp_json.decode("utf-8"))
         parts = (front, b',"request_body":', req_json, b',"response_body":', resp_json, b"}\n")
-        line = whole = _as_pieces(parts, every)
+        # (The other parts are short: with these three short too, no part is for _as_pieces.)
+        line = whole = (_as_pieces(parts, every) if len(front) >= PIECES_FROM or len(req_json) >= PIECES_FROM
+                        or len(resp_json) >= PIECES_FROM else None)
         if line is None:
             whole = b"".join(parts)
             line = _finished(whole, every)
