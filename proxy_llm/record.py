@@ -145,19 +145,23 @@ def new_id(now: Optional[float] = None) -> str:
     return "".join([_PAIRS[(value >> shift) & 1023] for shift in _SHIFTS])
 
 
-# (whole second, its formatted prefix): one strftime per second. One tuple, replaced whole, so
-# that a thread never reads one second's number with another's prefix (request threads encode
-# too when the writer is behind: storage.Recorder.submit).
-_second_cache = (-1, "")
+# (a second's start, the next second's start, its form): one strftime per second. One tuple,
+# replaced whole, so that a thread never reads one second's bounds with another's form (request
+# threads encode too when the writer is behind: storage.Recorder.submit). The start as a float
+# and two comparisons, not int(t) per call; (1.0, 0.0) holds no time.
+_second_cache = (1.0, 0.0, "")
 
 
 def rfc3339(t: float) -> str:
     global _second_cache
+    start, end, form = _second_cache
+    if start <= t < end:
+        return form % ((t - start) * 1e6)  # (%d truncates a float as int() does)
     second = int(t)
-    cached = _second_cache
-    if cached[0] != second:
-        cached = _second_cache = (second, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second)))
-    return "%s.%06dZ" % (cached[1], int((t - second) * 1e6))
+    form = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second)) + ".%06dZ"
+    if second >= 0:  # (int() is the floor: the second's bounds)
+        _second_cache = (float(second), second + 1.0, form)
+    return form % ((t - second) * 1e6)
 
 
 TAIL_MAX = 1 << 20  # bytes of an answer kept past capture_max_body: its last part (Capture.tail)
@@ -545,7 +549,15 @@ def answer_error(ex: Exchange, result: Any, value: Any, ended: str,
 
 
 def is_event_stream(content_type: str) -> bool:
-    return content_type.split(";", 1)[0].strip().lower() == "text/event-stream"
+    """Whether an answer's Content-Type is SSE's; remembered (an upstream sends the same few)."""
+    known = _EVENT_STREAM.get(content_type)
+    if known is None:
+        known = _EVENT_STREAM.remember(content_type, content_type.split(";", 1)[0].strip().lower()
+                                       == "text/event-stream", len(content_type))
+    return known
+
+
+_EVENT_STREAM = bounded_memo()  # Content-Type -> is_event_stream
 
 
 class Encoder:
@@ -804,7 +816,7 @@ class Encoder:
         dialect = dialects.select(ex.provider_type or ex.family, ex.method, ex.path)
         # Only a model API's 2xx vouches for the body: an endpoint this proxy does not know may
         # ignore a body, and answer 2xx to one that is not JSON at all.
-        if accepted and dialect is not dialects.GENERIC and not ex.request.truncated and (
+        if accepted and dialect is not dialects.GENERIC and ex.request.sha is None and (  # (not cut)
                 session is not None or req_body.find(b'"user_id"') < 0) and model_is_exact(req_body):
             # The model then comes from the routing scan (exact where model_is_exact says so),
             # and "stream", if routing left it open, from sniff_stream below.
@@ -887,7 +899,7 @@ class Encoder:
         if streamed:
             fields.append(b',"stream_events":%d' % len(events))  # its line in streams/ holds these events
         more: Dict[str, Any] = {}
-        if ex.request.truncated or ex.response.truncated:
+        if ex.request.sha is not None or ex.response.sha is not None:  # (Capture.truncated, without its call)
             more["truncated"] = {name: {"size": cap.size, "sha256": cap.sha.hexdigest(), "kept": cap.kept}
                                  for name, cap in (("request", ex.request), ("response", ex.response))
                                  if cap.truncated}
