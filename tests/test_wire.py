@@ -14,7 +14,7 @@ import tracemalloc
 import unittest
 import zlib
 
-from proxy_llm import wire
+from proxy_llm import reader, wire
 from proxy_llm.handler import endpoint_label, narrow_accept_encoding
 from proxy_llm.sniff import model_elsewhere, model_is_exact, sniff, sniff_stream
 from proxy_llm.record import Binary, new_id, parse_body, session_file_id
@@ -786,6 +786,24 @@ class RecordHelpersTest(unittest.TestCase):
         self.assertEqual(parse_body(b"NaN"), ("NaN", None))
         value, raw = parse_body(b"\xff\xfe")  # not UTF-8: its bytes, for the record's base64
         self.assertEqual((type(value), value, raw), (Binary, b"\xff\xfe", None))
+
+    def test_parse_body_reads_as_the_json_module_decodes(self):
+        # parse_body scans the value inside JSON's whitespace itself (record.parse_body): what
+        # it takes, and what it leaves as text, is what the strict decoder's decode() does.
+        strict = reader.STRICT_JSON
+        texts = ['{"a": 1} {"b": 2}', "1 2", "[1]x", '"a""b"', " \r\n[1, 2]\t ", "\t{}\n", "\x0c1",
+                 "1\x0c", "\u00a01", "1\u00a0", "\u20281", "[1,]", "{", "]", "tru", "true false",
+                 '"\\ud800"', "-0", "1e999", "[[[]]]", "null", " null ", "0 ", "00", "\n\n{\"k\":\"v\"}\n\n"]
+        for text in texts:
+            with self.subTest(text=text):
+                try:
+                    expected = strict.decode(text)
+                except ValueError:
+                    expected = text
+                value, raw = parse_body(text.encode("utf-8", "surrogatepass"))
+                self.assertEqual(value, expected)
+                self.assertEqual(type(value), type(expected))
+                self.assertEqual(raw is None, expected is text)
 
     def test_session_file_ids_are_safe(self):
         rnd = random.Random(3)
