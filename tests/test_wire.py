@@ -10,6 +10,7 @@ import json
 import random
 import socket
 import sys
+import time
 import tracemalloc
 import unittest
 import zlib
@@ -17,7 +18,7 @@ import zlib
 from proxy_llm import reader, wire
 from proxy_llm.handler import endpoint_label, narrow_accept_encoding
 from proxy_llm.sniff import model_elsewhere, model_is_exact, sniff, sniff_stream
-from proxy_llm.record import Binary, new_id, parse_body, session_file_id
+from proxy_llm.record import Binary, new_id, parse_body, rfc3339, session_file_id
 
 KEY = b"k" * 32
 
@@ -786,6 +787,22 @@ class RecordHelpersTest(unittest.TestCase):
         self.assertEqual(parse_body(b"NaN"), ("NaN", None))
         value, raw = parse_body(b"\xff\xfe")  # not UTF-8: its bytes, for the record's base64
         self.assertEqual((type(value), value, raw), (Binary, b"\xff\xfe", None))
+
+    def test_rfc3339_is_the_second_in_utc_and_its_microseconds_truncated(self):
+        # rfc3339 remembers the last second's form and bounds (record._second_cache): times in
+        # one second, on its edges, jumping forward and back, each as if formatted afresh.
+        def fresh(t):
+            return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(int(t))) + ".%06dZ" % int((t - int(t)) * 1e6)
+
+        rnd = random.Random(7)
+        base = 1764000000.0
+        times = [base, base + 0.999999, base + 1.0, base + 0.5, base - 0.000001, base + 86400.25, base + 0.25,
+                 0.0, 0.5, 1.0, 1e9 + 0.123456, base + 1 - 2 ** -22]  # (the last float before the next second)
+        times += [base + rnd.uniform(-5, 5) for _ in range(2000)] + [rnd.uniform(0, 4e9) for _ in range(500)]
+        for t in times:
+            with self.subTest(t=t):
+                self.assertEqual(rfc3339(t), fresh(t))
+        self.assertEqual(rfc3339(1764000000.25), "2025-11-24T16:00:00.250000Z")
 
     def test_parse_body_reads_as_the_json_module_decodes(self):
         # parse_body scans the value inside JSON's whitespace itself (record.parse_body): what
