@@ -553,6 +553,9 @@ def answer_error(ex: Exchange, result: Any, value: Any, ended: str,
     return error
 
 
+_EVENT_STREAM = bounded_memo()  # Content-Type -> is_event_stream
+
+
 def is_event_stream(content_type: str) -> bool:
     """Whether an answer's Content-Type is SSE's; remembered (an upstream sends the same few)."""
     known = _EVENT_STREAM.get(content_type)
@@ -560,9 +563,6 @@ def is_event_stream(content_type: str) -> bool:
         known = _EVENT_STREAM.remember(content_type, content_type.split(";", 1)[0].strip().lower()
                                        == "text/event-stream", len(content_type))
     return known
-
-
-_EVENT_STREAM = bounded_memo()  # Content-Type -> is_event_stream
 
 
 class Encoder:
@@ -948,7 +948,8 @@ class Encoder:
         if resp_raw is None and type(resp_value) in (dict, list) and not nests_within(resp_json, MAX_NESTING):
             resp_json = _dumps(resp_json.decode("utf-8"))
         parts = (front, b',"request_body":', req_json, b',"response_body":', resp_json, b"}\n")
-        # (The other parts are short: with these three short too, no part is for _as_pieces.)
+        # Only a line with a part of PIECES_FROM bytes or more may go as its parts (_as_pieces,
+        # which checks that too; asked here of the three parts that can be long, without the call).
         line = whole = (_as_pieces(parts, every) if len(front) >= PIECES_FROM or len(req_json) >= PIECES_FROM
                         or len(resp_json) >= PIECES_FROM else None)
         if line is None:
@@ -1163,7 +1164,9 @@ PIECES_FROM = 16 * 1024
 def _as_pieces(parts: Sequence[bytes], pairs: Sequence[Tuple[bytes, bytes, int]]) -> Optional[Pieces]:
     """The line ``parts`` make, in order, as :class:`storage.Pieces`, when one part is
     ``PIECES_FROM`` bytes or more and :func:`_finished` would give their joined line unchanged:
-    else None, and the line is joined and scrubbed as any other.
+    else None, and the line is joined and scrubbed as any other. (The encoder asks only when
+    one of its three parts that can be long, the front or a body, is: the length check below
+    is for any other caller.)
 
     Unchanged is: no part holds an escape that either of ``_finished``'s passes looks for
     (:func:`_special_escape`), and none of ``pairs``' secrets, all plain (``wire.PLAIN``: found
