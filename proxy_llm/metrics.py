@@ -240,7 +240,8 @@ class ProxyMetrics:
             self.endings.inc_locked((ended,))
             if tokens:
                 for kind, value in tokens.items():
-                    if kind != "total_tokens" and isinstance(value, (int, float)):
+                    # (a counter never goes down: a count below 1 adds nothing)
+                    if kind != "total_tokens" and isinstance(value, (int, float)) and value > 0:
                         self.tokens.inc_locked((provider, model, kind), value)
 
     def render(self) -> bytes:

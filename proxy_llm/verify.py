@@ -124,7 +124,7 @@ def _error_ok(v) -> bool:
 
 
 def _tokens_ok(v) -> bool:
-    return isinstance(v, dict) and all(k in TOKEN_KEYS and _is_int(n) for k, n in v.items())
+    return isinstance(v, dict) and all(k in TOKEN_KEYS and _is_int(n) and n >= 0 for k, n in v.items())
 
 
 def _is_base64(v) -> bool:
@@ -146,7 +146,7 @@ def _truncated_ok(v) -> bool:
 
 OPTIONAL = (
     ("error", _error_ok, "{type: str, message: str}"),
-    ("tokens_used", _tokens_ok, "an object of token counts (ints)"),
+    ("tokens_used", _tokens_ok, "an object of token counts (ints >= 0)"),
     ("ttft_ms", lambda v: _is_num(v) and v >= 0, "a number of ms >= 0"),
     ("truncated", _truncated_ok, "{request|response: {size, sha256, kept}}"),
     ("stream_events", lambda v: _is_int(v) and v >= 0, "an integer >= 0"),

@@ -376,6 +376,36 @@ class UsageTest(unittest.TestCase):
             "input_tokens": 10, "output_tokens": 4, "total_tokens": 14}})
         self.assertEqual(res.tokens_used, {"prompt_tokens": 10, "completion_tokens": 4, "total_tokens": 14})
 
+    def test_a_count_below_zero_is_not_sent(self):
+        # Some servers send -1 for a count they do not know: tokens_used leaves it out, as it
+        # leaves out a count the upstream never sent (never 0), and a total is not made from it.
+        # A negative count in tokens_used would also take proxy_llm_tokens_total down.
+        chat = DIALECTS["openai_chat"].from_body({"usage": {
+            "prompt_tokens": 12, "completion_tokens": -1, "total_tokens": -1,
+            "prompt_tokens_details": {"cached_tokens": -1}, "prompt_cache_hit_tokens": 3,
+            "completion_tokens_details": {"reasoning_tokens": -1}}})
+        self.assertEqual(chat.tokens_used, {"prompt_tokens": 12, "cached_tokens": 3})
+        self.assertEqual(DIALECTS["openai_chat"].from_body({"usage": {
+            "prompt_tokens": 0, "completion_tokens": 0}}).tokens_used,  # (0 is a count)
+            {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0})
+        responses = DIALECTS["openai_responses"].from_body({"object": "response", "usage": {
+            "input_tokens": -5, "output_tokens": 4, "total_tokens": -1,
+            "output_tokens_details": {"reasoning_tokens": 2}}})
+        self.assertEqual(responses.tokens_used, {"completion_tokens": 4, "reasoning_tokens": 2})
+        # Anthropic's prompt is a sum: a part below zero is not added to it.
+        anthropic = DIALECTS["anthropic_messages"].from_body({"usage": {
+            "input_tokens": 9, "cache_read_input_tokens": -1, "cache_creation_input_tokens": -2,
+            "output_tokens": -1}})
+        self.assertEqual(anthropic.tokens_used, {"prompt_tokens": 9})
+        g = DIALECTS["gemini"]
+        self.assertEqual(g.from_body({"usageMetadata": {
+            "promptTokenCount": -1, "toolUsePromptTokenCount": 30, "candidatesTokenCount": 6,
+            "thoughtsTokenCount": -1, "cachedContentTokenCount": -1}}).tokens_used,
+            {"prompt_tokens": 30, "completion_tokens": 6, "total_tokens": 36})
+        self.assertEqual(g.from_body({"usageMetadata": {
+            "promptTokenCount": 4, "toolUsePromptTokenCount": -30}}).tokens_used, {"prompt_tokens": 4})
+        self.assertIsNone(g.from_body({"usageMetadata": {"promptTokenCount": -1, "totalTokenCount": -1}}).tokens_used)
+
     def test_count_tokens_is_not_usage(self):
         res = DIALECTS["anthropic_count_tokens"].from_body({"input_tokens": 12})
         self.assertIsNone(res.tokens_used)

@@ -20,6 +20,7 @@ import unittest
 from unittest import mock
 
 from proxy_llm import notices
+from proxy_llm.metrics import ProxyMetrics
 from proxy_llm.notices import RateLimitedLog
 from tests import sdk_replay
 from tests.sdk_replay import HEADER, ReplayUpstream
@@ -140,6 +141,33 @@ class RecordOffTest(ProxyTestCase):
         self.assertIn('proxy_llm_tokens_total{provider="openai",model="gpt-*",kind="completion_tokens"} 4', text)
         self.assertIn('proxy_llm_exchange_endings_total{ended="completed"} 1', text)
         self.assertFalse(os.path.exists(self.data_dir))
+
+    def test_a_count_below_zero_never_takes_a_counter_down(self):
+        # A server that sends -1 for a count it does not know: that count is not in the
+        # metrics (a Prometheus counter only goes up), the others are.
+        answer = json.dumps({"id": "c", "object": "chat.completion", "choices": [], "usage": {
+            "prompt_tokens": 12, "completion_tokens": -1, "total_tokens": -1}}).encode()
+        for _ in range(2):
+            self.replies.append(Reply(200, [("Content-Type", "application/json")], answer))
+        proxy = self.start_proxy(record=False)
+        for _ in range(2):
+            conn = http.client.HTTPConnection("127.0.0.1", proxy.port, timeout=DEADLINE)
+            self.addCleanup(conn.close)
+            conn.request("POST", "/v1/chat/completions", body=b'{"model":"gpt-4o","messages":[]}',
+                         headers={"Content-Type": "application/json"})
+            self.assertEqual(conn.getresponse().read(), answer)
+        proxy.flush()
+        text = self.metrics(proxy)
+        self.assertIn('proxy_llm_tokens_total{provider="openai",model="gpt-*",kind="prompt_tokens"} 24', text)
+        self.assertNotIn('kind="completion_tokens"', text)
+        self.assertIn('proxy_llm_exchange_endings_total{ended="completed"} 2', text)
+        # And the counter itself, whatever a dialect hands it:
+        metrics = ProxyMetrics(*(lambda: 0,) * 5)
+        metrics.recorded("completed", "openai", "gpt-*", {"prompt_tokens": 5, "completion_tokens": -3})
+        metrics.recorded("completed", "openai", "gpt-*", {"prompt_tokens": -5, "completion_tokens": 2})
+        page = metrics.render().decode()
+        self.assertIn('proxy_llm_tokens_total{provider="openai",model="gpt-*",kind="prompt_tokens"} 5', page)
+        self.assertIn('proxy_llm_tokens_total{provider="openai",model="gpt-*",kind="completion_tokens"} 2', page)
 
     def test_a_whole_stream_longer_than_capture_max_body_ended_as_it_came(self):
         # Its terminal event lay past the kept part: read from that part, the stream looked cut

@@ -189,6 +189,15 @@ class TestDamage(VerifyTestCase):
         self.assertIn("duration: expected a number", out)
         self.assertIn("tokens_used: expected", out)
 
+    def test_a_token_count_below_zero_is_a_finding(self) -> None:
+        # The proxy leaves such a count out of tokens_used (dialects.is_count); one in a file
+        # came from elsewhere, and would take any sum of the dataset's tokens down.
+        rec = self.chat()
+        rec["tokens_used"] = {"prompt_tokens": 4, "completion_tokens": -1}
+        self.add(rec, streams=False)
+        out = self.assertProblem("records that do not match the schema", "tokens_used: expected")
+        self.assertIn("ints >= 0", out)
+
     def test_body_encoding_must_name_a_base64_body(self) -> None:
         rec = df.speech(self.clock, "extra")
         rec["body_encoding"] = {"request": "base64", "response": "hex"}

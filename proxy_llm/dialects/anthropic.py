@@ -63,7 +63,7 @@ def anthropic_usage(usage):
     created = usage.get("cache_creation_input_tokens")
     read = usage.get("cache_read_input_tokens")
     for count in (usage.get("input_tokens"), created, read):
-        if type(count) is int:  # is_int, inline: this runs for every record
+        if type(count) is int and count >= 0:  # is_count, inline: this runs for every record
             prompt = count if prompt is None else prompt + count
     return make_usage(prompt, usage.get("output_tokens"), None, read, created)
 

@@ -15,7 +15,7 @@ from operator import attrgetter
 from ..depth import too_deep
 
 __all__ = ["Result", "Dialect", "REASSEMBLY_ERROR", "loads", "typed_payloads", "is_int", "error_from",
-           "make_usage", "get", "Pieces", "append_text", "finalize"]
+           "make_usage", "is_count", "get", "Pieces", "append_text", "finalize"]
 
 REASSEMBLY_ERROR = "proxy_llm.reassembly_error"
 
@@ -193,31 +193,36 @@ def error_from(body):
     return None
 
 
+def is_count(value):
+    """True for a token count: an int (never a bool) of 0 or more. Some servers send -1 for a
+    count they do not know; it is not sent, as any other value that is not a count."""
+    return type(value) is int and value >= 0
+
+
 def make_usage(prompt=None, completion=None, total=None, cached=None,
                cache_creation=None, reasoning=None):
     """Build tokens_used from counts the upstream sent (None = not sent).
 
-    Non-int values count as not sent. ``total_tokens`` is the sent total, or
-    prompt + completion when the upstream sent both but no total. Returns
-    None when nothing was sent.
+    Values that are not counts (:func:`is_count`: not an int, or negative) count as not
+    sent. ``total_tokens`` is the sent total, or prompt + completion when the upstream sent
+    both but no total. Returns None when nothing was sent.
     """
-    # type(v) is int: a JSON integer, never a bool (is_int's test, without a call per count).
-    # One test per count, in the documented key order (prompt, completion, total, the rest):
-    # this runs for every record the writer encodes.
+    # is_count's test, inline: one per count, in the documented key order (prompt, completion,
+    # total, the rest); this runs for every record the writer encodes.
     out = {}
-    if type(prompt) is int:
+    if type(prompt) is int and prompt >= 0:
         out["prompt_tokens"] = prompt
-    if type(completion) is int:
+    if type(completion) is int and completion >= 0:
         out["completion_tokens"] = completion
-    if type(total) is int:
+    if type(total) is int and total >= 0:
         out["total_tokens"] = total
     elif len(out) == 2:
         out["total_tokens"] = prompt + completion
-    if type(cached) is int:
+    if type(cached) is int and cached >= 0:
         out["cached_tokens"] = cached
-    if type(cache_creation) is int:
+    if type(cache_creation) is int and cache_creation >= 0:
         out["cache_creation_tokens"] = cache_creation
-    if type(reasoning) is int:
+    if type(reasoning) is int and reasoning >= 0:
         out["reasoning_tokens"] = reasoning
     return out or None
 

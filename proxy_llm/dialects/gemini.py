@@ -21,7 +21,7 @@ JSON array) is a ``GenerateContentResponse``. Reassembly gives one
 
 from __future__ import annotations
 
-from .base import Dialect, Pieces, Result, append_text, error_from, finalize, is_int, loads, make_usage
+from .base import Dialect, Pieces, Result, append_text, error_from, finalize, is_count, is_int, loads, make_usage
 
 __all__ = ["Gemini", "gemini_usage"]
 
@@ -41,11 +41,11 @@ def gemini_usage(meta):
         return None
     cands = meta.get("candidatesTokenCount")
     thoughts = meta.get("thoughtsTokenCount")
-    sent = [v for v in (cands, thoughts) if is_int(v)]
+    sent = [v for v in (cands, thoughts) if is_count(v)]
     prompt = meta.get("promptTokenCount")
     tool_prompt = meta.get("toolUsePromptTokenCount")
-    if is_int(tool_prompt):
-        prompt = prompt + tool_prompt if is_int(prompt) else tool_prompt
+    if is_count(tool_prompt):
+        prompt = prompt + tool_prompt if is_count(prompt) else tool_prompt
     return make_usage(
         prompt=prompt,
         completion=sum(sent) if sent else None,

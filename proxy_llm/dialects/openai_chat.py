@@ -45,7 +45,7 @@ the non-streamed ``chat.completion`` shape instead.
 
 from __future__ import annotations
 
-from .base import (Dialect, Pieces, Result, append_text, error_from, finalize, is_int,
+from .base import (Dialect, Pieces, Result, append_text, error_from, finalize, is_count,
                    loads, make_usage)
 
 __all__ = ["OpenAIChat", "openai_usage", "merge_delta"]
@@ -67,7 +67,7 @@ def openai_usage(usage):
         return None
     details = usage.get("prompt_tokens_details")
     cached = details.get("cached_tokens") if isinstance(details, dict) else None
-    if not is_int(cached):
+    if not is_count(cached):
         cached = usage.get("prompt_cache_hit_tokens")
     details = usage.get("completion_tokens_details")
     return make_usage(usage.get("prompt_tokens"), usage.get("completion_tokens"), usage.get("total_tokens"), cached,
