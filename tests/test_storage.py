@@ -180,6 +180,68 @@ class GroupCommitTest(RecorderTestCase):
         alpha = [json.loads(x)["n"] for x in lines_of([p for p in files if "session_alpha" in p and "streams" not in p][0])]
         self.assertEqual(alpha, list(range(1, 40, 2)))  # queue order kept
 
+    def gathered(self, arrivals: int, queued: int = 0, closed: bool = False) -> List[float]:
+        """The waits of Recorder._gather with ``queued`` records queued, ``arrivals`` more
+        arriving during each wait."""
+        rec = self.recorder(start=False)
+        for n in range(queued):
+            rec.submit(line("q", n))
+        naps: List[float] = []
+
+        def nap(seconds):
+            naps.append(seconds)
+            for n in range(arrivals):
+                rec.submit(line("a", n))
+
+        rec.nap = nap
+        rec._closed = closed
+        rec._gather()
+        return naps
+
+    def test_a_lone_record_waits_one_window(self):
+        # A few records a second, or a flush: one window, as before the longer gathering.
+        window = storage.GATHER_WINDOW
+        self.assertEqual(self.gathered(arrivals=0), [window])
+        self.assertEqual(self.gathered(arrivals=1), [window])  # (one joined: not yet load)
+
+    def test_under_load_it_waits_on_for_a_larger_batch(self):
+        window = storage.GATHER_WINDOW
+        windows = round(storage.GATHER_MAX / window)
+        self.assertEqual(windows, 5)
+        # Two or more join in each window: it waits on until GATHER_MORE are queued...
+        self.assertEqual(self.gathered(arrivals=12), [window] * 3)  # 12, 24, then 36 >= 32
+        self.assertEqual(self.gathered(arrivals=2), [window] * windows)  # ...or GATHER_MAX has passed
+        self.assertEqual(self.gathered(arrivals=40), [window])  # (past GATHER_MORE in the first)
+
+    def test_no_wait_with_a_batch_queued_already_nor_past_the_first_once_closing(self):
+        self.assertEqual(self.gathered(arrivals=5, queued=storage.GATHER_BELOW), [])
+        # Below GATHER_BELOW it waits a window; then on only if two or more joined in it.
+        self.assertEqual(self.gathered(arrivals=0, queued=storage.GATHER_BELOW - 1), [storage.GATHER_WINDOW])
+        self.assertEqual(self.gathered(arrivals=1, queued=storage.GATHER_BELOW - 1), [storage.GATHER_WINDOW])
+        self.assertEqual(self.gathered(arrivals=5, queued=storage.GATHER_BELOW - 1),
+                         [storage.GATHER_WINDOW] * 4)  # 20, 25, 30, then 35 >= 32
+        self.assertEqual(self.gathered(arrivals=5, closed=True), [storage.GATHER_WINDOW])
+
+    def test_the_writer_writes_what_arrived_while_it_gathered_as_one_batch(self):
+        rec = self.recorder(start=False)
+        naps = []
+
+        def nap(seconds):  # three records arrive in each of the writer's first three waits
+            naps.append(seconds)
+            if len(naps) <= 3:
+                for n in range(3):
+                    rec.submit(line("s", len(naps) * 10 + n))
+
+        rec.nap = nap
+        batches = []
+        write_batch = rec._write_batch
+        rec._write_batch = lambda batch: (batches.append(len(batch)), write_batch(batch))
+        rec.start()
+        rec.submit(line("s", 0))
+        wait_until(lambda: rec.written_total() == 10, DEADLINE)
+        self.assertEqual(batches[0], 10)  # the first, and the nine that came in three windows
+        self.assertEqual(naps[:4], [storage.GATHER_WINDOW] * 4)  # (none came in the fourth)
+
     def sized_writes(self):
         """Record the size of each piece handed to write / writev, per call."""
         calls = []
