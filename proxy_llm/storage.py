@@ -586,6 +586,7 @@ class Recorder:
             # held the last batch's exchanges, their captured bodies (up to queue_max_bytes),
             # until another record came, which for a proxy left idle after a burst is hours.
             first = batch = markers = item = None
+            self._held = 0  # (_encode_all's count ends at 0; this whatever failed before it)
 
     def _gather(self) -> None:
         """Group commit: the writer, woken by a record, lets others arrive so that one wake-up
@@ -596,7 +597,7 @@ class Recorder:
         costs the writer more than its records alone (a wake-up, GIL hand-offs, its work begun
         with the caches cold): under saturation the larger batches took its CPU per record from
         59-63 to 56-57 µs, recording off's reader's from 15-23 to 12-21 (tests/bench/NOTES.md,
-        "The writer's batches"). A record at a time (a few a second, a flush) waits one window,
+        "The eighteenth session: the writer's batches"). A record at a time (a few a second, a flush) waits one window,
         as before; closing waits no more than that."""
         qsize = self.queue.qsize
         queued = qsize()
