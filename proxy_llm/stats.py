@@ -84,7 +84,8 @@ class Group(object):
         tokens = rec.get("tokens_used")
         if isinstance(tokens, dict):
             for kind, value in tokens.items():
-                if _number(value):
+                if _number(value) and value >= 0:  # (a count below 0, in a record of a build
+                    # before 2026-12-07 that took one as sent, would take the sum down)
                     self.tokens[kind] = self.tokens.get(kind, 0) + value
         if _number(rec.get("duration")):
             self.durations.append(float(rec["duration"]))

@@ -83,6 +83,19 @@ class TestStats(unittest.TestCase):
         self.assertEqual(report["read"]["torn"], 1)
         self.assertEqual(report["read"]["records"], len(recs))
 
+    def test_a_count_below_zero_is_not_summed(self) -> None:
+        # Builds before 2026-12-07 recorded a -1 some servers send for a count they do not
+        # know (verify names such records); the sums leave it out.
+        before = self.json_report()["total"]["tokens"]
+        clock = df.Clock(seed=5, start=df.T0.replace(hour=21))
+        rec = df.openai_chat(clock, "negative", [{"role": "user", "content": "hi"}], {"content": "yo"})
+        rec["tokens_used"] = {"prompt_tokens": 7, "completion_tokens": -1, "total_tokens": -1}
+        df.DataDirWriter(self.data).write_records([rec], stamp="20261127_210000", streams=False)
+        after = self.json_report()["total"]["tokens"]
+        self.assertEqual(after["prompt_tokens"], before["prompt_tokens"] + 7)
+        self.assertEqual(after["completion_tokens"], before["completion_tokens"])
+        self.assertEqual(after["total_tokens"], before["total_tokens"])
+
     def test_groups_by_session_model_and_provider(self) -> None:
         report = self.json_report()
         recs = self.man.records
