@@ -180,10 +180,11 @@ class GroupCommitTest(RecorderTestCase):
         alpha = [json.loads(x)["n"] for x in lines_of([p for p in files if "session_alpha" in p and "streams" not in p][0])]
         self.assertEqual(alpha, list(range(1, 40, 2)))  # queue order kept
 
-    def gathered(self, arrivals: int, queued: int = 0, closed: bool = False) -> List[float]:
+    def gathered(self, arrivals: int, queued: int = 0, closed: bool = False, size: int = 0) -> List[float]:
         """The waits of Recorder._gather with ``queued`` records queued, ``arrivals`` more
-        arriving during each wait."""
-        rec = self.recorder(start=False)
+        arriving during each wait (each holding ``size`` bytes of bodies, as the recorder
+        counts them: cli's size_of)."""
+        rec = self.recorder(start=False, queue_max_bytes=1 << 30, size_of=lambda item: size)
         for n in range(queued):
             rec.submit(line("q", n))
         naps: List[float] = []
@@ -212,6 +213,15 @@ class GroupCommitTest(RecorderTestCase):
         self.assertEqual(self.gathered(arrivals=12), [window] * 3)  # 12, 24, then 36 >= 32
         self.assertEqual(self.gathered(arrivals=2), [window] * windows)  # ...or GATHER_MAX has passed
         self.assertEqual(self.gathered(arrivals=40), [window])  # (past GATHER_MORE in the first)
+
+    def test_large_records_are_not_gathered_past_their_bytes(self):
+        # 100 KB bodies: a batch of thirty-two took the writer longer per record than the
+        # batches of a 2 ms window. It stops waiting once the queue holds GATHER_BYTES.
+        window = storage.GATHER_WINDOW
+        big = storage.GATHER_BYTES // 4
+        self.assertEqual(self.gathered(arrivals=3, size=big), [window] * 2)  # 3, then 6 * big >= GATHER_BYTES
+        self.assertEqual(self.gathered(arrivals=5, size=big), [window])  # (past it in the first window)
+        self.assertEqual(self.gathered(arrivals=3, size=1000), [window] * 5)  # small: on until GATHER_MAX
 
     def test_no_wait_with_a_batch_queued_already_nor_past_the_first_once_closing(self):
         self.assertEqual(self.gathered(arrivals=5, queued=storage.GATHER_BELOW), [])
