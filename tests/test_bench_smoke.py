@@ -104,6 +104,24 @@ class SettleTest(unittest.TestCase):
         self.assertGreater(self.settle(samples), run.SETTLE_MAX)
 
 
+class WriterThreadTest(unittest.TestCase):
+    """targets.writer_ns: the CPU of each process's busiest thread alive at both samples, its
+    main thread aside (proxy_llm's writer), summed over the processes."""
+
+    def test_the_busiest_lasting_thread_of_each_process(self):
+        from tests.bench.targets import writer_ns
+        ms = 10 ** 6
+        before = {(7, "7"): 0, (7, "8"): 5 * ms, (7, "9"): 1 * ms, (7, "10"): 0,
+                  (20, "20"): 0, (20, "21"): 2 * ms, (20, "22"): 0}
+        after = {(7, "7"): 90 * ms,    # the main thread: not counted, however busy
+                 (7, "8"): 45 * ms,    # the writer: 40 ms
+                 (7, "9"): 3 * ms,     # a quiet thread: 2 ms
+                 (7, "11"): 80 * ms,   # a connection's, born during the load: not counted
+                 (20, "20"): 9 * ms, (20, "21"): 12 * ms, (20, "22"): 11 * ms}  # a worker: 11 ms
+        self.assertEqual(writer_ns(before, after), 51 * ms)  # (7, "10") exited: not counted
+        self.assertEqual(writer_ns({}, after), 0)
+
+
 @unittest.skipUnless(sys.platform.startswith("linux"), "the benchmark reads /proc and uses SO_REUSEPORT")
 class BenchSmokeTest(unittest.TestCase):
     @classmethod
@@ -126,6 +144,9 @@ class BenchSmokeTest(unittest.TestCase):
             self.assertGreater(self.figs[name]["s64_peak_rss"], 1.0, name)
             self.assertGreater(self.figs[name]["big_peak_rss"], 1.0, name)
         self.assertNotIn("s64_peak_rss", self.figs["direct"])  # the mock is not a target's process
+        for key in ("s16_writer", "s64_writer", "big_writer"):  # proxy_llm's writer thread, read from /proc
+            self.assertGreaterEqual(self.figs["rec_on"][key], 0.0, key)
+            self.assertNotIn(key, self.figs["forwarder"])
 
     def test_streams_whole_and_in_order(self):
         for name in self.opts.targets:

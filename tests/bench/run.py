@@ -52,7 +52,7 @@ import time
 from tests.bench import loadgen, wrk
 from tests.bench.loadgen import Tally, build_request, percentile
 from tests.bench.records import check as check_records
-from tests.bench.targets import Mock, Target, busy_ns
+from tests.bench.targets import Mock, Target, busy_ns, writer_ns
 
 SCENARIOS = ("latency", "rate50", "sat16", "sat64", "real", "sustained", "big", "streams", "verify")
 # The closed-loop saturation scenarios and the prefix of their figures.
@@ -261,6 +261,7 @@ class Bench:
         self.targets = make_targets(opts.targets)
         self.tallies = {}   # (scenario, target) -> Tally
         self.cpu = {}       # (scenario, target) -> CPU seconds of the target
+        self.writer = {}    # (scenario, target) -> CPU ns of proxy_llm's writer thread (targets.writer_ns)
         self.extra = {}     # (key, target) -> value
         self.warm_ids = {}  # target -> record ids seen during warm-up
         self.log = opts.log
@@ -355,6 +356,7 @@ class Bench:
         if sampler:
             sampler.start()
         c0 = t.cpu()
+        w0 = t.task_cpu() if t.kind == "proxy" and scn in SATURATION else None
         if scn == "latency":
             tally = loadgen.closed_loop(h, p, small_requests(h, p), 1, o.latency_s)
         elif scn == "sat16":
@@ -374,6 +376,8 @@ class Bench:
             raise ValueError(scn)
         drain = settle(t)
         c1 = t.cpu()  # the drain's CPU too: it is the cost of these requests
+        if w0 is not None:
+            self.writer[(scn, t.name)] = self.writer.get((scn, t.name), 0) + writer_ns(w0, t.task_cpu())
         if sampler:  # what the load and its backlog held at most
             key = ("peak_rss", scn, t.name)
             self.extra[key] = max(self.extra.get(key, 0), sampler.stop())
@@ -437,6 +441,8 @@ class Bench:
                         f[pre + "_p99"] = ms(percentile(tally.lat, 99))
                     if (scn, name) in self.cpu and tally.ok:
                         f[pre + "_cpu"] = 1000.0 * self.cpu[(scn, name)] / tally.ok
+                    if (scn, name) in self.writer and tally.ok:
+                        f[pre + "_writer"] = self.writer[(scn, name)] / 1e6 / tally.ok
                     if tally.round_drain:
                         f[pre + "_drain"] = ms(median(tally.round_drain))
                     if self.extra.get(("peak_rss", scn, name)):
@@ -512,10 +518,12 @@ ROWS = [
     ("16 conns: req/s", "s16_rps", "%.0f", None),
     ("16 conns: p99 ms", "s16_p99", "%.2f", None),
     ("16 conns: CPU ms/req", "s16_cpu", "%.3f", None),
+    ("16 conns: writer thread CPU ms/req", "s16_writer", "%.3f", None),
     ("16 conns: quiet after ms", "s16_drain", "%.0f", None),
     ("64 conns: req/s", "s64_rps", "%.0f", None),
     ("64 conns: p99 ms", "s64_p99", "%.2f", None),
     ("64 conns: CPU ms/req", "s64_cpu", "%.3f", None),
+    ("64 conns: writer thread CPU ms/req", "s64_writer", "%.3f", None),
     ("64 conns: quiet after ms", "s64_drain", "%.0f", None),
     ("64 conns: peak RSS MB", "s64_peak_rss", "%.1f", None),
     ("max req/s, small bodies", "max_rps", "%.0f", ("on/fwd", 0.85)),
@@ -523,6 +531,7 @@ ROWS = [
     ("max req/s: 2 workers / 1", "max_rps", "%.0f", ("2w/1w", 1.7)),
     ("real headers (16 conns): req/s", "rh_rps", "%.0f", None),
     ("real headers: CPU ms/req", "rh_cpu", "%.3f", None),
+    ("real headers: writer thread CPU ms/req", "rh_writer", "%.3f", None),
     ("real headers: quiet after ms", "rh_drain", "%.0f", None),
     ("real headers sustained (20 s, once): req/s", "su_rps", "%.0f", None),
     ("real headers sustained: quiet after ms", "su_drain", "%.0f", None),
@@ -530,6 +539,7 @@ ROWS = [
     ("100 KB bodies (16 conns): req/s", "big_rps", "%.0f", ("on/fwd", 0.75)),
     ("100 KB bodies: p99 ms", "big_p99", "%.2f", None),
     ("100 KB bodies: CPU ms/req", "big_cpu", "%.3f", None),
+    ("100 KB bodies: writer thread CPU ms/req", "big_writer", "%.3f", None),
     ("100 KB bodies: quiet after ms", "big_drain", "%.0f", None),
     ("100 KB bodies: peak RSS MB", "big_peak_rss", "%.1f", None),
     ("streams: completed", "st_ok", "%d", None),
@@ -724,7 +734,10 @@ def write_results(text: str, args) -> None:
     head = ("# Benchmark results\n\nThe latest run of `python -m tests.bench --write-results` (see "
             "tests/bench/run.py for what each target and figure means; NOTES.md for what earlier runs found). Machine: %s.\n\n"
             "How to read it: every figure is client-observed except CPU ms/req and RSS (from /proc, "
-            "summed over the target's process tree: workers2 is a parent and two workers). \"added\" "
+            "summed over the target's process tree: workers2 is a parent and two workers; \"writer "
+            "thread\" is the part of it proxy_llm's writer spent, with record: false its reader of "
+            "answers for the token metrics, the one thread that works for every request besides "
+            "the request's own). \"added\" "
             "is the target's figure minus direct's in the same run. Ratios are of req/s. A proxy cell "
             "marked `!` misses an absolute budget; the verdict column judges rec_on (one worker, "
             "recording on) or the ratio named. Load generator, mock and target share the machine's "

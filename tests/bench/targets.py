@@ -89,6 +89,21 @@ def busy_ns(before: dict, after: dict) -> int:
     return sum(ns - before[key] for key, ns in after.items() if key in before)
 
 
+def writer_ns(before: dict, after: dict) -> int:
+    """CPU time between two ``task_cpu_ns`` samples of each process's busiest thread alive at
+    both, its main thread aside, summed over the processes. In proxy_llm that is the writer
+    (with ``record: false``, its reader of answers for the token metrics): the one thread that
+    lives through a load and works for it; a connection's thread lives as long as its
+    connection, and the main thread only accepts."""
+    top: dict = {}
+    for (pid, tid), ns in after.items():
+        if (pid, tid) in before and tid != str(pid):
+            spent = ns - before[(pid, tid)]
+            if spent > top.get(pid, 0):
+                top[pid] = spent
+    return sum(top.values())
+
+
 def rss_bytes(pids) -> int:
     total = 0
     for pid in pids:
