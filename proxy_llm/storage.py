@@ -602,18 +602,16 @@ class Recorder:
         59-63 to 56-57 µs, recording off's reader's from 15-23 to 12-21 (tests/bench/NOTES.md,
         "The eighteenth session: the writer's batches"). A record at a time (a few a second, a flush) waits one window,
         as before; closing waits no more than that."""
-        qsize = self.queue.qsize
-        queued = qsize()
+        q = self.queue
+        queued = q.qsize()
         if queued >= GATHER_BELOW:
             return
-        nap = self.nap
-        nap(GATHER_WINDOW)
-        if qsize() - queued < 2:
+        self.nap(GATHER_WINDOW)
+        if q.qsize() - queued < 2:
             return
         waited = GATHER_WINDOW
-        q = self.queue
-        while waited < GATHER_MAX and qsize() < GATHER_MORE and q.bytes < GATHER_BYTES and not self._closed:
-            nap(GATHER_WINDOW)
+        while waited < GATHER_MAX and q.qsize() < GATHER_MORE and q.bytes < GATHER_BYTES and not self._closed:
+            self.nap(GATHER_WINDOW)
             waited += GATHER_WINDOW
 
     def _idle(self) -> None:

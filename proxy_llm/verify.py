@@ -51,6 +51,7 @@ import re
 import sys
 
 from proxy_llm import reader, storage, wire
+from proxy_llm.dialects.base import is_count
 
 __all__ = ["add_arguments", "run", "check", "Findings", "check_record", "check_stream_line"]
 
@@ -124,7 +125,8 @@ def _error_ok(v) -> bool:
 
 
 def _tokens_ok(v) -> bool:
-    return isinstance(v, dict) and all(k in TOKEN_KEYS and _is_int(n) and n >= 0 for k, n in v.items())
+    # (is_count: the rule the dialects read an upstream's counts by, so what the proxy writes)
+    return isinstance(v, dict) and all(k in TOKEN_KEYS and is_count(n) for k, n in v.items())
 
 
 def _is_base64(v) -> bool:
