@@ -279,6 +279,8 @@ class RecordOffTest(ProxyTestCase):
         proxy.flush()
         proxy.server.tally.close(DEADLINE)  # (as at shutdown: what comes after is not taken)
         self.assertEqual(request(proxy.url, body={"model": "gpt-4o"})[0], 200)
+        # (The client has its answer before the handler hands the exchange on: wait for that.)
+        self.assertTrue(proxy.server.wait_idle(DEADLINE), "exchanges still in flight")
         text = self.metrics(proxy)
         self.assertIn("proxy_llm_token_counts_dropped_total 1\n", text)
         status, _, body = request(proxy.url, method="GET", path="/health", headers={})
