@@ -577,6 +577,9 @@ class TestGoldenResponses(unittest.TestCase):
         "openai_responses/reasoning_summary": ('"reasoning_content"', {}),
         "anthropic_messages/thinking_signature": ("27 * 453 = 12,231", {"redacted_thinking": 1}),
         "gemini/sse_function_calls": ('"name": "get_weather"', {}),
+        "openai_chat/legacy_function_call": ('"name": "get_current_weather"', {}),
+        "openai_chat/audio_output": ('"content": "Hello there!"', {"audio": 1}),
+        "gemini/sse_image_signatures_cached": ('"content": "Here is your cat wearing a red top hat."', {"image": 1}),
     }
     # Answers that stopped at their token limit, cut mid-way: skipped as max_tokens.
     MAX_TOKENS = {"openai_chat/usage_no_done", "openai_responses/incomplete", "gemini/sse_two_candidates"}
@@ -584,7 +587,10 @@ class TestGoldenResponses(unittest.TestCase):
     # Answers resting on a tool the chat formats cannot hold: skipped as unsupported_tool_call.
     UNSUPPORTED = {"openai_chat/search_annotations", "openai_responses/builtin_tools",
                    "openai_responses/builtin_tools_cut", "anthropic_messages/server_tools_citations",
-                   "anthropic_messages/beta_web_fetch_code_execution", "gemini/sse_code_execution_grounding"}
+                   "anthropic_messages/beta_web_fetch_code_execution", "gemini/sse_code_execution_grounding",
+                   "anthropic_messages/web_search_error_citations_empty_tool",
+                   "openai_responses/background_reasoning_text_code_interpreter",
+                   "openai_responses/reasoning_text_code_interpreter_cut"}
 
     def test_fixtures(self) -> None:
         import glob
