@@ -25,6 +25,7 @@ import unittest
 
 from proxy_llm import dialects
 from proxy_llm.dialects import DIALECTS, Result, decode_stream, select
+from proxy_llm.dialects.anthropic import anthropic_usage
 from proxy_llm.dialects.base import REASSEMBLY_ERROR
 from proxy_llm.sse import Event
 from tests.support import split_at
@@ -992,6 +993,45 @@ class AnthropicSDKAccumulatorTest(unittest.TestCase):
         self.assertEqual(body["model"], "claude-opus-4-1-20250805")
         self.assertEqual(body["context_management"]["applied_edits"][0]["cleared_tool_uses"], 2)
         self.assertEqual(body["input_transformations"], [])
+
+    @unittest.skipUnless(_ant_beta_accumulate is not None, "anthropic SDK without the beta accumulator")
+    def test_compaction_iterations_are_counted(self):
+        """Server-side compaction samples a summary first: its usage.iterations entry is billed
+        but left out of the top-level counts (the SDK's BetaUsage.iterations), so tokens_used
+        adds it; a message entry is in them already, and is not added again."""
+        start = json.loads(json.dumps(self.START))
+        start["message"]["usage"] = {"input_tokens": 23000, "cache_creation_input_tokens": 0,
+                                     "cache_read_input_tokens": 0, "output_tokens": 1}
+        iterations = [{"type": "compaction", "input_tokens": 180000, "output_tokens": 3500,
+                       "cache_creation_input_tokens": 0, "cache_read_input_tokens": 2000},
+                      {"type": "message", "input_tokens": 23000, "output_tokens": 1000,
+                       "cache_creation_input_tokens": 0, "cache_read_input_tokens": 0}]
+        payloads = (
+            start,
+            {"type": "content_block_start", "index": 0, "content_block": {"type": "compaction", "content": None}},
+            {"type": "content_block_delta", "index": 0, "delta": {
+                "type": "compaction_delta", "content": "Summary: a website was planned.",
+                "encrypted_content": "Eo0BCkYIBxgCKkB1"}},
+            {"type": "content_block_stop", "index": 0},
+            {"type": "content_block_start", "index": 1, "content_block": {"type": "text", "text": ""}},
+            {"type": "content_block_delta", "index": 1, "delta": {"type": "text_delta", "text": "Based on our plan"}},
+            {"type": "content_block_stop", "index": 1},
+            {"type": "message_delta", "delta": {"stop_reason": "end_turn", "stop_sequence": None},
+             "usage": {"output_tokens": 1000, "iterations": iterations}},
+            {"type": "message_stop"})
+        body = self.assertSameAsSDK(*payloads, beta=True)
+        self.assertEqual(body["usage"]["iterations"], iterations)
+        tokens = ours_of("anthropic_messages", sse_bytes(*payloads)).tokens_used
+        self.assertEqual(tokens, {"prompt_tokens": 23000 + 180000 + 2000, "completion_tokens": 1000 + 3500,
+                                  "total_tokens": 205000 + 4500, "cached_tokens": 2000,
+                                  "cache_creation_tokens": 0})
+        # The same usage in a whole answer; entries that are not counts add nothing.
+        usage = dict(start["message"]["usage"], output_tokens=1000, iterations=iterations + [
+            {"type": "compaction", "input_tokens": -1, "output_tokens": "7"}, "junk", {"type": "advisor_message",
+                                                                                     "input_tokens": 9}])
+        self.assertEqual(anthropic_usage(usage), tokens)
+        self.assertEqual(anthropic_usage({"iterations": [{"type": "compaction", "output_tokens": 5}]}),
+                         {"completion_tokens": 5})
 
 
 if __name__ == "__main__":

@@ -43,7 +43,7 @@ from __future__ import annotations
 import json
 
 from ..depth import too_deep
-from .base import Dialect, Pieces, Result, append_text, error_from, finalize, get, is_int, loads, make_usage
+from .base import Dialect, Pieces, Result, append_text, error_from, finalize, get, is_count, is_int, loads, make_usage
 
 __all__ = ["AnthropicMessages", "AnthropicCountTokens", "anthropic_usage"]
 
@@ -56,6 +56,10 @@ def anthropic_usage(usage):
     cache_read_input_tokens`` (those sent); ``cached_tokens`` is
     ``cache_read_input_tokens``, ``cache_creation_tokens`` is
     ``cache_creation_input_tokens``, ``completion_tokens`` is ``output_tokens``.
+
+    Server-side compaction (beta) samples once more to write its summary: billed, but each
+    ``compaction`` entry of ``usage.iterations`` is left out of the top-level counts (the API
+    reference's words), so those entries' counts are added to the same fields.
     """
     if not isinstance(usage, dict):
         return None
@@ -65,7 +69,37 @@ def anthropic_usage(usage):
     for count in (usage.get("input_tokens"), created, read):
         if type(count) is int and count >= 0:  # is_count, inline: this runs for every record
             prompt = count if prompt is None else prompt + count
-    return make_usage(prompt, usage.get("output_tokens"), None, read, created)
+    output = usage.get("output_tokens")
+    iterations = usage.get("iterations")
+    if iterations and type(iterations) is list:
+        for entry in iterations:
+            if type(entry) is dict and entry.get("type") == "compaction":
+                prompt, output, read, created = _plus_compaction(entry, prompt, output, read, created)
+    return make_usage(prompt, output, None, read, created)
+
+
+def _plus_compaction(entry, prompt, output, read, created):
+    """(prompt, output, read, created) with a compaction iteration's counts added: what is not
+    a count (is_count) adds nothing, and a field neither sent stays unsent (None)."""
+    e_created = _count(entry.get("cache_creation_input_tokens"))
+    e_read = _count(entry.get("cache_read_input_tokens"))
+    e_prompt = None
+    for count in (_count(entry.get("input_tokens")), e_created, e_read):
+        if count is not None:
+            e_prompt = count if e_prompt is None else e_prompt + count
+    return (_add(prompt, e_prompt), _add(output, _count(entry.get("output_tokens"))), _add(read, e_read),
+            _add(created, e_created))
+
+
+def _count(value):
+    return value if is_count(value) else None
+
+
+def _add(total, count):
+    """``total + count``, either of them unsent (None; a total that is not a count is unsent)."""
+    if not is_count(total):
+        return count
+    return total if count is None else total + count
 
 
 def _block(blocks, payload):
