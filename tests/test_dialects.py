@@ -377,6 +377,26 @@ class UsageTest(unittest.TestCase):
             "input_tokens": 10, "output_tokens": 4, "total_tokens": 14}})
         self.assertEqual(res.tokens_used, {"prompt_tokens": 10, "completion_tokens": 4, "total_tokens": 14})
 
+    def test_openai_cache_writes(self):
+        """OpenAI's usage tells the prompt tokens written to the cache (cache_write_tokens, in
+        the prompt's count as the cached ones are): cache_creation_tokens, as Anthropic's."""
+        chat = DIALECTS["openai_chat"].from_body({"usage": {
+            "prompt_tokens": 2048, "completion_tokens": 10, "total_tokens": 2058,
+            "prompt_tokens_details": {"cached_tokens": 0, "cache_write_tokens": 1920, "audio_tokens": 0}}})
+        self.assertEqual(chat.tokens_used, {"prompt_tokens": 2048, "completion_tokens": 10, "total_tokens": 2058,
+                                            "cached_tokens": 0, "cache_creation_tokens": 1920})
+        responses = DIALECTS["openai_responses"].from_body({"object": "response", "usage": {
+            "input_tokens": 2048, "output_tokens": 10, "total_tokens": 2058,
+            "input_tokens_details": {"cached_tokens": 128, "cache_write_tokens": 1792,
+                                     "cache_write_tokens_details": {"ttl_30m_tokens": 1792, "ttl_12h_tokens": 0}},
+            "output_tokens_details": {"reasoning_tokens": 0}}})
+        self.assertEqual(responses.tokens_used, {"prompt_tokens": 2048, "completion_tokens": 10,
+                                                 "total_tokens": 2058, "cached_tokens": 128,
+                                                 "cache_creation_tokens": 1792, "reasoning_tokens": 0})
+        # Not a count: not sent.
+        self.assertNotIn("cache_creation_tokens", DIALECTS["openai_chat"].from_body({"usage": {
+            "prompt_tokens": 5, "prompt_tokens_details": {"cache_write_tokens": -1}}}).tokens_used)
+
     def test_a_count_below_zero_is_not_sent(self):
         # Some servers send -1 for a count they do not know: tokens_used leaves it out, as it
         # leaves out a count the upstream never sent (never 0), and a total is not made from it.

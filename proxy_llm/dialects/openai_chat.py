@@ -60,18 +60,23 @@ def openai_usage(usage):
 
     ``prompt_tokens`` includes cached tokens
     (``prompt_tokens_details.cached_tokens``; DeepSeek's
-    ``prompt_cache_hit_tokens`` when that is absent); ``reasoning_tokens``
-    from ``completion_tokens_details.reasoning_tokens``.
+    ``prompt_cache_hit_tokens`` when that is absent) and those written to the
+    cache (``prompt_tokens_details.cache_write_tokens``, ``cache_creation_tokens``);
+    ``reasoning_tokens`` from ``completion_tokens_details.reasoning_tokens``.
     """
     if not isinstance(usage, dict):
         return None
     details = usage.get("prompt_tokens_details")
-    cached = details.get("cached_tokens") if isinstance(details, dict) else None
+    if isinstance(details, dict):
+        cached = details.get("cached_tokens")
+        written = details.get("cache_write_tokens")
+    else:
+        cached = written = None
     if not is_count(cached):
         cached = usage.get("prompt_cache_hit_tokens")
     details = usage.get("completion_tokens_details")
     return make_usage(usage.get("prompt_tokens"), usage.get("completion_tokens"), usage.get("total_tokens"), cached,
-                      None, details.get("reasoning_tokens") if isinstance(details, dict) else None)
+                      written, details.get("reasoning_tokens") if isinstance(details, dict) else None)
 
 
 def merge_delta(acc, delta):

@@ -46,7 +46,8 @@ _ITEM_TEXT_EVENTS = (("_call_arguments", "arguments"), ("_call_input", "input"),
 def responses_usage(usage):
     """tokens_used from a Responses API ``usage`` object.
 
-    ``input_tokens`` includes cached (``input_tokens_details.cached_tokens``),
+    ``input_tokens`` includes cached (``input_tokens_details.cached_tokens``) and
+    written to the cache (``input_tokens_details.cache_write_tokens``),
     ``output_tokens`` includes reasoning
     (``output_tokens_details.reasoning_tokens``).
     """
@@ -57,6 +58,7 @@ def responses_usage(usage):
         completion=usage.get("output_tokens"),
         total=usage.get("total_tokens"),
         cached=get(usage, "input_tokens_details", "cached_tokens"),
+        cache_creation=get(usage, "input_tokens_details", "cache_write_tokens"),
         reasoning=get(usage, "output_tokens_details", "reasoning_tokens"),
     )
 
