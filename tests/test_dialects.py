@@ -342,6 +342,22 @@ class UsageTest(unittest.TestCase):
         self.assertEqual(res.tokens_used, {"prompt_tokens": 1105, "completion_tokens": 7, "total_tokens": 1112,
                                            "cached_tokens": 1000, "cache_creation_tokens": 100})
 
+    def test_anthropic_thinking_tokens(self):
+        """Anthropic's usage tells the output tokens spent thinking (output_tokens_details,
+        within output_tokens): reasoning_tokens; the stream's last count stands."""
+        res = DIALECTS["anthropic_messages"].from_body({"usage": {
+            "input_tokens": 10, "output_tokens": 900, "output_tokens_details": {"thinking_tokens": 750}}})
+        self.assertEqual(res.tokens_used, {"prompt_tokens": 10, "completion_tokens": 900, "total_tokens": 910,
+                                           "reasoning_tokens": 750})
+        evs = events_of(
+            {"type": "message_start", "message": {"id": "m", "content": [], "usage": {
+                "input_tokens": 9, "output_tokens": 1, "output_tokens_details": {"thinking_tokens": 0}}}},
+            {"type": "message_delta", "delta": {"stop_reason": "end_turn"},
+             "usage": {"output_tokens": 40, "output_tokens_details": {"thinking_tokens": 31}}},
+            {"type": "message_stop"})
+        self.assertEqual(DIALECTS["anthropic_messages"].reassemble(evs).tokens_used,
+                         {"prompt_tokens": 9, "completion_tokens": 40, "total_tokens": 49, "reasoning_tokens": 31})
+
     def test_anthropic_stream_merges_usage(self):
         evs = events_of(
             {"type": "message_start", "message": {"id": "m", "content": [], "usage": {

@@ -26,7 +26,7 @@ total when sent, else ``prompt_tokens + completion_tokens`` when both exist.
 | total_tokens | `total_tokens` | `total_tokens` | prompt_tokens + completion_tokens | `totalTokenCount` |
 | cached_tokens | `prompt_tokens_details.cached_tokens` (DeepSeek: `prompt_cache_hit_tokens`) | `input_tokens_details.cached_tokens` | `cache_read_input_tokens` | `cachedContentTokenCount` |
 | cache_creation_tokens | `prompt_tokens_details.cache_write_tokens` | `input_tokens_details.cache_write_tokens` | `cache_creation_input_tokens` | - |
-| reasoning_tokens | `completion_tokens_details.reasoning_tokens` | `output_tokens_details.reasoning_tokens` | - | `thoughtsTokenCount` |
+| reasoning_tokens | `completion_tokens_details.reasoning_tokens` | `output_tokens_details.reasoning_tokens` | `output_tokens_details.thinking_tokens` | `thoughtsTokenCount` |
 
 A sum is present when any of its terms was sent (the terms sent are added).
 

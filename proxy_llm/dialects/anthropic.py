@@ -55,7 +55,8 @@ def anthropic_usage(usage):
     ``prompt_tokens = input_tokens + cache_creation_input_tokens +
     cache_read_input_tokens`` (those sent); ``cached_tokens`` is
     ``cache_read_input_tokens``, ``cache_creation_tokens`` is
-    ``cache_creation_input_tokens``, ``completion_tokens`` is ``output_tokens``.
+    ``cache_creation_input_tokens``, ``completion_tokens`` is ``output_tokens``, and
+    ``reasoning_tokens`` is ``output_tokens_details.thinking_tokens`` (in ``output_tokens``).
 
     Server-side compaction (beta) samples once more to write its summary: billed, but each
     ``compaction`` entry of ``usage.iterations`` is left out of the top-level counts (the API
@@ -75,7 +76,9 @@ def anthropic_usage(usage):
         for entry in iterations:
             if type(entry) is dict and entry.get("type") == "compaction":
                 prompt, output, read, created = _plus_compaction(entry, prompt, output, read, created)
-    return make_usage(prompt, output, None, read, created)
+    details = usage.get("output_tokens_details")
+    return make_usage(prompt, output, None, read, created,
+                      details.get("thinking_tokens") if isinstance(details, dict) else None)
 
 
 def _plus_compaction(entry, prompt, output, read, created):
