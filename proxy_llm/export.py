@@ -168,6 +168,9 @@ Turns follow LLaMA-Factory's order (one system turn first, then human/observatio
 gpt/function_call in turn): human turns in a row and leading system messages are joined
 with a newline; a system message later is ``system_not_first``, any other order the format
 cannot hold (a user message right after tool results) ``sharegpt_order``, both skipped.
+With --include-images, a text holding LLaMA-Factory's placeholders itself (``<image>``,
+``<video>``, ``<audio>``), which its multimodal templates would count as the row's media, is
+``media_placeholder``, skipped.
 
 ``records``: the filtered records themselves as one fixed set of columns, so
 that pandas, DuckDB, pyarrow and ``datasets`` infer one schema however varied
@@ -1154,6 +1157,8 @@ def _call_value(call: dict):
 # first such block off a gpt or function_call turn as the thinking, and parses the rest of a
 # function_call turn as the JSON of the calls.
 THINK_OPEN, THINK_CLOSE = "<think>\n", "\n</think>\n\n"
+# LLaMA-Factory's placeholders for the media of a row (its ``images``, ``videos``, ``audios``).
+IMAGE_PLACEHOLDER, OTHER_PLACEHOLDERS = "<image>", ("<video>", "<audio>")
 
 
 def _with_thinking(thinking: list, value: str, dropped: Counter) -> str:
@@ -1226,6 +1231,13 @@ def render_sharegpt(conv: Conversation, opts: Options, dropped: Counter) -> dict
     row = {"conversations": out,
            "tools": _dumps([t["function"] for t in conv.tools]) if conv.tools else ""}
     if opts.include_images:
+        # LLaMA-Factory's multimodal plugins count the placeholders in every turn's text and
+        # refuse the row (a ValueError that stops the whole preprocessing) unless they match
+        # the row's images, videos and audios: a text that holds one itself ("the <image> token
+        # of LLaVA") cannot be told from ours.
+        if sum(t["value"].count(IMAGE_PLACEHOLDER) for t in out) != len(images) \
+                or any(p in t["value"] for t in out for p in OTHER_PLACEHOLDERS):
+            raise Skip("media_placeholder")
         row["images"] = images
     return row
 

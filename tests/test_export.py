@@ -1418,6 +1418,29 @@ class TestFormatRules(AuditCase):
         self.assertIsInstance(rows[0]["messages"][1]["content"], list)
         self.assertValid(rows, "--include-images")
 
+    def test_a_text_holding_a_media_placeholder_is_skipped_in_sharegpt_with_images(self) -> None:
+        # A text that says "<image>" (or "<video>", "<audio>") itself was written as it is beside
+        # the placeholders of the row's images: LLaMA-Factory's multimodal plugins count them in
+        # every turn and refuse the row ("The number of images does not match the number of
+        # <image> tokens"), stopping the whole preprocessing.
+        clock = df.Clock(seed=67)
+        image = {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo="}}
+        recs = [df.openai_chat(clock, "s%d" % k, [{"role": "user", "content": [
+            {"type": "text", "text": question}, image]}], {"content": answer})
+            for k, (question, answer) in enumerate((
+                ("What is this?", "A dot."),
+                ("Where does the <image> token of LLaVA go?", "Before the question."),
+                ("Is this a frame?", "Use a <video> element."),
+                ("What tag plays this?", "<audio>, with controls.")))]
+        rows = self.rows(recs, "--format", "sharegpt", "--include-images")
+        self.assertValid(rows, "--format", "sharegpt", "--include-images")
+        self.assertEqual([(row["conversations"][0]["value"], row["images"]) for row in rows],
+                         [("What is this?\n<image>", ["data:image/png;base64,iVBORw0KGgo="])])
+        self.assertIn("3 skipped (media_placeholder 3)", self.summary)
+        # Without images, no placeholder is read: the texts are written as they are.
+        self.assertEqual(len(self.rows(recs, "--format", "sharegpt")), 4)
+        self.assertEqual(len(self.rows(recs, "--include-images")), 4)
+
 
     def test_arguments_are_the_json_text_of_an_object(self) -> None:
         # An empty text (a call without arguments) was written as it was, and broken JSON too:
