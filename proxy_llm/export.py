@@ -212,6 +212,7 @@ import os
 import re
 import sys
 import time
+from collections import OrderedDict, deque
 from datetime import datetime, timedelta, timezone
 
 from proxy_llm import reader
@@ -505,6 +506,7 @@ class _ResponsesBuilder(object):
         self.pending_thinking = []
         self.open_assistant = None
         self.started = False  # an item other than an item_reference has been read
+        self.known = None  # (a conversation rebuilt from earlier records) item id -> item read
 
     def _assistant(self) -> dict:
         if self.open_assistant is None:
@@ -556,9 +558,15 @@ class _ResponsesBuilder(object):
         if kind is None:  # an EasyInputMessage has a role and no type; a reference may be {"id"} alone
             kind = "item_reference" if role is None and "id" in item else "message"
         if kind == "item_reference":
-            self._reference()
+            found = self.known.get(item.get("id")) if self.known is not None else None
+            if found is None:
+                self._reference()
+            else:  # an item of the earlier turns this conversation was rebuilt from
+                self.item(found)
             return
         self.started = True
+        if self.known is not None and isinstance(item.get("id"), str):
+            self.known[item["id"]] = item
         if kind == "message" and role == "assistant":
             self._content(item.get("content"), self._assistant()["parts"])
         elif kind == "message" and role in ("user", "system", "developer"):
@@ -617,13 +625,24 @@ def _unsupported_item(kind) -> bool:
         kind.endswith("_call") or kind.endswith("_call_output") or kind.startswith("mcp_"))
 
 
-def _from_responses(req: dict, resp, dropped: Counter) -> Conversation:
+def _from_responses(req: dict, resp, dropped: Counter, chain=None) -> Conversation:
+    """``chain``: the earlier turns (:class:`_Turn`, oldest first) the request continues with
+    its ``previous_response_id``: their input and output items come before its own input.
+    Only this request's ``instructions`` are the system message: the API inserts them as the
+    first item of the context and does not carry a previous response's over."""
     builder = _ResponsesBuilder(dropped)
     instructions = req.get("instructions")
     if isinstance(instructions, str) and instructions:
         m = _msg("system")
         _text(m["parts"], instructions)
         builder.messages.append(m)
+    if chain:
+        builder.known = {}
+        for turn in chain:
+            for items in (turn.input, turn.output):
+                for item in items:
+                    builder.item(item)
+                builder.close()
     items = req.get("input")
     if isinstance(items, str):
         items = [items]
@@ -968,11 +987,13 @@ def _check_builtin_calls(messages: list, tools: list, builtin) -> None:
                 raise Skip("unsupported_tool_call")
 
 
-def convert(record: dict, dropped: Counter | None = None) -> Conversation:
+def convert(record: dict, dropped: Counter | None = None, chain=None) -> Conversation:
     """The conversation of one record: request history + the response's assistant message.
 
     Raises Skip(reason) for records that are not chat-like or have no usable answer;
     counts parts that can never be exported into ``dropped`` (see module docstring).
+    ``chain``: for a Responses API record, the earlier turns its ``previous_response_id``
+    continues (:meth:`ChainIndex.chain`), or None.
     """
     if dropped is None:
         dropped = Counter()
@@ -994,7 +1015,7 @@ def convert(record: dict, dropped: Counter | None = None) -> Conversation:
     if dialect == "openai_chat":
         conv = _from_openai_chat(req, resp, dropped)
     elif dialect == "openai_responses":
-        conv = _from_responses(req, resp, dropped)
+        conv = _from_responses(req, resp, dropped, chain)
     elif dialect == "anthropic_messages":
         conv = _from_anthropic(req, resp, dropped)
     else:
@@ -1071,6 +1092,139 @@ def _pair_check(messages: list, dropped: Counter) -> list:
             calls = set()
         out.append(m)
     return out
+
+
+# ============================================================== Responses API chains
+
+class _Turn(object):
+    """One Responses API exchange a later request can continue: its request's input items and
+    its response's output items (the parsed record's own lists: nothing is copied), the
+    response id it continued (or None), its session, and its size for the bound."""
+
+    __slots__ = ("parent", "session", "input", "output", "size")
+
+    def __init__(self, parent, session, input_: list, output: list, size: int) -> None:
+        self.parent = parent
+        self.session = session
+        self.input = input_
+        self.output = output
+        self.size = size
+
+
+# Statuses of a response a later request can continue: the API keeps an incomplete response
+# (cut at its token limit) as context as well; a failed one is an error record, never indexed.
+_CONTINUABLE = ("completed", "incomplete", None)
+
+
+class ChainIndex(object):
+    """The Responses API turns of an export, by response id, so that a request sent with
+    ``previous_response_id`` (which holds only its new input) is exported with the earlier
+    turns it continues.
+
+    Fed every record read, in read order: :meth:`read` for those that pass the filters,
+    :meth:`forget` for the others.  A record is indexed when a later request can continue it:
+    ``openai_responses``, answered (2xx, no ``error``, nothing cut), its response ``completed``
+    or ``incomplete`` with an ``id``, and not sent with ``store: false`` (the API keeps no such
+    response to continue).  Memory: the turns are kept least recently used first up to
+    ``max_bytes``, counted as their records' ``request_bytes + response_bytes`` (continuing a
+    turn, or a later turn of its chain, uses it again); the ids of the responses read but not
+    held (filtered out, failed, pushed out by the bound) are kept, ids only, in ``gone``."""
+
+    MAX_BYTES = 128 * 1024 * 1024
+
+    def __init__(self, max_bytes: int | None = None) -> None:
+        self.turns = OrderedDict()  # response id -> _Turn, least recently used first
+        self.max_bytes = self.MAX_BYTES if max_bytes is None else max_bytes
+        self.bytes = 0
+        self.gone = {}  # response id read but not held -> True when the bound pushed it out
+
+    def forget(self, rec: dict) -> None:
+        """A record left out by the filters: a request continuing it starts after it."""
+        if rec.get("dialect") == "openai_responses":
+            self._gone(rec.get("response_body"))
+
+    def _gone(self, resp) -> None:
+        rid = resp.get("id") if isinstance(resp, dict) else None
+        if isinstance(rid, str) and rid and rid not in self.turns:
+            self.gone[rid] = False
+
+    def read(self, rec: dict):
+        """Index ``rec`` if a later request can continue it; returns the ``previous_response_id``
+        its request continues (a string), or None."""
+        if rec.get("dialect") != "openai_responses":
+            return None
+        req, resp = rec.get("request_body"), rec.get("response_body")
+        if not isinstance(req, dict):
+            return None
+        prev = req.get("previous_response_id")
+        if not isinstance(prev, str) or not prev:
+            prev = None
+        rid = resp.get("id") if isinstance(resp, dict) else None
+        items, output = req.get("input"), resp.get("output") if isinstance(resp, dict) else None
+        if isinstance(items, str):
+            items = [items]
+        if answered(rec) and resp.get("status") in _CONTINUABLE and req.get("store") is not False \
+                and isinstance(rid, str) and rid and isinstance(items, list) and isinstance(output, list):
+            size = sum(n for n in (rec.get("request_bytes"), rec.get("response_bytes"))
+                       if isinstance(n, int) and not isinstance(n, bool) and n > 0)
+            old = self.turns.pop(rid, None)
+            if old is not None:
+                self.bytes -= old.size
+            self.turns[rid] = _Turn(prev, rec.get("session_id"), items, output, size)
+            self.bytes += size
+            self.gone.pop(rid, None)
+            while self.bytes > self.max_bytes and len(self.turns) > 1:
+                evicted, turn = self.turns.popitem(last=False)
+                self.bytes -= turn.size
+                self.gone[evicted] = True
+        else:
+            self._gone(resp)
+        return prev
+
+    def chain(self, prev: str):
+        """The turns a request continuing ``prev`` follows, oldest first: ``prev``'s turn, the
+        one it continued, and so on back to a turn that continues none or whose earlier turn is
+        not held (the conversation then starts there, as that turn's own export does).  None
+        when ``prev`` itself is not held."""
+        turns = []
+        seen = set()
+        rid = prev
+        while rid is not None and rid not in seen and rid in self.turns:
+            seen.add(rid)  # (a damaged record naming its own id, or a later one: no loop)
+            turn = self.turns[rid]
+            self.turns.move_to_end(rid)
+            turns.append(turn)
+            rid = turn.parent
+        if not turns:
+            return None
+        turns.reverse()
+        return turns
+
+    def missing(self, prev: str, chain):
+        """The id of the turn ``prev``'s chain stops short of (not held), or None: it is whole
+        (a damaged record naming a turn of its own chain counts as whole)."""
+        if chain is None:
+            return prev
+        parent = chain[0].parent
+        return None if parent is None or parent in self.turns else parent
+
+    def may_come(self, prev: str, chain) -> bool:
+        """Whether the turn missing from ``prev``'s chain may still be read (it was not read
+        yet): the record continuing it then waits for the end of the read."""
+        missing = self.missing(prev, chain)
+        return missing is not None and missing not in self.gone
+
+
+def answered(rec: dict) -> bool:
+    """Whether a record holds a whole successful answer: a 2xx status, no ``error``, no body
+    cut, both bodies JSON objects or lists (what :func:`convert` asks before the dialect's
+    own checks)."""
+    status = rec.get("status_code")
+    if not isinstance(status, int) or not 200 <= status < 300 or rec.get("error"):
+        return False
+    if (isinstance(rec.get("truncated"), dict) and rec["truncated"]) or rec.get("stream_truncated") is True:
+        return False
+    return isinstance(rec.get("request_body"), dict) and isinstance(rec.get("response_body"), (dict, list))
 
 
 # ============================================================== rendering
@@ -1583,13 +1737,15 @@ class _Run(object):
         self.skipped = Counter()
         self.dropped = Counter()
         self.superseded = 0
+        self.continued = 0  # rows rebuilt from the earlier turns their previous_response_id names
+        self.evicted = 0  # rows whose earlier turns the bound had pushed out
         self.keep = None  # set of ids from the dedupe pass, or None
 
-    def conversation(self, rec: dict, dropped: Counter) -> Conversation:
+    def conversation(self, rec: dict, dropped: Counter, chain=None) -> Conversation:
         """``convert`` plus the answer check (Skip("empty_answer") when the final assistant
         message has neither text nor tool calls, e.g. thinking only: OpenAI refuses an assistant
         message without content or tool calls, and thinking alone is no answer to train on)."""
-        conv = convert(rec, dropped)
+        conv = convert(rec, dropped, chain)
         last = conv.messages[-1]
         has_text = any(p["type"] == "text" for p in last["parts"])
         if not (has_text or last["tool_calls"]):
@@ -1614,20 +1770,66 @@ class _Run(object):
             return encode_line(render_sharegpt(conv, self.opts, dropped))
         return encode_line(render_record(rec))
 
-    def rows(self, progress: Progress, offset: int = 0):
-        """Yield (split key bytes, encoded row) for every exported row; counts go to the summary."""
-        fmt = self.args.format
+    def records(self, progress: Progress, offset: int = 0):
+        """Yield (record, chain) for every record that passes the filters, in read order, with
+        the earlier turns a Responses API record continues (``chain``, see ChainIndex.chain;
+        None).  A record whose chain misses a turn not read yet (a session read later, say)
+        waits for the end of the read, the records waiting held up to ChainIndex's bound (past
+        it, the oldest goes on with what is held then).  The ``records`` format keeps every
+        record as it is, its conversation too: no chain."""
+        chains = ChainIndex() if self.args.format != "records" else None
+        waiting = deque()  # [record, size]: records whose chain may still be completed
+        waiting_bytes = 0
         for rec in reader.iter_records(self.data_dir, self.stats):
             progress.update(offset + self.stats.bytes_done, self.stats.records)
             if not self.filter(rec):
                 self.filtered_out += 1
+                if chains is not None:
+                    chains.forget(rec)
                 continue
+            chain = None
+            if chains is not None and rec.get("dialect") == "openai_responses":
+                prev = chains.read(rec)
+                if prev is not None:
+                    chain = chains.chain(prev)
+                    if chains.may_come(prev, chain) and answered(rec):
+                        size = sum(n for n in (rec.get("request_bytes"), rec.get("response_bytes"))
+                                   if isinstance(n, int) and not isinstance(n, bool) and n > 0)
+                        waiting.append((rec, size))
+                        waiting_bytes += size
+                        while waiting_bytes > chains.max_bytes and waiting:
+                            early, size = waiting.popleft()
+                            waiting_bytes -= size
+                            yield early, self.final_chain(chains, early)
+                        continue
+                    self.count_cut(chains, prev, chain)
+            yield rec, chain
+        for rec, _ in waiting:
+            yield rec, self.final_chain(chains, rec)
+
+    def final_chain(self, chains: ChainIndex, rec: dict):
+        prev = rec["request_body"]["previous_response_id"]
+        chain = chains.chain(prev)
+        self.count_cut(chains, prev, chain)
+        return chain
+
+    def count_cut(self, chains: ChainIndex, prev: str, chain) -> None:
+        """Count a record whose chain the bound cut short (a turn it pushed out is missing)."""
+        missing = chains.missing(prev, chain)
+        if missing is not None and chains.gone.get(missing) is True:
+            self.evicted += 1
+
+    def rows(self, progress: Progress, offset: int = 0):
+        """Yield (split key bytes, encoded row) for every exported row; counts go to the summary."""
+        fmt = self.args.format
+        self.evicted = 0  # (counted again: the dedupe pass reads the same records)
+        for rec, chain in self.records(progress, offset):
             rid = str(rec.get("id"))
             conv = None
             dropped = Counter()
             if fmt != "records" or self.keep is not None or self.args.split is not None:
                 try:
-                    conv = self.conversation(rec, dropped)
+                    conv = self.conversation(rec, dropped, chain)
                 except Skip as skip:
                     if fmt != "records":
                         self.skipped.add(skip.reason)
@@ -1646,24 +1848,30 @@ class _Run(object):
             if fmt != "records":
                 for kind, n in dropped.items():
                     self.dropped.add(kind, n)
+            if chain is not None:
+                self.continued += 1
             yield key, line
 
     def dedupe_pass(self, progress: Progress) -> None:
-        """Pass one: digests of every matching chat record, then the ids to keep."""
+        """Pass one: digests of every matching chat record, then the ids to keep.  A
+        conversation rebuilt from earlier turns counts in the session of its oldest turn, so
+        that it supersedes their rows wherever they were recorded."""
         deduper = Deduper()
-        stats = reader.ReadStats()
-        for rec in reader.iter_records(self.data_dir, stats):
-            progress.update(stats.bytes_done, stats.records)
-            if not self.filter(rec):
-                continue
-            try:
-                conv = self.conversation(rec, Counter())
-                # A record the format cannot hold is not written: it supersedes nothing (its
-                # earlier, shorter versions were in neither output before).
-                self.line(rec, conv, Counter())
-            except Skip:
-                continue
-            deduper.add(rec.get("session_id"), str(rec.get("id")), conv)
+        stats, self.stats = self.stats, reader.ReadStats()
+        filtered_out, self.filtered_out = self.filtered_out, 0
+        try:
+            for rec, chain in self.records(progress):
+                try:
+                    conv = self.conversation(rec, Counter(), chain)
+                    # A record the format cannot hold is not written: it supersedes nothing (its
+                    # earlier, shorter versions were in neither output before).
+                    self.line(rec, conv, Counter())
+                except Skip:
+                    continue
+                session = chain[0].session if chain else rec.get("session_id")
+                deduper.add(session, str(rec.get("id")), conv)
+        finally:
+            self.stats, self.filtered_out = stats, filtered_out
         self.keep = deduper.keep_ids()
 
 
@@ -1693,6 +1901,11 @@ def _summary(run: _Run, outputs: list) -> str:
         parts.append("%d skipped (%s)" % (sum(run.skipped.values()), run.skipped.text()))
     if run.superseded:
         parts.append("%d superseded by --dedupe" % run.superseded)
+    if run.continued:
+        parts.append("%d continuing earlier records (previous_response_id)" % run.continued)
+    if run.evicted:
+        parts.append("%d without earlier turns past the %d MiB kept (previous_response_id)"
+                     % (run.evicted, ChainIndex.MAX_BYTES // (1024 * 1024)))
     if run.dropped:
         parts.append("dropped parts: %s" % run.dropped.text())
     written = " and ".join("%d row%s to %s" % (o.rows, "" if o.rows == 1 else "s", o.path or "stdout")
