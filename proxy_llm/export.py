@@ -1148,17 +1148,18 @@ class ChainIndex(object):
         if isinstance(rid, str) and rid and rid not in self.turns:
             self.gone[rid] = False
 
-    def read(self, rec: dict):
-        """Index ``rec`` if a later request can continue it; returns the ``previous_response_id``
-        its request continues (a string), or None."""
+    def read(self, rec: dict) -> tuple:
+        """(the ``previous_response_id`` ``rec``'s request continues, or None; its chain, see
+        :meth:`chain`), then ``rec`` indexed if a later request can continue it."""
         if rec.get("dialect") != "openai_responses":
-            return None
+            return None, None
         req, resp = rec.get("request_body"), rec.get("response_body")
         if not isinstance(req, dict):
-            return None
+            return None, None
         prev = req.get("previous_response_id")
         if not isinstance(prev, str) or not prev:
             prev = None
+        chain = self.chain(prev) if prev is not None else None
         rid = resp.get("id") if isinstance(resp, dict) else None
         items, output = req.get("input"), resp.get("output") if isinstance(resp, dict) else None
         if isinstance(items, str):
@@ -1179,7 +1180,7 @@ class ChainIndex(object):
                 self.gone[evicted] = True
         else:
             self._gone(resp)
-        return prev
+        return prev, chain
 
     def chain(self, prev: str):
         """The turns a request continuing ``prev`` follows, oldest first: ``prev``'s turn, the
@@ -1192,13 +1193,14 @@ class ChainIndex(object):
         while rid is not None and rid not in seen and rid in self.turns:
             seen.add(rid)  # (a damaged record naming its own id, or a later one: no loop)
             turn = self.turns[rid]
-            self.turns.move_to_end(rid)
-            turns.append(turn)
+            turns.append((rid, turn))
             rid = turn.parent
         if not turns:
             return None
         turns.reverse()
-        return turns
+        for rid, _ in turns:  # (used again: the least recently used go first)
+            self.turns.move_to_end(rid)
+        return [turn for _, turn in turns]
 
     def missing(self, prev: str, chain):
         """The id of the turn ``prev``'s chain stops short of (not held), or None: it is whole
@@ -1789,9 +1791,8 @@ class _Run(object):
                 continue
             chain = None
             if chains is not None and rec.get("dialect") == "openai_responses":
-                prev = chains.read(rec)
+                prev, chain = chains.read(rec)
                 if prev is not None:
-                    chain = chains.chain(prev)
                     if chains.may_come(prev, chain) and answered(rec):
                         size = sum(n for n in (rec.get("request_bytes"), rec.get("response_bytes"))
                                    if isinstance(n, int) and not isinstance(n, bool) and n > 0)

@@ -1366,6 +1366,229 @@ class TestItemReferences(AuditCase):
         self.assertDedupeKeepsTheFirst([first, second], "item_reference")
 
 
+class TestResponsesChains(AuditCase):
+    """A Responses API request sent with previous_response_id holds only its new input: the
+    export rebuilds the earlier turns from the records it reads (export.ChainIndex)."""
+
+    TOOLS = [{"type": "function", "name": "lookup", "description": "Look up an order",
+              "parameters": {"type": "object", "properties": {"order": {"type": "string"}}}}]
+    ASK = "Where is my order 42?"
+    CALL = {"type": "function_call", "id": "fc_1", "call_id": "call_r1", "name": "lookup",
+            "arguments": "{\"order\": \"42\"}", "status": "completed"}
+
+    @staticmethod
+    def answer(text: str, item_id: str = "msg_1") -> list:
+        return [{"type": "message", "id": item_id, "role": "assistant", "status": "completed",
+                 "content": [{"type": "output_text", "text": text, "annotations": []}]}]
+
+    def turns(self, seed: int = 91, instructions=("Be brief.", "Be brief.", "Be brief."), session: str = "agent") -> list:
+        """Three turns of a chain: a question answered by a call; its result only (after the
+        first response's id), answered; a new question (after the second's)."""
+        clock = df.Clock(seed=seed)
+        first = df.openai_responses(clock, session, self.ASK, [
+            {"type": "reasoning", "id": "rs_1", "summary": [{"type": "summary_text", "text": "Need the order."}]},
+            self.CALL], instructions=instructions[0], tools=self.TOOLS)
+        second = df.openai_responses(clock, session, [
+            {"type": "function_call_output", "call_id": "call_r1", "output": "shipped"}],
+            self.answer("Your order has shipped."), instructions=instructions[1], tools=self.TOOLS, stream=True)
+        third = df.openai_responses(clock, session, "Thanks! When will it arrive?",
+                                    self.answer("Tomorrow.", "msg_2"), instructions=instructions[2], tools=self.TOOLS)
+        self.link(second, first)
+        self.link(third, second)
+        return [first, second, third]
+
+    @staticmethod
+    def link(rec: dict, earlier: dict) -> None:
+        rec["request_body"]["previous_response_id"] = earlier["response_body"]["id"]
+
+    WHOLE = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": ASK},
+             {"role": "assistant", "tool_calls": [{"id": "call_r1", "type": "function", "function": {
+                 "name": "lookup", "arguments": "{\"order\": \"42\"}"}}]},
+             {"role": "tool", "content": "shipped", "tool_call_id": "call_r1"},
+             {"role": "assistant", "content": "Your order has shipped."},
+             {"role": "user", "content": "Thanks! When will it arrive?"},
+             {"role": "assistant", "content": "Tomorrow."}]
+
+    def test_a_turn_is_exported_with_the_earlier_turns_it_continues(self) -> None:
+        # The second turn (only a tool result) was skipped as no_user_turn, its result dropped
+        # as orphan_tool_result, and the third exported as an answer to "Thanks!" alone.
+        rows = self.rows(self.turns())
+        self.assertEqual([r["messages"] for r in rows], [self.WHOLE[:3], self.WHOLE[:5], self.WHOLE])
+        self.assertEqual(rows[2]["tools"], [{"type": "function", "function": {
+            "name": "lookup", "description": "Look up an order", "parameters": self.TOOLS[0]["parameters"]}}])
+        self.assertNotIn("skipped", self.summary)
+        self.assertNotIn("orphan_tool_result", self.summary)
+        self.assertIn("; 2 continuing earlier records (previous_response_id);", self.summary)
+        rows = self.rows(self.turns(), "--format", "sharegpt")
+        self.assertEqual([(t["from"], t["value"]) for t in rows[2]["conversations"]], [
+            ("system", "Be brief."), ("human", self.ASK),
+            ("function_call", '{"name": "lookup", "arguments": {"order": "42"}}'), ("observation", "shipped"),
+            ("gpt", "Your order has shipped."), ("human", "Thanks! When will it arrive?"), ("gpt", "Tomorrow.")])
+
+    def test_dedupe_keeps_the_whole_conversation_once(self) -> None:
+        for fmt in ("openai-chat", "sharegpt"):
+            with self.subTest(fmt):
+                rows = self.rows(self.turns(), "--format", fmt, "--dedupe")
+                self.assertEqual(len(rows), 1)
+                self.assertEqual(len(rows[0]["messages" if fmt == "openai-chat" else "conversations"]), 7)
+                self.assertIn("2 superseded by --dedupe", self.summary)
+        # The records format keeps the records as they are (each of its own conversation).
+        recs = self.turns()
+        rows = self.rows(recs, "--format", "records", "--dedupe")
+        self.assertEqual([json.loads(r["request_body"]) for r in rows], [r["request_body"] for r in recs])
+
+    def test_instructions_are_the_request_s_own(self) -> None:
+        # The API inserts a request's instructions as the first item of the context and does
+        # not carry a previous response's over (the create-response reference, instructions).
+        rows = self.rows(self.turns(instructions=("Be brief.", "Be formal.", None)))
+        self.assertEqual(rows[1]["messages"][0], {"role": "system", "content": "Be formal."})
+        self.assertEqual(rows[1]["messages"][1:], self.WHOLE[1:5])
+        self.assertEqual(rows[2]["messages"], self.WHOLE[1:])
+
+    def test_an_earlier_turn_read_later_is_found(self) -> None:
+        # Session directories are read by name: the first turn (session "z") is read after the
+        # turns continuing it (session "a"); with --dedupe the chain counts in the first turn's
+        # session, where its own row is superseded.
+        first, second, third = self.turns()
+        first["session_id"] = "z"
+        df.DataDirWriter(self.data).write_records([first])
+        second["session_id"] = third["session_id"] = "a"
+        df.DataDirWriter(self.data).write_records([second, third])
+        for extra, n in (((), 3), (("--dedupe",), 1)):
+            with self.subTest(extra=extra):
+                err = io.StringIO()
+                with redirect_stderr(err):
+                    code = export.run(parse(["--data-dir", self.data, "--out", self.out, "--format", "openai-chat"]
+                                            + list(extra)))
+                self.assertEqual(code, 0, err.getvalue())
+                rows = read_jsonl(self.out)
+                self.assertEqual(len(rows), n, err.getvalue())
+                self.assertIn(self.WHOLE, [r["messages"] for r in rows])
+
+    def assertAsToday(self, recs: list, *argv: str, absent=()) -> None:
+        """The rows and the counts of ``recs`` are those of the same records without
+        previous_response_id (the earlier response is not among those read)."""
+        plain = df.openai_chat(df.Clock(seed=90), "p", [{"role": "user", "content": "hi"}], {"content": "yo"})
+        rows = self.rows(recs + [plain], *argv)
+        summary = self.summary
+        for rec in recs:
+            rec["request_body"].pop("previous_response_id", None)
+        self.assertEqual(rows, self.rows([r for r in recs if r not in absent] + [plain], *argv))
+        n = len(recs) + 1
+        self.assertEqual(summary.split("; wrote")[0].replace("; 1 filtered out", ""),
+                         self.summary.split("; wrote")[0].replace("read %d records" % (n - len(absent)), "read %d records" % n))
+
+    def test_an_earlier_turn_not_read_leaves_the_export_as_it_was(self) -> None:
+        first, second, third = self.turns(seed=92)
+        # filtered out
+        first["model"] = "gpt-4o"
+        self.assertAsToday([first, second], "--model", "gpt-4.1,gpt-4o-mini", absent=[first])
+        self.assertIn("1 skipped (no_user_turn 1)", self.summary)
+        # an answer that failed (response.failed: the record holds an error), one not stored
+        for damage in ("failed", "store"):
+            with self.subTest(damage):
+                first, second, third = self.turns(seed=93)
+                if damage == "failed":
+                    first["response_body"]["status"] = "failed"
+                    first["error"] = {"type": "server_error", "message": "The model failed to generate a response."}
+                else:
+                    first["request_body"]["store"] = False
+                self.assertAsToday([first, second])
+                self.assertIn("no_user_turn 1", self.summary)
+
+    def test_an_incomplete_earlier_answer_is_context(self) -> None:
+        # The API keeps an incomplete response (cut at max_output_tokens): a request continuing
+        # it follows its partial answer; its own row is skipped as max_tokens.
+        clock = df.Clock(seed=94)
+        first = df.openai_responses(clock, "s", "Tell me a story.", self.answer("Once upon a"))
+        first["response_body"].update(status="incomplete", incomplete_details={"reason": "max_output_tokens"})
+        second = df.openai_responses(clock, "s", "Go on.", self.answer("time, a fox.", "msg_2"))
+        self.link(second, first)
+        rows = self.rows([first, second])
+        self.assertEqual(rows, [{"messages": [
+            {"role": "user", "content": "Tell me a story."}, {"role": "assistant", "content": "Once upon a"},
+            {"role": "user", "content": "Go on."}, {"role": "assistant", "content": "time, a fox."}]}])
+        self.assertIn("1 skipped (max_tokens 1)", self.summary)
+
+    def test_a_chain_holding_a_built_in_tool_call_is_skipped_as_it_is(self) -> None:
+        first, second, third = self.turns(seed=95)
+        first["response_body"]["output"].insert(0, {"type": "web_search_call", "id": "ws_1", "status": "completed",
+                                                    "action": {"type": "search", "query": "order 42"}})
+        self.rows([first, second, third, df.openai_chat(df.Clock(seed=96), "p", [{"role": "user", "content": "hi"}],
+                                                        {"content": "yo"})])
+        self.assertIn("3 skipped (unsupported_tool_call 3)", self.summary)
+
+    def test_item_references_resolve_to_the_items_of_the_chain(self) -> None:
+        # A reference to an item of the earlier turns stands for it, first or further in; one to
+        # an item the chain does not hold is a hole in the conversation.
+        first, second, third = self.turns(seed=97)
+        first["request_body"]["input"] = [{"type": "message", "id": "msg_u1", "role": "user",
+                                           "content": [{"type": "input_text", "text": self.ASK}]}]
+        third["request_body"]["input"] = [{"type": "item_reference", "id": "msg_u1"}, {"role": "user", "content": "Thanks!"},
+                                          {"id": "fc_1"}, {"type": "function_call_output", "call_id": "call_r1",
+                                                           "output": "delivered"}]
+        rows = self.rows([first, second, third])
+        self.assertEqual(rows[2]["messages"][5:], [
+            {"role": "user", "content": self.ASK}, {"role": "user", "content": "Thanks!"}, self.WHOLE[2],
+            {"role": "tool", "content": "delivered", "tool_call_id": "call_r1"},
+            {"role": "assistant", "content": "Tomorrow."}])
+        self.assertNotIn("item_reference", self.summary)
+        third["request_body"]["input"] = [{"type": "item_reference", "id": "msg_elsewhere"}, "Thanks!"]
+        self.assertEqual(len(self.rows([first, second, third])), 2)
+        self.assertIn("1 skipped (item_reference 1)", self.summary)
+
+    def test_a_chain_cut_short_starts_at_the_earliest_turn_read(self) -> None:
+        first, second, third = self.turns(seed=98)
+        # The first turn's record is not there: the second is exported as it is (skipped, a tool
+        # result only), the third with the second's turn, its result dropped as an orphan.
+        rows = self.rows([second, third])
+        self.assertEqual([r["messages"] for r in rows], [self.WHOLE[:1] + self.WHOLE[4:]])
+        self.assertIn("1 skipped (no_user_turn 1)", self.summary)
+        self.assertIn("orphan_tool_result 1", self.summary)
+
+    def test_a_turn_naming_its_own_chain_does_not_loop(self) -> None:
+        first, second, third = self.turns(seed=99)
+        self.link(first, third)  # a damaged record: a cycle
+        self.assertEqual(len(self.rows([first, second, third])), 3)
+        self.link(first, first)
+        self.assertEqual(len(self.rows([first, second, third])), 3)
+
+    def test_the_memory_bound(self) -> None:
+        # Turns are kept up to ChainIndex.MAX_BYTES (their records' request_bytes +
+        # response_bytes), least recently used first: past it, a turn is exported without the
+        # earlier turns, and counted.
+        first, second, third = self.turns(seed=100)
+        other = df.openai_responses(df.Clock(seed=101), "agent", "Unrelated. " * 500, self.answer("Sure."))
+        size = lambda rec: rec["request_bytes"] + rec["response_bytes"]
+        with mock.patch.object(export.ChainIndex, "MAX_BYTES", size(first) + size(other) - 1):
+            rows = self.rows([first, other, second, third])
+        self.assertEqual(len(rows), 3)
+        self.assertEqual(rows[2]["messages"], self.WHOLE[:1] + self.WHOLE[4:])
+        self.assertIn("1 skipped (no_user_turn 1)", self.summary)
+        self.assertIn("; 1 continuing earlier records (previous_response_id); 2 without earlier turns", self.summary)
+
+    def test_continuing_a_turn_keeps_it_longer(self) -> None:
+        def rec(rid: str, prev=None) -> dict:
+            req = {"input": "q"}
+            if prev:
+                req["previous_response_id"] = prev
+            return {"dialect": "openai_responses", "status_code": 200, "request_body": req, "request_bytes": 100,
+                    "response_body": {"id": rid, "status": "completed", "output": []}, "response_bytes": 0}
+
+        index = export.ChainIndex(max_bytes=300)
+        for r in (rec("a"), rec("c"), rec("b", "a"), rec("d")):
+            index.read(r)
+        self.assertEqual(list(index.turns), ["a", "b", "d"])  # c went first: a was used again
+        self.assertEqual(index.gone, {"c": True})
+        self.assertEqual(len(index.chain("b")), 2)
+        self.assertIsNone(index.chain("c"))
+        index.read(rec("e", "missing"))
+        self.assertEqual(index.missing("e", index.chain("e")), "missing")
+        self.assertTrue(index.may_come("e", index.chain("e")))
+        index.forget(rec("missing"))
+        self.assertFalse(index.may_come("e", index.chain("e")))
+
+
 class TestAssistantAudio(AuditCase):
     def test_audio_is_counted_and_an_audio_only_turn_left_out(self) -> None:
         # The turn was {"role": "assistant", "content": ""} and the audio not counted (an audit's finding).
