@@ -565,6 +565,59 @@ class OpenAISDKTest(ProxiedSDKCase):
 
     # -- legacy completions, embeddings, models ----------------------------------------------
 
+    def test_previous_response_id_chain_exports_as_one_conversation(self):
+        # A conversation continued with previous_response_id, as the Agents SDK and many apps
+        # chain it: a question answered by two calls (streamed), their results only (not
+        # streamed), a new question (streamed). Each request holds only its new input; the
+        # export rebuilt none of it (the second was skipped as no_user_turn, its results
+        # dropped as orphans, the third an answer to "Thanks!" alone).
+        session = "responses-chain-%s" % os.urandom(4).hex()
+        calls, body, text = find("openai_responses/function_calls_parallel"), find("openai_responses/body_text"), \
+            find("openai_responses/text")
+        common = dict(model="gpt-4o", instructions="Be brief.", tools=self.RESPONSE_TOOLS)
+
+        def headers(fx: Fixture) -> Dict[str, Any]:
+            return dict(extra_headers={HEADER: fx.id, "X-Session-Id": session})
+
+        with self.via.responses.stream(input=USER, **common, **headers(calls)) as stream:
+            first = stream.get_final_response()
+        self.take_request()
+        results = [{"type": "function_call_output", "call_id": item.call_id, "output": "18C"}
+                   for item in first.output if item.type == "function_call"]
+        self.assertEqual(len(results), 2)
+        second = self.via.responses.create(input=results, previous_response_id=first.id, **common, **headers(body))
+        self.assertEqual(json.loads(self.take_request().body)["previous_response_id"], first.id)
+        events = list(self.via.responses.create(input="Thanks!", previous_response_id=second.id, stream=True,
+                                                **common, **headers(text)))
+        self.take_request()
+        third = [e.response for e in events if e.type == "response.completed"][0]
+        wait_until(lambda: len([r for r in read_records(self.data_dir) if r["session_id"] == session]) == 3,
+                   DEADLINE, "three records of the chain")
+        call_turn = [("assistant", [(item.call_id, item.name, item.arguments) for item in first.output])]
+        want = [("system", "Be brief."), ("user", USER)] + call_turn + [("tool", "18C"), ("tool", "18C"),
+                ("assistant", second.output_text), ("user", "Thanks!"), ("assistant", third.output_text)]
+        for fmt in ("openai-chat", "sharegpt"):
+            with self.subTest(fmt):
+                out = os.path.join(self.tmp, "chain-%s.jsonl" % fmt)
+                err = io.StringIO()
+                with contextlib.redirect_stderr(err):
+                    code = export.run(export_args(["--data-dir", self.data_dir, "--out", out, "--format", fmt,
+                                                   "--session", session, "--dedupe"]))
+                self.assertEqual(code, 0, err.getvalue())
+                with open(out, encoding="utf-8") as f:
+                    rows = [json.loads(line) for line in f]
+                self.assertEqual(len(rows), 1, err.getvalue())
+                self.assertIn("2 superseded by --dedupe", err.getvalue())
+                if fmt == "openai-chat":
+                    got = [(m["role"], m.get("content") if "tool_calls" not in m else
+                            [(c["id"], c["function"]["name"], c["function"]["arguments"]) for c in m["tool_calls"]])
+                           for m in rows[0]["messages"]]
+                    self.assertEqual(got, want)
+                else:
+                    self.assertEqual([t["from"] for t in rows[0]["conversations"]], [
+                        "system", "human", "function_call", "observation", "gpt", "human", "gpt"])
+                    self.assertEqual(rows[0]["conversations"][3]["value"], '["18C", "18C"]')
+
     def test_completions_create(self):
         for fx in self.fixtures_for("openai_completions", streamed=False):
             with self.subTest(fixture=fx.id):
