@@ -72,12 +72,23 @@ prefill's then the answer's with no separator, the prefill's thinking and tool
 calls before the answer's; an empty answer to a prefill is ``no_response``.
 
 A Responses API request that continues a stored conversation with
-``previous_response_id`` carries only its new input: it is exported as it is
-(the earlier turns are in the earlier records), but for tool results whose call
-is in an earlier record (see below).  So is one whose input opens with
-``item_reference`` items (before any other item they stand for those earlier
-turns, counted ``item_reference``); one further in leaves a hole in the
-conversation: it is skipped as ``item_reference``, and an input item of a type
+``previous_response_id`` carries only its new input: the conversation is rebuilt
+from the records read (``ChainIndex``: any file, any order, any depth), the
+earlier turns' input and output items first, then the request's own; the system
+message is the request's own ``instructions`` (the API does not carry a previous
+response's over).  Continuable: a successful record whose response is
+``completed`` or ``incomplete``, not sent with ``store: false``.  When the named
+record was not read (filtered out, another data dir, a failed answer), the request
+is exported as it is, as before (a tool result only: ``no_user_turn``, the result
+``orphan_tool_result``).  Memory: the turns are kept least recently used first up
+to ``ChainIndex.MAX_BYTES`` (their records' ``request_bytes + response_bytes``); a
+request whose earlier response is read later waits for the end of the read.  With
+``--dedupe`` such a row supersedes its earlier turns' (in the session of the
+oldest); the ``records`` format keeps records as they are.  An ``item_reference``
+naming an item of the rebuilt turns stands for it; in a request not rebuilt, those
+before any other item are left out, counted ``item_reference``; any other one
+leaves a hole in the conversation: it is skipped as ``item_reference``, and an
+input item of a type
 this version does not know as ``unknown_item``.  Text parts of one message are
 joined with a newline.  Without
 ``--include-images`` every ``content`` is a string (``null`` is never written;
@@ -605,10 +616,12 @@ class _ResponsesBuilder(object):
             raise Skip("unknown_item")
 
     def _reference(self) -> None:
-        """An ``item_reference`` stands for an item stored by the provider, not in the record.
-        Before any other item of the input it stands for earlier turns, as a
-        ``previous_response_id`` does (they are in the earlier records): it is left out,
-        counted.  After one, the conversation has a hole where it stands: Skip("item_reference")."""
+        """An ``item_reference`` stands for an item stored by the provider, not in the record
+        (nor among the earlier turns a rebuilt conversation holds: ``known``).  Before any other
+        item of the input it stands for earlier turns, as a ``previous_response_id`` does (they
+        are in the earlier records): it is left out, counted.  After one (the earlier turns of a
+        rebuilt conversation included), the conversation has a hole where it stands:
+        Skip("item_reference")."""
         if self.started:
             raise Skip("item_reference")
         self.dropped.add("item_reference")
