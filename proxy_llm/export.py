@@ -88,9 +88,12 @@ oldest); the ``records`` format keeps records as they are.  An ``item_reference`
 naming an item of the rebuilt turns stands for it; in a request not rebuilt, those
 before any other item are left out, counted ``item_reference``; any other one
 leaves a hole in the conversation: it is skipped as ``item_reference``, and an
-input item of a type
-this version does not know as ``unknown_item``.  Text parts of one message are
-joined with a newline.  Without
+input item of a type this version does not know as ``unknown_item``.  A
+``compaction`` item (OpenAI's encrypted summary of the context before it) is read
+as an ``item_reference`` is: first in the input, left out, counted
+``compaction``; after another item, skipped as ``compaction``; in an answer,
+left out (``item:compaction``), as a ``compaction_trigger`` input item is.  Text
+parts of one message are joined with a newline.  Without
 ``--include-images`` every ``content`` is a string (``null`` is never written;
 an assistant message with only tool calls has no ``content`` key); with it,
 every ``content`` but a ``tool`` message's is a list of ``{"type": "text"}`` /
@@ -517,6 +520,7 @@ class _ResponsesBuilder(object):
         self.pending_thinking = []
         self.open_assistant = None
         self.started = False  # an item other than an item_reference has been read
+        self.answering = False  # the response's output items are being read
         self.known = None  # (a conversation rebuilt from earlier records) item id -> item read
 
     def _assistant(self) -> dict:
@@ -575,6 +579,9 @@ class _ResponsesBuilder(object):
             else:  # an item of the earlier turns this conversation was rebuilt from
                 self.item(found)
             return
+        if kind == "compaction" or kind == "compaction_trigger":
+            self._compaction(kind)
+            return
         self.started = True
         if self.known is not None and isinstance(item.get("id"), str):
             self.known[item["id"]] = item
@@ -614,6 +621,23 @@ class _ResponsesBuilder(object):
             raise Skip("unsupported_tool_call")
         else:  # a type this version does not know: what it says is not in the row
             raise Skip("unknown_item")
+
+    def _compaction(self, kind: str) -> None:
+        """OpenAI's compaction: a ``compaction`` item is the provider's encrypted summary of the
+        context before it (``/v1/responses/compact`` answers with the user messages and one, and
+        a response compacted on its way may hold one in its output), which the model then reads
+        in place of that context; a ``compaction_trigger`` (the last input item) asks for one.
+        In the output it is left out, counted (the answer follows it).  In the input, before any
+        other item it stands for the earlier turns as a leading ``item_reference`` does: left
+        out, counted.  After one, what the model read from there on is a summary the row cannot
+        hold: Skip("compaction").  A trigger is left out, counted (its answer is a compaction,
+        no answer to export: ``no_response``)."""
+        if self.answering or kind == "compaction_trigger":
+            self.dropped.add("item:%s" % kind)
+        elif self.started:
+            raise Skip("compaction")
+        else:
+            self.dropped.add("compaction")
 
     def _reference(self) -> None:
         """An ``item_reference`` stands for an item stored by the provider, not in the record
@@ -668,6 +692,7 @@ def _from_responses(req: dict, resp, dropped: Counter, chain=None) -> Conversati
     if not isinstance(output, list) or not output:
         raise Skip("no_response")
     start = len(builder.messages)
+    builder.answering = True
     for item in output:
         builder.item(item)
     builder.close()

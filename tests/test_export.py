@@ -1366,6 +1366,33 @@ class TestItemReferences(AuditCase):
         self.assertDedupeKeepsTheFirst([first, second], "item_reference")
 
 
+class TestCompaction(AuditCase):
+    """OpenAI's compaction items: an encrypted summary the model reads in place of the context
+    before it (read as an item_reference is), in an answer left out."""
+
+    COMPACTION = {"type": "compaction", "id": "cmp_1", "encrypted_content": "gAAAAABpZ0x1"}
+
+    def test_compaction_items(self) -> None:
+        clock = df.Clock(seed=86)
+        answer = [{"type": "message", "role": "assistant", "content": [{"type": "output_text", "text": "Done."}]}]
+        ask = {"role": "user", "content": "Now add tests."}
+        codex = df.openai_responses(clock, "codex", [  # /responses/compact's output, then a new turn
+            {"role": "user", "content": "Fix the parser."}, {"role": "user", "content": "And the docs."},
+            self.COMPACTION, ask], answer)
+        leading = df.openai_responses(clock, "lead", [self.COMPACTION, ask], answer)
+        compacted = df.openai_responses(clock, "auto", [ask], [self.COMPACTION] + answer)
+        trigger = df.openai_responses(clock, "trig", [ask, {"type": "compaction_trigger"}], [self.COMPACTION])
+        for fmt, key in (("openai-chat", "messages"), ("sharegpt", "conversations")):
+            with self.subTest(fmt):
+                rows = self.rows([codex, leading, compacted, trigger], "--format", fmt)
+                self.assertEqual(len(rows), 2)
+                for row in rows:  # the question and the answer, without the summary
+                    self.assertEqual(len(row[key]), 2)
+                self.assertIn("2 skipped (compaction 1, no_response 1);", self.summary)
+                # (A skipped record's parts are not counted: the trigger's answer is no reply.)
+                self.assertIn("dropped parts: compaction 1, item:compaction 1;", self.summary)
+
+
 class TestResponsesChains(AuditCase):
     """A Responses API request sent with previous_response_id holds only its new input: the
     export rebuilds the earlier turns from the records it reads (export.ChainIndex)."""
