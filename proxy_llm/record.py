@@ -30,7 +30,7 @@ import zlib
 from collections import OrderedDict
 from typing import Any, Callable, Deque, Dict, Iterable, List, Optional, Sequence, Tuple
 
-from . import dialects, notices, reader, wire
+from . import dialects, notices, reader, sse, wire
 from .depth import MAX_NESTING, nests_within, too_deep
 from .memo import Memo
 from .sniff import model_is_exact, sniff_stream
@@ -967,6 +967,10 @@ class Encoder:
         sid = self.file_id(session_id)
         out = [(RECORDS, sid, line)]
         if streamed:
+            if line is not whole:
+                # A secret was in the record, maybe only as the stream's events spell it, a
+                # piece in each (a model quoting a key token by token): taken out of them too.
+                events = _split_secrets_taken(events, every)
             stream_line = _streams_line(ex.id, session_id, timestamp, events, stream_truncated)
             out.append((STREAMS, sid, _finished(stream_line, every)))
         return out
@@ -1126,6 +1130,102 @@ def _streams_line(ident: Optional[str], session_id: str, timestamp: str, events:
 
 
 _EVENT_FORM = '{"t":%s,"event":%s,"data":%s}'  # an event with no other field, as to_json has it
+
+
+def _split_secrets_taken(events: List[Tuple[float, Any]],
+                         pairs: Sequence[Tuple[bytes, bytes, int]]) -> List[Tuple[float, Any]]:
+    """``events`` without the secrets that their strings spell one piece after another: a
+    stream's text comes in pieces (a delta's ``content``, ``text``, ``partial_json``), and a
+    secret the upstream sends across several is in none of them whole, so no scrub of the
+    streams line finds it, while a reader joining the pieces, as the record's body joins them,
+    gets it back. The strings of the events' data (JSON) are read in order; where some of them,
+    one after another (other strings may come between: ids, the model), are a secret's end of
+    one, then its next characters, then the rest, the first piece's part becomes the secret's
+    redaction and the others' parts go; those events' data is written again (compact JSON).
+    ``events`` itself when none does. Only for a record that held a secret (its body joins the
+    pieces): the scrub of its line changed it."""
+    secrets = []
+    for raw, redaction, _ in pairs:
+        try:
+            secrets.append((raw.decode("utf-8"), redaction.decode("ascii")))
+        except UnicodeDecodeError:
+            continue
+    parsed: Dict[int, Any] = {}
+    leaves: List[Tuple[int, Any, Any, str]] = []  # (event index, container, key, string)
+    for i, (_, e) in enumerate(events):
+        data = getattr(e, "data", None)
+        if not data or data[:1] not in ("{", "["):
+            continue
+        try:
+            value = reader.STRICT_JSON.decode(data)
+        except (ValueError, RecursionError):
+            continue
+        parsed[i] = value
+        _string_leaves(i, value, leaves)
+    edits: Dict[Tuple[int, int, Any], List[Tuple[int, int, str]]] = {}
+    for secret, redaction in secrets:
+        size = len(secret)
+        first = secret[0]
+        states: Dict[int, list] = {}  # characters of the secret spelled so far -> the pieces
+        for i, container, key, text in leaves:
+            if not text:
+                continue
+            piece = (i, container, key)
+            found = {}
+            for k, trail in states.items():
+                rest = secret[k:]
+                if text.startswith(rest):  # the secret's end: spelled whole
+                    for n, (where, a, b) in enumerate(trail + [(piece, 0, len(rest))]):
+                        edits.setdefault((where[0], id(where[1]), where[2]), []).append(
+                            (a, b, redaction if n == 0 else ""))
+                elif rest.startswith(text):
+                    found[k + len(text)] = trail + [(piece, 0, len(text))]
+            # A start: the string's end is the secret's first characters (not all of them).
+            p = text.find(first, max(0, len(text) - size + 1))
+            while p >= 0:
+                if secret.startswith(text[p:]):
+                    found.setdefault(len(text) - p, [(piece, p, len(text))])
+                p = text.find(first, p + 1)
+            states.update(found)
+    if not edits:
+        return events
+    out = list(events)
+    touched = set()
+    for i, container, key, text in leaves:
+        changes = edits.get((i, id(container), key))
+        if not changes:
+            continue
+        end = len(text)
+        for a, b, new in sorted(changes, reverse=True):
+            if b <= end:  # (overlapping pieces: the later one only)
+                text = text[:a] + new + text[b:]
+                end = a
+        container[key] = text
+        touched.add(i)
+    for i in touched:
+        t, e = events[i]
+        try:
+            data = json.dumps(parsed[i], ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+        except ValueError:  # a number past a float's range (1e400): the event as it came
+            continue
+        copy = sse.Event(data, e.event, e.id, e.retry, list(e.comments), e.raw)
+        copy.unterminated = e.unterminated
+        out[i] = (t, copy)
+    return out
+
+
+def _string_leaves(i: int, value: Any, out: List[Tuple[int, Any, Any, str]]) -> None:
+    """The strings of a JSON value in their order, as (``i``, their container, their key or
+    index, the string)."""
+    stack = [(value, None, value)]
+    while stack:
+        container, key, node = stack.pop()
+        if isinstance(node, str):
+            out.append((i, container, key, node))
+        elif isinstance(node, dict):
+            stack.extend(reversed([(node, k, v) for k, v in node.items()]))
+        elif isinstance(node, list):
+            stack.extend(reversed([(node, k, v) for k, v in enumerate(node)]))
 
 
 # Any escape that wire.scrub_json's escaped forms (\u00XX, \/) or a surrogate (\uD8xx-\uDFxx)

@@ -756,6 +756,67 @@ class DecodedCredentialTest(SecurityTestCase):
                         self.assertNotIn(token[4:].encode(), f.read(), path)
 
 
+class SplitAcrossEventsTest(SecurityTestCase):
+    def test_a_key_the_events_spell_in_pieces_reaches_no_file(self):
+        # A model quoting a key (an agent read a .env) streams it a token at a time: no event
+        # held it whole, so the streams line kept every piece, and a reader joining the
+        # events' text, as the record's body joins it, got the key back.
+        rng = random.Random()
+        client_key = "sk-proj-%048x" % rng.getrandbits(192)
+        provider_key = "sk-ant-api03-%048x" % rng.getrandbits(192)
+        said = "Your key is %s, keep it safe." % client_key
+        openai_events = [support.chunk_event(said[i:i + 4]) for i in range(0, len(said), 4)]
+        openai_events += [support.chunk_event("", "stop"), b"data: [DONE]\n\n"]
+        arguments = json.dumps({"path": ".env", "content": "ANTHROPIC_API_KEY=%s\n" % provider_key})
+
+        def anthropic(name, data):
+            return b"event: %s\ndata: %s\n\n" % (name.encode(), json.dumps(data, separators=(",", ":")).encode())
+        anthropic_events = [
+            anthropic("message_start", {"type": "message_start", "message": {
+                "id": "msg_1", "type": "message", "role": "assistant", "model": "claude-x", "content": [],
+                "stop_reason": None, "stop_sequence": None, "usage": {"input_tokens": 10, "output_tokens": 1}}}),
+            anthropic("content_block_start", {"type": "content_block_start", "index": 0, "content_block": {
+                "type": "tool_use", "id": "toolu_1", "name": "write_file", "input": {}}})]
+        for i in range(0, len(arguments), 5):
+            anthropic_events.append(anthropic("content_block_delta", {"type": "content_block_delta", "index": 0, "delta": {
+                "type": "input_json_delta", "partial_json": arguments[i:i + 5]}}))
+            anthropic_events.append(anthropic("ping", {"type": "ping"}))
+        anthropic_events += [
+            anthropic("content_block_stop", {"type": "content_block_stop", "index": 0}),
+            anthropic("message_delta", {"type": "message_delta", "delta": {"stop_reason": "tool_use", "stop_sequence": None},
+                                        "usage": {"output_tokens": 40}}),
+            anthropic("message_stop", {"type": "message_stop"})]
+        self.replies += [support.sse_reply(openai_events), support.sse_reply(anthropic_events)]
+        proxy = self.start_proxy([provider("openai", "openai", self.upstream.url, "", ["gpt-*"]),
+                                  provider("anthropic", "anthropic", self.upstream.url, provider_key, ["claude-*"])])
+        request(proxy.url, body={"model": "gpt-4o", "stream": True},
+                headers={"Authorization": "Bearer " + client_key, "Content-Type": "application/json"})
+        request(proxy.url, path="/v1/messages", body={"model": "claude-x", "max_tokens": 100, "stream": True},
+                headers={"x-api-key": "client-side", "anthropic-version": "2023-06-01", "Content-Type": "application/json"})
+        recs = proxy.records()
+        self.assertEqual([(r["status_code"], r["ended"]) for r in recs], [(200, "completed")] * 2)
+        self.assertIn("[REDACTED:", recs[0]["response_body"]["choices"][0]["message"]["content"])
+        lines = {line["id"]: line for line in proxy.stream_lines()}
+        joined = {}
+        for rec, count in zip(recs, (len(openai_events), len(anthropic_events))):
+            events = lines[rec["id"]]["events"]
+            self.assertEqual(len(events), count)
+            datas = [json.loads(e["data"]) for e in events if e["data"] != "[DONE]"]
+            joined[rec["provider"]] = "".join(
+                [c["delta"].get("content") or "" for d in datas for c in d.get("choices", ())]
+                + [d["delta"].get("partial_json", "") for d in datas if d.get("type") == "content_block_delta"])
+        self.assertEqual(joined["openai"], said.replace(client_key, recs[0]["request_headers"]["authorization"][7:]))
+        with open(os.path.join(self.data_dir, KEY_FILE), "rb") as f:
+            fingerprint_key = f.read()
+        self.assertEqual(json.loads(joined["anthropic"])["content"],
+                         "ANTHROPIC_API_KEY=%s\n" % wire.redacted(provider_key, fingerprint_key))
+        for path in all_files(self.data_dir):
+            with open(path, "rb") as f:
+                data = f.read()
+            for key in (client_key, provider_key):
+                self.assertNotIn(key[12:24].encode(), data, path)
+
+
 class GatewayKeyTest(SecurityTestCase):
     def test_a_gateways_key_is_forwarded_but_reaches_no_file(self):
         # A base_url may be a gateway in front of the provider (Azure API Management, Cloudflare
