@@ -335,9 +335,11 @@ def header_secrets(name: str, value: str) -> List[str]:
         pair = _basic_pair(secret)
         if pair:
             out.append(pair)
-            password = pair.partition(":")[2]
-            if password and password not in out:
-                out.append(password)
+            user, _, password = pair.partition(":")
+            # Without a password the user name is the secret (a key sent as Basic "<key>:").
+            alone = password or user
+            if alone and alone not in out:
+                out.append(alone)
     elif name in _AUTHORIZATION:
         # Any other scheme (RFC 9110's credentials: a scheme, then a token68 or parameters),
         # "Key <token>" or "Api-Key <token>": its token alone too, which an upstream may echo.

@@ -732,6 +732,22 @@ class DecodedCredentialTest(SecurityTestCase):
                 self.assertNotIn(secret[8:].encode(), data, path)
 
 
+    def test_a_key_sent_as_a_basic_user_name_without_password_echoed_alone_reaches_no_file(self):
+        # Basic "<key>:" (a key as the user name, no password): only "<key>:" was scrubbed, and
+        # the key the upstream echoed alone stayed in the record.
+        key = "sk-%048x" % random.Random().getrandbits(192)
+        self.replies += [Reply(401, [("Content-Type", "application/json"), ("X-Echo", key)], json.dumps(
+            {"error": {"message": "Incorrect API key provided: " + key, "type": "invalid_request_error"}}).encode())]
+        proxy = self.start_proxy()
+        request(proxy.url, body={"model": "gpt-4o"}, headers={
+            "Authorization": "Basic " + base64.b64encode((key + ":").encode()).decode(), "Content-Type": "application/json"})
+        [rec] = proxy.records()
+        self.assertEqual(rec["error"]["message"].count("[REDACTED:"), 1)
+        self.assertIn("[REDACTED:", rec["response_headers"]["x-echo"])
+        for path in all_files(self.data_dir):
+            with open(path, "rb") as f:
+                self.assertNotIn(key[3:].encode(), f.read(), path)
+
     def test_the_token_of_another_authorization_scheme_echoed_alone_reaches_no_file(self):
         # "Authorization: Key <token>" (fal.ai's form), "Api-Key <token>": the header was
         # redacted, but the token echoed alone in the answer and a header stayed.
