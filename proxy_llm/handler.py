@@ -580,6 +580,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
             except wire.BodyError as exc:  # (a reset or a timeout too: its bytes go into the record)
                 self.close_connection = True
                 body = exc.partial
+                ex.request_cut = True
                 left = exc.gone
                 if ex.cancelled:  # the shutdown let go of the client (server.cut_waiting_clients)
                     raise errors.Overloaded("proxy_llm is shutting down") from None

@@ -249,6 +249,7 @@ class Exchange:
         "provider_type", "family", "model", "model_label", "stream", "status", "resp_headers", "response",
         "ended", "error", "ttft", "duration", "endpoint_label", "upstream_sock", "cancelled",
         "client_sock", "client_gone", "timed_out", "upstream_deadline", "upstream_late", "unclaimed",
+        "request_cut",
     )
 
     def __init__(self, method: str, path: str, query: str, req_headers: List[Tuple[str, str]], capture_limit: int,
@@ -272,6 +273,7 @@ class Exchange:
         self.status: Optional[int] = None
         self.resp_headers: List[Tuple[str, str]] = []
         self.ended = "completed"
+        self.request_cut = False      # the request body ended early (wire.BodyError: what came is kept)
         self.error: Optional[Dict[str, str]] = None
         self.ttft: Optional[float] = None
         self.duration = 0.0
@@ -681,6 +683,9 @@ class Encoder:
         # server that ignores "stream": true and answers with plain JSON is recorded as plain JSON.
         streamed = ex.status is not None and (event_stream or (
             ex.stream and ex.family == "gemini" and accepted))
+        # A body cut, at capture_max_body or by the exchange's early end (a connection reset
+        # in the middle of an echo of the key), may end with a secret's first characters.
+        cut = every if ex.response.sha is not None or ex.ended != "completed" else ()
         if streamed:  # the events keep their arrival times
             resp_chunks, decode_error = _decompress(ex.response.parts(), resp_encoding)
             resp_body = b""  # not used: a stream that fails reassembly is kept from its chunks
@@ -690,14 +695,14 @@ class Encoder:
                 # the body is kept as a plain answer's is, its bytes as they came (base64).
                 streamed = False
                 resp_body = b"".join([c for _, c in resp_chunks])
-                if ex.response.sha is not None and every:
-                    resp_body = wire.cut_secret_start(resp_body, every)
-            elif ex.response.sha is not None and every:  # (a body cut through a secret: its start goes)
-                resp_chunks = _cut_chunks(resp_chunks, every)
+                if cut:
+                    resp_body = wire.cut_secret_start(resp_body, cut)
+            elif cut:  # (a body cut through a secret: its start goes)
+                resp_chunks = _cut_chunks(resp_chunks, cut)
         else:
             resp_body, decode_error = _body(ex.response, resp_encoding)
-            if ex.response.sha is not None and every:
-                resp_body = wire.cut_secret_start(resp_body, every)
+            if cut:
+                resp_body = wire.cut_secret_start(resp_body, cut)
         end_seen = ex.response.sha is None  # (a stream cut at capture_max_body: see below)
         try:
             if streamed:
@@ -812,9 +817,9 @@ class Encoder:
             every += wire.form_pairs(wire.encoded_secrets(ex.path, secrets), key)
         resp_h = headers_dict(ex.resp_headers, key)
         req_body, req_decode_error = _body(ex.request, req_h.get("content-encoding", ""))
-        # A body cut at capture_max_body (Capture.truncated: its sha is set) may be cut through
-        # a secret: its start goes too.
-        if ex.request.sha is not None and every:
+        # A body cut at capture_max_body (Capture.truncated: its sha is set), or ended early (a
+        # client gone mid-body), may be cut through a secret: its start goes too.
+        if (ex.request.sha is not None or ex.request_cut) and every:
             req_body = wire.cut_secret_start(req_body, every)
         req_value, req_raw = None, None
         accepted = ex.status is not None and 200 <= ex.status < 300

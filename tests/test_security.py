@@ -926,6 +926,35 @@ class CutThroughKeyTest(SecurityTestCase):
                 self.assertNotIn(b"~", f.read(), path)
 
 
+class EndedThroughKeyTest(SecurityTestCase):
+    def test_a_body_ended_early_through_a_key_keeps_no_start_of_it(self):
+        # Only a body cut at capture_max_body lost the start of a key the cut went through: an
+        # answer whose connection was reset in the middle of its echo of the key, or a request
+        # whose client left in the middle of it, kept its first characters in the record.
+        key = "sk-proj-%048x" % random.Random().getrandbits(192)
+        echo = b'{"error":{"message":"Incorrect API key provided: ' + key.encode() + b'","type":"invalid_request_error"}}'
+        self.replies.append(Reply(401, [("Content-Type", "application/json")], [echo[:echo.index(key.encode()) + 30], "RESET"]))
+        proxy = self.start_proxy()
+        with self.assertLogs("proxy_llm.upstream", "WARNING"):  # (the reset, told)
+            with self.assertRaises((http.client.HTTPException, OSError)):
+                request(proxy.url, body={"model": "gpt-4o"}, headers={"Authorization": "Bearer " + key,
+                                                                      "Content-Type": "application/json"})
+            sent = b'{"model":"gpt-4o","messages":[{"role":"user","content":"my .env: OPENAI_API_KEY=' + key[:30].encode()
+            with socket.create_connection(("127.0.0.1", proxy.port), timeout=DEADLINE) as sock:
+                sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer %s\r\n"
+                             b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
+                             % (key.encode(), len(sent) + 100, sent))
+                sock.shutdown(socket.SHUT_WR)
+                support.read_to_eof(sock)
+            recs = proxy.records()
+        self.assertEqual([r["ended"] for r in recs], ["upstream_error", "client_aborted"])
+        self.assertTrue(recs[0]["response_body"].endswith("provided: "), recs[0]["response_body"])
+        self.assertTrue(recs[1]["request_body"].endswith("OPENAI_API_KEY="), recs[1]["request_body"])
+        for path in all_files(self.data_dir):
+            with open(path, "rb") as f:
+                self.assertNotIn(key[:12].encode(), f.read(), path)
+
+
 class EscapedEchoTest(SecurityTestCase):
     """An upstream that echoes the provider key JSON-escaped (\\u0073..., \\/): a reader of the
     record, of its streams line or of an export would decode it back to the key."""
