@@ -1177,9 +1177,16 @@ class ChainIndex(object):
         self.gone = {}  # response id read but not held -> True when the bound pushed it out
 
     def forget(self, rec: dict) -> None:
-        """A record left out by the filters: a request continuing it starts after it."""
+        """A record left out by the filters: a request continuing it starts after it; a
+        request of a conversation it may have added items to is exported as it is."""
         if rec.get("dialect") == "openai_responses":
             self._gone(rec.get("response_body"))
+            req = rec.get("request_body")
+            cid = _conversation_id(req) if isinstance(req, dict) else None
+            if cid is not None and not _rejected(rec):
+                self._entry(cid, rec, None)
+        else:
+            self._conversations_api(rec, False)
 
     def _gone(self, resp) -> None:
         rid = resp.get("id") if isinstance(resp, dict) else None
@@ -1187,9 +1194,13 @@ class ChainIndex(object):
             self.gone[rid] = False
 
     def read(self, rec: dict) -> tuple:
-        """(the ``previous_response_id`` ``rec``'s request continues, or None; its chain, see
-        :meth:`chain`), then ``rec`` indexed if a later request can continue it."""
+        """(what ``rec``'s request continues: the ``previous_response_id``, or
+        ``("conversation", id)`` for a request sent with ``conversation``, else None; the chain
+        of a ``previous_response_id``, see :meth:`chain`: a conversation's is known at the end
+        of the read, :meth:`conversation`), then ``rec`` indexed if a later request can continue
+        it.  A record of the Conversations API is indexed too (None, None)."""
         if rec.get("dialect") != "openai_responses":
+            self._conversations_api(rec, True)
             return None, None
         req, resp = rec.get("request_body"), rec.get("response_body")
         if not isinstance(req, dict):
@@ -1197,28 +1208,138 @@ class ChainIndex(object):
         prev = req.get("previous_response_id")
         if not isinstance(prev, str) or not prev:
             prev = None
+        # (The API refuses previous_response_id with conversation: a record holding both is
+        # continued by the first, as before.)
+        cid = _conversation_id(req) if prev is None else None
         chain = self.chain(prev) if prev is not None else None
         rid = resp.get("id") if isinstance(resp, dict) else None
-        items, output = req.get("input"), resp.get("output") if isinstance(resp, dict) else None
-        if isinstance(items, str):
-            items = [items]
+        items = _input_items(req)
+        output = resp.get("output") if isinstance(resp, dict) else None
+        turn = None
         if answered(rec) and resp.get("status") in _CONTINUABLE and req.get("store") is not False \
                 and isinstance(rid, str) and rid and isinstance(items, list) and isinstance(output, list):
-            size = sum(n for n in (rec.get("request_bytes"), rec.get("response_bytes"))
-                       if isinstance(n, int) and not isinstance(n, bool) and n > 0)
+            turn = _Turn(prev, rec.get("session_id"), items, output, _size(rec))
+        if cid is not None:
+            # A response of a conversation followed the conversation's items: a request
+            # continuing it with previous_response_id would need them, and is exported as it is.
+            self._gone(resp)
+            if turn is not None or not _rejected(rec):
+                self._entry(cid, rec, turn)
+            return ("conversation", cid), None
+        if turn is not None:
             old = self.turns.pop(rid, None)
             if old is not None:
                 self.bytes -= old.size
-            self.turns[rid] = _Turn(prev, rec.get("session_id"), items, output, size)
-            self.bytes += size
+            self.turns[rid] = turn
+            self.bytes += turn.size
             self.gone.pop(rid, None)
-            while self.bytes > self.max_bytes and len(self.turns) > 1:
-                evicted, turn = self.turns.popitem(last=False)
-                self.bytes -= turn.size
-                self.gone[evicted] = True
+            self._bound()
         else:
             self._gone(resp)
         return prev, chain
+
+    def _bound(self) -> None:
+        """Push out the least recently used turns and conversations past ``max_bytes``."""
+        while self.bytes > self.max_bytes and len(self.turns) > 1:
+            evicted, held = self.turns.popitem(last=False)
+            self.bytes -= held.size
+            self.gone[evicted] = True
+
+    # -- the Conversations API ------------------------------------------------------------
+
+    def _conversation(self, cid: str):
+        """The :class:`_Conversation` of ``cid``, made when first met; None when the bound
+        pushed it out (what it held is lost: its requests are exported as they are)."""
+        key = ("conversation", cid)
+        if self.gone.get(key) is True:
+            return None
+        conv = self.turns.get(key)
+        if conv is None:
+            conv = self.turns[key] = _Conversation()
+        self.turns.move_to_end(key)
+        return conv
+
+    def _grow(self, conv, size: int) -> None:
+        conv.size += size
+        self.bytes += size
+        self._bound()
+
+    def _entry(self, cid: str, rec: dict, turn) -> None:
+        """Add to conversation ``cid`` what ``rec`` added to it: ``turn`` (its items), or None
+        for a record whose effect is not known (not read, not stored, not answered)."""
+        conv = self._conversation(cid)
+        if conv is None:
+            return
+        when = _moment(rec)
+        if when is None:  # (a damaged timestamp: the record's place is not known)
+            conv.broken = True
+            return
+        conv.entries.append((when, str(rec.get("id")), turn))
+        conv.ordered = False
+        self._grow(conv, turn.size if turn is not None else 0)
+
+    def _conversations_api(self, rec: dict, read: bool) -> None:
+        """Index a record of the Conversations API: ``POST .../conversations`` (its ``items``
+        open the conversation), ``POST .../conversations/{id}/items`` (adds ``items``),
+        ``DELETE .../conversations/{id}/items/{item}`` (removes one: what follows is not known).
+        ``read``: the record passed the filters (else its items are not known either)."""
+        if rec.get("dialect") != "generic":
+            return
+        endpoint = rec.get("endpoint")
+        method = rec.get("method")
+        if not isinstance(endpoint, str) or method not in ("POST", "DELETE"):
+            return
+        path = endpoint.rstrip("/")
+        req, resp = rec.get("request_body"), rec.get("response_body")
+        if method == "POST" and path.endswith("/conversations"):
+            cid = resp.get("id") if isinstance(resp, dict) else None
+            items = req.get("items", []) if isinstance(req, dict) else [] if req is None else None
+            if not (read and answered(rec) and isinstance(cid, str) and cid and (items is None or isinstance(items, list))):
+                return  # (not read, or no conversation made: its requests are exported as they are)
+            conv = self._conversation(cid)
+            when = _moment(rec)
+            if conv is None or conv.created is not None or when is None or items is None:
+                if conv is not None:
+                    conv.broken = True  # (two creations of one id, a damaged record)
+                return
+            conv.created = _Turn(None, ("conversation", cid), items, [], _size(rec))
+            conv.since = when
+            self._grow(conv, conv.created.size)
+            return
+        match = _CONVERSATION_ITEMS.search(path)
+        if match is None or (method == "POST") != (match.group(2) is None) or _rejected(rec):
+            return
+        items = req.get("items") if isinstance(req, dict) else None
+        turn = None
+        if read and method == "POST" and answered(rec) and isinstance(items, list):
+            turn = _Turn(None, rec.get("session_id"), items, [], _size(rec))
+        self._entry(match.group(1), rec, turn)
+
+    def conversation(self, rec: dict):
+        """The turns a request sent with ``conversation`` follows, oldest first, once every
+        record is read: the creation's items, then each record that added items to the
+        conversation before it (by ``timestamp``).  None (the request is exported as it is)
+        when the creation was not read, or a record of the conversation before it was not read
+        or added what is not known."""
+        req = rec.get("request_body")
+        cid = _conversation_id(req) if isinstance(req, dict) else None
+        conv = self.turns.get(("conversation", cid)) if cid is not None else None
+        when = _moment(rec)
+        if conv is None or conv.created is None or conv.broken or when is None or when < conv.since:
+            return None
+        self.turns.move_to_end(("conversation", cid))
+        if not conv.ordered:
+            conv.entries.sort(key=lambda entry: entry[:2])
+            conv.ordered = True
+        place = (when, str(rec.get("id")))
+        chain = [conv.created]
+        for entry in conv.entries:
+            if entry[:2] >= place:
+                break
+            if entry[2] is None:
+                return None
+            chain.append(entry[2])
+        return chain
 
     def chain(self, prev: str):
         """The turns a request continuing ``prev`` follows, oldest first: ``prev``'s turn, the
@@ -1240,19 +1361,81 @@ class ChainIndex(object):
             self.turns.move_to_end(rid)
         return [turn for _, turn in turns]
 
-    def missing(self, prev: str, chain):
+    def missing(self, prev, chain):
         """The id of the turn ``prev``'s chain stops short of (not held), or None: it is whole
-        (a damaged record naming a turn of its own chain counts as whole)."""
+        (a damaged record naming a turn of its own chain counts as whole).  ``prev`` a
+        conversation's key: that key when ``chain`` is None."""
         if chain is None:
             return prev
+        if not isinstance(prev, str):
+            return None
         parent = chain[0].parent
         return None if parent is None or parent in self.turns else parent
 
-    def may_come(self, prev: str, chain) -> bool:
+    def may_come(self, prev, chain) -> bool:
         """Whether the turn missing from ``prev``'s chain may still be read (it was not read
-        yet): the record continuing it then waits for the end of the read."""
+        yet): the record continuing it then waits for the end of the read.  A request of a
+        conversation always does: any record read later may be an earlier one of it."""
+        if not isinstance(prev, str):
+            return True
         missing = self.missing(prev, chain)
         return missing is not None and missing not in self.gone
+
+
+class _Conversation(object):
+    """What the records read say of one conversation (Conversations API): its creation
+    (a :class:`_Turn` of its ``items``, None until read) and its time (``since``), and the
+    records that added items to it, ``(time, record id, _Turn)``, or ``(time, record id,
+    None)`` for a record whose effect is not known; ``size`` counts for the bound."""
+
+    __slots__ = ("created", "since", "entries", "ordered", "broken", "size")
+
+    def __init__(self) -> None:
+        self.created = None
+        self.since = None
+        self.entries = []
+        self.ordered = True
+        self.broken = False  # (a record of it out of time, or created twice: never rebuilt)
+        self.size = 0
+
+
+# POST .../conversations/{id}/items, DELETE .../conversations/{id}/items/{item id}
+_CONVERSATION_ITEMS = re.compile(r"/conversations/([^/]+)/items(/[^/]+)?$")
+
+
+def _conversation_id(req: dict):
+    """The conversation a Responses API request names (``"conv_..."`` or ``{"id": ...}``), or
+    None."""
+    conv = req.get("conversation")
+    if isinstance(conv, dict):
+        conv = conv.get("id")
+    return conv if isinstance(conv, str) and conv else None
+
+
+def _input_items(req: dict):
+    items = req.get("input")
+    return [items] if isinstance(items, str) else items
+
+
+def _size(rec: dict) -> int:
+    """A record's size for the bound: ``request_bytes + response_bytes``."""
+    return sum(n for n in (rec.get("request_bytes"), rec.get("response_bytes"))
+               if isinstance(n, int) and not isinstance(n, bool) and n > 0)
+
+
+def _rejected(rec: dict) -> bool:
+    """Whether the API (or the proxy, which never forwarded it) answered the request with an
+    error: it changed nothing.  An exchange cut short or timed out may have."""
+    status = rec.get("status_code")
+    return isinstance(status, int) and not 200 <= status < 300 and rec.get("ended") in ("completed", "refused")
+
+
+def _moment(rec: dict):
+    """A record's ``timestamp`` as a datetime, or None when it is not one."""
+    try:
+        return parse_when(str(rec.get("timestamp")))
+    except ValueError:
+        return None
 
 
 def answered(rec: dict) -> bool:
@@ -1777,7 +1960,7 @@ class _Run(object):
         self.skipped = Counter()
         self.dropped = Counter()
         self.superseded = 0
-        self.continued = 0  # rows rebuilt from the earlier turns their previous_response_id names
+        self.continued = 0  # rows rebuilt from earlier turns (previous_response_id, conversation)
         self.evicted = 0  # rows whose earlier turns the bound had pushed out
         self.keep = None  # set of ids from the dedupe pass, or None
 
@@ -1818,7 +2001,7 @@ class _Run(object):
         it, the oldest goes on with what is held then).  The ``records`` format keeps every
         record as it is, its conversation too: no chain."""
         chains = ChainIndex() if self.args.format != "records" else None
-        waiting = deque()  # [record, size]: records whose chain may still be completed
+        waiting = deque()  # [record, what it continues, size]: records whose chain may still be completed
         waiting_bytes = 0
         for rec in reader.iter_records(self.data_dir, self.stats):
             progress.update(offset + self.stats.bytes_done, self.stats.records)
@@ -1828,27 +2011,34 @@ class _Run(object):
                     chains.forget(rec)
                 continue
             chain = None
-            if chains is not None and rec.get("dialect") == "openai_responses":
+            if chains is not None:
                 prev, chain = chains.read(rec)
                 if prev is not None:
                     if chains.may_come(prev, chain) and answered(rec):
-                        size = sum(n for n in (rec.get("request_bytes"), rec.get("response_bytes"))
-                                   if isinstance(n, int) and not isinstance(n, bool) and n > 0)
-                        waiting.append((rec, size))
+                        size = _size(rec)
+                        waiting.append((rec, prev, size))
                         waiting_bytes += size
                         while waiting_bytes > chains.max_bytes and waiting:
-                            early, size = waiting.popleft()
+                            early, prev, size = waiting.popleft()
                             waiting_bytes -= size
-                            yield early, self.final_chain(chains, early)
+                            yield early, self.final_chain(chains, early, prev, False)
                         continue
                     self.count_cut(chains, prev, chain)
             yield rec, chain
-        for rec, _ in waiting:
-            yield rec, self.final_chain(chains, rec)
+        for rec, prev, _ in waiting:
+            yield rec, self.final_chain(chains, rec, prev, True)
 
-    def final_chain(self, chains: ChainIndex, rec: dict):
-        prev = rec["request_body"]["previous_response_id"]
-        chain = chains.chain(prev)
+    def final_chain(self, chains: ChainIndex, rec: dict, prev, whole: bool):
+        """The chain of a record that waited; ``whole``: every record was read.  A request of a
+        conversation that goes before (past the bound) is exported as it is, counted: a record
+        read later may have added items to the conversation before it."""
+        if isinstance(prev, str):
+            chain = chains.chain(prev)
+        elif whole:
+            chain = chains.conversation(rec)
+        else:
+            self.evicted += 1
+            return None
         self.count_cut(chains, prev, chain)
         return chain
 
@@ -1887,8 +2077,8 @@ class _Run(object):
             if fmt != "records":
                 for kind, n in dropped.items():
                     self.dropped.add(kind, n)
-            if chain is not None:
-                self.continued += 1
+            if chain is not None and any(turn.input or turn.output for turn in chain):
+                self.continued += 1  # (not the first request of a conversation opened empty)
             yield key, line
 
     def dedupe_pass(self, progress: Progress) -> None:
@@ -1941,9 +2131,9 @@ def _summary(run: _Run, outputs: list) -> str:
     if run.superseded:
         parts.append("%d superseded by --dedupe" % run.superseded)
     if run.continued:
-        parts.append("%d continuing earlier records (previous_response_id)" % run.continued)
+        parts.append("%d continuing earlier records (previous_response_id, conversation)" % run.continued)
     if run.evicted:
-        parts.append("%d without earlier turns past the %d MiB kept (previous_response_id)"
+        parts.append("%d without earlier turns past the %d MiB kept (previous_response_id, conversation)"
                      % (run.evicted, ChainIndex.MAX_BYTES // (1024 * 1024)))
     if run.dropped:
         parts.append("dropped parts: %s" % run.dropped.text())

@@ -13,6 +13,7 @@ import sys
 import tempfile
 import unittest
 from contextlib import redirect_stderr, redirect_stdout
+from datetime import timedelta
 from unittest import mock
 
 from proxy_llm import export
@@ -1445,7 +1446,7 @@ class TestResponsesChains(AuditCase):
             "name": "lookup", "description": "Look up an order", "parameters": self.TOOLS[0]["parameters"]}}])
         self.assertNotIn("skipped", self.summary)
         self.assertNotIn("orphan_tool_result", self.summary)
-        self.assertIn("; 2 continuing earlier records (previous_response_id);", self.summary)
+        self.assertIn("; 2 continuing earlier records (previous_response_id, conversation);", self.summary)
         rows = self.rows(self.turns(), "--format", "sharegpt")
         self.assertEqual([(t["from"], t["value"]) for t in rows[2]["conversations"]], [
             ("system", "Be brief."), ("human", self.ASK),
@@ -1592,7 +1593,7 @@ class TestResponsesChains(AuditCase):
         self.assertEqual(len(rows), 3)
         self.assertEqual(rows[2]["messages"], self.WHOLE[:1] + self.WHOLE[4:])
         self.assertIn("1 skipped (no_user_turn 1)", self.summary)
-        self.assertIn("; 1 continuing earlier records (previous_response_id); 2 without earlier turns", self.summary)
+        self.assertIn("; 1 continuing earlier records (previous_response_id, conversation); 2 without earlier turns", self.summary)
 
     def test_continuing_a_turn_keeps_it_longer(self) -> None:
         def rec(rid: str, prev=None) -> dict:
@@ -1614,6 +1615,234 @@ class TestResponsesChains(AuditCase):
         self.assertTrue(index.may_come("e", index.chain("e")))
         index.forget(rec("missing"))
         self.assertFalse(index.may_come("e", index.chain("e")))
+
+
+class TestResponsesConversations(AuditCase):
+    """A Responses API request sent with conversation runs with the conversation's items
+    before its input: the export rebuilds them from the records it reads, the creation's items
+    (POST /v1/conversations), those added (POST /v1/conversations/{id}/items) and the earlier
+    requests of the conversation, by time (export.ChainIndex.conversation)."""
+
+    ASK = TestResponsesChains.ASK
+    CALL = TestResponsesChains.CALL
+    TOOLS = TestResponsesChains.TOOLS
+    answer = staticmethod(TestResponsesChains.answer)
+    PERSONA = {"type": "message", "role": "developer", "content": "You work for ACME."}
+    WHOLE = [{"role": "system", "content": "Be brief."}, {"role": "system", "content": "You work for ACME."},
+             {"role": "user", "content": "Hello."}] + TestResponsesChains.WHOLE[1:]
+
+    @staticmethod
+    def create(clock, session: str, items=None, cid: str = "conv_1") -> dict:
+        """POST /v1/conversations: the conversation object it answers (the API reference)."""
+        return df.record(clock, session_id=session, provider_type="openai", dialect="generic",
+                         endpoint="/v1/conversations", model=None,
+                         request_body={} if items is None else {"items": items},
+                         response_body={"id": cid, "object": "conversation", "created_at": 1764000000, "metadata": {}})
+
+    @staticmethod
+    def add(clock, session: str, items: list, cid: str = "conv_1", **kw) -> dict:
+        """POST /v1/conversations/{id}/items: the list of the items made."""
+        made = [dict(item, id="msg_add%d" % k, status="completed") for k, item in enumerate(items)]
+        return df.record(clock, session_id=session, provider_type="openai", dialect="generic",
+                         endpoint="/v1/conversations/%s/items" % cid, model=None, request_body={"items": items},
+                         response_body={"object": "list", "data": made, "first_id": made[0]["id"],
+                                        "last_id": made[-1]["id"], "has_more": False}, **kw)
+
+    @staticmethod
+    def join(rec: dict, cid: str = "conv_1", as_object: bool = False) -> dict:
+        rec["request_body"]["conversation"] = {"id": cid} if as_object else cid
+        rec["response_body"]["conversation"] = {"id": cid}
+        return rec
+
+    def turns(self, seed: int = 120, session: str = "agent", instructions=("Be brief.",) * 3) -> list:
+        """A conversation made with a developer item, a user item added, then three requests:
+        a question answered by a call; its result only; a new question."""
+        clock = df.Clock(seed=seed)
+        made = self.create(clock, "default", [self.PERSONA])
+        added = self.add(clock, "default", [{"type": "message", "role": "user", "content": "Hello."}])
+        first = self.join(df.openai_responses(clock, session, self.ASK, [
+            {"type": "reasoning", "id": "rs_1", "summary": [{"type": "summary_text", "text": "Need the order."}]},
+            self.CALL], instructions=instructions[0], tools=self.TOOLS))
+        second = self.join(df.openai_responses(clock, session, [
+            {"type": "function_call_output", "call_id": "call_r1", "output": "shipped"}],
+            self.answer("Your order has shipped."), instructions=instructions[1], tools=self.TOOLS, stream=True),
+            as_object=True)
+        third = self.join(df.openai_responses(clock, session, "Thanks! When will it arrive?",
+                                              self.answer("Tomorrow.", "msg_2"), instructions=instructions[2],
+                                              tools=self.TOOLS))
+        return [made, added, first, second, third]
+
+    def test_a_request_is_exported_with_the_conversation_before_it(self) -> None:
+        # Each request was exported with its own input only: the second (a tool result only)
+        # skipped as no_user_turn, its result dropped as orphan_tool_result, the third an
+        # answer to "Thanks!" alone, and the creation's and added items nowhere.
+        rows = self.rows(self.turns())
+        self.assertEqual([r["messages"] for r in rows], [self.WHOLE[:5], self.WHOLE[:7], self.WHOLE])
+        self.assertIn("; 2 skipped (not_chat 2);", self.summary)  # (the Conversations API's records)
+        self.assertNotIn("orphan_tool_result", self.summary)
+        self.assertIn("; 3 continuing earlier records (previous_response_id, conversation);", self.summary)
+        rows = self.rows(self.turns(), "--format", "sharegpt")
+        self.assertEqual([t["from"] for t in rows[2]["conversations"]], [
+            "system", "human", "function_call", "observation", "gpt", "human", "gpt"])
+        self.assertEqual(rows[2]["conversations"][0]["value"], "Be brief.\nYou work for ACME.")
+
+    def test_dedupe_keeps_the_whole_conversation_once(self) -> None:
+        # The creation (session "default") and the requests (another session) are one
+        # conversation: its longest row supersedes the others wherever they were recorded.
+        for fmt in ("openai-chat", "sharegpt"):
+            with self.subTest(fmt):
+                rows = self.rows(self.turns(), "--format", fmt, "--dedupe")
+                self.assertEqual(len(rows), 1, self.summary)
+                self.assertIn("2 superseded by --dedupe", self.summary)
+        recs = self.turns()
+        rows = self.rows(recs, "--format", "records", "--dedupe")
+        self.assertEqual([json.loads(r["request_body"]) for r in rows], [r["request_body"] for r in recs])
+
+    def test_records_read_in_any_order_are_put_in_time_order(self) -> None:
+        # The creation in a session read after the requests, the requests out of order in
+        # their file: their timestamps order them.
+        made, added, first, second, third = self.turns(seed=121)
+        df.DataDirWriter(self.data).write_records([made, added])  # (session "default")
+        first["session_id"] = second["session_id"] = third["session_id"] = "a-first"
+        df.DataDirWriter(self.data).write_records([third, first, second])
+        err = io.StringIO()
+        with redirect_stderr(err):
+            code = export.run(parse(["--data-dir", self.data, "--out", self.out, "--format", "openai-chat"]))
+        self.assertEqual(code, 0, err.getvalue())
+        self.assertEqual(sorted(len(r["messages"]) for r in read_jsonl(self.out)), [5, 7, 9])
+        self.assertIn(self.WHOLE, [r["messages"] for r in read_jsonl(self.out)])
+
+    def test_instructions_are_the_request_s_own(self) -> None:
+        # A request's instructions are inserted into its context; they are no item of the
+        # conversation, so a later request does not get them.
+        rows = self.rows(self.turns(seed=122, instructions=("Be brief.", "Be formal.", None)))
+        self.assertEqual(rows[1]["messages"][0], {"role": "system", "content": "Be formal."})
+        self.assertEqual(rows[1]["messages"][1:], self.WHOLE[1:7])
+        self.assertEqual(rows[2]["messages"], self.WHOLE[1:])
+
+    def assertAsToday(self, recs: list, *argv: str, kept=()) -> None:
+        """The rows and counts of the requests in ``recs`` but those in ``kept`` are those of
+        the same records without conversation (exported as they are; the rows of a
+        conversation's requests come after the others, once every record is read)."""
+        rows = self.rows(recs, *argv)
+        summary = self.summary
+        for rec in recs:
+            if rec["dialect"] == "openai_responses" and rec not in kept:
+                rec["request_body"].pop("conversation", None)
+        self.assertEqual(sorted(map(json.dumps, rows)), sorted(map(json.dumps, self.rows(recs, *argv))))
+        continuing = r"; \d+ continuing earlier records \([^)]*\)"
+        self.assertEqual(re.sub(continuing, "", summary), re.sub(continuing, "", self.summary))
+
+    def test_a_conversation_whose_creation_was_not_read_is_exported_as_it_was(self) -> None:
+        self.assertIn(self.WHOLE, [r["messages"] for r in self.rows(self.turns(seed=123))])  # (with it)
+        made, added, first, second, third = self.turns(seed=123)
+        self.assertAsToday([added, first, second, third])
+        self.assertIn("2 skipped (no_user_turn 1, not_chat 1)", self.summary)
+        made, added, first, second, third = self.turns(seed=123)
+        made["model"] = "gpt-4o"  # (filtered out)
+        self.assertAsToday([made, added, first, second, third], "--model", "gpt-4.1,None")
+
+    def test_a_record_before_it_not_read_or_not_known_leaves_a_request_as_it_was(self) -> None:
+        # What an earlier record of the conversation added is not known: filtered out, sent
+        # with store: false (the API reference does not say whether its items join the
+        # conversation), cut short, in the background, an item deleted.  The requests after it
+        # are exported as they are; those before it are rebuilt.
+        def damaged(how: str) -> list:
+            recs = self.turns(seed=124)
+            second = recs[3]
+            if how == "filtered":
+                second["model"] = "gpt-4o"
+            elif how == "store":
+                second["request_body"]["store"] = False
+            elif how == "aborted":
+                second.update(ended="client_aborted", error={"type": "client_aborted", "message": "gone"})
+            elif how == "background":
+                second["response_body"]["status"] = "queued"
+            elif how == "deleted":
+                gone = df.record(df.Clock(seed=125, start=df.T0 + timedelta(seconds=7)), session_id="default",
+                                 provider_type="openai", dialect="generic", method="DELETE",
+                                 endpoint="/v1/conversations/conv_1/items/msg_add0", model=None, request_body=None,
+                                 response_body={"id": "conv_1", "object": "conversation", "created_at": 1764000000,
+                                                "metadata": {}})
+                recs.insert(3, gone)
+            return recs
+
+        for how in ("filtered", "store", "aborted", "background", "deleted"):
+            with self.subTest(how):
+                recs = damaged(how)
+                argv = ("--model", "gpt-4.1,None") if how == "filtered" else ()
+                rows = self.rows(recs, *argv)
+                self.assertEqual(rows[0]["messages"], self.WHOLE[:5])
+                self.assertEqual(rows[-1]["messages"], self.WHOLE[:1] + self.WHOLE[7:])
+                recs = damaged(how)
+                self.assertAsToday(recs, *argv, kept=[recs[2]] + ([recs[3]] if how in ("store", "background") else []))
+
+    def test_a_request_the_api_refused_added_nothing(self) -> None:
+        made, added, first, second, third = self.turns(seed=126)
+        refused = self.join(df.openai_responses(df.Clock(seed=127, start=df.T0 + timedelta(seconds=7)), "agent",
+                                                "Ignored.", [], status_code=400))
+        refused["response_body"] = {"error": {"message": "Invalid", "type": "invalid_request_error",
+                                              "param": None, "code": None}}
+        rows = self.rows([made, added, first, refused, second, third])
+        self.assertEqual(rows[-1]["messages"], self.WHOLE)
+
+    def test_the_memory_bound(self) -> None:
+        # Past ChainIndex.MAX_BYTES a conversation is pushed out whole (its requests are
+        # exported as they are, counted); so is a request waiting past it.
+        recs = self.turns(seed=128)
+        other = df.openai_responses(df.Clock(seed=133, start=df.T0 + timedelta(seconds=60)), "x",
+                                    "Unrelated. " * 500, self.answer("Sure."))
+        size = lambda rec: rec["request_bytes"] + rec["response_bytes"]
+        with mock.patch.object(export.ChainIndex, "MAX_BYTES", sum(size(r) for r in recs)):
+            rows = self.rows(recs + [other])
+        self.assertEqual([r["messages"] for r in rows][1:], [[self.WHOLE[0]] + self.WHOLE[3:5],
+                                                             self.WHOLE[:1] + self.WHOLE[7:]])
+        self.assertIn("3 skipped (no_user_turn 1, not_chat 2)", self.summary)
+        self.assertIn("; 3 without earlier turns past the", self.summary)
+        self.assertNotIn("continuing", self.summary)
+        # The requests waiting for the end of the read past the bound: the oldest goes on, as it is.
+        recs = self.turns(seed=134)
+        with mock.patch.object(export.ChainIndex, "MAX_BYTES", size(recs[2]) + size(recs[3]) - 1):
+            rows = self.rows(recs)
+        self.assertEqual(rows[0]["messages"], [self.WHOLE[0]] + self.WHOLE[3:5])
+        self.assertEqual(rows[-1]["messages"], self.WHOLE)
+        self.assertIn("without earlier turns past the", self.summary)
+
+    def test_previous_response_id_naming_a_request_of_a_conversation(self) -> None:
+        # Such a response followed the conversation's items, which the chain does not hold:
+        # a request continuing it is exported as it is.
+        made, added, first, second, third = self.turns(seed=129)
+        later = df.openai_responses(df.Clock(seed=130, start=df.T0 + timedelta(seconds=60)), "agent", "And then?",
+                                    self.answer("Then nothing.", "msg_3"))
+        later["request_body"]["previous_response_id"] = third["response_body"]["id"]
+        rows = self.rows([made, added, first, second, third, later])
+        self.assertEqual(len(rows), 4)
+        self.assertIn({"messages": [{"role": "user", "content": "And then?"},
+                                    {"role": "assistant", "content": "Then nothing."}]}, rows)
+
+    def test_a_conversation_opened_empty(self) -> None:
+        # The first request of a conversation created without items is as it was (not counted
+        # as continuing); the second follows it.
+        clock = df.Clock(seed=131)
+        made = self.create(clock, "default")
+        first = self.join(df.openai_responses(clock, "s", "Hi.", self.answer("Hello.")))
+        second = self.join(df.openai_responses(clock, "s", "Bye.", self.answer("Bye.", "msg_2")))
+        rows = self.rows([made, first, second], "--dedupe")
+        self.assertEqual(rows, [{"messages": [
+            {"role": "user", "content": "Hi."}, {"role": "assistant", "content": "Hello."},
+            {"role": "user", "content": "Bye."}, {"role": "assistant", "content": "Bye."}]}])
+        self.assertIn("; 1 continuing earlier records", self.summary)
+
+    def test_item_references_resolve_to_the_items_of_the_conversation(self) -> None:
+        made, added, first, second, third = self.turns(seed=132)
+        third["request_body"]["input"] = [{"role": "user", "content": "Thanks!"}, {"type": "item_reference", "id": "fc_1"},
+                                          {"type": "function_call_output", "call_id": "call_r1", "output": "delivered"}]
+        rows = self.rows([made, added, first, second, third])
+        self.assertEqual(rows[-1]["messages"][7:], [
+            {"role": "user", "content": "Thanks!"}, self.WHOLE[4],
+            {"role": "tool", "content": "delivered", "tool_call_id": "call_r1"},
+            {"role": "assistant", "content": "Tomorrow."}])
+        self.assertNotIn("item_reference", self.summary)
 
 
 class TestAssistantAudio(AuditCase):
