@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import copy
 import importlib
 import io
 import json
@@ -41,9 +42,9 @@ import unittest
 from typing import Any, Callable, Dict, List, Optional
 
 from proxy_llm import export
-from tests.sdk_replay import HEADER, Fixture, ReplayUpstream, find, fixtures, handle as replay
-from tests.support import (FIXTURES, ProxyProcess, ResumableUploads, all_files, base_config, provider, read_records,
-                           wait_until)
+from tests.sdk_replay import HEADER, Fixture, ReplayUpstream, find, fixtures, handle as replay, reply_for
+from tests.support import (FIXTURES, ProxyProcess, ResumableUploads, all_files, base_config, json_reply, provider,
+                           read_records, wait_until)
 from tests.test_export import parse as export_args
 
 try:
@@ -617,6 +618,101 @@ class OpenAISDKTest(ProxiedSDKCase):
                     self.assertEqual([t["from"] for t in rows[0]["conversations"]], [
                         "system", "human", "function_call", "observation", "gpt", "human", "gpt"])
                     self.assertEqual(rows[0]["conversations"][3]["value"], '["18C", "18C"]')
+
+    def test_conversation_exports_as_one_conversation(self):
+        # A conversation kept by the Conversations API: made with a developer item, a user item
+        # added, then a question answered by two calls (streamed), their results only (not
+        # streamed, the conversation as an object), a new question (streamed). Each request
+        # holds only its new input; the export rebuilt none of it (the second was skipped as
+        # no_user_turn, its results dropped as orphans, the third an answer to "Thanks!" alone,
+        # and the conversation's own items were nowhere).
+        session = "responses-conversation-%s" % os.urandom(4).hex()
+        cid = "conv_%s" % os.urandom(12).hex()
+        calls, body, text = find("openai_responses/function_calls_parallel"), find("openai_responses/body_text"), \
+            find("openai_responses/text")
+
+        def upstream(req):
+            # The Conversations API's answers (the API reference: a conversation object; the
+            # list of the items made, each with its id and status), and the Responses fixtures
+            # with the conversation the response belongs to, as the API sends it.
+            path = req.path.split("?")[0]  # (Azure OpenAI's: /openai/conversations?api-version=...)
+            if req.method == "POST" and path.endswith("/conversations"):
+                return json_reply({"id": cid, "object": "conversation", "created_at": 1764000000, "metadata": {}})
+            if req.method == "POST" and path.endswith("/conversations/%s/items" % cid):
+                made = [{"type": "message", "id": "msg_%s%d" % (cid[5:13], k), "status": "completed",
+                         "role": item["role"], "content": [{"type": "input_text", "text": item["content"]}]}
+                        for k, item in enumerate(json.loads(req.body)["items"])]
+                return json_reply({"object": "list", "data": made, "first_id": made[0]["id"],
+                                   "last_id": made[-1]["id"], "has_more": False})
+            if "conversation" in json.loads(req.body or b"{}"):
+                fx = copy.copy(find(req.header(HEADER)))
+                tag = ('"conversation":{"id":"%s"},' % cid).encode("ascii")
+                fx.data = fx.data.replace(b'"object":"response"', tag + b'"object":"response"').replace(
+                    b'"object": "response"', tag + b'"object": "response"')
+                return reply_for(fx)
+            return replay(req)
+
+        self.upstream.handler = upstream
+        self.addCleanup(setattr, self.upstream, "handler", replay)
+        common = dict(model="gpt-4o", instructions="Be brief.", tools=self.RESPONSE_TOOLS)
+        where = dict(extra_headers={"X-Session-Id": session})
+
+        def headers(fx: Fixture) -> Dict[str, Any]:
+            return dict(extra_headers={HEADER: fx.id, "X-Session-Id": session})
+
+        conversation = self.via.conversations.create(
+            items=[{"type": "message", "role": "developer", "content": "You work for ACME."}], **where)
+        self.assertEqual(conversation.id, cid)
+        self.take_request()
+        added = self.via.conversations.items.create(cid, items=[{"type": "message", "role": "user",
+                                                                 "content": "Hello."}], **where)
+        self.assertEqual([item.id for item in added.data], [added.first_id])
+        self.take_request()
+        with self.via.responses.stream(input=USER, conversation=cid, **common, **headers(calls)) as stream:
+            first = stream.get_final_response()
+        self.assertEqual(first.conversation.id, cid)
+        self.take_request()
+        results = [{"type": "function_call_output", "call_id": item.call_id, "output": "18C"}
+                   for item in first.output if item.type == "function_call"]
+        self.assertEqual(len(results), 2)
+        second = self.via.responses.create(input=results, conversation={"id": cid}, **common, **headers(body))
+        self.assertEqual(json.loads(self.take_request().body)["conversation"], {"id": cid})
+        events = list(self.via.responses.create(input="Thanks!", conversation=cid, stream=True,
+                                                **common, **headers(text)))
+        self.take_request()
+        third = [e.response for e in events if e.type == "response.completed"][0]
+        wait_until(lambda: len([r for r in read_records(self.data_dir) if r["session_id"] == session]) == 5,
+                   DEADLINE, "five records of the conversation")
+        records = [r for r in read_records(self.data_dir) if r["session_id"] == session]
+        self.assertEqual(sorted(r["endpoint"].rsplit("/conversations", 1)[1] for r in records
+                                if r["dialect"] == "generic"), ["", "/%s/items" % cid])
+        call_turn = [("assistant", [(item.call_id, item.name, item.arguments) for item in first.output])]
+        want = [("system", "Be brief."), ("system", "You work for ACME."), ("user", "Hello."), ("user", USER)] + \
+            call_turn + [("tool", "18C"), ("tool", "18C"), ("assistant", second.output_text), ("user", "Thanks!"),
+                         ("assistant", third.output_text)]
+        for fmt in ("openai-chat", "sharegpt"):
+            with self.subTest(fmt):
+                out = os.path.join(self.tmp, "conversation-%s.jsonl" % fmt)
+                err = io.StringIO()
+                with contextlib.redirect_stderr(err):
+                    code = export.run(export_args(["--data-dir", self.data_dir, "--out", out, "--format", fmt,
+                                                   "--session", session, "--dedupe"]))
+                self.assertEqual(code, 0, err.getvalue())
+                with open(out, encoding="utf-8") as f:
+                    rows = [json.loads(line) for line in f]
+                self.assertEqual(len(rows), 1, err.getvalue())
+                self.assertIn("2 superseded by --dedupe", err.getvalue())
+                self.assertIn("2 skipped (not_chat 2)", err.getvalue())
+                if fmt == "openai-chat":
+                    got = [(m["role"], m.get("content") if "tool_calls" not in m else
+                            [(c["id"], c["function"]["name"], c["function"]["arguments"]) for c in m["tool_calls"]])
+                           for m in rows[0]["messages"]]
+                    self.assertEqual(got, want)
+                else:
+                    self.assertEqual([(t["from"], t["value"]) for t in rows[0]["conversations"]][:2], [
+                        ("system", "Be brief.\nYou work for ACME."), ("human", "Hello.\n" + USER)])
+                    self.assertEqual([t["from"] for t in rows[0]["conversations"]], [
+                        "system", "human", "function_call", "observation", "gpt", "human", "gpt"])
 
     def test_completions_create(self):
         for fx in self.fixtures_for("openai_completions", streamed=False):
