@@ -84,7 +84,16 @@ is exported as it is, as before (a tool result only: ``no_user_turn``, the resul
 to ``ChainIndex.MAX_BYTES`` (their records' ``request_bytes + response_bytes``); a
 request whose earlier response is read later waits for the end of the read.  With
 ``--dedupe`` such a row supersedes its earlier turns' (in the session of the
-oldest); the ``records`` format keeps records as they are.  An ``item_reference``
+oldest); the ``records`` format keeps records as they are.  A request sent with
+``conversation`` (Conversations API) runs with the conversation's items first:
+rebuilt the same way (``ChainIndex.conversation``), from its creation's ``items``
+(``POST .../conversations``), the ``items`` added (``POST .../conversations/{id}/items``),
+and the continuable requests of the conversation before it, by ``timestamp``; the
+system message is the request's own ``instructions``.  Such a request waits for the
+end of the read; it is exported as it is when the creation was not read, or a record
+of the conversation before it was not read or added what is not known (``store:
+false``, an answer not whole, an item deleted); the conversation is held whole in the
+same bound, and ``--dedupe`` compares its rows together.  An ``item_reference``
 naming an item of the rebuilt turns stands for it; in a request not rebuilt, those
 before any other item are left out, counted ``item_reference``; any other one
 leaves a hole in the conversation: it is skipped as ``item_reference``, and an
@@ -148,7 +157,8 @@ or without ``--include-thinking``, or only non-text parts), ``unsupported_tool_c
 object; an empty text is written ``{}``),
 ``empty_user_turn`` (a user message with nothing to write: only images without
 ``--include-images``, documents, audio; the answer would answer nothing), ``no_user_turn``
-(no user message at all, e.g. only tool results after a ``previous_response_id``),
+(no user message at all, e.g. only tool results after a ``previous_response_id`` or in a
+``conversation`` whose earlier records were not read),
 ``item_reference`` and ``unknown_item`` (a Responses API input item the record does
 not hold, or of a type this version does not know: above),
 ``non_finite`` (a NaN or Infinity
@@ -1166,7 +1176,11 @@ class ChainIndex(object):
     response to continue).  Memory: the turns are kept least recently used first up to
     ``max_bytes``, counted as their records' ``request_bytes + response_bytes`` (continuing a
     turn, or a later turn of its chain, uses it again); the ids of the responses read but not
-    held (filtered out, failed, pushed out by the bound) are kept, ids only, in ``gone``."""
+    held (filtered out, failed, pushed out by the bound) are kept, ids only, in ``gone``.
+
+    Conversations (a request sent with ``conversation``) are held in ``turns`` too, whole, under
+    ``("conversation", id)``: a :class:`_Conversation` of the records that made it and added
+    items to it, in the same bound (pushed out, its key is in ``gone``)."""
 
     MAX_BYTES = 128 * 1024 * 1024
 
