@@ -1308,7 +1308,8 @@ class ChainIndex(object):
         if method == "POST" and path.endswith("/conversations"):
             cid = resp.get("id") if isinstance(resp, dict) else None
             items = req.get("items", []) if isinstance(req, dict) else [] if req is None else None
-            if not (read and answered(rec) and isinstance(cid, str) and cid and (items is None or isinstance(items, list))):
+            if not (read and answered(rec) and isinstance(cid, str) and cid
+                    and (items is None or isinstance(items, list))):
                 return  # (not read, or no conversation made: its requests are exported as they are)
             conv = self._conversation(cid)
             when = _moment(rec)
