@@ -1716,6 +1716,10 @@ class Deduper(object):
         entry["prefixes"].update(digests[:-1])
         entry["full"].append((record_id, digests[-1]))
 
+    def ids(self) -> set:
+        """Ids of every conversation added."""
+        return set(record_id for entry in self.sessions.values() for record_id, _ in entry["full"])
+
     def keep_ids(self) -> set:
         """Ids of the longest trajectory of each branch (first of identical ones)."""
         keep = set()
@@ -1978,6 +1982,7 @@ class _Run(object):
         self.continued = 0  # rows rebuilt from earlier turns (previous_response_id, conversation)
         self.evicted = 0  # rows whose earlier turns the bound had pushed out
         self.keep = None  # set of ids from the dedupe pass, or None
+        self.superseded_ids = frozenset()  # ids pass one found superseded (see dedupe_pass)
 
     def conversation(self, rec: dict, dropped: Counter, chain=None) -> Conversation:
         """``convert`` plus the answer check (Skip("empty_answer") when the final assistant
@@ -2069,6 +2074,9 @@ class _Run(object):
         self.evicted = 0  # (counted again: the dedupe pass reads the same records)
         for rec, chain in self.records(progress, offset):
             rid = str(rec.get("id"))
+            if rid in self.superseded_ids:  # (the verdict of pass one: converting it again is moot)
+                self.superseded += 1
+                continue
             conv = None
             dropped = Counter()
             if fmt != "records" or self.keep is not None or self.args.split is not None:
@@ -2103,6 +2111,7 @@ class _Run(object):
         deduper = Deduper()
         stats, self.stats = self.stats, reader.ReadStats()
         filtered_out, self.filtered_out = self.filtered_out, 0
+        skipped = set()  # ids of records the format cannot hold (most often none)
         try:
             for rec, chain in self.records(progress):
                 try:
@@ -2111,12 +2120,19 @@ class _Run(object):
                     # earlier, shorter versions were in neither output before).
                     self.line(rec, conv, Counter())
                 except Skip:
+                    skipped.add(str(rec.get("id")))
                     continue
                 session = chain[0].session if chain else rec.get("session_id")
                 deduper.add(session, str(rec.get("id")), conv)
         finally:
             self.stats, self.filtered_out = stats, filtered_out
         self.keep = deduper.keep_ids()
+        # Pass two reads the same records in the same order and gets the same conversations:
+        # a record pass one found superseded (held by the format, not kept) is counted as such
+        # without being converted and rendered again, which was most of pass two's work (an
+        # agent's session is mostly prefixes). An id shared with a record the format could not
+        # hold (a damaged data dir) goes the long way, as does a record written meanwhile.
+        self.superseded_ids = deduper.ids() - self.keep - skipped
 
 
 def _files(paths: list, what: str) -> str:

@@ -325,6 +325,41 @@ class TestDedupe(ExportTestCase):
         rows = self.export_rows("openai-chat", "--session", "s-held", "--dedupe")  # (it holds both)
         self.assertEqual([r["messages"][-1]["content"] for r in rows], ["no"])
 
+    def agent_turns(self, n: int) -> list:
+        """``n`` calls of one session, each resending the whole conversation before it."""
+        clock = df.Clock(seed=21)
+        msgs = [{"role": "user", "content": "step 0"}]
+        recs = []
+        for i in range(n):
+            recs.append(df.openai_chat(clock, "s-long", list(msgs), {"content": "done %d" % i}))
+            msgs += [{"role": "assistant", "content": "done %d" % i}, {"role": "user", "content": "step %d" % (i + 1)}]
+        return recs
+
+    def test_the_second_pass_converts_only_what_it_may_write(self) -> None:
+        # Pass two converted and rendered every record again, and dropped the superseded ones
+        # after that: on an agent's session, nearly all of it done twice for nothing.
+        df.DataDirWriter(self.data).write_records(self.agent_turns(6), stamp="20261128_000000")
+        for fmt in ("openai-chat", "sharegpt", "records"):
+            with self.subTest(fmt), mock.patch.object(export, "convert", side_effect=export.convert) as conv:
+                rows = self.export_rows(fmt, "--session", "s-long", "--dedupe")
+                self.assertEqual(len(rows), 1)
+                self.assertIn("5 superseded by --dedupe", self.last_summary)
+                self.assertEqual(conv.call_count, 6 + 1)  # every record in pass one, the kept one in two
+
+    def test_an_id_shared_with_a_record_the_format_cannot_hold(self) -> None:
+        # (A damaged data dir: a record copied under the id of another.) The one sharegpt cannot
+        # hold is counted skipped, the superseded one superseded, as before.
+        first, second = self.agent_turns(2)
+        bad = df.openai_chat(df.Clock(seed=22), "s-long", [
+            {"role": "user", "content": "q"}, {"role": "assistant", "content": "a"},
+            {"role": "system", "content": "be brief"}, {"role": "user", "content": "more?"}], {"content": "no"})
+        bad["id"] = first["id"]
+        df.DataDirWriter(self.data).write_records([first, bad, second], stamp="20261128_000000")
+        rows = self.export_rows("sharegpt", "--session", "s-long", "--dedupe")
+        self.assertEqual([r["conversations"][-1]["value"] for r in rows], ["done 1"])
+        self.assertIn("1 skipped (system_not_first 1)", self.last_summary)
+        self.assertIn("1 superseded by --dedupe", self.last_summary)
+
     def test_dedupe_is_independent_of_the_thinking_flag(self) -> None:
         plain = self.export_rows("openai-chat", "--dedupe")
         thinking = self.export_rows("openai-chat", "--dedupe", "--include-thinking")
