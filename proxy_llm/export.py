@@ -241,6 +241,7 @@ from datetime import datetime, timedelta, timezone
 
 from proxy_llm import reader
 from proxy_llm.depth import too_deep
+from proxy_llm.memo import Memo
 
 __all__ = ["add_arguments", "run", "convert", "Skip", "Conversation", "FORMATS"]
 
@@ -1105,18 +1106,31 @@ def _arguments(text) -> str:
     """A call's arguments as the format takes them, the JSON text of an object (the readers
     ``json.loads`` it): an empty text (a call without arguments, as some OpenAI-compatible
     servers send it) is ``{}``; anything else that is not a JSON object (a model's broken JSON,
-    NaN, a list, nested past what a parser takes) is Skip("bad_tool_arguments")."""
-    if isinstance(text, str) and not text.strip():
+    NaN, a list, nested past what a parser takes) is Skip("bad_tool_arguments").
+
+    An agent's every request resends the calls before it, so the same texts come again and
+    again: the verdicts of the last ones are remembered (``_VERDICTS``), not parsed anew."""
+    if not isinstance(text, str):
+        raise Skip("bad_tool_arguments")
+    verdict = _VERDICTS.get(text)
+    if verdict is None:
+        verdict = _VERDICTS.remember(text, _verdict(text), len(text))
+    if not verdict:
+        raise Skip("bad_tool_arguments")
+    return verdict
+
+
+def _verdict(text: str) -> str:
+    """:func:`_arguments`' answer for a text: what it returns, or "" for a Skip."""
+    if not text.strip():
         return "{}"
     try:
-        if not isinstance(text, str) or too_deep(text):
-            raise ValueError("not JSON text")
-        value = json.loads(text, parse_float=_finite, parse_constant=_finite)
+        if too_deep(text):
+            return ""
+        value = _ARGUMENTS_JSON.decode(text)
     except (ValueError, RecursionError):
-        raise Skip("bad_tool_arguments")
-    if not isinstance(value, dict):
-        raise Skip("bad_tool_arguments")
-    return text
+        return ""
+    return text if isinstance(value, dict) else ""
 
 
 def _pair_check(messages: list, dropped: Counter) -> list:
@@ -1535,11 +1549,17 @@ def _finite(text: str) -> float:
     return value
 
 
+# As json.loads(text, parse_float=_finite, parse_constant=_finite), which builds a decoder per call.
+_ARGUMENTS_JSON = json.JSONDecoder(parse_float=_finite, parse_constant=_finite)
+# Verdicts of the last arguments texts (see _arguments), bounded as the recorder's memos are.
+_VERDICTS = Memo(4096, 1 << 22)
+
+
 def _call_value(call: dict):
     try:  # arguments that hold NaN or Infinity stay text, as other text that is not JSON
         if isinstance(call["arguments"], str) and too_deep(call["arguments"]):  # (see depth)
             raise RecursionError
-        args = json.loads(call["arguments"], parse_float=_finite, parse_constant=_finite)
+        args = _ARGUMENTS_JSON.decode(call["arguments"])
     except (ValueError, RecursionError):  # (nested past the recursion limit: text too)
         args = call["arguments"]
     return {"name": call["name"], "arguments": args}

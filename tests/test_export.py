@@ -1976,6 +1976,31 @@ class TestFormatRules(AuditCase):
         turns = [r["conversations"][-1] for r in self.rows(recs, "--format", "sharegpt")]
         self.assertEqual({t["value"] for t in turns}, {'{"name": "now", "arguments": {}}'})
 
+    def test_the_arguments_an_agent_resends_are_parsed_once(self) -> None:
+        # Every call of an agent's session was parsed again in each later request that resends
+        # it (a session of n calls: n * n / 2 parses). The same verdicts, a broken text's too.
+        clock = df.Clock(seed=63)
+        marker = "%x" % id(self)  # (texts no other test exported: the verdicts are remembered)
+        texts = ["{\"n\": %d, \"m\": \"%s\"}" % (i, marker) for i in range(5)] + ["{\"broken\": \"" + marker]
+        msgs = [{"role": "user", "content": "go"}]
+        recs = []
+        for i, text in enumerate(texts):
+            call = {"id": "c%d" % i, "type": "function", "function": {"name": "f", "arguments": text}}
+            recs.append(df.openai_chat(clock, "a", list(msgs), {"content": None, "tool_calls": [call]}))
+            msgs += [{"role": "assistant", "content": None, "tool_calls": [call]},
+                     {"role": "tool", "tool_call_id": "c%d" % i, "content": "ok"}]
+        recs.append(df.openai_chat(clock, "a", list(msgs), {"content": "done"}))
+        for run, expected in enumerate((sorted(texts), [])):  # (the second export remembers them)
+            with mock.patch.object(export, "too_deep", side_effect=export.too_deep) as measured:
+                rows = self.rows(recs)
+            self.assertEqual(len(rows), 5)
+            self.assertIn("2 skipped (bad_tool_arguments 2)", self.summary)
+            parsed = [c[0][0] for c in measured.call_args_list if marker in c[0][0]]
+            self.assertEqual(sorted(parsed), expected, run)
+        rows = self.rows(recs, "--format", "sharegpt")
+        self.assertEqual([len(r["conversations"]) for r in rows], [2, 4, 6, 8, 10])
+        self.assertIn("2 skipped (bad_tool_arguments 2)", self.summary)
+
     def test_every_message_has_content_and_a_user_asks(self) -> None:
         # An image-only user message was written with content "" without --include-images, an
         # Anthropic system of non-text blocks as an empty system message, and a Responses call
