@@ -367,6 +367,27 @@ class TestDedupe(ExportTestCase):
 
 
 class TestSplit(ExportTestCase):
+    def test_the_digests_are_those_of_earlier_versions(self) -> None:
+        # --split puts a row on its side by the digest of the conversation's opening: a faster
+        # digest must be the same digest, or a new version moves rows from train to test.
+        ms = [{"role": "user", "tool_call_id": None, "name": None, "thinking": ["x"], "tool_calls": [],
+               "parts": [{"type": "text", "text": "h\u00e9llo \ud800"}, {"type": "image", "url": "data:x"}]},
+              {"role": "assistant", "tool_call_id": None, "name": "bob", "parts": [], "thinking": [],
+               "tool_calls": [{"id": "c1", "name": "f", "arguments": "{}"},
+                              {"id": None, "name": "g", "arguments": "{\"a\": 1}"}]},
+              {"role": "tool", "tool_call_id": "c1", "name": None, "parts": [{"type": "text", "text": ""}],
+               "tool_calls": [], "thinking": []},
+              {"role": "user", "tool_call_id": ["x"], "name": 5, "parts": [{"type": "text", "text": 7}],
+               "tool_calls": [], "thinking": []}]
+        self.assertEqual([export.message_digest(m).hex() for m in ms], [
+            "6157a64633907d2199fb6b84a377fc5b", "ec2821cb03d1482c9867c09f7d16d34f",
+            "c8817e4d335233c7f6ba3dd602960f81", "c1877c0059de70911ee3db71b783e8c2"])
+        conv = export.Conversation(ms, [])
+        self.assertEqual([d.hex() for d in export.prefix_digests(conv)], [
+            "0e0ed92724b8065feaa8005bdd7d5c49", "bdefcaf44a5a17a7c70045bd8674975f",
+            "d250ebb203926a0459c99133e16207d9", "aa0a029667d969a482a8d6809db79416"])
+        self.assertEqual(export.opening_digest(conv).hex(), "0e0ed92724b8065feaa8005bdd7d5c49")
+
     def test_split_is_deterministic_and_complete(self) -> None:
         out = os.path.join(self.tmp, "ds.jsonl")
         code, err, _ = self.export("--data-dir", self.data, "--format", "openai-chat", "--out", out,
