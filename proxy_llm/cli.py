@@ -110,7 +110,9 @@ def subcommand_parser(name: str) -> Tuple[Any, argparse.ArgumentParser]:
 def run_subcommand(name: str, argv: List[str]) -> int:
     module, parser = subcommand_parser(name)
     args = parser.parse_args(argv)
-    default_dir = "./data"
+    # Without a config file, $PROXY_LLM_DATA_DIR still overrides the default, as load() has it
+    # override a file's data_dir.
+    default_dir = os.path.expanduser(os.environ.get("PROXY_LLM_DATA_DIR") or "./data")
     try:
         path = config_path(args)
     except ConfigError as exc:

@@ -71,6 +71,33 @@ class CommandLineTest(unittest.TestCase):
         out = run("--workers", "0")  # the flag names its key: not "--workers: workers: ..."
         self.assertEqual((out.returncode, out.stderr.decode().strip()), (2, "proxy_llm: --workers: must be at least 1"))
 
+    def test_subcommands_take_the_data_dir_variable_without_a_config_file(self):
+        # With a config file, $PROXY_LLM_DATA_DIR overrode its data_dir for stats, export and
+        # verify, as it does for serving; with none (a shell with the proxy's environment, in
+        # another directory), they read ./data and stopped: "./data: not a directory".
+        tmp = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, tmp, True)
+        data, cwd = os.path.join(tmp, "records"), os.path.join(tmp, "cwd")
+        os.makedirs(os.path.join(data, "session_s"))
+        os.mkdir(cwd)
+        line = {"schema_version": 1, "id": "01JD0000000000000000000000", "timestamp": "2026-12-07T00:00:00Z",
+                "session_id": "s", "session_source": "header", "provider": "openai", "provider_type": "openai",
+                "dialect": "generic", "endpoint": "/v1/models", "method": "GET", "query": "", "model": None,
+                "stream": False, "status_code": 200, "ended": "completed", "duration": 1.0, "request_bytes": 0,
+                "response_bytes": 2, "request_headers": {}, "response_headers": {}, "request_body": None,
+                "response_body": {}}
+        with open(os.path.join(data, "session_s", "session_s_20261207_000000.jsonl"), "w") as f:
+            f.write(json.dumps(line) + "\n")
+        env = {k: v for k, v in os.environ.items() if k not in ("PROXY_LLM_CONFIG", "PROXY_LLM_DATA_DIR")}
+        env.update(PYTHONPATH=ROOT, PROXY_LLM_DATA_DIR=data)
+        for argv, told in ((["stats"], b"%s: 1 files, 1 records" % data.encode()), (["verify"], b"1 records"),
+                           (["export", "--format", "records"], b'"01JD0000000000000000000000"')):
+            with self.subTest(argv=argv):
+                out = subprocess.run([sys.executable, "-m", "proxy_llm"] + argv, cwd=cwd, env=env,
+                                     stdin=subprocess.DEVNULL, capture_output=True, timeout=DEADLINE)
+                self.assertEqual(out.returncode, 0, out.stderr)
+                self.assertIn(told, out.stdout)
+
     def test_a_data_dir_or_a_port_that_cannot_be_used_is_one_line(self):
         # Each was a traceback: a file in the data dir's way ("cannot listen", exit 1, blaming
         # the port), and a taken port (AttributeError from server_close after the failed bind).
