@@ -303,6 +303,30 @@ class ReadmeTest(unittest.TestCase):
                 shown = re.sub(r'\s|:\s*"[^"]*"', "", shape).replace('"', "")  # (without constants)
                 self.assertEqual(shape_of(json.loads(body)), shown)
 
+    def test_the_key_notice_is_quoted_as_written(self):
+        # The Logs section gave a keyless provider's advice as "check the key its clients send";
+        # the line says "it has no api_key: check the key its clients send", and the egress
+        # proxy's part of a 403 was unsaid. Each advice the notice gives ends a quote there.
+        from proxy_llm import notices
+        from proxy_llm.storage import RateLimitedLog
+        from unittest import mock
+
+        logs_section = " ".join(self.text.split("\n### Logs\n", 1)[1].split("\n## ", 1)[0].split())
+        keyless = config.Provider("o", "openai", "https://h")
+        cases = ((config.Provider("o", "openai", "https://h", api_key="k" * 20), 401, ""),
+                 (keyless, 401, ""),
+                 (config.Provider("o", "openai", "http://h", proxy="http://proxy.corp:3128"), 403, keyless))
+        told = {}
+        for provider, status, after in cases:
+            with mock.patch.object(notices, "RATELOG", RateLimitedLog(notices.log, notices.INTERVAL)), \
+                    self.assertLogs("proxy_llm.upstream", "INFO") as logs:
+                notices.key_refused(provider, status, "authentication_error")
+            advice = told[provider] = logs.records[0].getMessage().split("(authentication_error): ", 1)[1]
+            if after:  # (what a line adds to another's)
+                advice = advice[len(told[after]):]
+            with self.subTest(advice=advice):
+                self.assertTrue("%s`" % advice in logs_section, "the Logs section ends a quote with it")
+
     def test_shipped_config_is_the_one_shown(self):
         with open(os.path.join(ROOT, "config.json")) as f:
             shipped = json.load(f)
