@@ -327,6 +327,29 @@ class ReadmeTest(unittest.TestCase):
             with self.subTest(advice=advice):
                 self.assertTrue("%s`" % advice in logs_section, "the Logs section ends a quote with it")
 
+    def test_development_layout_is_the_package(self):
+        # The module list under Development, both ways, against the package's modules.
+        start = self.text.index("## Development\n")
+        block = re.search(r"```\n(proxy_llm/\n.*?)```", self.text[start:], re.S).group(1)
+        listed = set(re.findall(r"(?<![\w/])([a-z_]+\.py|[a-z_]+/)(?=\s|$)", block.split("\ntests/", 1)[0]))
+        listed.discard("proxy_llm/")
+        package = os.path.join(ROOT, "proxy_llm")
+        shipped = set(n for n in os.listdir(package) if n.endswith(".py") and n != "__init__.py")
+        shipped.update(n + "/" for n in os.listdir(package) if os.path.isfile(os.path.join(package, n, "__init__.py")))
+        self.assertEqual(sorted(listed), sorted(shipped))
+
+    def test_upstream_error_kinds_are_the_ones_counted(self):
+        # proxy_llm_upstream_errors_total's kinds, as its row names them, against the kinds the
+        # handler counts (each literal it passes, and the endings upstream_failed is given).
+        row = [r[2] for r in table(self.text, "| metric | type | labels |") if r[0] == "`proxy_llm_upstream_errors_total`"][0]
+        named = re.findall(r"`([a-z_]+)`", re.sub(r":[^,]*,", ",", row[row.index("`kind`"):]))[1:]
+        with open(os.path.join(ROOT, "proxy_llm", "handler.py"), encoding="utf-8") as f:
+            code = f.read()
+        counted = set(re.findall(r'server_metrics_error\(self\.server, ex, "([a-z_]+)"\)', code))
+        counted.update(re.findall(r'self\.upstream_failed\(ex, "([a-z_]+)"', code))
+        counted.add("shutdown")  # (upstream_failed's own ending for an exchange the shutdown cut)
+        self.assertEqual(sorted(named), sorted(counted))
+
     def test_shipped_config_is_the_one_shown(self):
         with open(os.path.join(ROOT, "config.json")) as f:
             shipped = json.load(f)
