@@ -108,9 +108,13 @@ def endpoint_label(path: str) -> str:
 
 def _azure_label(path: str) -> str:
     """An Azure OpenAI path's label: ``/openai/deployments/*`` (the deployment a client names
-    is not a label of its own) or ``/openai``, then the OpenAI endpoint it is, else "other"."""
+    is not a label of its own) or ``/openai``, then the OpenAI endpoint it is, else "other".
+    The endpoint is under ``/v1`` in Azure's v1 API (``/openai/v1/responses``), and without it
+    in the paths the ``AzureOpenAI`` client sends (``/openai/responses?api-version=...``)."""
     m = _AZURE_DEPLOYMENT_RE.match(path)
     rest = "/v1" + m.group(2) if m else path[len("/openai"):]
+    if not m and not rest.startswith("/v1/"):
+        rest = "/v1" + rest
     if rest not in KNOWN_ENDPOINTS and rest not in errors.OPENAI_PATHS:
         return "other"
     return ("/openai/deployments/*" + m.group(2)) if m else path

@@ -350,6 +350,34 @@ class ReadmeTest(unittest.TestCase):
         counted.add("shutdown")  # (upstream_failed's own ending for an exchange the shutdown cut)
         self.assertEqual(sorted(named), sorted(counted))
 
+    def test_endpoint_labels_are_named(self):
+        # /v1/models/* and /v1/responses/* were labels the Metrics section did not name.
+        from proxy_llm import errors, handler
+
+        start = self.text.index("Labels never carry raw client input")
+        paragraph = " ".join(self.text[start:self.text.index("\n\n", start)].split())
+        shown = set(re.findall(r"`(/[^`]*)`", paragraph))
+        paths = ["/v1/models/x", "/v1/responses/resp_1/input_items", "/upload/v1beta/files"]
+        paths += sorted(errors.OPENAI_PATHS) + ["/v1/messages", "/v1/messages/count_tokens", "/v1/models"]
+        paths += ["/%s/models/m:%s" % (v, m) for v in ("v1", "v1beta", "v1alpha") for m in sorted(errors.GEMINI_METHODS)]
+        for path in paths:
+            label = handler.endpoint_label(path)
+            with self.subTest(path=path):
+                self.assertNotEqual(label, "other")
+                if path.endswith(tuple(":" + m for m in errors.GEMINI_METHODS)):
+                    self.assertIn(label.split(":")[0] + ":<method>", shown)
+                    self.assertIn("`%s`" % label.split(":")[1], paragraph)
+                elif path in errors.OPENAI_PATHS:
+                    routing = self.text[self.text.index("## Routing\n"):self.text.index("## Configuration\n")]
+                    self.assertTrue("`%s`" % path[4:] in routing, "Routing's list of OpenAI's endpoints")
+                else:
+                    self.assertIn(label, shown)
+        for path in ("/openai/deployments/d/chat/completions", "/openai/responses", "/openai/v1/responses"):
+            with self.subTest(path=path):
+                label = handler.endpoint_label(path)
+                self.assertIn(re.sub(r"(?<=/openai)(/deployments/\*|/v1)?/.*", lambda m: (m.group(1) or "") + "/<endpoint>",
+                                     label), shown)
+
     def test_shipped_config_is_the_one_shown(self):
         with open(os.path.join(ROOT, "config.json")) as f:
             shipped = json.load(f)

@@ -752,6 +752,10 @@ class LabelTest(unittest.TestCase):
             with self.subTest(path=path):
                 self.assertEqual(endpoint_label(path), path)
                 self.assertEqual(endpoint_label("/openai/deployments/d" + path[3:]), "/openai/deployments/*" + path[3:])
+                # (the AzureOpenAI client's path of an endpoint without a deployment, the
+                # Responses API's, was "other"; Azure's v1 API's had its label)
+                self.assertEqual(endpoint_label("/openai" + path[3:]), "/openai" + path[3:])
+                self.assertEqual(endpoint_label("/openai/v1" + path[3:]), "/openai/v1" + path[3:])
 
     def test_no_label_holds_a_segment_of_the_path(self):
         # A key a client put in its base URL, before /models/, was a label of its own.
