@@ -956,6 +956,14 @@ class AnthropicSDKAccumulatorTest(unittest.TestCase):
                 snapshot = _ant_accumulate(event=event.json(), current_snapshot=snapshot, json_bufs=bufs)
         return without_nulls(snapshot.to_dict(mode="json"))
 
+    @staticmethod
+    def compaction_block(summary):
+        """The events of a compaction block (beta) at index 0 holding ``summary``."""
+        return ({"type": "content_block_start", "index": 0, "content_block": {"type": "compaction", "content": None}},
+                {"type": "content_block_delta", "index": 0, "delta": {
+                    "type": "compaction_delta", "content": summary, "encrypted_content": "Eo0BCkYIBxgCKkB1"}},
+                {"type": "content_block_stop", "index": 0})
+
     def assertSameAsSDK(self, *payloads, **kw):
         raw = sse_bytes(*payloads)
         mine = ours_of("anthropic_messages", raw).response_body
@@ -1008,11 +1016,7 @@ class AnthropicSDKAccumulatorTest(unittest.TestCase):
         start["message"]["input_transformations"] = []
         body = self.assertSameAsSDK(
             start,
-            {"type": "content_block_start", "index": 0, "content_block": {"type": "compaction", "content": None}},
-            {"type": "content_block_delta", "index": 0, "delta": {
-                "type": "compaction_delta", "content": "Summary: the user asked for a haiku.",
-                "encrypted_content": "Eo0BCkYIBxgCKkB1"}},
-            {"type": "content_block_stop", "index": 0},
+            *self.compaction_block("Summary: the user asked for a haiku."),
             {"type": "content_block_start", "index": 1, "content_block": {
                 "type": "fallback", "from": {"model": "claude-sonnet-4-5"}, "to": {"model": "claude-opus-4-1-20250805"},
                 "trigger": {"type": "refusal"}}},
@@ -1044,11 +1048,7 @@ class AnthropicSDKAccumulatorTest(unittest.TestCase):
                        "cache_creation_input_tokens": 0, "cache_read_input_tokens": 0}]
         payloads = (
             start,
-            {"type": "content_block_start", "index": 0, "content_block": {"type": "compaction", "content": None}},
-            {"type": "content_block_delta", "index": 0, "delta": {
-                "type": "compaction_delta", "content": "Summary: a website was planned.",
-                "encrypted_content": "Eo0BCkYIBxgCKkB1"}},
-            {"type": "content_block_stop", "index": 0},
+            *self.compaction_block("Summary: a website was planned."),
             {"type": "content_block_start", "index": 1, "content_block": {"type": "text", "text": ""}},
             {"type": "content_block_delta", "index": 1, "delta": {"type": "text_delta", "text": "Based on our plan"}},
             {"type": "content_block_stop", "index": 1},

@@ -249,11 +249,32 @@ def gemini_tokens(usage: Any) -> Optional[Dict[str, int]]:
     return want or None
 
 
+def chat_turns(messages: list) -> list:
+    """An openai-chat row's messages as (role, content), or (role, its calls as (id, name,
+    arguments)) for an assistant message with tool calls."""
+    return [(m["role"], m.get("content") if "tool_calls" not in m else
+             [(c["id"], c["function"]["name"], c["function"]["arguments"]) for c in m["tool_calls"]])
+            for m in messages]
+
+
 class ProxiedSDKCase(unittest.TestCase):
     """A replaying upstream and the proxy subprocess in front of it, shared by a class."""
 
     maxDiff = None
     LOG_LEVEL = "INFO"  # (DEBUG logs a line per exchange)
+
+    def export_session(self, session: str, fmt: str, name: str):
+        """``export --dedupe`` of one session's records in ``fmt``: (its one row, the summary)."""
+        out = os.path.join(self.tmp, "%s-%s.jsonl" % (name, fmt))
+        err = io.StringIO()
+        with contextlib.redirect_stderr(err):
+            code = export.run(export_args(["--data-dir", self.data_dir, "--out", out, "--format", fmt,
+                                           "--session", session, "--dedupe"]))
+        self.assertEqual(code, 0, err.getvalue())
+        with open(out, encoding="utf-8") as f:
+            rows = [json.loads(line) for line in f]
+        self.assertEqual(len(rows), 1, err.getvalue())
+        return rows[0], err.getvalue()
 
     @classmethod
     def setUpClass(cls) -> None:
@@ -599,25 +620,14 @@ class OpenAISDKTest(ProxiedSDKCase):
                 ("assistant", second.output_text), ("user", "Thanks!"), ("assistant", third.output_text)]
         for fmt in ("openai-chat", "sharegpt"):
             with self.subTest(fmt):
-                out = os.path.join(self.tmp, "chain-%s.jsonl" % fmt)
-                err = io.StringIO()
-                with contextlib.redirect_stderr(err):
-                    code = export.run(export_args(["--data-dir", self.data_dir, "--out", out, "--format", fmt,
-                                                   "--session", session, "--dedupe"]))
-                self.assertEqual(code, 0, err.getvalue())
-                with open(out, encoding="utf-8") as f:
-                    rows = [json.loads(line) for line in f]
-                self.assertEqual(len(rows), 1, err.getvalue())
-                self.assertIn("2 superseded by --dedupe", err.getvalue())
+                row, summary = self.export_session(session, fmt, "chain")
+                self.assertIn("2 superseded by --dedupe", summary)
                 if fmt == "openai-chat":
-                    got = [(m["role"], m.get("content") if "tool_calls" not in m else
-                            [(c["id"], c["function"]["name"], c["function"]["arguments"]) for c in m["tool_calls"]])
-                           for m in rows[0]["messages"]]
-                    self.assertEqual(got, want)
+                    self.assertEqual(chat_turns(row["messages"]), want)
                 else:
-                    self.assertEqual([t["from"] for t in rows[0]["conversations"]], [
+                    self.assertEqual([t["from"] for t in row["conversations"]], [
                         "system", "human", "function_call", "observation", "gpt", "human", "gpt"])
-                    self.assertEqual(rows[0]["conversations"][3]["value"], '["18C", "18C"]')
+                    self.assertEqual(row["conversations"][3]["value"], '["18C", "18C"]')
 
     def test_conversation_exports_as_one_conversation(self):
         # A conversation kept by the Conversations API: made with a developer item, a user item
@@ -692,26 +702,15 @@ class OpenAISDKTest(ProxiedSDKCase):
                          ("assistant", third.output_text)]
         for fmt in ("openai-chat", "sharegpt"):
             with self.subTest(fmt):
-                out = os.path.join(self.tmp, "conversation-%s.jsonl" % fmt)
-                err = io.StringIO()
-                with contextlib.redirect_stderr(err):
-                    code = export.run(export_args(["--data-dir", self.data_dir, "--out", out, "--format", fmt,
-                                                   "--session", session, "--dedupe"]))
-                self.assertEqual(code, 0, err.getvalue())
-                with open(out, encoding="utf-8") as f:
-                    rows = [json.loads(line) for line in f]
-                self.assertEqual(len(rows), 1, err.getvalue())
-                self.assertIn("2 superseded by --dedupe", err.getvalue())
-                self.assertIn("2 skipped (not_chat 2)", err.getvalue())
+                row, summary = self.export_session(session, fmt, "conversation")
+                self.assertIn("2 superseded by --dedupe", summary)
+                self.assertIn("2 skipped (not_chat 2)", summary)
                 if fmt == "openai-chat":
-                    got = [(m["role"], m.get("content") if "tool_calls" not in m else
-                            [(c["id"], c["function"]["name"], c["function"]["arguments"]) for c in m["tool_calls"]])
-                           for m in rows[0]["messages"]]
-                    self.assertEqual(got, want)
+                    self.assertEqual(chat_turns(row["messages"]), want)
                 else:
-                    self.assertEqual([(t["from"], t["value"]) for t in rows[0]["conversations"]][:2], [
+                    self.assertEqual([(t["from"], t["value"]) for t in row["conversations"]][:2], [
                         ("system", "Be brief.\nYou work for ACME."), ("human", "Hello.\n" + USER)])
-                    self.assertEqual([t["from"] for t in rows[0]["conversations"]], [
+                    self.assertEqual([t["from"] for t in row["conversations"]], [
                         "system", "human", "function_call", "observation", "gpt", "human", "gpt"])
 
     def test_completions_create(self):
@@ -1129,16 +1128,8 @@ class GeminiSDKTest(ProxiedSDKCase):
         for fmt, key, role, text in (("openai-chat", "messages", "role", "content"),
                                      ("sharegpt", "conversations", "from", "value")):
             with self.subTest(fmt):
-                out = os.path.join(self.tmp, "chat-%s.jsonl" % fmt)
-                err = io.StringIO()
-                with contextlib.redirect_stderr(err):
-                    code = export.run(export_args(["--data-dir", self.data_dir, "--out", out, "--format", fmt,
-                                                   "--session", session, "--dedupe"]))
-                self.assertEqual(code, 0, err.getvalue())
-                with open(out, encoding="utf-8") as f:
-                    rows = [json.loads(line) for line in f]
-                self.assertEqual(len(rows), 1, err.getvalue())
-                got = [(m[role], m[text]) for m in rows[0][key]]
+                row, summary = self.export_session(session, fmt, "chat")
+                got = [(m[role], m[text]) for m in row[key]]
                 if fmt == "sharegpt":
                     got = [("user" if who == "human" else "assistant", said) for who, said in got]
                 self.assertEqual(got, want)
