@@ -1210,7 +1210,7 @@ def _split_secrets_taken(events: List[Tuple[float, Any]],
     for i in touched:
         t, e = events[i]
         try:
-            data = json.dumps(parsed[i], ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+            data = _encode_text(parsed[i])
         except ValueError:  # a number past a float's range (1e400): the event as it came
             continue
         copy = sse.Event(data, e.event, e.id, e.retry, list(e.comments), e.raw)

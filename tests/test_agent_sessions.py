@@ -32,19 +32,7 @@ from tests.sdk_replay import ReplayUpstream
 from tests.support import ProxyProcess, Reply, all_files, base_config, json_reply, provider, read_records
 from tests.test_export import parse as export_args
 
-try:
-    import anthropic
-except ImportError:  # optional: these tests skip
-    anthropic = None
-try:
-    import openai
-except ImportError:
-    openai = None
-try:
-    from google import genai
-    from google.genai import types as genai_types
-except ImportError:
-    genai = genai_types = None
+from tests.sdks import anthropic, genai, genai_types, openai  # (None when not installed: these tests skip)
 
 SSE = [("Content-Type", "text/event-stream"), ("Cache-Control", "no-cache")]
 

@@ -25,14 +25,7 @@ from unittest import mock
 
 from proxy_llm.dialects import DIALECTS, decode_stream
 
-try:
-    import openai
-except ImportError:  # pragma: no cover - optional
-    openai = None
-try:
-    import anthropic
-except ImportError:  # pragma: no cover - optional
-    anthropic = None
+from tests.sdks import anthropic, openai  # (None when not installed: these tests skip)
 
 FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures")
 

@@ -47,19 +47,7 @@ from tests.support import (FIXTURES, ProxyProcess, ResumableUploads, all_files, 
                            read_records, wait_until)
 from tests.test_export import parse as export_args
 
-try:
-    import openai
-except ImportError:  # optional: these tests skip
-    openai = None
-try:
-    import anthropic
-except ImportError:
-    anthropic = None
-try:
-    from google import genai
-    from google.genai import types as genai_types
-except ImportError:
-    genai = genai_types = None
+from tests.sdks import anthropic, genai, genai_types, openai  # (None when not installed: tests skip)
 
 # Fast failures: no SDK retries, a short timeout (seconds), and a deadline for the upstream to
 # have seen the request and for a record to reach the disk.

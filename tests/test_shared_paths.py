@@ -22,19 +22,7 @@ from typing import Dict, List, Optional
 from tests.support import (FakeUpstream, InProcessProxy, ProxyProcess, Request, base_config, json_reply,
                            provider, request)
 
-try:
-    import anthropic
-except ImportError:  # optional: the SDK tests skip
-    anthropic = None
-try:
-    import openai
-except ImportError:
-    openai = None
-try:
-    from google import genai
-    from google.genai import types as genai_types
-except ImportError:
-    genai = genai_types = None
+from tests.sdks import anthropic, genai, genai_types, openai  # (None when not installed: the SDK tests skip)
 
 FAMILIES = ("openai", "anthropic", "gemini")
 # Each API's key, shaped as the provider issues them, to find wherever they went.

@@ -43,7 +43,7 @@ from __future__ import annotations
 import json
 
 from ..depth import too_deep
-from .base import Dialect, Pieces, Result, append_text, error_from, finalize, get, is_count, is_int, loads, make_usage
+from .base import Dialect, Pieces, Result, append_text, error_from, finalize, get, is_int, loads, make_usage
 
 __all__ = ["AnthropicMessages", "AnthropicCountTokens", "anthropic_usage"]
 
@@ -64,45 +64,33 @@ def anthropic_usage(usage):
     """
     if not isinstance(usage, dict):
         return None
-    prompt = None
-    created = usage.get("cache_creation_input_tokens")
-    read = usage.get("cache_read_input_tokens")
-    for count in (usage.get("input_tokens"), created, read):
-        if type(count) is int and count >= 0:  # is_count, inline: this runs for every record
-            prompt = count if prompt is None else prompt + count
-    output = usage.get("output_tokens")
+    counts = _counts(usage)
     iterations = usage.get("iterations")
     if iterations and type(iterations) is list:
         for entry in iterations:
             if type(entry) is dict and entry.get("type") == "compaction":
-                prompt, output, read, created = _plus_compaction(entry, prompt, output, read, created)
+                counts = [total if more is None else more if total is None else total + more
+                          for total, more in zip(counts, _counts(entry))]
+    prompt, output, read, created = counts
     details = usage.get("output_tokens_details")
     return make_usage(prompt, output, None, read, created,
                       details.get("thinking_tokens") if isinstance(details, dict) else None)
 
 
-def _plus_compaction(entry, prompt, output, read, created):
-    """(prompt, output, read, created) with a compaction iteration's counts added: what is not
-    a count (is_count) adds nothing, and a field neither sent stays unsent (None)."""
-    e_created = _count(entry.get("cache_creation_input_tokens"))
-    e_read = _count(entry.get("cache_read_input_tokens"))
-    e_prompt = None
-    for count in (_count(entry.get("input_tokens")), e_created, e_read):
-        if count is not None:
-            e_prompt = count if e_prompt is None else e_prompt + count
-    return (_add(prompt, e_prompt), _add(output, _count(entry.get("output_tokens"))), _add(read, e_read),
-            _add(created, e_created))
-
-
-def _count(value):
-    return value if is_count(value) else None
-
-
-def _add(total, count):
-    """``total + count``, either of them unsent (None; a total that is not a count is unsent)."""
-    if not is_count(total):
-        return count
-    return total if count is None else total + count
+def _counts(usage):
+    """(prompt, output, cache reads, cache writes) of a usage object or of one of its
+    iterations, each a count or None (not sent, or not a count: is_count, inline, as this runs
+    for every record); the prompt is the sum of the input, the cache writes and the reads sent."""
+    prompt = None
+    created = usage.get("cache_creation_input_tokens")
+    read = usage.get("cache_read_input_tokens")
+    for count in (usage.get("input_tokens"), created, read):
+        if type(count) is int and count >= 0:
+            prompt = count if prompt is None else prompt + count
+    output = usage.get("output_tokens")
+    return (prompt, output if type(output) is int and output >= 0 else None,
+            read if type(read) is int and read >= 0 else None,
+            created if type(created) is int and created >= 0 else None)
 
 
 def _block(blocks, payload):
